@@ -1,0 +1,297 @@
+// The only file that knows Python: argument checks on the exact arrays the core will read or write
+// (never a silent converting copy: an in-place update of a copy would be lost), GIL release around the
+// core, and C++ exceptions mapped to Python ones (std::invalid_argument -> ValueError by pybind11).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "gemm.h"
+#include "isa.h"
+#include "kernels/kernels.h"
+#include "mlp.h"
+#include "parallel.h"
+
+namespace py = pybind11;
+using namespace fastrec;
+
+namespace {
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) s += (d ? ", " : "") + std::to_string(a.shape(d));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// The array itself (no conversion), checked: dtype T, C-contiguous, ndim, and optionally writeable.
+template <class T>
+py::array checked(py::handle obj, const std::string& what, int ndim, bool writeable) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(what + " must be a numpy array, got " + std::string(py::str(py::type::of(obj))));
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(what + " must have dtype " + std::string(py::str(py::dtype::of<T>())) + ", got " +
+                         std::string(py::str(a.dtype())));
+  if (a.ndim() != ndim)
+    throw py::value_error(what + " must be " + std::to_string(ndim) + "-D, got shape " + shape_str(a));
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(what + " must be C-contiguous");
+  if (writeable && !a.writeable()) throw py::value_error(what + " must be writeable");
+  return a;
+}
+
+void require_shape(const py::array& a, const std::string& what, index_t rows, index_t cols) {
+  const bool ok = a.ndim() == 1 ? a.shape(0) == rows : (a.shape(0) == rows && a.shape(1) == cols);
+  if (!ok) {
+    const std::string want = a.ndim() == 1 ? "(" + std::to_string(rows) + ",)"
+                                           : "(" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
+    throw py::value_error(what + " must have shape " + want + ", got " + shape_str(a));
+  }
+}
+
+// Parameters: coefs[l] (fan_in, fan_out) and intercepts[l] (fan_out,), chained.
+Network make_network(const py::list& coefs, const py::list& intercepts, const std::string& activation,
+                     const std::string& out_activation) {
+  if (coefs.size() == 0) throw py::value_error("coefs must hold at least one layer");
+  if (coefs.size() != intercepts.size())
+    throw py::value_error("coefs and intercepts must have the same length, got " + std::to_string(coefs.size()) +
+                          " and " + std::to_string(intercepts.size()));
+  Network net;
+  net.hidden = parse_activation(activation);
+  net.out = parse_activation(out_activation);
+  if (net.hidden == Activation::Softmax) throw py::value_error("activation cannot be 'softmax'");
+  if (net.out != Activation::Identity && net.out != Activation::Logistic && net.out != Activation::Softmax)
+    throw py::value_error("out_activation must be 'identity', 'logistic' or 'softmax', got '" + out_activation + "'");
+  for (std::size_t l = 0; l < coefs.size(); ++l) {
+    const std::string name = "coefs[" + std::to_string(l) + "]";
+    py::array W = checked<float>(coefs[l], name, 2, true);
+    const index_t fan_in = W.shape(0), fan_out = W.shape(1);
+    if (fan_out < 1) throw py::value_error(name + " must have at least one column");
+    if (l > 0 && fan_in != net.layers.back().fan_out)
+      throw py::value_error(name + " has " + std::to_string(fan_in) + " rows but the previous layer has " +
+                            std::to_string(net.layers.back().fan_out) + " outputs");
+    py::array b = checked<float>(intercepts[l], "intercepts[" + std::to_string(l) + "]", 1, true);
+    require_shape(b, "intercepts[" + std::to_string(l) + "]", fan_out, 1);
+    net.layers.push_back(Layer{static_cast<float*>(W.mutable_data()), static_cast<float*>(b.mutable_data()), fan_in,
+                               fan_out});
+  }
+  return net;
+}
+
+// X: a float32 (n, n_features) array or a CSR tuple (indptr int64, indices int32, data float32, n_cols).
+Input make_input(py::handle X, index_t n_features) {
+  Input in;
+  in.cols = n_features;
+  if (py::isinstance<py::tuple>(X)) {
+    auto t = py::reinterpret_borrow<py::tuple>(X);
+    if (t.size() != 4) throw py::value_error("a CSR X must be the tuple (indptr, indices, data, n_cols)");
+    py::array indptr = checked<std::int64_t>(t[0], "X.indptr", 1, false);
+    py::array indices = checked<std::int32_t>(t[1], "X.indices", 1, false);
+    py::array data = checked<float>(t[2], "X.data", 1, false);
+    const auto n_cols = t[3].cast<index_t>();
+    if (n_cols != n_features)
+      throw py::value_error("X has " + std::to_string(n_cols) + " columns, coefs[0] has " +
+                            std::to_string(n_features) + " rows");
+    if (indptr.shape(0) < 1) throw py::value_error("X.indptr must have n_rows + 1 entries");
+    if (indices.shape(0) != data.shape(0))
+      throw py::value_error("X.indices and X.data must have the same length");
+    in.sparse = true;
+    in.rows = indptr.shape(0) - 1;
+    in.csr = CsrView{static_cast<const std::int64_t*>(indptr.data()), static_cast<const std::int32_t*>(indices.data()),
+                     static_cast<const float*>(data.data()), in.rows, n_cols};
+    // Structure checked once here so no kernel can read out of bounds.
+    const index_t nnz = indices.shape(0);
+    if (in.csr.indptr[0] != 0 || in.csr.indptr[in.rows] != nnz)
+      throw py::value_error("X.indptr must start at 0 and end at len(X.indices)");
+    for (index_t i = 0; i < in.rows; ++i)
+      if (in.csr.indptr[i + 1] < in.csr.indptr[i]) throw py::value_error("X.indptr must be non-decreasing");
+    for (index_t p = 0; p < nnz; ++p)
+      if (in.csr.indices[p] < 0 || in.csr.indices[p] >= n_cols)
+        throw py::value_error("X.indices must lie in [0, " + std::to_string(n_cols) + ")");
+    return in;
+  }
+  py::array a = checked<float>(X, "X", 2, false);
+  if (a.shape(1) != n_features)
+    throw py::value_error("X has " + std::to_string(a.shape(1)) + " features, coefs[0] expects " +
+                          std::to_string(n_features));
+  in.rows = a.shape(0);
+  in.dense = static_cast<const float*>(a.data());
+  in.ld = n_features;
+  return in;
+}
+
+const float* checked_targets(py::handle Y, const Network& net, index_t rows) {
+  py::array y = checked<float>(Y, "Y", 2, false);
+  require_shape(y, "Y", rows, net.layers.back().fan_out);
+  return static_cast<const float*>(y.data());
+}
+
+std::vector<float*> state_arrays(const py::list& states, const std::string& what, const Network& net) {
+  std::vector<float*> out;
+  const std::size_t L = net.layers.size();
+  for (std::size_t i = 0; i < states.size(); ++i) {
+    const Layer& layer = net.layers[i % L];
+    const bool is_coef = i < L;
+    const std::string name = what + "[" + std::to_string(i) + "]";
+    py::array a = checked<float>(states[i], name, is_coef ? 2 : 1, true);
+    require_shape(a, name, is_coef ? layer.fan_in : layer.fan_out, layer.fan_out);
+    out.push_back(static_cast<float*>(a.mutable_data()));
+  }
+  return out;
+}
+
+py::dict show_config() {
+  py::dict d;
+  d["version"] = FASTREC_VERSION;
+  d["openmp"] = openmp_enabled();
+  d["max_threads"] = max_threads();
+  std::vector<std::string> compiled, available;
+  for (Isa i : compiled_isas()) compiled.push_back(isa_name(i));
+  for (Isa i : available_isas()) available.push_back(isa_name(i));
+  d["compiled_isas"] = compiled;
+  d["available_isas"] = available;
+  d["active_isa"] = isa_name(best_isa());
+  const char* env = std::getenv("FASTREC_ISA");
+  d["FASTREC_ISA"] = env ? py::object(py::str(env)) : py::object(py::none());
+#if defined(__clang__)
+  d["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = "gcc " __VERSION__;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fastrec's C++ core (private: use the fastrec package).";
+  m.attr("__version__") = FASTREC_VERSION;
+  m.def("show_config", &show_config, "Build and run-time configuration as a dict.");
+  m.def("available_isas", [] {
+    std::vector<std::string> out;
+    for (Isa i : available_isas()) out.push_back(isa_name(i));
+    return out;
+  }, "SIMD paths compiled into this build and supported by this CPU, lowest first.");
+
+  m.def(
+      "sgemm",
+      [](py::handle a_obj, py::handle b_obj, bool trans_a, bool trans_b, const std::string& isa, int n_threads) {
+        py::array a = checked<float>(a_obj, "a", 2, false), b = checked<float>(b_obj, "b", 2, false);
+        const index_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
+        const index_t Kb = trans_b ? b.shape(1) : b.shape(0), N = trans_b ? b.shape(0) : b.shape(1);
+        if (K != Kb)
+          throw py::value_error("op(a) has " + std::to_string(K) + " columns but op(b) has " + std::to_string(Kb) +
+                                " rows");
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        py::array_t<float> c({M, N});
+        const float *pa = static_cast<const float*>(a.data()), *pb = static_cast<const float*>(b.data());
+        float* pc = c.mutable_data();
+        const index_t lda = a.shape(1), ldb = b.shape(1);
+        {
+          py::gil_scoped_release release;
+          sgemm(ks, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, nullptr, n_threads);
+        }
+        return c;
+      },
+      py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false, py::arg("isa") = "auto",
+      py::arg("n_threads") = 0, "op(a) @ op(b) in float32 with fastrec's GEMM engine.");
+
+  m.def(
+      "forward",
+      [](const py::list& coefs, const py::list& intercepts, py::handle X, const std::string& activation,
+         const std::string& out_activation, int n_threads, const std::string& isa) {
+        const Network net = make_network(coefs, intercepts, activation, out_activation);
+        const Input in = make_input(X, net.layers[0].fan_in);
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        py::array_t<float> out({in.rows, net.layers.back().fan_out});
+        float* po = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          if (in.rows > 0) forward(ks, net, in, po, n_threads);
+        }
+        return out;
+      },
+      py::arg("coefs"), py::arg("intercepts"), py::arg("X"), py::arg("activation"), py::arg("out_activation"),
+      py::arg("n_threads") = 0, py::arg("isa") = "auto", "Network output after the output activation.");
+
+  m.def(
+      "loss_and_gradients",
+      [](const py::list& coefs, const py::list& intercepts, py::handle X, py::handle Y, const std::string& activation,
+         const std::string& out_activation, float alpha, int n_threads, const std::string& isa) {
+        const Network net = make_network(coefs, intercepts, activation, out_activation);
+        const Input in = make_input(X, net.layers[0].fan_in);
+        if (in.rows < 1) throw py::value_error("X must have at least one row");
+        const float* y = checked_targets(Y, net, in.rows);
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        py::list coef_grads, intercept_grads;
+        std::vector<float*> gw, gb;
+        for (const Layer& layer : net.layers) {
+          py::array_t<float> w({layer.fan_in, layer.fan_out}), b(layer.fan_out);
+          gw.push_back(w.mutable_data());
+          gb.push_back(b.mutable_data());
+          coef_grads.append(w);
+          intercept_grads.append(b);
+        }
+        double loss;
+        {
+          py::gil_scoped_release release;
+          loss = loss_and_gradients(ks, net, in, y, alpha, gw, gb, n_threads);
+        }
+        return py::make_tuple(loss, coef_grads, intercept_grads);
+      },
+      py::arg("coefs"), py::arg("intercepts"), py::arg("X"), py::arg("Y"), py::arg("activation"),
+      py::arg("out_activation"), py::arg("alpha"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+      "Loss and gradients of the whole input as one batch (see docs/DESIGN.md).");
+
+  m.def(
+      "train_epoch",
+      [](const py::list& coefs, const py::list& intercepts, const py::list& state1, const py::list& state2,
+         py::handle X, py::handle Y, py::handle order_obj, index_t batch_size, const std::string& activation,
+         const std::string& out_activation, float alpha, const std::string& solver, float learning_rate,
+         float momentum, bool nesterov, float beta_1, float beta_2, float epsilon, std::int64_t adam_t,
+         int n_threads, const std::string& isa) {
+        const Network net = make_network(coefs, intercepts, activation, out_activation);
+        const Input in = make_input(X, net.layers[0].fan_in);
+        const float* y = checked_targets(Y, net, in.rows);
+        py::array order = checked<std::int64_t>(order_obj, "order", 1, false);
+        const index_t n_order = order.shape(0);
+        const auto* po = static_cast<const std::int64_t*>(order.data());
+        for (index_t i = 0; i < n_order; ++i)
+          if (po[i] < 0 || po[i] >= in.rows)
+            throw py::value_error("order must hold row numbers in [0, " + std::to_string(in.rows) + ")");
+        if (batch_size < 1) throw py::value_error("batch_size must be >= 1, got " + std::to_string(batch_size));
+        Optimizer opt;
+        if (solver == "sgd") opt.solver = Solver::Sgd;
+        else if (solver == "adam") opt.solver = Solver::Adam;
+        else throw py::value_error("solver must be 'sgd' or 'adam', got '" + solver + "'");
+        const std::size_t n_params = 2 * net.layers.size();
+        if (state1.size() != n_params)
+          throw py::value_error("state1 must hold " + std::to_string(n_params) + " arrays");
+        if (state2.size() != (opt.solver == Solver::Adam ? n_params : 0))
+          throw py::value_error(opt.solver == Solver::Adam ? "state2 must hold " + std::to_string(n_params) + " arrays"
+                                                           : std::string("state2 must be empty for sgd"));
+        opt.state1 = state_arrays(state1, "state1", net);
+        opt.state2 = state_arrays(state2, "state2", net);
+        opt.learning_rate = learning_rate;
+        opt.momentum = momentum;
+        opt.nesterov = nesterov;
+        opt.beta_1 = beta_1;
+        opt.beta_2 = beta_2;
+        opt.epsilon = epsilon;
+        opt.adam_t = adam_t;
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        double loss_sum;
+        {
+          py::gil_scoped_release release;
+          loss_sum = train_epoch(ks, net, opt, in, y, po, n_order, batch_size, alpha, n_threads);
+        }
+        return py::make_tuple(loss_sum, opt.adam_t);
+      },
+      py::arg("coefs"), py::arg("intercepts"), py::arg("state1"), py::arg("state2"), py::arg("X"), py::arg("Y"),
+      py::arg("order"), py::arg("batch_size"), py::arg("activation"), py::arg("out_activation"), py::arg("alpha"),
+      py::arg("solver"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"), py::arg("beta_1"),
+      py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+      "One epoch of minibatch training, updating parameters and optimizer state in place.");
+}

@@ -1,0 +1,55 @@
+// The per-ISA kernel table. Each ISA's kernels live in their own translation unit compiled with only that
+// ISA's flags (kernels_scalar.cpp has none), so no SIMD type appears here and the rest of the library is
+// baseline x86-64. The table is immutable; callers pick one per call (see isa.h).
+#pragma once
+#include "common.h"
+#include "isa.h"
+
+namespace fastrec {
+
+// Applied once to each finished C tile while it is in L1, in this order:
+//   v = scale * C + addend_scale * addend + bias;  v = act(v);  v *= act'(mul) (mul: activation outputs).
+// Pointers may be null (term skipped). row0/col0 passed to the epilogue locate the tile in the full matrices.
+struct Epilogue {
+  float scale = 1.0f;
+  const float* addend = nullptr;  // (M, N) matrix, leading dimension ld_addend
+  index_t ld_addend = 0;
+  float addend_scale = 0.0f;
+  const float* bias = nullptr;    // (N,) vector
+  Activation act = Activation::Identity;
+  const float* mul = nullptr;     // (M, N) activation outputs, leading dimension ld_mul
+  index_t ld_mul = 0;
+  Activation mul_act = Activation::Identity;
+};
+
+// Micro-kernel contract: a is a packed MR x kc panel (a[k*MR + i]), b a packed kc x NR panel (b[k*NR + j]),
+// both zero-padded to full MR/NR. Computes acc = sum_k a[:,k] b[k,:] as one FMA chain per element in k order,
+// then writes C[i][j] = acc (accumulate=false) or C[i][j] += acc, for i < m <= MR, j < n <= NR.
+using UkernelFn = void (*)(index_t kc, const float* a, const float* b, float* c, index_t ldc, bool accumulate,
+                           int m, int n);
+using EpilogueFn = void (*)(float* c, index_t ldc, int m, int n, index_t row0, index_t col0, const Epilogue& e);
+// x[i] = act(x[i]) for i < n (not softmax).
+using ActivateFn = void (*)(float* x, index_t n, Activation act);
+// out[0:n] = sum_e weights[e] * M[ids[e]][0:n], entries added in order e = 0, 1, ... (one FMA chain per
+// element: the sparse "CSR times matrix" row and the "scatter rows" gradient row are both this).
+using RowSumFn = void (*)(const float* weights, const std::int32_t* ids, index_t count, const float* M, index_t ld,
+                          index_t n, float* out);
+
+struct KernelSet {
+  Isa isa;
+  int mr, nr;        // register tile
+  index_t kc, mc, nc;  // cache blocks: kc x nr B panel in L1, mc x kc A block in L2
+  UkernelFn ukernel;
+  EpilogueFn epilogue;
+  ActivateFn activate;
+  RowSumFn row_sum;
+};
+
+const KernelSet& kernels_scalar();
+#ifdef FASTREC_HAVE_X86_KERNELS
+const KernelSet& kernels_avx2();
+const KernelSet& kernels_avx512();
+#endif
+const KernelSet& kernels_for(Isa isa);
+
+}  // namespace fastrec

@@ -1,0 +1,62 @@
+// AVX2 + FMA kernels (compiled with -mavx2 -mfma only). 6 x 16 register tile: 12 accumulators + 2 B
+// vectors + 1 broadcast of the 16 ymm registers.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/kernels.h"
+#include "kernels/elementwise_impl.h"
+
+namespace fastrec {
+namespace {
+
+constexpr int kMr = 6, kNr = 16;
+
+void ukernel_avx2_6x16(index_t kc, const float* a, const float* b, float* c, index_t ldc, bool accumulate,
+                       int m, int n) {
+  __m256 acc0[kMr], acc1[kMr];
+#pragma GCC unroll 6
+  for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  for (index_t k = 0; k < kc; ++k, a += kMr, b += kNr) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < kMr; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + i);
+      acc0[i] = _mm256_fmadd_ps(ai, b0, acc0[i]);
+      acc1[i] = _mm256_fmadd_ps(ai, b1, acc1[i]);
+    }
+  }
+  if (m == kMr && n == kNr) {
+#pragma GCC unroll 6
+    for (int i = 0; i < kMr; ++i) {
+      float* ci = c + i * ldc;
+      __m256 r0 = acc0[i], r1 = acc1[i];
+      if (accumulate) {
+        r0 = _mm256_add_ps(_mm256_loadu_ps(ci), r0);
+        r1 = _mm256_add_ps(_mm256_loadu_ps(ci + 8), r1);
+      }
+      _mm256_storeu_ps(ci, r0);
+      _mm256_storeu_ps(ci + 8, r1);
+    }
+    return;
+  }
+  alignas(32) float tile[kMr][kNr];  // edge tile: through a small temporary
+  for (int i = 0; i < kMr; ++i) {
+    _mm256_store_ps(tile[i], acc0[i]);
+    _mm256_store_ps(tile[i] + 8, acc1[i]);
+  }
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i][j] : tile[i][j];
+}
+
+}  // namespace
+
+const KernelSet& kernels_avx2() {
+  static const KernelSet set{Isa::Avx2, kMr, kNr, 256, 144, 2048, ukernel_avx2_6x16, epilogue_impl,
+                             activate_impl, row_sum_impl};
+  return set;
+}
+
+}  // namespace fastrec

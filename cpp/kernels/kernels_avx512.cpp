@@ -1,0 +1,58 @@
+// AVX-512 kernels (compiled with -mavx512f/dq/vl/bw -mfma only). 8 x 32 register tile: 16 accumulators,
+// 2 B vectors, A broadcast from memory; 16 FMAs per k keep both FMA ports busy (8 cycles) while the 10
+// loads fit the load ports. kc = 256 keeps the 32 KiB B panel (256 x 32 floats) in L1.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/kernels.h"
+#include "kernels/elementwise_impl.h"
+
+namespace fastrec {
+namespace {
+
+constexpr int kMr = 8, kNr = 32;
+
+void ukernel_avx512_8x32(index_t kc, const float* a, const float* b, float* c, index_t ldc, bool accumulate,
+                         int m, int n) {
+  __m512 acc0[kMr], acc1[kMr];
+#pragma GCC unroll 8
+  for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (index_t k = 0; k < kc; ++k, a += kMr, b += kNr) {
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < kMr; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i]);
+      acc0[i] = _mm512_fmadd_ps(ai, b0, acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(ai, b1, acc1[i]);
+    }
+  }
+  // Masked loads/stores handle a partial tile's columns; rows past m are simply not stored.
+  const int n0 = n < 16 ? n : 16, n1 = n > 16 ? n - 16 : 0;
+  const __mmask16 mask0 = static_cast<__mmask16>((1u << n0) - 1u), mask1 = static_cast<__mmask16>((1u << n1) - 1u);
+#pragma GCC unroll 8
+  for (int i = 0; i < kMr; ++i) {
+    if (i >= m) break;
+    float* ci = c + i * ldc;
+    __m512 r0 = acc0[i], r1 = acc1[i];
+    if (accumulate) {
+      r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, ci), r0);
+      r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, ci + 16), r1);
+    }
+    _mm512_mask_storeu_ps(ci, mask0, r0);
+    _mm512_mask_storeu_ps(ci + 16, mask1, r1);
+  }
+}
+
+}  // namespace
+
+const KernelSet& kernels_avx512() {
+  static const KernelSet set{Isa::Avx512, kMr, kNr, 256, 192, 4096, ukernel_avx512_8x32, epilogue_impl,
+                             activate_impl, row_sum_impl};
+  return set;
+}
+
+}  // namespace fastrec

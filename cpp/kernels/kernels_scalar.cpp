@@ -1,0 +1,43 @@
+// Portable kernels: compiled WITHOUT ISA flags (baseline x86-64 / any CPU). Also the oracle the SIMD
+// micro-kernels are tested against. 4 x 8 register tile.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/kernels.h"
+#include "kernels/elementwise_impl.h"
+
+namespace fastrec {
+namespace {
+
+constexpr int kMr = 4, kNr = 8;
+
+void ukernel_scalar_4x8(index_t kc, const float* a, const float* b, float* c, index_t ldc, bool accumulate,
+                        int m, int n) {
+  float acc[kMr][kNr] = {};
+  for (index_t k = 0; k < kc; ++k, a += kMr, b += kNr)
+    for (int i = 0; i < kMr; ++i)
+      for (int j = 0; j < kNr; ++j) acc[i][j] += a[i] * b[j];
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
+}
+
+}  // namespace
+
+const KernelSet& kernels_scalar() {
+  static const KernelSet set{Isa::Scalar, kMr, kNr, 256, 128, 2048, ukernel_scalar_4x8, epilogue_impl,
+                             activate_impl, row_sum_impl};
+  return set;
+}
+
+const KernelSet& kernels_for(Isa isa) {
+  switch (isa) {
+#ifdef FASTREC_HAVE_X86_KERNELS
+    case Isa::Avx512: return kernels_avx512();
+    case Isa::Avx2: return kernels_avx2();
+#endif
+    default: return kernels_scalar();
+  }
+}
+
+}  // namespace fastrec
