@@ -107,13 +107,22 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
       pack_b(p.trans_b, p.B, p.ldb, pc, kc, jc, nc, ks.nr, bbuf);
       for (index_t ic = m0; ic < m1; ic += ks.mc) {
         const index_t mc = std::min(ks.mc, m1 - ic);
-        pack_a(p.trans_a, p.A, p.lda, ic, mc, pc, kc, ks.mr, abuf);
+        // A row-major is read in place (packing it would be a transpose copy costing as much as the FMAs
+        // when N is narrow); only its partial last panel, whose missing rows must read as zeros, is packed.
+        // A transposed is packed: that is a contiguous copy and gives the kernel one stream.
+        const bool in_place = !p.trans_a;
+        const index_t full = in_place ? mc / ks.mr * ks.mr : 0;
+        if (full < mc) pack_a(p.trans_a, p.A, p.lda, ic + full, mc - full, pc, kc, ks.mr, abuf);
         for (index_t jr = 0; jr < nc; jr += ks.nr) {
           const int n = static_cast<int>(std::min<index_t>(ks.nr, nc - jr));
           for (index_t ir = 0; ir < mc; ir += ks.mr) {
             const int m = static_cast<int>(std::min<index_t>(ks.mr, mc - ir));
             float* c = p.C + (ic + ir) * p.ldc + jc + jr;
-            ks.ukernel(kc, abuf + ir * kc, bbuf + jr * kc, c, p.ldc, !first, m, n);
+            const float* b = bbuf + jr * kc;
+            if (ir < full)
+              ks.ukernel(kc, p.A + (ic + ir) * p.lda + pc, p.lda, 1, b, c, p.ldc, !first, m, n);
+            else
+              ks.ukernel(kc, abuf + (ir - full) * kc, 1, ks.mr, b, c, p.ldc, !first, m, n);
             if (last && p.epilogue) ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
           }
         }
