@@ -104,25 +104,29 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
     for (index_t pc = 0; pc < p.K; pc += ks.kc) {
       const index_t kc = std::min(ks.kc, p.K - pc);
       const bool first = pc == 0, last = pc + kc == p.K;
-      pack_b(p.trans_b, p.B, p.ldb, pc, kc, jc, nc, ks.nr, bbuf);
+      // Likewise B row-major is read in place but for a partial last panel; B transposed is packed.
+      const bool b_in_place = !p.trans_b;
+      const index_t b_full = b_in_place ? nc / ks.nr * ks.nr : 0;
+      if (b_full < nc) pack_b(p.trans_b, p.B, p.ldb, pc, kc, jc + b_full, nc - b_full, ks.nr, bbuf);
       for (index_t ic = m0; ic < m1; ic += ks.mc) {
         const index_t mc = std::min(ks.mc, m1 - ic);
-        // A row-major is read in place (packing it would be a transpose copy costing as much as the FMAs
-        // when N is narrow); only its partial last panel, whose missing rows must read as zeros, is packed.
-        // A transposed is packed: that is a contiguous copy and gives the kernel one stream.
-        const bool in_place = !p.trans_a;
-        const index_t full = in_place ? mc / ks.mr * ks.mr : 0;
+        // A is read in place with strides (packing row-major A would be a transpose copy costing as much as
+        // the FMAs when N is narrow); only its partial last panel, whose missing rows must read as zeros, is
+        // packed.
+        const index_t full = mc / ks.mr * ks.mr;
+        const index_t rs_a = p.trans_a ? 1 : p.lda, cs_a = p.trans_a ? p.lda : 1;
         if (full < mc) pack_a(p.trans_a, p.A, p.lda, ic + full, mc - full, pc, kc, ks.mr, abuf);
         for (index_t jr = 0; jr < nc; jr += ks.nr) {
           const int n = static_cast<int>(std::min<index_t>(ks.nr, nc - jr));
           for (index_t ir = 0; ir < mc; ir += ks.mr) {
             const int m = static_cast<int>(std::min<index_t>(ks.mr, mc - ir));
             float* c = p.C + (ic + ir) * p.ldc + jc + jr;
-            const float* b = bbuf + jr * kc;
+            const float* b = jr < b_full ? p.B + pc * p.ldb + jc + jr : bbuf + (jr - b_full) * kc;
+            const index_t rs_b = jr < b_full ? p.ldb : ks.nr;
             if (ir < full)
-              ks.ukernel(kc, p.A + (ic + ir) * p.lda + pc, p.lda, 1, b, c, p.ldc, !first, m, n);
+              ks.ukernel(kc, p.A + (ic + ir) * rs_a + pc * cs_a, rs_a, cs_a, b, rs_b, c, p.ldc, !first, m, n);
             else
-              ks.ukernel(kc, abuf + (ir - full) * kc, 1, ks.mr, b, c, p.ldc, !first, m, n);
+              ks.ukernel(kc, abuf + (ir - full) * kc, 1, ks.mr, b, rs_b, c, p.ldc, !first, m, n);
             if (last && p.epilogue) ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
           }
         }

@@ -24,11 +24,12 @@ struct Epilogue {
 
 // Micro-kernel contract: a is an MR x kc block read with strides, a(i, k) = a[i * rs_a + k * cs_a] (a packed
 // panel has rs_a = 1, cs_a = MR; a row-major block read in place has rs_a = lda, cs_a = 1), all MR rows
-// readable; b is a packed kc x NR panel (b[k*NR + j]) zero-padded to NR. Computes acc = sum_k a(:,k) b(k,:)
+// readable; b is a kc x NR block with row stride rs_b, b(k, j) = b[k * rs_b + j], all NR columns readable
+// (a packed, zero-padded panel has rs_b = NR; a row-major B read in place has rs_b = ldb). Computes acc = sum_k a(:,k) b(k,:)
 // as one FMA chain per element in k order, then writes C[i][j] = acc (accumulate=false) or C[i][j] += acc,
 // for i < m <= MR, j < n <= NR.
-using UkernelFn = void (*)(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, float* c,
-                           index_t ldc, bool accumulate, int m, int n);
+using UkernelFn = void (*)(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b,
+                           float* c, index_t ldc, bool accumulate, int m, int n);
 using EpilogueFn = void (*)(float* c, index_t ldc, int m, int n, index_t row0, index_t col0, const Epilogue& e);
 // x[i] = act(x[i]) for i < n (not softmax).
 using ActivateFn = void (*)(float* x, index_t n, Activation act);

@@ -16,11 +16,12 @@ constexpr int kMr = 6, kNr = 16;
 
 // a(i, k) = a[i * rs_a + k * cs_a]; kRowMajor specialises cs_a == 1 (A read in place), else rs_a == 1.
 template <bool kRowMajor>
-void fma_loop(index_t kc, const float* a, index_t stride, const float* b, __m256 (&acc0)[kMr], __m256 (&acc1)[kMr]) {
+void fma_loop(index_t kc, const float* a, index_t stride, const float* b, index_t rs_b, __m256 (&acc0)[kMr],
+              __m256 (&acc1)[kMr]) {
   const float* rows[kMr];
 #pragma GCC unroll 6
   for (int i = 0; i < kMr; ++i) rows[i] = a + i * (kRowMajor ? stride : 1);
-  for (index_t k = 0; k < kc; ++k, b += kNr) {
+  for (index_t k = 0; k < kc; ++k, b += rs_b) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     const index_t off = kRowMajor ? k : k * stride;
 #pragma GCC unroll 6
@@ -32,15 +33,15 @@ void fma_loop(index_t kc, const float* a, index_t stride, const float* b, __m256
   }
 }
 
-void ukernel_avx2_6x16(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, float* c,
+void ukernel_avx2_6x16(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b, float* c,
                        index_t ldc, bool accumulate, int m, int n) {
   __m256 acc0[kMr], acc1[kMr];
 #pragma GCC unroll 6
   for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   if (cs_a == 1)
-    fma_loop<true>(kc, a, rs_a, b, acc0, acc1);
+    fma_loop<true>(kc, a, rs_a, b, rs_b, acc0, acc1);
   else
-    fma_loop<false>(kc, a, cs_a, b, acc0, acc1);
+    fma_loop<false>(kc, a, cs_a, b, rs_b, acc0, acc1);
   if (m == kMr && n == kNr) {
 #pragma GCC unroll 6
     for (int i = 0; i < kMr; ++i) {

@@ -18,11 +18,12 @@ constexpr int kMr = 12, kNr = 32;
 // The FMA loop. A is read in place with strides: a(i, k) = a[i * rs_a + k * cs_a]. Packed panels have
 // rs_a = 1, cs_a = MR; a row-major A read without packing (no transpose copy) has rs_a = lda, cs_a = 1.
 template <bool kRowMajor>
-void fma_loop(index_t kc, const float* a, index_t stride, const float* b, __m512 (&acc0)[kMr], __m512 (&acc1)[kMr]) {
+void fma_loop(index_t kc, const float* a, index_t stride, const float* b, index_t rs_b, __m512 (&acc0)[kMr],
+              __m512 (&acc1)[kMr]) {
   const float* rows[kMr];
 #pragma GCC unroll 16
   for (int i = 0; i < kMr; ++i) rows[i] = a + i * (kRowMajor ? stride : 1);
-  for (index_t k = 0; k < kc; ++k, b += kNr) {
+  for (index_t k = 0; k < kc; ++k, b += rs_b) {
     const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
     const index_t off = kRowMajor ? k : k * stride;
 #pragma GCC unroll 16
@@ -34,15 +35,15 @@ void fma_loop(index_t kc, const float* a, index_t stride, const float* b, __m512
   }
 }
 
-void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, float* c, index_t ldc,
+void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b, float* c, index_t ldc,
                     bool accumulate, int m, int n) {
   __m512 acc0[kMr], acc1[kMr];
 #pragma GCC unroll 16
   for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
   if (cs_a == 1)
-    fma_loop<true>(kc, a, rs_a, b, acc0, acc1);
+    fma_loop<true>(kc, a, rs_a, b, rs_b, acc0, acc1);
   else
-    fma_loop<false>(kc, a, cs_a, b, acc0, acc1);
+    fma_loop<false>(kc, a, cs_a, b, rs_b, acc0, acc1);
   // Masked loads/stores handle a partial tile's columns; rows past m are simply not stored.
   const int n0 = n < 16 ? n : 16, n1 = n > 16 ? n - 16 : 0;
   const __mmask16 mask0 = static_cast<__mmask16>((1u << n0) - 1u), mask1 = static_cast<__mmask16>((1u << n1) - 1u);

@@ -12,10 +12,10 @@ namespace {
 
 constexpr int kMr = 4, kNr = 8;
 
-void ukernel_scalar_4x8(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, float* c,
+void ukernel_scalar_4x8(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b, float* c,
                         index_t ldc, bool accumulate, int m, int n) {
   float acc[kMr][kNr] = {};
-  for (index_t k = 0; k < kc; ++k, b += kNr)
+  for (index_t k = 0; k < kc; ++k, b += rs_b)
     for (int i = 0; i < kMr; ++i) {
       const float ai = a[i * rs_a + k * cs_a];
       for (int j = 0; j < kNr; ++j) acc[i][j] += ai * b[j];
