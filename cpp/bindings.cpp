@@ -32,7 +32,7 @@ py::array checked(py::handle obj, const std::string& what, int ndim, bool writea
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(what + " must be a numpy array, got " + std::string(py::str(py::type::of(obj))));
   auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<T>()))
+  if (!a.dtype().equal(py::dtype::of<T>()))  // equal, not is: unpickled/memmapped dtypes are new objects
     throw py::type_error(what + " must have dtype " + std::string(py::str(py::dtype::of<T>())) + ", got " +
                          std::string(py::str(a.dtype())));
   if (a.ndim() != ndim)
@@ -51,9 +51,10 @@ void require_shape(const py::array& a, const std::string& what, index_t rows, in
   }
 }
 
-// Parameters: coefs[l] (fan_in, fan_out) and intercepts[l] (fan_out,), chained.
+// Parameters: coefs[l] (fan_in, fan_out) and intercepts[l] (fan_out,), chained. Only training needs them
+// writeable; a read-only (e.g. memory-mapped) model can still predict.
 Network make_network(const py::list& coefs, const py::list& intercepts, const std::string& activation,
-                     const std::string& out_activation) {
+                     const std::string& out_activation, bool writeable) {
   if (coefs.size() == 0) throw py::value_error("coefs must hold at least one layer");
   if (coefs.size() != intercepts.size())
     throw py::value_error("coefs and intercepts must have the same length, got " + std::to_string(coefs.size()) +
@@ -66,16 +67,17 @@ Network make_network(const py::list& coefs, const py::list& intercepts, const st
     throw py::value_error("out_activation must be 'identity', 'logistic' or 'softmax', got '" + out_activation + "'");
   for (std::size_t l = 0; l < coefs.size(); ++l) {
     const std::string name = "coefs[" + std::to_string(l) + "]";
-    py::array W = checked<float>(coefs[l], name, 2, true);
+    py::array W = checked<float>(coefs[l], name, 2, writeable);
     const index_t fan_in = W.shape(0), fan_out = W.shape(1);
     if (fan_out < 1) throw py::value_error(name + " must have at least one column");
     if (l > 0 && fan_in != net.layers.back().fan_out)
       throw py::value_error(name + " has " + std::to_string(fan_in) + " rows but the previous layer has " +
                             std::to_string(net.layers.back().fan_out) + " outputs");
-    py::array b = checked<float>(intercepts[l], "intercepts[" + std::to_string(l) + "]", 1, true);
+    py::array b = checked<float>(intercepts[l], "intercepts[" + std::to_string(l) + "]", 1, writeable);
     require_shape(b, "intercepts[" + std::to_string(l) + "]", fan_out, 1);
-    net.layers.push_back(Layer{static_cast<float*>(W.mutable_data()), static_cast<float*>(b.mutable_data()), fan_in,
-                               fan_out});
+    // The core never writes parameters outside train_epoch, which asked for writeable arrays above.
+    net.layers.push_back(Layer{const_cast<float*>(static_cast<const float*>(W.data())),
+                               const_cast<float*>(static_cast<const float*>(b.data())), fan_in, fan_out});
   }
   return net;
 }
@@ -202,7 +204,7 @@ PYBIND11_MODULE(_core, m) {
       "forward",
       [](const py::list& coefs, const py::list& intercepts, py::handle X, const std::string& activation,
          const std::string& out_activation, int n_threads, const std::string& isa) {
-        const Network net = make_network(coefs, intercepts, activation, out_activation);
+        const Network net = make_network(coefs, intercepts, activation, out_activation, false);
         const Input in = make_input(X, net.layers[0].fan_in);
         const KernelSet& ks = kernels_for(resolve_isa(isa));
         py::array_t<float> out({in.rows, net.layers.back().fan_out});
@@ -220,7 +222,7 @@ PYBIND11_MODULE(_core, m) {
       "loss_and_gradients",
       [](const py::list& coefs, const py::list& intercepts, py::handle X, py::handle Y, const std::string& activation,
          const std::string& out_activation, float alpha, int n_threads, const std::string& isa) {
-        const Network net = make_network(coefs, intercepts, activation, out_activation);
+        const Network net = make_network(coefs, intercepts, activation, out_activation, false);
         const Input in = make_input(X, net.layers[0].fan_in);
         if (in.rows < 1) throw py::value_error("X must have at least one row");
         const float* y = checked_targets(Y, net, in.rows);
@@ -252,7 +254,7 @@ PYBIND11_MODULE(_core, m) {
          const std::string& out_activation, float alpha, const std::string& solver, float learning_rate,
          float momentum, bool nesterov, float beta_1, float beta_2, float epsilon, std::int64_t adam_t,
          int n_threads, const std::string& isa) {
-        const Network net = make_network(coefs, intercepts, activation, out_activation);
+        const Network net = make_network(coefs, intercepts, activation, out_activation, true);
         const Input in = make_input(X, net.layers[0].fan_in);
         const float* y = checked_targets(Y, net, in.rows);
         py::array order = checked<std::int64_t>(order_obj, "order", 1, false);

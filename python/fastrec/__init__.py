@@ -1,0 +1,7 @@
+"""fastrec: neural recommendation models and MLPs trained on CPUs by a C++17/OpenMP core."""
+
+from fastrec._core import __version__, available_isas
+from fastrec._config import show_config
+from fastrec.mlp import MLPClassifier, MLPRegressor
+
+__all__ = ["MLPClassifier", "MLPRegressor", "available_isas", "show_config", "__version__"]

@@ -1,0 +1,83 @@
+"""The scikit-learn estimator protocol without scikit-learn at run time.
+
+scikit-learn is only a test dependency, so the estimators cannot subclass `sklearn.base.BaseEstimator`.
+scikit-learn's own machinery (clone, get_tags, is_classifier, check_is_fitted, Pipeline, GridSearchCV)
+relies only on what this base provides: `get_params`/`set_params` derived from the `__init__` signature,
+`__sklearn_tags__` (imported lazily: only scikit-learn calls it) and `__sklearn_is_fitted__`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+
+class BaseEstimator:
+    """get_params/set_params/__repr__ like scikit-learn's BaseEstimator; fitted state ends with '_'."""
+
+    # "classifier" or "regressor": drives __sklearn_tags__ and is what sklearn's is_classifier reads.
+    _estimator_kind: str | None = None
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return sorted(
+            p.name
+            for p in sig.parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        )
+
+    def get_params(self, deep: bool = True) -> dict:
+        out = {}
+        for name in self._get_param_names():
+            value = getattr(self, name)
+            if deep and hasattr(value, "get_params") and not isinstance(value, type):
+                out.update((f"{name}__{k}", v) for k, v in value.get_params().items())
+            out[name] = value
+        return out
+
+    def set_params(self, **params):
+        """Set parameters; they are validated at fit time, as in scikit-learn."""
+        valid = self._get_param_names()
+        for key, value in params.items():
+            if key not in valid:
+                raise ValueError(
+                    f"Invalid parameter {key!r} for estimator {type(self).__name__}. "
+                    f"Valid parameters are: {valid!r}."
+                )
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self) -> str:
+        # Like scikit-learn's print_changed_only=True: show only parameters that differ from the defaults.
+        defaults = {
+            p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()
+        }
+        changed = []
+        for name in self._get_param_names():
+            value = getattr(self, name, None)
+            default = defaults.get(name, inspect.Parameter.empty)
+            if value is default or (type(value) is type(default) and repr(value) == repr(default)):
+                continue
+            changed.append(f"{name}={value!r}")
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return any(k.endswith("_") and not k.startswith("__") for k in vars(self))
+
+    def __sklearn_tags__(self):
+        # Only scikit-learn calls this, so scikit-learn is importable here.
+        from sklearn.utils import ClassifierTags, InputTags, RegressorTags, Tags, TargetTags
+
+        tags = Tags(
+            estimator_type=self._estimator_kind,
+            target_tags=TargetTags(required=True),
+            input_tags=InputTags(sparse=True),
+        )
+        if self._estimator_kind == "classifier":
+            tags.classifier_tags = ClassifierTags()
+        elif self._estimator_kind == "regressor":
+            tags.regressor_tags = RegressorTags()
+        return self._more_sklearn_tags(tags)
+
+    def _more_sklearn_tags(self, tags):
+        return tags
