@@ -75,40 +75,13 @@ double output_loss(Activation out, const float* Z, const float* Y, index_t n, in
   return loss;
 }
 
-double sum_squares(const float* x, index_t len) {
-  double s = 0.0;
-  for (index_t i = 0; i < len; ++i) s += static_cast<double>(x[i]) * x[i];
-  return s;
-}
-
-// The optimizer step on one span of a parameter; lr is Adam's bias-corrected rate for Adam.
-void update_span(const Optimizer& opt, float lr, float* p, const float* g, float* s1, float* s2, index_t len) {
-  if (opt.solver == Solver::Sgd) {
-    const float mom = opt.momentum;
-    for (index_t i = 0; i < len; ++i) {
-      const float v = mom * s1[i] - lr * g[i];
-      s1[i] = v;
-      p[i] += opt.nesterov ? mom * v - lr * g[i] : v;
-    }
-  } else {
-    const float b1 = opt.beta_1, b2 = opt.beta_2, eps = opt.epsilon;
-    for (index_t i = 0; i < len; ++i) {
-      const float m = b1 * s1[i] + (1.0f - b1) * g[i];
-      const float s = b2 * s2[i] + (1.0f - b2) * g[i] * g[i];
-      s1[i] = m;
-      s2[i] = s;
-      p[i] -= lr * m / (std::sqrt(s) + eps);
-    }
-  }
-}
-
-void update_dense(const Optimizer& opt, float lr, float* p, const float* g, float* s1, float* s2, index_t len,
-                  int n_threads) {
+void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const float* g, float* s1, float* s2,
+                  index_t len, int n_threads) {
   const index_t chunk = kElementsPerThread;
   const index_t chunks = (len + chunk - 1) / chunk;
   parallel_for(0, chunks, n_threads, [&](std::int64_t c) {
     const index_t begin = c * chunk, count = std::min(chunk, len - begin);
-    update_span(opt, lr, p + begin, g + begin, s1 + begin, s2 ? s2 + begin : nullptr, count);
+    ks.update(rule, p + begin, g + begin, s1 + begin, s2 ? s2 + begin : nullptr, count);
   });
 }
 
@@ -121,14 +94,15 @@ struct Workspace {
   std::vector<float> data;
   TouchedRows touched;
 
-  Workspace(const Network& net, index_t rows) {
+  // A CSR first layer never gets a dense gradient buffer: its size would grow with the column count.
+  Workspace(const Network& net, index_t rows, bool sparse_input) {
     const std::size_t L = net.layers.size();
     acts.resize(L + 1);
     index_t widest = 0, largest = 0;
     for (std::size_t l = 0; l < L; ++l) {
       acts[l + 1].resize(static_cast<std::size_t>(rows * net.layers[l].fan_out));
       widest = std::max(widest, net.layers[l].fan_out);
-      largest = std::max(largest, net.layers[l].fan_in * net.layers[l].fan_out);
+      if (l > 0 || !sparse_input) largest = std::max(largest, net.layers[l].fan_in * net.layers[l].fan_out);
     }
     delta.resize(static_cast<std::size_t>(rows * widest));
     delta_prev.resize(delta.size());
@@ -210,9 +184,9 @@ double backward(const KernelSet& ks, const Network& net, const Input& X, const f
     for (std::size_t l = 0; l < L; ++l) {
       const Layer& layer = net.layers[l];
       if (l == 0 && X.sparse) {
-        for (std::int32_t r : ws.touched.ids) squares += sum_squares(layer.W + r * layer.fan_out, layer.fan_out);
+        for (std::int32_t r : ws.touched.ids) squares += ks.sum_squares(layer.W + static_cast<index_t>(r) * layer.fan_out, layer.fan_out);
       } else {
-        squares += sum_squares(layer.W, layer.fan_in * layer.fan_out);
+        squares += ks.sum_squares(layer.W, layer.fan_in * layer.fan_out);
       }
     }
     loss += 0.5 * alpha * squares / static_cast<double>(n);
@@ -287,12 +261,21 @@ struct CopySink : GradientSink {
 };
 
 struct UpdateSink : GradientSink {
+  const KernelSet& ks;
   const Network& net;
   const Optimizer& opt;
-  float lr;
+  UpdateRule rule;
   int n_threads;
-  UpdateSink(const Network& n, const Optimizer& o, float rate, int threads)
-      : net(n), opt(o), lr(rate), n_threads(threads) {}
+  UpdateSink(const KernelSet& k, const Network& n, const Optimizer& o, float lr, int threads)
+      : ks(k), net(n), opt(o), n_threads(threads) {
+    rule.adam = o.solver == Solver::Adam;
+    rule.nesterov = o.nesterov;
+    rule.lr = lr;
+    rule.momentum = o.momentum;
+    rule.beta_1 = o.beta_1;
+    rule.beta_2 = o.beta_2;
+    rule.epsilon = o.epsilon;
+  }
   float* state(const std::vector<float*>& s, std::size_t i) const { return s.empty() ? nullptr : s[i]; }
   void layer(std::size_t l, const float* gw, const float* gb, const TouchedRows* touched) override {
     const Layer& layer = net.layers[l];
@@ -304,12 +287,20 @@ struct UpdateSink : GradientSink {
                    touched->ids.size() * w < static_cast<std::size_t>(kElementsPerThread) ? 1 : n_threads,
                    [&](std::int64_t g) {
                      const index_t off = static_cast<index_t>(touched->ids[g]) * w;
-                     update_span(opt, lr, layer.W + off, gw + g * w, w1 + off, w2 ? w2 + off : nullptr, w);
+                     if (g + 2 < static_cast<std::int64_t>(touched->ids.size())) {  // rows are scattered: fetch ahead
+                       const index_t next = static_cast<index_t>(touched->ids[g + 2]) * w;
+                       for (index_t line = 0; line < w; line += 16) {  // 16 floats = one 64-byte line
+                         __builtin_prefetch(layer.W + next + line, 1);
+                         __builtin_prefetch(w1 + next + line, 1);
+                         if (w2) __builtin_prefetch(w2 + next + line, 1);
+                       }
+                     }
+                     ks.update(rule, layer.W + off, gw + g * w, w1 + off, w2 ? w2 + off : nullptr, w);
                    });
     } else {
-      update_dense(opt, lr, layer.W, gw, w1, w2, layer.fan_in * layer.fan_out, n_threads);
+      update_dense(ks, rule, layer.W, gw, w1, w2, layer.fan_in * layer.fan_out, n_threads);
     }
-    update_dense(opt, lr, layer.b, gb, state(opt.state1, L + l), state(opt.state2, L + l), layer.fan_out,
+    update_dense(ks, rule, layer.b, gb, state(opt.state1, L + l), state(opt.state2, L + l), layer.fan_out,
                  n_threads);
   }
 };
@@ -319,7 +310,7 @@ struct UpdateSink : GradientSink {
 void forward(const KernelSet& ks, const Network& net, const Input& X, float* out, int n_threads) {
   const std::size_t L = net.layers.size();
   const index_t n_out = net.layers.back().fan_out;
-  Workspace ws(net, std::min(X.rows, kForwardChunk));
+  Workspace ws(net, std::min(X.rows, kForwardChunk), X.sparse);
   for (index_t r0 = 0; r0 < X.rows; r0 += kForwardChunk) {
     Input chunk = X;
     chunk.rows = std::min(kForwardChunk, X.rows - r0);
@@ -339,7 +330,7 @@ void forward(const KernelSet& ks, const Network& net, const Input& X, float* out
 double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& X, const float* Y, float alpha,
                           const std::vector<float*>& coef_grads, const std::vector<float*>& intercept_grads,
                           int n_threads) {
-  Workspace ws(net, X.rows);
+  Workspace ws(net, X.rows, X.sparse);
   forward_logits(ks, net, X, ws, n_threads);
   CopySink sink(net, coef_grads, intercept_grads);
   return backward(ks, net, X, Y, alpha, ws, sink, n_threads);
@@ -348,7 +339,7 @@ double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& 
 double train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt, const Input& X, const float* Y,
                    const std::int64_t* order, index_t n_order, index_t batch_size, float alpha, int n_threads) {
   const index_t n_out = net.layers.back().fan_out;
-  Workspace ws(net, std::min(batch_size, n_order));
+  Workspace ws(net, std::min(batch_size, n_order), X.sparse);
   double loss_sum = 0.0;
   for (index_t begin = 0; begin < n_order; begin += batch_size) {
     const index_t n = std::min(batch_size, n_order - begin);
@@ -361,7 +352,7 @@ double train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt, cons
       lr = static_cast<float>(opt.learning_rate * std::sqrt(1.0 - std::pow(opt.beta_2, t)) /
                               (1.0 - std::pow(opt.beta_1, t)));
     }
-    UpdateSink sink(net, opt, lr, n_threads);
+    UpdateSink sink(ks, net, opt, lr, n_threads);
     loss_sum += backward(ks, net, batch, ws.y_batch.data(), alpha, ws, sink, n_threads) * static_cast<double>(n);
   }
   return loss_sum;

@@ -27,13 +27,31 @@ void csr_matmul(const KernelSet& ks, const CsrView& X, const float* W, index_t l
 
 void group_by_column(const CsrView& X, TouchedRows& out) {
   const index_t nnz = X.indptr[X.rows];
-  // Sort (column, position) keys: position order is row order, so ties keep rows ascending. O(nnz log nnz),
-  // independent of the number of columns.
-  std::vector<std::uint64_t> keys(static_cast<std::size_t>(nnz));
-  for (index_t p = 0; p < nnz; ++p)
-    keys[p] = (static_cast<std::uint64_t>(static_cast<std::uint32_t>(X.indices[p])) << 32) | static_cast<std::uint64_t>(p);
-  std::sort(keys.begin(), keys.end());
-  std::vector<std::int32_t> row_of(static_cast<std::size_t>(nnz));
+  // Stable LSD radix sort of entry positions by column id, 11 bits per pass (3 passes cover the 31 bits of
+  // an int32 id; a pass whose digit is the same for every entry is skipped). Stability keeps each column's
+  // entries in row order. O(nnz) per pass whatever the number of columns.
+  constexpr int kBits = 11;
+  constexpr std::int32_t kBuckets = 1 << kBits;
+  std::vector<std::int32_t>& pos = out.scratch_a;
+  std::vector<std::int32_t>& tmp = out.scratch_b;
+  pos.resize(static_cast<std::size_t>(nnz));
+  tmp.resize(static_cast<std::size_t>(nnz));
+  for (index_t p = 0; p < nnz; ++p) pos[p] = static_cast<std::int32_t>(p);
+  for (int shift = 0; shift < 32; shift += kBits) {
+    index_t count[kBuckets + 1] = {};
+    for (index_t p = 0; p < nnz; ++p) ++count[((X.indices[p] >> shift) & (kBuckets - 1)) + 1];
+    bool one_bucket = false;
+    for (std::int32_t d = 1; d <= kBuckets; ++d) one_bucket |= count[d] == nnz;
+    if (one_bucket) continue;
+    for (std::int32_t d = 0; d < kBuckets; ++d) count[d + 1] += count[d];
+    for (index_t e = 0; e < nnz; ++e) {
+      const std::int32_t p = pos[e];
+      tmp[count[(X.indices[p] >> shift) & (kBuckets - 1)]++] = p;
+    }
+    pos.swap(tmp);
+  }
+  // Row of each stored entry, then the grouped arrays.
+  std::vector<std::int32_t>& row_of = tmp;
   for (index_t i = 0; i < X.rows; ++i)
     for (index_t p = X.indptr[i]; p < X.indptr[i + 1]; ++p) row_of[p] = static_cast<std::int32_t>(i);
   out.ids.clear();
@@ -41,8 +59,8 @@ void group_by_column(const CsrView& X, TouchedRows& out) {
   out.rows.resize(static_cast<std::size_t>(nnz));
   out.values.resize(static_cast<std::size_t>(nnz));
   for (index_t e = 0; e < nnz; ++e) {
-    const auto col = static_cast<std::int32_t>(keys[e] >> 32);
-    const auto p = static_cast<index_t>(keys[e] & 0xffffffffu);
+    const std::int32_t p = pos[e];
+    const std::int32_t col = X.indices[p];
     if (out.ids.empty() || out.ids.back() != col) {
       out.ids.push_back(col);
       out.start.push_back(e);

@@ -22,6 +22,7 @@ struct TouchedRows {
   std::vector<std::int64_t> start;
   std::vector<std::int32_t> rows;
   std::vector<float> values;
+  std::vector<std::int32_t> scratch_a, scratch_b;  // kept between calls to avoid reallocating every step
 };
 void group_by_column(const CsrView& X, TouchedRows& out);
 

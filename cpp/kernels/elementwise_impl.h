@@ -93,13 +93,101 @@ void epilogue_impl(float* c, index_t ldc, int m, int n, index_t row0, index_t co
   }
 }
 
+// GCC vector extension: 16 floats, lowered to whatever the translation unit's flags allow (one zmm, two ymm
+// or four xmm), so the same source gives each ISA its own vector code.
+typedef float f32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// row_sum over 64 columns at a time: the partial sums stay in registers across all entries instead of
+// going through memory once per entry; the next entries' rows are prefetched (they are scattered in a
+// table that may be far larger than the caches).
 void row_sum_impl(const float* weights, const std::int32_t* ids, index_t count, const float* M, index_t ld, index_t n,
                   float* out) {
-  for (index_t j = 0; j < n; ++j) out[j] = 0.0f;
-  for (index_t e = 0; e < count; ++e) {
-    const float w = weights[e];
-    const float* row = M + static_cast<index_t>(ids[e]) * ld;
-    for (index_t j = 0; j < n; ++j) out[j] += w * row[j];
+  index_t j0 = 0;
+  for (; j0 + 64 <= n; j0 += 64) {
+    f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (index_t e = 0; e < count; ++e) {
+      if (e + 4 < count) {  // the whole 256-byte block: one prefetch per cache line
+        const float* ahead = M + static_cast<index_t>(ids[e + 4]) * ld + j0;
+        __builtin_prefetch(ahead);
+        __builtin_prefetch(ahead + 16);
+        __builtin_prefetch(ahead + 32);
+        __builtin_prefetch(ahead + 48);
+      }
+      const float w = weights[e];
+      const float* row = M + static_cast<index_t>(ids[e]) * ld + j0;
+      a0 += w * load16(row);
+      a1 += w * load16(row + 16);
+      a2 += w * load16(row + 32);
+      a3 += w * load16(row + 48);
+    }
+    std::memcpy(out + j0, &a0, sizeof a0);
+    std::memcpy(out + j0 + 16, &a1, sizeof a1);
+    std::memcpy(out + j0 + 32, &a2, sizeof a2);
+    std::memcpy(out + j0 + 48, &a3, sizeof a3);
+  }
+  for (; j0 + 16 <= n; j0 += 16) {
+    f32x16 a0 = {};
+    for (index_t e = 0; e < count; ++e) a0 += weights[e] * load16(M + static_cast<index_t>(ids[e]) * ld + j0);
+    std::memcpy(out + j0, &a0, sizeof a0);
+  }
+  if (j0 < n) {
+    const index_t rest = n - j0;
+    for (index_t j = 0; j < rest; ++j) out[j0 + j] = 0.0f;
+    for (index_t e = 0; e < count; ++e) {
+      const float w = weights[e];
+      const float* row = M + static_cast<index_t>(ids[e]) * ld + j0;
+      for (index_t j = 0; j < rest; ++j) out[j0 + j] += w * row[j];
+    }
+  }
+}
+
+// sum(x^2) in double: 16 float lanes of partial sums (lane l holds elements i = l mod 16, a fixed order
+// whatever the caller's threads), added in double at the end. Float partials are exact enough for a loss
+// term and keep the loop vectorised rather than one latency-bound double chain.
+double sum_squares_impl(const float* x, index_t n) {
+  f32x16 acc = {};
+  index_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const f32x16 v = load16(x + i);
+    acc += v * v;
+  }
+  double total = 0.0;
+  for (int l = 0; l < 16; ++l) total += acc[l];
+  for (; i < n; ++i) total += static_cast<double>(x[i]) * x[i];
+  return total;
+}
+
+void update_impl(const UpdateRule& r, float* p, const float* g, float* s1, float* s2, index_t len) {
+  if (!r.adam) {
+    const float mom = r.momentum, lr = r.lr;
+    if (r.nesterov) {
+      for (index_t i = 0; i < len; ++i) {
+        const float v = mom * s1[i] - lr * g[i];
+        s1[i] = v;
+        p[i] += mom * v - lr * g[i];
+      }
+    } else {
+      for (index_t i = 0; i < len; ++i) {
+        const float v = mom * s1[i] - lr * g[i];
+        s1[i] = v;
+        p[i] += v;
+      }
+    }
+    return;
+  }
+  const float b1 = r.beta_1, b2 = r.beta_2, eps = r.epsilon, lr = r.lr;
+  for (index_t i = 0; i < len; ++i) {
+    const float m = b1 * s1[i] + (1.0f - b1) * g[i];
+    const float s = b2 * s2[i] + (1.0f - b2) * g[i] * g[i];
+    s1[i] = m;
+    s2[i] = s;
+    p[i] -= lr * m / (__builtin_sqrtf(s) + eps);
   }
 }
 

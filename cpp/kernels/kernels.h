@@ -38,6 +38,18 @@ using ActivateFn = void (*)(float* x, index_t n, Activation act);
 using RowSumFn = void (*)(const float* weights, const std::int32_t* ids, index_t count, const float* M, index_t ld,
                           index_t n, float* out);
 
+// One optimizer step on a span of a parameter (docs/DESIGN.md): SGD with momentum / Nesterov (s1 = velocity)
+// or Adam (s1, s2 = moments; lr already bias-corrected for the step).
+struct UpdateRule {
+  bool adam = false;
+  bool nesterov = false;
+  float lr = 0.0f, momentum = 0.0f, beta_1 = 0.9f, beta_2 = 0.999f, epsilon = 1e-8f;
+};
+using UpdateFn = void (*)(const UpdateRule& rule, float* p, const float* g, float* s1, float* s2, index_t len);
+
+// sum of x[i]^2 for i < n, accumulated in a fixed order.
+using SumSquaresFn = double (*)(const float* x, index_t n);
+
 struct KernelSet {
   Isa isa;
   int mr, nr;        // register tile
@@ -46,6 +58,8 @@ struct KernelSet {
   EpilogueFn epilogue;
   ActivateFn activate;
   RowSumFn row_sum;
+  UpdateFn update;
+  SumSquaresFn sum_squares;
 };
 
 const KernelSet& kernels_scalar();
