@@ -301,3 +301,59 @@ def test_fastrec_isa_environment_caps_the_auto_choice():
     env = dict(os.environ, FASTREC_ISA="scalar")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "scalar"
+
+
+# ------------------------------------------------------------------------------------- properties
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(M=st.integers(0, 70), N=st.integers(0, 70), K=st.integers(0, 300), trans_a=st.booleans(),
+       trans_b=st.booleans(), isa=st.sampled_from(_core.available_isas()), threads=st.integers(1, 3))
+def test_sgemm_any_shape(M, N, K, trans_a, trans_b, isa, threads):
+    rng = np.random.default_rng(M * 10007 + N * 101 + K)
+    a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
+    b = rng.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)
+    c = _core.sgemm(a, b, trans_a, trans_b, isa, threads)
+    want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
+    assert c.shape == (M, N)
+    assert rel_err(c, want) < 1e-5
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_rows=st.integers(1, 40), n_cols=st.integers(1, 5000), nnz_per_row=st.integers(0, 6),
+       width=st.sampled_from([1, 7, 16, 33, 64, 65]))
+def test_csr_forward_any_pattern(n_rows, n_cols, nnz_per_row, width):
+    """Duplicate column ids within a row, empty rows and explicit zeros all behave like scipy's product."""
+    rng = np.random.default_rng(n_rows * 31 + n_cols + width)
+    counts = rng.integers(0, nnz_per_row + 1, n_rows)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    indices = rng.integers(0, n_cols, indptr[-1]).astype(np.int32)
+    data = rng.standard_normal(indptr[-1]).astype(np.float32)
+    data[::5] = 0.0
+    coefs = [rng.standard_normal((n_cols, width)).astype(np.float32)]
+    intercepts = [rng.standard_normal(width).astype(np.float32)]
+    got = _core.forward(coefs, intercepts, (indptr, indices, data, n_cols), "identity", "identity")
+    X = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(n_rows, n_cols))
+    want = X @ coefs[0].astype(np.float64) + intercepts[0]
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5 * (1 + np.abs(want).max()))
+
+
+def test_csr_gradients_with_duplicate_ids_and_empty_rows(isa, rng):
+    # Row 0 names column 3 twice, row 1 is empty, row 2 repeats a column of row 0.
+    indptr = np.array([0, 3, 3, 5], np.int64)
+    indices = np.array([3, 3, 9, 9, 0], np.int32)
+    data = np.array([1.0, 2.0, -1.0, 0.5, 1.5], np.float32)
+    coefs, intercepts = make_net(rng, [12, 16, 2])
+    Y = make_targets(rng, 3, 2, "identity")
+    X = (indptr, indices, data, 12)
+    X64 = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(3, 12))
+    loss, gw, gb = _core.loss_and_gradients(coefs, intercepts, X, Y, "tanh", "identity", 0.1, 0, isa)
+    rloss, rgw, rgb = reference.loss_and_gradients(as64(coefs), as64(intercepts), X64, Y.astype(np.float64), "tanh",
+                                                   "identity", 0.1)
+    assert abs(loss - rloss) / abs(rloss) < BAR
+    for g, r in zip(gw + gb, rgw + rgb):
+        assert rel_err(g, r) < BAR
+    assert set(np.flatnonzero(np.abs(gw[0]).sum(axis=1))) == {0, 3, 9}
