@@ -33,52 +33,6 @@ class Scratch {
 
 index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
-// Packs op(A)[i0:i0+mc, p0:p0+kc] into MR-row panels a[panel][k][MR], zero-padding the last panel.
-void pack_a(bool trans, const float* A, index_t lda, index_t i0, index_t mc, index_t p0, index_t kc, int mr,
-            float* out) {
-  for (index_t ir = 0; ir < mc; ir += mr) {
-    const int m = static_cast<int>(std::min<index_t>(mr, mc - ir));
-    float* dst = out + ir * kc;
-    if (trans) {  // op(A)[i][k] = A[k][i]: MR contiguous floats per k
-      for (index_t k = 0; k < kc; ++k) {
-        const float* src = A + (p0 + k) * lda + i0 + ir;
-        for (int i = 0; i < m; ++i) dst[k * mr + i] = src[i];
-        for (int i = m; i < mr; ++i) dst[k * mr + i] = 0.0f;
-      }
-    } else {
-      for (int i = 0; i < m; ++i) {
-        const float* src = A + (i0 + ir + i) * lda + p0;
-        for (index_t k = 0; k < kc; ++k) dst[k * mr + i] = src[k];
-      }
-      for (int i = m; i < mr; ++i)
-        for (index_t k = 0; k < kc; ++k) dst[k * mr + i] = 0.0f;
-    }
-  }
-}
-
-// Packs op(B)[p0:p0+kc, j0:j0+nc] into NR-column panels b[panel][k][NR], zero-padding the last panel.
-void pack_b(bool trans, const float* B, index_t ldb, index_t p0, index_t kc, index_t j0, index_t nc, int nr,
-            float* out) {
-  for (index_t jr = 0; jr < nc; jr += nr) {
-    const int n = static_cast<int>(std::min<index_t>(nr, nc - jr));
-    float* dst = out + jr * kc;
-    if (trans) {  // op(B)[k][j] = B[j][k]
-      for (int j = 0; j < n; ++j) {
-        const float* src = B + (j0 + jr + j) * ldb + p0;
-        for (index_t k = 0; k < kc; ++k) dst[k * nr + j] = src[k];
-      }
-      for (int j = n; j < nr; ++j)
-        for (index_t k = 0; k < kc; ++k) dst[k * nr + j] = 0.0f;
-    } else {
-      for (index_t k = 0; k < kc; ++k) {
-        const float* src = B + (p0 + k) * ldb + j0 + jr;
-        for (int j = 0; j < n; ++j) dst[k * nr + j] = src[j];
-        for (int j = n; j < nr; ++j) dst[k * nr + j] = 0.0f;
-      }
-    }
-  }
-}
-
 struct Problem {
   const KernelSet& ks;
   bool trans_a, trans_b;
@@ -92,6 +46,10 @@ struct Problem {
   const Epilogue* epilogue;
 };
 
+// Measured on the MLP's weight-gradient products (Xᵀ·dZ): with 4 or fewer NR panels, packing Aᵀ costs more
+// than reading its rows in place saves.
+constexpr index_t kMaxPanelsForInPlaceAt = 4;
+
 // The five BLIS loops over one rectangle C[m0:m1, n0:n1] on the calling thread.
 void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
   thread_local Scratch a_scratch, b_scratch;
@@ -104,29 +62,37 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
     for (index_t pc = 0; pc < p.K; pc += ks.kc) {
       const index_t kc = std::min(ks.kc, p.K - pc);
       const bool first = pc == 0, last = pc + kc == p.K;
-      // Likewise B row-major is read in place but for a partial last panel; B transposed is packed.
-      const bool b_in_place = !p.trans_b;
-      const index_t b_full = b_in_place ? nc / ks.nr * ks.nr : 0;
-      if (b_full < nc) pack_b(p.trans_b, p.B, p.ldb, pc, kc, jc + b_full, nc - b_full, ks.nr, bbuf);
+      // B is always packed: the panel is reused by every row block, and reading it in place with a
+      // power-of-two row stride would map its kc rows onto a few L1 sets.
+      for (index_t jr = 0; jr < nc; jr += ks.nr) {
+        const int n = static_cast<int>(std::min<index_t>(ks.nr, nc - jr));
+        const float* src = p.trans_b ? p.B + (jc + jr) * p.ldb + pc : p.B + pc * p.ldb + jc + jr;
+        ks.pack_b(!p.trans_b, src, p.ldb, n, kc, bbuf + jr * kc);
+      }
       for (index_t ic = m0; ic < m1; ic += ks.mc) {
         const index_t mc = std::min(ks.mc, m1 - ic);
-        // A is read in place with strides (packing row-major A would be a transpose copy costing as much as
-        // the FMAs when N is narrow); only its partial last panel, whose missing rows must read as zeros, is
-        // packed.
-        const index_t full = mc / ks.mr * ks.mr;
+        // Row-major A is read in place (12 rows streamed by the kernel; packing would be a transpose
+        // copy costing as much as the FMAs when N is narrow). Transposed A is a contiguous run per k: read
+        // in place when few B panels would reuse a packed copy, else packed. A partial last panel is always
+        // packed (its missing rows must read as zeros).
+        const bool a_in_place = !p.trans_a || nc <= kMaxPanelsForInPlaceAt * ks.nr;
+        const index_t full = a_in_place ? mc / ks.mr * ks.mr : 0;
         const index_t rs_a = p.trans_a ? 1 : p.lda, cs_a = p.trans_a ? p.lda : 1;
-        if (full < mc) pack_a(p.trans_a, p.A, p.lda, ic + full, mc - full, pc, kc, ks.mr, abuf);
+        for (index_t ir = full; ir < mc; ir += ks.mr) {
+          const int m = static_cast<int>(std::min<index_t>(ks.mr, mc - ir));
+          const float* src = p.trans_a ? p.A + pc * p.lda + ic + ir : p.A + (ic + ir) * p.lda + pc;
+          ks.pack_a(p.trans_a, src, p.lda, m, kc, abuf + (ir - full) * kc);
+        }
         for (index_t jr = 0; jr < nc; jr += ks.nr) {
           const int n = static_cast<int>(std::min<index_t>(ks.nr, nc - jr));
           for (index_t ir = 0; ir < mc; ir += ks.mr) {
             const int m = static_cast<int>(std::min<index_t>(ks.mr, mc - ir));
             float* c = p.C + (ic + ir) * p.ldc + jc + jr;
-            const float* b = jr < b_full ? p.B + pc * p.ldb + jc + jr : bbuf + (jr - b_full) * kc;
-            const index_t rs_b = jr < b_full ? p.ldb : ks.nr;
+            const float* b = bbuf + jr * kc;
             if (ir < full)
-              ks.ukernel(kc, p.A + (ic + ir) * rs_a + pc * cs_a, rs_a, cs_a, b, rs_b, c, p.ldc, !first, m, n);
+              ks.ukernel(kc, p.A + (ic + ir) * rs_a + pc * cs_a, rs_a, cs_a, b, ks.nr, c, p.ldc, !first, m, n);
             else
-              ks.ukernel(kc, abuf + (ir - full) * kc, 1, ks.mr, b, rs_b, c, p.ldc, !first, m, n);
+              ks.ukernel(kc, abuf + (ir - full) * kc, 1, ks.mr, b, ks.nr, c, p.ldc, !first, m, n);
             if (last && p.epilogue) ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
           }
         }

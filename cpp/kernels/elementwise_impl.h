@@ -93,6 +93,34 @@ void epilogue_impl(float* c, index_t ldc, int m, int n, index_t row0, index_t co
   }
 }
 
+// Panel packing with R known at compile time, so the copies unroll and vectorise for the file's ISA.
+template <int R>
+void pack_panel(bool k_major, const float* src, index_t ld, int count, index_t kc, float* out) {
+  if (k_major) {
+    if (count == R) {
+      for (index_t k = 0; k < kc; ++k) {
+        const float* s = src + k * ld;
+        float* o = out + k * R;
+#pragma GCC unroll 32
+        for (int r = 0; r < R; ++r) o[r] = s[r];
+      }
+      return;
+    }
+    for (index_t k = 0; k < kc; ++k) {
+      const float* s = src + k * ld;
+      float* o = out + k * R;
+      for (int r = 0; r < R; ++r) o[r] = r < count ? s[r] : 0.0f;
+    }
+    return;
+  }
+  for (int r = 0; r < count; ++r) {
+    const float* s = src + r * ld;
+    for (index_t k = 0; k < kc; ++k) out[k * R + r] = s[k];
+  }
+  for (int r = count; r < R; ++r)
+    for (index_t k = 0; k < kc; ++k) out[k * R + r] = 0.0f;
+}
+
 // GCC vector extension: 16 floats, lowered to whatever the translation unit's flags allow (one zmm, two ymm
 // or four xmm), so the same source gives each ISA its own vector code.
 typedef float f32x16 __attribute__((vector_size(64)));

@@ -47,6 +47,9 @@ struct UpdateRule {
 };
 using UpdateFn = void (*)(const UpdateRule& rule, float* p, const float* g, float* s1, float* s2, index_t len);
 
+// Packs one panel for the micro-kernel: out[k * R + r] for r < R (R = MR for A, NR for B), k < kc, zero for
+// r >= count. k_major: element (r, k) = src[k * ld + r] (a contiguous run per k); else src[r * ld + k].
+using PackFn = void (*)(bool k_major, const float* src, index_t ld, int count, index_t kc, float* out);
 // sum of x[i]^2 for i < n, accumulated in a fixed order.
 using SumSquaresFn = double (*)(const float* x, index_t n);
 
@@ -55,6 +58,7 @@ struct KernelSet {
   int mr, nr;        // register tile
   index_t kc, mc, nc;  // cache blocks: kc x nr B panel in L1, mc x kc A block in L2
   UkernelFn ukernel;
+  PackFn pack_a, pack_b;  // R = mr and R = nr
   EpilogueFn epilogue;
   ActivateFn activate;
   RowSumFn row_sum;

@@ -68,7 +68,8 @@ void ukernel_avx2_6x16(index_t kc, const float* a, index_t rs_a, index_t cs_a, c
 }  // namespace
 
 const KernelSet& kernels_avx2() {
-  static const KernelSet set{Isa::Avx2, kMr, kNr, 256, 144, 2048, ukernel_avx2_6x16, epilogue_impl,
+  static const KernelSet set{Isa::Avx2, kMr, kNr, 256, 144, 2048, ukernel_avx2_6x16, pack_panel<kMr>,
+                             pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
                              sum_squares_impl};
   return set;

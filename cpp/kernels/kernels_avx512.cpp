@@ -64,7 +64,8 @@ void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, cons
 }  // namespace
 
 const KernelSet& kernels_avx512() {
-  static const KernelSet set{Isa::Avx512, kMr, kNr, 256, 192, 4096, ukernel_avx512, epilogue_impl,
+  static const KernelSet set{Isa::Avx512, kMr, kNr, 256, 192, 4096, ukernel_avx512, pack_panel<kMr>,
+                             pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
                              sum_squares_impl};
   return set;

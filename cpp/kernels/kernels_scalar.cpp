@@ -27,7 +27,8 @@ void ukernel_scalar_4x8(index_t kc, const float* a, index_t rs_a, index_t cs_a, 
 }  // namespace
 
 const KernelSet& kernels_scalar() {
-  static const KernelSet set{Isa::Scalar, kMr, kNr, 256, 128, 2048, ukernel_scalar_4x8, epilogue_impl,
+  static const KernelSet set{Isa::Scalar, kMr, kNr, 256, 128, 2048, ukernel_scalar_4x8, pack_panel<kMr>,
+                             pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
                              sum_squares_impl};
   return set;
