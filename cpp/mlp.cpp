@@ -179,16 +179,10 @@ double backward(const KernelSet& ks, const Network& net, const Input& X, const f
   double loss = output_loss(net.out, ws.acts[L].data(), Y, n, n_out, ws.delta.data()) / static_cast<double>(n);
 
   if (X.sparse) group_by_column(X.csr, ws.touched);
-  if (alpha != 0.0f) {  // L2 on weights before this step's update; CSR first layer: touched rows only
+  if (alpha != 0.0f) {  // L2 on weights before this step's update (a CSR first layer's: below, touched rows only)
     double squares = 0.0;
-    for (std::size_t l = 0; l < L; ++l) {
-      const Layer& layer = net.layers[l];
-      if (l == 0 && X.sparse) {
-        for (std::int32_t r : ws.touched.ids) squares += ks.sum_squares(layer.W + static_cast<index_t>(r) * layer.fan_out, layer.fan_out);
-      } else {
-        squares += ks.sum_squares(layer.W, layer.fan_in * layer.fan_out);
-      }
-    }
+    for (std::size_t l = X.sparse ? 1 : 0; l < L; ++l)
+      squares += ks.sum_squares(net.layers[l].W, net.layers[l].fan_in * net.layers[l].fan_out);
     loss += 0.5 * alpha * squares / static_cast<double>(n);
   }
 
@@ -207,11 +201,19 @@ double backward(const KernelSet& ks, const Network& net, const Input& X, const f
       ws.touched_grad.resize(static_cast<std::size_t>(touched * layer.fan_out));
       float* G = ws.touched_grad.data();
       csr_transpose_matmul(ks, ws.touched, D, layer.fan_out, layer.fan_out, G, layer.fan_out, n_threads);
+      // One pass over the scattered weight rows: the L2 term of the loss, and G = (X^T D + alpha W) / n.
+      double squares = 0.0;
       for (index_t g = 0; g < touched; ++g) {
+        if (g + 4 < touched) {  // the rows are scattered over a table that may dwarf the caches: fetch ahead
+          const float* ahead = layer.W + static_cast<index_t>(ws.touched.ids[g + 4]) * layer.fan_out;
+          for (index_t line = 0; line < layer.fan_out; line += 16) __builtin_prefetch(ahead + line);
+        }
         const float* w = layer.W + static_cast<index_t>(ws.touched.ids[g]) * layer.fan_out;
+        if (alpha != 0.0f) squares += ks.sum_squares(w, layer.fan_out);
         float* row = G + g * layer.fan_out;
         for (index_t j = 0; j < layer.fan_out; ++j) row[j] = (row[j] + alpha * w[j]) * inv_n;
       }
+      loss += 0.5 * alpha * squares / static_cast<double>(n);
       sink.layer(l, G, gb, &ws.touched);
       continue;
     }
@@ -287,8 +289,8 @@ struct UpdateSink : GradientSink {
                    touched->ids.size() * w < static_cast<std::size_t>(kElementsPerThread) ? 1 : n_threads,
                    [&](std::int64_t g) {
                      const index_t off = static_cast<index_t>(touched->ids[g]) * w;
-                     if (g + 2 < static_cast<std::int64_t>(touched->ids.size())) {  // rows are scattered: fetch ahead
-                       const index_t next = static_cast<index_t>(touched->ids[g + 2]) * w;
+                     if (g + 4 < static_cast<std::int64_t>(touched->ids.size())) {  // rows are scattered: fetch ahead
+                       const index_t next = static_cast<index_t>(touched->ids[g + 4]) * w;
                        for (index_t line = 0; line < w; line += 16) {  // 16 floats = one 64-byte line
                          __builtin_prefetch(layer.W + next + line, 1);
                          __builtin_prefetch(w1 + next + line, 1);
