@@ -104,6 +104,8 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
 // Below this many multiply-adds a second thread costs more than it saves (measured: an OpenMP region
 // costs a few microseconds; 2^18 FMAs take ~2 us on one AVX-512 core).
 constexpr double kMinFmasPerThread = 1 << 18;
+// A float packed or streamed from L2 ~ 8 FMAs' time (32 FMAs/cycle at peak vs ~4 floats/cycle copied).
+constexpr index_t kPackCost = 8;
 
 }  // namespace
 
@@ -117,7 +119,10 @@ void sgemm(const KernelSet& ks, bool trans_a, bool trans_b, index_t M, index_t N
   }
   const Problem problem{ks, trans_a, trans_b, K, A, lda, B, ldb, C, ldc, epilogue};
 
-  // Partition C into tm x tn rectangles of whole register tiles, one per thread, minimising the largest.
+  // Partition C into tm x tn rectangles of whole register tiles, one per thread, minimising the largest
+  // thread's cost per unit of K: its FMAs plus the panels it packs or streams (each thread reads the
+  // rows of op(A) and the columns of op(B) of its rectangle; a float moved costs about as much time as
+  // kPackCost multiply-adds at full SIMD width).
   const index_t m_tiles = ceil_div(M, ks.mr), n_tiles = ceil_div(N, ks.nr);
   const double fmas = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
   int threads = resolve_threads(n_threads);
@@ -128,7 +133,8 @@ void sgemm(const KernelSet& ks, bool trans_a, bool trans_b, index_t M, index_t N
   for (int a = 1; a <= threads; ++a) {
     if (threads % a) continue;
     const int b = threads / a;
-    const index_t load = ceil_div(m_tiles, a) * ceil_div(n_tiles, b);
+    const index_t rows = ceil_div(m_tiles, a) * ks.mr, cols = ceil_div(n_tiles, b) * ks.nr;
+    const index_t load = rows * cols + kPackCost * (rows + cols);
     if (best < 0 || load < best) best = load, tm = a, tn = b;
   }
   const index_t m_step = ceil_div(m_tiles, tm) * ks.mr, n_step = ceil_div(n_tiles, tn) * ks.nr;
