@@ -1,4 +1,4 @@
-// The multi-layer perceptron: forward, loss and gradients, and minibatch training with SGD or Adam.
+// The multi-layer perceptron: forward, loss and gradients, and minibatch training with SGD, Adagrad or Adam.
 // Parameters and optimizer state live in caller-owned float32 arrays (the Python layer owns them); these
 // functions read and update them in place. Mathematics: docs/DESIGN.md (scikit-learn's conventions).
 #pragma once
@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "kernels/kernels.h"
+#include "sparse.h"
 
 namespace fastrec {
 
@@ -31,7 +32,7 @@ struct Input {
   index_t rows = 0, cols = 0;
 };
 
-enum class Solver { Sgd, Adam };
+enum class Solver { Sgd, Adagrad, Adam };
 
 struct Optimizer {
   Solver solver = Solver::Adam;
@@ -39,10 +40,13 @@ struct Optimizer {
   float momentum = 0.9f;
   bool nesterov = true;
   float beta_1 = 0.9f, beta_2 = 0.999f, epsilon = 1e-8f;
-  // Per parameter array, in the order W_0..W_{L-1}, b_0..b_{L-1}: SGD velocity / Adam first moment in
-  // state1, Adam second moment in state2 (empty for SGD).
+  // Per parameter array, in the order W_0..W_{L-1}, b_0..b_{L-1}: SGD velocity / Adagrad sum of squares /
+  // Adam first moment in state1, Adam second moment in state2 (empty otherwise).
   std::vector<float*> state1, state2;
   std::int64_t adam_t = 0;  // Adam steps taken so far
+
+  // Advances the step counter (Adam) and returns the update rule of this step for the dense parameters.
+  UpdateRule next_step();
 };
 
 // out (X.rows x n_out) = the network's output after the output activation.
@@ -56,5 +60,46 @@ double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& 
 // One epoch of minibatches X[order[i : i + batch_size]]; returns sum(batch_loss * batch_rows).
 double train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt, const Input& X, const float* Y,
                    const std::int64_t* order, index_t n_order, index_t batch_size, float alpha, int n_threads);
+
+// ---- Building blocks shared with the field model (fields.cpp) ----
+
+// Buffers reused across the minibatches of one call.
+struct MlpWorkspace {
+  std::vector<std::vector<float>> acts;  // acts[l] = output of layer l-1 (acts[L] = logits); acts[0] unused
+  std::vector<float> delta, delta_prev, grad_w, grad_b, touched_grad;
+  std::vector<double> row_squares;
+  TouchedRows touched;
+  // A CSR first layer never gets a dense gradient buffer: its size would grow with the column count.
+  MlpWorkspace(const Network& net, index_t rows, bool sparse_input);
+};
+
+// Fills ws.acts[1..L] for the batch: hidden activations, then the output layer's logits.
+void forward_logits(const KernelSet& ks, const Network& net, const Input& X, MlpWorkspace& ws, int n_threads);
+
+// Receives each layer's gradient during backward, last layer first. For a CSR first layer, grad_w holds
+// only the touched rows (touched != nullptr), in the order of touched->ids.
+struct GradientSink {
+  virtual void layer(std::size_t l, const float* grad_w, const float* grad_b, const TouchedRows* touched) = 0;
+  virtual ~GradientSink() = default;
+};
+
+// Applies an optimizer step to each layer as its gradient arrives.
+struct UpdateSink : GradientSink {
+  const KernelSet& ks;
+  const Network& net;
+  const Optimizer& opt;
+  UpdateRule rule;
+  int n_threads;
+  UpdateSink(const KernelSet& k, const Network& n, const Optimizer& o, const UpdateRule& r, int threads)
+      : ks(k), net(n), opt(o), rule(r), n_threads(threads) {}
+  void layer(std::size_t l, const float* grad_w, const float* grad_b, const TouchedRows* touched) override;
+};
+
+// Backward from ws.delta = dLoss/dlogits * n (the 1/n of the mean is applied here), feeding sink, with W
+// read before its update. If dx is given, also writes the input gradient dx = (D_0 W_0^T) (times n, like
+// delta; dense input only). Returns the L2 term 0.5 * alpha * ||W||^2 / n of the loss (a CSR first layer:
+// touched rows only).
+double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, MlpWorkspace& ws,
+                GradientSink& sink, int n_threads, float* dx = nullptr, index_t lddx = 0);
 
 }  // namespace fastrec

@@ -192,30 +192,53 @@ double sum_squares_impl(const float* x, index_t n) {
 }
 
 void update_impl(const UpdateRule& r, float* p, const float* g, float* s1, float* s2, index_t len) {
-  if (!r.adam) {
-    const float mom = r.momentum, lr = r.lr;
-    if (r.nesterov) {
-      for (index_t i = 0; i < len; ++i) {
-        const float v = mom * s1[i] - lr * g[i];
-        s1[i] = v;
-        p[i] += mom * v - lr * g[i];
+  const float lr = r.lr, eps = r.epsilon;
+  switch (r.kind) {
+    case UpdateKind::Sgd: {
+      const float mom = r.momentum;
+      if (r.nesterov) {
+        for (index_t i = 0; i < len; ++i) {
+          const float v = mom * s1[i] - lr * g[i];
+          s1[i] = v;
+          p[i] += mom * v - lr * g[i];
+        }
+      } else {
+        for (index_t i = 0; i < len; ++i) {
+          const float v = mom * s1[i] - lr * g[i];
+          s1[i] = v;
+          p[i] += v;
+        }
       }
-    } else {
-      for (index_t i = 0; i < len; ++i) {
-        const float v = mom * s1[i] - lr * g[i];
-        s1[i] = v;
-        p[i] += v;
-      }
+      return;
     }
-    return;
-  }
-  const float b1 = r.beta_1, b2 = r.beta_2, eps = r.epsilon, lr = r.lr;
-  for (index_t i = 0; i < len; ++i) {
-    const float m = b1 * s1[i] + (1.0f - b1) * g[i];
-    const float s = b2 * s2[i] + (1.0f - b2) * g[i] * g[i];
-    s1[i] = m;
-    s2[i] = s;
-    p[i] -= lr * m / (__builtin_sqrtf(s) + eps);
+    case UpdateKind::Adagrad:
+      for (index_t i = 0; i < len; ++i) {
+        const float s = s1[i] + g[i] * g[i];
+        s1[i] = s;
+        p[i] -= lr * g[i] / (__builtin_sqrtf(s) + eps);
+      }
+      return;
+    case UpdateKind::Adam: {
+      const float b1 = r.beta_1, b2 = r.beta_2;
+      for (index_t i = 0; i < len; ++i) {
+        const float m = b1 * s1[i] + (1.0f - b1) * g[i];
+        const float s = b2 * s2[i] + (1.0f - b2) * g[i] * g[i];
+        s1[i] = m;
+        s2[i] = s;
+        p[i] -= lr * m / (__builtin_sqrtf(s) + eps);
+      }
+      return;
+    }
+    case UpdateKind::PlainSgd:
+      for (index_t i = 0; i < len; ++i) p[i] -= lr * g[i];
+      return;
+    case UpdateKind::RowAdagrad: {
+      const float a = s1[0] + static_cast<float>(sum_squares_impl(g, len) / static_cast<double>(len));
+      s1[0] = a;
+      const float step = lr / (__builtin_sqrtf(a) + eps);
+      for (index_t i = 0; i < len; ++i) p[i] -= step * g[i];
+      return;
+    }
   }
 }
 

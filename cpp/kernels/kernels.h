@@ -38,10 +38,15 @@ using ActivateFn = void (*)(float* x, index_t n, Activation act);
 using RowSumFn = void (*)(const float* weights, const std::int32_t* ids, index_t count, const float* M, index_t ld,
                           index_t n, float* out);
 
-// One optimizer step on a span of a parameter (docs/DESIGN.md): SGD with momentum / Nesterov (s1 = velocity)
-// or Adam (s1, s2 = moments; lr already bias-corrected for the step).
+// One optimizer step on a span of a parameter with gradient g (docs/DESIGN.md):
+//   Sgd        SGD with momentum / Nesterov, s1 = velocity (the MLP's "sgd")
+//   Adagrad    element-wise, s1 = sum of squared gradients
+//   Adam       s1, s2 = moments; lr already bias-corrected for the step
+//   PlainSgd   p -= lr g, no state (embedding rows under "sgd")
+//   RowAdagrad one accumulator for the whole span (an embedding row): s1[0] += mean(g^2)
+enum class UpdateKind : int { Sgd, Adagrad, Adam, PlainSgd, RowAdagrad };
 struct UpdateRule {
-  bool adam = false;
+  UpdateKind kind = UpdateKind::Sgd;
   bool nesterov = false;
   float lr = 0.0f, momentum = 0.0f, beta_1 = 0.9f, beta_2 = 0.999f, epsilon = 1e-8f;
 };
