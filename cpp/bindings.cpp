@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "fields.h"
 #include "gemm.h"
 #include "isa.h"
 #include "kernels/kernels.h"
@@ -142,6 +143,132 @@ std::vector<float*> state_arrays(const py::list& states, const std::string& what
     out.push_back(static_cast<float*>(a.mutable_data()));
   }
   return out;
+}
+
+
+// ---- the field model: a dict spec of caller-owned arrays (see python/fastrec/fields.py) ----
+
+template <class T>
+T* optional_array(py::handle obj, const std::string& what, index_t size, bool writeable) {
+  if (obj.is_none()) return nullptr;
+  py::array a = checked<T>(obj, what, 1, writeable);
+  if (a.shape(0) != size) throw py::value_error(what + " must have " + std::to_string(size) + " elements");
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+template <class T>
+T* flat_array(py::handle obj, const std::string& what, index_t size, bool writeable) {
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(what + " must be a numpy array");
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().equal(py::dtype::of<T>()))
+    throw py::type_error(what + " must have dtype " + std::string(py::str(py::dtype::of<T>())));
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(what + " must be C-contiguous");
+  if (writeable && !a.writeable()) throw py::value_error(what + " must be writeable");
+  if (a.size() != size) throw py::value_error(what + " must have " + std::to_string(size) + " elements");
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+float* flat_array_or_null(py::handle obj, const std::string& what, index_t size) {
+  return obj.is_none() ? nullptr : flat_array<float>(obj, what, size, true);
+}
+
+FieldModel make_field_model(const py::dict& spec, bool writeable) {
+  FieldModel m;
+  m.n_keys = spec["n_keys"].cast<int>();
+  m.width = spec["width"].cast<index_t>();
+  const std::string loss = spec["loss"].cast<std::string>();
+  if (loss != "mse" && loss != "bce") throw py::value_error("loss must be 'mse' or 'bce', got '" + loss + "'");
+  m.mlp = make_network(spec["coefs"].cast<py::list>(), spec["intercepts"].cast<py::list>(),
+                       spec["activation"].cast<std::string>(), loss == "bce" ? "logistic" : "identity", writeable);
+  const py::list fields = spec["fields"].cast<py::list>();
+  for (std::size_t i = 0; i < fields.size(); ++i) {
+    const py::dict f = fields[i].cast<py::dict>();
+    const std::string name = "fields[" + std::to_string(i) + "]";
+    EmbeddingField e;
+    py::array table = checked<float>(f["table"], name + ".table", 2, writeable);
+    e.table = static_cast<float*>(const_cast<void*>(table.data()));
+    e.vocab = table.shape(0);
+    e.dim = table.shape(1);
+    const py::tuple bags = f["bags"].cast<py::tuple>();
+    py::array indptr = checked<std::int64_t>(bags[0], name + ".bags.indptr", 1, false);
+    py::array ids = checked<std::int32_t>(bags[1], name + ".bags.ids", 1, false);
+    py::array weights = checked<float>(bags[2], name + ".bags.weights", 1, false);
+    if (indptr.shape(0) < 1 || ids.shape(0) != weights.shape(0))
+      throw py::value_error(name + ".bags must be (indptr, ids, weights) with len(ids) == len(weights)");
+    e.bags = BagTable{static_cast<const std::int64_t*>(indptr.data()), static_cast<const std::int32_t*>(ids.data()),
+                      static_cast<const float*>(weights.data()), indptr.shape(0) - 1};
+    if (e.bags.indptr[e.bags.rows] != ids.shape(0))
+      throw py::value_error(name + ".bags.indptr must end at len(ids)");
+    e.key = f["key"].cast<int>();
+    e.offset = f["offset"].cast<index_t>();
+    const std::string kind = f.contains("state_kind") ? f["state_kind"].cast<std::string>() : "none";
+    const index_t s1_size = kind == "row" ? e.vocab : e.vocab * e.dim;
+    e.state1 = f.contains("state1") ? flat_array_or_null(f["state1"], name + ".state1", s1_size) : nullptr;
+    e.state2 = f.contains("state2") ? flat_array_or_null(f["state2"], name + ".state2", e.vocab * e.dim) : nullptr;
+    m.fields.push_back(e);
+  }
+  const py::list dense = spec["dense"].cast<py::list>();
+  for (std::size_t b = 0; b < dense.size(); ++b) {
+    const py::dict d = dense[b].cast<py::dict>();
+    py::array table = checked<float>(d["table"], "dense[" + std::to_string(b) + "].table", 2, false);
+    m.dense.push_back(DenseBlock{static_cast<const float*>(table.data()), table.shape(0), table.shape(1),
+                                 d["key"].cast<int>(), d["offset"].cast<index_t>()});
+  }
+  if (spec.contains("gmf") && !spec["gmf"].is_none()) {
+    const py::dict g = spec["gmf"].cast<py::dict>();
+    m.gmf.field_u = g["field_u"].cast<int>();
+    m.gmf.field_v = g["field_v"].cast<int>();
+    if (m.gmf.field_u < 0 || m.gmf.field_u >= static_cast<int>(m.fields.size()))
+      throw py::value_error("gmf.field_u out of range");
+    const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
+    m.gmf.w = flat_array<float>(g["w"], "gmf.w", d, writeable);
+    m.gmf.state1 = g.contains("state1") ? flat_array_or_null(g["state1"], "gmf.state1", d) : nullptr;
+    m.gmf.state2 = g.contains("state2") ? flat_array_or_null(g["state2"], "gmf.state2", d) : nullptr;
+  }
+  validate(m);
+  return m;
+}
+
+Examples make_examples(const FieldModel& m, const py::list& keys, py::handle y, py::handle weight) {
+  Examples ex;
+  if (static_cast<int>(keys.size()) != m.n_keys)
+    throw py::value_error("keys must hold " + std::to_string(m.n_keys) + " columns, got " + std::to_string(keys.size()));
+  for (std::size_t k = 0; k < keys.size(); ++k) {
+    py::array a = checked<std::int32_t>(keys[k], "keys[" + std::to_string(k) + "]", 1, false);
+    if (k == 0) ex.rows = a.shape(0);
+    if (a.shape(0) != ex.rows) throw py::value_error("all key columns must have the same length");
+    ex.keys.push_back(static_cast<const std::int32_t*>(a.data()));
+  }
+  if (m.n_keys == 0) throw py::value_error("the model needs at least one key column");
+  ex.y = y.is_none() ? nullptr : optional_array<float>(y, "y", ex.rows, false);
+  ex.weight = weight.is_none() ? nullptr : optional_array<float>(weight, "sample_weight", ex.rows, false);
+  validate(m, ex);
+  return ex;
+}
+
+NegativeSampler make_sampler(py::handle obj) {
+  NegativeSampler s;
+  if (obj.is_none()) return s;
+  const py::dict d = obj.cast<py::dict>();
+  s.negatives = d["negatives"].cast<int>();
+  s.user_key = d["user_key"].cast<int>();
+  s.item_key = d["item_key"].cast<int>();
+  s.n_items = d["n_items"].cast<index_t>();
+  s.seed = d["seed"].cast<std::uint64_t>();
+  if (s.negatives < 0) throw py::value_error("negatives must be >= 0");
+  if (s.n_items < 1) throw py::value_error("n_items must be >= 1");
+  if (d.contains("cdf") && !d["cdf"].is_none()) s.cdf = optional_array<double>(d["cdf"], "cdf", s.n_items, false);
+  if (d.contains("seen") && !d["seen"].is_none()) {
+    const py::tuple seen = d["seen"].cast<py::tuple>();
+    py::array indptr = checked<std::int64_t>(seen[0], "seen.indptr", 1, false);
+    py::array items = checked<std::int32_t>(seen[1], "seen.items", 1, false);
+    s.seen_indptr = static_cast<const std::int64_t*>(indptr.data());
+    s.seen_items = static_cast<const std::int32_t*>(items.data());
+    if (indptr.shape(0) < 1 || s.seen_indptr[indptr.shape(0) - 1] != items.shape(0))
+      throw py::value_error("seen must be (indptr, items) with indptr[-1] == len(items)");
+    s.seen_users = indptr.shape(0) - 1;
+  }
+  return s;
 }
 
 py::dict show_config() {
@@ -296,4 +423,178 @@ PYBIND11_MODULE(_core, m) {
       py::arg("solver"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"), py::arg("beta_1"),
       py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
       "One epoch of minibatch training, updating parameters and optimizer state in place.");
+  m.def(
+      "field_predict",
+      [](const py::dict& spec, const py::list& keys, int n_threads, const std::string& isa) {
+        const FieldModel model = make_field_model(spec, false);
+        const Examples ex = make_examples(model, keys, py::none(), py::none());
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        py::array_t<float> out(ex.rows);
+        float* po = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          field_predict(ks, model, ex, po, n_threads);
+        }
+        return out;
+      },
+      py::arg("spec"), py::arg("keys"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+      "Predictions (probabilities for 'bce') of the field model for the examples named by keys.");
+
+  m.def(
+      "field_loss_and_gradients",
+      [](const py::dict& spec, const py::list& keys, py::handle y, py::handle weight, float alpha, int n_threads,
+         const std::string& isa) {
+        const FieldModel model = make_field_model(spec, false);
+        const Examples ex = make_examples(model, keys, y, weight);
+        if (ex.rows < 1 || !ex.y) throw py::value_error("need at least one example and its target y");
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        py::list table_grads, coef_grads, intercept_grads;
+        std::vector<float*> tg, gw, gb;
+        for (const EmbeddingField& f : model.fields) {
+          py::array_t<float> g({f.vocab, f.dim});
+          tg.push_back(g.mutable_data());
+          table_grads.append(g);
+        }
+        for (const Layer& layer : model.mlp.layers) {
+          py::array_t<float> w({layer.fan_in, layer.fan_out}), b(layer.fan_out);
+          gw.push_back(w.mutable_data());
+          gb.push_back(b.mutable_data());
+          coef_grads.append(w);
+          intercept_grads.append(b);
+        }
+        py::object gmf_grad = py::none();
+        float* pg = nullptr;
+        if (model.gmf.field_u >= 0) {
+          py::array_t<float> g(model.fields[static_cast<std::size_t>(model.gmf.field_u)].dim);
+          pg = g.mutable_data();
+          gmf_grad = g;
+        }
+        double loss;
+        {
+          py::gil_scoped_release release;
+          loss = field_loss_and_gradients(ks, model, ex, alpha, tg, pg, gw, gb, n_threads);
+        }
+        return py::make_tuple(loss, table_grads, gmf_grad, coef_grads, intercept_grads);
+      },
+      py::arg("spec"), py::arg("keys"), py::arg("y"), py::arg("weight"), py::arg("alpha"), py::arg("n_threads") = 0,
+      py::arg("isa") = "auto", "Loss and gradients of the field model on all examples as one batch.");
+
+  m.def(
+      "field_train_epoch",
+      [](const py::dict& spec, const py::list& keys, py::handle y, py::handle weight, py::handle order_obj,
+         index_t batch_size, float alpha, const std::string& solver, float learning_rate, float momentum,
+         bool nesterov, float beta_1, float beta_2, float epsilon, std::int64_t adam_t, py::handle sampler_obj,
+         std::uint64_t epoch, int n_threads, const std::string& isa) {
+        FieldModel model = make_field_model(spec, true);
+        const Examples ex = make_examples(model, keys, y, weight);
+        if (!ex.y) throw py::value_error("y is required for training");
+        py::array order = checked<std::int64_t>(order_obj, "order", 1, false);
+        const index_t n_order = order.shape(0);
+        const auto* po = static_cast<const std::int64_t*>(order.data());
+        for (index_t i = 0; i < n_order; ++i)
+          if (po[i] < 0 || po[i] >= ex.rows)
+            throw py::value_error("order must hold row numbers in [0, " + std::to_string(ex.rows) + ")");
+        if (batch_size < 1) throw py::value_error("batch_size must be >= 1, got " + std::to_string(batch_size));
+        Optimizer opt;
+        if (solver == "sgd") opt.solver = Solver::Sgd;
+        else if (solver == "adagrad") opt.solver = Solver::Adagrad;
+        else if (solver == "adam") opt.solver = Solver::Adam;
+        else throw py::value_error("optimizer must be 'sgd', 'adagrad' or 'adam', got '" + solver + "'");
+        const std::size_t n_params = 2 * model.mlp.layers.size();
+        const py::list s1 = spec["state1"].cast<py::list>(), s2 = spec["state2"].cast<py::list>();
+        if (s1.size() != n_params) throw py::value_error("state1 must hold " + std::to_string(n_params) + " arrays");
+        if (s2.size() != (opt.solver == Solver::Adam ? n_params : 0))
+          throw py::value_error("state2 must hold " + std::to_string(opt.solver == Solver::Adam ? n_params : 0) +
+                                " arrays");
+        opt.state1 = state_arrays(s1, "state1", model.mlp);
+        opt.state2 = state_arrays(s2, "state2", model.mlp);
+        for (const EmbeddingField& f : model.fields) {
+          if (opt.solver != Solver::Sgd && !f.state1)
+            throw py::value_error("every field needs state1 for optimizer '" + solver + "'");
+          if (opt.solver == Solver::Adam && !f.state2) throw py::value_error("every field needs state2 for 'adam'");
+        }
+        if (model.gmf.field_u >= 0 && !model.gmf.state1) throw py::value_error("gmf needs state1");
+        if (model.gmf.field_u >= 0 && opt.solver == Solver::Adam && !model.gmf.state2)
+          throw py::value_error("gmf needs state2 for 'adam'");
+        opt.learning_rate = learning_rate;
+        opt.momentum = momentum;
+        opt.nesterov = nesterov;
+        opt.beta_1 = beta_1;
+        opt.beta_2 = beta_2;
+        opt.epsilon = epsilon;
+        opt.adam_t = adam_t;
+        const NegativeSampler sampler = make_sampler(sampler_obj);
+        if (sampler.negatives > 0) {
+          if (sampler.user_key < 0 || sampler.user_key >= model.n_keys || sampler.item_key < 0 ||
+              sampler.item_key >= model.n_keys)
+            throw py::value_error("sampler user_key/item_key out of range");
+          for (const EmbeddingField& f : model.fields)
+            if (f.key == sampler.item_key && f.bags.rows < sampler.n_items)
+              throw py::value_error("an item-keyed field has fewer rows than n_items");
+          if (sampler.seen_indptr)
+            for (index_t r = 0; r < ex.rows; ++r)
+              if (ex.keys[static_cast<std::size_t>(sampler.user_key)][r] >= sampler.seen_users)
+                throw py::value_error("seen has fewer rows than the user key values");
+        }
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        double loss_sum;
+        index_t rows_seen = 0;
+        {
+          py::gil_scoped_release release;
+          loss_sum = field_train_epoch(ks, model, opt, ex, po, n_order, batch_size, alpha, sampler, epoch, &rows_seen,
+                                       n_threads);
+        }
+        return py::make_tuple(loss_sum, opt.adam_t, rows_seen);
+      },
+      py::arg("spec"), py::arg("keys"), py::arg("y"), py::arg("weight"), py::arg("order"), py::arg("batch_size"),
+      py::arg("alpha"), py::arg("optimizer"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"),
+      py::arg("beta_1"), py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("sampler"),
+      py::arg("epoch"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+      "One epoch of the field model: minibatches of order, sampled negatives, in-place updates.");
+
+  m.def(
+      "field_topk",
+      [](const py::dict& spec, py::handle sampler_obj, py::handle users_obj, py::handle candidates_obj, index_t k,
+         bool exclude_seen, int n_threads, const std::string& isa) {
+        const FieldModel model = make_field_model(spec, false);
+        NegativeSampler sampler = make_sampler(sampler_obj);
+        if (sampler_obj.is_none()) throw py::value_error("field_topk needs the sampler dict (keys, n_items, seen)");
+        if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
+        py::array users = checked<std::int32_t>(users_obj, "users", 1, false);
+        const auto* pu = static_cast<const std::int32_t*>(users.data());
+        const std::int32_t* pc = nullptr;
+        index_t n_candidates = 0;
+        if (!candidates_obj.is_none()) {
+          py::array c = checked<std::int32_t>(candidates_obj, "candidates", 1, false);
+          pc = static_cast<const std::int32_t*>(c.data());
+          n_candidates = c.shape(0);
+          for (index_t i = 0; i < n_candidates; ++i)
+            if (pc[i] < 0 || pc[i] >= sampler.n_items)
+              throw py::value_error("candidates must lie in [0, " + std::to_string(sampler.n_items) + ")");
+        }
+        const index_t n_users = users.shape(0);
+        for (const EmbeddingField& f : model.fields) {
+          const index_t limit = f.key == sampler.item_key ? sampler.n_items : 0;
+          if (limit && f.bags.rows < limit) throw py::value_error("an item-keyed field has fewer rows than n_items");
+          if (f.key == sampler.user_key)
+            for (index_t u = 0; u < n_users; ++u)
+              if (pu[u] < 0 || pu[u] >= f.bags.rows) throw py::value_error("users out of range of the user fields");
+        }
+        if (sampler.seen_indptr)
+          for (index_t u = 0; u < n_users; ++u)
+            if (pu[u] < 0 || pu[u] >= sampler.seen_users) throw py::value_error("users out of range of seen");
+        py::array_t<std::int32_t> items({n_users, k});
+        py::array_t<float> scores({n_users, k});
+        std::int32_t* pi = items.mutable_data();
+        float* ps = scores.mutable_data();
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        {
+          py::gil_scoped_release release;
+          field_topk(ks, model, sampler, pu, n_users, pc, n_candidates, k, exclude_seen, pi, ps, n_threads);
+        }
+        return py::make_tuple(items, scores);
+      },
+      py::arg("spec"), py::arg("sampler"), py::arg("users"), py::arg("candidates"), py::arg("k"),
+      py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+      "Top-k items per user of a field model (indices and scores, best first).");
 }

@@ -75,16 +75,6 @@ double output_loss(Activation out, const float* Z, const float* Y, index_t n, in
   return loss;
 }
 
-void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const float* g, float* s1, float* s2,
-                  index_t len, int n_threads) {
-  const index_t chunk = kElementsPerThread;
-  const index_t chunks = (len + chunk - 1) / chunk;
-  parallel_for(0, chunks, n_threads, [&](std::int64_t c) {
-    const index_t begin = c * chunk, count = std::min(chunk, len - begin);
-    ks.update(rule, p + begin, g + begin, s1 + begin, s2 ? s2 + begin : nullptr, count);
-  });
-}
-
 // The minibatch copies of X and Y.
 struct BatchBuffers {
   std::vector<float> x, y, data;
@@ -155,6 +145,16 @@ double backward(const KernelSet& ks, const Network& net, const Input& X, const f
 }
 
 }  // namespace
+
+void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const float* g, float* s1, float* s2,
+                  index_t len, int n_threads) {
+  const index_t chunk = kElementsPerThread;
+  const index_t chunks = (len + chunk - 1) / chunk;
+  parallel_for(0, chunks, n_threads, [&](std::int64_t c) {
+    const index_t begin = c * chunk, count = std::min(chunk, len - begin);
+    ks.update(rule, p + begin, g + begin, s1 + begin, s2 ? s2 + begin : nullptr, count);
+  });
+}
 
 UpdateRule Optimizer::next_step() {
   UpdateRule rule;

@@ -95,6 +95,10 @@ struct UpdateSink : GradientSink {
   void layer(std::size_t l, const float* grad_w, const float* grad_b, const TouchedRows* touched) override;
 };
 
+// One optimizer step on a dense parameter array of len floats, split over threads in fixed chunks.
+void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const float* g, float* s1, float* s2,
+                  index_t len, int n_threads);
+
 // Backward from ws.delta = dLoss/dlogits * n (the 1/n of the mean is applied here), feeding sink, with W
 // read before its update. If dx is given, also writes the input gradient dx = (D_0 W_0^T) (times n, like
 // delta; dense input only). Returns the L2 term 0.5 * alpha * ||W||^2 / n of the loss (a CSR first layer:

@@ -1,0 +1,434 @@
+#include "fields.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#include "gemm.h"
+#include "parallel.h"
+#include "sparse.h"
+
+namespace fastrec {
+
+namespace {
+
+// Examples per forward chunk in predict/top-k: bounds the workspace, still a full-speed GEMM.
+constexpr index_t kPredictChunk = 2048;
+
+std::uint64_t splitmix64(std::uint64_t& state) {
+  std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+double uniform01(std::uint64_t& state) { return static_cast<double>(splitmix64(state) >> 11) * 0x1.0p-53; }
+
+bool contains_sorted(const std::int32_t* begin, const std::int32_t* end, std::int32_t value) {
+  return std::binary_search(begin, end, value);
+}
+
+float softplus(float z) { return std::max(z, 0.0f) + std::log1p(std::exp(-std::fabs(z))); }
+
+float sigmoid(float z) {
+  if (z >= 0.0f) return 1.0f / (1.0f + std::exp(-z));
+  const float e = std::exp(z);
+  return e / (1.0f + e);
+}
+
+// Buffers of one minibatch.
+struct FieldWorkspace {
+  MlpWorkspace mlp;
+  std::vector<std::vector<std::int32_t>> keys;  // batch key columns
+  std::vector<float> y, weight, x, dx, logits;
+  std::vector<std::vector<float>> pooled_gmf, d_gmf;  // GMF fields' pooled vectors and their gradients (u, v)
+  struct FieldBatch {
+    std::vector<std::int64_t> indptr;
+    std::vector<std::int32_t> ids;
+    std::vector<float> weights;
+    TouchedRows touched;
+    std::vector<float> grad;
+  };
+  std::vector<FieldBatch> fields;
+  std::vector<double> row_squares;
+  std::vector<float> gmf_grad;
+
+  FieldWorkspace(const FieldModel& m, index_t rows)
+      : mlp(m.mlp, rows, false), keys(static_cast<std::size_t>(m.n_keys)), fields(m.fields.size()) {
+    x.resize(static_cast<std::size_t>(rows * m.width));
+    dx.resize(x.size());
+    logits.resize(static_cast<std::size_t>(rows));
+    if (m.gmf.field_u >= 0) {
+      const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
+      pooled_gmf.assign(2, std::vector<float>(static_cast<std::size_t>(rows * d)));
+      d_gmf.assign(2, std::vector<float>(static_cast<std::size_t>(rows * d)));
+      gmf_grad.resize(static_cast<std::size_t>(d));
+    }
+  }
+};
+
+// The bags of the batch rows of field f, as a CSR over the field's vocabulary.
+CsrView gather_bags(const EmbeddingField& f, const std::vector<std::int32_t>& keys, index_t n,
+                    FieldWorkspace::FieldBatch& fb) {
+  fb.indptr.assign(1, 0);
+  fb.ids.clear();
+  fb.weights.clear();
+  for (index_t r = 0; r < n; ++r) {
+    const index_t q = keys[static_cast<std::size_t>(r)];
+    const index_t p0 = f.bags.indptr[q], p1 = f.bags.indptr[q + 1];
+    fb.ids.insert(fb.ids.end(), f.bags.ids + p0, f.bags.ids + p1);
+    fb.weights.insert(fb.weights.end(), f.bags.weights + p0, f.bags.weights + p1);
+    fb.indptr.push_back(static_cast<std::int64_t>(fb.ids.size()));
+  }
+  return CsrView{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
+}
+
+// ws.logits[0:n] for the batch in ws.keys: pooled fields and dense blocks into x, the MLP, the GMF term.
+void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads) {
+  int gmf_slot = 0;
+  for (std::size_t i = 0; i < m.fields.size(); ++i) {
+    const EmbeddingField& f = m.fields[i];
+    const CsrView bags = gather_bags(f, ws.keys[static_cast<std::size_t>(f.key)], n, ws.fields[i]);
+    if (f.offset >= 0)
+      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.x.data() + f.offset, m.width, nullptr, n_threads);
+    if (static_cast<int>(i) == m.gmf.field_u || static_cast<int>(i) == m.gmf.field_v) {
+      gmf_slot = static_cast<int>(i) == m.gmf.field_u ? 0 : 1;
+      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.pooled_gmf[static_cast<std::size_t>(gmf_slot)].data(), f.dim,
+                 nullptr, n_threads);
+    }
+  }
+  for (const DenseBlock& b : m.dense) {
+    const std::vector<std::int32_t>& keys = ws.keys[static_cast<std::size_t>(b.key)];
+    for (index_t r = 0; r < n; ++r)
+      std::memcpy(ws.x.data() + r * m.width + b.offset, b.table + static_cast<index_t>(keys[r]) * b.cols,
+                  sizeof(float) * static_cast<std::size_t>(b.cols));
+  }
+  Input in;
+  in.dense = ws.x.data();
+  in.ld = m.width;
+  in.rows = n;
+  in.cols = m.width;
+  forward_logits(ks, m.mlp, in, ws.mlp, n_threads);
+  const float* z = ws.mlp.acts[m.mlp.layers.size()].data();
+  for (index_t r = 0; r < n; ++r) ws.logits[r] = z[r];
+  if (m.gmf.field_u >= 0) {
+    const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
+    const float *u = ws.pooled_gmf[0].data(), *v = ws.pooled_gmf[1].data();
+    for (index_t r = 0; r < n; ++r) {
+      float s = 0.0f;
+      for (index_t j = 0; j < d; ++j) s += m.gmf.w[j] * u[r * d + j] * v[r * d + j];
+      ws.logits[r] += s;
+    }
+  }
+}
+
+// Gradients of the batch whose logits are in ws (from batch_logits): data loss, then the MLP (to mlp_sink),
+// GMF and embedding rows (to field_sink(i, touched, G) / gmf_sink(grad)). Returns the loss (with L2 terms).
+template <class FieldSink, class GmfSink>
+double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float alpha, FieldWorkspace& ws,
+                      GradientSink& mlp_sink, FieldSink&& field_sink, GmfSink&& gmf_sink, int n_threads) {
+  const float inv_n = 1.0f / static_cast<float>(n);
+  double loss = 0.0;
+  float* D = ws.mlp.delta.data();  // dLoss/dlogit times n (the MLP applies 1/n)
+  for (index_t r = 0; r < n; ++r) {
+    const float z = ws.logits[r], y = ws.y[r], s = ws.weight.empty() ? 1.0f : ws.weight[r];
+    if (m.bce()) {
+      loss += static_cast<double>(s) * (softplus(z) - y * z);
+      D[r] = s * (sigmoid(z) - y);
+    } else {
+      loss += 0.5 * static_cast<double>(s) * (z - y) * (z - y);
+      D[r] = s * (z - y);
+    }
+  }
+  loss /= static_cast<double>(n);
+
+  // GMF gradients, with w before its update.
+  if (m.gmf.field_u >= 0) {
+    const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
+    const float *u = ws.pooled_gmf[0].data(), *v = ws.pooled_gmf[1].data();
+    float *du = ws.d_gmf[0].data(), *dv = ws.d_gmf[1].data();
+    std::fill(ws.gmf_grad.begin(), ws.gmf_grad.end(), 0.0f);
+    for (index_t r = 0; r < n; ++r)
+      for (index_t j = 0; j < d; ++j) {
+        ws.gmf_grad[j] += D[r] * u[r * d + j] * v[r * d + j];
+        du[r * d + j] = D[r] * m.gmf.w[j] * v[r * d + j];
+        dv[r * d + j] = D[r] * m.gmf.w[j] * u[r * d + j];
+      }
+    double squares = 0.0;
+    for (index_t j = 0; j < d; ++j) {
+      squares += static_cast<double>(m.gmf.w[j]) * m.gmf.w[j];
+      ws.gmf_grad[j] = (ws.gmf_grad[j] + alpha * m.gmf.w[j]) * inv_n;
+    }
+    loss += 0.5 * alpha * squares / static_cast<double>(n);
+  }
+
+  Input in;
+  in.dense = ws.x.data();
+  in.ld = m.width;
+  in.rows = n;
+  in.cols = m.width;
+  loss += backprop(ks, m.mlp, in, alpha, ws.mlp, mlp_sink, n_threads, ws.dx.data(), m.width);
+  if (m.gmf.field_u >= 0) gmf_sink(ws.gmf_grad.data());
+
+  // Embedding rows: G = (sum of weight * upstream gradient + alpha E) / n over the touched rows only.
+  for (std::size_t i = 0; i < m.fields.size(); ++i) {
+    const EmbeddingField& f = m.fields[i];
+    FieldWorkspace::FieldBatch& fb = ws.fields[i];
+    const CsrView bags{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
+    group_by_column(bags, fb.touched);
+    fb.grad.resize(fb.touched.ids.size() * static_cast<std::size_t>(f.dim));
+    // A field feeds the MLP or the GMF term (the caller keeps GMF tables separate, as NeuMF does).
+    const float* upstream = f.offset >= 0 ? ws.dx.data() + f.offset
+                                          : ws.d_gmf[static_cast<int>(i) == m.gmf.field_u ? 0 : 1].data();
+    const index_t ld = f.offset >= 0 ? m.width : f.dim;
+    const double squares = touched_rows_gradient(ks, fb.touched, upstream, ld, f.table, f.dim, alpha, inv_n,
+                                                 fb.grad.data(), ws.row_squares, n_threads);
+    loss += 0.5 * alpha * squares / static_cast<double>(n);
+    field_sink(i, fb.touched, fb.grad.data());
+  }
+  return loss;
+}
+
+// Copies example rows order[0:n] (keys, y, weight) into the workspace.
+void gather_examples(const Examples& ex, const std::int64_t* order, index_t n, FieldWorkspace& ws) {
+  for (std::size_t k = 0; k < ws.keys.size(); ++k) {
+    ws.keys[k].resize(static_cast<std::size_t>(n));
+    for (index_t r = 0; r < n; ++r) ws.keys[k][r] = ex.keys[k][order ? order[r] : r];
+  }
+  ws.y.resize(static_cast<std::size_t>(n));
+  for (index_t r = 0; r < n; ++r) ws.y[r] = ex.y ? ex.y[order ? order[r] : r] : 0.0f;
+  ws.weight.clear();
+  if (ex.weight) {
+    ws.weight.resize(static_cast<std::size_t>(n));
+    for (index_t r = 0; r < n; ++r) ws.weight[r] = ex.weight[order ? order[r] : r];
+  }
+}
+
+// Appends sampler.negatives rows per positive row [0, n_pos) of the workspace; returns the new row count.
+index_t append_negatives(const NegativeSampler& s, index_t n_pos, std::uint64_t stream, FieldWorkspace& ws) {
+  if (s.negatives <= 0) return n_pos;
+  const index_t n = n_pos * (1 + s.negatives);
+  for (auto& keys : ws.keys) keys.resize(static_cast<std::size_t>(n));
+  ws.y.resize(static_cast<std::size_t>(n), 0.0f);
+  if (!ws.weight.empty()) ws.weight.resize(static_cast<std::size_t>(n), 1.0f);
+  std::uint64_t rng = stream;
+  std::vector<std::int32_t>& items = ws.keys[static_cast<std::size_t>(s.item_key)];
+  const std::vector<std::int32_t>& users = ws.keys[static_cast<std::size_t>(s.user_key)];
+  index_t r = n_pos;
+  for (index_t p = 0; p < n_pos; ++p) {
+    const std::int32_t u = users[p];
+    for (int j = 0; j < s.negatives; ++j, ++r) {
+      for (std::size_t k = 0; k < ws.keys.size(); ++k) ws.keys[k][r] = ws.keys[k][p];
+      std::int32_t item = 0;
+      for (int attempt = 0; attempt < 64; ++attempt) {
+        const double x = uniform01(rng);
+        if (s.cdf) {
+          item = static_cast<std::int32_t>(std::upper_bound(s.cdf, s.cdf + s.n_items, x * s.cdf[s.n_items - 1]) - s.cdf);
+          item = std::min<std::int32_t>(item, static_cast<std::int32_t>(s.n_items - 1));
+        } else {
+          item = static_cast<std::int32_t>(std::min<index_t>(static_cast<index_t>(x * s.n_items), s.n_items - 1));
+        }
+        if (!s.seen_indptr || !contains_sorted(s.seen_items + s.seen_indptr[u], s.seen_items + s.seen_indptr[u + 1], item))
+          break;
+      }
+      items[r] = item;
+      ws.y[r] = 0.0f;
+    }
+  }
+  return n;
+}
+
+UpdateRule embedding_rule(const UpdateRule& dense_rule) {
+  UpdateRule r = dense_rule;
+  if (dense_rule.kind == UpdateKind::Sgd) r.kind = UpdateKind::PlainSgd;
+  if (dense_rule.kind == UpdateKind::Adagrad) r.kind = UpdateKind::RowAdagrad;
+  return r;  // Adam: lazy Adam on the touched rows, same bias-corrected rate
+}
+
+struct CopyMlpSink : GradientSink {
+  const Network& net;
+  const std::vector<float*>& coef_grads;
+  const std::vector<float*>& intercept_grads;
+  CopyMlpSink(const Network& n, const std::vector<float*>& c, const std::vector<float*>& i)
+      : net(n), coef_grads(c), intercept_grads(i) {}
+  void layer(std::size_t l, const float* gw, const float* gb, const TouchedRows*) override {
+    const Layer& layer = net.layers[l];
+    std::memcpy(coef_grads[l], gw, sizeof(float) * static_cast<std::size_t>(layer.fan_in * layer.fan_out));
+    std::memcpy(intercept_grads[l], gb, sizeof(float) * static_cast<std::size_t>(layer.fan_out));
+  }
+};
+
+}  // namespace
+
+void validate(const FieldModel& m) {
+  require(!m.mlp.layers.empty() && m.mlp.layers.back().fan_out == 1, "the MLP must end in one output");
+  require(m.mlp.layers[0].fan_in == m.width,
+          "coefs[0] has " + std::to_string(m.mlp.layers[0].fan_in) + " rows but the fields and dense blocks give " +
+              std::to_string(m.width) + " input columns");
+  for (std::size_t i = 0; i < m.fields.size(); ++i) {
+    const EmbeddingField& f = m.fields[i];
+    const std::string name = "field " + std::to_string(i);
+    require(f.key >= 0 && f.key < m.n_keys, name + ": key column out of range");
+    require(f.offset < 0 || f.offset + f.dim <= m.width, name + ": columns beyond the MLP input width");
+    const index_t nnz = f.bags.indptr[f.bags.rows];
+    require(f.bags.indptr[0] == 0, name + ": bag indptr must start at 0");
+    for (index_t q = 0; q < f.bags.rows; ++q)
+      require(f.bags.indptr[q + 1] >= f.bags.indptr[q], name + ": bag indptr must be non-decreasing");
+    for (index_t p = 0; p < nnz; ++p)
+      require(f.bags.ids[p] >= 0 && f.bags.ids[p] < f.vocab,
+              name + ": bag ids must lie in [0, " + std::to_string(f.vocab) + ")");
+  }
+  for (std::size_t b = 0; b < m.dense.size(); ++b) {
+    const DenseBlock& d = m.dense[b];
+    require(d.key >= 0 && d.key < m.n_keys, "dense block " + std::to_string(b) + ": key column out of range");
+    require(d.offset >= 0 && d.offset + d.cols <= m.width,
+            "dense block " + std::to_string(b) + ": columns beyond the MLP input width");
+  }
+  if (m.gmf.field_u >= 0) {
+    require(m.gmf.field_v >= 0 && static_cast<std::size_t>(std::max(m.gmf.field_u, m.gmf.field_v)) < m.fields.size(),
+            "gmf fields out of range");
+    require(m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim == m.fields[static_cast<std::size_t>(m.gmf.field_v)].dim,
+            "the two GMF fields must have the same dimension");
+    require(m.fields[static_cast<std::size_t>(m.gmf.field_u)].offset < 0 &&
+                m.fields[static_cast<std::size_t>(m.gmf.field_v)].offset < 0,
+            "GMF fields must not also feed the MLP (use separate tables, as NeuMF does)");
+  }
+}
+
+void validate(const FieldModel& m, const Examples& ex) {
+  require(static_cast<int>(ex.keys.size()) == m.n_keys,
+          "expected " + std::to_string(m.n_keys) + " key columns, got " + std::to_string(ex.keys.size()));
+  for (int k = 0; k < m.n_keys; ++k) {
+    index_t rows = -1;  // every table read through key k must have a row for each key value
+    for (const EmbeddingField& f : m.fields)
+      if (f.key == k) rows = rows < 0 ? f.bags.rows : std::min(rows, f.bags.rows);
+    for (const DenseBlock& d : m.dense)
+      if (d.key == k) rows = rows < 0 ? d.rows : std::min(rows, d.rows);
+    if (rows < 0) continue;
+    for (index_t r = 0; r < ex.rows; ++r)
+      require(ex.keys[static_cast<std::size_t>(k)][r] >= 0 && ex.keys[static_cast<std::size_t>(k)][r] < rows,
+              "key column " + std::to_string(k) + " must hold values in [0, " + std::to_string(rows) + ")");
+  }
+}
+
+void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex, float* out, int n_threads) {
+  FieldWorkspace ws(m, std::min(ex.rows, kPredictChunk));
+  std::vector<std::int64_t> order;
+  for (index_t r0 = 0; r0 < ex.rows; r0 += kPredictChunk) {
+    const index_t n = std::min(kPredictChunk, ex.rows - r0);
+    order.resize(static_cast<std::size_t>(n));
+    for (index_t r = 0; r < n; ++r) order[r] = r0 + r;
+    gather_examples(ex, order.data(), n, ws);
+    batch_logits(ks, m, n, ws, n_threads);
+    for (index_t r = 0; r < n; ++r) out[r0 + r] = m.bce() ? sigmoid(ws.logits[r]) : ws.logits[r];
+  }
+}
+
+double field_loss_and_gradients(const KernelSet& ks, const FieldModel& m, const Examples& ex, float alpha,
+                                const std::vector<float*>& table_grads, float* gmf_grad,
+                                const std::vector<float*>& coef_grads, const std::vector<float*>& intercept_grads,
+                                int n_threads) {
+  FieldWorkspace ws(m, ex.rows);
+  gather_examples(ex, nullptr, ex.rows, ws);
+  batch_logits(ks, m, ex.rows, ws, n_threads);
+  CopyMlpSink mlp_sink(m.mlp, coef_grads, intercept_grads);
+  return batch_backward(
+      ks, m, ex.rows, alpha, ws, mlp_sink,
+      [&](std::size_t i, const TouchedRows& touched, const float* G) {
+        const index_t d = m.fields[i].dim;
+        std::memset(table_grads[i], 0, sizeof(float) * static_cast<std::size_t>(m.fields[i].vocab * d));
+        for (std::size_t g = 0; g < touched.ids.size(); ++g)
+          std::memcpy(table_grads[i] + static_cast<index_t>(touched.ids[g]) * d, G + g * d,
+                      sizeof(float) * static_cast<std::size_t>(d));
+      },
+      [&](const float* g) {
+        std::memcpy(gmf_grad, g, sizeof(float) * ws.gmf_grad.size());
+      },
+      n_threads);
+}
+
+double field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt, const Examples& ex,
+                         const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
+                         const NegativeSampler& sampler, std::uint64_t epoch, index_t* rows_seen, int n_threads) {
+  FieldWorkspace ws(m, std::min(batch_size, n_order) * (1 + std::max(sampler.negatives, 0)));
+  double loss_sum = 0.0;
+  std::uint64_t batch_index = 0;
+  for (index_t begin = 0; begin < n_order; begin += batch_size, ++batch_index) {
+    const index_t n_pos = std::min(batch_size, n_order - begin);
+    gather_examples(ex, order + begin, n_pos, ws);
+    // One random stream per (seed, epoch, batch): the same negatives whatever n_threads.
+    std::uint64_t stream = sampler.seed ^ (epoch * 0x9e3779b97f4a7c15ULL);
+    stream = splitmix64(stream) ^ batch_index;
+    const index_t n = append_negatives(sampler, n_pos, splitmix64(stream), ws);
+    batch_logits(ks, m, n, ws, n_threads);
+    const UpdateRule rule = opt.next_step();
+    const UpdateRule row_rule = embedding_rule(rule);
+    UpdateSink mlp_sink(ks, m.mlp, opt, rule, n_threads);
+    const double loss = batch_backward(
+        ks, m, n, alpha, ws, mlp_sink,
+        [&](std::size_t i, const TouchedRows& touched, const float* G) {
+          EmbeddingField& f = m.fields[i];
+          update_touched_rows(ks, row_rule, touched, f.table, f.dim, G, f.state1, f.state2, n_threads);
+        },
+        [&](const float* g) {
+          const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
+          update_dense(ks, rule, m.gmf.w, g, m.gmf.state1, m.gmf.state2, d, 1);
+        },
+        n_threads);
+    loss_sum += loss * static_cast<double>(n);
+    *rows_seen += n;
+  }
+  return loss_sum;
+}
+
+void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s, const std::int32_t* users,
+                index_t n_users, const std::int32_t* candidates, index_t n_candidates, index_t k, bool exclude_seen,
+                std::int32_t* out_items, float* out_scores, int n_threads) {
+  const index_t n_items = candidates ? n_candidates : s.n_items;
+  FieldWorkspace ws(m, std::min(std::max<index_t>(n_items, 1), kPredictChunk));
+  // (score, item) best first: higher score, then lower item index.
+  auto better = [](const std::pair<float, std::int32_t>& a, const std::pair<float, std::int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  std::vector<std::pair<float, std::int32_t>> heap;
+  for (index_t u = 0; u < n_users; ++u) {
+    const std::int32_t user = users[u];
+    const std::int32_t* seen_begin = exclude_seen && s.seen_indptr ? s.seen_items + s.seen_indptr[user] : nullptr;
+    const std::int32_t* seen_end = exclude_seen && s.seen_indptr ? s.seen_items + s.seen_indptr[user + 1] : nullptr;
+    heap.clear();
+    for (index_t c0 = 0; c0 < n_items; c0 += kPredictChunk) {
+      const index_t n = std::min(kPredictChunk, n_items - c0);
+      for (int key = 0; key < m.n_keys; ++key) ws.keys[static_cast<std::size_t>(key)].assign(static_cast<std::size_t>(n), 0);
+      for (index_t r = 0; r < n; ++r) {
+        ws.keys[static_cast<std::size_t>(s.user_key)][r] = user;
+        ws.keys[static_cast<std::size_t>(s.item_key)][r] =
+            candidates ? candidates[c0 + r] : static_cast<std::int32_t>(c0 + r);
+      }
+      batch_logits(ks, m, n, ws, n_threads);
+      for (index_t r = 0; r < n; ++r) {
+        const std::int32_t item = ws.keys[static_cast<std::size_t>(s.item_key)][r];
+        if (seen_begin && contains_sorted(seen_begin, seen_end, item)) continue;
+        const std::pair<float, std::int32_t> entry{ws.logits[r], item};
+        if (static_cast<index_t>(heap.size()) < k) {
+          heap.push_back(entry);
+          std::push_heap(heap.begin(), heap.end(), better);  // worst on top
+        } else if (better(entry, heap.front())) {
+          std::pop_heap(heap.begin(), heap.end(), better);
+          heap.back() = entry;
+          std::push_heap(heap.begin(), heap.end(), better);
+        }
+      }
+    }
+    std::sort_heap(heap.begin(), heap.end(), better);
+    for (index_t j = 0; j < k; ++j) {
+      const bool has = j < static_cast<index_t>(heap.size());
+      out_items[u * k + j] = has ? heap[j].second : -1;
+      out_scores[u * k + j] = has ? (m.bce() ? sigmoid(heap[j].first) : heap[j].first)
+                                  : -std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+}  // namespace fastrec

@@ -1,0 +1,108 @@
+// The field model (docs/DESIGN.md, "The field model"): embedding fields and dense blocks, looked up through
+// key columns, pooled and concatenated in front of the MLP, an optional GMF term, MSE or BCE on one logit;
+// negative sampling for implicit feedback; top-k scoring. Parameters and state are caller-owned arrays.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+#include "kernels/kernels.h"
+#include "mlp.h"
+
+namespace fastrec {
+
+// CSR rows of (id, weight) pairs; row q is read for every example whose key is q.
+struct BagTable {
+  const std::int64_t* indptr = nullptr;
+  const std::int32_t* ids = nullptr;
+  const float* weights = nullptr;
+  index_t rows = 0;
+};
+
+struct EmbeddingField {
+  float* table = nullptr;  // vocab x dim
+  index_t vocab = 0, dim = 0;
+  BagTable bags;
+  int key = 0;              // key column that picks the bag
+  index_t offset = -1;      // first column in the MLP input, -1 for a field used only by the GMF term
+  float* state1 = nullptr;  // optimizer state: vocab x dim (adam m), vocab (row-wise adagrad), or none (sgd)
+  float* state2 = nullptr;  // adam v
+};
+
+struct DenseBlock {
+  const float* table = nullptr;  // rows x cols
+  index_t rows = 0, cols = 0;
+  int key = 0;
+  index_t offset = 0;
+};
+
+struct GmfTerm {
+  int field_u = -1, field_v = -1;  // indices into fields; -1: no GMF term
+  float* w = nullptr;              // dim
+  float* state1 = nullptr;
+  float* state2 = nullptr;
+};
+
+struct FieldModel {
+  std::vector<EmbeddingField> fields;
+  std::vector<DenseBlock> dense;
+  index_t width = 0;  // MLP input width
+  int n_keys = 0;
+  GmfTerm gmf;
+  Network mlp;        // one output: the logit (mlp.out is Identity for "mse", Logistic for "bce")
+  std::vector<float*> mlp_state1, mlp_state2;  // the MLP's optimizer state, as Optimizer::state1/2
+  bool bce() const { return mlp.out == Activation::Logistic; }
+};
+
+// Examples: keys[k][r] for each key column k; targets y and optional weights.
+struct Examples {
+  std::vector<const std::int32_t*> keys;
+  index_t rows = 0;
+  const float* y = nullptr;
+  const float* weight = nullptr;
+};
+
+// Negatives for implicit feedback (docs/DESIGN.md): per positive, `negatives` rows with the item key drawn
+// uniformly (cdf == nullptr) or from the cumulative distribution cdf[n_items]; never an item of the user's
+// sorted seen list when seen_indptr is given (64 draws at most, then the last draw).
+struct NegativeSampler {
+  int negatives = 0;
+  int user_key = 0, item_key = 1;
+  index_t n_items = 0;
+  const double* cdf = nullptr;
+  const std::int64_t* seen_indptr = nullptr;
+  const std::int32_t* seen_items = nullptr;
+  index_t seen_users = 0;  // rows of the seen lists
+  std::uint64_t seed = 0;
+};
+
+// Checks the model's arrays against each other and the examples' keys against the bag tables; throws
+// std::invalid_argument naming what is wrong.
+void validate(const FieldModel& model);
+void validate(const FieldModel& model, const Examples& examples);
+
+// out[r] = prediction of example r (probability for "bce", value for "mse").
+void field_predict(const KernelSet& ks, const FieldModel& model, const Examples& examples, float* out, int n_threads);
+
+// Loss of all examples as one batch and gradients (dense, zero outside touched rows), for tests.
+double field_loss_and_gradients(const KernelSet& ks, const FieldModel& model, const Examples& examples, float alpha,
+                                const std::vector<float*>& table_grads, float* gmf_grad,
+                                const std::vector<float*>& coef_grads, const std::vector<float*>& intercept_grads,
+                                int n_threads);
+
+// One epoch over examples[order[i : i + batch_size]] (positives) plus sampled negatives; updates parameters
+// and state in place; opt.state1/2 are the MLP's (model.mlp_state*) and opt.adam_t is advanced. Returns
+// sum(batch_loss * batch_rows) and adds the number of rows trained on to *rows_seen.
+double field_train_epoch(const KernelSet& ks, FieldModel& model, Optimizer& opt, const Examples& examples,
+                         const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
+                         const NegativeSampler& sampler, std::uint64_t epoch, index_t* rows_seen, int n_threads);
+
+// Top-k items for each user: users[u] is a value of key column `sampler.user_key`, candidates the values of
+// the item key to rank (all n_items when candidates == nullptr). Seen items (sampler.seen_*) are skipped
+// when exclude_seen. Writes k item indices (-1 when fewer candidates) and scores per user, best first; ties
+// keep the lower item index first.
+void field_topk(const KernelSet& ks, const FieldModel& model, const NegativeSampler& sampler,
+                const std::int32_t* users, index_t n_users, const std::int32_t* candidates, index_t n_candidates,
+                index_t k, bool exclude_seen, std::int32_t* out_items, float* out_scores, int n_threads);
+
+}  // namespace fastrec
