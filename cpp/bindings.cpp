@@ -201,6 +201,8 @@ FieldModel make_field_model(const py::dict& spec, bool writeable) {
       throw py::value_error(name + ".bags.indptr must end at len(ids)");
     e.key = f["key"].cast<int>();
     e.offset = f["offset"].cast<index_t>();
+    e.dropout = f.contains("dropout") ? f["dropout"].cast<float>() : 0.0f;
+    if (!(e.dropout >= 0.0f && e.dropout < 1.0f)) throw py::value_error(name + ".dropout must lie in [0, 1)");
     const std::string kind = f.contains("state_kind") ? f["state_kind"].cast<std::string>() : "none";
     const index_t s1_size = kind == "row" ? e.vocab : e.vocab * e.dim;
     e.state1 = f.contains("state1") ? flat_array_or_null(f["state1"], name + ".state1", s1_size) : nullptr;

@@ -69,14 +69,17 @@ struct FieldWorkspace {
   }
 };
 
-// The bags of the batch rows of field f, as a CSR over the field's vocabulary.
+// The bags of the batch rows of field f, as a CSR over the field's vocabulary. With a random stream
+// (training), each example reads bag row 0 instead of its own with probability f.dropout.
 CsrView gather_bags(const EmbeddingField& f, const std::vector<std::int32_t>& keys, index_t n,
-                    FieldWorkspace::FieldBatch& fb) {
+                    FieldWorkspace::FieldBatch& fb, std::uint64_t* rng) {
   fb.indptr.assign(1, 0);
   fb.ids.clear();
   fb.weights.clear();
+  const bool drop = rng && f.dropout > 0.0f;
   for (index_t r = 0; r < n; ++r) {
-    const index_t q = keys[static_cast<std::size_t>(r)];
+    index_t q = keys[static_cast<std::size_t>(r)];
+    if (drop && uniform01(*rng) < f.dropout) q = 0;
     const index_t p0 = f.bags.indptr[q], p1 = f.bags.indptr[q + 1];
     fb.ids.insert(fb.ids.end(), f.bags.ids + p0, f.bags.ids + p1);
     fb.weights.insert(fb.weights.end(), f.bags.weights + p0, f.bags.weights + p1);
@@ -86,11 +89,13 @@ CsrView gather_bags(const EmbeddingField& f, const std::vector<std::int32_t>& ke
 }
 
 // ws.logits[0:n] for the batch in ws.keys: pooled fields and dense blocks into x, the MLP, the GMF term.
-void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads) {
+// dropout_rng: training's stream for field dropout (none when predicting).
+void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads,
+                  std::uint64_t* dropout_rng = nullptr) {
   int gmf_slot = 0;
   for (std::size_t i = 0; i < m.fields.size(); ++i) {
     const EmbeddingField& f = m.fields[i];
-    const CsrView bags = gather_bags(f, ws.keys[static_cast<std::size_t>(f.key)], n, ws.fields[i]);
+    const CsrView bags = gather_bags(f, ws.keys[static_cast<std::size_t>(f.key)], n, ws.fields[i], dropout_rng);
     if (f.offset >= 0)
       csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.x.data() + f.offset, m.width, nullptr, n_threads);
     if (static_cast<int>(i) == m.gmf.field_u || static_cast<int>(i) == m.gmf.field_v) {
@@ -362,7 +367,8 @@ double field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt, con
     std::uint64_t stream = sampler.seed ^ (epoch * 0x9e3779b97f4a7c15ULL);
     stream = splitmix64(stream) ^ batch_index;
     const index_t n = append_negatives(sampler, n_pos, splitmix64(stream), ws);
-    batch_logits(ks, m, n, ws, n_threads);
+    std::uint64_t dropout_rng = splitmix64(stream);
+    batch_logits(ks, m, n, ws, n_threads, &dropout_rng);
     const UpdateRule rule = opt.next_step();
     const UpdateRule row_rule = embedding_rule(rule);
     UpdateSink mlp_sink(ks, m.mlp, opt, rule, n_threads);

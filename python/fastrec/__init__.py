@@ -3,5 +3,6 @@
 from fastrec._core import __version__, available_isas
 from fastrec._config import show_config
 from fastrec.mlp import MLPClassifier, MLPRegressor
+from fastrec.recommender import Recommender
 
-__all__ = ["MLPClassifier", "MLPRegressor", "available_isas", "show_config", "__version__"]
+__all__ = ["MLPClassifier", "MLPRegressor", "Recommender", "available_isas", "show_config", "__version__"]
