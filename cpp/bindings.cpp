@@ -206,6 +206,7 @@ FieldModel make_field_model(const py::dict& spec, bool writeable) {
     const std::string kind = f.contains("state_kind") ? f["state_kind"].cast<std::string>() : "none";
     const index_t s1_size = kind == "row" ? e.vocab : e.vocab * e.dim;
     e.state1 = f.contains("state1") ? flat_array_or_null(f["state1"], name + ".state1", s1_size) : nullptr;
+    e.state1_size = e.state1 ? s1_size : 0;
     e.state2 = f.contains("state2") ? flat_array_or_null(f["state2"], name + ".state2", e.vocab * e.dim) : nullptr;
     m.fields.push_back(e);
   }
@@ -272,6 +273,221 @@ NegativeSampler make_sampler(py::handle obj) {
   }
   return s;
 }
+
+
+// A validated field model over the caller's arrays (references kept, so the arrays outlive any change the
+// caller makes to its own lists). Built once per fitted model: a call then costs only its own work.
+class FieldHandle {
+ public:
+  FieldHandle(const py::dict& spec, bool trainable) : model_(make_field_model(spec, trainable)), trainable_(trainable) {
+    keep_alive(spec);
+  }
+
+  // Replaces the bag table of field i (per-call data of click-through models).
+  void set_bags(int i, const py::tuple& bags) {
+    if (i < 0 || i >= static_cast<int>(model_.fields.size())) throw py::index_error("field index out of range");
+    const std::string name = "fields[" + std::to_string(i) + "]";
+    py::array indptr = checked<std::int64_t>(bags[0], name + ".bags.indptr", 1, false);
+    py::array ids = checked<std::int32_t>(bags[1], name + ".bags.ids", 1, false);
+    py::array weights = checked<float>(bags[2], name + ".bags.weights", 1, false);
+    if (indptr.shape(0) < 1 || ids.shape(0) != weights.shape(0))
+      throw py::value_error(name + ".bags must be (indptr, ids, weights) with len(ids) == len(weights)");
+    const BagTable table{static_cast<const std::int64_t*>(indptr.data()), static_cast<const std::int32_t*>(ids.data()),
+                         static_cast<const float*>(weights.data()), indptr.shape(0) - 1};
+    if (table.indptr[table.rows] != ids.shape(0)) throw py::value_error(name + ".bags.indptr must end at len(ids)");
+    EmbeddingField trial = model_.fields[static_cast<std::size_t>(i)];
+    trial.bags = table;
+    FieldModel check;
+    check.fields = {trial};
+    check.width = model_.width;
+    check.n_keys = model_.n_keys;
+    check.mlp = model_.mlp;
+    validate_fields(check);
+    model_.fields[static_cast<std::size_t>(i)].bags = table;
+    keep_alive(bags);
+  }
+
+  // Replaces the table of dense block b.
+  void set_dense(int b, py::handle table_obj) {
+    if (b < 0 || b >= static_cast<int>(model_.dense.size())) throw py::index_error("dense block index out of range");
+    py::array table = checked<float>(table_obj, "dense[" + std::to_string(b) + "].table", 2, false);
+    DenseBlock& d = model_.dense[static_cast<std::size_t>(b)];
+    if (table.shape(1) != d.cols)
+      throw py::value_error("dense[" + std::to_string(b) + "].table must have " + std::to_string(d.cols) + " columns");
+    d.table = static_cast<const float*>(table.data());
+    d.rows = table.shape(0);
+    keep_alive(table_obj);
+  }
+
+  py::array_t<float> predict(const py::list& keys, int n_threads, const std::string& isa) const {
+    const Examples ex = make_examples(model_, keys, py::none(), py::none());
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    py::array_t<float> out(ex.rows);
+    float* po = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      field_predict(ks, model_, ex, po, n_threads);
+    }
+    return out;
+  }
+
+  py::tuple loss_and_gradients(const py::list& keys, py::handle y, py::handle weight, float alpha, int n_threads,
+                               const std::string& isa) const {
+    const Examples ex = make_examples(model_, keys, y, weight);
+    if (ex.rows < 1 || !ex.y) throw py::value_error("need at least one example and its target y");
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    py::list table_grads, coef_grads, intercept_grads;
+    std::vector<float*> tg, gw, gb;
+    for (const EmbeddingField& f : model_.fields) {
+      py::array_t<float> g({f.vocab, f.dim});
+      tg.push_back(g.mutable_data());
+      table_grads.append(g);
+    }
+    for (const Layer& layer : model_.mlp.layers) {
+      py::array_t<float> w({layer.fan_in, layer.fan_out}), b(layer.fan_out);
+      gw.push_back(w.mutable_data());
+      gb.push_back(b.mutable_data());
+      coef_grads.append(w);
+      intercept_grads.append(b);
+    }
+    py::object gmf_grad = py::none();
+    float* pg = nullptr;
+    if (model_.gmf.field_u >= 0) {
+      py::array_t<float> g(model_.fields[static_cast<std::size_t>(model_.gmf.field_u)].dim);
+      pg = g.mutable_data();
+      gmf_grad = g;
+    }
+    double loss;
+    {
+      py::gil_scoped_release release;
+      loss = field_loss_and_gradients(ks, model_, ex, alpha, tg, pg, gw, gb, n_threads);
+    }
+    return py::make_tuple(loss, table_grads, gmf_grad, coef_grads, intercept_grads);
+  }
+
+  py::tuple train_epoch(const py::list& mlp_state1, const py::list& mlp_state2, const py::list& keys, py::handle y,
+                        py::handle weight, py::handle order_obj, index_t batch_size, float alpha,
+                        const std::string& solver, float learning_rate, float momentum, bool nesterov, float beta_1,
+                        float beta_2, float epsilon, std::int64_t adam_t, py::handle sampler_obj,
+                        std::uint64_t epoch, int n_threads, const std::string& isa) {
+    if (!trainable_) throw py::value_error("this field model handle was built for prediction only");
+    const Examples ex = make_examples(model_, keys, y, weight);
+    if (!ex.y) throw py::value_error("y is required for training");
+    py::array order = checked<std::int64_t>(order_obj, "order", 1, false);
+    const index_t n_order = order.shape(0);
+    const auto* po = static_cast<const std::int64_t*>(order.data());
+    for (index_t i = 0; i < n_order; ++i)
+      if (po[i] < 0 || po[i] >= ex.rows)
+        throw py::value_error("order must hold row numbers in [0, " + std::to_string(ex.rows) + ")");
+    if (batch_size < 1) throw py::value_error("batch_size must be >= 1, got " + std::to_string(batch_size));
+    Optimizer opt;
+    if (solver == "sgd") opt.solver = Solver::Sgd;
+    else if (solver == "adagrad") opt.solver = Solver::Adagrad;
+    else if (solver == "adam") opt.solver = Solver::Adam;
+    else throw py::value_error("optimizer must be 'sgd', 'adagrad' or 'adam', got '" + solver + "'");
+    const std::size_t n_params = 2 * model_.mlp.layers.size();
+    if (mlp_state1.size() != n_params)
+      throw py::value_error("state1 must hold " + std::to_string(n_params) + " arrays");
+    if (mlp_state2.size() != (opt.solver == Solver::Adam ? n_params : 0))
+      throw py::value_error("state2 must hold " + std::to_string(opt.solver == Solver::Adam ? n_params : 0) +
+                            " arrays");
+    opt.state1 = state_arrays(mlp_state1, "state1", model_.mlp);
+    opt.state2 = state_arrays(mlp_state2, "state2", model_.mlp);
+    for (const EmbeddingField& f : model_.fields) {
+      // Row-wise Adagrad keeps one float per row, lazy Adam a full row per moment.
+      const index_t want = opt.solver == Solver::Adagrad ? f.vocab : opt.solver == Solver::Adam ? f.vocab * f.dim : 0;
+      if (want && f.state1_size != want)
+        throw py::value_error("every field needs state1 of " + std::string(opt.solver == Solver::Adagrad
+                                                                                ? "vocab floats (state_kind 'row')"
+                                                                                : "vocab x dim floats (state_kind 'full')") +
+                              " for optimizer '" + solver + "'");
+      if (opt.solver == Solver::Adam && !f.state2) throw py::value_error("every field needs state2 for 'adam'");
+    }
+    if (model_.gmf.field_u >= 0 && !model_.gmf.state1) throw py::value_error("gmf needs state1");
+    if (model_.gmf.field_u >= 0 && opt.solver == Solver::Adam && !model_.gmf.state2)
+      throw py::value_error("gmf needs state2 for 'adam'");
+    opt.learning_rate = learning_rate;
+    opt.momentum = momentum;
+    opt.nesterov = nesterov;
+    opt.beta_1 = beta_1;
+    opt.beta_2 = beta_2;
+    opt.epsilon = epsilon;
+    opt.adam_t = adam_t;
+    const NegativeSampler sampler = make_sampler(sampler_obj);
+    if (sampler.negatives > 0) {
+      validate(model_, sampler);
+      if (sampler.seen_indptr)
+        for (index_t r = 0; r < ex.rows; ++r)
+          if (ex.keys[static_cast<std::size_t>(sampler.user_key)][r] >= sampler.seen_users)
+            throw py::value_error("seen has fewer rows than the user key values");
+    }
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    double loss_sum;
+    index_t rows_seen = 0;
+    {
+      py::gil_scoped_release release;
+      loss_sum = field_train_epoch(ks, model_, opt, ex, po, n_order, batch_size, alpha, sampler, epoch, &rows_seen,
+                                   n_threads);
+    }
+    return py::make_tuple(loss_sum, opt.adam_t, rows_seen);
+  }
+
+  py::tuple topk(py::handle sampler_obj, py::handle users_obj, py::handle candidates_obj, index_t k, bool exclude_seen,
+                 int n_threads, const std::string& isa) const {
+    if (sampler_obj.is_none()) throw py::value_error("top-k needs the sampler dict (keys, n_items, seen)");
+    const NegativeSampler sampler = make_sampler(sampler_obj);
+    if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
+    py::array users = checked<std::int32_t>(users_obj, "users", 1, false);
+    const auto* pu = static_cast<const std::int32_t*>(users.data());
+    const std::int32_t* pc = nullptr;
+    index_t n_candidates = 0;
+    if (!candidates_obj.is_none()) {
+      py::array c = checked<std::int32_t>(candidates_obj, "candidates", 1, false);
+      pc = static_cast<const std::int32_t*>(c.data());
+      n_candidates = c.shape(0);
+      for (index_t i = 0; i < n_candidates; ++i)
+        if (pc[i] < 0 || pc[i] >= sampler.n_items)
+          throw py::value_error("candidates must lie in [0, " + std::to_string(sampler.n_items) + ")");
+    }
+    const index_t n_users = users.shape(0);
+    validate(model_, sampler);
+    if (model_.n_keys != 2) throw py::value_error("top-k needs a model of exactly two key columns (user, item)");
+    std::int32_t max_user = -1;
+    for (index_t u = 0; u < n_users; ++u) {
+      if (pu[u] < 0) throw py::value_error("users must be non-negative");
+      max_user = std::max(max_user, pu[u]);
+    }
+    require_key_rows(model_, sampler.user_key, static_cast<index_t>(max_user) + 1, "the largest user + 1");
+    if (sampler.seen_indptr)
+      for (index_t u = 0; u < n_users; ++u)
+        if (pu[u] < 0 || pu[u] >= sampler.seen_users) throw py::value_error("users out of range of seen");
+    py::array_t<std::int32_t> items({n_users, k});
+    py::array_t<float> scores({n_users, k});
+    std::int32_t* pi = items.mutable_data();
+    float* ps = scores.mutable_data();
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    {
+      py::gil_scoped_release release;
+      field_topk(ks, model_, sampler, pu, n_users, pc, n_candidates, k, exclude_seen, pi, ps, n_threads);
+    }
+    return py::make_tuple(items, scores);
+  }
+
+ private:
+  void keep_alive(py::handle obj) {
+    if (py::isinstance<py::array>(obj)) {
+      keep_.push_back(py::reinterpret_borrow<py::object>(obj));
+    } else if (py::isinstance<py::dict>(obj)) {
+      for (auto item : py::reinterpret_borrow<py::dict>(obj)) keep_alive(item.second);
+    } else if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
+      for (auto item : obj) keep_alive(item);
+    }
+  }
+
+  FieldModel model_;
+  bool trainable_;
+  std::vector<py::object> keep_;
+};
 
 py::dict show_config() {
   py::dict d;
@@ -425,178 +641,58 @@ PYBIND11_MODULE(_core, m) {
       py::arg("solver"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"), py::arg("beta_1"),
       py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
       "One epoch of minibatch training, updating parameters and optimizer state in place.");
+  py::class_<FieldHandle>(m, "FieldHandle",
+                          "A validated field model over caller-owned arrays (docs/DESIGN.md, the field model).")
+      .def(py::init<const py::dict&, bool>(), py::arg("spec"), py::arg("trainable") = false)
+      .def("set_bags", &FieldHandle::set_bags, py::arg("field"), py::arg("bags"))
+      .def("set_dense", &FieldHandle::set_dense, py::arg("block"), py::arg("table"))
+      .def("predict", &FieldHandle::predict, py::arg("keys"), py::arg("n_threads") = 0, py::arg("isa") = "auto")
+      .def("loss_and_gradients", &FieldHandle::loss_and_gradients, py::arg("keys"), py::arg("y"), py::arg("weight"),
+           py::arg("alpha"), py::arg("n_threads") = 0, py::arg("isa") = "auto")
+      .def("train_epoch", &FieldHandle::train_epoch, py::arg("state1"), py::arg("state2"), py::arg("keys"),
+           py::arg("y"), py::arg("weight"), py::arg("order"), py::arg("batch_size"), py::arg("alpha"),
+           py::arg("optimizer"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"),
+           py::arg("beta_1"), py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("sampler"),
+           py::arg("epoch"), py::arg("n_threads") = 0, py::arg("isa") = "auto")
+      .def("topk", &FieldHandle::topk, py::arg("sampler"), py::arg("users"), py::arg("candidates"), py::arg("k"),
+           py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto");
+
+  // One-shot forms over a spec dict (a handle built and used once), as documented in docs/DESIGN.md.
   m.def(
       "field_predict",
       [](const py::dict& spec, const py::list& keys, int n_threads, const std::string& isa) {
-        const FieldModel model = make_field_model(spec, false);
-        const Examples ex = make_examples(model, keys, py::none(), py::none());
-        const KernelSet& ks = kernels_for(resolve_isa(isa));
-        py::array_t<float> out(ex.rows);
-        float* po = out.mutable_data();
-        {
-          py::gil_scoped_release release;
-          field_predict(ks, model, ex, po, n_threads);
-        }
-        return out;
+        return FieldHandle(spec, false).predict(keys, n_threads, isa);
       },
-      py::arg("spec"), py::arg("keys"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
-      "Predictions (probabilities for 'bce') of the field model for the examples named by keys.");
-
+      py::arg("spec"), py::arg("keys"), py::arg("n_threads") = 0, py::arg("isa") = "auto");
   m.def(
       "field_loss_and_gradients",
       [](const py::dict& spec, const py::list& keys, py::handle y, py::handle weight, float alpha, int n_threads,
          const std::string& isa) {
-        const FieldModel model = make_field_model(spec, false);
-        const Examples ex = make_examples(model, keys, y, weight);
-        if (ex.rows < 1 || !ex.y) throw py::value_error("need at least one example and its target y");
-        const KernelSet& ks = kernels_for(resolve_isa(isa));
-        py::list table_grads, coef_grads, intercept_grads;
-        std::vector<float*> tg, gw, gb;
-        for (const EmbeddingField& f : model.fields) {
-          py::array_t<float> g({f.vocab, f.dim});
-          tg.push_back(g.mutable_data());
-          table_grads.append(g);
-        }
-        for (const Layer& layer : model.mlp.layers) {
-          py::array_t<float> w({layer.fan_in, layer.fan_out}), b(layer.fan_out);
-          gw.push_back(w.mutable_data());
-          gb.push_back(b.mutable_data());
-          coef_grads.append(w);
-          intercept_grads.append(b);
-        }
-        py::object gmf_grad = py::none();
-        float* pg = nullptr;
-        if (model.gmf.field_u >= 0) {
-          py::array_t<float> g(model.fields[static_cast<std::size_t>(model.gmf.field_u)].dim);
-          pg = g.mutable_data();
-          gmf_grad = g;
-        }
-        double loss;
-        {
-          py::gil_scoped_release release;
-          loss = field_loss_and_gradients(ks, model, ex, alpha, tg, pg, gw, gb, n_threads);
-        }
-        return py::make_tuple(loss, table_grads, gmf_grad, coef_grads, intercept_grads);
+        return FieldHandle(spec, false).loss_and_gradients(keys, y, weight, alpha, n_threads, isa);
       },
       py::arg("spec"), py::arg("keys"), py::arg("y"), py::arg("weight"), py::arg("alpha"), py::arg("n_threads") = 0,
-      py::arg("isa") = "auto", "Loss and gradients of the field model on all examples as one batch.");
-
+      py::arg("isa") = "auto");
   m.def(
       "field_train_epoch",
-      [](const py::dict& spec, const py::list& keys, py::handle y, py::handle weight, py::handle order_obj,
+      [](const py::dict& spec, const py::list& keys, py::handle y, py::handle weight, py::handle order,
          index_t batch_size, float alpha, const std::string& solver, float learning_rate, float momentum,
-         bool nesterov, float beta_1, float beta_2, float epsilon, std::int64_t adam_t, py::handle sampler_obj,
+         bool nesterov, float beta_1, float beta_2, float epsilon, std::int64_t adam_t, py::handle sampler,
          std::uint64_t epoch, int n_threads, const std::string& isa) {
-        FieldModel model = make_field_model(spec, true);
-        const Examples ex = make_examples(model, keys, y, weight);
-        if (!ex.y) throw py::value_error("y is required for training");
-        py::array order = checked<std::int64_t>(order_obj, "order", 1, false);
-        const index_t n_order = order.shape(0);
-        const auto* po = static_cast<const std::int64_t*>(order.data());
-        for (index_t i = 0; i < n_order; ++i)
-          if (po[i] < 0 || po[i] >= ex.rows)
-            throw py::value_error("order must hold row numbers in [0, " + std::to_string(ex.rows) + ")");
-        if (batch_size < 1) throw py::value_error("batch_size must be >= 1, got " + std::to_string(batch_size));
-        Optimizer opt;
-        if (solver == "sgd") opt.solver = Solver::Sgd;
-        else if (solver == "adagrad") opt.solver = Solver::Adagrad;
-        else if (solver == "adam") opt.solver = Solver::Adam;
-        else throw py::value_error("optimizer must be 'sgd', 'adagrad' or 'adam', got '" + solver + "'");
-        const std::size_t n_params = 2 * model.mlp.layers.size();
-        const py::list s1 = spec["state1"].cast<py::list>(), s2 = spec["state2"].cast<py::list>();
-        if (s1.size() != n_params) throw py::value_error("state1 must hold " + std::to_string(n_params) + " arrays");
-        if (s2.size() != (opt.solver == Solver::Adam ? n_params : 0))
-          throw py::value_error("state2 must hold " + std::to_string(opt.solver == Solver::Adam ? n_params : 0) +
-                                " arrays");
-        opt.state1 = state_arrays(s1, "state1", model.mlp);
-        opt.state2 = state_arrays(s2, "state2", model.mlp);
-        for (const EmbeddingField& f : model.fields) {
-          if (opt.solver != Solver::Sgd && !f.state1)
-            throw py::value_error("every field needs state1 for optimizer '" + solver + "'");
-          if (opt.solver == Solver::Adam && !f.state2) throw py::value_error("every field needs state2 for 'adam'");
-        }
-        if (model.gmf.field_u >= 0 && !model.gmf.state1) throw py::value_error("gmf needs state1");
-        if (model.gmf.field_u >= 0 && opt.solver == Solver::Adam && !model.gmf.state2)
-          throw py::value_error("gmf needs state2 for 'adam'");
-        opt.learning_rate = learning_rate;
-        opt.momentum = momentum;
-        opt.nesterov = nesterov;
-        opt.beta_1 = beta_1;
-        opt.beta_2 = beta_2;
-        opt.epsilon = epsilon;
-        opt.adam_t = adam_t;
-        const NegativeSampler sampler = make_sampler(sampler_obj);
-        if (sampler.negatives > 0) {
-          if (sampler.user_key < 0 || sampler.user_key >= model.n_keys || sampler.item_key < 0 ||
-              sampler.item_key >= model.n_keys)
-            throw py::value_error("sampler user_key/item_key out of range");
-          for (const EmbeddingField& f : model.fields)
-            if (f.key == sampler.item_key && f.bags.rows < sampler.n_items)
-              throw py::value_error("an item-keyed field has fewer rows than n_items");
-          if (sampler.seen_indptr)
-            for (index_t r = 0; r < ex.rows; ++r)
-              if (ex.keys[static_cast<std::size_t>(sampler.user_key)][r] >= sampler.seen_users)
-                throw py::value_error("seen has fewer rows than the user key values");
-        }
-        const KernelSet& ks = kernels_for(resolve_isa(isa));
-        double loss_sum;
-        index_t rows_seen = 0;
-        {
-          py::gil_scoped_release release;
-          loss_sum = field_train_epoch(ks, model, opt, ex, po, n_order, batch_size, alpha, sampler, epoch, &rows_seen,
-                                       n_threads);
-        }
-        return py::make_tuple(loss_sum, opt.adam_t, rows_seen);
+        FieldHandle handle(spec, true);
+        return handle.train_epoch(spec["state1"].cast<py::list>(), spec["state2"].cast<py::list>(), keys, y, weight,
+                                  order, batch_size, alpha, solver, learning_rate, momentum, nesterov, beta_1, beta_2,
+                                  epsilon, adam_t, sampler, epoch, n_threads, isa);
       },
       py::arg("spec"), py::arg("keys"), py::arg("y"), py::arg("weight"), py::arg("order"), py::arg("batch_size"),
       py::arg("alpha"), py::arg("optimizer"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"),
       py::arg("beta_1"), py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("sampler"),
-      py::arg("epoch"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
-      "One epoch of the field model: minibatches of order, sampled negatives, in-place updates.");
-
+      py::arg("epoch"), py::arg("n_threads") = 0, py::arg("isa") = "auto");
   m.def(
       "field_topk",
-      [](const py::dict& spec, py::handle sampler_obj, py::handle users_obj, py::handle candidates_obj, index_t k,
+      [](const py::dict& spec, py::handle sampler, py::handle users, py::handle candidates, index_t k,
          bool exclude_seen, int n_threads, const std::string& isa) {
-        const FieldModel model = make_field_model(spec, false);
-        NegativeSampler sampler = make_sampler(sampler_obj);
-        if (sampler_obj.is_none()) throw py::value_error("field_topk needs the sampler dict (keys, n_items, seen)");
-        if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
-        py::array users = checked<std::int32_t>(users_obj, "users", 1, false);
-        const auto* pu = static_cast<const std::int32_t*>(users.data());
-        const std::int32_t* pc = nullptr;
-        index_t n_candidates = 0;
-        if (!candidates_obj.is_none()) {
-          py::array c = checked<std::int32_t>(candidates_obj, "candidates", 1, false);
-          pc = static_cast<const std::int32_t*>(c.data());
-          n_candidates = c.shape(0);
-          for (index_t i = 0; i < n_candidates; ++i)
-            if (pc[i] < 0 || pc[i] >= sampler.n_items)
-              throw py::value_error("candidates must lie in [0, " + std::to_string(sampler.n_items) + ")");
-        }
-        const index_t n_users = users.shape(0);
-        for (const EmbeddingField& f : model.fields) {
-          const index_t limit = f.key == sampler.item_key ? sampler.n_items : 0;
-          if (limit && f.bags.rows < limit) throw py::value_error("an item-keyed field has fewer rows than n_items");
-          if (f.key == sampler.user_key)
-            for (index_t u = 0; u < n_users; ++u)
-              if (pu[u] < 0 || pu[u] >= f.bags.rows) throw py::value_error("users out of range of the user fields");
-        }
-        if (sampler.seen_indptr)
-          for (index_t u = 0; u < n_users; ++u)
-            if (pu[u] < 0 || pu[u] >= sampler.seen_users) throw py::value_error("users out of range of seen");
-        py::array_t<std::int32_t> items({n_users, k});
-        py::array_t<float> scores({n_users, k});
-        std::int32_t* pi = items.mutable_data();
-        float* ps = scores.mutable_data();
-        const KernelSet& ks = kernels_for(resolve_isa(isa));
-        {
-          py::gil_scoped_release release;
-          field_topk(ks, model, sampler, pu, n_users, pc, n_candidates, k, exclude_seen, pi, ps, n_threads);
-        }
-        return py::make_tuple(items, scores);
+        return FieldHandle(spec, false).topk(sampler, users, candidates, k, exclude_seen, n_threads, isa);
       },
       py::arg("spec"), py::arg("sampler"), py::arg("users"), py::arg("candidates"), py::arg("k"),
-      py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
-      "Top-k items per user of a field model (indices and scores, best first).");
+      py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto");
 }

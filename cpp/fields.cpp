@@ -267,16 +267,14 @@ struct CopyMlpSink : GradientSink {
 
 }  // namespace
 
-void validate(const FieldModel& m) {
-  require(!m.mlp.layers.empty() && m.mlp.layers.back().fan_out == 1, "the MLP must end in one output");
-  require(m.mlp.layers[0].fan_in == m.width,
-          "coefs[0] has " + std::to_string(m.mlp.layers[0].fan_in) + " rows but the fields and dense blocks give " +
-              std::to_string(m.width) + " input columns");
+void validate_fields(const FieldModel& m) {
   for (std::size_t i = 0; i < m.fields.size(); ++i) {
     const EmbeddingField& f = m.fields[i];
     const std::string name = "field " + std::to_string(i);
     require(f.key >= 0 && f.key < m.n_keys, name + ": key column out of range");
     require(f.offset < 0 || f.offset + f.dim <= m.width, name + ": columns beyond the MLP input width");
+    require(f.offset >= 0 || static_cast<int>(i) == m.gmf.field_u || static_cast<int>(i) == m.gmf.field_v,
+            name + ": offset -1 (no MLP input) is only for the two fields of the GMF term");
     const index_t nnz = f.bags.indptr[f.bags.rows];
     require(f.bags.indptr[0] == 0, name + ": bag indptr must start at 0");
     for (index_t q = 0; q < f.bags.rows; ++q)
@@ -285,6 +283,14 @@ void validate(const FieldModel& m) {
       require(f.bags.ids[p] >= 0 && f.bags.ids[p] < f.vocab,
               name + ": bag ids must lie in [0, " + std::to_string(f.vocab) + ")");
   }
+}
+
+void validate(const FieldModel& m) {
+  require(!m.mlp.layers.empty() && m.mlp.layers.back().fan_out == 1, "the MLP must end in one output");
+  require(m.mlp.layers[0].fan_in == m.width,
+          "coefs[0] has " + std::to_string(m.mlp.layers[0].fan_in) + " rows but the fields and dense blocks give " +
+              std::to_string(m.width) + " input columns");
+  validate_fields(m);
   for (std::size_t b = 0; b < m.dense.size(); ++b) {
     const DenseBlock& d = m.dense[b];
     require(d.key >= 0 && d.key < m.n_keys, "dense block " + std::to_string(b) + ": key column out of range");
@@ -294,6 +300,7 @@ void validate(const FieldModel& m) {
   if (m.gmf.field_u >= 0) {
     require(m.gmf.field_v >= 0 && static_cast<std::size_t>(std::max(m.gmf.field_u, m.gmf.field_v)) < m.fields.size(),
             "gmf fields out of range");
+    require(m.gmf.field_u != m.gmf.field_v, "the two GMF fields must be different fields");
     require(m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim == m.fields[static_cast<std::size_t>(m.gmf.field_v)].dim,
             "the two GMF fields must have the same dimension");
     require(m.fields[static_cast<std::size_t>(m.gmf.field_u)].offset < 0 &&
@@ -316,6 +323,24 @@ void validate(const FieldModel& m, const Examples& ex) {
       require(ex.keys[static_cast<std::size_t>(k)][r] >= 0 && ex.keys[static_cast<std::size_t>(k)][r] < rows,
               "key column " + std::to_string(k) + " must hold values in [0, " + std::to_string(rows) + ")");
   }
+}
+
+void require_key_rows(const FieldModel& m, int key, index_t min_rows, const std::string& what) {
+  for (const EmbeddingField& f : m.fields)
+    require(f.key != key || f.bags.rows >= min_rows,
+            "a field read through key column " + std::to_string(key) + " has " + std::to_string(f.bags.rows) +
+                " rows, fewer than " + what + " (" + std::to_string(min_rows) + ")");
+  for (const DenseBlock& d : m.dense)
+    require(d.key != key || d.rows >= min_rows,
+            "a dense block read through key column " + std::to_string(key) + " has " + std::to_string(d.rows) +
+                " rows, fewer than " + what + " (" + std::to_string(min_rows) + ")");
+}
+
+void validate(const FieldModel& m, const NegativeSampler& s) {
+  require(s.user_key >= 0 && s.user_key < m.n_keys && s.item_key >= 0 && s.item_key < m.n_keys &&
+              s.user_key != s.item_key,
+          "the sampler's user_key and item_key must be two different key columns of the model");
+  require_key_rows(m, s.item_key, s.n_items, "n_items");
 }
 
 void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex, float* out, int n_threads) {

@@ -3,6 +3,7 @@
 // negative sampling for implicit feedback; top-k scoring. Parameters and state are caller-owned arrays.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -29,6 +30,7 @@ struct EmbeddingField {
                             // row) instead of its own, so row 0 learns what to use for ids never seen
   float* state1 = nullptr;  // optimizer state: vocab x dim (adam m), vocab (row-wise adagrad), or none (sgd)
   float* state2 = nullptr;  // adam v
+  index_t state1_size = 0;  // floats in state1, checked against the optimizer before training
 };
 
 struct DenseBlock {
@@ -81,7 +83,12 @@ struct NegativeSampler {
 // Checks the model's arrays against each other and the examples' keys against the bag tables; throws
 // std::invalid_argument naming what is wrong.
 void validate(const FieldModel& model);
+void validate_fields(const FieldModel& model);  // the embedding fields' keys, offsets and bag tables only
 void validate(const FieldModel& model, const Examples& examples);
+// Every table (field or dense block) read through key column `key` has at least min_rows rows.
+void require_key_rows(const FieldModel& model, int key, index_t min_rows, const std::string& what);
+// The sampler's key columns exist in the model and its item-keyed tables cover n_items.
+void validate(const FieldModel& model, const NegativeSampler& sampler);
 
 // out[r] = prediction of example r (probability for "bce", value for "mse").
 void field_predict(const KernelSet& ks, const FieldModel& model, const Examples& examples, float* out, int n_threads);

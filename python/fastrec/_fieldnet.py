@@ -158,15 +158,16 @@ class FieldNet:
                     states[i] = np.concatenate([s, pad])
 
     # --------------------------------------------------------------------------------- calls
-    def train_epoch(self, spec, keys, y, weight, order, *, batch_size, alpha, learning_rate, momentum, nesterov,
-                    beta_1, beta_2, epsilon, sampler, epoch, n_threads):
-        loss_sum, self.adam_t, rows = _core.field_train_epoch(
-            spec, keys, y, weight, order, batch_size, alpha, self.optimizer, learning_rate, momentum, nesterov,
-            beta_1, beta_2, epsilon, self.adam_t, sampler, epoch, n_threads)
-        return loss_sum, rows
+    def handle(self, bags, dense_tables, *, training=False):
+        """A validated core object over the current arrays; rebuild it after the arrays are replaced."""
+        return _core.FieldHandle(self.spec(bags, dense_tables, training=training), training)
 
-    def predict(self, spec, keys, n_threads):
-        return _core.field_predict(spec, keys, n_threads)
+    def train_epoch(self, handle, keys, y, weight, order, *, batch_size, alpha, learning_rate, momentum, nesterov,
+                    beta_1, beta_2, epsilon, sampler, epoch, n_threads):
+        loss_sum, self.adam_t, rows = handle.train_epoch(
+            self.state1, self.state2, keys, y, weight, order, batch_size, alpha, self.optimizer, learning_rate,
+            momentum, nesterov, beta_1, beta_2, epsilon, self.adam_t, sampler, epoch, n_threads)
+        return loss_sum, rows
 
     def check_finite(self):
         arrays = self.tables + self.coefs + self.intercepts + ([self.gmf_w] if self.gmf_w is not None else [])

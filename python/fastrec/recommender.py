@@ -17,7 +17,6 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from fastrec import _core
 from fastrec._base import BaseEstimator
 from fastrec._checks import check_random_state, not_fitted_error
 from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, bags_of_csr, bags_of_ids
@@ -307,7 +306,7 @@ class Recommender(BaseEstimator):
         self.rating_mean_ = 0.0 if implicit else float(np.average(ratings, weights=weight))
         y = np.ones(n, np.float32) if implicit else (ratings - self.rating_mean_).astype(np.float32)
         keys = [u, i]
-        spec = self.net_.spec(self._bags, self._dense_tables, training=True)
+        handle = self.net_.handle(self._bags, self._dense_tables, training=True)
         sampler = self._sampler(negatives=self.negatives if implicit else 0, seed=0)
         self.loss_curve_ = []
         n_threads = self._threads()
@@ -316,7 +315,7 @@ class Recommender(BaseEstimator):
             order = rng.permutation(n).astype(np.int64)
             sampler["seed"] = int(rng.randint(0, 2**31 - 1))
             loss_sum, rows = self.net_.train_epoch(
-                spec, keys, y, weight, order, batch_size=self.batch_size, alpha=float(self.alpha),
+                handle, keys, y, weight, order, batch_size=self.batch_size, alpha=float(self.alpha),
                 learning_rate=float(self.learning_rate), momentum=float(self.momentum),
                 nesterov=bool(self.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler,
                 epoch=epoch, n_threads=n_threads)
@@ -328,7 +327,19 @@ class Recommender(BaseEstimator):
             if self.verbose:
                 seconds = time.perf_counter() - start
                 print(f"epoch {epoch + 1}/{self.epochs}: loss {loss:.5f}, {rows / seconds:,.0f} examples/s")
+        self._predictor = None
         return self
+
+    def _handle(self):
+        """The prediction handle, built on first use after fit (and after unpickling)."""
+        if getattr(self, "_predictor", None) is None:
+            self._predictor = self.net_.handle(self._bags, self._dense_tables)
+        return self._predictor
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_predictor", None)  # a view over this object's arrays; rebuilt on demand
+        return state
 
     def _sampler(self, negatives, seed):
         return {"negatives": int(negatives), "user_key": USER, "item_key": ITEM, "n_items": len(self._items) + 1,
@@ -354,8 +365,7 @@ class Recommender(BaseEstimator):
         if len(users) != len(items):
             raise ValueError(f"users and items must have the same length, got {len(users)} and {len(items)}")
         keys = [self._users.index(users), self._items.index(items)]
-        spec = self.net_.spec(self._bags, self._dense_tables)
-        out = self.net_.predict(spec, keys, self._threads())
+        out = self._handle().predict(keys, self._threads())
         return out.astype(np.float64) + self.rating_mean_
 
     def recommend(self, users, k=10, *, exclude_seen=True, items=None):
@@ -374,10 +384,9 @@ class Recommender(BaseEstimator):
             candidates = self._items.index(as_id_array(items, "items"))
             candidates = np.unique(candidates[candidates > 0]).astype(np.int32)
         k = min(k, max(len(candidates), 1))
-        spec = self.net_.spec(self._bags, self._dense_tables)
         sampler = self._sampler(negatives=0, seed=0)
-        idx, scores = _core.field_topk(spec, sampler, self._users.index(users), candidates, k, bool(exclude_seen),
-                                       self._threads())
+        idx, scores = self._handle().topk(sampler, self._users.index(users), candidates, k, bool(exclude_seen),
+                                          self._threads())
         ids = self._items.ids[np.maximum(idx, 1) - 1]
         scores = scores.astype(np.float64) + self.rating_mean_
         if single:
@@ -391,7 +400,7 @@ class Recommender(BaseEstimator):
         single = np.ndim(items) == 0
         items = as_id_array(np.atleast_1d(items), "items")
         table = self.net_.tables[1]
-        rows = self.net_.spec(self._bags, self._dense_tables)["fields"][1]["bags"][1]  # entity -> id row
+        rows = self._bags[1][1]  # entity -> id row of the item id table
         unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
         entity_rows = unit[rows[1:]]  # rows of known item entities (1..N)
         query = unit[rows[self._items.index(items)]]

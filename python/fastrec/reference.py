@@ -428,3 +428,326 @@ def train_epoch(coefs, intercepts, state1, state2, X, Y, order, batch_size, acti
         for i, (p, g) in enumerate(zip(params, list(coef_grads) + list(intercept_grads))):
             step(p, g, i, rows=touched if i == 0 else None)
     return loss_sum, adam_t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The field model (DESIGN.md "The field model" and "fastrec._core.field_*")
+# ----------------------------------------------------------------------------------------------------------
+#
+# ``spec`` is the same dict of arrays the core takes (float64 copies in the tests); the oracle reads it, and
+# ``field_train_epoch`` updates its arrays in place like the core does.  Arithmetic happens in the dtype of
+# ``spec["coefs"][0]``.
+
+__all__ += [
+    "adagrad_update",
+    "field_loss_and_gradients",
+    "field_predict",
+    "field_topk",
+    "field_train_epoch",
+    "row_adagrad_update",
+]
+
+FIELD_LOSSES = ("mse", "bce")
+FIELD_OPTIMIZERS = ("sgd", "adagrad", "adam")
+
+
+def adagrad_update(param, grad, accumulator, lr, epsilon):
+    """One element-wise Adagrad step in place: ``s += g^2; p -= lr g / (sqrt(s) + eps)`` (the MLP's and the
+    GMF vector's rule under ``optimizer="adagrad"``)."""
+    lr, eps = _hyper(param.dtype, lr, epsilon)
+    accumulator += grad * grad
+    param -= lr * grad / (np.sqrt(accumulator) + eps)
+
+
+def row_adagrad_update(rows, grad, accumulator, lr, epsilon):
+    """Row-wise Adagrad (DLRM / TorchRec) in place on the embedding rows ``rows`` (m, d), with one accumulator
+    per row (m,): ``a += mean_j(G_j^2); E -= lr G / (sqrt(a) + eps)``."""
+    lr, eps = _hyper(rows.dtype, lr, epsilon)
+    accumulator += np.mean(grad * grad, axis=1)
+    rows -= (lr / (np.sqrt(accumulator) + eps))[:, None] * grad
+
+
+def _bag_rows(bags, q, dtype):
+    """The bags of rows ``q`` (int array) of a bag table, as a CSR ``(indptr, ids int64, weights)``."""
+    indptr, ids, weights = (np.asarray(a) for a in bags)
+    indptr = indptr.astype(np.int64)
+    sub_indptr, sub_ids, sub_w, _ = _take_rows("csr", (indptr, ids.astype(np.int64), weights.astype(dtype), 0),
+                                               np.asarray(q, dtype=np.int64))
+    return sub_indptr, sub_ids, sub_w
+
+
+def _check_field_spec(spec, keys):
+    """Shape and range checks with messages that name the problem (the oracle's subset of the core's)."""
+    coefs, intercepts = spec["coefs"], spec["intercepts"]
+    _check_layers(coefs, intercepts)
+    if spec["loss"] not in FIELD_LOSSES:
+        raise ValueError(f"loss must be one of {FIELD_LOSSES}, got {spec['loss']!r}")
+    if coefs[-1].shape[1] != 1:
+        raise ValueError("the MLP must end in one output")
+    width = int(spec["width"])
+    if coefs[0].shape[0] != width:
+        raise ValueError(f"coefs[0] has {coefs[0].shape[0]} rows but the fields and dense blocks give {width} "
+                         "input columns")
+    n_keys = int(spec["n_keys"])
+    if len(keys) != n_keys:
+        raise ValueError(f"keys must hold {n_keys} columns, got {len(keys)}")
+    keys = [np.asarray(k, dtype=np.int64) for k in keys]
+    if len({len(k) for k in keys}) > 1:
+        raise ValueError("all key columns must have the same length")
+    for i, f in enumerate(spec["fields"]):
+        V, d = f["table"].shape
+        indptr, ids, _ = f["bags"]
+        if not 0 <= f["key"] < n_keys:
+            raise ValueError(f"field {i}: key column out of range")
+        if f["offset"] >= 0 and f["offset"] + d > width:
+            raise ValueError(f"field {i}: columns beyond the MLP input width")
+        ids = np.asarray(ids)[: int(indptr[-1])]
+        if ids.size and (ids.min() < 0 or ids.max() >= V):
+            raise ValueError(f"field {i}: bag ids must lie in [0, {V})")
+        k = keys[f["key"]]
+        if k.size and (k.min() < 0 or k.max() >= len(indptr) - 1):
+            raise ValueError(f"key column {f['key']} must hold values in [0, {len(indptr) - 1})")
+    for b, blk in enumerate(spec["dense"]):
+        if blk["offset"] < 0 or blk["offset"] + blk["table"].shape[1] > width:
+            raise ValueError(f"dense block {b}: columns beyond the MLP input width")
+        k = keys[blk["key"]]
+        if k.size and (k.min() < 0 or k.max() >= blk["table"].shape[0]):
+            raise ValueError(f"key column {blk['key']} must hold values in [0, {blk['table'].shape[0]})")
+    gmf = spec.get("gmf")
+    if gmf is not None:
+        fu, fv = spec["fields"][gmf["field_u"]], spec["fields"][gmf["field_v"]]
+        if fu["table"].shape[1] != fv["table"].shape[1]:
+            raise ValueError("the two GMF fields must have the same dimension")
+    return keys
+
+
+def _field_forward(spec, keys):
+    """The forward pass of one batch.
+
+    Returns ``(x, hidden, z, pooled, bags)``: the MLP input x (n, width), the MLP's hidden activations, the
+    logits z (n,) with the GMF term, the pooled vector of every field (n, d_f) and every field's batch bags
+    (a CSR over its vocabulary: row r is the bag of example r).
+    """
+    dtype = spec["coefs"][0].dtype
+    keys = _check_field_spec(spec, keys)
+    n = len(keys[0])
+    x = np.zeros((n, int(spec["width"])), dtype=dtype)
+    pooled, bags = [], []
+    for f in spec["fields"]:
+        b = _bag_rows(f["bags"], keys[f["key"]], dtype)
+        p = csr_matmul(*b, np.asarray(f["table"], dtype=dtype))
+        if f["offset"] >= 0:
+            x[:, f["offset"]:f["offset"] + p.shape[1]] = p
+        pooled.append(p)
+        bags.append(b)
+    for blk in spec["dense"]:
+        T = np.asarray(blk["table"], dtype=dtype)
+        x[:, blk["offset"]:blk["offset"] + T.shape[1]] = T[keys[blk["key"]]]
+    hidden, Z = _forward_pass(spec["coefs"], spec["intercepts"], "dense", x, spec["activation"])
+    z = Z[:, 0].copy()
+    gmf = spec.get("gmf")
+    if gmf is not None:
+        z += (pooled[gmf["field_u"]] * pooled[gmf["field_v"]]) @ np.asarray(gmf["w"], dtype=dtype)
+    return x, hidden, z, pooled, bags
+
+
+def field_predict(spec, keys, n_threads=0, isa="auto"):
+    """Predictions of the field model, shape (n,): ``sigmoid(z)`` for "bce", ``z`` for "mse"."""
+    _, _, z, _, _ = _field_forward(spec, keys)
+    return _activation(z, "logistic") if spec["loss"] == "bce" else z
+
+
+def field_loss_and_gradients(spec, keys, y, weight, alpha, n_threads=0, isa="auto"):
+    """Loss and gradients of the field model on all examples as one batch.
+
+    Returns ``(loss, table_grads, gmf_grad, coef_grads, intercept_grads)``: ``table_grads[f]`` is dense
+    (V_f, d_f), zero outside the rows the batch touches (ids stored in the bags read, weight 0 included);
+    ``gmf_grad`` is None without a GMF term.  With n rows, per-row weights s (1 when ``weight`` is None) and
+    ``dz = s (sigmoid(z) - y)`` ("bce") or ``s (z - y)`` ("mse"):
+
+    * loss = sum(s (softplus(z) - y z)) / n or sum(s (z - y)^2) / (2n), plus
+      ``0.5 alpha (sum ||W_l||^2 + ||gmf_w||^2 + sum over touched rows ||E_f[id]||^2) / n``;
+    * MLP: ``dW_l = (A_l^T D_l + alpha W_l) / n``, ``db_l = sum(D_l) / n`` with ``D_L = dz``;
+    * GMF: ``(sum_r dz_r p_u(r) * p_v(r) + alpha w) / n``;
+    * tables: ``G_f[id] = (sum_{r,j: id_rj = id} w_rj up_f[r] + alpha E_f[id]) / n`` where ``up_f`` is the
+      gradient reaching the pooled vector: ``D_0 W_0^T`` on the field's columns of x, plus for a GMF field
+      ``dz * w * (the other GMF field's pooled vector)``.
+    """
+    dtype = spec["coefs"][0].dtype
+    coefs, intercepts, act = spec["coefs"], spec["intercepts"], spec["activation"]
+    x, hidden, z, pooled, bags = _field_forward(spec, keys)
+    n = len(z)
+    if n < 1:
+        raise ValueError("need at least one example")
+    y = np.asarray(y, dtype=dtype).reshape(-1)
+    if y.shape != (n,):
+        raise ValueError(f"y must have shape ({n},), got {y.shape}")
+    s = np.ones(n, dtype=dtype) if weight is None else np.asarray(weight, dtype=dtype).reshape(-1)
+    if s.shape != (n,):
+        raise ValueError(f"weight must have shape ({n},), got {s.shape}")
+    (alpha_t,) = _hyper(dtype, alpha)
+    n_t = dtype.type(n)
+
+    if spec["loss"] == "bce":
+        loss = _sum64(s * (_softplus(z) - y * z)) / n
+        dz = s * (_activation(z, "logistic") - y)
+    else:
+        loss = 0.5 * _sum64(s * (z - y) ** 2) / n
+        dz = s * (z - y)
+
+    gmf = spec.get("gmf")
+    gmf_grad = None
+    upstream = [np.zeros_like(p) for p in pooled]
+    if gmf is not None:
+        w = np.asarray(gmf["w"], dtype=dtype)
+        pu, pv = pooled[gmf["field_u"]], pooled[gmf["field_v"]]
+        gmf_grad = (dz @ (pu * pv) + alpha_t * w) / n_t
+        upstream[gmf["field_u"]] += dz[:, None] * w * pv
+        upstream[gmf["field_v"]] += dz[:, None] * w * pu
+        loss += 0.5 * alpha * _sum64(w * w) / n
+
+    # The MLP, as in loss_and_gradients, with the 1/n applied at each gradient (D stays a sum over rows).
+    L = len(coefs)
+    coef_grads, intercept_grads = [None] * L, [None] * L
+    D = dz[:, None]
+    loss += 0.5 * alpha * sum(_sum64(W * W) for W in coefs) / n
+    for l in range(L - 1, -1, -1):
+        A = hidden[l - 1] if l > 0 else x
+        coef_grads[l] = (A.T @ D + alpha_t * coefs[l]) / n_t
+        intercept_grads[l] = np.sum(D, axis=0) / n_t
+        D_in = D @ coefs[l].T
+        D = D_in * activation_derivative(A, act) if l > 0 else D_in
+    dx = D  # D_0 W_0^T, (n, width)
+
+    table_grads = []
+    for i, f in enumerate(spec["fields"]):
+        E = np.asarray(f["table"], dtype=dtype)
+        up = upstream[i]
+        if f["offset"] >= 0:
+            up = up + dx[:, f["offset"]:f["offset"] + E.shape[1]]
+        touched = csr_touched_rows(bags[i][0], bags[i][1])
+        G = np.zeros_like(E)
+        G[touched] = (csr_transpose_matmul(*bags[i], up, touched) + alpha_t * E[touched]) / n_t
+        loss += 0.5 * alpha * _sum64(E[touched] ** 2) / n
+        table_grads.append(G)
+    return loss, table_grads, gmf_grad, coef_grads, intercept_grads
+
+
+def field_train_epoch(spec, keys, y, weight, order, batch_size, alpha, optimizer, learning_rate, momentum, nesterov,
+                      beta_1, beta_2, epsilon, adam_t, sampler, epoch, n_threads=0, isa="auto"):
+    """One epoch of the field model over the minibatches ``order[i:i+batch_size]``, updating ``spec`` in place.
+
+    Update rules (``optimizer`` names the family for every parameter):
+
+    * MLP weights/intercepts and the GMF vector: "sgd" = SGD with momentum/Nesterov (``sgd_update``),
+      "adagrad" = element-wise Adagrad (``adagrad_update``), "adam" = Adam (``adam_update``); their state is
+      ``spec["state1"]/["state2"]`` (2L arrays) and ``gmf["state1"]/["state2"]``.
+    * embedding rows, only the rows the batch touches and only their state: "sgd" = plain ``E -= lr G``,
+      "adagrad" = row-wise (``row_adagrad_update``, state1 of shape (V,)), "adam" = lazy Adam with the
+      global step count (state1/state2 of shape (V, d)).
+
+    Negative sampling draws from the core's ``splitmix64`` streams, which this oracle does not reproduce:
+    a sampler with ``negatives > 0`` raises NotImplementedError (the tests check sampling by its properties).
+    Returns ``(loss_sum, adam_t, rows)``: ``sum(batch_loss * batch_rows)`` (losses before each step), the
+    new Adam step count and the number of rows trained on.
+    """
+    if optimizer not in FIELD_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {FIELD_OPTIMIZERS}, got {optimizer!r}")
+    if sampler is not None and sampler.get("negatives", 0) > 0:
+        raise NotImplementedError("the oracle does not reproduce the core's negative sampling (negatives > 0)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    coefs, intercepts = spec["coefs"], spec["intercepts"]
+    L = len(coefs)
+    params = list(coefs) + list(intercepts)
+    state1, state2 = spec["state1"], spec["state2"]
+    if len(state1) != 2 * L or len(state2) != (2 * L if optimizer == "adam" else 0):
+        raise ValueError(f"state1/state2 must hold {2 * L}/{2 * L if optimizer == 'adam' else 0} arrays")
+    for i, f in enumerate(spec["fields"]):
+        if optimizer != "sgd" and f.get("state1") is None:
+            raise ValueError(f"every field needs state1 for optimizer {optimizer!r} (field {i})")
+        if optimizer == "adam" and f.get("state2") is None:
+            raise ValueError(f"every field needs state2 for 'adam' (field {i})")
+    gmf = spec.get("gmf")
+    if gmf is not None and (gmf.get("state1") is None or (optimizer == "adam" and gmf.get("state2") is None)):
+        raise ValueError(f"gmf needs state1 (and state2 for 'adam') for optimizer {optimizer!r}")
+    keys = [np.asarray(k, dtype=np.int64) for k in keys]
+    order = np.asarray(order, dtype=np.int64)
+    y = np.asarray(y)
+    lr = learning_rate
+
+    def dense_step(p, g, s1, s2):
+        if optimizer == "sgd":
+            sgd_update(p, g, s1, lr, momentum, nesterov)
+        elif optimizer == "adagrad":
+            adagrad_update(p, g, s1, lr, epsilon)
+        else:
+            adam_update(p, g, s1, s2, adam_t, lr, beta_1, beta_2, epsilon)
+
+    loss_sum, rows = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch_keys = [k[idx] for k in keys]
+        loss, table_grads, gmf_grad, coef_grads, intercept_grads = field_loss_and_gradients(
+            spec, batch_keys, y[idx], None if weight is None else np.asarray(weight)[idx], alpha)
+        loss_sum += loss * len(idx)
+        rows += len(idx)
+        if optimizer == "adam":
+            adam_t += 1
+        # Which rows each field touches, before any table changes.
+        touched = []
+        for f in spec["fields"]:
+            b = _bag_rows(f["bags"], batch_keys[f["key"]], f["table"].dtype)
+            touched.append(csr_touched_rows(b[0], b[1]))
+        for i, (p, g) in enumerate(zip(params, list(coef_grads) + list(intercept_grads))):
+            dense_step(p, g, state1[i], state2[i] if optimizer == "adam" else None)
+        if gmf is not None:
+            dense_step(gmf["w"], gmf_grad, gmf["state1"], gmf.get("state2") if optimizer == "adam" else None)
+        for f, G, rows_f in zip(spec["fields"], table_grads, touched):
+            E = f["table"]
+            sub_E, sub_G = E[rows_f], G[rows_f]
+            if optimizer == "sgd":
+                (lr_t,) = _hyper(E.dtype, lr)
+                sub_E -= lr_t * sub_G
+            elif optimizer == "adagrad":
+                acc = f["state1"].reshape(-1)
+                sub_a = acc[rows_f]
+                row_adagrad_update(sub_E, sub_G, sub_a, lr, epsilon)
+                acc[rows_f] = sub_a
+            else:
+                m, s = f["state1"].reshape(E.shape), f["state2"].reshape(E.shape)
+                sub_m, sub_s = m[rows_f], s[rows_f]
+                adam_update(sub_E, sub_G, sub_m, sub_s, adam_t, lr, beta_1, beta_2, epsilon)
+                m[rows_f], s[rows_f] = sub_m, sub_s
+            E[rows_f] = sub_E
+    return loss_sum, adam_t, rows
+
+
+def field_topk(spec, sampler, users, candidates, k, exclude_seen, n_threads=0, isa="auto"):
+    """Brute-force top-k: ``field_predict`` over every (user, candidate) pair, best first, ties to the lower
+    item index (a stable sort of the negated scores over candidates in increasing item order), seen items
+    skipped when ``exclude_seen``; -1 / -inf padding.  Returns ``(items int32 (n_users, k), scores (n_users, k))``
+    with scores in the spec's dtype."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    dtype = spec["coefs"][0].dtype
+    n_items = int(sampler["n_items"])
+    cand = np.arange(n_items) if candidates is None else np.sort(np.asarray(candidates, dtype=np.int64))
+    users = np.asarray(users, dtype=np.int64)
+    seen = sampler.get("seen")
+    items_out = np.full((len(users), k), -1, dtype=np.int32)
+    scores_out = np.full((len(users), k), -np.inf, dtype=dtype)
+    for row, u in enumerate(users):
+        c = cand
+        if exclude_seen and seen is not None:
+            c = np.setdiff1d(c, np.asarray(seen[1])[int(seen[0][u]):int(seen[0][u + 1])])
+        if len(c) == 0:
+            continue
+        keys = [np.zeros(len(c), dtype=np.int32) for _ in range(int(spec["n_keys"]))]
+        keys[sampler["user_key"]][:] = u
+        keys[sampler["item_key"]][:] = c
+        scores = field_predict(spec, keys)
+        best = np.argsort(-scores, kind="stable")[:k]
+        items_out[row, :len(best)] = c[best]
+        scores_out[row, :len(best)] = scores[best]
+    return items_out, scores_out
