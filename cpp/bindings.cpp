@@ -304,6 +304,7 @@ class FieldHandle {
     check.mlp = model_.mlp;
     validate_fields(check);
     model_.fields[static_cast<std::size_t>(i)].bags = table;
+    topk_cache_ = TopkCache();
     keep_alive(bags);
   }
 
@@ -316,6 +317,7 @@ class FieldHandle {
       throw py::value_error("dense[" + std::to_string(b) + "].table must have " + std::to_string(d.cols) + " columns");
     d.table = static_cast<const float*>(table.data());
     d.rows = table.shape(0);
+    topk_cache_ = TopkCache();
     keep_alive(table_obj);
   }
 
@@ -452,6 +454,10 @@ class FieldHandle {
     const index_t n_users = users.shape(0);
     validate(model_, sampler);
     if (model_.n_keys != 2) throw py::value_error("top-k needs a model of exactly two key columns (user, item)");
+    if (model_.gmf.field_u >= 0 &&
+        model_.fields[static_cast<std::size_t>(model_.gmf.field_u)].key ==
+            model_.fields[static_cast<std::size_t>(model_.gmf.field_v)].key)
+      throw py::value_error("top-k needs the two GMF fields on different sides (one per key column)");
     std::int32_t max_user = -1;
     for (index_t u = 0; u < n_users; ++u) {
       if (pu[u] < 0) throw py::value_error("users must be non-negative");
@@ -468,7 +474,7 @@ class FieldHandle {
     const KernelSet& ks = kernels_for(resolve_isa(isa));
     {
       py::gil_scoped_release release;
-      field_topk(ks, model_, sampler, pu, n_users, pc, n_candidates, k, exclude_seen, pi, ps, n_threads);
+      field_topk(ks, model_, sampler, pu, n_users, pc, n_candidates, k, exclude_seen, pi, ps, topk_cache_, n_threads);
     }
     return py::make_tuple(items, scores);
   }
@@ -487,6 +493,7 @@ class FieldHandle {
   FieldModel model_;
   bool trainable_;
   std::vector<py::object> keep_;
+  mutable TopkCache topk_cache_;  // see fields.h; dropped when a table is replaced
 };
 
 py::dict show_config() {

@@ -414,34 +414,106 @@ double field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt, con
   return loss_sum;
 }
 
+namespace {
+
+// x rows (n x width) with only the inputs read through key column `side` (all other columns zero), and the
+// pooled vector of the GMF field of that side (if any) into ws.pooled_gmf[0].
+void side_inputs(const KernelSet& ks, const FieldModel& m, index_t n, int side, FieldWorkspace& ws, int n_threads) {
+  std::fill(ws.x.begin(), ws.x.begin() + n * m.width, 0.0f);
+  for (std::size_t i = 0; i < m.fields.size(); ++i) {
+    const EmbeddingField& f = m.fields[i];
+    if (f.key != side) continue;
+    const CsrView bags = gather_bags(f, ws.keys[static_cast<std::size_t>(f.key)], n, ws.fields[i], nullptr);
+    if (f.offset >= 0)
+      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.x.data() + f.offset, m.width, nullptr, n_threads);
+    else
+      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.pooled_gmf[0].data(), f.dim, nullptr, n_threads);
+  }
+  for (const DenseBlock& b : m.dense) {
+    if (b.key != side) continue;
+    const std::vector<std::int32_t>& keys = ws.keys[static_cast<std::size_t>(b.key)];
+    for (index_t r = 0; r < n; ++r)
+      std::memcpy(ws.x.data() + r * m.width + b.offset, b.table + static_cast<index_t>(keys[r]) * b.cols,
+                  sizeof(float) * static_cast<std::size_t>(b.cols));
+  }
+}
+
+void build_topk_cache(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s, TopkCache& cache,
+                      int n_threads) {
+  const Layer& first = m.mlp.layers[0];
+  const index_t h = first.fan_out, n_items = s.n_items;
+  const index_t d = m.gmf.field_u >= 0 ? m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim : 0;
+  cache.item_part.resize(static_cast<std::size_t>(n_items * h));
+  cache.item_gmf.resize(static_cast<std::size_t>(n_items * d));
+  FieldWorkspace ws(m, std::min(n_items, kPredictChunk));
+  for (index_t c0 = 0; c0 < n_items; c0 += kPredictChunk) {
+    const index_t n = std::min(kPredictChunk, n_items - c0);
+    for (auto& keys : ws.keys) keys.assign(static_cast<std::size_t>(n), 0);
+    for (index_t r = 0; r < n; ++r) ws.keys[static_cast<std::size_t>(s.item_key)][r] = static_cast<std::int32_t>(c0 + r);
+    side_inputs(ks, m, n, s.item_key, ws, n_threads);
+    sgemm(ks, false, false, n, h, m.width, ws.x.data(), m.width, first.W, h, cache.item_part.data() + c0 * h, h,
+          nullptr, n_threads);
+    if (d) std::memcpy(cache.item_gmf.data() + c0 * d, ws.pooled_gmf[0].data(), sizeof(float) * static_cast<std::size_t>(n * d));
+  }
+  cache.n_items = n_items;
+}
+
+}  // namespace
+
 void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s, const std::int32_t* users,
                 index_t n_users, const std::int32_t* candidates, index_t n_candidates, index_t k, bool exclude_seen,
-                std::int32_t* out_items, float* out_scores, int n_threads) {
+                std::int32_t* out_items, float* out_scores, TopkCache& cache, int n_threads) {
+  // The first layer is linear in x = [user part, item part]: its item part is computed once for all items
+  // (cached), its user part once per user, and only the rest of the MLP runs per (user, item).
+  if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
+  const std::size_t L = m.mlp.layers.size();
+  const Layer& first = m.mlp.layers[0];
+  const index_t h = first.fan_out;
+  const index_t d = m.gmf.field_u >= 0 ? m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim : 0;
   const index_t n_items = candidates ? n_candidates : s.n_items;
   FieldWorkspace ws(m, std::min(std::max<index_t>(n_items, 1), kPredictChunk));
-  // (score, item) best first: higher score, then lower item index.
+  std::vector<float> user_part(static_cast<std::size_t>(h)), user_gmf(static_cast<std::size_t>(d));
   auto better = [](const std::pair<float, std::int32_t>& a, const std::pair<float, std::int32_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
+    return a.first > b.first || (a.first == b.first && a.second < b.second);  // higher score, then lower item
   };
   std::vector<std::pair<float, std::int32_t>> heap;
   for (index_t u = 0; u < n_users; ++u) {
     const std::int32_t user = users[u];
+    for (auto& keys : ws.keys) keys.assign(1, 0);
+    ws.keys[static_cast<std::size_t>(s.user_key)][0] = user;
+    side_inputs(ks, m, 1, s.user_key, ws, n_threads);
+    Epilogue bias;
+    bias.bias = first.b;
+    sgemm(ks, false, false, 1, h, m.width, ws.x.data(), m.width, first.W, h, user_part.data(), h, &bias, 1);
+    for (index_t j = 0; j < d; ++j) user_gmf[j] = m.gmf.w[j] * ws.pooled_gmf[0][j];
     const std::int32_t* seen_begin = exclude_seen && s.seen_indptr ? s.seen_items + s.seen_indptr[user] : nullptr;
     const std::int32_t* seen_end = exclude_seen && s.seen_indptr ? s.seen_items + s.seen_indptr[user + 1] : nullptr;
     heap.clear();
     for (index_t c0 = 0; c0 < n_items; c0 += kPredictChunk) {
       const index_t n = std::min(kPredictChunk, n_items - c0);
-      for (int key = 0; key < m.n_keys; ++key) ws.keys[static_cast<std::size_t>(key)].assign(static_cast<std::size_t>(n), 0);
+      float* z1 = ws.mlp.acts[1].data();
       for (index_t r = 0; r < n; ++r) {
-        ws.keys[static_cast<std::size_t>(s.user_key)][r] = user;
-        ws.keys[static_cast<std::size_t>(s.item_key)][r] =
-            candidates ? candidates[c0 + r] : static_cast<std::int32_t>(c0 + r);
+        const index_t item = candidates ? candidates[c0 + r] : c0 + r;
+        const float* part = cache.item_part.data() + item * h;
+        for (index_t j = 0; j < h; ++j) z1[r * h + j] = part[j] + user_part[j];
       }
-      batch_logits(ks, m, n, ws, n_threads);
+      if (L > 1) ks.activate(z1, n * h, m.mlp.hidden);
+      for (std::size_t l = 1; l < L; ++l) {
+        const Layer& layer = m.mlp.layers[l];
+        Epilogue e;
+        e.bias = layer.b;
+        e.act = l + 1 == L ? Activation::Identity : m.mlp.hidden;
+        sgemm(ks, false, false, n, layer.fan_out, layer.fan_in, ws.mlp.acts[l].data(), layer.fan_in, layer.W,
+              layer.fan_out, ws.mlp.acts[l + 1].data(), layer.fan_out, &e, n_threads);
+      }
+      const float* z = ws.mlp.acts[L].data();
       for (index_t r = 0; r < n; ++r) {
-        const std::int32_t item = ws.keys[static_cast<std::size_t>(s.item_key)][r];
+        const std::int32_t item = candidates ? candidates[c0 + r] : static_cast<std::int32_t>(c0 + r);
         if (seen_begin && contains_sorted(seen_begin, seen_end, item)) continue;
-        const std::pair<float, std::int32_t> entry{ws.logits[r], item};
+        float score = z[r];
+        const float* g = cache.item_gmf.data() + static_cast<index_t>(item) * d;
+        for (index_t j = 0; j < d; ++j) score += user_gmf[j] * g[j];
+        const std::pair<float, std::int32_t> entry{score, item};
         if (static_cast<index_t>(heap.size()) < k) {
           heap.push_back(entry);
           std::push_heap(heap.begin(), heap.end(), better);  // worst on top

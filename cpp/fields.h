@@ -106,12 +106,20 @@ double field_train_epoch(const KernelSet& ks, FieldModel& model, Optimizer& opt,
                          const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
                          const NegativeSampler& sampler, std::uint64_t epoch, index_t* rows_seen, int n_threads);
 
+// Per-handle cache of top-k: the item-keyed inputs times W_0 for every item (n_items x fan_out(0)) and the
+// items' pooled GMF vectors. Built on the first top-k call; valid while the parameters do not change.
+struct TopkCache {
+  std::vector<float> item_part, item_gmf;
+  index_t n_items = -1;
+};
+
 // Top-k items for each user: users[u] is a value of key column `sampler.user_key`, candidates the values of
 // the item key to rank (all n_items when candidates == nullptr). Seen items (sampler.seen_*) are skipped
 // when exclude_seen. Writes k item indices (-1 when fewer candidates) and scores per user, best first; ties
 // keep the lower item index first.
 void field_topk(const KernelSet& ks, const FieldModel& model, const NegativeSampler& sampler,
                 const std::int32_t* users, index_t n_users, const std::int32_t* candidates, index_t n_candidates,
-                index_t k, bool exclude_seen, std::int32_t* out_items, float* out_scores, int n_threads);
+                index_t k, bool exclude_seen, std::int32_t* out_items, float* out_scores, TopkCache& cache,
+                int n_threads);
 
 }  // namespace fastrec
