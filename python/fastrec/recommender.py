@@ -250,6 +250,8 @@ class Recommender(BaseEstimator):
             weight = np.asarray(sample_weight, dtype=np.float64)
             if weight.shape != (n,) or not np.isfinite(weight).all() or (weight < 0).any():
                 raise ValueError(f"sample_weight must be {n} finite non-negative numbers")
+            if not weight.any():
+                raise ValueError("sample_weight is all zeros: no interaction would count")
             weight = weight.astype(np.float32)
         user_features = self._check_table(user_features, "user_features")
         item_features = self._check_table(item_features, "item_features")
@@ -372,7 +374,8 @@ class Recommender(BaseEstimator):
         """The k best items for each user: (item ids (n_users, k), scores (n_users, k)), best first.
 
         exclude_seen: skip the items each user interacted with in training. items: rank only these
-        candidates (raw ids; unknown ones are ignored). k is capped at the number of candidates.
+        candidates (raw ids; unknown ones are ignored). k is capped at the number of candidates; a user with
+        fewer than k candidates left gets padding: id -1 (or "" for string ids) and score -inf.
         """
         self._check_fitted()
         single = np.ndim(users) == 0
@@ -388,6 +391,9 @@ class Recommender(BaseEstimator):
         idx, scores = self._handle().topk(sampler, self._users.index(users), candidates, k, bool(exclude_seen),
                                           self._threads())
         ids = self._items.ids[np.maximum(idx, 1) - 1]
+        missing = idx < 0  # fewer than k candidates left for that user (seen items excluded)
+        if missing.any():
+            ids = np.where(missing, "" if ids.dtype.kind == "U" else -1, ids)
         scores = scores.astype(np.float64) + self.rating_mean_
         if single:
             return ids[0], scores[0]
