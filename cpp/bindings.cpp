@@ -275,6 +275,45 @@ NegativeSampler make_sampler(py::handle obj) {
 }
 
 
+// The row order of an epoch: int64 row numbers in [0, rows).
+std::pair<const std::int64_t*, index_t> checked_order(py::handle order_obj, index_t rows, index_t batch_size) {
+  py::array order = checked<std::int64_t>(order_obj, "order", 1, false);
+  const auto* po = static_cast<const std::int64_t*>(order.data());
+  for (index_t i = 0; i < order.shape(0); ++i)
+    if (po[i] < 0 || po[i] >= rows)
+      throw py::value_error("order must hold row numbers in [0, " + std::to_string(rows) + ")");
+  if (batch_size < 1) throw py::value_error("batch_size must be >= 1, got " + std::to_string(batch_size));
+  return {po, order.shape(0)};
+}
+
+// The optimizer of the dense parameters, its hyper-parameters, and its state arrays checked against net.
+Optimizer make_optimizer(const std::string& solver, bool allow_adagrad, const py::list& state1,
+                         const py::list& state2, const Network& net, float learning_rate, float momentum,
+                         bool nesterov, float beta_1, float beta_2, float epsilon, std::int64_t adam_t) {
+  Optimizer opt;
+  if (solver == "sgd") opt.solver = Solver::Sgd;
+  else if (solver == "adagrad" && allow_adagrad) opt.solver = Solver::Adagrad;
+  else if (solver == "adam") opt.solver = Solver::Adam;
+  else
+    throw py::value_error(std::string(allow_adagrad ? "optimizer must be 'sgd', 'adagrad' or 'adam'"
+                                                    : "solver must be 'sgd' or 'adam'") + ", got '" + solver + "'");
+  const std::size_t n_params = 2 * net.layers.size();
+  if (state1.size() != n_params) throw py::value_error("state1 must hold " + std::to_string(n_params) + " arrays");
+  if (state2.size() != (opt.solver == Solver::Adam ? n_params : 0))
+    throw py::value_error(opt.solver == Solver::Adam ? "state2 must hold " + std::to_string(n_params) + " arrays"
+                                                     : "state2 must be empty for '" + solver + "'");
+  opt.state1 = state_arrays(state1, "state1", net);
+  opt.state2 = state_arrays(state2, "state2", net);
+  opt.learning_rate = learning_rate;
+  opt.momentum = momentum;
+  opt.nesterov = nesterov;
+  opt.beta_1 = beta_1;
+  opt.beta_2 = beta_2;
+  opt.epsilon = epsilon;
+  opt.adam_t = adam_t;
+  return opt;
+}
+
 // A validated field model over the caller's arrays (references kept, so the arrays outlive any change the
 // caller makes to its own lists). Built once per fitted model: a call then costs only its own work.
 class FieldHandle {
@@ -375,26 +414,9 @@ class FieldHandle {
     if (!trainable_) throw py::value_error("this field model handle was built for prediction only");
     const Examples ex = make_examples(model_, keys, y, weight);
     if (!ex.y) throw py::value_error("y is required for training");
-    py::array order = checked<std::int64_t>(order_obj, "order", 1, false);
-    const index_t n_order = order.shape(0);
-    const auto* po = static_cast<const std::int64_t*>(order.data());
-    for (index_t i = 0; i < n_order; ++i)
-      if (po[i] < 0 || po[i] >= ex.rows)
-        throw py::value_error("order must hold row numbers in [0, " + std::to_string(ex.rows) + ")");
-    if (batch_size < 1) throw py::value_error("batch_size must be >= 1, got " + std::to_string(batch_size));
-    Optimizer opt;
-    if (solver == "sgd") opt.solver = Solver::Sgd;
-    else if (solver == "adagrad") opt.solver = Solver::Adagrad;
-    else if (solver == "adam") opt.solver = Solver::Adam;
-    else throw py::value_error("optimizer must be 'sgd', 'adagrad' or 'adam', got '" + solver + "'");
-    const std::size_t n_params = 2 * model_.mlp.layers.size();
-    if (mlp_state1.size() != n_params)
-      throw py::value_error("state1 must hold " + std::to_string(n_params) + " arrays");
-    if (mlp_state2.size() != (opt.solver == Solver::Adam ? n_params : 0))
-      throw py::value_error("state2 must hold " + std::to_string(opt.solver == Solver::Adam ? n_params : 0) +
-                            " arrays");
-    opt.state1 = state_arrays(mlp_state1, "state1", model_.mlp);
-    opt.state2 = state_arrays(mlp_state2, "state2", model_.mlp);
+    const auto [po, n_order] = checked_order(order_obj, ex.rows, batch_size);
+    Optimizer opt = make_optimizer(solver, true, mlp_state1, mlp_state2, model_.mlp, learning_rate, momentum,
+                                   nesterov, beta_1, beta_2, epsilon, adam_t);
     for (const EmbeddingField& f : model_.fields) {
       // Row-wise Adagrad keeps one float per row, lazy Adam a full row per moment.
       const index_t want = opt.solver == Solver::Adagrad ? f.vocab : opt.solver == Solver::Adam ? f.vocab * f.dim : 0;
@@ -408,13 +430,6 @@ class FieldHandle {
     if (model_.gmf.field_u >= 0 && !model_.gmf.state1) throw py::value_error("gmf needs state1");
     if (model_.gmf.field_u >= 0 && opt.solver == Solver::Adam && !model_.gmf.state2)
       throw py::value_error("gmf needs state2 for 'adam'");
-    opt.learning_rate = learning_rate;
-    opt.momentum = momentum;
-    opt.nesterov = nesterov;
-    opt.beta_1 = beta_1;
-    opt.beta_2 = beta_2;
-    opt.epsilon = epsilon;
-    opt.adam_t = adam_t;
     const NegativeSampler sampler = make_sampler(sampler_obj);
     if (sampler.negatives > 0) {
       validate(model_, sampler);
@@ -495,6 +510,7 @@ class FieldHandle {
   std::vector<py::object> keep_;
   mutable TopkCache topk_cache_;  // see fields.h; dropped when a table is replaced
 };
+
 
 py::dict show_config() {
   py::dict d;
@@ -609,32 +625,9 @@ PYBIND11_MODULE(_core, m) {
         const Network net = make_network(coefs, intercepts, activation, out_activation, true);
         const Input in = make_input(X, net.layers[0].fan_in);
         const float* y = checked_targets(Y, net, in.rows);
-        py::array order = checked<std::int64_t>(order_obj, "order", 1, false);
-        const index_t n_order = order.shape(0);
-        const auto* po = static_cast<const std::int64_t*>(order.data());
-        for (index_t i = 0; i < n_order; ++i)
-          if (po[i] < 0 || po[i] >= in.rows)
-            throw py::value_error("order must hold row numbers in [0, " + std::to_string(in.rows) + ")");
-        if (batch_size < 1) throw py::value_error("batch_size must be >= 1, got " + std::to_string(batch_size));
-        Optimizer opt;
-        if (solver == "sgd") opt.solver = Solver::Sgd;
-        else if (solver == "adam") opt.solver = Solver::Adam;
-        else throw py::value_error("solver must be 'sgd' or 'adam', got '" + solver + "'");
-        const std::size_t n_params = 2 * net.layers.size();
-        if (state1.size() != n_params)
-          throw py::value_error("state1 must hold " + std::to_string(n_params) + " arrays");
-        if (state2.size() != (opt.solver == Solver::Adam ? n_params : 0))
-          throw py::value_error(opt.solver == Solver::Adam ? "state2 must hold " + std::to_string(n_params) + " arrays"
-                                                           : std::string("state2 must be empty for sgd"));
-        opt.state1 = state_arrays(state1, "state1", net);
-        opt.state2 = state_arrays(state2, "state2", net);
-        opt.learning_rate = learning_rate;
-        opt.momentum = momentum;
-        opt.nesterov = nesterov;
-        opt.beta_1 = beta_1;
-        opt.beta_2 = beta_2;
-        opt.epsilon = epsilon;
-        opt.adam_t = adam_t;
+        const auto [po, n_order] = checked_order(order_obj, in.rows, batch_size);
+        Optimizer opt = make_optimizer(solver, false, state1, state2, net, learning_rate, momentum, nesterov, beta_1,
+                                       beta_2, epsilon, adam_t);
         const KernelSet& ks = kernels_for(resolve_isa(isa));
         double loss_sum;
         {
