@@ -1,0 +1,237 @@
+"""`fastrec.FieldModel`: click-through-rate style models over named input columns.
+
+`X` is a dict column name -> values, one row per example:
+- a 1-D array of ints or strings: a categorical id field (one embedding row per distinct training value,
+  row 0 for values never seen in training, or `hash_buckets` rows for unbounded vocabularies);
+- a scipy sparse matrix (n, v): a multi-hot field, a bag of column ids per row with the stored values as
+  weights, pooled by "mean" (default) or "sum";
+- a float array (n,) or (n, c): numeric features (standardised with the training mean and deviation).
+The pooled embeddings and numeric columns feed an MLP with one output (`loss` "bce": a probability, "mse": a
+value). It runs on the same engine as `fastrec.Recommender` (`fastrec._fieldnet.FieldNet`): here every field
+is read through one key column, the example's own row.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+import zlib
+
+import numpy as np
+import scipy.sparse as sp
+
+from fastrec._base import BaseEstimator
+from fastrec._checks import check_random_state, not_fitted_error
+from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, bags_of_csr, bags_of_ids
+from fastrec.features import as_id_array
+
+__all__ = ["FieldModel"]
+
+
+def _hash_codes(values: np.ndarray, buckets: int) -> np.ndarray:
+    """Stable bucket 1..buckets of each value (crc32 of its text: the same in every process and run)."""
+    return np.fromiter((zlib.crc32(str(v).encode()) % buckets + 1 for v in values.tolist()), np.int64, len(values))
+
+
+class FieldModel(BaseEstimator):
+    """Embeddings of named categorical / multi-hot columns plus numeric columns, then an MLP.
+
+    Parameters
+    ----------
+    fields : dict name -> dict, optional
+        Per-column options: {"dim": int, "pooling": "mean" | "sum", "hash_buckets": int}.
+    embedding_dim : int, default=16
+        Dimension of every embedding without its own "dim".
+    hidden_layer_sizes, activation, optimizer, learning_rate, alpha, epochs, batch_size, random_state,
+    n_threads, verbose : as in `fastrec.Recommender`.
+    loss : {"bce", "mse"}, default="bce"
+
+    Attributes
+    ----------
+    columns_ : list of (name, kind) with kind "categorical", "multi_hot" or "numeric", in input order.
+    loss_curve_ : mean training loss per epoch.
+    """
+
+    def __init__(self, fields=None, embedding_dim=16, hidden_layer_sizes=(64, 32), activation="relu", loss="bce",
+                 optimizer="adam", learning_rate=1e-3, alpha=1e-5, epochs=5, batch_size=256, momentum=0.9,
+                 nesterovs_momentum=True, random_state=None, n_threads=None, verbose=False):
+        self.fields = fields
+        self.embedding_dim = embedding_dim
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.loss = loss
+        self.optimizer = optimizer
+        self.learning_rate = learning_rate
+        self.alpha = alpha
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------------------------ inputs
+    def _options(self, name):
+        opts = dict((self.fields or {}).get(name, {}))
+        unknown = set(opts) - {"dim", "pooling", "hash_buckets"}
+        if unknown:
+            raise ValueError(f"fields[{name!r}] has unknown options {sorted(unknown)}")
+        dim = opts.get("dim", self.embedding_dim)
+        if not isinstance(dim, numbers.Integral) or dim < 1:
+            raise ValueError(f"fields[{name!r}]['dim'] must be an integer >= 1, got {dim!r}")
+        pooling = opts.get("pooling", "mean")
+        if pooling not in ("mean", "sum"):
+            raise ValueError(f"fields[{name!r}]['pooling'] must be 'mean' or 'sum', got {pooling!r}")
+        buckets = opts.get("hash_buckets")
+        if buckets is not None and (not isinstance(buckets, numbers.Integral) or buckets < 1):
+            raise ValueError(f"fields[{name!r}]['hash_buckets'] must be an integer >= 1, got {buckets!r}")
+        return int(dim), pooling, buckets
+
+    def _inputs(self, X, fit: bool):
+        """Bag tables and dense tables of X (rows = examples), learning vocabularies and scalings when fit."""
+        if not isinstance(X, dict) or not X:
+            raise TypeError("X must be a non-empty dict: column name -> array or sparse matrix")
+        names = list(X)
+        if not fit and names != [name for name, _ in self.columns_]:
+            raise ValueError(f"X has columns {names}, the model was fitted on {[n for n, _ in self.columns_]}")
+        n = None
+        bags, dense, kinds = [], [], []
+        for name in names:
+            value = X[name]
+            if sp.issparse(value):
+                kind = "multi_hot"
+                value = value.tocsr()
+                rows = value.shape[0]
+            else:
+                value = value.to_numpy() if hasattr(value, "to_numpy") else np.asarray(value)
+                kind = "numeric" if np.issubdtype(value.dtype, np.floating) else "categorical"
+                rows = value.shape[0] if value.ndim else 0
+            if n is None:
+                n = rows
+            if rows != n or rows == 0:
+                raise ValueError(f"column {name!r} has {rows} rows; every column needs the same number, at least 1")
+            if not fit and kind != dict(self.columns_)[name]:
+                raise TypeError(f"column {name!r} is {kind} but was {dict(self.columns_)[name]} at fit")
+            kinds.append((name, kind))
+            dim, pooling, buckets = self._options(name)
+            if kind == "categorical":
+                values = as_id_array(value, f"X[{name!r}]")
+                if buckets:
+                    codes = _hash_codes(values, buckets)
+                else:
+                    if fit:
+                        self._vocab_[name] = np.unique(values)
+                    vocab = self._vocab_[name]
+                    codes = np.zeros(len(values), np.int64)
+                    if len(vocab) and (values.dtype.kind == "U") == (vocab.dtype.kind == "U"):
+                        pos = np.minimum(np.searchsorted(vocab, values), len(vocab) - 1)
+                        codes = np.where(vocab[pos] == values, pos + 1, 0)
+                bags.append(bags_of_ids(codes))
+            elif kind == "multi_hot":
+                if fit:
+                    self._vocab_[name] = value.shape[1]
+                if value.shape[1] != self._vocab_[name]:
+                    raise ValueError(f"X[{name!r}] has {value.shape[1]} columns, the model was fitted on "
+                                     f"{self._vocab_[name]}")
+                if not np.isfinite(value.data).all():
+                    raise ValueError(f"X[{name!r}] contains NaN or infinity")
+                bags.append(bags_of_csr(value, mean=pooling == "mean"))
+            else:
+                values = value.reshape(n, -1).astype(np.float64)
+                if not np.isfinite(values).all():
+                    raise ValueError(f"X[{name!r}] contains NaN or infinity")
+                if fit:
+                    std = values.std(axis=0)
+                    self._scale_[name] = (values.mean(axis=0), np.where(std > 0, std, 1.0))
+                mean, std = self._scale_[name]
+                if values.shape[1] != len(mean):
+                    raise ValueError(f"X[{name!r}] has {values.shape[1]} columns, the model was fitted on {len(mean)}")
+                dense.append(np.ascontiguousarray((values - mean) / std, dtype=np.float32))
+        return n, kinds, bags, dense
+
+    def _threads(self):
+        return 0 if self.n_threads is None else int(self.n_threads)
+
+    # ------------------------------------------------------------------------------------ fit / predict
+    def fit(self, X, y, sample_weight=None):
+        """Train on X (dict of columns) and targets y (0/1 for "bce", values for "mse")."""
+        if self.loss not in ("bce", "mse"):
+            raise ValueError(f"loss must be 'bce' or 'mse', got {self.loss!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "embedding_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        hidden = (self.hidden_layer_sizes,) if isinstance(self.hidden_layer_sizes, numbers.Integral) else tuple(
+            self.hidden_layer_sizes)
+        if any(not isinstance(h, numbers.Integral) or h < 1 for h in hidden):
+            raise ValueError(f"hidden_layer_sizes must hold integers >= 1, got {self.hidden_layer_sizes!r}")
+        self._vocab_, self._scale_ = {}, {}
+        n, kinds, bags, dense_tables = self._inputs(X, fit=True)
+        y = np.asarray(y, dtype=np.float64)
+        if y.shape != (n,) or not np.isfinite(y).all():
+            raise ValueError(f"y must be {n} finite numbers, got shape {y.shape}")
+        if self.loss == "bce" and not np.isin(y, (0.0, 1.0)).all():
+            raise ValueError("y must hold 0/1 labels for loss='bce'")
+        weight = None
+        if sample_weight is not None:
+            weight = np.asarray(sample_weight, dtype=np.float64)
+            if weight.shape != (n,) or not np.isfinite(weight).all() or (weight < 0).any() or not weight.any():
+                raise ValueError(f"sample_weight must be {n} finite non-negative numbers, not all zero")
+            weight = weight.astype(np.float32)
+        self.columns_ = kinds
+        fields, blocks = [], []
+        for (name, kind), bag in zip([k for k in kinds if k[1] != "numeric"], bags):
+            dim, _, buckets = self._options(name)
+            vocab = (buckets + 1) if buckets else (len(self._vocab_[name]) + 1 if kind == "categorical"
+                                                   else self._vocab_[name])
+            fields.append(Field(name, vocab, dim, 0))
+        for (name, _), table in zip([k for k in kinds if k[1] == "numeric"], dense_tables):
+            blocks.append(DenseBlock(name, table.shape[1], 0))
+        rng = check_random_state(self.random_state)
+        self.net_ = FieldNet(fields, blocks, hidden, self.activation, self.loss, 1, rng)
+        self.net_.reset_optimizer(self.optimizer)
+        self._y_offset = float(np.average(y, weights=weight)) if self.loss == "mse" else 0.0
+        targets = (y - self._y_offset).astype(np.float32)
+        handle = self.net_.handle(bags, dense_tables, training=True)
+        keys = [np.arange(n, dtype=np.int32)]
+        self.loss_curve_ = []
+        for epoch in range(self.epochs):
+            start = time.perf_counter()
+            order = rng.permutation(n).astype(np.int64)
+            loss_sum, rows = self.net_.train_epoch(
+                handle, keys, targets, weight, order, batch_size=self.batch_size, alpha=float(self.alpha),
+                learning_rate=float(self.learning_rate), momentum=float(self.momentum),
+                nesterov=bool(self.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=None,
+                epoch=epoch, n_threads=self._threads())
+            loss = loss_sum / max(rows, 1)
+            if not np.isfinite(loss) or not self.net_.check_finite():
+                raise ValueError(f"training diverged at epoch {epoch + 1} (loss {loss}); lower learning_rate")
+            self.loss_curve_.append(loss)
+            if self.verbose:
+                print(f"epoch {epoch + 1}/{self.epochs}: loss {loss:.5f}, {rows / (time.perf_counter() - start):,.0f} "
+                      "examples/s")
+        return self
+
+    def _raw(self, X):
+        if not hasattr(self, "net_"):
+            raise not_fitted_error(self)
+        n, _, bags, dense_tables = self._inputs(X, fit=False)
+        handle = self.net_.handle(bags, dense_tables)
+        return handle.predict([np.arange(n, dtype=np.int32)], self._threads()).astype(np.float64)
+
+    def predict_proba(self, X):
+        """(n, 2) probabilities of label 0 and 1 (loss "bce")."""
+        if self.loss != "bce":
+            raise ValueError("predict_proba needs loss='bce'")
+        p = self._raw(X)
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, X):
+        """Labels 0/1 (loss "bce", threshold 0.5) or predicted values (loss "mse")."""
+        raw = self._raw(X)
+        return (raw >= 0.5).astype(np.int64) if self.loss == "bce" else raw + self._y_offset
