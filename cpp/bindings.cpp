@@ -21,6 +21,12 @@ using namespace fastrec;
 
 namespace {
 
+// Around every call into the core: the GIL released, subnormals flushed on this thread (parallel.h).
+struct CoreCall {
+  py::gil_scoped_release release;
+  FlushDenormals flush;
+};
+
 std::string shape_str(const py::array& a) {
   std::string s = "(";
   for (py::ssize_t d = 0; d < a.ndim(); ++d) s += (d ? ", " : "") + std::to_string(a.shape(d));
@@ -366,7 +372,7 @@ class FieldHandle {
     py::array_t<float> out(ex.rows);
     float* po = out.mutable_data();
     {
-      py::gil_scoped_release release;
+      const CoreCall call;
       field_predict(ks, model_, ex, po, n_threads);
     }
     return out;
@@ -400,7 +406,7 @@ class FieldHandle {
     }
     double loss;
     {
-      py::gil_scoped_release release;
+      const CoreCall call;
       loss = field_loss_and_gradients(ks, model_, ex, alpha, tg, pg, gw, gb, n_threads);
     }
     return py::make_tuple(loss, table_grads, gmf_grad, coef_grads, intercept_grads);
@@ -442,7 +448,7 @@ class FieldHandle {
     double loss_sum;
     index_t rows_seen = 0;
     {
-      py::gil_scoped_release release;
+      const CoreCall call;
       loss_sum = field_train_epoch(ks, model_, opt, ex, po, n_order, batch_size, alpha, sampler, epoch, &rows_seen,
                                    n_threads);
     }
@@ -488,7 +494,7 @@ class FieldHandle {
     float* ps = scores.mutable_data();
     const KernelSet& ks = kernels_for(resolve_isa(isa));
     {
-      py::gil_scoped_release release;
+      const CoreCall call;
       field_topk(ks, model_, sampler, pu, n_users, pc, n_candidates, k, exclude_seen, pi, ps, topk_cache_, n_threads);
     }
     return py::make_tuple(items, scores);
@@ -560,7 +566,7 @@ PYBIND11_MODULE(_core, m) {
         float* pc = c.mutable_data();
         const index_t lda = a.shape(1), ldb = b.shape(1);
         {
-          py::gil_scoped_release release;
+          const CoreCall call;
           sgemm(ks, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, nullptr, n_threads);
         }
         return c;
@@ -578,7 +584,7 @@ PYBIND11_MODULE(_core, m) {
         py::array_t<float> out({in.rows, net.layers.back().fan_out});
         float* po = out.mutable_data();
         {
-          py::gil_scoped_release release;
+          const CoreCall call;
           if (in.rows > 0) forward(ks, net, in, po, n_threads);
         }
         return out;
@@ -606,7 +612,7 @@ PYBIND11_MODULE(_core, m) {
         }
         double loss;
         {
-          py::gil_scoped_release release;
+          const CoreCall call;
           loss = loss_and_gradients(ks, net, in, y, alpha, gw, gb, n_threads);
         }
         return py::make_tuple(loss, coef_grads, intercept_grads);
@@ -631,7 +637,7 @@ PYBIND11_MODULE(_core, m) {
         const KernelSet& ks = kernels_for(resolve_isa(isa));
         double loss_sum;
         {
-          py::gil_scoped_release release;
+          const CoreCall call;
           loss_sum = train_epoch(ks, net, opt, in, y, po, n_order, batch_size, alpha, n_threads);
         }
         return py::make_tuple(loss_sum, opt.adam_t);
