@@ -42,7 +42,8 @@ float sigmoid(float z) {
 struct FieldWorkspace {
   MlpWorkspace mlp;
   std::vector<std::vector<std::int32_t>> keys;  // batch key columns
-  std::vector<float> y, weight, x, dx, logits;
+  std::vector<float> y, weight, x, dx, logits, dz;
+  std::vector<float> wide;  // pooled scalar of the wide field being processed (n)
   std::vector<std::vector<float>> pooled_gmf, d_gmf;  // GMF fields' pooled vectors and their gradients (u, v)
   struct FieldBatch {
     std::vector<std::int64_t> indptr;
@@ -60,6 +61,8 @@ struct FieldWorkspace {
     x.resize(static_cast<std::size_t>(rows * m.width));
     dx.resize(x.size());
     logits.resize(static_cast<std::size_t>(rows));
+    dz.resize(static_cast<std::size_t>(rows));
+    wide.resize(static_cast<std::size_t>(rows));
     if (m.gmf.field_u >= 0) {
       const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
       pooled_gmf.assign(2, std::vector<float>(static_cast<std::size_t>(rows * d)));
@@ -118,6 +121,14 @@ void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWork
   forward_logits(ks, m.mlp, in, ws.mlp, n_threads);
   const float* z = ws.mlp.acts[m.mlp.layers.size()].data();
   for (index_t r = 0; r < n; ++r) ws.logits[r] = z[r];
+  for (std::size_t i = 0; i < m.fields.size(); ++i) {  // wide fields: their pooled scalar joins the logit
+    const EmbeddingField& f = m.fields[i];
+    if (!f.wide) continue;
+    const FieldWorkspace::FieldBatch& fb = ws.fields[i];
+    const CsrView bags{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
+    csr_matmul(ks, bags, f.table, 1, 1, ws.wide.data(), 1, nullptr, n_threads);
+    for (index_t r = 0; r < n; ++r) ws.logits[r] += ws.wide[r];
+  }
   if (m.gmf.field_u >= 0) {
     const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
     const float *u = ws.pooled_gmf[0].data(), *v = ws.pooled_gmf[1].data();
@@ -148,6 +159,7 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
     }
   }
   loss /= static_cast<double>(n);
+  std::copy(D, D + n, ws.dz.begin());  // backprop reuses the delta buffers; wide fields need dz after it
 
   // GMF gradients, with w before its update.
   if (m.gmf.field_u >= 0) {
@@ -184,8 +196,9 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
     const CsrView bags{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
     group_by_column(bags, fb.touched);
     fb.grad.resize(fb.touched.ids.size() * static_cast<std::size_t>(f.dim));
-    // A field feeds the MLP or the GMF term (the caller keeps GMF tables separate, as NeuMF does).
+    // A field feeds the MLP, the GMF term (the caller keeps GMF tables separate, as NeuMF does) or the logit.
     const float* upstream = f.offset >= 0 ? ws.dx.data() + f.offset
+                            : f.wide      ? ws.dz.data()
                                           : ws.d_gmf[static_cast<int>(i) == m.gmf.field_u ? 0 : 1].data();
     const index_t ld = f.offset >= 0 ? m.width : f.dim;
     const double squares = touched_rows_gradient(ks, fb.touched, upstream, ld, f.table, f.dim, alpha, inv_n,
@@ -273,8 +286,11 @@ void validate_fields(const FieldModel& m) {
     const std::string name = "field " + std::to_string(i);
     require(f.key >= 0 && f.key < m.n_keys, name + ": key column out of range");
     require(f.offset < 0 || f.offset + f.dim <= m.width, name + ": columns beyond the MLP input width");
-    require(f.offset >= 0 || static_cast<int>(i) == m.gmf.field_u || static_cast<int>(i) == m.gmf.field_v,
-            name + ": offset -1 (no MLP input) is only for the two fields of the GMF term");
+    require(f.offset >= 0 || f.wide || static_cast<int>(i) == m.gmf.field_u || static_cast<int>(i) == m.gmf.field_v,
+            name + ": offset -1 (no MLP input) is only for the two fields of the GMF term and wide fields");
+    require(!f.wide || (f.dim == 1 && f.offset < 0 && static_cast<int>(i) != m.gmf.field_u &&
+                        static_cast<int>(i) != m.gmf.field_v),
+            name + ": a wide field has dim 1, offset -1 and is not a GMF field");
     const index_t nnz = f.bags.indptr[f.bags.rows];
     require(f.bags.indptr[0] == 0, name + ": bag indptr must start at 0");
     for (index_t q = 0; q < f.bags.rows; ++q)
@@ -420,14 +436,19 @@ namespace {
 // pooled vector of the GMF field of that side (if any) into ws.pooled_gmf[0].
 void side_inputs(const KernelSet& ks, const FieldModel& m, index_t n, int side, FieldWorkspace& ws, int n_threads) {
   std::fill(ws.x.begin(), ws.x.begin() + n * m.width, 0.0f);
+  std::fill(ws.logits.begin(), ws.logits.begin() + n, 0.0f);  // the side's wide terms
   for (std::size_t i = 0; i < m.fields.size(); ++i) {
     const EmbeddingField& f = m.fields[i];
     if (f.key != side) continue;
     const CsrView bags = gather_bags(f, ws.keys[static_cast<std::size_t>(f.key)], n, ws.fields[i], nullptr);
-    if (f.offset >= 0)
+    if (f.offset >= 0) {
       csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.x.data() + f.offset, m.width, nullptr, n_threads);
-    else
+    } else if (f.wide) {
+      csr_matmul(ks, bags, f.table, 1, 1, ws.wide.data(), 1, nullptr, n_threads);
+      for (index_t r = 0; r < n; ++r) ws.logits[r] += ws.wide[r];
+    } else {
       csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.pooled_gmf[0].data(), f.dim, nullptr, n_threads);
+    }
   }
   for (const DenseBlock& b : m.dense) {
     if (b.key != side) continue;
@@ -445,6 +466,7 @@ void build_topk_cache(const KernelSet& ks, const FieldModel& m, const NegativeSa
   const index_t d = m.gmf.field_u >= 0 ? m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim : 0;
   cache.item_part.resize(static_cast<std::size_t>(n_items * h));
   cache.item_gmf.resize(static_cast<std::size_t>(n_items * d));
+  cache.item_wide.resize(static_cast<std::size_t>(n_items));
   FieldWorkspace ws(m, std::min(n_items, kPredictChunk));
   for (index_t c0 = 0; c0 < n_items; c0 += kPredictChunk) {
     const index_t n = std::min(kPredictChunk, n_items - c0);
@@ -454,6 +476,7 @@ void build_topk_cache(const KernelSet& ks, const FieldModel& m, const NegativeSa
     sgemm(ks, false, false, n, h, m.width, ws.x.data(), m.width, first.W, h, cache.item_part.data() + c0 * h, h,
           nullptr, n_threads);
     if (d) std::memcpy(cache.item_gmf.data() + c0 * d, ws.pooled_gmf[0].data(), sizeof(float) * static_cast<std::size_t>(n * d));
+    std::memcpy(cache.item_wide.data() + c0, ws.logits.data(), sizeof(float) * static_cast<std::size_t>(n));
   }
   cache.n_items = n_items;
 }
@@ -486,6 +509,7 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     bias.bias = first.b;
     sgemm(ks, false, false, 1, h, m.width, ws.x.data(), m.width, first.W, h, user_part.data(), h, &bias, 1);
     for (index_t j = 0; j < d; ++j) user_gmf[j] = m.gmf.w[j] * ws.pooled_gmf[0][j];
+    const float user_wide = ws.logits[0];
     const std::int32_t* seen_begin = exclude_seen && s.seen_indptr ? s.seen_items + s.seen_indptr[user] : nullptr;
     const std::int32_t* seen_end = exclude_seen && s.seen_indptr ? s.seen_items + s.seen_indptr[user + 1] : nullptr;
     heap.clear();
@@ -510,7 +534,7 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
       for (index_t r = 0; r < n; ++r) {
         const std::int32_t item = candidates ? candidates[c0 + r] : static_cast<std::int32_t>(c0 + r);
         if (seen_begin && contains_sorted(seen_begin, seen_end, item)) continue;
-        float score = z[r];
+        float score = z[r] + user_wide + cache.item_wide[static_cast<std::size_t>(item)];
         const float* g = cache.item_gmf.data() + static_cast<index_t>(item) * d;
         for (index_t j = 0; j < d; ++j) score += user_gmf[j] * g[j];
         const std::pair<float, std::int32_t> entry{score, item};

@@ -25,7 +25,8 @@ struct EmbeddingField {
   index_t vocab = 0, dim = 0;
   BagTable bags;
   int key = 0;              // key column that picks the bag
-  index_t offset = -1;      // first column in the MLP input, -1 for a field used only by the GMF term
+  index_t offset = -1;      // first column in the MLP input, -1 for a field used only by the GMF term or wide
+  bool wide = false;        // dim 1, pooled scalar added to the logit (the linear part of Wide & Deep)
   float dropout = 0.0f;     // training only: probability that an example reads bag row 0 (the "unknown"
                             // row) instead of its own, so row 0 learns what to use for ids never seen
   float* state1 = nullptr;  // optimizer state: vocab x dim (adam m), vocab (row-wise adagrad), or none (sgd)
@@ -109,7 +110,7 @@ double field_train_epoch(const KernelSet& ks, FieldModel& model, Optimizer& opt,
 // Per-handle cache of top-k: the item-keyed inputs times W_0 for every item (n_items x fan_out(0)) and the
 // items' pooled GMF vectors. Built on the first top-k call; valid while the parameters do not change.
 struct TopkCache {
-  std::vector<float> item_part, item_gmf;
+  std::vector<float> item_part, item_gmf, item_wide;
   index_t n_items = -1;
 };
 

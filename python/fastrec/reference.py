@@ -545,6 +545,9 @@ def _field_forward(spec, keys):
         x[:, blk["offset"]:blk["offset"] + T.shape[1]] = T[keys[blk["key"]]]
     hidden, Z = _forward_pass(spec["coefs"], spec["intercepts"], "dense", x, spec["activation"])
     z = Z[:, 0].copy()
+    for f, p in zip(spec["fields"], pooled):  # wide fields: a (n, 1) pooled scalar added to the logit
+        if f.get("wide"):
+            z += p[:, 0]
     gmf = spec.get("gmf")
     if gmf is not None:
         z += (pooled[gmf["field_u"]] * pooled[gmf["field_v"]]) @ np.asarray(gmf["w"], dtype=dtype)
@@ -625,6 +628,8 @@ def field_loss_and_gradients(spec, keys, y, weight, alpha, n_threads=0, isa="aut
         up = upstream[i]
         if f["offset"] >= 0:
             up = up + dx[:, f["offset"]:f["offset"] + E.shape[1]]
+        if f.get("wide"):
+            up = up + dz[:, None]
         touched = csr_touched_rows(bags[i][0], bags[i][1])
         G = np.zeros_like(E)
         G[touched] = (csr_transpose_matmul(*bags[i], up, touched) + alpha_t * E[touched]) / n_t

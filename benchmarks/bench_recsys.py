@@ -1,0 +1,699 @@
+#!/usr/bin/env python
+"""Measure issue 3's speed bar (the recommender) side by side with PyTorch, in one run; print a markdown table.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_recsys.py            # full, ~2 min on a quiet machine
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_recsys.py --quick    # smoke run, ~1 min
+
+The model (issue 3, "Bar", speed): user (100k x 32, one id per row), item (1M x 32, one id per row), tags
+(1k x 16, 1-5 ids per row, mean pooling), 13 dense features; MLP 93-256-128-64-1 ReLU; sigmoid + BCE; plain SGD
+(no momentum, no weight decay) on every parameter.
+
+fastrec is driven through its low-level API (`fastrec._core.FieldHandle`, docs/DESIGN.md "The field model"),
+with three key columns: key 0 = user index, key 1 = item index, key 2 = example index. user and item are
+one-id-per-row bag tables over their vocabularies read through keys 0 and 1; tags is a per-example bag table
+(bag r = the tags of example r, weights 1/len) read through key 2; the 13 dense features are a per-example
+(n x 13) float32 table read through key 2. The spec dict is built by hand (tables allocated with np.empty and
+filled in chunks, so a 10^7 x 32 table costs no float64 temporary) and the handle is built once.
+
+PyTorch 2.13 (CPU): nn.EmbeddingBag(sparse=True) for the three fields (user / item: mode "sum", one index per
+bag; tags: mode "mean" with offsets), nn.Linear layers with ReLU, nn.BCEWithLogitsLoss (mean), torch.optim.SGD
+over all parameters (sparse gradients for the bags), initialised with the same numbers as fastrec. Every
+minibatch's tensors are built BEFORE timing (torch's timed loop is only zero_grad / forward / backward / step),
+whereas fastrec's timed train_epoch call gathers its minibatches itself: the comparison favours torch.
+
+Items:
+  (1) training throughput (examples/s) over the same examples in the same order, batch 256 and 1024, 1 and 2
+      threads (fastrec n_threads, torch.set_num_threads); one sample = one pass over the data (fastrec: one
+      train_epoch call, torch: the loop over the pre-built batches). Bar: fastrec >= 2x torch.
+  (2) vocabulary sweep: item vocabulary 10^4 .. 10^7 (items drawn uniformly), step time = epoch time / batches
+      at batch 1024 with 2 threads; fastrec (bar: step(10^7) / step(10^4) <= 1.2) and torch for context.
+  (3) single-row predict from Python: `handle.predict([u], [i], [r]], 1)` with pre-built one-element int32
+      arrays, each call timed with perf_counter_ns (median of --predict-calls); for context the public
+      `fastrec.Recommender.predict` of one pair on a small fitted model, and torch's single-row forward under
+      torch.no_grad() (1 thread). Bar: the handle's median < 10 µs.
+  (4) top-10 for one user over 1M items with 2 threads (--topk-rounds rounds of --topk-calls fastrec calls,
+      each for a different random user, and one torch call): a TWO-key model (user, item) is needed by
+      `FieldHandle.topk`, so tags and the dense features become item side features (an item-keyed bag table,
+      1M bags of 1-5 tags, and an item-keyed 1M x 13 table): same fields, same MLP width 93, same MLP.
+      `handle.topk(sampler, [u], None, 10, False, 2)`; median over users. The handle caches the items' part
+      of the first layer on its first top-k call: that call is timed apart ("first call"), the bar uses the
+      warm calls (a different user each). Torch's context number is the
+      brute-force forward over all 1M items (chunks of 65536) + torch.topk under no_grad.
+
+Method: implementations are measured round-robin (each round runs every implementation once, order rotated
+between rounds), each after a pause (--settle, default 0.3 s: OpenBLAS / OpenMP workers spin after a call)
+and, in the first round, an untimed warm-up pass. Medians are over all timed samples; spread = [min - max].
+The JSON (machine, settings, every sample) goes to benchmarks/results/recsys.json (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import fastrec
+from fastrec import _core
+
+try:
+    import torch
+    from torch import nn
+except ImportError:  # torch columns are skipped
+    torch = None
+
+TIMER = time.perf_counter
+N_USERS, N_ITEMS, N_TAGS = 100_000, 1_000_000, 1_000
+D_USER, D_ITEM, D_TAG, N_DENSE = 32, 32, 16, 13
+HIDDEN = (256, 128, 64)
+LR = 0.01
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def settle(seconds):
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def stats(samples):
+    s = sorted(samples)
+    return {"median": statistics.median(s), "min": s[0], "max": s[-1], "n": len(s)}
+
+
+def fmt_time(sec):
+    if sec >= 1:
+        return f"{sec:.2f} s"
+    if sec >= 1e-3:
+        return f"{sec * 1e3:.3g} ms"
+    return f"{sec * 1e6:.3g} µs"
+
+
+def fmt_t(st):
+    return f"{fmt_time(st['median'])} [{fmt_time(st['min'])} – {fmt_time(st['max'])}]"
+
+
+def fmt_rate(st):
+    return f"{st['median'] / 1e3:.1f}k [{st['min'] / 1e3:.1f}k – {st['max'] / 1e3:.1f}k]"
+
+
+def set_threads(n):
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
+def machine_info():
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": sys.version.split()[0],
+            "platform": platform.platform(), "numpy": np.__version__, "fastrec": fastrec.__version__,
+            "torch": None if torch is None else torch.__version__, "cores": os.cpu_count()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
+                           platform.processor())
+    except OSError:
+        info["cpu"] = platform.processor()
+    try:
+        info["fastrec_core"] = dict(_core.show_config())
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+        info["commit"] = commit or None
+    except OSError:
+        info["commit"] = None
+    try:  # the extension measured (others may rebuild it between runs)
+        import hashlib
+
+        so = Path(_core.__file__)
+        info["core_so"] = {"path": str(so), "mtime": datetime.datetime.fromtimestamp(so.stat().st_mtime)
+                           .isoformat(timespec="seconds"), "sha256": hashlib.sha256(so.read_bytes()).hexdigest()[:16]}
+    except OSError:
+        pass
+    info["env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
+                                                  "FASTREC_ISA")}
+    return info
+
+
+class LoadMeter:
+    """Average number of cores used by OTHER processes over a section (/proc/stat busy time minus this process's
+    CPU time): the machine is shared, and a 2-thread measurement is only meaningful when this stays near 0."""
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.t0 = self._sample()
+
+    def _sample(self):
+        try:
+            with open("/proc/stat") as fh:
+                v = [int(x) for x in fh.readline().split()[1:]]
+            busy = (sum(v[:8]) - v[3] - v[4]) / self.hz
+        except (OSError, ValueError, IndexError):
+            busy = float("nan")
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system
+
+    def foreign_cores(self):
+        w1, b1, o1 = self._sample()
+        w0, b0, o0 = self.t0
+        return max(0.0, ((b1 - b0) - (o1 - o0)) / max(w1 - w0, 1e-9))
+
+
+def normal_table(rng, rows, cols, scale=0.05, chunk=1 << 18):
+    """float32 (rows, cols) ~ N(0, scale^2), filled in chunks (no full-size float64 temporary)."""
+    t = np.empty((rows, cols), np.float32)
+    for s in range(0, rows, chunk):
+        e = min(rows, s + chunk)
+        t[s:e] = rng.standard_normal((e - s, cols), dtype=np.float32) * np.float32(scale)
+    return t
+
+
+def identity_bags(rows):
+    """One-id-per-row bag table: bag q = [(q, 1.0)]."""
+    return (np.arange(rows + 1, dtype=np.int64), np.arange(rows, dtype=np.int32), np.ones(rows, np.float32))
+
+
+def random_bags(rng, rows, vocab, lo=1, hi=5):
+    """rows bags of lo..hi distinct-or-not ids in [0, vocab), mean pooling (weights 1/len)."""
+    lens = rng.integers(lo, hi + 1, rows)
+    indptr = np.zeros(rows + 1, np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    ids = rng.integers(0, vocab, int(indptr[-1])).astype(np.int32)
+    weights = np.repeat((1.0 / lens).astype(np.float32), lens)
+    return indptr, ids, weights
+
+
+def mlp_params(rng, width):
+    sizes = [width, *HIDDEN, 1]
+    coefs, intercepts = [], []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        bound = np.sqrt(6.0 / (fan_in + fan_out))
+        coefs.append(rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32))
+        intercepts.append(rng.uniform(-bound, bound, fan_out).astype(np.float32))
+    return coefs, intercepts
+
+
+# ------------------------------------------------------------------------------------------------ the model
+class Model:
+    """Initial parameters (user / item / tag tables, MLP) shared by the fastrec spec and the torch module."""
+
+    def __init__(self, n_items, seed=0):
+        rng = np.random.default_rng(seed)
+        self.user = normal_table(rng, N_USERS, D_USER)
+        self.item = normal_table(rng, n_items, D_ITEM)
+        self.tag = normal_table(rng, N_TAGS, D_TAG)
+        self.width = D_USER + D_ITEM + D_TAG + N_DENSE
+        self.coefs, self.intercepts = mlp_params(rng, self.width)
+        self.n_items = n_items
+
+
+class Data:
+    """n examples: random users, items, per-example tag bags and dense features, random 0/1 labels."""
+
+    def __init__(self, n, n_items, seed=1):
+        rng = np.random.default_rng(seed)
+        self.n = n
+        self.users = rng.integers(0, N_USERS, n).astype(np.int32)
+        self.items = rng.integers(0, n_items, n).astype(np.int32)
+        self.rows = np.arange(n, dtype=np.int32)
+        self.tags = random_bags(rng, n, N_TAGS)
+        self.dense = rng.standard_normal((n, N_DENSE), dtype=np.float32)
+        self.y = rng.integers(0, 2, n).astype(np.float32)
+        self.order = rng.permutation(n).astype(np.int64)
+
+
+def fastrec_spec(model: Model, data_tags, data_dense, key_tags=2, key_dense=2, n_keys=3, copy=True):
+    """The `_core` spec dict (docs/DESIGN.md) of the model; arrays copied so fastrec trains its own."""
+    c = (lambda a: a.copy()) if copy else (lambda a: a)
+    fields = [
+        {"table": c(model.user), "bags": identity_bags(N_USERS), "key": 0, "offset": 0, "state_kind": "none",
+         "state1": None, "state2": None},
+        {"table": c(model.item), "bags": identity_bags(model.n_items), "key": 1, "offset": D_USER,
+         "state_kind": "none", "state1": None, "state2": None},
+        {"table": c(model.tag), "bags": data_tags, "key": key_tags, "offset": D_USER + D_ITEM,
+         "state_kind": "none", "state1": None, "state2": None},
+    ]
+    dense = [{"table": data_dense, "key": key_dense, "offset": D_USER + D_ITEM + D_TAG}]
+    coefs = [c(w) for w in model.coefs]
+    intercepts = [c(b) for b in model.intercepts]
+    state1 = [np.zeros_like(p) for p in coefs + intercepts]
+    return {"n_keys": n_keys, "width": model.width, "loss": "bce", "activation": "relu", "coefs": coefs,
+            "intercepts": intercepts, "state1": state1, "state2": [], "fields": fields, "dense": dense, "gmf": None}
+
+
+class FastrecTrainer:
+    def __init__(self, model: Model, data: Data):
+        self.spec = fastrec_spec(model, data.tags, data.dense)
+        self.handle = _core.FieldHandle(self.spec, True)
+        self.keys = [data.users, data.items, data.rows]
+        self.data = data
+        self.epoch = 0
+
+    def epoch_fn(self, batch_size, n_threads):
+        d = self.data
+
+        def run():
+            self.epoch += 1
+            return self.handle.train_epoch(self.spec["state1"], self.spec["state2"], self.keys, d.y, None, d.order,
+                                           batch_size, 0.0, "sgd", LR, 0.0, False, 0.9, 0.999, 1e-8, 0, None,
+                                           self.epoch, n_threads)
+
+        return run
+
+
+if torch is not None:
+    class TorchModel(nn.Module):
+        def __init__(self, model: Model):
+            super().__init__()
+            self.user = nn.EmbeddingBag(N_USERS, D_USER, mode="sum", sparse=True)
+            self.item = nn.EmbeddingBag(model.n_items, D_ITEM, mode="sum", sparse=True)
+            self.tag = nn.EmbeddingBag(N_TAGS, D_TAG, mode="mean", sparse=True)
+            with torch.no_grad():
+                self.user.weight.copy_(torch.from_numpy(model.user))
+                self.item.weight.copy_(torch.from_numpy(model.item))
+                self.tag.weight.copy_(torch.from_numpy(model.tag))
+            layers = []
+            for w, b in zip(model.coefs, model.intercepts):
+                lin = nn.Linear(w.shape[0], w.shape[1])
+                with torch.no_grad():
+                    lin.weight.copy_(torch.from_numpy(w.T.copy()))
+                    lin.bias.copy_(torch.from_numpy(b))
+                layers += [lin, nn.ReLU()]
+            self.mlp = nn.Sequential(*layers[:-1])  # no ReLU after the output layer
+
+        def forward(self, users, items, tag_ids, tag_offsets, dense):
+            x = torch.cat([self.user(users), self.item(items), self.tag(tag_ids, tag_offsets), dense], dim=1)
+            return self.mlp(x).squeeze(1)
+
+    class TorchTrainer:
+        def __init__(self, model: Model, data: Data):
+            self.net = TorchModel(model)
+            self.opt = torch.optim.SGD(self.net.parameters(), lr=LR)
+            self.loss = nn.BCEWithLogitsLoss()
+            self.data = data
+            self.batches = {}
+
+        def make_batches(self, batch_size):
+            """Every minibatch's tensors, in fastrec's order (built once, outside the timing)."""
+            if batch_size in self.batches:
+                return self.batches[batch_size]
+            d = self.data
+            indptr, ids, _ = d.tags
+            out = []
+            for s in range(0, d.n, batch_size):
+                rows = d.order[s:s + batch_size]
+                lens = indptr[rows + 1] - indptr[rows]
+                offs = np.zeros(len(rows), np.int64)
+                np.cumsum(lens[:-1], out=offs[1:])
+                tag_ids = np.concatenate([ids[indptr[r]:indptr[r + 1]] for r in rows]).astype(np.int64)
+                out.append((torch.from_numpy(d.users[rows].astype(np.int64)).unsqueeze(1),
+                            torch.from_numpy(d.items[rows].astype(np.int64)).unsqueeze(1),
+                            torch.from_numpy(tag_ids), torch.from_numpy(offs),
+                            torch.from_numpy(d.dense[rows]), torch.from_numpy(d.y[rows])))
+            self.batches[batch_size] = out
+            return out
+
+        def epoch_fn(self, batch_size, n_threads):
+            batches = self.make_batches(batch_size)
+            net, opt, loss_fn = self.net, self.opt, self.loss
+
+            def run():
+                total = 0.0
+                for u, i, t, o, x, y in batches:
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_fn(net(u, i, t, o, x), y)
+                    loss.backward()
+                    opt.step()
+                    total += loss.item() * len(y)
+                return total
+
+            return run
+
+
+# ------------------------------------------------------------------------------------------------ (1) throughput
+def bench_throughput(args, model, data, impls):
+    trainers = {"fastrec": FastrecTrainer(model, data)}
+    if "torch" in impls:
+        trainers["torch"] = TorchTrainer(model, data)
+    res = {}
+    for bs in args.batches:
+        for t in args.threads:
+            set_threads(t)
+            fns = {name: tr.epoch_fn(bs, t) for name, tr in trainers.items()}
+            samples = {name: [] for name in fns}
+            for name, fn in fns.items():  # warm-up pass
+                settle(args.settle)
+                fn()
+            for r in range(args.rounds):
+                names = list(fns)
+                names = names[r % len(names):] + names[:r % len(names)]
+                for name in names:
+                    settle(args.settle)
+                    t0 = TIMER()
+                    fns[name]()
+                    samples[name].append(TIMER() - t0)
+            entry = {name: {"epoch_s": stats(v), "examples_per_s": stats([data.n / s for s in v]),
+                            "samples_s": v} for name, v in samples.items()}
+            if "torch" in entry:
+                entry["speedup"] = entry["torch"]["epoch_s"]["median"] / entry["fastrec"]["epoch_s"]["median"]
+            res[f"b{bs}_t{t}"] = {"batch": bs, "threads": t, **entry}
+            print(f"  throughput batch {bs} threads {t}: "
+                  + ", ".join(f"{n} {fmt_rate(entry[n]['examples_per_s'])}/s" for n in samples)
+                  + (f", speedup {entry['speedup']:.2f}x" if "speedup" in entry else ""), flush=True)
+    return res, trainers
+
+
+# ------------------------------------------------------------------------------------------------ (2) vocab sweep
+def bench_vocab(args, data_seed_n, impls):
+    bs, t = 1024, 2
+    set_threads(t)
+    runs = {}
+    for v in args.vocabs:
+        model = Model(v, seed=10)
+        data = Data(data_seed_n, v, seed=11)
+        runs[(v, "fastrec")] = FastrecTrainer(model, data).epoch_fn(bs, t)
+        if "torch" in impls and v <= args.torch_max_vocab:
+            runs[(v, "torch")] = TorchTrainer(model, data).epoch_fn(bs, t)
+        del model
+        gc.collect()
+    n_batches = -(-data_seed_n // bs)
+    samples = {k: [] for k in runs}
+    for k, fn in runs.items():
+        settle(args.settle)
+        fn()
+    keys = list(runs)
+    for r in range(args.rounds):
+        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        for k in order:
+            settle(args.settle)
+            t0 = TIMER()
+            runs[k]()
+            samples[k].append((TIMER() - t0) / n_batches)
+    res = {"batch": bs, "threads": t, "examples": data_seed_n, "steps": {}}
+    for (v, name), s in samples.items():
+        res["steps"][f"{name}|{v}"] = {"vocab": v, "impl": name, "step_s": stats(s), "samples_s": s}
+    lo, hi = min(args.vocabs), max(args.vocabs)
+    for name in ("fastrec", "torch"):
+        a, b = res["steps"].get(f"{name}|{lo}"), res["steps"].get(f"{name}|{hi}")
+        if a and b:
+            res[f"ratio_{name}"] = b["step_s"]["median"] / a["step_s"]["median"]
+    print("  vocab sweep: " + ", ".join(f"{k} {fmt_time(v['step_s']['median'])}" for k, v in res["steps"].items())
+          + f"; fastrec ratio {res.get('ratio_fastrec', float('nan')):.3f}", flush=True)
+    runs.clear()
+    gc.collect()
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ (3) predict
+def per_call_ns(fn, calls):
+    fn()
+    fn()
+    out = np.empty(calls, np.int64)
+    pc = time.perf_counter_ns
+    for j in range(calls):
+        t0 = pc()
+        fn()
+        out[j] = pc() - t0
+    return out
+
+
+def ns_stats(a):
+    a = np.sort(a) / 1e9
+    return {"median": float(np.median(a)), "min": float(a[0]), "max": float(a[-1]),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "n": int(len(a))}
+
+
+def bench_predict(args, model, data, impls, trainers):
+    set_threads(1)
+    spec = fastrec_spec(model, data.tags, data.dense)
+    handle = _core.FieldHandle(spec, False)
+    u, i, r = int(data.users[7]), int(data.items[7]), 7
+    keys = [np.array([u], np.int32), np.array([i], np.int32), np.array([r], np.int32)]
+    fns = {"fastrec handle.predict": lambda: handle.predict(keys, 1)}
+    # The public API on a small fitted model (context): one (user, item) pair of raw ids.
+    from fastrec.datasets import make_interactions
+
+    inter = make_interactions(n_users=500, n_items=300, n_interactions=5000, random_state=0)
+    rec = fastrec.Recommender(epochs=1, random_state=0, n_threads=1)
+    rec.fit(inter.users, inter.items, inter.ratings)
+    pu, pi = np.asarray(inter.users[:1]), np.asarray(inter.items[:1])
+    fns["fastrec Recommender.predict (small model)"] = lambda: rec.predict(pu, pi)
+    if "torch" in impls:
+        net = TorchModel(model)
+        net.eval()
+        tu, ti = torch.tensor([[u]]), torch.tensor([[i]])
+        lo, hi = int(data.tags[0][r]), int(data.tags[0][r + 1])
+        tt, to = torch.from_numpy(data.tags[1][lo:hi].astype(np.int64)), torch.zeros(1, dtype=torch.int64)
+        tx = torch.from_numpy(data.dense[r:r + 1].copy())
+
+        def torch_forward():
+            with torch.no_grad():
+                return net(tu, ti, tt, to, tx)
+
+        fns["torch forward (no_grad)"] = torch_forward
+        want, got = float(torch_forward()[0]), float(handle.predict(keys, 1)[0])
+        print(f"  predict check: fastrec logit->p {got:.6f} vs torch sigmoid(logit) {1 / (1 + np.exp(-want)):.6f}")
+    samples = {k: [] for k in fns}
+    per_round = max(1, args.predict_calls // args.rounds)
+    for rr in range(args.rounds):
+        names = list(fns)
+        names = names[rr % len(names):] + names[:rr % len(names)]
+        for k in names:
+            settle(args.settle)
+            samples[k].append(per_call_ns(fns[k], per_round))
+    res = {k: ns_stats(np.concatenate(v)) for k, v in samples.items()}
+    print("  predict: " + ", ".join(f"{k} {fmt_time(v['median'])}" for k, v in res.items()), flush=True)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ (4) top-k
+def bench_topk(args, impls):
+    rng = np.random.default_rng(20)
+    model = Model(N_ITEMS, seed=21)
+    item_tags = random_bags(rng, N_ITEMS, N_TAGS)
+    item_dense = rng.standard_normal((N_ITEMS, N_DENSE), dtype=np.float32)
+    spec = fastrec_spec(model, item_tags, item_dense, key_tags=1, key_dense=1, n_keys=2, copy=False)
+    handle = _core.FieldHandle(spec, False)
+    sampler = {"negatives": 0, "user_key": 0, "item_key": 1, "n_items": N_ITEMS, "cdf": None, "seen": None,
+               "seed": 0}
+    users = rng.integers(0, N_USERS, args.topk_calls * args.topk_rounds + 2).astype(np.int32)
+    t = 2
+    set_threads(t)
+    fns = {}
+    pos = {"fastrec": 0, "torch": 0}
+
+    def fastrec_topk():
+        u = users[pos["fastrec"] % len(users)]
+        pos["fastrec"] += 1
+        return handle.topk(sampler, np.array([u], np.int32), None, 10, False, t)
+
+    fns["fastrec"] = fastrec_topk
+    check = None
+    if "torch" in impls:
+        net = TorchModel(model)
+        net.eval()
+        ind, ids, _ = item_tags
+        t_ids, t_off = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(ind[:-1].copy())
+        item_emb_w = net.item.weight
+        tag_w = net.tag.weight
+        dense_t = torch.from_numpy(item_dense)
+        chunk = 65536
+
+        def torch_topk():
+            u = users[pos["torch"] % len(users)]
+            pos["torch"] += 1
+            with torch.no_grad():
+                uvec = net.user.weight[int(u)]
+                scores = torch.empty(N_ITEMS)
+                for s in range(0, N_ITEMS, chunk):
+                    e = min(N_ITEMS, s + chunk)
+                    lo, hi = int(ind[s]), int(ind[e])
+                    tagv = nn.functional.embedding_bag(t_ids[lo:hi], tag_w, t_off[s:e] - lo, mode="mean")
+                    x = torch.cat([uvec.expand(e - s, -1), item_emb_w[s:e], tagv, dense_t[s:e]], dim=1)
+                    scores[s:e] = net.mlp(x).squeeze(1)
+                return torch.topk(scores, 10)
+
+        fns["torch (brute force, context)"] = torch_topk
+    # correctness check on one user: fastrec's top-10 items == torch's (same parameters)
+    # The handle caches the items' part of the first layer on its first top-k call: time that call apart.
+    u0 = users[-1]
+    settle(args.settle)
+    t0 = TIMER()
+    fi, _ = handle.topk(sampler, np.array([u0], np.int32), None, 10, False, t)
+    cold = TIMER() - t0
+    print(f"  topk first call (builds the handle's item cache): {fmt_time(cold)}", flush=True)
+    if "torch" in impls:
+        pos["torch"] = len(users) - 1
+        _, ti = fns["torch (brute force, context)"]()
+        check = {"fastrec_items": fi[0].tolist(), "torch_items": ti.tolist(),
+                 "same_items": sorted(fi[0].tolist()) == sorted(ti.tolist())}
+        pos["torch"] = 0
+        print(f"  topk check (same top-10 as torch brute force): {check['same_items']}")
+    samples = {k: [] for k in fns}
+    for rr in range(args.topk_rounds):
+        names = list(fns)
+        names = names[rr % len(names):] + names[:rr % len(names)]
+        for k in names:
+            for _ in range(args.topk_calls if k == "fastrec" else 1):
+                settle(args.settle)
+                t0 = TIMER()
+                fns[k]()
+                samples[k].append(TIMER() - t0)
+    res = {"threads": t, "n_items": N_ITEMS, "check": check, "fastrec_first_call_s": cold,
+           **{k: {"time_s": stats(v), "samples_s": v} for k, v in samples.items()}}
+    print("  topk: " + ", ".join(f"{k} {fmt_t(res[k]['time_s'])}" for k in samples), flush=True)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ report
+def report(res):
+    lines = []
+    thr = res["throughput"]
+    lines.append(f"### (1) Training throughput, examples/s ({res['settings']['examples']} examples per pass, "
+                 "median [min – max])\n")
+    lines.append("| batch | threads | fastrec | PyTorch | speedup (bar ≥ 2x) |")
+    lines.append("|---:|---:|---:|---:|---:|")
+    for v in thr.values():
+        tor = fmt_rate(v["torch"]["examples_per_s"]) if "torch" in v else "—"
+        sp = f"{v['speedup']:.2f}x {'pass' if v['speedup'] >= 2 else 'MISS'}" if "speedup" in v else "—"
+        lines.append(f"| {v['batch']} | {v['threads']} | {fmt_rate(v['fastrec']['examples_per_s'])} | {tor} | {sp} |")
+    voc = res["vocab"]
+    lines.append(f"\n### (2) Step time vs item vocabulary (batch {voc['batch']}, {voc['threads']} threads)\n")
+    lines.append("| item vocab | fastrec step | PyTorch step (context) |")
+    lines.append("|---:|---:|---:|")
+    for v in res["settings"]["vocabs"]:
+        f = voc["steps"].get(f"fastrec|{v}")
+        t = voc["steps"].get(f"torch|{v}")
+        lines.append(f"| 10^{int(round(np.log10(v)))} | {fmt_t(f['step_s'])} | {fmt_t(t['step_s']) if t else '—'} |")
+    if "ratio_fastrec" in voc:
+        r = voc["ratio_fastrec"]
+        lines.append(f"| ratio max/min | **{r:.3f}** ({'pass' if r <= 1.2 else 'MISS'}, bar ≤ 1.2) | "
+                     + (f"{voc['ratio_torch']:.3f} |" if "ratio_torch" in voc else "— |"))
+    lines.append("\n### (3) Single-row predict from Python (1 thread; per-call perf_counter_ns)\n")
+    lines.append("| call | median | p90 | p99 | min – max |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for k, v in res["predict"].items():
+        lines.append(f"| {k} | {fmt_time(v['median'])} | {fmt_time(v['p90'])} | {fmt_time(v['p99'])} | "
+                     f"{fmt_time(v['min'])} – {fmt_time(v['max'])} |")
+    tk = res["topk"]
+    lines.append(f"\n### (4) Top-10 for one user over {tk['n_items']:,} items ({tk['threads']} threads)\n")
+    lines.append("| implementation | time median [min – max] |")
+    lines.append("|---|---:|")
+    for k, v in tk.items():
+        if isinstance(v, dict) and "time_s" in v:
+            lines.append(f"| {k}{' (warm: item cache built)' if k == 'fastrec' else ''} | {fmt_t(v['time_s'])} |")
+    lines.append(f"| fastrec first call on a new handle (builds the item cache), 1 sample | "
+                 f"{fmt_time(tk['fastrec_first_call_s'])} |")
+    if tk.get("check"):
+        lines.append(f"\nSame top-10 items as torch's brute force for a check user: {tk['check']['same_items']}.")
+    if res.get("foreign_cpu_cores"):
+        lines.append("\nCPU used by other processes during each part (average cores of the 2; ~0 = quiet machine): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in res["foreign_cpu_cores"].items()) + ".")
+    lines.append("\n### Verdicts\n")
+    for line in verdicts(res):
+        lines.append(f"- {line}")
+    return "\n".join(lines)
+
+
+def verdicts(res):
+    out = []
+    thr = res["throughput"]
+    if all("speedup" in v for v in thr.values()):
+        sps = {k: v["speedup"] for k, v in thr.items()}
+        ok = all(s >= 2 for s in sps.values())
+        out.append(f"training throughput ≥ 2x PyTorch: {'PASS' if ok else 'MISS'} ("
+                   + ", ".join(f"batch {thr[k]['batch']}/{thr[k]['threads']}t {s:.2f}x" for k, s in sps.items()) + ")")
+    voc = res["vocab"]
+    if "ratio_fastrec" in voc:
+        r = voc["ratio_fastrec"]
+        out.append(f"step time 10^{int(np.log10(min(res['settings']['vocabs'])))} → "
+                   f"10^{int(np.log10(max(res['settings']['vocabs'])))} within 1.2x: "
+                   f"{'PASS' if r <= 1.2 else 'MISS'} ({r:.3f}x)")
+    p = res["predict"]["fastrec handle.predict"]["median"]
+    out.append(f"single-row predict < 10 µs median: {'PASS' if p < 10e-6 else 'MISS'} ({p * 1e6:.2f} µs)")
+    t = res["topk"]["fastrec"]["time_s"]["median"]
+    out.append(f"top-10 over 1M items < 300 ms (2 threads): {'PASS' if t < 0.3 else 'MISS'} ({t * 1e3:.1f} ms)")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, 2 rounds (smoke run)")
+    ap.add_argument("--examples", type=int, default=None, help="examples per training pass (default 65536)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per item (default 5)")
+    ap.add_argument("--settle", type=float, default=0.3, help="pause before each timed call, s")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--vocabs", type=int, nargs="+", default=None, help="item vocabularies of the sweep")
+    ap.add_argument("--torch-max-vocab", type=int, default=10_000_000, help="largest vocab torch runs in sweep")
+    ap.add_argument("--predict-calls", type=int, default=None, help="single-row predict calls (default 10000)")
+    ap.add_argument("--topk-calls", type=int, default=None, help="fastrec top-k calls per round (default 2)")
+    ap.add_argument("--topk-rounds", type=int, default=None, help="top-k rounds (default 3; torch: 1 call each)")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=["throughput", "vocab", "predict", "topk"], default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "recsys.json"))
+    args = ap.parse_args()
+    q = args.quick
+    args.examples = args.examples or (8192 if q else 65536)
+    args.rounds = args.rounds or (2 if q else 5)
+    args.vocabs = args.vocabs or ([10**4, 10**6] if q else [10**4, 10**5, 10**6, 10**7])
+    args.predict_calls = args.predict_calls or (2000 if q else 10000)
+    args.topk_calls = args.topk_calls or (1 if q else 2)
+    args.topk_rounds = args.topk_rounds or (1 if q else 3)
+    impls = ["fastrec"] + (["torch"] if torch is not None and not args.no_torch else [])
+    only = set(args.only or ["throughput", "vocab", "predict", "topk"])
+
+    info = machine_info()
+    print(f"# fastrec recommender speed bar (issue 3) — {info['date']}, {info['cpu']}, {info['cores']} cores, "
+          f"fastrec {info['fastrec']}, torch {info['torch']}", flush=True)
+    res = {"machine": info, "command": " ".join(sys.argv),
+           "settings": {k: v for k, v in vars(args).items()}, "impls": impls}
+    t_all = TIMER()
+    model = data = trainers = None
+    if only & {"throughput", "predict"}:
+        model = Model(N_ITEMS, seed=0)
+        data = Data(args.examples, N_ITEMS, seed=1)
+    loads = res["foreign_cpu_cores"] = {}
+    if "throughput" in only:
+        meter = LoadMeter()
+        res["throughput"], trainers = bench_throughput(args, model, data, impls)
+        loads["throughput"] = meter.foreign_cores()
+        trainers = None
+        gc.collect()
+    if "predict" in only:
+        meter = LoadMeter()
+        res["predict"] = bench_predict(args, model, data, impls, trainers)
+        loads["predict"] = meter.foreign_cores()
+    model = data = None
+    gc.collect()
+    if "vocab" in only:
+        meter = LoadMeter()
+        res["vocab"] = bench_vocab(args, args.examples, impls)
+        loads["vocab"] = meter.foreign_cores()
+        gc.collect()
+    if "topk" in only:
+        meter = LoadMeter()
+        res["topk"] = bench_topk(args, impls)
+        loads["topk"] = meter.foreign_cores()
+    print("  CPU used by other processes (average cores): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in loads.items()), flush=True)
+    res["wall_s"] = TIMER() - t_all
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=float))
+    if only == {"throughput", "vocab", "predict", "topk"}:
+        print()
+        print(report(res))
+    print(f"\n(wall {res['wall_s']:.0f} s; JSON: {out})")
+
+
+if __name__ == "__main__":
+    main()
