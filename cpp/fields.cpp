@@ -56,17 +56,17 @@ struct FieldWorkspace {
   std::vector<double> row_squares;
   std::vector<float> gmf_grad;
 
-  FieldWorkspace(const FieldModel& m, index_t rows)
-      : mlp(m.mlp, rows, false), keys(static_cast<std::size_t>(m.n_keys)), fields(m.fields.size()) {
+  FieldWorkspace(const FieldModel& m, index_t rows, bool training)
+      : mlp(m.mlp, rows, false, training), keys(static_cast<std::size_t>(m.n_keys)), fields(m.fields.size()) {
     x.resize(static_cast<std::size_t>(rows * m.width));
-    dx.resize(x.size());
+    if (training) dx.resize(x.size());
     logits.resize(static_cast<std::size_t>(rows));
     dz.resize(static_cast<std::size_t>(rows));
     wide.resize(static_cast<std::size_t>(rows));
     if (m.gmf.field_u >= 0) {
       const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
       pooled_gmf.assign(2, std::vector<float>(static_cast<std::size_t>(rows * d)));
-      d_gmf.assign(2, std::vector<float>(static_cast<std::size_t>(rows * d)));
+      if (training) d_gmf.assign(2, std::vector<float>(static_cast<std::size_t>(rows * d)));
       gmf_grad.resize(static_cast<std::size_t>(d));
     }
   }
@@ -360,7 +360,7 @@ void validate(const FieldModel& m, const NegativeSampler& s) {
 }
 
 void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex, float* out, int n_threads) {
-  FieldWorkspace ws(m, std::min(ex.rows, kPredictChunk));
+  FieldWorkspace ws(m, std::min(ex.rows, kPredictChunk), false);
   std::vector<std::int64_t> order;
   for (index_t r0 = 0; r0 < ex.rows; r0 += kPredictChunk) {
     const index_t n = std::min(kPredictChunk, ex.rows - r0);
@@ -376,7 +376,7 @@ double field_loss_and_gradients(const KernelSet& ks, const FieldModel& m, const 
                                 const std::vector<float*>& table_grads, float* gmf_grad,
                                 const std::vector<float*>& coef_grads, const std::vector<float*>& intercept_grads,
                                 int n_threads) {
-  FieldWorkspace ws(m, ex.rows);
+  FieldWorkspace ws(m, ex.rows, true);
   gather_examples(ex, nullptr, ex.rows, ws);
   batch_logits(ks, m, ex.rows, ws, n_threads);
   CopyMlpSink mlp_sink(m.mlp, coef_grads, intercept_grads);
@@ -398,7 +398,7 @@ double field_loss_and_gradients(const KernelSet& ks, const FieldModel& m, const 
 double field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt, const Examples& ex,
                          const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
                          const NegativeSampler& sampler, std::uint64_t epoch, index_t* rows_seen, int n_threads) {
-  FieldWorkspace ws(m, std::min(batch_size, n_order) * (1 + std::max(sampler.negatives, 0)));
+  FieldWorkspace ws(m, std::min(batch_size, n_order) * (1 + std::max(sampler.negatives, 0)), true);
   double loss_sum = 0.0;
   std::uint64_t batch_index = 0;
   for (index_t begin = 0; begin < n_order; begin += batch_size, ++batch_index) {
@@ -467,7 +467,7 @@ void build_topk_cache(const KernelSet& ks, const FieldModel& m, const NegativeSa
   cache.item_part.resize(static_cast<std::size_t>(n_items * h));
   cache.item_gmf.resize(static_cast<std::size_t>(n_items * d));
   cache.item_wide.resize(static_cast<std::size_t>(n_items));
-  FieldWorkspace ws(m, std::min(n_items, kPredictChunk));
+  FieldWorkspace ws(m, std::min(n_items, kPredictChunk), false);
   for (index_t c0 = 0; c0 < n_items; c0 += kPredictChunk) {
     const index_t n = std::min(kPredictChunk, n_items - c0);
     for (auto& keys : ws.keys) keys.assign(static_cast<std::size_t>(n), 0);
@@ -494,7 +494,7 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
   const index_t h = first.fan_out;
   const index_t d = m.gmf.field_u >= 0 ? m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim : 0;
   const index_t n_items = candidates ? n_candidates : s.n_items;
-  FieldWorkspace ws(m, std::min(std::max<index_t>(n_items, 1), kPredictChunk));
+  FieldWorkspace ws(m, std::min(std::max<index_t>(n_items, 1), kPredictChunk), false);
   std::vector<float> user_part(static_cast<std::size_t>(h)), user_gmf(static_cast<std::size_t>(d));
   auto better = [](const std::pair<float, std::int32_t>& a, const std::pair<float, std::int32_t>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);  // higher score, then lower item

@@ -50,10 +50,25 @@ struct Problem {
 // than reading its rows in place saves.
 constexpr index_t kMaxPanelsForInPlaceAt = 4;
 
+// One row of C (a single prediction): no packing, the row kernel over row-major B in place.
+void gemm_row(const Problem& p, index_t row, index_t n0, index_t n1) {
+  const KernelSet& ks = p.ks;
+  for (index_t jr = n0; jr < n1; jr += ks.nr) {
+    const int n = static_cast<int>(std::min<index_t>(ks.nr, n1 - jr));
+    float* c = p.C + row * p.ldc + jr;
+    for (index_t pc = 0; pc < p.K; pc += ks.kc) {
+      const index_t kc = std::min(ks.kc, p.K - pc);
+      ks.row_kernel(kc, p.A + row * p.lda + pc, p.B + pc * p.ldb + jr, p.ldb, c, pc > 0, n);
+    }
+    if (p.epilogue) ks.epilogue(c, p.ldc, 1, n, row, jr, *p.epilogue);
+  }
+}
+
 // The five BLIS loops over one rectangle C[m0:m1, n0:n1] on the calling thread.
 void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
   thread_local Scratch a_scratch, b_scratch;
   const KernelSet& ks = p.ks;
+  if (m1 - m0 == 1 && !p.trans_a && !p.trans_b) return gemm_row(p, m0, n0, n1);
   const index_t kc_max = std::min(ks.kc, p.K);
   float* bbuf = b_scratch.get(static_cast<std::size_t>(kc_max * ceil_div(std::min(ks.nc, n1 - n0), ks.nr) * ks.nr));
   float* abuf = a_scratch.get(static_cast<std::size_t>(kc_max * ceil_div(std::min(ks.mc, m1 - m0), ks.mr) * ks.mr));
@@ -62,9 +77,12 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
     for (index_t pc = 0; pc < p.K; pc += ks.kc) {
       const index_t kc = std::min(ks.kc, p.K - pc);
       const bool first = pc == 0, last = pc + kc == p.K;
-      // B is always packed: the panel is reused by every row block, and reading it in place with a
-      // power-of-two row stride would map its kc rows onto a few L1 sets.
-      for (index_t jr = 0; jr < nc; jr += ks.nr) {
+      // B is packed when several row panels reuse it (reading it in place with a power-of-two row stride
+      // would map its kc rows onto a few L1 sets). For a single row panel (one-row predictions) packing would
+      // cost more than the product: full panels of row-major B are then read in place.
+      const bool b_in_place = !p.trans_b && m1 - m0 <= ks.mr;
+      const index_t b_full = b_in_place ? nc / ks.nr * ks.nr : 0;
+      for (index_t jr = b_full; jr < nc; jr += ks.nr) {
         const int n = static_cast<int>(std::min<index_t>(ks.nr, nc - jr));
         const float* src = p.trans_b ? p.B + (jc + jr) * p.ldb + pc : p.B + pc * p.ldb + jc + jr;
         ks.pack_b(!p.trans_b, src, p.ldb, n, kc, bbuf + jr * kc);
@@ -88,11 +106,12 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
           for (index_t ir = 0; ir < mc; ir += ks.mr) {
             const int m = static_cast<int>(std::min<index_t>(ks.mr, mc - ir));
             float* c = p.C + (ic + ir) * p.ldc + jc + jr;
-            const float* b = bbuf + jr * kc;
+            const float* b = jr < b_full ? p.B + pc * p.ldb + jc + jr : bbuf + jr * kc;
+            const index_t rs_b = jr < b_full ? p.ldb : ks.nr;
             if (ir < full)
-              ks.ukernel(kc, p.A + (ic + ir) * rs_a + pc * cs_a, rs_a, cs_a, b, ks.nr, c, p.ldc, !first, m, n);
+              ks.ukernel(kc, p.A + (ic + ir) * rs_a + pc * cs_a, rs_a, cs_a, b, rs_b, c, p.ldc, !first, m, n);
             else
-              ks.ukernel(kc, abuf + (ir - full) * kc, 1, ks.mr, b, ks.nr, c, p.ldc, !first, m, n);
+              ks.ukernel(kc, abuf + (ir - full) * kc, 1, ks.mr, b, rs_b, c, p.ldc, !first, m, n);
             if (last && p.epilogue) ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
           }
         }

@@ -179,7 +179,7 @@ UpdateRule Optimizer::next_step() {
   return rule;
 }
 
-MlpWorkspace::MlpWorkspace(const Network& net, index_t rows, bool sparse_input) {
+MlpWorkspace::MlpWorkspace(const Network& net, index_t rows, bool sparse_input, bool training) {
   const std::size_t L = net.layers.size();
   acts.resize(L + 1);
   index_t widest = 0, largest = 0;
@@ -188,6 +188,7 @@ MlpWorkspace::MlpWorkspace(const Network& net, index_t rows, bool sparse_input) 
     widest = std::max(widest, net.layers[l].fan_out);
     if (l > 0 || !sparse_input) largest = std::max(largest, net.layers[l].fan_in * net.layers[l].fan_out);
   }
+  if (!training) return;
   delta.resize(static_cast<std::size_t>(rows * widest));
   delta_prev.resize(delta.size());
   grad_w.resize(static_cast<std::size_t>(largest));
@@ -283,7 +284,7 @@ void UpdateSink::layer(std::size_t l, const float* gw, const float* gb, const To
 void forward(const KernelSet& ks, const Network& net, const Input& X, float* out, int n_threads) {
   const std::size_t L = net.layers.size();
   const index_t n_out = net.layers.back().fan_out;
-  MlpWorkspace ws(net, std::min(X.rows, kForwardChunk), X.sparse);
+  MlpWorkspace ws(net, std::min(X.rows, kForwardChunk), X.sparse, false);
   for (index_t r0 = 0; r0 < X.rows; r0 += kForwardChunk) {
     Input chunk = X;
     chunk.rows = std::min(kForwardChunk, X.rows - r0);
@@ -303,7 +304,7 @@ void forward(const KernelSet& ks, const Network& net, const Input& X, float* out
 double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& X, const float* Y, float alpha,
                           const std::vector<float*>& coef_grads, const std::vector<float*>& intercept_grads,
                           int n_threads) {
-  MlpWorkspace ws(net, X.rows, X.sparse);
+  MlpWorkspace ws(net, X.rows, X.sparse, true);
   forward_logits(ks, net, X, ws, n_threads);
   CopySink sink(net, coef_grads, intercept_grads);
   return backward(ks, net, X, Y, alpha, ws, sink, n_threads);
@@ -312,7 +313,7 @@ double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& 
 double train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt, const Input& X, const float* Y,
                    const std::int64_t* order, index_t n_order, index_t batch_size, float alpha, int n_threads) {
   const index_t n_out = net.layers.back().fan_out;
-  MlpWorkspace ws(net, std::min(batch_size, n_order), X.sparse);
+  MlpWorkspace ws(net, std::min(batch_size, n_order), X.sparse, true);
   BatchBuffers buffers;
   double loss_sum = 0.0;
   for (index_t begin = 0; begin < n_order; begin += batch_size) {

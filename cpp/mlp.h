@@ -69,8 +69,9 @@ struct MlpWorkspace {
   std::vector<float> delta, delta_prev, grad_w, grad_b, touched_grad;
   std::vector<double> row_squares;
   TouchedRows touched;
-  // A CSR first layer never gets a dense gradient buffer: its size would grow with the column count.
-  MlpWorkspace(const Network& net, index_t rows, bool sparse_input);
+  // Gradient buffers only when training; a CSR first layer never gets a dense one (its size would grow with
+  // the column count).
+  MlpWorkspace(const Network& net, index_t rows, bool sparse_input, bool training);
 };
 
 // Fills ws.acts[1..L] for the batch: hidden activations, then the output layer's logits.

@@ -65,10 +65,33 @@ void ukernel_avx2_6x16(index_t kc, const float* a, index_t rs_a, index_t cs_a, c
     for (int j = 0; j < n; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i][j] : tile[i][j];
 }
 
+void row_kernel_avx2(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate, int n) {
+  if (n == kNr) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (index_t k = 0; k < kc; ++k, b += rs_b) {
+      const __m256 ak = _mm256_broadcast_ss(a + k);
+      acc0 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(b), acc0);
+      acc1 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(b + 8), acc1);
+    }
+    if (accumulate) {
+      acc0 = _mm256_add_ps(_mm256_loadu_ps(c), acc0);
+      acc1 = _mm256_add_ps(_mm256_loadu_ps(c + 8), acc1);
+    }
+    _mm256_storeu_ps(c, acc0);
+    _mm256_storeu_ps(c + 8, acc1);
+    return;
+  }
+  for (int j = 0; j < n; ++j) {  // a partial panel: the same fused multiply-adds one lane at a time
+    float acc = 0.0f;
+    for (index_t k = 0; k < kc; ++k) acc = __builtin_fmaf(a[k], b[k * rs_b + j], acc);
+    c[j] = accumulate ? c[j] + acc : acc;
+  }
+}
+
 }  // namespace
 
 const KernelSet& kernels_avx2() {
-  static const KernelSet set{Isa::Avx2, kMr, kNr, 256, 144, 2048, ukernel_avx2_6x16, pack_panel<kMr>,
+  static const KernelSet set{Isa::Avx2, kMr, kNr, 256, 144, 2048, ukernel_avx2_6x16, row_kernel_avx2, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
                              sum_squares_impl};

@@ -61,10 +61,27 @@ void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, cons
   }
 }
 
+void row_kernel_avx512(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate, int n) {
+  const int n0 = n < 16 ? n : 16, n1 = n > 16 ? n - 16 : 0;
+  const __mmask16 mask0 = static_cast<__mmask16>((1u << n0) - 1u), mask1 = static_cast<__mmask16>((1u << n1) - 1u);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (index_t k = 0; k < kc; ++k, b += rs_b) {
+    const __m512 ak = _mm512_set1_ps(a[k]);
+    acc0 = _mm512_fmadd_ps(ak, _mm512_maskz_loadu_ps(mask0, b), acc0);
+    acc1 = _mm512_fmadd_ps(ak, _mm512_maskz_loadu_ps(mask1, b + 16), acc1);
+  }
+  if (accumulate) {
+    acc0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, c), acc0);
+    acc1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, c + 16), acc1);
+  }
+  _mm512_mask_storeu_ps(c, mask0, acc0);
+  _mm512_mask_storeu_ps(c + 16, mask1, acc1);
+}
+
 }  // namespace
 
 const KernelSet& kernels_avx512() {
-  static const KernelSet set{Isa::Avx512, kMr, kNr, 256, 192, 4096, ukernel_avx512, pack_panel<kMr>,
+  static const KernelSet set{Isa::Avx512, kMr, kNr, 256, 192, 4096, ukernel_avx512, row_kernel_avx512, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
                              sum_squares_impl};

@@ -24,10 +24,17 @@ void ukernel_scalar_4x8(index_t kc, const float* a, index_t rs_a, index_t cs_a, 
     for (int j = 0; j < n; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 
+void row_kernel_scalar(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate, int n) {
+  float acc[kNr] = {};
+  for (index_t k = 0; k < kc; ++k, b += rs_b)
+    for (int j = 0; j < n; ++j) acc[j] += a[k] * b[j];
+  for (int j = 0; j < n; ++j) c[j] = accumulate ? c[j] + acc[j] : acc[j];
+}
+
 }  // namespace
 
 const KernelSet& kernels_scalar() {
-  static const KernelSet set{Isa::Scalar, kMr, kNr, 256, 128, 2048, ukernel_scalar_4x8, pack_panel<kMr>,
+  static const KernelSet set{Isa::Scalar, kMr, kNr, 256, 128, 2048, ukernel_scalar_4x8, row_kernel_scalar, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
                              sum_squares_impl};
