@@ -21,7 +21,8 @@ ACTIVATIONS = ("identity", "logistic", "tanh", "relu")
 class Field:
     """An embedding table of `vocab` rows x `dim`, read through key column `key`.
 
-    role: "mlp" (pooled vector feeds the MLP), "gmf_u" / "gmf_v" (the two sides of the GMF term).
+    role: "mlp" (pooled vector feeds the MLP), "gmf_u" / "gmf_v" (the two sides of the GMF term), "wide"
+        (dim 1: the pooled scalar is added to the logit, the linear part of Wide & Deep).
     dropout: training-time probability of reading bag row 0 (the "unknown" row) instead of the example's own.
     """
 
@@ -82,7 +83,12 @@ class FieldNet:
         self.width = offset
         if self.width == 0:
             raise ValueError("the model has no input: give at least one field or dense column")
-        self.tables = [rng.normal(0.0, init_scale, (f.vocab, f.dim)).astype(np.float32) for f in self.fields]
+        for f in self.fields:
+            if f.role == "wide" and f.dim != 1:
+                raise ValueError(f"wide field {f.name!r} must have dim 1")
+        # Wide weights start at 0 (no bias before training); embeddings small and random.
+        self.tables = [np.zeros((f.vocab, 1), np.float32) if f.role == "wide" else
+                       rng.normal(0.0, init_scale, (f.vocab, f.dim)).astype(np.float32) for f in self.fields]
         # The MLP: scikit-learn's Glorot-uniform initialisation.
         sizes = [self.width, *hidden_layer_sizes, 1]
         factor = 2.0 if activation == "logistic" else 6.0
@@ -124,7 +130,7 @@ class FieldNet:
         fields = []
         for i, f in enumerate(self.fields):
             entry = {"table": self.tables[i], "bags": bags[i], "key": f.key, "offset": self.offsets[i],
-                     "dropout": f.dropout if training else 0.0}
+                     "dropout": f.dropout if training else 0.0, "wide": f.role == "wide"}
             if self.optimizer is not None:
                 entry["state_kind"] = {"sgd": "none", "adagrad": "row", "adam": "full"}[self.optimizer]
                 entry["state1"], entry["state2"] = self.table_state1[i], self.table_state2[i]

@@ -78,6 +78,10 @@ class Recommender(BaseEstimator):
         "auto": "mse" on ratings, "bce" on implicit feedback (ratings=None).
     gmf : bool, default=True
         Add NeuMF's generalized matrix factorisation term (its own user / item embeddings).
+    wide : bool, default=False
+        Add a linear term to the output (Wide & Deep): a learned bias per user, per item and per value of
+        every categorical / multi-hot side feature. It is what lets items known only by their features get
+        their features' typical rating.
     optimizer : {"adam", "adagrad", "sgd"}, default="adam"
         Lazy Adam, row-wise Adagrad or plain SGD on the embedding rows of each batch; Adam, Adagrad or SGD
         (with ``momentum``) on the MLP.
@@ -114,7 +118,7 @@ class Recommender(BaseEstimator):
     """
 
     def __init__(self, embedding_dim=32, hidden_layer_sizes=(64, 32), activation="relu", loss="auto", gmf=True,
-                 optimizer="adam", learning_rate=1e-3, alpha=1e-5, epochs=10, batch_size=256, negatives=4,
+                 wide=False, optimizer="adam", learning_rate=1e-3, alpha=1e-5, epochs=10, batch_size=256, negatives=4,
                  negative_sampling="uniform", id_dropout=0.05, momentum=0.9, nesterovs_momentum=True,
                  random_state=None, n_threads=None, verbose=False):
         self.embedding_dim = embedding_dim
@@ -122,6 +126,7 @@ class Recommender(BaseEstimator):
         self.activation = activation
         self.loss = loss
         self.gmf = gmf
+        self.wide = wide
         self.optimizer = optimizer
         self.learning_rate = learning_rate
         self.alpha = alpha
@@ -288,6 +293,11 @@ class Recommender(BaseEstimator):
             fields += [Field("user_gmf", len(trained_users) + 1, d, USER, role="gmf_u", dropout=dropout),
                        Field("item_gmf", len(trained_items) + 1, d, ITEM, role="gmf_v", dropout=dropout)]
             bags += [bags[0], bags[1]]
+        if self.wide:  # a bias per id and per categorical / multi-hot feature value, on the same bags
+            embedded = [(f, b) for f, b in zip(fields, bags) if f.role == "mlp"]
+            for f, b in embedded:
+                fields.append(Field(f"{f.name}:wide", f.vocab, 1, f.key, role="wide", dropout=f.dropout))
+                bags.append(b)
         self._bags, self._dense_tables = bags, dense_tables
         self.net_ = FieldNet(fields, dense, hidden, self.activation, loss, 2, rng)
         self.net_.reset_optimizer(self.optimizer)
