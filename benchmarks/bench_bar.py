@@ -42,7 +42,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -51,6 +50,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import fastrec
+from timing import TIMER, fmt_t, settle, stats
 from fastrec import _core, reference
 
 try:
@@ -59,32 +59,11 @@ except ImportError:  # the torch columns are skipped with a note
     torch = None
 
 PEAK = {1: 220.0, 2: 457.0}  # FP32 FMA peak GFLOP/s measured on this machine (issue 2)
-TIMER = time.perf_counter  # wall clock (the implementations are multithreaded)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def settle(seconds):
-    if seconds > 0:
-        time.sleep(seconds)
 
 
-def stats(samples):
-    s = sorted(samples)
-    q = np.percentile(s, [25, 75]) if len(s) > 1 else [s[0], s[0]]
-    return {"median": statistics.median(s), "min": s[0], "max": s[-1], "q1": float(q[0]), "q3": float(q[1]),
-            "n": len(s)}
-
-
-def fmt_time(sec):
-    if sec >= 1:
-        return f"{sec:.2f} s"
-    if sec >= 1e-3:
-        return f"{sec * 1e3:.3g} ms"
-    return f"{sec * 1e6:.3g} µs"
-
-
-def fmt_t(st):
-    return f"{fmt_time(st['median'])} [{fmt_time(st['min'])} – {fmt_time(st['max'])}]"
 
 
 def fmt_g(st):

@@ -54,7 +54,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -63,6 +62,7 @@ from pathlib import Path
 import numpy as np
 
 import fastrec
+from timing import TIMER, fmt_t, fmt_time, settle, stats
 from fastrec import _core
 
 try:
@@ -71,7 +71,6 @@ try:
 except ImportError:  # torch columns are skipped
     torch = None
 
-TIMER = time.perf_counter
 N_USERS, N_ITEMS, N_TAGS = 100_000, 1_000_000, 1_000
 D_USER, D_ITEM, D_TAG, N_DENSE = 32, 32, 16, 13
 HIDDEN = (256, 128, 64)
@@ -79,26 +78,8 @@ LR = 0.01
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def settle(seconds):
-    if seconds > 0:
-        time.sleep(seconds)
 
 
-def stats(samples):
-    s = sorted(samples)
-    return {"median": statistics.median(s), "min": s[0], "max": s[-1], "n": len(s)}
-
-
-def fmt_time(sec):
-    if sec >= 1:
-        return f"{sec:.2f} s"
-    if sec >= 1e-3:
-        return f"{sec * 1e3:.3g} ms"
-    return f"{sec * 1e6:.3g} µs"
-
-
-def fmt_t(st):
-    return f"{fmt_time(st['median'])} [{fmt_time(st['min'])} – {fmt_time(st['max'])}]"
 
 
 def fmt_rate(st):
