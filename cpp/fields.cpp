@@ -515,13 +515,19 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     heap.clear();
     for (index_t c0 = 0; c0 < n_items; c0 += kPredictChunk) {
       const index_t n = std::min(kPredictChunk, n_items - c0);
+      // z1 = act(item part + user part): streams the cache (n x h floats), split over threads by rows.
       float* z1 = ws.mlp.acts[1].data();
-      for (index_t r = 0; r < n; ++r) {
-        const index_t item = candidates ? candidates[c0 + r] : c0 + r;
-        const float* part = cache.item_part.data() + item * h;
-        for (index_t j = 0; j < h; ++j) z1[r * h + j] = part[j] + user_part[j];
-      }
-      if (L > 1) ks.activate(z1, n * h, m.mlp.hidden);
+      constexpr index_t kRows = 64;
+      parallel_for(0, (n + kRows - 1) / kRows, n_threads, [&](std::int64_t block) {
+        const index_t r1 = std::min(n, (block + 1) * kRows);
+        for (index_t r = block * kRows; r < r1; ++r) {
+          const index_t item = candidates ? candidates[c0 + r] : c0 + r;
+          const float* part = cache.item_part.data() + item * h;
+          float* out = z1 + r * h;
+          for (index_t j = 0; j < h; ++j) out[j] = part[j] + user_part[j];
+          if (L > 1) ks.activate(out, h, m.mlp.hidden);
+        }
+      });
       for (std::size_t l = 1; l < L; ++l) {
         const Layer& layer = m.mlp.layers[l];
         Epilogue e;
