@@ -36,19 +36,29 @@ class _Entities:
         if len(kinds) > 1:
             raise TypeError("ids mix strings and integers between the interactions and the feature table")
         self.ids = np.unique(np.concatenate(present)) if present else np.zeros(0, np.int64)
+        self._lookup = None  # raw id -> entity, built on the first small query
 
     def __len__(self):
         return len(self.ids)
 
     def index(self, raw) -> np.ndarray:
         """Entity number of each raw id (int32), 0 for ids never seen."""
-        out = np.zeros(len(raw), np.int32)
-        if len(self.ids) == 0 or len(raw) == 0 or (raw.dtype.kind == "U") != (self.ids.dtype.kind == "U"):
-            return out
-        pos = np.minimum(np.searchsorted(self.ids, raw), len(self.ids) - 1)
-        found = self.ids[pos] == raw
-        out[found] = pos[found].astype(np.int32) + 1
-        return out
+        n = len(self.ids)
+        if n == 0 or len(raw) == 0 or (raw.dtype.kind == "U") != (self.ids.dtype.kind == "U"):
+            return np.zeros(len(raw), np.int32)
+        if len(raw) <= 16:  # a few ids (online predictions): a dict lookup beats the array passes
+            if self._lookup is None:
+                self._lookup = dict(zip(self.ids.tolist(), range(1, n + 1)))
+            return np.fromiter((self._lookup.get(x, 0) for x in raw.tolist()), np.int32, len(raw))
+        pos = self.ids.searchsorted(raw)
+        np.minimum(pos, n - 1, out=pos)
+        return np.where(self.ids[pos] == raw, pos + 1, 0).astype(np.int32)
+
+    def __getstate__(self):
+        return {"ids": self.ids}  # the lookup dict is rebuilt on demand
+
+    def __setstate__(self, state):
+        self.ids, self._lookup = state["ids"], None
 
 
 def _positive_int(value, name, minimum=1):
