@@ -209,6 +209,7 @@ FieldModel make_field_model(const py::dict& spec, bool writeable) {
     e.offset = f["offset"].cast<index_t>();
     e.dropout = f.contains("dropout") ? f["dropout"].cast<float>() : 0.0f;
     e.wide = f.contains("wide") && f["wide"].cast<bool>();
+    e.alpha = f.contains("alpha") && !f["alpha"].is_none() ? f["alpha"].cast<float>() : -1.0f;
     if (!(e.dropout >= 0.0f && e.dropout < 1.0f)) throw py::value_error(name + ".dropout must lie in [0, 1)");
     const std::string kind = f.contains("state_kind") ? f["state_kind"].cast<std::string>() : "none";
     const index_t s1_size = kind == "row" ? e.vocab : e.vocab * e.dim;

@@ -201,9 +201,10 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
                             : f.wide      ? ws.dz.data()
                                           : ws.d_gmf[static_cast<int>(i) == m.gmf.field_u ? 0 : 1].data();
     const index_t ld = f.offset >= 0 ? m.width : f.dim;
-    const double squares = touched_rows_gradient(ks, fb.touched, upstream, ld, f.table, f.dim, alpha, inv_n,
+    const float alpha_f = f.alpha >= 0.0f ? f.alpha : alpha;
+    const double squares = touched_rows_gradient(ks, fb.touched, upstream, ld, f.table, f.dim, alpha_f, inv_n,
                                                  fb.grad.data(), ws.row_squares, n_threads);
-    loss += 0.5 * alpha * squares / static_cast<double>(n);
+    loss += 0.5 * alpha_f * squares / static_cast<double>(n);
     field_sink(i, fb.touched, fb.grad.data());
   }
   return loss;

@@ -27,6 +27,7 @@ struct EmbeddingField {
   int key = 0;              // key column that picks the bag
   index_t offset = -1;      // first column in the MLP input, -1 for a field used only by the GMF term or wide
   bool wide = false;        // dim 1, pooled scalar added to the logit (the linear part of Wide & Deep)
+  float alpha = -1.0f;      // this table's L2 weight; negative: the call's alpha
   float dropout = 0.0f;     // training only: probability that an example reads bag row 0 (the "unknown"
                             // row) instead of its own, so row 0 learns what to use for ids never seen
   float* state1 = nullptr;  // optimizer state: vocab x dim (adam m), vocab (row-wise adagrad), or none (sgd)

@@ -585,3 +585,32 @@ def test_wide_terms_match_the_oracle_and_learn_item_biases():
     keys = [rec._users.index(users[:50]), rec._items.index(items[:50])]
     want = reference.field_predict(spec64, keys) + rec.rating_mean_
     np.testing.assert_allclose(rec.predict(users[:50], items[:50]), want, rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_alpha_is_the_tables_own_l2_in_core_and_oracle():
+    """embedding_alpha replaces alpha for the embedding tables only; the core's gradients equal the oracle's
+    with the per-field weights (float32 vs float64, 1e-4 relative to each array's scale)."""
+    from fastrec import _core
+
+    rng = np.random.default_rng(9)
+    users, items = rng.integers(0, 20, 300), rng.integers(0, 15, 300)
+    ratings = rng.integers(1, 6, 300).astype(float)
+    rec = fastrec.Recommender(embedding_alpha=0.5, alpha=0.01, epochs=2, random_state=0, n_threads=1).fit(
+        users, items, ratings)
+    assert all(f.alpha == 0.5 for f in rec.net_.fields)
+    spec = rec.net_.spec(rec._bags, rec._dense_tables)
+    keys = [rec._users.index(users[:64]), rec._items.index(items[:64])]
+    y = (ratings[:64] - rec.rating_mean_).astype(np.float32)
+    got = _core.field_loss_and_gradients(spec, keys, y, None, 0.01)
+    spec64 = {**spec, "coefs": [c.astype(np.float64) for c in spec["coefs"]],
+              "intercepts": [b.astype(np.float64) for b in spec["intercepts"]],
+              "fields": [{**f, "table": f["table"].astype(np.float64)} for f in spec["fields"]],
+              "gmf": {**spec["gmf"], "w": spec["gmf"]["w"].astype(np.float64)}}
+    want = reference.field_loss_and_gradients(spec64, keys, y.astype(np.float64), None, 0.01)
+    assert abs(got[0] - want[0]) <= 1e-4 * abs(want[0])
+    for g, w in zip(got[1], want[1]):
+        assert np.abs(g - w).max() <= 1e-4 * max(np.abs(w).max(), 1e-12)
+    # the same spec without the per-field weights gives other table gradients: the setting is used
+    plain = _core.field_loss_and_gradients({**spec, "fields": [{**f, "alpha": None} for f in spec["fields"]]},
+                                           keys, y, None, 0.01)
+    assert not np.allclose(plain[1][0], got[1][0])

@@ -32,6 +32,7 @@ class Field:
     key: int
     role: str = "mlp"
     dropout: float = 0.0
+    alpha: float | None = None  # this table's L2 weight (None: the model's alpha)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class FieldNet:
         fields = []
         for i, f in enumerate(self.fields):
             entry = {"table": self.tables[i], "bags": bags[i], "key": f.key, "offset": self.offsets[i],
-                     "dropout": f.dropout if training else 0.0, "wide": f.role == "wide"}
+                     "dropout": f.dropout if training else 0.0, "wide": f.role == "wide", "alpha": f.alpha}
             if self.optimizer is not None:
                 entry["state_kind"] = {"sgd": "none", "adagrad": "row", "adam": "full"}[self.optimizer]
                 entry["state1"], entry["state2"] = self.table_state1[i], self.table_state2[i]

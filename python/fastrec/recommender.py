@@ -99,6 +99,9 @@ class Recommender(BaseEstimator):
     alpha : float, default=1e-5
         L2 penalty ``0.5 * alpha * ||w||^2 / batch`` on the MLP weights and on the embedding rows a batch
         touches (only those: lazy regularisation keeps a step's cost independent of the vocabulary size).
+    embedding_alpha : float or None, default=None
+        L2 weight of the embedding tables if it should differ from ``alpha`` (a strong penalty on the
+        embeddings without one on the MLP).
     epochs : int, default=10
     batch_size : int, default=256
         Interactions per step (negatives come on top).
@@ -128,7 +131,8 @@ class Recommender(BaseEstimator):
     """
 
     def __init__(self, embedding_dim=32, hidden_layer_sizes=(64, 32), activation="relu", loss="auto", gmf=True,
-                 wide=False, optimizer="adam", learning_rate=1e-3, alpha=1e-5, epochs=10, batch_size=256, negatives=4,
+                 wide=False, optimizer="adam", learning_rate=1e-3, alpha=1e-5, embedding_alpha=None, epochs=10,
+                 batch_size=256, negatives=4,
                  negative_sampling="uniform", id_dropout=0.05, momentum=0.9, nesterovs_momentum=True,
                  random_state=None, n_threads=None, verbose=False):
         self.embedding_dim = embedding_dim
@@ -140,6 +144,7 @@ class Recommender(BaseEstimator):
         self.optimizer = optimizer
         self.learning_rate = learning_rate
         self.alpha = alpha
+        self.embedding_alpha = embedding_alpha
         self.epochs = epochs
         self.batch_size = batch_size
         self.negatives = negatives
@@ -170,6 +175,8 @@ class Recommender(BaseEstimator):
             raise ValueError(f"negative_sampling must be 'uniform' or 'popularity', got {self.negative_sampling!r}")
         _positive_float(self.learning_rate, "learning_rate")
         _positive_float(self.alpha, "alpha", allow_zero=True)
+        if self.embedding_alpha is not None:
+            _positive_float(self.embedding_alpha, "embedding_alpha", allow_zero=True)
         _positive_int(self.epochs, "epochs")
         _positive_int(self.batch_size, "batch_size")
         _positive_int(self.negatives, "negatives", minimum=0)
@@ -308,6 +315,9 @@ class Recommender(BaseEstimator):
             for f, b in embedded:
                 fields.append(Field(f"{f.name}:wide", f.vocab, 1, f.key, role="wide", dropout=f.dropout))
                 bags.append(b)
+        if self.embedding_alpha is not None:
+            for f in fields:
+                f.alpha = float(self.embedding_alpha)
         self._bags, self._dense_tables = bags, dense_tables
         self.net_ = FieldNet(fields, dense, hidden, self.activation, loss, 2, rng)
         self.net_.reset_optimizer(self.optimizer)

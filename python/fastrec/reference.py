@@ -569,10 +569,11 @@ def field_loss_and_gradients(spec, keys, y, weight, alpha, n_threads=0, isa="aut
     ``dz = s (sigmoid(z) - y)`` ("bce") or ``s (z - y)`` ("mse"):
 
     * loss = sum(s (softplus(z) - y z)) / n or sum(s (z - y)^2) / (2n), plus
-      ``0.5 alpha (sum ||W_l||^2 + ||gmf_w||^2 + sum over touched rows ||E_f[id]||^2) / n``;
+      ``0.5 alpha (sum ||W_l||^2 + ||gmf_w||^2) / n + 0.5 sum_f alpha_f (sum over touched rows
+      ||E_f[id]||^2) / n`` (alpha_f: the field's own "alpha" when given, else alpha);
     * MLP: ``dW_l = (A_l^T D_l + alpha W_l) / n``, ``db_l = sum(D_l) / n`` with ``D_L = dz``;
     * GMF: ``(sum_r dz_r p_u(r) * p_v(r) + alpha w) / n``;
-    * tables: ``G_f[id] = (sum_{r,j: id_rj = id} w_rj up_f[r] + alpha E_f[id]) / n`` where ``up_f`` is the
+    * tables: ``G_f[id] = (sum_{r,j: id_rj = id} w_rj up_f[r] + alpha_f E_f[id]) / n`` where ``up_f`` is the
       gradient reaching the pooled vector: ``D_0 W_0^T`` on the field's columns of x, plus for a GMF field
       ``dz * w * (the other GMF field's pooled vector)``.
     """
@@ -632,8 +633,12 @@ def field_loss_and_gradients(spec, keys, y, weight, alpha, n_threads=0, isa="aut
             up = up + dz[:, None]
         touched = csr_touched_rows(bags[i][0], bags[i][1])
         G = np.zeros_like(E)
-        G[touched] = (csr_transpose_matmul(*bags[i], up, touched) + alpha_t * E[touched]) / n_t
-        loss += 0.5 * alpha * _sum64(E[touched] ** 2) / n
+        # A field may carry its own L2 weight ("alpha" in its spec entry; negative or absent: the global one).
+        alpha_f = f.get("alpha", -1.0)
+        alpha_f = alpha if alpha_f is None or alpha_f < 0 else alpha_f
+        (alpha_ft,) = _hyper(dtype, alpha_f)
+        G[touched] = (csr_transpose_matmul(*bags[i], up, touched) + alpha_ft * E[touched]) / n_t
+        loss += 0.5 * alpha_f * _sum64(E[touched] ** 2) / n
         table_grads.append(G)
     return loss, table_grads, gmf_grad, coef_grads, intercept_grads
 
