@@ -176,7 +176,8 @@ def explicit(data, seed, threads, n_configs, log):
     base = dict(embedding_dim=32, hidden_layer_sizes=(64, 32), gmf=True, optimizer="adam", learning_rate=1e-3,
                 alpha=0.3, batch_size=256, id_dropout=0.05, random_state=seed, n_threads=threads)
     space = dict(embedding_dim=[16, 32, 64], hidden_layer_sizes=[(64, 32), (128, 64), (32,)], gmf=[True, False],
-                 learning_rate=[5e-4, 1e-3, 2e-3], alpha=[0.03, 0.1, 0.3, 1.0], id_dropout=[0.0, 0.05, 0.2])
+                 learning_rate=[5e-4, 1e-3, 2e-3], alpha=[1e-4, 0.03, 0.1, 0.3, 1.0], id_dropout=[0.0, 0.05, 0.2],
+                 embedding_alpha=[None, 0.3, 1.0, 3.0], wide=[False, True])
     params, epochs, rows = search(
         "a", space, n_configs, check_generator(seed + 100),
         lambda m: m.fit(U[fit_idx], I[fit_idx], R[fit_idx], **feats),
@@ -247,7 +248,8 @@ def cold_items(data, seed, threads, n_configs, log):
     base = dict(embedding_dim=32, hidden_layer_sizes=(64, 32), gmf=True, optimizer="adam", learning_rate=1e-3,
                 alpha=0.3, batch_size=256, id_dropout=0.2, random_state=seed, n_threads=threads)
     space = dict(embedding_dim=[16, 32], hidden_layer_sizes=[(64, 32), (32,)], gmf=[True, False],
-                 learning_rate=[5e-4, 1e-3], alpha=[0.03, 0.1, 0.3, 1.0], id_dropout=[0.1, 0.2, 0.5])
+                 learning_rate=[5e-4, 1e-3], alpha=[1e-4, 0.03, 0.1, 0.3, 1.0], id_dropout=[0.1, 0.2, 0.5],
+                 embedding_alpha=[None, 0.3, 1.0, 3.0], wide=[False, True])
     fit = lambda m: m.fit(U[fit_idx], I[fit_idx], R[fit_idx], **feats)  # noqa: E731
     score = lambda m: rmse(R[val_idx], m.predict(U[val_idx], I[val_idx]))  # noqa: E731
     params, epochs, rows = search("c", space, n_configs, check_generator(seed + 300), fit, score,
