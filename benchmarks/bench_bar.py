@@ -34,22 +34,19 @@ epoch time / number of minibatches.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 import fastrec
+from timing import machine_info as base_machine_info
 from timing import TIMER, fmt_t, settle, stats
 from fastrec import _core, reference
 
@@ -78,25 +75,10 @@ def threads_ctx(n_threads):
 
 
 def machine_info():
-    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": sys.version.split()[0],
-            "platform": platform.platform(), "numpy": np.__version__, "fastrec": fastrec.__version__,
-            "cores": os.cpu_count()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
-                           platform.processor())
-    except OSError:
-        info["cpu"] = platform.processor()
-    info["fastrec_core"] = {k: v for k, v in _core.show_config().items()}
-    info["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "architecture", "threading_layer",
-                                           "num_threads", "filepath")} for d in threadpool_info()]
     import sklearn
 
-    info["sklearn"] = sklearn.__version__
-    info["torch"] = None if torch is None else torch.__version__
-    info["env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
-                                                  "FASTREC_ISA")}
-    return info
+    return {**base_machine_info(), "sklearn": sklearn.__version__,
+            "torch": None if torch is None else torch.__version__}
 
 
 # ------------------------------------------------------------------------------------------------ (a) GEMM

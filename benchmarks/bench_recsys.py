@@ -49,12 +49,9 @@ The JSON (machine, settings, every sample) goes to benchmarks/results/recsys.jso
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 import fastrec
+from timing import machine_info as base_machine_info
 from timing import TIMER, fmt_t, fmt_time, settle, stats
 from fastrec import _core
 
@@ -92,36 +90,7 @@ def set_threads(n):
 
 
 def machine_info():
-    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": sys.version.split()[0],
-            "platform": platform.platform(), "numpy": np.__version__, "fastrec": fastrec.__version__,
-            "torch": None if torch is None else torch.__version__, "cores": os.cpu_count()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
-                           platform.processor())
-    except OSError:
-        info["cpu"] = platform.processor()
-    try:
-        info["fastrec_core"] = dict(_core.show_config())
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-        info["commit"] = commit or None
-    except OSError:
-        info["commit"] = None
-    try:  # the extension measured (others may rebuild it between runs)
-        import hashlib
-
-        so = Path(_core.__file__)
-        info["core_so"] = {"path": str(so), "mtime": datetime.datetime.fromtimestamp(so.stat().st_mtime)
-                           .isoformat(timespec="seconds"), "sha256": hashlib.sha256(so.read_bytes()).hexdigest()[:16]}
-    except OSError:
-        pass
-    info["env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
-                                                  "FASTREC_ISA")}
-    return info
+    return {**base_machine_info(), "torch": None if torch is None else torch.__version__}
 
 
 class LoadMeter:

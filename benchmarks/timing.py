@@ -1,7 +1,15 @@
-"""Timing helpers shared by the standalone benchmark scripts (bench_bar.py, bench_recsys.py)."""
+"""Timing and machine-description helpers shared by the standalone benchmark scripts (bench_bar.py,
+bench_recsys.py)."""
 
+import datetime
+import hashlib
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,3 +41,38 @@ def fmt_time(sec):
 def fmt_t(st):
     """'median [min – max]' of a stats() dict of times."""
     return f"{fmt_time(st['median'])} [{fmt_time(st['min'])} – {fmt_time(st['max'])}]"
+
+
+def machine_info():
+    """What a results table needs to be read later: versions, CPU, the core measured, BLAS, environment."""
+    import fastrec
+    from fastrec import _core
+
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": sys.version.split()[0],
+            "platform": platform.platform(), "numpy": np.__version__, "fastrec": fastrec.__version__,
+            "cores": os.cpu_count(), "fastrec_core": dict(_core.show_config())}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
+                           platform.processor())
+    except OSError:
+        info["cpu"] = platform.processor()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+        info["commit"] = commit or None
+    except OSError:
+        info["commit"] = None
+    so = Path(_core.__file__)  # the extension measured (it may be rebuilt between runs)
+    info["core_so"] = {"path": str(so), "mtime": datetime.datetime.fromtimestamp(so.stat().st_mtime)
+                       .isoformat(timespec="seconds"), "sha256": hashlib.sha256(so.read_bytes()).hexdigest()[:16]}
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "architecture", "threading_layer",
+                                               "num_threads", "filepath")} for d in threadpool_info()]
+    except ImportError:
+        info["blas"] = None
+    info["env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
+                                                  "FASTREC_ISA")}
+    return info

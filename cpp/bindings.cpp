@@ -330,44 +330,6 @@ class FieldHandle {
     keep_alive(spec);
   }
 
-  // Replaces the bag table of field i (per-call data of click-through models).
-  void set_bags(int i, const py::tuple& bags) {
-    if (i < 0 || i >= static_cast<int>(model_.fields.size())) throw py::index_error("field index out of range");
-    const std::string name = "fields[" + std::to_string(i) + "]";
-    py::array indptr = checked<std::int64_t>(bags[0], name + ".bags.indptr", 1, false);
-    py::array ids = checked<std::int32_t>(bags[1], name + ".bags.ids", 1, false);
-    py::array weights = checked<float>(bags[2], name + ".bags.weights", 1, false);
-    if (indptr.shape(0) < 1 || ids.shape(0) != weights.shape(0))
-      throw py::value_error(name + ".bags must be (indptr, ids, weights) with len(ids) == len(weights)");
-    const BagTable table{static_cast<const std::int64_t*>(indptr.data()), static_cast<const std::int32_t*>(ids.data()),
-                         static_cast<const float*>(weights.data()), indptr.shape(0) - 1};
-    if (table.indptr[table.rows] != ids.shape(0)) throw py::value_error(name + ".bags.indptr must end at len(ids)");
-    EmbeddingField trial = model_.fields[static_cast<std::size_t>(i)];
-    trial.bags = table;
-    FieldModel check;
-    check.fields = {trial};
-    check.width = model_.width;
-    check.n_keys = model_.n_keys;
-    check.mlp = model_.mlp;
-    validate_fields(check);
-    model_.fields[static_cast<std::size_t>(i)].bags = table;
-    topk_cache_ = TopkCache();
-    keep_alive(bags);
-  }
-
-  // Replaces the table of dense block b.
-  void set_dense(int b, py::handle table_obj) {
-    if (b < 0 || b >= static_cast<int>(model_.dense.size())) throw py::index_error("dense block index out of range");
-    py::array table = checked<float>(table_obj, "dense[" + std::to_string(b) + "].table", 2, false);
-    DenseBlock& d = model_.dense[static_cast<std::size_t>(b)];
-    if (table.shape(1) != d.cols)
-      throw py::value_error("dense[" + std::to_string(b) + "].table must have " + std::to_string(d.cols) + " columns");
-    d.table = static_cast<const float*>(table.data());
-    d.rows = table.shape(0);
-    topk_cache_ = TopkCache();
-    keep_alive(table_obj);
-  }
-
   py::array_t<float> predict(const py::list& keys, int n_threads, const std::string& isa) const {
     const Examples ex = make_examples(model_, keys, py::none(), py::none());
     const KernelSet& ks = kernels_for(resolve_isa(isa));
@@ -516,7 +478,7 @@ class FieldHandle {
   FieldModel model_;
   bool trainable_;
   std::vector<py::object> keep_;
-  mutable TopkCache topk_cache_;  // see fields.h; dropped when a table is replaced
+  mutable TopkCache topk_cache_;  // see fields.h
 };
 
 
@@ -652,8 +614,6 @@ PYBIND11_MODULE(_core, m) {
   py::class_<FieldHandle>(m, "FieldHandle",
                           "A validated field model over caller-owned arrays (docs/DESIGN.md, the field model).")
       .def(py::init<const py::dict&, bool>(), py::arg("spec"), py::arg("trainable") = false)
-      .def("set_bags", &FieldHandle::set_bags, py::arg("field"), py::arg("bags"))
-      .def("set_dense", &FieldHandle::set_dense, py::arg("block"), py::arg("table"))
       .def("predict", &FieldHandle::predict, py::arg("keys"), py::arg("n_threads") = 0, py::arg("isa") = "auto")
       .def("loss_and_gradients", &FieldHandle::loss_and_gradients, py::arg("keys"), py::arg("y"), py::arg("weight"),
            py::arg("alpha"), py::arg("n_threads") = 0, py::arg("isa") = "auto")

@@ -32,11 +32,6 @@ bool contains_sorted(const std::int32_t* begin, const std::int32_t* end, std::in
 
 float softplus(float z) { return std::max(z, 0.0f) + std::log1p(std::exp(-std::fabs(z))); }
 
-float sigmoid(float z) {
-  if (z >= 0.0f) return 1.0f / (1.0f + std::exp(-z));
-  const float e = std::exp(z);
-  return e / (1.0f + e);
-}
 
 // Buffers of one minibatch.
 struct FieldWorkspace {
@@ -152,7 +147,7 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
     const float z = ws.logits[r], y = ws.y[r], s = ws.weight.empty() ? 1.0f : ws.weight[r];
     if (m.bce()) {
       loss += static_cast<double>(s) * (softplus(z) - y * z);
-      D[r] = s * (sigmoid(z) - y);
+      D[r] = s * (stable_sigmoid(z) - y);
     } else {
       loss += 0.5 * static_cast<double>(s) * (z - y) * (z - y);
       D[r] = s * (z - y);
@@ -266,22 +261,13 @@ UpdateRule embedding_rule(const UpdateRule& dense_rule) {
   return r;  // Adam: lazy Adam on the touched rows, same bias-corrected rate
 }
 
-struct CopyMlpSink : GradientSink {
-  const Network& net;
-  const std::vector<float*>& coef_grads;
-  const std::vector<float*>& intercept_grads;
-  CopyMlpSink(const Network& n, const std::vector<float*>& c, const std::vector<float*>& i)
-      : net(n), coef_grads(c), intercept_grads(i) {}
-  void layer(std::size_t l, const float* gw, const float* gb, const TouchedRows*) override {
-    const Layer& layer = net.layers[l];
-    std::memcpy(coef_grads[l], gw, sizeof(float) * static_cast<std::size_t>(layer.fan_in * layer.fan_out));
-    std::memcpy(intercept_grads[l], gb, sizeof(float) * static_cast<std::size_t>(layer.fan_out));
-  }
-};
-
 }  // namespace
 
-void validate_fields(const FieldModel& m) {
+void validate(const FieldModel& m) {
+  require(!m.mlp.layers.empty() && m.mlp.layers.back().fan_out == 1, "the MLP must end in one output");
+  require(m.mlp.layers[0].fan_in == m.width,
+          "coefs[0] has " + std::to_string(m.mlp.layers[0].fan_in) + " rows but the fields and dense blocks give " +
+              std::to_string(m.width) + " input columns");
   for (std::size_t i = 0; i < m.fields.size(); ++i) {
     const EmbeddingField& f = m.fields[i];
     const std::string name = "field " + std::to_string(i);
@@ -300,14 +286,6 @@ void validate_fields(const FieldModel& m) {
       require(f.bags.ids[p] >= 0 && f.bags.ids[p] < f.vocab,
               name + ": bag ids must lie in [0, " + std::to_string(f.vocab) + ")");
   }
-}
-
-void validate(const FieldModel& m) {
-  require(!m.mlp.layers.empty() && m.mlp.layers.back().fan_out == 1, "the MLP must end in one output");
-  require(m.mlp.layers[0].fan_in == m.width,
-          "coefs[0] has " + std::to_string(m.mlp.layers[0].fan_in) + " rows but the fields and dense blocks give " +
-              std::to_string(m.width) + " input columns");
-  validate_fields(m);
   for (std::size_t b = 0; b < m.dense.size(); ++b) {
     const DenseBlock& d = m.dense[b];
     require(d.key >= 0 && d.key < m.n_keys, "dense block " + std::to_string(b) + ": key column out of range");
@@ -369,7 +347,7 @@ void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex,
     for (index_t r = 0; r < n; ++r) order[r] = r0 + r;
     gather_examples(ex, order.data(), n, ws);
     batch_logits(ks, m, n, ws, n_threads);
-    for (index_t r = 0; r < n; ++r) out[r0 + r] = m.bce() ? sigmoid(ws.logits[r]) : ws.logits[r];
+    for (index_t r = 0; r < n; ++r) out[r0 + r] = m.bce() ? stable_sigmoid(ws.logits[r]) : ws.logits[r];
   }
 }
 
@@ -380,7 +358,7 @@ double field_loss_and_gradients(const KernelSet& ks, const FieldModel& m, const 
   FieldWorkspace ws(m, ex.rows, true);
   gather_examples(ex, nullptr, ex.rows, ws);
   batch_logits(ks, m, ex.rows, ws, n_threads);
-  CopyMlpSink mlp_sink(m.mlp, coef_grads, intercept_grads);
+  CopySink mlp_sink(m.mlp, coef_grads, intercept_grads);
   return batch_backward(
       ks, m, ex.rows, alpha, ws, mlp_sink,
       [&](std::size_t i, const TouchedRows& touched, const float* G) {
@@ -559,7 +537,7 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     for (index_t j = 0; j < k; ++j) {
       const bool has = j < static_cast<index_t>(heap.size());
       out_items[u * k + j] = has ? heap[j].second : -1;
-      out_scores[u * k + j] = has ? (m.bce() ? sigmoid(heap[j].first) : heap[j].first)
+      out_scores[u * k + j] = has ? (m.bce() ? stable_sigmoid(heap[j].first) : heap[j].first)
                                   : -std::numeric_limits<float>::infinity();
     }
   }

@@ -85,7 +85,6 @@ struct NegativeSampler {
 // Checks the model's arrays against each other and the examples' keys against the bag tables; throws
 // std::invalid_argument naming what is wrong.
 void validate(const FieldModel& model);
-void validate_fields(const FieldModel& model);  // the embedding fields' keys, offsets and bag tables only
 void validate(const FieldModel& model, const Examples& examples);
 // Every table (field or dense block) read through key column `key` has at least min_rows rows.
 void require_key_rows(const FieldModel& model, int key, index_t min_rows, const std::string& what);

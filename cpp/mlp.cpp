@@ -18,11 +18,6 @@ constexpr index_t kForwardChunk = 2048;
 // Element count per thread below which an element-wise pass stays on one thread.
 constexpr index_t kElementsPerThread = 1 << 15;
 
-float stable_sigmoid(float z) {
-  if (z >= 0.0f) return 1.0f / (1.0f + std::exp(-z));
-  const float e = std::exp(z);
-  return e / (1.0f + e);
-}
 
 // Output activation in place on logits (n x k).
 void output_activation(Activation out, float* Z, index_t n, index_t k) {
@@ -113,26 +108,6 @@ Input gather_batch(const Input& X, const float* Y, index_t n_out, const std::int
   return b;
 }
 
-struct CopySink : GradientSink {
-  const Network& net;
-  const std::vector<float*>& coef_grads;
-  const std::vector<float*>& intercept_grads;
-  CopySink(const Network& n, const std::vector<float*>& c, const std::vector<float*>& i)
-      : net(n), coef_grads(c), intercept_grads(i) {}
-  void layer(std::size_t l, const float* gw, const float* gb, const TouchedRows* touched) override {
-    const Layer& layer = net.layers[l];
-    const std::size_t row_bytes = sizeof(float) * static_cast<std::size_t>(layer.fan_out);
-    if (touched) {
-      std::memset(coef_grads[l], 0, row_bytes * static_cast<std::size_t>(layer.fan_in));
-      for (std::size_t g = 0; g < touched->ids.size(); ++g)
-        std::memcpy(coef_grads[l] + static_cast<index_t>(touched->ids[g]) * layer.fan_out, gw + g * layer.fan_out,
-                    row_bytes);
-    } else {
-      std::memcpy(coef_grads[l], gw, row_bytes * static_cast<std::size_t>(layer.fan_in));
-    }
-    std::memcpy(intercept_grads[l], gb, row_bytes);
-  }
-};
 
 // Loss of the batch: data loss / n from the logits in ws.acts, then backprop.
 double backward(const KernelSet& ks, const Network& net, const Input& X, const float* Y, float alpha,
@@ -154,6 +129,26 @@ void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const f
     const index_t begin = c * chunk, count = std::min(chunk, len - begin);
     ks.update(rule, p + begin, g + begin, s1 + begin, s2 ? s2 + begin : nullptr, count);
   });
+}
+
+float stable_sigmoid(float z) {
+  if (z >= 0.0f) return 1.0f / (1.0f + std::exp(-z));
+  const float e = std::exp(z);
+  return e / (1.0f + e);
+}
+
+void CopySink::layer(std::size_t l, const float* gw, const float* gb, const TouchedRows* touched) {
+  const Layer& layer = net.layers[l];
+  const std::size_t row_bytes = sizeof(float) * static_cast<std::size_t>(layer.fan_out);
+  if (touched) {
+    std::memset(coef_grads[l], 0, row_bytes * static_cast<std::size_t>(layer.fan_in));
+    for (std::size_t g = 0; g < touched->ids.size(); ++g)
+      std::memcpy(coef_grads[l] + static_cast<index_t>(touched->ids[g]) * layer.fan_out, gw + g * layer.fan_out,
+                  row_bytes);
+  } else {
+    std::memcpy(coef_grads[l], gw, row_bytes * static_cast<std::size_t>(layer.fan_in));
+  }
+  std::memcpy(intercept_grads[l], gb, row_bytes);
 }
 
 UpdateRule Optimizer::next_step() {

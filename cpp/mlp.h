@@ -63,6 +63,9 @@ double train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt, cons
 
 // ---- Building blocks shared with the field model (fields.cpp) ----
 
+// 1 / (1 + e^-z) without overflow for any finite z.
+float stable_sigmoid(float z);
+
 // Buffers reused across the minibatches of one call.
 struct MlpWorkspace {
   std::vector<std::vector<float>> acts;  // acts[l] = output of layer l-1 (acts[L] = logits); acts[0] unused
@@ -82,6 +85,16 @@ void forward_logits(const KernelSet& ks, const Network& net, const Input& X, Mlp
 struct GradientSink {
   virtual void layer(std::size_t l, const float* grad_w, const float* grad_b, const TouchedRows* touched) = 0;
   virtual ~GradientSink() = default;
+};
+
+// Copies each layer's gradient into caller arrays (dense; a CSR first layer's untouched rows are zero).
+struct CopySink : GradientSink {
+  const Network& net;
+  const std::vector<float*>& coef_grads;
+  const std::vector<float*>& intercept_grads;
+  CopySink(const Network& n, const std::vector<float*>& c, const std::vector<float*>& i)
+      : net(n), coef_grads(c), intercept_grads(i) {}
+  void layer(std::size_t l, const float* grad_w, const float* grad_b, const TouchedRows* touched) override;
 };
 
 // Applies an optimizer step to each layer as its gradient arrives.

@@ -148,22 +148,6 @@ class FieldNet:
                 "state1": getattr(self, "state1", []), "state2": getattr(self, "state2", []),
                 "fields": fields, "dense": dense, "gmf": gmf}
 
-    # --------------------------------------------------------------------------------- growth
-    def grow_table(self, i: int, vocab: int, rng, init_scale=0.05):
-        """Adds rows to table i (new ids seen by partial_fit), with fresh optimizer state."""
-        old = self.tables[i]
-        if vocab <= old.shape[0]:
-            return
-        extra = rng.normal(0.0, init_scale, (vocab - old.shape[0], old.shape[1])).astype(np.float32)
-        self.tables[i] = np.concatenate([old, extra])
-        self.fields[i].vocab = vocab
-        if self.optimizer is not None:
-            for states in (self.table_state1, self.table_state2):
-                s = states[i]
-                if s is not None:
-                    pad = np.zeros((vocab - s.shape[0],) + s.shape[1:], np.float32)
-                    states[i] = np.concatenate([s, pad])
-
     # --------------------------------------------------------------------------------- calls
     def handle(self, bags, dense_tables, *, training=False):
         """A validated core object over the current arrays; rebuild it after the arrays are replaced."""
