@@ -2,8 +2,9 @@
 
 from fastrec._core import __version__, available_isas
 from fastrec._config import show_config
+from fastrec._persist import ModelFileError, load
 from fastrec.fields import FieldModel
 from fastrec.mlp import MLPClassifier, MLPRegressor
 from fastrec.recommender import Recommender
 
-__all__ = ["FieldModel", "MLPClassifier", "MLPRegressor", "Recommender", "available_isas", "show_config", "__version__"]
+__all__ = ["FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor", "Recommender", "available_isas", "show_config", "__version__"]

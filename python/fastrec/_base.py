@@ -61,6 +61,15 @@ class BaseEstimator:
             changed.append(f"{name}={value!r}")
         return f"{type(self).__name__}({', '.join(changed)})"
 
+    def save(self, path) -> None:
+        """Write the model to one file (docs/DESIGN.md, "Model files"): atomic, versioned, loadable with `fastrec.load`.
+
+        Everything needed to predict and to resume training (id mappings, optimizer state) is kept.
+        """
+        from fastrec._persist import save
+
+        save(self, path)
+
     def __sklearn_is_fitted__(self) -> bool:
         return any(k.endswith("_") and not k.startswith("__") for k in vars(self))
 

@@ -1,0 +1,285 @@
+"""Model files (issue 4): `est.save(path)` / `fastrec.load(path, mmap=...)` and pickling.
+
+What is checked: every estimator round-trips bitwise (every array attribute, and predictions), with and
+without mmap; pickle too; a save killed mid-write (SIGKILL) leaves the previous file loadable; truncated,
+corrupt, foreign and future-version files raise `fastrec.ModelFileError`; loading builds no object outside
+fastrec's allow-list; an mmap-loaded model shares the file's pages (the loading process's memory grows by
+far less than the model); training resumed after save -> load equals training never interrupted.
+"""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+import fastrec
+from fastrec.datasets import make_interactions
+
+
+def _state_arrays(obj, prefix="", out=None):
+    """Every array reachable from an estimator's attributes, by path (to compare two models bitwise)."""
+    out = {} if out is None else out
+    if isinstance(obj, np.ndarray):
+        out[prefix] = obj
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _state_arrays(v, f"{prefix}[{i}]", out)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _state_arrays(v, f"{prefix}[{k!r}]", out)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("fastrec"):
+        for k, v in vars(obj).items():
+            if k != "_predictor":
+                _state_arrays(v, f"{prefix}.{k}", out)
+    return out
+
+
+def _assert_same_model(a, b):
+    arrays_a, arrays_b = _state_arrays(a), _state_arrays(b)
+    assert arrays_a.keys() == arrays_b.keys()
+    for key in arrays_a:
+        x, y = arrays_a[key], arrays_b[key]
+        assert x.dtype == y.dtype and x.shape == y.shape, key
+        assert x.tobytes() == y.tobytes(), key  # bitwise, NaN payloads included
+    assert a.get_params() == b.get_params()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_interactions(n_users=200, n_items=150, n_interactions=3000, random_state=0)
+
+
+def _fitted_models(data):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 6)).astype(np.float32)
+    labels = np.array(["no", "yes"])[(X[:, 0] > 0).astype(int)]
+    ctr = {"site": rng.integers(0, 9, 300), "x": X[:, :3]}
+    return {
+        "Recommender": (fastrec.Recommender(epochs=2, wide=True, random_state=0, n_threads=1).fit(
+            data.users, data.items, data.ratings, item_features=data.item_features,
+            user_features=data.user_features), lambda m: m.predict(data.users[:40], data.items[:40])),
+        "Recommender-implicit": (fastrec.Recommender(epochs=1, random_state=0, n_threads=1).fit(
+            data.users.astype(str), data.items.astype(str)), lambda m: m.recommend(["1", "2", "x"], k=5)[1]),
+        "MLPClassifier": (fastrec.MLPClassifier((8,), max_iter=3, random_state=0).fit(X, labels),
+                          lambda m: m.predict_proba(X)),
+        "MLPRegressor": (fastrec.MLPRegressor((8,), solver="sgd", max_iter=3, random_state=0).fit(X, X[:, 1]),
+                         lambda m: m.predict(X)),
+        "FieldModel": (fastrec.FieldModel(epochs=1, random_state=0, n_threads=1).fit(ctr, X[:, 0] > 0),
+                       lambda m: m.predict_proba(ctr)),
+    }
+
+
+@pytest.fixture(scope="module")
+def models(data):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning of the 3-epoch MLPs
+        return _fitted_models(data)
+
+
+@pytest.mark.parametrize("name", ["Recommender", "Recommender-implicit", "MLPClassifier", "MLPRegressor",
+                                  "FieldModel"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_save_load_round_trip(models, name, mmap, tmp_path):
+    model, predict = models[name]
+    path = tmp_path / "model.fastrec"
+    model.save(path)
+    loaded = fastrec.load(path, mmap=mmap)
+    assert type(loaded) is type(model)
+    _assert_same_model(model, loaded)
+    np.testing.assert_array_equal(predict(loaded), predict(model))
+    if mmap:
+        assert any(isinstance(a, np.memmap) for a in _state_arrays(loaded).values())
+        # Data aligned in the file, so the core reads the mapped arrays in place.
+        assert all(a.ctypes.data % 64 == 0 for a in _state_arrays(loaded).values() if isinstance(a, np.memmap))
+
+
+@pytest.mark.parametrize("name", ["Recommender", "MLPClassifier", "FieldModel"])
+def test_pickle_round_trip(models, name):
+    model, predict = models[name]
+    loaded = pickle.loads(pickle.dumps(model))
+    _assert_same_model(model, loaded)
+    np.testing.assert_array_equal(predict(loaded), predict(model))
+
+
+def test_file_is_a_documented_npz(models, tmp_path):
+    model, _ = models["MLPRegressor"]
+    path = tmp_path / "m.fastrec"
+    model.save(path)
+    with zipfile.ZipFile(path) as z:
+        meta = json.loads(z.read("fastrec.json"))
+    assert meta["format"] == "fastrec-model" and meta["format_version"] == 1
+    assert meta["fastrec_version"] == fastrec.__version__
+    assert meta["class"] == "fastrec.mlp.MLPRegressor"
+    assert meta["params"]["hidden_layer_sizes"] == [8] and meta["params"]["solver"] == "sgd"
+    with np.load(path, allow_pickle=False) as npz:  # plain NumPy reads the arrays
+        shapes = sorted(npz[k].shape for k in npz.files if k.startswith("arrays/"))
+    assert sorted(tuple(s["shape"]) for s in meta["arrays"]) == shapes
+
+
+def test_resume_after_save_equals_uninterrupted(tmp_path):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((400, 5)).astype(np.float32)
+    y = X @ rng.standard_normal(5)
+    a = fastrec.MLPRegressor((16,), random_state=0, n_threads=1)
+    b = fastrec.MLPRegressor((16,), random_state=0, n_threads=1)
+    for _ in range(2):
+        a.partial_fit(X, y)
+        b.partial_fit(X, y)
+    b.save(tmp_path / "b.fastrec")
+    b = fastrec.load(tmp_path / "b.fastrec", mmap=True)
+    for _ in range(2):
+        a.partial_fit(X, y)
+        b.partial_fit(X, y)
+    _assert_same_model(a, b)
+
+
+def test_save_replaces_atomically_and_leaves_no_temporary(models, tmp_path):
+    path = tmp_path / "m.fastrec"
+    models["MLPRegressor"][0].save(path)
+    models["FieldModel"][0].save(path)
+    assert type(fastrec.load(path)) is fastrec.FieldModel
+    assert os.listdir(tmp_path) == ["m.fastrec"]
+
+
+def test_save_killed_mid_write_keeps_previous_file(models, tmp_path):
+    model, predict = models["MLPRegressor"]
+    path = tmp_path / "m.fastrec"
+    model.save(path)
+    # A child overwrites the file with a large model (~400 MB) and is killed while it writes.
+    child = textwrap.dedent(f"""
+        import numpy as np, fastrec
+        m = fastrec.MLPRegressor((8,), max_iter=1).fit(np.zeros((4, 2)), np.zeros(4))
+        m.coefs_[0] = np.ones((100_000_000, 1), np.float32)
+        m.save({str(path)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        deadline = time.monotonic() + 60
+        while not any(f.endswith(".tmp") and os.path.getsize(tmp_path / f) > 1 << 20 for f in os.listdir(tmp_path)):
+            assert proc.poll() is None, "the child finished before it could be killed"
+            assert time.monotonic() < deadline, "the child never started writing"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    loaded = fastrec.load(path)
+    np.testing.assert_array_equal(predict(loaded), predict(model))
+
+
+def _corrupt(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "empty":
+        data = b""
+    elif how == "garbage":
+        data = bytearray(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif how == "flipped array byte":
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo("arrays/0.npy")
+        data[info.header_offset + 200] ^= 0xFF  # inside the array data: the CRC-32 no longer matches
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage", "flipped array byte"])
+def test_damaged_file_raises_model_file_error(models, how, tmp_path):
+    path = tmp_path / "m.fastrec"
+    models["MLPRegressor"][0].save(path)
+    _corrupt(path, how)
+    with pytest.raises(fastrec.ModelFileError, match="m.fastrec"):
+        fastrec.load(path)
+    if how != "flipped array byte":  # mmap does not read the data, so it cannot check its CRC
+        with pytest.raises(fastrec.ModelFileError, match="m.fastrec"):
+            fastrec.load(path, mmap=True)
+
+
+def _rewrite_meta(path, edit):
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    meta = json.loads(members["fastrec.json"])
+    edit(meta)
+    members["fastrec.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+
+
+def test_future_version_and_foreign_files(models, tmp_path):
+    path = tmp_path / "m.fastrec"
+    models["MLPRegressor"][0].save(path)
+    _rewrite_meta(path, lambda m: m.update(format_version=99, fastrec_version="9.0"))
+    with pytest.raises(fastrec.ModelFileError, match="upgrade fastrec"):
+        fastrec.load(path)
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+    with pytest.raises(fastrec.ModelFileError, match="not a fastrec model"):
+        fastrec.load(tmp_path / "plain.npz")
+    with pytest.raises(FileNotFoundError):
+        fastrec.load(tmp_path / "missing.fastrec")
+    with pytest.raises(ValueError, match="directory"):
+        models["MLPRegressor"][0].save(tmp_path)
+
+
+def test_load_builds_only_allowed_classes(models, tmp_path):
+    path = tmp_path / "m.fastrec"
+    models["MLPRegressor"][0].save(path)
+    _rewrite_meta(path, lambda m: m.update({"class": "subprocess.Popen"}))
+    with pytest.raises(fastrec.ModelFileError):
+        fastrec.load(path)
+    models["MLPRegressor"][0].save(path)
+    _rewrite_meta(path, lambda m: m["state"]["__dict__"].append(["x", {"__object__": "os.system", "state": {}}]))
+    with pytest.raises(fastrec.ModelFileError):
+        fastrec.load(path)
+    # An object array hidden in an .npy member would need pickle: refused.
+    models["MLPRegressor"][0].save(path)
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.array([print], dtype=object), allow_pickle=True)
+    members["arrays/0.npy"] = buf.getvalue()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    with pytest.raises(fastrec.ModelFileError):
+        fastrec.load(path)
+
+
+def test_mmap_load_shares_the_file(tmp_path):
+    # A model with ~100 MB of tables; a fresh process that loads it with mmap=True and predicts must grow by
+    # far less than that, and the same process loading it without mmap by about that (the control).
+    n_items, dim = 100_000, 64
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 500, n_items)
+    rec = fastrec.Recommender(embedding_dim=dim, hidden_layer_sizes=(8,), epochs=1, random_state=0, n_threads=1)
+    rec.fit(users, np.arange(n_items))
+    path = tmp_path / "big.fastrec"
+    rec.save(path)
+    size = os.path.getsize(path)
+    assert size > 80e6
+    probe = textwrap.dedent(f"""
+        import sys, fastrec, numpy as np
+        def rss():
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+        before = rss()
+        m = fastrec.load({str(path)!r}, mmap=sys.argv[1] == "1")
+        m.predict([1, 2, 3], [4, 5, 6])
+        print(rss() - before)
+    """)
+    growth = {mm: int(subprocess.run([sys.executable, "-c", probe, mm], check=True, capture_output=True,
+                                     text=True).stdout) for mm in ("1", "0")}
+    assert growth["0"] > 0.8 * size, growth  # the control: a full read costs the model's size
+    assert growth["1"] < 0.1 * size, growth
