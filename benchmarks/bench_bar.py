@@ -327,7 +327,7 @@ def bench_csr_columns(n_threads, rounds, settle_s, col_counts, n_steps=32, batch
 
         def epoch(coefs=coefs, ints=ints, s1=s1, s2=s2, Xc=Xc, Y=Y, state=state):
             order = state["rng"].permutation(n).astype(np.int64)
-            _, state["t"] = _core.train_epoch(coefs, ints, s1, s2, Xc, Y, order, batch, "relu", "identity", 1e-4,
+            _, state["t"], *_ = _core.train_epoch(coefs, ints, s1, s2, Xc, Y, order, batch, "relu", "identity", 1e-4,
                                               "adam", 1e-3, 0.9, True, 0.9, 0.999, 1e-8, state["t"], n_threads)
         epoch()  # first touch of the state arrays (page faults) outside the timing
         models[n_cols] = epoch

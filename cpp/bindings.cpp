@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -26,6 +27,41 @@ struct CoreCall {
   py::gil_scoped_release release;
   FlushDenormals flush;
 };
+
+// The StopCheck of training calls: between batches, at most every 50 ms, take the GIL, run Python's signal
+// handlers and call progress(done) if given. When either raises (Ctrl-C: KeyboardInterrupt) the epoch stops
+// at that batch boundary and the exception is kept, to be returned to the Python layer, which raises it once
+// its bookkeeping is done.
+class PythonSignals {
+ public:
+  explicit PythonSignals(py::handle progress) : progress_(py::reinterpret_borrow<py::object>(progress)) {}
+
+  bool operator()(index_t done) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_check_) return false;
+    next_check_ = now + std::chrono::milliseconds(50);
+    py::gil_scoped_acquire gil;
+    try {
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      if (!progress_.is_none()) progress_(done);
+      return false;
+    } catch (py::error_already_set& e) {
+      error_ = e.value();
+      return true;
+    }
+  }
+  py::object error() const { return error_ ? error_ : py::none(); }
+
+ private:
+  py::object progress_;
+  std::chrono::steady_clock::time_point next_check_{};
+  py::object error_;
+};
+
+// (loss_sum, adam_t, rows, diverged, exception or None): what train_epoch returns to Python.
+py::tuple epoch_tuple(const EpochResult& r, std::int64_t adam_t, const PythonSignals& signals) {
+  return py::make_tuple(r.loss_sum, adam_t, r.rows, r.diverged, signals.error());
+}
 
 std::string shape_str(const py::array& a) {
   std::string s = "(";
@@ -380,7 +416,7 @@ class FieldHandle {
                         py::handle weight, py::handle order_obj, index_t batch_size, float alpha,
                         const std::string& solver, float learning_rate, float momentum, bool nesterov, float beta_1,
                         float beta_2, float epsilon, std::int64_t adam_t, py::handle sampler_obj,
-                        std::uint64_t epoch, int n_threads, const std::string& isa) {
+                        std::uint64_t epoch, int n_threads, const std::string& isa, py::handle progress) {
     if (!trainable_) throw py::value_error("this field model handle was built for prediction only");
     const Examples ex = make_examples(model_, keys, y, weight);
     if (!ex.y) throw py::value_error("y is required for training");
@@ -409,14 +445,14 @@ class FieldHandle {
             throw py::value_error("seen has fewer rows than the user key values");
     }
     const KernelSet& ks = kernels_for(resolve_isa(isa));
-    double loss_sum;
-    index_t rows_seen = 0;
+    PythonSignals signals(progress);
+    EpochResult result;
     {
       const CoreCall call;
-      loss_sum = field_train_epoch(ks, model_, opt, ex, po, n_order, batch_size, alpha, sampler, epoch, &rows_seen,
-                                   n_threads);
+      result = field_train_epoch(ks, model_, opt, ex, po, n_order, batch_size, alpha, sampler, epoch,
+                                 std::ref(signals), n_threads);
     }
-    return py::make_tuple(loss_sum, opt.adam_t, rows_seen);
+    return epoch_tuple(result, opt.adam_t, signals);
   }
 
   py::tuple topk(py::handle sampler_obj, py::handle users_obj, py::handle candidates_obj, index_t k, bool exclude_seen,
@@ -591,7 +627,7 @@ PYBIND11_MODULE(_core, m) {
          py::handle X, py::handle Y, py::handle order_obj, index_t batch_size, const std::string& activation,
          const std::string& out_activation, float alpha, const std::string& solver, float learning_rate,
          float momentum, bool nesterov, float beta_1, float beta_2, float epsilon, std::int64_t adam_t,
-         int n_threads, const std::string& isa) {
+         int n_threads, const std::string& isa, py::handle progress) {
         const Network net = make_network(coefs, intercepts, activation, out_activation, true);
         const Input in = make_input(X, net.layers[0].fan_in);
         const float* y = checked_targets(Y, net, in.rows);
@@ -599,18 +635,21 @@ PYBIND11_MODULE(_core, m) {
         Optimizer opt = make_optimizer(solver, false, state1, state2, net, learning_rate, momentum, nesterov, beta_1,
                                        beta_2, epsilon, adam_t);
         const KernelSet& ks = kernels_for(resolve_isa(isa));
-        double loss_sum;
+        PythonSignals signals(progress);
+        EpochResult result;
         {
           const CoreCall call;
-          loss_sum = train_epoch(ks, net, opt, in, y, po, n_order, batch_size, alpha, n_threads);
+          result = train_epoch(ks, net, opt, in, y, po, n_order, batch_size, alpha, std::ref(signals), n_threads);
         }
-        return py::make_tuple(loss_sum, opt.adam_t);
+        return epoch_tuple(result, opt.adam_t, signals);
       },
       py::arg("coefs"), py::arg("intercepts"), py::arg("state1"), py::arg("state2"), py::arg("X"), py::arg("Y"),
       py::arg("order"), py::arg("batch_size"), py::arg("activation"), py::arg("out_activation"), py::arg("alpha"),
       py::arg("solver"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"), py::arg("beta_1"),
       py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
-      "One epoch of minibatch training, updating parameters and optimizer state in place.");
+      py::arg("progress") = py::none(),
+      "One epoch of minibatch training, updating parameters and optimizer state in place. Returns (loss_sum, "
+      "adam_t, rows, diverged, exception or None); see docs/DESIGN.md.");
   py::class_<FieldHandle>(m, "FieldHandle",
                           "A validated field model over caller-owned arrays (docs/DESIGN.md, the field model).")
       .def(py::init<const py::dict&, bool>(), py::arg("spec"), py::arg("trainable") = false)
@@ -621,7 +660,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("y"), py::arg("weight"), py::arg("order"), py::arg("batch_size"), py::arg("alpha"),
            py::arg("optimizer"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"),
            py::arg("beta_1"), py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("sampler"),
-           py::arg("epoch"), py::arg("n_threads") = 0, py::arg("isa") = "auto")
+           py::arg("epoch"), py::arg("n_threads") = 0, py::arg("isa") = "auto", py::arg("progress") = py::none())
       .def("topk", &FieldHandle::topk, py::arg("sampler"), py::arg("users"), py::arg("candidates"), py::arg("k"),
            py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto");
 
@@ -649,7 +688,7 @@ PYBIND11_MODULE(_core, m) {
         FieldHandle handle(spec, true);
         return handle.train_epoch(spec["state1"].cast<py::list>(), spec["state2"].cast<py::list>(), keys, y, weight,
                                   order, batch_size, alpha, solver, learning_rate, momentum, nesterov, beta_1, beta_2,
-                                  epsilon, adam_t, sampler, epoch, n_threads, isa);
+                                  epsilon, adam_t, sampler, epoch, n_threads, isa, py::none());
       },
       py::arg("spec"), py::arg("keys"), py::arg("y"), py::arg("weight"), py::arg("order"), py::arg("batch_size"),
       py::arg("alpha"), py::arg("optimizer"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"),

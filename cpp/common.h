@@ -1,6 +1,7 @@
 // Shared plain types of the fastrec core: no Python, no SIMD types.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -26,6 +27,20 @@ struct CsrView {
   const float* data = nullptr;
   index_t rows = 0;
   index_t cols = 0;
+};
+
+// Asked before every training batch with the number of `order` entries done so far; returning true ends the
+// epoch there (at a batch boundary: every batch before it fully applied, none partly). The binding uses it
+// for Ctrl-C and progress reports.
+using StopCheck = std::function<bool(index_t done)>;
+
+// What a training epoch did. It also ends early, before applying the batch, when a batch's loss is not
+// finite: the parameters keep the state of the last batch whose loss was finite.
+struct EpochResult {
+  double loss_sum = 0.0;  // sum of batch_loss * batch_rows over the batches applied
+  index_t rows = 0;       // rows trained on (negatives included)
+  bool diverged = false;  // stopped at a batch with a NaN or infinite loss
+  bool stopped = false;   // stopped because StopCheck asked
 };
 
 }  // namespace fastrec

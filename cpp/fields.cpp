@@ -137,9 +137,11 @@ void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWork
 
 // Gradients of the batch whose logits are in ws (from batch_logits): data loss, then the MLP (to mlp_sink),
 // GMF and embedding rows (to field_sink(i, touched, G) / gmf_sink(grad)). Returns the loss (with L2 terms).
+// With stop_if_not_finite, a NaN or infinite data loss is returned before any gradient reaches a sink.
 template <class FieldSink, class GmfSink>
 double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float alpha, FieldWorkspace& ws,
-                      GradientSink& mlp_sink, FieldSink&& field_sink, GmfSink&& gmf_sink, int n_threads) {
+                      GradientSink& mlp_sink, FieldSink&& field_sink, GmfSink&& gmf_sink, bool stop_if_not_finite,
+                      int n_threads) {
   const float inv_n = 1.0f / static_cast<float>(n);
   double loss = 0.0;
   float* D = ws.mlp.delta.data();  // dLoss/dlogit times n (the MLP applies 1/n)
@@ -154,6 +156,7 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
     }
   }
   loss /= static_cast<double>(n);
+  if (stop_if_not_finite && !std::isfinite(loss)) return loss;
   std::copy(D, D + n, ws.dz.begin());  // backprop reuses the delta buffers; wide fields need dz after it
 
   // GMF gradients, with w before its update.
@@ -371,16 +374,21 @@ double field_loss_and_gradients(const KernelSet& ks, const FieldModel& m, const 
       [&](const float* g) {
         std::memcpy(gmf_grad, g, sizeof(float) * ws.gmf_grad.size());
       },
-      n_threads);
+      false, n_threads);
 }
 
-double field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt, const Examples& ex,
-                         const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
-                         const NegativeSampler& sampler, std::uint64_t epoch, index_t* rows_seen, int n_threads) {
+EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt, const Examples& ex,
+                              const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
+                              const NegativeSampler& sampler, std::uint64_t epoch, const StopCheck& stop,
+                              int n_threads) {
   FieldWorkspace ws(m, std::min(batch_size, n_order) * (1 + std::max(sampler.negatives, 0)), true);
-  double loss_sum = 0.0;
+  EpochResult result;
   std::uint64_t batch_index = 0;
   for (index_t begin = 0; begin < n_order; begin += batch_size, ++batch_index) {
+    if (stop && stop(begin)) {
+      result.stopped = true;
+      break;
+    }
     const index_t n_pos = std::min(batch_size, n_order - begin);
     gather_examples(ex, order + begin, n_pos, ws);
     // One random stream per (seed, epoch, batch): the same negatives whatever n_threads.
@@ -389,6 +397,7 @@ double field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt, con
     const index_t n = append_negatives(sampler, n_pos, splitmix64(stream), ws);
     std::uint64_t dropout_rng = splitmix64(stream);
     batch_logits(ks, m, n, ws, n_threads, &dropout_rng);
+    const std::int64_t step_before = opt.adam_t;
     const UpdateRule rule = opt.next_step();
     const UpdateRule row_rule = embedding_rule(rule);
     UpdateSink mlp_sink(ks, m.mlp, opt, rule, n_threads);
@@ -402,11 +411,16 @@ double field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt, con
           const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
           update_dense(ks, rule, m.gmf.w, g, m.gmf.state1, m.gmf.state2, d, 1);
         },
-        n_threads);
-    loss_sum += loss * static_cast<double>(n);
-    *rows_seen += n;
+        true, n_threads);
+    if (!std::isfinite(loss)) {  // nothing of this batch was applied
+      opt.adam_t = step_before;
+      result.diverged = true;
+      break;
+    }
+    result.loss_sum += loss * static_cast<double>(n);
+    result.rows += n;
   }
-  return loss_sum;
+  return result;
 }
 
 namespace {

@@ -101,11 +101,12 @@ double field_loss_and_gradients(const KernelSet& ks, const FieldModel& model, co
                                 int n_threads);
 
 // One epoch over examples[order[i : i + batch_size]] (positives) plus sampled negatives; updates parameters
-// and state in place; opt.state1/2 are the MLP's (model.mlp_state*) and opt.adam_t is advanced. Returns
-// sum(batch_loss * batch_rows) and adds the number of rows trained on to *rows_seen.
-double field_train_epoch(const KernelSet& ks, FieldModel& model, Optimizer& opt, const Examples& examples,
-                         const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
-                         const NegativeSampler& sampler, std::uint64_t epoch, index_t* rows_seen, int n_threads);
+// and state in place; opt.state1/2 are the MLP's (model.mlp_state*) and opt.adam_t is advanced (see
+// EpochResult for how it may end early).
+EpochResult field_train_epoch(const KernelSet& ks, FieldModel& model, Optimizer& opt, const Examples& examples,
+                              const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
+                              const NegativeSampler& sampler, std::uint64_t epoch, const StopCheck& stop,
+                              int n_threads);
 
 // Per-handle cache of top-k: the item-keyed inputs times W_0 for every item (n_items x fan_out(0)) and the
 // items' pooled GMF vectors. Built on the first top-k call; valid while the parameters do not change.

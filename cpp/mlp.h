@@ -57,9 +57,10 @@ double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& 
                           const std::vector<float*>& coef_grads, const std::vector<float*>& intercept_grads,
                           int n_threads);
 
-// One epoch of minibatches X[order[i : i + batch_size]]; returns sum(batch_loss * batch_rows).
-double train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt, const Input& X, const float* Y,
-                   const std::int64_t* order, index_t n_order, index_t batch_size, float alpha, int n_threads);
+// One epoch of minibatches X[order[i : i + batch_size]] (see EpochResult for how it may end early).
+EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt, const Input& X, const float* Y,
+                        const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
+                        const StopCheck& stop, int n_threads);
 
 // ---- Building blocks shared with the field model (fields.cpp) ----
 

@@ -181,7 +181,7 @@ def test_five_steps_match_reference(isa, rng, sparse, solver, nesterov, act, out
     r_s1, r_s2 = as64(state1), as64(state2)
     kw = train_args(solver)
     # 50 rows in batches of 10 = five optimizer steps
-    loss, t = _core.train_epoch(coefs, intercepts, state1, state2, X, Y, order, 10, act, out, 0.01, nesterov=nesterov,
+    loss, t, *_ = _core.train_epoch(coefs, intercepts, state1, state2, X, Y, order, 10, act, out, 0.01, nesterov=nesterov,
                                 adam_t=0, n_threads=0, isa=isa, **kw)
     L = len(coefs)
     rloss, rt = reference.train_epoch(r_params[:L], r_params[L:], r_s1, r_s2, X64, Y.astype(np.float64), order, 10, act,
@@ -219,7 +219,7 @@ def test_training_is_bitwise_identical_for_any_thread_count(rng, sparse):
         coefs, intercepts = [c.copy() for c in coefs0], [b.copy() for b in intercepts0]
         s1 = [np.zeros_like(p) for p in coefs + intercepts]
         s2 = [np.zeros_like(p) for p in coefs + intercepts]
-        loss, _ = _core.train_epoch(coefs, intercepts, s1, s2, X, Y, order, 256, "relu", "softmax", 1e-3, "adam",
+        loss, *_ = _core.train_epoch(coefs, intercepts, s1, s2, X, Y, order, 256, "relu", "softmax", 1e-3, "adam",
                                     1e-3, 0.9, True, 0.9, 0.999, 1e-8, 0, threads)
         results.append((loss, b"".join(p.tobytes() for p in coefs + intercepts + s1 + s2)))
     assert results[0] == results[1] == results[2]

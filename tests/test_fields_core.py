@@ -352,7 +352,7 @@ def items_trained_on(spec, user, item, sampler, epoch=0):
     changed and the number of rows the core says it trained on."""
     before = spec["fields"][1]["table"].copy()
     keys = [np.array([user], np.int32), np.array([item], np.int32)]
-    _, _, rows = _core.field_train_epoch(spec, keys, np.ones(1, np.float32), None, np.zeros(1, np.int64), 1, 0.01,
+    _, _, rows, *_ = _core.field_train_epoch(spec, keys, np.ones(1, np.float32), None, np.zeros(1, np.int64), 1, 0.01,
                                          "sgd", 0.1, 0.0, False, 0.9, 0.999, 1e-8, 0, sampler, epoch)
     changed = np.flatnonzero((spec["fields"][1]["table"] != before).any(axis=1))
     return set(changed.tolist()), rows
@@ -545,7 +545,7 @@ def test_training_is_bitwise_identical_for_any_thread_count(rng, negatives):
     results = []
     for threads in (1, 2, 3):
         spec = copy_spec(spec0)
-        loss, t, rows = _core.field_train_epoch(spec, keys, y, None, order, 512, 1e-3, "adam", 1e-3, 0.9, True, 0.9,
+        loss, t, rows, *_ = _core.field_train_epoch(spec, keys, y, None, order, 512, 1e-3, "adam", 1e-3, 0.9, True, 0.9,
                                                 0.999, 1e-8, 0, sampler, 2, threads)
         pred = _core.field_predict(spec, keys, threads)
         results.append((loss, t, rows, spec_bytes(spec), pred.tobytes()))

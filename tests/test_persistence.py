@@ -42,6 +42,14 @@ def _state_arrays(obj, prefix="", out=None):
     return out
 
 
+def _is_mapped(a):
+    while a is not None:
+        if isinstance(a, np.memmap):
+            return True
+        a = a.base
+    return False
+
+
 def _assert_same_model(a, b):
     arrays_a, arrays_b = _state_arrays(a), _state_arrays(b)
     assert arrays_a.keys() == arrays_b.keys()
@@ -98,9 +106,10 @@ def test_save_load_round_trip(models, name, mmap, tmp_path):
     _assert_same_model(model, loaded)
     np.testing.assert_array_equal(predict(loaded), predict(model))
     if mmap:
-        assert any(isinstance(a, np.memmap) for a in _state_arrays(loaded).values())
+        mapped = [a for a in _state_arrays(loaded).values() if _is_mapped(a)]
+        assert sum(a.nbytes for a in mapped) > 0.9 * sum(a.nbytes for a in _state_arrays(model).values())
         # Data aligned in the file, so the core reads the mapped arrays in place.
-        assert all(a.ctypes.data % 64 == 0 for a in _state_arrays(loaded).values() if isinstance(a, np.memmap))
+        assert all(a.ctypes.data % 64 == 0 for a in mapped)
 
 
 @pytest.mark.parametrize("name", ["Recommender", "MLPClassifier", "FieldModel"])
@@ -258,8 +267,10 @@ def test_load_builds_only_allowed_classes(models, tmp_path):
 
 
 def test_mmap_load_shares_the_file(tmp_path):
-    # A model with ~100 MB of tables; a fresh process that loads it with mmap=True and predicts must grow by
-    # far less than that, and the same process loading it without mmap by about that (the control).
+    # A model with ~150 MB of arrays; a fresh process that loads it with mmap=True and predicts must grow by
+    # far less than that, and one loading it without mmap by about that (the control). What is measured is
+    # the process's private (anonymous) resident memory, RssAnon: pages of the file mapped by several
+    # processes are the page cache's single copy, which is the point of mmap.
     n_items, dim = 100_000, 64
     rng = np.random.default_rng(0)
     users = rng.integers(0, 500, n_items)
@@ -273,7 +284,7 @@ def test_mmap_load_shares_the_file(tmp_path):
         import sys, fastrec, numpy as np
         def rss():
             with open("/proc/self/status") as f:
-                return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+                return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon"))
         before = rss()
         m = fastrec.load({str(path)!r}, mmap=sys.argv[1] == "1")
         m.predict([1, 2, 3], [4, 5, 6])
@@ -282,4 +293,4 @@ def test_mmap_load_shares_the_file(tmp_path):
     growth = {mm: int(subprocess.run([sys.executable, "-c", probe, mm], check=True, capture_output=True,
                                      text=True).stdout) for mm in ("1", "0")}
     assert growth["0"] > 0.8 * size, growth  # the control: a full read costs the model's size
-    assert growth["1"] < 0.1 * size, growth
+    assert growth["1"] < 0.05 * size, growth

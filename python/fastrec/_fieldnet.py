@@ -7,6 +7,8 @@ passed per call. `FieldModel` (click-through data) and `Recommender` (users x it
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +64,66 @@ def bags_of_csr(X, mean: bool) -> tuple:
         scale = np.where(sums != 0, 1.0 / np.where(sums != 0, sums, 1.0), 0.0)
         weights *= np.repeat(scale, counts).astype(np.float32)
     return (indptr, np.asarray(X.indices, dtype=np.int32), weights)
+
+
+class IdIndex:
+    """Raw ids (ints or strings) <-> numbers 1..N (0 = unknown): users and items of a Recommender, values of a
+    FieldModel's categorical column. Ids added later (partial_fit) get the next numbers, so the numbers of
+    known ids never change."""
+
+    def __init__(self, *id_arrays):
+        present = [a for a in id_arrays if a is not None and len(a)]
+        if len({a.dtype.kind == "U" for a in present}) > 1:
+            raise TypeError("ids mix strings and integers between the interactions and the feature table")
+        self.ids = np.unique(np.concatenate(present)) if present else np.zeros(0, np.int64)
+        self._index_ids()
+
+    def _index_ids(self):
+        # Ids in sorted order (as after fit) are searched in place: nothing per id is built, so processes
+        # that memory-map one model file share its id arrays too. Otherwise a sorted copy and its order.
+        ids = self.ids
+        if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):
+            self._sorted, self._order = ids, None
+        else:
+            self._order = np.argsort(ids, kind="stable")
+            self._sorted = np.asarray(ids)[self._order]
+
+    def add(self, raw):
+        """Append the ids of `raw` not known yet (in sorted order)."""
+        if len(self.ids) and len(raw) and (raw.dtype.kind == "U") != (self.ids.dtype.kind == "U"):
+            raise TypeError(f"ids must be {'strings' if self.ids.dtype.kind == 'U' else 'integers'} like those "
+                            "of the first fit")
+        new = np.unique(raw[self.index(raw) == 0])
+        if len(new):
+            self.ids = np.concatenate([self.ids, new]) if len(self.ids) else new
+            self._index_ids()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def index(self, raw) -> np.ndarray:
+        """Entity number of each raw id (int32), 0 for ids never seen."""
+        n = len(self.ids)
+        if n == 0 or len(raw) == 0 or (raw.dtype.kind == "U") != (self.ids.dtype.kind == "U"):
+            return np.zeros(len(raw), np.int32)
+        if len(raw) <= 16:  # a few ids (online predictions): scalar searches beat the array passes
+            out = np.zeros(len(raw), np.int32)
+            for j, x in enumerate(raw.tolist()):
+                p = int(self._sorted.searchsorted(x))
+                if p < n and self._sorted[p] == x:
+                    out[j] = (p if self._order is None else self._order[p]) + 1
+            return out
+        pos = self._sorted.searchsorted(raw)
+        np.minimum(pos, n - 1, out=pos)
+        entity = pos if self._order is None else self._order[pos]
+        return np.where(self._sorted[pos] == raw, entity + 1, 0).astype(np.int32)
+
+    def __getstate__(self):
+        return {"ids": self.ids}  # the search structures are rebuilt
+
+    def __setstate__(self, state):
+        self.ids = state["ids"]
+        self._index_ids()
 
 
 class FieldNet:
@@ -154,12 +216,137 @@ class FieldNet:
         return _core.FieldHandle(self.spec(bags, dense_tables, training=training), training)
 
     def train_epoch(self, handle, keys, y, weight, order, *, batch_size, alpha, learning_rate, momentum, nesterov,
-                    beta_1, beta_2, epsilon, sampler, epoch, n_threads):
-        loss_sum, self.adam_t, rows = handle.train_epoch(
+                    beta_1, beta_2, epsilon, sampler, epoch, n_threads, progress=None):
+        """One epoch in the core: (loss_sum, rows, diverged, exception raised by Ctrl-C or progress, or None)."""
+        loss_sum, self.adam_t, rows, diverged, error = handle.train_epoch(
             self.state1, self.state2, keys, y, weight, order, batch_size, alpha, self.optimizer, learning_rate,
-            momentum, nesterov, beta_1, beta_2, epsilon, self.adam_t, sampler, epoch, n_threads)
-        return loss_sum, rows
+            momentum, nesterov, beta_1, beta_2, epsilon, self.adam_t, sampler, epoch, n_threads, "auto", progress)
+        return loss_sum, rows, diverged, error
 
-    def check_finite(self):
-        arrays = self.tables + self.coefs + self.intercepts + ([self.gmf_w] if self.gmf_w is not None else [])
-        return all(np.isfinite(a).all() for a in arrays)
+    def _arrays(self):
+        """Every learned array and its optimizer state (the in-place targets of training)."""
+        out = self.tables + self.coefs + self.intercepts + self.state1 + self.state2
+        out += [a for a in self.table_state1 + self.table_state2 if a is not None]
+        out += [a for a in (self.gmf_w, self.gmf_state1, self.gmf_state2) if a is not None]
+        return out
+
+    def snapshot(self):
+        return [a.copy() for a in self._arrays()], self.adam_t
+
+    def restore(self, snapshot):
+        """Back to a snapshot, in place (handles over these arrays stay valid)."""
+        arrays, self.adam_t = snapshot
+        for dst, src in zip(self._arrays(), arrays):
+            np.copyto(dst, src)
+
+    def grow(self, i, vocab, rng, init_scale=0.05):
+        """Table i (and its optimizer state) grows to `vocab` rows; new rows are initialised as in __init__."""
+        f, table = self.fields[i], self.tables[i]
+        extra = vocab - table.shape[0]
+        if extra <= 0:
+            return
+        new = np.zeros((extra, 1), np.float32) if f.role == "wide" else rng.normal(
+            0.0, init_scale, (extra, f.dim)).astype(np.float32)
+        self.tables[i] = np.concatenate([table, new])
+        for states in (self.table_state1, self.table_state2):
+            if states[i] is not None:
+                states[i] = np.concatenate([states[i], np.zeros((extra, *states[i].shape[1:]), np.float32)])
+        f.vocab = vocab
+
+
+# ------------------------------------------------------------------------------------------- training loop
+class _Progress:
+    """verbose output of one epoch: a tqdm bar where tqdm is installed, else one line on stderr at its end."""
+
+    def __init__(self, verbose, epoch, epochs, total):
+        self.bar = None
+        self.verbose = verbose
+        self.label = f"epoch {epoch + 1}/{epochs}"
+        if verbose:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, desc=self.label, unit="ex", leave=True)
+        self.done = 0
+
+    def __call__(self, done):  # called by the core about every 50 ms with the positives done so far
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self, summary: dict, examples_per_s: float):
+        text = ", ".join(f"{k} {v:.5g}" for k, v in summary.items())
+        if self.bar is not None:
+            self.bar.update(self.bar.total - self.done)
+            self.bar.set_postfix_str(f"{text}, {examples_per_s:,.0f} examples/s")
+            self.bar.close()
+        elif self.verbose:
+            print(f"{self.label}: {text}, {examples_per_s:,.0f} examples/s", file=sys.stderr, flush=True)
+
+
+def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=None, validate=None, metric=None,
+               higher_is_better=False):
+    """The epochs of `est.fit` / `est.partial_fit` for a FieldNet-based estimator.
+
+    Reads est.batch_size, alpha, learning_rate, momentum, nesterovs_momentum, n_iter_no_change,
+    verbose and n_threads. Appends to est.history_ ("loss", "seconds" and, with `validate` (a function
+    returning the validation metric of the current parameters), "val_<metric>"); est.loss_curve_ is
+    history_["loss"]. With validation and n_iter_no_change, training stops after that many epochs without
+    improvement and the parameters of the best epoch are restored (est.best_epoch_ counts from 1).
+
+    A batch whose loss is NaN or infinite stops training before it is applied, with a ValueError saying what
+    to try: the parameters stay finite. Ctrl-C stops at a batch boundary and KeyboardInterrupt propagates;
+    the model stays consistent and usable, its history listing the epochs completed.
+    """
+    history = est.history_
+    val_key = f"val_{metric}" if validate is not None else None
+    if val_key:
+        history.setdefault(val_key, [])
+    patience = getattr(est, "n_iter_no_change", None) if validate is not None else None
+    best, best_state, waited = None, None, 0
+    n_threads = 0 if est.n_threads is None else int(est.n_threads)
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        order = rng.permutation(n).astype(np.int64)
+        if sampler is not None:
+            sampler["seed"] = int(rng.randint(0, 2**31 - 1))
+        progress = _Progress(est.verbose, epoch, epochs, n)
+        loss_sum, rows, diverged, error = net.train_epoch(
+            handle, keys, y, weight, order, batch_size=int(est.batch_size), alpha=float(est.alpha),
+            learning_rate=float(est.learning_rate), momentum=float(est.momentum),
+            nesterov=bool(est.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler,
+            epoch=len(history["loss"]), n_threads=n_threads, progress=progress if progress.bar else None)
+        if error is not None:
+            if progress.bar is not None:
+                progress.bar.close()
+            raise error
+        if diverged:
+            raise ValueError(
+                f"training diverged in epoch {epoch + 1}: a batch's loss became NaN or infinite, so training "
+                "stopped before applying it (the parameters are those of the last finite step). Try a lower "
+                "learning_rate, a larger alpha, or scaling the numeric features.")
+        seconds = time.perf_counter() - start
+        history["loss"].append(loss_sum / max(rows, 1))
+        history["seconds"].append(seconds)
+        summary = {"loss": history["loss"][-1]}
+        if val_key:
+            score = float(validate())
+            history[val_key].append(score)
+            summary[val_key] = score
+            improved = best is None or (score > best if higher_is_better else score < best)
+            if improved:
+                best, waited = score, 0
+                est.best_epoch_ = len(history["loss"])
+                if patience is not None:
+                    best_state = net.snapshot()
+            else:
+                waited += 1
+        progress.close(summary, rows / max(seconds, 1e-9))
+        if patience is not None and waited >= patience:
+            if est.verbose:
+                print(f"{val_key} did not improve for {patience} epochs: stopping, keeping epoch "
+                      f"{est.best_epoch_}", file=sys.stderr, flush=True)
+            break
+    if best_state is not None and waited > 0:
+        net.restore(best_state)

@@ -36,15 +36,14 @@ class ModelFileError(ValueError):
 
 def _classes() -> dict:
     """The classes a model file may name (imported here: they import this module)."""
-    from fastrec._fieldnet import DenseBlock, Field, FieldNet
+    from fastrec._fieldnet import DenseBlock, Field, FieldNet, IdIndex
     from fastrec.features import FeatureTable
     from fastrec.fields import FieldModel
     from fastrec.mlp import MLPClassifier, MLPRegressor
-    from fastrec.recommender import Recommender, _Entities
+    from fastrec.recommender import Recommender
 
     return {f"{c.__module__}.{c.__qualname__}": c for c in (
-        MLPClassifier, MLPRegressor, Recommender, FieldModel, FieldNet, Field, DenseBlock, _Entities,
-        FeatureTable)}
+        MLPClassifier, MLPRegressor, Recommender, FieldModel, FieldNet, Field, DenseBlock, IdIndex, FeatureTable)}
 
 
 # ------------------------------------------------------------------------------------------- encoding
@@ -252,7 +251,8 @@ def _read_array(z: zipfile.ZipFile, path: str, n: int, spec: dict, mmap: bool) -
         if nbytes == 0:
             a = np.zeros(shape, dtype, order="F" if fortran else "C")
         else:
-            a = np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape, order="F" if fortran else "C")
+            mapped = np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape, order="F" if fortran else "C")
+            a = np.asarray(mapped)  # a plain ndarray over the mapping (np.memmap's per-operation overhead is µs)
     if a.dtype.str != spec["dtype"] or list(a.shape) != spec["shape"]:
         raise ModelFileError(f"{path!r}: member {name} is {a.dtype.str} {a.shape}, the metadata says "
                              f"{spec['dtype']} {tuple(spec['shape'])}")

@@ -14,7 +14,6 @@ is read through one key column, the example's own row.
 from __future__ import annotations
 
 import numbers
-import time
 import zlib
 
 import numpy as np
@@ -22,7 +21,8 @@ import scipy.sparse as sp
 
 from fastrec._base import BaseEstimator
 from fastrec._checks import check_random_state, not_fitted_error
-from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, bags_of_csr, bags_of_ids
+from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
+                               bags_of_ids, run_epochs)
 from fastrec.features import as_id_array
 
 __all__ = ["FieldModel"]
@@ -42,19 +42,25 @@ class FieldModel(BaseEstimator):
         Per-column options: {"dim": int, "pooling": "mean" | "sum", "hash_buckets": int}.
     embedding_dim : int, default=16
         Dimension of every embedding without its own "dim".
-    hidden_layer_sizes, activation, optimizer, learning_rate, alpha, epochs, batch_size, random_state,
-    n_threads, verbose : as in `fastrec.Recommender`.
+    hidden_layer_sizes, activation, optimizer, learning_rate, alpha, epochs, batch_size, n_iter_no_change,
+    random_state, n_threads, verbose : as in `fastrec.Recommender`.
     loss : {"bce", "mse"}, default="bce"
+    validation_metric : {"auto", "log_loss", "auc", "rmse", "mae"}, default="auto"
+        What ``fit(..., validation_data=(X_val, y_val))`` reports per epoch ("auto": "log_loss" for "bce",
+        "rmse" for "mse").
 
     Attributes
     ----------
     columns_ : list of (name, kind) with kind "categorical", "multi_hot" or "numeric", in input order.
     loss_curve_ : mean training loss per epoch.
+    history_ : per epoch "loss", "seconds" and, with validation data, "val_<metric>".
+    best_epoch_ : with validation data, the epoch (from 1) with the best validation metric.
     """
 
     def __init__(self, fields=None, embedding_dim=16, hidden_layer_sizes=(64, 32), activation="relu", loss="bce",
                  optimizer="adam", learning_rate=1e-3, alpha=1e-5, epochs=5, batch_size=256, momentum=0.9,
-                 nesterovs_momentum=True, random_state=None, n_threads=None, verbose=False):
+                 nesterovs_momentum=True, validation_metric="auto", n_iter_no_change=None, random_state=None,
+                 n_threads=None, verbose=False):
         self.fields = fields
         self.embedding_dim = embedding_dim
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -67,6 +73,8 @@ class FieldModel(BaseEstimator):
         self.batch_size = batch_size
         self.momentum = momentum
         self.nesterovs_momentum = nesterovs_momentum
+        self.validation_metric = validation_metric
+        self.n_iter_no_change = n_iter_no_change
         self.random_state = random_state
         self.n_threads = n_threads
         self.verbose = verbose
@@ -88,8 +96,9 @@ class FieldModel(BaseEstimator):
             raise ValueError(f"fields[{name!r}]['hash_buckets'] must be an integer >= 1, got {buckets!r}")
         return int(dim), pooling, buckets
 
-    def _inputs(self, X, fit: bool):
-        """Bag tables and dense tables of X (rows = examples), learning vocabularies and scalings when fit."""
+    def _inputs(self, X, fit: bool, grow: bool = False):
+        """Bag tables and dense tables of X (rows = examples), learning vocabularies and scalings when fit, and
+        adding new categorical values to the vocabularies when grow."""
         if not isinstance(X, dict) or not X:
             raise TypeError("X must be a non-empty dict: column name -> array or sparse matrix")
         names = list(X)
@@ -121,12 +130,10 @@ class FieldModel(BaseEstimator):
                     codes = _hash_codes(values, buckets)
                 else:
                     if fit:
-                        self._vocab_[name] = np.unique(values)
-                    vocab = self._vocab_[name]
-                    codes = np.zeros(len(values), np.int64)
-                    if len(vocab) and (values.dtype.kind == "U") == (vocab.dtype.kind == "U"):
-                        pos = np.minimum(np.searchsorted(vocab, values), len(vocab) - 1)
-                        codes = np.where(vocab[pos] == values, pos + 1, 0)
+                        self._vocab_[name] = IdIndex(values)
+                    elif grow:
+                        self._vocab_[name].add(values)
+                    codes = self._vocab_[name].index(values)
                 bags.append(bags_of_ids(codes))
             elif kind == "multi_hot":
                 if fit:
@@ -154,8 +161,7 @@ class FieldModel(BaseEstimator):
         return 0 if self.n_threads is None else int(self.n_threads)
 
     # ------------------------------------------------------------------------------------ fit / predict
-    def fit(self, X, y, sample_weight=None):
-        """Train on X (dict of columns) and targets y (0/1 for "bce", values for "mse")."""
+    def _validate_params(self):
         if self.loss not in ("bce", "mse"):
             raise ValueError(f"loss must be 'bce' or 'mse', got {self.loss!r}")
         if self.activation not in ACTIVATIONS:
@@ -166,12 +172,16 @@ class FieldModel(BaseEstimator):
             v = getattr(self, name)
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        v = self.n_iter_no_change
+        if v is not None and (not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"n_iter_no_change must be None or an integer >= 1, got {v!r}")
         hidden = (self.hidden_layer_sizes,) if isinstance(self.hidden_layer_sizes, numbers.Integral) else tuple(
             self.hidden_layer_sizes)
         if any(not isinstance(h, numbers.Integral) or h < 1 for h in hidden):
             raise ValueError(f"hidden_layer_sizes must hold integers >= 1, got {self.hidden_layer_sizes!r}")
-        self._vocab_, self._scale_ = {}, {}
-        n, kinds, bags, dense_tables = self._inputs(X, fit=True)
+        return hidden
+
+    def _targets(self, y, n, sample_weight):
         y = np.asarray(y, dtype=np.float64)
         if y.shape != (n,) or not np.isfinite(y).all():
             raise ValueError(f"y must be {n} finite numbers, got shape {y.shape}")
@@ -183,6 +193,22 @@ class FieldModel(BaseEstimator):
             if weight.shape != (n,) or not np.isfinite(weight).all() or (weight < 0).any() or not weight.any():
                 raise ValueError(f"sample_weight must be {n} finite non-negative numbers, not all zero")
             weight = weight.astype(np.float32)
+        return y, weight
+
+    def fit(self, X, y, sample_weight=None, validation_data=None):
+        """Train on X (dict of columns) and targets y (0/1 for "bce", values for "mse").
+
+        validation_data : (X_val, y_val), optional. Scored with ``validation_metric`` after every epoch
+            (``history_``); with ``n_iter_no_change``, training stops when it stops improving and the best
+            epoch's parameters are kept.
+        """
+        hidden = self._validate_params()
+        for name in ("net_", "best_epoch_"):
+            self.__dict__.pop(name, None)
+        self._vocab_, self._scale_ = {}, {}
+        n, kinds, bags, dense_tables = self._inputs(X, fit=True)
+        y, weight = self._targets(y, n, sample_weight)
+        validate = self._validation(validation_data)
         self.columns_ = kinds
         fields, blocks = [], []
         for (name, kind), bag in zip([k for k in kinds if k[1] != "numeric"], bags):
@@ -192,30 +218,67 @@ class FieldModel(BaseEstimator):
             fields.append(Field(name, vocab, dim, 0))
         for (name, _), table in zip([k for k in kinds if k[1] == "numeric"], dense_tables):
             blocks.append(DenseBlock(name, table.shape[1], 0))
-        rng = check_random_state(self.random_state)
-        self.net_ = FieldNet(fields, blocks, hidden, self.activation, self.loss, 1, rng)
+        self._rng = check_random_state(self.random_state)
+        self.net_ = FieldNet(fields, blocks, hidden, self.activation, self.loss, 1, self._rng)
         self.net_.reset_optimizer(self.optimizer)
         self._y_offset = float(np.average(y, weights=weight)) if self.loss == "mse" else 0.0
+        self.history_ = {"loss": [], "seconds": []}
+        self.loss_curve_ = self.history_["loss"]
+        self._train(n, bags, dense_tables, y, weight, self.epochs, validate)
+        return self
+
+    def partial_fit(self, X, y, sample_weight=None):
+        """One more epoch over (X, y), continuing from the current parameters and optimizer state.
+
+        Categorical values never seen before get new embedding rows (the tables and their optimizer state
+        grow); hashed columns keep their buckets. On an unfitted model it is ``fit`` with one epoch.
+        """
+        if not hasattr(self, "net_"):
+            epochs, self.epochs = self.epochs, 1
+            try:
+                return self.fit(X, y, sample_weight)
+            finally:
+                self.epochs = epochs
+        self._validate_params()
+        n, _, bags, dense_tables = self._inputs(X, fit=False, grow=True)
+        y, weight = self._targets(y, n, sample_weight)
+        for i, f in enumerate(self.net_.fields):
+            if isinstance(self._vocab_.get(f.name), IdIndex):
+                self.net_.grow(i, len(self._vocab_[f.name]) + 1, self._rng)
+        self._train(n, bags, dense_tables, y, weight, 1, None)
+        return self
+
+    def _train(self, n, bags, dense_tables, y, weight, epochs, validate):
         targets = (y - self._y_offset).astype(np.float32)
         handle = self.net_.handle(bags, dense_tables, training=True)
+        fn, metric, higher = validate if validate is not None else (None, None, False)
+        run_epochs(self, self.net_, handle, [np.arange(n, dtype=np.int32)], targets, weight, n, self._rng, epochs,
+                   validate=fn, metric=metric, higher_is_better=higher)
+
+    def _validation(self, data):
+        """(function scoring the current parameters on validation_data, metric, higher is better) or None."""
+        if data is None:
+            return None
+        if not isinstance(data, (tuple, list)) or len(data) != 2:
+            raise ValueError("validation_data must be a tuple (X_val, y_val)")
+        metric = self.validation_metric
+        if metric == "auto":
+            metric = "log_loss" if self.loss == "bce" else "rmse"
+        allowed = ("log_loss", "auc", "rmse", "mae") if self.loss == "bce" else ("rmse", "mae")
+        if metric not in allowed:
+            raise ValueError(f"validation_metric must be 'auto' or one of {allowed} for loss={self.loss!r}, "
+                             f"got {metric!r}")
+        from fastrec import metrics
+
+        n, _, bags, dense_tables = self._inputs(data[0], fit=False)
+        y_val, _ = self._targets(data[1], n, None)
         keys = [np.arange(n, dtype=np.int32)]
-        self.loss_curve_ = []
-        for epoch in range(self.epochs):
-            start = time.perf_counter()
-            order = rng.permutation(n).astype(np.int64)
-            loss_sum, rows = self.net_.train_epoch(
-                handle, keys, targets, weight, order, batch_size=self.batch_size, alpha=float(self.alpha),
-                learning_rate=float(self.learning_rate), momentum=float(self.momentum),
-                nesterov=bool(self.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=None,
-                epoch=epoch, n_threads=self._threads())
-            loss = loss_sum / max(rows, 1)
-            if not np.isfinite(loss) or not self.net_.check_finite():
-                raise ValueError(f"training diverged at epoch {epoch + 1} (loss {loss}); lower learning_rate")
-            self.loss_curve_.append(loss)
-            if self.verbose:
-                print(f"epoch {epoch + 1}/{self.epochs}: loss {loss:.5f}, {rows / (time.perf_counter() - start):,.0f} "
-                      "examples/s")
-        return self
+        score = {"log_loss": metrics.log_loss, "auc": metrics.roc_auc, "rmse": metrics.rmse, "mae": metrics.mae}[metric]
+
+        def validate():
+            raw = self.net_.handle(bags, dense_tables).predict(keys, self._threads()).astype(np.float64)
+            return score(y_val, raw if self.loss == "bce" else raw + self._y_offset)
+        return validate, metric, metric == "auc"
 
     def _raw(self, X):
         if not hasattr(self, "net_"):

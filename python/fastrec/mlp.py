@@ -13,7 +13,6 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
-import scipy.sparse as sp
 
 from fastrec import _core
 from fastrec._base import BaseEstimator
@@ -376,12 +375,21 @@ class _BaseMLP(BaseEstimator):
                     order = order[perm]
                 # Adam ignores the schedule (as in scikit-learn): its step size comes from adam_t.
                 lr = self._lr if self.solver == "sgd" else float(self.learning_rate_init)
-                loss_sum, self._adam_t = _core.train_epoch(
+                loss_sum, self._adam_t, _, diverged, error = _core.train_epoch(
                     self.coefs_, self.intercepts_, self._state1, self._state2, Xc, Y, order, batch_size,
                     self.activation, self.out_activation_, float(self.alpha), self.solver, lr,
                     float(self.momentum), bool(self.nesterovs_momentum), float(self.beta_1),
                     float(self.beta_2), float(self.epsilon), int(self._adam_t), n_threads,
                 )  # fmt: skip
+                if error is not None:
+                    raise error  # Ctrl-C (or an exception from a signal handler), at a batch boundary
+                if diverged:
+                    raise ValueError(
+                        f"training diverged in iteration {self.n_iter_ + 1}: a batch's loss became NaN or "
+                        "infinite, so training stopped before applying it (the weights are those of the last "
+                        "finite step). Try a lower learning_rate_init, a larger alpha, or scaling the features "
+                        "(e.g. sklearn.preprocessing.StandardScaler)."
+                    )
                 self.n_iter_ += 1
                 self.loss_ = float(loss_sum) / n_samples
                 self.t_ += n_samples

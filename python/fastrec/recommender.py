@@ -12,14 +12,14 @@ id dropout (a small fraction of training examples read them instead of their own
 from __future__ import annotations
 
 import numbers
-import time
 
 import numpy as np
 import scipy.sparse as sp
 
 from fastrec._base import BaseEstimator
 from fastrec._checks import check_random_state, not_fitted_error
-from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, bags_of_csr, bags_of_ids
+from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, bags_of_csr, bags_of_ids,
+                               IdIndex, run_epochs)
 from fastrec.features import FeatureTable, as_id_array
 
 __all__ = ["Recommender"]
@@ -27,38 +27,16 @@ __all__ = ["Recommender"]
 USER, ITEM = 0, 1  # key columns
 
 
-class _Entities:
-    """Raw ids <-> entity numbers 1..N (0 = unknown)."""
+def _table_rows(table, ids) -> np.ndarray:
+    """Row of each id in a feature table (-1: none, or no table)."""
+    return np.full(len(ids), -1, np.int64) if table is None else table.row_positions(ids)
 
-    def __init__(self, *id_arrays):
-        present = [a for a in id_arrays if a is not None and len(a)]
-        kinds = {a.dtype.kind == "U" for a in present}
-        if len(kinds) > 1:
-            raise TypeError("ids mix strings and integers between the interactions and the feature table")
-        self.ids = np.unique(np.concatenate(present)) if present else np.zeros(0, np.int64)
-        self._lookup = None  # raw id -> entity, built on the first small query
 
-    def __len__(self):
-        return len(self.ids)
-
-    def index(self, raw) -> np.ndarray:
-        """Entity number of each raw id (int32), 0 for ids never seen."""
-        n = len(self.ids)
-        if n == 0 or len(raw) == 0 or (raw.dtype.kind == "U") != (self.ids.dtype.kind == "U"):
-            return np.zeros(len(raw), np.int32)
-        if len(raw) <= 16:  # a few ids (online predictions): a dict lookup beats the array passes
-            if self._lookup is None:
-                self._lookup = dict(zip(self.ids.tolist(), range(1, n + 1)))
-            return np.fromiter((self._lookup.get(x, 0) for x in raw.tolist()), np.int32, len(raw))
-        pos = self.ids.searchsorted(raw)
-        np.minimum(pos, n - 1, out=pos)
-        return np.where(self.ids[pos] == raw, pos + 1, 0).astype(np.int32)
-
-    def __getstate__(self):
-        return {"ids": self.ids}  # the lookup dict is rebuilt on demand
-
-    def __setstate__(self, state):
-        self.ids, self._lookup = state["ids"], None
+def _append_bags(bags, extra):
+    """Bag table `bags` with the rows of bag table `extra` appended."""
+    indptr, ids, weights = bags
+    return (np.concatenate([indptr, indptr[-1] + extra[0][1:]]), np.concatenate([ids, extra[1]]),
+            np.concatenate([weights, extra[2]]))
 
 
 def _positive_int(value, name, minimum=1):
@@ -115,6 +93,13 @@ class Recommender(BaseEstimator):
         what ids never seen in training (and items known only by side features) use.
     momentum, nesterovs_momentum : float, bool
         SGD on the MLP.
+    validation_metric : str, default="auto"
+        What ``fit(..., validation_data=...)`` reports after each epoch in ``history_``: "rmse" or "mae" for
+        ratings ("auto": "rmse"); "ndcg@K" or "hr@K" for implicit feedback ("auto": "ndcg@10"), each
+        validation pair ranked against 99 items its user never interacted with.
+    n_iter_no_change : int or None, default=None
+        With validation data: stop after this many epochs without improvement of the validation metric and
+        keep the parameters of the best epoch (``best_epoch_``).
     random_state : int, RandomState or None
     n_threads : int or None
         Threads of the core (None: all cores). Results are identical for any value.
@@ -125,7 +110,11 @@ class Recommender(BaseEstimator):
     n_users_, n_items_ : int
         Entities known after fit (from interactions and feature tables).
     loss_curve_ : list of float
-        Mean training loss per epoch.
+        Mean training loss per epoch (``history_["loss"]``).
+    history_ : dict of lists
+        Per epoch: "loss", "seconds" and, with validation data, "val_<metric>".
+    best_epoch_ : int
+        With validation data: the epoch (from 1) with the best validation metric.
     rating_mean_ : float
         Mean training rating (explicit feedback): the model predicts the deviation from it.
     """
@@ -134,7 +123,8 @@ class Recommender(BaseEstimator):
                  wide=False, optimizer="adam", learning_rate=1e-3, alpha=1e-5, embedding_alpha=None, epochs=10,
                  batch_size=256, negatives=4,
                  negative_sampling="uniform", id_dropout=0.05, momentum=0.9, nesterovs_momentum=True,
-                 random_state=None, n_threads=None, verbose=False):
+                 validation_metric="auto", n_iter_no_change=None, random_state=None, n_threads=None,
+                 verbose=False):
         self.embedding_dim = embedding_dim
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -152,6 +142,8 @@ class Recommender(BaseEstimator):
         self.id_dropout = id_dropout
         self.momentum = momentum
         self.nesterovs_momentum = nesterovs_momentum
+        self.validation_metric = validation_metric
+        self.n_iter_no_change = n_iter_no_change
         self.random_state = random_state
         self.n_threads = n_threads
         self.verbose = verbose
@@ -184,6 +176,8 @@ class Recommender(BaseEstimator):
             raise ValueError(f"id_dropout must lie in [0, 1), got {self.id_dropout!r}")
         if self.n_threads is not None:
             _positive_int(self.n_threads, "n_threads")
+        if self.n_iter_no_change is not None:
+            _positive_int(self.n_iter_no_change, "n_iter_no_change")
         loss = self.loss if self.loss != "auto" else ("bce" if implicit else "mse")
         if implicit and loss == "mse":
             raise ValueError("loss='mse' needs ratings; implicit feedback (ratings=None) trains with 'bce'")
@@ -193,43 +187,69 @@ class Recommender(BaseEstimator):
         return 0 if self.n_threads is None else int(self.n_threads)
 
     # ------------------------------------------------------------------------------------ features
-    def _feature_inputs(self, table: FeatureTable | None, entities: _Entities, key: int, side: str, fit: bool):
-        """Fields, dense blocks, bag tables and dense tables of one side's feature table, rows by entity."""
+    def _feature_inputs(self, table: FeatureTable | None, ids, key: int, side: str, fit: bool):
+        """Fields, dense blocks, bag tables and dense tables of one side's feature table, one row per entity
+        (entity 0, the unknown one, first)."""
         fields, dense, bags, dense_tables = [], [], [], []
         if table is None:
             return fields, dense, bags, dense_tables
-        n = len(entities) + 1
-        rows = table.row_positions(entities.ids)  # table row of each entity (-1: none)
-        has = np.concatenate([[False], rows >= 0])
-        rows = np.concatenate([[0], np.maximum(rows, 0)])
+        rows = np.concatenate([[-1], table.row_positions(ids)])  # table row of each entity (-1: none)
         if fit:
-            self._vocab_[side] = {}
+            # name -> (kind, vocabulary): categorical values sorted, multi-hot labels in column order.
+            self._vocab_[side] = {name: ("categorical", np.unique(v)) for name, v in table.categorical.items()}
+            self._vocab_[side].update({name: ("multi_hot", np.asarray(v)) for name, (_, v) in table.multi_hot.items()})
             self._numeric_stats_[side] = {}
-        for name, values in table.categorical.items():
-            if fit:
-                self._vocab_[side][name] = np.unique(values)
-            vocab = self._vocab_[side][name]
+            for name, values in table.numeric.items():
+                values = values.reshape(len(table), -1)
+                std = values.std(axis=0)
+                self._numeric_stats_[side][name] = (values.mean(axis=0), np.where(std > 0, std, 1.0))
+        for name in [*table.categorical, *table.multi_hot]:
+            vocab = len(self._vocab_[side][name][1]) + (name in table.categorical)  # + the unknown value
+            fields.append(Field(f"{side}:{name}", vocab, self.embedding_dim, key))
+            bags.append(self._feature_bags(table, rows, side, name))
+        for name in table.numeric:
+            t = self._numeric_rows(table, rows, side, name)
+            dense.append(DenseBlock(f"{side}:{name}", t.shape[1], key))
+            dense_tables.append(t)
+        return fields, dense, bags, dense_tables
+
+    def _feature_bags(self, table, rows, side, name):
+        """Bag table of column `name` for table rows `rows` (-1: no row, an unknown value / empty bag),
+        encoded with the vocabulary of the first fit."""
+        kind, vocab = self._vocab_[side][name]
+        has = rows >= 0
+        if table is None or name not in (table.categorical if kind == "categorical" else table.multi_hot):
+            # No table (or no such column) for these entities: unknown values, empty bags.
+            if kind == "categorical":
+                return bags_of_ids(np.zeros(len(rows), np.int32))
+            return (np.zeros(len(rows) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+        if kind == "categorical":
+            values = table.categorical[name]
+            if (values.dtype.kind == "U") != (vocab.dtype.kind == "U"):  # str vs int: no value is known
+                return bags_of_ids(np.zeros(len(rows), np.int32))
             pos = np.minimum(np.searchsorted(vocab, values), len(vocab) - 1)
             code = np.where(vocab[pos] == values, pos + 1, 0)  # 0 = unknown value
-            ids = np.where(has, code[rows], 0)
-            fields.append(Field(f"{side}:{name}", len(vocab) + 1, self.embedding_dim, key))
-            bags.append(bags_of_ids(ids))
-        for name, (X, vocabulary) in table.multi_hot.items():
-            X = X.tocsr()[rows]
-            X = sp.diags(has.astype(np.float32)) @ X  # entities without a row: empty bag
-            X.eliminate_zeros()
-            fields.append(Field(f"{side}:{name}", X.shape[1], self.embedding_dim, key))
-            bags.append(bags_of_csr(X, mean=True))
-        for name, values in table.numeric.items():
-            values = values.reshape(len(table), -1)
-            if fit:
-                mean, std = values.mean(axis=0), values.std(axis=0)
-                self._numeric_stats_[side][name] = (mean, np.where(std > 0, std, 1.0))
-            mean, std = self._numeric_stats_[side][name]
-            t = np.where(has[:, None], (values[rows] - mean) / std, 0.0).astype(np.float32)  # unknown: the mean
-            dense.append(DenseBlock(f"{side}:{name}", t.shape[1], key))
-            dense_tables.append(np.ascontiguousarray(t))
-        return fields, dense, bags, dense_tables
+            return bags_of_ids(np.where(has, code[np.maximum(rows, 0)], 0))
+        X, labels = table.multi_hot[name]
+        column = {v: j for j, v in enumerate(vocab.tolist())}
+        to_fit = np.array([column.get(v, -1) for v in np.asarray(labels).tolist()], np.int64)
+        X = sp.diags(has.astype(np.float32)) @ X.tocsr()[np.maximum(rows, 0)]  # no row: empty bag
+        X = X.tocoo()
+        keep = (X.data != 0) & (to_fit[X.col] >= 0)  # values the first fit never saw are dropped
+        X = sp.csr_matrix((X.data[keep], (X.row[keep], to_fit[X.col[keep]])), shape=(len(rows), len(vocab)))
+        return bags_of_csr(X, mean=True)
+
+    def _numeric_rows(self, table, rows, side, name):
+        """Standardised numeric column `name` for table rows `rows` (-1 or no table: 0, the mean)."""
+        mean, std = self._numeric_stats_[side][name]
+        if table is None or name not in table.numeric:
+            return np.zeros((len(rows), len(mean)), np.float32)
+        values = table.numeric[name].reshape(len(table), -1)
+        if values.shape[1] != len(mean):
+            raise ValueError(f"{side}_features column {name!r} has {values.shape[1]} values per row; the model "
+                             f"was fit with {len(mean)}")
+        t = np.where((rows >= 0)[:, None], (values[np.maximum(rows, 0)] - mean) / std, 0.0)
+        return np.ascontiguousarray(t, dtype=np.float32)
 
     @staticmethod
     def _check_table(table, name):
@@ -240,15 +260,7 @@ class Recommender(BaseEstimator):
         raise TypeError(f"{name} must be a fastrec.features.FeatureTable or a pandas DataFrame indexed by id")
 
     # ------------------------------------------------------------------------------------ fit
-    def fit(self, users, items, ratings=None, *, user_features=None, item_features=None, sample_weight=None):
-        """Train on interactions (users[i], items[i]) with ratings, or implicit feedback when ratings is None.
-
-        users, items : (n,) arrays of raw ids (ints or strings).
-        ratings : (n,) numbers, or None for implicit feedback (every pair a positive; negatives sampled).
-        user_features, item_features : FeatureTable (or DataFrame indexed by id), optional. They may hold
-            ids absent from the interactions (e.g. new items): those are scored from their features.
-        sample_weight : (n,) non-negative weights, optional.
-        """
+    def _check_interactions(self, users, items, ratings, sample_weight):
         users = as_id_array(users, "users")
         items = as_id_array(items, "items")
         n = len(users)
@@ -256,9 +268,7 @@ class Recommender(BaseEstimator):
             raise ValueError("users is empty: fit needs at least one interaction")
         if len(items) != n:
             raise ValueError(f"users and items must have the same length, got {n} and {len(items)}")
-        implicit = ratings is None
-        hidden, loss = self._validate_params(implicit)
-        if not implicit:
+        if ratings is not None:
             ratings = np.asarray(ratings)
             if ratings.ndim != 1 or len(ratings) != n:
                 raise ValueError(f"ratings must be a 1-D array of {n} numbers, got shape {ratings.shape}")
@@ -275,16 +285,104 @@ class Recommender(BaseEstimator):
             if not weight.any():
                 raise ValueError("sample_weight is all zeros: no interaction would count")
             weight = weight.astype(np.float32)
-        user_features = self._check_table(user_features, "user_features")
-        item_features = self._check_table(item_features, "item_features")
-        rng = check_random_state(self.random_state)
+        return users, items, ratings, weight
 
-        # Entities and the id rows that training interactions give them (others read the unknown row 0).
-        self._users = _Entities(users, None if user_features is None else user_features.ids)
-        self._items = _Entities(items, None if item_features is None else item_features.ids)
+    def fit(self, users, items, ratings=None, *, user_features=None, item_features=None, sample_weight=None,
+            validation_data=None):
+        """Train on interactions (users[i], items[i]) with ratings, or implicit feedback when ratings is None.
+
+        users, items : (n,) arrays of raw ids (ints or strings).
+        ratings : (n,) numbers, or None for implicit feedback (every pair a positive; negatives sampled).
+        user_features, item_features : FeatureTable (or DataFrame indexed by id), optional. They may hold
+            ids absent from the interactions (e.g. new items): those are scored from their features.
+        sample_weight : (n,) non-negative weights, optional.
+        validation_data : (users, items) or (users, items, ratings), optional. Scored with
+            ``validation_metric`` after every epoch (``history_``); with ``n_iter_no_change``, training stops
+            when it stops improving and the best epoch's parameters are kept.
+        """
+        users, items, ratings, weight = self._check_interactions(users, items, ratings, sample_weight)
+        self._validate_params(ratings is None)
+        validate = self._validation(validation_data, ratings is None)
+        for name in ("net_", "_predictor", "best_epoch_"):
+            self.__dict__.pop(name, None)
+        self._rng = check_random_state(self.random_state)
+        self._build(users, items, ratings, weight, self._check_table(user_features, "user_features"),
+                    self._check_table(item_features, "item_features"))
+        self._train(users, items, ratings, weight, self.epochs, validate)
+        return self
+
+    def partial_fit(self, users, items, ratings=None, *, user_features=None, item_features=None,
+                    sample_weight=None):
+        """One more epoch over these interactions, continuing from the current parameters and optimizer state.
+
+        Ids never seen before are added: the id tables and their optimizer state grow, the new ids' features
+        are read from ``user_features`` / ``item_features`` if given (with the vocabularies and scaling of the
+        first fit; the features of ids already known are not changed), and the interactions join the seen
+        items (excluded by ``recommend`` and never sampled as negatives). On an unfitted model it is ``fit``
+        with one epoch. The ratings' kind (explicit or implicit) must match the first fit.
+        """
+        if not hasattr(self, "net_"):
+            users, items, ratings, weight = self._check_interactions(users, items, ratings, sample_weight)
+            self._validate_params(ratings is None)
+            self._rng = check_random_state(self.random_state)
+            self._build(users, items, ratings, weight, self._check_table(user_features, "user_features"),
+                        self._check_table(item_features, "item_features"))
+        else:
+            if (ratings is None) != self.implicit_:
+                raise ValueError(f"this model was fit on {'implicit feedback' if self.implicit_ else 'ratings'}; "
+                                 f"partial_fit needs {'ratings=None' if self.implicit_ else 'ratings'} too")
+            users, items, ratings, weight = self._check_interactions(users, items, ratings, sample_weight)
+            self._validate_params(ratings is None)
+            self._grow(users, items, self._check_table(user_features, "user_features"),
+                       self._check_table(item_features, "item_features"))
+        self._train(users, items, ratings, weight, 1, None)
+        return self
+
+    def _validation(self, data, implicit):
+        """A function scoring the current parameters on validation_data (None without it), its metric name
+        and direction."""
+        if data is None:
+            return None
+        if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+            raise ValueError("validation_data must be a tuple (users, items) or (users, items, ratings)")
+        metric = self.validation_metric
+        if metric == "auto":
+            metric = "ndcg@10" if implicit else "rmse"
+        if implicit and len(data) == 3 and data[2] is not None:
+            raise ValueError("validation_data has ratings but fit got implicit feedback (ratings=None)")
+        if not implicit and (len(data) != 3 or data[2] is None):
+            raise ValueError("validation_data needs ratings: (users, items, ratings)")
+        val_users, val_items, val_ratings, _ = self._check_interactions(
+            data[0], data[1], None if implicit else data[2], None)
+        if metric in ("rmse", "mae") and not implicit:
+            from fastrec.metrics import mae, rmse
+
+            error = {"rmse": rmse, "mae": mae}[metric]
+            return lambda: error(val_ratings, self.predict(val_users, val_items)), metric, False
+        kind, _, k = metric.partition("@")
+        if implicit and kind in ("hr", "ndcg") and k.isdigit() and int(k) > 0:
+            from fastrec.evaluation import sampled_ranking
+
+            def score():  # each validation pair against 99 items its user never touched (fixed draw)
+                indptr, indices = self._seen
+                seen_users = self._users.ids[np.repeat(np.arange(len(indptr) - 1), np.diff(indptr)) - 1]
+                return sampled_ranking(self, val_users, val_items, seen_users=seen_users,
+                                       seen_items=self._items.ids[indices - 1], n_negatives=99, k=int(k),
+                                       random_state=0)[metric]
+            return score, metric, True
+        allowed = "'ndcg@K' or 'hr@K'" if implicit else "'rmse' or 'mae'"
+        raise ValueError(f"validation_metric must be 'auto' or {allowed} for this data, got {metric!r}")
+
+    def _build(self, users, items, ratings, weight, user_features, item_features):
+        """Entities, fields, parameters and optimizer state for a first fit."""
+        hidden, loss = self._validate_params(ratings is None)
+        rng = self._rng
+        self._users = IdIndex(users, None if user_features is None else user_features.ids)
+        self._items = IdIndex(items, None if item_features is None else item_features.ids)
         u = self._users.index(users)
         i = self._items.index(items)
         n_u, n_i = len(self._users) + 1, len(self._items) + 1
+        # Id rows: entities seen in interactions get one each, in entity order (others read row 0, unknown).
         user_id_row = np.zeros(n_u, np.int32)
         trained_users = np.unique(u)
         user_id_row[trained_users] = np.arange(1, len(trained_users) + 1, dtype=np.int32)
@@ -301,7 +399,7 @@ class Recommender(BaseEstimator):
         dense, dense_tables = [], []
         for table, entities, key, side in ((user_features, self._users, USER, "user"),
                                            (item_features, self._items, ITEM, "item")):
-            f, b, bg, dt = self._feature_inputs(table, entities, key, side, fit=True)
+            f, b, bg, dt = self._feature_inputs(table, entities.ids, key, side, fit=True)
             fields += f
             dense += b
             bags += bg
@@ -321,46 +419,88 @@ class Recommender(BaseEstimator):
         self._bags, self._dense_tables = bags, dense_tables
         self.net_ = FieldNet(fields, dense, hidden, self.activation, loss, 2, rng)
         self.net_.reset_optimizer(self.optimizer)
-        self.n_users_, self.n_items_ = len(self._users), len(self._items)
-        self.implicit_ = implicit
+        self.implicit_ = ratings is None
         self.loss_ = loss
+        self.rating_mean_ = 0.0 if self.implicit_ else float(np.average(ratings, weights=weight))
+        self._seen = (np.zeros(n_u + 1, np.int64), np.zeros(0, np.int32))
+        self._seen_counts = np.zeros(n_i, np.float64)
+        self.history_ = {"loss": [], "seconds": []}
+        self.loss_curve_ = self.history_["loss"]
 
-        # Seen items per user entity (sorted), for negatives and exclude_seen.
-        seen = sp.csr_matrix((np.ones(n, np.float32), (u, i)), shape=(n_u, n_i))
+    def _grow(self, users, items, user_features, item_features):
+        """Add the entities of these interactions (and their features) to a fitted model."""
+        old_u, old_i = len(self._users), len(self._items)
+        self._users.add(users)
+        self._items.add(items)
+        new_rows = {}  # base field name -> (entity -> id row) after growth
+        for side, entities, raw, old in (("user", self._users, users, old_u), ("item", self._items, items, old_i)):
+            base = self.net_.fields[USER if side == "user" else ITEM]
+            id_row = np.concatenate([self._bags[USER if side == "user" else ITEM][1],
+                                     np.zeros(len(entities) - old, np.int32)])
+            # Entities of these interactions without an id row yet (new ones, or known only by features).
+            needing = np.unique(entities.index(raw))
+            needing = needing[id_row[needing] == 0]
+            id_row[needing] = np.arange(base.vocab, base.vocab + len(needing), dtype=np.int32)
+            new_rows[f"{side}_id"] = (id_row, base.vocab + len(needing))
+        def entities_of(side):
+            return (self._users if side == "user" else self._items).ids
+
+        replaced = {}
+        for i, f in enumerate(self.net_.fields):
+            bag = self._bags[i]
+            if id(bag) not in replaced:  # the first field reading a bag table is its own (gmf/wide share it)
+                side = "user" if f.key == USER else "item"
+                n_old = (old_u if side == "user" else old_i) + 1
+                if f.name in new_rows:
+                    replaced[id(bag)] = bags_of_ids(new_rows[f.name][0])
+                else:
+                    table = user_features if side == "user" else item_features
+                    extra = self._feature_bags(table, _table_rows(table, entities_of(side)[n_old - 1:]), side,
+                                               f.name.split(":", 1)[1])
+                    replaced[id(bag)] = _append_bags(bag, extra)
+            self._bags[i] = replaced[id(bag)]
+            base = f.name.removesuffix(":wide").replace("_gmf", "_id")
+            if base in new_rows:
+                self.net_.grow(i, new_rows[base][1], self._rng)
+        for b, block in enumerate(self.net_.dense):
+            side = "user" if block.key == USER else "item"
+            table = user_features if side == "user" else item_features
+            rows = _table_rows(table, entities_of(side)[old_u if side == "user" else old_i:])
+            extra = self._numeric_rows(table, rows, side, block.name.split(":", 1)[1])
+            self._dense_tables[b] = np.ascontiguousarray(np.vstack([self._dense_tables[b], extra]))
+        n_u, n_i = len(self._users) + 1, len(self._items) + 1
+        self._seen = (np.concatenate([self._seen[0], np.full(n_u - old_u - 1, self._seen[0][-1], np.int64)]),
+                      self._seen[1])
+        self._seen_counts = np.concatenate([self._seen_counts, np.zeros(n_i - old_i - 1)])
+        self._predictor = None
+
+    def _train(self, users, items, ratings, weight, epochs, validate):
+        """Add the interactions to the seen items and popularity, then run `epochs` epochs over them."""
+        n = len(users)
+        u = self._users.index(users)
+        i = self._items.index(items)
+        n_u, n_i = len(self._users) + 1, len(self._items) + 1
+        indptr, indices = self._seen
+        rows = np.repeat(np.arange(n_u, dtype=np.int32), np.diff(indptr))
+        seen = sp.csr_matrix((np.ones(len(indices) + n, np.float32),
+                              (np.concatenate([rows, u]), np.concatenate([indices, i]))), shape=(n_u, n_i))
         seen.sum_duplicates()
         seen.sort_indices()
         self._seen = (seen.indptr.astype(np.int64), seen.indices.astype(np.int32))
-        counts = np.bincount(i, minlength=n_i).astype(np.float64)
+        self._seen_counts = self._seen_counts + np.bincount(i, minlength=n_i)
+        counts = self._seen_counts
         popularity = counts ** 0.75 if self.negative_sampling == "popularity" else (counts > 0).astype(np.float64)
         self._cdf = np.cumsum(popularity)
-        self._seen_counts = counts
+        self.n_users_, self.n_items_ = len(self._users), len(self._items)
 
-        self.rating_mean_ = 0.0 if implicit else float(np.average(ratings, weights=weight))
-        y = np.ones(n, np.float32) if implicit else (ratings - self.rating_mean_).astype(np.float32)
-        keys = [u, i]
+        y = np.ones(n, np.float32) if self.implicit_ else (ratings - self.rating_mean_).astype(np.float32)
         handle = self.net_.handle(self._bags, self._dense_tables, training=True)
-        sampler = self._sampler(negatives=self.negatives if implicit else 0, seed=0)
-        self.loss_curve_ = []
-        n_threads = self._threads()
-        for epoch in range(self.epochs):
-            start = time.perf_counter()
-            order = rng.permutation(n).astype(np.int64)
-            sampler["seed"] = int(rng.randint(0, 2**31 - 1))
-            loss_sum, rows = self.net_.train_epoch(
-                handle, keys, y, weight, order, batch_size=self.batch_size, alpha=float(self.alpha),
-                learning_rate=float(self.learning_rate), momentum=float(self.momentum),
-                nesterov=bool(self.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler,
-                epoch=epoch, n_threads=n_threads)
-            loss = loss_sum / max(rows, 1)
-            if not np.isfinite(loss) or not self.net_.check_finite():
-                raise ValueError(
-                    f"training diverged at epoch {epoch + 1} (loss {loss}); lower learning_rate or alpha")
-            self.loss_curve_.append(loss)
-            if self.verbose:
-                seconds = time.perf_counter() - start
-                print(f"epoch {epoch + 1}/{self.epochs}: loss {loss:.5f}, {rows / seconds:,.0f} examples/s")
+        sampler = self._sampler(negatives=self.negatives if self.implicit_ else 0, seed=0)
+        self._predictor = None  # also what makes an interrupted fit predict with the new parameters
+        fn, metric, higher = validate if validate is not None else (None, None, False)
+        run_epochs(self, self.net_, handle, [u, i], y, weight, n, self._rng, epochs, sampler=sampler, validate=fn,
+                   metric=metric, higher_is_better=higher)
         self._predictor = None
-        return self
 
     def _handle(self):
         """The prediction handle, built on first use after fit (and after unpickling)."""
