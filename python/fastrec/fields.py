@@ -208,8 +208,8 @@ class FieldModel(BaseEstimator):
         self._vocab_, self._scale_ = {}, {}
         n, kinds, bags, dense_tables = self._inputs(X, fit=True)
         y, weight = self._targets(y, n, sample_weight)
-        validate = self._validation(validation_data)
         self.columns_ = kinds
+        validate = self._validation(validation_data)
         fields, blocks = [], []
         for (name, kind), bag in zip([k for k in kinds if k[1] != "numeric"], bags):
             dim, _, buckets = self._options(name)

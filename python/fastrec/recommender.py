@@ -317,8 +317,9 @@ class Recommender(BaseEstimator):
 
         Ids never seen before are added: the id tables and their optimizer state grow, the new ids' features
         are read from ``user_features`` / ``item_features`` if given (with the vocabularies and scaling of the
-        first fit; the features of ids already known are not changed), and the interactions join the seen
-        items (excluded by ``recommend`` and never sampled as negatives). On an unfitted model it is ``fit``
+        first fit; the features of ids already known are not changed; ids only in these tables are added
+        too, scored from their features), and the interactions join the seen items (excluded by
+        ``recommend`` and never sampled as negatives). On an unfitted model it is ``fit``
         with one epoch. The ratings' kind (explicit or implicit) must match the first fit.
         """
         if not hasattr(self, "net_"):
@@ -430,8 +431,10 @@ class Recommender(BaseEstimator):
     def _grow(self, users, items, user_features, item_features):
         """Add the entities of these interactions (and their features) to a fitted model."""
         old_u, old_i = len(self._users), len(self._items)
-        self._users.add(users)
-        self._items.add(items)
+        for entities, raw, table in ((self._users, users, user_features), (self._items, items, item_features)):
+            entities.add(raw)
+            if table is not None:  # ids known only by their features are scored from them, as after fit
+                entities.add(table.ids)
         new_rows = {}  # base field name -> (entity -> id row) after growth
         for side, entities, raw, old in (("user", self._users, users, old_u), ("item", self._items, items, old_i)):
             base = self.net_.fields[USER if side == "user" else ITEM]
@@ -442,30 +445,28 @@ class Recommender(BaseEstimator):
             needing = needing[id_row[needing] == 0]
             id_row[needing] = np.arange(base.vocab, base.vocab + len(needing), dtype=np.int32)
             new_rows[f"{side}_id"] = (id_row, base.vocab + len(needing))
-        def entities_of(side):
-            return (self._users if side == "user" else self._items).ids
 
-        replaced = {}
+        def new_table_rows(side):  # feature-table row of each new entity of that side
+            table = user_features if side == "user" else item_features
+            entities = self._users if side == "user" else self._items
+            return table, _table_rows(table, entities.ids[old_u if side == "user" else old_i:])
+
+        grown = {}  # source field name -> its grown bag table (GMF and wide fields read their source's bags)
         for i, f in enumerate(self.net_.fields):
-            bag = self._bags[i]
-            if id(bag) not in replaced:  # the first field reading a bag table is its own (gmf/wide share it)
-                side = "user" if f.key == USER else "item"
-                n_old = (old_u if side == "user" else old_i) + 1
-                if f.name in new_rows:
-                    replaced[id(bag)] = bags_of_ids(new_rows[f.name][0])
+            source = f.name.removesuffix(":wide").replace("_gmf", "_id")
+            if source not in grown:
+                if source in new_rows:
+                    grown[source] = bags_of_ids(new_rows[source][0])
                 else:
-                    table = user_features if side == "user" else item_features
-                    extra = self._feature_bags(table, _table_rows(table, entities_of(side)[n_old - 1:]), side,
-                                               f.name.split(":", 1)[1])
-                    replaced[id(bag)] = _append_bags(bag, extra)
-            self._bags[i] = replaced[id(bag)]
-            base = f.name.removesuffix(":wide").replace("_gmf", "_id")
-            if base in new_rows:
-                self.net_.grow(i, new_rows[base][1], self._rng)
+                    side, column = source.split(":", 1)
+                    table, rows = new_table_rows(side)
+                    grown[source] = _append_bags(self._bags[i], self._feature_bags(table, rows, side, column))
+            self._bags[i] = grown[source]
+            if source in new_rows:
+                self.net_.grow(i, new_rows[source][1], self._rng)
         for b, block in enumerate(self.net_.dense):
             side = "user" if block.key == USER else "item"
-            table = user_features if side == "user" else item_features
-            rows = _table_rows(table, entities_of(side)[old_u if side == "user" else old_i:])
+            table, rows = new_table_rows(side)
             extra = self._numeric_rows(table, rows, side, block.name.split(":", 1)[1])
             self._dense_tables[b] = np.ascontiguousarray(np.vstack([self._dense_tables[b], extra]))
         n_u, n_i = len(self._users) + 1, len(self._items) + 1
