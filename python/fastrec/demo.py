@@ -1,9 +1,9 @@
-"""``python -m fastrec.demo``: fastrec's main job on data it makes itself.
+"""``fastrec demo`` (or ``python -m fastrec.demo``): fastrec's main job on data it makes itself.
 
 Generates implicit-feedback interactions with planted user tastes and item side features (no download),
 trains a neural recommender with sampled negatives, evaluates it the usual way (each user's latest
 interaction held out and ranked against 99 items the user never touched) next to a popularity baseline,
-and prints a few recommendations.
+and prints a few recommendations. ``fastrec demo --save PATH`` also writes the model.
 """
 
 import time
@@ -26,7 +26,7 @@ class _Popularity:
         return np.array([self.count.get(i, 0) for i in np.asarray(items).tolist()], dtype=np.float64)
 
 
-def main():
+def main(save=None):
     data = make_interactions(n_users=3000, n_items=1500, n_interactions=150_000, implicit=True, random_state=0)
     train, test = leave_last_out(data.users, data.timestamps, random_state=0)
     print(f"fastrec {fastrec.__version__}: {len(data.users):,} synthetic interactions, "
@@ -51,6 +51,9 @@ def main():
         print(f"top-5 for user {user}: {row.tolist()} (scores {np.round(row_scores, 3).tolist()})")
     config = fastrec._core.show_config()
     print(f"core: {config['active_isa']} kernels, {config['max_threads']} OpenMP threads")
+    if save is not None:
+        model.save(save)
+        print(f"saved the model to {save}; try: fastrec recommend {save} --users {users[0]},{users[1]}")
 
 
 if __name__ == "__main__":

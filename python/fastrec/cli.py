@@ -1,0 +1,505 @@
+"""The ``fastrec`` command: demo, train, recommend, evaluate, info (``fastrec COMMAND --help``).
+
+Exit codes: 0 success, 1 a data or model error (one line ``fastrec: error: ...`` on stderr, no traceback),
+2 a usage error (argparse's). Only argparse and the csv module are needed; pandas is used when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import sys
+import time
+import zipfile
+
+import numpy as np
+
+import fastrec
+from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS
+from fastrec.features import FeatureTable, _bags_from_cells
+
+__all__ = ["main"]
+
+
+class DataError(Exception):
+    """A mistake in the user's files or options: reported as one line, exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def _read_table(path: str, sep: str) -> dict:
+    """The columns of a CSV or Parquet file: name -> 1-D array (CSV cells stay strings until used)."""
+    if path.lower().endswith((".parquet", ".pq")):
+        try:
+            import pandas as pd
+            df = pd.read_parquet(path)
+        except ImportError as e:
+            raise DataError(f"reading Parquet needs pandas and pyarrow ({e}); install them or use CSV") from None
+        return {str(c): df[c].to_numpy() for c in df.columns}
+    try:
+        import pandas as pd
+    except ImportError:
+        pd = None
+    if pd is not None:  # pandas only for its fast parser: all text, so both paths type the cells alike
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+        return {str(c): df[c].to_numpy(dtype=str) for c in df.columns}
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter=sep))
+    if not rows:
+        raise DataError(f"{path} is empty")
+    header = rows[0]
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
+    return {name: np.array([row[j] for row in rows[1:]], dtype=str) for j, name in enumerate(header)}
+
+
+def _column(columns: dict, name: str, path: str, hint: str = "") -> np.ndarray:
+    if name not in columns:
+        raise DataError(f"column {name!r} is not in {path} (columns: {', '.join(columns)}){hint}")
+    return columns[name]
+
+
+def _as_ids(values: np.ndarray, what: str | None = None) -> np.ndarray:
+    """Ids as the model takes them: integers when every cell is one, else strings (never floats).
+    With `what` (ids, not category values), an empty cell is an error."""
+    if values.dtype.kind == "U":
+        if what is not None and (values == "").any():
+            raise DataError(f"{what} has an empty cell (data row {np.argmax(values == '') + 1})")
+        try:
+            return values.astype(np.int64)
+        except (ValueError, OverflowError):
+            return values
+    return values
+
+
+def _is_number(cell) -> bool:
+    try:
+        float(cell)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _as_numbers(values: np.ndarray, what: str) -> np.ndarray:
+    try:
+        return values.astype(np.float64)
+    except (TypeError, ValueError):
+        bad = next(v for v in values.tolist() if not _is_number(v))
+        raise DataError(f"{what} must hold numbers; found {bad!r}") from None
+
+
+def _is_numeric(values: np.ndarray) -> bool:
+    if values.dtype.kind == "U":
+        return len(values) > 0 and all(map(_is_number, values.tolist()))
+    return values.dtype.kind in "iuf"
+
+
+def _split(text: str) -> list:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _feature_table(path: str, side: str, id_col: str, args, used: set) -> FeatureTable:
+    """A FeatureTable from a file: its columns (but the id) as --categorical / --multi-hot / --numeric say,
+    else numeric when every cell is a number and categorical otherwise."""
+    columns = _read_table(path, args.sep)
+    ids = _column(columns, id_col, path, f" (name the id column with --{side}-id-col)")
+    ids = _as_ids(ids, f"column {id_col!r} of {path}")
+    categorical, multi_hot, numeric = {}, {}, {}
+    for name, values in columns.items():
+        if name == id_col:
+            continue
+        used.add(name)
+        if name in args.multi_hot:
+            label = f"column {name!r} of {path}"
+            multi_hot[name] = _bags_from_cells(values.astype(object), args.multi_hot_sep, label)
+        elif name in args.categorical:
+            categorical[name] = _as_ids(values)
+        elif name in args.numeric or _is_numeric(values):
+            numeric[name] = _as_numbers(values, f"column {name!r} of {path}")
+        else:
+            categorical[name] = values
+    return FeatureTable(ids, categorical=categorical, multi_hot=multi_hot, numeric=numeric)
+
+
+def _interactions(columns: dict, path: str, args):
+    users = _column(columns, args.user_col, path, " (name it with --user-col)")
+    items = _column(columns, args.item_col, path, " (name it with --item-col)")
+    return _as_ids(users, f"column {args.user_col!r} of {path}"), _as_ids(items, f"column {args.item_col!r} of {path}")
+
+
+def _load_recommender(path: str):
+    model = fastrec.load(path, mmap=True)  # opens in milliseconds whatever the model's size
+    if not isinstance(model, fastrec.Recommender):
+        raise DataError(f"{path} holds a {type(model).__name__}, not a Recommender")
+    if not hasattr(model, "net_"):
+        raise DataError(f"{path} holds a Recommender that was never fitted")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def _demo(args):
+    from fastrec import demo
+
+    if args.save is not None:
+        _check_writable(args.save)
+    demo.main(save=args.save)
+
+
+# option, Recommender parameter, type, help (the default is the Recommender's, shown from it)
+_HYPER_PARAMETERS = [
+    ("--embedding-dim", "embedding_dim", int, "size of the id and side-feature embeddings"),
+    ("--hidden", "hidden_layer_sizes", "sizes", "MLP layer sizes, e.g. 64,32 ('' for none)"),
+    ("--activation", "activation", ACTIVATIONS, "MLP activation"),
+    ("--loss", "loss", ("auto", "mse", "bce"), "auto: mse on ratings, bce on implicit feedback"),
+    ("--optimizer", "optimizer", OPTIMIZERS, "optimizer"),
+    ("--learning-rate", "learning_rate", float, "learning rate"),
+    ("--alpha", "alpha", float, "L2 penalty"),
+    ("--embedding-alpha", "embedding_alpha", float, "L2 penalty of the embeddings, if other than --alpha"),
+    ("--epochs", "epochs", int, "passes over the data"),
+    ("--batch-size", "batch_size", int, "interactions per step"),
+    ("--negatives", "negatives", int, "implicit feedback: items sampled per positive"),
+    ("--negative-sampling", "negative_sampling", ("uniform", "popularity"), "how negatives are drawn"),
+    ("--id-dropout", "id_dropout", float, "fraction of examples that train the unknown-id rows"),
+    ("--gmf", "gmf", bool, "matrix-factorisation term (--no-gmf: MLP only)"),
+    ("--wide", "wide", bool, "linear term: a bias per id and per feature value"),
+    ("--seed", "random_state", int, "random seed (the same seed gives the same model)"),
+    ("--threads", "n_threads", int, "threads (the result does not depend on it; default all cores)"),
+]
+
+
+def _sizes(text: str) -> tuple:
+    try:
+        return tuple(int(t) for t in _split(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,32; got {text!r}") from None
+
+
+def _check_writable(path: str):
+    """Fail before training rather than after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise DataError(f"cannot write {path}: no directory {folder}")
+
+
+def _train(args):
+    start = time.perf_counter()
+    _check_writable(args.output)
+    columns = _read_table(args.data, args.sep)
+    users, items = _interactions(columns, args.data, args)
+    ratings = weight = None
+    if args.rating_col is not None:
+        ratings = _as_numbers(_column(columns, args.rating_col, args.data), f"column {args.rating_col!r}")
+    if args.weight_col is not None:
+        weight = _as_numbers(_column(columns, args.weight_col, args.data), f"column {args.weight_col!r}")
+    kinds = {"--categorical": args.categorical, "--multi-hot": args.multi_hot, "--numeric": args.numeric}
+    used: set = set()
+    tables = {}
+    for side, path, id_col in (("user", args.user_features, args.user_id_col or args.user_col),
+                               ("item", args.item_features, args.item_id_col or args.item_col)):
+        if path is not None:
+            tables[side] = _feature_table(path, side, id_col, args, used)
+    for option, names in kinds.items():
+        missing = [n for n in names if n not in used]
+        if missing:
+            raise DataError(f"{option} names {', '.join(map(repr, missing))}, not a column of a feature file "
+                            "(--user-features / --item-features)")
+
+    params = {p: getattr(args, p) for _, p, *_ in _HYPER_PARAMETERS if getattr(args, p) is not None}
+    model = fastrec.Recommender(verbose=args.verbose, **params)
+    model.fit(users, items, ratings, user_features=tables.get("user"), item_features=tables.get("item"),
+              sample_weight=weight)
+    model.save(args.output)
+    feedback = "implicit feedback" if ratings is None else f"ratings from {args.rating_col!r}"
+    print(f"trained on {len(users):,} interactions ({feedback}), {model.n_users_:,} users x "
+          f"{model.n_items_:,} items, epochs: {model.epochs}, final loss {model.loss_curve_[-1]:.4f}, "
+          f"{time.perf_counter() - start:.1f} s")
+    print(f"saved {args.output}")
+
+
+def _read_users(args, model) -> np.ndarray:
+    if args.users is not None:
+        users = np.array(_split(args.users), dtype=str)
+    else:
+        with open(args.users_file, newline="") as f:
+            first = f.readline().rstrip("\r\n")
+        if args.user_col in first.split(args.sep):  # a table with a header, e.g. a test set
+            users = _column(_read_table(args.users_file, args.sep), args.user_col, args.users_file)
+        else:
+            with open(args.users_file) as f:
+                users = np.array([line.strip() for line in f if line.strip()], dtype=str)
+    users = _as_ids(users)
+    _, first_seen = np.unique(users, return_index=True)
+    users = users[np.sort(first_seen)]  # each user once, in the order given
+    if len(users) == 0:
+        raise DataError("no users given")
+    unknown = users[model._users.index(users) == 0]
+    if len(unknown):
+        print(f"fastrec: note: {len(unknown)} of {len(users)} users are unknown to the model (e.g. "
+              f"{unknown.tolist()[0]!r}); they get what a new user would", file=sys.stderr)
+    return users
+
+
+def _recommend(args):
+    model = _load_recommender(args.model)
+    users = _read_users(args, model)
+    ids, scores = model.recommend(users, k=args.k, exclude_seen=not args.include_seen)
+    rows = [(user, rank + 1, item, score)
+            for user, row_ids, row_scores in zip(users.tolist(), ids.tolist(), scores.tolist())
+            for rank, (item, score) in enumerate(zip(row_ids, row_scores))
+            if score != -np.inf]  # padding: fewer than k candidates left for that user
+    with _output(args.output) as out:
+        if args.format == "json":
+            records = (json.dumps(dict(zip(("user", "rank", "item", "score"), r))) for r in rows)
+            out.write("[\n" + ",\n".join(records) + "\n]\n")  # one record a line
+        else:
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(("user", "rank", "item", "score"))
+            writer.writerows(rows)
+
+
+@contextlib.contextmanager
+def _output(path):
+    """A file opened for writing, or stdout (left open) for None / '-'."""
+    if path in (None, "-"):
+        yield sys.stdout
+    else:
+        with open(path, "w", newline="") as f:
+            yield f
+
+
+def _training_pairs(model):
+    """The (user, item) pairs the model was trained on, from the seen-items index it keeps for recommend."""
+    indptr, indices = model._seen
+    entities = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    return model._users.ids[entities - 1], model._items.ids[indices - 1]
+
+
+def _evaluate(args):
+    from fastrec import evaluation, metrics
+
+    model = _load_recommender(args.model)
+    columns = _read_table(args.data, args.sep)
+    users, items = _interactions(columns, args.data, args)
+    if not model.implicit_:
+        name = args.rating_col or "rating"
+        hint = "; the model predicts ratings: name their column with --rating-col"
+        ratings = _as_numbers(_column(columns, name, args.data, hint), f"column {name!r}")
+        predicted = model.predict(users, items)
+        result = {"rmse": metrics.rmse(ratings, predicted), "mae": metrics.mae(ratings, predicted),
+                  "n": len(users)}
+    elif args.protocol == "full":
+        result = evaluation.full_ranking(model, users, items, k=args.k)
+    else:
+        seen_users, seen_items = _training_pairs(model)
+        result = evaluation.sampled_ranking(model, users, items, seen_users=seen_users, seen_items=seen_items,
+                                            n_negatives=args.negatives, k=args.k, random_state=args.seed)
+    if args.format == "json":
+        print(json.dumps(result))
+    else:
+        for name, value in result.items():
+            print(f"{name:<14} {value}" if isinstance(value, int) else f"{name:<14} {value:.4f}")
+
+
+def _model_summary(path: str) -> dict:
+    model = fastrec.load(path, mmap=True)  # validates the whole file without reading the arrays
+    with zipfile.ZipFile(path) as z:
+        meta = json.loads(z.read("fastrec.json"))
+    summary = {"file": path, "bytes": os.path.getsize(path), "class": meta["class"],
+               "fastrec_version": meta["fastrec_version"], "format_version": meta["format_version"]}
+    if hasattr(model, "implicit_"):
+        summary["feedback"] = "implicit" if model.implicit_ else "explicit"
+    for attr in ("n_users_", "n_items_"):
+        if hasattr(model, attr):
+            summary[attr.strip("_")] = int(getattr(model, attr))
+    net = getattr(model, "net_", None)
+    if net is not None:
+        summary["inputs"] = [f.name for f in net.fields] + [d.name for d in net.dense]
+        weights = [*net.tables, *net.coefs, *net.intercepts, net.gmf_w]
+    else:
+        weights = [*getattr(model, "coefs_", []), *getattr(model, "intercepts_", [])]
+    summary["parameters"] = int(sum(w.size for w in weights if w is not None))
+    summary["params"] = meta["params"]
+    return summary
+
+
+def _info(args):
+    summary = _model_summary(args.model) if args.model else None
+    if args.format == "json":
+        config = fastrec.show_config(file=io.StringIO())
+        print(json.dumps({"model": summary, "config": config}, indent=1))
+        return
+    if summary is not None:
+        print(f"model file: {summary['file']} ({summary['bytes'] / 2**20:.2f} MiB)")
+        for key, value in summary.items():
+            if key not in ("file", "bytes", "params"):
+                value = ", ".join(value) if isinstance(value, list) else value
+                print(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
+        print("params:")
+        for key, value in summary["params"].items():
+            print(f"  {key}: {value}")
+        print()
+    fastrec.show_config()
+
+
+# ----------------------------------------------------------------------------------------------- parser
+def _separator(text: str) -> str:
+    text = {"\\t": "\t", "tab": "\t"}.get(text, text)
+    if len(text) != 1:
+        raise argparse.ArgumentTypeError(f"the separator must be one character (or \\t); got {text!r}")
+    return text
+
+
+def _add_columns(p, rating_help: str):
+    g = p.add_argument_group("columns")
+    g.add_argument("--user-col", default="user_id", metavar="NAME", help="user id column (default: %(default)s)")
+    g.add_argument("--item-col", default="item_id", metavar="NAME", help="item id column (default: %(default)s)")
+    g.add_argument("--rating-col", metavar="NAME", help=rating_help)
+    g.add_argument("--sep", type=_separator, default=",", help="CSV delimiter, one character or \\t "
+                   "(default: ',')")
+    return g
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastrec", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train, use and inspect fastrec recommenders from the command line.",
+        epilog="Data files are CSV with a header row (read by pandas when it is installed, else by Python's csv\n"
+               "module) or Parquet (.parquet, .pq; needs pandas and pyarrow). Ids are integers when every\n"
+               "cell is one, else strings.\n\n"
+               "examples:\n"
+               "  fastrec demo --save demo.fastrec\n"
+               "  fastrec train ratings.csv --rating-col rating -o model.fastrec\n"
+               "  fastrec recommend model.fastrec --users 1,2,3 --k 5\n"
+               "  fastrec evaluate model.fastrec test.csv --rating-col rating\n"
+               "  fastrec info model.fastrec\n\n"
+               "Exit status: 0 success, 1 a data or model error, 2 a usage error.")
+    parser.add_argument("--version", action="version", version=f"fastrec {fastrec.__version__}")
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+
+    def command(name, run, help, epilog):
+        p = commands.add_parser(name, help=help, description=help, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("demo", _demo, "train a recommender on generated data and show what it does",
+                "example:\n  fastrec demo --save demo.fastrec && fastrec recommend demo.fastrec --users 0,1")
+    p.add_argument("--save", metavar="PATH", help="write the trained model to PATH")
+
+    p = command("train", _train, "train a recommender on interactions and save it",
+                "Without --rating-col every row is a positive interaction (implicit feedback; negatives are\n"
+                "sampled). Feature files have one row per user or item; their columns are numeric when every\n"
+                "cell is a number and categorical otherwise, unless --categorical / --multi-hot / --numeric\n"
+                "say otherwise.\n\n"
+                "examples:\n"
+                "  fastrec train ratings.csv --rating-col rating --epochs 20 --seed 0 -o model.fastrec\n"
+                "  fastrec train clicks.parquet --item-features items.csv --multi-hot genres \\\n"
+                "      --hidden 128,64 --negatives 8 -o model.fastrec")
+    p.add_argument("data", metavar="DATA", help="interactions: CSV or Parquet, one row per (user, item)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write")
+    g = _add_columns(p, "rating column (explicit feedback); without it, implicit feedback")
+    g.add_argument("--weight-col", metavar="NAME", help="per-interaction weight column (optional)")
+    g = p.add_argument_group("side features")
+    g.add_argument("--user-features", metavar="FILE", help="user attributes, one row per user")
+    g.add_argument("--item-features", metavar="FILE", help="item attributes, one row per item")
+    g.add_argument("--user-id-col", metavar="NAME", help="id column of --user-features (default: --user-col)")
+    g.add_argument("--item-id-col", metavar="NAME", help="id column of --item-features (default: --item-col)")
+    g.add_argument("--categorical", type=_split, default=[], metavar="COLS", help="categorical columns, e.g. city,os")
+    g.add_argument("--multi-hot", type=_split, default=[], metavar="COLS",
+                   help="columns holding a set of labels per row, e.g. 'Comedy|Drama'")
+    g.add_argument("--multi-hot-sep", default="|", metavar="SEP", help="label separator (default: %(default)s)")
+    g.add_argument("--numeric", type=_split, default=[], metavar="COLS", help="numeric columns")
+    g = p.add_argument_group("hyper-parameters (defaults: fastrec.Recommender's)")
+    defaults = fastrec.Recommender().get_params()
+    for option, param, kind, text in _HYPER_PARAMETERS:
+        default = defaults[param]
+        if default is not None:
+            text += f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
+        if kind is bool:
+            g.add_argument(option, dest=param, action=argparse.BooleanOptionalAction, help=text)
+        elif isinstance(kind, tuple):
+            g.add_argument(option, dest=param, choices=kind, help=text)
+        elif kind == "sizes":
+            g.add_argument(option, dest=param, type=_sizes, metavar="SIZES", help=text)
+        else:
+            g.add_argument(option, dest=param, type=kind, metavar="N" if kind is int else "X", help=text)
+    g.add_argument("--verbose", action="store_true", help="print the loss of every epoch")
+
+    p = command("recommend", _recommend, "top-k items for users, as CSV or JSON (user, rank, item, score)",
+                "Items a user interacted with in training are left out unless --include-seen. A user with fewer\n"
+                "than k items left gets fewer rows. Users unknown to the model get what a new user would.\n\n"
+                "examples:\n"
+                "  fastrec recommend model.fastrec --users 1,2,3 --k 5\n"
+                "  fastrec recommend model.fastrec --users-file test.csv --format json -o top10.json")
+    p.add_argument("model", metavar="MODEL", help="model file written by 'fastrec train' or model.save")
+    users = p.add_mutually_exclusive_group(required=True)
+    users.add_argument("--users", metavar="IDS", help="comma-separated user ids")
+    users.add_argument("--users-file", metavar="FILE",
+                       help="one user id per line, or a CSV with a header that has the --user-col column")
+    p.add_argument("--user-col", default="user_id", metavar="NAME", help="see --users-file (default: %(default)s)")
+    p.add_argument("--sep", type=_separator, default=",", help="CSV delimiter of --users-file (default: ',')")
+    p.add_argument("-k", "--k", type=int, default=10, help="items per user (default: %(default)s)")
+    p.add_argument("--include-seen", action="store_true", help="also recommend items seen in training")
+    p.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: csv)")
+    p.add_argument("-o", "--output", metavar="OUT", help="output file (default: stdout)")
+
+    p = command("evaluate", _evaluate, "measure a model on held-out interactions",
+                "A model trained on ratings gets rmse and mae. An implicit-feedback model gets ranking metrics:\n"
+                "--protocol full ranks every item (items seen in training excluded): precision, recall,\n"
+                "ndcg and hr at k; --protocol sampled ranks each test item against --negatives items the user\n"
+                "never touched (the NCF protocol): hr and ndcg at k.\n\n"
+                "examples:\n"
+                "  fastrec evaluate model.fastrec test.csv --rating-col stars\n"
+                "  fastrec evaluate model.fastrec test.parquet --protocol sampled --k 10 --format json")
+    p.add_argument("model", metavar="MODEL", help="model file")
+    p.add_argument("data", metavar="TEST_DATA", help="held-out interactions: CSV or Parquet")
+    _add_columns(p, "rating column, for models trained on ratings (default: rating)")
+    p.add_argument("--protocol", choices=("full", "sampled"), default="full",
+                   help="implicit models: ranking protocol (default: %(default)s)")
+    p.add_argument("-k", "--k", type=int, default=10, help="cut-off of the ranking metrics (default: %(default)s)")
+    p.add_argument("--negatives", type=int, default=99, help="--protocol sampled: negatives per test item "
+                   "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="--protocol sampled: seed of the negatives "
+                   "(default: %(default)s)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
+
+    p = command("info", _info, "summarise a model file, and show fastrec's build and CPU configuration",
+                "The summary reads the file's metadata and maps its arrays without reading them.\n\n"
+                "examples:\n  fastrec info model.fastrec\n  fastrec info --format json")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="model file (optional)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    return parser
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())  # one line, whatever the exception's text
+
+
+def main(argv=None) -> int:
+    """Run ``fastrec ARGS`` (argv: the arguments, default sys.argv[1:]); returns the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: argparse has printed what to say
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("fastrec: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `fastrec recommend ... | head`: the reader left; stay quiet at exit too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (DataError, ValueError, TypeError, OSError) as e:  # includes fastrec.ModelFileError
+        print(f"fastrec: error: {_message(e)}", file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,239 @@
+"""The `fastrec` command (fastrec.cli), run in-process through `cli.main` except for one console-script test.
+
+What is checked: `train` on CSV (and Parquet) gives the model an in-process fit with the same parameters and
+seed gives, bitwise, with and without pandas; `recommend` writes k rows per user that are the model's own
+top-k (seen items excluded unless --include-seen), as CSV and JSON; `evaluate` prints what fastrec.metrics /
+fastrec.evaluation compute directly; `info` shows the class and parameters; user mistakes exit with 1 and
+one line on stderr, usage errors with 2.
+"""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastrec
+from fastrec import cli, evaluation, metrics
+from fastrec.datasets import make_interactions
+
+PARAMS = dict(embedding_dim=8, hidden_layer_sizes=(16,), epochs=2, random_state=0, n_threads=1)
+OPTIONS = ["--embedding-dim", "8", "--hidden", "16", "--epochs", "2", "--seed", "0", "--threads", "1"]
+
+
+def write_csv(path, columns: dict):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(zip(*(np.asarray(v).tolist() for v in columns.values())))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = make_interactions(n_users=60, n_items=100, n_interactions=600, random_state=0)
+    train, test = evaluation.leave_last_out(d.users, d.timestamps, random_state=0)
+    return d.subset(train), d.subset(test)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, data):
+    train, test = data
+    folder = tmp_path_factory.mktemp("cli")
+    genres, vocabulary = train.item_features.multi_hot["genres"]
+    return {
+        "train": write_csv(folder / "train.csv", {"user_id": train.users, "item_id": train.items,
+                                                  "rating": train.ratings}),
+        "test": write_csv(folder / "test.csv", {"user_id": test.users, "item_id": test.items,
+                                                "rating": test.ratings}),
+        "items": write_csv(folder / "items.csv", {
+            "item_id": train.item_features.ids,
+            "genres": ["|".join(vocabulary[row.indices]) for row in genres],
+            "year": train.item_features.numeric["year"]}),
+    }
+
+
+def run(capsys, *args):
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, files):
+    """Explicit and implicit models trained by the command line."""
+    folder = tmp_path_factory.mktemp("models")
+    paths = {}
+    for kind, extra in (("explicit", ["--rating-col", "rating"]), ("implicit", [])):
+        paths[kind] = folder / f"{kind}.fastrec"
+        args = ["train", files["train"], "-o", paths[kind], "--item-features", files["items"], "--multi-hot",
+                "genres", *OPTIONS, *extra]
+        assert cli.main([str(a) for a in args]) == 0
+    return paths
+
+
+def fit_in_process(train, explicit):
+    return fastrec.Recommender(**PARAMS).fit(train.users, train.items, train.ratings if explicit else None,
+                                             item_features=train.item_features)
+
+
+@pytest.mark.parametrize("kind", ["explicit", "implicit"])
+def test_train_gives_the_model_of_an_in_process_fit(data, models, kind):
+    train, test = data
+    loaded = fastrec.load(models[kind])
+    expected = fit_in_process(train, kind == "explicit")
+    assert loaded.implicit_ == (kind == "implicit")
+    assert loaded.get_params() == expected.get_params()
+    for users, items in ((train.users, train.items), (test.users, test.items)):
+        np.testing.assert_array_equal(loaded.predict(users, items), expected.predict(users, items))
+
+
+def test_train_without_pandas_and_from_parquet(tmp_path, capsys, monkeypatch, data, files):
+    train, _ = data
+    expected = fit_in_process(train, explicit=True).predict(train.users, train.items)
+    args = ["--rating-col", "rating", "--item-features", files["items"], "--multi-hot", "genres", *OPTIONS]
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    parquet = tmp_path / "train.parquet"
+    pd.read_csv(files["train"]).to_parquet(parquet)
+    assert run(capsys, "train", parquet, "-o", tmp_path / "p.fastrec", *args)[0] == 0
+    np.testing.assert_array_equal(fastrec.load(tmp_path / "p.fastrec").predict(train.users, train.items), expected)
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` now fails: the csv module reads
+    code, out, err = run(capsys, "train", files["train"], "-o", tmp_path / "c.fastrec", *args)
+    assert (code, err) == (0, "") and "saved" in out
+    np.testing.assert_array_equal(fastrec.load(tmp_path / "c.fastrec").predict(train.users, train.items), expected)
+    code, _, err = run(capsys, "train", parquet, "-o", tmp_path / "x.fastrec")
+    assert code == 1 and "Parquet needs pandas and pyarrow" in err
+
+
+def parse_recommendations(text, fmt):
+    if fmt == "json":
+        return [(r["user"], r["rank"], r["item"], r["score"]) for r in json.loads(text)]
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == ["user", "rank", "item", "score"]
+    return [(int(u), int(r), int(i), float(s)) for u, r, i, s in rows[1:]]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+@pytest.mark.parametrize("include_seen", [False, True])
+def test_recommend_prints_the_models_top_k(capsys, data, models, fmt, include_seen):
+    train, _ = data
+    users, k = [3, 0, 7], 5
+    args = ["recommend", models["implicit"], "--users", ",".join(map(str, users)), "--k", k, "--format", fmt]
+    code, out, err = run(capsys, *args, *(["--include-seen"] if include_seen else []))
+    assert (code, err) == (0, "")
+    rows = parse_recommendations(out, fmt)
+    ids, scores = fastrec.load(models["implicit"]).recommend(users, k=k, exclude_seen=not include_seen)
+    expected = [(u, r + 1, ids[j, r], scores[j, r]) for j, u in enumerate(users) for r in range(k)]
+    assert rows == expected
+    seen = set(zip(train.users.tolist(), train.items.tolist()))
+    assert any((u, i) in seen for u, _, i, _ in rows) == include_seen
+
+
+def test_recommend_from_a_users_file_to_a_file(tmp_path, capsys, data, files, models):
+    train, _ = data
+    out_path = tmp_path / "top.json"
+    code, out, err = run(capsys, "recommend", models["explicit"], "--users-file", files["test"], "--k", 3,
+                         "--format", "json", "-o", out_path)
+    assert (code, out, err) == (0, "", "")
+    rows = json.loads(out_path.read_text())
+    with open(files["test"]) as f:
+        test_users = list(dict.fromkeys(int(r["user_id"]) for r in csv.DictReader(f)))
+    ids, _ = fastrec.load(models["explicit"]).recommend(test_users, k=3)
+    assert [(r["user"], r["item"]) for r in rows] == [
+        (u, i) for u, row in zip(test_users, ids.tolist()) for i in row if i != -1]
+
+    plain = tmp_path / "users.txt"
+    plain.write_text("5\n2\n\n5\n1234\n")  # a repeated user once; an unknown one gets a note
+    code, out, err = run(capsys, "recommend", models["explicit"], "--users-file", plain, "--k", 2)
+    assert code == 0 and "1 of 3 users are unknown" in err
+    assert [row[0] for row in csv.reader(io.StringIO(out))][1:] == ["5", "5", "2", "2", "1234", "1234"]
+
+    code, out, _ = run(capsys, "recommend", models["explicit"], "--users", "5", "--k", 1000)
+    model = fastrec.load(models["explicit"])
+    assert code == 0 and len(out.splitlines()) == 1 + model.n_items_ - (train.users == 5).sum()  # no padding
+
+
+def test_evaluate_explicit_matches_metrics(capsys, data, models, files):
+    _, test = data
+    code, out, err = run(capsys, "evaluate", models["explicit"], files["test"], "--format", "json")
+    assert (code, err) == (0, "")
+    predicted = fastrec.load(models["explicit"]).predict(test.users, test.items)
+    assert json.loads(out) == {"rmse": metrics.rmse(test.ratings, predicted),
+                               "mae": metrics.mae(test.ratings, predicted), "n": len(test)}
+    code, out, _ = run(capsys, "evaluate", models["explicit"], files["test"])
+    assert code == 0 and out.split() == ["rmse", f"{metrics.rmse(test.ratings, predicted):.4f}",
+                                         "mae", f"{metrics.mae(test.ratings, predicted):.4f}", "n", str(len(test))]
+
+
+def test_evaluate_implicit_matches_evaluation(capsys, data, models, files):
+    train, test = data
+    model = fastrec.load(models["implicit"])
+    code, out, err = run(capsys, "evaluate", models["implicit"], files["test"], "--k", 5, "--format", "json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == evaluation.full_ranking(model, test.users, test.items, k=5)
+    code, out, err = run(capsys, "evaluate", models["implicit"], files["test"], "--protocol", "sampled",
+                         "--negatives", 9, "--seed", 3, "--format", "json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == evaluation.sampled_ranking(model, test.users, test.items, seen_users=train.users,
+                                                         seen_items=train.items, n_negatives=9, k=10,
+                                                         random_state=3)
+
+
+def test_info(capsys, models):
+    code, out, err = run(capsys, "info", models["explicit"])
+    assert (code, err) == (0, "")
+    assert "class: fastrec.recommender.Recommender" in out and "feedback: explicit" in out
+    assert "embedding_dim: 8" in out and "hidden_layer_sizes: [16]" in out and "core:" in out
+    code, out, _ = run(capsys, "info", models["implicit"], "--format", "json")
+    info = json.loads(out)
+    model = fastrec.load(models["implicit"])
+    assert info["model"]["params"] == json.loads(json.dumps(model.get_params()))
+    assert (info["model"]["n_users"], info["model"]["n_items"]) == (model.n_users_, model.n_items_)
+    assert info["model"]["parameters"] > model.n_items_ * 8 and "active_isa" in info["config"]["core"]
+    code, out, _ = run(capsys, "info")
+    assert code == 0 and "core:" in out and "class:" not in out
+
+
+def test_user_mistakes_exit_1_with_one_line(tmp_path, capsys, files, models):
+    corrupt = tmp_path / "corrupt.fastrec"
+    corrupt.write_bytes(models["explicit"].read_bytes()[:1000])
+    holes = tmp_path / "holes.csv"
+    holes.write_text("user_id,item_id\n1,2\n3,\n")
+    cases = [
+        (["train", tmp_path / "missing.csv", "-o", tmp_path / "m"], "missing.csv: No such file"),
+        (["train", files["train"], "-o", tmp_path / "m", "--item-col", "movie"], "column 'movie' is not in"),
+        (["train", files["train"], "-o", tmp_path / "m", "--rating-col", "item_id", "--epochs", "0"],
+         "epochs must be an integer >= 1"),
+        (["train", files["train"], "-o", tmp_path / "m", "--numeric", "year"], "--numeric names 'year'"),
+        (["train", holes, "-o", tmp_path / "m"], "column 'item_id' of"),
+        (["train", files["train"], "-o", tmp_path / "no" / "m"], "cannot write"),
+        (["recommend", corrupt, "--users", "1"], "not a fastrec model file, or it is truncated or corrupt"),
+        (["info", corrupt], "corrupt"),
+        (["evaluate", models["implicit"], tmp_path / "missing.csv"], "missing.csv: No such file"),
+    ]
+    for args, message in cases:
+        code, out, err = run(capsys, *args)
+        assert code == 1, args
+        assert err.startswith("fastrec: error: ") and err.count("\n") == 1 and message in err, err
+        assert "Traceback" not in err
+
+
+def test_usage_errors_exit_2(capsys, models):
+    assert run(capsys, "recommend", models["explicit"])[0] == 2  # neither --users nor --users-file
+    code, _, err = run(capsys, "train", "x.csv", "-o", "m", "--hidden", "64,x")
+    assert code == 2 and "comma-separated integers" in err
+    assert run(capsys)[0] == 2
+    code, out, _ = run(capsys, "train", "--help")
+    assert code == 0 and "example" in out
+
+
+def test_console_script():
+    script = Path(sys.executable).parent / "fastrec"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "recommend" in result.stdout and result.stderr == ""
