@@ -238,6 +238,8 @@ def test_future_version_and_foreign_files(models, tmp_path):
         fastrec.load(tmp_path / "missing.fastrec")
     with pytest.raises(ValueError, match="directory"):
         models["MLPRegressor"][0].save(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models["MLPRegressor"][0].save(tmp_path / "no" / "m.fastrec")
 
 
 def test_load_builds_only_allowed_classes(models, tmp_path):

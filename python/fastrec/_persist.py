@@ -141,6 +141,8 @@ def save(estimator, path) -> None:
     text = json.dumps(meta, allow_nan=True).encode()
 
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save to {path!r}: directory {directory!r} does not exist")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
