@@ -476,84 +476,146 @@ void build_topk_cache(const KernelSet& ks, const FieldModel& m, const NegativeSa
 
 }  // namespace
 
+namespace {
+
+using Scored = std::pair<float, std::int32_t>;  // (score, item)
+
+// Higher score first, then the lower item: a total order, so the top k are the same however items are split.
+bool better(const Scored& a, const Scored& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); }
+
+// Keeps the k best of what is pushed (worst on top of the heap).
+void push_top(std::vector<Scored>& heap, index_t k, const Scored& entry) {
+  if (static_cast<index_t>(heap.size()) < k) {
+    heap.push_back(entry);
+    std::push_heap(heap.begin(), heap.end(), better);
+  } else if (better(entry, heap.front())) {
+    std::pop_heap(heap.begin(), heap.end(), better);
+    heap.back() = entry;
+    std::push_heap(heap.begin(), heap.end(), better);
+  }
+}
+
+// What top-k needs of one user: the user's part of the first layer (bias included), its GMF vector times w,
+// its wide terms and its seen items.
+struct UserSide {
+  std::vector<float> part, gmf;
+  float wide = 0.0f;
+  const std::int32_t *seen_begin = nullptr, *seen_end = nullptr;
+};
+
+void user_side(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s, std::int32_t user,
+               bool exclude_seen, FieldWorkspace& ws, UserSide& out) {
+  const Layer& first = m.mlp.layers[0];
+  const index_t d = m.gmf.field_u >= 0 ? m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim : 0;
+  for (auto& keys : ws.keys) keys.assign(1, 0);
+  ws.keys[static_cast<std::size_t>(s.user_key)][0] = user;
+  side_inputs(ks, m, 1, s.user_key, ws, 1);
+  Epilogue bias;
+  bias.bias = first.b;
+  out.part.resize(static_cast<std::size_t>(first.fan_out));
+  sgemm(ks, false, false, 1, first.fan_out, m.width, ws.x.data(), m.width, first.W, first.fan_out, out.part.data(),
+        first.fan_out, &bias, 1);
+  out.gmf.resize(static_cast<std::size_t>(d));
+  for (index_t j = 0; j < d; ++j) out.gmf[j] = m.gmf.w[j] * ws.pooled_gmf[0][j];
+  out.wide = ws.logits[0];
+  const bool skip = exclude_seen && s.seen_indptr;
+  out.seen_begin = skip ? s.seen_items + s.seen_indptr[user] : nullptr;
+  out.seen_end = skip ? s.seen_items + s.seen_indptr[user + 1] : nullptr;
+}
+
+constexpr index_t kTopkChunk = 512;  // items scored together: their activations stay in L2
+
+// Scores items [c0, c0 + n) of the candidate list for one user on the calling thread and pushes them into heap.
+void score_chunk(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const UserSide& user,
+                 const std::int32_t* candidates, index_t c0, index_t n, index_t k, MlpWorkspace& ws,
+                 std::vector<Scored>& heap) {
+  const std::size_t L = m.mlp.layers.size();
+  const index_t h = m.mlp.layers[0].fan_out;
+  const index_t d = static_cast<index_t>(user.gmf.size());
+  // z1 = act(item part + user part), then the rest of the MLP on these rows.
+  float* z1 = ws.acts[1].data();
+  for (index_t r = 0; r < n; ++r) {
+    const index_t item = candidates ? candidates[c0 + r] : c0 + r;
+    const float* part = cache.item_part.data() + item * h;
+    float* out = z1 + r * h;
+    for (index_t j = 0; j < h; ++j) out[j] = part[j] + user.part[j];
+    if (L > 1) ks.activate(out, h, m.mlp.hidden);
+  }
+  for (std::size_t l = 1; l < L; ++l) {
+    const Layer& layer = m.mlp.layers[l];
+    Epilogue e;
+    e.bias = layer.b;
+    e.act = l + 1 == L ? Activation::Identity : m.mlp.hidden;
+    sgemm(ks, false, false, n, layer.fan_out, layer.fan_in, ws.acts[l].data(), layer.fan_in, layer.W, layer.fan_out,
+          ws.acts[l + 1].data(), layer.fan_out, &e, 1);
+  }
+  const float* z = ws.acts[L].data();
+  for (index_t r = 0; r < n; ++r) {
+    const std::int32_t item = candidates ? candidates[c0 + r] : static_cast<std::int32_t>(c0 + r);
+    if (user.seen_begin && contains_sorted(user.seen_begin, user.seen_end, item)) continue;
+    float score = z[r] + user.wide + cache.item_wide[static_cast<std::size_t>(item)];
+    const float* g = cache.item_gmf.data() + static_cast<index_t>(item) * d;
+    for (index_t j = 0; j < d; ++j) score += user.gmf[j] * g[j];
+    push_top(heap, k, Scored{score, item});
+  }
+}
+
+void write_top(const FieldModel& m, std::vector<Scored>& heap, index_t k, std::int32_t* items, float* scores) {
+  std::sort_heap(heap.begin(), heap.end(), better);
+  for (index_t j = 0; j < k; ++j) {
+    const bool has = j < static_cast<index_t>(heap.size());
+    items[j] = has ? heap[j].second : -1;
+    scores[j] = has ? (m.bce() ? stable_sigmoid(heap[j].first) : heap[j].first) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+}  // namespace
+
 void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s, const std::int32_t* users,
                 index_t n_users, const std::int32_t* candidates, index_t n_candidates, index_t k, bool exclude_seen,
                 std::int32_t* out_items, float* out_scores, TopkCache& cache, int n_threads) {
   // The first layer is linear in x = [user part, item part]: its item part is computed once for all items
-  // (cached), its user part once per user, and only the rest of the MLP runs per (user, item).
+  // (cached), its user part once per user, and only the rest of the MLP runs per (user, item). Each thread
+  // scores whole chunks of items with its own workspace: one parallel region per call (many users: split
+  // over users) or per user (fewer users than threads: split over item chunks, the chunks' best merged).
   if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
-  const std::size_t L = m.mlp.layers.size();
-  const Layer& first = m.mlp.layers[0];
-  const index_t h = first.fan_out;
-  const index_t d = m.gmf.field_u >= 0 ? m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim : 0;
   const index_t n_items = candidates ? n_candidates : s.n_items;
-  FieldWorkspace ws(m, std::min(std::max<index_t>(n_items, 1), kPredictChunk), false);
-  std::vector<float> user_part(static_cast<std::size_t>(h)), user_gmf(static_cast<std::size_t>(d));
-  auto better = [](const std::pair<float, std::int32_t>& a, const std::pair<float, std::int32_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);  // higher score, then lower item
-  };
-  std::vector<std::pair<float, std::int32_t>> heap;
+  const int threads = resolve_threads(n_threads);
+  const index_t rows = std::min(std::max<index_t>(n_items, 1), kTopkChunk);
+  std::vector<MlpWorkspace> mlp_ws;
+  std::vector<FieldWorkspace> field_ws;
+  for (int t = 0; t < threads; ++t) {
+    mlp_ws.emplace_back(m.mlp, rows, false, false);
+    field_ws.emplace_back(m, 1, false);
+  }
+  const index_t n_chunks = (n_items + kTopkChunk - 1) / kTopkChunk;
+  if (n_users >= threads) {
+    parallel_for(0, n_users, threads, [&](std::int64_t u) {
+      const int t = thread_id();
+      UserSide user;
+      user_side(ks, m, s, users[u], exclude_seen, field_ws[static_cast<std::size_t>(t)], user);
+      std::vector<Scored> heap;
+      for (index_t c = 0; c < n_chunks; ++c)
+        score_chunk(ks, m, cache, user, candidates, c * kTopkChunk, std::min(kTopkChunk, n_items - c * kTopkChunk), k,
+                    mlp_ws[static_cast<std::size_t>(t)], heap);
+      write_top(m, heap, k, out_items + u * k, out_scores + u * k);
+    });
+    return;
+  }
+  std::vector<std::vector<Scored>> chunk_best(static_cast<std::size_t>(n_chunks));
   for (index_t u = 0; u < n_users; ++u) {
-    const std::int32_t user = users[u];
-    for (auto& keys : ws.keys) keys.assign(1, 0);
-    ws.keys[static_cast<std::size_t>(s.user_key)][0] = user;
-    side_inputs(ks, m, 1, s.user_key, ws, n_threads);
-    Epilogue bias;
-    bias.bias = first.b;
-    sgemm(ks, false, false, 1, h, m.width, ws.x.data(), m.width, first.W, h, user_part.data(), h, &bias, 1);
-    for (index_t j = 0; j < d; ++j) user_gmf[j] = m.gmf.w[j] * ws.pooled_gmf[0][j];
-    const float user_wide = ws.logits[0];
-    const std::int32_t* seen_begin = exclude_seen && s.seen_indptr ? s.seen_items + s.seen_indptr[user] : nullptr;
-    const std::int32_t* seen_end = exclude_seen && s.seen_indptr ? s.seen_items + s.seen_indptr[user + 1] : nullptr;
-    heap.clear();
-    for (index_t c0 = 0; c0 < n_items; c0 += kPredictChunk) {
-      const index_t n = std::min(kPredictChunk, n_items - c0);
-      // z1 = act(item part + user part): streams the cache (n x h floats), split over threads by rows.
-      float* z1 = ws.mlp.acts[1].data();
-      constexpr index_t kRows = 64;
-      parallel_for(0, (n + kRows - 1) / kRows, n_threads, [&](std::int64_t block) {
-        const index_t r1 = std::min(n, (block + 1) * kRows);
-        for (index_t r = block * kRows; r < r1; ++r) {
-          const index_t item = candidates ? candidates[c0 + r] : c0 + r;
-          const float* part = cache.item_part.data() + item * h;
-          float* out = z1 + r * h;
-          for (index_t j = 0; j < h; ++j) out[j] = part[j] + user_part[j];
-          if (L > 1) ks.activate(out, h, m.mlp.hidden);
-        }
-      });
-      for (std::size_t l = 1; l < L; ++l) {
-        const Layer& layer = m.mlp.layers[l];
-        Epilogue e;
-        e.bias = layer.b;
-        e.act = l + 1 == L ? Activation::Identity : m.mlp.hidden;
-        sgemm(ks, false, false, n, layer.fan_out, layer.fan_in, ws.mlp.acts[l].data(), layer.fan_in, layer.W,
-              layer.fan_out, ws.mlp.acts[l + 1].data(), layer.fan_out, &e, n_threads);
-      }
-      const float* z = ws.mlp.acts[L].data();
-      for (index_t r = 0; r < n; ++r) {
-        const std::int32_t item = candidates ? candidates[c0 + r] : static_cast<std::int32_t>(c0 + r);
-        if (seen_begin && contains_sorted(seen_begin, seen_end, item)) continue;
-        float score = z[r] + user_wide + cache.item_wide[static_cast<std::size_t>(item)];
-        const float* g = cache.item_gmf.data() + static_cast<index_t>(item) * d;
-        for (index_t j = 0; j < d; ++j) score += user_gmf[j] * g[j];
-        const std::pair<float, std::int32_t> entry{score, item};
-        if (static_cast<index_t>(heap.size()) < k) {
-          heap.push_back(entry);
-          std::push_heap(heap.begin(), heap.end(), better);  // worst on top
-        } else if (better(entry, heap.front())) {
-          std::pop_heap(heap.begin(), heap.end(), better);
-          heap.back() = entry;
-          std::push_heap(heap.begin(), heap.end(), better);
-        }
-      }
-    }
-    std::sort_heap(heap.begin(), heap.end(), better);
-    for (index_t j = 0; j < k; ++j) {
-      const bool has = j < static_cast<index_t>(heap.size());
-      out_items[u * k + j] = has ? heap[j].second : -1;
-      out_scores[u * k + j] = has ? (m.bce() ? stable_sigmoid(heap[j].first) : heap[j].first)
-                                  : -std::numeric_limits<float>::infinity();
-    }
+    UserSide user;
+    user_side(ks, m, s, users[u], exclude_seen, field_ws[0], user);
+    parallel_for(0, n_chunks, threads, [&](std::int64_t c) {
+      std::vector<Scored>& heap = chunk_best[static_cast<std::size_t>(c)];
+      heap.clear();
+      score_chunk(ks, m, cache, user, candidates, c * kTopkChunk, std::min(kTopkChunk, n_items - c * kTopkChunk), k,
+                  mlp_ws[static_cast<std::size_t>(thread_id())], heap);
+    });
+    std::vector<Scored> heap;
+    for (const auto& best : chunk_best)
+      for (const Scored& entry : best) push_top(heap, k, entry);
+    write_top(m, heap, k, out_items + u * k, out_scores + u * k);
   }
 }
 
