@@ -486,7 +486,7 @@ py::dict show_config() {
   py::dict d;
   d["version"] = FASTREC_VERSION;
   d["openmp"] = openmp_enabled();
-  d["max_threads"] = max_threads();
+  d["max_threads"] = resolve_threads(0);  // what n_threads=None runs on now (1 in a forked child)
   std::vector<std::string> compiled, available;
   for (Isa i : compiled_isas()) compiled.push_back(isa_name(i));
   for (Isa i : available_isas()) available.push_back(isa_name(i));

@@ -467,7 +467,10 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
                 std::int32_t* out_items, float* out_scores, TopkCache& cache, int n_threads) {
   // The first layer is linear in x = [user part, item part]: its item part is computed once for all items
   // (cached), its user part once per user, and only the rest of the MLP runs per (user, item).
-  if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
+  {
+    const std::lock_guard<std::mutex> lock(cache.mutex);
+    if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
+  }
   const std::size_t L = m.mlp.layers.size();
   const Layer& first = m.mlp.layers[0];
   const index_t h = first.fan_out;
