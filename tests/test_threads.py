@@ -96,7 +96,8 @@ with threadpoolctl.threadpool_limits(2, user_api="openmp"):
 @needs_openmp
 @needs_linux
 def test_threadpool_limits_one_starts_no_worker_threads():
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+    path = [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]  # keep the caller's (tools/sanitize.sh)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
     out = subprocess.run([sys.executable, "-c", _COUNT_NEW_THREADS], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 0, out.stderr
