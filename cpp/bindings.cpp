@@ -508,6 +508,7 @@ py::dict show_config() {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fastrec's C++ core (private: use the fastrec package).";
   m.attr("__version__") = FASTREC_VERSION;
+  in_forked_child();  // registers the fork handler (parallel.h) before anything here can start a thread
   m.def("show_config", &show_config, "Build and run-time configuration as a dict.");
   m.def("available_isas", [] {
     std::vector<std::string> out;

@@ -29,9 +29,9 @@ inline int max_threads() {
 #endif
 }
 
-// True in a process forked after the first resolve_threads() call. GNU libgomp hangs in a forked child
-// whose parent ran a parallel region (the child has none of the parent's pool threads), so such a child
-// runs every loop of the core serially; results are the same, as for any thread count.
+// True in a process forked after the first call (the bindings make it at import). GNU libgomp hangs in a
+// forked child whose parent ran a parallel region (the child has none of the parent's pool threads), so
+// such a child runs every loop of the core serially; results are the same, as for any thread count.
 inline bool in_forked_child() {
 #ifdef _OPENMP
   static bool forked = false;
