@@ -522,7 +522,7 @@ py::dict show_config() {
   py::dict d;
   d["version"] = FASTREC_VERSION;
   d["openmp"] = openmp_enabled();
-  d["max_threads"] = max_threads();
+  d["max_threads"] = resolve_threads(0);  // what n_threads=None runs on now (1 in a forked child)
   std::vector<std::string> compiled, available;
   for (Isa i : compiled_isas()) compiled.push_back(isa_name(i));
   for (Isa i : available_isas()) available.push_back(isa_name(i));
@@ -544,6 +544,7 @@ py::dict show_config() {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fastrec's C++ core (private: use the fastrec package).";
   m.attr("__version__") = FASTREC_VERSION;
+  in_forked_child();  // registers the fork handler (parallel.h) before anything here can start a thread
   m.def("show_config", &show_config, "Build and run-time configuration as a dict.");
   m.def("available_isas", [] {
     std::vector<std::string> out;

@@ -578,7 +578,10 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
   // (cached), its user part once per user, and only the rest of the MLP runs per (user, item). Each thread
   // scores whole chunks of items with its own workspace: one parallel region per call (many users: split
   // over users) or per user (fewer users than threads: split over item chunks, the chunks' best merged).
-  if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
+  {
+    const std::lock_guard<std::mutex> lock(cache.mutex);  // concurrent first calls from Python threads
+    if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
+  }
   const index_t n_items = candidates ? n_candidates : s.n_items;
   const int threads = resolve_threads(n_threads);
   const index_t rows = std::min(std::max<index_t>(n_items, 1), kTopkChunk);

@@ -3,6 +3,7 @@
 // negative sampling for implicit feedback; top-k scoring. Parameters and state are caller-owned arrays.
 #pragma once
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -110,9 +111,12 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& model, Optimizer&
 
 // Per-handle cache of top-k: the item-keyed inputs times W_0 for every item (n_items x fan_out(0)) and the
 // items' pooled GMF vectors. Built on the first top-k call; valid while the parameters do not change.
+// Concurrent top-k calls on one handle are safe while they rank the same n_items (as a Recommender's do):
+// the first builds the cache under `mutex`, the others wait for it and then only read it.
 struct TopkCache {
   std::vector<float> item_part, item_gmf, item_wide;
   index_t n_items = -1;
+  std::mutex mutex;
 };
 
 // Top-k items for each user: users[u] is a value of key column `sampler.user_key`, candidates the values of

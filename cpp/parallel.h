@@ -5,6 +5,7 @@
 #include <mutex>
 #ifdef _OPENMP
 #include <omp.h>
+#include <pthread.h>
 #endif
 #if defined(__SSE__) || defined(__x86_64__)
 #include <xmmintrin.h>
@@ -28,8 +29,27 @@ inline int max_threads() {
 #endif
 }
 
-// n_threads <= 0 means "all cores".
-inline int resolve_threads(int n_threads) { return n_threads > 0 ? n_threads : max_threads(); }
+// True in a process forked after the first call (the bindings make it at import). GNU libgomp hangs in a
+// forked child whose parent ran a parallel region (the child has none of the parent's pool threads), so
+// such a child runs every loop of the core serially; results are the same, as for any thread count.
+inline bool in_forked_child() {
+#ifdef _OPENMP
+  static bool forked = false;
+  // Registered before this process can run any parallel region: every region's size comes from here.
+  static const bool registered = [] { return pthread_atfork(nullptr, nullptr, [] { forked = true; }) == 0; }();
+  (void)registered;
+  return forked;
+#else
+  return false;
+#endif
+}
+
+// The number of threads a loop runs on: n_threads, where n_threads <= 0 means "all cores"; always 1 in
+// a forked child (see in_forked_child).
+inline int resolve_threads(int n_threads) {
+  if (in_forked_child()) return 1;
+  return n_threads > 0 ? n_threads : max_threads();
+}
 
 inline int thread_id() {
 #ifdef _OPENMP
