@@ -265,3 +265,28 @@ def test_ctrl_c_in_mlp_fit_warns_like_scikit_learn():
         timer.cancel()
     assert clf.n_iter_ < 10_000
     assert clf.score(X, y) > 0.9
+
+
+def test_add_features_makes_cold_items_scoreable_without_training():
+    d = make_interactions(n_users=200, n_items=120, n_interactions=4000, random_state=2)
+    known = d.items < 100
+    table = d.item_features
+    rec = fastrec.Recommender(epochs=3, wide=True, random_state=0, n_threads=1)
+    rec.fit(d.users[known], d.items[known], d.ratings[known],
+            item_features=FeatureTable(table.ids[:100], multi_hot={"genres": (table.multi_hot["genres"][0][:100],
+                                                                              table.multi_hot["genres"][1])},
+                                       numeric={"year": table.numeric["year"][:100]}))
+    params = [a.copy() for a in _params(rec)]
+    cold = np.arange(100, 120)
+    before = rec.predict(np.zeros(20, np.int64), cold)
+    assert np.allclose(before, before[0])  # unknown items without features all score alike
+    known_before = rec.predict(d.users[:30], d.items[:30])
+    rec.add_features(item_features=table)
+    assert rec.n_items_ == 120
+    after = rec.predict(np.zeros(20, np.int64), cold)
+    assert len(np.unique(np.round(after, 6))) > 10  # now each is scored from its own genres and year
+    assert all(np.array_equal(a, b) for a, b in zip(params, _params(rec)))  # no training happened
+    top, _ = rec.recommend(0, k=120)
+    assert set(cold) <= set(top.tolist())  # cold items are candidates of recommend
+    # Items known before keep their features, hence their scores.
+    np.testing.assert_array_equal(rec.predict(d.users[:30], d.items[:30]), known_before)

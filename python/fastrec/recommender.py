@@ -475,6 +475,29 @@ class Recommender(BaseEstimator):
         self._seen_counts = np.concatenate([self._seen_counts, np.zeros(n_i - old_i - 1)])
         self._predictor = None
 
+    def _update_counts(self):
+        """Entity counts and the negative-sampling distribution over item entities."""
+        counts = self._seen_counts
+        popularity = counts ** 0.75 if self.negative_sampling == "popularity" else (counts > 0).astype(np.float64)
+        self._cdf = np.cumsum(popularity)
+        self.n_users_, self.n_items_ = len(self._users), len(self._items)
+
+    def add_features(self, *, user_features=None, item_features=None):
+        """Make users or items known only by their features scoreable, without training (cold start: an item
+        in the catalogue before anyone interacted with it, a user who just signed up).
+
+        Ids of these tables that the model does not know are added and scored from then on from their
+        features (with the vocabularies and scaling of the first fit) and the learned unknown id rows. Ids
+        already known keep their features. Returns self.
+        """
+        self._check_fitted()
+        user_features = self._check_table(user_features, "user_features")
+        item_features = self._check_table(item_features, "item_features")
+        none = np.zeros(0, np.int64)
+        self._grow(none, none, user_features, item_features)
+        self._update_counts()
+        return self
+
     def _train(self, users, items, ratings, weight, epochs, validate):
         """Add the interactions to the seen items and popularity, then run `epochs` epochs over them."""
         n = len(users)
@@ -489,10 +512,7 @@ class Recommender(BaseEstimator):
         seen.sort_indices()
         self._seen = (seen.indptr.astype(np.int64), seen.indices.astype(np.int32))
         self._seen_counts = self._seen_counts + np.bincount(i, minlength=n_i)
-        counts = self._seen_counts
-        popularity = counts ** 0.75 if self.negative_sampling == "popularity" else (counts > 0).astype(np.float64)
-        self._cdf = np.cumsum(popularity)
-        self.n_users_, self.n_items_ = len(self._users), len(self._items)
+        self._update_counts()
 
         y = np.ones(n, np.float32) if self.implicit_ else (ratings - self.rating_mean_).astype(np.float32)
         handle = self.net_.handle(self._bags, self._dense_tables, training=True)
