@@ -280,7 +280,7 @@ def test_add_features_makes_cold_items_scoreable_without_training():
     cold = np.arange(100, 120)
     before = rec.predict(np.zeros(20, np.int64), cold)
     assert np.allclose(before, before[0])  # unknown items without features all score alike
-    known_before = rec.predict(d.users[:30], d.items[:30])
+    known_before = rec.predict(d.users[known][:30], d.items[known][:30])
     rec.add_features(item_features=table)
     assert rec.n_items_ == 120
     after = rec.predict(np.zeros(20, np.int64), cold)
@@ -289,4 +289,4 @@ def test_add_features_makes_cold_items_scoreable_without_training():
     top, _ = rec.recommend(0, k=120)
     assert set(cold) <= set(top.tolist())  # cold items are candidates of recommend
     # Items known before keep their features, hence their scores.
-    np.testing.assert_array_equal(rec.predict(d.users[:30], d.items[:30]), known_before)
+    np.testing.assert_array_equal(rec.predict(d.users[known][:30], d.items[known][:30]), known_before)
