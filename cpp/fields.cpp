@@ -41,7 +41,7 @@ struct FieldWorkspace {
   std::vector<float> wide;  // pooled scalar of the wide field being processed (n)
   std::vector<std::vector<float>> pooled_gmf, d_gmf;  // GMF fields' pooled vectors and their gradients (u, v)
   struct FieldBatch {
-    std::vector<std::int64_t> indptr;
+    std::vector<std::int64_t> indptr, rows;  // rows: the bag row each batch row reads
     std::vector<std::int32_t> ids;
     std::vector<float> weights;
     TouchedRows touched;
@@ -71,17 +71,26 @@ struct FieldWorkspace {
 // (training), each example reads bag row 0 instead of its own with probability f.dropout.
 CsrView gather_bags(const EmbeddingField& f, const std::vector<std::int32_t>& keys, index_t n,
                     FieldWorkspace::FieldBatch& fb, std::uint64_t* rng) {
-  fb.indptr.assign(1, 0);
-  fb.ids.clear();
-  fb.weights.clear();
+  // Two passes (bag of each row and offsets, then the copies): most bags hold one id, and a vector insert
+  // per row cost a memmove call each.
+  fb.indptr.resize(static_cast<std::size_t>(n + 1));
+  fb.rows.resize(static_cast<std::size_t>(n));
+  fb.indptr[0] = 0;
   const bool drop = rng && f.dropout > 0.0f;
   for (index_t r = 0; r < n; ++r) {
     index_t q = keys[static_cast<std::size_t>(r)];
     if (drop && uniform01(*rng) < f.dropout) q = 0;
-    const index_t p0 = f.bags.indptr[q], p1 = f.bags.indptr[q + 1];
-    fb.ids.insert(fb.ids.end(), f.bags.ids + p0, f.bags.ids + p1);
-    fb.weights.insert(fb.weights.end(), f.bags.weights + p0, f.bags.weights + p1);
-    fb.indptr.push_back(static_cast<std::int64_t>(fb.ids.size()));
+    fb.rows[r] = q;
+    fb.indptr[r + 1] = fb.indptr[r] + (f.bags.indptr[q + 1] - f.bags.indptr[q]);
+  }
+  fb.ids.resize(static_cast<std::size_t>(fb.indptr[n]));
+  fb.weights.resize(static_cast<std::size_t>(fb.indptr[n]));
+  for (index_t r = 0; r < n; ++r) {
+    const index_t p0 = f.bags.indptr[fb.rows[r]], out = fb.indptr[r], len = fb.indptr[r + 1] - out;
+    for (index_t j = 0; j < len; ++j) {
+      fb.ids[out + j] = f.bags.ids[p0 + j];
+      fb.weights[out + j] = f.bags.weights[p0 + j];
+    }
   }
   return CsrView{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
 }
@@ -283,11 +292,12 @@ void validate(const FieldModel& m) {
             name + ": a wide field has dim 1, offset -1 and is not a GMF field");
     const index_t nnz = f.bags.indptr[f.bags.rows];
     require(f.bags.indptr[0] == 0, name + ": bag indptr must start at 0");
+    // Messages are built only on failure: these loops run over every bag and id.
     for (index_t q = 0; q < f.bags.rows; ++q)
-      require(f.bags.indptr[q + 1] >= f.bags.indptr[q], name + ": bag indptr must be non-decreasing");
+      if (f.bags.indptr[q + 1] < f.bags.indptr[q]) require(false, name + ": bag indptr must be non-decreasing");
     for (index_t p = 0; p < nnz; ++p)
-      require(f.bags.ids[p] >= 0 && f.bags.ids[p] < f.vocab,
-              name + ": bag ids must lie in [0, " + std::to_string(f.vocab) + ")");
+      if (f.bags.ids[p] < 0 || f.bags.ids[p] >= f.vocab)
+        require(false, name + ": bag ids must lie in [0, " + std::to_string(f.vocab) + ")");
   }
   for (std::size_t b = 0; b < m.dense.size(); ++b) {
     const DenseBlock& d = m.dense[b];
@@ -317,9 +327,10 @@ void validate(const FieldModel& m, const Examples& ex) {
     for (const DenseBlock& d : m.dense)
       if (d.key == k) rows = rows < 0 ? d.rows : std::min(rows, d.rows);
     if (rows < 0) continue;
+    const std::int32_t* keys = ex.keys[static_cast<std::size_t>(k)];
     for (index_t r = 0; r < ex.rows; ++r)
-      require(ex.keys[static_cast<std::size_t>(k)][r] >= 0 && ex.keys[static_cast<std::size_t>(k)][r] < rows,
-              "key column " + std::to_string(k) + " must hold values in [0, " + std::to_string(rows) + ")");
+      if (keys[r] < 0 || keys[r] >= rows)  // the message is built only on failure: this runs per example
+        require(false, "key column " + std::to_string(k) + " must hold values in [0, " + std::to_string(rows) + ")");
   }
 }
 
