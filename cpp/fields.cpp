@@ -534,7 +534,7 @@ void user_side(const KernelSet& ks, const FieldModel& m, const NegativeSampler& 
   out.seen_end = skip ? s.seen_items + s.seen_indptr[user + 1] : nullptr;
 }
 
-constexpr index_t kTopkChunk = 512;  // items scored together: their activations stay in L2
+constexpr index_t kTopkChunk = 2048;  // items scored together: their activations stay in L2
 
 // Scores items [c0, c0 + n) of the candidate list for one user on the calling thread and pushes them into heap.
 void score_chunk(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const UserSide& user,

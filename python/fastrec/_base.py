@@ -8,7 +8,33 @@ relies only on what this base provides: `get_params`/`set_params` derived from t
 
 from __future__ import annotations
 
+import functools
 import inspect
+import threading
+import weakref
+
+_fitting = weakref.WeakSet()  # estimators whose fit / partial_fit is running
+_fitting_lock = threading.Lock()
+
+
+def exclusive_fit(method):
+    """Decorator of fit / partial_fit: a second call on the same estimator while one runs (another Python
+    thread) raises RuntimeError instead of racing on the parameters. predict may run concurrently."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with _fitting_lock:
+            if self in _fitting:
+                raise RuntimeError(f"this {type(self).__name__} is being trained by another thread; wait for that "
+                                   "fit to end, or train a copy (sklearn.base.clone)")
+            _fitting.add(self)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            with _fitting_lock:
+                _fitting.discard(self)
+
+    return wrapper
 
 
 class BaseEstimator:

@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 import scipy.sparse as sp
 
-from fastrec._base import BaseEstimator
+from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import check_random_state, not_fitted_error
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
                                bags_of_ids, run_epochs)
@@ -195,6 +195,7 @@ class FieldModel(BaseEstimator):
             weight = weight.astype(np.float32)
         return y, weight
 
+    @exclusive_fit
     def fit(self, X, y, sample_weight=None, validation_data=None):
         """Train on X (dict of columns) and targets y (0/1 for "bce", values for "mse").
 
@@ -202,6 +203,9 @@ class FieldModel(BaseEstimator):
             (``history_``); with ``n_iter_no_change``, training stops when it stops improving and the best
             epoch's parameters are kept.
         """
+        return self._fit_new(X, y, sample_weight, validation_data, self.epochs)
+
+    def _fit_new(self, X, y, sample_weight, validation_data, epochs):
         hidden = self._validate_params()
         for name in ("net_", "best_epoch_"):
             self.__dict__.pop(name, None)
@@ -224,9 +228,10 @@ class FieldModel(BaseEstimator):
         self._y_offset = float(np.average(y, weights=weight)) if self.loss == "mse" else 0.0
         self.history_ = {"loss": [], "seconds": []}
         self.loss_curve_ = self.history_["loss"]
-        self._train(n, bags, dense_tables, y, weight, self.epochs, validate)
+        self._train(n, bags, dense_tables, y, weight, epochs, validate)
         return self
 
+    @exclusive_fit
     def partial_fit(self, X, y, sample_weight=None):
         """One more epoch over (X, y), continuing from the current parameters and optimizer state.
 
@@ -234,11 +239,7 @@ class FieldModel(BaseEstimator):
         grow); hashed columns keep their buckets. On an unfitted model it is ``fit`` with one epoch.
         """
         if not hasattr(self, "net_"):
-            epochs, self.epochs = self.epochs, 1
-            try:
-                return self.fit(X, y, sample_weight)
-            finally:
-                self.epochs = epochs
+            return self._fit_new(X, y, sample_weight, None, 1)
         self._validate_params()
         n, _, bags, dense_tables = self._inputs(X, fit=False, grow=True)
         y, weight = self._targets(y, n, sample_weight)

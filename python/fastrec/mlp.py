@@ -15,7 +15,7 @@ import numbers
 import numpy as np
 
 from fastrec import _core
-from fastrec._base import BaseEstimator
+from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import (
     ConvergenceWarning,
     NotFittedError,
@@ -319,6 +319,7 @@ class _BaseMLP(BaseEstimator):
             raise ValueError("validation_fraction leaves no training samples; decrease it.")
         return train, val
 
+    @exclusive_fit
     def _fit(self, X, y, *, incremental: bool, classes=None):
         hidden = self._validate_params()
         if self.early_stopping and incremental:

@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
-from fastrec._base import BaseEstimator
+from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import check_random_state, not_fitted_error
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, bags_of_csr, bags_of_ids,
                                IdIndex, run_epochs)
@@ -287,6 +287,7 @@ class Recommender(BaseEstimator):
             weight = weight.astype(np.float32)
         return users, items, ratings, weight
 
+    @exclusive_fit
     def fit(self, users, items, ratings=None, *, user_features=None, item_features=None, sample_weight=None,
             validation_data=None):
         """Train on interactions (users[i], items[i]) with ratings, or implicit feedback when ratings is None.
@@ -311,6 +312,7 @@ class Recommender(BaseEstimator):
         self._train(users, items, ratings, weight, self.epochs, validate)
         return self
 
+    @exclusive_fit
     def partial_fit(self, users, items, ratings=None, *, user_features=None, item_features=None,
                     sample_weight=None):
         """One more epoch over these interactions, continuing from the current parameters and optimizer state.
@@ -482,6 +484,7 @@ class Recommender(BaseEstimator):
         self._cdf = np.cumsum(popularity)
         self.n_users_, self.n_items_ = len(self._users), len(self._items)
 
+    @exclusive_fit
     def add_features(self, *, user_features=None, item_features=None):
         """Make users or items known only by their features scoreable, without training (cold start: an item
         in the catalogue before anyone interacted with it, a user who just signed up).
