@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn import neural_network as sknn
 from sklearn.base import clone, is_classifier, is_regressor
-from sklearn.datasets import make_classification, make_multilabel_classification, make_regression
+from sklearn.datasets import make_classification, make_regression
 from sklearn.exceptions import ConvergenceWarning as SkConvergenceWarning
 from sklearn.exceptions import NotFittedError as SkNotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks

@@ -5,7 +5,6 @@ central finite differences of its own loss, scikit-learn's loss functions, backp
 closed-form values.  All data are drawn from seeded generators.
 """
 
-import itertools
 
 import numpy as np
 import pytest

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 import fastrec
 from fastrec.datasets import make_interactions

@@ -578,7 +578,7 @@ def field_loss_and_gradients(spec, keys, y, weight, alpha, n_threads=0, isa="aut
       ``dz * w * (the other GMF field's pooled vector)``.
     """
     dtype = spec["coefs"][0].dtype
-    coefs, intercepts, act = spec["coefs"], spec["intercepts"], spec["activation"]
+    coefs, act = spec["coefs"], spec["activation"]
     x, hidden, z, pooled, bags = _field_forward(spec, keys)
     n = len(z)
     if n < 1:
