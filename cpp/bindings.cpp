@@ -40,6 +40,7 @@ class PythonSignals {
     const auto now = std::chrono::steady_clock::now();
     if (now < next_check_) return false;
     next_check_ = now + std::chrono::milliseconds(50);
+    const KeepDenormals python_float_mode;
     py::gil_scoped_acquire gil;
     try {
       if (PyErr_CheckSignals() != 0) throw py::error_already_set();
@@ -311,8 +312,11 @@ NegativeSampler make_sampler(py::handle obj) {
     py::array items = checked<std::int32_t>(seen[1], "seen.items", 1, false);
     s.seen_indptr = static_cast<const std::int64_t*>(indptr.data());
     s.seen_items = static_cast<const std::int32_t*>(items.data());
-    if (indptr.shape(0) < 1 || s.seen_indptr[indptr.shape(0) - 1] != items.shape(0))
-      throw py::value_error("seen must be (indptr, items) with indptr[-1] == len(items)");
+    const index_t n_seen = items.shape(0);
+    if (indptr.shape(0) < 1 || s.seen_indptr[0] != 0 || s.seen_indptr[indptr.shape(0) - 1] != n_seen)
+      throw py::value_error("seen must be (indptr, items) with indptr[0] == 0 and indptr[-1] == len(items)");
+    for (index_t u = 0; u + 1 < indptr.shape(0); ++u)  // the core reads items[indptr[u]:indptr[u + 1]]
+      if (s.seen_indptr[u + 1] < s.seen_indptr[u]) throw py::value_error("seen.indptr must be non-decreasing");
     s.seen_users = indptr.shape(0) - 1;
   }
   return s;

@@ -34,13 +34,13 @@ struct CsrView {
 // for Ctrl-C and progress reports.
 using StopCheck = std::function<bool(index_t done)>;
 
-// What a training epoch did. It also ends early, before applying the batch, when a batch's loss is not
-// finite: the parameters keep the state of the last batch whose loss was finite.
+// What a training epoch did. It also ends early, before applying the batch, when a batch's data loss is not
+// finite: the parameters keep the state after the last batch whose loss was finite (which is finite too
+// unless that step itself overflowed float32).
 struct EpochResult {
   double loss_sum = 0.0;  // sum of batch_loss * batch_rows over the batches applied
   index_t rows = 0;       // rows trained on (negatives included)
   bool diverged = false;  // stopped at a batch with a NaN or infinite loss
-  bool stopped = false;   // stopped because StopCheck asked
 };
 
 }  // namespace fastrec

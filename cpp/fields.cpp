@@ -146,10 +146,10 @@ void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWork
 
 // Gradients of the batch whose logits are in ws (from batch_logits): data loss, then the MLP (to mlp_sink),
 // GMF and embedding rows (to field_sink(i, touched, G) / gmf_sink(grad)). Returns the loss (with L2 terms).
-// With stop_if_not_finite, a NaN or infinite data loss is returned before any gradient reaches a sink.
+// With `skipped`, a NaN or infinite data loss sets *skipped and returns before any gradient reaches a sink.
 template <class FieldSink, class GmfSink>
 double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float alpha, FieldWorkspace& ws,
-                      GradientSink& mlp_sink, FieldSink&& field_sink, GmfSink&& gmf_sink, bool stop_if_not_finite,
+                      GradientSink& mlp_sink, FieldSink&& field_sink, GmfSink&& gmf_sink, bool* skipped,
                       int n_threads) {
   const float inv_n = 1.0f / static_cast<float>(n);
   double loss = 0.0;
@@ -165,7 +165,10 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
     }
   }
   loss /= static_cast<double>(n);
-  if (stop_if_not_finite && !std::isfinite(loss)) return loss;
+  if (skipped && !std::isfinite(loss)) {
+    *skipped = true;
+    return loss;
+  }
   std::copy(D, D + n, ws.dz.begin());  // backprop reuses the delta buffers; wide fields need dz after it
 
   // GMF gradients, with w before its update.
@@ -385,7 +388,7 @@ double field_loss_and_gradients(const KernelSet& ks, const FieldModel& m, const 
       [&](const float* g) {
         std::memcpy(gmf_grad, g, sizeof(float) * ws.gmf_grad.size());
       },
-      false, n_threads);
+      nullptr, n_threads);
 }
 
 EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt, const Examples& ex,
@@ -396,10 +399,7 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
   EpochResult result;
   std::uint64_t batch_index = 0;
   for (index_t begin = 0; begin < n_order; begin += batch_size, ++batch_index) {
-    if (stop && stop(begin)) {
-      result.stopped = true;
-      break;
-    }
+    if (stop && stop(begin)) break;
     const index_t n_pos = std::min(batch_size, n_order - begin);
     gather_examples(ex, order + begin, n_pos, ws);
     // One random stream per (seed, epoch, batch): the same negatives whatever n_threads.
@@ -409,6 +409,7 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
     std::uint64_t dropout_rng = splitmix64(stream);
     batch_logits(ks, m, n, ws, n_threads, &dropout_rng);
     const std::int64_t step_before = opt.adam_t;
+    bool skipped = false;
     const UpdateRule rule = opt.next_step();
     const UpdateRule row_rule = embedding_rule(rule);
     UpdateSink mlp_sink(ks, m.mlp, opt, rule, n_threads);
@@ -422,9 +423,9 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
           const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
           update_dense(ks, rule, m.gmf.w, g, m.gmf.state1, m.gmf.state2, d, 1);
         },
-        true, n_threads);
-    if (!std::isfinite(loss)) {  // nothing of this batch was applied
-      opt.adam_t = step_before;
+        &skipped, n_threads);
+    if (skipped) opt.adam_t = step_before;  // nothing of this batch was applied
+    if (!std::isfinite(loss)) {  // (a loss that overflows only through the L2 term is applied, then stops)
       result.diverged = true;
       break;
     }
@@ -534,7 +535,7 @@ void user_side(const KernelSet& ks, const FieldModel& m, const NegativeSampler& 
   out.seen_end = skip ? s.seen_items + s.seen_indptr[user + 1] : nullptr;
 }
 
-constexpr index_t kTopkChunk = 2048;  // items scored together: their activations stay in L2
+constexpr index_t kTopkChunk = 512;  // items scored together: their activations stay in L2
 
 // Scores items [c0, c0 + n) of the candidate list for one user on the calling thread and pushes them into heap.
 void score_chunk(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const UserSide& user,
@@ -594,7 +595,11 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
   }
   const index_t n_items = candidates ? n_candidates : s.n_items;
-  const int threads = resolve_threads(n_threads);
+  const index_t n_chunks = (n_items + kTopkChunk - 1) / kTopkChunk;
+  const bool over_users = n_users >= resolve_threads(n_threads);
+  // One workspace per thread that will run: no more threads than users, or than chunks.
+  const int threads = static_cast<int>(std::max<index_t>(
+      1, std::min<index_t>(resolve_threads(n_threads), over_users ? n_users : n_chunks)));
   const index_t rows = std::min(std::max<index_t>(n_items, 1), kTopkChunk);
   std::vector<MlpWorkspace> mlp_ws;
   std::vector<FieldWorkspace> field_ws;
@@ -602,8 +607,7 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     mlp_ws.emplace_back(m.mlp, rows, false, false);
     field_ws.emplace_back(m, 1, false);
   }
-  const index_t n_chunks = (n_items + kTopkChunk - 1) / kTopkChunk;
-  if (n_users >= threads) {
+  if (over_users) {
     parallel_for(0, n_users, threads, [&](std::int64_t u) {
       const int t = thread_id();
       UserSide user;

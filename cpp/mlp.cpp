@@ -109,15 +109,18 @@ Input gather_batch(const Input& X, const float* Y, index_t n_out, const std::int
 }
 
 
-// Loss of the batch: data loss / n from the logits in ws.acts, then backprop. With stop_if_not_finite, a
-// NaN or infinite data loss is returned before backprop, so the sink applies no update.
+// Loss of the batch: data loss / n from the logits in ws.acts, then backprop. With `skipped`, a NaN or
+// infinite data loss sets *skipped and returns before backprop, so the sink applies no update.
 double backward(const KernelSet& ks, const Network& net, const Input& X, const float* Y, float alpha,
-                MlpWorkspace& ws, GradientSink& sink, bool stop_if_not_finite, int n_threads) {
+                MlpWorkspace& ws, GradientSink& sink, bool* skipped, int n_threads) {
   const std::size_t L = net.layers.size();
   const index_t n = X.rows;
   const double data_loss =
       output_loss(net.out, ws.acts[L].data(), Y, n, net.layers.back().fan_out, ws.delta.data()) / static_cast<double>(n);
-  if (stop_if_not_finite && !std::isfinite(data_loss)) return data_loss;
+  if (skipped && !std::isfinite(data_loss)) {
+    *skipped = true;
+    return data_loss;
+  }
   return data_loss + backprop(ks, net, X, alpha, ws, sink, n_threads);
 }
 
@@ -304,7 +307,7 @@ double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& 
   MlpWorkspace ws(net, X.rows, X.sparse, true);
   forward_logits(ks, net, X, ws, n_threads);
   CopySink sink(net, coef_grads, intercept_grads);
-  return backward(ks, net, X, Y, alpha, ws, sink, false, n_threads);
+  return backward(ks, net, X, Y, alpha, ws, sink, nullptr, n_threads);
 }
 
 EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt, const Input& X, const float* Y,
@@ -315,18 +318,16 @@ EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt,
   BatchBuffers buffers;
   EpochResult result;
   for (index_t begin = 0; begin < n_order; begin += batch_size) {
-    if (stop && stop(begin)) {
-      result.stopped = true;
-      break;
-    }
+    if (stop && stop(begin)) break;
     const index_t n = std::min(batch_size, n_order - begin);
     const Input batch = gather_batch(X, Y, n_out, order + begin, n, buffers);
     forward_logits(ks, net, batch, ws, n_threads);
     const std::int64_t step_before = opt.adam_t;
     UpdateSink sink(ks, net, opt, opt.next_step(), n_threads);
-    const double loss = backward(ks, net, batch, buffers.y.data(), alpha, ws, sink, true, n_threads);
-    if (!std::isfinite(loss)) {  // nothing of this batch was applied
-      opt.adam_t = step_before;
+    bool skipped = false;
+    const double loss = backward(ks, net, batch, buffers.y.data(), alpha, ws, sink, &skipped, n_threads);
+    if (skipped) opt.adam_t = step_before;  // nothing of this batch was applied
+    if (!std::isfinite(loss)) {  // (a loss that overflows only through the L2 term is applied, then stops)
       result.diverged = true;
       break;
     }

@@ -74,6 +74,18 @@ class FlushDenormals {
 #endif
 };
 
+// While alive, subnormals are kept (FTZ/DAZ cleared): for Python code called back from inside the core.
+class KeepDenormals {
+ public:
+#if defined(__SSE__) || defined(__x86_64__)
+  KeepDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~0x8040u); }
+  ~KeepDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
 // Runs body(i) for i in [begin, end) on n_threads threads with a static schedule (each thread gets one
 // contiguous chunk, the same chunks for the same n_threads). Exceptions are captured (the first wins),
 // the loop runs to its end, and the exception is rethrown outside the parallel region: none may escape it.

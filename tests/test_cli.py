@@ -237,3 +237,18 @@ def test_console_script():
     script = Path(sys.executable).parent / "fastrec"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "recommend" in result.stdout and result.stderr == ""
+
+
+def test_ids_are_typed_like_the_model(capsys, tmp_path):
+    # A model trained on string ids, some of which look like numbers: "--users 7" must mean the string "7".
+    users = np.array(["7", "8", "x"] * 20)
+    items = np.array([f"i{j % 9}" for j in range(60)])
+    path = write_csv(tmp_path / "s.csv", {"user_id": users, "item_id": items})
+    model_path = tmp_path / "s.fastrec"
+    assert run(capsys, "train", str(path), "-o", str(model_path), *OPTIONS)[0] == 0
+    code, out, err = run(capsys, "recommend", str(model_path), "--users", "7,x", "--k", "3")
+    assert code == 0 and "unknown" not in err
+    model = fastrec.load(model_path)
+    want, _ = model.recommend(np.array(["7", "x"]), k=3)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["item"] for r in rows] == want.ravel().tolist()

@@ -296,3 +296,85 @@ def test_mmap_load_shares_the_file(tmp_path):
                                      text=True).stdout) for mm in ("1", "0")}
     assert growth["0"] > 0.8 * size, growth  # the control: a full read costs the model's size
     assert growth["1"] < 0.05 * size, growth
+
+
+def test_edge_arrays_round_trip(models, tmp_path):
+    model = fastrec.MLPRegressor((4,), max_iter=1)
+    model.extra_ = {
+        "zero_d": np.array(3.5),
+        "empty": np.zeros((0, 3), np.float32),
+        "fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        "big_endian": np.arange(5, dtype=">i4"),
+        "text": np.array(["a", "bé", ""]),
+        "nan": np.array([np.nan, np.inf, -np.inf]),
+        "scalar": np.float32(2.5),
+        "object": np.array(["x", 3], dtype=object),
+    }
+    path = tmp_path / "edge.fastrec"
+    model.save(path)
+    for mmap in (False, True):
+        extra = fastrec.load(path, mmap=mmap).extra_
+        for key, want in model.extra_.items():
+            got = extra[key]
+            assert np.asarray(got).shape == np.asarray(want).shape, key
+            assert np.asarray(got).dtype == np.asarray(want).dtype, key
+            np.testing.assert_array_equal(got, want)
+
+
+def test_saved_file_is_readable_like_any_new_file(models, tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "m.fastrec"
+        models["MLPRegressor"][0].save(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644  # mkstemp alone would leave 0600
+        os.chmod(path, 0o640)
+        models["MLPRegressor"][0].save(path)  # replacing a file keeps its mode
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_crafted_members_are_refused(models, tmp_path):
+    path = tmp_path / "m.fastrec"
+    models["MLPRegressor"][0].save(path)
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    # A header claiming a huge shape: refused from the sizes, before anything is allocated.
+    header_end = members["arrays/0.npy"].index(b"\n") + 1
+    huge = members["arrays/0.npy"][:header_end].replace(b"'shape': (", b"'shape': (10000000000, ")
+    for name, data, compress in (("arrays/0.npy", huge + members["arrays/0.npy"][header_end:], zipfile.ZIP_STORED),
+                                 ("arrays/0.npy", members["arrays/0.npy"], zipfile.ZIP_DEFLATED)):
+        with zipfile.ZipFile(path, "w") as z:
+            for n, b in members.items():
+                z.writestr(n, data if n == name else b, compress_type=compress if n == name else zipfile.ZIP_STORED)
+        for mmap in (False, True):
+            with pytest.raises(fastrec.ModelFileError):
+                fastrec.load(path, mmap=mmap)
+    # A file naming a non-estimator class at the top level.
+    models["MLPRegressor"][0].save(path)
+    _rewrite_meta(path, lambda m: m.update({"class": "fastrec._fieldnet.IdIndex"}))
+    with pytest.raises(fastrec.ModelFileError, match="not an estimator"):
+        fastrec.load(path)
+
+
+def test_crafted_seen_index_cannot_crash_recommend(models, tmp_path):
+    # The seen-items index is read by the core with raw offsets: a file with a bad one gets a ValueError.
+    model, _ = models["Recommender-implicit"]
+    path = tmp_path / "m.fastrec"
+    model.save(path)
+    loaded = fastrec.load(path)
+    indptr = loaded._seen[0].copy()
+    indptr[3] = 1 << 40
+    loaded._seen = (indptr, loaded._seen[1])
+    with pytest.raises(ValueError, match="seen"):
+        loaded.recommend(["1"], k=3)
+
+
+def test_history_stays_one_list_after_load(models, tmp_path):
+    model, _ = models["Recommender"]
+    path = tmp_path / "m.fastrec"
+    model.save(path)
+    loaded = fastrec.load(path)
+    assert loaded.loss_curve_ is loaded.history_["loss"]

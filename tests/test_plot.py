@@ -4,6 +4,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -24,6 +26,7 @@ def test_learning_curve_draws_history_and_best_epoch(tmp_path):
     assert any(line.get_label() == f"best epoch ({rec.best_epoch_})" for line in ax.get_lines())
     ax.figure.savefig(tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000
+    matplotlib.pyplot.close(ax.figure)
 
 
 def test_learning_curve_of_mlp_and_unfitted_model():
@@ -33,5 +36,6 @@ def test_learning_curve_of_mlp_and_unfitted_model():
         mlp.fit(X, X[:, 0])
     ax = learning_curve(mlp)
     np.testing.assert_array_equal(ax.get_lines()[0].get_ydata(), mlp.loss_curve_)
+    matplotlib.pyplot.close(ax.figure)
     with pytest.raises(ValueError, match="not fitted"):
         learning_curve(fastrec.Recommender())

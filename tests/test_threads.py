@@ -192,31 +192,35 @@ def test_concurrent_recommender_predict_and_recommend_are_exact():
 def test_a_second_concurrent_fit_is_refused_while_predict_runs():
     d = make_interactions(n_users=500, n_items=300, n_interactions=20_000, random_state=0)
     rec = fastrec.Recommender(epochs=2, random_state=0, n_threads=1).fit(d.users, d.items, d.ratings)
-    rec.set_params(epochs=40)
     training = threading.Event()
     outcome = []
 
-    def long_fit():
-        while True:  # should the main thread's call win the race for the model, try again
+    def long_fit():  # 40 epochs of partial_fit, each retried should the main thread's call hold the model
+        done = 0
+        while done < 40:
             try:
                 training.set()
-                rec.fit(d.users, d.items, d.ratings)
-                outcome.append("done")
-                return
+                rec.partial_fit(d.users, d.items, d.ratings)
+                done += 1
             except RuntimeError:
-                time.sleep(0.01)
+                time.sleep(0.001)
+        outcome.append("done")
 
     worker = threading.Thread(target=long_fit)
     worker.start()
     training.wait()
     time.sleep(0.2)
     refused = []
-    while worker.is_alive() and not refused:
-        try:
-            rec.partial_fit(d.users[:100], d.items[:100], d.ratings[:100])
-        except RuntimeError as e:
-            refused.append(str(e))
+    predictions = 0
+    while worker.is_alive():
+        if not refused:
+            try:
+                rec.partial_fit(d.users[:100], d.items[:100], d.ratings[:100])
+            except RuntimeError as e:
+                refused.append(str(e))
         assert np.isfinite(rec.predict(d.users[:50], d.items[:50])).all()  # predict is fine meanwhile
+        predictions += 1
+    assert predictions > 10
     worker.join()
     assert refused and "another thread" in refused[0]
-    assert outcome == ["done"] and len(rec.history_["loss"]) == 40
+    assert outcome == ["done"]

@@ -22,9 +22,8 @@ def data():
 
 
 def _params(model):
-    net = model.net_
-    return net.tables + net.coefs + net.intercepts + net.state1 + net.state2 + [
-        a for a in net.table_state1 + net.table_state2 if a is not None]
+    """Every learned array and its optimizer state (GMF included)."""
+    return model.net_._arrays()
 
 
 def _assert_same(a, b):
@@ -289,3 +288,29 @@ def test_add_features_makes_cold_items_scoreable_without_training():
     assert set(cold) <= set(top.tolist())  # cold items are candidates of recommend
     # Items known before keep their features, hence their scores.
     np.testing.assert_array_equal(rec.predict(d.users[known][:30], d.items[known][:30]), known_before)
+
+
+def test_rejected_partial_fit_leaves_the_model_unchanged(data, tmp_path):
+    rec = fastrec.Recommender(epochs=1, wide=True, random_state=0, n_threads=1).fit(
+        data.users, data.items, data.ratings, item_features=data.item_features)
+    rec.save(tmp_path / "before.fastrec")
+    before = fastrec.load(tmp_path / "before.fastrec")
+    # New int users are added before the string items fail to match the int item ids.
+    with pytest.raises(TypeError):
+        rec.partial_fit(np.array([10_000, 10_001]), np.array(["a", "b"]), [3.0, 4.0])
+    bad_year = FeatureTable(np.array([10_000]), numeric={"year": np.ones((1, 2), np.float32)})
+    with pytest.raises(ValueError, match="year"):
+        rec.partial_fit(np.array([1]), np.array([10_000]), [3.0], item_features=bad_year)
+    pa, pb = _params(rec), _params(before)
+    assert all(np.array_equal(x, y) for x, y in zip(pa, pb)) and len(pa) == len(pb)
+    assert rec.n_users_ == before.n_users_ and len(rec._users) == len(before._users)
+    np.testing.assert_array_equal(rec.predict(data.users[:50], data.items[:50]),
+                                  before.predict(data.users[:50], data.items[:50]))
+    rec.partial_fit(np.array([10_000]), np.array([data.items[0]]), [4.0])  # and it still trains
+    assert rec.n_users_ == before.n_users_ + 1
+
+    model = fastrec.FieldModel(epochs=1, random_state=0, n_threads=1).fit({"c": np.arange(6)}, np.arange(6) % 2)
+    with pytest.raises(ValueError, match="0/1"):
+        model.partial_fit({"c": np.array([7, 8])}, [0.5, 2.0])
+    assert len(model._vocab_["c"]) == 6 and model.net_.tables[0].shape[0] == 7
+    assert np.isfinite(model.predict_proba({"c": np.array([7])})).all()  # 7 is still simply unknown

@@ -94,7 +94,7 @@ class BaseEstimator:
         """
         from fastrec._persist import save
 
-        save(self, path)
+        exclusive_fit(save)(self, path)  # not while a fit changes the arrays being written
 
     def __sklearn_is_fitted__(self) -> bool:
         return any(k.endswith("_") and not k.startswith("__") for k in vars(self))

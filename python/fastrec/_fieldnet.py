@@ -35,6 +35,7 @@ class Field:
     role: str = "mlp"
     dropout: float = 0.0
     alpha: float | None = None  # this table's L2 weight (None: the model's alpha)
+    source: int | None = None  # index of the field whose bag table this one reads (GMF and wide fields)
 
 
 @dataclass
@@ -291,8 +292,7 @@ def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=Non
 
     Reads est.batch_size, alpha, learning_rate, momentum, nesterovs_momentum, n_iter_no_change,
     verbose and n_threads. Appends to est.history_ ("loss", "seconds" and, with `validate` (a function
-    returning the validation metric of the current parameters), "val_<metric>"); est.loss_curve_ is
-    history_["loss"]. With validation and n_iter_no_change, training stops after that many epochs without
+    returning the validation metric of the current parameters), "val_<metric>"). With validation and n_iter_no_change, training stops after that many epochs without
     improvement and the parameters of the best epoch are restored (est.best_epoch_ counts from 1).
 
     A batch whose loss is NaN or infinite stops training before it is applied, with a ValueError saying what
@@ -316,10 +316,10 @@ def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=Non
             handle, keys, y, weight, order, batch_size=int(est.batch_size), alpha=float(est.alpha),
             learning_rate=float(est.learning_rate), momentum=float(est.momentum),
             nesterov=bool(est.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler,
-            epoch=len(history["loss"]), n_threads=n_threads, progress=progress if progress.bar else None)
+            epoch=len(history["loss"]), n_threads=n_threads, progress=progress if progress.bar is not None else None)
+        if (error is not None or diverged) and progress.bar is not None:
+            progress.bar.close()
         if error is not None:
-            if progress.bar is not None:
-                progress.bar.close()
             raise error
         if diverged:
             raise ValueError(
@@ -334,7 +334,8 @@ def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=Non
             score = float(validate())
             history[val_key].append(score)
             summary[val_key] = score
-            improved = best is None or (score > best if higher_is_better else score < best)
+            # A NaN score never counts as an improvement (nor becomes the best to beat).
+            improved = not np.isnan(score) and (best is None or (score > best if higher_is_better else score < best))
             if improved:
                 best, waited = score, 0
                 est.best_epoch_ = len(history["loss"])

@@ -13,7 +13,6 @@ and the only objects it builds are of the fastrec classes in ``_CLASSES``, by se
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import struct
@@ -145,6 +144,8 @@ def save(estimator, path) -> None:
         raise FileNotFoundError(f"cannot save to {path!r}: directory {directory!r} does not exist")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600): give it the mode a plain open() would (or the replaced file's).
+        os.fchmod(fd, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
                 z.writestr(_META, text)
@@ -169,6 +170,16 @@ def save(estimator, path) -> None:
         pass
 
 
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask can only be read by setting it)
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def _write_array(z: zipfile.ZipFile, f, name: str, a: np.ndarray) -> None:
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_STORED
@@ -179,7 +190,7 @@ def _write_array(z: zipfile.ZipFile, f, name: str, a: np.ndarray) -> None:
     pad = -(f.tell() + header) % _ALIGN
     info.extra = struct.pack("<HH", _PAD_ID, pad) + b"\0" * pad
     with z.open(info, "w", force_zip64=True) as member:
-        np.lib.format.write_array(member, np.ascontiguousarray(a), allow_pickle=False)
+        np.lib.format.write_array(member, a if a.flags.c_contiguous else np.array(a, order="C"), allow_pickle=False)
 
 
 # ------------------------------------------------------------------------------------------- load
@@ -189,76 +200,81 @@ def load(path, *, mmap: bool = False):
     of it in memory (pages are copy-on-write: training the loaded model never changes the file).
     """
     path = os.fspath(path)
+    # One open file for the directory, the headers and the mappings: a save that replaces the file while
+    # this load runs cannot mix two models.
+    with open(path, "rb") as f:
+        try:
+            z = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, EOFError, ValueError) as e:
+            raise ModelFileError(f"{path!r} is not a fastrec model file, or it is truncated or corrupt ({e})") from e
+        with z:
+            return _load(z, f, path, mmap)
+
+
+def _load(z: zipfile.ZipFile, f, path: str, mmap: bool):
     try:
-        z = zipfile.ZipFile(path)
-    except FileNotFoundError:
+        meta = json.loads(z.read(_META))
+    except KeyError:
+        raise ModelFileError(f"{path!r} is a ZIP archive but not a fastrec model file (no {_META})") from None
+    except (zipfile.BadZipFile, ValueError, EOFError, RecursionError) as e:
+        raise ModelFileError(f"{path!r}: the model metadata is corrupt ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path!r} is not a fastrec model file")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path!r} was written by fastrec {meta.get('fastrec_version')} in model format {version}; this "
+            f"fastrec reads formats up to {FORMAT_VERSION}: upgrade fastrec to load it")
+    try:
+        classes = _classes()
+        cls = classes[meta["class"]]
+        if not hasattr(cls, "get_params"):
+            raise ValueError(f"{meta['class']} is not an estimator")
+        arrays = [_read_array(z, f, path, n, s, mmap) for n, s in enumerate(meta["arrays"])]
+        model = cls.__new__(cls)
+        _set_state(model, _decode(meta["state"], arrays, classes))
+    except ModelFileError:
         raise
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ModelFileError(f"{path!r} is not a fastrec model file, or it is truncated or corrupt ({e})") from e
-    with z:
-        try:
-            meta = json.loads(z.read(_META))
-        except KeyError:
-            raise ModelFileError(f"{path!r} is a ZIP archive but not a fastrec model file (no {_META})") from None
-        except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
-            raise ModelFileError(f"{path!r}: the model metadata is corrupt ({e})") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ModelFileError(f"{path!r} is not a fastrec model file")
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ModelFileError(
-                f"{path!r} was written by fastrec {meta.get('fastrec_version')} in model format {version}; this "
-                f"fastrec reads formats up to {FORMAT_VERSION}: upgrade fastrec to load it")
-        try:
-            specs = meta["arrays"]
-            arrays = [_read_array(z, path, n, s, mmap) for n, s in enumerate(specs)]
-            classes = _classes()
-            cls = classes[meta["class"]]
-            state = _decode(meta["state"], arrays, classes)
-        except ModelFileError:
-            raise
-        except (KeyError, IndexError, TypeError, ValueError, zipfile.BadZipFile, EOFError, OSError) as e:
-            raise ModelFileError(f"{path!r}: the model file is corrupt ({type(e).__name__}: {e})") from e
-    model = cls.__new__(cls)
-    _set_state(model, state)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError, zipfile.BadZipFile,
+            EOFError) as e:
+        raise ModelFileError(f"{path!r}: the model file is corrupt ({type(e).__name__}: {e})") from e
     return model
 
 
-def _read_array(z: zipfile.ZipFile, path: str, n: int, spec: dict, mmap: bool) -> np.ndarray:
+def _read_array(z: zipfile.ZipFile, f, path: str, n: int, spec: dict, mmap: bool) -> np.ndarray:
     name = f"arrays/{n}.npy"
     info = z.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:  # save never compresses: refuse (and any deflate bomb)
+        raise ModelFileError(f"{path!r}: member {name} is compressed; fastrec model files never are")
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise ModelFileError(f"{path!r}: member {name} has a corrupt header")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    f.seek(start)
+    major, _ = np.lib.format.read_magic(f)
+    shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if major == 1
+                             else np.lib.format.read_array_header_2_0)(f)
+    offset = f.tell()
+    if dtype.hasobject:
+        raise ModelFileError(f"{path!r}: member {name} holds Python objects")
+    # The header's shape must account for the member's size exactly (before anything is allocated from it).
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if offset - start + nbytes != info.file_size:
+        raise ModelFileError(f"{path!r}: member {name} is truncated or its header is corrupt")
+    if str(dtype.str) != spec["dtype"] or list(shape) != spec["shape"]:
+        raise ModelFileError(f"{path!r}: member {name} is {dtype.str} {shape}, the metadata says "
+                             f"{spec['dtype']} {tuple(spec['shape'])}")
+    order = "F" if fortran else "C"
     if not mmap:
         data = z.read(name)  # checks the member's CRC-32
-        a = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-    else:
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise ModelFileError(f"{path!r}: member {name} is compressed and cannot be memory-mapped")
-        with open(path, "rb") as f:
-            f.seek(info.header_offset)
-            local = f.read(30)
-            if len(local) != 30 or local[:4] != b"PK\x03\x04":
-                raise ModelFileError(f"{path!r}: member {name} has a corrupt header")
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            start = info.header_offset + 30 + name_len + extra_len
-            f.seek(start)
-            major, _ = np.lib.format.read_magic(f)
-            shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if major == 1
-                                     else np.lib.format.read_array_header_2_0)(f)
-            offset = f.tell()
-        if dtype.hasobject:
-            raise ModelFileError(f"{path!r}: member {name} holds Python objects")
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if offset - start + nbytes != info.file_size:
-            raise ModelFileError(f"{path!r}: member {name} is truncated")
-        if nbytes == 0:
-            a = np.zeros(shape, dtype, order="F" if fortran else "C")
-        else:
-            mapped = np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape, order="F" if fortran else "C")
-            a = np.asarray(mapped)  # a plain ndarray over the mapping (np.memmap's per-operation overhead is µs)
-    if a.dtype.str != spec["dtype"] or list(a.shape) != spec["shape"]:
-        raise ModelFileError(f"{path!r}: member {name} is {a.dtype.str} {a.shape}, the metadata says "
-                             f"{spec['dtype']} {tuple(spec['shape'])}")
-    return a
+        return np.frombuffer(data, dtype, offset=offset - start, count=int(np.prod(shape, dtype=np.int64))).reshape(
+            shape, order=order).copy(order=order)
+    if nbytes == 0:
+        return np.zeros(shape, dtype, order=order)
+    mapped = np.memmap(f, dtype=dtype, mode="c", offset=offset, shape=shape, order=order)
+    return np.asarray(mapped)  # a plain ndarray over the mapping (np.memmap's per-operation overhead is µs)
 
 
 def _decode(value, arrays, classes):

@@ -76,6 +76,12 @@ def _as_ids(values: np.ndarray, what: str | None = None) -> np.ndarray:
     return values
 
 
+def _ids_like_model(values: np.ndarray, model_ids: np.ndarray) -> np.ndarray:
+    """Ids read as text, typed like the model's: a model trained on string ids keeps "2" as "2"."""
+    text = np.asarray(values).astype(str)
+    return text if model_ids.dtype.kind == "U" else _as_ids(text)
+
+
 def _is_number(cell) -> bool:
     try:
         float(cell)
@@ -231,12 +237,12 @@ def _read_users(args, model) -> np.ndarray:
         else:
             with open(args.users_file) as f:
                 users = np.array([line.strip() for line in f if line.strip()], dtype=str)
-    users = _as_ids(users)
+    users = _ids_like_model(users, model.seen_pairs()[0])
     _, first_seen = np.unique(users, return_index=True)
     users = users[np.sort(first_seen)]  # each user once, in the order given
     if len(users) == 0:
         raise DataError("no users given")
-    unknown = users[model._users.index(users) == 0]
+    unknown = np.setdiff1d(users, model.seen_pairs()[0])
     if len(unknown):
         print(f"fastrec: note: {len(unknown)} of {len(users)} users are unknown to the model (e.g. "
               f"{unknown.tolist()[0]!r}); they get what a new user would", file=sys.stderr)
@@ -271,19 +277,14 @@ def _output(path):
             yield f
 
 
-def _training_pairs(model):
-    """The (user, item) pairs the model was trained on, from the seen-items index it keeps for recommend."""
-    indptr, indices = model._seen
-    entities = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    return model._users.ids[entities - 1], model._items.ids[indices - 1]
-
-
 def _evaluate(args):
     from fastrec import evaluation, metrics
 
     model = _load_recommender(args.model)
     columns = _read_table(args.data, args.sep)
     users, items = _interactions(columns, args.data, args)
+    trained_users, trained_items = model.seen_pairs()
+    users, items = _ids_like_model(users, trained_users), _ids_like_model(items, trained_items)
     if not model.implicit_:
         name = args.rating_col or "rating"
         hint = "; the model predicts ratings: name their column with --rating-col"
@@ -294,7 +295,7 @@ def _evaluate(args):
     elif args.protocol == "full":
         result = evaluation.full_ranking(model, users, items, k=args.k)
     else:
-        seen_users, seen_items = _training_pairs(model)
+        seen_users, seen_items = model.seen_pairs()
         result = evaluation.sampled_ranking(model, users, items, seen_users=seen_users, seen_items=seen_items,
                                             n_negatives=args.negatives, k=args.k, random_state=args.seed)
     if args.format == "json":

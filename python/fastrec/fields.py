@@ -13,6 +13,7 @@ is read through one key column, the example's own row.
 
 from __future__ import annotations
 
+import copy
 import numbers
 import zlib
 
@@ -56,6 +57,13 @@ class FieldModel(BaseEstimator):
     history_ : per epoch "loss", "seconds" and, with validation data, "val_<metric>".
     best_epoch_ : with validation data, the epoch (from 1) with the best validation metric.
     """
+
+    @property
+    def loss_curve_(self):
+        """Mean training loss per epoch: ``history_["loss"]``."""
+        if not hasattr(self, "history_"):
+            raise AttributeError("loss_curve_ exists after fit")
+        return self.history_["loss"]
 
     def __init__(self, fields=None, embedding_dim=16, hidden_layer_sizes=(64, 32), activation="relu", loss="bce",
                  optimizer="adam", learning_rate=1e-3, alpha=1e-5, epochs=5, batch_size=256, momentum=0.9,
@@ -227,7 +235,6 @@ class FieldModel(BaseEstimator):
         self.net_.reset_optimizer(self.optimizer)
         self._y_offset = float(np.average(y, weights=weight)) if self.loss == "mse" else 0.0
         self.history_ = {"loss": [], "seconds": []}
-        self.loss_curve_ = self.history_["loss"]
         self._train(n, bags, dense_tables, y, weight, epochs, validate)
         return self
 
@@ -241,11 +248,20 @@ class FieldModel(BaseEstimator):
         if not hasattr(self, "net_"):
             return self._fit_new(X, y, sample_weight, None, 1)
         self._validate_params()
-        n, _, bags, dense_tables = self._inputs(X, fit=False, grow=True)
-        y, weight = self._targets(y, n, sample_weight)
-        for i, f in enumerate(self.net_.fields):
-            if isinstance(self._vocab_.get(f.name), IdIndex):
-                self.net_.grow(i, len(self._vocab_[f.name]) + 1, self._rng)
+        net = self.net_
+        saved = ({k: copy.copy(v) for k, v in self._vocab_.items()}, [f.vocab for f in net.fields], list(net.tables),
+                 list(net.table_state1), list(net.table_state2))
+        try:  # bad input leaves the model as it was
+            n, _, bags, dense_tables = self._inputs(X, fit=False, grow=True)
+            y, weight = self._targets(y, n, sample_weight)
+            for i, f in enumerate(net.fields):
+                if isinstance(self._vocab_.get(f.name), IdIndex):
+                    net.grow(i, len(self._vocab_[f.name]) + 1, self._rng)
+        except BaseException:
+            self._vocab_, vocabs, net.tables, net.table_state1, net.table_state2 = saved
+            for f, vocab in zip(net.fields, vocabs):
+                f.vocab = vocab
+            raise
         self._train(n, bags, dense_tables, y, weight, 1, None)
         return self
 

@@ -11,6 +11,7 @@ id dropout (a small fraction of training examples read them instead of their own
 
 from __future__ import annotations
 
+import copy
 import numbers
 
 import numpy as np
@@ -118,6 +119,13 @@ class Recommender(BaseEstimator):
     rating_mean_ : float
         Mean training rating (explicit feedback): the model predicts the deviation from it.
     """
+
+    @property
+    def loss_curve_(self):
+        """Mean training loss per epoch: ``history_["loss"]``."""
+        if not hasattr(self, "history_"):
+            raise AttributeError("loss_curve_ exists after fit")
+        return self.history_["loss"]
 
     def __init__(self, embedding_dim=32, hidden_layer_sizes=(64, 32), activation="relu", loss="auto", gmf=True,
                  wide=False, optimizer="adam", learning_rate=1e-3, alpha=1e-5, embedding_alpha=None, epochs=10,
@@ -367,11 +375,9 @@ class Recommender(BaseEstimator):
             from fastrec.evaluation import sampled_ranking
 
             def score():  # each validation pair against 99 items its user never touched (fixed draw)
-                indptr, indices = self._seen
-                seen_users = self._users.ids[np.repeat(np.arange(len(indptr) - 1), np.diff(indptr)) - 1]
-                return sampled_ranking(self, val_users, val_items, seen_users=seen_users,
-                                       seen_items=self._items.ids[indices - 1], n_negatives=99, k=int(k),
-                                       random_state=0)[metric]
+                seen_users, seen_items = self.seen_pairs()
+                return sampled_ranking(self, val_users, val_items, seen_users=seen_users, seen_items=seen_items,
+                                       n_negatives=99, k=int(k), random_state=0)[metric]
             return score, metric, True
         allowed = "'ndcg@K' or 'hr@K'" if implicit else "'rmse' or 'mae'"
         raise ValueError(f"validation_metric must be 'auto' or {allowed} for this data, got {metric!r}")
@@ -408,13 +414,13 @@ class Recommender(BaseEstimator):
             bags += bg
             dense_tables += dt
         if self.gmf:
-            fields += [Field("user_gmf", len(trained_users) + 1, d, USER, role="gmf_u", dropout=dropout),
-                       Field("item_gmf", len(trained_items) + 1, d, ITEM, role="gmf_v", dropout=dropout)]
+            fields += [Field("user_gmf", len(trained_users) + 1, d, USER, role="gmf_u", dropout=dropout, source=0),
+                       Field("item_gmf", len(trained_items) + 1, d, ITEM, role="gmf_v", dropout=dropout, source=1)]
             bags += [bags[0], bags[1]]
         if self.wide:  # a bias per id and per categorical / multi-hot feature value, on the same bags
-            embedded = [(f, b) for f, b in zip(fields, bags) if f.role == "mlp"]
-            for f, b in embedded:
-                fields.append(Field(f"{f.name}:wide", f.vocab, 1, f.key, role="wide", dropout=f.dropout))
+            embedded = [(i, f, b) for i, (f, b) in enumerate(zip(fields, bags)) if f.role == "mlp"]
+            for i, f, b in embedded:
+                fields.append(Field(f"{f.name}:wide", f.vocab, 1, f.key, role="wide", dropout=f.dropout, source=i))
                 bags.append(b)
         if self.embedding_alpha is not None:
             for f in fields:
@@ -428,54 +434,68 @@ class Recommender(BaseEstimator):
         self._seen = (np.zeros(n_u + 1, np.int64), np.zeros(0, np.int32))
         self._seen_counts = np.zeros(n_i, np.float64)
         self.history_ = {"loss": [], "seconds": []}
-        self.loss_curve_ = self.history_["loss"]
 
     def _grow(self, users, items, user_features, item_features):
-        """Add the entities of these interactions (and their features) to a fitted model."""
-        old_u, old_i = len(self._users), len(self._items)
+        """Add the entities of these interactions (and their features) to a fitted model; on any error the
+        model is left as it was."""
+        net = self.net_
+        saved = (copy.copy(self._users), copy.copy(self._items), list(self._bags), list(self._dense_tables),
+                 [f.vocab for f in net.fields], list(net.tables), list(net.table_state1), list(net.table_state2),
+                 self._seen, self._seen_counts)
+        try:
+            self._grow_unguarded(users, items, user_features, item_features)
+        except BaseException:
+            (self._users, self._items, self._bags, self._dense_tables, vocabs, net.tables, net.table_state1,
+             net.table_state2, self._seen, self._seen_counts) = saved
+            for f, vocab in zip(net.fields, vocabs):
+                f.vocab = vocab
+            raise
+        self._predictor = None
+
+    def _grow_unguarded(self, users, items, user_features, item_features):
+        old = {USER: len(self._users), ITEM: len(self._items)}
         for entities, raw, table in ((self._users, users, user_features), (self._items, items, item_features)):
             entities.add(raw)
             if table is not None:  # ids known only by their features are scored from them, as after fit
                 entities.add(table.ids)
-        new_rows = {}  # base field name -> (entity -> id row) after growth
-        for side, entities, raw, old in (("user", self._users, users, old_u), ("item", self._items, items, old_i)):
-            base = self.net_.fields[USER if side == "user" else ITEM]
-            id_row = np.concatenate([self._bags[USER if side == "user" else ITEM][1],
-                                     np.zeros(len(entities) - old, np.int32)])
-            # Entities of these interactions without an id row yet (new ones, or known only by features).
+        sides = {USER: ("user", self._users, users, user_features), ITEM: ("item", self._items, items, item_features)}
+        # Id rows (fields USER and ITEM are the user and item id fields): the entities of these interactions
+        # without one yet (new ones, or ones known only by features) get the next rows.
+        id_rows = {}
+        for key, (_, entities, raw, _) in sides.items():
+            vocab = self.net_.fields[key].vocab
+            id_row = np.concatenate([self._bags[key][1], np.zeros(len(entities) - old[key], np.int32)])
             needing = np.unique(entities.index(raw))
             needing = needing[id_row[needing] == 0]
-            id_row[needing] = np.arange(base.vocab, base.vocab + len(needing), dtype=np.int32)
-            new_rows[f"{side}_id"] = (id_row, base.vocab + len(needing))
+            id_row[needing] = np.arange(vocab, vocab + len(needing), dtype=np.int32)
+            id_rows[key] = (id_row, vocab + len(needing))
 
-        def new_table_rows(side):  # feature-table row of each new entity of that side
-            table = user_features if side == "user" else item_features
-            entities = self._users if side == "user" else self._items
-            return table, _table_rows(table, entities.ids[old_u if side == "user" else old_i:])
+        def new_table_rows(key):  # feature-table row of each new entity of that side (-1: none)
+            side, entities, _, table = sides[key]
+            return _table_rows(table, entities.ids[old[key]:])
 
-        grown = {}  # source field name -> its grown bag table (GMF and wide fields read their source's bags)
+        grown = {}  # source field -> its grown bag table (GMF and wide fields read their source's bags)
         for i, f in enumerate(self.net_.fields):
-            source = f.name.removesuffix(":wide").replace("_gmf", "_id")
+            source = i if f.source is None else f.source
             if source not in grown:
-                if source in new_rows:
-                    grown[source] = bags_of_ids(new_rows[source][0])
+                if source in id_rows:
+                    grown[source] = bags_of_ids(id_rows[source][0])
                 else:
-                    side, column = source.split(":", 1)
-                    table, rows = new_table_rows(side)
-                    grown[source] = _append_bags(self._bags[i], self._feature_bags(table, rows, side, column))
+                    side, column = self.net_.fields[source].name.split(":", 1)
+                    table = sides[f.key][3]
+                    grown[source] = _append_bags(self._bags[source],
+                                                 self._feature_bags(table, new_table_rows(f.key), side, column))
             self._bags[i] = grown[source]
-            if source in new_rows:
-                self.net_.grow(i, new_rows[source][1], self._rng)
+            if source in id_rows:
+                self.net_.grow(i, id_rows[source][1], self._rng)
         for b, block in enumerate(self.net_.dense):
-            side = "user" if block.key == USER else "item"
-            table, rows = new_table_rows(side)
-            extra = self._numeric_rows(table, rows, side, block.name.split(":", 1)[1])
+            side, column = block.name.split(":", 1)
+            extra = self._numeric_rows(sides[block.key][3], new_table_rows(block.key), side, column)
             self._dense_tables[b] = np.ascontiguousarray(np.vstack([self._dense_tables[b], extra]))
-        n_u, n_i = len(self._users) + 1, len(self._items) + 1
-        self._seen = (np.concatenate([self._seen[0], np.full(n_u - old_u - 1, self._seen[0][-1], np.int64)]),
+        n_new_users, n_new_items = len(self._users) - old[USER], len(self._items) - old[ITEM]
+        self._seen = (np.concatenate([self._seen[0], np.full(n_new_users, self._seen[0][-1], np.int64)]),
                       self._seen[1])
-        self._seen_counts = np.concatenate([self._seen_counts, np.zeros(n_i - old_i - 1)])
-        self._predictor = None
+        self._seen_counts = np.concatenate([self._seen_counts, np.zeros(n_new_items)])
 
     def _update_counts(self):
         """Entity counts and the negative-sampling distribution over item entities."""
@@ -542,6 +562,13 @@ class Recommender(BaseEstimator):
                 "cdf": self._cdf, "seen": self._seen, "seed": int(seed)}
 
     # ------------------------------------------------------------------------------------ predict
+    def seen_pairs(self):
+        """The distinct (user ids, item ids) pairs trained on: what ``recommend`` excludes by default."""
+        self._check_fitted()
+        indptr, indices = self._seen
+        entities = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        return self._users.ids[entities - 1], self._items.ids[indices - 1]
+
     def _check_fitted(self):
         if not hasattr(self, "net_"):
             raise not_fitted_error(self)
@@ -594,22 +621,26 @@ class Recommender(BaseEstimator):
         return ids, scores
 
     def similar_items(self, items, k=10):
-        """The k items whose id embeddings are closest (cosine) to each given item's: (ids, similarities)."""
+        """The k items whose id embeddings are closest (cosine) to each given item's: (ids, similarities).
+
+        Candidates are the items trained on (with an id embedding of their own); an item without one (unknown,
+        or known only by features) is compared through the learned unknown embedding.
+        """
         self._check_fitted()
         k = _positive_int(k, "k")
         single = np.ndim(items) == 0
         items = as_id_array(np.atleast_1d(items), "items")
-        table = self.net_.tables[1]
-        rows = self._bags[1][1]  # entity -> id row of the item id table
+        table = self.net_.tables[ITEM]
+        rows = self._bags[ITEM][1]  # entity -> id row of the item id table (0: none of its own)
         unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
-        entity_rows = unit[rows[1:]]  # rows of known item entities (1..N)
-        query = unit[rows[self._items.index(items)]]
-        sims = query @ entity_rows.T
-        own = self._items.index(items) - 1
-        valid = own >= 0
-        sims[np.flatnonzero(valid), own[valid]] = -np.inf  # never the item itself
-        k = min(k, entity_rows.shape[0] - 1) if entity_rows.shape[0] > 1 else 1
+        candidates = np.flatnonzero(rows > 0)  # entities with their own id row
+        entities = self._items.index(items)
+        sims = unit[rows[entities]] @ unit[rows[candidates]].T
+        own = np.searchsorted(candidates, entities)
+        is_candidate = (own < len(candidates)) & (candidates[np.minimum(own, len(candidates) - 1)] == entities)
+        sims[np.flatnonzero(is_candidate), own[is_candidate]] = -np.inf  # never the item itself
+        k = max(1, min(k, len(candidates) - 1))
         top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        ids = self._items.ids[top]
+        ids = self._items.ids[candidates[top] - 1]
         out = np.take_along_axis(sims, top, axis=1)
         return (ids[0], out[0]) if single else (ids, out)
