@@ -397,9 +397,11 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
                               int n_threads) {
   FieldWorkspace ws(m, std::min(batch_size, n_order) * (1 + std::max(sampler.negatives, 0)), true);
   EpochResult result;
+  BatchThreads batch_threads(n_threads);
   std::uint64_t batch_index = 0;
   for (index_t begin = 0; begin < n_order; begin += batch_size, ++batch_index) {
     if (stop && stop(begin)) break;
+    const int threads = batch_threads.next();
     const index_t n_pos = std::min(batch_size, n_order - begin);
     gather_examples(ex, order + begin, n_pos, ws);
     // One random stream per (seed, epoch, batch): the same negatives whatever n_threads.
@@ -407,23 +409,23 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
     stream = splitmix64(stream) ^ batch_index;
     const index_t n = append_negatives(sampler, n_pos, splitmix64(stream), ws);
     std::uint64_t dropout_rng = splitmix64(stream);
-    batch_logits(ks, m, n, ws, n_threads, &dropout_rng);
+    batch_logits(ks, m, n, ws, threads, &dropout_rng);
     const std::int64_t step_before = opt.adam_t;
     bool skipped = false;
     const UpdateRule rule = opt.next_step();
     const UpdateRule row_rule = embedding_rule(rule);
-    UpdateSink mlp_sink(ks, m.mlp, opt, rule, n_threads);
+    UpdateSink mlp_sink(ks, m.mlp, opt, rule, threads);
     const double loss = batch_backward(
         ks, m, n, alpha, ws, mlp_sink,
         [&](std::size_t i, const TouchedRows& touched, const float* G) {
           EmbeddingField& f = m.fields[i];
-          update_touched_rows(ks, row_rule, touched, f.table, f.dim, G, f.state1, f.state2, n_threads);
+          update_touched_rows(ks, row_rule, touched, f.table, f.dim, G, f.state1, f.state2, threads);
         },
         [&](const float* g) {
           const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
           update_dense(ks, rule, m.gmf.w, g, m.gmf.state1, m.gmf.state2, d, 1);
         },
-        &skipped, n_threads);
+        &skipped, threads);
     if (skipped) opt.adam_t = step_before;  // nothing of this batch was applied
     if (!std::isfinite(loss)) {  // (a loss that overflows only through the L2 term is applied, then stops)
       result.diverged = true;
@@ -431,6 +433,7 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
     }
     result.loss_sum += loss * static_cast<double>(n);
     result.rows += n;
+    batch_threads.done(n);
   }
   return result;
 }

@@ -317,15 +317,17 @@ EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt,
   MlpWorkspace ws(net, std::min(batch_size, n_order), X.sparse, true);
   BatchBuffers buffers;
   EpochResult result;
+  BatchThreads batch_threads(n_threads);
   for (index_t begin = 0; begin < n_order; begin += batch_size) {
     if (stop && stop(begin)) break;
+    const int threads = batch_threads.next();
     const index_t n = std::min(batch_size, n_order - begin);
     const Input batch = gather_batch(X, Y, n_out, order + begin, n, buffers);
-    forward_logits(ks, net, batch, ws, n_threads);
+    forward_logits(ks, net, batch, ws, threads);
     const std::int64_t step_before = opt.adam_t;
-    UpdateSink sink(ks, net, opt, opt.next_step(), n_threads);
+    UpdateSink sink(ks, net, opt, opt.next_step(), threads);
     bool skipped = false;
-    const double loss = backward(ks, net, batch, buffers.y.data(), alpha, ws, sink, &skipped, n_threads);
+    const double loss = backward(ks, net, batch, buffers.y.data(), alpha, ws, sink, &skipped, threads);
     if (skipped) opt.adam_t = step_before;  // nothing of this batch was applied
     if (!std::isfinite(loss)) {  // (a loss that overflows only through the L2 term is applied, then stops)
       result.diverged = true;
@@ -333,6 +335,7 @@ EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt,
     }
     result.loss_sum += loss * static_cast<double>(n);
     result.rows += n;
+    batch_threads.done(n);
   }
   return result;
 }

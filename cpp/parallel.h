@@ -1,5 +1,6 @@
 // The only place that includes OpenMP. Serial fallbacks when the build has no OpenMP.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <mutex>
@@ -50,6 +51,44 @@ inline int resolve_threads(int n_threads) {
   if (in_forked_child()) return 1;
   return n_threads > 0 ? n_threads : max_threads();
 }
+
+// The thread count of each training batch when the caller asked for "all cores" (n_threads <= 0), chosen
+// by measurement. When other processes keep the cores busy, every parallel region waits for whichever of
+// its threads the OS has paused: an epoch that took 1.2 s on one thread took 8 s on two. Results do not
+// depend on the thread count, so the loop may switch freely: every kPeriod batches it runs kProbe batches
+// on one thread and kProbe on all, and until the next probe uses whichever was faster per row.
+class BatchThreads {
+ public:
+  explicit BatchThreads(int n_threads)
+      : all_(resolve_threads(n_threads)), measure_(n_threads <= 0 && all_ > 1), chosen_(all_) {}
+
+  int next() {  // the thread count of the next batch (then call done)
+    start_ = std::chrono::steady_clock::now();
+    if (!measure_) return all_;
+    const int phase = batch_ % kPeriod;
+    return phase < kProbe ? 1 : phase < 2 * kProbe ? all_ : chosen_;
+  }
+
+  void done(std::int64_t rows) {
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    const int phase = batch_++ % kPeriod;
+    if (!measure_ || phase >= 2 * kProbe) return;
+    (phase < kProbe ? one_ : all_time_) += seconds / static_cast<double>(rows > 0 ? rows : 1);
+    if (phase == 2 * kProbe - 1) {
+      chosen_ = one_ < all_time_ ? 1 : all_;
+      one_ = all_time_ = 0.0;
+    }
+  }
+
+ private:
+  static constexpr int kPeriod = 64, kProbe = 2;
+  const int all_;
+  const bool measure_;
+  int chosen_;
+  std::int64_t batch_ = 0;
+  double one_ = 0.0, all_time_ = 0.0;  // seconds per row summed over this period's probes
+  std::chrono::steady_clock::time_point start_;
+};
 
 inline int thread_id() {
 #ifdef _OPENMP
