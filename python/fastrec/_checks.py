@@ -129,8 +129,8 @@ def check_sample_weight(sample_weight, n: int) -> np.ndarray:
     w = _numeric(as_array(sample_weight, "sample_weight"), "sample_weight").astype(np.float64)
     if w.shape != (n,):
         raise ValueError(f"sample_weight must have shape ({n},), got {w.shape}")
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError("sample_weight must hold finite non-negative numbers")
+    if not np.isfinite(w).all() or (w < 0).any() or (w > np.finfo(np.float32).max).any():
+        raise ValueError("sample_weight must hold non-negative numbers, finite in float32")
     if not w.any():
         raise ValueError("sample_weight is all zeros: no sample would count")
     return w
