@@ -20,6 +20,7 @@ __all__ = [
     "DataConversionWarning",
     "NotFittedError",
     "as_array",
+    "as_numeric",
     "check_X",
     "check_bool",
     "check_csr",
@@ -126,7 +127,7 @@ def as_array(value, name: str) -> np.ndarray:
 
 def check_sample_weight(sample_weight, n: int) -> np.ndarray:
     """(n,) finite non-negative float64 weights, not all zero."""
-    w = _numeric(as_array(sample_weight, "sample_weight"), "sample_weight").astype(np.float64)
+    w = as_numeric(as_array(sample_weight, "sample_weight"), "sample_weight").astype(np.float64)
     if w.shape != (n,):
         raise ValueError(f"sample_weight must have shape ({n},), got {w.shape}")
     if not np.isfinite(w).all() or (w < 0).any() or (w > np.finfo(np.float32).max).any():
@@ -160,7 +161,7 @@ def _check_finite(values: np.ndarray, name: str) -> None:
         raise ValueError(f"Input {name} contains infinity or a value too large for dtype('float32').")
 
 
-def _numeric(arr: np.ndarray, name: str) -> np.ndarray:
+def as_numeric(arr: np.ndarray, name: str) -> np.ndarray:
     """A real numeric array, or a TypeError/ValueError that names `name` and the dtype."""
     kind = arr.dtype.kind
     if kind == "c":
@@ -204,7 +205,7 @@ def check_X(X, estimator, *, reset: bool):
     names = _feature_names(X)
     if sp.issparse(X):
         X = check_csr(X, "X")  # any format (and sparse arrays) -> CSR; no copy when it is one already
-        data = _numeric(np.asarray(X.data), "X")
+        data = as_numeric(np.asarray(X.data), "X")
         data = _to_float32(data)
         _check_finite(data, "X")
         if X.shape[1] > np.iinfo(np.int32).max:
@@ -226,7 +227,7 @@ def check_X(X, estimator, *, reset: bool):
             )
         if arr.ndim > 2:
             raise ValueError(f"X must be 2-D (n_samples, n_features); got {arr.ndim}-D array of shape {arr.shape}.")
-        arr = _numeric(arr, "X")
+        arr = as_numeric(arr, "X")
         shape = arr.shape
     n_samples, n_features = shape
     if n_samples < 1:
@@ -305,7 +306,7 @@ def check_y(y, n_samples: int, estimator, *, numeric: bool, warn_column: bool = 
     if y.dtype.kind == "c":
         raise ValueError(f"Complex data not supported: y has dtype {y.dtype}.")
     if numeric:
-        y = _numeric(y, "y").astype(np.float64, copy=False)
+        y = as_numeric(y, "y").astype(np.float64, copy=False)
         if not np.isfinite(y).all():
             if np.isnan(y).any():
                 raise ValueError("Input y contains NaN.")
