@@ -24,7 +24,7 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
-from fastrec._checks import as_array
+from fastrec._checks import as_array, as_numeric, check_csr
 
 __all__ = ["FeatureTable"]
 
@@ -119,12 +119,13 @@ class FeatureTable:
             label = f"numeric[{name!r}]"
             if hasattr(values, "to_numpy"):
                 values = values.to_numpy()
-            a = np.asarray(values)
+            a = as_array(values, label)
             if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or a.dtype.kind == "c":
                 raise TypeError(f"{label} must hold real numbers; got dtype {a.dtype}")
             if a.ndim not in (1, 2) or a.shape[0] != n or (a.ndim == 2 and a.shape[1] == 0):
                 raise ValueError(f"{label} must have shape ({n},) or ({n}, c) with c >= 1; got {a.shape}")
-            a = np.ascontiguousarray(a, dtype=np.float32)
+            with np.errstate(over="ignore"):  # beyond float32's range: inf, reported below
+                a = np.ascontiguousarray(a, dtype=np.float32)
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"{label} contains NaN or infinity (or a value too large for float32)")
             self.numeric[name] = a
@@ -218,7 +219,10 @@ def _check_multi_hot(value, n: int, label: str):
                          f"got {matrix.shape}")
     if np.unique(vocab).size != vocab.size:
         raise ValueError(f"{label} vocabulary has repeated labels")
-    matrix = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
+    matrix = check_csr(matrix, label)
+    data = as_numeric(np.asarray(matrix.data), label)
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, reported below
+        matrix = sp.csr_matrix((data.astype(np.float32), matrix.indices, matrix.indptr), shape=matrix.shape, copy=True)
     matrix.sum_duplicates()  # also sorts the indices
     if not np.all(np.isfinite(matrix.data)):
         raise ValueError(f"{label} weights contain NaN or infinity")
