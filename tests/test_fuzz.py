@@ -29,7 +29,7 @@ from fastrec import FieldModel, MLPClassifier, MLPRegressor, Recommender, datase
 from fastrec._checks import ConvergenceWarning, DataConversionWarning
 from fastrec.features import FeatureTable
 
-N_EXAMPLES = int(os.environ.get("FASTREC_FUZZ_EXAMPLES", "30"))
+N_EXAMPLES = int(os.environ.get("FASTREC_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
@@ -107,6 +107,19 @@ def junk(shape, values=None):
     return st.one_of(*options)
 
 
+@st.composite
+def sparse(draw, shape):
+    """CSR matrices of about `shape`, some with index arrays edited after construction (scipy checks
+    them only in its constructor): negative or out-of-range columns, a decreasing or overlong indptr."""
+    dense = draw(hnp.arrays(np.float64, shapes_near(shape).filter(lambda s: len(s) == 2), elements=NUMBER))
+    A = sp.csr_matrix(dense)
+    if A.nnz and draw(st.booleans()):
+        A.indices[draw(st.integers(0, A.nnz - 1))] = draw(st.sampled_from([-1, A.shape[1], 2**31 - 1]))
+    elif A.shape[0] > 1 and draw(st.booleans()):
+        A.indptr[1] = draw(st.sampled_from([-1, A.nnz + 1]))
+    return A
+
+
 NUMBER = st.floats(-5, 5) | st.sampled_from([np.nan, np.inf, -np.inf, 1e39, -1e39])
 NUMBERS = (np.float64, NUMBER, NUMBER)
 IDS = (np.int64, st.integers(-1, 14),
@@ -171,8 +184,7 @@ def check_mlp(model, X, diverged_ok=False):
 
 @pytest.mark.parametrize("cls", [MLPClassifier, MLPRegressor])
 @FUZZ
-@given(X=st.one_of(junk((6, 3), NUMBERS),
-                   hnp.arrays(np.float32, (6, 3), elements=st.floats(-5, 5, width=32)).map(sp.csr_matrix)))
+@given(X=st.one_of(junk((6, 3), NUMBERS), sparse((6, 3))))
 def test_mlp_fit_X(cls, X):
     y = Y6_CLASS if cls is MLPClassifier else Y6_REG
     model = outcome(lambda: cls(**SMALL_MLP).fit(X, y), "X")
@@ -214,7 +226,7 @@ def test_mlp_partial_fit_classes(classes):
 
 @pytest.mark.parametrize("kind", ["clf", "reg"])
 @FUZZ
-@given(X=junk((4, 3), NUMBERS))
+@given(X=st.one_of(junk((4, 3), NUMBERS), sparse((4, 3))))
 def test_mlp_predict(fitted, kind, X):
     model = fitted[kind]
     pred = outcome(lambda: model.predict(X), "X")
@@ -262,7 +274,8 @@ def test_recommender_feature_tables(data):
     side = data.draw(st.sampled_from(["user_features", "item_features"]))
     df = pd.DataFrame({"kind": ["a", "b", "a", "b", "c"], "year": [1990.0, 2000, 2010, 2020, 1980]},
                       index=[10, 11, 12, 13, 14] if side == "item_features" else [1, 2, 3, 4, 5])
-    value = data.draw(st.one_of(SCALARS, st.just(df), st.just(item_table()), junk((5,))), label=side)
+    tables = [df, item_table(), FeatureTable(["a", "b"], numeric={"x": [1.0, 2.0]}), {"kind": ["a"] * 5}]
+    value = data.draw(st.one_of(SCALARS, st.sampled_from(tables), junk((5,))), label=side)
     model = outcome(lambda: Recommender(**SMALL_REC).fit(USERS, ITEMS, RATINGS, **{side: value}), side)
     if model is not None:
         check_recommender(model)
@@ -344,8 +357,7 @@ def check_field_model(model, X):
 def test_field_model_fit(data):
     name = data.draw(st.sampled_from(["cat", "tags", "num", "y", "sample_weight", "X"]))
     X, y, w = dict(FM_X), FM_Y, None
-    value = data.draw(st.one_of(junk((6,), NUMBERS), junk((6, 2)), st.just(sp.csr_matrix(np.ones((5, 2))))),
-                      label=name)
+    value = data.draw(st.one_of(junk((6,), NUMBERS), junk((6, 2)), sparse((6, 2))), label=name)
     if name == "y":
         y = value
     elif name == "sample_weight":
@@ -381,9 +393,7 @@ def test_field_model_hyper_parameters(data):
 def test_field_model_predict(fitted, data):
     name = data.draw(st.sampled_from(["cat", "tags", "num"]))
     X = dict(FM_X)
-    X[name] = data.draw(st.one_of(junk((6,), NUMBERS), junk((6,), IDS),
-                                  hnp.arrays(np.float32, (6, 4), elements=st.floats(-1, 1, width=32)).map(sp.csr_matrix)),
-                        label=name)
+    X[name] = data.draw(st.one_of(junk((6,), NUMBERS), junk((6,), IDS), sparse((6, 4))), label=name)
     P = outcome(lambda: fitted["fm"].predict_proba(X), "X")
     if P is not None:
         check_field_model(fitted["fm"], X)
@@ -397,8 +407,7 @@ def test_feature_table(data):
     name = data.draw(st.sampled_from(["ids", "categorical", "multi_hot", "numeric"]))
     args = {"ids": [5, 6, 7, 8], "categorical": {"c": ["x", "y", "x", "z"]},
             "multi_hot": {"m": sp.csr_matrix(np.eye(4, 2))}, "numeric": {"n": [1.0, 2.0, 3.0, 4.0]}}
-    value = data.draw(st.one_of(junk((4,), IDS), junk((4,), NUMBERS), junk((4, 2))),
-                      label=name)
+    value = data.draw(st.one_of(junk((4,), IDS), junk((4,), NUMBERS), junk((4, 2)), sparse((4, 2))), label=name)
     if name != "ids":
         value = data.draw(st.one_of(st.just({"v": value}), st.just(value), st.just({1: [1, 2, 3, 4]}),
                                     st.just({"v": (sp.csr_matrix(np.ones((4, 2))), value)})))
@@ -554,6 +563,19 @@ def test_load_movielens_files(tmp_path_factory, data, fmt):
     out = outcome(lambda: datasets.load_movielens(directory), *FILES[fmt])
     if out is not None:
         assert len(out.users) == len(out.items) > 0
+        assert out.ratings is None or np.isfinite(out.ratings).all()
+
+
+@FUZZ
+@given(data=st.data())
+def test_interactions(data):
+    name = data.draw(st.sampled_from(["users", "items", "ratings", "timestamps"]))
+    args = {"users": USERS, "items": ITEMS, "ratings": RATINGS, "timestamps": np.arange(7)}
+    args[name] = data.draw(junk((7,), IDS if name in ("users", "items") else NUMBERS), label=name)
+    out = outcome(lambda: datasets.Interactions(**args), name)
+    if out is not None:
+        for values in (out.items, out.ratings, out.timestamps):  # ratings or timestamps None: not known
+            assert values is None or len(values) == len(out.users)
         assert out.ratings is None or np.isfinite(out.ratings).all()
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
-from fastrec._checks import INT_MAX, check_bool, check_float
+from fastrec._checks import INT_MAX, as_array, as_numeric, check_bool, check_float
 from fastrec.evaluation import check_generator
 from fastrec.features import FeatureTable, as_id_array
 
@@ -50,13 +50,17 @@ class Interactions:
         if self.items.shape[0] != n:
             raise ValueError(f"users and items have different lengths: {n} and {self.items.shape[0]}")
         if self.ratings is not None:
-            self.ratings = np.asarray(self.ratings, dtype=np.float32)
-            if self.ratings.shape != (n,) or not np.all(np.isfinite(self.ratings)):
-                raise ValueError(f"ratings must be ({n},) finite numbers; got shape {self.ratings.shape}")
+            r = as_numeric(as_array(self.ratings, "ratings"), "ratings")
+            if r.shape != (n,) or not np.all(np.isfinite(r)) or np.any(np.abs(r) > np.finfo(np.float32).max):
+                raise ValueError(f"ratings must be ({n},) finite numbers (float32); got shape {r.shape}")
+            self.ratings = r.astype(np.float32)
         if self.timestamps is not None:
-            self.timestamps = np.asarray(self.timestamps, dtype=np.int64)
-            if self.timestamps.shape != (n,):
-                raise ValueError(f"timestamps must have shape ({n},); got {self.timestamps.shape}")
+            t = as_numeric(as_array(self.timestamps, "timestamps"), "timestamps")
+            if t.shape != (n,):
+                raise ValueError(f"timestamps must have shape ({n},); got {t.shape}")
+            if t.dtype.kind == "f" and not np.all(np.abs(t) < 2**63):  # NaN fails too
+                raise ValueError("timestamps must be finite and fit int64")
+            self.timestamps = t.astype(np.int64)
         for name in ("user_features", "item_features"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), FeatureTable):
                 raise TypeError(f"{name} must be a FeatureTable or None")

@@ -552,6 +552,8 @@ class MLPClassifier(_BaseMLP):
             classes = as_array(classes, "classes")
             if classes.ndim != 1 or classes.size == 0 or classes.dtype.kind not in "biufUSO":
                 raise ValueError(f"classes must be a non-empty 1-D array of labels; got {classes!r}.")
+            if classes.dtype == object and all(isinstance(c, numbers.Real) for c in classes):
+                classes = classes.astype(np.float64)  # numbers of mixed types (np.float32, int) compare as float64
             try:
                 classes = np.unique(classes)
             except TypeError as exc:  # labels that cannot be ordered, e.g. a mix of str and int

@@ -32,11 +32,11 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 class _Entities:
     """Raw ids <-> entity numbers 1..N (0 = unknown)."""
 
-    def __init__(self, *id_arrays):
+    def __init__(self, *id_arrays, side="user"):
         present = [a for a in id_arrays if a is not None and len(a)]
         kinds = {a.dtype.kind == "U" for a in present}
         if len(kinds) > 1:
-            raise TypeError("ids mix strings and integers between the interactions and the feature table")
+            raise TypeError(f"ids mix strings and integers between the interactions ({side}s) and {side}_features")
         self.ids = np.unique(np.concatenate(present)) if present else np.zeros(0, np.int64)
         self._lookup = None  # raw id -> entity, built on the first small query
 
@@ -276,8 +276,8 @@ class Recommender(BaseEstimator):
         rng = check_random_state(self.random_state)
 
         # Entities and the id rows that training interactions give them (others read the unknown row 0).
-        self._users = _Entities(users, None if user_features is None else user_features.ids)
-        self._items = _Entities(items, None if item_features is None else item_features.ids)
+        self._users = _Entities(users, None if user_features is None else user_features.ids, side="user")
+        self._items = _Entities(items, None if item_features is None else item_features.ids, side="item")
         u = self._users.index(users)
         i = self._items.index(items)
         n_u, n_i = len(self._users) + 1, len(self._items) + 1
