@@ -631,7 +631,8 @@ def test_mlp_other_messages(fitted):
 @pytest.mark.parametrize("name, args", [
     ("users", dict(users=[1.5] * 7)), ("users", dict(users=[1, "a"] * 3 + [1])), ("users", dict(users=[])),
     ("users", dict(users=np.ones((7, 2), int))), ("items", dict(items=ITEMS[:3])), ("items", dict(items=[None] * 7)),
-    ("items", dict(items=[2**70] * 7)), ("ratings", dict(ratings=np.full(7, np.nan))), ("ratings", dict(ratings=["a"] * 7)),
+    ("items", dict(items=[2**70] * 7)), ("ratings", dict(ratings=np.full(7, np.nan))),
+    ("ratings", dict(ratings=["a"] * 7)),
     ("ratings", dict(ratings=RATINGS[:2])), ("sample_weight", dict(sample_weight=-RATINGS)),
     ("sample_weight", dict(sample_weight=RATINGS.astype(complex))), ("item_features", dict(item_features=[1, 2])),
     ("embedding_dim", dict(embedding_dim=0)), ("negatives", dict(negatives=-1)), ("negatives", dict(negatives=2**40)),

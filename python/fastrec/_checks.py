@@ -92,7 +92,8 @@ def check_random_state(seed) -> np.random.RandomState:
 
 def check_int(value, name: str, minimum: int = 1, maximum: int = INT_MAX) -> int:
     """`value` as an int in [minimum, maximum]; bools and floats (even 2.0) are refused."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or not minimum <= value <= maximum:
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if not integer or not minimum <= value <= maximum:
         raise ValueError(f"{name} must be an integer >= {minimum} and <= {maximum}, got {value!r}")
     return int(value)
 

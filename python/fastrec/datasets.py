@@ -289,7 +289,8 @@ def _numeric_ratings(text: str, sep: str, label: str, skip_header: bool):
         raise ValueError(f"{label} must have 4 columns (user, item, rating, timestamp); got {data.shape[1]}")
     ids = _numbers(data[:, [0, 1, 3]], f"{label} user, item and timestamp columns", integer=True)
     ratings = _numbers(data[:, 2], f"{label} ratings", integer=False)
-    return ids[:, 0].astype(np.int64), ids[:, 1].astype(np.int64), ratings.astype(np.float32), ids[:, 2].astype(np.int64)
+    ids = ids.astype(np.int64)
+    return ids[:, 0].copy(), ids[:, 1].copy(), ratings.astype(np.float32), ids[:, 2].copy()
 
 
 def _read(path: Path, encoding: str) -> str:

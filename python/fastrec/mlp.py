@@ -232,7 +232,8 @@ class _BaseMLP(BaseEstimator):
              f"a finite float >= {_FLOAT32_TINY:.3g} (float32's smallest normal number)"),
             ("n_iter_no_change", lambda v: (_int_like(v) and v >= 1) or (_real_like(v) and v == np.inf),
              "an int >= 1 or numpy.inf"),
-            ("n_threads", lambda v: v is None or (_int_like(v) and 1 <= v <= INT_MAX), f"None or an int in [1, {INT_MAX}]"),
+            ("n_threads", lambda v: v is None or (_int_like(v) and 1 <= v <= INT_MAX),
+             f"None or an int in [1, {INT_MAX}]"),
         ]
         for name, ok, expected in checks:
             if not ok(getattr(self, name)):

@@ -179,7 +179,8 @@ class Recommender(BaseEstimator):
         check_int(self.batch_size, "batch_size")
         check_int(self.negatives, "negatives", minimum=0)
         # The core reads id_dropout as a float32, where 0.99999999 is 1.
-        if not (isinstance(self.id_dropout, numbers.Real) and 0 <= self.id_dropout < 1 and np.float32(self.id_dropout) < 1):
+        dropout = self.id_dropout
+        if not (isinstance(dropout, numbers.Real) and 0 <= dropout < 1 and np.float32(dropout) < 1):
             raise ValueError(f"id_dropout must lie in [0, 1), got {self.id_dropout!r}")
         if self.n_threads is not None:
             check_int(self.n_threads, "n_threads")
@@ -350,7 +351,8 @@ class Recommender(BaseEstimator):
             loss = loss_sum / max(rows, 1)
             if not np.isfinite(loss) or not self.net_.check_finite():
                 raise ValueError(
-                    f"training diverged at epoch {epoch + 1} (loss {loss}); lower learning_rate, alpha or embedding_alpha, or scale the ratings")
+                    f"training diverged at epoch {epoch + 1} (loss {loss}); lower learning_rate, alpha or "
+                    "embedding_alpha, or scale the ratings")
             self.loss_curve_.append(loss)
             if self.verbose:
                 seconds = time.perf_counter() - start
