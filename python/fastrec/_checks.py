@@ -149,6 +149,8 @@ def check_csr(X, name: str):
     try:
         X = sp.csr_matrix(X)  # a new object (sharing the arrays): check_format may replace its index arrays
         X.check_format(full_check=True)
+        if (np.diff(X.indptr) < 0).any():  # check_format skips this when indptr ends at 0
+            raise ValueError("indptr must be non-decreasing")
     except (ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"{name} is not a valid sparse matrix: {exc}") from None
     return X
