@@ -685,6 +685,10 @@ def test_feature_table_messages():
     raises_naming("numeric", lambda: FeatureTable([1, 2], numeric={"n": ["a", "b"]}))
     raises_naming("multi_hot", lambda: FeatureTable([1, 2], multi_hot={"m": [1, 2]}))
     raises_naming("multi_hot", lambda: FeatureTable([1, 2], multi_hot={"m": sp.csr_matrix(np.ones((3, 2)))}))
+    broken = sp.csr_matrix(np.ones((2, 2)))
+    broken.indices[0] = -1
+    raises_naming("multi_hot", lambda: FeatureTable([1, 2], multi_hot={"m": broken}))
+    raises_naming("df", lambda: FeatureTable.from_dataframe([[1, 2]]))
 
 
 def test_metric_messages():
@@ -707,3 +711,5 @@ def test_evaluation_and_dataset_messages(fitted):
     raises_naming("n_users", lambda: datasets.make_interactions(n_users=0))
     raises_naming("noise", lambda: datasets.make_interactions(10, 10, 20, noise=np.nan))
     raises_naming("path", lambda: datasets.load_movielens(None))
+    raises_naming("ratings", lambda: datasets.Interactions([1, 2], [3, 4], ratings=["a", "b"]))
+    raises_naming("timestamps", lambda: datasets.Interactions([1, 2], [3, 4], timestamps=[np.nan, 1.0]))
