@@ -165,10 +165,6 @@ def _id_kind(a: np.ndarray, name: str) -> str:
     raise TypeError(f"{name} must hold integer or string item ids; got dtype {a.dtype}")
 
 
-def _normalize_ids(a: np.ndarray, name: str) -> np.ndarray:
-    return as_id_array(a, name)  # int64 (ValueError beyond its range) or str
-
-
 def _hits(recommended, relevant, k):
     """Hit matrix ``(n_users, min(k, k_rec))`` (bool; positions past k_rec are misses), the number of relevant
     items per user ``(n_users,)`` and the checked ``k``."""
@@ -218,16 +214,16 @@ def _hits(recommended, relevant, k):
     if rel_items.size and rec_items.size:
         if _id_kind(rec_items, "recommended") != _id_kind(rel_items, "relevant"):
             raise TypeError("recommended and relevant hold item ids of different types (int vs str)")
-        rel_items = _normalize_ids(rel_items, "relevant")
-        rec_items = _normalize_ids(rec_items, "recommended")
+        rel_items = as_id_array(rel_items, "relevant")
+        rec_items = as_id_array(rec_items, "recommended")
     elif rec_items.size:
         _id_kind(rec_items, "recommended")
-        rec_items = _normalize_ids(rec_items, "recommended")
+        rec_items = as_id_array(rec_items, "recommended")
         rel_items = rel_items.astype(rec_items.dtype)
     else:
         if rel_items.size:
             _id_kind(rel_items, "relevant")
-            rel_items = _normalize_ids(rel_items, "relevant")
+            rel_items = as_id_array(rel_items, "relevant")
         rec_items = rec_items.astype(rel_items.dtype)
     # one code per distinct item, then one int64 key per (user, item) pair
     _, codes = np.unique(np.concatenate([rel_items, rec_items]), return_inverse=True)
