@@ -7,6 +7,7 @@ tuple. Messages for the cases scikit-learn's estimator checks look for use sciki
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 import warnings
@@ -18,10 +19,21 @@ __all__ = [
     "ConvergenceWarning",
     "DataConversionWarning",
     "NotFittedError",
+    "as_array",
+    "as_numeric",
     "check_X",
+    "check_bool",
+    "check_csr",
+    "check_float",
+    "check_int",
     "check_random_state",
+    "check_sample_weight",
     "core_X",
 ]
+
+# Counts, sizes and thread numbers reach the core as C ints (and ids as int32), so larger values are refused
+# here rather than overflowing in a cast.
+INT_MAX = 2**31 - 1
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -71,11 +83,77 @@ def check_random_state(seed) -> np.random.RandomState:
     """scikit-learn's check_random_state: the same draws for the same seed, so weights match sklearn's."""
     if seed is None or seed is np.random:
         return np.random.mtrand._rand
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)) and 0 <= seed < 2**32:
         return np.random.RandomState(seed)
     if isinstance(seed, np.random.RandomState):
         return seed
-    raise ValueError(f"random_state must be None, an int or a numpy.random.RandomState; got {seed!r}")
+    raise ValueError(f"random_state must be None, an int in [0, 2**32) or a numpy.random.RandomState; got {seed!r}")
+
+
+def check_int(value, name: str, minimum: int = 1, maximum: int = INT_MAX) -> int:
+    """`value` as an int in [minimum, maximum]; bools and floats (even 2.0) are refused."""
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if not integer or not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be an integer >= {minimum} and <= {maximum}, got {value!r}")
+    return int(value)
+
+
+def check_float(value, name: str, low: float = 0.0, high: float = math.inf, *, low_open=False, high_open=True):
+    """`value` as a finite float in the interval from low to high (open at an end where *_open says so)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    try:
+        v = float(value) if ok else math.nan
+    except OverflowError:  # an int beyond float range
+        v = math.nan
+    if not (math.isfinite(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return v
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def as_array(value, name: str) -> np.ndarray:
+    """np.asarray(value), with numpy's complaint about ragged or odd input turned into one naming `name`."""
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        error = TypeError if isinstance(exc, TypeError) else ValueError
+        raise error(f"{name} could not be converted to an array: {exc}") from None
+
+
+def check_sample_weight(sample_weight, n: int) -> np.ndarray:
+    """(n,) finite non-negative float64 weights, not all zero."""
+    w = as_numeric(as_array(sample_weight, "sample_weight"), "sample_weight").astype(np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"sample_weight must have shape ({n},), got {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any() or (w > np.finfo(np.float32).max).any():
+        raise ValueError("sample_weight must hold non-negative numbers, finite in float32")
+    if not w.any():
+        raise ValueError("sample_weight is all zeros: no sample would count")
+    return w
+
+
+def check_csr(X, name: str):
+    """Any scipy sparse matrix or array as a CSR matrix whose structure is checked.
+
+    scipy's constructor does not compare indices with the shape, and an index array edited afterwards is
+    never checked again; scipy's own routines (tocsr, sum_duplicates) and the core must not read out of bounds.
+    """
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D; got a sparse input with shape {X.shape}")
+    try:
+        X = sp.csr_matrix(X)  # a new object (sharing the arrays): check_format may replace its index arrays
+        X.check_format(full_check=True)
+        if (np.diff(X.indptr) < 0).any():  # check_format skips this when indptr ends at 0
+            raise ValueError("indptr must be non-decreasing")
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ValueError(f"{name} is not a valid sparse matrix: {exc}") from None
+    return X
 
 
 def _check_finite(values: np.ndarray, name: str) -> None:
@@ -86,7 +164,7 @@ def _check_finite(values: np.ndarray, name: str) -> None:
         raise ValueError(f"Input {name} contains infinity or a value too large for dtype('float32').")
 
 
-def _numeric(arr: np.ndarray, name: str) -> np.ndarray:
+def as_numeric(arr: np.ndarray, name: str) -> np.ndarray:
     """A real numeric array, or a TypeError/ValueError that names `name` and the dtype."""
     kind = arr.dtype.kind
     if kind == "c":
@@ -129,10 +207,8 @@ def check_X(X, estimator, *, reset: bool):
         raise ValueError(f"{est_name} requires X to be passed, but X is None.")
     names = _feature_names(X)
     if sp.issparse(X):
-        if X.ndim != 2:
-            raise ValueError(f"X must be 2-D; got a sparse input with shape {X.shape}.")
-        X = sp.csr_matrix(X)  # any format (and sparse arrays) -> CSR; no copy when it is one already
-        data = _numeric(np.asarray(X.data), "X")
+        X = check_csr(X, "X")  # any format (and sparse arrays) -> CSR; no copy when it is one already
+        data = as_numeric(np.asarray(X.data), "X")
         data = _to_float32(data)
         _check_finite(data, "X")
         if X.shape[1] > np.iinfo(np.int32).max:
@@ -154,13 +230,14 @@ def check_X(X, estimator, *, reset: bool):
             )
         if arr.ndim > 2:
             raise ValueError(f"X must be 2-D (n_samples, n_features); got {arr.ndim}-D array of shape {arr.shape}.")
-        arr = _numeric(arr, "X")
+        arr = as_numeric(arr, "X")
         shape = arr.shape
     n_samples, n_features = shape
     if n_samples < 1:
-        raise ValueError(f"Found array with 0 sample(s) (shape={shape}) while a minimum of 1 is required.")
+        raise ValueError(f"X has 0 sample(s) (shape={shape}) while a minimum of 1 is required.")
     if n_features < 1:
-        raise ValueError(f"Found array with 0 feature(s) (shape={shape}) while a minimum of 1 is required.")
+        # scikit-learn's estimator checks look for "0 feature(s) (shape=(n, 0)) while a minimum of 1 is required".
+        raise ValueError(f"X has 0 feature(s) (shape={shape}) while a minimum of 1 is required.")
     if not sp.issparse(X):
         X = _to_float32(arr)
         _check_finite(X, "X")
@@ -198,9 +275,10 @@ def core_X(X):
     return X
 
 
-def check_y(y, n_samples: int, estimator, *, numeric: bool) -> np.ndarray:
-    """y as a 1-D array (or 2-D for several outputs) with n_samples rows; a (n, 1) column is ravelled with a
-    DataConversionWarning, as scikit-learn does. numeric=True also converts to float64 and checks finiteness."""
+def check_y(y, n_samples: int, estimator, *, numeric: bool, warn_column: bool = True) -> np.ndarray:
+    """y as a 1-D array (or 2-D for several outputs) with n_samples rows; a (n, 1) column is ravelled, with a
+    DataConversionWarning where warn_column (fit), as scikit-learn does. numeric=True also converts to float64
+    and checks finiteness."""
     est_name = type(estimator).__name__
     if y is None:
         raise ValueError(f"{est_name} requires y to be passed, but the target y is None.")
@@ -220,17 +298,18 @@ def check_y(y, n_samples: int, estimator, *, numeric: bool) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 0:
         raise ValueError(f"y has 0 outputs (shape={y.shape}); at least one is required.")
     if y.ndim == 2 and y.shape[1] == 1:
-        warn(
-            "A column-vector y was passed when a 1d array was expected. Please change the shape of y to "
-            "(n_samples, ), for example using ravel().",
-            DataConversionWarning,
-            stacklevel=6,  # check_y <- _encode_targets <- _fit <- fit <- caller
-        )
+        if warn_column:
+            warn(
+                "A column-vector y was passed when a 1d array was expected. Please change the shape of y to "
+                "(n_samples, ), for example using ravel().",
+                DataConversionWarning,
+                stacklevel=6,  # check_y <- _encode_targets <- _fit <- fit <- caller
+            )
         y = y[:, 0]
     if y.dtype.kind == "c":
         raise ValueError(f"Complex data not supported: y has dtype {y.dtype}.")
     if numeric:
-        y = _numeric(y, "y").astype(np.float64, copy=False)
+        y = as_numeric(y, "y").astype(np.float64, copy=False)
         if not np.isfinite(y).all():
             if np.isnan(y).any():
                 raise ValueError("Input y contains NaN.")
@@ -255,9 +334,11 @@ def classification_target_type(y: np.ndarray) -> str:
         if not np.isfinite(y).all():
             raise ValueError("Input y contains NaN." if np.isnan(y).any() else "Input y contains infinity.")
         if np.any(y != np.round(y)):
-            raise ValueError("Unknown label type: continuous. Classifier targets must be discrete labels.")
+            raise ValueError("Unknown label type: continuous. Classifier targets y must be discrete labels.")
     elif y.dtype.kind == "O":
         kinds = {type(v) for v in y.tolist()}
+        if not all(issubclass(k, (str, numbers.Real)) for k in kinds):
+            raise ValueError(f"Unknown label type: y holds {sorted(k.__name__ for k in kinds)}.")
         if any(issubclass(k, float) for k in kinds):
             vals = np.asarray([v for v in y.tolist() if isinstance(v, float)])
             if not np.isfinite(vals).all() or np.any(vals != np.round(vals)):

@@ -72,10 +72,10 @@ class IdIndex:
     FieldModel's categorical column. Ids added later (partial_fit) get the next numbers, so the numbers of
     known ids never change."""
 
-    def __init__(self, *id_arrays):
+    def __init__(self, *id_arrays, what="ids"):
         present = [a for a in id_arrays if a is not None and len(a)]
         if len({a.dtype.kind == "U" for a in present}) > 1:
-            raise TypeError("ids mix strings and integers between the interactions and the feature table")
+            raise TypeError(f"{what} mix strings and integers between the interactions and the feature table")
         self.ids = np.unique(np.concatenate(present)) if present else np.zeros(0, np.int64)
         self._index_ids()
 
@@ -287,7 +287,7 @@ class _Progress:
 
 
 def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=None, validate=None, metric=None,
-               higher_is_better=False):
+               higher_is_better=False, advice=""):
     """The epochs of `est.fit` / `est.partial_fit` for a FieldNet-based estimator.
 
     Reads est.batch_size, alpha, learning_rate, momentum, nesterovs_momentum, n_iter_no_change,
@@ -296,7 +296,7 @@ def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=Non
     improvement and the parameters of the best epoch are restored (est.best_epoch_ counts from 1).
 
     A batch whose loss is NaN or infinite stops training before it is applied, with a ValueError saying what
-    to try: the parameters stay finite. Ctrl-C stops at a batch boundary and KeyboardInterrupt propagates;
+    to try (`advice`, after a lower learning_rate): the parameters keep their last finite-loss state. Ctrl-C stops at a batch boundary and KeyboardInterrupt propagates;
     the model stays consistent and usable, its history listing the epochs completed.
     """
     history = est.history_
@@ -325,7 +325,7 @@ def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=Non
             raise ValueError(
                 f"training diverged in epoch {epoch + 1}: a batch's loss became NaN or infinite, so training "
                 "stopped before applying it (the parameters are those of the last finite step). Try a lower "
-                "learning_rate, a larger alpha, or scaling the numeric features.")
+                f"learning_rate{advice}.")
         seconds = time.perf_counter() - start
         history["loss"].append(loss_sum / max(rows, 1))
         history["seconds"].append(seconds)

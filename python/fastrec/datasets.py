@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -16,6 +19,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
+from fastrec._checks import INT_MAX, as_array, as_numeric, check_bool, check_float
 from fastrec.evaluation import check_generator
 from fastrec.features import FeatureTable, as_id_array
 
@@ -46,13 +50,17 @@ class Interactions:
         if self.items.shape[0] != n:
             raise ValueError(f"users and items have different lengths: {n} and {self.items.shape[0]}")
         if self.ratings is not None:
-            self.ratings = np.asarray(self.ratings, dtype=np.float32)
-            if self.ratings.shape != (n,) or not np.all(np.isfinite(self.ratings)):
-                raise ValueError(f"ratings must be ({n},) finite numbers; got shape {self.ratings.shape}")
+            r = as_numeric(as_array(self.ratings, "ratings"), "ratings")
+            if r.shape != (n,) or not np.all(np.isfinite(r)) or np.any(np.abs(r) > np.finfo(np.float32).max):
+                raise ValueError(f"ratings must be ({n},) finite numbers (float32); got shape {r.shape}")
+            self.ratings = r.astype(np.float32)
         if self.timestamps is not None:
-            self.timestamps = np.asarray(self.timestamps, dtype=np.int64)
-            if self.timestamps.shape != (n,):
-                raise ValueError(f"timestamps must have shape ({n},); got {self.timestamps.shape}")
+            t = as_numeric(as_array(self.timestamps, "timestamps"), "timestamps")
+            if t.shape != (n,):
+                raise ValueError(f"timestamps must have shape ({n},); got {t.shape}")
+            if t.dtype.kind == "f" and not np.all(np.abs(t) < 2**63):  # NaN fails too
+                raise ValueError("timestamps must be finite and fit int64")
+            self.timestamps = t.astype(np.int64)
         for name in ("user_features", "item_features"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), FeatureTable):
                 raise TypeError(f"{name} must be a FeatureTable or None")
@@ -102,8 +110,11 @@ def make_interactions(n_users=1000, n_items=500, n_interactions=20000, *, implic
     """
     for name, v in (("n_users", n_users), ("n_items", n_items), ("n_interactions", n_interactions),
                     ("n_factors", n_factors), ("n_genres", n_genres)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 1 <= v <= INT_MAX:
+            raise ValueError(f"{name} must be an int >= 1 and <= {INT_MAX}; got {v!r}")
+    check_bool(implicit, "implicit")
+    check_float(noise, "noise")
+    check_float(preference_strength, "preference_strength", -np.inf)
     if not n_users <= n_interactions <= n_users * n_items:
         raise ValueError(f"n_interactions must be between n_users ({n_users}) and n_users * n_items "
                          f"({n_users * n_items}); got {n_interactions}")
@@ -209,8 +220,14 @@ def load_movielens(path) -> Interactions:
     ``"gender"`` and ``"occupation"``; zip codes and titles are not kept. Ratings are float32, timestamps
     int64. Ids are ints (RecBole tokens that are all digits become ints too, so both 100k sources agree).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as exc:  # e.g. an embedded NUL character
+        raise ValueError(f"path {str(path)!r} cannot be used: {exc}") from None
+    if not exists:
         raise FileNotFoundError(f"{path} does not exist; expected a directory holding {_EXPECTED}")
     if path.is_dir():
         directory = path
@@ -233,22 +250,55 @@ def load_movielens(path) -> Interactions:
     raise ValueError(f"{path} is not a MovieLens ratings file; expected {_EXPECTED}")
 
 
+@contextmanager
+def _parsing(label: str):
+    """Errors from a malformed file (a bad number, a missing field, a repeated id) become a ValueError that
+    names the file."""
+    try:
+        yield
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(("cannot parse", label)):  # names it already
+            raise
+        raise ValueError(f"cannot parse {label}: {exc!s}") from None
+
+
+def _numbers(values, label: str, integer: bool) -> np.ndarray:
+    """float64 values of a column read as text: finite, within float32's range, whole numbers if integer."""
+    a = np.asarray(values, dtype=np.float64)  # ValueError on a token that is not a number
+    ok = np.isfinite(a) & (np.abs(a) <= np.finfo(np.float32).max)
+    if integer:
+        ok &= (a == np.round(a)) & (np.abs(a) < 2**63)
+    if not ok.all():
+        kind = "integers" if integer else "finite numbers"
+        raise ValueError(f"{label} must hold {kind}; got {a[~ok][0]!r}")
+    return a
+
+
 def _numeric_ratings(text: str, sep: str, label: str, skip_header: bool):
     """(users, items, ratings, timestamps) from numeric ``user sep item sep rating sep timestamp`` lines."""
     try:
-        data = np.loadtxt(io.StringIO(text), delimiter=sep, skiprows=int(skip_header), ndmin=2,
-                          comments=None, dtype=np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
+            data = np.loadtxt(io.StringIO(text), delimiter=sep, skiprows=int(skip_header), ndmin=2,
+                              comments=None, dtype=np.float64)
     except ValueError as exc:
         raise ValueError(f"cannot parse {label}: {exc}") from exc
+    if data.size == 0:
+        raise ValueError(f"cannot parse {label}: it holds no ratings")
     if data.shape[1] < 4:
         raise ValueError(f"{label} must have 4 columns (user, item, rating, timestamp); got {data.shape[1]}")
-    return (data[:, 0].astype(np.int64), data[:, 1].astype(np.int64), data[:, 2].astype(np.float32),
-            data[:, 3].astype(np.int64))
+    ids = _numbers(data[:, [0, 1, 3]], f"{label} user, item and timestamp columns", integer=True)
+    ratings = _numbers(data[:, 2], f"{label} ratings", integer=False)
+    ids = ids.astype(np.int64)
+    return ids[:, 0].copy(), ids[:, 1].copy(), ratings.astype(np.float32), ids[:, 2].copy()
 
 
 def _read(path: Path, encoding: str) -> str:
-    with open(path, encoding=encoding, newline="") as f:
-        return f.read()
+    try:
+        with open(path, encoding=encoding, newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"cannot parse {path.name}: it is not {encoding} text ({exc})") from None
 
 
 def _fill_years(years: np.ndarray) -> np.ndarray:
@@ -283,25 +333,29 @@ def _load_100k(directory: Path) -> Interactions:
     if (directory / "u.item").is_file():
         genre_names = list(ML100K_GENRES)
         if (directory / "u.genre").is_file():
-            pairs = [line.split("|") for line in _read(directory / "u.genre", "latin-1").splitlines() if line]
-            genre_names = [name for name, _ in sorted(pairs, key=lambda p: int(p[1]))]
-        ids, years, bags = [], [], []
-        for line in _read(directory / "u.item", "latin-1").splitlines():
-            if not line.strip():
-                continue
-            f = line.split("|")
-            if len(f) != 5 + len(genre_names):
-                raise ValueError(f"u.item: expected {5 + len(genre_names)} '|'-separated fields; got {line!r}")
-            ids.append(int(f[0]))
-            m = re.search(r"(\d{4})\s*$", f[2])
-            years.append(float(m.group(1)) if m else np.nan)
-            bags.append([g for g, flag in zip(genre_names, f[5:]) if flag.strip() == "1"])
-        item_features = FeatureTable(ids, multi_hot={"genres": _bags(ids, bags, genre_names)},
-                                     numeric={"year": _fill_years(np.array(years))})
+            with _parsing("u.genre"):
+                pairs = [line.split("|") for line in _read(directory / "u.genre", "latin-1").splitlines() if line]
+                genre_names = [name for name, _ in sorted(pairs, key=lambda p: int(p[1]))]
+        with _parsing("u.item"):
+            ids, years, bags = [], [], []
+            for line in _read(directory / "u.item", "latin-1").splitlines():
+                if not line.strip():
+                    continue
+                f = line.split("|")
+                if len(f) != 5 + len(genre_names):
+                    raise ValueError(f"u.item: expected {5 + len(genre_names)} '|'-separated fields; got {line!r}")
+                ids.append(int(f[0]))
+                m = re.search(r"(\d{4})\s*$", f[2])
+                years.append(float(m.group(1)) if m else np.nan)
+                bags.append([g for g, flag in zip(genre_names, f[5:]) if flag.strip() == "1"])
+            item_features = FeatureTable(ids, multi_hot={"genres": _bags(ids, bags, genre_names)},
+                                         numeric={"year": _fill_years(np.array(years))})
     if (directory / "u.user").is_file():
-        rows = [line.split("|") for line in _read(directory / "u.user", "latin-1").splitlines() if line.strip()]
-        user_features = _user_table(rows, "u.user")
-    return Interactions(users, items, ratings, ts, user_features, item_features)
+        with _parsing("u.user"):
+            rows = [line.split("|") for line in _read(directory / "u.user", "latin-1").splitlines() if line.strip()]
+            user_features = _user_table(rows, "u.user")
+    with _parsing("u.data"):
+        return Interactions(users, items, ratings, ts, user_features, item_features)
 
 
 def _user_table(rows, label):
@@ -313,7 +367,7 @@ def _user_table(rows, label):
     if all(o.isdigit() for o in occupation):
         occupation = [int(o) for o in occupation]
     return FeatureTable(ids, categorical={"gender": [r[2] for r in rows], "occupation": occupation},
-                        numeric={"age": np.array([float(r[1]) for r in rows], dtype=np.float32)})
+                        numeric={"age": _numbers([r[1] for r in rows], f"{label} ages", integer=False)})
 
 
 def _load_1m(directory: Path) -> Interactions:
@@ -321,26 +375,29 @@ def _load_1m(directory: Path) -> Interactions:
     users, items, ratings, ts = _numeric_ratings(text, "\t", "ratings.dat", False)
     item_features = user_features = None
     if (directory / "movies.dat").is_file():
-        ids, years, bags = [], [], []
-        for line in _read(directory / "movies.dat", "latin-1").splitlines():
-            if not line.strip():
-                continue
-            f = line.split("::")
-            if len(f) != 3:
-                raise ValueError(f"movies.dat: expected id::title::genres; got {line!r}")
-            ids.append(int(f[0]))
-            years.append(_year_from_title(f[1]))
-            bags.append(_split_genres(f[2]))
-        item_features = FeatureTable(ids, multi_hot={"genres": _bags(ids, bags)},
-                                     numeric={"year": _fill_years(np.array(years))})
+        with _parsing("movies.dat"):
+            ids, years, bags = [], [], []
+            for line in _read(directory / "movies.dat", "latin-1").splitlines():
+                if not line.strip():
+                    continue
+                f = line.split("::")
+                if len(f) != 3:
+                    raise ValueError(f"movies.dat: expected id::title::genres; got {line!r}")
+                ids.append(int(f[0]))
+                years.append(_year_from_title(f[1]))
+                bags.append(_split_genres(f[2]))
+            item_features = FeatureTable(ids, multi_hot={"genres": _bags(ids, bags)},
+                                         numeric={"year": _fill_years(np.array(years))})
     if (directory / "users.dat").is_file():
-        rows = [line.split("::") for line in _read(directory / "users.dat", "latin-1").splitlines()
-                if line.strip()]
-        if any(len(r) < 4 for r in rows):
-            raise ValueError("users.dat: expected id::gender::age::occupation::zip per line")
-        # reorder to the id, age, gender, occupation of u.user
-        user_features = _user_table([[r[0], r[2], r[1], r[3]] for r in rows], "users.dat")
-    return Interactions(users, items, ratings, ts, user_features, item_features)
+        with _parsing("users.dat"):
+            rows = [line.split("::") for line in _read(directory / "users.dat", "latin-1").splitlines()
+                    if line.strip()]
+            if any(len(r) < 4 for r in rows):
+                raise ValueError("users.dat: expected id::gender::age::occupation::zip per line")
+            # reorder to the id, age, gender, occupation of u.user
+            user_features = _user_table([[r[0], r[2], r[1], r[3]] for r in rows], "users.dat")
+    with _parsing("ratings.dat"):
+        return Interactions(users, items, ratings, ts, user_features, item_features)
 
 
 def _split_genres(field: str):
@@ -353,20 +410,22 @@ def _load_latest(directory: Path) -> Interactions:
                                                  "ratings.csv", True)
     item_features = None
     if (directory / "movies.csv").is_file():
-        reader = csv.reader(io.StringIO(_read(directory / "movies.csv", "utf-8")))
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:3]] != ["movieId", "title", "genres"]:
-            raise ValueError(f"movies.csv: expected the header movieId,title,genres; got {header}")
-        ids, years, bags = [], [], []
-        for row in reader:
-            if not row:
-                continue
-            ids.append(int(row[0]))
-            years.append(_year_from_title(row[1]))
-            bags.append(_split_genres(row[2]))
-        item_features = FeatureTable(ids, multi_hot={"genres": _bags(ids, bags)},
-                                     numeric={"year": _fill_years(np.array(years))})
-    return Interactions(users, items, ratings, ts, None, item_features)
+        with _parsing("movies.csv"):
+            reader = csv.reader(io.StringIO(_read(directory / "movies.csv", "utf-8")))
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:3]] != ["movieId", "title", "genres"]:
+                raise ValueError(f"movies.csv: expected the header movieId,title,genres; got {header}")
+            ids, years, bags = [], [], []
+            for row in reader:
+                if not row:
+                    continue
+                ids.append(int(row[0]))
+                years.append(_year_from_title(row[1]))
+                bags.append(_split_genres(row[2]))
+            item_features = FeatureTable(ids, multi_hot={"genres": _bags(ids, bags)},
+                                         numeric={"year": _fill_years(np.array(years))})
+    with _parsing("ratings.csv"):
+        return Interactions(users, items, ratings, ts, None, item_features)
 
 
 def _read_atomic(path: Path):
@@ -395,30 +454,36 @@ def _token_ids(values, label):
 
 
 def _load_recbole(directory: Path, name: str) -> Interactions:
-    inter = _read_atomic(directory / f"{name}.inter")
-    for required in ("user_id", "item_id"):
-        if required not in inter:
-            raise ValueError(f"{name}.inter has no {required} column; columns: {list(inter)}")
-    users = _token_ids(inter["user_id"], "user_id")
-    items = _token_ids(inter["item_id"], "item_id")
-    ratings = np.array(inter["rating"], dtype=np.float32) if "rating" in inter else None
-    ts = np.array(inter["timestamp"], dtype=np.float64).astype(np.int64) if "timestamp" in inter else None
+    with _parsing(f"{name}.inter"):
+        inter = _read_atomic(directory / f"{name}.inter")
+        for required in ("user_id", "item_id"):
+            if required not in inter:
+                raise ValueError(f"{name}.inter has no {required} column; columns: {list(inter)}")
+        if not inter["user_id"]:
+            raise ValueError(f"{name}.inter holds no interactions")  # as the other formats
+        users = _token_ids(inter["user_id"], "user_id")
+        items = _token_ids(inter["item_id"], "item_id")
+        ratings = _numbers(inter["rating"], "ratings", integer=False).astype(np.float32) if "rating" in inter else None
+        ts = _numbers(inter["timestamp"], "timestamps", integer=True).astype(np.int64) if "timestamp" in inter else None
     item_features = user_features = None
     if (directory / f"{name}.item").is_file():
-        cols = _read_atomic(directory / f"{name}.item")
-        ids = _token_ids(cols["item_id"], "item_id")
-        multi_hot, numeric = {}, {}
-        genre_col = next((c for c in ("genre", "genres", "class") if c in cols), None)
-        if genre_col is not None:
-            multi_hot["genres"] = _bags(ids, [v.split() for v in cols[genre_col]])
-        if "release_year" in cols:
-            years = np.array([float(v) if v.strip().isdigit() else np.nan for v in cols["release_year"]])
-            numeric["year"] = _fill_years(years)
-        item_features = FeatureTable(ids, multi_hot=multi_hot, numeric=numeric)
+        with _parsing(f"{name}.item"):
+            cols = _read_atomic(directory / f"{name}.item")
+            ids = _token_ids(cols["item_id"], "item_id")
+            multi_hot, numeric = {}, {}
+            genre_col = next((c for c in ("genre", "genres", "class") if c in cols), None)
+            if genre_col is not None:
+                multi_hot["genres"] = _bags(ids, [v.split() for v in cols[genre_col]])
+            if "release_year" in cols:
+                years = np.array([float(v) if v.strip().isdigit() else np.nan for v in cols["release_year"]])
+                numeric["year"] = _fill_years(years)
+            item_features = FeatureTable(ids, multi_hot=multi_hot, numeric=numeric)
     if (directory / f"{name}.user").is_file():
-        cols = _read_atomic(directory / f"{name}.user")
-        ids = _token_ids(cols["user_id"], "user_id")
-        categorical = {c: _token_ids(cols[c], c) for c in ("gender", "occupation") if c in cols}
-        numeric = {"age": np.array(cols["age"], dtype=np.float32)} if "age" in cols else {}
-        user_features = FeatureTable(ids, categorical=categorical, numeric=numeric)
-    return Interactions(users, items, ratings, ts, user_features, item_features)
+        with _parsing(f"{name}.user"):
+            cols = _read_atomic(directory / f"{name}.user")
+            ids = _token_ids(cols["user_id"], "user_id")
+            categorical = {c: _token_ids(cols[c], c) for c in ("gender", "occupation") if c in cols}
+            numeric = {"age": _numbers(cols["age"], "age", integer=False)} if "age" in cols else {}
+            user_features = FeatureTable(ids, categorical=categorical, numeric=numeric)
+    with _parsing(f"{name}.inter"):
+        return Interactions(users, items, ratings, ts, user_features, item_features)

@@ -16,6 +16,7 @@ import numbers
 
 import numpy as np
 
+from fastrec._checks import as_array
 from fastrec.features import as_id_array
 from fastrec.metrics import _per_user
 
@@ -45,10 +46,13 @@ def random_split(*arrays, test_size=0.2, random_state=None):
         raise TypeError("random_split needs n or at least one array")
     if len(arrays) == 1 and isinstance(arrays[0], numbers.Integral) and not isinstance(arrays[0], bool):
         n = int(arrays[0])
-        if n < 0:
-            raise ValueError(f"n must be >= 0; got {n}")
+        if not 0 <= n <= np.iinfo(np.int64).max:
+            raise ValueError(f"n must be >= 0 and fit int64; got {n}")
     else:
-        lengths = [len(a) for a in arrays]
+        try:
+            lengths = [len(a) for a in arrays]
+        except TypeError:  # a float, None, a 0-d array
+            raise TypeError(f"arrays must be one int n or arrays of equal length; got {arrays!r}") from None
         if len(set(lengths)) != 1:
             raise ValueError(f"arrays have different lengths: {lengths}")
         n = lengths[0]
@@ -59,7 +63,7 @@ def random_split(*arrays, test_size=0.2, random_state=None):
     else:
         raise ValueError(f"test_size must be a float in (0, 1) or an int; got {test_size!r}")
     if not 0 < n_test < n:
-        raise ValueError(f"test_size={test_size!r} leaves {n_test} test and {n - n_test} train rows of {n}; "
+        raise ValueError(f"test_size={test_size!r} leaves {n_test} test and {n - n_test} train rows of n={n}; "
                          "both must be non-empty")
     perm = check_generator(random_state).permutation(n)
     return np.sort(perm[n_test:]).astype(np.int64), np.sort(perm[:n_test]).astype(np.int64)
@@ -73,7 +77,7 @@ def leave_last_out(users, timestamps, random_state=None):
     train, so every test user has history.
     """
     u = as_id_array(users, "users")
-    t = np.asarray(timestamps)
+    t = as_array(timestamps, "timestamps")
     if t.ndim != 1 or t.shape[0] != u.shape[0]:
         raise ValueError(f"timestamps must have shape ({u.shape[0]},) like users; got {t.shape}")
     if not np.issubdtype(t.dtype, np.number) or t.dtype.kind == "c":
@@ -177,7 +181,7 @@ def sampled_ranking(model, test_users, test_items, *, seen_users, seen_items, n_
     su, si = _check_pairs(seen_users, seen_items, ("seen_users", "seen_items"))
     if tu.size == 0:
         raise ValueError("test_users is empty")
-    if not isinstance(n_negatives, numbers.Integral) or n_negatives < 1:
+    if not isinstance(n_negatives, numbers.Integral) or isinstance(n_negatives, bool) or n_negatives < 1:
         raise ValueError(f"n_negatives must be an int >= 1; got {n_negatives!r}")
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be an int >= 1; got {k!r}")
@@ -191,6 +195,8 @@ def sampled_ranking(model, test_users, test_items, *, seen_users, seen_items, n_
         if not np.all(np.isin(ti, universe)):
             raise ValueError("items must contain every test item")
     n_items = universe.size
+    if n_negatives >= n_items:  # also keeps a huge n_negatives from sizing the candidate arrays
+        raise ValueError(f"n_negatives={n_negatives} must be smaller than the number of items ({n_items})")
 
     user_ids, user_codes = np.unique(np.concatenate([tu, su]) if su.size else tu, return_inverse=True)
     user_codes = user_codes.ravel().astype(np.int64)
@@ -238,7 +244,10 @@ def full_ranking(model, test_users, test_items, *, k=10):
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(users.size + 1))
     relevant = [ti[order[bounds[j]:bounds[j + 1]]] for j in range(users.size)]
-    per = _per_user(rec, relevant, k)
+    try:
+        per = _per_user(rec, relevant, k)
+    except TypeError as exc:  # e.g. str test_items against a model of int ids
+        raise TypeError(f"test_items do not match the item ids model.recommend returned: {exc}") from None
     return {
         f"precision@{k}": float(per["precision"].mean()),
         f"recall@{k}": float(per["recall"].mean()),

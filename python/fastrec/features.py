@@ -24,6 +24,8 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
+from fastrec._checks import as_array, as_numeric, check_csr
+
 __all__ = ["FeatureTable"]
 
 
@@ -31,20 +33,30 @@ def as_id_array(values, name: str) -> np.ndarray:
     """``values`` as a 1-D int64 or unicode array; TypeError for floats, mixed or other types."""
     if hasattr(values, "to_numpy"):  # pandas Series / Index, without importing pandas
         values = values.to_numpy()
-    a = np.asarray(values)
+    a = as_array(values, name)
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D; got shape {a.shape}")
-    if a.dtype == bool or a.size == 0:  # np.asarray([]) is float64
+    if a.size == 0:  # np.asarray([]) is float64
+        return np.zeros(0, np.int64)
+    if a.dtype == bool:
         return a.astype(np.int64)
+    if a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds integers beyond the int64 range")
     if np.issubdtype(a.dtype, np.integer):
         return a.astype(np.int64, copy=False)
     if a.dtype.kind == "U":
+        # numpy turns [1, "a"] into ["1", "a"]: refuse the mix as the object branch below does.
+        if not isinstance(values, np.ndarray) and not all(isinstance(v, str) for v in values):
+            raise TypeError(f"{name} must hold only ints or only strings; found a mix")
         return a
     if a.dtype == object:
         if all(isinstance(v, str) for v in a):
             return a.astype(str)
         if all(isinstance(v, numbers.Integral) for v in a):
-            return a.astype(np.int64)
+            try:
+                return a.astype(np.int64)
+            except OverflowError:
+                raise ValueError(f"{name} holds integers beyond the int64 range") from None
         if any(v is None or (isinstance(v, float) and v != v) for v in a):
             raise ValueError(f"{name} has missing values (None/NaN); fill them with a value of their own")
         kinds = sorted({type(v).__name__ for v in a})
@@ -107,12 +119,13 @@ class FeatureTable:
             label = f"numeric[{name!r}]"
             if hasattr(values, "to_numpy"):
                 values = values.to_numpy()
-            a = np.asarray(values)
+            a = as_array(values, label)
             if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or a.dtype.kind == "c":
                 raise TypeError(f"{label} must hold real numbers; got dtype {a.dtype}")
             if a.ndim not in (1, 2) or a.shape[0] != n or (a.ndim == 2 and a.shape[1] == 0):
                 raise ValueError(f"{label} must have shape ({n},) or ({n}, c) with c >= 1; got {a.shape}")
-            a = np.ascontiguousarray(a, dtype=np.float32)
+            with np.errstate(over="ignore"):  # beyond float32's range: inf, reported below
+                a = np.ascontiguousarray(a, dtype=np.float32)
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"{label} contains NaN or infinity (or a value too large for float32)")
             self.numeric[name] = a
@@ -206,7 +219,10 @@ def _check_multi_hot(value, n: int, label: str):
                          f"got {matrix.shape}")
     if np.unique(vocab).size != vocab.size:
         raise ValueError(f"{label} vocabulary has repeated labels")
-    matrix = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
+    matrix = check_csr(matrix, label)
+    data = as_numeric(np.asarray(matrix.data), label)
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, reported below
+        matrix = sp.csr_matrix((data.astype(np.float32), matrix.indices, matrix.indptr), shape=matrix.shape, copy=True)
     matrix.sum_duplicates()  # also sorts the indices
     if not np.all(np.isfinite(matrix.data)):
         raise ValueError(f"{label} weights contain NaN or infinity")

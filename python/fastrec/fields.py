@@ -21,12 +21,15 @@ import numpy as np
 import scipy.sparse as sp
 
 from fastrec._base import BaseEstimator, exclusive_fit
-from fastrec._checks import check_random_state, not_fitted_error
+from fastrec._checks import (as_array, as_numeric, check_bool, check_csr, check_float, check_int, check_random_state,
+                             check_sample_weight, not_fitted_error)
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
                                bags_of_ids, run_epochs)
 from fastrec.features import as_id_array
 
 __all__ = ["FieldModel"]
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # the core computes in float32
 
 
 def _hash_codes(values: np.ndarray, buckets: int) -> np.ndarray:
@@ -89,20 +92,20 @@ class FieldModel(BaseEstimator):
 
     # ------------------------------------------------------------------------------------ inputs
     def _options(self, name):
-        opts = dict((self.fields or {}).get(name, {}))
+        opts = (self.fields or {}).get(name, {})
+        if not isinstance(opts, dict):
+            raise TypeError(f"fields[{name!r}] must be a dict of options, got {opts!r}")
         unknown = set(opts) - {"dim", "pooling", "hash_buckets"}
         if unknown:
-            raise ValueError(f"fields[{name!r}] has unknown options {sorted(unknown)}")
-        dim = opts.get("dim", self.embedding_dim)
-        if not isinstance(dim, numbers.Integral) or dim < 1:
-            raise ValueError(f"fields[{name!r}]['dim'] must be an integer >= 1, got {dim!r}")
+            raise ValueError(f"fields[{name!r}] has unknown options {sorted(unknown, key=str)}")
+        dim = check_int(opts.get("dim", self.embedding_dim), f"fields[{name!r}]['dim']")
         pooling = opts.get("pooling", "mean")
-        if pooling not in ("mean", "sum"):
+        if not (isinstance(pooling, str) and pooling in ("mean", "sum")):
             raise ValueError(f"fields[{name!r}]['pooling'] must be 'mean' or 'sum', got {pooling!r}")
         buckets = opts.get("hash_buckets")
-        if buckets is not None and (not isinstance(buckets, numbers.Integral) or buckets < 1):
-            raise ValueError(f"fields[{name!r}]['hash_buckets'] must be an integer >= 1, got {buckets!r}")
-        return int(dim), pooling, buckets
+        if buckets is not None:
+            buckets = check_int(buckets, f"fields[{name!r}]['hash_buckets']", maximum=2**31 - 2)  # +1: int32 ids
+        return dim, pooling, buckets
 
     def _inputs(self, X, fit: bool, grow: bool = False):
         """Bag tables and dense tables of X (rows = examples), learning vocabularies and scalings when fit, and
@@ -116,20 +119,21 @@ class FieldModel(BaseEstimator):
         bags, dense, kinds = [], [], []
         for name in names:
             value = X[name]
+            label = f"X[{name!r}]"
             if sp.issparse(value):
                 kind = "multi_hot"
-                value = value.tocsr()
+                value = check_csr(value, label)
                 rows = value.shape[0]
             else:
-                value = value.to_numpy() if hasattr(value, "to_numpy") else np.asarray(value)
+                value = as_array(value.to_numpy() if hasattr(value, "to_numpy") else value, label)
                 kind = "numeric" if np.issubdtype(value.dtype, np.floating) else "categorical"
                 rows = value.shape[0] if value.ndim else 0
             if n is None:
                 n = rows
             if rows != n or rows == 0:
-                raise ValueError(f"column {name!r} has {rows} rows; every column needs the same number, at least 1")
+                raise ValueError(f"{label} has {rows} rows; every column needs the same number, at least 1")
             if not fit and kind != dict(self.columns_)[name]:
-                raise TypeError(f"column {name!r} is {kind} but was {dict(self.columns_)[name]} at fit")
+                raise TypeError(f"{label} is {kind} but was {dict(self.columns_)[name]} at fit")
             kinds.append((name, kind))
             dim, pooling, buckets = self._options(name)
             if kind == "categorical":
@@ -149,20 +153,26 @@ class FieldModel(BaseEstimator):
                 if value.shape[1] != self._vocab_[name]:
                     raise ValueError(f"X[{name!r}] has {value.shape[1]} columns, the model was fitted on "
                                      f"{self._vocab_[name]}")
-                if not np.isfinite(value.data).all():
-                    raise ValueError(f"X[{name!r}] contains NaN or infinity")
+                data = as_numeric(np.asarray(value.data), label)
+                if not np.isfinite(data).all() or (np.abs(data) > _FLOAT32_MAX).any():
+                    raise ValueError(f"X[{name!r}] contains NaN or infinity (or a value too large for float32)")
                 bags.append(bags_of_csr(value, mean=pooling == "mean"))
             else:
+                if value.ndim > 2:
+                    raise ValueError(f"X[{name!r}] must have shape ({n},) or ({n}, c); got {value.shape}")
                 values = value.reshape(n, -1).astype(np.float64)
-                if not np.isfinite(values).all():
-                    raise ValueError(f"X[{name!r}] contains NaN or infinity")
+                if not np.isfinite(values).all() or (np.abs(values) > _FLOAT32_MAX).any():
+                    raise ValueError(f"X[{name!r}] contains NaN or infinity (or a value too large for float32)")
                 if fit:
                     std = values.std(axis=0)
                     self._scale_[name] = (values.mean(axis=0), np.where(std > 0, std, 1.0))
                 mean, std = self._scale_[name]
                 if values.shape[1] != len(mean):
                     raise ValueError(f"X[{name!r}] has {values.shape[1]} columns, the model was fitted on {len(mean)}")
-                dense.append(np.ascontiguousarray((values - mean) / std, dtype=np.float32))
+                scaled = (values - mean) / std
+                if (np.abs(scaled) > _FLOAT32_MAX).any():  # e.g. 3e38 after training on values of std 0.1
+                    raise ValueError(f"X[{name!r}] holds values too large for float32 once standardised")
+                dense.append(np.ascontiguousarray(scaled, dtype=np.float32))
         return n, kinds, bags, dense
 
     def _threads(self):
@@ -170,37 +180,37 @@ class FieldModel(BaseEstimator):
 
     # ------------------------------------------------------------------------------------ fit / predict
     def _validate_params(self):
-        if self.loss not in ("bce", "mse"):
-            raise ValueError(f"loss must be 'bce' or 'mse', got {self.loss!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name, options in (("loss", ("bce", "mse")), ("activation", ACTIVATIONS), ("optimizer", OPTIMIZERS)):
+            if not (isinstance(getattr(self, name), str) and getattr(self, name) in options):
+                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "embedding_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        v = self.n_iter_no_change
-        if v is not None and (not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"n_iter_no_change must be None or an integer >= 1, got {v!r}")
-        hidden = (self.hidden_layer_sizes,) if isinstance(self.hidden_layer_sizes, numbers.Integral) else tuple(
-            self.hidden_layer_sizes)
-        if any(not isinstance(h, numbers.Integral) or h < 1 for h in hidden):
-            raise ValueError(f"hidden_layer_sizes must hold integers >= 1, got {self.hidden_layer_sizes!r}")
+            check_int(getattr(self, name), name)
+        if self.n_iter_no_change is not None:
+            check_int(self.n_iter_no_change, "n_iter_no_change")
+        hidden = self.hidden_layer_sizes
+        hidden = (hidden,) if isinstance(hidden, numbers.Integral) else hidden
+        if isinstance(hidden, str) or not hasattr(hidden, "__iter__"):
+            raise ValueError(f"hidden_layer_sizes must be an int or a sequence of ints, got {hidden!r}")
+        hidden = tuple(check_int(h, "hidden_layer_sizes entries") for h in hidden)
+        if self.fields is not None and not isinstance(self.fields, dict):
+            raise TypeError(f"fields must be a dict: column name -> dict of options, got {self.fields!r}")
+        check_float(self.learning_rate, "learning_rate", low_open=True)
+        check_float(self.alpha, "alpha")
+        check_float(self.momentum, "momentum", 0.0, 1.0, high_open=False)
+        check_bool(self.nesterovs_momentum, "nesterovs_momentum")
+        if self.n_threads is not None:
+            check_int(self.n_threads, "n_threads")
         return hidden
 
     def _targets(self, y, n, sample_weight):
-        y = np.asarray(y, dtype=np.float64)
-        if y.shape != (n,) or not np.isfinite(y).all():
-            raise ValueError(f"y must be {n} finite numbers, got shape {y.shape}")
+        y = as_numeric(as_array(y, "y"), "y").astype(np.float64)
+        if y.shape != (n,) or not np.isfinite(y).all() or (np.abs(y) > _FLOAT32_MAX / 2).any():
+            raise ValueError(f"y must be {n} finite numbers (within float32's range), got shape {y.shape}")
         if self.loss == "bce" and not np.isin(y, (0.0, 1.0)).all():
             raise ValueError("y must hold 0/1 labels for loss='bce'")
         weight = None
         if sample_weight is not None:
-            weight = np.asarray(sample_weight, dtype=np.float64)
-            if weight.shape != (n,) or not np.isfinite(weight).all() or (weight < 0).any() or not weight.any():
-                raise ValueError(f"sample_weight must be {n} finite non-negative numbers, not all zero")
-            weight = weight.astype(np.float32)
+            weight = check_sample_weight(sample_weight, n).astype(np.float32)
         return y, weight
 
     @exclusive_fit
@@ -270,7 +280,8 @@ class FieldModel(BaseEstimator):
         handle = self.net_.handle(bags, dense_tables, training=True)
         fn, metric, higher = validate if validate is not None else (None, None, False)
         run_epochs(self, self.net_, handle, [np.arange(n, dtype=np.int32)], targets, weight, n, self._rng, epochs,
-                   validate=fn, metric=metric, higher_is_better=higher)
+                   validate=fn, metric=metric, higher_is_better=higher,
+                   advice=", a moderate alpha (too strong a penalty diverges too), or scaled y and numeric columns")
 
     def _validation(self, data):
         """(function scoring the current parameters on validation_data, metric, higher is better) or None."""

@@ -36,6 +36,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
+from fastrec._checks import as_array, check_csr
+from fastrec.features import as_id_array
+
 __all__ = [
     "hit_rate_at_k",
     "log_loss",
@@ -57,7 +60,7 @@ def _check_1d_float(x, name: str) -> np.ndarray:
         a = np.asarray(x)
     except Exception as exc:  # ragged lists and the like
         raise TypeError(f"{name} must be array-like of numbers; got {type(x).__name__}") from exc
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+    if a.dtype.kind not in "biuf":  # not complex, timedelta or object either
         raise TypeError(f"{name} must hold numbers; got dtype {a.dtype}")
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D; got shape {a.shape}")
@@ -88,14 +91,16 @@ def _check_binary(y: np.ndarray, name: str) -> np.ndarray:
 def rmse(y_true, y_pred) -> float:
     """Root mean squared error of ``(n,)`` predictions."""
     a, b = _check_pair(y_true, y_pred)
-    d = a.astype(np.float64) - b.astype(np.float64)
-    return float(np.sqrt(np.mean(d * d)))
+    with np.errstate(over="ignore"):  # errors beyond float64's range: inf, the honest answer
+        d = a.astype(np.float64) - b.astype(np.float64)
+        return float(np.sqrt(np.mean(d * d)))
 
 
 def mae(y_true, y_pred) -> float:
     """Mean absolute error of ``(n,)`` predictions."""
     a, b = _check_pair(y_true, y_pred)
-    return float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+    with np.errstate(over="ignore"):  # errors beyond float64's range: inf, the honest answer
+        return float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64))))
 
 
 def log_loss(y_true, y_prob) -> float:
@@ -146,7 +151,7 @@ def _check_k(k, k_rec: int) -> int:
     return int(k)
 
 
-def _id_kind(a: np.ndarray) -> str:
+def _id_kind(a: np.ndarray, name: str) -> str:
     """'int' or 'str' for an array of item ids (after removing padding)."""
     if np.issubdtype(a.dtype, np.integer):
         return "int"
@@ -157,21 +162,20 @@ def _id_kind(a: np.ndarray) -> str:
             return "str"
         if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in a):
             return "int"
-    raise TypeError(f"item ids must be integers or strings; got dtype {a.dtype}")
-
-
-def _normalize_ids(a: np.ndarray, kind: str) -> np.ndarray:
-    return a.astype(np.int64) if kind == "int" else a.astype(str)
+    raise TypeError(f"{name} must hold integer or string item ids; got dtype {a.dtype}")
 
 
 def _hits(recommended, relevant, k):
-    """Hit matrix ``(n_users, k)`` (bool) and the number of relevant items per user ``(n_users,)``."""
-    rec = np.asarray(recommended)
+    """Hit matrix ``(n_users, min(k, k_rec))`` (bool; positions past k_rec are misses), the number of relevant
+    items per user ``(n_users,)`` and the checked ``k``."""
+    rec = as_array(recommended, "recommended")
     if rec.ndim != 2:
         raise ValueError(f"recommended must be 2-D (n_users, k); got shape {rec.shape}")
     n_users, k_rec = rec.shape
     if n_users == 0:
         raise ValueError("recommended is empty (0 users)")
+    if k_rec == 0 and k is None:
+        raise ValueError("recommended has 0 columns: pass k to score empty lists")
     k = _check_k(k, k_rec)
     rec = rec[:, : min(k, k_rec)]
 
@@ -188,7 +192,7 @@ def _hits(recommended, relevant, k):
 
     # relevant -> parallel arrays (user row, item id)
     if sp.issparse(relevant):
-        rel = sp.csr_matrix(relevant)
+        rel = check_csr(relevant, "relevant")
         if rel.shape[0] != n_users:
             raise ValueError(f"relevant has {rel.shape[0]} rows but recommended has {n_users} users")
         rel = rel.copy()
@@ -196,27 +200,30 @@ def _hits(recommended, relevant, k):
         rel_users = np.repeat(np.arange(n_users), np.diff(rel.indptr))
         rel_items = rel.indices.astype(np.int64)
     else:
-        if isinstance(relevant, (str, bytes)) or not hasattr(relevant, "__len__"):
+        if isinstance(relevant, (str, bytes)) or not hasattr(relevant, "__len__") or getattr(relevant, "ndim", 1) == 0:
             raise TypeError("relevant must be a sequence of per-user item collections or a sparse matrix")
         if len(relevant) != n_users:
             raise ValueError(f"relevant has {len(relevant)} users but recommended has {n_users}")
-        parts = [np.asarray(list(r) if isinstance(r, (set, frozenset)) else r).ravel() for r in relevant]
+        parts = [as_array(list(r) if isinstance(r, (set, frozenset)) else r, "relevant").ravel() for r in relevant]
         rel_users = np.repeat(np.arange(n_users), [p.size for p in parts])
-        nonempty = [p for p in parts if p.size]
+        nonempty = [as_id_array(p, "relevant") for p in parts if p.size]
+        if len({p.dtype.kind for p in nonempty}) > 1:
+            raise TypeError("relevant mixes integer and string item ids")
         rel_items = np.concatenate(nonempty) if nonempty else np.zeros(0, dtype=np.int64)
 
     if rel_items.size and rec_items.size:
-        kind = _id_kind(rel_items)
-        if _id_kind(rec_items) != kind:
+        if _id_kind(rec_items, "recommended") != _id_kind(rel_items, "relevant"):
             raise TypeError("recommended and relevant hold item ids of different types (int vs str)")
-        rel_items = _normalize_ids(rel_items, kind)
-        rec_items = _normalize_ids(rec_items, kind)
+        rel_items = as_id_array(rel_items, "relevant")
+        rec_items = as_id_array(rec_items, "recommended")
     elif rec_items.size:
-        rec_items = _normalize_ids(rec_items, _id_kind(rec_items))
+        _id_kind(rec_items, "recommended")
+        rec_items = as_id_array(rec_items, "recommended")
         rel_items = rel_items.astype(rec_items.dtype)
     else:
         if rel_items.size:
-            rel_items = _normalize_ids(rel_items, _id_kind(rel_items))
+            _id_kind(rel_items, "relevant")
+            rel_items = as_id_array(rel_items, "relevant")
         rec_items = rec_items.astype(rel_items.dtype)
     # one code per distinct item, then one int64 key per (user, item) pair
     _, codes = np.unique(np.concatenate([rel_items, rec_items]), return_inverse=True)
@@ -231,12 +238,12 @@ def _hits(recommended, relevant, k):
     if repeated.size:
         raise ValueError(f"recommended repeats an item within a row (row {int(repeated.min() // n_codes)})")
 
-    hits = np.zeros((n_users, k), dtype=bool)
+    hits = np.zeros((n_users, rec.shape[1]), dtype=bool)
     pos = np.searchsorted(rel_keys, rec_keys)
     found = pos < rel_keys.size
     found[found] = rel_keys[pos[found]] == rec_keys[found]
     hits[rec_rows[found], rec_cols[found]] = True
-    return hits, n_relevant
+    return hits, n_relevant, k
 
 
 def _mean_over_users(values: np.ndarray, n_relevant: np.ndarray) -> float:
@@ -248,17 +255,18 @@ def _mean_over_users(values: np.ndarray, n_relevant: np.ndarray) -> float:
 
 def _per_user(recommended, relevant, k=None) -> dict:
     """All four per-user ranking metrics at once: dict of ``(n_users,)`` arrays plus ``n_relevant``."""
-    hits, n_rel = _hits(recommended, relevant, k)
-    k = hits.shape[1]
+    hits, n_rel, k = _hits(recommended, relevant, k)
     n_hits = hits.sum(axis=1)
-    discounts = 1.0 / np.log2(np.arange(k) + 2.0)
-    idcg = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(n_rel, k)]
+    # Discounts of the positions that matter, not of all k: k may be far larger than any list.
+    m = min(k, max(int(n_rel.max()), hits.shape[1]))
+    discounts = 1.0 / np.log2(np.arange(m) + 2.0)
+    idcg = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(n_rel, m)]
     safe = np.maximum(n_rel, 1)
     return {
         "hit_rate": (n_hits > 0).astype(np.float64),
         "precision": n_hits / k,
         "recall": n_hits / safe,
-        "ndcg": (hits @ discounts) / np.where(idcg > 0, idcg, 1.0),
+        "ndcg": (hits @ discounts[: hits.shape[1]]) / np.where(idcg > 0, idcg, 1.0),
         "n_relevant": n_rel,
     }
 

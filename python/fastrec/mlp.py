@@ -10,6 +10,7 @@ is one `_core.train_epoch` call and each prediction one `_core.forward` call.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -17,9 +18,12 @@ import numpy as np
 from fastrec import _core
 from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import (
+    INT_MAX,
     ConvergenceWarning,
     NotFittedError,
+    as_array,
     check_random_state,
+    check_sample_weight,
     check_X,
     check_y,
     classification_target_type,
@@ -31,6 +35,7 @@ from fastrec._checks import (
 __all__ = ["ConvergenceWarning", "MLPClassifier", "MLPRegressor", "NotFittedError"]
 
 _ACTIVATIONS = ("identity", "logistic", "tanh", "relu")
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _SOLVERS = ("sgd", "adam")
 _LEARNING_RATES = ("constant", "invscaling", "adaptive")
 
@@ -117,7 +122,13 @@ def _int_like(v) -> bool:
 
 
 def _real_like(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and not np.isnan(v)
+    """A real number other than NaN, and not a bool; an int too large for a float is not one."""
+    if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_)):
+        return False
+    try:
+        return not math.isnan(float(v))
+    except OverflowError:
+        return False
 
 
 def _bool_like(v) -> bool:
@@ -190,8 +201,8 @@ class _BaseMLP(BaseEstimator):
         elif isinstance(hls, str) or not hasattr(hls, "__iter__"):
             raise bad("hidden_layer_sizes", "an int or a sequence of ints >= 1")
         hls = list(hls)
-        if not all(_int_like(h) and h >= 1 for h in hls):
-            raise bad("hidden_layer_sizes", "an int or a sequence of ints >= 1")
+        if not all(_int_like(h) and 1 <= h <= INT_MAX for h in hls):
+            raise bad("hidden_layer_sizes", f"an int or a sequence of ints in [1, {INT_MAX}]")
         if self.solver == "lbfgs":
             raise ValueError("solver='lbfgs' is not supported by fastrec; use solver='adam' or 'sgd'.")
         checks = [
@@ -203,7 +214,7 @@ class _BaseMLP(BaseEstimator):
             ("learning_rate", lambda v: isinstance(v, str) and v in _LEARNING_RATES, f"one of {_LEARNING_RATES}"),
             ("learning_rate_init", lambda v: _real_like(v) and 0 < v < np.inf, "a finite float > 0"),
             ("power_t", lambda v: _real_like(v) and 0 <= v < np.inf, "a finite float >= 0"),
-            ("max_iter", lambda v: _int_like(v) and v >= 1, "an int >= 1"),
+            ("max_iter", lambda v: _int_like(v) and 1 <= v <= INT_MAX, f"an int in [1, {INT_MAX}]"),
             ("shuffle", _bool_like, "a bool"),
             ("tol", lambda v: _real_like(v) and 0 <= v < np.inf, "a finite float >= 0"),
             ("verbose", lambda v: _bool_like(v) or (_int_like(v) and v >= 0), "a bool or an int >= 0"),
@@ -212,12 +223,16 @@ class _BaseMLP(BaseEstimator):
             ("nesterovs_momentum", _bool_like, "a bool"),
             ("early_stopping", _bool_like, "a bool"),
             ("validation_fraction", lambda v: _real_like(v) and 0 <= v < 1, "a float in [0, 1)"),
-            ("beta_1", lambda v: _real_like(v) and 0 <= v < 1, "a float in [0, 1)"),
-            ("beta_2", lambda v: _real_like(v) and 0 <= v < 1, "a float in [0, 1)"),
-            ("epsilon", lambda v: _real_like(v) and 0 < v < np.inf, "a finite float > 0"),
+            # The core computes in float32: a beta that rounds to 1 or an epsilon that rounds to 0 would divide
+            # by zero in Adam's step.
+            ("beta_1", lambda v: _real_like(v) and 0 <= v < 1 and np.float32(v) < 1, "a float in [0, 1) in float32"),
+            ("beta_2", lambda v: _real_like(v) and 0 <= v < 1 and np.float32(v) < 1, "a float in [0, 1) in float32"),
+            ("epsilon", lambda v: _real_like(v) and _FLOAT32_TINY <= v < np.inf,
+             f"a finite float >= {_FLOAT32_TINY:.3g} (float32's smallest normal number)"),
             ("n_iter_no_change", lambda v: (_int_like(v) and v >= 1) or (_real_like(v) and v == np.inf),
              "an int >= 1 or numpy.inf"),
-            ("n_threads", lambda v: v is None or (_int_like(v) and v >= 1), "None or an int >= 1"),
+            ("n_threads", lambda v: v is None or (_int_like(v) and 1 <= v <= INT_MAX),
+             f"None or an int in [1, {INT_MAX}]"),
         ]
         for name, ok, expected in checks:
             if not ok(getattr(self, name)):
@@ -397,6 +412,8 @@ class _BaseMLP(BaseEstimator):
                 self.loss_curve_.append(self.loss_)
                 if self.verbose:
                     print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
+                if not math.isfinite(self.loss_):
+                    break  # diverged (activations overflowed even if the weights did not): reported below
 
                 self._update_no_improvement_count(X_val_core, y_val)
                 if self.solver == "sgd" and self.learning_rate == "invscaling":
@@ -425,10 +442,10 @@ class _BaseMLP(BaseEstimator):
         if self.early_stopping:
             self.coefs_ = [c.copy() for c in self._best_coefs]
             self.intercepts_ = [b.copy() for b in self._best_intercepts]
-        if not all(np.isfinite(w).all() for w in self.coefs_ + self.intercepts_):
+        if not math.isfinite(self.loss_) or not all(np.isfinite(w).all() for w in self.coefs_ + self.intercepts_):
             raise ValueError(
-                "Solver produced non-finite parameter weights. The input data may contain large values and "
-                "need to be preprocessed."
+                "Solver produced non-finite parameter weights. The input data (X, y) may contain large values "
+                "and need to be preprocessed, or learning_rate_init or alpha is too large."
             )
         return self
 
@@ -478,7 +495,13 @@ class _BaseMLP(BaseEstimator):
 
     def _forward(self, X) -> np.ndarray:
         self._check_fitted()
-        return self._forward_core(core_X(check_X(X, self, reset=False)))
+        out = self._forward_core(core_X(check_X(X, self, reset=False)))
+        if not np.isfinite(out).all():  # float32 overflow: NaN or inf would pass for a prediction
+            raise ValueError(
+                "The network output is not finite for some rows of X: X holds values too large for this "
+                "model, or its weights are (training diverged; lower learning_rate_init)."
+            )
+        return out
 
     def _score_core(self, Xc, y) -> float:
         pred = self._predict_from_output(self._forward_core(Xc))
@@ -488,17 +511,14 @@ class _BaseMLP(BaseEstimator):
 
     def _check_score_args(self, X, y, sample_weight):
         pred = self.predict(X)
-        y = np.asarray(y)
-        if y.ndim == 2 and y.shape[1] == 1 and pred.ndim == 1:
-            y = y[:, 0]
-        if y.shape[0] != pred.shape[0]:
-            raise ValueError(f"X has {pred.shape[0]} samples but y has {y.shape[0]}.")
+        n = pred.shape[0]
+        y = check_y(y, n, self, numeric=self._estimator_kind == "regressor", warn_column=False)
+        if pred.ndim == 2:  # several outputs: y must have as many columns
+            y = y.reshape(n, -1)
+            if y.shape != pred.shape:
+                raise ValueError(f"y must have shape {pred.shape} like the predictions; got {y.shape}.")
         if sample_weight is not None:
-            sample_weight = np.asarray(sample_weight, dtype=np.float64)
-            if sample_weight.shape != (y.shape[0],):
-                raise ValueError(
-                    f"sample_weight must have shape ({y.shape[0]},); got {sample_weight.shape}."
-                )
+            sample_weight = check_sample_weight(sample_weight, n)
         return y, pred, sample_weight
 
     def score(self, X, y, sample_weight=None) -> float:
@@ -539,7 +559,15 @@ class MLPClassifier(_BaseMLP):
         target_type = classification_target_type(y)
         if incremental and classes is not None:
             # partial_fit(classes=...): scikit-learn's _check_partial_fit_first_call.
-            classes = np.unique(np.asarray(classes))
+            classes = as_array(classes, "classes")
+            if classes.ndim != 1 or classes.size == 0 or classes.dtype.kind not in "biufUSO":
+                raise ValueError(f"classes must be a non-empty 1-D array of labels; got {classes!r}.")
+            if classes.dtype == object and all(isinstance(c, numbers.Real) for c in classes):
+                classes = classes.astype(np.float64)  # numbers of mixed types (np.float32, int) compare as float64
+            try:
+                classes = np.unique(classes)
+            except TypeError as exc:  # labels that cannot be ordered, e.g. a mix of str and int
+                raise TypeError(f"classes must be labels of one kind: {exc}") from None
             if hasattr(self, "classes_"):
                 if not np.array_equal(classes, self.classes_):
                     raise ValueError(

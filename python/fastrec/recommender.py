@@ -18,14 +18,16 @@ import numpy as np
 import scipy.sparse as sp
 
 from fastrec._base import BaseEstimator, exclusive_fit
-from fastrec._checks import check_random_state, not_fitted_error
-from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, bags_of_csr, bags_of_ids,
-                               IdIndex, run_epochs)
+from fastrec._checks import (as_array, check_bool, check_float, check_int, check_random_state, check_sample_weight,
+                             not_fitted_error)
+from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
+                               bags_of_ids, run_epochs)
 from fastrec.features import FeatureTable, as_id_array
 
 __all__ = ["Recommender"]
 
 USER, ITEM = 0, 1  # key columns
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _table_rows(table, ids) -> np.ndarray:
@@ -40,17 +42,12 @@ def _append_bags(bags, extra):
             np.concatenate([weights, extra[2]]))
 
 
-def _positive_int(value, name, minimum=1):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _positive_float(value, name, allow_zero=False):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-    return float(value)
+def _is_scalar(value) -> bool:
+    """One id rather than an array of them (ragged nested lists are neither: as_id_array reports them)."""
+    try:
+        return np.ndim(value) == 0
+    except ValueError:
+        return False
 
 
 class Recommender(BaseEstimator):
@@ -158,34 +155,37 @@ class Recommender(BaseEstimator):
 
     # ------------------------------------------------------------------------------------ validation
     def _validate_params(self, implicit: bool):
-        _positive_int(self.embedding_dim, "embedding_dim")
+        check_int(self.embedding_dim, "embedding_dim")
         hidden = self.hidden_layer_sizes
         if isinstance(hidden, numbers.Integral):
             hidden = (hidden,)
+        if isinstance(hidden, str) or not hasattr(hidden, "__iter__"):
+            raise ValueError(f"hidden_layer_sizes must be an int or a sequence of ints, got {hidden!r}")
         hidden = tuple(hidden)
         for h in hidden:
-            _positive_int(h, "hidden_layer_sizes entries")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.loss not in ("auto", "mse", "bce"):
-            raise ValueError(f"loss must be 'auto', 'mse' or 'bce', got {self.loss!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.negative_sampling not in ("uniform", "popularity"):
-            raise ValueError(f"negative_sampling must be 'uniform' or 'popularity', got {self.negative_sampling!r}")
-        _positive_float(self.learning_rate, "learning_rate")
-        _positive_float(self.alpha, "alpha", allow_zero=True)
+            check_int(h, "hidden_layer_sizes entries")
+        for name, options in (("activation", ACTIVATIONS), ("loss", ("auto", "mse", "bce")), ("optimizer", OPTIMIZERS),
+                              ("negative_sampling", ("uniform", "popularity"))):
+            if not (isinstance(getattr(self, name), str) and getattr(self, name) in options):
+                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+        check_float(self.learning_rate, "learning_rate", low_open=True)
+        check_float(self.alpha, "alpha")
         if self.embedding_alpha is not None:
-            _positive_float(self.embedding_alpha, "embedding_alpha", allow_zero=True)
-        _positive_int(self.epochs, "epochs")
-        _positive_int(self.batch_size, "batch_size")
-        _positive_int(self.negatives, "negatives", minimum=0)
-        if not (isinstance(self.id_dropout, numbers.Real) and 0 <= self.id_dropout < 1):
+            check_float(self.embedding_alpha, "embedding_alpha")
+        check_float(self.momentum, "momentum", 0.0, 1.0, high_open=False)
+        for name in ("gmf", "wide", "nesterovs_momentum"):
+            check_bool(getattr(self, name), name)
+        check_int(self.epochs, "epochs")
+        check_int(self.batch_size, "batch_size")
+        check_int(self.negatives, "negatives", minimum=0)
+        # The core reads id_dropout as a float32, where 0.99999999 is 1.
+        dropout = self.id_dropout
+        if not (isinstance(dropout, numbers.Real) and 0 <= dropout < 1 and np.float32(dropout) < 1):
             raise ValueError(f"id_dropout must lie in [0, 1), got {self.id_dropout!r}")
         if self.n_threads is not None:
-            _positive_int(self.n_threads, "n_threads")
+            check_int(self.n_threads, "n_threads")
         if self.n_iter_no_change is not None:
-            _positive_int(self.n_iter_no_change, "n_iter_no_change")
+            check_int(self.n_iter_no_change, "n_iter_no_change")
         loss = self.loss if self.loss != "auto" else ("bce" if implicit else "mse")
         if implicit and loss == "mse":
             raise ValueError("loss='mse' needs ratings; implicit feedback (ratings=None) trains with 'bce'")
@@ -277,7 +277,7 @@ class Recommender(BaseEstimator):
         if len(items) != n:
             raise ValueError(f"users and items must have the same length, got {n} and {len(items)}")
         if ratings is not None:
-            ratings = np.asarray(ratings)
+            ratings = as_array(ratings, "ratings")
             if ratings.ndim != 1 or len(ratings) != n:
                 raise ValueError(f"ratings must be a 1-D array of {n} numbers, got shape {ratings.shape}")
             if not np.issubdtype(ratings.dtype, np.number) or ratings.dtype.kind == "c":
@@ -285,14 +285,11 @@ class Recommender(BaseEstimator):
             ratings = ratings.astype(np.float64)
             if not np.isfinite(ratings).all():
                 raise ValueError("ratings contains NaN or infinity")
+            if np.abs(ratings).max() > _FLOAT32_MAX / 2:  # the core trains on float32 deviations from the mean
+                raise ValueError(f"ratings must lie within +-{_FLOAT32_MAX / 2:.3g} (float32)")
         weight = None
         if sample_weight is not None:
-            weight = np.asarray(sample_weight, dtype=np.float64)
-            if weight.shape != (n,) or not np.isfinite(weight).all() or (weight < 0).any():
-                raise ValueError(f"sample_weight must be {n} finite non-negative numbers")
-            if not weight.any():
-                raise ValueError("sample_weight is all zeros: no interaction would count")
-            weight = weight.astype(np.float32)
+            weight = check_sample_weight(sample_weight, n).astype(np.float32)
         return users, items, ratings, weight
 
     @exclusive_fit
@@ -386,8 +383,8 @@ class Recommender(BaseEstimator):
         """Entities, fields, parameters and optimizer state for a first fit."""
         hidden, loss = self._validate_params(ratings is None)
         rng = self._rng
-        self._users = IdIndex(users, None if user_features is None else user_features.ids)
-        self._items = IdIndex(items, None if item_features is None else item_features.ids)
+        self._users = IdIndex(users, None if user_features is None else user_features.ids, what="users")
+        self._items = IdIndex(items, None if item_features is None else item_features.ids, what="items")
         u = self._users.index(users)
         i = self._items.index(items)
         n_u, n_i = len(self._users) + 1, len(self._items) + 1
@@ -543,7 +540,9 @@ class Recommender(BaseEstimator):
         self._predictor = None  # also what makes an interrupted fit predict with the new parameters
         fn, metric, higher = validate if validate is not None else (None, None, False)
         run_epochs(self, self.net_, handle, [u, i], y, weight, n, self._rng, epochs, sampler=sampler, validate=fn,
-                   metric=metric, higher_is_better=higher)
+                   metric=metric, higher_is_better=higher,
+                   advice=", a moderate alpha or embedding_alpha (too strong a penalty diverges too), or scaled "
+                          "ratings and numeric features")
         self._predictor = None
 
     def _handle(self):
@@ -599,9 +598,10 @@ class Recommender(BaseEstimator):
         fewer than k candidates left gets padding: id -1 (or "" for string ids) and score -inf.
         """
         self._check_fitted()
-        single = np.ndim(users) == 0
-        users = as_id_array(np.atleast_1d(users), "users")
-        k = _positive_int(k, "k")
+        single = _is_scalar(users)
+        users = as_id_array([users] if single else users, "users")
+        k = check_int(k, "k")
+        check_bool(exclude_seen, "exclude_seen")
         if items is None:
             candidates = np.arange(1, len(self._items) + 1, dtype=np.int32)
         else:
@@ -627,9 +627,9 @@ class Recommender(BaseEstimator):
         or known only by features) is compared through the learned unknown embedding.
         """
         self._check_fitted()
-        k = _positive_int(k, "k")
-        single = np.ndim(items) == 0
-        items = as_id_array(np.atleast_1d(items), "items")
+        k = check_int(k, "k")
+        single = _is_scalar(items)
+        items = as_id_array([items] if single else items, "items")
         table = self.net_.tables[ITEM]
         rows = self._bags[ITEM][1]  # entity -> id row of the item id table (0: none of its own)
         unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
