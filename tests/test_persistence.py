@@ -74,6 +74,9 @@ def _fitted_models(data):
         "Recommender": (fastrec.Recommender(epochs=2, wide=True, random_state=0, n_threads=1).fit(
             data.users, data.items, data.ratings, item_features=data.item_features,
             user_features=data.user_features), lambda m: m.predict(data.users[:40], data.items[:40])),
+        "Recommender-history": (fastrec.Recommender(epochs=1, user_history=True, item_history=True, random_state=0,
+                                                    n_threads=1).fit(data.users, data.items, data.ratings),
+                                lambda m: m.predict(data.users[:40], data.items[:40])),
         "Recommender-implicit": (fastrec.Recommender(epochs=1, random_state=0, n_threads=1).fit(
             data.users.astype(str), data.items.astype(str)), lambda m: m.recommend(["1", "2", "x"], k=5)[1]),
         "MLPClassifier": (fastrec.MLPClassifier((8,), max_iter=3, random_state=0).fit(X, labels),
@@ -94,8 +97,8 @@ def models(data):
         return _fitted_models(data)
 
 
-@pytest.mark.parametrize("name", ["Recommender", "Recommender-implicit", "MLPClassifier", "MLPRegressor",
-                                  "FieldModel"])
+@pytest.mark.parametrize("name", ["Recommender", "Recommender-history", "Recommender-implicit", "MLPClassifier",
+                                  "MLPRegressor", "FieldModel"])
 @pytest.mark.parametrize("mmap", [False, True])
 def test_save_load_round_trip(models, name, mmap, tmp_path):
     model, predict = models[name]
@@ -112,7 +115,7 @@ def test_save_load_round_trip(models, name, mmap, tmp_path):
         assert all(a.ctypes.data % 64 == 0 for a in mapped)
 
 
-@pytest.mark.parametrize("name", ["Recommender", "MLPClassifier", "FieldModel"])
+@pytest.mark.parametrize("name", ["Recommender", "Recommender-history", "MLPClassifier", "FieldModel"])
 def test_pickle_round_trip(models, name):
     model, predict = models[name]
     loaded = pickle.loads(pickle.dumps(model))

@@ -314,3 +314,20 @@ def test_rejected_partial_fit_leaves_the_model_unchanged(data, tmp_path):
         model.partial_fit({"c": np.array([7, 8])}, [0.5, 2.0])
     assert len(model._vocab_["c"]) == 6 and model.net_.tables[0].shape[0] == 7
     assert np.isfinite(model.predict_proba({"c": np.array([7])})).all()  # 7 is still simply unknown
+
+
+def test_add_features_and_partial_fit_with_history_fields():
+    d = make_interactions(n_users=120, n_items=80, n_interactions=2500, random_state=4)
+    first = d.users < 100
+    ut = d.user_features
+    rec = fastrec.Recommender(epochs=1, user_history=True, item_history=True, random_state=0, n_threads=1)
+    rec.fit(d.users[first], d.items[first], d.ratings[first],
+            user_features=FeatureTable(ut.ids[:100], categorical={"segment": ut.categorical["segment"][:100]}))
+    rec.add_features(user_features=ut)  # users 100..119: known by their segment only, empty histories
+    assert rec.n_users_ == 120
+    assert np.isfinite(rec.predict(np.arange(100, 120), np.zeros(20, np.int64))).all()
+    rec.partial_fit(d.users[~first], d.items[~first], d.ratings[~first])
+    user_history = [i for i, f in enumerate(rec.net_.fields) if f.name == "user_history"][0]
+    indptr = rec._bags[user_history][0]
+    entity = rec._users.index(np.array([d.users[~first][0]]))[0]
+    assert indptr[entity + 1] - indptr[entity] == len(np.unique(d.items[d.users == d.users[~first][0]]))

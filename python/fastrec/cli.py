@@ -172,6 +172,8 @@ _HYPER_PARAMETERS = [
     ("--id-dropout", "id_dropout", float, "fraction of examples that train the unknown-id rows"),
     ("--gmf", "gmf", bool, "matrix-factorisation term (--no-gmf: MLP only)"),
     ("--wide", "wide", bool, "linear term: a bias per id and per feature value"),
+    ("--user-history", "user_history", bool, "each user also described by its training items (SVD++)"),
+    ("--item-history", "item_history", bool, "each item also described by its training users"),
     ("--seed", "random_state", int, "random seed (the same seed gives the same model)"),
     ("--threads", "n_threads", int, "threads (the result does not depend on it; default all cores)"),
 ]
