@@ -426,13 +426,7 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
           update_dense(ks, rule, m.gmf.w, g, m.gmf.state1, m.gmf.state2, d, 1);
         },
         &skipped, threads);
-    if (skipped) opt.adam_t = step_before;  // nothing of this batch was applied
-    if (!std::isfinite(loss)) {  // (a loss that overflows only through the L2 term is applied, then stops)
-      result.diverged = true;
-      break;
-    }
-    result.loss_sum += loss * static_cast<double>(n);
-    result.rows += n;
+    if (!end_batch(result, opt, step_before, skipped, loss, n)) break;
     batch_threads.done(n);
   }
   return result;

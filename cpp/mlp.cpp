@@ -310,6 +310,17 @@ double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& 
   return backward(ks, net, X, Y, alpha, ws, sink, nullptr, n_threads);
 }
 
+bool end_batch(EpochResult& result, Optimizer& opt, std::int64_t step_before, bool skipped, double loss, index_t n) {
+  if (skipped) opt.adam_t = step_before;
+  if (!std::isfinite(loss)) {
+    result.diverged = true;
+    return false;
+  }
+  result.loss_sum += loss * static_cast<double>(n);
+  result.rows += n;
+  return true;
+}
+
 EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt, const Input& X, const float* Y,
                         const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
                         const StopCheck& stop, int n_threads) {
@@ -328,13 +339,7 @@ EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt,
     UpdateSink sink(ks, net, opt, opt.next_step(), threads);
     bool skipped = false;
     const double loss = backward(ks, net, batch, buffers.y.data(), alpha, ws, sink, &skipped, threads);
-    if (skipped) opt.adam_t = step_before;  // nothing of this batch was applied
-    if (!std::isfinite(loss)) {  // (a loss that overflows only through the L2 term is applied, then stops)
-      result.diverged = true;
-      break;
-    }
-    result.loss_sum += loss * static_cast<double>(n);
-    result.rows += n;
+    if (!end_batch(result, opt, step_before, skipped, loss, n)) break;
     batch_threads.done(n);
   }
   return result;

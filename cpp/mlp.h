@@ -64,6 +64,11 @@ EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt,
 
 // ---- Building blocks shared with the field model (fields.cpp) ----
 
+// Books a finished training batch into `result`; false when its loss was not finite (training stops there).
+// A skipped batch (backward returned before any update) gives back its optimizer step; a loss that overflows
+// only through the L2 term was applied, and still stops training.
+bool end_batch(EpochResult& result, Optimizer& opt, std::int64_t step_before, bool skipped, double loss, index_t n);
+
 // 1 / (1 + e^-z) without overflow for any finite z.
 float stable_sigmoid(float z);
 
