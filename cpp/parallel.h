@@ -1,5 +1,6 @@
 // The only place that includes OpenMP. Serial fallbacks when the build has no OpenMP.
 #pragma once
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <exception>
@@ -54,9 +55,11 @@ inline int resolve_threads(int n_threads) {
 
 // The thread count of each training batch when the caller asked for "all cores" (n_threads <= 0), chosen
 // by measurement. When other processes keep the cores busy, every parallel region waits for whichever of
-// its threads the OS has paused: an epoch that took 1.2 s on one thread took 8 s on two. Results do not
-// depend on the thread count, so the loop may switch freely: every kPeriod batches it runs kProbe batches
-// on one thread and kProbe on all, and until the next probe uses whichever was faster per row.
+// its threads the OS has paused: an epoch that took 1 s on one thread took 6 s on two
+// (benchmarks/bench_contention.py). Results do not depend on the thread count, so the loop may switch
+// freely: at the start of each period it runs kProbe batches on one thread and kProbe on all, then uses
+// whichever was faster per row. A choice that a probe confirms is checked half as often next time (up to
+// every kMaxPeriod batches), since probing the slow setting is what the measurement costs.
 class BatchThreads {
  public:
   explicit BatchThreads(int n_threads)
@@ -65,27 +68,30 @@ class BatchThreads {
   int next() {  // the thread count of the next batch (then call done)
     start_ = std::chrono::steady_clock::now();
     if (!measure_) return all_;
-    const int phase = batch_ % kPeriod;
+    const std::int64_t phase = batch_ - period_start_;
     return phase < kProbe ? 1 : phase < 2 * kProbe ? all_ : chosen_;
   }
 
   void done(std::int64_t rows) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    const int phase = batch_++ % kPeriod;
-    if (!measure_ || phase >= 2 * kProbe) return;
-    (phase < kProbe ? one_ : all_time_) += seconds / static_cast<double>(rows > 0 ? rows : 1);
+    const std::int64_t phase = batch_++ - period_start_;
+    if (!measure_) return;
+    if (phase < 2 * kProbe) (phase < kProbe ? one_ : all_time_) += seconds / static_cast<double>(rows > 0 ? rows : 1);
     if (phase == 2 * kProbe - 1) {
-      chosen_ = one_ < all_time_ ? 1 : all_;
+      const int pick = one_ < all_time_ ? 1 : all_;
+      period_ = pick == chosen_ ? std::min(2 * period_, kMaxPeriod) : kPeriod;
+      chosen_ = pick;
       one_ = all_time_ = 0.0;
     }
+    if (phase + 1 >= period_) period_start_ = batch_;
   }
 
  private:
-  static constexpr int kPeriod = 64, kProbe = 2;
+  static constexpr std::int64_t kPeriod = 64, kMaxPeriod = 1024, kProbe = 2;
   const int all_;
   const bool measure_;
   int chosen_;
-  std::int64_t batch_ = 0;
+  std::int64_t batch_ = 0, period_start_ = 0, period_ = kPeriod;
   double one_ = 0.0, all_time_ = 0.0;  // seconds per row summed over this period's probes
   std::chrono::steady_clock::time_point start_;
 };
