@@ -24,19 +24,6 @@ def rel_err(a, b):
     return np.abs(a - b).max(initial=0.0) / scale
 
 
-def to64(obj):
-    """Deep copy of a spec with every float32 array as float64 (the oracle's copy); ints unchanged."""
-    if isinstance(obj, dict):
-        return {k: to64(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to64(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(to64(v) for v in obj)
-    if isinstance(obj, np.ndarray):
-        return obj.astype(np.float64) if obj.dtype == np.float32 else obj.copy()
-    return obj
-
-
 def float_arrays(spec):
     """Every parameter/state array of a spec, in a fixed order, with a name (for messages)."""
     out = [(f"coefs[{i}]", a) for i, a in enumerate(spec["coefs"])]
@@ -191,7 +178,7 @@ def test_predict_loss_and_gradients_match_reference(isa, rng, layout, gmf, loss,
     n = len(keys[0])
     y = targets(rng, n, loss)
     w = rng.uniform(0.2, 2.0, n).astype(np.float32) if weighted else None
-    ref = to64(spec)
+    ref = reference.float64_copy(spec)
 
     got = _core.field_predict(spec, keys, 0, isa)
     want = reference.field_predict(ref, keys)
@@ -224,7 +211,7 @@ def test_reference_gradients_match_finite_differences():
     with every ingredient (GMF, bags with duplicates and empty bags, a dense block, weights, bce, L2)."""
     rng = np.random.default_rng(7)
     spec, keys = two_key_model(rng, True, "bce", activation="tanh", n=12)
-    spec = to64(spec)
+    spec = reference.float64_copy(spec)
     y = (rng.random(12) < 0.5).astype(np.float64)
     w = rng.uniform(0.5, 2.0, 12)
     alpha, h = 0.3, 1e-6
@@ -288,7 +275,7 @@ def test_five_steps_match_reference(isa, rng, opt, layout, gmf, loss):
     w = rng.uniform(0.2, 2.0, n).astype(np.float32)
     order = rng.permutation(n).astype(np.int64)
     batch = -(-n // 5)  # five optimizer steps, the last one shorter
-    ref = to64(spec)
+    ref = reference.float64_copy(spec)
     before = [a.copy() for _, a in float_arrays(spec)]
     got = _core.field_train_epoch(spec, keys, y, w, order, batch, 0.01, adam_t=3, sampler=None, epoch=0,
                                   n_threads=0, isa=isa, **kw, **COMMON)
@@ -417,7 +404,7 @@ def test_negatives_depend_on_seed_and_epoch_only(rng):
 
 
 def test_reference_train_epoch_refuses_negatives(rng):
-    spec = to64(sampling_model(rng))
+    spec = reference.float64_copy(sampling_model(rng))
     sampler = {"negatives": 1, "user_key": 0, "item_key": 1, "n_items": N_ITEMS, "cdf": None, "seen": None, "seed": 0}
     with pytest.raises(NotImplementedError):
         reference.field_train_epoch(spec, [np.zeros(1, np.int32)] * 2, np.ones(1), None, np.zeros(1, np.int64), 1,
@@ -502,7 +489,7 @@ def test_reference_topk_matches_core_on_a_float64_spec(rng):
     sampler = {"negatives": 0, "user_key": 0, "item_key": 1, "n_items": 41, "cdf": None, "seen": None, "seed": 0}
     users = np.arange(23, dtype=np.int32)
     items, scores = _core.field_topk(spec, sampler, users, None, 6, False)
-    r_items, r_scores = reference.field_topk(to64(spec), sampler, users, None, 6, False)
+    r_items, r_scores = reference.field_topk(reference.float64_copy(spec), sampler, users, None, 6, False)
     assert np.array_equal(items, r_items)
     assert rel_err(scores, r_scores) < BAR
 
@@ -716,7 +703,7 @@ def test_unused_gmf_style_field_gets_only_its_l2_gradient(rng):
         got = _core.field_loss_and_gradients(spec, keys, y, None, 0.0)
     except ValueError:
         return  # rejecting the spec is fine too
-    want = reference.field_loss_and_gradients(to64(spec), keys, y.astype(np.float64), None, 0.0)
+    want = reference.field_loss_and_gradients(reference.float64_copy(spec), keys, y.astype(np.float64), None, 0.0)
     assert rel_err(got[1][3], want[1][3]) < BAR  # alpha = 0: the unused field's gradient is exactly 0
 
 
@@ -728,7 +715,7 @@ def test_gmf_of_a_field_with_itself_is_rejected_or_right(rng):
         got = _core.field_predict(spec, keys)
     except ValueError:
         return
-    assert rel_err(got, reference.field_predict(to64(spec), keys)) < BAR
+    assert rel_err(got, reference.field_predict(reference.float64_copy(spec), keys)) < BAR
 
 
 @pytest.mark.parametrize("entry", ["topk", "negatives"])

@@ -25,18 +25,6 @@ from fastrec.datasets import make_interactions
 ORACLE_RTOL = 1e-4
 
 
-def _to_float64(obj):
-    if isinstance(obj, np.ndarray):
-        return obj.astype(np.float64) if obj.dtype == np.float32 else obj
-    if isinstance(obj, dict):
-        return {k: _to_float64(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_float64(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_float64(v) for v in obj)
-    return obj
-
-
 def _field(rec, name):
     return [f.name for f in rec.net_.fields].index(name)
 
@@ -93,7 +81,7 @@ def test_only_the_asked_fields_exist(data):
 
 def test_predict_uses_the_history_and_matches_the_oracle(model, data):
     users, items = np.repeat(np.arange(-1, 61), 41), np.tile(np.arange(-1, 40), 62)  # unknown ids too
-    spec = _to_float64(model.net_.spec(model._bags, model._dense_tables))
+    spec = reference.float64_copy(model.net_.spec(model._bags, model._dense_tables))
     keys = [model._users.index(users), model._items.index(items)]
     want = reference.field_predict(spec, keys) + model.rating_mean_
     got = model.predict(users, items)

@@ -33,22 +33,9 @@ from fastrec.features import FeatureTable
 SCORE_ATOL = 1e-5
 
 
-def _to_float64(obj):
-    """The core's spec with every float32 array as float64 (ints and tuples of bag tables kept)."""
-    if isinstance(obj, np.ndarray):
-        return obj.astype(np.float64) if obj.dtype == np.float32 else obj
-    if isinstance(obj, dict):
-        return {k: _to_float64(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_float64(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_float64(v) for v in obj)
-    return obj
-
-
 def _oracle_predict(rec, users, items):
     """fastrec.reference.field_predict in float64 on the fitted model's arrays (without rating_mean_)."""
-    spec = _to_float64(rec.net_.spec(rec._bags, rec._dense_tables))
+    spec = reference.float64_copy(rec.net_.spec(rec._bags, rec._dense_tables))
     keys = [rec._users.index(np.asarray(users)), rec._items.index(np.asarray(items))]
     return reference.field_predict(spec, keys)
 
@@ -218,7 +205,7 @@ def test_recommend_matches_reference_topk(implicit_model):
     rec = implicit_model
     users = np.arange(80)
     ids, scores = rec.recommend(users, k=5)
-    spec = _to_float64(rec.net_.spec(rec._bags, rec._dense_tables))
+    spec = reference.float64_copy(rec.net_.spec(rec._bags, rec._dense_tables))
     candidates = np.arange(1, rec.n_items_ + 1, dtype=np.int32)  # entity numbers of the known items
     ref_idx, ref_scores = reference.field_topk(spec, rec._sampler(0, 0), rec._users.index(users), candidates, 5,
                                                True)

@@ -96,6 +96,10 @@ class BaseEstimator:
 
         exclusive_fit(save)(self, path)  # not while a fit changes the arrays being written
 
+    def _threads(self) -> int:
+        """n_threads as the core takes it (0: all cores)."""
+        return 0 if self.n_threads is None else int(self.n_threads)
+
     def __sklearn_is_fitted__(self) -> bool:
         return any(k.endswith("_") and not k.startswith("__") for k in vars(self))
 

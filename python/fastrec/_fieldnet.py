@@ -256,6 +256,16 @@ class FieldNet:
 
 
 # ------------------------------------------------------------------------------------------- training loop
+def _loss_curve(est):
+    """Mean training loss per epoch: ``history_["loss"]``."""
+    if not hasattr(est, "history_"):
+        raise AttributeError("loss_curve_ exists after fit")
+    return est.history_["loss"]
+
+
+loss_curve_from_history = property(_loss_curve)  # the loss_curve_ of estimators trained by run_epochs
+
+
 class _Progress:
     """verbose output of one epoch: a tqdm bar where tqdm is installed, else one line on stderr at its end."""
 
@@ -305,7 +315,7 @@ def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=Non
         history.setdefault(val_key, [])
     patience = getattr(est, "n_iter_no_change", None) if validate is not None else None
     best, best_state, waited = None, None, 0
-    n_threads = 0 if est.n_threads is None else int(est.n_threads)
+    n_threads = est._threads()
     for epoch in range(epochs):
         start = time.perf_counter()
         order = rng.permutation(n).astype(np.int64)

@@ -24,7 +24,7 @@ from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import (as_array, as_numeric, check_bool, check_csr, check_float, check_int, check_random_state,
                              check_sample_weight, not_fitted_error)
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
-                               bags_of_ids, run_epochs)
+                               bags_of_ids, loss_curve_from_history, run_epochs)
 from fastrec.features import as_id_array
 
 __all__ = ["FieldModel"]
@@ -61,12 +61,7 @@ class FieldModel(BaseEstimator):
     best_epoch_ : with validation data, the epoch (from 1) with the best validation metric.
     """
 
-    @property
-    def loss_curve_(self):
-        """Mean training loss per epoch: ``history_["loss"]``."""
-        if not hasattr(self, "history_"):
-            raise AttributeError("loss_curve_ exists after fit")
-        return self.history_["loss"]
+    loss_curve_ = loss_curve_from_history
 
     def __init__(self, fields=None, embedding_dim=16, hidden_layer_sizes=(64, 32), activation="relu", loss="bce",
                  optimizer="adam", learning_rate=1e-3, alpha=1e-5, epochs=5, batch_size=256, momentum=0.9,
@@ -174,9 +169,6 @@ class FieldModel(BaseEstimator):
                     raise ValueError(f"X[{name!r}] holds values too large for float32 once standardised")
                 dense.append(np.ascontiguousarray(scaled, dtype=np.float32))
         return n, kinds, bags, dense
-
-    def _threads(self):
-        return 0 if self.n_threads is None else int(self.n_threads)
 
     # ------------------------------------------------------------------------------------ fit / predict
     def _validate_params(self):

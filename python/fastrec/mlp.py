@@ -240,9 +240,6 @@ class _BaseMLP(BaseEstimator):
         check_random_state(self.random_state)  # ValueError naming random_state
         return [int(h) for h in hls]
 
-    def _threads(self) -> int:
-        return 0 if self.n_threads is None else int(self.n_threads)  # 0 = all cores for the core
-
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "coefs_")
 

@@ -22,7 +22,7 @@ from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import (as_array, check_bool, check_float, check_int, check_random_state, check_sample_weight,
                              not_fitted_error)
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
-                               bags_of_ids, run_epochs)
+                               bags_of_ids, loss_curve_from_history, run_epochs)
 from fastrec.features import FeatureTable, as_id_array
 
 __all__ = ["Recommender"]
@@ -127,12 +127,7 @@ class Recommender(BaseEstimator):
         Mean training rating (explicit feedback): the model predicts the deviation from it.
     """
 
-    @property
-    def loss_curve_(self):
-        """Mean training loss per epoch: ``history_["loss"]``."""
-        if not hasattr(self, "history_"):
-            raise AttributeError("loss_curve_ exists after fit")
-        return self.history_["loss"]
+    loss_curve_ = loss_curve_from_history
 
     def __init__(self, embedding_dim=32, hidden_layer_sizes=(64, 32), activation="relu", loss="auto", gmf=True,
                  wide=False, user_history=False, item_history=False, optimizer="adam", learning_rate=1e-3, alpha=1e-5,
@@ -202,9 +197,6 @@ class Recommender(BaseEstimator):
         if implicit and loss == "mse":
             raise ValueError("loss='mse' needs ratings; implicit feedback (ratings=None) trains with 'bce'")
         return hidden, loss
-
-    def _threads(self):
-        return 0 if self.n_threads is None else int(self.n_threads)
 
     # ------------------------------------------------------------------------------------ features
     def _feature_inputs(self, table: FeatureTable | None, ids, key: int, side: str, fit: bool):
@@ -319,15 +311,20 @@ class Recommender(BaseEstimator):
             when it stops improving and the best epoch's parameters are kept.
         """
         users, items, ratings, weight = self._check_interactions(users, items, ratings, sample_weight)
-        self._validate_params(ratings is None)
+        self._fit_new(users, items, ratings, weight, user_features, item_features, self.epochs, validation_data)
+        return self
+
+    def _fit_new(self, users, items, ratings, weight, user_features, item_features, epochs, validation_data):
+        """A first fit (fit, or partial_fit of an unfitted model): fresh entities, fields and parameters."""
+        hidden, loss = self._validate_params(ratings is None)
         validate = self._validation(validation_data, ratings is None)
+        user_features = self._check_table(user_features, "user_features")
+        item_features = self._check_table(item_features, "item_features")
         for name in ("net_", "_predictor", "best_epoch_"):
             self.__dict__.pop(name, None)
         self._rng = check_random_state(self.random_state)
-        self._build(users, items, ratings, weight, self._check_table(user_features, "user_features"),
-                    self._check_table(item_features, "item_features"))
-        self._train(users, items, ratings, weight, self.epochs, validate)
-        return self
+        self._build(users, items, ratings, weight, user_features, item_features, hidden, loss)
+        self._train(users, items, ratings, weight, epochs, validate)
 
     @exclusive_fit
     def partial_fit(self, users, items, ratings=None, *, user_features=None, item_features=None,
@@ -341,20 +338,16 @@ class Recommender(BaseEstimator):
         ``recommend`` and never sampled as negatives). On an unfitted model it is ``fit``
         with one epoch. The ratings' kind (explicit or implicit) must match the first fit.
         """
+        users, items, ratings, weight = self._check_interactions(users, items, ratings, sample_weight)
         if not hasattr(self, "net_"):
-            users, items, ratings, weight = self._check_interactions(users, items, ratings, sample_weight)
-            self._validate_params(ratings is None)
-            self._rng = check_random_state(self.random_state)
-            self._build(users, items, ratings, weight, self._check_table(user_features, "user_features"),
-                        self._check_table(item_features, "item_features"))
-        else:
-            if (ratings is None) != self.implicit_:
-                raise ValueError(f"this model was fit on {'implicit feedback' if self.implicit_ else 'ratings'}; "
-                                 f"partial_fit needs {'ratings=None' if self.implicit_ else 'ratings'} too")
-            users, items, ratings, weight = self._check_interactions(users, items, ratings, sample_weight)
-            self._validate_params(ratings is None)
-            self._grow(users, items, self._check_table(user_features, "user_features"),
-                       self._check_table(item_features, "item_features"))
+            self._fit_new(users, items, ratings, weight, user_features, item_features, 1, None)
+            return self
+        if (ratings is None) != self.implicit_:
+            raise ValueError(f"this model was fit on {'implicit feedback' if self.implicit_ else 'ratings'}; "
+                             f"partial_fit needs {'ratings=None' if self.implicit_ else 'ratings'} too")
+        self._validate_params(ratings is None)
+        self._grow(users, items, self._check_table(user_features, "user_features"),
+                   self._check_table(item_features, "item_features"))
         self._train(users, items, ratings, weight, 1, None)
         return self
 
@@ -391,9 +384,8 @@ class Recommender(BaseEstimator):
         allowed = "'ndcg@K' or 'hr@K'" if implicit else "'rmse' or 'mae'"
         raise ValueError(f"validation_metric must be 'auto' or {allowed} for this data, got {metric!r}")
 
-    def _build(self, users, items, ratings, weight, user_features, item_features):
+    def _build(self, users, items, ratings, weight, user_features, item_features, hidden, loss):
         """Entities, fields, parameters and optimizer state for a first fit."""
-        hidden, loss = self._validate_params(ratings is None)
         rng = self._rng
         self._users = IdIndex(users, None if user_features is None else user_features.ids, what="users")
         self._items = IdIndex(items, None if item_features is None else item_features.ids, what="items")
@@ -570,6 +562,8 @@ class Recommender(BaseEstimator):
     def _history_bags(self):
         """Bags of the history fields from the seen pairs (user entities x item entities): each user's items
         (each item's users) as rows of the item (user) id table, weights 1/sqrt(bag size) as in SVD++."""
+        if not any(f.name in _HISTORY for f in self.net_.fields):
+            return
         indptr, indices = self._seen
         seen = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr),
                              shape=(len(indptr) - 1, len(self._items) + 1))

@@ -444,8 +444,21 @@ __all__ += [
     "field_predict",
     "field_topk",
     "field_train_epoch",
+    "float64_copy",
     "row_adagrad_update",
 ]
+
+
+def float64_copy(obj):
+    """Deep copy of a field spec (dicts, lists, tuples of arrays) with every float32 array as float64: the
+    oracle computes in the dtype of the arrays it is given, and updates them in place when training."""
+    if isinstance(obj, dict):
+        return {k: float64_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(float64_copy(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return obj.astype(np.float64) if obj.dtype == np.float32 else obj.copy()
+    return obj
 
 FIELD_LOSSES = ("mse", "bce")
 FIELD_OPTIMIZERS = ("sgd", "adagrad", "adam")
