@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -532,40 +533,156 @@ void user_side(const KernelSet& ks, const FieldModel& m, const NegativeSampler& 
   out.seen_end = skip ? s.seen_items + s.seen_indptr[user + 1] : nullptr;
 }
 
-constexpr index_t kTopkChunk = 512;  // items scored together: their activations stay in L2
+// A float buffer whose data starts on a 64-byte boundary, so the micro-kernel's vector loads never split a
+// cache line.
+class AlignedFloats {
+ public:
+  void assign(std::size_t n) {
+    storage_.assign(n + 16, 0.0f);
+    const auto misalign = reinterpret_cast<std::uintptr_t>(storage_.data()) % 64;
+    data_ = storage_.data() + (misalign ? (64 - misalign) / sizeof(float) : 0);
+  }
+  float* data() { return data_; }
+  const float* data() const { return data_; }
 
-// Scores items [c0, c0 + n) of the candidate list for one user on the calling thread and pushes them into heap.
-void score_chunk(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const UserSide& user,
-                 const std::int32_t* candidates, index_t c0, index_t n, index_t k, MlpWorkspace& ws,
-                 std::vector<Scored>& heap) {
+ private:
+  std::vector<float> storage_;
+  float* data_ = nullptr;
+};
+
+// Layers 1.. of the MLP with every weight matrix packed once per top-k call into the micro-kernel's
+// NR-column panels (fan_in x NR each, zero-padded): every panel of items multiplies the same weights, so
+// packing them per product (as sgemm does) would be repeated millions of times.
+struct PackedTail {
+  std::vector<AlignedFloats> w;  // w[l - 1]: layer l's panels, ceil(fan_out / NR) of them, one after another
+
+  PackedTail(const KernelSet& ks, const Network& net) : w(net.layers.size() - 1) {
+    for (std::size_t l = 1; l < net.layers.size(); ++l) {
+      const Layer& layer = net.layers[l];
+      AlignedFloats& packed = w[l - 1];
+      const index_t panels = (layer.fan_out + ks.nr - 1) / ks.nr;
+      packed.assign(static_cast<std::size_t>(panels * layer.fan_in * ks.nr));
+      for (index_t j = 0; j < layer.fan_out; j += ks.nr)
+        ks.pack_b(true, layer.W + j, layer.fan_out, static_cast<int>(std::min<index_t>(ks.nr, layer.fan_out - j)),
+                  layer.fan_in, packed.data() + j * layer.fan_in);
+    }
+  }
+};
+
+// Row stride of the per-panel activation buffers: the width plus 16 floats, so the MR rows a micro-kernel
+// reads in place do not share L1 sets at a power-of-two stride.
+index_t padded(index_t width) { return (width + 15) / 16 * 16 + 16; }
+
+// One thread's activations for a panel of MR items: acts[l] is the input of layer l (MR x padded(fan_in)),
+// acts[L] the logits.
+struct TailWorkspace {
+  std::vector<AlignedFloats> acts;
+  std::vector<const void*> prefetch;  // cache lines of the items a few panels ahead
+  TailWorkspace(const KernelSet& ks, const Network& net) : acts(net.layers.size() + 1) {
+    for (std::size_t l = 1; l <= net.layers.size(); ++l)
+      acts[l].assign(static_cast<std::size_t>(ks.mr * padded(net.layers[l - 1].fan_out)));
+  }
+};
+
+// Items per parallel work unit of top-k: whole MR-item panels, enough of them that the first panels, whose
+// cached rows were not prefetched, do not matter.
+constexpr index_t kTopkPanelsPerChunk = 256;
+// Panels ahead whose cached first-layer rows are prefetched while the current panel is multiplied: the
+// 1 GB cache of a million items then streams from memory behind the arithmetic instead of before it.
+constexpr index_t kPrefetchPanels = 2;
+
+// Scores m <= MR items for one user on the calling thread: their activations stay in L1 through every
+// layer. While the products run, the cached rows of the `ahead` items are prefetched into L2.
+void score_panel(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const PackedTail& tail,
+                 const UserSide& user, const std::int32_t* items, int n, const std::int32_t* ahead, int n_ahead,
+                 TailWorkspace& ws, float* scores) {
   const std::size_t L = m.mlp.layers.size();
   const index_t h = m.mlp.layers[0].fan_out;
-  const index_t d = static_cast<index_t>(user.gmf.size());
-  // z1 = act(item part + user part), then the rest of the MLP on these rows.
+  // The first layer: act(item part + user part), or the logit itself for an MLP of one layer.
+  const Activation act0 = L > 1 ? m.mlp.hidden : Activation::Identity;
   float* z1 = ws.acts[1].data();
-  for (index_t r = 0; r < n; ++r) {
-    const index_t item = candidates ? candidates[c0 + r] : c0 + r;
-    const float* part = cache.item_part.data() + item * h;
-    float* out = z1 + r * h;
-    for (index_t j = 0; j < h; ++j) out[j] = part[j] + user.part[j];
-    if (L > 1) ks.activate(out, h, m.mlp.hidden);
+  const index_t ld1 = padded(h);
+  for (int r = 0; r < n; ++r) {
+    const float* part = cache.item_part.data() + static_cast<index_t>(items[r]) * h;
+    float* out = z1 + r * ld1;
+    if (act0 == Activation::Relu) {
+      for (index_t j = 0; j < h; ++j) {
+        const float v = part[j] + user.part[static_cast<std::size_t>(j)];
+        out[j] = v > 0.0f ? v : 0.0f;
+      }
+    } else {
+      for (index_t j = 0; j < h; ++j) out[j] = part[j] + user.part[static_cast<std::size_t>(j)];
+      ks.activate(out, h, act0);
+    }
   }
+  // The ahead rows' cache lines, shared out over the micro-kernel calls, which spread them over their FMAs.
+  const index_t lines_per_row = (h * static_cast<index_t>(sizeof(float)) + 63) / 64;
+  ws.prefetch.clear();
+  for (int r = 0; r < n_ahead; ++r) {
+    const char* row = reinterpret_cast<const char*>(cache.item_part.data() + static_cast<index_t>(ahead[r]) * h);
+    for (index_t c = 0; c < lines_per_row; ++c) ws.prefetch.push_back(row + 64 * c);
+  }
+  index_t calls = 0;
+  for (std::size_t l = 1; l < L; ++l) calls += (m.mlp.layers[l].fan_out + ks.nr - 1) / ks.nr;
+  const index_t per_call = calls ? (static_cast<index_t>(ws.prefetch.size()) + calls - 1) / calls : 0;
+  index_t prefetched = 0;
   for (std::size_t l = 1; l < L; ++l) {
     const Layer& layer = m.mlp.layers[l];
-    Epilogue e;
-    e.bias = layer.b;
-    e.act = l + 1 == L ? Activation::Identity : m.mlp.hidden;
-    sgemm(ks, false, false, n, layer.fan_out, layer.fan_in, ws.acts[l].data(), layer.fan_in, layer.W, layer.fan_out,
-          ws.acts[l + 1].data(), layer.fan_out, &e, 1);
+    const index_t ld_in = padded(layer.fan_in), ld_out = padded(layer.fan_out);
+    const float* in = ws.acts[l].data();
+    float* out = ws.acts[l + 1].data();
+    for (index_t j = 0; j < layer.fan_out; j += ks.nr) {
+      const int cols = static_cast<int>(std::min<index_t>(ks.nr, layer.fan_out - j));
+      TileExtra extra;
+      extra.bias = layer.b + j;
+      extra.act = l + 1 == L ? Activation::Identity : m.mlp.hidden;
+      extra.prefetch = ws.prefetch.data() + prefetched;
+      extra.n_prefetch = static_cast<int>(std::min<index_t>(per_call, static_cast<index_t>(ws.prefetch.size()) - prefetched));
+      prefetched += extra.n_prefetch;
+      ks.ukernel(layer.fan_in, in, ld_in, 1, tail.w[l - 1].data() + j * layer.fan_in, ks.nr, out + j, ld_out, false,
+                 n, cols, &extra);
+    }
   }
-  const float* z = ws.acts[L].data();
-  for (index_t r = 0; r < n; ++r) {
-    const std::int32_t item = candidates ? candidates[c0 + r] : static_cast<std::int32_t>(c0 + r);
-    if (user.seen_begin && contains_sorted(user.seen_begin, user.seen_end, item)) continue;
-    float score = z[r] + user.wide + cache.item_wide[static_cast<std::size_t>(item)];
-    const float* g = cache.item_gmf.data() + static_cast<index_t>(item) * d;
-    for (index_t j = 0; j < d; ++j) score += user.gmf[j] * g[j];
-    push_top(heap, k, Scored{score, item});
+  for (; prefetched < static_cast<index_t>(ws.prefetch.size()); ++prefetched)
+    __builtin_prefetch(ws.prefetch[static_cast<std::size_t>(prefetched)], 0, 2);
+  const float* logits = ws.acts[L].data();
+  const index_t ld_logits = padded(m.mlp.layers[L - 1].fan_out);
+  for (int r = 0; r < n; ++r) scores[r] = logits[r * ld_logits];
+}
+
+// Scores candidate positions [c0, c0 + n) for one user on the calling thread, panel by panel, and pushes
+// them into heap.
+void score_range(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const PackedTail& tail,
+                 const UserSide& user, const std::int32_t* candidates, index_t c0, index_t n, index_t k,
+                 TailWorkspace& ws, std::vector<Scored>& heap) {
+  const int mr = ks.mr;
+  const index_t d = static_cast<index_t>(user.gmf.size());
+  std::vector<std::int32_t> items(static_cast<std::size_t>(mr * (kPrefetchPanels + 1)));
+  std::vector<float> scores(static_cast<std::size_t>(mr));
+  auto item_at = [&](index_t pos) { return candidates ? candidates[pos] : static_cast<std::int32_t>(pos); };
+  // items holds a ring of the current panel and the kPrefetchPanels after it.
+  auto fill = [&](index_t panel) {
+    std::int32_t* slot = items.data() + (panel % (kPrefetchPanels + 1)) * mr;
+    for (index_t r = 0; r < mr; ++r) slot[r] = c0 + panel * mr + r < c0 + n ? item_at(c0 + panel * mr + r) : 0;
+  };
+  const index_t panels = (n + mr - 1) / mr;
+  for (index_t p = 0; p < std::min(panels, kPrefetchPanels); ++p) fill(p);
+  for (index_t p = 0; p < panels; ++p) {
+    const index_t ahead = p + kPrefetchPanels;
+    if (ahead < panels) fill(ahead);
+    const int rows = static_cast<int>(std::min<index_t>(mr, n - p * mr));
+    const int ahead_rows = ahead < panels ? static_cast<int>(std::min<index_t>(mr, n - ahead * mr)) : 0;
+    const std::int32_t* cur = items.data() + (p % (kPrefetchPanels + 1)) * mr;
+    score_panel(ks, m, cache, tail, user, cur, rows, items.data() + (ahead % (kPrefetchPanels + 1)) * mr, ahead_rows,
+                ws, scores.data());
+    for (int r = 0; r < rows; ++r) {
+      const std::int32_t item = cur[r];
+      if (user.seen_begin && contains_sorted(user.seen_begin, user.seen_end, item)) continue;
+      float score = scores[static_cast<std::size_t>(r)] + user.wide + cache.item_wide[static_cast<std::size_t>(item)];
+      const float* g = cache.item_gmf.data() + static_cast<index_t>(item) * d;
+      for (index_t j = 0; j < d; ++j) score += user.gmf[static_cast<std::size_t>(j)] * g[j];
+      push_top(heap, k, Scored{score, item});
+    }
   }
 }
 
@@ -592,16 +709,17 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
   }
   const index_t n_items = candidates ? n_candidates : s.n_items;
-  const index_t n_chunks = (n_items + kTopkChunk - 1) / kTopkChunk;
+  const index_t chunk = kTopkPanelsPerChunk * ks.mr;
+  const index_t n_chunks = (n_items + chunk - 1) / chunk;
   const bool over_users = n_users >= resolve_threads(n_threads);
   // One workspace per thread that will run: no more threads than users, or than chunks.
   const int threads = static_cast<int>(std::max<index_t>(
       1, std::min<index_t>(resolve_threads(n_threads), over_users ? n_users : n_chunks)));
-  const index_t rows = std::min(std::max<index_t>(n_items, 1), kTopkChunk);
-  std::vector<MlpWorkspace> mlp_ws;
+  const PackedTail tail(ks, m.mlp);
+  std::vector<TailWorkspace> tail_ws;
   std::vector<FieldWorkspace> field_ws;
   for (int t = 0; t < threads; ++t) {
-    mlp_ws.emplace_back(m.mlp, rows, false, false);
+    tail_ws.emplace_back(ks, m.mlp);
     field_ws.emplace_back(m, 1, false);
   }
   if (over_users) {
@@ -610,9 +728,7 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
       UserSide user;
       user_side(ks, m, s, users[u], exclude_seen, field_ws[static_cast<std::size_t>(t)], user);
       std::vector<Scored> heap;
-      for (index_t c = 0; c < n_chunks; ++c)
-        score_chunk(ks, m, cache, user, candidates, c * kTopkChunk, std::min(kTopkChunk, n_items - c * kTopkChunk), k,
-                    mlp_ws[static_cast<std::size_t>(t)], heap);
+      score_range(ks, m, cache, tail, user, candidates, 0, n_items, k, tail_ws[static_cast<std::size_t>(t)], heap);
       write_top(m, heap, k, out_items + u * k, out_scores + u * k);
     });
     return;
@@ -624,8 +740,8 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     parallel_for(0, n_chunks, threads, [&](std::int64_t c) {
       std::vector<Scored>& heap = chunk_best[static_cast<std::size_t>(c)];
       heap.clear();
-      score_chunk(ks, m, cache, user, candidates, c * kTopkChunk, std::min(kTopkChunk, n_items - c * kTopkChunk), k,
-                  mlp_ws[static_cast<std::size_t>(thread_id())], heap);
+      score_range(ks, m, cache, tail, user, candidates, c * chunk, std::min(chunk, n_items - c * chunk), k,
+                  tail_ws[static_cast<std::size_t>(thread_id())], heap);
     });
     std::vector<Scored> heap;
     for (const auto& best : chunk_best)

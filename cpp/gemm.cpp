@@ -50,6 +50,9 @@ struct Problem {
 // than reading its rows in place saves.
 constexpr index_t kMaxPanelsForInPlaceAt = 4;
 
+// Whether the micro-kernel can apply this epilogue itself (TileExtra: bias and activation only).
+bool in_kernel_epilogue(const Epilogue& e) { return e.scale == 1.0f && !e.addend && !e.mul; }
+
 // One row of C (a single prediction): no packing, the row kernel over row-major B in place.
 void gemm_row(const Problem& p, index_t row, index_t n0, index_t n1) {
   const KernelSet& ks = p.ks;
@@ -106,13 +109,22 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
           for (index_t ir = 0; ir < mc; ir += ks.mr) {
             const int m = static_cast<int>(std::min<index_t>(ks.mr, mc - ir));
             float* c = p.C + (ic + ir) * p.ldc + jc + jr;
+            // An epilogue of only bias and activation runs inside the micro-kernel's last call.
+            TileExtra in_kernel;
+            const TileExtra* finish = nullptr;
+            if (last && p.epilogue && in_kernel_epilogue(*p.epilogue)) {
+              in_kernel.bias = p.epilogue->bias ? p.epilogue->bias + jc + jr : nullptr;
+              in_kernel.act = p.epilogue->act;
+              finish = &in_kernel;
+            }
             const float* b = jr < b_full ? p.B + pc * p.ldb + jc + jr : bbuf + jr * kc;
             const index_t rs_b = jr < b_full ? p.ldb : ks.nr;
             if (ir < full)
-              ks.ukernel(kc, p.A + (ic + ir) * rs_a + pc * cs_a, rs_a, cs_a, b, rs_b, c, p.ldc, !first, m, n);
+              ks.ukernel(kc, p.A + (ic + ir) * rs_a + pc * cs_a, rs_a, cs_a, b, rs_b, c, p.ldc, !first, m, n,
+                         finish);
             else
-              ks.ukernel(kc, abuf + (ir - full) * kc, 1, ks.mr, b, rs_b, c, p.ldc, !first, m, n);
-            if (last && p.epilogue) ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
+              ks.ukernel(kc, abuf + (ir - full) * kc, 1, ks.mr, b, rs_b, c, p.ldc, !first, m, n, finish);
+            if (last && p.epilogue && !finish) ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
           }
         }
       }

@@ -484,6 +484,28 @@ def test_topk_equals_brute_force(isa, rng, gmf):
     assert all(list(r).index(3) + 1 == list(r).index(7) for r in items)
 
 
+@pytest.mark.parametrize("activation,hidden", [("relu", (40, 33)), ("tanh", (17,)), ("logistic", (9, 5)),
+                                               ("relu", ())], ids=["relu", "tanh", "logistic", "one-layer"])
+def test_topk_over_many_item_panels_equals_brute_force(isa, rng, activation, hidden):
+    """A catalogue of several thousand items: top-k runs them in panels of MR items, in work chunks of 256
+    panels (3072 items at AVX-512) with the rows of later panels prefetched; none of that may change which
+    items win. Hidden widths 40 and 33 leave partial NR-column tiles; the one-layer MLP has no tail at all."""
+    U, I = 4, 7001
+    fields = [(table(rng, U, 8), one_hot_bags(U), 0, True), (table(rng, I, 16), one_hot_bags(I), 1, True)]
+    spec = make_spec(rng, fields, [(rng.standard_normal((I, 3)).astype(np.float32), 1)], None, "mse", activation,
+                     hidden, 2)
+    sampler = {"negatives": 0, "user_key": 0, "item_key": 1, "n_items": I, "cdf": None, "seen": None, "seed": 0}
+    candidates = rng.choice(I, 5000, replace=False).astype(np.int32)
+    for users in (np.array([2], np.int32), np.arange(U, dtype=np.int32)):  # split over items / over users
+        for cand in (None, candidates):
+            want_items, want_scores = brute_force_topk(spec, users, cand, 7, None, I)
+            for threads in (1, 2, 3):
+                items, scores = _core.field_topk(spec, sampler, users, cand, 7, False, threads, isa)
+                assert np.array_equal(items, want_items), (threads, cand is None, len(users))
+                # float32 rounding of a different summation of the first layer (see the test above)
+                assert np.allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
 def test_reference_topk_matches_core_on_a_float64_spec(rng):
     spec = topk_model(rng, True)
     sampler = {"negatives": 0, "user_key": 0, "item_key": 1, "n_items": 41, "cdf": None, "seen": None, "seed": 0}

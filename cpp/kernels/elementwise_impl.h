@@ -93,6 +93,37 @@ void epilogue_impl(float* c, index_t ldc, int m, int n, index_t row0, index_t co
   }
 }
 
+// The TileExtra bias and activation applied to a stored tile (the portable path of every micro-kernel).
+void finish_tile(float* c, index_t ldc, int m, int n, const TileExtra& extra) {
+  for (int i = 0; i < m; ++i) {
+    float* v = c + i * ldc;
+    if (extra.bias)
+      for (int j = 0; j < n; ++j) v[j] += extra.bias[j];
+    activate_impl(v, n, extra.act);
+  }
+}
+
+// Prefetches of TileExtra spread over a k loop of kc steps: tick() once per k, rest() after the loop.
+class SpreadPrefetch {
+ public:
+  SpreadPrefetch(const TileExtra* extra, index_t kc)
+      : lines_(extra ? extra->prefetch : nullptr), n_(extra ? extra->n_prefetch : 0),
+        step_(n_ > 0 ? (kc / n_ > 1 ? kc / n_ : 1) : 0), countdown_(step_) {}
+  void tick() {
+    if (n_ == 0 || --countdown_ > 0) return;
+    countdown_ = step_;
+    if (next_ < n_) __builtin_prefetch(lines_[next_++], 0, 2);
+  }
+  void rest() {
+    while (next_ < n_) __builtin_prefetch(lines_[next_++], 0, 2);
+  }
+
+ private:
+  const void* const* lines_;
+  int n_, next_ = 0;
+  index_t step_, countdown_;
+};
+
 // Panel packing with R known at compile time, so the copies unroll and vectorise for the file's ISA.
 template <int R>
 void pack_panel(bool k_major, const float* src, index_t ld, int count, index_t kc, float* out) {

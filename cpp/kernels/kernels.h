@@ -27,9 +27,20 @@ struct Epilogue {
 // readable; b is a kc x NR block with row stride rs_b, b(k, j) = b[k * rs_b + j], all NR columns readable
 // (a packed, zero-padded panel has rs_b = NR; a row-major B read in place has rs_b = ldb). Computes acc = sum_k a(:,k) b(k,:)
 // as one FMA chain per element in k order, then writes C[i][j] = acc (accumulate=false) or C[i][j] += acc,
-// for i < m <= MR, j < n <= NR.
+// for i < m <= MR, j < n <= NR, then does what `extra` asks (null: nothing more).
+// What a micro-kernel call may do beyond the product.
+//  - bias, act: for the call that completes C's sum over K, C[i][j] = act(C[i][j] + bias[j]) before the tile
+//    leaves the registers: bitwise what the epilogue's bias and act give, without a second pass over C.
+//  - prefetch: n_prefetch cache lines to bring into L2 while the FMAs run, spread over the k loop (a burst
+//    of prefetches would stall on the L1 fill buffers; spread out, streaming them costs nothing).
+struct TileExtra {
+  const float* bias = nullptr;  // (N,) vector indexed by the tile's columns: bias[j] for j < n
+  Activation act = Activation::Identity;
+  const void* const* prefetch = nullptr;
+  int n_prefetch = 0;
+};
 using UkernelFn = void (*)(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b,
-                           float* c, index_t ldc, bool accumulate, int m, int n);
+                           float* c, index_t ldc, bool accumulate, int m, int n, const TileExtra* extra);
 // The micro-kernel's row 0 alone, for one-row products (a single prediction): c[0:n] = or += sum_k a[k] b(k, :)
 // with b(k, j) = b[k * rs_b + j] read in place (only n <= NR columns), the same FMA chain per element as the
 // micro-kernel, so a row's result does not depend on whether it came alone or in a batch.

@@ -17,11 +17,12 @@ constexpr int kMr = 6, kNr = 16;
 // a(i, k) = a[i * rs_a + k * cs_a]; kRowMajor specialises cs_a == 1 (A read in place), else rs_a == 1.
 template <bool kRowMajor>
 void fma_loop(index_t kc, const float* a, index_t stride, const float* b, index_t rs_b, __m256 (&acc0)[kMr],
-              __m256 (&acc1)[kMr]) {
+              __m256 (&acc1)[kMr], SpreadPrefetch& prefetch) {
   const float* rows[kMr];
 #pragma GCC unroll 6
   for (int i = 0; i < kMr; ++i) rows[i] = a + i * (kRowMajor ? stride : 1);
   for (index_t k = 0; k < kc; ++k, b += rs_b) {
+    prefetch.tick();
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     const index_t off = kRowMajor ? k : k * stride;
 #pragma GCC unroll 6
@@ -34,14 +35,16 @@ void fma_loop(index_t kc, const float* a, index_t stride, const float* b, index_
 }
 
 void ukernel_avx2_6x16(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b, float* c,
-                       index_t ldc, bool accumulate, int m, int n) {
+                       index_t ldc, bool accumulate, int m, int n, const TileExtra* extra) {
   __m256 acc0[kMr], acc1[kMr];
 #pragma GCC unroll 6
   for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  SpreadPrefetch prefetch(extra, kc);
   if (cs_a == 1)
-    fma_loop<true>(kc, a, rs_a, b, rs_b, acc0, acc1);
+    fma_loop<true>(kc, a, rs_a, b, rs_b, acc0, acc1, prefetch);
   else
-    fma_loop<false>(kc, a, cs_a, b, rs_b, acc0, acc1);
+    fma_loop<false>(kc, a, cs_a, b, rs_b, acc0, acc1, prefetch);
+  prefetch.rest();
   if (m == kMr && n == kNr) {
 #pragma GCC unroll 6
     for (int i = 0; i < kMr; ++i) {
@@ -54,6 +57,7 @@ void ukernel_avx2_6x16(index_t kc, const float* a, index_t rs_a, index_t cs_a, c
       _mm256_storeu_ps(ci, r0);
       _mm256_storeu_ps(ci + 8, r1);
     }
+    if (extra) finish_tile(c, ldc, m, n, *extra);
     return;
   }
   alignas(32) float tile[kMr][kNr];  // edge tile: through a small temporary
@@ -63,6 +67,7 @@ void ukernel_avx2_6x16(index_t kc, const float* a, index_t rs_a, index_t cs_a, c
   }
   for (int i = 0; i < m; ++i)
     for (int j = 0; j < n; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + tile[i][j] : tile[i][j];
+  if (extra) finish_tile(c, ldc, m, n, *extra);
 }
 
 void row_kernel_avx2(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate, int n) {

@@ -15,15 +15,20 @@ namespace {
 
 constexpr int kMr = 12, kNr = 32;
 
+// Lane masks of the two 16-float halves of an n-column tile.
+__mmask16 mask0_of(int n) { return static_cast<__mmask16>((1u << (n < 16 ? n : 16)) - 1u); }
+__mmask16 mask1_of(int n) { return static_cast<__mmask16>((1u << (n > 16 ? n - 16 : 0)) - 1u); }
+
 // The FMA loop. A is read in place with strides: a(i, k) = a[i * rs_a + k * cs_a]. Packed panels have
 // rs_a = 1, cs_a = MR; a row-major A read without packing (no transpose copy) has rs_a = lda, cs_a = 1.
 template <bool kRowMajor>
 void fma_loop(index_t kc, const float* a, index_t stride, const float* b, index_t rs_b, __m512 (&acc0)[kMr],
-              __m512 (&acc1)[kMr]) {
+              __m512 (&acc1)[kMr], SpreadPrefetch& prefetch) {
   const float* rows[kMr];
 #pragma GCC unroll 16
   for (int i = 0; i < kMr; ++i) rows[i] = a + i * (kRowMajor ? stride : 1);
   for (index_t k = 0; k < kc; ++k, b += rs_b) {
+    prefetch.tick();
     const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
     const index_t off = kRowMajor ? k : k * stride;
 #pragma GCC unroll 16
@@ -36,17 +41,25 @@ void fma_loop(index_t kc, const float* a, index_t stride, const float* b, index_
 }
 
 void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b, float* c, index_t ldc,
-                    bool accumulate, int m, int n) {
+                    bool accumulate, int m, int n, const TileExtra* extra) {
   __m512 acc0[kMr], acc1[kMr];
 #pragma GCC unroll 16
   for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  SpreadPrefetch prefetch(extra, kc);
   if (cs_a == 1)
-    fma_loop<true>(kc, a, rs_a, b, rs_b, acc0, acc1);
+    fma_loop<true>(kc, a, rs_a, b, rs_b, acc0, acc1, prefetch);
   else
-    fma_loop<false>(kc, a, cs_a, b, rs_b, acc0, acc1);
+    fma_loop<false>(kc, a, cs_a, b, rs_b, acc0, acc1, prefetch);
+  prefetch.rest();
+  // Bias and ReLU in registers; other activations after the store (they need the vectorised exp loop).
+  const float* bias = extra ? extra->bias : nullptr;
+  const bool relu = extra && extra->act == Activation::Relu;
+  const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(mask0_of(n), bias) : _mm512_setzero_ps();
+  const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(mask1_of(n), bias + 16) : _mm512_setzero_ps();
   // Masked loads/stores handle a partial tile's columns; rows past m are simply not stored.
-  const int n0 = n < 16 ? n : 16, n1 = n > 16 ? n - 16 : 0;
-  const __mmask16 mask0 = static_cast<__mmask16>((1u << n0) - 1u), mask1 = static_cast<__mmask16>((1u << n1) - 1u);
+  const __mmask16 mask0 = mask0_of(n), mask1 = mask1_of(n);
+  const __m512 zero = _mm512_setzero_ps();
+  const __mmask16 all = 0xFFFF;  // maskz_max: plain _mm512_max_ps trips a false -Wmaybe-uninitialized in GCC 12
 #pragma GCC unroll 16
   for (int i = 0; i < kMr; ++i) {
     if (i >= m) break;
@@ -56,8 +69,21 @@ void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, cons
       r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, ci), r0);
       r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, ci + 16), r1);
     }
+    if (bias) {
+      r0 = _mm512_add_ps(r0, bias0);
+      r1 = _mm512_add_ps(r1, bias1);
+    }
+    if (relu) {  // max(v, +0) returns +0 for NaN and -0, as apply_act's v > 0 ? v : 0 does
+      r0 = _mm512_maskz_max_ps(all, r0, zero);
+      r1 = _mm512_maskz_max_ps(all, r1, zero);
+    }
     _mm512_mask_storeu_ps(ci, mask0, r0);
     _mm512_mask_storeu_ps(ci + 16, mask1, r1);
+  }
+  if (extra && !relu && extra->act != Activation::Identity) {
+    TileExtra act_only;
+    act_only.act = extra->act;
+    finish_tile(c, ldc, m, n, act_only);
   }
 }
 

@@ -13,15 +13,20 @@ namespace {
 constexpr int kMr = 4, kNr = 8;
 
 void ukernel_scalar_4x8(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b, float* c,
-                        index_t ldc, bool accumulate, int m, int n) {
+                        index_t ldc, bool accumulate, int m, int n, const TileExtra* extra) {
   float acc[kMr][kNr] = {};
-  for (index_t k = 0; k < kc; ++k, b += rs_b)
+  SpreadPrefetch prefetch(extra, kc);
+  for (index_t k = 0; k < kc; ++k, b += rs_b) {
+    prefetch.tick();
     for (int i = 0; i < kMr; ++i) {
       const float ai = a[i * rs_a + k * cs_a];
       for (int j = 0; j < kNr; ++j) acc[i][j] += ai * b[j];
     }
+  }
+  prefetch.rest();
   for (int i = 0; i < m; ++i)
     for (int j = 0; j < n; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
+  if (extra) finish_tile(c, ldc, m, n, *extra);
 }
 
 void row_kernel_scalar(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate, int n) {
