@@ -573,109 +573,113 @@ struct PackedTail {
 // reads in place do not share L1 sets at a power-of-two stride.
 index_t padded(index_t width) { return (width + 15) / 16 * 16 + 16; }
 
-// One thread's activations for a panel of MR items: acts[l] is the input of layer l (MR x padded(fan_in)),
-// acts[L] the logits.
+// Items top-k scores together: kBlockPanels micro-panels of MR items. Each packed weight panel (up to 32 KiB)
+// is then read from L2 once per block and reused from L1 by every micro-panel, while the block's
+// activations (about 100 KiB for 96 items and 256 units) stay in L2.
+constexpr index_t kBlockPanels = 8;
+// Blocks per parallel work unit: enough that the first block of a unit, whose cached rows were not
+// prefetched, does not matter.
+constexpr index_t kBlocksPerChunk = 32;
+
+// One thread's activations for a block: acts[l] is the input of layer l (rows x padded(fan_in)), acts[L]
+// the logits.
 struct TailWorkspace {
   std::vector<AlignedFloats> acts;
-  std::vector<const void*> prefetch;  // cache lines of the items a few panels ahead
+  std::vector<const void*> prefetch;  // cache lines of the next block's items
   TailWorkspace(const KernelSet& ks, const Network& net) : acts(net.layers.size() + 1) {
     for (std::size_t l = 1; l <= net.layers.size(); ++l)
-      acts[l].assign(static_cast<std::size_t>(ks.mr * padded(net.layers[l - 1].fan_out)));
+      acts[l].assign(static_cast<std::size_t>(kBlockPanels * ks.mr * padded(net.layers[l - 1].fan_out)));
   }
 };
 
-// Items per parallel work unit of top-k: whole MR-item panels, enough of them that the first panels, whose
-// cached rows were not prefetched, do not matter.
-constexpr index_t kTopkPanelsPerChunk = 256;
-// Panels ahead whose cached first-layer rows are prefetched while the current panel is multiplied: the
-// 1 GB cache of a million items then streams from memory behind the arithmetic instead of before it.
-constexpr index_t kPrefetchPanels = 2;
-
-// Scores m <= MR items for one user on the calling thread: their activations stay in L1 through every
-// layer. While the products run, the cached rows of the `ahead` items are prefetched into L2.
-void score_panel(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const PackedTail& tail,
-                 const UserSide& user, const std::int32_t* items, int n, const std::int32_t* ahead, int n_ahead,
+// Scores n <= kBlockPanels * MR items for one user on the calling thread. While the products run, the
+// cached rows of the `next` items are prefetched into L2: the 1 GB cache of a million items then streams
+// from memory behind the arithmetic instead of before it.
+void score_block(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const PackedTail& tail,
+                 const UserSide& user, const std::int32_t* items, index_t n, const std::int32_t* next, index_t n_next,
                  TailWorkspace& ws, float* scores) {
   const std::size_t L = m.mlp.layers.size();
   const index_t h = m.mlp.layers[0].fan_out;
   // The first layer: act(item part + user part), or the logit itself for an MLP of one layer.
-  const Activation act0 = L > 1 ? m.mlp.hidden : Activation::Identity;
   float* z1 = ws.acts[1].data();
   const index_t ld1 = padded(h);
-  for (int r = 0; r < n; ++r) {
-    const float* part = cache.item_part.data() + static_cast<index_t>(items[r]) * h;
-    float* out = z1 + r * ld1;
-    if (act0 == Activation::Relu) {
-      for (index_t j = 0; j < h; ++j) {
-        const float v = part[j] + user.part[static_cast<std::size_t>(j)];
-        out[j] = v > 0.0f ? v : 0.0f;
-      }
-    } else {
-      for (index_t j = 0; j < h; ++j) out[j] = part[j] + user.part[static_cast<std::size_t>(j)];
-      ks.activate(out, h, act0);
-    }
-  }
-  // The ahead rows' cache lines, shared out over the micro-kernel calls, which spread them over their FMAs.
+  for (index_t r = 0; r < n; ++r)
+    std::memcpy(z1 + r * ld1, cache.item_part.data() + static_cast<index_t>(items[r]) * h, sizeof(float) * static_cast<std::size_t>(h));
+  Epilogue first;
+  first.bias = user.part.data();
+  first.act = L > 1 ? m.mlp.hidden : Activation::Identity;
+  ks.epilogue(z1, ld1, static_cast<int>(n), static_cast<int>(h), 0, 0, first);
+  // The next rows' cache lines, shared out over the micro-kernel calls, which spread them over their FMAs
+  // (a burst would stall on the L1 fill buffers).
   const index_t lines_per_row = (h * static_cast<index_t>(sizeof(float)) + 63) / 64;
-  ws.prefetch.clear();
-  for (int r = 0; r < n_ahead; ++r) {
-    const char* row = reinterpret_cast<const char*>(cache.item_part.data() + static_cast<index_t>(ahead[r]) * h);
-    for (index_t c = 0; c < lines_per_row; ++c) ws.prefetch.push_back(row + 64 * c);
+  ws.prefetch.resize(static_cast<std::size_t>(n_next * lines_per_row));
+  const void** line = ws.prefetch.data();
+  for (index_t r = 0; r < n_next; ++r) {
+    const char* row = reinterpret_cast<const char*>(cache.item_part.data() + static_cast<index_t>(next[r]) * h);
+    for (index_t c = 0; c < lines_per_row; ++c) *line++ = row + 64 * c;
   }
+  // A last layer of one output is a dot product per row; the micro-kernel would fill 1 of its NR columns.
+  const bool dot_last = m.mlp.layers[L - 1].fan_out == 1 && L > 1;
+  const std::size_t tiled = dot_last ? L - 1 : L;  // layers [1, tiled) run on the micro-kernel
+  const index_t panels = (n + ks.mr - 1) / ks.mr;
   index_t calls = 0;
-  for (std::size_t l = 1; l < L; ++l) calls += (m.mlp.layers[l].fan_out + ks.nr - 1) / ks.nr;
-  const index_t per_call = calls ? (static_cast<index_t>(ws.prefetch.size()) + calls - 1) / calls : 0;
+  for (std::size_t l = 1; l < tiled; ++l) calls += panels * ((m.mlp.layers[l].fan_out + ks.nr - 1) / ks.nr);
+  const index_t n_lines = static_cast<index_t>(ws.prefetch.size());
+  const index_t per_call = calls ? (n_lines + calls - 1) / calls : 0;
   index_t prefetched = 0;
-  for (std::size_t l = 1; l < L; ++l) {
+  for (std::size_t l = 1; l < tiled; ++l) {
     const Layer& layer = m.mlp.layers[l];
     const index_t ld_in = padded(layer.fan_in), ld_out = padded(layer.fan_out);
-    const float* in = ws.acts[l].data();
-    float* out = ws.acts[l + 1].data();
-    for (index_t j = 0; j < layer.fan_out; j += ks.nr) {
+    TileExtra extra;
+    extra.act = l + 1 == L ? Activation::Identity : m.mlp.hidden;
+    for (index_t j = 0; j < layer.fan_out; j += ks.nr) {  // one weight panel, reused from L1 by every micro-panel
       const int cols = static_cast<int>(std::min<index_t>(ks.nr, layer.fan_out - j));
-      TileExtra extra;
+      const float* w = tail.w[l - 1].data() + j * layer.fan_in;
       extra.bias = layer.b + j;
-      extra.act = l + 1 == L ? Activation::Identity : m.mlp.hidden;
-      extra.prefetch = ws.prefetch.data() + prefetched;
-      extra.n_prefetch = static_cast<int>(std::min<index_t>(per_call, static_cast<index_t>(ws.prefetch.size()) - prefetched));
-      prefetched += extra.n_prefetch;
-      ks.ukernel(layer.fan_in, in, ld_in, 1, tail.w[l - 1].data() + j * layer.fan_in, ks.nr, out + j, ld_out, false,
-                 n, cols, &extra);
+      for (index_t r = 0; r < n; r += ks.mr) {
+        extra.prefetch = ws.prefetch.data() + prefetched;
+        extra.n_prefetch = static_cast<int>(std::min(per_call, n_lines - prefetched));
+        prefetched += extra.n_prefetch;
+        ks.ukernel(layer.fan_in, ws.acts[l].data() + r * ld_in, ld_in, 1, w, ks.nr, ws.acts[l + 1].data() + r * ld_out + j,
+                   ld_out, false, static_cast<int>(std::min<index_t>(ks.mr, n - r)), cols, &extra);
+      }
     }
   }
-  for (; prefetched < static_cast<index_t>(ws.prefetch.size()); ++prefetched)
-    __builtin_prefetch(ws.prefetch[static_cast<std::size_t>(prefetched)], 0, 2);
+  for (; prefetched < n_lines; ++prefetched) __builtin_prefetch(ws.prefetch[static_cast<std::size_t>(prefetched)], 0, 2);
+  if (dot_last) {
+    const Layer& last = m.mlp.layers[L - 1];
+    ks.dot_rows(ws.acts[L - 1].data(), padded(last.fan_in), n, last.W, last.fan_in, last.b[0], scores);
+    return;
+  }
   const float* logits = ws.acts[L].data();
   const index_t ld_logits = padded(m.mlp.layers[L - 1].fan_out);
-  for (int r = 0; r < n; ++r) scores[r] = logits[r * ld_logits];
+  for (index_t r = 0; r < n; ++r) scores[r] = logits[r * ld_logits];
 }
 
-// Scores candidate positions [c0, c0 + n) for one user on the calling thread, panel by panel, and pushes
+// Scores candidate positions [c0, c0 + n) for one user on the calling thread, block by block, and pushes
 // them into heap.
 void score_range(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const PackedTail& tail,
                  const UserSide& user, const std::int32_t* candidates, index_t c0, index_t n, index_t k,
                  TailWorkspace& ws, std::vector<Scored>& heap) {
-  const int mr = ks.mr;
+  const index_t block = kBlockPanels * ks.mr;
   const index_t d = static_cast<index_t>(user.gmf.size());
-  std::vector<std::int32_t> items(static_cast<std::size_t>(mr * (kPrefetchPanels + 1)));
-  std::vector<float> scores(static_cast<std::size_t>(mr));
-  auto item_at = [&](index_t pos) { return candidates ? candidates[pos] : static_cast<std::int32_t>(pos); };
-  // items holds a ring of the current panel and the kPrefetchPanels after it.
-  auto fill = [&](index_t panel) {
-    std::int32_t* slot = items.data() + (panel % (kPrefetchPanels + 1)) * mr;
-    for (index_t r = 0; r < mr; ++r) slot[r] = c0 + panel * mr + r < c0 + n ? item_at(c0 + panel * mr + r) : 0;
+  std::vector<std::int32_t> items(static_cast<std::size_t>(2 * block));  // this block's items, then the next's
+  std::vector<float> scores(static_cast<std::size_t>(block));
+  auto fill = [&](index_t b, std::int32_t* slot) {
+    const index_t rows = std::min(block, n - b * block);
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t pos = c0 + b * block + r;
+      slot[r] = candidates ? candidates[pos] : static_cast<std::int32_t>(pos);
+    }
+    return rows;
   };
-  const index_t panels = (n + mr - 1) / mr;
-  for (index_t p = 0; p < std::min(panels, kPrefetchPanels); ++p) fill(p);
-  for (index_t p = 0; p < panels; ++p) {
-    const index_t ahead = p + kPrefetchPanels;
-    if (ahead < panels) fill(ahead);
-    const int rows = static_cast<int>(std::min<index_t>(mr, n - p * mr));
-    const int ahead_rows = ahead < panels ? static_cast<int>(std::min<index_t>(mr, n - ahead * mr)) : 0;
-    const std::int32_t* cur = items.data() + (p % (kPrefetchPanels + 1)) * mr;
-    score_panel(ks, m, cache, tail, user, cur, rows, items.data() + (ahead % (kPrefetchPanels + 1)) * mr, ahead_rows,
-                ws, scores.data());
-    for (int r = 0; r < rows; ++r) {
+  const index_t blocks = (n + block - 1) / block;
+  std::int32_t *cur = items.data(), *next = items.data() + block;
+  index_t rows = blocks ? fill(0, cur) : 0;
+  for (index_t b = 0; b < blocks; ++b) {
+    const index_t next_rows = b + 1 < blocks ? fill(b + 1, next) : 0;
+    score_block(ks, m, cache, tail, user, cur, rows, next, next_rows, ws, scores.data());
+    for (index_t r = 0; r < rows; ++r) {
       const std::int32_t item = cur[r];
       if (user.seen_begin && contains_sorted(user.seen_begin, user.seen_end, item)) continue;
       float score = scores[static_cast<std::size_t>(r)] + user.wide + cache.item_wide[static_cast<std::size_t>(item)];
@@ -683,6 +687,8 @@ void score_range(const KernelSet& ks, const FieldModel& m, const TopkCache& cach
       for (index_t j = 0; j < d; ++j) score += user.gmf[static_cast<std::size_t>(j)] * g[j];
       push_top(heap, k, Scored{score, item});
     }
+    std::swap(cur, next);
+    rows = next_rows;
   }
 }
 
@@ -709,7 +715,7 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
   }
   const index_t n_items = candidates ? n_candidates : s.n_items;
-  const index_t chunk = kTopkPanelsPerChunk * ks.mr;
+  const index_t chunk = kBlocksPerChunk * kBlockPanels * ks.mr;
   const index_t n_chunks = (n_items + chunk - 1) / chunk;
   const bool over_users = n_users >= resolve_threads(n_threads);
   // One workspace per thread that will run: no more threads than users, or than chunks.

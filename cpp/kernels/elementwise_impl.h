@@ -103,16 +103,16 @@ void finish_tile(float* c, index_t ldc, int m, int n, const TileExtra& extra) {
   }
 }
 
-// Prefetches of TileExtra spread over a k loop of kc steps: tick() once per k, rest() after the loop.
+// Prefetches of TileExtra spread over a k loop of kc steps: the loop runs up to next_stop(k, kc), which
+// issues one prefetch when its turn has come, and rest() issues what is left after the loop.
 class SpreadPrefetch {
  public:
   SpreadPrefetch(const TileExtra* extra, index_t kc)
       : lines_(extra ? extra->prefetch : nullptr), n_(extra ? extra->n_prefetch : 0),
-        step_(n_ > 0 ? (kc / n_ > 1 ? kc / n_ : 1) : 0), countdown_(step_) {}
-  void tick() {
-    if (n_ == 0 || --countdown_ > 0) return;
-    countdown_ = step_;
+        step_(n_ > 0 ? (kc / n_ > 1 ? kc / n_ : 1) : kc) {}
+  index_t next_stop(index_t k, index_t kc) {
     if (next_ < n_) __builtin_prefetch(lines_[next_++], 0, 2);
+    return k + step_ < kc ? k + step_ : kc;
   }
   void rest() {
     while (next_ < n_) __builtin_prefetch(lines_[next_++], 0, 2);
@@ -121,7 +121,7 @@ class SpreadPrefetch {
  private:
   const void* const* lines_;
   int n_, next_ = 0;
-  index_t step_, countdown_;
+  index_t step_;
 };
 
 // Panel packing with R known at compile time, so the copies unroll and vectorise for the file's ISA.
@@ -203,6 +203,21 @@ void row_sum_impl(const float* weights, const std::int32_t* ids, index_t count, 
       const float* row = M + static_cast<index_t>(ids[e]) * ld + j0;
       for (index_t j = 0; j < rest; ++j) out[j0 + j] += w * row[j];
     }
+  }
+}
+
+// out[r] = bias + sum_j x[r * ld + j] w[j] for r < rows: 16 float lanes of partial sums (lane l holds
+// j = l mod 16), then the lanes added pairwise: a vectorised loop whose summation order is fixed.
+void dot_rows_impl(const float* x, index_t ld, index_t rows, const float* w, index_t n, float bias, float* out) {
+  for (index_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ld;
+    f32x16 acc = {};
+    index_t j = 0;
+    for (; j + 16 <= n; j += 16) acc += load16(xr + j) * load16(w + j);
+    for (int l = 0; j < n; ++j, ++l) acc[l] += xr[j] * w[j];
+    for (int half = 8; half >= 1; half /= 2)
+      for (int l = 0; l < half; ++l) acc[l] += acc[l + half];
+    out[r] = bias + acc[0];
   }
 }
 

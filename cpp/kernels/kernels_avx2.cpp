@@ -21,16 +21,19 @@ void fma_loop(index_t kc, const float* a, index_t stride, const float* b, index_
   const float* rows[kMr];
 #pragma GCC unroll 6
   for (int i = 0; i < kMr; ++i) rows[i] = a + i * (kRowMajor ? stride : 1);
-  for (index_t k = 0; k < kc; ++k, b += rs_b) {
-    prefetch.tick();
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    const index_t off = kRowMajor ? k : k * stride;
+  for (index_t k0 = 0; k0 < kc;) {
+    const index_t k1 = prefetch.next_stop(k0, kc);
+    for (index_t k = k0; k < k1; ++k, b += rs_b) {
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+      const index_t off = kRowMajor ? k : k * stride;
 #pragma GCC unroll 6
-    for (int i = 0; i < kMr; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(rows[i] + off);
-      acc0[i] = _mm256_fmadd_ps(ai, b0, acc0[i]);
-      acc1[i] = _mm256_fmadd_ps(ai, b1, acc1[i]);
+      for (int i = 0; i < kMr; ++i) {
+        const __m256 ai = _mm256_broadcast_ss(rows[i] + off);
+        acc0[i] = _mm256_fmadd_ps(ai, b0, acc0[i]);
+        acc1[i] = _mm256_fmadd_ps(ai, b1, acc1[i]);
+      }
     }
+    k0 = k1;
   }
 }
 
@@ -99,7 +102,7 @@ const KernelSet& kernels_avx2() {
   static const KernelSet set{Isa::Avx2, kMr, kNr, 256, 144, 2048, ukernel_avx2_6x16, row_kernel_avx2, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
-                             sum_squares_impl};
+                             sum_squares_impl, dot_rows_impl};
   return set;
 }
 

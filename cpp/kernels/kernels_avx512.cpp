@@ -19,24 +19,43 @@ constexpr int kMr = 12, kNr = 32;
 __mmask16 mask0_of(int n) { return static_cast<__mmask16>((1u << (n < 16 ? n : 16)) - 1u); }
 __mmask16 mask1_of(int n) { return static_cast<__mmask16>((1u << (n > 16 ? n - 16 : 0)) - 1u); }
 
+// One k step: acc(i, :) += a(i) * [b0 b1] for the MR rows, a(i) read at row(i).
+template <typename Row>
+inline void fma_step(Row row, __m512 b0, __m512 b1, __m512 (&acc0)[kMr], __m512 (&acc1)[kMr]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < kMr; ++i) {
+    const __m512 ai = _mm512_set1_ps(row(i));
+    acc0[i] = _mm512_fmadd_ps(ai, b0, acc0[i]);
+    acc1[i] = _mm512_fmadd_ps(ai, b1, acc1[i]);
+  }
+}
+
 // The FMA loop. A is read in place with strides: a(i, k) = a[i * rs_a + k * cs_a]. Packed panels have
 // rs_a = 1, cs_a = MR; a row-major A read without packing (no transpose copy) has rs_a = lda, cs_a = 1.
+// Row-major rows are reached from three pointers (rows 0-3, 4-7, 8-11) plus 0, 1, 2 or 3 strides, which
+// x86 addressing modes scale for free: twelve row pointers would not fit in the registers and spill.
 template <bool kRowMajor>
 void fma_loop(index_t kc, const float* a, index_t stride, const float* b, index_t rs_b, __m512 (&acc0)[kMr],
               __m512 (&acc1)[kMr], SpreadPrefetch& prefetch) {
-  const float* rows[kMr];
-#pragma GCC unroll 16
-  for (int i = 0; i < kMr; ++i) rows[i] = a + i * (kRowMajor ? stride : 1);
-  for (index_t k = 0; k < kc; ++k, b += rs_b) {
-    prefetch.tick();
-    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-    const index_t off = kRowMajor ? k : k * stride;
-#pragma GCC unroll 16
-    for (int i = 0; i < kMr; ++i) {
-      const __m512 ai = _mm512_set1_ps(rows[i][off]);
-      acc0[i] = _mm512_fmadd_ps(ai, b0, acc0[i]);
-      acc1[i] = _mm512_fmadd_ps(ai, b1, acc1[i]);
+  const index_t s1 = stride, s2 = 2 * stride, s3 = 3 * stride;
+  const float *p0 = a, *p1 = a + 4 * stride, *p2 = a + 8 * stride;
+  for (index_t k0 = 0; k0 < kc;) {
+    const index_t k1 = prefetch.next_stop(k0, kc);
+    for (index_t k = k0; k < k1; ++k, b += rs_b) {
+      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+      if (kRowMajor) {
+        fma_step([&](int i) {
+          const float* p = i < 4 ? p0 : i < 8 ? p1 : p2;
+          const int r = i & 3;
+          return r == 0 ? p[0] : r == 1 ? p[s1] : r == 2 ? p[s2] : p[s3];
+        }, b0, b1, acc0, acc1);
+        ++p0, ++p1, ++p2;
+      } else {
+        fma_step([&](int i) { return p0[i]; }, b0, b1, acc0, acc1);
+        p0 += stride;
+      }
     }
+    k0 = k1;
   }
 }
 
@@ -110,7 +129,7 @@ const KernelSet& kernels_avx512() {
   static const KernelSet set{Isa::Avx512, kMr, kNr, 256, 192, 4096, ukernel_avx512, row_kernel_avx512, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
-                             sum_squares_impl};
+                             sum_squares_impl, dot_rows_impl};
   return set;
 }
 

@@ -16,12 +16,14 @@ void ukernel_scalar_4x8(index_t kc, const float* a, index_t rs_a, index_t cs_a, 
                         index_t ldc, bool accumulate, int m, int n, const TileExtra* extra) {
   float acc[kMr][kNr] = {};
   SpreadPrefetch prefetch(extra, kc);
-  for (index_t k = 0; k < kc; ++k, b += rs_b) {
-    prefetch.tick();
-    for (int i = 0; i < kMr; ++i) {
-      const float ai = a[i * rs_a + k * cs_a];
-      for (int j = 0; j < kNr; ++j) acc[i][j] += ai * b[j];
-    }
+  for (index_t k0 = 0; k0 < kc;) {
+    const index_t k1 = prefetch.next_stop(k0, kc);
+    for (index_t k = k0; k < k1; ++k, b += rs_b)
+      for (int i = 0; i < kMr; ++i) {
+        const float ai = a[i * rs_a + k * cs_a];
+        for (int j = 0; j < kNr; ++j) acc[i][j] += ai * b[j];
+      }
+    k0 = k1;
   }
   prefetch.rest();
   for (int i = 0; i < m; ++i)
@@ -42,7 +44,7 @@ const KernelSet& kernels_scalar() {
   static const KernelSet set{Isa::Scalar, kMr, kNr, 256, 128, 2048, ukernel_scalar_4x8, row_kernel_scalar, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
-                             sum_squares_impl};
+                             sum_squares_impl, dot_rows_impl};
   return set;
 }
 
