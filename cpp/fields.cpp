@@ -577,9 +577,12 @@ index_t padded(index_t width) { return (width + 15) / 16 * 16 + 16; }
 // is then read from L2 once per block and reused from L1 by every micro-panel, while the block's
 // activations (about 100 KiB for 96 items and 256 units) stay in L2.
 constexpr index_t kBlockPanels = 8;
-// Blocks per parallel work unit: enough that the first block of a unit, whose cached rows were not
-// prefetched, does not matter.
-constexpr index_t kBlocksPerChunk = 32;
+// Blocks ahead whose cached rows are prefetched while a block is scored: two, so that even the rows
+// prefetched last have a whole block's time (tens of microseconds) to arrive.
+constexpr index_t kAheadBlocks = 2;
+// Blocks per parallel work unit: enough that the first blocks of a unit, whose cached rows were not
+// prefetched, do not matter.
+constexpr index_t kBlocksPerChunk = 64;
 
 // One thread's activations for a block: acts[l] is the input of layer l (rows x padded(fan_in)), acts[L]
 // the logits.
@@ -593,7 +596,7 @@ struct TailWorkspace {
 };
 
 // Scores n <= kBlockPanels * MR items for one user on the calling thread. While the products run, the
-// cached rows of the `next` items are prefetched into L2: the 1 GB cache of a million items then streams
+// cached rows of the `next` items (a later block's) are prefetched into L2: the 1 GB cache of a million items then streams
 // from memory behind the arithmetic instead of before it.
 void score_block(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const PackedTail& tail,
                  const UserSide& user, const std::int32_t* items, index_t n, const std::int32_t* next, index_t n_next,
@@ -603,12 +606,15 @@ void score_block(const KernelSet& ks, const FieldModel& m, const TopkCache& cach
   // The first layer: act(item part + user part), or the logit itself for an MLP of one layer.
   float* z1 = ws.acts[1].data();
   const index_t ld1 = padded(h);
-  for (index_t r = 0; r < n; ++r)
-    std::memcpy(z1 + r * ld1, cache.item_part.data() + static_cast<index_t>(items[r]) * h, sizeof(float) * static_cast<std::size_t>(h));
-  Epilogue first;
+  Epilogue first;  // scale 0: z1 = act(item part + user part), one pass per row in the kernels' SIMD width
+  first.scale = 0.0f;
+  first.addend_scale = 1.0f;
   first.bias = user.part.data();
   first.act = L > 1 ? m.mlp.hidden : Activation::Identity;
-  ks.epilogue(z1, ld1, static_cast<int>(n), static_cast<int>(h), 0, 0, first);
+  for (index_t r = 0; r < n; ++r) {
+    first.addend = cache.item_part.data() + static_cast<index_t>(items[r]) * h;
+    ks.epilogue(z1 + r * ld1, ld1, 1, static_cast<int>(h), 0, 0, first);
+  }
   // The next rows' cache lines, shared out over the micro-kernel calls, which spread them over their FMAs
   // (a burst would stall on the L1 fill buffers).
   const index_t lines_per_row = (h * static_cast<index_t>(sizeof(float)) + 63) / 64;
@@ -662,23 +668,26 @@ void score_range(const KernelSet& ks, const FieldModel& m, const TopkCache& cach
                  const UserSide& user, const std::int32_t* candidates, index_t c0, index_t n, index_t k,
                  TailWorkspace& ws, std::vector<Scored>& heap) {
   const index_t block = kBlockPanels * ks.mr;
-  const index_t d = static_cast<index_t>(user.gmf.size());
-  std::vector<std::int32_t> items(static_cast<std::size_t>(2 * block));  // this block's items, then the next's
-  std::vector<float> scores(static_cast<std::size_t>(block));
-  auto fill = [&](index_t b, std::int32_t* slot) {
-    const index_t rows = std::min(block, n - b * block);
-    for (index_t r = 0; r < rows; ++r) {
-      const index_t pos = c0 + b * block + r;
-      slot[r] = candidates ? candidates[pos] : static_cast<std::int32_t>(pos);
-    }
-    return rows;
-  };
   const index_t blocks = (n + block - 1) / block;
-  std::int32_t *cur = items.data(), *next = items.data() + block;
-  index_t rows = blocks ? fill(0, cur) : 0;
+  const index_t d = static_cast<index_t>(user.gmf.size());
+  // The items of the block being scored and of the kAheadBlocks after it, whose rows are being prefetched.
+  std::vector<std::int32_t> items(static_cast<std::size_t>((kAheadBlocks + 1) * block));
+  std::vector<float> scores(static_cast<std::size_t>(block));
+  auto slot = [&](index_t b) { return items.data() + (b % (kAheadBlocks + 1)) * block; };
+  auto rows_of = [&](index_t b) { return b < blocks ? std::min(block, n - b * block) : index_t{0}; };
+  auto fill = [&](index_t b) {
+    for (index_t r = 0; r < rows_of(b); ++r) {
+      const index_t pos = c0 + b * block + r;
+      slot(b)[r] = candidates ? candidates[pos] : static_cast<std::int32_t>(pos);
+    }
+  };
+  for (index_t b = 0; b < kAheadBlocks; ++b) fill(b);
   for (index_t b = 0; b < blocks; ++b) {
-    const index_t next_rows = b + 1 < blocks ? fill(b + 1, next) : 0;
-    score_block(ks, m, cache, tail, user, cur, rows, next, next_rows, ws, scores.data());
+    fill(b + kAheadBlocks);
+    const index_t rows = rows_of(b);
+    const std::int32_t* cur = slot(b);
+    score_block(ks, m, cache, tail, user, cur, rows, slot(b + kAheadBlocks), rows_of(b + kAheadBlocks), ws,
+                scores.data());
     for (index_t r = 0; r < rows; ++r) {
       const std::int32_t item = cur[r];
       if (user.seen_begin && contains_sorted(user.seen_begin, user.seen_end, item)) continue;
@@ -687,8 +696,6 @@ void score_range(const KernelSet& ks, const FieldModel& m, const TopkCache& cach
       for (index_t j = 0; j < d; ++j) score += user.gmf[static_cast<std::size_t>(j)] * g[j];
       push_top(heap, k, Scored{score, item});
     }
-    std::swap(cur, next);
-    rows = next_rows;
   }
 }
 

@@ -67,10 +67,28 @@ void mul_derivative_loop(float* v, const float* a, int n) {
   for (int j = 0; j < n; ++j) v[j] *= act_derivative(a[j], A);
 }
 
+// v = act(add + bias) in one pass (the epilogue with scale 0 and addend_scale 1: top-k's first layer).
+template <Activation A>
+void add_bias_act_loop(float* v, const float* add, const float* bias, int n) {
+  for (int j = 0; j < n; ++j) v[j] = apply_act(add[j] + bias[j], A);
+}
+
 void epilogue_impl(float* c, index_t ldc, int m, int n, index_t row0, index_t col0, const Epilogue& e) {
   for (int i = 0; i < m; ++i) {
     float* v = c + i * ldc;
-    if (e.scale != 1.0f)
+    if (e.scale == 0.0f && e.addend && e.addend_scale == 1.0f && e.bias && !e.mul) {
+      const float* add = e.addend + (row0 + i) * e.ld_addend + col0;
+      switch (e.act) {
+        case Activation::Relu: add_bias_act_loop<Activation::Relu>(v, add, e.bias + col0, n); break;
+        case Activation::Logistic: add_bias_act_loop<Activation::Logistic>(v, add, e.bias + col0, n); break;
+        case Activation::Tanh: add_bias_act_loop<Activation::Tanh>(v, add, e.bias + col0, n); break;
+        default: add_bias_act_loop<Activation::Identity>(v, add, e.bias + col0, n); break;
+      }
+      continue;
+    }
+    if (e.scale == 0.0f)  // C is output only (whatever it held, even inf or NaN)
+      for (int j = 0; j < n; ++j) v[j] = 0.0f;
+    else if (e.scale != 1.0f)
       for (int j = 0; j < n; ++j) v[j] *= e.scale;
     if (e.addend) {
       const float* add = e.addend + (row0 + i) * e.ld_addend + col0;

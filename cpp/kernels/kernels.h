@@ -9,6 +9,7 @@ namespace fastrec {
 
 // Applied once to each finished C tile while it is in L1, in this order:
 //   v = scale * C + addend_scale * addend + bias;  v = act(v);  v *= act'(mul) (mul: activation outputs).
+// scale == 0 means C is not read: v = addend_scale * addend + bias.
 // Pointers may be null (term skipped). row0/col0 passed to the epilogue locate the tile in the full matrices.
 struct Epilogue {
   float scale = 1.0f;
