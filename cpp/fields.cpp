@@ -467,7 +467,7 @@ void build_topk_cache(const KernelSet& ks, const FieldModel& m, const NegativeSa
   const Layer& first = m.mlp.layers[0];
   const index_t h = first.fan_out, n_items = s.n_items;
   const index_t d = m.gmf.field_u >= 0 ? m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim : 0;
-  cache.item_part.resize(static_cast<std::size_t>(n_items * h));
+  cache.item_part.assign_zeros(static_cast<std::size_t>(n_items * h));
   cache.item_gmf.resize(static_cast<std::size_t>(n_items * d));
   cache.item_wide.resize(static_cast<std::size_t>(n_items));
   FieldWorkspace ws(m, std::min(n_items, kPredictChunk), false);

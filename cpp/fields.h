@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "kernels/kernels.h"
+#include "large_array.h"
 #include "mlp.h"
 
 namespace fastrec {
@@ -114,7 +115,8 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& model, Optimizer&
 // Concurrent top-k calls on one handle are safe while they rank the same n_items (as a Recommender's do):
 // the first builds the cache under `mutex`, the others wait for it and then only read it.
 struct TopkCache {
-  std::vector<float> item_part, item_gmf, item_wide;
+  LargeArray item_part;  // n_items x fan_out(0): a gigabyte for a million items and 256 units
+  std::vector<float> item_gmf, item_wide;
   index_t n_items = -1;
   std::mutex mutex;
 };
