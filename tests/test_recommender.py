@@ -605,3 +605,79 @@ def test_embedding_alpha_is_the_tables_own_l2_in_core_and_oracle():
     plain = _core.field_loss_and_gradients({**spec, "fields": [{**f, "alpha": None} for f in spec["fields"]]},
                                            keys, y, None, 0.01)
     assert not np.allclose(plain[1][0], got[1][0])
+
+
+def _item_gmf(rec):
+    return [i for i, f in enumerate(rec.net_.fields) if f.role == "gmf_v"][0]
+
+
+def test_gmf_item_features_give_cold_items_a_gmf_vector_and_match_the_oracle(explicit_data):
+    """gmf_item_features: the item GMF field reads [genre rows | id rows] (the multi-hot genres are its only
+    categorical / multi-hot item column); each item's bag is its genres (mean weights, as the genres field)
+    plus its id row; the unknown id part is zero and never dropped; predictions equal the oracle's."""
+    d = explicit_data
+    cold = np.array([55, 56, 57, 58, 59])
+    keep = ~np.isin(d.items, cold)
+    rec = fastrec.Recommender(embedding_dim=8, hidden_layer_sizes=(8,), epochs=3, learning_rate=1e-2, id_dropout=0.2,
+                              gmf_item_features=True, random_state=0, n_threads=1)
+    rec.fit(d.users[keep], d.items[keep], d.ratings[keep], user_features=d.user_features,
+            item_features=d.item_features)
+    g = _item_gmf(rec)
+    genres, vocab = d.item_features.multi_hot["genres"]
+    n_genres, n_trained = len(vocab), len(np.unique(d.items[keep]))
+    field = rec.net_.fields[g]
+    assert field.vocab == n_genres + n_trained + 1 and field.dropout == 0.0
+    assert rec.net_.spec(rec._bags, rec._dense_tables, training=True)["fields"][g]["dropout"] == 0.0
+    np.testing.assert_array_equal(rec.net_.tables[g][n_genres], 0.0)  # the unknown id part: never trained
+    indptr, ids, weights = rec._bags[g]
+    for item in (int(d.items[keep][0]), int(cold[0])):
+        e = rec._items.index(np.array([item]))[0]
+        row = d.item_features.row_positions(np.array([item]))[0]
+        own_genres = genres[row].indices
+        id_row = rec._bags[1][1][e]  # 0 for the cold item
+        assert (id_row == 0) == (item in cold)
+        np.testing.assert_array_equal(ids[indptr[e]:indptr[e + 1]], [*own_genres, n_genres + id_row])
+        np.testing.assert_allclose(weights[indptr[e]:indptr[e + 1]], [*np.full(len(own_genres), 1 / len(own_genres)), 1])
+    users = np.repeat(np.arange(80), 62)
+    items = np.tile(np.concatenate([np.arange(60), [-1, 10**6]]), 80)
+    np.testing.assert_allclose(rec.predict(users, items) - rec.rating_mean_, _oracle_predict(rec, users, items),
+                               rtol=1e-4, atol=1e-5)
+    # Cold items with different genres differ through the GMF term as well: zeroing the genre rows of the
+    # GMF table changes their scores.
+    before = rec.predict(np.arange(80), np.full(80, cold[0]))
+    saved = rec.net_.tables[g][:n_genres].copy()
+    rec.net_.tables[g][:n_genres] = 0.0
+    rec._predictor = None
+    assert np.max(np.abs(rec.predict(np.arange(80), np.full(80, cold[0])) - before)) > 1e-4
+    rec.net_.tables[g][:n_genres] = saved
+    rec._predictor = None
+
+
+def test_gmf_item_features_grow_with_add_features_and_partial_fit(tmp_path):
+    d = make_interactions(n_users=100, n_items=80, n_interactions=2500, random_state=6)
+    first = d.items < 60
+    ft = d.item_features
+    genres, vocab = ft.multi_hot["genres"]
+    rec = fastrec.Recommender(embedding_dim=8, hidden_layer_sizes=(8,), epochs=2, gmf_item_features=True,
+                              random_state=0, n_threads=1)
+    rec.fit(d.users[first], d.items[first], d.ratings[first],
+            item_features=FeatureTable(ft.ids[:60], multi_hot={"genres": (genres[:60], vocab)},
+                                       numeric={"year": ft.numeric["year"][:60]}))
+    g = _item_gmf(rec)
+    rows = rec.net_.tables[g].shape[0]
+    rec.add_features(item_features=ft)  # items 60..79: features only, no id row, so the table keeps its size
+    assert rec.net_.tables[g].shape[0] == rows
+    cold = rec.predict(np.zeros(20, np.int64), np.arange(60, 80))
+    assert len(np.unique(np.round(cold, 6))) > 5
+    users = np.repeat(np.arange(100), 80)
+    items = np.tile(np.arange(80), 100)
+    np.testing.assert_allclose(rec.predict(users, items) - rec.rating_mean_, _oracle_predict(rec, users, items),
+                               rtol=1e-4, atol=1e-5)
+    rec.partial_fit(d.users[~first], d.items[~first], d.ratings[~first])  # now they get id rows
+    assert rec.net_.tables[g].shape[0] == rows + 20
+    np.testing.assert_allclose(rec.predict(users, items) - rec.rating_mean_, _oracle_predict(rec, users, items),
+                               rtol=1e-4, atol=1e-5)
+    rec.save(tmp_path / "m.fastrec")
+    loaded = fastrec.load(tmp_path / "m.fastrec")
+    assert loaded.gmf_item_features
+    np.testing.assert_array_equal(loaded.predict(users, items), rec.predict(users, items))

@@ -171,6 +171,7 @@ _HYPER_PARAMETERS = [
     ("--negative-sampling", "negative_sampling", ("uniform", "popularity"), "how negatives are drawn"),
     ("--id-dropout", "id_dropout", float, "fraction of examples that train the unknown-id rows"),
     ("--gmf", "gmf", bool, "matrix-factorisation term (--no-gmf: MLP only)"),
+    ("--gmf-item-features", "gmf_item_features", bool, "GMF item vector also from the item's feature values"),
     ("--wide", "wide", bool, "linear term: a bias per id and per feature value"),
     ("--user-history", "user_history", bool, "each user also described by its training items (SVD++)"),
     ("--item-history", "item_history", bool, "each item also described by its training users"),
