@@ -717,6 +717,8 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
   // (cached), its user part once per user, and only the rest of the MLP runs per (user, item). Each thread
   // scores whole chunks of items with its own workspace: one parallel region per call (many users: split
   // over users) or per user (fewer users than threads: split over item chunks, the chunks' best merged).
+  // Users and chunks go to whichever thread is free (a thread slowed by another process does fewer); the
+  // result does not depend on which thread scored what.
   {
     const std::lock_guard<std::mutex> lock(cache.mutex);  // concurrent first calls from Python threads
     if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
@@ -736,7 +738,7 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     field_ws.emplace_back(m, 1, false);
   }
   if (over_users) {
-    parallel_for(0, n_users, threads, [&](std::int64_t u) {
+    parallel_for<true>(0, n_users, threads, [&](std::int64_t u) {
       const int t = thread_id();
       UserSide user;
       user_side(ks, m, s, users[u], exclude_seen, field_ws[static_cast<std::size_t>(t)], user);
@@ -750,7 +752,7 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
   for (index_t u = 0; u < n_users; ++u) {
     UserSide user;
     user_side(ks, m, s, users[u], exclude_seen, field_ws[0], user);
-    parallel_for(0, n_chunks, threads, [&](std::int64_t c) {
+    parallel_for<true>(0, n_chunks, threads, [&](std::int64_t c) {
       std::vector<Scored>& heap = chunk_best[static_cast<std::size_t>(c)];
       heap.clear();
       score_range(ks, m, cache, tail, user, candidates, c * chunk, std::min(chunk, n_items - c * chunk), k,

@@ -132,9 +132,11 @@ class KeepDenormals {
 };
 
 // Runs body(i) for i in [begin, end) on n_threads threads with a static schedule (each thread gets one
-// contiguous chunk, the same chunks for the same n_threads). Exceptions are captured (the first wins),
-// the loop runs to its end, and the exception is rethrown outside the parallel region: none may escape it.
-template <class Body>
+// contiguous chunk, the same chunks for the same n_threads), or with kDynamic one i at a time to whichever
+// thread is free (for independent units of work whose results do not depend on the thread: a thread slowed
+// by another process then does fewer). Exceptions are captured (the first wins), the loop runs to its end,
+// and the exception is rethrown outside the parallel region: none may escape it.
+template <bool kDynamic = false, class Body>
 void parallel_for(std::int64_t begin, std::int64_t end, int n_threads, Body&& body) {
   if (end <= begin) return;
   const int threads = resolve_threads(n_threads);
@@ -149,16 +151,24 @@ void parallel_for(std::int64_t begin, std::int64_t end, int n_threads, Body&& bo
 #endif
   {
     const FlushDenormals flush;  // worker threads do not inherit the caller's MXCSR
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (std::int64_t i = begin; i < end; ++i) {
+    auto run = [&](std::int64_t i) {
       try {
         body(i);
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (!error) error = std::current_exception();
       }
+    };
+    if constexpr (kDynamic) {
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+      for (std::int64_t i = begin; i < end; ++i) run(i);
+    } else {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (std::int64_t i = begin; i < end; ++i) run(i);
     }
   }
   if (error) std::rethrow_exception(error);
