@@ -76,3 +76,22 @@ def machine_info():
     info["env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
                                                   "FASTREC_ISA")}
     return info
+
+
+def fma_peak(threads):
+    """Measured FP32 FMA peak {1: GFLOP/s of one core, threads: of `threads` cores together}, from
+    fma_peak.cpp compiled with the system's C++ compiler; None without a compiler or a FMA-capable CPU."""
+    import shutil
+    import tempfile
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = str(Path(tmp) / "fma_peak")
+        source = str(Path(__file__).resolve().parent / "fma_peak.cpp")
+        if subprocess.run([compiler, "-O2", "-pthread", source, "-o", exe], capture_output=True).returncode:
+            return None
+        out = subprocess.run([exe, str(threads)], capture_output=True, text=True).stdout.split()
+    peak = {int(t): float(g) for isa, t, g in zip(out[0::3], out[1::3], out[2::3]) if isa != "none"}
+    return peak or None

@@ -50,8 +50,9 @@ struct Problem {
 // than reading its rows in place saves.
 constexpr index_t kMaxPanelsForInPlaceAt = 4;
 
-// Whether the micro-kernel can apply this epilogue itself (TileExtra: bias and activation only).
-bool in_kernel_epilogue(const Epilogue& e) { return e.scale == 1.0f && !e.addend && !e.mul; }
+// Whether the micro-kernel can apply this epilogue itself (TileExtra: everything but the addend). scale 0
+// ("C is not read") stays with the epilogue too.
+bool in_kernel_epilogue(const Epilogue& e) { return !e.addend && e.scale != 0.0f; }
 
 // One row of C (a single prediction): no packing, the row kernel over row-major B in place.
 void gemm_row(const Problem& p, index_t row, index_t n0, index_t n1) {
@@ -113,8 +114,13 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
             TileExtra in_kernel;
             const TileExtra* finish = nullptr;
             if (last && p.epilogue && in_kernel_epilogue(*p.epilogue)) {
-              in_kernel.bias = p.epilogue->bias ? p.epilogue->bias + jc + jr : nullptr;
-              in_kernel.act = p.epilogue->act;
+              const Epilogue& e = *p.epilogue;
+              in_kernel.scale = e.scale;
+              in_kernel.bias = e.bias ? e.bias + jc + jr : nullptr;
+              in_kernel.act = e.act;
+              in_kernel.mul = e.mul ? e.mul + (ic + ir) * e.ld_mul + jc + jr : nullptr;
+              in_kernel.ld_mul = e.ld_mul;
+              in_kernel.mul_act = e.mul_act;
               finish = &in_kernel;
             }
             const float* b = jr < b_full ? p.B + pc * p.ldb + jc + jr : bbuf + jr * kc;

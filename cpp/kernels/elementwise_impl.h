@@ -111,14 +111,16 @@ void epilogue_impl(float* c, index_t ldc, int m, int n, index_t row0, index_t co
   }
 }
 
-// The TileExtra bias and activation applied to a stored tile (the portable path of every micro-kernel).
+// The TileExtra epilogue applied to a stored tile (the portable path of every micro-kernel).
 void finish_tile(float* c, index_t ldc, int m, int n, const TileExtra& extra) {
-  for (int i = 0; i < m; ++i) {
-    float* v = c + i * ldc;
-    if (extra.bias)
-      for (int j = 0; j < n; ++j) v[j] += extra.bias[j];
-    activate_impl(v, n, extra.act);
-  }
+  Epilogue e;
+  e.scale = extra.scale;
+  e.bias = extra.bias;
+  e.act = extra.act;
+  e.mul = extra.mul;
+  e.ld_mul = extra.ld_mul;
+  e.mul_act = extra.mul_act;
+  epilogue_impl(c, ldc, m, n, 0, 0, e);
 }
 
 // Prefetches of TileExtra spread over a k loop of kc steps: the loop runs up to next_stop(k, kc), which

@@ -30,13 +30,19 @@ struct Epilogue {
 // as one FMA chain per element in k order, then writes C[i][j] = acc (accumulate=false) or C[i][j] += acc,
 // for i < m <= MR, j < n <= NR, then does what `extra` asks (null: nothing more).
 // What a micro-kernel call may do beyond the product.
-//  - bias, act: for the call that completes C's sum over K, C[i][j] = act(C[i][j] + bias[j]) before the tile
-//    leaves the registers: bitwise what the epilogue's bias and act give, without a second pass over C.
+//  - scale, bias, act, mul: for the call that completes C's sum over K, before the tile leaves the registers,
+//    C[i][j] = act(scale * C[i][j] + bias[j]) * act'(mul[i][j]) (mul: activation outputs, act' in terms of
+//    them), the same operations in the same order as the Epilogue without an addend, so bitwise what it
+//    gives, without a second pass over C.
 //  - prefetch: n_prefetch cache lines to bring into L2 while the FMAs run, spread over the k loop (a burst
 //    of prefetches would stall on the L1 fill buffers; spread out, streaming them costs nothing).
 struct TileExtra {
+  float scale = 1.0f;
   const float* bias = nullptr;  // (N,) vector indexed by the tile's columns: bias[j] for j < n
   Activation act = Activation::Identity;
+  const float* mul = nullptr;   // the tile's rows of the activation outputs, mul[i * ld_mul + j]
+  index_t ld_mul = 0;
+  Activation mul_act = Activation::Identity;
   const void* const* prefetch = nullptr;
   int n_prefetch = 0;
 };

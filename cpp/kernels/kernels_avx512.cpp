@@ -70,14 +70,19 @@ void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, cons
   else
     fma_loop<false>(kc, a, cs_a, b, rs_b, acc0, acc1, prefetch);
   prefetch.rest();
-  // Bias and ReLU in registers; other activations after the store (they need the vectorised exp loop).
+  // Scale, bias, ReLU and the ReLU derivative mask in registers; other activations after the store (they
+  // need the vectorised exp loop).
+  const float scale = extra ? extra->scale : 1.0f;
   const float* bias = extra ? extra->bias : nullptr;
   const bool relu = extra && extra->act == Activation::Relu;
-  const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(mask0_of(n), bias) : _mm512_setzero_ps();
-  const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(mask1_of(n), bias + 16) : _mm512_setzero_ps();
+  const bool act_later = extra && !relu && extra->act != Activation::Identity;
+  const bool relu_mul = extra && extra->mul && extra->mul_act == Activation::Relu && !act_later;
+  const bool mul_later = extra && extra->mul && !relu_mul && extra->mul_act != Activation::Identity;
   // Masked loads/stores handle a partial tile's columns; rows past m are simply not stored.
   const __mmask16 mask0 = mask0_of(n), mask1 = mask1_of(n);
-  const __m512 zero = _mm512_setzero_ps();
+  const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(mask0, bias) : _mm512_setzero_ps();
+  const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(mask1, bias + 16) : _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), vscale = _mm512_set1_ps(scale);
   const __mmask16 all = 0xFFFF;  // maskz_max: plain _mm512_max_ps trips a false -Wmaybe-uninitialized in GCC 12
 #pragma GCC unroll 16
   for (int i = 0; i < kMr; ++i) {
@@ -88,6 +93,10 @@ void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, cons
       r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, ci), r0);
       r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, ci + 16), r1);
     }
+    if (scale != 1.0f) {
+      r0 = _mm512_mul_ps(r0, vscale);
+      r1 = _mm512_mul_ps(r1, vscale);
+    }
     if (bias) {
       r0 = _mm512_add_ps(r0, bias0);
       r1 = _mm512_add_ps(r1, bias1);
@@ -96,13 +105,21 @@ void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, cons
       r0 = _mm512_maskz_max_ps(all, r0, zero);
       r1 = _mm512_maskz_max_ps(all, r1, zero);
     }
+    if (relu_mul) {  // v *= (a > 0 ? 1 : 0), a multiplication as in the epilogue (so inf * 0 stays NaN)
+      const float* a = extra->mul + i * extra->ld_mul;
+      r0 = _mm512_mul_ps(r0, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(mask0, a), zero, _CMP_GT_OQ), one));
+      r1 = _mm512_mul_ps(r1, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(mask1, a + 16), zero, _CMP_GT_OQ), one));
+    }
     _mm512_mask_storeu_ps(ci, mask0, r0);
     _mm512_mask_storeu_ps(ci + 16, mask1, r1);
   }
-  if (extra && !relu && extra->act != Activation::Identity) {
-    TileExtra act_only;
-    act_only.act = extra->act;
-    finish_tile(c, ldc, m, n, act_only);
+  if (act_later || mul_later) {  // the rest of the epilogue on the stored tile
+    TileExtra rest;  // scale and bias are done; the mask waits for the activation
+    rest.act = act_later ? extra->act : Activation::Identity;
+    rest.mul = extra->mul;
+    rest.ld_mul = extra->ld_mul;
+    rest.mul_act = extra->mul_act;
+    finish_tile(c, ldc, m, n, rest);
   }
 }
 
