@@ -681,3 +681,32 @@ def test_gmf_item_features_grow_with_add_features_and_partial_fit(tmp_path):
     loaded = fastrec.load(tmp_path / "m.fastrec")
     assert loaded.gmf_item_features
     np.testing.assert_array_equal(loaded.predict(users, items), rec.predict(users, items))
+
+
+def test_merge_seen_equals_rebuilding_the_csr():
+    """partial_fit adds its pairs to the seen-items CSR by insertion; the result must equal building the CSR
+    from all pairs (scipy: sum_duplicates + sort_indices): rows sorted, duplicates within the new pairs and
+    with old ones dropped, empty rows and an empty history handled."""
+    import scipy.sparse as sp
+
+    from fastrec.recommender import _merge_seen
+
+    rng = np.random.default_rng(5)
+
+    def build(users, items, n_users, n_items):
+        s = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=(n_users, n_items))
+        s.sum_duplicates()
+        s.sort_indices()
+        return s.indptr.astype(np.int64), s.indices.astype(np.int32)
+
+    for _ in range(300):
+        n_users, n_items = int(rng.integers(1, 20)), int(rng.integers(1, 20))
+        old_u = rng.integers(0, n_users, int(rng.integers(0, 60)))
+        old_i = rng.integers(0, n_items, len(old_u))
+        new_u = rng.integers(0, n_users, int(rng.integers(0, 30))).astype(np.int32)
+        new_i = rng.integers(0, n_items, len(new_u)).astype(np.int32)
+        indptr, indices = _merge_seen(*build(old_u, old_i, n_users, n_items), new_u, new_i, n_items)
+        want_ptr, want_idx = build(np.concatenate([old_u, new_u]), np.concatenate([old_i, new_i]), n_users, n_items)
+        assert indptr.dtype == np.int64 and indices.dtype == np.int32
+        np.testing.assert_array_equal(indptr, want_ptr)
+        np.testing.assert_array_equal(indices, want_idx)

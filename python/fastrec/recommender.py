@@ -60,6 +60,29 @@ def _side_feature_bags(fields, bags, side: str):
     return bags_of_csr(X, mean=False), n_features
 
 
+def _merge_seen(indptr, indices, users, items, n_items):
+    """The seen-items CSR (rows sorted, no duplicates) with the pairs (users, items) added. Only the rows of
+    these users are searched and the rest is copied once (np.insert), so a small partial_fit on a long
+    history costs a copy, not a re-sort of every pair."""
+    if len(users) == 0:
+        return indptr, indices
+    new = np.unique(users.astype(np.int64) * n_items + items)  # sorted, deduplicated (user, item) keys
+    rows = np.unique(new // n_items)
+    starts, lengths = indptr[rows], indptr[rows + 1] - indptr[rows]
+    before = np.concatenate([[0], np.cumsum(lengths)])  # entries of the touched rows ahead of each row
+    at = np.repeat(starts - before[:-1], lengths) + np.arange(before[-1])  # their positions in indices
+    old = np.repeat(rows, lengths) * n_items + indices[at]  # their keys, sorted
+    j = np.searchsorted(old, new)
+    fresh = old[np.minimum(j, len(old) - 1)] != new if len(old) else np.ones(len(new), bool)
+    new, j = new[fresh], j[fresh]
+    row = new // n_items
+    # position in the row = keys of the row below the new one = j - entries of the touched rows before it
+    pos = indptr[row] + j - before[np.searchsorted(rows, row)]
+    indices = np.insert(indices, pos, (new % n_items).astype(np.int32))
+    indptr = indptr + np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(indptr) - 1))]).astype(np.int64)
+    return indptr, indices
+
+
 def _is_scalar(value) -> bool:
     """One id rather than an array of them (ragged nested lists are neither: as_id_array reports them)."""
     try:
@@ -577,14 +600,8 @@ class Recommender(BaseEstimator):
         n = len(users)
         u = self._users.index(users)
         i = self._items.index(items)
-        n_u, n_i = len(self._users) + 1, len(self._items) + 1
-        indptr, indices = self._seen
-        rows = np.repeat(np.arange(n_u, dtype=np.int32), np.diff(indptr))
-        seen = sp.csr_matrix((np.ones(len(indices) + n, np.float32),
-                              (np.concatenate([rows, u]), np.concatenate([indices, i]))), shape=(n_u, n_i))
-        seen.sum_duplicates()
-        seen.sort_indices()
-        self._seen = (seen.indptr.astype(np.int64), seen.indices.astype(np.int32))
+        n_i = len(self._items) + 1
+        self._seen = _merge_seen(*self._seen, u, i, n_i)
         self._seen_counts = self._seen_counts + np.bincount(i, minlength=n_i)
         self._update_counts()
 
