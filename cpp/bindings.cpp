@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -197,6 +198,16 @@ T* optional_array(py::handle obj, const std::string& what, index_t size, bool wr
   py::array a = checked<T>(obj, what, 1, writeable);
   if (a.shape(0) != size) throw py::value_error(what + " must have " + std::to_string(size) + " elements");
   return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+// Optional sample weights, one per row of X: finite and non-negative (their sum is checked per batch).
+const float* checked_sample_weight(py::handle obj, index_t rows) {
+  const float* w = optional_array<float>(obj, "sample_weight", rows, false);
+  for (index_t i = 0; w && i < rows; ++i)
+    if (!(w[i] >= 0.0f) || !std::isfinite(w[i]))
+      throw py::value_error("sample_weight must hold finite non-negative numbers; element " + std::to_string(i) +
+                            " is " + std::to_string(w[i]));
+  return w;
 }
 
 template <class T>
@@ -600,11 +611,13 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "loss_and_gradients",
       [](const py::list& coefs, const py::list& intercepts, py::handle X, py::handle Y, const std::string& activation,
-         const std::string& out_activation, float alpha, int n_threads, const std::string& isa) {
+         const std::string& out_activation, float alpha, int n_threads, const std::string& isa,
+         py::handle sample_weight) {
         const Network net = make_network(coefs, intercepts, activation, out_activation, false);
         const Input in = make_input(X, net.layers[0].fan_in);
         if (in.rows < 1) throw py::value_error("X must have at least one row");
         const float* y = checked_targets(Y, net, in.rows);
+        const float* w = checked_sample_weight(sample_weight, in.rows);
         const KernelSet& ks = kernels_for(resolve_isa(isa));
         py::list coef_grads, intercept_grads;
         std::vector<float*> gw, gb;
@@ -618,12 +631,13 @@ PYBIND11_MODULE(_core, m) {
         double loss;
         {
           const CoreCall call;
-          loss = loss_and_gradients(ks, net, in, y, alpha, gw, gb, n_threads);
+          loss = loss_and_gradients(ks, net, in, y, w, alpha, gw, gb, n_threads);
         }
         return py::make_tuple(loss, coef_grads, intercept_grads);
       },
       py::arg("coefs"), py::arg("intercepts"), py::arg("X"), py::arg("Y"), py::arg("activation"),
       py::arg("out_activation"), py::arg("alpha"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+      py::arg("sample_weight") = py::none(),
       "Loss and gradients of the whole input as one batch (see docs/DESIGN.md).");
 
   m.def(
@@ -632,10 +646,11 @@ PYBIND11_MODULE(_core, m) {
          py::handle X, py::handle Y, py::handle order_obj, index_t batch_size, const std::string& activation,
          const std::string& out_activation, float alpha, const std::string& solver, float learning_rate,
          float momentum, bool nesterov, float beta_1, float beta_2, float epsilon, std::int64_t adam_t,
-         int n_threads, const std::string& isa, py::handle progress) {
+         int n_threads, const std::string& isa, py::handle progress, py::handle sample_weight) {
         const Network net = make_network(coefs, intercepts, activation, out_activation, true);
         const Input in = make_input(X, net.layers[0].fan_in);
         const float* y = checked_targets(Y, net, in.rows);
+        const float* w = checked_sample_weight(sample_weight, in.rows);
         const auto [po, n_order] = checked_order(order_obj, in.rows, batch_size);
         Optimizer opt = make_optimizer(solver, false, state1, state2, net, learning_rate, momentum, nesterov, beta_1,
                                        beta_2, epsilon, adam_t);
@@ -644,7 +659,7 @@ PYBIND11_MODULE(_core, m) {
         EpochResult result;
         {
           const CoreCall call;
-          result = train_epoch(ks, net, opt, in, y, po, n_order, batch_size, alpha, std::ref(signals), n_threads);
+          result = train_epoch(ks, net, opt, in, y, w, po, n_order, batch_size, alpha, std::ref(signals), n_threads);
         }
         return epoch_tuple(result, opt.adam_t, signals);
       },
@@ -652,7 +667,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("order"), py::arg("batch_size"), py::arg("activation"), py::arg("out_activation"), py::arg("alpha"),
       py::arg("solver"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"), py::arg("beta_1"),
       py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
-      py::arg("progress") = py::none(),
+      py::arg("progress") = py::none(), py::arg("sample_weight") = py::none(),
       "One epoch of minibatch training, updating parameters and optimizer state in place. Returns (loss_sum, "
       "adam_t, rows, diverged, exception or None); see docs/DESIGN.md.");
   py::class_<FieldHandle>(m, "FieldHandle",

@@ -197,7 +197,7 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
   in.ld = m.width;
   in.rows = n;
   in.cols = m.width;
-  loss += backprop(ks, m.mlp, in, alpha, ws.mlp, mlp_sink, n_threads, ws.dx.data(), m.width);
+  loss += backprop(ks, m.mlp, in, alpha, static_cast<double>(n), ws.mlp, mlp_sink, n_threads, ws.dx.data(), m.width);
   if (m.gmf.field_u >= 0) gmf_sink(ws.gmf_grad.data());
 
   // Embedding rows: G = (sum of weight * upstream gradient + alpha E) / n over the touched rows only.

@@ -35,22 +35,25 @@ void output_activation(Activation out, float* Z, index_t n, index_t k) {
   }
 }
 
-// Sum over the batch of the data loss (before 1/n) and dZ = P - Y (before 1/n). See docs/DESIGN.md.
-double output_loss(Activation out, const float* Z, const float* Y, index_t n, index_t k, float* dZ) {
+// Sum over the batch of the data loss (before the 1/denominator) and dZ = P - Y, each row times its weight w[i]
+// when w is given (scikit-learn's sample_weight). See docs/DESIGN.md.
+double output_loss(Activation out, const float* Z, const float* Y, const float* w, index_t n, index_t k, float* dZ) {
   double loss = 0.0;
   if (out == Activation::Identity) {
     for (index_t i = 0; i < n * k; ++i) {
       const float d = Z[i] - Y[i];
-      loss += static_cast<double>(d) * d;
-      dZ[i] = d;
+      const float wi = w ? w[i / k] : 1.0f;
+      loss += static_cast<double>(wi) * d * d;
+      dZ[i] = wi * d;
     }
     return loss / (2.0 * static_cast<double>(k));  // scikit-learn's squared_loss averages over outputs too
   }
   if (out == Activation::Logistic) {
     for (index_t i = 0; i < n * k; ++i) {
       const double z = Z[i];
-      loss += std::max(z, 0.0) - Y[i] * z + std::log1p(std::exp(-std::fabs(z)));
-      dZ[i] = stable_sigmoid(Z[i]) - Y[i];
+      const float wi = w ? w[i / k] : 1.0f;
+      loss += wi * (std::max(z, 0.0) - Y[i] * z + std::log1p(std::exp(-std::fabs(z))));
+      dZ[i] = wi * (stable_sigmoid(Z[i]) - Y[i]);
     }
     return loss;
   }
@@ -62,9 +65,10 @@ double output_loss(Activation out, const float* Z, const float* Y, index_t n, in
     double s = 0.0;
     for (index_t j = 0; j < k; ++j) s += std::exp(z[j] - m);
     const double lse = m + std::log(s);
+    const float wi = w ? w[i] : 1.0f;
     for (index_t j = 0; j < k; ++j) {
-      loss += y[j] * (lse - z[j]);
-      dZ[i * k + j] = static_cast<float>(std::exp(z[j] - lse)) - y[j];
+      loss += wi * y[j] * (lse - z[j]);
+      dZ[i * k + j] = wi * (static_cast<float>(std::exp(z[j] - lse)) - y[j]);
     }
   }
   return loss;
@@ -72,13 +76,13 @@ double output_loss(Activation out, const float* Z, const float* Y, index_t n, in
 
 // The minibatch copies of X and Y.
 struct BatchBuffers {
-  std::vector<float> x, y, data;
+  std::vector<float> x, y, w, data;
   std::vector<std::int64_t> indptr;
   std::vector<std::int32_t> indices;
 };
 
 // Copies rows order[0:n] of X (and Y) into the workspace; returns the batch as an Input.
-Input gather_batch(const Input& X, const float* Y, index_t n_out, const std::int64_t* order, index_t n,
+Input gather_batch(const Input& X, const float* Y, const float* W, index_t n_out, const std::int64_t* order, index_t n,
                    BatchBuffers& ws) {
   Input b;
   b.rows = n;
@@ -86,6 +90,8 @@ Input gather_batch(const Input& X, const float* Y, index_t n_out, const std::int
   ws.y.resize(static_cast<std::size_t>(n * n_out));
   for (index_t i = 0; i < n; ++i)
     std::memcpy(ws.y.data() + i * n_out, Y + order[i] * n_out, sizeof(float) * n_out);
+  ws.w.resize(W ? static_cast<std::size_t>(n) : 0);
+  for (index_t i = 0; W && i < n; ++i) ws.w[static_cast<std::size_t>(i)] = W[order[i]];
   if (!X.sparse) {
     ws.x.resize(static_cast<std::size_t>(n * X.cols));
     for (index_t i = 0; i < n; ++i)
@@ -109,19 +115,26 @@ Input gather_batch(const Input& X, const float* Y, index_t n_out, const std::int
 }
 
 
-// Loss of the batch: data loss / n from the logits in ws.acts, then backprop. With `skipped`, a NaN or
-// infinite data loss sets *skipped and returns before backprop, so the sink applies no update.
-double backward(const KernelSet& ks, const Network& net, const Input& X, const float* Y, float alpha,
-                MlpWorkspace& ws, GradientSink& sink, bool* skipped, int n_threads) {
+// The denominator of a batch's mean loss and gradients: its row count, or the sum of its sample weights.
+double batch_denominator(const float* w, index_t n) {
+  if (!w) return static_cast<double>(n);
+  double total = 0.0;
+  for (index_t i = 0; i < n; ++i) total += w[i];
+  return total;
+}
+
+// Loss of the batch: data loss / denominator from the logits in ws.acts, then backprop. With `skipped`, a NaN
+// or infinite data loss sets *skipped and returns before backprop, so the sink applies no update.
+double backward(const KernelSet& ks, const Network& net, const Input& X, const float* Y, const float* w, double denominator,
+                float alpha, MlpWorkspace& ws, GradientSink& sink, bool* skipped, int n_threads) {
   const std::size_t L = net.layers.size();
-  const index_t n = X.rows;
   const double data_loss =
-      output_loss(net.out, ws.acts[L].data(), Y, n, net.layers.back().fan_out, ws.delta.data()) / static_cast<double>(n);
+      output_loss(net.out, ws.acts[L].data(), Y, w, X.rows, net.layers.back().fan_out, ws.delta.data()) / denominator;
   if (skipped && !std::isfinite(data_loss)) {
     *skipped = true;
     return data_loss;
   }
-  return data_loss + backprop(ks, net, X, alpha, ws, sink, n_threads);
+  return data_loss + backprop(ks, net, X, alpha, denominator, ws, sink, n_threads);
 }
 
 }  // namespace
@@ -214,11 +227,11 @@ void forward_logits(const KernelSet& ks, const Network& net, const Input& X, Mlp
   }
 }
 
-double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, MlpWorkspace& ws,
-                GradientSink& sink, int n_threads, float* dx, index_t lddx) {
+double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, double denominator,
+                MlpWorkspace& ws, GradientSink& sink, int n_threads, float* dx, index_t lddx) {
   const std::size_t L = net.layers.size();
   const index_t n = X.rows;
-  const float inv_n = 1.0f / static_cast<float>(n);
+  const float inv_n = static_cast<float>(1.0 / denominator);
   double squares = 0.0;  // L2 on weights before this step's update (a CSR first layer's: touched rows only)
   if (alpha != 0.0f)
     for (std::size_t l = X.sparse ? 1 : 0; l < L; ++l)
@@ -266,7 +279,7 @@ double backprop(const KernelSet& ks, const Network& net, const Input& X, float a
     sink.layer(l, ws.grad_w.data(), gb, nullptr);
     if (l > 0) std::swap(ws.delta, ws.delta_prev);
   }
-  return 0.5 * alpha * squares / static_cast<double>(n);
+  return 0.5 * alpha * squares / denominator;
 }
 
 void UpdateSink::layer(std::size_t l, const float* gw, const float* gb, const TouchedRows* touched) {
@@ -301,13 +314,15 @@ void forward(const KernelSet& ks, const Network& net, const Input& X, float* out
   }
 }
 
-double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& X, const float* Y, float alpha,
-                          const std::vector<float*>& coef_grads, const std::vector<float*>& intercept_grads,
-                          int n_threads) {
+double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& X, const float* Y, const float* w,
+                          float alpha, const std::vector<float*>& coef_grads,
+                          const std::vector<float*>& intercept_grads, int n_threads) {
   MlpWorkspace ws(net, X.rows, X.sparse, true);
   forward_logits(ks, net, X, ws, n_threads);
   CopySink sink(net, coef_grads, intercept_grads);
-  return backward(ks, net, X, Y, alpha, ws, sink, nullptr, n_threads);
+  const double denominator = batch_denominator(w, X.rows);
+  require(denominator > 0.0, "sample_weight: the weights sum to zero");
+  return backward(ks, net, X, Y, w, denominator, alpha, ws, sink, nullptr, n_threads);
 }
 
 bool end_batch(EpochResult& result, Optimizer& opt, std::int64_t step_before, bool skipped, double loss, index_t n) {
@@ -322,8 +337,8 @@ bool end_batch(EpochResult& result, Optimizer& opt, std::int64_t step_before, bo
 }
 
 EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt, const Input& X, const float* Y,
-                        const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
-                        const StopCheck& stop, int n_threads) {
+                        const float* weights, const std::int64_t* order, index_t n_order, index_t batch_size,
+                        float alpha, const StopCheck& stop, int n_threads) {
   const index_t n_out = net.layers.back().fan_out;
   MlpWorkspace ws(net, std::min(batch_size, n_order), X.sparse, true);
   BatchBuffers buffers;
@@ -333,12 +348,18 @@ EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt,
     if (stop && stop(begin)) break;
     const int threads = batch_threads.next();
     const index_t n = std::min(batch_size, n_order - begin);
-    const Input batch = gather_batch(X, Y, n_out, order + begin, n, buffers);
+    const Input batch = gather_batch(X, Y, weights, n_out, order + begin, n, buffers);
+    const float* w = weights ? buffers.w.data() : nullptr;
+    const double denominator = batch_denominator(w, n);
+    if (denominator == 0.0) {  // every weight of the batch is zero: nothing to learn from it, no step
+      end_batch(result, opt, opt.adam_t, false, 0.0, n);
+      continue;
+    }
     forward_logits(ks, net, batch, ws, threads);
     const std::int64_t step_before = opt.adam_t;
     UpdateSink sink(ks, net, opt, opt.next_step(), threads);
     bool skipped = false;
-    const double loss = backward(ks, net, batch, buffers.y.data(), alpha, ws, sink, &skipped, threads);
+    const double loss = backward(ks, net, batch, buffers.y.data(), w, denominator, alpha, ws, sink, &skipped, threads);
     if (!end_batch(result, opt, step_before, skipped, loss, n)) break;
     batch_threads.done(n);
   }

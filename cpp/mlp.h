@@ -53,14 +53,18 @@ struct Optimizer {
 void forward(const KernelSet& ks, const Network& net, const Input& X, float* out, int n_threads);
 
 // Loss of the whole input as one batch, and dense gradients (for CSR input, dW_0 is zero outside touched rows).
-double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& X, const float* Y, float alpha,
-                          const std::vector<float*>& coef_grads, const std::vector<float*>& intercept_grads,
-                          int n_threads);
+// w: optional sample weights (X.rows,), scikit-learn's sample_weight: each row's loss and output gradient times
+// its weight, means over the sum of the weights instead of the row count (which must then be positive).
+double loss_and_gradients(const KernelSet& ks, const Network& net, const Input& X, const float* Y, const float* w,
+                          float alpha, const std::vector<float*>& coef_grads,
+                          const std::vector<float*>& intercept_grads, int n_threads);
 
-// One epoch of minibatches X[order[i : i + batch_size]] (see EpochResult for how it may end early).
+// One epoch of minibatches X[order[i : i + batch_size]] (see EpochResult for how it may end early), with the
+// optional sample weights as in loss_and_gradients per batch; a batch whose weights are all zero is skipped
+// (no optimizer step; its loss counts as 0).
 EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt, const Input& X, const float* Y,
-                        const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
-                        const StopCheck& stop, int n_threads);
+                        const float* weights, const std::int64_t* order, index_t n_order, index_t batch_size,
+                        float alpha, const StopCheck& stop, int n_threads);
 
 // ---- Building blocks shared with the field model (fields.cpp) ----
 
@@ -119,11 +123,11 @@ struct UpdateSink : GradientSink {
 void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const float* g, float* s1, float* s2,
                   index_t len, int n_threads);
 
-// Backward from ws.delta = dLoss/dlogits * n (the 1/n of the mean is applied here), feeding sink, with W
-// read before its update. If dx is given, also writes the input gradient dx = (D_0 W_0^T) (times n, like
-// delta; dense input only). Returns the L2 term 0.5 * alpha * ||W||^2 / n of the loss (a CSR first layer:
-// touched rows only).
-double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, MlpWorkspace& ws,
-                GradientSink& sink, int n_threads, float* dx = nullptr, index_t lddx = 0);
+// Backward from ws.delta = dLoss/dlogits * d, d = `denominator` of the mean (the row count, or the sum of the
+// sample weights; the 1/d is applied here), feeding sink, with W read before its update. If dx is given,
+// also writes the input gradient dx = (D_0 W_0^T) (times d, like delta; dense input only). Returns the L2
+// term 0.5 * alpha * ||W||^2 / d of the loss (a CSR first layer: touched rows only).
+double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, double denominator,
+                MlpWorkspace& ws, GradientSink& sink, int n_threads, float* dx = nullptr, index_t lddx = 0);
 
 }  // namespace fastrec

@@ -192,6 +192,58 @@ def test_five_steps_match_reference(isa, rng, sparse, solver, nesterov, act, out
         assert rel_err(got, want) < BAR
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+@pytest.mark.parametrize("out", OUTPUTS)
+def test_sample_weight_gradients_and_steps_match_reference(isa, rng, out, sparse):
+    """sample_weight: each row's loss and output gradient times its weight, means over the batch's sum of
+    weights (loss_and_gradients); in train_epoch per minibatch, a minibatch of zero weights (rows 20-29
+    here) skipped without a step."""
+    sizes = [40, 17, 9, 1 if out == "logistic" else 3]
+    coefs, intercepts = make_net(rng, sizes)
+    X, X64 = make_input(rng, 50, sizes[0], sparse)
+    Y = make_targets(rng, 50, sizes[-1], out)
+    w = rng.uniform(0.0, 3.0, 50).astype(np.float32)
+    w[20:30] = 0.0
+    loss, gw, gb = _core.loss_and_gradients(coefs, intercepts, X, Y, "tanh", out, 0.05, 0, isa, sample_weight=w)
+    rloss, rgw, rgb = reference.loss_and_gradients(as64(coefs), as64(intercepts), X64, Y.astype(np.float64), "tanh",
+                                                   out, 0.05, sample_weight=w.astype(np.float64))
+    assert abs(loss - rloss) / abs(rloss) < BAR
+    for g, r in zip(gw + gb, rgw + rgb):
+        assert rel_err(g, r) < BAR
+    unweighted = _core.loss_and_gradients(coefs, intercepts, X, Y, "tanh", out, 0.05, 0, isa)[1]
+    assert rel_err(gw[0], unweighted[0]) > 1e-2  # the weights change the gradient
+
+    order = np.arange(50, dtype=np.int64)  # batches of 10 in row order: the third has zero weights
+    state1 = [np.zeros_like(p) for p in coefs + intercepts]
+    state2 = [np.zeros_like(p) for p in coefs + intercepts]
+    r_params, r_s1, r_s2 = as64(coefs + intercepts), as64(state1), as64(state2)
+    kw = train_args("adam")
+    loss, t, *_ = _core.train_epoch(coefs, intercepts, state1, state2, X, Y, order, 10, "relu", out, 0.01,
+                                    nesterov=False, adam_t=0, n_threads=0, isa=isa, sample_weight=w, **kw)
+    L = len(coefs)
+    rloss, rt = reference.train_epoch(r_params[:L], r_params[L:], r_s1, r_s2, X64, Y.astype(np.float64), order, 10,
+                                      "relu", out, 0.01, nesterov=False, adam_t=0,
+                                      sample_weight=w.astype(np.float64), **kw)
+    assert t == rt == 4
+    assert abs(loss - rloss) / abs(rloss) < BAR
+    for got, want in zip(coefs + intercepts + state1 + state2, r_params + r_s1 + r_s2):
+        assert rel_err(got, want) < BAR
+
+
+def test_sample_weight_is_validated(rng):
+    coefs, intercepts = make_net(rng, [4, 3, 1])
+    X, Y = np.ones((5, 4), np.float32), np.ones((5, 1), np.float32)
+    args = (coefs, intercepts, X, Y, "relu", "identity", 0.0)
+    for bad, match in ((np.ones(4, np.float32), "sample_weight must have 5 elements"),
+                       (np.array([1, 1, -1, 1, 1], np.float32), "sample_weight must hold finite non-negative"),
+                       (np.array([1, 1, np.nan, 1, 1], np.float32), "sample_weight must hold finite non-negative"),
+                       (np.zeros(5, np.float32), "the weights sum to zero")):
+        with pytest.raises(ValueError, match=match):
+            _core.loss_and_gradients(*args, sample_weight=bad)
+    with pytest.raises(TypeError, match="sample_weight"):
+        _core.loss_and_gradients(*args, sample_weight=np.ones(5))  # float64
+
+
 def test_lazy_update_leaves_untouched_rows_bit_identical(rng):
     coefs, intercepts = make_net(rng, [1000, 8, 1])
     X = sp.random(20, 1000, density=0.005, format="csr", random_state=1, dtype=np.float32)

@@ -88,8 +88,11 @@ _PARAMS_DOC = """
     * Sparse input is trained with lazy updates: momentum, Adam moments and the L2 penalty act only on the
       rows of the first weight matrix whose features occur in the batch (DESIGN.md).
     * The log loss is computed from logits rather than from clipped probabilities (same gradients).
-    * No "lbfgs" solver, no ``max_fun``, no ``sample_weight`` in fit; ``MLPRegressor`` has no ``loss``
-      parameter (squared error only).
+    * No "lbfgs" solver and no ``max_fun``; ``MLPRegressor`` has no ``loss`` parameter (squared error only).
+    * ``sample_weight`` follows scikit-learn (>= 1.7): each sample's loss and output gradient are multiplied by
+      its weight and every minibatch mean divides by the batch's sum of weights; the validation score of
+      ``early_stopping`` is weighted too. A minibatch whose weights are all zero makes no update (scikit-learn
+      would divide by zero there).
     * The stratified early-stopping split allocates validation rows per class by largest remainder; it is
       not the same draw as scikit-learn's ``StratifiedShuffleSplit`` (the unstratified split is).
 """
@@ -332,7 +335,7 @@ class _BaseMLP(BaseEstimator):
         return train, val
 
     @exclusive_fit
-    def _fit(self, X, y, *, incremental: bool, classes=None):
+    def _fit(self, X, y, *, incremental: bool, classes=None, sample_weight=None):
         hidden = self._validate_params()
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
@@ -340,6 +343,8 @@ class _BaseMLP(BaseEstimator):
         X = check_X(X, self, reset=first_pass)
         n_samples = X.shape[0]
         y_checked, Y = self._encode_targets(y, n_samples, incremental=incremental, classes=classes)
+        if sample_weight is not None:
+            sample_weight = check_sample_weight(sample_weight, n_samples).astype(np.float32)
         layer_units = [X.shape[1], *hidden, Y.shape[1]]
 
         rng = check_random_state(self.random_state)
@@ -360,11 +365,13 @@ class _BaseMLP(BaseEstimator):
             self._best_coefs = [c.copy() for c in self.coefs_]
             self._best_intercepts = [b.copy() for b in self.intercepts_]
 
-        X_val = y_val = None
+        X_val = y_val = w_val = None
         if self.early_stopping:
             train, val = self._validation_split(n_samples, y_checked, rng)
             X_val, y_val = X[val], y_checked[val]
             X, Y = X[train], np.ascontiguousarray(Y[train])
+            if sample_weight is not None:
+                sample_weight, w_val = np.ascontiguousarray(sample_weight[train]), sample_weight[val].astype(np.float64)
             n_samples = X.shape[0]
 
         if self.batch_size == "auto":
@@ -393,6 +400,7 @@ class _BaseMLP(BaseEstimator):
                     self.activation, self.out_activation_, float(self.alpha), self.solver, lr,
                     float(self.momentum), bool(self.nesterovs_momentum), float(self.beta_1),
                     float(self.beta_2), float(self.epsilon), int(self._adam_t), n_threads,
+                    sample_weight=sample_weight,
                 )  # fmt: skip
                 if error is not None:
                     raise error  # Ctrl-C (or an exception from a signal handler), at a batch boundary
@@ -412,7 +420,7 @@ class _BaseMLP(BaseEstimator):
                 if not math.isfinite(self.loss_):
                     break  # diverged (activations overflowed even if the weights did not): reported below
 
-                self._update_no_improvement_count(X_val_core, y_val)
+                self._update_no_improvement_count(X_val_core, y_val, w_val)
                 if self.solver == "sgd" and self.learning_rate == "invscaling":
                     self._lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
 
@@ -461,9 +469,9 @@ class _BaseMLP(BaseEstimator):
             print(msg + " Setting learning rate to %f" % self._lr)
         return False
 
-    def _update_no_improvement_count(self, X_val, y_val):
+    def _update_no_improvement_count(self, X_val, y_val, w_val):
         if self.early_stopping:
-            score = self._score_core(X_val, y_val)
+            score = self._score_core(X_val, y_val, w_val)
             self.validation_scores_.append(score)
             if self.verbose:
                 print("Validation score: %f" % score)
@@ -500,11 +508,11 @@ class _BaseMLP(BaseEstimator):
             )
         return out
 
-    def _score_core(self, Xc, y) -> float:
+    def _score_core(self, Xc, y, sample_weight=None) -> float:
         pred = self._predict_from_output(self._forward_core(Xc))
         if pred.dtype.kind == "f" and not np.isfinite(pred).all():
             return float("nan")
-        return self._score_function(y, pred, None)
+        return self._score_function(y, pred, sample_weight)
 
     def _check_score_args(self, X, y, sample_weight):
         pred = self.predict(X)
@@ -638,13 +646,14 @@ class MLPClassifier(_BaseMLP):
         correct = (y == pred) if pred.ndim == 1 else np.all(y == pred, axis=1)
         return float(np.average(correct, weights=sample_weight))
 
-    def fit(self, X, y):
-        """Fit the model to X (array-like or scipy sparse, (n_samples, n_features)) and labels y."""
-        return self._fit(X, y, incremental=False)
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model to X (array-like or scipy sparse, (n_samples, n_features)) and labels y, each sample's
+        loss weighted by `sample_weight` (non-negative; scikit-learn's semantics, see the class notes)."""
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y); `classes` (all labels) is required on the first call."""
-        return self._fit(X, y, incremental=True, classes=classes)
+        return self._fit(X, y, incremental=True, classes=classes, sample_weight=sample_weight)
 
     def predict(self, X) -> np.ndarray:
         return self._predict_from_output(self._forward(X))
@@ -697,13 +706,14 @@ class MLPRegressor(_BaseMLP):
         r2 = np.where(ss_tot != 0, 1 - ss_res / np.where(ss_tot != 0, ss_tot, 1), np.where(ss_res == 0, 1.0, 0.0))
         return float(r2.mean())
 
-    def fit(self, X, y):
-        """Fit the model to X (array-like or scipy sparse, (n_samples, n_features)) and targets y."""
-        return self._fit(X, y, incremental=False)
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model to X (array-like or scipy sparse, (n_samples, n_features)) and targets y, each sample's
+        loss weighted by `sample_weight` (non-negative; scikit-learn's semantics, see the class notes)."""
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
-    def partial_fit(self, X, y):
+    def partial_fit(self, X, y, sample_weight=None):
         """One epoch over (X, y)."""
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def predict(self, X) -> np.ndarray:
         """Predicted values, float64 arrays of float32 precision; 1-D when there is one output."""

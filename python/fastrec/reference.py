@@ -189,12 +189,14 @@ def _logsumexp_rows(z):
     return m + np.log(np.sum(np.exp(z - m[:, None]), axis=1))
 
 
-def output_loss(Z, Y, out_activation):
+def output_loss(Z, Y, out_activation, sample_weight=None):
     """Loss of a batch from its output logits, the output and the logit gradient.
 
     Z, Y: (n, n_out). Returns ``(loss, P, dZ)`` with ``loss`` a float averaged over the n rows (and, for
     identity, over the outputs too: scikit-learn's ``squared_loss``), ``P = out(Z)`` and ``dZ = P - Y``
     (NOT divided by n).  The log losses are computed from logits, so they are finite for any finite Z.
+    With ``sample_weight`` (n,) (scikit-learn's): the weighted average of the rows' losses, and each row of
+    dZ times its weight.
     """
     Z = np.asarray(Z)
     Y = np.asarray(Y, dtype=Z.dtype)
@@ -203,14 +205,17 @@ def output_loss(Z, Y, out_activation):
     n, n_out = Z.shape
     P = activation(Z, out_activation)
     if out_activation == "identity":
-        loss = _sum64((Y - P) ** 2) / (2 * n * n_out)
+        rows = np.sum((Y - P) ** 2, axis=1) / (2 * n_out)
     elif out_activation == "logistic":
-        loss = _sum64(_softplus(Z) - Y * Z) / n
+        rows = np.sum(_softplus(Z) - Y * Z, axis=1)
     elif out_activation == "softmax":
-        loss = (_sum64(_logsumexp_rows(Z)) - _sum64(Y * Z)) / n
+        rows = _logsumexp_rows(Z) - np.sum(Y * Z, axis=1)
     else:
         raise ValueError(f"unknown output activation {out_activation!r}")
-    return loss, P, P - Y
+    if sample_weight is None:
+        return _sum64(rows) / n, P, P - Y
+    w = np.asarray(sample_weight, dtype=Z.dtype)
+    return _sum64(w * rows) / _sum64(w), P, (P - Y) * w[:, None]
 
 
 def csr_matmul(indptr, indices, data, W):
@@ -330,7 +335,7 @@ def forward(coefs, intercepts, X, activation, out_activation, n_threads=0):
     return _activation(Z, out_activation)
 
 
-def loss_and_gradients(coefs, intercepts, X, Y, activation, out_activation, alpha, n_threads=0):
+def loss_and_gradients(coefs, intercepts, X, Y, activation, out_activation, alpha, n_threads=0, sample_weight=None):
     """Loss with L2 penalty and its gradients for one batch.
 
     Returns ``(loss, coef_grads, intercept_grads)``: a float and lists shaped like ``coefs``/``intercepts``.
@@ -338,6 +343,8 @@ def loss_and_gradients(coefs, intercepts, X, Y, activation, out_activation, alph
     ``db_l = sum(D_l, axis=0) / n``, ``D_{l-1} = (D_l W_l^T) * act'(A_l)``.
     For CSR X, ``coef_grads[0]`` is dense with zeros in the rows of W_0 the batch does not touch, and the
     L2 term of W_0 (loss and gradient) counts touched rows only.
+    With ``sample_weight`` (scikit-learn's): n is the sum of the weights and the output rows of D are
+    weighted (``output_loss``).
     """
     act = activation
     _check_layers(coefs, intercepts)
@@ -348,10 +355,13 @@ def loss_and_gradients(coefs, intercepts, X, Y, activation, out_activation, alph
     if Y.shape != (n, coefs[-1].shape[1]):
         raise ValueError(f"Y has shape {Y.shape}, expected {(n, coefs[-1].shape[1])}")
     (alpha_t,) = _hyper(dtype, alpha)
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, dtype=dtype)
+        n = _sum64(sample_weight)
     n_t = dtype.type(n)
 
     hidden, Z = _forward_pass(coefs, intercepts, kind, X, act)
-    loss, _, D = output_loss(Z, Y, out_activation)
+    loss, _, D = output_loss(Z, Y, out_activation, sample_weight)
 
     touched = None if kind == "dense" else csr_touched_rows(X[0], X[1])
     W0_penalised = coefs[0] if touched is None else coefs[0][touched]
@@ -375,7 +385,8 @@ def loss_and_gradients(coefs, intercepts, X, Y, activation, out_activation, alph
 
 
 def train_epoch(coefs, intercepts, state1, state2, X, Y, order, batch_size, activation, out_activation, alpha,
-                solver, learning_rate, momentum, nesterov, beta_1, beta_2, epsilon, adam_t, n_threads=0):
+                solver, learning_rate, momentum, nesterov, beta_1, beta_2, epsilon, adam_t, n_threads=0,
+                sample_weight=None):
     """Run the minibatches ``order[i:i+batch_size]`` in sequence, updating parameters and state in place.
 
     state1/state2: lists of 2L arrays shaped like ``coefs + intercepts``: SGD velocities in state1 (state2
@@ -383,6 +394,8 @@ def train_epoch(coefs, intercepts, state1, state2, X, Y, order, batch_size, acti
     goes up by one per minibatch.  For CSR X only the touched rows of ``coefs[0]`` and of its state are
     updated (lazy momentum/moments); everything else is updated densely.
     Returns ``(loss_sum, adam_t)`` with ``loss_sum = sum(batch_loss * batch_len)`` (losses before each step).
+    ``sample_weight`` weights each batch as in ``loss_and_gradients``; a batch whose weights are all zero is
+    skipped (no step, loss 0).
     """
     _check_layers(coefs, intercepts)
     L = len(coefs)
@@ -418,9 +431,12 @@ def train_epoch(coefs, intercepts, state1, state2, X, Y, order, batch_size, acti
     loss_sum = 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
+        wb = None if sample_weight is None else np.asarray(sample_weight)[idx]
+        if wb is not None and not wb.any():
+            continue
         Xb = _take_rows(kind, X, idx)
         loss, coef_grads, intercept_grads = loss_and_gradients(
-            coefs, intercepts, Xb, Y[idx], activation, out_activation, alpha)
+            coefs, intercepts, Xb, Y[idx], activation, out_activation, alpha, sample_weight=wb)
         loss_sum += loss * len(idx)
         if solver == "adam":
             adam_t += 1
