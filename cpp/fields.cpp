@@ -588,7 +588,7 @@ constexpr index_t kBlocksPerChunk = 64;
 // the logits.
 struct TailWorkspace {
   std::vector<AlignedFloats> acts;
-  std::vector<const void*> prefetch;  // cache lines of the next block's items
+  std::vector<const void*> prefetch;  // the cached rows of the next block's items
   TailWorkspace(const KernelSet& ks, const Network& net) : acts(net.layers.size() + 1) {
     for (std::size_t l = 1; l <= net.layers.size(); ++l)
       acts[l].assign(static_cast<std::size_t>(kBlockPanels * ks.mr * padded(net.layers[l - 1].fan_out)));
@@ -615,23 +615,20 @@ void score_block(const KernelSet& ks, const FieldModel& m, const TopkCache& cach
     first.addend = cache.item_part.data() + static_cast<index_t>(items[r]) * h;
     ks.epilogue(z1 + r * ld1, ld1, 1, static_cast<int>(h), 0, 0, first);
   }
-  // The next rows' cache lines, shared out over the micro-kernel calls, which spread them over their FMAs
+  // The next rows, shared out over the micro-kernel calls, which spread their cache lines over their FMAs
   // (a burst would stall on the L1 fill buffers).
-  const index_t lines_per_row = (h * static_cast<index_t>(sizeof(float)) + 63) / 64;
-  ws.prefetch.resize(static_cast<std::size_t>(n_next * lines_per_row));
-  const void** line = ws.prefetch.data();
-  for (index_t r = 0; r < n_next; ++r) {
-    const char* row = reinterpret_cast<const char*>(cache.item_part.data() + static_cast<index_t>(next[r]) * h);
-    for (index_t c = 0; c < lines_per_row; ++c) *line++ = row + 64 * c;
-  }
+  const int lines_per_row = static_cast<int>((h * static_cast<index_t>(sizeof(float)) + 63) / 64);
+  ws.prefetch.resize(static_cast<std::size_t>(n_next));
+  for (index_t r = 0; r < n_next; ++r)
+    ws.prefetch[static_cast<std::size_t>(r)] = cache.item_part.data() + static_cast<index_t>(next[r]) * h;
   // A last layer of one output is a dot product per row; the micro-kernel would fill 1 of its NR columns.
   const bool dot_last = m.mlp.layers[L - 1].fan_out == 1 && L > 1;
   const std::size_t tiled = dot_last ? L - 1 : L;  // layers [1, tiled) run on the micro-kernel
   const index_t panels = (n + ks.mr - 1) / ks.mr;
   index_t calls = 0;
   for (std::size_t l = 1; l < tiled; ++l) calls += panels * ((m.mlp.layers[l].fan_out + ks.nr - 1) / ks.nr);
-  const index_t n_lines = static_cast<index_t>(ws.prefetch.size());
-  const index_t per_call = calls ? (n_lines + calls - 1) / calls : 0;
+  const index_t n_rows = static_cast<index_t>(ws.prefetch.size());
+  const index_t per_call = calls ? (n_rows + calls - 1) / calls : 0;
   index_t prefetched = 0;
   for (std::size_t l = 1; l < tiled; ++l) {
     const Layer& layer = m.mlp.layers[l];
@@ -644,14 +641,17 @@ void score_block(const KernelSet& ks, const FieldModel& m, const TopkCache& cach
       extra.bias = layer.b + j;
       for (index_t r = 0; r < n; r += ks.mr) {
         extra.prefetch = ws.prefetch.data() + prefetched;
-        extra.n_prefetch = static_cast<int>(std::min(per_call, n_lines - prefetched));
+        extra.n_prefetch = static_cast<int>(std::min(per_call, n_rows - prefetched));
+        extra.prefetch_lines = lines_per_row;
         prefetched += extra.n_prefetch;
         ks.ukernel(layer.fan_in, ws.acts[l].data() + r * ld_in, ld_in, 1, w, ks.nr, ws.acts[l + 1].data() + r * ld_out + j,
                    ld_out, false, static_cast<int>(std::min<index_t>(ks.mr, n - r)), cols, &extra);
       }
     }
   }
-  for (; prefetched < n_lines; ++prefetched) __builtin_prefetch(ws.prefetch[static_cast<std::size_t>(prefetched)], 0, 2);
+  for (; prefetched < n_rows; ++prefetched)
+    for (int c = 0; c < lines_per_row; ++c)
+      __builtin_prefetch(static_cast<const char*>(ws.prefetch[static_cast<std::size_t>(prefetched)]) + 64 * c, 0, 2);
   if (dot_last) {
     const Layer& last = m.mlp.layers[L - 1];
     ks.dot_rows(ws.acts[L - 1].data(), padded(last.fan_in), n, last.W, last.fan_in, last.b[0], scores);

@@ -128,20 +128,26 @@ void finish_tile(float* c, index_t ldc, int m, int n, const TileExtra& extra) {
 class SpreadPrefetch {
  public:
   SpreadPrefetch(const TileExtra* extra, index_t kc)
-      : lines_(extra ? extra->prefetch : nullptr), n_(extra ? extra->n_prefetch : 0),
-        step_(n_ > 0 ? (kc / n_ > 1 ? kc / n_ : 1) : kc) {}
+      : regions_(extra ? extra->prefetch : nullptr), n_(extra ? extra->n_prefetch : 0),
+        lines_(extra ? extra->prefetch_lines : 1), left_(static_cast<index_t>(n_) * lines_),
+        step_(left_ > 0 ? (kc / left_ > 1 ? kc / left_ : 1) : kc) {}
   index_t next_stop(index_t k, index_t kc) {
-    if (next_ < n_) __builtin_prefetch(lines_[next_++], 0, 2);
+    if (left_ > 0) one();
     return k + step_ < kc ? k + step_ : kc;
   }
   void rest() {
-    while (next_ < n_) __builtin_prefetch(lines_[next_++], 0, 2);
+    while (left_ > 0) one();
   }
 
  private:
-  const void* const* lines_;
-  int n_, next_ = 0;
-  index_t step_;
+  void one() {
+    __builtin_prefetch(static_cast<const char*>(regions_[region_]) + 64 * line_, 0, 2);
+    --left_;
+    if (++line_ == lines_) line_ = 0, ++region_;
+  }
+  const void* const* regions_;
+  int n_, lines_, region_ = 0, line_ = 0;
+  index_t left_, step_;
 };
 
 // Panel packing with R known at compile time, so the copies unroll and vectorise for the file's ISA.

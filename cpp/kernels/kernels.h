@@ -34,8 +34,9 @@ struct Epilogue {
 //    C[i][j] = act(scale * C[i][j] + bias[j]) * act'(mul[i][j]) (mul: activation outputs, act' in terms of
 //    them), the same operations in the same order as the Epilogue without an addend, so bitwise what it
 //    gives, without a second pass over C.
-//  - prefetch: n_prefetch cache lines to bring into L2 while the FMAs run, spread over the k loop (a burst
-//    of prefetches would stall on the L1 fill buffers; spread out, streaming them costs nothing).
+//  - prefetch: n_prefetch regions of prefetch_lines consecutive 64-byte lines each, to bring into L2 while
+//    the FMAs run, one line every few k steps (a burst of prefetches would stall on the L1 fill buffers;
+//    spread out, streaming them costs nothing).
 struct TileExtra {
   float scale = 1.0f;
   const float* bias = nullptr;  // (N,) vector indexed by the tile's columns: bias[j] for j < n
@@ -45,6 +46,7 @@ struct TileExtra {
   Activation mul_act = Activation::Identity;
   const void* const* prefetch = nullptr;
   int n_prefetch = 0;
+  int prefetch_lines = 1;
 };
 using UkernelFn = void (*)(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b,
                            float* c, index_t ldc, bool accumulate, int m, int n, const TileExtra* extra);
