@@ -537,6 +537,11 @@ void user_side(const KernelSet& ks, const FieldModel& m, const NegativeSampler& 
 // cache line.
 class AlignedFloats {
  public:
+  AlignedFloats() = default;
+  AlignedFloats(const AlignedFloats&) = delete;  // a copy's data_ would point into the original's storage
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  AlignedFloats(AlignedFloats&&) noexcept = default;  // a moved vector keeps its buffer: data_ stays valid
+  AlignedFloats& operator=(AlignedFloats&&) noexcept = default;
   void assign(std::size_t n) {
     storage_.assign(n + 16, 0.0f);
     const auto misalign = reinterpret_cast<std::uintptr_t>(storage_.data()) % 64;
