@@ -7,6 +7,7 @@
 #include <limits>
 #include <string>
 
+#include "aligned.h"
 #include "gemm.h"
 #include "parallel.h"
 #include "sparse.h"
@@ -533,43 +534,29 @@ void user_side(const KernelSet& ks, const FieldModel& m, const NegativeSampler& 
   out.seen_end = skip ? s.seen_items + s.seen_indptr[user + 1] : nullptr;
 }
 
-// A float buffer whose data starts on a 64-byte boundary, so the micro-kernel's vector loads never split a
-// cache line.
-class AlignedFloats {
- public:
-  AlignedFloats() = default;
-  AlignedFloats(const AlignedFloats&) = delete;  // a copy's data_ would point into the original's storage
-  AlignedFloats& operator=(const AlignedFloats&) = delete;
-  AlignedFloats(AlignedFloats&&) noexcept = default;  // a moved vector keeps its buffer: data_ stays valid
-  AlignedFloats& operator=(AlignedFloats&&) noexcept = default;
-  void assign(std::size_t n) {
-    storage_.assign(n + 16, 0.0f);
-    const auto misalign = reinterpret_cast<std::uintptr_t>(storage_.data()) % 64;
-    data_ = storage_.data() + (misalign ? (64 - misalign) / sizeof(float) : 0);
-  }
-  float* data() { return data_; }
-  const float* data() const { return data_; }
-
- private:
-  std::vector<float> storage_;
-  float* data_ = nullptr;
-};
-
 // Layers 1.. of the MLP with every weight matrix packed once per top-k call into the micro-kernel's
 // NR-column panels (fan_in x NR each, zero-padded): every panel of items multiplies the same weights, so
 // packing them per product (as sgemm does) would be repeated millions of times.
+// A last layer of one output is a dot product per row instead (the micro-kernel would fill 1 of its NR
+// columns): layers [1, tiled) run on the micro-kernel.
 struct PackedTail {
-  std::vector<AlignedFloats> w;  // w[l - 1]: layer l's panels, ceil(fan_out / NR) of them, one after another
+  std::vector<AlignedBuffer> w;  // w[l - 1]: layer l's panels, ceil(fan_out / NR) of them, one after another
+  bool dot_last;
+  std::size_t tiled;
+  index_t panels_per_rows = 0;  // weight panels of the tiled layers: micro-kernel calls per MR items
 
   PackedTail(const KernelSet& ks, const Network& net) : w(net.layers.size() - 1) {
-    for (std::size_t l = 1; l < net.layers.size(); ++l) {
+    const std::size_t L = net.layers.size();
+    dot_last = L > 1 && net.layers[L - 1].fan_out == 1;
+    tiled = dot_last ? L - 1 : L;
+    for (std::size_t l = 1; l < tiled; ++l) {
       const Layer& layer = net.layers[l];
-      AlignedFloats& packed = w[l - 1];
       const index_t panels = (layer.fan_out + ks.nr - 1) / ks.nr;
-      packed.assign(static_cast<std::size_t>(panels * layer.fan_in * ks.nr));
+      panels_per_rows += panels;
+      float* packed = w[l - 1].get(static_cast<std::size_t>(panels * layer.fan_in * ks.nr));
       for (index_t j = 0; j < layer.fan_out; j += ks.nr)
         ks.pack_b(true, layer.W + j, layer.fan_out, static_cast<int>(std::min<index_t>(ks.nr, layer.fan_out - j)),
-                  layer.fan_in, packed.data() + j * layer.fan_in);
+                  layer.fan_in, packed + j * layer.fan_in);
     }
   }
 };
@@ -592,11 +579,14 @@ constexpr index_t kBlocksPerChunk = 64;
 // One thread's activations for a block: acts[l] is the input of layer l (rows x padded(fan_in)), acts[L]
 // the logits.
 struct TailWorkspace {
-  std::vector<AlignedFloats> acts;
+  std::vector<AlignedBuffer> acts;
   std::vector<const void*> prefetch;  // the cached rows of the next block's items
   TailWorkspace(const KernelSet& ks, const Network& net) : acts(net.layers.size() + 1) {
-    for (std::size_t l = 1; l <= net.layers.size(); ++l)
-      acts[l].assign(static_cast<std::size_t>(kBlockPanels * ks.mr * padded(net.layers[l - 1].fan_out)));
+    for (std::size_t l = 1; l <= net.layers.size(); ++l) {
+      // Zeroed: a partial micro-panel's rows past the block's items are read (never stored) by the kernel.
+      const auto size = static_cast<std::size_t>(kBlockPanels * ks.mr * padded(net.layers[l - 1].fan_out));
+      std::fill_n(acts[l].get(size), size, 0.0f);
+    }
   }
 };
 
@@ -626,16 +616,11 @@ void score_block(const KernelSet& ks, const FieldModel& m, const TopkCache& cach
   ws.prefetch.resize(static_cast<std::size_t>(n_next));
   for (index_t r = 0; r < n_next; ++r)
     ws.prefetch[static_cast<std::size_t>(r)] = cache.item_part.data() + static_cast<index_t>(next[r]) * h;
-  // A last layer of one output is a dot product per row; the micro-kernel would fill 1 of its NR columns.
-  const bool dot_last = m.mlp.layers[L - 1].fan_out == 1 && L > 1;
-  const std::size_t tiled = dot_last ? L - 1 : L;  // layers [1, tiled) run on the micro-kernel
-  const index_t panels = (n + ks.mr - 1) / ks.mr;
-  index_t calls = 0;
-  for (std::size_t l = 1; l < tiled; ++l) calls += panels * ((m.mlp.layers[l].fan_out + ks.nr - 1) / ks.nr);
+  const index_t calls = (n + ks.mr - 1) / ks.mr * tail.panels_per_rows;
   const index_t n_rows = static_cast<index_t>(ws.prefetch.size());
   const index_t per_call = calls ? (n_rows + calls - 1) / calls : 0;
   index_t prefetched = 0;
-  for (std::size_t l = 1; l < tiled; ++l) {
+  for (std::size_t l = 1; l < tail.tiled; ++l) {
     const Layer& layer = m.mlp.layers[l];
     const index_t ld_in = padded(layer.fan_in), ld_out = padded(layer.fan_out);
     TileExtra extra;
@@ -657,7 +642,7 @@ void score_block(const KernelSet& ks, const FieldModel& m, const TopkCache& cach
   for (; prefetched < n_rows; ++prefetched)
     for (int c = 0; c < lines_per_row; ++c)
       __builtin_prefetch(static_cast<const char*>(ws.prefetch[static_cast<std::size_t>(prefetched)]) + 64 * c, 0, 2);
-  if (dot_last) {
+  if (tail.dot_last) {
     const Layer& last = m.mlp.layers[L - 1];
     ks.dot_rows(ws.acts[L - 1].data(), padded(last.fan_in), n, last.W, last.fan_in, last.b[0], scores);
     return;

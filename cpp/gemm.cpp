@@ -5,31 +5,12 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "aligned.h"
 #include "parallel.h"
 
 namespace fastrec {
 
 namespace {
-
-// Grow-only 64-byte aligned scratch, one per thread per role (OpenMP keeps its threads, so it is reused).
-class Scratch {
- public:
-  ~Scratch() { std::free(data_); }
-  float* get(std::size_t n) {
-    if (n > capacity_) {
-      std::free(data_);
-      const std::size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
-      data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
-      if (!data_) throw std::bad_alloc();
-      capacity_ = n;
-    }
-    return data_;
-  }
-
- private:
-  float* data_ = nullptr;
-  std::size_t capacity_ = 0;
-};
 
 index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
@@ -70,7 +51,7 @@ void gemm_row(const Problem& p, index_t row, index_t n0, index_t n1) {
 
 // The five BLIS loops over one rectangle C[m0:m1, n0:n1] on the calling thread.
 void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
-  thread_local Scratch a_scratch, b_scratch;
+  thread_local AlignedBuffer a_scratch, b_scratch;  // one per thread per role: OpenMP keeps its threads
   const KernelSet& ks = p.ks;
   if (m1 - m0 == 1 && !p.trans_a && !p.trans_b) return gemm_row(p, m0, n0, n1);
   const index_t kc_max = std::min(ks.kc, p.K);
@@ -110,7 +91,8 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
           for (index_t ir = 0; ir < mc; ir += ks.mr) {
             const int m = static_cast<int>(std::min<index_t>(ks.mr, mc - ir));
             float* c = p.C + (ic + ir) * p.ldc + jc + jr;
-            // An epilogue of only bias and activation runs inside the micro-kernel's last call.
+            // An epilogue without addend (scale, bias, activation, derivative mask) runs inside the
+            // micro-kernel's last call.
             TileExtra in_kernel;
             const TileExtra* finish = nullptr;
             if (last && p.epilogue && in_kernel_epilogue(*p.epilogue)) {
