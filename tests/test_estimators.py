@@ -69,7 +69,7 @@ def test_sample_weight_scales_each_row_and_the_batch_mean():
     X = rng.standard_normal((40, 6)).astype(np.float32)
     y = (X[:, 0] + X[:, 1] > 0).astype(int)
     w = rng.integers(0, 4, 40)
-    w[:2] = (1, 2)  # both classes keep weight
+    w[np.argmax(y == 0)], w[np.argmax(y == 1)] = 1, 2  # both classes keep weight (and rows)
     params = dict(hidden_layer_sizes=(7,), solver="adam", batch_size=10**6, shuffle=False, max_iter=3,
                   random_state=0)
     with warnings.catch_warnings():

@@ -135,6 +135,16 @@ def params_of(cls, skip=()):
     return sorted(p for p in cls()._get_param_names() if p not in skip)
 
 
+def draw_hyper_parameter(data, cls, counts, values=None):
+    """(name, value): a constructor parameter of cls and a drawn value for it, except that a large valid
+    count among `counts` (epochs, max_iter ...) becomes 3: work, not a malformed input."""
+    name = data.draw(st.sampled_from(params_of(cls, skip=("verbose",))))
+    value = data.draw(values(name) if values else SCALARS, label=name)
+    if name in counts and isinstance(value, int) and 3 < value < 2**31:
+        value = 3
+    return name, value
+
+
 # --------------------------------------------------------------------------------------------- data
 
 RNG = np.random.RandomState(0)
@@ -209,10 +219,7 @@ def test_mlp_fit_y(cls, y):
 @FUZZ
 @given(data=st.data())
 def test_mlp_hyper_parameters(cls, data):
-    name = data.draw(st.sampled_from(params_of(cls, skip=("verbose",))))
-    value = data.draw(SCALARS, label=name)
-    if name in ("max_iter", "n_iter_no_change") and isinstance(value, int) and 3 < value < 2**31:
-        value = 3  # a valid count: work, not a malformed input
+    name, value = draw_hyper_parameter(data, cls, ("max_iter", "n_iter_no_change"))
     y = Y6_CLASS if cls is MLPClassifier else Y6_REG
     params = {**SMALL_MLP, "early_stopping": name == "validation_fraction", name: value}
     model = outcome(lambda: cls(**params).fit(np.tile(X6, (2, 1)), np.tile(y, 2)), name)
@@ -289,10 +296,7 @@ def test_recommender_feature_tables(data):
 @FUZZ
 @given(data=st.data())
 def test_recommender_hyper_parameters(implicit, data):
-    name = data.draw(st.sampled_from(params_of(Recommender, skip=("verbose",))))
-    value = data.draw(SCALARS, label=name)
-    if name in ("epochs", "negatives") and isinstance(value, int) and 3 < value < 2**31:
-        value = 3  # a valid count: work, not a malformed input
+    name, value = draw_hyper_parameter(data, Recommender, ("epochs", "negatives"))
     ratings = None if implicit else RATINGS
     model = outcome(lambda: Recommender(**{**SMALL_REC, name: value}).fit(USERS, ITEMS, ratings), name)
     if model is not None:
@@ -380,12 +384,10 @@ def test_field_model_fit(data):
 @FUZZ
 @given(data=st.data())
 def test_field_model_hyper_parameters(data):
-    name = data.draw(st.sampled_from(params_of(FieldModel, skip=("verbose",))))
     options = st.dictionaries(st.sampled_from(["dim", "pooling", "hash_buckets", "x"]), SCALARS | st.just("sum"))
     fields = st.dictionaries(st.sampled_from(["cat", "tags", "x"]), options | SCALARS, max_size=2)
-    value = data.draw(SCALARS | fields if name == "fields" else SCALARS, label=name)
-    if name == "epochs" and isinstance(value, int) and 3 < value < 2**31:
-        value = 3  # a valid count: work, not a malformed input
+    name, value = draw_hyper_parameter(data, FieldModel, ("epochs",),
+                                       lambda name: SCALARS | fields if name == "fields" else SCALARS)
     model = outcome(lambda: FieldModel(**{**SMALL_FM, name: value}).fit(FM_X, FM_Y), name)
     if model is not None:
         check_field_model(model, FM_X)

@@ -45,16 +45,15 @@ def _append_bags(bags, extra):
             np.concatenate([weights, extra[2]]))
 
 
-def _side_feature_bags(fields, bags, side: str):
-    """Bag table over a table laid out as [values of each categorical / multi-hot field of `side` ("user" or
-    "item") | that side's id rows]: each entity's feature values (weights as in their own fields) and its id
-    row. Returns (bag table, number of feature rows before the id rows)."""
+def _item_feature_bags(fields, bags):
+    """Bag table over a table laid out as [values of each categorical / multi-hot item field | item id rows]:
+    each item's feature values (weights as in their own fields) and its id row. Returns (bag table, number of
+    feature rows before the id rows)."""
     parts = [sp.csr_matrix((w, ids, indptr), shape=(len(indptr) - 1, f.vocab))
-             for f, (indptr, ids, w) in zip(fields, bags) if f.role == "mlp" and f.name.startswith(side + ":")]
+             for f, (indptr, ids, w) in zip(fields, bags) if f.role == "mlp" and f.name.startswith("item:")]
     n_features = sum(p.shape[1] for p in parts)
-    key = USER if side == "user" else ITEM
-    indptr, ids, w = bags[key]  # the id field's bags: entity -> id row
-    parts.append(sp.csr_matrix((w, ids, indptr), shape=(len(indptr) - 1, fields[key].vocab)))
+    indptr, ids, w = bags[ITEM]  # the id field's bags: item -> id row
+    parts.append(sp.csr_matrix((w, ids, indptr), shape=(len(indptr) - 1, fields[ITEM].vocab)))
     X = sp.hstack(parts).tocsr()
     X.sort_indices()
     return bags_of_csr(X, mean=False), n_features
@@ -463,7 +462,7 @@ class Recommender(BaseEstimator):
         if self.gmf:
             fields.append(Field("user_gmf", len(trained_users) + 1, d, USER, role="gmf_u", dropout=dropout, source=0))
             bags.append(bags[0])
-            item_bags, n_features = _side_feature_bags(fields, bags, "item") if self.gmf_item_features else (None, 0)
+            item_bags, n_features = _item_feature_bags(fields, bags) if self.gmf_item_features else (None, 0)
             if n_features:
                 # Its own bags over [feature values | id rows]; never dropped (a dropped example would read entity
                 # 0's bag, losing its features too): the features are what cold items read here.
@@ -545,7 +544,7 @@ class Recommender(BaseEstimator):
                 self.net_.grow(i, id_rows[USER if _HISTORY[f.name][1] == "user_id" else ITEM][1], self._rng)
                 continue
             if f.role == "gmf_v" and f.source is None:  # gmf_item_features: the grown id and feature bags
-                self._bags[i], n_features = _side_feature_bags(self.net_.fields[:i], self._bags[:i], "item")
+                self._bags[i], n_features = _item_feature_bags(self.net_.fields[:i], self._bags[:i])
                 self.net_.grow(i, n_features + id_rows[ITEM][1], self._rng)
                 continue
             source = i if f.source is None else f.source
