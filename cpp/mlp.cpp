@@ -202,6 +202,9 @@ MlpWorkspace::MlpWorkspace(const Network& net, index_t rows, bool sparse_input, 
     if (l > 0 || !sparse_input) largest = std::max(largest, net.layers[l].fan_in * net.layers[l].fan_out);
   }
   if (!training) return;
+  ones.assign(static_cast<std::size_t>(rows), 1.0f);
+  row_ids.resize(static_cast<std::size_t>(rows));
+  for (index_t i = 0; i < rows; ++i) row_ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
   delta.resize(static_cast<std::size_t>(rows * widest));
   delta_prev.resize(delta.size());
   grad_w.resize(static_cast<std::size_t>(largest));
@@ -240,11 +243,9 @@ double backprop(const KernelSet& ks, const Network& net, const Input& X, float a
   for (std::size_t l = L; l-- > 0;) {
     const Layer& layer = net.layers[l];
     const float* D = ws.delta.data();
-    // db = mean of D over rows (rows in order: deterministic).
+    // db = mean of D over rows (rows in order: deterministic), summed in the ISA kernel's registers.
     float* gb = ws.grad_b.data();
-    std::fill(gb, gb + layer.fan_out, 0.0f);
-    for (index_t i = 0; i < n; ++i)
-      for (index_t j = 0; j < layer.fan_out; ++j) gb[j] += D[i * layer.fan_out + j];
+    ks.row_sum(ws.ones.data(), ws.row_ids.data(), n, D, layer.fan_out, layer.fan_out, gb);
     for (index_t j = 0; j < layer.fan_out; ++j) gb[j] *= inv_n;
 
     if (l == 0 && X.sparse) {

@@ -32,6 +32,11 @@ void csr_matmul(const KernelSet& ks, const CsrView& X, const float* W, index_t l
   parallel_for(0, chunks, threads, [&](std::int64_t chunk) {
     const index_t end = std::min<index_t>(X.rows, (chunk + 1) * kRowsPerChunk);
     for (index_t i = chunk * kRowsPerChunk; i < end; ++i) {
+      // row_sum prefetches within a row's entries; a one-id bag has none ahead, so the next rows' first
+      // entries are prefetched here.
+      if (i + kPrefetchRows < X.rows)
+        for (index_t q = X.indptr[i + kPrefetchRows], q1 = std::min(q + 4, X.indptr[i + kPrefetchRows + 1]); q < q1; ++q)
+          prefetch_row(W + static_cast<index_t>(X.indices[q]) * ldw, n, false);
       const index_t p = X.indptr[i];
       ks.row_sum(X.data + p, X.indices + p, X.indptr[i + 1] - p, W, ldw, n, C + i * ldc);
       if (epilogue) ks.epilogue(C + i * ldc, ldc, 1, static_cast<int>(n), i, 0, *epilogue);
@@ -41,26 +46,33 @@ void csr_matmul(const KernelSet& ks, const CsrView& X, const float* W, index_t l
 
 void group_by_column(const CsrView& X, TouchedRows& out) {
   const index_t nnz = X.indptr[X.rows];
-  // Stable LSD radix sort of entry positions by column id, 11 bits per pass (3 passes cover the 31 bits of
-  // an int32 id; a pass whose digit is the same for every entry is skipped). Stability keeps each column's
-  // entries in row order. O(nnz) per pass whatever the number of columns.
-  constexpr int kBits = 11;
-  constexpr std::int32_t kBuckets = 1 << kBits;
+  // Stable LSD radix sort of entry positions by column id (stability keeps each column's entries in row
+  // order). O(nnz + buckets) per pass whatever the number of columns: the digit width follows nnz (a small
+  // batch would otherwise spend its time clearing and summing 2048 counters), and the passes stop at the
+  // largest id's top bit.
+  std::int32_t max_id = 0;
+  for (index_t p = 0; p < nnz; ++p) max_id = std::max(max_id, X.indices[p]);
+  int id_bits = 0;
+  while (id_bits < 31 && (max_id >> id_bits) != 0) ++id_bits;
+  int nnz_bits = 0;
+  while (nnz_bits < 11 && (nnz >> nnz_bits) != 0) ++nnz_bits;
+  const int passes = (id_bits + std::max(nnz_bits, 4) - 1) / std::max(nnz_bits, 4);
+  const int bits = passes > 0 ? (id_bits + passes - 1) / passes : 0;  // equal digits, at most 11 bits
+  const std::int32_t mask = (std::int32_t{1} << bits) - 1;
   std::vector<std::int32_t>& pos = out.scratch_a;
   std::vector<std::int32_t>& tmp = out.scratch_b;
   pos.resize(static_cast<std::size_t>(nnz));
   tmp.resize(static_cast<std::size_t>(nnz));
   for (index_t p = 0; p < nnz; ++p) pos[p] = static_cast<std::int32_t>(p);
-  for (int shift = 0; shift < 32; shift += kBits) {
-    index_t count[kBuckets + 1] = {};
-    for (index_t p = 0; p < nnz; ++p) ++count[((X.indices[p] >> shift) & (kBuckets - 1)) + 1];
-    bool one_bucket = false;
-    for (std::int32_t d = 1; d <= kBuckets; ++d) one_bucket |= count[d] == nnz;
-    if (one_bucket) continue;
-    for (std::int32_t d = 0; d < kBuckets; ++d) count[d + 1] += count[d];
+  for (int pass = 0; pass < passes; ++pass) {
+    const int shift = pass * bits;
+    index_t count[(1 << 11) + 1];
+    std::fill(count, count + mask + 2, 0);
+    for (index_t p = 0; p < nnz; ++p) ++count[((X.indices[p] >> shift) & mask) + 1];
+    for (std::int32_t d = 0; d < mask; ++d) count[d + 1] += count[d];
     for (index_t e = 0; e < nnz; ++e) {
       const std::int32_t p = pos[e];
-      tmp[count[(X.indices[p] >> shift) & (kBuckets - 1)]++] = p;
+      tmp[count[(X.indices[p] >> shift) & mask]++] = p;
     }
     pos.swap(tmp);
   }
@@ -107,11 +119,15 @@ double touched_rows_gradient(const KernelSet& ks, const TouchedRows& touched, co
   csr_transpose_matmul(ks, touched, D, ldd, width, G, width, n_threads);
   row_squares.assign(static_cast<std::size_t>(count), 0.0);
   parallel_for(0, count, count * width < kElementsPerThread ? 1 : n_threads, [&](std::int64_t g) {
+    float* row = G + g * width;
+    if (alpha == 0.0f) {  // W is not read: its rows are scattered, each one a cache miss
+      for (index_t j = 0; j < width; ++j) row[j] *= scale;
+      return;
+    }
     if (g + kPrefetchRows < count)
       prefetch_row(W + static_cast<index_t>(touched.ids[g + kPrefetchRows]) * width, width, false);
     const float* w = W + static_cast<index_t>(touched.ids[g]) * width;
-    if (alpha != 0.0f) row_squares[g] = ks.sum_squares(w, width);
-    float* row = G + g * width;
+    row_squares[g] = ks.sum_squares(w, width);
     for (index_t j = 0; j < width; ++j) row[j] = (row[j] + alpha * w[j]) * scale;
   });
   double squares = 0.0;

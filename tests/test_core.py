@@ -397,6 +397,32 @@ def test_csr_forward_any_pattern(n_rows, n_cols, nnz_per_row, width):
     assert np.allclose(got, want, rtol=1e-5, atol=1e-5 * (1 + np.abs(want).max()))
 
 
+@settings(max_examples=30, deadline=None)
+@given(n_rows=st.integers(1, 300), nnz_per_row=st.integers(0, 12),
+       n_cols=st.sampled_from([1, 2, 7, 300, 5000, 70_000, 2**21 + 3]), alpha=st.sampled_from([0.0, 0.1]))
+def test_csr_gradients_any_pattern(n_rows, nnz_per_row, n_cols, alpha):
+    """The touched-row gradient over any id range and batch size: the grouping of entries by column sorts in
+    one to three digit passes whose width follows the entry count (up to ~3600 entries here, ids up to 2^21),
+    and alpha = 0 skips reading W."""
+    rng = np.random.default_rng(n_rows * 131 + nnz_per_row * 7 + n_cols)
+    counts = rng.integers(0, nnz_per_row + 1, n_rows)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    indices = rng.integers(0, n_cols, indptr[-1]).astype(np.int32)
+    if indptr[-1]:
+        indices[0] = n_cols - 1  # the largest id sets the number of passes
+    data = rng.standard_normal(indptr[-1]).astype(np.float32)
+    coefs, intercepts = make_net(rng, [n_cols, 2, 1])
+    Y = make_targets(rng, n_rows, 1, "identity")
+    X64 = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(n_rows, n_cols))
+    loss, gw, gb = _core.loss_and_gradients(coefs, intercepts, (indptr, indices, data, n_cols), Y, "tanh",
+                                            "identity", alpha, 0)
+    rloss, rgw, rgb = reference.loss_and_gradients(as64(coefs), as64(intercepts), X64, Y.astype(np.float64), "tanh",
+                                                   "identity", alpha)
+    assert abs(loss - rloss) <= BAR * abs(rloss) + 1e-12
+    for g, r in zip(gw + gb, rgw + rgb):
+        assert rel_err(g, r) < BAR
+
+
 def test_csr_gradients_with_duplicate_ids_and_empty_rows(isa, rng):
     # Row 0 names column 3 twice, row 1 is empty, row 2 repeats a column of row 0.
     indptr = np.array([0, 3, 3, 5], np.int64)

@@ -150,6 +150,51 @@ class SpreadPrefetch {
   index_t left_, step_;
 };
 
+// GCC vector extension: 16 floats, lowered to whatever the translation unit's flags allow (one zmm, two ymm
+// or four xmm), so the same source gives each ISA its own vector code.
+typedef float f32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+#if defined(__AVX2__)
+typedef std::int32_t i32x16 __attribute__((vector_size(64)));
+
+// Transposes the 16 x 16 block whose rows are v[0..15] (v[i][j] becomes v[j][i]) in four rounds of
+// two-source shuffles: 32-bit pairs, 64-bit pairs, then 128-bit lanes across the four groups of rows.
+inline void transpose16(f32x16 v[16]) {
+  f32x16 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = __builtin_shuffle(v[i], v[i + 1], i32x16{0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29});
+    t[i + 1] = __builtin_shuffle(v[i], v[i + 1], i32x16{2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31});
+  }
+  // Row group g (rows 4g..4g+3): u_c holds, in lane L, the group's four values of column 4L + c.
+  for (int g = 0; g < 16; g += 4)
+    for (int h = 0; h < 2; ++h) {
+      v[g + 2 * h] = __builtin_shuffle(t[g + h], t[g + h + 2],
+                                       i32x16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29});
+      v[g + 2 * h + 1] = __builtin_shuffle(t[g + h], t[g + h + 2],
+                                           i32x16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+    }
+  // Now v[4g + c'] with c' = 0, 1, 2, 3 holding columns c = 0, 1, 2, 3 (lane L: column 4L + c). Transpose the
+  // 4 x 4 matrix of lanes (group x lane) for each c.
+  for (int c = 0; c < 4; ++c) {
+    const f32x16 p = __builtin_shuffle(v[c], v[4 + c], i32x16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27});
+    const f32x16 q = __builtin_shuffle(v[c], v[4 + c], i32x16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+    const f32x16 r = __builtin_shuffle(v[8 + c], v[12 + c], i32x16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27});
+    const f32x16 s = __builtin_shuffle(v[8 + c], v[12 + c], i32x16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+    t[c] = __builtin_shuffle(p, r, i32x16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23});
+    t[8 + c] = __builtin_shuffle(p, r, i32x16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+    t[4 + c] = __builtin_shuffle(q, s, i32x16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23});
+    t[12 + c] = __builtin_shuffle(q, s, i32x16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+#endif
+
 // Panel packing with R known at compile time, so the copies unroll and vectorise for the file's ISA.
 template <int R>
 void pack_panel(bool k_major, const float* src, index_t ld, int count, index_t kc, float* out) {
@@ -170,22 +215,25 @@ void pack_panel(bool k_major, const float* src, index_t ld, int count, index_t k
     }
     return;
   }
+  index_t k0 = 0;
+#if defined(__AVX2__)
+  // Full panels of transposed source (dZ·Wᵀ's B) go through 16 x 16 register transposes: the element-wise
+  // copy below makes one strided store per float.
+  if (R % 16 == 0 && count == R)
+    for (; k0 + 16 <= kc; k0 += 16)
+      for (int r0 = 0; r0 < R; r0 += 16) {
+        f32x16 v[16];
+        for (int i = 0; i < 16; ++i) v[i] = load16(src + (r0 + i) * ld + k0);
+        transpose16(v);
+        for (int i = 0; i < 16; ++i) std::memcpy(out + (k0 + i) * R + r0, &v[i], sizeof v[i]);
+      }
+#endif
   for (int r = 0; r < count; ++r) {
     const float* s = src + r * ld;
-    for (index_t k = 0; k < kc; ++k) out[k * R + r] = s[k];
+    for (index_t k = k0; k < kc; ++k) out[k * R + r] = s[k];
   }
   for (int r = count; r < R; ++r)
     for (index_t k = 0; k < kc; ++k) out[k * R + r] = 0.0f;
-}
-
-// GCC vector extension: 16 floats, lowered to whatever the translation unit's flags allow (one zmm, two ymm
-// or four xmm), so the same source gives each ISA its own vector code.
-typedef float f32x16 __attribute__((vector_size(64)));
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
 }
 
 // row_sum over 64 columns at a time: the partial sums stay in registers across all entries instead of
