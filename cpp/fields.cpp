@@ -198,7 +198,14 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
   in.ld = m.width;
   in.rows = n;
   in.cols = m.width;
-  loss += backprop(ks, m.mlp, in, alpha, static_cast<double>(n), ws.mlp, mlp_sink, n_threads, ws.dx.data(), m.width);
+  index_t dx_cols = 0;  // the input columns read by embedding fields (dense blocks come last and need none)
+  for (const EmbeddingField& f : m.fields)
+    if (f.offset >= 0) dx_cols = std::max(dx_cols, f.offset + f.dim);
+  if (dx_cols > 0)
+    loss += backprop(ks, m.mlp, in, alpha, static_cast<double>(n), ws.mlp, mlp_sink, n_threads, ws.dx.data(),
+                     m.width, dx_cols);
+  else
+    loss += backprop(ks, m.mlp, in, alpha, static_cast<double>(n), ws.mlp, mlp_sink, n_threads);
   if (m.gmf.field_u >= 0) gmf_sink(ws.gmf_grad.data());
 
   // Embedding rows: G = (sum of weight * upstream gradient + alpha E) / n over the touched rows only.

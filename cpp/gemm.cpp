@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "aligned.h"
 #include "parallel.h"
@@ -128,6 +130,31 @@ constexpr double kMinFmasPerThread = 1 << 20;
 // A float packed or streamed from L2 ~ 8 FMAs' time (32 FMAs/cycle at peak vs ~4 floats/cycle copied).
 constexpr index_t kPackCost = 8;
 
+// C (M x 1) = op(A) b for a contiguous b of K floats: a matrix-vector product (an MLP's one-output layer),
+// where the micro-kernel would fill 1 of its NR columns. Rows of A: a dot product per row of C; columns
+// (Aᵀ): the rows of A summed with weights b. Split over threads by output rows, each summed in a fixed order.
+void one_column(const KernelSet& ks, bool trans_a, index_t M, index_t K, const float* A, index_t lda, const float* b,
+                float* C, const Epilogue* epilogue, int n_threads) {
+  constexpr index_t kRowsPerTask = 256;
+  const index_t tasks = ceil_div(M, kRowsPerTask);
+  const double fmas = static_cast<double>(M) * static_cast<double>(K);
+  const int threads = static_cast<int>(std::max(1.0, std::min<double>(resolve_threads(n_threads), fmas / kMinFmasPerThread)));
+  thread_local std::vector<std::int32_t> ids;
+  if (trans_a && static_cast<index_t>(ids.size()) < K) {
+    ids.resize(static_cast<std::size_t>(K));
+    for (index_t k = 0; k < K; ++k) ids[static_cast<std::size_t>(k)] = static_cast<std::int32_t>(k);
+  }
+  const std::int32_t* k_ids = ids.data();
+  parallel_for(0, tasks, threads, [&](std::int64_t t) {
+    const index_t m0 = t * kRowsPerTask, m = std::min(kRowsPerTask, M - m0);
+    if (trans_a)
+      ks.row_sum(b, k_ids, K, A + m0, lda, m, C + m0);
+    else
+      ks.dot_rows(A + m0 * lda, lda, m, b, K, 0.0f, C + m0);
+    if (epilogue) ks.epilogue(C + m0, 1, static_cast<int>(m), 1, m0, 0, *epilogue);
+  });
+}
+
 }  // namespace
 
 void sgemm(const KernelSet& ks, bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const float* A,
@@ -138,6 +165,7 @@ void sgemm(const KernelSet& ks, bool trans_a, bool trans_b, index_t M, index_t N
     if (epilogue) ks.epilogue(C, ldc, static_cast<int>(M), static_cast<int>(N), 0, 0, *epilogue);
     return;
   }
+  if (N == 1 && ldc == 1 && (trans_b || ldb == 1)) return one_column(ks, trans_a, M, K, A, lda, B, C, epilogue, n_threads);
   const Problem problem{ks, trans_a, trans_b, K, A, lda, B, ldb, C, ldc, epilogue};
 
   // Partition C into tm x tn rectangles of whole register tiles, one per thread, minimising the largest

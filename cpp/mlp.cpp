@@ -231,7 +231,7 @@ void forward_logits(const KernelSet& ks, const Network& net, const Input& X, Mlp
 }
 
 double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, double denominator,
-                MlpWorkspace& ws, GradientSink& sink, int n_threads, float* dx, index_t lddx) {
+                MlpWorkspace& ws, GradientSink& sink, int n_threads, float* dx, index_t lddx, index_t dx_cols) {
   const std::size_t L = net.layers.size();
   const index_t n = X.rows;
   const float inv_n = static_cast<float>(1.0 / denominator);
@@ -274,8 +274,8 @@ double backprop(const KernelSet& ks, const Network& net, const Input& X, float a
       sgemm(ks, false, true, n, layer.fan_in, layer.fan_out, D, layer.fan_out, layer.W, layer.fan_out,
             ws.delta_prev.data(), layer.fan_in, &ed, n_threads);
     } else if (dx) {  // the input gradient, for embedding fields in front of the network
-      sgemm(ks, false, true, n, layer.fan_in, layer.fan_out, D, layer.fan_out, layer.W, layer.fan_out, dx, lddx,
-            nullptr, n_threads);
+      sgemm(ks, false, true, n, dx_cols > 0 ? dx_cols : layer.fan_in, layer.fan_out, D, layer.fan_out, layer.W,
+            layer.fan_out, dx, lddx, nullptr, n_threads);
     }
     sink.layer(l, ws.grad_w.data(), gb, nullptr);
     if (l > 0) std::swap(ws.delta, ws.delta_prev);

@@ -127,9 +127,11 @@ void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const f
 
 // Backward from ws.delta = dLoss/dlogits * d, d = `denominator` of the mean (the row count, or the sum of the
 // sample weights; the 1/d is applied here), feeding sink, with W read before its update. If dx is given,
-// also writes the input gradient dx = (D_0 W_0^T) (times d, like delta; dense input only). Returns the L2
+// also writes the input gradient dx = (D_0 W_0^T) (times d, like delta; dense input only), its first dx_cols
+// columns only (the inputs that pass a gradient on; 0: all). Returns the L2
 // term 0.5 * alpha * ||W||^2 / d of the loss (a CSR first layer: touched rows only).
 double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, double denominator,
-                MlpWorkspace& ws, GradientSink& sink, int n_threads, float* dx = nullptr, index_t lddx = 0);
+                MlpWorkspace& ws, GradientSink& sink, int n_threads, float* dx = nullptr, index_t lddx = 0,
+                index_t dx_cols = 0);
 
 }  // namespace fastrec

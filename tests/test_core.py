@@ -365,6 +365,19 @@ from hypothesis import strategies as st  # noqa: E402
 @given(M=st.integers(0, 70), N=st.integers(0, 70), K=st.integers(0, 300), trans_a=st.booleans(),
        trans_b=st.booleans(), isa=st.sampled_from(_core.available_isas()), threads=st.integers(1, 3))
 def test_sgemm_any_shape(M, N, K, trans_a, trans_b, isa, threads):
+    check_sgemm(M, N, K, trans_a, trans_b, isa, threads)
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("M,K", [(1, 1), (7, 17), (300, 5), (600, 300), (3000, 800)])
+def test_sgemm_one_column(M, K, trans_a, trans_b, isa):
+    """N = 1 (an MLP's output layer) runs as a matrix-vector product, split over threads by rows."""
+    for threads in (1, 3):
+        check_sgemm(M, 1, K, trans_a, trans_b, isa, threads)
+
+
+def check_sgemm(M, N, K, trans_a, trans_b, isa, threads):
     rng = np.random.default_rng(M * 10007 + N * 101 + K)
     a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
     b = rng.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)
