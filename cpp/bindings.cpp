@@ -284,6 +284,25 @@ FieldModel make_field_model(const py::dict& spec, bool writeable) {
     m.gmf.state1 = g.contains("state1") ? flat_array_or_null(g["state1"], "gmf.state1", d) : nullptr;
     m.gmf.state2 = g.contains("state2") ? flat_array_or_null(g["state2"], "gmf.state2", d) : nullptr;
   }
+  if (writeable) {  // training updates the fields in parallel: no two may write the same memory
+    struct Span {
+      const float* begin;
+      index_t size;
+      std::size_t field;
+    };
+    std::vector<Span> spans;
+    for (std::size_t i = 0; i < m.fields.size(); ++i) {
+      const EmbeddingField& f = m.fields[i];
+      spans.push_back({f.table, f.vocab * f.dim, i});
+      if (f.state1) spans.push_back({f.state1, f.state1_size, i});
+      if (f.state2) spans.push_back({f.state2, f.vocab * f.dim, i});
+    }
+    for (const Span& a : spans)
+      for (const Span& b : spans)
+        if (a.field < b.field && a.size > 0 && b.size > 0 && a.begin < b.begin + b.size && b.begin < a.begin + a.size)
+          throw py::value_error("fields[" + std::to_string(a.field) + "] and fields[" + std::to_string(b.field) +
+                                "] share memory in their tables or optimizer states: each field needs its own arrays");
+  }
   validate(m);
   return m;
 }

@@ -48,9 +48,10 @@ struct FieldWorkspace {
     std::vector<float> weights;
     TouchedRows touched;
     std::vector<float> grad;
+    std::vector<double> row_squares;
   };
   std::vector<FieldBatch> fields;
-  std::vector<double> row_squares;
+  std::vector<double> field_squares;  // each field's L2 sum, added to the loss in field order
   std::vector<float> gmf_grad;
 
   FieldWorkspace(const FieldModel& m, index_t rows, bool training)
@@ -97,22 +98,41 @@ CsrView gather_bags(const EmbeddingField& f, const std::vector<std::int32_t>& ke
   return CsrView{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
 }
 
-// ws.logits[0:n] for the batch in ws.keys: pooled fields and dense blocks into x, the MLP, the GMF term.
-// dropout_rng: training's stream for field dropout (none when predicting).
-void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads,
-                  std::uint64_t* dropout_rng = nullptr) {
-  int gmf_slot = 0;
-  for (std::size_t i = 0; i < m.fields.size(); ++i) {
-    const EmbeddingField& f = m.fields[i];
-    const CsrView bags = gather_bags(f, ws.keys[static_cast<std::size_t>(f.key)], n, ws.fields[i], dropout_rng);
-    if (f.offset >= 0)
-      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.x.data() + f.offset, m.width, nullptr, n_threads);
-    if (static_cast<int>(i) == m.gmf.field_u || static_cast<int>(i) == m.gmf.field_v) {
-      gmf_slot = static_cast<int>(i) == m.gmf.field_u ? 0 : 1;
-      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.pooled_gmf[static_cast<std::size_t>(gmf_slot)].data(), f.dim,
-                 nullptr, n_threads);
-    }
+// Runs body(i, threads) for every field i of a batch of n rows: with at least as many fields as threads, the
+// fields are spread over the threads and each runs on one (their lookups and updates are independent: each
+// field owns its table, state and workspace); otherwise one field after another, each on all threads. A
+// small batch (a single-row prediction) stays on the calling thread: waking another costs more.
+template <class Body>
+void for_each_field(const FieldModel& m, index_t n, int n_threads, Body&& body) {
+  constexpr index_t kMinParallelFloats = 1 << 14;  // pooled floats per batch
+  const auto fields = static_cast<std::int64_t>(m.fields.size());
+  index_t floats = 0;
+  for (const EmbeddingField& f : m.fields) floats += n * f.dim;
+  const int threads = floats < kMinParallelFloats ? 1 : resolve_threads(n_threads);
+  if (threads > 1 && fields >= threads) {
+    parallel_for<true>(0, fields, threads, [&](std::int64_t i) { body(static_cast<std::size_t>(i), 1); });
+  } else {
+    for (std::int64_t i = 0; i < fields; ++i) body(static_cast<std::size_t>(i), threads);
   }
+}
+
+// ws.logits[0:n] for the batch in ws.keys: pooled fields and dense blocks into x, the MLP, the GMF term.
+// dropout_stream: training's seed for field dropout (none when predicting).
+void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads,
+                  const std::uint64_t* dropout_stream = nullptr) {
+  for_each_field(m, n, n_threads, [&](std::size_t i, int threads) {
+    const EmbeddingField& f = m.fields[i];
+    // Each field draws its dropout from its own stream: the draws do not depend on which thread ran it.
+    std::uint64_t rng = dropout_stream ? *dropout_stream ^ (0x9e3779b97f4a7c15ULL * (i + 1)) : 0;
+    const CsrView bags =
+        gather_bags(f, ws.keys[static_cast<std::size_t>(f.key)], n, ws.fields[i], dropout_stream ? &rng : nullptr);
+    if (f.offset >= 0)
+      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.x.data() + f.offset, m.width, nullptr, threads);
+    if (static_cast<int>(i) == m.gmf.field_u || static_cast<int>(i) == m.gmf.field_v) {
+      const std::size_t slot = static_cast<int>(i) == m.gmf.field_u ? 0 : 1;
+      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.pooled_gmf[slot].data(), f.dim, nullptr, threads);
+    }
+  });
   for (const DenseBlock& b : m.dense) {
     const std::vector<std::int32_t>& keys = ws.keys[static_cast<std::size_t>(b.key)];
     for (index_t r = 0; r < n; ++r)
@@ -147,7 +167,7 @@ void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWork
 }
 
 // Gradients of the batch whose logits are in ws (from batch_logits): data loss, then the MLP (to mlp_sink),
-// GMF and embedding rows (to field_sink(i, touched, G) / gmf_sink(grad)). Returns the loss (with L2 terms).
+// GMF and embedding rows (to field_sink(i, touched, G, threads) / gmf_sink(grad)). Returns the loss (with L2 terms).
 // With `skipped`, a NaN or infinite data loss sets *skipped and returns before any gradient reaches a sink.
 template <class FieldSink, class GmfSink>
 double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float alpha, FieldWorkspace& ws,
@@ -209,7 +229,8 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
   if (m.gmf.field_u >= 0) gmf_sink(ws.gmf_grad.data());
 
   // Embedding rows: G = (sum of weight * upstream gradient + alpha E) / n over the touched rows only.
-  for (std::size_t i = 0; i < m.fields.size(); ++i) {
+  ws.field_squares.assign(m.fields.size(), 0.0);
+  for_each_field(m, n, n_threads, [&](std::size_t i, int threads) {
     const EmbeddingField& f = m.fields[i];
     FieldWorkspace::FieldBatch& fb = ws.fields[i];
     const CsrView bags{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
@@ -222,10 +243,11 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
     const index_t ld = f.offset >= 0 ? m.width : f.dim;
     const float alpha_f = f.alpha >= 0.0f ? f.alpha : alpha;
     const double squares = touched_rows_gradient(ks, fb.touched, upstream, ld, f.table, f.dim, alpha_f, inv_n,
-                                                 fb.grad.data(), ws.row_squares, n_threads);
-    loss += 0.5 * alpha_f * squares / static_cast<double>(n);
-    field_sink(i, fb.touched, fb.grad.data());
-  }
+                                                 fb.grad.data(), fb.row_squares, threads);
+    ws.field_squares[i] = 0.5 * alpha_f * squares / static_cast<double>(n);
+    field_sink(i, fb.touched, fb.grad.data(), threads);
+  });
+  for (double term : ws.field_squares) loss += term;
   return loss;
 }
 
@@ -387,7 +409,7 @@ double field_loss_and_gradients(const KernelSet& ks, const FieldModel& m, const 
   CopySink mlp_sink(m.mlp, coef_grads, intercept_grads);
   return batch_backward(
       ks, m, ex.rows, alpha, ws, mlp_sink,
-      [&](std::size_t i, const TouchedRows& touched, const float* G) {
+      [&](std::size_t i, const TouchedRows& touched, const float* G, int) {
         const index_t d = m.fields[i].dim;
         std::memset(table_grads[i], 0, sizeof(float) * static_cast<std::size_t>(m.fields[i].vocab * d));
         for (std::size_t g = 0; g < touched.ids.size(); ++g)
@@ -417,8 +439,8 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
     std::uint64_t stream = sampler.seed ^ (epoch * 0x9e3779b97f4a7c15ULL);
     stream = splitmix64(stream) ^ batch_index;
     const index_t n = append_negatives(sampler, n_pos, splitmix64(stream), ws);
-    std::uint64_t dropout_rng = splitmix64(stream);
-    batch_logits(ks, m, n, ws, threads, &dropout_rng);
+    const std::uint64_t dropout_stream = splitmix64(stream);
+    batch_logits(ks, m, n, ws, threads, &dropout_stream);
     const std::int64_t step_before = opt.adam_t;
     bool skipped = false;
     const UpdateRule rule = opt.next_step();
@@ -426,9 +448,9 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
     UpdateSink mlp_sink(ks, m.mlp, opt, rule, threads);
     const double loss = batch_backward(
         ks, m, n, alpha, ws, mlp_sink,
-        [&](std::size_t i, const TouchedRows& touched, const float* G) {
+        [&](std::size_t i, const TouchedRows& touched, const float* G, int field_threads) {
           EmbeddingField& f = m.fields[i];
-          update_touched_rows(ks, row_rule, touched, f.table, f.dim, G, f.state1, f.state2, threads);
+          update_touched_rows(ks, row_rule, touched, f.table, f.dim, G, f.state1, f.state2, field_threads);
         },
         [&](const float* g) {
           const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;

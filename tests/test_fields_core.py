@@ -520,13 +520,16 @@ def test_reference_topk_matches_core_on_a_float64_spec(rng):
 
 
 def big_model(rng):
-    """Large enough that every kernel splits over threads: batch 512, dims 64, MLP 128-64."""
+    """Large enough that every kernel splits over threads: batch 512, dims 64, MLP 128-64, five fields (spread
+    over the threads, one field per thread at a time)."""
     U, I = 300, 500
     fields = [(table(rng, U, 64), one_hot_bags(U), 0, True), (table(rng, I, 64), one_hot_bags(I), 1, True),
               (table(rng, 200, 64, 0.2), multi_hot_bags(rng, I, 200, 8), 1, True),
               (table(rng, U, 64), one_hot_bags(U), 0, False), (table(rng, I, 64), one_hot_bags(I), 1, False)]
     dense = [(rng.standard_normal((I, 8)).astype(np.float32), 1)]
     spec = make_spec(rng, fields, dense, (3, 4), "bce", "relu", (128, 64), 2, "adam")
+    for f in spec["fields"][:3]:  # training reads row 0 instead for 10% of examples, a draw per field and row
+        f["dropout"] = 0.1
     keys = [rng.integers(0, U, 2048).astype(np.int32), rng.integers(0, I, 2048).astype(np.int32)]
     return spec, keys
 
@@ -624,6 +627,24 @@ def test_bad_arrays_raise_naming_them(rng):
     with pytest.raises(ValueError, match=r"fields\[0\]\.table must be writeable"):
         train(spec, keys, y)
     assert _core.field_predict(spec, keys).shape == (10,)  # a read-only model can still predict
+
+
+def test_fields_sharing_memory_cannot_train(rng):
+    """Training updates fields in parallel, so two fields writing overlapping memory would race: refused,
+    naming them. Predicting only reads, and may share."""
+    spec, keys, y = small(rng, "adam")
+    a, b = spec["fields"][0], spec["fields"][1]
+    for name in ("table", "state2"):
+        saved = a["table"], b[name]
+        # one buffer holding field 0's table and then field 1's array, the two overlapping by 5 floats
+        buf = np.zeros(a["table"].size + b[name].size - 5, np.float32)
+        a["table"] = buf[:a["table"].size].reshape(a["table"].shape)
+        b[name] = buf[a["table"].size - 5:].reshape(b[name].shape)
+        with pytest.raises(ValueError, match=r"fields\[0\] and fields\[1\] share memory"):
+            train(spec, keys, y, "adam")
+        assert _core.field_predict(spec, keys).shape == (10,)
+        a["table"], b[name] = saved
+    assert train(spec, keys, y, "adam")[2] == 10  # separate arrays train
 
 
 def test_k_below_one_raises(rng):
