@@ -17,6 +17,12 @@ namespace {
 constexpr index_t kForwardChunk = 2048;
 // Element count per thread below which an element-wise pass stays on one thread.
 constexpr index_t kElementsPerThread = 1 << 15;
+// A weight gradient Aᵀ·D over more batch rows than this is summed from fixed chunks of rows: each thread
+// multiplies the chunks of the rows it produced in the forward pass (still in its own cache) and the
+// partial products are added in chunk order. The chunks depend only on the batch size, so the sum does not
+// depend on the thread count.
+constexpr index_t kGradientChunkRows = 256;
+constexpr index_t kMaxGradientParts = 1 << 22;  // floats of partial products (16 MB); above, one product
 
 
 // Output activation in place on logits (n x k).
@@ -230,6 +236,39 @@ void forward_logits(const KernelSet& ks, const Network& net, const Input& X, Mlp
   }
 }
 
+namespace {
+// ws.grad_w = epilogue(Aᵀ D) for one layer (A: n x fan_in, D: n x fan_out), see kGradientChunkRows.
+void weight_gradient(const KernelSet& ks, const Layer& layer, index_t n, const float* A, index_t lda, const float* D,
+                     const Epilogue& e, MlpWorkspace& ws, int n_threads) {
+  const index_t fi = layer.fan_in, fo = layer.fan_out;
+  const index_t chunks = (n + kGradientChunkRows - 1) / kGradientChunkRows, size = fi * fo;
+  if (chunks == 1 || chunks * size > kMaxGradientParts) {
+    sgemm(ks, true, false, fi, fo, n, A, lda, D, fo, ws.grad_w.data(), fo, &e, n_threads);
+    return;
+  }
+  ws.grad_parts.resize(static_cast<std::size_t>(chunks * size));
+  parallel_for(0, chunks, n_threads, [&](std::int64_t c) {
+    const index_t r0 = c * kGradientChunkRows, rows = std::min(kGradientChunkRows, n - r0);
+    sgemm(ks, true, false, fi, fo, rows, A + r0 * lda, lda, D + r0 * fo, fo, ws.grad_parts.data() + c * size, fo,
+          nullptr, 1);
+  });
+  // The sum over chunks in chunk order (row_sum over the partials, one block of rows of dW per task).
+  if (static_cast<index_t>(ws.chunk_ids.size()) < chunks) {
+    ws.chunk_ids.resize(static_cast<std::size_t>(chunks));
+    for (index_t c = 0; c < chunks; ++c) ws.chunk_ids[static_cast<std::size_t>(c)] = static_cast<std::int32_t>(c);
+  }
+  const index_t rows_per_task = std::max<index_t>(1, kElementsPerThread / fo);
+  parallel_for(0, (fi + rows_per_task - 1) / rows_per_task, size < kElementsPerThread ? 1 : n_threads,
+               [&](std::int64_t t) {
+                 const index_t r0 = t * rows_per_task, rows = std::min(rows_per_task, fi - r0);
+                 float* out = ws.grad_w.data() + r0 * fo;
+                 ks.row_sum(ws.ones.data(), ws.chunk_ids.data(), chunks, ws.grad_parts.data() + r0 * fo, size,
+                            rows * fo, out);
+                 ks.epilogue(out, fo, static_cast<int>(rows), static_cast<int>(fo), r0, 0, e);
+               });
+}
+}  // namespace
+
 double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, double denominator,
                 MlpWorkspace& ws, GradientSink& sink, int n_threads, float* dx, index_t lddx, index_t dx_cols) {
   const std::size_t L = net.layers.size();
@@ -264,8 +303,7 @@ double backprop(const KernelSet& ks, const Network& net, const Input& X, float a
     eg.addend = alpha != 0.0f ? layer.W : nullptr;
     eg.ld_addend = layer.fan_out;
     eg.addend_scale = alpha * inv_n;
-    sgemm(ks, true, false, layer.fan_in, layer.fan_out, n, A, lda, D, layer.fan_out, ws.grad_w.data(),
-          layer.fan_out, &eg, n_threads);
+    weight_gradient(ks, layer, n, A, lda, D, eg, ws, n_threads);
     if (l > 0) {  // D_prev = (D W^T) * act'(A), with W before its update
       Epilogue ed;
       ed.mul = ws.acts[l].data();

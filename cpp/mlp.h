@@ -83,6 +83,8 @@ struct MlpWorkspace {
   std::vector<double> row_squares;
   std::vector<float> ones;             // rows x 1.0f and the row ids 0..rows-1: the bias gradient's column
   std::vector<std::int32_t> row_ids;   // sums run as the row_sum kernel over every row of D
+  std::vector<float> grad_parts;       // a weight gradient's partial products, one per chunk of batch rows
+  std::vector<std::int32_t> chunk_ids; // 0..chunks-1, for summing them with row_sum
   TouchedRows touched;
   // Gradient buffers only when training; a CSR first layer never gets a dense one (its size would grow with
   // the column count).
