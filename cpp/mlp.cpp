@@ -147,7 +147,9 @@ double backward(const KernelSet& ks, const Network& net, const Input& X, const f
 
 void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const float* g, float* s1, float* s2,
                   index_t len, int n_threads) {
-  const index_t chunk = kElementsPerThread;
+  // Chunks of 8k floats: a weight matrix that both threads just read (D·Wᵀ) is shared in both caches, and
+  // each write first invalidates the other copy; splitting overlaps those waits.
+  const index_t chunk = 1 << 13;
   const index_t chunks = (len + chunk - 1) / chunk;
   parallel_for(0, chunks, n_threads, [&](std::int64_t c) {
     const index_t begin = c * chunk, count = std::min(chunk, len - begin);
