@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -22,6 +23,12 @@ namespace py = pybind11;
 using namespace fastrec;
 
 namespace {
+
+// Whether float ranges [a, a + na) and [b, b + nb) share memory (compared as addresses: the arrays are unrelated).
+bool overlap(const float* a, index_t na, const float* b, index_t nb) {
+  const auto ia = reinterpret_cast<std::uintptr_t>(a), ib = reinterpret_cast<std::uintptr_t>(b);
+  return ia < ib + sizeof(float) * static_cast<std::uintptr_t>(nb) && ib < ia + sizeof(float) * static_cast<std::uintptr_t>(na);
+}
 
 // Around every call into the core: the GIL released, subnormals flushed on this thread (parallel.h).
 struct CoreCall {
@@ -299,7 +306,7 @@ FieldModel make_field_model(const py::dict& spec, bool writeable) {
     }
     for (const Span& a : spans)
       for (const Span& b : spans)
-        if (a.field < b.field && a.size > 0 && b.size > 0 && a.begin < b.begin + b.size && b.begin < a.begin + a.size)
+        if (a.field < b.field && a.size > 0 && b.size > 0 && overlap(a.begin, a.size, b.begin, b.size))
           throw py::value_error("fields[" + std::to_string(a.field) + "] and fields[" + std::to_string(b.field) +
                                 "] share memory in their tables or optimizer states: each field needs its own arrays");
   }

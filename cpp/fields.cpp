@@ -123,7 +123,8 @@ void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWork
   for_each_field(m, n, n_threads, [&](std::size_t i, int threads) {
     const EmbeddingField& f = m.fields[i];
     // Each field draws its dropout from its own stream: the draws do not depend on which thread ran it.
-    std::uint64_t rng = dropout_stream ? *dropout_stream ^ (0x9e3779b97f4a7c15ULL * (i + 1)) : 0;
+    std::uint64_t seed = dropout_stream ? *dropout_stream + i : 0;
+    std::uint64_t rng = splitmix64(seed);
     const CsrView bags =
         gather_bags(f, ws.keys[static_cast<std::size_t>(f.key)], n, ws.fields[i], dropout_stream ? &rng : nullptr);
     if (f.offset >= 0)
@@ -218,7 +219,7 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
   in.ld = m.width;
   in.rows = n;
   in.cols = m.width;
-  index_t dx_cols = 0;  // the input columns read by embedding fields (dense blocks come last and need none)
+  index_t dx_cols = 0;  // input columns up to the last embedding field's end: dense blocks need no gradient
   for (const EmbeddingField& f : m.fields)
     if (f.offset >= 0) dx_cols = std::max(dx_cols, f.offset + f.dim);
   if (dx_cols > 0)
@@ -339,6 +340,18 @@ void validate(const FieldModel& m) {
     require(d.offset >= 0 && d.offset + d.cols <= m.width,
             "dense block " + std::to_string(b) + ": columns beyond the MLP input width");
   }
+  // The MLP input columns of fields and dense blocks must not overlap: each block is written on its own
+  // (fields from different threads), so a shared column would have no defined value.
+  std::vector<std::pair<index_t, index_t>> columns;  // [begin, end) of every block, fields first
+  for (const EmbeddingField& f : m.fields)
+    if (f.offset >= 0) columns.emplace_back(f.offset, f.offset + f.dim);
+  for (const DenseBlock& d : m.dense) columns.emplace_back(d.offset, d.offset + d.cols);
+  for (std::size_t a = 0; a < columns.size(); ++a)
+    for (std::size_t b = a + 1; b < columns.size(); ++b)
+      if (columns[a].first < columns[b].second && columns[b].first < columns[a].second)
+        require(false, "MLP input columns [" + std::to_string(columns[a].first) + ", " +
+                           std::to_string(columns[a].second) + ") and [" + std::to_string(columns[b].first) + ", " +
+                           std::to_string(columns[b].second) + ") overlap: each field and dense block needs its own");
   if (m.gmf.field_u >= 0) {
     require(m.gmf.field_v >= 0 && static_cast<std::size_t>(std::max(m.gmf.field_u, m.gmf.field_v)) < m.fields.size(),
             "gmf fields out of range");

@@ -18,11 +18,14 @@ constexpr index_t kForwardChunk = 2048;
 // Element count per thread below which an element-wise pass stays on one thread.
 constexpr index_t kElementsPerThread = 1 << 15;
 // A weight gradient Aᵀ·D over more batch rows than this is summed from fixed chunks of rows: each thread
-// multiplies the chunks of the rows it produced in the forward pass (still in its own cache) and the
-// partial products are added in chunk order. The chunks depend only on the batch size, so the sum does not
-// depend on the thread count.
+// multiplies whole chunks (a contiguous range of rows, mostly ones it wrote itself in the row-split products
+// before) and the partial products are added in chunk order. The chunks depend only on the batch size, so
+// the sum does not depend on the thread count.
 constexpr index_t kGradientChunkRows = 256;
 constexpr index_t kMaxGradientParts = 1 << 22;  // floats of partial products (16 MB); above, one product
+// Floats per task of a dense optimizer step. A weight matrix that both threads just read (D·Wᵀ) sits in both
+// caches and each write first invalidates the other copy: splitting the step overlaps those waits.
+constexpr index_t kUpdateChunk = 1 << 13;
 
 
 // Output activation in place on logits (n x k).
@@ -147,12 +150,9 @@ double backward(const KernelSet& ks, const Network& net, const Input& X, const f
 
 void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const float* g, float* s1, float* s2,
                   index_t len, int n_threads) {
-  // Chunks of 8k floats: a weight matrix that both threads just read (D·Wᵀ) is shared in both caches, and
-  // each write first invalidates the other copy; splitting overlaps those waits.
-  const index_t chunk = 1 << 13;
-  const index_t chunks = (len + chunk - 1) / chunk;
+  const index_t chunks = (len + kUpdateChunk - 1) / kUpdateChunk;
   parallel_for(0, chunks, n_threads, [&](std::int64_t c) {
-    const index_t begin = c * chunk, count = std::min(chunk, len - begin);
+    const index_t begin = c * kUpdateChunk, count = std::min(kUpdateChunk, len - begin);
     ks.update(rule, p + begin, g + begin, s1 + begin, s2 ? s2 + begin : nullptr, count);
   });
 }
@@ -244,7 +244,7 @@ void weight_gradient(const KernelSet& ks, const Layer& layer, index_t n, const f
                      const Epilogue& e, MlpWorkspace& ws, int n_threads) {
   const index_t fi = layer.fan_in, fo = layer.fan_out;
   const index_t chunks = (n + kGradientChunkRows - 1) / kGradientChunkRows, size = fi * fo;
-  if (chunks == 1 || chunks * size > kMaxGradientParts) {
+  if (chunks <= 1 || chunks * size > kMaxGradientParts) {
     sgemm(ks, true, false, fi, fo, n, A, lda, D, fo, ws.grad_w.data(), fo, &e, n_threads);
     return;
   }

@@ -81,8 +81,8 @@ struct MlpWorkspace {
   std::vector<std::vector<float>> acts;  // acts[l] = output of layer l-1 (acts[L] = logits); acts[0] unused
   std::vector<float> delta, delta_prev, grad_w, grad_b, touched_grad;
   std::vector<double> row_squares;
-  std::vector<float> ones;             // rows x 1.0f and the row ids 0..rows-1: the bias gradient's column
-  std::vector<std::int32_t> row_ids;   // sums run as the row_sum kernel over every row of D
+  std::vector<float> ones;             // rows x 1.0f, and the row ids 0..rows-1: sums over rows (bias
+  std::vector<std::int32_t> row_ids;   // gradients, weight-gradient chunks) run as the row_sum kernel
   std::vector<float> grad_parts;       // a weight gradient's partial products, one per chunk of batch rows
   std::vector<std::int32_t> chunk_ids; // 0..chunks-1, for summing them with row_sum
   TouchedRows touched;

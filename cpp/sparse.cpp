@@ -54,10 +54,12 @@ void group_by_column(const CsrView& X, TouchedRows& out) {
   for (index_t p = 0; p < nnz; ++p) max_id = std::max(max_id, X.indices[p]);
   int id_bits = 0;
   while (id_bits < 31 && (max_id >> id_bits) != 0) ++id_bits;
+  constexpr int kMinDigitBits = 4, kMaxDigitBits = 11;
   int nnz_bits = 0;
-  while (nnz_bits < 11 && (nnz >> nnz_bits) != 0) ++nnz_bits;
-  const int passes = (id_bits + std::max(nnz_bits, 4) - 1) / std::max(nnz_bits, 4);
-  const int bits = passes > 0 ? (id_bits + passes - 1) / passes : 0;  // equal digits, at most 11 bits
+  while (nnz_bits < kMaxDigitBits && (nnz >> nnz_bits) != 0) ++nnz_bits;
+  const int digit_bits = std::max(nnz_bits, kMinDigitBits);
+  const int passes = (id_bits + digit_bits - 1) / digit_bits;
+  const int bits = passes > 0 ? (id_bits + passes - 1) / passes : 0;  // equal digits of at most digit_bits
   const std::int32_t mask = (std::int32_t{1} << bits) - 1;
   std::vector<std::int32_t>& pos = out.scratch_a;
   std::vector<std::int32_t>& tmp = out.scratch_b;
@@ -66,7 +68,7 @@ void group_by_column(const CsrView& X, TouchedRows& out) {
   for (index_t p = 0; p < nnz; ++p) pos[p] = static_cast<std::int32_t>(p);
   for (int pass = 0; pass < passes; ++pass) {
     const int shift = pass * bits;
-    index_t count[(1 << 11) + 1];
+    index_t count[(1 << kMaxDigitBits) + 1];
     std::fill(count, count + mask + 2, 0);
     for (index_t p = 0; p < nnz; ++p) ++count[((X.indices[p] >> shift) & mask) + 1];
     for (std::int32_t d = 0; d < mask; ++d) count[d + 1] += count[d];

@@ -278,15 +278,19 @@ def test_training_is_bitwise_identical_for_any_thread_count(rng, sparse, batch):
     assert results[0] == results[1] == results[2]
 
 
-def test_gradients_of_a_large_batch_match_the_reference(isa, rng):
+@pytest.mark.parametrize("sizes,n,out", [([33, 40, 17, 3], 1000, "softmax"), ([40, 300, 200, 1], 1000, "identity"),
+                                         ([40, 300, 1], 200, "identity")])
+def test_gradients_of_a_large_batch_match_the_reference(isa, rng, sizes, n, out):
     """Over 256 rows the weight gradients are sums of per-chunk products (chunks of 256 rows, the last one
-    partial): same values as one product, to float32 rounding."""
-    coefs, intercepts = make_net(rng, [33, 40, 17, 3])
-    X = rng.standard_normal((1000, 33)).astype(np.float32)
-    Y = make_targets(rng, 1000, 3, "softmax")
-    loss, gw, gb = _core.loss_and_gradients(coefs, intercepts, X, Y, "tanh", "softmax", 0.1, 0, isa)
+    partial; the sum runs in several blocks of rows for 300 x 200): same values as one product, to float32
+    rounding. One-output layers run as matrix-vector products, here over 300 rows (two tasks) with the L2
+    term and over 1000 rows with the bias."""
+    coefs, intercepts = make_net(rng, sizes)
+    X = rng.standard_normal((n, sizes[0])).astype(np.float32)
+    Y = make_targets(rng, n, sizes[-1], out)
+    loss, gw, gb = _core.loss_and_gradients(coefs, intercepts, X, Y, "tanh", out, 0.1, 0, isa)
     rloss, rgw, rgb = reference.loss_and_gradients(as64(coefs), as64(intercepts), X.astype(np.float64),
-                                                   Y.astype(np.float64), "tanh", "softmax", 0.1)
+                                                   Y.astype(np.float64), "tanh", out, 0.1)
     assert abs(loss - rloss) / abs(rloss) < BAR
     for g, r in zip(gw + gb, rgw + rgb):
         assert rel_err(g, r) < BAR
@@ -430,8 +434,8 @@ def test_csr_forward_any_pattern(n_rows, n_cols, nnz_per_row, width):
        n_cols=st.sampled_from([1, 2, 7, 300, 5000, 70_000, 2**21 + 3]), alpha=st.sampled_from([0.0, 0.1]))
 def test_csr_gradients_any_pattern(n_rows, nnz_per_row, n_cols, alpha):
     """The touched-row gradient over any id range and batch size: the grouping of entries by column sorts in
-    one to three digit passes whose width follows the entry count (up to ~3600 entries here, ids up to 2^21),
-    and alpha = 0 skips reading W."""
+    passes of 4- to 11-bit digits (the width follows the entry count, up to ~3600 entries here; the passes
+    stop at the largest id, none for one column), and alpha = 0 skips reading W."""
     rng = np.random.default_rng(n_rows * 131 + nnz_per_row * 7 + n_cols)
     counts = rng.integers(0, nnz_per_row + 1, n_rows)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -451,6 +455,26 @@ def test_csr_gradients_any_pattern(n_rows, nnz_per_row, n_cols, alpha):
     # The later layers' gradients are means over up to 300 rows of terms of either sign; where those cancel, a
     # float32 sum's error relative to the result has no bound (the other tests pin them on fixed data).
     assert rel_err(gw[0], rgw[0]) < BAR
+
+
+def test_csr_gradients_with_ids_above_2_to_the_24(rng):
+    """3600 entries (11-bit digits) over ids up to 2^24 + 4: three radix passes, the top digit at bit 18."""
+    n_cols, n_rows = 2**24 + 5, 300
+    indptr = np.arange(0, 12 * n_rows + 1, 12, dtype=np.int64)
+    indices = rng.integers(0, n_cols, 12 * n_rows).astype(np.int32)
+    indices[:40] = n_cols - 1 - rng.integers(0, 3, 40)  # repeated ids at the top of the range
+    indices[40:46] = [7, 7 + 2**22, 7, 2**23 + 9, 9, 2**23 + 9]  # equal low bits: only the top digit parts them
+    data = rng.standard_normal(12 * n_rows).astype(np.float32)
+    coefs, intercepts = make_net(rng, [n_cols, 1, 1])
+    Y = make_targets(rng, n_rows, 1, "identity")
+    X64 = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(n_rows, n_cols))
+    _, gw, _ = _core.loss_and_gradients(coefs, intercepts, (indptr, indices, data, n_cols), Y, "tanh", "identity",
+                                        0.1, 0)
+    _, rgw, _ = reference.loss_and_gradients(as64(coefs), as64(intercepts), X64, Y.astype(np.float64), "tanh",
+                                             "identity", 0.1)
+    touched = np.unique(indices)
+    assert rel_err(gw[0][touched], rgw[0][touched]) < BAR
+    assert not np.delete(gw[0], touched, axis=0).any()
 
 
 def test_csr_gradients_with_duplicate_ids_and_empty_rows(isa, rng):

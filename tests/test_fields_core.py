@@ -163,7 +163,21 @@ def targets(rng, n, loss):
     return rng.standard_normal(n).astype(np.float32)
 
 
-LAYOUTS = {"two_key": two_key_model, "ctr": ctr_model}
+def dense_first_model(rng, gmf, loss, **kw):
+    """two_key_model with the dense blocks in the first MLP input columns and the fields after them (the
+    input gradient then runs up to the last field's end, over the dense columns too)."""
+    spec, keys = two_key_model(rng, gmf, loss, **kw)
+    shift = sum(d["table"].shape[1] for d in spec["dense"])
+    start = 0
+    for d in spec["dense"]:
+        d["offset"], start = start, start + d["table"].shape[1]
+    for f in spec["fields"]:
+        if f["offset"] >= 0:
+            f["offset"] += shift
+    return spec, keys
+
+
+LAYOUTS = {"two_key": two_key_model, "ctr": ctr_model, "dense_first": dense_first_model}
 
 
 # --------------------------------------------------------------------------- predict, loss and gradients
@@ -555,14 +569,14 @@ def test_training_is_bitwise_identical_for_any_thread_count(rng, negatives):
                    "cdf": np.cumsum(popularity).astype(np.float64), "seed": 1,
                    "seen": (np.zeros(301, np.int64), np.zeros(0, np.int32))}
     results = []
-    for threads in (1, 2, 3):
+    for threads in (1, 2, 3, 8):  # 8 > 5 fields: one field after another, each split over the threads
         spec = copy_spec(spec0)
         loss, t, rows, *_ = _core.field_train_epoch(spec, keys, y, None, order, 512, 1e-3, "adam", 1e-3, 0.9, True, 0.9,
                                                 0.999, 1e-8, 0, sampler, 2, threads)
         pred = _core.field_predict(spec, keys, threads)
         results.append((loss, t, rows, spec_bytes(spec), pred.tobytes()))
     assert results[0][2] == 2048 * (1 + negatives)
-    assert results[0] == results[1] == results[2]
+    assert results[0] == results[1] == results[2] == results[3]
 
 
 def test_prediction_of_a_row_does_not_depend_on_its_batch(isa, rng):
@@ -645,6 +659,14 @@ def test_fields_sharing_memory_cannot_train(rng):
         assert _core.field_predict(spec, keys).shape == (10,)
         a["table"], b[name] = saved
     assert train(spec, keys, y, "adam")[2] == 10  # separate arrays train
+
+
+def test_overlapping_input_columns_raise(rng):
+    """Each field and dense block writes its own MLP input columns (fields from different threads)."""
+    spec, keys, y = small(rng)
+    spec["fields"][1]["offset"] = spec["fields"][0]["offset"] + 1
+    with pytest.raises(ValueError, match=r"MLP input columns \[0, 16\) and \[1, 8\) overlap"):
+        _core.field_predict(spec, keys)
 
 
 def test_k_below_one_raises(rng):

@@ -164,14 +164,15 @@ inline f32x16 load16(const float* p) {
 typedef std::int32_t i32x16 __attribute__((vector_size(64)));
 
 // Transposes the 16 x 16 block whose rows are v[0..15] (v[i][j] becomes v[j][i]) in four rounds of
-// two-source shuffles: 32-bit pairs, 64-bit pairs, then 128-bit lanes across the four groups of rows.
+// two-source shuffles: 32-bit pairs, 64-bit pairs, then quarters (4 floats, "lanes") across the four groups
+// of rows.
 inline void transpose16(f32x16 v[16]) {
   f32x16 t[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = __builtin_shuffle(v[i], v[i + 1], i32x16{0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29});
     t[i + 1] = __builtin_shuffle(v[i], v[i + 1], i32x16{2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31});
   }
-  // Row group g (rows 4g..4g+3): u_c holds, in lane L, the group's four values of column 4L + c.
+  // Rows g..g+3 (g = 0, 4, 8, 12): v[g + c] then holds, in lane L, those four rows' values of column 4L + c.
   for (int g = 0; g < 16; g += 4)
     for (int h = 0; h < 2; ++h) {
       v[g + 2 * h] = __builtin_shuffle(t[g + h], t[g + h + 2],

@@ -83,7 +83,7 @@ using PackFn = void (*)(bool k_major, const float* src, index_t ld, int count, i
 // sum of x[i]^2 for i < n, accumulated in a fixed order.
 using SumSquaresFn = double (*)(const float* x, index_t n);
 // out[r] = bias + sum_j x[r * ld + j] * w[j] for r < rows, j < n, in a fixed summation order (a one-output
-// layer: top-k's last layer, where the micro-kernel would compute 1 column of NR).
+// layer, in top-k and in sgemm's N = 1 products, where the micro-kernel would compute 1 column of NR).
 using DotRowsFn = void (*)(const float* x, index_t ld, index_t rows, const float* w, index_t n, float bias, float* out);
 
 struct KernelSet {
