@@ -89,6 +89,38 @@ def test_partial_fit_rejects_other_feedback_kind_and_id_type(data):
         rec.partial_fit(data.users.astype(str), data.items, data.ratings)
 
 
+@pytest.mark.parametrize("change", [dict(embedding_dim=8), dict(hidden_layer_sizes=(16,)), dict(optimizer="sgd"),
+                                    dict(gmf=False), dict(wide=True), dict(user_history=True), dict(id_dropout=0.2)])
+def test_partial_fit_refuses_a_changed_structural_parameter(data, change, tmp_path):
+    """partial_fit continues the fitted model: a set_params change it cannot honour is refused, naming the
+    parameter, and the model is left as it was; also after save and load. Training parameters
+    (learning_rate, alpha, batch_size, ...) may change between calls."""
+    rec = fastrec.Recommender(epochs=1, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
+    rec.set_params(learning_rate=5e-3, alpha=1e-4, batch_size=64).partial_fit(data.users[:50], data.items[:50],
+                                                                             data.ratings[:50])
+    rec.save(tmp_path / "m.fastrec")
+    (name, value), = change.items()
+    for model in (rec, fastrec.load(tmp_path / "m.fastrec")):
+        before = [a.copy() for a in _params(model)]
+        model.set_params(**change)
+        with pytest.raises(ValueError, match=f"partial_fit continues the fitted model, built with {name}="):
+            model.partial_fit(data.users[:50], data.items[:50], data.ratings[:50])
+        assert all(np.array_equal(a, b) for a, b in zip(before, _params(model)))
+        model.set_params(**{name: fastrec.Recommender().get_params()[name]})  # set back: continues
+        model.partial_fit(data.users[:50], data.items[:50], data.ratings[:50])
+
+
+def test_field_model_partial_fit_refuses_a_changed_structural_parameter():
+    rng = np.random.default_rng(0)
+    X = {"a": rng.integers(0, 20, 300), "b": rng.standard_normal(300)}
+    y = (rng.random(300) < 0.5).astype(float)
+    model = fastrec.FieldModel(epochs=1, random_state=0, n_threads=1).fit(X, y)
+    model.set_params(embedding_dim=4)
+    with pytest.raises(ValueError, match="built with embedding_dim=16 \\(now 4\\)"):
+        model.partial_fit(X, y)
+    model.set_params(embedding_dim=16, learning_rate=1e-2).partial_fit(X, y)
+
+
 def test_partial_fit_on_unfitted_model_is_one_epoch_fit(data):
     a = fastrec.Recommender(epochs=1, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
     b = fastrec.Recommender(epochs=5, random_state=0, n_threads=1).partial_fit(data.users, data.items, data.ratings)

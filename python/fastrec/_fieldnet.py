@@ -296,6 +296,25 @@ class _Progress:
             print(f"{self.label}: {text}, {examples_per_s:,.0f} examples/s", file=sys.stderr, flush=True)
 
 
+def record_structure(est, names):
+    """Remember the parameters a fit built the model from (``partial_fit`` continues that model)."""
+    est._structure_ = {name: getattr(est, name) for name in names}
+
+
+def check_structure(est):
+    """Refuse ``partial_fit`` after ``set_params`` changed a parameter the fitted model was built from: it
+    would be silently ignored. Models saved before this check existed have no record and are not checked."""
+    def plain(v):
+        return tuple(plain(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    fitted = getattr(est, "_structure_", None) or {}
+    changed = [name for name, value in fitted.items() if plain(getattr(est, name)) != plain(value)]
+    if changed:
+        what = ", ".join(f"{name}={fitted[name]!r} (now {getattr(est, name)!r})" for name in changed)
+        raise ValueError(f"partial_fit continues the fitted model, built with {what}: call fit to build a new "
+                         "model with the new value, or set it back")
+
+
 def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=None, validate=None, metric=None,
                higher_is_better=False, advice=""):
     """The epochs of `est.fit` / `est.partial_fit` for a FieldNet-based estimator.

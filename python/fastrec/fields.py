@@ -24,7 +24,8 @@ from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import (as_array, as_numeric, check_bool, check_csr, check_float, check_int, check_random_state,
                              check_sample_weight, not_fitted_error)
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
-                               bags_of_ids, loss_curve_from_history, run_epochs)
+                               bags_of_ids, check_structure, loss_curve_from_history, record_structure,
+                               run_epochs)
 from fastrec.features import as_id_array
 
 __all__ = ["FieldModel"]
@@ -235,6 +236,7 @@ class FieldModel(BaseEstimator):
         self._rng = check_random_state(self.random_state)
         self.net_ = FieldNet(fields, blocks, hidden, self.activation, self.loss, 1, self._rng)
         self.net_.reset_optimizer(self.optimizer)
+        record_structure(self, ("embedding_dim", "hidden_layer_sizes", "activation", "loss", "optimizer"))
         self._y_offset = float(np.average(y, weights=weight)) if self.loss == "mse" else 0.0
         self.history_ = {"loss": [], "seconds": []}
         self._train(n, bags, dense_tables, y, weight, epochs, validate)
@@ -246,10 +248,13 @@ class FieldModel(BaseEstimator):
 
         Categorical values never seen before get new embedding rows (the tables and their optimizer state
         grow); hashed columns keep their buckets. On an unfitted model it is ``fit`` with one epoch.
+        embedding_dim, hidden_layer_sizes, activation, loss and optimizer must be those of the fit (a change
+        by ``set_params`` raises ValueError); training parameters may change.
         """
         if not hasattr(self, "net_"):
             return self._fit_new(X, y, sample_weight, None, 1)
         self._validate_params()
+        check_structure(self)
         net = self.net_
         saved = ({k: copy.copy(v) for k, v in self._vocab_.items()}, [f.vocab for f in net.fields], list(net.tables),
                  list(net.table_state1), list(net.table_state2))

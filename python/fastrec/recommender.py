@@ -22,7 +22,8 @@ from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import (as_array, check_bool, check_float, check_int, check_random_state, check_sample_weight,
                              not_fitted_error)
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
-                               bags_of_ids, loss_curve_from_history, run_epochs)
+                               bags_of_ids, check_structure, loss_curve_from_history, record_structure,
+                               run_epochs)
 from fastrec.features import FeatureTable, as_id_array
 
 __all__ = ["Recommender"]
@@ -31,6 +32,9 @@ USER, ITEM = 0, 1  # key columns
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # History fields: name -> (key column, the id field whose rows the bag lists).
 _HISTORY = {"user_history": (USER, "item_id"), "item_history": (ITEM, "user_id")}
+# What a fit builds the model from; partial_fit refuses to continue after set_params changed one of them.
+_STRUCTURE = ("embedding_dim", "hidden_layer_sizes", "activation", "loss", "gmf", "gmf_item_features", "wide",
+              "user_history", "item_history", "optimizer", "id_dropout")
 
 
 def _table_rows(table, ids) -> np.ndarray:
@@ -369,6 +373,7 @@ class Recommender(BaseEstimator):
             self.__dict__.pop(name, None)
         self._rng = check_random_state(self.random_state)
         self._build(users, items, ratings, weight, user_features, item_features, hidden, loss)
+        record_structure(self, _STRUCTURE)
         self._train(users, items, ratings, weight, epochs, validate)
 
     @exclusive_fit
@@ -381,7 +386,11 @@ class Recommender(BaseEstimator):
         first fit; the features of ids already known are not changed; ids only in these tables are added
         too, scored from their features), and the interactions join the seen items (excluded by
         ``recommend`` and never sampled as negatives). On an unfitted model it is ``fit``
-        with one epoch. The ratings' kind (explicit or implicit) must match the first fit.
+        with one epoch. The ratings' kind (explicit or implicit) must match the first fit. Training
+        parameters (learning_rate, alpha, batch_size, negatives, ...) may change between calls; a parameter
+        the model was built from (embedding_dim, hidden_layer_sizes, activation, loss, gmf,
+        gmf_item_features, wide, user_history, item_history, optimizer, id_dropout) may not: changing one
+        with ``set_params`` makes partial_fit raise ValueError, and ``fit`` builds a new model.
         """
         users, items, ratings, weight = self._check_interactions(users, items, ratings, sample_weight)
         if not hasattr(self, "net_"):
@@ -391,6 +400,7 @@ class Recommender(BaseEstimator):
             raise ValueError(f"this model was fit on {'implicit feedback' if self.implicit_ else 'ratings'}; "
                              f"partial_fit needs {'ratings=None' if self.implicit_ else 'ratings'} too")
         self._validate_params(ratings is None)
+        check_structure(self)
         self._grow(users, items, self._check_table(user_features, "user_features"),
                    self._check_table(item_features, "item_features"))
         self._train(users, items, ratings, weight, 1, None)
