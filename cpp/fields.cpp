@@ -513,14 +513,39 @@ void build_topk_cache(const KernelSet& ks, const FieldModel& m, const NegativeSa
   cache.item_part.assign_zeros(static_cast<std::size_t>(n_items * h));
   cache.item_gmf.resize(static_cast<std::size_t>(n_items * d));
   cache.item_wide.resize(static_cast<std::size_t>(n_items));
-  FieldWorkspace ws(m, std::min(n_items, kPredictChunk), false);
+  // The product runs over the item side's input columns only: the user side's are zero here, and leaving
+  // out exact zeros changes no sum. Column ranges (first column, count) in column order, and W's rows for them.
+  std::vector<std::pair<index_t, index_t>> ranges;
+  for (const EmbeddingField& f : m.fields)
+    if (f.key == s.item_key && f.offset >= 0) ranges.emplace_back(f.offset, f.dim);
+  for (const DenseBlock& b : m.dense)
+    if (b.key == s.item_key) ranges.emplace_back(b.offset, b.cols);
+  std::sort(ranges.begin(), ranges.end());
+  index_t k = 0;
+  for (const auto& range : ranges) k += range.second;
+  std::vector<float> w_item(static_cast<std::size_t>(k * h));
+  index_t pos = 0;
+  for (const auto& [col, cols] : ranges) {
+    std::memcpy(w_item.data() + pos * h, first.W + col * h, sizeof(float) * static_cast<std::size_t>(cols * h));
+    pos += cols;
+  }
+  const index_t chunk = std::min(n_items, kPredictChunk);
+  std::vector<float> x_item(static_cast<std::size_t>(chunk * k));
+  FieldWorkspace ws(m, chunk, false);
   for (index_t c0 = 0; c0 < n_items; c0 += kPredictChunk) {
     const index_t n = std::min(kPredictChunk, n_items - c0);
     for (auto& keys : ws.keys) keys.assign(static_cast<std::size_t>(n), 0);
     for (index_t r = 0; r < n; ++r) ws.keys[static_cast<std::size_t>(s.item_key)][r] = static_cast<std::int32_t>(c0 + r);
     side_inputs(ks, m, n, s.item_key, ws, n_threads);
-    sgemm(ks, false, false, n, h, m.width, ws.x.data(), m.width, first.W, h, cache.item_part.data() + c0 * h, h,
-          nullptr, n_threads);
+    for (index_t r = 0; r < n; ++r) {
+      float* row = x_item.data() + r * k;
+      for (const auto& [col, cols] : ranges) {
+        std::memcpy(row, ws.x.data() + r * m.width + col, sizeof(float) * static_cast<std::size_t>(cols));
+        row += cols;
+      }
+    }
+    sgemm(ks, false, false, n, h, k, x_item.data(), k, w_item.data(), h, cache.item_part.data() + c0 * h, h, nullptr,
+          n_threads);
     if (d) std::memcpy(cache.item_gmf.data() + c0 * d, ws.pooled_gmf[0].data(), sizeof(float) * static_cast<std::size_t>(n * d));
     std::memcpy(cache.item_wide.data() + c0, ws.logits.data(), sizeof(float) * static_cast<std::size_t>(n));
   }
