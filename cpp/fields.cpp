@@ -222,11 +222,8 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
   index_t dx_cols = 0;  // input columns up to the last embedding field's end: dense blocks need no gradient
   for (const EmbeddingField& f : m.fields)
     if (f.offset >= 0) dx_cols = std::max(dx_cols, f.offset + f.dim);
-  if (dx_cols > 0)
-    loss += backprop(ks, m.mlp, in, alpha, static_cast<double>(n), ws.mlp, mlp_sink, n_threads, ws.dx.data(),
-                     m.width, dx_cols);
-  else
-    loss += backprop(ks, m.mlp, in, alpha, static_cast<double>(n), ws.mlp, mlp_sink, n_threads);
+  loss += backprop(ks, m.mlp, in, alpha, static_cast<double>(n), ws.mlp, mlp_sink, n_threads,
+                   dx_cols > 0 ? ws.dx.data() : nullptr, m.width, dx_cols);
   if (m.gmf.field_u >= 0) gmf_sink(ws.gmf_grad.data());
 
   // Embedding rows: G = (sum of weight * upstream gradient + alpha E) / n over the touched rows only.

@@ -254,17 +254,14 @@ void weight_gradient(const KernelSet& ks, const Layer& layer, index_t n, const f
     sgemm(ks, true, false, fi, fo, rows, A + r0 * lda, lda, D + r0 * fo, fo, ws.grad_parts.data() + c * size, fo,
           nullptr, 1);
   });
-  // The sum over chunks in chunk order (row_sum over the partials, one block of rows of dW per task).
-  if (static_cast<index_t>(ws.chunk_ids.size()) < chunks) {
-    ws.chunk_ids.resize(static_cast<std::size_t>(chunks));
-    for (index_t c = 0; c < chunks; ++c) ws.chunk_ids[static_cast<std::size_t>(c)] = static_cast<std::int32_t>(c);
-  }
+  // The sum over chunks in chunk order (row_sum over the partials, one block of rows of dW per task; the
+  // chunk ids 0..chunks-1 are the first of the row ids, chunks < n).
   const index_t rows_per_task = std::max<index_t>(1, kElementsPerThread / fo);
   parallel_for(0, (fi + rows_per_task - 1) / rows_per_task, size < kElementsPerThread ? 1 : n_threads,
                [&](std::int64_t t) {
                  const index_t r0 = t * rows_per_task, rows = std::min(rows_per_task, fi - r0);
                  float* out = ws.grad_w.data() + r0 * fo;
-                 ks.row_sum(ws.ones.data(), ws.chunk_ids.data(), chunks, ws.grad_parts.data() + r0 * fo, size,
+                 ks.row_sum(ws.ones.data(), ws.row_ids.data(), chunks, ws.grad_parts.data() + r0 * fo, size,
                             rows * fo, out);
                  ks.epilogue(out, fo, static_cast<int>(rows), static_cast<int>(fo), r0, 0, e);
                });
@@ -314,8 +311,8 @@ double backprop(const KernelSet& ks, const Network& net, const Input& X, float a
       sgemm(ks, false, true, n, layer.fan_in, layer.fan_out, D, layer.fan_out, layer.W, layer.fan_out,
             ws.delta_prev.data(), layer.fan_in, &ed, n_threads);
     } else if (dx) {  // the input gradient, for embedding fields in front of the network
-      sgemm(ks, false, true, n, dx_cols > 0 ? dx_cols : layer.fan_in, layer.fan_out, D, layer.fan_out, layer.W,
-            layer.fan_out, dx, lddx, nullptr, n_threads);
+      sgemm(ks, false, true, n, dx_cols, layer.fan_out, D, layer.fan_out, layer.W, layer.fan_out, dx, lddx, nullptr,
+            n_threads);
     }
     sink.layer(l, ws.grad_w.data(), gb, nullptr);
     if (l > 0) std::swap(ws.delta, ws.delta_prev);

@@ -84,7 +84,6 @@ struct MlpWorkspace {
   std::vector<float> ones;             // rows x 1.0f, and the row ids 0..rows-1: sums over rows (bias
   std::vector<std::int32_t> row_ids;   // gradients, weight-gradient chunks) run as the row_sum kernel
   std::vector<float> grad_parts;       // a weight gradient's partial products, one per chunk of batch rows
-  std::vector<std::int32_t> chunk_ids; // 0..chunks-1, for summing them with row_sum
   TouchedRows touched;
   // Gradient buffers only when training; a CSR first layer never gets a dense one (its size would grow with
   // the column count).
@@ -129,9 +128,9 @@ void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const f
 
 // Backward from ws.delta = dLoss/dlogits * d, d = `denominator` of the mean (the row count, or the sum of the
 // sample weights; the 1/d is applied here), feeding sink, with W read before its update. If dx is given,
-// also writes the input gradient dx = (D_0 W_0^T) (times d, like delta; dense input only), its first dx_cols
-// columns only (the inputs that pass a gradient on; 0: all). Returns the L2
-// term 0.5 * alpha * ||W||^2 / d of the loss (a CSR first layer: touched rows only).
+// also writes the first dx_cols columns (the inputs that pass a gradient on) of the input gradient
+// dx = (D_0 W_0^T) (times d, like delta; dense input only). Returns the L2 term 0.5 * alpha * ||W||^2 / d of
+// the loss (a CSR first layer: touched rows only).
 double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, double denominator,
                 MlpWorkspace& ws, GradientSink& sink, int n_threads, float* dx = nullptr, index_t lddx = 0,
                 index_t dx_cols = 0);
