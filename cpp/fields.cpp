@@ -39,7 +39,7 @@ float softplus(float z) { return std::max(z, 0.0f) + std::log1p(std::exp(-std::f
 struct FieldWorkspace {
   MlpWorkspace mlp;
   std::vector<std::vector<std::int32_t>> keys;  // batch key columns
-  std::vector<float> y, weight, x, dx, logits, dz;
+  std::vector<float> y, weight, x, dx, logits;
   std::vector<float> wide;  // pooled scalar of the wide field being processed (n)
   std::vector<std::vector<float>> pooled_gmf, d_gmf;  // GMF fields' pooled vectors and their gradients (u, v)
   struct FieldBatch {
@@ -59,7 +59,6 @@ struct FieldWorkspace {
     x.resize(static_cast<std::size_t>(rows * m.width));
     if (training) dx.resize(x.size());
     logits.resize(static_cast<std::size_t>(rows));
-    dz.resize(static_cast<std::size_t>(rows));
     wide.resize(static_cast<std::size_t>(rows));
     if (m.gmf.field_u >= 0) {
       const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
@@ -176,7 +175,7 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
                       int n_threads) {
   const float inv_n = 1.0f / static_cast<float>(n);
   double loss = 0.0;
-  float* D = ws.mlp.delta.data();  // dLoss/dlogit times n (the MLP applies 1/n)
+  float* D = ws.mlp.deltas.back().data();  // dLoss/dlogit times n (the MLP applies 1/n)
   for (index_t r = 0; r < n; ++r) {
     const float z = ws.logits[r], y = ws.y[r], s = ws.weight.empty() ? 1.0f : ws.weight[r];
     if (m.bce()) {
@@ -192,7 +191,6 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
     *skipped = true;
     return loss;
   }
-  std::copy(D, D + n, ws.dz.begin());  // backprop reuses the delta buffers; wide fields need dz after it
 
   // GMF gradients, with w before its update.
   if (m.gmf.field_u >= 0) {
@@ -236,7 +234,7 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
     fb.grad.resize(fb.touched.ids.size() * static_cast<std::size_t>(f.dim));
     // A field feeds the MLP, the GMF term (the caller keeps GMF tables separate, as NeuMF does) or the logit.
     const float* upstream = f.offset >= 0 ? ws.dx.data() + f.offset
-                            : f.wide      ? ws.dz.data()
+                            : f.wide      ? D
                                           : ws.d_gmf[static_cast<int>(i) == m.gmf.field_u ? 0 : 1].data();
     const index_t ld = f.offset >= 0 ? m.width : f.dim;
     const float alpha_f = f.alpha >= 0.0f ? f.alpha : alpha;
@@ -455,7 +453,7 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
     bool skipped = false;
     const UpdateRule rule = opt.next_step();
     const UpdateRule row_rule = embedding_rule(rule);
-    UpdateSink mlp_sink(ks, m.mlp, opt, rule, threads);
+    UpdateSink mlp_sink(ks, m.mlp, opt, rule);
     const double loss = batch_backward(
         ks, m, n, alpha, ws, mlp_sink,
         [&](std::size_t i, const TouchedRows& touched, const float* G, int field_threads) {

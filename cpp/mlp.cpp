@@ -23,6 +23,11 @@ constexpr index_t kElementsPerThread = 1 << 15;
 // the sum does not depend on the thread count.
 constexpr index_t kGradientChunkRows = 256;
 constexpr index_t kMaxGradientParts = 1 << 22;  // floats of partial products (16 MB); above, one product
+// A batch of several such chunks runs row-parallel: each thread takes a block of whole chunks through every
+// layer, forward and backward, so a layer's rows stay in the cache of the thread that wrote them, the small
+// layers and the bias sums are split too, and the threads meet once per pass instead of once per product.
+// Below this many multiply-adds per block a second thread costs more than it saves (as in sgemm).
+constexpr double kMinFmasPerBlock = 1 << 20;
 // Floats per task of a dense optimizer step. A weight matrix that both threads just read (D·Wᵀ) sits in both
 // caches and each write first invalidates the other copy: splitting the step overlaps those waits.
 constexpr index_t kUpdateChunk = 1 << 13;
@@ -138,7 +143,7 @@ double backward(const KernelSet& ks, const Network& net, const Input& X, const f
                 float alpha, MlpWorkspace& ws, GradientSink& sink, bool* skipped, int n_threads) {
   const std::size_t L = net.layers.size();
   const double data_loss =
-      output_loss(net.out, ws.acts[L].data(), Y, w, X.rows, net.layers.back().fan_out, ws.delta.data()) / denominator;
+      output_loss(net.out, ws.acts[L].data(), Y, w, X.rows, net.layers.back().fan_out, ws.deltas[L - 1].data()) / denominator;
   if (skipped && !std::isfinite(data_loss)) {
     *skipped = true;
     return data_loss;
@@ -163,18 +168,22 @@ float stable_sigmoid(float z) {
   return e / (1.0f + e);
 }
 
-void CopySink::layer(std::size_t l, const float* gw, const float* gb, const TouchedRows* touched) {
-  const Layer& layer = net.layers[l];
+void CopySink::weight_rows(std::size_t l, index_t r0, index_t rows, const float* grad, int) {
+  const index_t fo = net.layers[l].fan_out;
+  std::memcpy(coef_grads[l] + r0 * fo, grad, sizeof(float) * static_cast<std::size_t>(rows * fo));
+}
+
+void CopySink::touched_rows(const TouchedRows& touched, const float* grad, int) {
+  const Layer& layer = net.layers[0];
   const std::size_t row_bytes = sizeof(float) * static_cast<std::size_t>(layer.fan_out);
-  if (touched) {
-    std::memset(coef_grads[l], 0, row_bytes * static_cast<std::size_t>(layer.fan_in));
-    for (std::size_t g = 0; g < touched->ids.size(); ++g)
-      std::memcpy(coef_grads[l] + static_cast<index_t>(touched->ids[g]) * layer.fan_out, gw + g * layer.fan_out,
-                  row_bytes);
-  } else {
-    std::memcpy(coef_grads[l], gw, row_bytes * static_cast<std::size_t>(layer.fan_in));
-  }
-  std::memcpy(intercept_grads[l], gb, row_bytes);
+  std::memset(coef_grads[0], 0, row_bytes * static_cast<std::size_t>(layer.fan_in));
+  for (std::size_t g = 0; g < touched.ids.size(); ++g)
+    std::memcpy(coef_grads[0] + static_cast<index_t>(touched.ids[g]) * layer.fan_out, grad + g * layer.fan_out,
+                row_bytes);
+}
+
+void CopySink::bias(std::size_t l, const float* grad) {
+  std::memcpy(intercept_grads[l], grad, sizeof(float) * static_cast<std::size_t>(net.layers[l].fan_out));
 }
 
 UpdateRule Optimizer::next_step() {
@@ -203,70 +212,76 @@ UpdateRule Optimizer::next_step() {
 MlpWorkspace::MlpWorkspace(const Network& net, index_t rows, bool sparse_input, bool training) {
   const std::size_t L = net.layers.size();
   acts.resize(L + 1);
-  index_t widest = 0, largest = 0;
+  index_t weights = 0, biases = 0;
   for (std::size_t l = 0; l < L; ++l) {
     acts[l + 1].resize(static_cast<std::size_t>(rows * net.layers[l].fan_out));
-    widest = std::max(widest, net.layers[l].fan_out);
-    if (l > 0 || !sparse_input) largest = std::max(largest, net.layers[l].fan_in * net.layers[l].fan_out);
+    if (l > 0 || !sparse_input) weights += net.layers[l].fan_in * net.layers[l].fan_out;
+    biases += net.layers[l].fan_out;
   }
   if (!training) return;
   ones.assign(static_cast<std::size_t>(rows), 1.0f);
   row_ids.resize(static_cast<std::size_t>(rows));
   for (index_t i = 0; i < rows; ++i) row_ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
-  delta.resize(static_cast<std::size_t>(rows * widest));
-  delta_prev.resize(delta.size());
-  grad_w.resize(static_cast<std::size_t>(largest));
-  grad_b.resize(static_cast<std::size_t>(widest));
+  deltas.resize(L);
+  for (std::size_t l = 0; l < L; ++l) deltas[l].resize(static_cast<std::size_t>(rows * net.layers[l].fan_out));
+  grad_w.resize(static_cast<std::size_t>(weights));
+  grad_b.resize(static_cast<std::size_t>(biases));
 }
 
-void forward_logits(const KernelSet& ks, const Network& net, const Input& X, MlpWorkspace& ws, int n_threads) {
+namespace {
+index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
+
+// The number of row blocks of the row-parallel passes (kMinFmasPerBlock): one per thread, each of whole
+// gradient chunks; 1 when the batch has a single chunk (its products are split over the threads instead).
+int row_blocks(const Network& net, index_t n, int n_threads) {
+  double fmas = 0.0;
+  for (const Layer& layer : net.layers) fmas += static_cast<double>(layer.fan_in) * static_cast<double>(layer.fan_out);
+  fmas *= static_cast<double>(n);
+  const double blocks = std::min<double>({static_cast<double>(resolve_threads(n_threads)),
+                                          static_cast<double>(ceil_div(n, kGradientChunkRows)), fmas / kMinFmasPerBlock});
+  return static_cast<int>(std::max(1.0, blocks));
+}
+
+// Rows [r0, r1) of block b of `blocks` over n rows: whole gradient chunks, as evenly as they divide.
+std::pair<index_t, index_t> block_rows(index_t n, int blocks, std::int64_t b) {
+  const index_t chunks = ceil_div(n, kGradientChunkRows);
+  const index_t c0 = chunks * b / blocks, c1 = chunks * (b + 1) / blocks;
+  return {c0 * kGradientChunkRows, std::min(n, c1 * kGradientChunkRows)};
+}
+
+// ws.acts[1..L] rows [r0, r1).
+void forward_rows(const KernelSet& ks, const Network& net, const Input& X, MlpWorkspace& ws, index_t r0, index_t r1,
+                  int n_threads) {
   const std::size_t L = net.layers.size();
   for (std::size_t l = 0; l < L; ++l) {
     const Layer& layer = net.layers[l];
     Epilogue e;
     e.bias = layer.b;
     e.act = l + 1 == L ? Activation::Identity : net.hidden;
-    float* out = ws.acts[l + 1].data();
+    float* out = ws.acts[l + 1].data() + r0 * layer.fan_out;
     if (l == 0 && X.sparse) {
-      csr_matmul(ks, X.csr, layer.W, layer.fan_out, layer.fan_out, out, layer.fan_out, &e, n_threads);
+      CsrView rows = X.csr;  // indices stay absolute: indptr offsets index the full arrays
+      rows.indptr += r0;
+      rows.rows = r1 - r0;
+      csr_matmul(ks, rows, layer.W, layer.fan_out, layer.fan_out, out, layer.fan_out, &e, n_threads);
     } else {
       const float* in = l == 0 ? X.dense : ws.acts[l].data();
       const index_t ld_in = l == 0 ? X.ld : layer.fan_in;
-      sgemm(ks, false, false, X.rows, layer.fan_out, layer.fan_in, in, ld_in, layer.W, layer.fan_out, out,
-            layer.fan_out, &e, n_threads);
+      sgemm(ks, false, false, r1 - r0, layer.fan_out, layer.fan_in, in + r0 * ld_in, ld_in, layer.W, layer.fan_out,
+            out, layer.fan_out, &e, n_threads);
     }
   }
 }
-
-namespace {
-// ws.grad_w = epilogue(Aᵀ D) for one layer (A: n x fan_in, D: n x fan_out), see kGradientChunkRows.
-void weight_gradient(const KernelSet& ks, const Layer& layer, index_t n, const float* A, index_t lda, const float* D,
-                     const Epilogue& e, MlpWorkspace& ws, int n_threads) {
-  const index_t fi = layer.fan_in, fo = layer.fan_out;
-  const index_t chunks = (n + kGradientChunkRows - 1) / kGradientChunkRows, size = fi * fo;
-  if (chunks <= 1 || chunks * size > kMaxGradientParts) {
-    sgemm(ks, true, false, fi, fo, n, A, lda, D, fo, ws.grad_w.data(), fo, &e, n_threads);
-    return;
-  }
-  ws.grad_parts.resize(static_cast<std::size_t>(chunks * size));
-  parallel_for(0, chunks, n_threads, [&](std::int64_t c) {
-    const index_t r0 = c * kGradientChunkRows, rows = std::min(kGradientChunkRows, n - r0);
-    sgemm(ks, true, false, fi, fo, rows, A + r0 * lda, lda, D + r0 * fo, fo, ws.grad_parts.data() + c * size, fo,
-          nullptr, 1);
-  });
-  // The sum over chunks in chunk order (row_sum over the partials, one block of rows of dW per task; the
-  // chunk ids 0..chunks-1 are the first of the row ids, chunks < n).
-  const index_t rows_per_task = std::max<index_t>(1, kElementsPerThread / fo);
-  parallel_for(0, (fi + rows_per_task - 1) / rows_per_task, size < kElementsPerThread ? 1 : n_threads,
-               [&](std::int64_t t) {
-                 const index_t r0 = t * rows_per_task, rows = std::min(rows_per_task, fi - r0);
-                 float* out = ws.grad_w.data() + r0 * fo;
-                 ks.row_sum(ws.ones.data(), ws.row_ids.data(), chunks, ws.grad_parts.data() + r0 * fo, size,
-                            rows * fo, out);
-                 ks.epilogue(out, fo, static_cast<int>(rows), static_cast<int>(fo), r0, 0, e);
-               });
-}
 }  // namespace
+
+void forward_logits(const KernelSet& ks, const Network& net, const Input& X, MlpWorkspace& ws, int n_threads) {
+  const int blocks = row_blocks(net, X.rows, n_threads);
+  if (blocks == 1) return forward_rows(ks, net, X, ws, 0, X.rows, n_threads);
+  parallel_for(0, blocks, blocks, [&](std::int64_t b) {
+    const auto [r0, r1] = block_rows(X.rows, blocks, b);
+    forward_rows(ks, net, X, ws, r0, r1, 1);
+  });
+}
 
 double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, double denominator,
                 MlpWorkspace& ws, GradientSink& sink, int n_threads, float* dx, index_t lddx, index_t dx_cols) {
@@ -278,58 +293,157 @@ double backprop(const KernelSet& ks, const Network& net, const Input& X, float a
     for (std::size_t l = X.sparse ? 1 : 0; l < L; ++l)
       squares += ks.sum_squares(net.layers[l].W, net.layers[l].fan_in * net.layers[l].fan_out);
 
-  for (std::size_t l = L; l-- > 0;) {
+  // Layer l's dW goes to ws.grad_w + w_at[l] (none for a CSR first layer: touched rows), its db to
+  // ws.grad_b + b_at[l]. A batch of several chunks (kGradientChunkRows) first writes each chunk's partial
+  // [dW, db] (part_size[l] floats) at ws.grad_parts + part_at[l] + chunk * part_size[l].
+  const index_t chunks = ceil_div(n, kGradientChunkRows);
+  std::vector<index_t> w_at(L), b_at(L), part_at(L), part_size(L);
+  index_t w_total = 0, b_total = 0, parts = 0;
+  for (std::size_t l = 0; l < L; ++l) {
     const Layer& layer = net.layers[l];
-    const float* D = ws.delta.data();
-    // db = mean of D over rows (rows in order: deterministic), summed in the ISA kernel's registers.
-    float* gb = ws.grad_b.data();
-    ks.row_sum(ws.ones.data(), ws.row_ids.data(), n, D, layer.fan_out, layer.fan_out, gb);
-    for (index_t j = 0; j < layer.fan_out; ++j) gb[j] *= inv_n;
-
-    if (l == 0 && X.sparse) {
-      group_by_column(X.csr, ws.touched);
-      ws.touched_grad.resize(ws.touched.ids.size() * static_cast<std::size_t>(layer.fan_out));
-      squares += touched_rows_gradient(ks, ws.touched, D, layer.fan_out, layer.W, layer.fan_out, alpha, inv_n,
-                                       ws.touched_grad.data(), ws.row_squares, n_threads);
-      sink.layer(l, ws.touched_grad.data(), gb, &ws.touched);
-      continue;
-    }
-    // dW = (A^T D + alpha W) / n, A = this layer's input.
-    const float* A = l == 0 ? X.dense : ws.acts[l].data();
-    const index_t lda = l == 0 ? X.ld : layer.fan_in;
-    Epilogue eg;
-    eg.scale = inv_n;
-    eg.addend = alpha != 0.0f ? layer.W : nullptr;
-    eg.ld_addend = layer.fan_out;
-    eg.addend_scale = alpha * inv_n;
-    weight_gradient(ks, layer, n, A, lda, D, eg, ws, n_threads);
-    if (l > 0) {  // D_prev = (D W^T) * act'(A), with W before its update
-      Epilogue ed;
-      ed.mul = ws.acts[l].data();
-      ed.ld_mul = layer.fan_in;
-      ed.mul_act = net.hidden;
-      sgemm(ks, false, true, n, layer.fan_in, layer.fan_out, D, layer.fan_out, layer.W, layer.fan_out,
-            ws.delta_prev.data(), layer.fan_in, &ed, n_threads);
-    } else if (dx) {  // the input gradient, for embedding fields in front of the network
-      sgemm(ks, false, true, n, dx_cols, layer.fan_out, D, layer.fan_out, layer.W, layer.fan_out, dx, lddx, nullptr,
-            n_threads);
-    }
-    sink.layer(l, ws.grad_w.data(), gb, nullptr);
-    if (l > 0) std::swap(ws.delta, ws.delta_prev);
+    const index_t w = l == 0 && X.sparse ? 0 : layer.fan_in * layer.fan_out;
+    w_at[l] = w_total, b_at[l] = b_total, part_at[l] = parts, part_size[l] = w + layer.fan_out;
+    w_total += w, b_total += layer.fan_out, parts += chunks * part_size[l];
   }
+  const bool chunked = chunks > 1 && parts <= kMaxGradientParts;
+  if (chunked) ws.grad_parts.resize(static_cast<std::size_t>(parts));
+
+  // dW = (Aᵀ D + alpha W) / n, A = layer l's input; applied by the product's or the chunk sum's epilogue.
+  auto weight_epilogue = [&](std::size_t l) {
+    Epilogue e;
+    e.scale = inv_n;
+    e.addend = alpha != 0.0f ? net.layers[l].W : nullptr;
+    e.ld_addend = net.layers[l].fan_out;
+    e.addend_scale = alpha * inv_n;
+    return e;
+  };
+  auto layer_input = [&](std::size_t l) { return l == 0 ? X.dense : ws.acts[l].data(); };
+  auto layer_ld = [&](std::size_t l) { return l == 0 ? X.ld : net.layers[l].fan_in; };
+
+  // Layer l over rows [r0, r1): the chunks' partials (chunked), and D of layer l-1 = (D Wᵀ) * act'(A) with W
+  // before its update, or for l = 0 the input gradient dx.
+  auto layer_rows = [&](std::size_t l, index_t r0, index_t r1, int threads) {
+    const Layer& layer = net.layers[l];
+    const float* D = ws.deltas[l].data();
+    const index_t fi = layer.fan_in, fo = layer.fan_out;
+    for (index_t c0 = r0; chunked && c0 < r1; c0 += kGradientChunkRows) {
+      const index_t rows = std::min(kGradientChunkRows, r1 - c0);
+      float* part = ws.grad_parts.data() + part_at[l] + c0 / kGradientChunkRows * part_size[l];
+      if (!(l == 0 && X.sparse))
+        sgemm(ks, true, false, fi, fo, rows, layer_input(l) + c0 * layer_ld(l), layer_ld(l), D + c0 * fo, fo, part,
+              fo, nullptr, 1);
+      ks.row_sum(ws.ones.data(), ws.row_ids.data(), rows, D + c0 * fo, fo, fo, part + part_size[l] - fo);
+    }
+    if (l > 0) {
+      Epilogue ed;
+      ed.mul = ws.acts[l].data() + r0 * fi;
+      ed.ld_mul = fi;
+      ed.mul_act = net.hidden;
+      sgemm(ks, false, true, r1 - r0, fi, fo, D + r0 * fo, fo, layer.W, fo, ws.deltas[l - 1].data() + r0 * fi, fi, &ed,
+            threads);
+    } else if (dx) {
+      sgemm(ks, false, true, r1 - r0, dx_cols, fo, D + r0 * fo, fo, layer.W, fo, dx + r0 * lddx, lddx, nullptr,
+            threads);
+    }
+  };
+  // A CSR first layer: the gradient of the rows its batch touched.
+  auto sparse_first_layer = [&](const float* D) {
+    const Layer& layer = net.layers[0];
+    group_by_column(X.csr, ws.touched);
+    ws.touched_grad.resize(ws.touched.ids.size() * static_cast<std::size_t>(layer.fan_out));
+    squares += touched_rows_gradient(ks, ws.touched, D, layer.fan_out, layer.W, layer.fan_out, alpha, inv_n,
+                                     ws.touched_grad.data(), ws.row_squares, n_threads);
+    sink.touched_rows(ws.touched, ws.touched_grad.data(), n_threads);
+  };
+
+  if (!chunked) {  // one product per layer, each split over the threads
+    for (std::size_t l = L; l-- > 0;) {
+      const Layer& layer = net.layers[l];
+      const float* D = ws.deltas[l].data();
+      // db = mean of D over rows (rows in order: deterministic), summed in the ISA kernel's registers.
+      float* gb = ws.grad_b.data() + b_at[l];
+      ks.row_sum(ws.ones.data(), ws.row_ids.data(), n, D, layer.fan_out, layer.fan_out, gb);
+      for (index_t j = 0; j < layer.fan_out; ++j) gb[j] *= inv_n;
+      if (l == 0 && X.sparse) {
+        sparse_first_layer(D);
+        sink.bias(0, gb);
+        continue;
+      }
+      const Epilogue eg = weight_epilogue(l);
+      float* gw = ws.grad_w.data() + w_at[l];
+      sgemm(ks, true, false, layer.fan_in, layer.fan_out, n, layer_input(l), layer_ld(l), D, layer.fan_out, gw,
+            layer.fan_out, &eg, n_threads);
+      layer_rows(l, 0, n, n_threads);
+      sink.weight_rows(l, 0, layer.fan_in, gw, n_threads);
+      sink.bias(l, gb);
+    }
+    return 0.5 * alpha * squares / denominator;
+  }
+
+  // Several chunks: each thread takes its block of whole chunks down through every layer (row_blocks), then
+  // the partials are summed in chunk order (the sum does not depend on the thread count), then the sink.
+  const int blocks = row_blocks(net, n, n_threads);
+  parallel_for(0, blocks, blocks, [&](std::int64_t b) {
+    const auto [r0, r1] = block_rows(n, blocks, b);
+    for (std::size_t l = L; l-- > 0;) layer_rows(l, r0, r1, 1);
+  });
+  // The sums, then the sink, in tasks of up to kUpdateChunk floats of dW rows or one layer's db (rows == 0),
+  // handed out dynamically (each task's result does not depend on the thread that runs it).
+  struct SumTask {
+    std::size_t l;
+    index_t r0, rows;
+  };
+  std::vector<SumTask> tasks;
+  for (std::size_t l = 0; l < L; ++l) {
+    const index_t fo = net.layers[l].fan_out, dw_rows = (part_size[l] - fo) / fo;
+    const index_t step = std::max<index_t>(1, kUpdateChunk / fo);
+    for (index_t r0 = 0; r0 < dw_rows; r0 += step) tasks.push_back({l, r0, std::min(step, dw_rows - r0)});
+    tasks.push_back({l, 0, 0});
+  }
+  parallel_for<true>(0, static_cast<std::int64_t>(tasks.size()), parts < kElementsPerThread ? 1 : n_threads,
+                     [&](std::int64_t t) {
+                       const SumTask& task = tasks[static_cast<std::size_t>(t)];
+                       const index_t fo = net.layers[task.l].fan_out, ld = part_size[task.l];
+                       const float* part = ws.grad_parts.data() + part_at[task.l];
+                       if (task.rows == 0) {
+                         float* gb = ws.grad_b.data() + b_at[task.l];
+                         ks.row_sum(ws.ones.data(), ws.row_ids.data(), chunks, part + ld - fo, ld, fo, gb);
+                         for (index_t j = 0; j < fo; ++j) gb[j] *= inv_n;
+                         sink.bias(task.l, gb);
+                         return;
+                       }
+                       float* gw = ws.grad_w.data() + w_at[task.l] + task.r0 * fo;
+                       ks.row_sum(ws.ones.data(), ws.row_ids.data(), chunks, part + task.r0 * fo, ld,
+                                  task.rows * fo, gw);
+                       ks.epilogue(gw, fo, static_cast<int>(task.rows), static_cast<int>(fo), task.r0, 0,
+                                   weight_epilogue(task.l));
+                       sink.weight_rows(task.l, task.r0, task.rows, gw, 1);
+                     });
+  if (X.sparse) sparse_first_layer(ws.deltas[0].data());
   return 0.5 * alpha * squares / denominator;
 }
 
-void UpdateSink::layer(std::size_t l, const float* gw, const float* gb, const TouchedRows* touched) {
-  const Layer& layer = net.layers[l];
+namespace {
+float* state_at(const std::vector<float*>& state, std::size_t i) { return state.empty() ? nullptr : state[i]; }
+}  // namespace
+
+void UpdateSink::weight_rows(std::size_t l, index_t r0, index_t rows, const float* grad, int n_threads) {
+  const index_t at = r0 * net.layers[l].fan_out;
+  float *s1 = state_at(opt.state1, l), *s2 = state_at(opt.state2, l);
+  update_dense(ks, rule, net.layers[l].W + at, grad, s1 ? s1 + at : nullptr, s2 ? s2 + at : nullptr,
+               rows * net.layers[l].fan_out, n_threads);
+}
+
+void UpdateSink::touched_rows(const TouchedRows& touched, const float* grad, int n_threads) {
+  // lazy: only the rows this batch touched, each row owned by one thread
+  update_touched_rows(ks, rule, touched, net.layers[0].W, net.layers[0].fan_out, grad, state_at(opt.state1, 0),
+                      state_at(opt.state2, 0), n_threads);
+}
+
+void UpdateSink::bias(std::size_t l, const float* grad) {
   const std::size_t L = net.layers.size();
-  auto state = [](const std::vector<float*>& s, std::size_t i) { return s.empty() ? nullptr : s[i]; };
-  float *w1 = state(opt.state1, l), *w2 = state(opt.state2, l);
-  if (touched)  // lazy: only the rows this batch touched, each row owned by one thread
-    update_touched_rows(ks, rule, *touched, layer.W, layer.fan_out, gw, w1, w2, n_threads);
-  else
-    update_dense(ks, rule, layer.W, gw, w1, w2, layer.fan_in * layer.fan_out, n_threads);
-  update_dense(ks, rule, layer.b, gb, state(opt.state1, L + l), state(opt.state2, L + l), layer.fan_out, n_threads);
+  update_dense(ks, rule, net.layers[l].b, grad, state_at(opt.state1, L + l), state_at(opt.state2, L + l),
+               net.layers[l].fan_out, 1);
 }
 
 void forward(const KernelSet& ks, const Network& net, const Input& X, float* out, int n_threads) {
@@ -395,7 +509,7 @@ EpochResult train_epoch(const KernelSet& ks, const Network& net, Optimizer& opt,
     }
     forward_logits(ks, net, batch, ws, threads);
     const std::int64_t step_before = opt.adam_t;
-    UpdateSink sink(ks, net, opt, opt.next_step(), threads);
+    UpdateSink sink(ks, net, opt, opt.next_step());
     bool skipped = false;
     const double loss = backward(ks, net, batch, buffers.y.data(), w, denominator, alpha, ws, sink, &skipped, threads);
     if (!end_batch(result, opt, step_before, skipped, loss, n)) break;

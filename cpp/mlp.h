@@ -79,7 +79,8 @@ float stable_sigmoid(float z);
 // Buffers reused across the minibatches of one call.
 struct MlpWorkspace {
   std::vector<std::vector<float>> acts;  // acts[l] = output of layer l-1 (acts[L] = logits); acts[0] unused
-  std::vector<float> delta, delta_prev, grad_w, grad_b, touched_grad;
+  std::vector<std::vector<float>> deltas;  // deltas[l] = dLoss/d(layer l's output before activation), times d
+  std::vector<float> grad_w, grad_b, touched_grad;  // grad_*: one slot per layer
   std::vector<double> row_squares;
   std::vector<float> ones;             // rows x 1.0f, and the row ids 0..rows-1: sums over rows (bias
   std::vector<std::int32_t> row_ids;   // gradients, weight-gradient chunks) run as the row_sum kernel
@@ -93,10 +94,13 @@ struct MlpWorkspace {
 // Fills ws.acts[1..L] for the batch: hidden activations, then the output layer's logits.
 void forward_logits(const KernelSet& ks, const Network& net, const Input& X, MlpWorkspace& ws, int n_threads);
 
-// Receives each layer's gradient during backward, last layer first. For a CSR first layer, grad_w holds
-// only the touched rows (touched != nullptr), in the order of touched->ids.
+// Receives each layer's gradients during backward, after every read of W that backward makes. Dense weight
+// gradients arrive as row ranges of dW, possibly several ranges of one layer at once from different threads
+// (disjoint rows); a CSR first layer's as the rows its batch touched, in the order of touched.ids.
 struct GradientSink {
-  virtual void layer(std::size_t l, const float* grad_w, const float* grad_b, const TouchedRows* touched) = 0;
+  virtual void weight_rows(std::size_t l, index_t r0, index_t rows, const float* grad, int n_threads) = 0;
+  virtual void touched_rows(const TouchedRows& touched, const float* grad, int n_threads) = 0;
+  virtual void bias(std::size_t l, const float* grad) = 0;
   virtual ~GradientSink() = default;
 };
 
@@ -107,26 +111,29 @@ struct CopySink : GradientSink {
   const std::vector<float*>& intercept_grads;
   CopySink(const Network& n, const std::vector<float*>& c, const std::vector<float*>& i)
       : net(n), coef_grads(c), intercept_grads(i) {}
-  void layer(std::size_t l, const float* grad_w, const float* grad_b, const TouchedRows* touched) override;
+  void weight_rows(std::size_t l, index_t r0, index_t rows, const float* grad, int n_threads) override;
+  void touched_rows(const TouchedRows& touched, const float* grad, int n_threads) override;
+  void bias(std::size_t l, const float* grad) override;
 };
 
-// Applies an optimizer step to each layer as its gradient arrives.
+// Applies an optimizer step to each part of a layer as its gradient arrives.
 struct UpdateSink : GradientSink {
   const KernelSet& ks;
   const Network& net;
   const Optimizer& opt;
   UpdateRule rule;
-  int n_threads;
-  UpdateSink(const KernelSet& k, const Network& n, const Optimizer& o, const UpdateRule& r, int threads)
-      : ks(k), net(n), opt(o), rule(r), n_threads(threads) {}
-  void layer(std::size_t l, const float* grad_w, const float* grad_b, const TouchedRows* touched) override;
+  UpdateSink(const KernelSet& k, const Network& n, const Optimizer& o, const UpdateRule& r)
+      : ks(k), net(n), opt(o), rule(r) {}
+  void weight_rows(std::size_t l, index_t r0, index_t rows, const float* grad, int n_threads) override;
+  void touched_rows(const TouchedRows& touched, const float* grad, int n_threads) override;
+  void bias(std::size_t l, const float* grad) override;
 };
 
 // One optimizer step on a dense parameter array of len floats, split over threads in fixed chunks.
 void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const float* g, float* s1, float* s2,
                   index_t len, int n_threads);
 
-// Backward from ws.delta = dLoss/dlogits * d, d = `denominator` of the mean (the row count, or the sum of the
+// Backward from ws.deltas[L-1] = dLoss/dlogits * d, d = `denominator` of the mean (the row count, or the sum of the
 // sample weights; the 1/d is applied here), feeding sink, with W read before its update. If dx is given,
 // also writes the first dx_cols columns (the inputs that pass a gradient on) of the input gradient
 // dx = (D_0 W_0^T) (times d, like delta; dense input only). Returns the L2 term 0.5 * alpha * ||W||^2 / d of
