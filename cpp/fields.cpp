@@ -32,7 +32,6 @@ bool contains_sorted(const std::int32_t* begin, const std::int32_t* end, std::in
   return std::binary_search(begin, end, value);
 }
 
-float softplus(float z) { return std::max(z, 0.0f) + std::log1p(std::exp(-std::fabs(z))); }
 
 
 // Buffers of one minibatch.
@@ -135,9 +134,12 @@ void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWork
   });
   for (const DenseBlock& b : m.dense) {
     const std::vector<std::int32_t>& keys = ws.keys[static_cast<std::size_t>(b.key)];
-    for (index_t r = 0; r < n; ++r)
+    constexpr index_t kAhead = 8;  // rows of a table that may not fit the cache: prefetch the next ones
+    for (index_t r = 0; r < n; ++r) {
+      if (r + kAhead < n) __builtin_prefetch(b.table + static_cast<index_t>(keys[r + kAhead]) * b.cols);
       std::memcpy(ws.x.data() + r * m.width + b.offset, b.table + static_cast<index_t>(keys[r]) * b.cols,
                   sizeof(float) * static_cast<std::size_t>(b.cols));
+    }
   }
   Input in;
   in.dense = ws.x.data();
@@ -178,9 +180,10 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
   float* D = ws.mlp.deltas.back().data();  // dLoss/dlogit times n (the MLP applies 1/n)
   for (index_t r = 0; r < n; ++r) {
     const float z = ws.logits[r], y = ws.y[r], s = ws.weight.empty() ? 1.0f : ws.weight[r];
-    if (m.bce()) {
-      loss += static_cast<double>(s) * (softplus(z) - y * z);
-      D[r] = s * (stable_sigmoid(z) - y);
+    if (m.bce()) {  // softplus(z) and sigmoid(z) (as stable_sigmoid computes it) share e^-|z|
+      const float e = std::exp(-std::fabs(z));
+      loss += static_cast<double>(s) * (std::max(z, 0.0f) + std::log1p(e) - y * z);
+      D[r] = s * ((z >= 0.0f ? 1.0f : e) / (1.0f + e) - y);
     } else {
       loss += 0.5 * static_cast<double>(s) * (z - y) * (z - y);
       D[r] = s * (z - y);
@@ -494,9 +497,12 @@ void side_inputs(const KernelSet& ks, const FieldModel& m, index_t n, int side, 
   for (const DenseBlock& b : m.dense) {
     if (b.key != side) continue;
     const std::vector<std::int32_t>& keys = ws.keys[static_cast<std::size_t>(b.key)];
-    for (index_t r = 0; r < n; ++r)
+    constexpr index_t kAhead = 8;  // rows of a table that may not fit the cache: prefetch the next ones
+    for (index_t r = 0; r < n; ++r) {
+      if (r + kAhead < n) __builtin_prefetch(b.table + static_cast<index_t>(keys[r + kAhead]) * b.cols);
       std::memcpy(ws.x.data() + r * m.width + b.offset, b.table + static_cast<index_t>(keys[r]) * b.cols,
                   sizeof(float) * static_cast<std::size_t>(b.cols));
+    }
   }
 }
 
