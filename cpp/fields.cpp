@@ -52,6 +52,9 @@ struct FieldWorkspace {
   std::vector<FieldBatch> fields;
   std::vector<double> field_squares;  // each field's L2 sum, added to the loss in field order
   std::vector<float> gmf_grad;
+  // Per chunk of kGradientChunkRows batch rows: the data loss sum, and the GMF weight gradient sum (dim each).
+  std::vector<double> loss_parts;
+  std::vector<float> gmf_parts;
 
   FieldWorkspace(const FieldModel& m, index_t rows, bool training)
       : mlp(m.mlp, rows, false, training), keys(static_cast<std::size_t>(m.n_keys)), fields(m.fields.size()) {
@@ -59,10 +62,13 @@ struct FieldWorkspace {
     if (training) dx.resize(x.size());
     logits.resize(static_cast<std::size_t>(rows));
     wide.resize(static_cast<std::size_t>(rows));
+    const index_t chunks = (rows + kGradientChunkRows - 1) / kGradientChunkRows;
+    if (training) loss_parts.resize(static_cast<std::size_t>(chunks));
     if (m.gmf.field_u >= 0) {
       const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
       pooled_gmf.assign(2, std::vector<float>(static_cast<std::size_t>(rows * d)));
       if (training) d_gmf.assign(2, std::vector<float>(static_cast<std::size_t>(rows * d)));
+      if (training) gmf_parts.resize(static_cast<std::size_t>(chunks * d));
       gmf_grad.resize(static_cast<std::size_t>(d));
     }
   }
@@ -114,9 +120,9 @@ void for_each_field(const FieldModel& m, index_t n, int n_threads, Body&& body) 
   }
 }
 
-// ws.logits[0:n] for the batch in ws.keys: pooled fields and dense blocks into x, the MLP, the GMF term.
+// x (and the GMF fields' pooled vectors) for the batch in ws.keys: pooled fields and dense blocks.
 // dropout_stream: training's seed for field dropout (none when predicting).
-void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads,
+void batch_inputs(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads,
                   const std::uint64_t* dropout_stream = nullptr) {
   for_each_field(m, n, n_threads, [&](std::size_t i, int threads) {
     const EmbeddingField& f = m.fields[i];
@@ -141,26 +147,37 @@ void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWork
                   sizeof(float) * static_cast<std::size_t>(b.cols));
     }
   }
+}
+
+// The MLP's input: x, n rows.
+Input mlp_input(const FieldModel& m, index_t n, FieldWorkspace& ws) {
   Input in;
   in.dense = ws.x.data();
   in.ld = m.width;
   in.rows = n;
   in.cols = m.width;
-  forward_logits(ks, m.mlp, in, ws.mlp, n_threads);
+  return in;
+}
+
+// Rows [r0, r1) of ws.logits, from x: the MLP, wide fields' pooled scalars, the GMF term.
+void logits_rows(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, index_t r0, index_t r1,
+                 int n_threads) {
+  forward_rows(ks, m.mlp, mlp_input(m, n, ws), ws.mlp, r0, r1, n_threads);
   const float* z = ws.mlp.acts[m.mlp.layers.size()].data();
-  for (index_t r = 0; r < n; ++r) ws.logits[r] = z[r];
+  for (index_t r = r0; r < r1; ++r) ws.logits[r] = z[r];
   for (std::size_t i = 0; i < m.fields.size(); ++i) {  // wide fields: their pooled scalar joins the logit
     const EmbeddingField& f = m.fields[i];
     if (!f.wide) continue;
     const FieldWorkspace::FieldBatch& fb = ws.fields[i];
-    const CsrView bags{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
-    csr_matmul(ks, bags, f.table, 1, 1, ws.wide.data(), 1, nullptr, n_threads);
-    for (index_t r = 0; r < n; ++r) ws.logits[r] += ws.wide[r];
+    // indptr offsets index the whole batch's ids and weights
+    const CsrView bags{fb.indptr.data() + r0, fb.ids.data(), fb.weights.data(), r1 - r0, f.vocab};
+    csr_matmul(ks, bags, f.table, 1, 1, ws.wide.data() + r0, 1, nullptr, n_threads);
+    for (index_t r = r0; r < r1; ++r) ws.logits[r] += ws.wide[r];
   }
   if (m.gmf.field_u >= 0) {
     const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
     const float *u = ws.pooled_gmf[0].data(), *v = ws.pooled_gmf[1].data();
-    for (index_t r = 0; r < n; ++r) {
+    for (index_t r = r0; r < r1; ++r) {
       float s = 0.0f;
       for (index_t j = 0; j < d; ++j) s += m.gmf.w[j] * u[r * d + j] * v[r * d + j];
       ws.logits[r] += s;
@@ -168,45 +185,85 @@ void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWork
   }
 }
 
-// Gradients of the batch whose logits are in ws (from batch_logits): data loss, then the MLP (to mlp_sink),
-// GMF and embedding rows (to field_sink(i, touched, G, threads) / gmf_sink(grad)). Returns the loss (with L2 terms).
-// With `skipped`, a NaN or infinite data loss sets *skipped and returns before any gradient reaches a sink.
+// ws.logits[0:n] from x, in the MLP's row blocks.
+void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads) {
+  const int blocks = row_blocks(m.mlp, n, n_threads);
+  if (blocks == 1) return logits_rows(ks, m, n, ws, 0, n, n_threads);
+  parallel_for(0, blocks, blocks, [&](std::int64_t b) {
+    const auto [r0, r1] = block_rows(n, blocks, b);
+    logits_rows(ks, m, n, ws, r0, r1, 1);
+  });
+}
+
+// Rows [r0, r1) of the output gradient D = dLoss/dlogit times n (the MLP applies 1/n) and of the GMF
+// vectors' gradients, from the logits; per chunk of kGradientChunkRows rows, the data loss sum and the GMF
+// weight gradient sum (batch_backward adds them in chunk order: the same for any thread count).
+void loss_rows(const FieldModel& m, FieldWorkspace& ws, index_t r0, index_t r1) {
+  float* D = ws.mlp.deltas.back().data();
+  for (index_t c0 = r0; c0 < r1; c0 += kGradientChunkRows) {
+    const index_t c1 = std::min(r1, c0 + kGradientChunkRows), chunk = c0 / kGradientChunkRows;
+    double loss = 0.0;
+    for (index_t r = c0; r < c1; ++r) {
+      const float z = ws.logits[r], y = ws.y[r], s = ws.weight.empty() ? 1.0f : ws.weight[r];
+      if (m.bce()) {  // softplus(z) and sigmoid(z) (as stable_sigmoid computes it) share e^-|z|
+        const float e = std::exp(-std::fabs(z));
+        loss += static_cast<double>(s) * (std::max(z, 0.0f) + std::log1p(e) - y * z);
+        D[r] = s * ((z >= 0.0f ? 1.0f : e) / (1.0f + e) - y);
+      } else {
+        loss += 0.5 * static_cast<double>(s) * (z - y) * (z - y);
+        D[r] = s * (z - y);
+      }
+    }
+    ws.loss_parts[static_cast<std::size_t>(chunk)] = loss;
+    if (m.gmf.field_u < 0) continue;
+    const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;  // with w before its update
+    const float *u = ws.pooled_gmf[0].data(), *v = ws.pooled_gmf[1].data();
+    float *du = ws.d_gmf[0].data(), *dv = ws.d_gmf[1].data(), *g = ws.gmf_parts.data() + chunk * d;
+    std::fill(g, g + d, 0.0f);
+    for (index_t r = c0; r < c1; ++r)
+      for (index_t j = 0; j < d; ++j) {
+        g[j] += D[r] * u[r * d + j] * v[r * d + j];
+        du[r * d + j] = D[r] * m.gmf.w[j] * v[r * d + j];
+        dv[r * d + j] = D[r] * m.gmf.w[j] * u[r * d + j];
+      }
+  }
+}
+
+// The batch's logits (from x, written by batch_inputs), loss and gradients: the MLP's forward and backward
+// passes run in its row blocks, one block per thread without waiting in between (BlockPrologue); then the
+// gradients go to mlp_sink, the GMF weights' to gmf_sink(grad) and the embedding rows' to field_sink(i,
+// touched, G, threads). Returns the loss (with L2 terms). With `skipped`, a NaN or infinite data loss sets
+// *skipped and returns before any gradient reaches a sink.
 template <class FieldSink, class GmfSink>
 double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float alpha, FieldWorkspace& ws,
                       GradientSink& mlp_sink, FieldSink&& field_sink, GmfSink&& gmf_sink, bool* skipped,
                       int n_threads) {
   const float inv_n = 1.0f / static_cast<float>(n);
+  const Input in = mlp_input(m, n, ws);
+  index_t dx_cols = 0;  // input columns up to the last embedding field's end: dense blocks need no gradient
+  for (const EmbeddingField& f : m.fields)
+    if (f.offset >= 0) dx_cols = std::max(dx_cols, f.offset + f.dim);
+  Backward pass(ks, m.mlp, in, alpha, static_cast<double>(n), ws.mlp);
+  pass.products(
+      n_threads,
+      [&](index_t r0, index_t r1, int threads) {
+        logits_rows(ks, m, n, ws, r0, r1, threads);
+        loss_rows(m, ws, r0, r1);
+      },
+      dx_cols > 0 ? ws.dx.data() : nullptr, m.width, dx_cols);
+  const index_t chunks = (n + kGradientChunkRows - 1) / kGradientChunkRows;
   double loss = 0.0;
-  float* D = ws.mlp.deltas.back().data();  // dLoss/dlogit times n (the MLP applies 1/n)
-  for (index_t r = 0; r < n; ++r) {
-    const float z = ws.logits[r], y = ws.y[r], s = ws.weight.empty() ? 1.0f : ws.weight[r];
-    if (m.bce()) {  // softplus(z) and sigmoid(z) (as stable_sigmoid computes it) share e^-|z|
-      const float e = std::exp(-std::fabs(z));
-      loss += static_cast<double>(s) * (std::max(z, 0.0f) + std::log1p(e) - y * z);
-      D[r] = s * ((z >= 0.0f ? 1.0f : e) / (1.0f + e) - y);
-    } else {
-      loss += 0.5 * static_cast<double>(s) * (z - y) * (z - y);
-      D[r] = s * (z - y);
-    }
-  }
+  for (index_t c = 0; c < chunks; ++c) loss += ws.loss_parts[static_cast<std::size_t>(c)];
   loss /= static_cast<double>(n);
   if (skipped && !std::isfinite(loss)) {
     *skipped = true;
     return loss;
   }
-
-  // GMF gradients, with w before its update.
-  if (m.gmf.field_u >= 0) {
+  if (m.gmf.field_u >= 0) {  // the GMF weights' gradient: the chunks' sums in chunk order, plus L2
     const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;
-    const float *u = ws.pooled_gmf[0].data(), *v = ws.pooled_gmf[1].data();
-    float *du = ws.d_gmf[0].data(), *dv = ws.d_gmf[1].data();
     std::fill(ws.gmf_grad.begin(), ws.gmf_grad.end(), 0.0f);
-    for (index_t r = 0; r < n; ++r)
-      for (index_t j = 0; j < d; ++j) {
-        ws.gmf_grad[j] += D[r] * u[r * d + j] * v[r * d + j];
-        du[r * d + j] = D[r] * m.gmf.w[j] * v[r * d + j];
-        dv[r * d + j] = D[r] * m.gmf.w[j] * u[r * d + j];
-      }
+    for (index_t c = 0; c < chunks; ++c)
+      for (index_t j = 0; j < d; ++j) ws.gmf_grad[j] += ws.gmf_parts[static_cast<std::size_t>(c * d + j)];
     double squares = 0.0;
     for (index_t j = 0; j < d; ++j) {
       squares += static_cast<double>(m.gmf.w[j]) * m.gmf.w[j];
@@ -214,18 +271,9 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
     }
     loss += 0.5 * alpha * squares / static_cast<double>(n);
   }
-
-  Input in;
-  in.dense = ws.x.data();
-  in.ld = m.width;
-  in.rows = n;
-  in.cols = m.width;
-  index_t dx_cols = 0;  // input columns up to the last embedding field's end: dense blocks need no gradient
-  for (const EmbeddingField& f : m.fields)
-    if (f.offset >= 0) dx_cols = std::max(dx_cols, f.offset + f.dim);
-  loss += backprop(ks, m.mlp, in, alpha, static_cast<double>(n), ws.mlp, mlp_sink, n_threads,
-                   dx_cols > 0 ? ws.dx.data() : nullptr, m.width, dx_cols);
+  loss += pass.apply(mlp_sink, n_threads);
   if (m.gmf.field_u >= 0) gmf_sink(ws.gmf_grad.data());
+  const float* D = ws.mlp.deltas.back().data();  // wide fields' upstream gradient
 
   // Embedding rows: G = (sum of weight * upstream gradient + alpha E) / n over the touched rows only.
   ws.field_squares.assign(m.fields.size(), 0.0);
@@ -405,6 +453,7 @@ void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex,
     order.resize(static_cast<std::size_t>(n));
     for (index_t r = 0; r < n; ++r) order[r] = r0 + r;
     gather_examples(ex, order.data(), n, ws);
+    batch_inputs(ks, m, n, ws, n_threads);
     batch_logits(ks, m, n, ws, n_threads);
     for (index_t r = 0; r < n; ++r) out[r0 + r] = m.bce() ? stable_sigmoid(ws.logits[r]) : ws.logits[r];
   }
@@ -416,7 +465,7 @@ double field_loss_and_gradients(const KernelSet& ks, const FieldModel& m, const 
                                 int n_threads) {
   FieldWorkspace ws(m, ex.rows, true);
   gather_examples(ex, nullptr, ex.rows, ws);
-  batch_logits(ks, m, ex.rows, ws, n_threads);
+  batch_inputs(ks, m, ex.rows, ws, n_threads);
   CopySink mlp_sink(m.mlp, coef_grads, intercept_grads);
   return batch_backward(
       ks, m, ex.rows, alpha, ws, mlp_sink,
@@ -451,7 +500,7 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
     stream = splitmix64(stream) ^ batch_index;
     const index_t n = append_negatives(sampler, n_pos, splitmix64(stream), ws);
     const std::uint64_t dropout_stream = splitmix64(stream);
-    batch_logits(ks, m, n, ws, threads, &dropout_stream);
+    batch_inputs(ks, m, n, ws, threads, &dropout_stream);
     const std::int64_t step_before = opt.adam_t;
     bool skipped = false;
     const UpdateRule rule = opt.next_step();

@@ -17,16 +17,8 @@ namespace {
 constexpr index_t kForwardChunk = 2048;
 // Element count per thread below which an element-wise pass stays on one thread.
 constexpr index_t kElementsPerThread = 1 << 15;
-// A weight gradient Aᵀ·D over more batch rows than this is summed from fixed chunks of rows: each thread
-// multiplies whole chunks (a contiguous range of rows, mostly ones it wrote itself in the row-split products
-// before) and the partial products are added in chunk order. The chunks depend only on the batch size, so
-// the sum does not depend on the thread count.
-constexpr index_t kGradientChunkRows = 256;
-constexpr index_t kMaxGradientParts = 1 << 22;  // floats of partial products (16 MB); above, one product
-// A batch of several such chunks runs row-parallel: each thread takes a block of whole chunks through every
-// layer, forward and backward, so a layer's rows stay in the cache of the thread that wrote them, the small
-// layers and the bias sums are split too, and the threads meet once per pass instead of once per product.
-// Below this many multiply-adds per block a second thread costs more than it saves (as in sgemm).
+constexpr index_t kMaxGradientParts = 1 << 22;  // floats of chunk partials (16 MB); above, one product per layer
+// Below this many multiply-adds per row block a second thread costs more than it saves (as in sgemm).
 constexpr double kMinFmasPerBlock = 1 << 20;
 // Floats per task of a dense optimizer step. A weight matrix that both threads just read (D·Wᵀ) sits in both
 // caches and each write first invalidates the other copy: splitting the step overlaps those waits.
@@ -148,7 +140,9 @@ double backward(const KernelSet& ks, const Network& net, const Input& X, const f
     *skipped = true;
     return data_loss;
   }
-  return data_loss + backprop(ks, net, X, alpha, denominator, ws, sink, n_threads);
+  Backward pass(ks, net, X, alpha, denominator, ws);
+  pass.products(n_threads);
+  return data_loss + pass.apply(sink, n_threads);
 }
 
 }  // namespace
@@ -230,9 +224,8 @@ MlpWorkspace::MlpWorkspace(const Network& net, index_t rows, bool sparse_input, 
 
 namespace {
 index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
+}  // namespace
 
-// The number of row blocks of the row-parallel passes (kMinFmasPerBlock): one per thread, each of whole
-// gradient chunks; 1 when the batch has a single chunk (its products are split over the threads instead).
 int row_blocks(const Network& net, index_t n, int n_threads) {
   double fmas = 0.0;
   for (const Layer& layer : net.layers) fmas += static_cast<double>(layer.fan_in) * static_cast<double>(layer.fan_out);
@@ -242,14 +235,12 @@ int row_blocks(const Network& net, index_t n, int n_threads) {
   return static_cast<int>(std::max(1.0, blocks));
 }
 
-// Rows [r0, r1) of block b of `blocks` over n rows: whole gradient chunks, as evenly as they divide.
 std::pair<index_t, index_t> block_rows(index_t n, int blocks, std::int64_t b) {
   const index_t chunks = ceil_div(n, kGradientChunkRows);
   const index_t c0 = chunks * b / blocks, c1 = chunks * (b + 1) / blocks;
   return {c0 * kGradientChunkRows, std::min(n, c1 * kGradientChunkRows)};
 }
 
-// ws.acts[1..L] rows [r0, r1).
 void forward_rows(const KernelSet& ks, const Network& net, const Input& X, MlpWorkspace& ws, index_t r0, index_t r1,
                   int n_threads) {
   const std::size_t L = net.layers.size();
@@ -272,7 +263,6 @@ void forward_rows(const KernelSet& ks, const Network& net, const Input& X, MlpWo
     }
   }
 }
-}  // namespace
 
 void forward_logits(const KernelSet& ks, const Network& net, const Input& X, MlpWorkspace& ws, int n_threads) {
   const int blocks = row_blocks(net, X.rows, n_threads);
@@ -283,144 +273,141 @@ void forward_logits(const KernelSet& ks, const Network& net, const Input& X, Mlp
   });
 }
 
-double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, double denominator,
-                MlpWorkspace& ws, GradientSink& sink, int n_threads, float* dx, index_t lddx, index_t dx_cols) {
+Backward::Backward(const KernelSet& ks, const Network& net, const Input& X, float alpha, double denominator,
+                   MlpWorkspace& ws)
+    : ks_(ks), net_(net), X_(X), ws_(ws), alpha_(alpha), denominator_(denominator),
+      inv_n_(static_cast<float>(1.0 / denominator)), chunks_(ceil_div(X.rows, kGradientChunkRows)) {
   const std::size_t L = net.layers.size();
-  const index_t n = X.rows;
-  const float inv_n = static_cast<float>(1.0 / denominator);
-  double squares = 0.0;  // L2 on weights before this step's update (a CSR first layer's: touched rows only)
-  if (alpha != 0.0f)
-    for (std::size_t l = X.sparse ? 1 : 0; l < L; ++l)
-      squares += ks.sum_squares(net.layers[l].W, net.layers[l].fan_in * net.layers[l].fan_out);
-
-  // Layer l's dW goes to ws.grad_w + w_at[l] (none for a CSR first layer: touched rows), its db to
-  // ws.grad_b + b_at[l]. A batch of several chunks (kGradientChunkRows) first writes each chunk's partial
-  // [dW, db] (part_size[l] floats) at ws.grad_parts + part_at[l] + chunk * part_size[l].
-  const index_t chunks = ceil_div(n, kGradientChunkRows);
-  std::vector<index_t> w_at(L), b_at(L), part_at(L), part_size(L);
-  index_t w_total = 0, b_total = 0, parts = 0;
+  w_at_.resize(L), b_at_.resize(L), part_at_.resize(L), part_size_.resize(L);
+  index_t w_total = 0, b_total = 0;
   for (std::size_t l = 0; l < L; ++l) {
     const Layer& layer = net.layers[l];
     const index_t w = l == 0 && X.sparse ? 0 : layer.fan_in * layer.fan_out;
-    w_at[l] = w_total, b_at[l] = b_total, part_at[l] = parts, part_size[l] = w + layer.fan_out;
-    w_total += w, b_total += layer.fan_out, parts += chunks * part_size[l];
+    w_at_[l] = w_total, b_at_[l] = b_total, part_at_[l] = parts_, part_size_[l] = w + layer.fan_out;
+    w_total += w, b_total += layer.fan_out, parts_ += chunks_ * part_size_[l];
   }
-  const bool chunked = chunks > 1 && parts <= kMaxGradientParts;
-  if (chunked) ws.grad_parts.resize(static_cast<std::size_t>(parts));
+  chunked_ = chunks_ > 1 && parts_ <= kMaxGradientParts;
+  if (chunked_) ws.grad_parts.resize(static_cast<std::size_t>(parts_));
+}
 
-  // dW = (Aᵀ D + alpha W) / n, A = layer l's input; applied by the product's or the chunk sum's epilogue.
-  auto weight_epilogue = [&](std::size_t l) {
-    Epilogue e;
-    e.scale = inv_n;
-    e.addend = alpha != 0.0f ? net.layers[l].W : nullptr;
-    e.ld_addend = net.layers[l].fan_out;
-    e.addend_scale = alpha * inv_n;
-    return e;
-  };
-  auto layer_input = [&](std::size_t l) { return l == 0 ? X.dense : ws.acts[l].data(); };
-  auto layer_ld = [&](std::size_t l) { return l == 0 ? X.ld : net.layers[l].fan_in; };
+Epilogue Backward::weight_epilogue(std::size_t l) const {  // dW = (Aᵀ D + alpha W) / n
+  Epilogue e;
+  e.scale = inv_n_;
+  e.addend = alpha_ != 0.0f ? net_.layers[l].W : nullptr;
+  e.ld_addend = net_.layers[l].fan_out;
+  e.addend_scale = alpha_ * inv_n_;
+  return e;
+}
 
-  // Layer l over rows [r0, r1): the chunks' partials (chunked), and D of layer l-1 = (D Wᵀ) * act'(A) with W
-  // before its update, or for l = 0 the input gradient dx.
-  auto layer_rows = [&](std::size_t l, index_t r0, index_t r1, int threads) {
-    const Layer& layer = net.layers[l];
-    const float* D = ws.deltas[l].data();
-    const index_t fi = layer.fan_in, fo = layer.fan_out;
-    for (index_t c0 = r0; chunked && c0 < r1; c0 += kGradientChunkRows) {
-      const index_t rows = std::min(kGradientChunkRows, r1 - c0);
-      float* part = ws.grad_parts.data() + part_at[l] + c0 / kGradientChunkRows * part_size[l];
-      if (!(l == 0 && X.sparse))
-        sgemm(ks, true, false, fi, fo, rows, layer_input(l) + c0 * layer_ld(l), layer_ld(l), D + c0 * fo, fo, part,
-              fo, nullptr, 1);
-      ks.row_sum(ws.ones.data(), ws.row_ids.data(), rows, D + c0 * fo, fo, fo, part + part_size[l] - fo);
-    }
-    if (l > 0) {
-      Epilogue ed;
-      ed.mul = ws.acts[l].data() + r0 * fi;
-      ed.ld_mul = fi;
-      ed.mul_act = net.hidden;
-      sgemm(ks, false, true, r1 - r0, fi, fo, D + r0 * fo, fo, layer.W, fo, ws.deltas[l - 1].data() + r0 * fi, fi, &ed,
-            threads);
-    } else if (dx) {
-      sgemm(ks, false, true, r1 - r0, dx_cols, fo, D + r0 * fo, fo, layer.W, fo, dx + r0 * lddx, lddx, nullptr,
-            threads);
-    }
-  };
-  // A CSR first layer: the gradient of the rows its batch touched.
-  auto sparse_first_layer = [&](const float* D) {
-    const Layer& layer = net.layers[0];
-    group_by_column(X.csr, ws.touched);
-    ws.touched_grad.resize(ws.touched.ids.size() * static_cast<std::size_t>(layer.fan_out));
-    squares += touched_rows_gradient(ks, ws.touched, D, layer.fan_out, layer.W, layer.fan_out, alpha, inv_n,
-                                     ws.touched_grad.data(), ws.row_squares, n_threads);
-    sink.touched_rows(ws.touched, ws.touched_grad.data(), n_threads);
-  };
+void Backward::layer_rows(std::size_t l, index_t r0, index_t r1, int n_threads) {
+  const Layer& layer = net_.layers[l];
+  const index_t fi = layer.fan_in, fo = layer.fan_out;
+  const float* D = ws_.deltas[l].data();
+  const float* A = l == 0 ? X_.dense : ws_.acts[l].data();  // the layer's input
+  const index_t lda = l == 0 ? X_.ld : fi;
+  for (index_t c0 = r0; chunked_ && c0 < r1; c0 += kGradientChunkRows) {
+    const index_t rows = std::min(kGradientChunkRows, r1 - c0);
+    float* part = ws_.grad_parts.data() + part_at_[l] + c0 / kGradientChunkRows * part_size_[l];
+    if (!(l == 0 && X_.sparse))
+      sgemm(ks_, true, false, fi, fo, rows, A + c0 * lda, lda, D + c0 * fo, fo, part, fo, nullptr, 1);
+    ks_.row_sum(ws_.ones.data(), ws_.row_ids.data(), rows, D + c0 * fo, fo, fo, part + part_size_[l] - fo);
+  }
+  if (l > 0) {  // D of layer l-1 = (D Wᵀ) * act'(A)
+    Epilogue ed;
+    ed.mul = ws_.acts[l].data() + r0 * fi;
+    ed.ld_mul = fi;
+    ed.mul_act = net_.hidden;
+    sgemm(ks_, false, true, r1 - r0, fi, fo, D + r0 * fo, fo, layer.W, fo, ws_.deltas[l - 1].data() + r0 * fi, fi,
+          &ed, n_threads);
+  } else if (dx_) {
+    sgemm(ks_, false, true, r1 - r0, dx_cols_, fo, D + r0 * fo, fo, layer.W, fo, dx_ + r0 * lddx_, lddx_, nullptr,
+          n_threads);
+  }
+}
 
-  if (!chunked) {  // one product per layer, each split over the threads
-    for (std::size_t l = L; l-- > 0;) {
-      const Layer& layer = net.layers[l];
-      const float* D = ws.deltas[l].data();
-      // db = mean of D over rows (rows in order: deterministic), summed in the ISA kernel's registers.
-      float* gb = ws.grad_b.data() + b_at[l];
-      ks.row_sum(ws.ones.data(), ws.row_ids.data(), n, D, layer.fan_out, layer.fan_out, gb);
-      for (index_t j = 0; j < layer.fan_out; ++j) gb[j] *= inv_n;
-      if (l == 0 && X.sparse) {
-        sparse_first_layer(D);
-        sink.bias(0, gb);
-        continue;
-      }
+void Backward::products(int n_threads, const BlockPrologue& prologue, float* dx, index_t lddx, index_t dx_cols) {
+  dx_ = dx, lddx_ = lddx, dx_cols_ = dx_cols;
+  const std::size_t L = net_.layers.size();
+  const index_t n = X_.rows;
+  if (chunked_) {  // each thread takes its block of whole chunks down through every layer
+    const int blocks = row_blocks(net_, n, n_threads);
+    parallel_for(0, blocks, blocks, [&](std::int64_t b) {
+      const auto [r0, r1] = block_rows(n, blocks, b);
+      if (prologue) prologue(r0, r1, 1);
+      for (std::size_t l = L; l-- > 0;) layer_rows(l, r0, r1, 1);
+    });
+    return;
+  }
+  if (prologue) prologue(0, n, n_threads);
+  for (std::size_t l = L; l-- > 0;) {  // one product per layer, each split over the threads
+    const Layer& layer = net_.layers[l];
+    const float* D = ws_.deltas[l].data();
+    // db = mean of D over rows (rows in order: deterministic), summed in the ISA kernel's registers.
+    float* gb = ws_.grad_b.data() + b_at_[l];
+    ks_.row_sum(ws_.ones.data(), ws_.row_ids.data(), n, D, layer.fan_out, layer.fan_out, gb);
+    for (index_t j = 0; j < layer.fan_out; ++j) gb[j] *= inv_n_;
+    if (!(l == 0 && X_.sparse)) {
       const Epilogue eg = weight_epilogue(l);
-      float* gw = ws.grad_w.data() + w_at[l];
-      sgemm(ks, true, false, layer.fan_in, layer.fan_out, n, layer_input(l), layer_ld(l), D, layer.fan_out, gw,
-            layer.fan_out, &eg, n_threads);
-      layer_rows(l, 0, n, n_threads);
-      sink.weight_rows(l, 0, layer.fan_in, gw, n_threads);
-      sink.bias(l, gb);
+      sgemm(ks_, true, false, layer.fan_in, layer.fan_out, n, l == 0 ? X_.dense : ws_.acts[l].data(),
+            l == 0 ? X_.ld : layer.fan_in, D, layer.fan_out, ws_.grad_w.data() + w_at_[l], layer.fan_out, &eg,
+            n_threads);
     }
-    return 0.5 * alpha * squares / denominator;
+    layer_rows(l, 0, n, n_threads);
   }
+}
 
-  // Several chunks: each thread takes its block of whole chunks down through every layer (row_blocks), then
-  // the partials are summed in chunk order (the sum does not depend on the thread count), then the sink.
-  const int blocks = row_blocks(net, n, n_threads);
-  parallel_for(0, blocks, blocks, [&](std::int64_t b) {
-    const auto [r0, r1] = block_rows(n, blocks, b);
-    for (std::size_t l = L; l-- > 0;) layer_rows(l, r0, r1, 1);
-  });
-  // The sums, then the sink, in tasks of up to kUpdateChunk floats of dW rows or one layer's db (rows == 0),
-  // handed out dynamically (each task's result does not depend on the thread that runs it).
-  struct SumTask {
-    std::size_t l;
-    index_t r0, rows;
-  };
-  std::vector<SumTask> tasks;
-  for (std::size_t l = 0; l < L; ++l) {
-    const index_t fo = net.layers[l].fan_out, dw_rows = (part_size[l] - fo) / fo;
-    const index_t step = std::max<index_t>(1, kUpdateChunk / fo);
-    for (index_t r0 = 0; r0 < dw_rows; r0 += step) tasks.push_back({l, r0, std::min(step, dw_rows - r0)});
-    tasks.push_back({l, 0, 0});
+double Backward::apply(GradientSink& sink, int n_threads) {
+  const std::size_t L = net_.layers.size();
+  double squares = 0.0;  // L2 on weights before this step's update (a CSR first layer's: touched rows only)
+  if (alpha_ != 0.0f)
+    for (std::size_t l = X_.sparse ? 1 : 0; l < L; ++l)
+      squares += ks_.sum_squares(net_.layers[l].W, net_.layers[l].fan_in * net_.layers[l].fan_out);
+  if (!chunked_) {
+    for (std::size_t l = L; l-- > 0;) {
+      if (!(l == 0 && X_.sparse)) sink.weight_rows(l, 0, net_.layers[l].fan_in, ws_.grad_w.data() + w_at_[l], n_threads);
+      sink.bias(l, ws_.grad_b.data() + b_at_[l]);
+    }
+  } else {
+    // The sums, then the sink, in tasks of up to kUpdateChunk floats of dW rows or one layer's db (rows == 0),
+    // handed out dynamically (each task's result does not depend on the thread that runs it).
+    struct SumTask {
+      std::size_t l;
+      index_t r0, rows;
+    };
+    std::vector<SumTask> tasks;
+    for (std::size_t l = 0; l < L; ++l) {
+      const index_t fo = net_.layers[l].fan_out, dw_rows = (part_size_[l] - fo) / fo;
+      const index_t step = std::max<index_t>(1, kUpdateChunk / fo);
+      for (index_t r0 = 0; r0 < dw_rows; r0 += step) tasks.push_back({l, r0, std::min(step, dw_rows - r0)});
+      tasks.push_back({l, 0, 0});
+    }
+    parallel_for<true>(
+        0, static_cast<std::int64_t>(tasks.size()), parts_ < kElementsPerThread ? 1 : n_threads, [&](std::int64_t t) {
+          const SumTask& task = tasks[static_cast<std::size_t>(t)];
+          const index_t fo = net_.layers[task.l].fan_out, ld = part_size_[task.l];
+          const float* part = ws_.grad_parts.data() + part_at_[task.l];
+          if (task.rows == 0) {
+            float* gb = ws_.grad_b.data() + b_at_[task.l];
+            ks_.row_sum(ws_.ones.data(), ws_.row_ids.data(), chunks_, part + ld - fo, ld, fo, gb);
+            for (index_t j = 0; j < fo; ++j) gb[j] *= inv_n_;
+            sink.bias(task.l, gb);
+            return;
+          }
+          float* gw = ws_.grad_w.data() + w_at_[task.l] + task.r0 * fo;
+          ks_.row_sum(ws_.ones.data(), ws_.row_ids.data(), chunks_, part + task.r0 * fo, ld, task.rows * fo, gw);
+          ks_.epilogue(gw, fo, static_cast<int>(task.rows), static_cast<int>(fo), task.r0, 0, weight_epilogue(task.l));
+          sink.weight_rows(task.l, task.r0, task.rows, gw, 1);
+        });
   }
-  parallel_for<true>(0, static_cast<std::int64_t>(tasks.size()), parts < kElementsPerThread ? 1 : n_threads,
-                     [&](std::int64_t t) {
-                       const SumTask& task = tasks[static_cast<std::size_t>(t)];
-                       const index_t fo = net.layers[task.l].fan_out, ld = part_size[task.l];
-                       const float* part = ws.grad_parts.data() + part_at[task.l];
-                       if (task.rows == 0) {
-                         float* gb = ws.grad_b.data() + b_at[task.l];
-                         ks.row_sum(ws.ones.data(), ws.row_ids.data(), chunks, part + ld - fo, ld, fo, gb);
-                         for (index_t j = 0; j < fo; ++j) gb[j] *= inv_n;
-                         sink.bias(task.l, gb);
-                         return;
-                       }
-                       float* gw = ws.grad_w.data() + w_at[task.l] + task.r0 * fo;
-                       ks.row_sum(ws.ones.data(), ws.row_ids.data(), chunks, part + task.r0 * fo, ld,
-                                  task.rows * fo, gw);
-                       ks.epilogue(gw, fo, static_cast<int>(task.rows), static_cast<int>(fo), task.r0, 0,
-                                   weight_epilogue(task.l));
-                       sink.weight_rows(task.l, task.r0, task.rows, gw, 1);
-                     });
-  if (X.sparse) sparse_first_layer(ws.deltas[0].data());
-  return 0.5 * alpha * squares / denominator;
+  if (X_.sparse) {  // the first layer's rows that the batch touched
+    const Layer& layer = net_.layers[0];
+    group_by_column(X_.csr, ws_.touched);
+    ws_.touched_grad.resize(ws_.touched.ids.size() * static_cast<std::size_t>(layer.fan_out));
+    squares += touched_rows_gradient(ks_, ws_.touched, ws_.deltas[0].data(), layer.fan_out, layer.W, layer.fan_out,
+                                     alpha_, inv_n_, ws_.touched_grad.data(), ws_.row_squares, n_threads);
+    sink.touched_rows(ws_.touched, ws_.touched_grad.data(), n_threads);
+  }
+  return 0.5 * alpha_ * squares / denominator_;
 }
 
 namespace {

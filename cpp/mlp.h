@@ -3,6 +3,8 @@
 // functions read and update them in place. Mathematics: docs/DESIGN.md (scikit-learn's conventions).
 #pragma once
 #include <cstdint>
+#include <functional>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -133,13 +135,60 @@ struct UpdateSink : GradientSink {
 void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const float* g, float* s1, float* s2,
                   index_t len, int n_threads);
 
-// Backward from ws.deltas[L-1] = dLoss/dlogits * d, d = `denominator` of the mean (the row count, or the sum of the
-// sample weights; the 1/d is applied here), feeding sink, with W read before its update. If dx is given,
-// also writes the first dx_cols columns (the inputs that pass a gradient on) of the input gradient
-// dx = (D_0 W_0^T) (times d, like delta; dense input only). Returns the L2 term 0.5 * alpha * ||W||^2 / d of
-// the loss (a CSR first layer: touched rows only).
-double backprop(const KernelSet& ks, const Network& net, const Input& X, float alpha, double denominator,
-                MlpWorkspace& ws, GradientSink& sink, int n_threads, float* dx = nullptr, index_t lddx = 0,
+// Row-parallel passes. A batch of more than kGradientChunkRows rows is cut into fixed chunks of that many
+// rows; each weight gradient is a sum of per-chunk partial products, added in chunk order, so the sum does not
+// depend on the thread count. Each thread takes a block of whole chunks through every layer, forward and
+// backward: a layer's rows stay in the cache of the thread that wrote them, the small layers and the bias
+// sums are split too, and the threads meet once per pass instead of once per product.
+constexpr index_t kGradientChunkRows = 256;
+// The number of row blocks of n rows: one per thread, each of whole chunks; 1 for a single chunk (its
+// products are split over the threads instead) or a batch too small to keep two threads busy.
+int row_blocks(const Network& net, index_t n, int n_threads);
+// Rows [r0, r1) of block b of `blocks` over n rows: whole chunks, as evenly as they divide.
+std::pair<index_t, index_t> block_rows(index_t n, int blocks, std::int64_t b);
+// Rows [r0, r1) of ws.acts[1..L] (the forward pass of those rows).
+void forward_rows(const KernelSet& ks, const Network& net, const Input& X, MlpWorkspace& ws, index_t r0, index_t r1,
+                  int n_threads);
+
+// Run by Backward::products at the start of each block of rows [r0, r1) (the whole batch, on n_threads, when
+// it is one block): fills those rows of ws.acts[1..L] and ws.deltas[L-1], so that the forward pass, the
+// loss and the backward pass of a block run on one thread without waiting for the others.
+using BlockPrologue = std::function<void(index_t r0, index_t r1, int n_threads)>;
+
+// A batch's backward pass from ws.deltas[L-1] = dLoss/dlogits * d, d = `denominator` of the mean (the row
+// count, or the sum of the sample weights; the 1/d is applied here), in two steps with W read before any
+// update: products() computes every gradient into the workspace, apply() sums the chunks' partials and hands
+// the gradients to the sink. Between them a caller may look at the loss and drop the step.
+class Backward {
+ public:
+  Backward(const KernelSet& ks, const Network& net, const Input& X, float alpha, double denominator, MlpWorkspace& ws);
+  // If dx is given, also writes the first dx_cols columns (the inputs that pass a gradient on) of the input
+  // gradient dx = D_0 W_0ᵀ (times d, like the deltas; dense input only).
+  void products(int n_threads, const BlockPrologue& prologue = nullptr, float* dx = nullptr, index_t lddx = 0,
                 index_t dx_cols = 0);
+  // Returns the L2 term 0.5 * alpha * ||W||^2 / d of the loss (a CSR first layer: touched rows only).
+  double apply(GradientSink& sink, int n_threads);
+
+ private:
+  Epilogue weight_epilogue(std::size_t l) const;
+  // Layer l over rows [r0, r1): the chunks' partial dW and db (chunked), and D of layer l-1, or dx for l = 0.
+  void layer_rows(std::size_t l, index_t r0, index_t r1, int n_threads);
+
+  const KernelSet& ks_;
+  const Network& net_;
+  const Input& X_;
+  MlpWorkspace& ws_;
+  float alpha_;
+  double denominator_;
+  float inv_n_;
+  index_t chunks_, parts_ = 0;
+  bool chunked_ = false;  // several chunks whose partials fit kMaxGradientParts; else one product per layer
+  // Layer l's dW at ws.grad_w + w_at_[l] (none for a CSR first layer: touched rows), its db at ws.grad_b +
+  // b_at_[l]; chunked, chunk c's partial [dW, db] (part_size_[l] floats) at ws.grad_parts + part_at_[l] +
+  // c * part_size_[l].
+  std::vector<index_t> w_at_, b_at_, part_at_, part_size_;
+  float* dx_ = nullptr;
+  index_t lddx_ = 0, dx_cols_ = 0;
+};
 
 }  // namespace fastrec
