@@ -317,8 +317,14 @@ void Backward::layer_rows(std::size_t l, index_t r0, index_t r1, int n_threads) 
     ed.mul = ws_.acts[l].data() + r0 * fi;
     ed.ld_mul = fi;
     ed.mul_act = net_.hidden;
-    sgemm(ks_, false, true, r1 - r0, fi, fo, D + r0 * fo, fo, layer.W, fo, ws_.deltas[l - 1].data() + r0 * fi, fi,
-          &ed, n_threads);
+    float* D_prev = ws_.deltas[l - 1].data() + r0 * fi;
+    if (fo == 1) {  // a one-output layer: an outer product (as a K = 1 product it costs a kernel call per tile)
+      for (index_t r = r0; r < r1; ++r)
+        for (index_t j = 0; j < fi; ++j) D_prev[(r - r0) * fi + j] = D[r] * layer.W[j];
+      ks_.epilogue(D_prev, fi, static_cast<int>(r1 - r0), static_cast<int>(fi), 0, 0, ed);
+    } else {
+      sgemm(ks_, false, true, r1 - r0, fi, fo, D + r0 * fo, fo, layer.W, fo, D_prev, fi, &ed, n_threads);
+    }
   } else if (dx_) {
     sgemm(ks_, false, true, r1 - r0, dx_cols_, fo, D + r0 * fo, fo, layer.W, fo, dx_ + r0 * lddx_, lddx_, nullptr,
           n_threads);

@@ -160,8 +160,9 @@ inline f32x16 load16(const float* p) {
   return v;
 }
 
+typedef std::int32_t i32x16 __attribute__((vector_size(64)));  // shuffle indices
+
 #if defined(__AVX2__)
-typedef std::int32_t i32x16 __attribute__((vector_size(64)));
 
 // Transposes the 16 x 16 block whose rows are v[0..15] (v[i][j] becomes v[j][i]) in four rounds of
 // two-source shuffles: 32-bit pairs, 64-bit pairs, then quarters (4 floats, "lanes") across the four groups
@@ -290,8 +291,12 @@ void dot_rows_impl(const float* x, index_t ld, index_t rows, const float* w, ind
     index_t j = 0;
     for (; j + 16 <= n; j += 16) acc += load16(xr + j) * load16(w + j);
     for (int l = 0; j < n; ++j, ++l) acc[l] += xr[j] * w[j];
-    for (int half = 8; half >= 1; half /= 2)
-      for (int l = 0; l < half; ++l) acc[l] += acc[l + half];
+    // Lane l += lane l + half for half = 8, 4, 2, 1 (lane 0 ends with the sum), as whole-vector shuffles:
+    // scalar lane extracts cost more than the row's FMAs.
+    acc += __builtin_shuffle(acc, i32x16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    acc += __builtin_shuffle(acc, i32x16{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+    acc += __builtin_shuffle(acc, i32x16{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+    acc += __builtin_shuffle(acc, i32x16{1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
     out[r] = bias + acc[0];
   }
 }
