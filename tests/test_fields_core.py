@@ -220,6 +220,34 @@ def test_predict_loss_and_gradients_match_reference(isa, rng, layout, gmf, loss,
         assert rel_err(g, r) < BAR, f"MLP gradient {i}"
 
 
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_loss_and_gradients_of_several_chunks_match_reference(isa, rng, loss):
+    """Over 256 rows the MLP runs in row blocks of whole 256-row chunks, each block's forward pass, loss and
+    backward pass on one thread; the loss, the GMF weights' gradient and the MLP's are per-chunk sums added
+    in chunk order (here 3 chunks, the last one partial, with a wide field and sample weights): the same
+    values as whole-batch sums to float32 rounding, and bitwise the same for 1, 2 and 3 threads."""
+    n = 700
+    spec, keys = two_key_model(rng, True, loss, n=n)
+    spec["fields"].append({"table": table(rng, 13, 1), "bags": multi_hot_bags(rng, 41, 13), "key": 1, "offset": -1,
+                           "wide": True})
+    sizes = [spec["width"], 128, 64, 1]  # wide enough for one block per thread (row_blocks)
+    spec["coefs"] = [(rng.standard_normal((a, b)) * 0.8 / np.sqrt(a)).astype(np.float32)
+                     for a, b in zip(sizes, sizes[1:])]
+    spec["intercepts"] = [(rng.standard_normal(b) * 0.1).astype(np.float32) for b in sizes[1:]]
+    y = targets(rng, n, loss)
+    w = rng.uniform(0.2, 2.0, n).astype(np.float32)
+    rloss, rtg, rgg, rgw, rgb = reference.field_loss_and_gradients(reference.float64_copy(spec), keys,
+                                                                    y.astype(np.float64), w.astype(np.float64), 0.05)
+    results = []
+    for threads in (1, 2, 3):
+        loss_v, tg, gg, gw, gb = _core.field_loss_and_gradients(spec, keys, y, w, 0.05, threads, isa)
+        assert abs(loss_v - rloss) / abs(rloss) < BAR
+        for g, r in zip(tg + [gg] + gw + gb, rtg + [rgg] + rgw + rgb):
+            assert rel_err(g, r) < BAR
+        results.append((loss_v, b"".join(g.tobytes() for g in tg + [gg] + gw + gb)))
+    assert results[0] == results[1] == results[2]
+
+
 def test_reference_gradients_match_finite_differences():
     """The oracle itself: central differences of its loss (float64) against its gradients, on a small model
     with every ingredient (GMF, bags with duplicates and empty bags, a dense block, weights, bce, L2)."""
