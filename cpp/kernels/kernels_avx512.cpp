@@ -19,14 +19,15 @@ constexpr int kMr = 12, kNr = 32;
 __mmask16 mask0_of(int n) { return static_cast<__mmask16>((1u << (n < 16 ? n : 16)) - 1u); }
 __mmask16 mask1_of(int n) { return static_cast<__mmask16>((1u << (n > 16 ? n - 16 : 0)) - 1u); }
 
-// One k step: acc(i, :) += a(i) * [b0 b1] for the MR rows, a(i) read at row(i).
-template <typename Row>
+// One k step: acc(i, :) += a(i) * [b0 b1] for the MR rows, a(i) read at row(i); with kHalf (a tile of at
+// most 16 columns) only the first half, as the full step computes it.
+template <bool kHalf, typename Row>
 inline void fma_step(Row row, __m512 b0, __m512 b1, __m512 (&acc0)[kMr], __m512 (&acc1)[kMr]) {
 #pragma GCC unroll 16
   for (int i = 0; i < kMr; ++i) {
     const __m512 ai = _mm512_set1_ps(row(i));
     acc0[i] = _mm512_fmadd_ps(ai, b0, acc0[i]);
-    acc1[i] = _mm512_fmadd_ps(ai, b1, acc1[i]);
+    if (!kHalf) acc1[i] = _mm512_fmadd_ps(ai, b1, acc1[i]);
   }
 }
 
@@ -34,7 +35,7 @@ inline void fma_step(Row row, __m512 b0, __m512 b1, __m512 (&acc0)[kMr], __m512 
 // rs_a = 1, cs_a = MR; a row-major A read without packing (no transpose copy) has rs_a = lda, cs_a = 1.
 // Row-major rows are reached from three pointers (rows 0-3, 4-7, 8-11) plus 0, 1, 2 or 3 strides, which
 // x86 addressing modes scale for free: twelve row pointers would not fit in the registers and spill.
-template <bool kRowMajor>
+template <bool kRowMajor, bool kHalf>
 void fma_loop(index_t kc, const float* a, index_t stride, const float* b, index_t rs_b, __m512 (&acc0)[kMr],
               __m512 (&acc1)[kMr], SpreadPrefetch& prefetch) {
   const index_t s1 = stride, s2 = 2 * stride, s3 = 3 * stride;
@@ -42,16 +43,16 @@ void fma_loop(index_t kc, const float* a, index_t stride, const float* b, index_
   for (index_t k0 = 0; k0 < kc;) {
     const index_t k1 = prefetch.next_stop(k0, kc);
     for (index_t k = k0; k < k1; ++k, b += rs_b) {
-      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+      const __m512 b0 = _mm512_loadu_ps(b), b1 = kHalf ? b0 : _mm512_loadu_ps(b + 16);
       if (kRowMajor) {
-        fma_step([&](int i) {
+        fma_step<kHalf>([&](int i) {
           const float* p = i < 4 ? p0 : i < 8 ? p1 : p2;
           const int r = i & 3;
           return r == 0 ? p[0] : r == 1 ? p[s1] : r == 2 ? p[s2] : p[s3];
         }, b0, b1, acc0, acc1);
         ++p0, ++p1, ++p2;
       } else {
-        fma_step([&](int i) { return p0[i]; }, b0, b1, acc0, acc1);
+        fma_step<kHalf>([&](int i) { return p0[i]; }, b0, b1, acc0, acc1);
         p0 += stride;
       }
     }
@@ -65,10 +66,13 @@ void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, cons
 #pragma GCC unroll 16
   for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
   SpreadPrefetch prefetch(extra, kc);
+  // A tile of at most 16 columns (the last panel of N = 80, say) runs half the FMAs.
   if (cs_a == 1)
-    fma_loop<true>(kc, a, rs_a, b, rs_b, acc0, acc1, prefetch);
+    n <= 16 ? fma_loop<true, true>(kc, a, rs_a, b, rs_b, acc0, acc1, prefetch)
+            : fma_loop<true, false>(kc, a, rs_a, b, rs_b, acc0, acc1, prefetch);
   else
-    fma_loop<false>(kc, a, cs_a, b, rs_b, acc0, acc1, prefetch);
+    n <= 16 ? fma_loop<false, true>(kc, a, cs_a, b, rs_b, acc0, acc1, prefetch)
+            : fma_loop<false, false>(kc, a, cs_a, b, rs_b, acc0, acc1, prefetch);
   prefetch.rest();
   // Scale, bias, ReLU and the ReLU derivative mask in registers; other activations after the store (they
   // need the vectorised exp loop).
