@@ -120,8 +120,9 @@ void for_each_field(const FieldModel& m, index_t n, int n_threads, Body&& body) 
   }
 }
 
-// x (and the GMF fields' pooled vectors) for the batch in ws.keys: pooled fields and dense blocks.
-// dropout_stream: training's seed for field dropout (none when predicting).
+// x's embedding columns (and the GMF fields' pooled vectors) for the batch in ws.keys: the pooled fields
+// (dense blocks follow per row block, in logits_rows). dropout_stream: training's seed for field dropout
+// (none when predicting).
 void batch_inputs(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads,
                   const std::uint64_t* dropout_stream = nullptr) {
   for_each_field(m, n, n_threads, [&](std::size_t i, int threads) {
@@ -138,15 +139,6 @@ void batch_inputs(const KernelSet& ks, const FieldModel& m, index_t n, FieldWork
       csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.pooled_gmf[slot].data(), f.dim, nullptr, threads);
     }
   });
-  for (const DenseBlock& b : m.dense) {
-    const std::vector<std::int32_t>& keys = ws.keys[static_cast<std::size_t>(b.key)];
-    constexpr index_t kAhead = 8;  // rows of a table that may not fit the cache: prefetch the next ones
-    for (index_t r = 0; r < n; ++r) {
-      if (r + kAhead < n) __builtin_prefetch(b.table + static_cast<index_t>(keys[r + kAhead]) * b.cols);
-      std::memcpy(ws.x.data() + r * m.width + b.offset, b.table + static_cast<index_t>(keys[r]) * b.cols,
-                  sizeof(float) * static_cast<std::size_t>(b.cols));
-    }
-  }
 }
 
 // The MLP's input: x, n rows.
@@ -159,9 +151,19 @@ Input mlp_input(const FieldModel& m, index_t n, FieldWorkspace& ws) {
   return in;
 }
 
-// Rows [r0, r1) of ws.logits, from x: the MLP, wide fields' pooled scalars, the GMF term.
+// Rows [r0, r1) of ws.logits, from x: its dense-block columns, the MLP, wide fields' pooled scalars, the GMF
+// term.
 void logits_rows(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, index_t r0, index_t r1,
                  int n_threads) {
+  for (const DenseBlock& b : m.dense) {
+    const std::vector<std::int32_t>& keys = ws.keys[static_cast<std::size_t>(b.key)];
+    constexpr index_t kAhead = 8;  // rows of a table that may not fit the cache: prefetch the next ones
+    for (index_t r = r0; r < r1; ++r) {
+      if (r + kAhead < r1) __builtin_prefetch(b.table + static_cast<index_t>(keys[r + kAhead]) * b.cols);
+      std::memcpy(ws.x.data() + r * m.width + b.offset, b.table + static_cast<index_t>(keys[r]) * b.cols,
+                  sizeof(float) * static_cast<std::size_t>(b.cols));
+    }
+  }
   forward_rows(ks, m.mlp, mlp_input(m, n, ws), ws.mlp, r0, r1, n_threads);
   const float* z = ws.mlp.acts[m.mlp.layers.size()].data();
   for (index_t r = r0; r < r1; ++r) ws.logits[r] = z[r];
