@@ -131,6 +131,14 @@ Network make_network(const py::list& coefs, const py::list& intercepts, const st
     net.layers.push_back(Layer{const_cast<float*>(static_cast<const float*>(W.data())),
                                const_cast<float*>(static_cast<const float*>(b.data())), fan_in, fan_out});
   }
+  if (writeable)  // training updates the layers' parameters in parallel: no two arrays may share memory
+    for (std::size_t i = 0; i < 2 * net.layers.size(); ++i)
+      for (std::size_t j = i + 1; j < 2 * net.layers.size(); ++j) {
+        const Layer &a = net.layers[i / 2], &b = net.layers[j / 2];
+        if (overlap(i % 2 ? a.b : a.W, i % 2 ? a.fan_out : a.fan_in * a.fan_out, j % 2 ? b.b : b.W,
+                    j % 2 ? b.fan_out : b.fan_in * b.fan_out))
+          throw py::value_error("coefs and intercepts share memory: each layer needs its own arrays");
+      }
   return net;
 }
 
@@ -309,6 +317,12 @@ FieldModel make_field_model(const py::dict& spec, bool writeable) {
         if (a.field < b.field && a.size > 0 && b.size > 0 && overlap(a.begin, a.size, b.begin, b.size))
           throw py::value_error("fields[" + std::to_string(a.field) + "] and fields[" + std::to_string(b.field) +
                                 "] share memory in their tables or optimizer states: each field needs its own arrays");
+    for (const Span& a : spans)  // the fields' updates also run beside the MLP's
+      for (const Layer& layer : m.mlp.layers)
+        if (a.size > 0 && (overlap(a.begin, a.size, layer.W, layer.fan_in * layer.fan_out) ||
+                           overlap(a.begin, a.size, layer.b, layer.fan_out)))
+          throw py::value_error("fields[" + std::to_string(a.field) +
+                                "] shares memory with the MLP's coefs or intercepts: each needs its own arrays");
   }
   validate(m);
   return m;

@@ -106,14 +106,22 @@ CsrView gather_bags(const EmbeddingField& f, const std::vector<std::int32_t>& ke
 // fields are spread over the threads and each runs on one (their lookups and updates are independent: each
 // field owns its table, state and workspace); otherwise one field after another, each on all threads. A
 // small batch (a single-row prediction) stays on the calling thread: waking another costs more.
-template <class Body>
-void for_each_field(const FieldModel& m, index_t n, int n_threads, Body&& body) {
+int field_threads(const FieldModel& m, index_t n, int n_threads) {
   constexpr index_t kMinParallelFloats = 1 << 14;  // pooled floats per batch
-  const auto fields = static_cast<std::int64_t>(m.fields.size());
   index_t floats = 0;
   for (const EmbeddingField& f : m.fields) floats += n * f.dim;
-  const int threads = floats < kMinParallelFloats ? 1 : resolve_threads(n_threads);
-  if (threads > 1 && fields >= threads) {
+  return floats < kMinParallelFloats ? 1 : resolve_threads(n_threads);
+}
+
+bool fields_spread(const FieldModel& m, int threads) {
+  return threads > 1 && static_cast<int>(m.fields.size()) >= threads;
+}
+
+template <class Body>
+void for_each_field(const FieldModel& m, index_t n, int n_threads, Body&& body) {
+  const auto fields = static_cast<std::int64_t>(m.fields.size());
+  const int threads = field_threads(m, n, n_threads);
+  if (fields_spread(m, threads)) {
     parallel_for<true>(0, fields, threads, [&](std::int64_t i) { body(static_cast<std::size_t>(i), 1); });
   } else {
     for (std::int64_t i = 0; i < fields; ++i) body(static_cast<std::size_t>(i), threads);
@@ -273,13 +281,10 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
     }
     loss += 0.5 * alpha * squares / static_cast<double>(n);
   }
-  loss += pass.apply(mlp_sink, n_threads);
-  if (m.gmf.field_u >= 0) gmf_sink(ws.gmf_grad.data());
-  const float* D = ws.mlp.deltas.back().data();  // wide fields' upstream gradient
-
   // Embedding rows: G = (sum of weight * upstream gradient + alpha E) / n over the touched rows only.
+  const float* D = ws.mlp.deltas.back().data();  // wide fields' upstream gradient
   ws.field_squares.assign(m.fields.size(), 0.0);
-  for_each_field(m, n, n_threads, [&](std::size_t i, int threads) {
+  auto field_backward = [&](std::size_t i, int threads) {
     const EmbeddingField& f = m.fields[i];
     FieldWorkspace::FieldBatch& fb = ws.fields[i];
     const CsrView bags{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
@@ -295,7 +300,14 @@ double batch_backward(const KernelSet& ks, const FieldModel& m, index_t n, float
                                                  fb.grad.data(), fb.row_squares, threads);
     ws.field_squares[i] = 0.5 * alpha_f * squares / static_cast<double>(n);
     field_sink(i, fb.touched, fb.grad.data(), threads);
-  });
+  };
+  // Fields spread over the threads (for_each_field) share one region with the MLP's gradient sums.
+  const int threads = field_threads(m, n, n_threads);
+  const bool spread = fields_spread(m, threads);
+  loss += pass.apply(mlp_sink, n_threads, spread ? static_cast<std::int64_t>(m.fields.size()) : 0,
+                     [&](std::int64_t i) { field_backward(static_cast<std::size_t>(i), 1); });
+  if (m.gmf.field_u >= 0) gmf_sink(ws.gmf_grad.data());
+  for (std::size_t i = 0; !spread && i < m.fields.size(); ++i) field_backward(i, threads);
   for (double term : ws.field_squares) loss += term;
   return loss;
 }

@@ -362,7 +362,8 @@ void Backward::products(int n_threads, const BlockPrologue& prologue, float* dx,
   }
 }
 
-double Backward::apply(GradientSink& sink, int n_threads) {
+double Backward::apply(GradientSink& sink, int n_threads, std::int64_t extra_tasks,
+                       const std::function<void(std::int64_t)>& extra) {
   const std::size_t L = net_.layers.size();
   double squares = 0.0;  // L2 on weights before this step's update (a CSR first layer's: touched rows only)
   if (alpha_ != 0.0f)
@@ -373,6 +374,7 @@ double Backward::apply(GradientSink& sink, int n_threads) {
       if (!(l == 0 && X_.sparse)) sink.weight_rows(l, 0, net_.layers[l].fan_in, ws_.grad_w.data() + w_at_[l], n_threads);
       sink.bias(l, ws_.grad_b.data() + b_at_[l]);
     }
+    parallel_for<true>(0, extra_tasks, n_threads, extra);
   } else {
     // The sums, then the sink, in tasks of up to kUpdateChunk floats of dW rows or one layer's db (rows == 0),
     // handed out dynamically (each task's result does not depend on the thread that runs it).
@@ -387,9 +389,10 @@ double Backward::apply(GradientSink& sink, int n_threads) {
       for (index_t r0 = 0; r0 < dw_rows; r0 += step) tasks.push_back({l, r0, std::min(step, dw_rows - r0)});
       tasks.push_back({l, 0, 0});
     }
-    parallel_for<true>(
-        0, static_cast<std::int64_t>(tasks.size()), parts_ < kElementsPerThread ? 1 : n_threads, [&](std::int64_t t) {
-          const SumTask& task = tasks[static_cast<std::size_t>(t)];
+    const auto all = extra_tasks + static_cast<std::int64_t>(tasks.size());
+    parallel_for<true>(0, all, extra_tasks == 0 && parts_ < kElementsPerThread ? 1 : n_threads, [&](std::int64_t t) {
+          if (t < extra_tasks) return extra(t);
+          const SumTask& task = tasks[static_cast<std::size_t>(t - extra_tasks)];
           const index_t fo = net_.layers[task.l].fan_out, ld = part_size_[task.l];
           const float* part = ws_.grad_parts.data() + part_at_[task.l];
           if (task.rows == 0) {

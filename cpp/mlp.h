@@ -167,7 +167,10 @@ class Backward {
   void products(int n_threads, const BlockPrologue& prologue = nullptr, float* dx = nullptr, index_t lddx = 0,
                 index_t dx_cols = 0);
   // Returns the L2 term 0.5 * alpha * ||W||^2 / d of the loss (a CSR first layer: touched rows only).
-  double apply(GradientSink& sink, int n_threads);
+  // extra(i) for i < extra_tasks: the caller's work, independent of the sink's, run in the same parallel
+  // region as the chunk sums (handed out first, to whichever thread is free).
+  double apply(GradientSink& sink, int n_threads, std::int64_t extra_tasks = 0,
+               const std::function<void(std::int64_t)>& extra = nullptr);
 
  private:
   Epilogue weight_epilogue(std::size_t l) const;

@@ -689,6 +689,24 @@ def test_fields_sharing_memory_cannot_train(rng):
     assert train(spec, keys, y, "adam")[2] == 10  # separate arrays train
 
 
+def test_fields_or_layers_sharing_memory_with_the_mlp_cannot_train(rng):
+    """The fields' row updates run beside the MLP's gradient sums, and those of different layers beside each
+    other: a table that overlaps an MLP array, or two layers' arrays that overlap, are refused."""
+    spec, keys, y = small(rng)
+    W = spec["coefs"][0]
+    saved = spec["fields"][0]["table"]
+    spec["fields"][0]["table"] = W.reshape(-1)[:saved.size].reshape(saved.shape)
+    with pytest.raises(ValueError, match=r"fields\[0\] shares memory with the MLP"):
+        train(spec, keys, y)
+    spec["fields"][0]["table"] = saved
+    b = spec["intercepts"][1]
+    spec["intercepts"][1] = spec["intercepts"][0][:b.size]  # a view into layer 0's bias
+    with pytest.raises(ValueError, match="coefs and intercepts share memory"):
+        train(spec, keys, y)
+    spec["intercepts"][1] = b
+    assert train(spec, keys, y)[2] == 10
+
+
 def test_overlapping_input_columns_raise(rng):
     """Each field and dense block writes its own MLP input columns (fields from different threads)."""
     spec, keys, y = small(rng)
