@@ -128,24 +128,16 @@ void for_each_field(const FieldModel& m, index_t n, int n_threads, Body&& body) 
   }
 }
 
-// x's embedding columns (and the GMF fields' pooled vectors) for the batch in ws.keys: the pooled fields
-// (dense blocks follow per row block, in logits_rows). dropout_stream: training's seed for field dropout
-// (none when predicting).
-void batch_inputs(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads,
-                  const std::uint64_t* dropout_stream = nullptr) {
-  for_each_field(m, n, n_threads, [&](std::size_t i, int threads) {
-    const EmbeddingField& f = m.fields[i];
+// Each field's bags for the batch in ws.keys (ws.fields[i]: a CSR over the field's vocabulary, whose rows
+// logits_rows pools). dropout_stream: training's seed for field dropout (none when predicting).
+void batch_bags(const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads,
+                const std::uint64_t* dropout_stream = nullptr) {
+  for_each_field(m, n, n_threads, [&](std::size_t i, int) {
     // Each field draws its dropout from its own stream: the draws do not depend on which thread ran it.
     std::uint64_t seed = dropout_stream ? *dropout_stream + i : 0;
     std::uint64_t rng = splitmix64(seed);
-    const CsrView bags =
-        gather_bags(f, ws.keys[static_cast<std::size_t>(f.key)], n, ws.fields[i], dropout_stream ? &rng : nullptr);
-    if (f.offset >= 0)
-      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.x.data() + f.offset, m.width, nullptr, threads);
-    if (static_cast<int>(i) == m.gmf.field_u || static_cast<int>(i) == m.gmf.field_v) {
-      const std::size_t slot = static_cast<int>(i) == m.gmf.field_u ? 0 : 1;
-      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.pooled_gmf[slot].data(), f.dim, nullptr, threads);
-    }
+    gather_bags(m.fields[i], ws.keys[static_cast<std::size_t>(m.fields[i].key)], n, ws.fields[i],
+                dropout_stream ? &rng : nullptr);
   });
 }
 
@@ -159,10 +151,23 @@ Input mlp_input(const FieldModel& m, index_t n, FieldWorkspace& ws) {
   return in;
 }
 
-// Rows [r0, r1) of ws.logits, from x: its dense-block columns, the MLP, wide fields' pooled scalars, the GMF
-// term.
+// Rows [r0, r1) of ws.logits from the batch's bags (batch_bags): x's rows (pooled fields, dense blocks) and
+// the GMF fields' pooled vectors, the MLP, wide fields' pooled scalars, the GMF term. The rows of a block are
+// pooled by the thread that runs their MLP pass.
 void logits_rows(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, index_t r0, index_t r1,
                  int n_threads) {
+  for_each_field(m, r1 - r0, n_threads, [&](std::size_t i, int threads) {
+    const EmbeddingField& f = m.fields[i];
+    const FieldWorkspace::FieldBatch& fb = ws.fields[i];
+    // indptr offsets index the whole batch's ids and weights
+    const CsrView bags{fb.indptr.data() + r0, fb.ids.data(), fb.weights.data(), r1 - r0, f.vocab};
+    if (f.offset >= 0)
+      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.x.data() + r0 * m.width + f.offset, m.width, nullptr, threads);
+    if (static_cast<int>(i) == m.gmf.field_u || static_cast<int>(i) == m.gmf.field_v) {
+      const std::size_t slot = static_cast<int>(i) == m.gmf.field_u ? 0 : 1;
+      csr_matmul(ks, bags, f.table, f.dim, f.dim, ws.pooled_gmf[slot].data() + r0 * f.dim, f.dim, nullptr, threads);
+    }
+  });
   for (const DenseBlock& b : m.dense) {
     const std::vector<std::int32_t>& keys = ws.keys[static_cast<std::size_t>(b.key)];
     constexpr index_t kAhead = 8;  // rows of a table that may not fit the cache: prefetch the next ones
@@ -195,7 +200,7 @@ void logits_rows(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorks
   }
 }
 
-// ws.logits[0:n] from x, in the MLP's row blocks.
+// ws.logits[0:n] from the batch's bags, in the MLP's row blocks.
 void batch_logits(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, int n_threads) {
   const int blocks = row_blocks(m.mlp, n, n_threads);
   if (blocks == 1) return logits_rows(ks, m, n, ws, 0, n, n_threads);
@@ -239,7 +244,7 @@ void loss_rows(const FieldModel& m, FieldWorkspace& ws, index_t r0, index_t r1) 
   }
 }
 
-// The batch's logits (from x, written by batch_inputs), loss and gradients: the MLP's forward and backward
+// The batch's logits (from its bags, batch_bags), loss and gradients: the MLP's forward and backward
 // passes run in its row blocks, one block per thread without waiting in between (BlockPrologue); then the
 // gradients go to mlp_sink, the GMF weights' to gmf_sink(grad) and the embedding rows' to field_sink(i,
 // touched, G, threads). Returns the loss (with L2 terms). With `skipped`, a NaN or infinite data loss sets
@@ -467,7 +472,7 @@ void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex,
     order.resize(static_cast<std::size_t>(n));
     for (index_t r = 0; r < n; ++r) order[r] = r0 + r;
     gather_examples(ex, order.data(), n, ws);
-    batch_inputs(ks, m, n, ws, n_threads);
+    batch_bags(m, n, ws, n_threads);
     batch_logits(ks, m, n, ws, n_threads);
     for (index_t r = 0; r < n; ++r) out[r0 + r] = m.bce() ? stable_sigmoid(ws.logits[r]) : ws.logits[r];
   }
@@ -479,7 +484,7 @@ double field_loss_and_gradients(const KernelSet& ks, const FieldModel& m, const 
                                 int n_threads) {
   FieldWorkspace ws(m, ex.rows, true);
   gather_examples(ex, nullptr, ex.rows, ws);
-  batch_inputs(ks, m, ex.rows, ws, n_threads);
+  batch_bags(m, ex.rows, ws, n_threads);
   CopySink mlp_sink(m.mlp, coef_grads, intercept_grads);
   return batch_backward(
       ks, m, ex.rows, alpha, ws, mlp_sink,
@@ -514,7 +519,7 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
     stream = splitmix64(stream) ^ batch_index;
     const index_t n = append_negatives(sampler, n_pos, splitmix64(stream), ws);
     const std::uint64_t dropout_stream = splitmix64(stream);
-    batch_inputs(ks, m, n, ws, threads, &dropout_stream);
+    batch_bags(m, n, ws, threads, &dropout_stream);
     const std::int64_t step_before = opt.adam_t;
     bool skipped = false;
     const UpdateRule rule = opt.next_step();
