@@ -325,6 +325,7 @@ FieldModel make_field_model(const py::dict& spec, bool writeable) {
                                 "] shares memory with the MLP's coefs or intercepts: each needs its own arrays");
   }
   validate(m);
+  for (EmbeddingField& f : m.fields) f.bags.shape = shape_of(f.bags);
   return m;
 }
 

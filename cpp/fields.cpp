@@ -84,6 +84,19 @@ CsrView gather_bags(const EmbeddingField& f, const std::vector<std::int32_t>& ke
   fb.rows.resize(static_cast<std::size_t>(n));
   fb.indptr[0] = 0;
   const bool drop = rng && f.dropout > 0.0f;
+  if (f.bags.shape != BagTable::Shape::Any) {
+    fb.ids.resize(static_cast<std::size_t>(n));
+    fb.weights.assign(static_cast<std::size_t>(n), 1.0f);
+    const bool identity = f.bags.shape == BagTable::Shape::Identity;
+    for (index_t r = 0; r < n; ++r) {
+      std::int32_t q = keys[static_cast<std::size_t>(r)];
+      if (drop && uniform01(*rng) < f.dropout) q = 0;
+      fb.rows[r] = q;
+      fb.indptr[r + 1] = r + 1;
+      fb.ids[r] = identity ? q : f.bags.ids[q];
+    }
+    return CsrView{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
+  }
   for (index_t r = 0; r < n; ++r) {
     index_t q = keys[static_cast<std::size_t>(r)];
     if (drop && uniform01(*rng) < f.dropout) q = 0;
@@ -374,6 +387,15 @@ UpdateRule embedding_rule(const UpdateRule& dense_rule) {
 }
 
 }  // namespace
+
+BagTable::Shape shape_of(const BagTable& bags) {
+  bool identity = true;
+  for (index_t q = 0; q < bags.rows; ++q) {
+    if (bags.indptr[q + 1] != q + 1 || bags.weights[q] != 1.0f) return BagTable::Shape::Any;
+    identity = identity && bags.ids[q] == q;
+  }
+  return identity ? BagTable::Shape::Identity : BagTable::Shape::OneId;
+}
 
 void validate(const FieldModel& m) {
   require(!m.mlp.layers.empty() && m.mlp.layers.back().fan_out == 1, "the MLP must end in one output");

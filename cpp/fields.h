@@ -20,7 +20,13 @@ struct BagTable {
   const std::int32_t* ids = nullptr;
   const float* weights = nullptr;
   index_t rows = 0;
+  // Id fields (one id of weight 1 per bag; often bag q = id q) are gathered without reading indptr and
+  // weights (nor ids): in a vocabulary of millions each read is a cache miss per example. Set by shape_of.
+  enum class Shape { Any, OneId, Identity } shape = Shape::Any;
 };
+
+// The shape of a validated bag table (BagTable::shape).
+BagTable::Shape shape_of(const BagTable& bags);
 
 struct EmbeddingField {
   float* table = nullptr;  // vocab x dim

@@ -248,6 +248,66 @@ def test_loss_and_gradients_of_several_chunks_match_reference(isa, rng, loss):
     assert results[0] == results[1] == results[2]
 
 
+@pytest.mark.parametrize("bags", ["identity", "mapped", "weighted"])
+def test_id_fields_of_every_bag_shape_match_reference(isa, rng, bags):
+    """An id field (one entry per bag) is gathered without reading its bag table when the entries have weight
+    1 (and without reading its ids when bag q holds id q): a permuted mapping of bags to ids and a weight of
+    2 take the other paths; all three match the oracle in gradients and in a training step."""
+    spec, keys = two_key_model(rng, False, "bce", n=40)
+    U = spec["fields"][0]["table"].shape[0]
+    indptr, ids, weights = one_hot_bags(U)
+    if bags != "identity":
+        ids = rng.permutation(U).astype(np.int32)
+    if bags == "weighted":
+        weights = np.full(U, 2.0, np.float32)
+    spec["fields"][0]["bags"] = (indptr, ids, weights)
+    y = targets(rng, 40, "bce")
+    out = _core.field_loss_and_gradients(spec, keys, y, None, 0.05, 0, isa)
+    rout = reference.field_loss_and_gradients(reference.float64_copy(spec), keys, y.astype(np.float64), None, 0.05)
+    assert abs(out[0] - rout[0]) / abs(rout[0]) < BAR
+    for g, r in zip(out[1] + out[3] + out[4], rout[1] + rout[3] + rout[4]):
+        assert rel_err(g, r) < BAR
+    ref = reference.float64_copy(spec)
+    args = (np.arange(40, dtype=np.int64), 40, 0.0, "sgd", 0.1, 0.0, False, 0.9, 0.999, 1e-8, 0, None, 0)
+    _core.field_train_epoch(spec, keys, y, None, *args, 1, isa)
+    reference.field_train_epoch(ref, keys, y.astype(np.float64), None, *args)
+    assert rel_err(spec["fields"][0]["table"], ref["fields"][0]["table"]) < BAR
+
+
+def test_id_field_dropout_reads_bag_zero_on_every_gather_path(rng):
+    """With id dropout, a dropped example reads bag 0: the same model trained through the identity path, the
+    mapped path (bag q holds id perm[q], table rows permuted to match) and the general path (an extra empty
+    bag that no key reads) ends bitwise the same."""
+    spec0, keys = two_key_model(rng, False, "bce", n=300)
+    spec0["fields"][0]["dropout"] = 0.5
+    U = spec0["fields"][0]["table"].shape[0]
+    y = targets(rng, 300, "bce")
+    perm = rng.permutation(U).astype(np.int32)
+    perm[perm == 0], perm[0] = perm[0], 0  # bag 0 (the unknown row) keeps id 0: what a dropped example reads
+    results = []
+    for path in ("identity", "mapped", "general"):
+        spec = copy_spec(spec0)
+        f = spec["fields"][0]
+        if path == "mapped":
+            f["bags"] = (np.arange(U + 1, dtype=np.int64), perm, np.ones(U, np.float32))
+            table = np.empty_like(f["table"])
+            table[perm] = f["table"]
+            f["table"] = table
+        if path == "general":
+            f["bags"] = (np.append(np.arange(U + 1), U).astype(np.int64), np.arange(U, dtype=np.int32),
+                         np.ones(U, np.float32))
+        _core.field_train_epoch(spec, keys, y, None, np.arange(300, dtype=np.int64), 100, 0.0, "sgd", 0.1, 0.0, False,
+                                0.9, 0.999, 1e-8, 0, None, 3, 2)
+        table = spec["fields"][0]["table"][perm] if path == "mapped" else spec["fields"][0]["table"]
+        results.append(table.tobytes() + b"".join(c.tobytes() for c in spec["coefs"]))
+    assert results[0] == results[1] == results[2]
+    spec = copy_spec(spec0)
+    spec["fields"][0]["dropout"] = 0.0
+    _core.field_train_epoch(spec, keys, y, None, np.arange(300, dtype=np.int64), 100, 0.0, "sgd", 0.1, 0.0, False,
+                            0.9, 0.999, 1e-8, 0, None, 3, 2)
+    assert spec["fields"][0]["table"].tobytes() != results[0][:spec0["fields"][0]["table"].nbytes]  # it dropped
+
+
 def test_reference_gradients_match_finite_differences():
     """The oracle itself: central differences of its loss (float64) against its gradients, on a small model
     with every ingredient (GMF, bags with duplicates and empty bags, a dense block, weights, bce, L2)."""
