@@ -32,8 +32,6 @@ bool contains_sorted(const std::int32_t* begin, const std::int32_t* end, std::in
   return std::binary_search(begin, end, value);
 }
 
-
-
 // Buffers of one minibatch.
 struct FieldWorkspace {
   MlpWorkspace mlp;
@@ -115,10 +113,8 @@ CsrView gather_bags(const EmbeddingField& f, const std::vector<std::int32_t>& ke
   return CsrView{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
 }
 
-// Runs body(i, threads) for every field i of a batch of n rows: with at least as many fields as threads, the
-// fields are spread over the threads and each runs on one (their lookups and updates are independent: each
-// field owns its table, state and workspace); otherwise one field after another, each on all threads. A
-// small batch (a single-row prediction) stays on the calling thread: waking another costs more.
+// The threads for the fields of a batch of n rows: a small batch (a single-row prediction) stays on the
+// calling thread, since waking another costs more.
 int field_threads(const FieldModel& m, index_t n, int n_threads) {
   constexpr index_t kMinParallelFloats = 1 << 14;  // pooled floats per batch
   index_t floats = 0;
@@ -126,10 +122,14 @@ int field_threads(const FieldModel& m, index_t n, int n_threads) {
   return floats < kMinParallelFloats ? 1 : resolve_threads(n_threads);
 }
 
+// Whether the fields run one per thread: with at least as many fields as threads (their lookups and updates
+// are independent: each field owns its table, state and workspace).
 bool fields_spread(const FieldModel& m, int threads) {
   return threads > 1 && static_cast<int>(m.fields.size()) >= threads;
 }
 
+// Runs body(i, threads) for every field i of a batch of n rows: spread over the threads, each field on one,
+// or one field after another, each on all threads.
 template <class Body>
 void for_each_field(const FieldModel& m, index_t n, int n_threads, Body&& body) {
   const auto fields = static_cast<std::int64_t>(m.fields.size());

@@ -336,11 +336,11 @@ void Backward::products(int n_threads, const BlockPrologue& prologue, float* dx,
   const std::size_t L = net_.layers.size();
   const index_t n = X_.rows;
   if (chunked_) {  // each thread takes its block of whole chunks down through every layer
-    const int blocks = row_blocks(net_, n, n_threads);
+    const int blocks = row_blocks(net_, n, n_threads), inner = blocks == 1 ? n_threads : 1;
     parallel_for(0, blocks, blocks, [&](std::int64_t b) {
       const auto [r0, r1] = block_rows(n, blocks, b);
-      if (prologue) prologue(r0, r1, 1);
-      for (std::size_t l = L; l-- > 0;) layer_rows(l, r0, r1, 1);
+      if (prologue) prologue(r0, r1, inner);
+      for (std::size_t l = L; l-- > 0;) layer_rows(l, r0, r1, inner);
     });
     return;
   }
