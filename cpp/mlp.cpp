@@ -299,12 +299,16 @@ Epilogue Backward::weight_epilogue(std::size_t l) const {  // dW = (Aᵀ D + alp
   return e;
 }
 
+const float* Backward::input(std::size_t l) const { return l == 0 ? X_.dense : ws_.acts[l].data(); }
+
+index_t Backward::input_ld(std::size_t l) const { return l == 0 ? X_.ld : net_.layers[l].fan_in; }
+
 void Backward::layer_rows(std::size_t l, index_t r0, index_t r1, int n_threads) {
   const Layer& layer = net_.layers[l];
   const index_t fi = layer.fan_in, fo = layer.fan_out;
   const float* D = ws_.deltas[l].data();
-  const float* A = l == 0 ? X_.dense : ws_.acts[l].data();  // the layer's input
-  const index_t lda = l == 0 ? X_.ld : fi;
+  const float* A = input(l);
+  const index_t lda = input_ld(l);
   for (index_t c0 = r0; chunked_ && c0 < r1; c0 += kGradientChunkRows) {
     const index_t rows = std::min(kGradientChunkRows, r1 - c0);
     float* part = ws_.grad_parts.data() + part_at_[l] + c0 / kGradientChunkRows * part_size_[l];
@@ -354,9 +358,8 @@ void Backward::products(int n_threads, const BlockPrologue& prologue, float* dx,
     for (index_t j = 0; j < layer.fan_out; ++j) gb[j] *= inv_n_;
     if (!(l == 0 && X_.sparse)) {
       const Epilogue eg = weight_epilogue(l);
-      sgemm(ks_, true, false, layer.fan_in, layer.fan_out, n, l == 0 ? X_.dense : ws_.acts[l].data(),
-            l == 0 ? X_.ld : layer.fan_in, D, layer.fan_out, ws_.grad_w.data() + w_at_[l], layer.fan_out, &eg,
-            n_threads);
+      sgemm(ks_, true, false, layer.fan_in, layer.fan_out, n, input(l), input_ld(l), D, layer.fan_out,
+            ws_.grad_w.data() + w_at_[l], layer.fan_out, &eg, n_threads);
     }
     layer_rows(l, 0, n, n_threads);
   }
@@ -384,7 +387,7 @@ double Backward::apply(GradientSink& sink, int n_threads, std::int64_t extra_tas
     };
     std::vector<SumTask> tasks;
     for (std::size_t l = 0; l < L; ++l) {
-      const index_t fo = net_.layers[l].fan_out, dw_rows = (part_size_[l] - fo) / fo;
+      const index_t fo = net_.layers[l].fan_out, dw_rows = l == 0 && X_.sparse ? 0 : net_.layers[l].fan_in;
       const index_t step = std::max<index_t>(1, kUpdateChunk / fo);
       for (index_t r0 = 0; r0 < dw_rows; r0 += step) tasks.push_back({l, r0, std::min(step, dw_rows - r0)});
       tasks.push_back({l, 0, 0});

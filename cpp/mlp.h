@@ -174,6 +174,8 @@ class Backward {
 
  private:
   Epilogue weight_epilogue(std::size_t l) const;
+  const float* input(std::size_t l) const;  // layer l's input (x or the previous layer's activations)
+  index_t input_ld(std::size_t l) const;
   // Layer l over rows [r0, r1): the chunks' partial dW and db (chunked), and D of layer l-1, or dx for l = 0.
   void layer_rows(std::size_t l, index_t r0, index_t r1, int n_threads);
 

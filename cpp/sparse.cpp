@@ -15,6 +15,15 @@ constexpr index_t kElementsPerThread = 1 << 15;
 // best; further ahead evicts rows before their use).
 constexpr index_t kPrefetchRows = 8;
 
+// out = sum_e weights[e] * M[ids[e]] over count entries (row_sum); a single entry (an id field's row, a
+// column touched once) is one scaled copy, without a kernel call's overhead.
+void weighted_rows(const KernelSet& ks, const float* weights, const std::int32_t* ids, index_t count, const float* M,
+                   index_t ld, index_t n, float* out) {
+  if (count != 1) return ks.row_sum(weights, ids, count, M, ld, n, out);
+  const float w = weights[0], *row = M + static_cast<index_t>(ids[0]) * ld;
+  for (index_t j = 0; j < n; ++j) out[j] = w * row[j];
+}
+
 void prefetch_row(const float* row, index_t width, bool for_write) {
   for (index_t line = 0; line < width; line += 16) {  // 16 floats = one 64-byte line
     if (for_write)
@@ -38,13 +47,7 @@ void csr_matmul(const KernelSet& ks, const CsrView& X, const float* W, index_t l
         for (index_t q = X.indptr[i + kPrefetchRows], q1 = std::min(q + 4, X.indptr[i + kPrefetchRows + 1]); q < q1; ++q)
           prefetch_row(W + static_cast<index_t>(X.indices[q]) * ldw, n, false);
       const index_t p = X.indptr[i];
-      if (X.indptr[i + 1] - p == 1) {  // an id field's row: one scaled copy, without a kernel call's overhead
-        const float w = X.data[p], *row = W + static_cast<index_t>(X.indices[p]) * ldw;
-        float* out = C + i * ldc;
-        for (index_t j = 0; j < n; ++j) out[j] = w * row[j];
-      } else {
-        ks.row_sum(X.data + p, X.indices + p, X.indptr[i + 1] - p, W, ldw, n, C + i * ldc);
-      }
+      weighted_rows(ks, X.data + p, X.indices + p, X.indptr[i + 1] - p, W, ldw, n, C + i * ldc);
       if (epilogue) ks.epilogue(C + i * ldc, ldc, 1, static_cast<int>(n), i, 0, *epilogue);
     }
   });
@@ -114,14 +117,8 @@ void csr_transpose_matmul(const KernelSet& ks, const TouchedRows& touched, const
     const index_t end = std::min<index_t>(count, (chunk + 1) * kRowsPerChunk);
     for (index_t g = chunk * kRowsPerChunk; g < end; ++g) {
       const index_t s = touched.start[g];
-      if (touched.start[g + 1] - s == 1) {  // a column with one entry: as in csr_matmul
-        const float v = touched.values[s], *row = D + static_cast<index_t>(touched.rows[s]) * ldd;
-        float* out = G + g * ldg;
-        for (index_t j = 0; j < n; ++j) out[j] = v * row[j];
-      } else {
-        ks.row_sum(touched.values.data() + s, touched.rows.data() + s, touched.start[g + 1] - s, D, ldd, n,
-                   G + g * ldg);
-      }
+      weighted_rows(ks, touched.values.data() + s, touched.rows.data() + s, touched.start[g + 1] - s, D, ldd, n,
+                    G + g * ldg);
     }
   });
 }
