@@ -181,8 +181,8 @@ class Recommender(BaseEstimator):
                  gmf_item_features=False, wide=False, user_history=False, item_history=False, optimizer="adam", learning_rate=1e-3, alpha=1e-5,
                  embedding_alpha=None, epochs=10, batch_size=256, negatives=4,
                  negative_sampling="uniform", id_dropout=0.05, momentum=0.9, nesterovs_momentum=True,
-                 validation_metric="auto", n_iter_no_change=None, random_state=None, n_threads=None,
-                 verbose=False):
+                 validation_metric="auto", early_stopping=True, validation_fraction=0.1, n_iter_no_change=3,
+                 clip_predictions=True, random_state=None, n_threads=None, verbose=False):
         self.embedding_dim = embedding_dim
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -204,7 +204,10 @@ class Recommender(BaseEstimator):
         self.momentum = momentum
         self.nesterovs_momentum = nesterovs_momentum
         self.validation_metric = validation_metric
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
+        self.clip_predictions = clip_predictions
         self.random_state = random_state
         self.n_threads = n_threads
         self.verbose = verbose
