@@ -7,6 +7,7 @@ where errors compound); we assert that bar with `rel_err` = max|a - b| / max|b| 
 entries that cancel to ~0 do not blow up the ratio).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -372,6 +373,58 @@ def test_fastrec_isa_environment_caps_the_auto_choice():
     env = dict(os.environ, FASTREC_ISA="scalar")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "scalar"
+
+
+# Run in a fresh interpreter: FASTREC_ISA is read once, when fastrec is imported.
+_IMPORT_AND_LIST_WARNINGS = """
+import json, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fastrec
+print(json.dumps([[w.category.__name__, str(w.message), w.filename] for w in caught]))
+"""
+
+
+def _import_warnings(isa_value):
+    env = dict(os.environ, FASTREC_ISA=isa_value)
+    out = subprocess.run([sys.executable, "-c", _IMPORT_AND_LIST_WARNINGS], env=env, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("value", ["avx3", "AVX2", " avx2", "sse4"])
+def test_an_unknown_fastrec_isa_value_warns_at_import(value):
+    """The core ignores a FASTREC_ISA value it does not parse (exact, lower-case names): import says so, naming
+    the variable, the value and every accepted value."""
+    caught = _import_warnings(value)
+    assert len(caught) == 1, caught
+    category, message, filename = caught[0]
+    assert category == "UserWarning"
+    assert "FASTREC_ISA" in message and repr(value) in message
+    for accepted in ("auto", "avx512", "avx2", "scalar"):
+        assert repr(accepted) in message
+    assert filename == "<string>"  # the importing line (here `python -c`), not fastrec's own file
+
+
+@pytest.mark.parametrize("value", ["", "auto", "scalar", "avx2", "avx512"])
+def test_an_accepted_fastrec_isa_value_imports_without_warnings(value):
+    assert _import_warnings(value) == []
+
+
+def test_the_accepted_fastrec_isa_values_are_the_cores_isa_names():
+    """_config's list must be what cpp/isa.cpp parses: each listed name is parsed by the core (it may still be
+    unavailable on this CPU, a different error), and a name outside the list is refused as unknown."""
+    from fastrec._config import ISA_ENVIRONMENT_VALUES
+
+    a = np.ones((2, 2), np.float32)
+    for name in ISA_ENVIRONMENT_VALUES:
+        try:
+            _core.sgemm(a, a, False, False, name, 1)
+        except ValueError as exc:
+            assert "not available" in str(exc), (name, exc)
+    assert set(_core.show_config()["compiled_isas"]) <= set(ISA_ENVIRONMENT_VALUES)
+    with pytest.raises(ValueError, match="isa must be"):
+        _core.sgemm(a, a, False, False, "avx3", 1)
 
 
 # ------------------------------------------------------------------------------------- properties

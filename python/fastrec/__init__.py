@@ -1,10 +1,13 @@
 """fastrec: neural recommendation models and MLPs trained on CPUs by a C++17/OpenMP core."""
 
 from fastrec._core import __version__, available_isas
+from fastrec._config import check_isa_environment as _check_isa_environment
 from fastrec._config import show_config
 from fastrec._persist import ModelFileError, load
 from fastrec.fields import FieldModel
 from fastrec.mlp import MLPClassifier, MLPRegressor
 from fastrec.recommender import Recommender
+
+_check_isa_environment()  # a mistyped FASTREC_ISA would otherwise be ignored silently by the core
 
 __all__ = ["FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor", "Recommender", "available_isas", "show_config", "__version__"]
