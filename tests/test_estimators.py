@@ -460,6 +460,20 @@ def test_convergence_warning_and_verbose(capsys):
     assert "Iteration 2, loss = " in capsys.readouterr().out
 
 
+def test_training_warnings_point_at_the_callers_line():
+    """ConvergenceWarning and the batch_size clipping warning name the line that called fit / partial_fit (this
+    file), not fastrec's own code: that is where a user (or a warnings filter on the module) looks."""
+    y = X4[:, 0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MLPClassifier(hidden_layer_sizes=(3,), max_iter=2, random_state=0).fit(X4, y > 0)
+        MLPRegressor(hidden_layer_sizes=(3,), max_iter=2, batch_size=10**6, random_state=0).fit(X4, y)
+        MLPRegressor(hidden_layer_sizes=(3,), batch_size=10**6, random_state=0).partial_fit(X4, y)
+    kinds = [w.category.__name__ for w in caught]
+    assert kinds.count("ConvergenceWarning") == 2 and kinds.count("UserWarning") == 2, kinds
+    assert [w.filename for w in caught] == [__file__] * len(caught)
+
+
 @ignore_convergence
 def test_predict_outputs():
     clf = _fitted()
