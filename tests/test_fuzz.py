@@ -154,7 +154,7 @@ Y6_REG = X6 @ [1.0, -2.0, 0.5]
 USERS = np.array([1, 2, 3, 1, 2, 3, 4])
 ITEMS = np.array([10, 11, 12, 11, 12, 13, 10])
 RATINGS = np.array([1.0, 2, 3, 4, 5, 3, 2])
-SMALL_REC = dict(embedding_dim=2, hidden_layer_sizes=(2,), epochs=1, batch_size=4, random_state=0, n_threads=1)
+SMALL_REC = dict(early_stopping=False, embedding_dim=2, hidden_layer_sizes=(2,), epochs=1, batch_size=4, random_state=0, n_threads=1)
 SMALL_MLP = dict(hidden_layer_sizes=(3,), max_iter=1, random_state=0, n_threads=1)
 SMALL_FM = dict(embedding_dim=2, hidden_layer_sizes=(2,), epochs=1, batch_size=4, random_state=0, n_threads=1)
 FM_X = {"cat": np.array([1, 2, 3, 1, 2, 3]), "tags": sp.csr_matrix(np.eye(6, 4, dtype=np.float32)),
@@ -303,6 +303,9 @@ def test_recommender_hyper_parameters(implicit, data):
         check_recommender(model)
 
 
+# Ids of the other kind than the model's (str vs int) are converted or reported by a warning, tested in
+# tests/test_recommender.py; here only "never crash" is checked.
+@pytest.mark.filterwarnings("ignore:(users|items) were fit with:UserWarning")
 @pytest.mark.parametrize("kind", ["rec", "implicit"])
 @FUZZ
 @given(data=st.data())
@@ -316,6 +319,9 @@ def test_recommender_predict(fitted, kind, data):
         finite(pred, (len(args["users"]),))
 
 
+# Ids of the other kind than the model's (str vs int) are converted or reported by a warning, tested in
+# tests/test_recommender.py; here only "never crash" is checked.
+@pytest.mark.filterwarnings("ignore:(users|items) were fit with:UserWarning")
 @pytest.mark.parametrize("kind", ["rec", "implicit"])
 @FUZZ
 @given(data=st.data())
@@ -337,6 +343,9 @@ def test_recommender_recommend(fitted, kind, data):
         assert not np.isnan(scores).any() and np.all(scores[..., :-1] >= scores[..., 1:])
 
 
+# Ids of the other kind than the model's (str vs int) are converted or reported by a warning, tested in
+# tests/test_recommender.py; here only "never crash" is checked.
+@pytest.mark.filterwarnings("ignore:(users|items) were fit with:UserWarning")
 @pytest.mark.parametrize("kind", ["rec", "implicit"])
 @FUZZ
 @given(data=st.data())
@@ -424,6 +433,7 @@ def test_feature_table(data):
 
 @FUZZ
 @given(column=junk((4,), NUMBERS), index=junk((4,), IDS))
+@pytest.mark.filterwarnings("ignore:df. column types guessed:UserWarning")  # the guesses: tests/test_features.py
 def test_feature_table_from_dataframe(column, index):
     try:
         df = pd.DataFrame({"c": list(np.asarray(column, dtype=object).ravel()[:4])}, index=index)

@@ -50,7 +50,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def model(data):
-    return fastrec.Recommender(embedding_dim=8, hidden_layer_sizes=(16,), epochs=3, learning_rate=1e-2,
+    return fastrec.Recommender(early_stopping=False, embedding_dim=8, hidden_layer_sizes=(16,), epochs=3, learning_rate=1e-2,
                                user_history=True, item_history=True, random_state=0, n_threads=1).fit(
         data.users, data.items, data.ratings, item_features=data.item_features)
 
@@ -72,7 +72,7 @@ def test_bags_hold_the_training_partners_with_svdpp_weights(model, data, name):
 
 def test_only_the_asked_fields_exist(data):
     for user, item in ((False, False), (True, False), (False, True)):
-        rec = fastrec.Recommender(embedding_dim=4, hidden_layer_sizes=(8,), epochs=1, user_history=user,
+        rec = fastrec.Recommender(early_stopping=False, embedding_dim=4, hidden_layer_sizes=(8,), epochs=1, user_history=user,
                                   item_history=item, random_state=0, n_threads=1).fit(data.users, data.items,
                                                                                       data.ratings)
         names = [f.name for f in rec.net_.fields]
@@ -106,7 +106,7 @@ def test_predict_uses_the_history_and_matches_the_oracle(model, data):
 
 def test_partial_fit_extends_bags_and_grows_the_table(data):
     first = data.users < 40
-    rec = fastrec.Recommender(embedding_dim=8, hidden_layer_sizes=(16,), epochs=2, user_history=True,
+    rec = fastrec.Recommender(early_stopping=False, embedding_dim=8, hidden_layer_sizes=(16,), epochs=2, user_history=True,
                               item_history=True, random_state=0, n_threads=1)
     rec.fit(data.users[first], data.items[first], data.ratings[first])
     rows_before = rec.net_.tables[_field(rec, "user_history")].shape[0]
@@ -128,7 +128,7 @@ def test_partial_fit_extends_bags_and_grows_the_table(data):
 
 def test_save_load_partial_fit_equals_uninterrupted(data, tmp_path):
     half = data.users < 30
-    kw = dict(embedding_dim=8, hidden_layer_sizes=(16,), epochs=2, user_history=True, item_history=True,
+    kw = dict(early_stopping=False, embedding_dim=8, hidden_layer_sizes=(16,), epochs=2, user_history=True, item_history=True,
               random_state=0, n_threads=1)
     a = fastrec.Recommender(**kw).fit(data.users[half], data.items[half], data.ratings[half])
     b = fastrec.Recommender(**kw).fit(data.users[half], data.items[half], data.ratings[half])
@@ -147,7 +147,7 @@ def test_save_load_partial_fit_equals_uninterrupted(data, tmp_path):
 @pytest.mark.parametrize("implicit", [False, True])
 def test_same_seed_same_model_for_any_thread_count(data, implicit):
     ratings = None if implicit else data.ratings
-    kw = dict(embedding_dim=8, hidden_layer_sizes=(16,), epochs=2, batch_size=64, user_history=True,
+    kw = dict(early_stopping=False, embedding_dim=8, hidden_layer_sizes=(16,), epochs=2, batch_size=64, user_history=True,
               item_history=True, random_state=3)
     fits = [fastrec.Recommender(n_threads=t, **kw).fit(data.users, data.items, ratings) for t in (1, 2)]
     users, items = np.repeat(np.arange(60), 40), np.tile(np.arange(40), 60)

@@ -16,7 +16,7 @@ from fastrec.plot import learning_curve  # noqa: E402
 
 def test_learning_curve_draws_history_and_best_epoch(tmp_path):
     d = make_interactions(n_users=100, n_items=80, n_interactions=1500, random_state=0)
-    rec = fastrec.Recommender(epochs=4, random_state=0, n_threads=1).fit(
+    rec = fastrec.Recommender(early_stopping=False, epochs=4, random_state=0, n_threads=1).fit(
         d.users[200:], d.items[200:], d.ratings[200:], validation_data=(d.users[:200], d.items[:200], d.ratings[:200]))
     ax = learning_curve(rec)
     loss_line = ax.get_lines()[0]

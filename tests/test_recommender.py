@@ -72,7 +72,7 @@ def explicit_model(explicit_data):
     d = explicit_data
     cold = np.array([55, 56, 57, 58, 59])
     keep = ~np.isin(d.items, cold)
-    rec = fastrec.Recommender(embedding_dim=8, hidden_layer_sizes=(16, 8), epochs=4, learning_rate=1e-2,
+    rec = fastrec.Recommender(early_stopping=False, embedding_dim=8, hidden_layer_sizes=(16, 8), epochs=4, learning_rate=1e-2,
                               id_dropout=0.1, random_state=0, n_threads=1)
     rec.fit(d.users[keep], d.items[keep], d.ratings[keep], user_features=d.user_features,
             item_features=d.item_features)
@@ -84,7 +84,7 @@ def explicit_model(explicit_data):
 @pytest.fixture(scope="module")
 def implicit_model():
     d = _at_most_per_user(make_interactions(80, 60, 1000, implicit=True, random_state=4), 30)
-    rec = fastrec.Recommender(embedding_dim=8, hidden_layer_sizes=(16,), epochs=3, learning_rate=1e-2,
+    rec = fastrec.Recommender(early_stopping=False, embedding_dim=8, hidden_layer_sizes=(16,), epochs=3, learning_rate=1e-2,
                               random_state=1, n_threads=1)
     rec.fit(d.users, d.items)
     rec.train_pairs_for_test = (d.users, d.items)
@@ -95,7 +95,7 @@ def implicit_model():
 def test_explicit_ratings_beat_global_mean():
     d = make_interactions(200, 100, 4000, random_state=0)
     train, test = random_split(len(d), test_size=0.2, random_state=0)
-    rec = fastrec.Recommender(epochs=10, learning_rate=3e-3, random_state=0, n_threads=1)
+    rec = fastrec.Recommender(early_stopping=False, epochs=10, learning_rate=3e-3, random_state=0, n_threads=1)
     rec.fit(d.users[train], d.items[train], d.ratings[train])
     pred = rec.predict(d.users[test], d.items[test])
     rmse = np.sqrt(np.mean((pred - d.ratings[test]) ** 2))
@@ -111,7 +111,7 @@ def test_explicit_ratings_beat_global_mean():
 def implicit_split():
     d = make_interactions(300, 400, 6000, implicit=True, random_state=1)
     train, test = leave_last_out(d.users, d.timestamps, random_state=0)
-    rec = fastrec.Recommender(epochs=10, learning_rate=3e-3, random_state=0, n_threads=1)
+    rec = fastrec.Recommender(early_stopping=False, epochs=10, learning_rate=3e-3, random_state=0, n_threads=1)
     rec.fit(d.users[train], d.items[train])
     return d, train, test, rec
 
@@ -288,7 +288,7 @@ def test_string_ids_give_the_same_model_as_order_preserving_int_ids():
     si = np.array([f"i{i:03d}" for i in d.items])
     ft = d.item_features
     str_features = FeatureTable(np.array([f"i{i:03d}" for i in ft.ids]), multi_hot=ft.multi_hot, numeric=ft.numeric)
-    kw = dict(embedding_dim=8, hidden_layer_sizes=(8,), epochs=2, random_state=5, n_threads=1)
+    kw = dict(early_stopping=False, embedding_dim=8, hidden_layer_sizes=(8,), epochs=2, random_state=5, n_threads=1)
     rec_int = fastrec.Recommender(**kw).fit(d.users, d.items, d.ratings, item_features=ft)
     rec_str = fastrec.Recommender(**kw).fit(su, si, d.ratings, item_features=str_features)
     np.testing.assert_array_equal(rec_str.predict(su, si), rec_int.predict(d.users, d.items))
@@ -300,8 +300,9 @@ def test_string_ids_give_the_same_model_as_order_preserving_int_ids():
     sim_str, _ = rec_str.similar_items("i003", k=3)
     sim_int, _ = rec_int.similar_items(3, k=3)
     np.testing.assert_array_equal(sim_str, [f"i{i:03d}" for i in sim_int])
-    # int ids on a string model are unknown ids, not an error
-    assert np.all(np.isfinite(rec_str.predict([1, 2], [3, 4])))
+    # int ids on a string model are converted ("1"), here unknown ids: a warning, not an error
+    with pytest.warns(UserWarning, match="fit with string ids and are queried with integer ids"):
+        assert np.all(np.isfinite(rec_str.predict([1, 2], [3, 4])))
 
 
 # ------------------------------------------------------------------------------------------------ unknown / cold
@@ -310,7 +311,8 @@ def test_unknown_ids_never_raise_and_share_the_unknown_row(explicit_model):
     p = rec.predict([10**6, -3, 5, 10**7], [4, 4, 10**6, 10**8])
     assert p.shape == (4,) and np.all(np.isfinite(p))
     assert p[0] == p[1]  # two unknown users read the same row, and have no features
-    p_str = rec.predict(["nobody", "x"], ["nothing", "y"])  # strings on an int model: unknown
+    with pytest.warns(UserWarning, match="queried with string ids, some of which are not integers"):
+        p_str = rec.predict(["nobody", "x"], ["nothing", "y"])  # strings on an int model: unknown
     assert np.all(np.isfinite(p_str)) and p_str[0] == p_str[1]
     ids_a, scores_a = rec.recommend(10**6, k=5)
     ids_b, scores_b = rec.recommend(-42, k=5)
@@ -352,7 +354,7 @@ def test_cold_item_with_a_warm_items_features():
     rows = np.concatenate([np.arange(40), [warm, warm]])
     table = FeatureTable(np.concatenate([np.arange(40), [1000, 1001]]),
                          multi_hot={"genres": (genres[rows], vocab)}, numeric={"year": ft.numeric["year"][rows]})
-    rec = fastrec.Recommender(embedding_dim=8, hidden_layer_sizes=(8,), epochs=3, learning_rate=1e-2,
+    rec = fastrec.Recommender(early_stopping=False, embedding_dim=8, hidden_layer_sizes=(8,), epochs=3, learning_rate=1e-2,
                               random_state=0, n_threads=1).fit(d.users, d.items, d.ratings, item_features=table)
     users = np.arange(60)
     p_warm = rec.predict(users, np.full(60, warm))
@@ -369,7 +371,7 @@ def test_cold_item_features_carry_the_planted_signal():
     d = make_interactions(300, 300, 9000, random_state=0)
     cold = np.random.default_rng(0).choice(300, 100, replace=False)
     keep = ~np.isin(d.items, cold)
-    rec = fastrec.Recommender(embedding_dim=16, hidden_layer_sizes=(32, 16), epochs=10, learning_rate=3e-3,
+    rec = fastrec.Recommender(early_stopping=False, embedding_dim=16, hidden_layer_sizes=(32, 16), epochs=10, learning_rate=3e-3,
                               id_dropout=0.1, random_state=0, n_threads=1)
     rec.fit(d.users[keep], d.items[keep], d.ratings[keep], item_features=d.item_features)
     u, i, r = d.users[~keep], d.items[~keep], d.ratings[~keep]
@@ -388,7 +390,7 @@ def test_id_dropout_trains_the_unknown_rows():
     d = make_interactions(200, 100, 3000, random_state=0)
     moved = {}
     for dropout in (0.0, 0.1):
-        rec = fastrec.Recommender(embedding_dim=16, hidden_layer_sizes=(32,), epochs=5, learning_rate=3e-3,
+        rec = fastrec.Recommender(early_stopping=False, embedding_dim=16, hidden_layer_sizes=(32,), epochs=5, learning_rate=3e-3,
                                   id_dropout=dropout, random_state=0, n_threads=1)
         rec.fit(d.users, d.items, d.ratings)
         # The first draws of fit's RandomState(0) are the user then the item id tables (N(0, 0.05)).
@@ -410,7 +412,7 @@ def test_id_dropout_trains_the_unknown_rows():
 @pytest.mark.parametrize("implicit", [False, True])
 def test_same_seed_same_model_for_any_thread_count(implicit):
     d = make_interactions(100, 80, 1000, implicit=implicit, random_state=2)
-    kw = dict(embedding_dim=8, hidden_layer_sizes=(16,), epochs=2, batch_size=64, random_state=7)
+    kw = dict(early_stopping=False, embedding_dim=8, hidden_layer_sizes=(16,), epochs=2, batch_size=64, random_state=7)
     ratings = None if implicit else d.ratings
     fits = [fastrec.Recommender(n_threads=t, **kw).fit(d.users, d.items, ratings, item_features=d.item_features)
             for t in (1, 2)]
@@ -460,7 +462,7 @@ def test_similar_items_recover_planted_blocks():
     rng = np.random.default_rng(0)
     users = np.repeat(np.arange(100), 8)
     items = np.concatenate([rng.choice(20, 8, replace=False) + 20 * (u // 50) for u in range(100)])
-    rec = fastrec.Recommender(embedding_dim=16, epochs=30, batch_size=64, learning_rate=1e-2, gmf=False,
+    rec = fastrec.Recommender(early_stopping=False, embedding_dim=16, epochs=30, batch_size=64, learning_rate=1e-2, gmf=False,
                               random_state=0, n_threads=1).fit(users, items)
     ids, _ = rec.similar_items(np.arange(40), k=5)
     same_block = (ids // 20) == (np.arange(40) // 20)[:, None]
@@ -524,7 +526,7 @@ def test_fit_rejects_bad_input(params, args, kwargs, error, match):
 
 def test_fit_rejects_all_zero_sample_weight():
     with pytest.raises(ValueError, match="sample_weight"):
-        fastrec.Recommender(epochs=1, n_threads=1).fit(USERS, ITEMS, RATINGS, sample_weight=np.zeros(4))
+        fastrec.Recommender(early_stopping=False, epochs=1, n_threads=1).fit(USERS, ITEMS, RATINGS, sample_weight=np.zeros(4))
 
 
 def test_bad_input_after_fit(explicit_model):
@@ -561,7 +563,7 @@ def test_wide_terms_match_the_oracle_and_learn_item_biases():
     users = rng.integers(0, 30, 600)
     items = rng.integers(0, 20, 600)
     ratings = 3.0 + (items % 2) + rng.normal(0, 0.1, 600)  # odd items are rated one point higher
-    rec = fastrec.Recommender(wide=True, epochs=20, learning_rate=1e-2, random_state=0, n_threads=1).fit(
+    rec = fastrec.Recommender(early_stopping=False, wide=True, epochs=20, learning_rate=1e-2, random_state=0, n_threads=1).fit(
         users, items, ratings)
     names = [f.name for f in rec.net_.fields]
     assert "user_id:wide" in names and "item_id:wide" in names
@@ -586,7 +588,7 @@ def test_embedding_alpha_is_the_tables_own_l2_in_core_and_oracle():
     rng = np.random.default_rng(9)
     users, items = rng.integers(0, 20, 300), rng.integers(0, 15, 300)
     ratings = rng.integers(1, 6, 300).astype(float)
-    rec = fastrec.Recommender(embedding_alpha=0.5, alpha=0.01, epochs=2, random_state=0, n_threads=1).fit(
+    rec = fastrec.Recommender(early_stopping=False, embedding_alpha=0.5, alpha=0.01, epochs=2, random_state=0, n_threads=1).fit(
         users, items, ratings)
     assert all(f.alpha == 0.5 for f in rec.net_.fields)
     spec = rec.net_.spec(rec._bags, rec._dense_tables)
@@ -618,8 +620,9 @@ def test_gmf_item_features_give_cold_items_a_gmf_vector_and_match_the_oracle(exp
     d = explicit_data
     cold = np.array([55, 56, 57, 58, 59])
     keep = ~np.isin(d.items, cold)
-    rec = fastrec.Recommender(embedding_dim=8, hidden_layer_sizes=(8,), epochs=3, learning_rate=1e-2, id_dropout=0.2,
-                              gmf_item_features=True, random_state=0, n_threads=1)
+    rec = fastrec.Recommender(early_stopping=False, clip_predictions=False, embedding_dim=8, hidden_layer_sizes=(8,),
+                              epochs=3, learning_rate=1e-2, id_dropout=0.2, gmf_item_features=True, random_state=0,
+                              n_threads=1)
     rec.fit(d.users[keep], d.items[keep], d.ratings[keep], user_features=d.user_features,
             item_features=d.item_features)
     g = _item_gmf(rec)
@@ -658,7 +661,7 @@ def test_gmf_item_features_grow_with_add_features_and_partial_fit(tmp_path):
     first = d.items < 60
     ft = d.item_features
     genres, vocab = ft.multi_hot["genres"]
-    rec = fastrec.Recommender(embedding_dim=8, hidden_layer_sizes=(8,), epochs=2, gmf_item_features=True,
+    rec = fastrec.Recommender(early_stopping=False, embedding_dim=8, hidden_layer_sizes=(8,), epochs=2, gmf_item_features=True,
                               random_state=0, n_threads=1)
     rec.fit(d.users[first], d.items[first], d.ratings[first],
             item_features=FeatureTable(ft.ids[:60], multi_hot={"genres": (genres[:60], vocab)},

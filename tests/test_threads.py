@@ -142,7 +142,7 @@ def _recommender():
     # Many items so that building the top-k cache (n_items x 64 first-layer outputs) takes long enough for
     # concurrent first calls to overlap it.
     d = make_interactions(n_users=200, n_items=30000, n_interactions=20000, implicit=True, random_state=0)
-    rec = fastrec.Recommender(embedding_dim=16, hidden_layer_sizes=(64, 16), epochs=1, random_state=0, n_threads=1)
+    rec = fastrec.Recommender(early_stopping=False, embedding_dim=16, hidden_layer_sizes=(64, 16), epochs=1, random_state=0, n_threads=1)
     return rec.fit(d.users, d.items), d
 
 
@@ -191,7 +191,7 @@ def test_concurrent_recommender_predict_and_recommend_are_exact():
 
 def test_a_second_concurrent_fit_is_refused_while_predict_runs():
     d = make_interactions(n_users=500, n_items=300, n_interactions=20_000, random_state=0)
-    rec = fastrec.Recommender(epochs=2, random_state=0, n_threads=1).fit(d.users, d.items, d.ratings)
+    rec = fastrec.Recommender(early_stopping=False, epochs=2, random_state=0, n_threads=1).fit(d.users, d.items, d.ratings)
     training = threading.Event()
     outcome = []
 

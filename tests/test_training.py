@@ -37,7 +37,7 @@ def _assert_same(a, b):
 # ------------------------------------------------------------------------------------- partial_fit
 def test_partial_fit_adds_new_users_and_items(data):
     old = data.items < 150  # items 150.. and the users only they have appear later
-    rec = fastrec.Recommender(epochs=2, random_state=0, n_threads=1)
+    rec = fastrec.Recommender(early_stopping=False, epochs=2, random_state=0, n_threads=1)
     rec.fit(data.users[old], data.items[old], data.ratings[old])
     n_items, vocab = rec.n_items_, rec.net_.fields[1].vocab
     before = rec.predict(data.users[:20], data.items[:20])
@@ -62,7 +62,7 @@ def test_partial_fit_reads_features_of_new_items():
     d = make_interactions(n_users=200, n_items=120, n_interactions=4000, random_state=1)
     first = d.items < 100
     table = d.item_features
-    rec = fastrec.Recommender(epochs=1, random_state=0, n_threads=1)
+    rec = fastrec.Recommender(early_stopping=False, epochs=1, random_state=0, n_threads=1)
     rec.fit(d.users[first], d.items[first], d.ratings[first], item_features=table)
     rec.partial_fit(d.users[~first], d.items[~first], d.ratings[~first], item_features=table)
     genres = [i for i, f in enumerate(rec.net_.fields) if f.name == "item:genres"][0]
@@ -82,7 +82,7 @@ def test_partial_fit_reads_features_of_new_items():
 
 
 def test_partial_fit_rejects_other_feedback_kind_and_id_type(data):
-    rec = fastrec.Recommender(epochs=1, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
+    rec = fastrec.Recommender(early_stopping=False, epochs=1, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
     with pytest.raises(ValueError, match="ratings"):
         rec.partial_fit(data.users, data.items)
     with pytest.raises(TypeError, match="integers"):
@@ -95,7 +95,7 @@ def test_partial_fit_refuses_a_changed_structural_parameter(data, change, tmp_pa
     """partial_fit continues the fitted model: a set_params change it cannot honour is refused, naming the
     parameter, and the model is left as it was; also after save and load. Training parameters
     (learning_rate, alpha, batch_size, ...) may change between calls."""
-    rec = fastrec.Recommender(epochs=1, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
+    rec = fastrec.Recommender(early_stopping=False, epochs=1, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
     rec.set_params(learning_rate=5e-3, alpha=1e-4, batch_size=64).partial_fit(data.users[:50], data.items[:50],
                                                                              data.ratings[:50])
     rec.save(tmp_path / "m.fastrec")
@@ -122,8 +122,8 @@ def test_field_model_partial_fit_refuses_a_changed_structural_parameter():
 
 
 def test_partial_fit_on_unfitted_model_is_one_epoch_fit(data):
-    a = fastrec.Recommender(epochs=1, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
-    b = fastrec.Recommender(epochs=5, random_state=0, n_threads=1).partial_fit(data.users, data.items, data.ratings)
+    a = fastrec.Recommender(early_stopping=False, epochs=1, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
+    b = fastrec.Recommender(early_stopping=False, epochs=5, random_state=0, n_threads=1).partial_fit(data.users, data.items, data.ratings)
     _assert_same(a, b)
 
 
@@ -133,7 +133,7 @@ def test_save_load_partial_fit_equals_uninterrupted(data, implicit, tmp_path):
     half = data.users < 150
     parts = [(data.users[half], data.items[half], None if implicit else ratings[half]),
              (data.users[~half], data.items[~half], None if implicit else ratings[~half])]
-    kw = dict(epochs=2, wide=True, random_state=0, n_threads=1)
+    kw = dict(early_stopping=False, epochs=2, wide=True, random_state=0, n_threads=1)
     a = fastrec.Recommender(**kw).fit(*parts[0], item_features=data.item_features)
     b = fastrec.Recommender(**kw).fit(*parts[0], item_features=data.item_features)
     b.save(tmp_path / "b.fastrec")
@@ -168,8 +168,8 @@ def test_validation_history_and_early_stopping_restore_best(data):
     train = np.arange(len(data.users)) % 5 != 0
     val = (data.users[~train], data.items[~train], data.ratings[~train])
     # A large learning rate overfits fast, so the validation RMSE turns up within a few epochs.
-    kw = dict(learning_rate=0.02, embedding_dim=32, alpha=0.0, random_state=0, n_threads=1)
-    full = fastrec.Recommender(epochs=12, **kw).fit(data.users[train], data.items[train], data.ratings[train],
+    kw = dict(early_stopping=False, learning_rate=0.02, embedding_dim=32, alpha=0.0, random_state=0, n_threads=1)
+    full = fastrec.Recommender(epochs=12, n_iter_no_change=None, **kw).fit(data.users[train], data.items[train], data.ratings[train],
                                                     validation_data=val)
     curve = full.history_["val_rmse"]
     assert len(curve) == len(full.history_["loss"]) == len(full.history_["seconds"]) == 12
@@ -189,14 +189,14 @@ def test_validation_history_and_early_stopping_restore_best(data):
 
 
 def test_implicit_validation_uses_ranking_metric(data):
-    rec = fastrec.Recommender(epochs=2, random_state=0, n_threads=1, validation_metric="hr@5")
+    rec = fastrec.Recommender(early_stopping=False, epochs=2, random_state=0, n_threads=1, validation_metric="hr@5")
     rec.fit(data.users[100:], data.items[100:], validation_data=(data.users[:100], data.items[:100]))
     assert len(rec.history_["val_hr@5"]) == 2 and all(0 <= v <= 1 for v in rec.history_["val_hr@5"])
     with pytest.raises(ValueError, match="validation_metric"):
-        fastrec.Recommender(epochs=1, validation_metric="rmse").fit(
+        fastrec.Recommender(early_stopping=False, epochs=1, validation_metric="rmse").fit(
             data.users, data.items, validation_data=(data.users[:5], data.items[:5]))
     with pytest.raises(ValueError, match="validation_data"):
-        fastrec.Recommender(epochs=1).fit(data.users, data.items, data.ratings,
+        fastrec.Recommender(early_stopping=False, epochs=1).fit(data.users, data.items, data.ratings,
                                           validation_data=(data.users[:5], data.items[:5]))
 
 
@@ -225,13 +225,13 @@ def test_verbose_prints_one_line_per_epoch_without_tqdm(data, capsys, monkeypatc
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tqdm)
-    fastrec.Recommender(epochs=3, verbose=True, random_state=0, n_threads=1).fit(
+    fastrec.Recommender(early_stopping=False, epochs=3, verbose=True, random_state=0, n_threads=1).fit(
         data.users, data.items, data.ratings, validation_data=(data.users[:50], data.items[:50], data.ratings[:50]))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3
     assert all(line.startswith(f"epoch {e}/3: loss ") and "val_rmse" in line and "examples/s" in line
                for e, line in enumerate(err, 1))
-    fastrec.Recommender(epochs=2, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
+    fastrec.Recommender(early_stopping=False, epochs=2, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
     assert capsys.readouterr().err == ""  # quiet unless verbose
 
 
@@ -261,7 +261,7 @@ def _interrupt_after(seconds):
 
 def test_ctrl_c_stops_fit_quickly_and_leaves_a_usable_model():
     d = make_interactions(n_users=2000, n_items=1000, n_interactions=60_000, random_state=0)
-    rec = fastrec.Recommender(epochs=10_000, batch_size=64, random_state=0, n_threads=1)
+    rec = fastrec.Recommender(early_stopping=False, epochs=10_000, batch_size=64, random_state=0, n_threads=1)
     start = time.perf_counter()
     timer = _interrupt_after(1.0)
     try:
@@ -301,7 +301,7 @@ def test_add_features_makes_cold_items_scoreable_without_training():
     d = make_interactions(n_users=200, n_items=120, n_interactions=4000, random_state=2)
     known = d.items < 100
     table = d.item_features
-    rec = fastrec.Recommender(epochs=3, wide=True, random_state=0, n_threads=1)
+    rec = fastrec.Recommender(early_stopping=False, epochs=3, wide=True, random_state=0, n_threads=1)
     rec.fit(d.users[known], d.items[known], d.ratings[known],
             item_features=FeatureTable(table.ids[:100], multi_hot={"genres": (table.multi_hot["genres"][0][:100],
                                                                               table.multi_hot["genres"][1])},
@@ -323,7 +323,7 @@ def test_add_features_makes_cold_items_scoreable_without_training():
 
 
 def test_rejected_partial_fit_leaves_the_model_unchanged(data, tmp_path):
-    rec = fastrec.Recommender(epochs=1, wide=True, random_state=0, n_threads=1).fit(
+    rec = fastrec.Recommender(early_stopping=False, epochs=1, wide=True, random_state=0, n_threads=1).fit(
         data.users, data.items, data.ratings, item_features=data.item_features)
     rec.save(tmp_path / "before.fastrec")
     before = fastrec.load(tmp_path / "before.fastrec")
@@ -352,7 +352,7 @@ def test_add_features_and_partial_fit_with_history_fields():
     d = make_interactions(n_users=120, n_items=80, n_interactions=2500, random_state=4)
     first = d.users < 100
     ut = d.user_features
-    rec = fastrec.Recommender(epochs=1, user_history=True, item_history=True, random_state=0, n_threads=1)
+    rec = fastrec.Recommender(early_stopping=False, epochs=1, user_history=True, item_history=True, random_state=0, n_threads=1)
     rec.fit(d.users[first], d.items[first], d.ratings[first],
             user_features=FeatureTable(ut.ids[:100], categorical={"segment": ut.categorical["segment"][:100]}))
     rec.add_features(user_features=ut)  # users 100..119: known by their segment only, empty histories

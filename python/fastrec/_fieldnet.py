@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,7 @@ class IdIndex:
         if len({a.dtype.kind == "U" for a in present}) > 1:
             raise TypeError(f"{what} mix strings and integers between the interactions and the feature table")
         self.ids = np.unique(np.concatenate(present)) if present else np.zeros(0, np.int64)
+        self.what = what
         self._index_ids()
 
     def _index_ids(self):
@@ -103,10 +105,21 @@ class IdIndex:
         return len(self.ids)
 
     def index(self, raw) -> np.ndarray:
-        """Entity number of each raw id (int32), 0 for ids never seen."""
+        """Entity number of each raw id (int32), 0 for ids never seen. Ids of the other kind (str for int ids,
+        or int for str ids) are converted where that is exact: 12 <-> "12" (not "012", " 12" or "+12")."""
         n = len(self.ids)
-        if n == 0 or len(raw) == 0 or (raw.dtype.kind == "U") != (self.ids.dtype.kind == "U"):
+        if n == 0 or len(raw) == 0:
             return np.zeros(len(raw), np.int32)
+        if (raw.dtype.kind == "U") != (self.ids.dtype.kind == "U"):
+            converted, exact = self._convert(raw)
+            out = np.where(exact, self.index(converted), 0).astype(np.int32)
+            if not exact.all() or not out.any():
+                what = ("some of which are not integers" if not exact.all()
+                        else "none of which is known after conversion")
+                example = (raw[~exact] if not exact.all() else raw)[0].item()
+                self._warn_once(f"{self.what} were fit with {self._kind(self.ids)} ids and are queried with "
+                                f"{self._kind(raw)} ids, {what} (e.g. {example!r}): those are unknown {self.what}")
+            return out
         if len(raw) <= 16:  # a few ids (online predictions): scalar searches beat the array passes
             out = np.zeros(len(raw), np.int32)
             for j, x in enumerate(raw.tolist()):
@@ -119,11 +132,41 @@ class IdIndex:
         entity = pos if self._order is None else self._order[pos]
         return np.where(self._sorted[pos] == raw, entity + 1, 0).astype(np.int32)
 
+    @staticmethod
+    def _convert(raw):
+        """(`raw` as the other kind of id, mask of the ids converted exactly). int -> str always; str -> int only
+        for the canonical decimal form ("12", not "012", " 12" or "+12"), so that the conversion is one-to-one."""
+        if raw.dtype.kind != "U":
+            return raw.astype(str), np.ones(len(raw), bool)
+        out = np.zeros(len(raw), np.int64)
+        exact = np.zeros(len(raw), bool)
+        for j, text in enumerate(raw.tolist()):
+            try:
+                value = int(text)
+            except ValueError:
+                continue
+            if str(value) == text and -2**63 <= value < 2**63:
+                out[j], exact[j] = value, True
+        return out, exact
+
+    def _warn_once(self, message):
+        """Once per model and kind of mismatch, not per call: a serving loop would repeat it forever."""
+        warned = self.__dict__.setdefault("_warned", set())
+        key = message.split(" (e.g.")[0]
+        if key not in warned:
+            warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)  # the caller of predict / recommend
+
+    @staticmethod
+    def _kind(ids):
+        return "string" if ids.dtype.kind == "U" else "integer"
+
     def __getstate__(self):
-        return {"ids": self.ids}  # the search structures are rebuilt
+        return {"ids": self.ids, "what": self.what}  # the search structures are rebuilt
 
     def __setstate__(self, state):
         self.ids = state["ids"]
+        self.what = state.get("what", "ids")
         self._index_ids()
 
 
@@ -325,9 +368,23 @@ def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=Non
     improvement and the parameters of the best epoch are restored (est.best_epoch_ counts from 1).
 
     A batch whose loss is NaN or infinite stops training before it is applied, with a ValueError saying what
-    to try (`advice`, after a lower learning_rate): the parameters keep their last finite-loss state. Ctrl-C stops at a batch boundary and KeyboardInterrupt propagates;
-    the model stays consistent and usable, its history listing the epochs completed.
+    to try (`advice`, after a lower learning_rate): the parameters keep their last finite-loss state. Ctrl-C
+    stops at a batch boundary and KeyboardInterrupt propagates; the model stays consistent and usable, its
+    history listing the epochs completed, and with validation and n_iter_no_change it holds the best epoch's
+    parameters (those of the interrupted epoch when it never completed one).
     """
+    state = {"best": None}
+    try:
+        _run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, state, sampler=sampler, validate=validate,
+                    metric=metric, higher_is_better=higher_is_better, advice=advice)
+    except KeyboardInterrupt:
+        if state["best"] is not None:
+            net.restore(state["best"])
+        raise
+
+
+def _run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, state, *, sampler, validate, metric,
+                higher_is_better, advice):
     history = est.history_
     val_key = f"val_{metric}" if validate is not None else None
     if val_key:
@@ -369,7 +426,7 @@ def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=Non
                 best, waited = score, 0
                 est.best_epoch_ = len(history["loss"])
                 if patience is not None:
-                    best_state = net.snapshot()
+                    best_state = state["best"] = net.snapshot()
             else:
                 waited += 1
         progress.close(summary, rows / max(seconds, 1e-9))

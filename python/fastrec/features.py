@@ -20,13 +20,15 @@ floats are refused (an id of 3.0 is usually a parsing accident, e.g. a pandas co
 from __future__ import annotations
 
 import numbers
+import sys
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
 
 from fastrec._checks import as_array, as_numeric, check_csr
 
-__all__ = ["FeatureTable"]
+__all__ = ["FeatureTable", "column_types"]
 
 
 def as_id_array(values, name: str) -> np.ndarray:
@@ -168,23 +170,16 @@ class FeatureTable:
         a string of labels joined by ``sep`` (``multi_hot`` may also be a dict column -> separator), or
         None/NaN/"" for an empty bag. The vocabulary is the sorted distinct labels.
 
-        With none of the three given, columns are classified: cells that are lists/tuples/sets -> multi-hot,
-        numeric (int, float) dtypes -> numeric, everything else (strings, bool, pandas categories) ->
-        categorical.
+        With none of the three given, every column's kind is guessed (see `column_types`); a guess that
+        may be wrong is reported by a warning.
         """
         if not (hasattr(df, "columns") and hasattr(df, "index") and hasattr(df, "__getitem__")):
             raise TypeError(f"df must be a pandas DataFrame indexed by id; got {type(df).__name__}")
         if categorical is None and multi_hot is None and numeric is None:
-            categorical, multi_hot, numeric = [], [], []
-            for col in df.columns:
-                s = df[col]
-                first = next((v for v in s if v is not None), None)
-                if isinstance(first, (list, tuple, set, frozenset)):
-                    multi_hot.append(col)
-                elif getattr(s.dtype, "kind", "O") in "iuf":  # numpy or pandas nullable numbers
-                    numeric.append(col)
-                else:
-                    categorical.append(col)
+            types = column_types(df, label="df")
+            categorical = [c for c, t in types.items() if t == "categorical"]
+            numeric = [c for c, t in types.items() if t == "numeric"]
+            multi_hot = {c: t.partition(":")[2] or sep for c, t in types.items() if t.startswith("multi_hot")}
         seps = dict(multi_hot) if isinstance(multi_hot, dict) else {c: sep for c in (multi_hot or [])}
         for col in [*(categorical or []), *seps, *(numeric or [])]:
             if col not in df.columns:
@@ -196,6 +191,87 @@ class FeatureTable:
                        for c, s in seps.items()},
             numeric={str(c): df[c].to_numpy() for c in numeric or []},
         )
+
+
+_KINDS = ("categorical", "numeric", "multi_hot")
+# An integer column with at most this many distinct values is guessed to be a coded category (gender 0/1,
+# an age or year bucket, an occupation code) rather than a quantity.
+_FEW_INTEGERS = 16
+# Separators tried, in order, when a string column may hold delimited lists of labels.
+_SEPARATORS = ("|", ";", ",", " ")
+
+
+def _check_type(name, kind, label):
+    if not isinstance(kind, str) or not (kind in _KINDS or (kind.startswith("multi_hot:") and len(kind) > 10)):
+        raise ValueError(f"{label}: the type of column {name!r} must be 'categorical', 'numeric', 'multi_hot' or "
+                         f"'multi_hot:SEP' (labels joined by SEP); got {kind!r}")
+    return "multi_hot:|" if kind == "multi_hot" else kind
+
+
+def _guess_type(values) -> tuple:
+    """(type, reason, doubtful) of one column: what its cells suggest, and whether the guess may well be
+    wrong (then it is reported by a warning)."""
+    dtype_kind = getattr(values.dtype, "kind", "O")
+    first = next((v for v in values if v is not None), None)
+    if isinstance(first, (list, tuple, set, frozenset, dict, np.ndarray)):
+        return "multi_hot:|", "cells are collections of labels", False
+    if dtype_kind == "f":
+        return "numeric", "floating-point numbers", False
+    if dtype_kind in "iu":  # numpy or pandas nullable integers
+        distinct = len(np.unique(np.asarray(values)))
+        if distinct <= _FEW_INTEGERS and 4 * distinct <= len(values):  # each value repeats (not a tiny table)
+            return "categorical", f"integers with only {distinct} distinct values: a coded category?", True
+        return "numeric", f"integers with {distinct} distinct values", False
+    cells = [v for v in values if isinstance(v, str) and v != ""]
+    distinct = set(cells)
+    for sep in _SEPARATORS:
+        with_sep = [c for c in distinct if sep in c.strip(sep)]
+        if len(distinct) < 2 or len(with_sep) < 0.2 * len(distinct):
+            continue
+        labels = {t for c in distinct for t in c.split(sep) if t != ""}
+        # Delimited lists reuse few labels in many combinations; free text (titles) has more words than rows.
+        if len(labels) <= 0.5 * len(distinct):
+            return (f"multi_hot:{sep}", f"strings of {len(labels)} labels joined by {sep!r} in "
+                    f"{len(distinct)} combinations", True)
+    if cells and len(distinct) > 0.5 * len(values) and len(values) > 20:
+        return "categorical", f"{len(distinct)} distinct values in {len(values)} rows: nearly one per row", True
+    return "categorical", "labels" if not cells else f"strings, {len(distinct)} distinct", False
+
+
+def column_types(df, types=None, *, label="df", verbose=False) -> dict:
+    """The type of every column of DataFrame `df`: column name -> "categorical", "numeric" or
+    "multi_hot:SEP". Columns named in `types` get the type given there ("multi_hot" means SEP "|"); the
+    others are guessed from their cells:
+
+    - cells that are lists, tuples, sets or dicts -> multi-hot; floating-point numbers -> numeric;
+    - integers -> numeric, but categorical when there are at most 16 distinct values, each repeated four
+      times on average (a coded category such as gender 0/1 or an age bucket);
+    - strings -> categorical, but multi-hot when they look like delimited lists of labels (one of "|", ";",
+      ",", " " in at least 20% of the distinct values, and at most half as many distinct labels as distinct
+      values: genres, not titles).
+
+    Guesses that may be wrong (the coded-category and delimited-list rules, and strings with nearly one
+    value per row) are reported by one UserWarning that lists every guessed column; ``verbose`` prints every
+    guess to stderr.
+    """
+    types = _as_dict(types, "feature_types")
+    out, guessed, doubtful = {}, [], False
+    for col in df.columns:
+        if col in types:
+            out[col] = _check_type(col, types[col], "feature_types")
+            continue
+        kind, reason, doubt = _guess_type(df[col])
+        out[col] = kind
+        guessed.append(f"  {col!r}: {kind} ({reason}){'  <- check' if doubt else ''}")
+        doubtful |= doubt
+    if guessed and (doubtful or verbose):
+        text = (f"{label}: column types guessed from their values (pass feature_types={{column: type}} to set "
+                "them):\n" + "\n".join(guessed))
+        if doubtful:
+            warnings.warn(text, UserWarning, stacklevel=3)
+        else:
+            print(text, file=sys.stderr, flush=True)
+    return out
 
 
 def _as_dict(value, name: str) -> dict:

@@ -210,9 +210,11 @@ class FieldModel(BaseEstimator):
     def fit(self, X, y, sample_weight=None, validation_data=None):
         """Train on X (dict of columns) and targets y (0/1 for "bce", values for "mse").
 
-        validation_data : (X_val, y_val), optional. Scored with ``validation_metric`` after every epoch
-            (``history_``); with ``n_iter_no_change``, training stops when it stops improving and the best
-            epoch's parameters are kept.
+        validation_data : (X_val, y_val) or a callable, optional. A tuple is scored with
+            ``validation_metric`` after every epoch (``history_["val_<metric>"]``); a callable
+            ``score(model, epoch) -> float`` (higher is better, as scikit-learn's scorers) is called after every
+            epoch (``history_["val_score"]``). With ``n_iter_no_change``, training stops when the score stops
+            improving and the best epoch's parameters are kept.
         """
         return self._fit_new(X, y, sample_weight, validation_data, self.epochs)
 
@@ -284,8 +286,10 @@ class FieldModel(BaseEstimator):
         """(function scoring the current parameters on validation_data, metric, higher is better) or None."""
         if data is None:
             return None
+        if callable(data):
+            return lambda: data(self, len(self.history_["loss"])), "score", True
         if not isinstance(data, (tuple, list)) or len(data) != 2:
-            raise ValueError("validation_data must be a tuple (X_val, y_val)")
+            raise ValueError("validation_data must be a tuple (X_val, y_val) or a callable score(model, epoch)")
         metric = self.validation_metric
         if metric == "auto":
             metric = "log_loss" if self.loss == "bce" else "rmse"
