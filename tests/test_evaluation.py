@@ -202,7 +202,7 @@ class FakeRecommender:
 
 
 def test_full_ranking_by_hand():
-    model = FakeRecommender(early_stopping=False, {7: [1, 2, 3], 3: [4], 5: [9, 8, 7]})
+    model = FakeRecommender({7: [1, 2, 3], 3: [4], 5: [9, 8, 7]})
     tu = np.array([7, 3, 7, 5])
     ti = np.array([2, 4, 9, 0])
     res = evaluation.full_ranking(model, tu, ti, k=3)
