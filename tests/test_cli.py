@@ -10,8 +10,11 @@ one line on stderr, usage errors with 2.
 import csv
 import io
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +24,11 @@ import fastrec
 from fastrec import cli, evaluation, metrics
 from fastrec.datasets import make_interactions
 
-PARAMS = dict(embedding_dim=8, hidden_layer_sizes=(16,), epochs=2, random_state=0, n_threads=1)
-OPTIONS = ["--embedding-dim", "8", "--hidden", "16", "--epochs", "2", "--seed", "0", "--threads", "1"]
+# Two fixed epochs: these tests check the plumbing; early stopping is tested on its own below.
+PARAMS = dict(embedding_dim=8, hidden_layer_sizes=(16,), epochs=2, early_stopping=False, random_state=0,
+              n_threads=1)
+OPTIONS = ["--embedding-dim", "8", "--hidden", "16", "--epochs", "2", "--no-early-stopping", "--seed", "0",
+           "--threads", "1"]
 
 
 def write_csv(path, columns: dict):
@@ -252,3 +258,193 @@ def test_ids_are_typed_like_the_model(capsys, tmp_path):
     want, _ = model.recommend(np.array(["7", "x"]), k=3)
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["item"] for r in rows] == want.ravel().tolist()
+
+
+# ------------------------------------------------------------------------------ options of every parameter
+def test_every_recommender_parameter_has_a_train_option():
+    # Generic, so that a parameter added to Recommender without an option fails here: every parameter is the
+    # destination of a `train` option (verbose: --verbose, random_state: --seed, n_threads: --threads) ...
+    args = cli._parser().parse_args(["train", "data.csv", "-o", "m.fastrec"])
+    defaults = fastrec.Recommender().get_params()
+    assert [p for p in defaults if p not in vars(args)] == []
+    # ... options not given leave the Recommender's defaults ...
+    assert cli._recommender(args).get_params() == defaults
+    # ... and whatever an option holds reaches the model (a distinct marker per parameter comes back).
+    markers = {p: object() for p in defaults}
+    for p, marker in markers.items():
+        setattr(args, p, marker)
+    built = cli._recommender(args).get_params()
+    assert [p for p, marker in markers.items() if built[p] is not marker] == []
+
+
+def test_the_training_control_options_parse():
+    args = cli._parser().parse_args([
+        "train", "data.csv", "-o", "m", "--no-early-stopping", "--validation-fraction", "0.2", "--n-iter-no-change",
+        "5", "--validation-metric", "mae", "--momentum", "0.5", "--no-nesterovs-momentum", "--no-clip-predictions",
+        "--verbose"])
+    params = cli._recommender(args).get_params()
+    assert {p: params[p] for p in ("early_stopping", "validation_fraction", "n_iter_no_change", "validation_metric",
+                                   "momentum", "nesterovs_momentum", "clip_predictions", "verbose")} == {
+        "early_stopping": False, "validation_fraction": 0.2, "n_iter_no_change": 5, "validation_metric": "mae",
+        "momentum": 0.5, "nesterovs_momentum": False, "clip_predictions": False, "verbose": True}
+
+
+def test_bad_parameter_values_name_the_option(tmp_path, capsys, files):
+    for option, value, message in (("--validation-fraction", "1.5", "validation_fraction must be"),
+                                   ("--momentum", "-1", "momentum must be"),
+                                   ("--epochs", "0", "epochs must be")):
+        code, _, err = run(capsys, "train", files["train"], "-o", tmp_path / "m", "--rating-col", "rating",
+                           option, value)
+        assert code == 1 and err.startswith(f"fastrec: error: {option}: {message}"), err
+        assert not (tmp_path / "m").exists()
+
+
+def test_train_reports_the_epochs_run_and_the_best_one(tmp_path, capsys, files):
+    path = tmp_path / "m.fastrec"
+    base = ["train", files["train"], "-o", path, "--rating-col", "rating", "--embedding-dim", "8", "--hidden", "16",
+            "--seed", "0", "--threads", "1"]
+    code, out, err = run(capsys, *base, "--epochs", "200", "--n-iter-no-change", "1")
+    assert (code, err) == (0, "")
+    model = fastrec.load(path)
+    history, best = model.history_, model.best_epoch_
+    assert 1 <= best < len(history["loss"]) < 200  # early stopping ran (seeded: this run stops early)
+    assert (f"{len(history['loss'])} epochs, best epoch {best} (val_rmse {history['val_rmse'][best - 1]:.4f})"
+            in out), out
+    assert f"{model.validation_size_:,} of them held out for validation" in out
+
+    code, out, _ = run(capsys, *base, "--epochs", "3", "--no-early-stopping")
+    assert code == 0 and ", 3 epochs, final loss" in out and "best" not in out and "held out" not in out
+    assert len(fastrec.load(path).history_["loss"]) == 3
+
+
+# ------------------------------------------------------------------------------ Ctrl-C
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_ctrl_c_saves_the_model_trained_so_far(tmp_path, early_stopping):
+    d = make_interactions(n_users=400, n_items=300, n_interactions=20000, random_state=1)
+    data = write_csv(tmp_path / "ratings.csv", {"user_id": d.users, "item_id": d.items, "rating": d.ratings})
+    path = tmp_path / "m.fastrec"
+    # Far more epochs than can run before the signal, and no stopping rule that could end training first.
+    stopping = ["--n-iter-no-change", "1000000"] if early_stopping else ["--no-early-stopping"]
+    command = [sys.executable, "-m", "fastrec", "train", str(data), "-o", str(path), "--rating-col", "rating",
+               "--epochs", "1000000", "--verbose", "--threads", "1", *stopping]
+    chunks = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:  # closes the pipes
+        reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(65536), b"")))
+        reader.start()
+        try:
+            # "epoch 2/" is printed once epoch 1 has completed: as epoch 1's summary line is "epoch 1/...",
+            # this is epoch 2's (or, with tqdm, the start of epoch 2's progress bar).
+            deadline = time.monotonic() + 120
+            while b"epoch 2/" not in b"".join(chunks):
+                assert proc.poll() is None and time.monotonic() < deadline, b"".join(chunks).decode()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)  # stdout holds a line or two at most: no pipe fills up
+            out = proc.stdout.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            reader.join()
+    err = b"".join(chunks).decode()
+    assert proc.returncode == 130, err
+    assert b"saved" not in out  # the normal end did not happen
+    model = fastrec.load(path)
+    epochs = len(model.history_["loss"])
+    assert epochs >= 1 and f"training interrupted after {epochs} epoch" in err and f"to {path}" in err, err
+    if early_stopping:
+        assert f"saved the model of its best epoch so far, epoch {model.best_epoch_} (val_rmse " in err, err
+    else:
+        assert "saved the model as it stood" in err
+    assert np.isfinite(model.predict(d.users, d.items)).all()
+
+
+def test_ctrl_c_before_an_epoch_completed_saves_nothing(tmp_path, capsys, monkeypatch, files):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fastrec.Recommender, "fit", interrupted)
+    code, out, err = run(capsys, "train", files["train"], "-o", tmp_path / "m.fastrec", *OPTIONS)
+    assert code == 130 and out == "" and "before its first epoch completed; nothing was saved" in err
+    assert not (tmp_path / "m.fastrec").exists()
+
+
+# ------------------------------------------------------------------------------ id kinds
+N_ITEMS = 12
+
+
+def interactions_with_holes(users, items):
+    """Each user interacts with all items but 3 (user j misses items j, j + 3, j + 6): recommending k=12 with
+    seen items excluded returns exactly those 3 for a user the model recognises, and all 12 for an unknown
+    one, whatever the model learned."""
+    pairs = [(u, i) for j, u in enumerate(users) for n, i in enumerate(items) if n not in (j, j + 3, j + 6)]
+    missed = {u: {items[j], items[j + 3], items[j + 6]} for j, u in enumerate(users)}
+    return pairs, missed
+
+
+def recommended(out):
+    rows = json.loads(out)
+    by_user = {}
+    for r in rows:
+        by_user.setdefault(r["user"], set()).add(r["item"])
+    return by_user
+
+
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_ids_round_trip_between_train_and_recommend(tmp_path, capsys, kind):
+    users = [3, 10, 11, 25] if kind == "int" else ["u3", "u10", "u11", "x"]
+    items = list(range(100, 100 + N_ITEMS)) if kind == "int" else [f"i{n}" for n in range(N_ITEMS)]
+    pairs, missed = interactions_with_holes(users, items)
+    data = write_csv(tmp_path / "clicks.csv", {"user_id": [u for u, _ in pairs], "item_id": [i for _, i in pairs]})
+    model_path = tmp_path / "m.fastrec"
+    assert run(capsys, "train", data, "-o", model_path, *OPTIONS)[0] == 0
+    assert fastrec.load(model_path).seen_pairs()[0].dtype.kind == ("i" if kind == "int" else "U")
+
+    plain = tmp_path / "users.txt"
+    plain.write_text(f"{users[2]}\n{users[0]}\n")
+    for how in (["--users", f"{users[0]},{users[2]}"], ["--users-file", plain], ["--users-file", data]):
+        code, out, err = run(capsys, "recommend", model_path, *how, "--k", N_ITEMS, "--format", "json")
+        assert (code, err) == (0, "")
+        got = recommended(out)
+        assert got and all(got[u] == missed[u] for u in got)  # typed like the model: JSON ints or strings
+        assert set(got) == ({users[0], users[2]} if how[0] != "--users-file" or how[1] == plain else set(users))
+
+
+def test_ids_that_are_no_id_of_an_integer_model_are_unknown_and_said_so(tmp_path, capsys):
+    users, items = [1, 2, 7], list(range(N_ITEMS))
+    pairs, missed = interactions_with_holes(users, items)
+    data = write_csv(tmp_path / "clicks.csv", {"user_id": [u for u, _ in pairs], "item_id": [i for _, i in pairs]})
+    model_path = tmp_path / "m.fastrec"
+    assert run(capsys, "train", data, "-o", model_path, *OPTIONS)[0] == 0
+
+    # Not a whole batch treated as unknown: 1 and 7 are recognised, "u9" and "007" are unknown and named.
+    code, out, err = run(capsys, "recommend", model_path, "--users", "1,u9,007,7", "--k", N_ITEMS, "--format", "json")
+    assert code == 0
+    assert "2 of 4 users are not integers" in err and "'007'" in err and "'u9'" in err
+    assert "2 of 4 users are unknown to the model" in err
+    assert recommended(out) == {1: missed[1], 7: missed[7], "u9": set(items), "007": set(items)}
+
+    # evaluate: the same rule for users and items, each unreadable id its own unknown id.
+    test = write_csv(tmp_path / "test.csv", {"user_id": ["1", "u9", "2", "007"], "item_id": ["1", "2", "i3", "4"]})
+    code, out, err = run(capsys, "evaluate", model_path, test, "--k", 3, "--format", "json")
+    assert code == 0 and "2 of 4 users are not integers" in err and "1 of 4 items are not integers" in err
+    model = fastrec.load(model_path)
+    unknown_users, unknown_item = [-1, -2], -1  # ids the model does not know
+    expected = evaluation.full_ranking(model, np.array([1, unknown_users[0], 2, unknown_users[1]]),
+                                       np.array([1, 2, unknown_item, 4]), k=3)
+    assert json.loads(out) == expected and expected["n_users"] == 4
+
+
+def test_train_types_each_sides_ids_over_all_its_files(tmp_path, capsys):
+    # "7" and "007" are two users (a leading zero makes the column strings, rather than merging them into 7);
+    # an item feature file with a non-integer id makes the integer-looking item ids of the interactions
+    # strings too, rather than failing on a mix of kinds.
+    data = write_csv(tmp_path / "clicks.csv", {"user_id": ["7", "007", "7", "8"], "item_id": ["1", "2", "3", "1"]})
+    features = write_csv(tmp_path / "items.csv", {"item_id": ["1", "2", "3", "new"], "year": [1990, 1991, 1992, 1993]})
+    model_path = tmp_path / "m.fastrec"
+    code, _, err = run(capsys, "train", data, "-o", model_path, "--item-features", features, *OPTIONS)
+    assert (code, err) == (0, "")
+    model = fastrec.load(model_path)
+    seen_users, seen_items = model.seen_pairs()
+    assert sorted(set(seen_users.tolist())) == ["007", "7", "8"]
+    assert seen_items.dtype.kind == "U" and model.n_items_ == 4
+    code, out, err = run(capsys, "recommend", model_path, "--users", "007", "--k", 5, "--format", "json")
+    assert (code, err) == (0, "") and recommended(out) == {"007": {"1", "3", "new"}}

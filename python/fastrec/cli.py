@@ -1,7 +1,16 @@
 """The ``fastrec`` command: demo, train, recommend, evaluate, info (``fastrec COMMAND --help``).
 
 Exit codes: 0 success, 1 a data or model error (one line ``fastrec: error: ...`` on stderr, no traceback),
-2 a usage error (argparse's). Only argparse and the csv module are needed; pandas is used when installed.
+2 a usage error (argparse's), 130 interrupted (Ctrl-C). Only argparse and the csv module are needed; pandas
+is used when installed.
+
+Id kinds (a model matches ids by kind: the integer 7 is not the string "7"). ``train`` makes a side's ids
+(users, or items) integers when every id cell of that side, in the interactions and in its feature file, is
+an integer written plainly (``str(int(cell)) == cell``: no leading zeros, '+', spaces or '_'), else strings;
+"007" is therefore a string, so "7" and "007" stay two ids. ``recommend`` and ``evaluate`` type the ids they
+read like the model's: against string ids every cell is its text; against integer ids a plainly written
+integer is that integer, and any other cell ("u1", "007", "7.0") is no id of the model: it is scored as an
+unknown id, and a note on stderr says which.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import numpy as np
 
 import fastrec
 from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS
-from fastrec.features import FeatureTable, _bags_from_cells
+from fastrec.features import FeatureTable, _bags_from_cells, as_id_array
 
 __all__ = ["main"]
 
@@ -63,23 +72,69 @@ def _column(columns: dict, name: str, path: str, hint: str = "") -> np.ndarray:
     return columns[name]
 
 
+def _integer_cells(text: np.ndarray):
+    """(values, ok): each cell of a text array as an int64 (0 where it is none) and whether it is an integer
+    written plainly, as str(int) writes it, within int64. Only such cells convert, so the conversion is exact
+    both ways: "007", "+7", " 7" and "1_000" are not integers here (int() would accept them all)."""
+    try:
+        values = text.astype(np.int64)  # the fast path: every cell parses (perhaps not plainly written)
+        return values, values.astype(str) == text
+    except (ValueError, OverflowError):
+        pass
+    values, ok = np.zeros(len(text), np.int64), np.zeros(len(text), bool)
+    for j, cell in enumerate(text.tolist()):
+        try:
+            value = int(cell)
+        except ValueError:
+            continue
+        if str(value) == cell and -2**63 <= value < 2**63:
+            values[j], ok[j] = value, True
+    return values, ok
+
+
+def _check_filled(values: np.ndarray, what: str):
+    if values.dtype.kind == "U" and (values == "").any():
+        raise DataError(f"{what} has an empty cell (data row {np.argmax(values == '') + 1})")
+
+
 def _as_ids(values: np.ndarray, what: str | None = None) -> np.ndarray:
-    """Ids as the model takes them: integers when every cell is one, else strings (never floats).
+    """Ids (or category values) as train gives them to the model: integers when every cell is a plainly
+    written integer (_integer_cells), else strings; typed columns (Parquet) keep their kind, never floats.
     With `what` (ids, not category values), an empty cell is an error."""
     if values.dtype.kind == "U":
-        if what is not None and (values == "").any():
-            raise DataError(f"{what} has an empty cell (data row {np.argmax(values == '') + 1})")
-        try:
-            return values.astype(np.int64)
-        except (ValueError, OverflowError):
-            return values
+        if what is not None:
+            _check_filled(values, what)
+        ints, ok = _integer_cells(values)
+        return ints if ok.all() else values
+    if what is not None and values.dtype == object:  # Parquet strings (or a mix, which as_id_array reports)
+        return as_id_array(values, what)
     return values
 
 
-def _ids_like_model(values: np.ndarray, model_ids: np.ndarray) -> np.ndarray:
-    """Ids read as text, typed like the model's: a model trained on string ids keeps "2" as "2"."""
+def _ids_not_in(n: int, known: np.ndarray) -> np.ndarray:
+    """n distinct int64 values that are not in `known`: the smallest int64s not taken (of n + len(known)
+    candidates at most len(known) are taken)."""
+    candidates = np.iinfo(np.int64).min + np.arange(n + len(known), dtype=np.int64)
+    return candidates[~np.isin(candidates, known)][:n]
+
+
+def _ids_like_model(values: np.ndarray, model_ids: np.ndarray, what: str) -> np.ndarray:
+    """Ids read from a file or the command line, typed like the model's ids (see the module docstring).
+    Against integer ids, a cell that is not a plainly written integer is no id of the model: it becomes an
+    int64 the model does not know (distinct cells stay distinct, so per-user metrics keep them apart), and a
+    note on stderr names it. `model_ids`: the model's ids of that side (seen_pairs' ids)."""
     text = np.asarray(values).astype(str)
-    return text if model_ids.dtype.kind == "U" else _as_ids(text)
+    if model_ids.dtype.kind == "U":
+        return text
+    ids, ok = _integer_cells(text)
+    if not ok.all():
+        bad, inverse = np.unique(text[~ok], return_inverse=True)
+        ids[~ok] = _ids_not_in(len(bad), model_ids)[inverse.ravel()]
+        examples = ", ".join(map(repr, bad[:3].tolist()))
+        print(f"fastrec: note: {(~ok).sum()} of {len(text)} {what} are not integers, which the model's {what} "
+              f"are (e.g. {examples}; an integer id is written without leading zeros, '+' or spaces): they are "
+              "unknown to the model", file=sys.stderr)
+    return ids
 
 
 def _is_number(cell) -> bool:
@@ -108,12 +163,15 @@ def _split(text: str) -> list:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _feature_table(path: str, side: str, id_col: str, args, used: set) -> FeatureTable:
-    """A FeatureTable from a file: its columns (but the id) as --categorical / --multi-hot / --numeric say,
-    else numeric when every cell is a number and categorical otherwise."""
+def _feature_table(path: str, side: str, id_col: str, args, used: set, interaction_ids: np.ndarray):
+    """(FeatureTable, interaction ids) from a feature file: its columns (but the id) as --categorical /
+    --multi-hot / --numeric say, else numeric when every cell is a number and categorical otherwise. The ids
+    of one side are of one kind: integers when both its files' ids are, else strings in both."""
     columns = _read_table(path, args.sep)
     ids = _column(columns, id_col, path, f" (name the id column with --{side}-id-col)")
     ids = _as_ids(ids, f"column {id_col!r} of {path}")
+    if (ids.dtype.kind == "U") != (interaction_ids.dtype.kind == "U"):
+        ids, interaction_ids = ids.astype(str), interaction_ids.astype(str)  # integers are plainly written
     categorical, multi_hot, numeric = {}, {}, {}
     for name, values in columns.items():
         if name == id_col:
@@ -128,13 +186,17 @@ def _feature_table(path: str, side: str, id_col: str, args, used: set) -> Featur
             numeric[name] = _as_numbers(values, f"column {name!r} of {path}")
         else:
             categorical[name] = values
-    return FeatureTable(ids, categorical=categorical, multi_hot=multi_hot, numeric=numeric)
+    return FeatureTable(ids, categorical=categorical, multi_hot=multi_hot, numeric=numeric), interaction_ids
 
 
 def _interactions(columns: dict, path: str, args):
-    users = _column(columns, args.user_col, path, " (name it with --user-col)")
-    items = _column(columns, args.item_col, path, " (name it with --item-col)")
-    return _as_ids(users, f"column {args.user_col!r} of {path}"), _as_ids(items, f"column {args.item_col!r} of {path}")
+    """The user and item columns as read (empty cells refused), with their labels for messages."""
+    out = []
+    for name, option in ((args.user_col, "--user-col"), (args.item_col, "--item-col")):
+        values, what = _column(columns, name, path, f" (name it with {option})"), f"column {name!r} of {path}"
+        _check_filled(values, what)
+        out += [values, what]
+    return out
 
 
 def _load_recommender(path: str):
@@ -165,7 +227,7 @@ _HYPER_PARAMETERS = [
     ("--learning-rate", "learning_rate", float, "learning rate"),
     ("--alpha", "alpha", float, "L2 penalty"),
     ("--embedding-alpha", "embedding_alpha", float, "L2 penalty of the embeddings, if other than --alpha"),
-    ("--epochs", "epochs", int, "passes over the data"),
+    ("--epochs", "epochs", int, "passes over the data (at most, with early stopping)"),
     ("--batch-size", "batch_size", int, "interactions per step"),
     ("--negatives", "negatives", int, "implicit feedback: items sampled per positive"),
     ("--negative-sampling", "negative_sampling", ("uniform", "popularity"), "how negatives are drawn"),
@@ -175,6 +237,15 @@ _HYPER_PARAMETERS = [
     ("--wide", "wide", bool, "linear term: a bias per id and per feature value"),
     ("--user-history", "user_history", bool, "each user also described by its training items (SVD++)"),
     ("--item-history", "item_history", bool, "each item also described by its training users"),
+    ("--early-stopping", "early_stopping", bool, "hold out --validation-fraction of the interactions, stop when "
+     "--validation-metric has not improved for --n-iter-no-change epochs, keep the best epoch"),
+    ("--validation-fraction", "validation_fraction", float, "fraction held out by --early-stopping"),
+    ("--n-iter-no-change", "n_iter_no_change", int, "epochs without improvement before early stopping"),
+    ("--validation-metric", "validation_metric", str, "rmse or mae (ratings), ndcg@K or hr@K (implicit "
+     "feedback: each held-out pair ranked against 99 items its user never touched); auto: rmse or ndcg@10"),
+    ("--clip-predictions", "clip_predictions", bool, "ratings: predictions clipped to the training range"),
+    ("--momentum", "momentum", float, "momentum of --optimizer sgd on the MLP"),
+    ("--nesterovs-momentum", "nesterovs_momentum", bool, "Nesterov's momentum (--optimizer sgd)"),
     ("--seed", "random_state", int, "random seed (the same seed gives the same model)"),
     ("--threads", "n_threads", int, "threads (the result does not depend on it; default all cores)"),
 ]
@@ -194,11 +265,53 @@ def _check_writable(path: str):
         raise DataError(f"cannot write {path}: no directory {folder}")
 
 
+def _recommender(args) -> fastrec.Recommender:
+    """The Recommender that train's options describe (options not given: the Recommender's defaults)."""
+    params = {p: getattr(args, p) for _, p, *_ in _HYPER_PARAMETERS if getattr(args, p) is not None}
+    return fastrec.Recommender(verbose=args.verbose, **params)
+
+
+def _option_error(error: Exception) -> Exception:
+    """A parameter check's error ("epochs must be ...") named by its option too ("--epochs: epochs must ...")."""
+    text = str(error)
+    for option, param, *_ in _HYPER_PARAMETERS:
+        if text.startswith((f"{param} ", f"{param}=")):
+            return DataError(f"{option}: {text}")
+    return error
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' * (n != 1)}"
+
+
+def _best_epoch(model) -> str | None:
+    """'epoch B (val_rmse 0.9123)' when fit scored a validation metric, else None."""
+    history, best = model.history_, getattr(model, "best_epoch_", None)
+    metric = next((key for key in history if key.startswith("val_")), None)
+    if metric is None or best is None:
+        return None
+    return f"epoch {best} ({metric} {history[metric][best - 1]:.4f})"
+
+
+def _save_interrupted(model, path: str) -> int:
+    """Ctrl-C during fit: keep what the completed epochs learned, if any."""
+    done = len(getattr(model, "history_", {}).get("loss", []))
+    if done == 0:
+        print("fastrec: training interrupted before its first epoch completed; nothing was saved", file=sys.stderr)
+        return 130
+    model.save(path)
+    best = _best_epoch(model)
+    kept = f"of its best epoch so far, {best}," if best else "as it stood"
+    print(f"fastrec: training interrupted after {_epochs(done)}; saved the model {kept} to {path}", file=sys.stderr)
+    return 130
+
+
 def _train(args):
     start = time.perf_counter()
     _check_writable(args.output)
     columns = _read_table(args.data, args.sep)
-    users, items = _interactions(columns, args.data, args)
+    users, user_what, items, item_what = _interactions(columns, args.data, args)
+    users, items = _as_ids(users, user_what), _as_ids(items, item_what)
     ratings = weight = None
     if args.rating_col is not None:
         ratings = _as_numbers(_column(columns, args.rating_col, args.data), f"column {args.rating_col!r}")
@@ -207,29 +320,40 @@ def _train(args):
     kinds = {"--categorical": args.categorical, "--multi-hot": args.multi_hot, "--numeric": args.numeric}
     used: set = set()
     tables = {}
-    for side, path, id_col in (("user", args.user_features, args.user_id_col or args.user_col),
-                               ("item", args.item_features, args.item_id_col or args.item_col)):
-        if path is not None:
-            tables[side] = _feature_table(path, side, id_col, args, used)
+    if args.user_features is not None:
+        tables["user"], users = _feature_table(args.user_features, "user", args.user_id_col or args.user_col,
+                                               args, used, users)
+    if args.item_features is not None:
+        tables["item"], items = _feature_table(args.item_features, "item", args.item_id_col or args.item_col,
+                                               args, used, items)
     for option, names in kinds.items():
         missing = [n for n in names if n not in used]
         if missing:
             raise DataError(f"{option} names {', '.join(map(repr, missing))}, not a column of a feature file "
                             "(--user-features / --item-features)")
 
-    params = {p: getattr(args, p) for _, p, *_ in _HYPER_PARAMETERS if getattr(args, p) is not None}
-    model = fastrec.Recommender(verbose=args.verbose, **params)
-    model.fit(users, items, ratings, user_features=tables.get("user"), item_features=tables.get("item"),
-              sample_weight=weight)
+    model = _recommender(args)
+    try:
+        model.fit(users, items, ratings, user_features=tables.get("user"), item_features=tables.get("item"),
+                  sample_weight=weight)
+    except KeyboardInterrupt:
+        return _save_interrupted(model, args.output)
+    except (ValueError, TypeError) as e:
+        raise _option_error(e) from None
     model.save(args.output)
     feedback = "implicit feedback" if ratings is None else f"ratings from {args.rating_col!r}"
-    print(f"trained on {len(users):,} interactions ({feedback}), {model.n_users_:,} users x "
-          f"{model.n_items_:,} items, epochs: {model.epochs}, final loss {model.loss_curve_[-1]:.4f}, "
-          f"{time.perf_counter() - start:.1f} s")
+    held_out = getattr(model, "validation_size_", None)
+    held_out = f", {held_out:,} of them held out for validation" if held_out else ""
+    best = _best_epoch(model)
+    best = f", best {best}" if best else ""
+    print(f"trained on {len(users):,} interactions ({feedback}{held_out}), {model.n_users_:,} users x "
+          f"{model.n_items_:,} items, {_epochs(len(model.history_['loss']))}{best}, final loss "
+          f"{model.loss_curve_[-1]:.4f}, {time.perf_counter() - start:.1f} s")
     print(f"saved {args.output}")
 
 
-def _read_users(args, model) -> np.ndarray:
+def _read_users(args, model):
+    """(users typed like the model's ids, users as given for the output), each user once, in the order given."""
     if args.users is not None:
         users = np.array(_split(args.users), dtype=str)
     else:
@@ -240,24 +364,28 @@ def _read_users(args, model) -> np.ndarray:
         else:
             with open(args.users_file) as f:
                 users = np.array([line.strip() for line in f if line.strip()], dtype=str)
-    users = _ids_like_model(users, model.seen_pairs()[0])
-    _, first_seen = np.unique(users, return_index=True)
-    users = users[np.sort(first_seen)]  # each user once, in the order given
-    if len(users) == 0:
+    text = np.asarray(users).astype(str)
+    _, first_seen = np.unique(text, return_index=True)
+    text = text[np.sort(first_seen)]  # each user once, in the order given
+    if len(text) == 0:
         raise DataError("no users given")
-    unknown = np.setdiff1d(users, model.seen_pairs()[0])
+    trained = model.seen_pairs()[0]
+    users = _ids_like_model(text, trained, "users")
+    # What the output names each user by: the model's id, or the text given where it is none (a note said so).
+    shown = [u if t == str(u) else t for u, t in zip(users.tolist(), text.tolist())]
+    unknown = np.flatnonzero(~np.isin(users, trained))
     if len(unknown):
         print(f"fastrec: note: {len(unknown)} of {len(users)} users are unknown to the model (e.g. "
-              f"{unknown.tolist()[0]!r}); they get what a new user would", file=sys.stderr)
-    return users
+              f"{shown[unknown[0]]!r}); they get what a new user would", file=sys.stderr)
+    return users, shown
 
 
 def _recommend(args):
     model = _load_recommender(args.model)
-    users = _read_users(args, model)
+    users, shown = _read_users(args, model)
     ids, scores = model.recommend(users, k=args.k, exclude_seen=not args.include_seen)
     rows = [(user, rank + 1, item, score)
-            for user, row_ids, row_scores in zip(users.tolist(), ids.tolist(), scores.tolist())
+            for user, row_ids, row_scores in zip(shown, ids.tolist(), scores.tolist())
             for rank, (item, score) in enumerate(zip(row_ids, row_scores))
             if score != -np.inf]  # padding: fewer than k candidates left for that user
     with _output(args.output) as out:
@@ -285,9 +413,10 @@ def _evaluate(args):
 
     model = _load_recommender(args.model)
     columns = _read_table(args.data, args.sep)
-    users, items = _interactions(columns, args.data, args)
+    users, _, items, _ = _interactions(columns, args.data, args)
     trained_users, trained_items = model.seen_pairs()
-    users, items = _ids_like_model(users, trained_users), _ids_like_model(items, trained_items)
+    users = _ids_like_model(users, trained_users, "users")
+    items = _ids_like_model(items, trained_items, "items")
     if not model.implicit_:
         name = args.rating_col or "rating"
         hint = "; the model predicts ratings: name their column with --rating-col"
@@ -373,7 +502,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Train, use and inspect fastrec recommenders from the command line.",
         epilog="Data files are CSV with a header row (read by pandas when it is installed, else by Python's csv\n"
                "module) or Parquet (.parquet, .pq; needs pandas and pyarrow). Ids are integers when every\n"
-               "cell is one, else strings.\n\n"
+               "cell of the column is a plainly written integer (no leading zeros, '+' or spaces), else strings;\n"
+               "recommend and evaluate read ids as the model's kind (integer or string): a cell that cannot be\n"
+               "one (e.g. 'u1' or '007' against integer ids) is an unknown id, and a note on stderr says so.\n\n"
                "examples:\n"
                "  fastrec demo --save demo.fastrec\n"
                "  fastrec train ratings.csv --rating-col rating -o model.fastrec\n"
@@ -399,8 +530,14 @@ def _parser() -> argparse.ArgumentParser:
                 "sampled). Feature files have one row per user or item; their columns are numeric when every\n"
                 "cell is a number and categorical otherwise, unless --categorical / --multi-hot / --numeric\n"
                 "say otherwise.\n\n"
+                "With --early-stopping (the default) --validation-fraction of the interactions is held out,\n"
+                "--validation-metric is scored after every epoch, training stops once it has not improved for\n"
+                "--n-iter-no-change epochs, and the best epoch is kept; --epochs is then a maximum. Ctrl-C stops\n"
+                "training and saves the model (the best epoch so far with --early-stopping) if an epoch has\n"
+                "completed; the exit status is then 130.\n\n"
                 "examples:\n"
-                "  fastrec train ratings.csv --rating-col rating --epochs 20 --seed 0 -o model.fastrec\n"
+                "  fastrec train ratings.csv --rating-col rating --seed 0 -o model.fastrec\n"
+                "  fastrec train ratings.csv --rating-col rating --no-early-stopping --epochs 20 -o model.fastrec\n"
                 "  fastrec train clicks.parquet --item-features items.csv --multi-hot genres \\\n"
                 "      --hidden 128,64 --negatives 8 -o model.fastrec")
     p.add_argument("data", metavar="DATA", help="interactions: CSV or Parquet, one row per (user, item)")
@@ -430,12 +567,14 @@ def _parser() -> argparse.ArgumentParser:
         elif kind == "sizes":
             g.add_argument(option, dest=param, type=_sizes, metavar="SIZES", help=text)
         else:
-            g.add_argument(option, dest=param, type=kind, metavar="N" if kind is int else "X", help=text)
-    g.add_argument("--verbose", action="store_true", help="print the loss of every epoch")
+            metavar = {int: "N", float: "X", str: "NAME"}[kind]
+            g.add_argument(option, dest=param, type=kind, metavar=metavar, help=text)
+    g.add_argument("--verbose", action="store_true", help="print the loss (and validation score) of every epoch")
 
     p = command("recommend", _recommend, "top-k items for users, as CSV or JSON (user, rank, item, score)",
                 "Items a user interacted with in training are left out unless --include-seen. A user with fewer\n"
-                "than k items left gets fewer rows. Users unknown to the model get what a new user would.\n\n"
+                "than k items left gets fewer rows. Users unknown to the model get what a new user would (a note\n"
+                "on stderr counts them); against integer user ids, an id not written as one ('u1', '007') is unknown.\n\n"
                 "examples:\n"
                 "  fastrec recommend model.fastrec --users 1,2,3 --k 5\n"
                 "  fastrec recommend model.fastrec --users-file test.csv --format json -o top10.json")
@@ -495,7 +634,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, --version, usage errors: argparse has printed what to say
         return e.code if isinstance(e.code, int) else 2
     try:
-        args.run(args)
+        return args.run(args) or 0  # train returns 130 when Ctrl-C stopped it (and says what it saved)
     except KeyboardInterrupt:
         print("fastrec: interrupted", file=sys.stderr)
         return 130
@@ -505,5 +644,4 @@ def main(argv=None) -> int:
     except (DataError, ValueError, TypeError, OSError) as e:  # includes fastrec.ModelFileError
         print(f"fastrec: error: {_message(e)}", file=sys.stderr)
         return 1
-    return 0
 
