@@ -102,6 +102,16 @@ def _validation_split(users, items, fraction, rng) -> np.ndarray:
     return held
 
 
+def _rankable(seen_users, seen_items, val_users, val_items):
+    """(mask of the validation pairs whose user has at least n_negatives untouched items, n_negatives): the
+    validation ranking draws min(99, half the items) negatives per pair."""
+    universe = np.union1d(seen_items, val_items)
+    n_negatives = min(99, len(universe) // 2)
+    users, counts = np.unique(np.concatenate([seen_users, val_users]), return_counts=True)
+    untouched = len(universe) - counts[np.searchsorted(users, val_users)]  # a lower bound (repeats count)
+    return (untouched >= n_negatives) & (n_negatives >= 1), n_negatives
+
+
 def _is_scalar(value) -> bool:
     """One id rather than an array of them (ragged nested lists are neither: as_id_array reports them)."""
     try:
@@ -157,10 +167,15 @@ class Recommender(BaseEstimator):
     batch_size : int, default=256
         Interactions per step (negatives come on top).
     negatives : int, default=4
-        Implicit feedback: items sampled per positive as label-0 examples, fresh each epoch, never an item
-        the user interacted with in training.
+        Implicit feedback: items sampled per positive as label-0 examples, fresh each epoch. A draw that is
+        one of the user's training items is drawn again, up to 64 draws, and the 64th is kept, so a user whose
+        items hold most of the sampling mass (or who interacted with every item) also gets some of them as
+        negatives.
     negative_sampling : {"uniform", "popularity"}, default="uniform"
-        "popularity": proportional to count^0.75 (word2vec's smoothing).
+        "uniform": uniform over the items with training interactions; "popularity": proportional to
+        count^0.75 (word2vec's smoothing), count being the item's interactions given to fit / partial_fit
+        (repeats and the pairs held out by ``early_stopping`` included). Items known only from feature
+        tables are never sampled.
     id_dropout : float, default=0.05
         Fraction of training examples that read the learned "unknown" id row instead of their own, which is
         what ids never seen in training (and items known only by side features) use.
@@ -432,6 +447,15 @@ class Recommender(BaseEstimator):
         """A first fit (fit, or partial_fit of an unfitted model): fresh entities, fields and parameters."""
         hidden, loss = self._validate_params(ratings is None)
         validate = self._validation(validation_data, ratings is None)
+        if feature_types is not None:
+            if not isinstance(feature_types, dict):
+                raise TypeError(f"feature_types must be a dict column name -> type, got {type(feature_types).__name__}")
+            columns = {c for t in (user_features, item_features) if hasattr(t, "columns") and not
+                       isinstance(t, FeatureTable) for c in t.columns}
+            unknown = [c for c in feature_types if c not in columns]
+            if unknown:
+                raise ValueError(f"feature_types names {unknown}, not a column of a user_features / item_features "
+                                 f"DataFrame (columns: {sorted(map(str, columns))})")
         user_features = self._check_table(user_features, "user_features", feature_types, first_fit=True)
         item_features = self._check_table(item_features, "item_features", feature_types, first_fit=True)
         for name in ("net_", "_predictor", "best_epoch_", "validation_size_"):
@@ -440,6 +464,8 @@ class Recommender(BaseEstimator):
         held_out = None
         if auto_validation and validate is None and self.early_stopping and epochs > 1:
             held = _validation_split(users, items, self.validation_fraction, self._rng)
+            if ratings is None:  # a tiny catalogue, or users who touched almost every item: nothing to rank
+                held[held] = _rankable(users[~held], items[~held], users[held], items[held])[0]
             if held.any():
                 held_out = (users[held], items[held])
                 self.validation_size_ = int(held.sum())
@@ -462,7 +488,7 @@ class Recommender(BaseEstimator):
         are read from ``user_features`` / ``item_features`` if given (with the vocabularies and scaling of the
         first fit; the features of ids already known are not changed; ids only in these tables are added
         too, scored from their features), and the interactions join the seen items (excluded by
-        ``recommend`` and never sampled as negatives). On an unfitted model it is ``fit``
+        ``recommend``, and rejected as negatives up to the sampler's 64-draw cap). On an unfitted model it is ``fit``
         with one epoch. The ratings' kind (explicit or implicit) must match the first fit. Training
         parameters (learning_rate, alpha, batch_size, negatives, ...) may change between calls; a parameter
         the model was built from (embedding_dim, hidden_layer_sizes, activation, loss, gmf,
@@ -518,10 +544,21 @@ class Recommender(BaseEstimator):
                 pick = np.sort(np.random.default_rng(0).choice(len(val_users), _MAX_RANKED, replace=False))
                 val_users, val_items = val_users[pick], val_items[pick]
 
-            def score():  # each validation pair against 99 items its user never touched (fixed draw)
+            ranked = {}
+
+            def score():
+                """Each validation pair against min(99, half the items) items its user never touched (a fixed
+                draw); pairs of users with fewer untouched items than that are left out, and with none left
+                the score is NaN (it never counts as an improvement)."""
                 seen_users, seen_items = self.seen_pairs()
-                return sampled_ranking(self, val_users, val_items, seen_users=seen_users, seen_items=seen_items,
-                                       n_negatives=99, k=int(k), random_state=0)[metric]
+                if not ranked:
+                    keep, n_negatives = _rankable(seen_users, seen_items, val_users, val_items)
+                    ranked.update(users=val_users[keep], items=val_items[keep], n_negatives=n_negatives)
+                if ranked["n_negatives"] < 1 or not len(ranked["users"]):
+                    return float("nan")
+                return sampled_ranking(self, ranked["users"], ranked["items"], seen_users=seen_users,
+                                       seen_items=seen_items, n_negatives=ranked["n_negatives"], k=int(k),
+                                       random_state=0)[metric]
             return score, metric, True
         allowed = "'ndcg@K' or 'hr@K'" if implicit else "'rmse' or 'mae'"
         raise ValueError(f"validation_metric must be 'auto' or {allowed} for this data, got {metric!r}")
