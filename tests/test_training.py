@@ -90,7 +90,7 @@ def test_partial_fit_rejects_other_feedback_kind_and_id_type(data):
 
 
 @pytest.mark.parametrize("change", [dict(embedding_dim=8), dict(hidden_layer_sizes=(16,)), dict(optimizer="sgd"),
-                                    dict(gmf=False), dict(wide=True), dict(user_history=True), dict(id_dropout=0.2)])
+                                    dict(gmf=False), dict(wide=False), dict(user_history=True), dict(id_dropout=0.2)])
 def test_partial_fit_refuses_a_changed_structural_parameter(data, change, tmp_path):
     """partial_fit continues the fitted model: a set_params change it cannot honour is refused, naming the
     parameter, and the model is left as it was; also after save and load. Training parameters

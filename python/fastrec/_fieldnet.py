@@ -359,10 +359,10 @@ def check_structure(est):
 
 
 def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=None, validate=None, metric=None,
-               higher_is_better=False, advice=""):
+               higher_is_better=False, advice="", alpha=None, learning_rate=None):
     """The epochs of `est.fit` / `est.partial_fit` for a FieldNet-based estimator.
 
-    Reads est.batch_size, alpha, learning_rate, momentum, nesterovs_momentum, n_iter_no_change,
+    Reads est.batch_size, alpha and learning_rate (unless given: the values an "auto" resolved to), momentum, nesterovs_momentum, n_iter_no_change,
     verbose and n_threads. Appends to est.history_ ("loss", "seconds" and, with `validate` (a function
     returning the validation metric of the current parameters), "val_<metric>"). With validation and n_iter_no_change, training stops after that many epochs without
     improvement and the parameters of the best epoch are restored (est.best_epoch_ counts from 1).
@@ -376,7 +376,9 @@ def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=Non
     state = {"best": None}
     try:
         _run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, state, sampler=sampler, validate=validate,
-                    metric=metric, higher_is_better=higher_is_better, advice=advice)
+                    metric=metric, higher_is_better=higher_is_better, advice=advice,
+                    alpha=float(est.alpha if alpha is None else alpha),
+                    learning_rate=float(est.learning_rate if learning_rate is None else learning_rate))
     except KeyboardInterrupt:
         if state["best"] is not None:
             net.restore(state["best"])
@@ -384,7 +386,7 @@ def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=Non
 
 
 def _run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, state, *, sampler, validate, metric,
-                higher_is_better, advice):
+                higher_is_better, advice, alpha, learning_rate):
     history = est.history_
     val_key = f"val_{metric}" if validate is not None else None
     if val_key:
@@ -399,8 +401,8 @@ def _run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, state, *, sam
             sampler["seed"] = int(rng.randint(0, 2**31 - 1))
         progress = _Progress(est.verbose, epoch, epochs, n)
         loss_sum, rows, diverged, error = net.train_epoch(
-            handle, keys, y, weight, order, batch_size=int(est.batch_size), alpha=float(est.alpha),
-            learning_rate=float(est.learning_rate), momentum=float(est.momentum),
+            handle, keys, y, weight, order, batch_size=int(est.batch_size), alpha=alpha,
+            learning_rate=learning_rate, momentum=float(est.momentum),
             nesterov=bool(est.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler,
             epoch=len(history["loss"]), n_threads=n_threads, progress=progress if progress.bar is not None else None)
         if (error is not None or diverged) and progress.bar is not None:

@@ -30,6 +30,10 @@ __all__ = ["Recommender"]
 
 USER, ITEM = 0, 1  # key columns
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# What alpha="auto" and learning_rate="auto" mean, by loss: chosen by benchmarks/choose_defaults.py on
+# validation splits of MovieLens-100k and three synthetic sets (benchmarks/QUALITY.md, "Defaults").
+# Implicit feedback (bce) wants a weaker penalty and a larger step than ratings (mse).
+_AUTO = {"mse": {"alpha": 1.0, "learning_rate": 1e-3}, "bce": {"alpha": 0.3, "learning_rate": 4e-3}}
 # Validation pairs scored per epoch by a ranking metric (each against 99 negatives): 10^4 pairs give a
 # standard error of HR@10 under 0.005, and cost 10^6 predictions.
 _MAX_RANKED = 10_000
@@ -141,7 +145,7 @@ class Recommender(BaseEstimator):
         vector from them. This GMF item vector is never dropped by ``id_dropout``: a cold item's id part is
         zero and its features are the rest. On MovieLens-100k cold items it validated ~0.002 RMSE better
         (benchmarks/QUALITY.md).
-    wide : bool, default=False
+    wide : bool, default=True
         Add a linear term to the output (Wide & Deep): a learned bias per user, per item and per value of
         every categorical / multi-hot side feature. It is what lets items known only by their features get
         their features' typical rating.
@@ -155,13 +159,16 @@ class Recommender(BaseEstimator):
     optimizer : {"adam", "adagrad", "sgd"}, default="adam"
         Lazy Adam, row-wise Adagrad or plain SGD on the embedding rows of each batch; Adam, Adagrad or SGD
         (with ``momentum``) on the MLP.
-    learning_rate : float, default=1e-3
-    alpha : float, default=1e-5
-        L2 penalty ``0.5 * alpha * ||w||^2 / batch`` on the MLP weights and on the embedding rows a batch
-        touches (only those: lazy regularisation keeps a step's cost independent of the vocabulary size).
-    embedding_alpha : float or None, default=None
-        L2 weight of the embedding tables if it should differ from ``alpha`` (a strong penalty on the
-        embeddings without one on the MLP).
+    learning_rate : float or "auto", default="auto"
+        "auto": 1e-3 for ratings (loss "mse"), 4e-3 for implicit feedback (loss "bce").
+    alpha : float or "auto", default="auto"
+        L2 penalty ``0.5 * alpha * ||w||^2 / batch`` on the MLP weights (and on the embedding rows a batch
+        touches, unless ``embedding_alpha`` is set: lazy regularisation keeps a step's cost independent of
+        the vocabulary size). "auto": 1.0 for ratings, 0.3 for implicit feedback. The "auto" values and the
+        other defaults were chosen on validation splits of several data sets (benchmarks/choose_defaults.py).
+    embedding_alpha : float or None, default=0.03
+        L2 weight of the embedding tables (None: ``alpha``): a strong penalty on the MLP and a weak one on the
+        embeddings is what validated best.
     epochs : int, default=50
         The most epochs a fit runs (early stopping usually ends it sooner).
     batch_size : int, default=256
@@ -227,10 +234,10 @@ class Recommender(BaseEstimator):
     loss_curve_ = loss_curve_from_history
 
     def __init__(self, embedding_dim=32, hidden_layer_sizes=(64, 32), activation="relu", loss="auto", gmf=True,
-                 gmf_item_features=False, wide=False, user_history=False, item_history=False, optimizer="adam", learning_rate=1e-3, alpha=1e-5,
-                 embedding_alpha=None, epochs=50, batch_size=256, negatives=4,
+                 gmf_item_features=False, wide=True, user_history=False, item_history=False, optimizer="adam",
+                 learning_rate="auto", alpha="auto", embedding_alpha=0.03, epochs=50, batch_size=256, negatives=4,
                  negative_sampling="uniform", id_dropout=0.05, momentum=0.9, nesterovs_momentum=True,
-                 validation_metric="auto", early_stopping=True, validation_fraction=0.1, n_iter_no_change=3,
+                 validation_metric="auto", early_stopping=True, validation_fraction=0.1, n_iter_no_change=5,
                  clip_predictions=True, random_state=None, n_threads=None, verbose=False):
         self.embedding_dim = embedding_dim
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -276,8 +283,10 @@ class Recommender(BaseEstimator):
                               ("negative_sampling", ("uniform", "popularity"))):
             if not (isinstance(getattr(self, name), str) and getattr(self, name) in options):
                 raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
-        check_float(self.learning_rate, "learning_rate", low_open=True)
-        check_float(self.alpha, "alpha")
+        if self.learning_rate != "auto":
+            check_float(self.learning_rate, "learning_rate", low_open=True)
+        if self.alpha != "auto":
+            check_float(self.alpha, "alpha")
         if self.embedding_alpha is not None:
             check_float(self.embedding_alpha, "embedding_alpha")
         check_float(self.momentum, "momentum", 0.0, 1.0, high_open=False)
@@ -749,7 +758,10 @@ class Recommender(BaseEstimator):
         sampler = self._sampler(negatives=self.negatives if self.implicit_ else 0, seed=0)
         self._predictor = None  # also what makes an interrupted fit predict with the new parameters
         fn, metric, higher = validate if validate is not None else (None, None, False)
+        auto = _AUTO[self.loss_]
         run_epochs(self, self.net_, handle, [u, i], y, weight, n, self._rng, epochs, sampler=sampler, validate=fn,
+                   alpha=auto["alpha"] if self.alpha == "auto" else self.alpha,
+                   learning_rate=auto["learning_rate"] if self.learning_rate == "auto" else self.learning_rate,
                    metric=metric, higher_is_better=higher,
                    advice=", a moderate alpha or embedding_alpha (too strong a penalty diverges too), or scaled "
                           "ratings and numeric features")
