@@ -110,6 +110,7 @@ def test_ctrl_c_keeps_the_best_epoch(data):
         rec.fit(data.users, data.items, data.ratings, validation_data=score)
     assert rec.best_epoch_ == 2
     np.testing.assert_array_equal(rec.predict(probe_u, probe_i), seen[2])
+    assert not np.array_equal(seen[3], seen[2])  # the interrupted model had moved on: the restore is visible
 
 
 def test_field_model_takes_a_callable_validation_score():
@@ -169,7 +170,7 @@ def test_feature_types_given_explicitly_are_used_and_nothing_is_guessed(data):
         warnings.simplefilter("error")  # no guess to report
         rec = fastrec.Recommender(epochs=1, **SMALL).fit(data.users, data.items, data.ratings, item_features=df,
                                                           feature_types=types)
-    assert rec._column_types_["item_features"] == {**types, "tags": "multi_hot:|"}
+    assert dict(rec._column_types_["item_features"]) == {**types, "tags": "multi_hot:|"}
     kinds = {name: kind for name, (kind, _) in rec._vocab_["item"].items()}
     assert kinds == {"bucket": "categorical", "genres": "multi_hot", "tags": "multi_hot"}
     assert sorted(rec._vocab_["item"]["genres"][1].tolist()) == ["Action", "Comedy", "Drama", "Horror", "Romance"]
@@ -184,8 +185,9 @@ def test_feature_types_guessed_are_reported(data):
     for line in ("'bucket': categorical (integers with only 4 distinct values",
                  "'genres': multi_hot: ", "'tags': multi_hot:|", "'year': numeric", "'price': numeric"):
         assert line in text, (line, text)
-    assert rec._column_types_["item_features"] == {"bucket": "categorical", "genres": "multi_hot: ",
-                                                   "tags": "multi_hot:|", "year": "numeric", "price": "numeric"}
+    assert dict(rec._column_types_["item_features"]) == {
+        "bucket": "categorical", "genres": "multi_hot: ", "tags": "multi_hot:|", "year": "numeric", "price": "numeric"}
+    assert record[0].filename == __file__  # the warning names the caller's line, not fastrec's
 
 
 def test_partial_fit_reads_new_feature_rows_with_the_first_fit_s_types(data):
@@ -197,7 +199,7 @@ def test_partial_fit_reads_new_feature_rows_with_the_first_fit_s_types(data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the types are known: nothing guessed
         rec.partial_fit(np.array([0, 1]), np.array([85, 90]), np.array([3.0, 4.0]), item_features=df.iloc[80:])
-    assert rec._column_types_["item_features"] == types
+    assert dict(rec._column_types_["item_features"]) == types
 
 
 @pytest.mark.parametrize("types, match", [({"nope": "numeric"}, "not a column"),
@@ -243,3 +245,75 @@ def test_string_model_converts_integer_queries(data):
         np.char.add("u", su), si, data.ratings)
     with pytest.warns(UserWarning, match="fit with string ids and are queried with integer ids, none of which"):
         other.predict([1, 2], ["1", "2"])
+
+
+def test_implicit_split_with_repeated_interactions_ranks_and_stops():
+    # Click logs repeat pairs: each user clicks 40 of 200 items three times. Distinct items count, so every
+    # user has 160 untouched items and the validation ranking works (repeats once made nothing rankable).
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(200), 120)
+    items = np.concatenate([np.tile(rng.choice(200, 40, replace=False), 3) for _ in range(200)])
+    rec = fastrec.Recommender(epochs=3, **SMALL).fit(users, items)
+    assert rec.validation_size_ > 1000
+    assert np.isfinite(rec.history_["val_ndcg@10"]).all()
+
+
+def test_held_out_pairs_stay_out_of_the_history_bags(data):
+    rec = fastrec.Recommender(epochs=2, user_history=True, **SMALL).fit(data.users, data.items, data.ratings)
+    hist = [f.name for f in rec.net_.fields].index("user_history")
+    indptr, rows, _ = rec._bags[hist]
+    item_row = rec._bags[1][1]  # item entity -> its id row, what the bags list
+    held_u, held_i = rec._held_out
+    assert len(held_u) > 100
+    for u, i in zip(held_u.tolist(), held_i.tolist()):
+        assert item_row[i] not in rows[indptr[u]:indptr[u + 1]].tolist()
+    # and the training pairs are in: the bags are not simply empty
+    train_u, train_i = rec.seen_pairs()
+    assert sum(indptr[u + 1] - indptr[u] for u in range(len(indptr) - 1)) == len(train_u) - len(held_u)
+
+
+def test_implicit_validation_data_of_the_other_id_kind(data):
+    val = np.arange(len(data.users)) % 10 == 0
+    scores = []
+    for kind in (int, str):  # the string pairs are converted to the model's int ids: the same scores
+        rec = fastrec.Recommender(epochs=2, **SMALL)
+        rec.fit(data.users[~val], data.items[~val],
+                validation_data=(data.users[val].astype(kind), data.items[val].astype(kind)))
+        scores.append(rec.history_["val_ndcg@10"])
+    assert np.isfinite(scores[0]).all() and scores[0] == scores[1]
+
+
+@pytest.mark.parametrize("returned", [None, "0.5", np.array([0.1, 0.2]), True])
+def test_a_callable_validation_score_must_return_a_number(data, returned):
+    rec = fastrec.Recommender(epochs=3, **SMALL)
+    with pytest.raises(TypeError, match="validation_data .*must return a real number"):
+        rec.fit(data.users, data.items, data.ratings, validation_data=lambda model, epoch: returned)
+
+
+def test_a_model_pickled_before_the_new_parameters_existed_gets_their_defaults(data, tmp_path):
+    import pickle
+
+    rec = fastrec.Recommender(epochs=1, **SMALL).fit(data.users, data.items, data.ratings)
+    for name in ("early_stopping", "validation_fraction", "clip_predictions", "rating_range_"):
+        delattr(rec, name)  # as a model written by an older fastrec
+    old = pickle.loads(pickle.dumps(rec))
+    assert old.early_stopping is True and old.validation_fraction == 0.1 and old.clip_predictions is True
+    old.save(tmp_path / "m.fastrec")  # get_params works again
+    again = fastrec.load(tmp_path / "m.fastrec")
+    np.testing.assert_array_equal(again.predict(data.users, data.items), rec.predict(data.users, data.items))
+    again.partial_fit(data.users[:5], data.items[:5], data.ratings[:5])
+
+
+def test_column_names_that_are_not_strings_survive_save_and_load(data, tmp_path):
+    df = item_frame().rename(columns={"price": 1.5, "year": 7})
+    rec = fastrec.Recommender(epochs=1, **SMALL).fit(
+        data.users, data.items, data.ratings, item_features=df,
+        feature_types={"bucket": "categorical", "genres": "multi_hot: ", "tags": "multi_hot", 7: "numeric",
+                       1.5: "numeric"})
+    rec.save(tmp_path / "m.fastrec")
+    loaded = fastrec.load(tmp_path / "m.fastrec")
+    extra = item_frame(100).rename(columns={"price": 1.5, "year": 7}).iloc[80:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the stored types apply: nothing guessed
+        loaded.add_features(item_features=extra)
+    assert loaded.n_items_ == rec.n_items_ + 20

@@ -96,6 +96,14 @@ class BaseEstimator:
 
         exclusive_fit(save)(self, path)  # not while a fit changes the arrays being written
 
+    def __setstate__(self, state):
+        """Unpickling and `fastrec.load`: a model saved before one of today's parameters existed gets that
+        parameter's default, so that get_params, save and clone keep working on it."""
+        self.__dict__.update(state)
+        for name, p in inspect.signature(type(self).__init__).parameters.items():
+            if name != "self" and p.default is not inspect.Parameter.empty and name not in self.__dict__:
+                setattr(self, name, p.default)
+
     def _threads(self) -> int:
         """n_threads as the core takes it (0: all cores)."""
         return 0 if self.n_threads is None else int(self.n_threads)

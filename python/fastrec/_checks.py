@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 import warnings
 
@@ -74,9 +75,18 @@ def not_fitted_error(estimator) -> Exception:
     )
 
 
-def warn(message: str, category=UserWarning, stacklevel: int = 4) -> None:
-    """Warn with the bridged category; stacklevel 4 points at the user's call of fit/partial_fit."""
-    warnings.warn(message, sklearn_compatible(category), stacklevel=stacklevel)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category=UserWarning) -> None:
+    """Warn with the bridged category at the first frame outside fastrec: the user's line (or scikit-learn's,
+    when it drives the estimator). The frames are counted rather than a fixed stacklevel given, because
+    wrappers (exclusive_fit) and helpers sit between the public method and the warning, and fixed counts
+    pointed at fastrec's own lines."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is our caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, sklearn_compatible(category), stacklevel=level)
 
 
 def check_random_state(seed) -> np.random.RandomState:
@@ -303,7 +313,6 @@ def check_y(y, n_samples: int, estimator, *, numeric: bool, warn_column: bool = 
                 "A column-vector y was passed when a 1d array was expected. Please change the shape of y to "
                 "(n_samples, ), for example using ravel().",
                 DataConversionWarning,
-                stacklevel=6,  # check_y <- _encode_targets <- _fit <- fit <- caller
             )
         y = y[:, 0]
     if y.dtype.kind == "c":

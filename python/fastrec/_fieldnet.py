@@ -7,14 +7,15 @@ passed per call. `FieldModel` (click-through data) and `Recommender` (users x it
 
 from __future__ import annotations
 
+import numbers
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from fastrec import _core
+from fastrec._checks import warn
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 ACTIVATIONS = ("identity", "logistic", "tanh", "relu")
@@ -92,10 +93,14 @@ class IdIndex:
             self._sorted = np.asarray(ids)[self._order]
 
     def add(self, raw):
-        """Append the ids of `raw` not known yet (in sorted order)."""
+        """Append the ids of `raw` not known yet (in sorted order). Ids of the other kind are converted where
+        exact (as `index` does); one that is not (a string that is no plain integer) is refused."""
         if len(self.ids) and len(raw) and (raw.dtype.kind == "U") != (self.ids.dtype.kind == "U"):
-            raise TypeError(f"ids must be {'strings' if self.ids.dtype.kind == 'U' else 'integers'} like those "
-                            "of the first fit")
+            converted, exact = self._convert(raw)
+            if not exact.all():
+                raise TypeError(f"{self.what} must be {self._kind(self.ids)} ids like those of the first fit; got "
+                                f"{raw[~exact][0].item()!r} among them")
+            raw = converted
         new = np.unique(raw[self.index(raw) == 0])
         if len(new):
             self.ids = np.concatenate([self.ids, new]) if len(self.ids) else new
@@ -155,7 +160,7 @@ class IdIndex:
         key = message.split(" (e.g.")[0]
         if key not in warned:
             warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=4)  # the caller of predict / recommend
+            warn(message)
 
     @staticmethod
     def _kind(ids):
@@ -339,6 +344,18 @@ class _Progress:
             print(f"{self.label}: {text}, {examples_per_s:,.0f} examples/s", file=sys.stderr, flush=True)
 
 
+def callable_score(est, fn):
+    """The validation function of a callable `validation_data`: fn(model, epoch from 1) -> a real number,
+    higher is better; anything else is refused naming validation_data."""
+    def score():
+        value = fn(est, len(est.history_["loss"]))
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+            raise TypeError(f"validation_data (a callable) must return a real number, higher is better; it "
+                            f"returned {value!r}")
+        return float(value)
+    return score
+
+
 def record_structure(est, names):
     """Remember the parameters a fit built the model from (``partial_fit`` continues that model)."""
     est._structure_ = {name: getattr(est, name) for name in names}
@@ -426,9 +443,9 @@ def _run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, state, *, sam
             improved = not np.isnan(score) and (best is None or (score > best if higher_is_better else score < best))
             if improved:
                 best, waited = score, 0
-                est.best_epoch_ = len(history["loss"])
                 if patience is not None:
                     best_state = state["best"] = net.snapshot()
+                est.best_epoch_ = len(history["loss"])  # after the snapshot: a Ctrl-C in it keeps the old pair
             else:
                 waited += 1
         progress.close(summary, rows / max(seconds, 1e-9))

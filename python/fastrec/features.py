@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import numbers
 import sys
-import warnings
 
 import numpy as np
 import scipy.sparse as sp
 
-from fastrec._checks import as_array, as_numeric, check_csr
+from fastrec._checks import as_array, as_numeric, check_csr, warn
 
 __all__ = ["FeatureTable", "column_types"]
 
@@ -268,7 +267,7 @@ def column_types(df, types=None, *, label="df", verbose=False) -> dict:
         text = (f"{label}: column types guessed from their values (pass feature_types={{column: type}} to set "
                 "them):\n" + "\n".join(guessed))
         if doubtful:
-            warnings.warn(text, UserWarning, stacklevel=3)
+            warn(text, UserWarning)
         else:
             print(text, file=sys.stderr, flush=True)
     return out

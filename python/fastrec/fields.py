@@ -24,8 +24,8 @@ from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import (as_array, as_numeric, check_bool, check_csr, check_float, check_int, check_random_state,
                              check_sample_weight, not_fitted_error)
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
-                               bags_of_ids, check_structure, loss_curve_from_history, record_structure,
-                               run_epochs)
+                               bags_of_ids, callable_score, check_structure, loss_curve_from_history,
+                               record_structure, run_epochs)
 from fastrec.features import as_id_array
 
 __all__ = ["FieldModel"]
@@ -287,7 +287,7 @@ class FieldModel(BaseEstimator):
         if data is None:
             return None
         if callable(data):
-            return lambda: data(self, len(self.history_["loss"])), "score", True
+            return callable_score(self, data), "score", True
         if not isinstance(data, (tuple, list)) or len(data) != 2:
             raise ValueError("validation_data must be a tuple (X_val, y_val) or a callable score(model, epoch)")
         metric = self.validation_metric

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import sys
 
 import numpy as np
 
@@ -40,17 +38,7 @@ _ACTIVATIONS = ("identity", "logistic", "tanh", "relu")
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _SOLVERS = ("sgd", "adam")
 _LEARNING_RATES = ("constant", "invscaling", "adaptive")
-_PACKAGE_DIR = os.path.dirname(__file__) + os.sep
 
-
-def _warn_at_caller(message: str, category=UserWarning) -> None:
-    """Warn at the first frame outside fastrec: the caller's fit / partial_fit line (or scikit-learn's, when it
-    drives the estimator). The frames are counted rather than a fixed stacklevel given, because wrappers
-    (exclusive_fit) sit between fit and the warning, and a fixed count pointed at fastrec's own lines."""
-    level, frame = 3, sys._getframe(1)  # warnings.warn's stacklevel 3 is our caller (1: _checks.warn, 2: here)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        level, frame = level + 1, frame.f_back
-    warn(message, category, stacklevel=level)
 
 _PARAMS_DOC = """
     Parameters
@@ -391,7 +379,7 @@ class _BaseMLP(BaseEstimator):
             batch_size = min(200, n_samples)
         else:
             if self.batch_size > n_samples:
-                _warn_at_caller("Got `batch_size` less than 1 or larger than sample size. It is going to be clipped")
+                warn("Got `batch_size` less than 1 or larger than sample size. It is going to be clipped")
             batch_size = int(np.clip(self.batch_size, 1, n_samples))
 
         Xc = core_X(X)
@@ -449,13 +437,13 @@ class _BaseMLP(BaseEstimator):
                 if incremental:
                     break
                 if self.n_iter_ == self.max_iter:
-                    _warn_at_caller(
+                    warn(
                         f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
                         "optimization hasn't converged yet.",
                         ConvergenceWarning,
                     )
         except KeyboardInterrupt:
-            _warn_at_caller("Training interrupted by user.")
+            warn("Training interrupted by user.")
 
         if self.early_stopping:
             self.coefs_ = [c.copy() for c in self._best_coefs]

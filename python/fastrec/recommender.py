@@ -22,8 +22,8 @@ from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import (as_array, check_bool, check_float, check_int, check_random_state, check_sample_weight,
                              not_fitted_error)
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
-                               bags_of_ids, check_structure, loss_curve_from_history, record_structure,
-                               run_epochs)
+                               bags_of_ids, callable_score, check_structure, loss_curve_from_history,
+                               record_structure, run_epochs)
 from fastrec.features import FeatureTable, as_id_array, column_types
 
 __all__ = ["Recommender"]
@@ -106,14 +106,28 @@ def _validation_split(users, items, fraction, rng) -> np.ndarray:
     return held
 
 
-def _rankable(seen_users, seen_items, val_users, val_items):
-    """(mask of the validation pairs whose user has at least n_negatives untouched items, n_negatives): the
-    validation ranking draws min(99, half the items) negatives per pair."""
-    universe = np.union1d(seen_items, val_items)
+def _rankable(users, items, val_users):
+    """(mask of the validation pairs whose user has at least n_negatives untouched items, n_negatives), where
+    (users, items) are all the pairs touched (training and validation, repeats allowed): the validation
+    ranking draws min(99, half the items) negatives per pair among the items its user never touched."""
+    universe, item_codes = np.unique(items, return_inverse=True)
     n_negatives = min(99, len(universe) // 2)
-    users, counts = np.unique(np.concatenate([seen_users, val_users]), return_counts=True)
-    untouched = len(universe) - counts[np.searchsorted(users, val_users)]  # a lower bound (repeats count)
+    user_ids, user_codes = np.unique(users, return_inverse=True)
+    pairs = np.unique(user_codes.ravel().astype(np.int64) * len(universe) + item_codes.ravel())
+    touched = np.bincount(pairs // len(universe), minlength=len(user_ids))  # distinct items per user
+    untouched = len(universe) - touched[np.searchsorted(user_ids, val_users)]
     return (untouched >= n_negatives) & (n_negatives >= 1), n_negatives
+
+
+def _as_known_kind(model, users, items):
+    """Validation pairs with ids of the model's kind (int or str): converted where exact, else dropped, as
+    predict would treat them as unknown (and IdIndex reports it)."""
+    if (users.dtype.kind == "U") == (model._users.ids.dtype.kind == "U") and \
+            (items.dtype.kind == "U") == (model._items.ids.dtype.kind == "U"):
+        return users, items
+    eu, ei = model._users.index(users), model._items.index(items)
+    keep = (eu > 0) & (ei > 0)
+    return model._users.ids[eu[keep] - 1], model._items.ids[ei[keep] - 1]
 
 
 def _is_scalar(value) -> bool:
@@ -387,10 +401,12 @@ class Recommender(BaseEstimator):
         if not (hasattr(table, "columns") and hasattr(table, "index")):
             raise TypeError(f"{name} must be a fastrec.features.FeatureTable or a pandas DataFrame indexed by id")
         if not first_fit:  # partial_fit / add_features read the new rows as the first fit read its table
-            feature_types = {**(feature_types or {}), **getattr(self, "_column_types_", {}).get(name, {})}
+            known = {(tuple(c) if isinstance(c, list) else c): t  # saved as pairs (JSON has no tuple keys)
+                     for c, t in getattr(self, "_column_types_", {}).get(name, [])}
+            feature_types = {**known, **(feature_types or {})}
         types = column_types(table, feature_types, label=name, verbose=bool(self.verbose))
         if first_fit:
-            self._column_types_[name] = types
+            self._column_types_[name] = [[c, t] for c, t in types.items()]
         return FeatureTable.from_dataframe(
             table, categorical=[c for c, t in types.items() if t == "categorical"],
             multi_hot={c: t.partition(":")[2] for c, t in types.items() if t.startswith("multi_hot")},
@@ -467,14 +483,14 @@ class Recommender(BaseEstimator):
                                  f"DataFrame (columns: {sorted(map(str, columns))})")
         user_features = self._check_table(user_features, "user_features", feature_types, first_fit=True)
         item_features = self._check_table(item_features, "item_features", feature_types, first_fit=True)
-        for name in ("net_", "_predictor", "best_epoch_", "validation_size_"):
+        for name in ("net_", "_predictor", "best_epoch_", "validation_size_", "_held_out"):
             self.__dict__.pop(name, None)
         self._rng = check_random_state(self.random_state)
         held_out = None
         if auto_validation and validate is None and self.early_stopping and epochs > 1:
             held = _validation_split(users, items, self.validation_fraction, self._rng)
             if ratings is None:  # a tiny catalogue, or users who touched almost every item: nothing to rank
-                held[held] = _rankable(users[~held], items[~held], users[held], items[held])[0]
+                held[held] = _rankable(users, items, users[held])[0]
             if held.any():
                 held_out = (users[held], items[held])
                 self.validation_size_ = int(held.sum())
@@ -490,7 +506,7 @@ class Recommender(BaseEstimator):
 
     @exclusive_fit
     def partial_fit(self, users, items, ratings=None, *, user_features=None, item_features=None,
-                    sample_weight=None):
+                    sample_weight=None, feature_types=None):
         """One more epoch over these interactions, continuing from the current parameters and optimizer state.
 
         Ids never seen before are added: the id tables and their optimizer state grow, the new ids' features
@@ -503,18 +519,20 @@ class Recommender(BaseEstimator):
         the model was built from (embedding_dim, hidden_layer_sizes, activation, loss, gmf,
         gmf_item_features, wide, user_history, item_history, optimizer, id_dropout) may not: changing one
         with ``set_params`` makes partial_fit raise ValueError, and ``fit`` builds a new model.
+        DataFrame feature columns are read with the types of the first fit; ``feature_types`` (as in ``fit``)
+        types the columns that fit did not see (or all of them, on an unfitted model).
         """
         users, items, ratings, weight = self._check_interactions(users, items, ratings, sample_weight)
         if not hasattr(self, "net_"):
-            self._fit_new(users, items, ratings, weight, user_features, item_features, 1, None)
+            self._fit_new(users, items, ratings, weight, user_features, item_features, 1, None, feature_types)
             return self
         if (ratings is None) != self.implicit_:
             raise ValueError(f"this model was fit on {'implicit feedback' if self.implicit_ else 'ratings'}; "
                              f"partial_fit needs {'ratings=None' if self.implicit_ else 'ratings'} too")
         self._validate_params(ratings is None)
         check_structure(self)
-        self._grow(users, items, self._check_table(user_features, "user_features"),
-                   self._check_table(item_features, "item_features"))
+        self._grow(users, items, self._check_table(user_features, "user_features", feature_types),
+                   self._check_table(item_features, "item_features", feature_types))
         self._train(users, items, ratings, weight, 1, None)
         if ratings is not None and getattr(self, "rating_range_", None) is not None:
             self.rating_range_ = (min(self.rating_range_[0], float(ratings.min())),
@@ -527,7 +545,7 @@ class Recommender(BaseEstimator):
         if data is None:
             return None
         if callable(data):
-            return lambda: data(self, len(self.history_["loss"])), "score", True
+            return callable_score(self, data), "score", True
         if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
             raise ValueError("validation_data must be a tuple (users, items) or (users, items, ratings), or a "
                              "callable score(model, epoch)")
@@ -561,8 +579,10 @@ class Recommender(BaseEstimator):
                 the score is NaN (it never counts as an improvement)."""
                 seen_users, seen_items = self.seen_pairs()
                 if not ranked:
-                    keep, n_negatives = _rankable(seen_users, seen_items, val_users, val_items)
-                    ranked.update(users=val_users[keep], items=val_items[keep], n_negatives=n_negatives)
+                    users, items = _as_known_kind(self, val_users, val_items)
+                    keep, n_negatives = _rankable(np.concatenate([seen_users, users]),
+                                                  np.concatenate([seen_items, items]), users)
+                    ranked.update(users=users[keep], items=items[keep], n_negatives=n_negatives)
                 if ranked["n_negatives"] < 1 or not len(ranked["users"]):
                     return float("nan")
                 return sampled_ranking(self, ranked["users"], ranked["items"], seen_users=seen_users,
@@ -722,17 +742,17 @@ class Recommender(BaseEstimator):
         self._history_bags()
 
     @exclusive_fit
-    def add_features(self, *, user_features=None, item_features=None):
+    def add_features(self, *, user_features=None, item_features=None, feature_types=None):
         """Make users or items known only by their features scoreable, without training (cold start: an item
         in the catalogue before anyone interacted with it, a user who just signed up).
 
         Ids of these tables that the model does not know are added and scored from then on from their
         features (with the vocabularies and scaling of the first fit) and the learned unknown id rows. Ids
-        already known keep their features. Returns self.
+        already known keep their features. DataFrame columns are read as in ``partial_fit``. Returns self.
         """
         self._check_fitted()
-        user_features = self._check_table(user_features, "user_features")
-        item_features = self._check_table(item_features, "item_features")
+        user_features = self._check_table(user_features, "user_features", feature_types)
+        item_features = self._check_table(item_features, "item_features", feature_types)
         none = np.zeros(0, np.int64)
         self._grow(none, none, user_features, item_features)
         self._update_counts()
@@ -747,8 +767,11 @@ class Recommender(BaseEstimator):
         n_i = len(self._items) + 1
         seen_u, seen_i = u, i
         if also_seen is not None:
-            seen_u = np.concatenate([u, self._users.index(also_seen[0])])
-            seen_i = np.concatenate([i, self._items.index(also_seen[1])])
+            hu, hi = self._users.index(also_seen[0]), self._items.index(also_seen[1])
+            seen_u, seen_i = np.concatenate([u, hu]), np.concatenate([i, hi])
+            # Held-out pairs never enter the history bags: a validation item in its user's bag would leak.
+            held = np.setdiff1d(np.unique(hu.astype(np.int64) * n_i + hi), u.astype(np.int64) * n_i + i)
+            self._held_out = ((held // n_i).astype(np.int32), (held % n_i).astype(np.int32))
         self._seen = _merge_seen(*self._seen, seen_u, seen_i, n_i)
         self._seen_counts = self._seen_counts + np.bincount(seen_i, minlength=n_i)
         self._update_counts()
@@ -775,6 +798,10 @@ class Recommender(BaseEstimator):
         indptr, indices = self._seen
         seen = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr),
                              shape=(len(indptr) - 1, len(self._items) + 1))
+        held = getattr(self, "_held_out", None)
+        if held is not None and len(held[0]):  # the pairs early stopping held out (never trained on)
+            seen = seen - seen.multiply(sp.csr_matrix((np.ones(len(held[0]), np.float32), held), shape=seen.shape))
+            seen.eliminate_zeros()
         for f_index, f in enumerate(self.net_.fields):
             if f.name not in _HISTORY:
                 continue
