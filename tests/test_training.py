@@ -85,7 +85,7 @@ def test_partial_fit_rejects_other_feedback_kind_and_id_type(data):
     rec = fastrec.Recommender(early_stopping=False, epochs=1, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
     with pytest.raises(ValueError, match="ratings"):
         rec.partial_fit(data.users, data.items)
-    with pytest.raises(TypeError, match="users must be integer ids like those of the first fit; got 'u\d+' among them"):
+    with pytest.raises(TypeError, match=r"users must be integer ids like those of the first fit; got 'u\d+' among them"):
         rec.partial_fit(np.char.add("u", data.users.astype(str)), data.items, data.ratings)
     before = rec.predict(data.users, data.items)
     rec.partial_fit(data.users[:3].astype(str), data.items[:3], data.ratings[:3])  # "12" is 12: converted
