@@ -16,6 +16,7 @@ import numpy as np
 
 from fastrec import _core
 from fastrec._checks import warn
+from fastrec.features import plain_integers
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 ACTIVATIONS = ("identity", "logistic", "tanh", "relu")
@@ -143,16 +144,7 @@ class IdIndex:
         for the canonical decimal form ("12", not "012", " 12" or "+12"), so that the conversion is one-to-one."""
         if raw.dtype.kind != "U":
             return raw.astype(str), np.ones(len(raw), bool)
-        out = np.zeros(len(raw), np.int64)
-        exact = np.zeros(len(raw), bool)
-        for j, text in enumerate(raw.tolist()):
-            try:
-                value = int(text)
-            except ValueError:
-                continue
-            if str(value) == text and -2**63 <= value < 2**63:
-                out[j], exact[j] = value, True
-        return out, exact
+        return plain_integers(raw)
 
     def _warn_once(self, message):
         """Once per model and kind of mismatch, not per call: a serving loop would repeat it forever."""

@@ -29,7 +29,7 @@ import numpy as np
 
 import fastrec
 from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS
-from fastrec.features import FeatureTable, _bags_from_cells, as_id_array
+from fastrec.features import FeatureTable, _bags_from_cells, as_id_array, plain_integers
 
 __all__ = ["main"]
 
@@ -72,26 +72,6 @@ def _column(columns: dict, name: str, path: str, hint: str = "") -> np.ndarray:
     return columns[name]
 
 
-def _integer_cells(text: np.ndarray):
-    """(values, ok): each cell of a text array as an int64 (0 where it is none) and whether it is an integer
-    written plainly, as str(int) writes it, within int64. Only such cells convert, so the conversion is exact
-    both ways: "007", "+7", " 7" and "1_000" are not integers here (int() would accept them all)."""
-    try:
-        values = text.astype(np.int64)  # the fast path: every cell parses (perhaps not plainly written)
-        return values, values.astype(str) == text
-    except (ValueError, OverflowError):
-        pass
-    values, ok = np.zeros(len(text), np.int64), np.zeros(len(text), bool)
-    for j, cell in enumerate(text.tolist()):
-        try:
-            value = int(cell)
-        except ValueError:
-            continue
-        if str(value) == cell and -2**63 <= value < 2**63:
-            values[j], ok[j] = value, True
-    return values, ok
-
-
 def _check_filled(values: np.ndarray, what: str):
     if values.dtype.kind == "U" and (values == "").any():
         raise DataError(f"{what} has an empty cell (data row {np.argmax(values == '') + 1})")
@@ -99,12 +79,12 @@ def _check_filled(values: np.ndarray, what: str):
 
 def _as_ids(values: np.ndarray, what: str | None = None) -> np.ndarray:
     """Ids (or category values) as train gives them to the model: integers when every cell is a plainly
-    written integer (_integer_cells), else strings; typed columns (Parquet) keep their kind, never floats.
+    written integer (plain_integers), else strings; typed columns (Parquet) keep their kind, never floats.
     With `what` (ids, not category values), an empty cell is an error."""
     if values.dtype.kind == "U":
         if what is not None:
             _check_filled(values, what)
-        ints, ok = _integer_cells(values)
+        ints, ok = plain_integers(values)
         return ints if ok.all() else values
     if what is not None and values.dtype == object:  # Parquet strings (or a mix, which as_id_array reports)
         return as_id_array(values, what)
@@ -126,7 +106,7 @@ def _ids_like_model(values: np.ndarray, model_ids: np.ndarray, what: str) -> np.
     text = np.asarray(values).astype(str)
     if model_ids.dtype.kind == "U":
         return text
-    ids, ok = _integer_cells(text)
+    ids, ok = plain_integers(text)
     if not ok.all():
         bad, inverse = np.unique(text[~ok], return_inverse=True)
         ids[~ok] = _ids_not_in(len(bad), model_ids)[inverse.ravel()]
@@ -224,9 +204,9 @@ _HYPER_PARAMETERS = [
     ("--activation", "activation", ACTIVATIONS, "MLP activation"),
     ("--loss", "loss", ("auto", "mse", "bce"), "auto: mse on ratings, bce on implicit feedback"),
     ("--optimizer", "optimizer", OPTIMIZERS, "optimizer"),
-    ("--learning-rate", "learning_rate", float, "learning rate"),
-    ("--alpha", "alpha", float, "L2 penalty"),
-    ("--embedding-alpha", "embedding_alpha", float, "L2 penalty of the embeddings, if other than --alpha"),
+    ("--learning-rate", "learning_rate", "auto", "learning rate (auto: by feedback kind, see help(fastrec.Recommender))"),
+    ("--alpha", "alpha", "auto", "L2 penalty of the MLP (auto: by feedback kind, see help(fastrec.Recommender))"),
+    ("--embedding-alpha", "embedding_alpha", "auto", "L2 penalty of the embeddings (auto: by feedback kind)"),
     ("--epochs", "epochs", int, "passes over the data (at most, with early stopping)"),
     ("--batch-size", "batch_size", int, "interactions per step"),
     ("--negatives", "negatives", int, "implicit feedback: items sampled per positive"),
@@ -242,13 +222,18 @@ _HYPER_PARAMETERS = [
     ("--validation-fraction", "validation_fraction", float, "fraction held out by --early-stopping"),
     ("--n-iter-no-change", "n_iter_no_change", int, "epochs without improvement before early stopping"),
     ("--validation-metric", "validation_metric", str, "rmse or mae (ratings), ndcg@K or hr@K (implicit "
-     "feedback: each held-out pair ranked against 99 items its user never touched); auto: rmse or ndcg@10"),
+     "feedback: each held-out pair ranked against 99 items its user never touched, or half the items if "
+     "fewer); auto: rmse or ndcg@10"),
     ("--clip-predictions", "clip_predictions", bool, "ratings: predictions clipped to the training range"),
     ("--momentum", "momentum", float, "momentum of --optimizer sgd on the MLP"),
     ("--nesterovs-momentum", "nesterovs_momentum", bool, "Nesterov's momentum (--optimizer sgd)"),
     ("--seed", "random_state", int, "random seed (the same seed gives the same model)"),
     ("--threads", "n_threads", int, "threads (the result does not depend on it; default all cores)"),
 ]
+
+
+def _float_or_auto(text: str):
+    return text if text == "auto" else float(text)
 
 
 def _sizes(text: str) -> tuple:
@@ -566,6 +551,8 @@ def _parser() -> argparse.ArgumentParser:
             g.add_argument(option, dest=param, choices=kind, help=text)
         elif kind == "sizes":
             g.add_argument(option, dest=param, type=_sizes, metavar="SIZES", help=text)
+        elif kind == "auto":
+            g.add_argument(option, dest=param, type=_float_or_auto, metavar="X|auto", help=text)
         else:
             metavar = {int: "N", float: "X", str: "NAME"}[kind]
             g.add_argument(option, dest=param, type=kind, metavar=metavar, help=text)

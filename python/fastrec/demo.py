@@ -37,8 +37,10 @@ def main(save=None):
     start = time.perf_counter()
     model.fit(data.users[train], data.items[train], item_features=data.item_features)
     seconds = time.perf_counter() - start
-    examples = len(train) * (1 + model.negatives) * model.epochs
-    print(f"trained {model.epochs} epochs in {seconds:.1f} s ({examples / seconds:,.0f} examples/s)")
+    epochs = len(model.history_["loss"])
+    print(f"trained {epochs} epochs in {seconds:.1f} s, the whole fit (best epoch "
+          f"{getattr(model, 'best_epoch_', epochs)} on {getattr(model, 'validation_size_', 0):,} held-out "
+          "interactions)")
 
     for name, scorer in (("fastrec", model), ("popularity", _Popularity(data.items[train]))):
         result = sampled_ranking(scorer, data.users[test], data.items[test], seen_users=data.users,

@@ -211,7 +211,7 @@ def _guess_type(values) -> tuple:
     """(type, reason, doubtful) of one column: what its cells suggest, and whether the guess may well be
     wrong (then it is reported by a warning)."""
     dtype_kind = getattr(values.dtype, "kind", "O")
-    first = next((v for v in values if v is not None), None)
+    first = next((v for v in values if v is not None and not (isinstance(v, float) and v != v)), None)
     if isinstance(first, (list, tuple, set, frozenset, dict, np.ndarray)):
         return "multi_hot:|", "cells are collections of labels", False
     if dtype_kind == "f":
@@ -228,8 +228,9 @@ def _guess_type(values) -> tuple:
         if len(distinct) < 2 or len(with_sep) < 0.2 * len(distinct):
             continue
         labels = {t for c in distinct for t in c.split(sep) if t != ""}
-        # Delimited lists reuse few labels in many combinations; free text (titles) has more words than rows.
-        if len(labels) <= 0.5 * len(distinct):
+        # Delimited lists reuse fewer labels than they have combinations; free text (titles, city names) has
+        # more words than distinct values.
+        if len(labels) < len(distinct):
             return (f"multi_hot:{sep}", f"strings of {len(labels)} labels joined by {sep!r} in "
                     f"{len(distinct)} combinations", True)
     if cells and len(distinct) > 0.5 * len(values) and len(values) > 20:
@@ -246,8 +247,8 @@ def column_types(df, types=None, *, label="df", verbose=False) -> dict:
     - integers -> numeric, but categorical when there are at most 16 distinct values, each repeated four
       times on average (a coded category such as gender 0/1 or an age bucket);
     - strings -> categorical, but multi-hot when they look like delimited lists of labels (one of "|", ";",
-      ",", " " in at least 20% of the distinct values, and at most half as many distinct labels as distinct
-      values: genres, not titles).
+      ",", " " in at least 20% of the distinct values, and fewer distinct labels than distinct values: genres,
+      not titles).
 
     Guesses that may be wrong (the coded-category and delimited-list rules, and strings with nearly one
     value per row) are reported by one UserWarning that lists every guessed column; ``verbose`` prints every
@@ -271,6 +272,26 @@ def column_types(df, types=None, *, label="df", verbose=False) -> dict:
         else:
             print(text, file=sys.stderr, flush=True)
     return out
+
+
+def plain_integers(text: np.ndarray):
+    """(values, ok): each cell of a text array as an int64 (0 where it is none) and whether it is an integer
+    written plainly, as str(int) writes it, within int64. Only such cells convert, so the conversion is exact
+    both ways: "007", "+7", " 7" and "1_000" are not integers here (int() would accept them all)."""
+    try:
+        values = text.astype(np.int64)  # the fast path: every cell parses (perhaps not plainly written)
+        return values, values.astype(str) == text
+    except (ValueError, OverflowError):
+        pass
+    values, ok = np.zeros(len(text), np.int64), np.zeros(len(text), bool)
+    for j, cell in enumerate(text.tolist()):
+        try:
+            value = int(cell)
+        except ValueError:
+            continue
+        if str(value) == cell and -2**63 <= value < 2**63:
+            values[j], ok[j] = value, True
+    return values, ok
 
 
 def _as_dict(value, name: str) -> dict:

@@ -30,10 +30,14 @@ __all__ = ["Recommender"]
 
 USER, ITEM = 0, 1  # key columns
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-# What alpha="auto" and learning_rate="auto" mean, by loss: chosen by benchmarks/choose_defaults.py on
-# validation splits of MovieLens-100k and three synthetic sets (benchmarks/QUALITY.md, "Defaults").
-# Implicit feedback (bce) wants a weaker penalty and a larger step than ratings (mse).
-_AUTO = {"mse": {"alpha": 1.0, "learning_rate": 1e-3}, "bce": {"alpha": 0.3, "learning_rate": 4e-3}}
+# What "auto" means for these parameters, by loss: chosen by benchmarks/choose_defaults.py on validation
+# splits of MovieLens-100k and three synthetic sets (benchmarks/QUALITY.md, "Defaults"). Ratings (mse) gain
+# most from the SVD++ history fields (MovieLens-100k validation RMSE 0.924 -> 0.907) and want a smaller step;
+# implicit feedback (bce) gains nothing from them there (HR@10 0.685 both ways) at 4-8x the epoch time.
+_AUTO = {"mse": {"alpha": 0.1, "learning_rate": 5e-4, "embedding_alpha": 0.01, "user_history": True,
+                 "item_history": True},
+         "bce": {"alpha": 0.3, "learning_rate": 4e-3, "embedding_alpha": 0.03, "user_history": False,
+                 "item_history": False}}
 # Validation pairs scored per epoch by a ranking metric (each against 99 negatives): 10^4 pairs give a
 # standard error of HR@10 under 0.005, and cost 10^6 predictions.
 _MAX_RANKED = 10_000
@@ -130,6 +134,10 @@ def _as_known_kind(model, users, items):
     return model._users.ids[eu[keep] - 1], model._items.ids[ei[keep] - 1]
 
 
+def _is_auto(value) -> bool:
+    return isinstance(value, str) and value == "auto"
+
+
 def _is_scalar(value) -> bool:
     """One id rather than an array of them (ragged nested lists are neither: as_id_array reports them)."""
     try:
@@ -143,9 +151,9 @@ class Recommender(BaseEstimator):
 
     Parameters
     ----------
-    embedding_dim : int, default=32
+    embedding_dim : int, default=64
         Dimension of the user / item id embeddings and of each side-feature embedding.
-    hidden_layer_sizes : tuple of int, default=(64, 32)
+    hidden_layer_sizes : tuple of int, default=(128, 64)
         The MLP over the concatenated embeddings and numeric features.
     activation : {"relu", "tanh", "logistic", "identity"}, default="relu"
     loss : {"auto", "mse", "bce"}, default="auto"
@@ -163,26 +171,26 @@ class Recommender(BaseEstimator):
         Add a linear term to the output (Wide & Deep): a learned bias per user, per item and per value of
         every categorical / multi-hot side feature. It is what lets items known only by their features get
         their features' typical rating.
-    user_history : bool, default=False
-        Add SVD++'s implicit feedback as an input field: each user is also described by the bag of items it
+    user_history : bool or "auto", default="auto"
+        "auto": True for ratings, False for implicit feedback. Add SVD++'s implicit feedback as an input field: each user is also described by the bag of items it
         interacted with in training (its own item embedding table, weights 1/sqrt(bag size) as in SVD++).
         A user unknown at fit time has an empty bag; ``partial_fit`` extends the bags with its interactions.
         ``id_dropout`` applies to it as to the id (a dropped example reads the empty bag).
-    item_history : bool, default=False
-        The same on the item side: each item is also described by the bag of users who interacted with it.
+    item_history : bool or "auto", default="auto"
+        "auto" as ``user_history``. The same on the item side: each item is also described by the bag of users who interacted with it.
     optimizer : {"adam", "adagrad", "sgd"}, default="adam"
         Lazy Adam, row-wise Adagrad or plain SGD on the embedding rows of each batch; Adam, Adagrad or SGD
         (with ``momentum``) on the MLP.
     learning_rate : float or "auto", default="auto"
-        "auto": 1e-3 for ratings (loss "mse"), 4e-3 for implicit feedback (loss "bce").
+        "auto": 5e-4 for ratings (loss "mse"), 4e-3 for implicit feedback (loss "bce").
     alpha : float or "auto", default="auto"
         L2 penalty ``0.5 * alpha * ||w||^2 / batch`` on the MLP weights (and on the embedding rows a batch
         touches, unless ``embedding_alpha`` is set: lazy regularisation keeps a step's cost independent of
-        the vocabulary size). "auto": 1.0 for ratings, 0.3 for implicit feedback. The "auto" values and the
+        the vocabulary size). "auto": 0.1 for ratings, 0.3 for implicit feedback. The "auto" values and the
         other defaults were chosen on validation splits of several data sets (benchmarks/choose_defaults.py).
-    embedding_alpha : float or None, default=0.03
-        L2 weight of the embedding tables (None: ``alpha``): a strong penalty on the MLP and a weak one on the
-        embeddings is what validated best.
+    embedding_alpha : float, None or "auto", default="auto"
+        L2 weight of the embedding tables (None: ``alpha``). "auto": 0.01 for ratings, 0.03 for implicit
+        feedback: a strong penalty on the MLP and a weak one on the embeddings is what validated best.
     epochs : int, default=50
         The most epochs a fit runs (early stopping usually ends it sooner).
     batch_size : int, default=256
@@ -205,14 +213,17 @@ class Recommender(BaseEstimator):
     validation_metric : str, default="auto"
         What ``fit(..., validation_data=...)`` reports after each epoch in ``history_``: "rmse" or "mae" for
         ratings ("auto": "rmse"); "ndcg@K" or "hr@K" for implicit feedback ("auto": "ndcg@10"), each
-        validation pair ranked against 99 items its user never interacted with.
+        validation pair ranked against 99 items its user never interacted with (half the items, when there
+        are fewer than 200; pairs whose user touched almost every item are left out).
     early_stopping : bool, default=True
         When ``fit`` gets no ``validation_data``: hold out ``validation_fraction`` of the interactions (never
         an interaction whose user or item has no other one), train on the rest, score ``validation_metric``
         on the held-out ones after every epoch, stop after ``n_iter_no_change`` epochs without improvement and
         keep the best epoch (``best_epoch_``). The held-out interactions count as seen (``recommend`` excludes
-        them). False: train on every interaction for ``epochs`` epochs. Like scikit-learn's
-        ``early_stopping``; ``partial_fit`` never holds anything out.
+        them) but never enter the history fields' bags. False: train on every interaction for ``epochs``
+        epochs. Like scikit-learn's ``early_stopping``. Nothing is held out by ``partial_fit``, with
+        ``epochs=1``, or when no interaction qualifies (then training runs all ``epochs``; implicit
+        feedback: a pair qualifies only if its user leaves enough untouched items to rank it against).
     validation_fraction : float, default=0.1
         The fraction held out by ``early_stopping``.
     n_iter_no_change : int or None, default=3
@@ -247,9 +258,9 @@ class Recommender(BaseEstimator):
 
     loss_curve_ = loss_curve_from_history
 
-    def __init__(self, embedding_dim=32, hidden_layer_sizes=(64, 32), activation="relu", loss="auto", gmf=True,
-                 gmf_item_features=False, wide=True, user_history=False, item_history=False, optimizer="adam",
-                 learning_rate="auto", alpha="auto", embedding_alpha=0.03, epochs=50, batch_size=256, negatives=4,
+    def __init__(self, embedding_dim=64, hidden_layer_sizes=(128, 64), activation="relu", loss="auto", gmf=True,
+                 gmf_item_features=False, wide=True, user_history="auto", item_history="auto",
+                 optimizer="adam", learning_rate="auto", alpha="auto", embedding_alpha="auto", epochs=50, batch_size=256, negatives=4,
                  negative_sampling="uniform", id_dropout=0.05, momentum=0.9, nesterovs_momentum=True,
                  validation_metric="auto", early_stopping=True, validation_fraction=0.1, n_iter_no_change=5,
                  clip_predictions=True, random_state=None, n_threads=None, verbose=False):
@@ -297,15 +308,18 @@ class Recommender(BaseEstimator):
                               ("negative_sampling", ("uniform", "popularity"))):
             if not (isinstance(getattr(self, name), str) and getattr(self, name) in options):
                 raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
-        if self.learning_rate != "auto":
+        if not _is_auto(self.learning_rate):
             check_float(self.learning_rate, "learning_rate", low_open=True)
-        if self.alpha != "auto":
+        if not _is_auto(self.alpha):
             check_float(self.alpha, "alpha")
-        if self.embedding_alpha is not None:
+        if self.embedding_alpha is not None and not _is_auto(self.embedding_alpha):
             check_float(self.embedding_alpha, "embedding_alpha")
         check_float(self.momentum, "momentum", 0.0, 1.0, high_open=False)
-        for name in ("gmf", "gmf_item_features", "wide", "nesterovs_momentum", *_HISTORY):
+        for name in ("gmf", "gmf_item_features", "wide", "nesterovs_momentum"):
             check_bool(getattr(self, name), name)
+        for name in _HISTORY:
+            if not _is_auto(getattr(self, name)):
+                check_bool(getattr(self, name), name)
         check_int(self.epochs, "epochs")
         for name in ("early_stopping", "clip_predictions"):
             check_bool(getattr(self, name), name)
@@ -324,6 +338,11 @@ class Recommender(BaseEstimator):
         if implicit and loss == "mse":
             raise ValueError("loss='mse' needs ratings; implicit feedback (ratings=None) trains with 'bce'")
         return hidden, loss
+
+    def _setting(self, name, loss):
+        """Parameter `name` with "auto" resolved for this loss (_AUTO)."""
+        value = getattr(self, name)
+        return _AUTO[loss][name] if _is_auto(value) else value
 
     # ------------------------------------------------------------------------------------ features
     def _feature_inputs(self, table: FeatureTable | None, ids, key: int, side: str, fit: bool):
@@ -458,9 +477,10 @@ class Recommender(BaseEstimator):
         feature_types : dict column name -> kind, optional. The kind of DataFrame columns of
             ``user_features`` / ``item_features``: "categorical", "numeric", "multi_hot" (labels joined by
             "|") or "multi_hot:SEP" (joined by SEP, e.g. "multi_hot: " for spaces). Columns not named here
-            are guessed (lists -> multi_hot, strings -> categorical, numbers -> numeric); a guess that looks
-            wrong (integers with few distinct values, strings that look like delimited lists) is reported by
-            a warning, and ``verbose=True`` prints every guess.
+            are guessed by ``fastrec.features.column_types`` (lists -> multi_hot; floats -> numeric;
+            integers -> numeric, or categorical when they take at most 16 distinct values; strings ->
+            categorical, or multi_hot when they look like delimited lists of labels); the guesses that may be
+            wrong are reported by a warning, and ``verbose=True`` prints every guess.
         """
         users, items, ratings, weight = self._check_interactions(users, items, ratings, sample_weight)
         self._fit_new(users, items, ratings, weight, user_features, item_features, self.epochs, validation_data,
@@ -641,13 +661,14 @@ class Recommender(BaseEstimator):
                 fields.append(Field(f"{f.name}:wide", f.vocab, 1, f.key, role="wide", dropout=f.dropout, source=i))
                 bags.append(b)
         for name, (key, source) in _HISTORY.items():  # their bags are built from the seen pairs by _train
-            if getattr(self, name):
+            if self._setting(name, loss):
                 fields.append(Field(name, fields[[f.name for f in fields].index(source)].vocab, d, key,
                                     dropout=dropout))
                 bags.append(None)
-        if self.embedding_alpha is not None:
+        embedding_alpha = self._setting("embedding_alpha", loss)
+        if embedding_alpha is not None:
             for f in fields:
-                f.alpha = float(self.embedding_alpha)
+                f.alpha = float(embedding_alpha)
         self._bags, self._dense_tables = bags, dense_tables
         self.net_ = FieldNet(fields, dense, hidden, self.activation, loss, 2, rng)
         for i, f in enumerate(fields):
@@ -781,10 +802,8 @@ class Recommender(BaseEstimator):
         sampler = self._sampler(negatives=self.negatives if self.implicit_ else 0, seed=0)
         self._predictor = None  # also what makes an interrupted fit predict with the new parameters
         fn, metric, higher = validate if validate is not None else (None, None, False)
-        auto = _AUTO[self.loss_]
         run_epochs(self, self.net_, handle, [u, i], y, weight, n, self._rng, epochs, sampler=sampler, validate=fn,
-                   alpha=auto["alpha"] if self.alpha == "auto" else self.alpha,
-                   learning_rate=auto["learning_rate"] if self.learning_rate == "auto" else self.learning_rate,
+                   alpha=self._setting("alpha", self.loss_), learning_rate=self._setting("learning_rate", self.loss_),
                    metric=metric, higher_is_better=higher,
                    advice=", a moderate alpha or embedding_alpha (too strong a penalty diverges too), or scaled "
                           "ratings and numeric features")
