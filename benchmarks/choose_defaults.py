@@ -76,6 +76,12 @@ def tasks(ml100k, only):
 
 CANDIDATES = [
     {},  # the library's defaults as they stand
+    {"user_history": False, "item_history": False},  # ratings without the SVD++ history fields
+    {"user_history": True, "item_history": True},  # implicit feedback with them
+    {"embedding_dim": 32, "hidden_layer_sizes": (64, 32)},  # the previous, smaller model
+    # the defaults before issue 11 (with early stopping, which they did not have)
+    {"embedding_dim": 32, "hidden_layer_sizes": (64, 32), "alpha": 1e-5, "embedding_alpha": None,
+     "learning_rate": 1e-3, "wide": False, "user_history": False, "item_history": False, "n_iter_no_change": 3},
 ]
 
 

@@ -269,7 +269,12 @@ def test_held_out_pairs_stay_out_of_the_history_bags(data):
         assert item_row[i] not in rows[indptr[u]:indptr[u + 1]].tolist()
     # and the training pairs are in: the bags are not simply empty
     train_u, train_i = rec.seen_pairs()
-    assert sum(indptr[u + 1] - indptr[u] for u in range(len(indptr) - 1)) == len(train_u) - len(held_u)
+    assert indptr[-1] == len(train_u) - len(held_u)
+    # once partial_fit trains a held-out pair, it joins its user's bag
+    u, i = int(held_u[0]), int(held_i[0])
+    rec.partial_fit(rec._users.ids[[u - 1]], rec._items.ids[[i - 1]], np.array([4.0]))
+    indptr, rows, _ = rec._bags[hist]
+    assert item_row[i] in rows[indptr[u]:indptr[u + 1]].tolist() and len(rec._held_out[0]) == len(held_u) - 1
 
 
 def test_implicit_validation_data_of_the_other_id_kind(data):

@@ -793,6 +793,10 @@ class Recommender(BaseEstimator):
             # Held-out pairs never enter the history bags: a validation item in its user's bag would leak.
             held = np.setdiff1d(np.unique(hu.astype(np.int64) * n_i + hi), u.astype(np.int64) * n_i + i)
             self._held_out = ((held // n_i).astype(np.int32), (held % n_i).astype(np.int32))
+        elif getattr(self, "_held_out", None) is not None:  # held-out pairs partial_fit trains join the bags
+            hu, hi = self._held_out
+            kept = ~np.isin(hu.astype(np.int64) * n_i + hi, u.astype(np.int64) * n_i + i)
+            self._held_out = (hu[kept], hi[kept])
         self._seen = _merge_seen(*self._seen, seen_u, seen_i, n_i)
         self._seen_counts = self._seen_counts + np.bincount(seen_i, minlength=n_i)
         self._update_counts()
