@@ -16,12 +16,14 @@ import numpy as np
 
 from fastrec import _core
 from fastrec._checks import warn
+from fastrec._registry import persistable
 from fastrec.features import plain_integers
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 ACTIVATIONS = ("identity", "logistic", "tanh", "relu")
 
 
+@persistable
 @dataclass
 class Field:
     """An embedding table of `vocab` rows x `dim`, read through key column `key`.
@@ -41,6 +43,7 @@ class Field:
     source: int | None = None  # index of the field whose bag table this one reads (GMF and wide fields)
 
 
+@persistable
 @dataclass
 class DenseBlock:
     """`width` numeric columns read through key column `key`."""
@@ -70,6 +73,7 @@ def bags_of_csr(X, mean: bool) -> tuple:
     return (indptr, np.asarray(X.indices, dtype=np.int32), weights)
 
 
+@persistable
 class IdIndex:
     """Raw ids (ints or strings) <-> numbers 1..N (0 = unknown): users and items of a Recommender, values of a
     FieldModel's categorical column. Ids added later (partial_fit) get the next numbers, so the numbers of
@@ -167,6 +171,7 @@ class IdIndex:
         self._index_ids()
 
 
+@persistable
 class FieldNet:
     """Learned arrays of a field model: embedding tables, MLP (one output), optional GMF vector."""
 

@@ -44,15 +44,10 @@ class ModelFileError(ValueError):
 
 
 def _classes() -> dict:
-    """The classes a model file may name (imported here: they import this module)."""
-    from fastrec._fieldnet import DenseBlock, Field, FieldNet, IdIndex
-    from fastrec.features import FeatureTable
-    from fastrec.fields import FieldModel
-    from fastrec.mlp import MLPClassifier, MLPRegressor
-    from fastrec.recommender import Recommender
+    """The classes a model file may name: those registered with `fastrec._registry.persistable`."""
+    from fastrec._registry import classes
 
-    return {f"{c.__module__}.{c.__qualname__}": c for c in (
-        MLPClassifier, MLPRegressor, Recommender, FieldModel, FieldNet, Field, DenseBlock, IdIndex, FeatureTable)}
+    return classes()
 
 
 # ------------------------------------------------------------------------------------------- encoding

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from fastrec._checks import as_array, as_numeric, check_csr, warn
+from fastrec._registry import persistable
 
 __all__ = ["FeatureTable", "column_types"]
 
@@ -67,6 +68,7 @@ def as_id_array(values, name: str) -> np.ndarray:
     raise TypeError(f"{name} must hold ints or strings; got dtype {a.dtype}")
 
 
+@persistable
 class FeatureTable:
     """Categorical, multi-hot and numeric attributes of ``n`` users or items, keyed by their raw ids.
 

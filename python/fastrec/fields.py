@@ -26,6 +26,7 @@ from fastrec._checks import (as_array, as_numeric, check_bool, check_csr, check_
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
                                bags_of_ids, callable_score, check_structure, loss_curve_from_history,
                                record_structure, run_epochs)
+from fastrec._registry import persistable
 from fastrec.features import as_id_array
 
 __all__ = ["FieldModel"]
@@ -38,6 +39,7 @@ def _hash_codes(values: np.ndarray, buckets: int) -> np.ndarray:
     return np.fromiter((zlib.crc32(str(v).encode()) % buckets + 1 for v in values.tolist()), np.int64, len(values))
 
 
+@persistable
 class FieldModel(BaseEstimator):
     """Embeddings of named categorical / multi-hot columns plus numeric columns, then an MLP.
 

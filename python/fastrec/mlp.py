@@ -31,6 +31,7 @@ from fastrec._checks import (
     not_fitted_error,
     warn,
 )
+from fastrec._registry import persistable
 
 __all__ = ["ConvergenceWarning", "MLPClassifier", "MLPRegressor", "NotFittedError"]
 
@@ -532,6 +533,7 @@ class _BaseMLP(BaseEstimator):
         return self._score_function(y, pred, sample_weight)
 
 
+@persistable
 class MLPClassifier(_BaseMLP):
     __doc__ = (
         "Multi-layer perceptron classifier trained by fastrec's C++ core; a drop-in for "
@@ -669,6 +671,7 @@ class MLPClassifier(_BaseMLP):
             return np.log(P, out=P)
 
 
+@persistable
 class MLPRegressor(_BaseMLP):
     __doc__ = (
         "Multi-layer perceptron regressor (squared error) trained by fastrec's C++ core; a drop-in for "

@@ -24,6 +24,7 @@ from fastrec._checks import (as_array, check_bool, check_float, check_int, check
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
                                bags_of_ids, callable_score, check_structure, loss_curve_from_history,
                                record_structure, run_epochs)
+from fastrec._registry import persistable
 from fastrec.features import FeatureTable, as_id_array, column_types
 
 __all__ = ["Recommender"]
@@ -146,6 +147,7 @@ def _is_scalar(value) -> bool:
         return False
 
 
+@persistable
 class Recommender(BaseEstimator):
     """Neural recommender trained on (user, item[, rating]) interactions, with optional side features.
 
