@@ -322,3 +322,17 @@ def test_column_names_that_are_not_strings_survive_save_and_load(data, tmp_path)
         warnings.simplefilter("error")  # the stored types apply: nothing guessed
         loaded.add_features(item_features=extra)
     assert loaded.n_items_ == rec.n_items_ + 20
+
+
+def test_field_model_value_kinds_are_converted_or_reported():
+    rng = np.random.default_rng(0)
+    X = {"a": rng.integers(0, 20, 300), "b": rng.integers(0, 7, 300)}
+    y = (X["a"] % 2).astype(float)
+    model = fastrec.FieldModel(epochs=2, random_state=0, n_threads=1).fit(X, y)
+    query = {"a": X["a"][:10], "b": X["b"][:10]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plain integer strings convert exactly: no warning
+        np.testing.assert_array_equal(model.predict_proba({k: v.astype(str) for k, v in query.items()}),
+                                      model.predict_proba(query))
+    with pytest.warns(UserWarning, match=r"values of X\['a'\] were fit with integer ids .* not integers"):
+        model.predict_proba({"a": np.array(["x"] * 10), "b": query["b"]})

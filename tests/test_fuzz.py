@@ -402,6 +402,8 @@ def test_field_model_hyper_parameters(data):
         check_field_model(model, FM_X)
 
 
+# Values of the other kind than the fitted ones are converted or reported (tests/test_defaults.py).
+@pytest.mark.filterwarnings("ignore:values of X.* were fit with:UserWarning")
 @FUZZ
 @given(data=st.data())
 def test_field_model_predict(fitted, data):

@@ -140,7 +140,7 @@ class FieldModel(BaseEstimator):
                     codes = _hash_codes(values, buckets)
                 else:
                     if fit:
-                        self._vocab_[name] = IdIndex(values)
+                        self._vocab_[name] = IdIndex(values, what=f"values of X[{name!r}]")
                     elif grow:
                         self._vocab_[name].add(values)
                     codes = self._vocab_[name].index(values)
