@@ -448,3 +448,30 @@ def test_train_types_each_sides_ids_over_all_its_files(tmp_path, capsys):
     assert seen_items.dtype.kind == "U" and model.n_items_ == 4
     code, out, err = run(capsys, "recommend", model_path, "--users", "007", "--k", 5, "--format", "json")
     assert (code, err) == (0, "") and recommended(out) == {"007": {"1", "3", "new"}}
+
+
+def test_unnamed_feature_columns_are_guessed_as_in_python_and_doubtful_guesses_said(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    n_items = 60
+    genres = np.array(["Action", "Comedy", "Drama", "Horror"])
+    items = {"item_id": np.arange(n_items),
+             "bucket": rng.integers(0, 3, n_items),                       # a coded category
+             "genres": ["|".join(rng.choice(genres, 2, replace=False)) for _ in range(n_items)],
+             "price": rng.random(n_items).round(3)}
+    write_csv(tmp_path / "items.csv", items)
+    write_csv(tmp_path / "clicks.csv", {"user_id": np.repeat(np.arange(30), 10),
+                                        "item_id": rng.integers(0, n_items, 300)})
+    out = tmp_path / "m.fastrec"
+    code, _, err = run(capsys, "train", tmp_path / "clicks.csv", "--item-features", tmp_path / "items.csv",
+                       "--epochs", 1, "--seed", 0, "-o", out)
+    assert code == 0
+    assert "column 'bucket' read as categorical (integers with only 3 distinct values" in err
+    assert "column 'genres' read as multi_hot:| (strings of 4 labels" in err
+    assert "'price'" not in err  # a sure guess is not reported without --verbose
+    model = fastrec.load(out)
+    assert {name: kind for name, (kind, _) in model._vocab_["item"].items()} == {"bucket": "categorical",
+                                                                                "genres": "multi_hot"}
+    assert set(model._numeric_stats_["item"]) == {"price"}
+    code, _, err = run(capsys, "train", tmp_path / "clicks.csv", "--item-features", tmp_path / "items.csv",
+                       "--categorical", "bucket", "--multi-hot", "genres", "--epochs", 1, "-o", out)
+    assert code == 0 and err == ""  # named columns: nothing guessed, nothing said

@@ -29,7 +29,7 @@ import numpy as np
 
 import fastrec
 from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS
-from fastrec.features import FeatureTable, _bags_from_cells, as_id_array, plain_integers
+from fastrec.features import FeatureTable, _bags_from_cells, _guess_type, as_id_array, plain_integers
 
 __all__ = ["main"]
 
@@ -145,8 +145,8 @@ def _split(text: str) -> list:
 
 def _feature_table(path: str, side: str, id_col: str, args, used: set, interaction_ids: np.ndarray):
     """(FeatureTable, interaction ids) from a feature file: its columns (but the id) as --categorical /
-    --multi-hot / --numeric say, else numeric when every cell is a number and categorical otherwise. The ids
-    of one side are of one kind: integers when both its files' ids are, else strings in both."""
+    --multi-hot / --numeric say, else guessed as `fastrec.features.column_types` guesses a DataFrame's. The ids of one side are of one kind: integers when both
+    its files' ids are, else strings in both."""
     columns = _read_table(path, args.sep)
     ids = _column(columns, id_col, path, f" (name the id column with --{side}-id-col)")
     ids = _as_ids(ids, f"column {id_col!r} of {path}")
@@ -162,11 +162,34 @@ def _feature_table(path: str, side: str, id_col: str, args, used: set, interacti
             multi_hot[name] = _bags_from_cells(values.astype(object), args.multi_hot_sep, label)
         elif name in args.categorical:
             categorical[name] = _as_ids(values)
-        elif name in args.numeric or _is_numeric(values):
+        elif name in args.numeric:
             numeric[name] = _as_numbers(values, f"column {name!r} of {path}")
         else:
-            categorical[name] = values
+            kind = _guessed_type(name, values, path, getattr(args, "verbose", False))
+            if kind == "numeric":
+                numeric[name] = _as_numbers(values, f"column {name!r} of {path}")
+            elif kind == "categorical":
+                categorical[name] = _as_ids(values)
+            else:
+                label = f"column {name!r} of {path}"
+                multi_hot[name] = _bags_from_cells(values.astype(object), kind.partition(":")[2], label)
     return FeatureTable(ids, categorical=categorical, multi_hot=multi_hot, numeric=numeric), interaction_ids
+
+
+def _guessed_type(name: str, values: np.ndarray, path: str, verbose: bool) -> str:
+    """The type `fastrec.features` would guess for this column (integers, floats or text, as the cells read),
+    said on stderr with the option that would set it when the guess may be wrong (every guess with
+    --verbose), as fit's warning does in Python."""
+    typed = values
+    if values.dtype.kind == "U" and _is_numeric(values):
+        ints, plain = plain_integers(values)
+        typed = ints if plain.all() else values.astype(np.float64)
+    kind, reason, doubtful = _guess_type(typed)
+    option = {"numeric": "--numeric", "categorical": "--categorical"}.get(kind, "--multi-hot/--multi-hot-sep")
+    if doubtful or verbose:
+        print(f"fastrec: {path}: column {name!r} read as {kind} ({reason}){'; check it' if doubtful else ''}; "
+              f"{option} sets it", file=sys.stderr)
+    return kind
 
 
 def _interactions(columns: dict, path: str, args):
