@@ -336,3 +336,24 @@ def test_field_model_value_kinds_are_converted_or_reported():
                                       model.predict_proba(query))
     with pytest.warns(UserWarning, match=r"values of X\['a'\] were fit with integer ids .* not integers"):
         model.predict_proba({"a": np.array(["x"] * 10), "b": query["b"]})
+
+
+def test_implicit_validation_scores_are_sampled_ranking_of_the_rankable_pairs():
+    # The candidates are drawn once per fit and ranked after every epoch: the last epoch's score must be
+    # exactly what fastrec.evaluation.sampled_ranking gives the final model on the pairs that can be ranked.
+    from fastrec.evaluation import sampled_ranking
+
+    d = make_interactions(n_users=400, n_items=300, n_interactions=12000, implicit=True, random_state=1)
+    val = np.arange(len(d.users)) % 10 == 0
+    rec = fastrec.Recommender(epochs=3, n_iter_no_change=None, **SMALL)
+    rec.fit(d.users[~val], d.items[~val], validation_data=(d.users[val], d.items[val]))
+    su, si = rec.seen_pairs()
+    touched = {(u, i) for u, i in zip(np.concatenate([su, d.users[val]]).tolist(),
+                                      np.concatenate([si, d.items[val]]).tolist())}
+    n_items = len(np.union1d(si, d.items[val]))
+    per_user = np.bincount([u for u, _ in touched], minlength=400)
+    keep = n_items - per_user[d.users[val]] >= 99  # users with 99 untouched items (300 items: 99 negatives)
+    assert 0 < keep.sum() < val.sum()  # some pairs are left out: the rule is exercised
+    expected = sampled_ranking(rec, d.users[val][keep], d.items[val][keep], seen_users=su, seen_items=si,
+                               n_negatives=99, k=10, random_state=0)["ndcg@10"]
+    assert rec.history_["val_ndcg@10"][-1] == expected

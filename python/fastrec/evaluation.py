@@ -177,14 +177,24 @@ def sampled_ranking(model, test_users, test_items, *, seen_users, seen_items, n_
     Returns ``{"hr@k": mean hit rate, "ndcg@k": mean NDCG, "n": number of test pairs}`` with ``k``
     substituted in the keys (e.g. ``"hr@10"``).
     """
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an int >= 1; got {k!r}")
+    users, candidates = sampled_candidates(test_users, test_items, seen_users=seen_users, seen_items=seen_items,
+                                           n_negatives=n_negatives, items=items, random_state=random_state)
+    return rank_candidates(model, users, candidates, k)
+
+
+def sampled_candidates(test_users, test_items, *, seen_users, seen_items, n_negatives=99, items=None,
+                       random_state=None):
+    """The draw of `sampled_ranking`: (test users (n,), candidate items (n, 1 + n_negatives)), raw ids, the
+    positive in column 0. Drawn once, they can be scored again as the model changes (`rank_candidates`):
+    early stopping ranks the same candidates after every epoch."""
     tu, ti = _check_pairs(test_users, test_items, ("test_users", "test_items"))
     su, si = _check_pairs(seen_users, seen_items, ("seen_users", "seen_items"))
     if tu.size == 0:
         raise ValueError("test_users is empty")
     if not isinstance(n_negatives, numbers.Integral) or isinstance(n_negatives, bool) or n_negatives < 1:
         raise ValueError(f"n_negatives must be an int >= 1; got {n_negatives!r}")
-    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be an int >= 1; got {k!r}")
     for a, b, names in ((tu, su, "test_users and seen_users"), (ti, si, "test_items and seen_items")):
         if a.size and b.size and (a.dtype.kind == "U") != (b.dtype.kind == "U"):
             raise TypeError(f"{names} hold ids of different types (int vs str)")
@@ -210,11 +220,17 @@ def sampled_ranking(model, test_users, test_items, *, seen_users, seen_items, n_
     rng = check_generator(random_state)
     neg = _sample_negatives(rng, n_items, touched, tu_c, int(n_negatives), tu)
     cand = np.concatenate([ti_c[:, None], neg], axis=1)  # column 0: the positive
-    scores = _predict(model, np.repeat(tu, cand.shape[1]), universe[cand.ravel()], tu.size, cand.shape[1])
+    return tu, universe[cand]
+
+
+def rank_candidates(model, users, candidates, k):
+    """HR@k and NDCG@k of column 0 of `candidates` (n, c) among its row, each row scored for its user by
+    ``model.predict`` (ties count against the model)."""
+    scores = _predict(model, np.repeat(users, candidates.shape[1]), candidates.ravel(), *candidates.shape)
     rank = np.sum(scores[:, 1:] >= scores[:, :1], axis=1)
     hit = rank < k
     ndcg = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
-    return {f"hr@{k}": float(hit.mean()), f"ndcg@{k}": float(ndcg.mean()), "n": int(tu.size)}
+    return {f"hr@{k}": float(hit.mean()), f"ndcg@{k}": float(ndcg.mean()), "n": int(users.size)}
 
 
 def full_ranking(model, test_users, test_items, *, k=10):

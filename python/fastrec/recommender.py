@@ -587,7 +587,7 @@ class Recommender(BaseEstimator):
             return lambda: error(val_ratings, self.predict(val_users, val_items)), metric, False
         kind, _, k = metric.partition("@")
         if implicit and kind in ("hr", "ndcg") and k.isdigit() and int(k) > 0:
-            from fastrec.evaluation import sampled_ranking
+            from fastrec.evaluation import rank_candidates, sampled_candidates
 
             if len(val_users) > _MAX_RANKED:  # 100 predictions per pair: a fixed subset keeps an epoch's check cheap
                 pick = np.sort(np.random.default_rng(0).choice(len(val_users), _MAX_RANKED, replace=False))
@@ -596,20 +596,23 @@ class Recommender(BaseEstimator):
             ranked = {}
 
             def score():
-                """Each validation pair against min(99, half the items) items its user never touched (a fixed
-                draw); pairs of users with fewer untouched items than that are left out, and with none left
-                the score is NaN (it never counts as an improvement)."""
-                seen_users, seen_items = self.seen_pairs()
+                """Each validation pair against min(99, half the items) items its user never touched, drawn once
+                (the seen pairs do not change during a fit) and ranked again after every epoch; pairs of users
+                with fewer untouched items than that are left out, and with none left the score is NaN (it
+                never counts as an improvement)."""
                 if not ranked:
+                    seen_users, seen_items = self.seen_pairs()
                     users, items = _as_known_kind(self, val_users, val_items)
                     keep, n_negatives = _rankable(np.concatenate([seen_users, users]),
                                                   np.concatenate([seen_items, items]), users)
-                    ranked.update(users=users[keep], items=items[keep], n_negatives=n_negatives)
-                if ranked["n_negatives"] < 1 or not len(ranked["users"]):
+                    ranked["candidates"] = None
+                    if n_negatives >= 1 and keep.any():
+                        ranked["candidates"] = sampled_candidates(
+                            users[keep], items[keep], seen_users=seen_users, seen_items=seen_items,
+                            n_negatives=n_negatives, random_state=0)
+                if ranked["candidates"] is None:
                     return float("nan")
-                return sampled_ranking(self, ranked["users"], ranked["items"], seen_users=seen_users,
-                                       seen_items=seen_items, n_negatives=ranked["n_negatives"], k=int(k),
-                                       random_state=0)[metric]
+                return rank_candidates(self, *ranked["candidates"], int(k))[metric]
             return score, metric, True
         allowed = "'ndcg@K' or 'hr@K'" if implicit else "'rmse' or 'mae'"
         raise ValueError(f"validation_metric must be 'auto' or {allowed} for this data, got {metric!r}")
