@@ -376,9 +376,10 @@ def run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, *, sampler=Non
                higher_is_better=False, advice="", alpha=None, learning_rate=None):
     """The epochs of `est.fit` / `est.partial_fit` for a FieldNet-based estimator.
 
-    Reads est.batch_size, alpha and learning_rate (unless given: the values an "auto" resolved to), momentum, nesterovs_momentum, n_iter_no_change,
-    verbose and n_threads. Appends to est.history_ ("loss", "seconds" and, with `validate` (a function
-    returning the validation metric of the current parameters), "val_<metric>"). With validation and n_iter_no_change, training stops after that many epochs without
+    Reads est.batch_size, alpha and learning_rate (unless given: the values an "auto" resolved to),
+    momentum, nesterovs_momentum, n_iter_no_change, verbose and n_threads. Appends to est.history_ ("loss",
+    "seconds" and, with `validate` (a function returning the validation metric of the current parameters),
+    "val_<metric>"). With validation and n_iter_no_change, training stops after that many epochs without
     improvement and the parameters of the best epoch are restored (est.best_epoch_ counts from 1).
 
     A batch whose loss is NaN or infinite stops training before it is applied, with a ValueError saying what

@@ -145,8 +145,8 @@ def _split(text: str) -> list:
 
 def _feature_table(path: str, side: str, id_col: str, args, used: set, interaction_ids: np.ndarray):
     """(FeatureTable, interaction ids) from a feature file: its columns (but the id) as --categorical /
-    --multi-hot / --numeric say, else guessed as `fastrec.features.column_types` guesses a DataFrame's. The ids of one side are of one kind: integers when both
-    its files' ids are, else strings in both."""
+    --multi-hot / --numeric say, else guessed as `fastrec.features.column_types` guesses a DataFrame's. The
+    ids of one side are of one kind: integers when both its files' ids are, else strings in both."""
     columns = _read_table(path, args.sep)
     ids = _column(columns, id_col, path, f" (name the id column with --{side}-id-col)")
     ids = _as_ids(ids, f"column {id_col!r} of {path}")
@@ -227,7 +227,8 @@ _HYPER_PARAMETERS = [
     ("--activation", "activation", ACTIVATIONS, "MLP activation"),
     ("--loss", "loss", ("auto", "mse", "bce"), "auto: mse on ratings, bce on implicit feedback"),
     ("--optimizer", "optimizer", OPTIMIZERS, "optimizer"),
-    ("--learning-rate", "learning_rate", "auto", "learning rate (auto: by feedback kind, see help(fastrec.Recommender))"),
+    ("--learning-rate", "learning_rate", "auto", "learning rate (auto: by feedback kind, see "
+     "help(fastrec.Recommender))"),
     ("--alpha", "alpha", "auto", "L2 penalty of the MLP (auto: by feedback kind, see help(fastrec.Recommender))"),
     ("--embedding-alpha", "embedding_alpha", "auto", "L2 penalty of the embeddings (auto: by feedback kind)"),
     ("--epochs", "epochs", int, "passes over the data (at most, with early stopping)"),

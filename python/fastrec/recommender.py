@@ -174,12 +174,14 @@ class Recommender(BaseEstimator):
         every categorical / multi-hot side feature. It is what lets items known only by their features get
         their features' typical rating.
     user_history : bool or "auto", default="auto"
-        "auto": True for ratings, False for implicit feedback. Add SVD++'s implicit feedback as an input field: each user is also described by the bag of items it
-        interacted with in training (its own item embedding table, weights 1/sqrt(bag size) as in SVD++).
+        "auto": True for ratings, False for implicit feedback. Add SVD++'s implicit feedback as an input
+        field: each user is also described by the bag of items it interacted with in training (its own item
+        embedding table, weights 1/sqrt(bag size) as in SVD++).
         A user unknown at fit time has an empty bag; ``partial_fit`` extends the bags with its interactions.
         ``id_dropout`` applies to it as to the id (a dropped example reads the empty bag).
     item_history : bool or "auto", default="auto"
-        "auto" as ``user_history``. The same on the item side: each item is also described by the bag of users who interacted with it.
+        "auto" as ``user_history``. The same on the item side: each item is also described by the bag of
+        users who interacted with it.
     optimizer : {"adam", "adagrad", "sgd"}, default="adam"
         Lazy Adam, row-wise Adagrad or plain SGD on the embedding rows of each batch; Adam, Adagrad or SGD
         (with ``momentum``) on the MLP.
@@ -262,7 +264,8 @@ class Recommender(BaseEstimator):
 
     def __init__(self, embedding_dim=64, hidden_layer_sizes=(128, 64), activation="relu", loss="auto", gmf=True,
                  gmf_item_features=False, wide=True, user_history="auto", item_history="auto",
-                 optimizer="adam", learning_rate="auto", alpha="auto", embedding_alpha="auto", epochs=50, batch_size=256, negatives=4,
+                 optimizer="adam", learning_rate="auto", alpha="auto", embedding_alpha="auto", epochs=50,
+                 batch_size=256, negatives=4,
                  negative_sampling="uniform", id_dropout=0.05, momentum=0.9, nesterovs_momentum=True,
                  validation_metric="auto", early_stopping=True, validation_fraction=0.1, n_iter_no_change=5,
                  clip_predictions=True, random_state=None, n_threads=None, verbose=False):
