@@ -407,7 +407,7 @@ def _run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, state, *, sam
     if val_key:
         history.setdefault(val_key, [])
     patience = getattr(est, "n_iter_no_change", None) if validate is not None else None
-    best, best_state, waited = None, None, 0
+    best, waited = None, 0
     n_threads = est._threads()
     for epoch in range(epochs):
         start = time.perf_counter()
@@ -442,7 +442,7 @@ def _run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, state, *, sam
             if improved:
                 best, waited = score, 0
                 if patience is not None:
-                    best_state = state["best"] = net.snapshot()
+                    state["best"] = net.snapshot()
                 est.best_epoch_ = len(history["loss"])  # after the snapshot: a Ctrl-C in it keeps the old pair
             else:
                 waited += 1
@@ -452,5 +452,5 @@ def _run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, state, *, sam
                 print(f"{val_key} did not improve for {patience} epochs: stopping, keeping epoch "
                       f"{est.best_epoch_}", file=sys.stderr, flush=True)
             break
-    if best_state is not None and waited > 0:
-        net.restore(best_state)
+    if state["best"] is not None and waited > 0:
+        net.restore(state["best"])

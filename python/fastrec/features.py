@@ -177,10 +177,7 @@ class FeatureTable:
         if not (hasattr(df, "columns") and hasattr(df, "index") and hasattr(df, "__getitem__")):
             raise TypeError(f"df must be a pandas DataFrame indexed by id; got {type(df).__name__}")
         if categorical is None and multi_hot is None and numeric is None:
-            types = column_types(df, label="df")
-            categorical = [c for c, t in types.items() if t == "categorical"]
-            numeric = [c for c, t in types.items() if t == "numeric"]
-            multi_hot = {c: t.partition(":")[2] or sep for c, t in types.items() if t.startswith("multi_hot")}
+            categorical, multi_hot, numeric = split_types(column_types(df, label="df"))
         seps = dict(multi_hot) if isinstance(multi_hot, dict) else {c: sep for c in (multi_hot or [])}
         for col in [*(categorical or []), *seps, *(numeric or [])]:
             if col not in df.columns:
@@ -274,6 +271,14 @@ def column_types(df, types=None, *, label="df", verbose=False) -> dict:
         else:
             print(text, file=sys.stderr, flush=True)
     return out
+
+
+def split_types(types: dict) -> tuple:
+    """A `column_types` result as `FeatureTable.from_dataframe`'s arguments: (categorical columns, multi-hot
+    column -> separator, numeric columns)."""
+    return ([c for c, t in types.items() if t == "categorical"],
+            {c: t.partition(":")[2] for c, t in types.items() if t.startswith("multi_hot:")},
+            [c for c, t in types.items() if t == "numeric"])
 
 
 def plain_integers(text: np.ndarray):

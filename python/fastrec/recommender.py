@@ -25,7 +25,7 @@ from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, Field
                                bags_of_ids, callable_score, check_structure, loss_curve_from_history,
                                record_structure, run_epochs)
 from fastrec._registry import persistable
-from fastrec.features import FeatureTable, as_id_array, column_types
+from fastrec.features import FeatureTable, as_id_array, column_types, split_types
 
 __all__ = ["Recommender"]
 
@@ -230,7 +230,7 @@ class Recommender(BaseEstimator):
         feedback: a pair qualifies only if its user leaves enough untouched items to rank it against).
     validation_fraction : float, default=0.1
         The fraction held out by ``early_stopping``.
-    n_iter_no_change : int or None, default=3
+    n_iter_no_change : int or None, default=5
         With validation (``validation_data`` or ``early_stopping``): stop after this many epochs without
         improvement of the validation score and keep the parameters of the best epoch (``best_epoch_``).
         None: never stop early (the scores are still recorded in ``history_``).
@@ -417,9 +417,6 @@ class Recommender(BaseEstimator):
     def _check_table(self, table, name, feature_types=None, *, first_fit=False):
         """`table` as a FeatureTable; a DataFrame's column types are those given, else those of the first fit,
         else guessed (and reported)."""
-        if first_fit:
-            self._column_types_ = getattr(self, "_column_types_", {})
-            self._column_types_.pop(name, None)
         if table is None or isinstance(table, FeatureTable):
             return table
         if not (hasattr(table, "columns") and hasattr(table, "index")):
@@ -431,10 +428,8 @@ class Recommender(BaseEstimator):
         types = column_types(table, feature_types, label=name, verbose=bool(self.verbose))
         if first_fit:
             self._column_types_[name] = [[c, t] for c, t in types.items()]
-        return FeatureTable.from_dataframe(
-            table, categorical=[c for c, t in types.items() if t == "categorical"],
-            multi_hot={c: t.partition(":")[2] for c, t in types.items() if t.startswith("multi_hot")},
-            numeric=[c for c, t in types.items() if t == "numeric"])
+        categorical, multi_hot, numeric = split_types(types)
+        return FeatureTable.from_dataframe(table, categorical=categorical, multi_hot=multi_hot, numeric=numeric)
 
     # ------------------------------------------------------------------------------------ fit
     def _check_interactions(self, users, items, ratings, sample_weight):
@@ -506,6 +501,7 @@ class Recommender(BaseEstimator):
             if unknown:
                 raise ValueError(f"feature_types names {unknown}, not a column of a user_features / item_features "
                                  f"DataFrame (columns: {sorted(map(str, columns))})")
+        self._column_types_ = {}  # filled by _check_table: the types partial_fit and add_features reuse
         user_features = self._check_table(user_features, "user_features", feature_types, first_fit=True)
         item_features = self._check_table(item_features, "item_features", feature_types, first_fit=True)
         for name in ("net_", "_predictor", "best_epoch_", "validation_size_", "_held_out"):
@@ -893,11 +889,12 @@ class Recommender(BaseEstimator):
         out = np.add(out, self.rating_mean_, dtype=np.float64)  # one pass: single-row latency counts
         return self._clip(out)
 
-    def _clip(self, ratings):
-        """Predicted ratings within the training range (clip_predictions), in place."""
+    def _clip(self, ratings, padding=None):
+        """Predicted ratings within the training range (clip_predictions), in place; `padding` (a mask of
+        recommend's -inf entries) is left alone."""
         bounds = getattr(self, "rating_range_", None)
         if bounds is not None and self.clip_predictions:
-            np.clip(ratings, bounds[0], bounds[1], out=ratings, where=ratings > -np.inf)  # keep -inf padding
+            np.clip(ratings, bounds[0], bounds[1], out=ratings, where=True if padding is None else ~padding)
         return ratings
 
     def recommend(self, users, k=10, *, exclude_seen=True, items=None):
@@ -925,7 +922,7 @@ class Recommender(BaseEstimator):
         missing = idx < 0  # fewer than k candidates left for that user (seen items excluded)
         if missing.any():
             ids = np.where(missing, "" if ids.dtype.kind == "U" else -1, ids)
-        scores = self._clip(scores.astype(np.float64) + self.rating_mean_)
+        scores = self._clip(scores.astype(np.float64) + self.rating_mean_, padding=missing)
         if single:
             return ids[0], scores[0]
         return ids, scores
