@@ -18,6 +18,7 @@
 #include "kernels/kernels.h"
 #include "mlp.h"
 #include "parallel.h"
+#include "two_tower.h"
 
 namespace py = pybind11;
 using namespace fastrec;
@@ -246,7 +247,9 @@ FieldModel make_field_model(const py::dict& spec, bool writeable) {
   m.n_keys = spec["n_keys"].cast<int>();
   m.width = spec["width"].cast<index_t>();
   const std::string loss = spec["loss"].cast<std::string>();
-  if (loss != "mse" && loss != "bce") throw py::value_error("loss must be 'mse' or 'bce', got '" + loss + "'");
+  if (loss != "mse" && loss != "bce" && loss != "tower")
+    throw py::value_error("loss must be 'mse', 'bce' or 'tower', got '" + loss + "'");
+  m.tower = loss == "tower";
   m.mlp = make_network(spec["coefs"].cast<py::list>(), spec["intercepts"].cast<py::list>(),
                        spec["activation"].cast<std::string>(), loss == "bce" ? "logistic" : "identity", writeable);
   const py::list fields = spec["fields"].cast<py::list>();
@@ -414,6 +417,20 @@ Optimizer make_optimizer(const std::string& solver, bool allow_adagrad, const py
   return opt;
 }
 
+// Every embedding field has the optimizer state `solver` needs.
+void check_field_states(const FieldModel& model, const Optimizer& opt, const std::string& solver) {
+  for (const EmbeddingField& f : model.fields) {
+    // Row-wise Adagrad keeps one float per row, lazy Adam a full row per moment.
+    const index_t want = opt.solver == Solver::Adagrad ? f.vocab : opt.solver == Solver::Adam ? f.vocab * f.dim : 0;
+    if (want && f.state1_size != want)
+      throw py::value_error("every field needs state1 of " + std::string(opt.solver == Solver::Adagrad
+                                                                              ? "vocab floats (state_kind 'row')"
+                                                                              : "vocab x dim floats (state_kind 'full')") +
+                            " for optimizer '" + solver + "'");
+    if (opt.solver == Solver::Adam && !f.state2) throw py::value_error("every field needs state2 for 'adam'");
+  }
+}
+
 // A validated field model over the caller's arrays (references kept, so the arrays outlive any change the
 // caller makes to its own lists). Built once per fitted model: a call then costs only its own work.
 class FieldHandle {
@@ -479,16 +496,7 @@ class FieldHandle {
     const auto [po, n_order] = checked_order(order_obj, ex.rows, batch_size);
     Optimizer opt = make_optimizer(solver, true, mlp_state1, mlp_state2, model_.mlp, learning_rate, momentum,
                                    nesterov, beta_1, beta_2, epsilon, adam_t);
-    for (const EmbeddingField& f : model_.fields) {
-      // Row-wise Adagrad keeps one float per row, lazy Adam a full row per moment.
-      const index_t want = opt.solver == Solver::Adagrad ? f.vocab : opt.solver == Solver::Adam ? f.vocab * f.dim : 0;
-      if (want && f.state1_size != want)
-        throw py::value_error("every field needs state1 of " + std::string(opt.solver == Solver::Adagrad
-                                                                                ? "vocab floats (state_kind 'row')"
-                                                                                : "vocab x dim floats (state_kind 'full')") +
-                              " for optimizer '" + solver + "'");
-      if (opt.solver == Solver::Adam && !f.state2) throw py::value_error("every field needs state2 for 'adam'");
-    }
+    check_field_states(model_, opt, solver);
     if (model_.gmf.field_u >= 0 && !model_.gmf.state1) throw py::value_error("gmf needs state1");
     if (model_.gmf.field_u >= 0 && opt.solver == Solver::Adam && !model_.gmf.state2)
       throw py::value_error("gmf needs state2 for 'adam'");
@@ -571,6 +579,172 @@ class FieldHandle {
   bool trainable_;
   std::vector<py::object> keep_;
   mutable TopkCache topk_cache_;  // see fields.h
+};
+
+
+// A validated two-tower model over the caller's arrays: two field-model specs with loss "tower".
+class TwoTowerHandle {
+ public:
+  TwoTowerHandle(const py::dict& user_spec, const py::dict& item_spec, bool normalize, float temperature,
+                 bool trainable)
+      : trainable_(trainable) {
+    model_.user = make_field_model(user_spec, trainable);
+    model_.item = make_field_model(item_spec, trainable);
+    model_.normalize = normalize;
+    model_.temperature = temperature;
+    validate(model_);
+    keep_.push_back(user_spec);
+    keep_.push_back(item_spec);
+  }
+
+  index_t dim() const { return model_.dim(); }
+
+  // Each key's vector (normalised when the model normalises) times scale: float32 (n, dim).
+  py::array_t<float> vectors(bool user_side, py::handle keys_obj, float scale, int n_threads,
+                             const std::string& isa) const {
+    py::array keys = checked<std::int32_t>(keys_obj, "keys", 1, false);
+    const auto* pk = static_cast<const std::int32_t*>(keys.data());
+    Examples ex;
+    ex.keys = {pk};
+    ex.rows = keys.shape(0);
+    validate(user_side ? model_.user : model_.item, ex);
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    py::array_t<float> out({ex.rows, model_.dim()});
+    float* po = out.mutable_data();
+    {
+      const CoreCall call;
+      if (ex.rows > 0) tower_vectors(ks, model_, user_side, pk, ex.rows, scale, po, n_threads);
+    }
+    return out;
+  }
+
+  py::tuple loss_and_gradients(py::handle users, py::handle items, py::handle y, py::handle weight,
+                               py::handle training_obj, py::handle negatives_obj, float alpha, int n_threads,
+                               const std::string& isa) const {
+    const TowerPairs pairs = make_pairs(users, items, y, weight);
+    if (pairs.rows < 1) throw py::value_error("need at least one pair");
+    const TowerTraining training = make_training(training_obj, pairs);
+    py::array negatives = checked<std::int32_t>(negatives_obj, "negatives", 1, false);
+    const auto* pn = static_cast<const std::int32_t*>(negatives.data());
+    const index_t n_neg = negatives.shape(0);
+    const index_t want = training.loss == TowerLoss::Softmax ? training.negatives
+                         : training.loss == TowerLoss::Mse  ? 0
+                                                            : pairs.rows * training.negatives;
+    if (n_neg != want)
+      throw py::value_error("negatives must hold " + std::to_string(want) + " items, got " + std::to_string(n_neg));
+    for (index_t i = 0; i < n_neg; ++i)
+      if (pn[i] < 0 || pn[i] >= training.sampler.n_items) throw py::value_error("negatives out of range");
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    py::list out;
+    TowerGradients grads[2];
+    for (int side = 0; side < 2; ++side) {
+      const FieldModel& tower = side == 0 ? model_.user : model_.item;
+      py::list tables, coefs, intercepts;
+      for (const EmbeddingField& f : tower.fields) {
+        py::array_t<float> g({f.vocab, f.dim});
+        grads[side].tables.push_back(g.mutable_data());
+        tables.append(g);
+      }
+      for (const Layer& layer : tower.mlp.layers) {
+        py::array_t<float> w({layer.fan_in, layer.fan_out}), b(layer.fan_out);
+        grads[side].coefs.push_back(w.mutable_data());
+        grads[side].intercepts.push_back(b.mutable_data());
+        coefs.append(w);
+        intercepts.append(b);
+      }
+      out.append(py::make_tuple(tables, coefs, intercepts));
+    }
+    double loss;
+    {
+      const CoreCall call;
+      loss = two_tower_loss_and_gradients(ks, model_, training, pairs, pn, n_neg, alpha, grads[0], grads[1],
+                                          n_threads);
+    }
+    return py::make_tuple(loss, out[0], out[1]);
+  }
+
+  py::tuple train_epoch(const py::list& user_state1, const py::list& user_state2, const py::list& item_state1,
+                        const py::list& item_state2, py::handle users, py::handle items, py::handle y,
+                        py::handle weight, py::handle order_obj, index_t batch_size, float alpha,
+                        const std::string& solver, float learning_rate, float momentum, bool nesterov, float beta_1,
+                        float beta_2, float epsilon, std::int64_t adam_t, py::handle training_obj,
+                        std::uint64_t epoch, int n_threads, const std::string& isa, py::handle progress) {
+    if (!trainable_) throw py::value_error("this two-tower handle was built for prediction only");
+    const TowerPairs pairs = make_pairs(users, items, y, weight);
+    const TowerTraining training = make_training(training_obj, pairs);
+    const auto [po, n_order] = checked_order(order_obj, pairs.rows, batch_size);
+    Optimizer opt_user = make_optimizer(solver, true, user_state1, user_state2, model_.user.mlp, learning_rate,
+                                        momentum, nesterov, beta_1, beta_2, epsilon, adam_t);
+    Optimizer opt_item = make_optimizer(solver, true, item_state1, item_state2, model_.item.mlp, learning_rate,
+                                        momentum, nesterov, beta_1, beta_2, epsilon, adam_t);
+    check_field_states(model_.user, opt_user, solver);
+    check_field_states(model_.item, opt_item, solver);
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    PythonSignals signals(progress);
+    EpochResult result;
+    {
+      const CoreCall call;
+      result = two_tower_train_epoch(ks, model_, training, opt_user, opt_item, pairs, po, n_order, batch_size, alpha,
+                                     epoch, std::ref(signals), n_threads);
+    }
+    return epoch_tuple(result, opt_user.adam_t, signals);
+  }
+
+ private:
+  TowerPairs make_pairs(py::handle users_obj, py::handle items_obj, py::handle y, py::handle weight) const {
+    py::array users = checked<std::int32_t>(users_obj, "users", 1, false);
+    py::array items = checked<std::int32_t>(items_obj, "items", 1, false);
+    if (users.shape(0) != items.shape(0)) throw py::value_error("users and items must have the same length");
+    TowerPairs p;
+    p.rows = users.shape(0);
+    p.users = static_cast<const std::int32_t*>(users.data());
+    p.items = static_cast<const std::int32_t*>(items.data());
+    p.y = y.is_none() ? nullptr : optional_array<float>(y, "y", p.rows, false);
+    p.weight = weight.is_none() ? nullptr : optional_array<float>(weight, "sample_weight", p.rows, false);
+    validate(model_, p);
+    return p;
+  }
+
+  // {"loss": "softmax" | "bpr" | "bce" | "mse", "negatives": int, "item_prob": float32 (n_items,) or None,
+  //  "n_items", "seed", and for bpr/bce optionally "cdf" and "seen" as the field model's sampler}.
+  TowerTraining make_training(py::handle obj, const TowerPairs& pairs) const {
+    const py::dict d = obj.cast<py::dict>();
+    TowerTraining t;
+    const std::string loss = d["loss"].cast<std::string>();
+    if (loss == "softmax") t.loss = TowerLoss::Softmax;
+    else if (loss == "bpr") t.loss = TowerLoss::Bpr;
+    else if (loss == "bce") t.loss = TowerLoss::Bce;
+    else if (loss == "mse") t.loss = TowerLoss::Mse;
+    else throw py::value_error("loss must be 'softmax', 'bpr', 'bce' or 'mse', got '" + loss + "'");
+    t.negatives = d["negatives"].cast<int>();
+    if (t.negatives < 0) throw py::value_error("negatives must be >= 0");
+    if (t.loss == TowerLoss::Bpr && t.negatives < 1) throw py::value_error("bpr needs negatives >= 1");
+    if (t.loss == TowerLoss::Mse && !pairs.y) throw py::value_error("mse needs targets y");
+    py::dict sampler;
+    sampler["negatives"] = t.negatives;
+    sampler["user_key"] = 0;
+    sampler["item_key"] = 1;
+    sampler["n_items"] = d["n_items"];
+    sampler["seed"] = d["seed"];
+    if (d.contains("cdf")) sampler["cdf"] = d["cdf"];
+    if (d.contains("seen")) sampler["seen"] = d["seen"];
+    t.sampler = make_sampler(sampler);
+    require_key_rows(model_.item, 0, t.sampler.n_items, "n_items");
+    if (t.sampler.seen_indptr)
+      for (index_t r = 0; r < pairs.rows; ++r)
+        if (pairs.users[r] >= t.sampler.seen_users) throw py::value_error("seen has fewer rows than the users");
+    if (d.contains("item_prob") && !d["item_prob"].is_none()) {
+      t.item_prob = optional_array<float>(d["item_prob"], "item_prob", t.sampler.n_items, false);
+      for (index_t i = 0; i < t.sampler.n_items; ++i)
+        if (!(t.item_prob[i] >= 0.0f && t.item_prob[i] <= 1.0f))
+          throw py::value_error("item_prob must hold probabilities in [0, 1]");
+    }
+    return t;
+  }
+
+  TwoTowerModel model_;
+  bool trainable_;
+  std::vector<py::object> keep_;
 };
 
 
@@ -724,6 +898,24 @@ PYBIND11_MODULE(_core, m) {
            py::arg("epoch"), py::arg("n_threads") = 0, py::arg("isa") = "auto", py::arg("progress") = py::none())
       .def("topk", &FieldHandle::topk, py::arg("sampler"), py::arg("users"), py::arg("candidates"), py::arg("k"),
            py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto");
+
+  py::class_<TwoTowerHandle>(m, "TwoTowerHandle",
+                             "A validated two-tower model over caller-owned arrays (docs/DESIGN.md, the two-tower "
+                             "model): two field-model specs with loss 'tower'.")
+      .def(py::init<const py::dict&, const py::dict&, bool, float, bool>(), py::arg("user_spec"),
+           py::arg("item_spec"), py::arg("normalize"), py::arg("temperature"), py::arg("trainable") = false)
+      .def_property_readonly("dim", &TwoTowerHandle::dim)
+      .def("vectors", &TwoTowerHandle::vectors, py::arg("user_side"), py::arg("keys"), py::arg("scale") = 1.0f,
+           py::arg("n_threads") = 0, py::arg("isa") = "auto")
+      .def("loss_and_gradients", &TwoTowerHandle::loss_and_gradients, py::arg("users"), py::arg("items"),
+           py::arg("y"), py::arg("weight"), py::arg("training"), py::arg("negatives"), py::arg("alpha"),
+           py::arg("n_threads") = 0, py::arg("isa") = "auto")
+      .def("train_epoch", &TwoTowerHandle::train_epoch, py::arg("user_state1"), py::arg("user_state2"),
+           py::arg("item_state1"), py::arg("item_state2"), py::arg("users"), py::arg("items"), py::arg("y"),
+           py::arg("weight"), py::arg("order"), py::arg("batch_size"), py::arg("alpha"), py::arg("optimizer"),
+           py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"), py::arg("beta_1"), py::arg("beta_2"),
+           py::arg("epsilon"), py::arg("adam_t"), py::arg("training"), py::arg("epoch"), py::arg("n_threads") = 0,
+           py::arg("isa") = "auto", py::arg("progress") = py::none());
 
   // One-shot forms over a spec dict (a handle built and used once), as documented in docs/DESIGN.md.
   m.def(

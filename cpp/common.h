@@ -15,6 +15,17 @@ enum class Activation : int { Identity = 0, Logistic = 1, Tanh = 2, Relu = 3, So
 
 Activation parse_activation(const std::string& name);  // throws std::invalid_argument
 
+// The random streams of training (negatives, dropout): splitmix64 steps, seeded per (seed, epoch, batch) so
+// that a draw never depends on the thread that makes it.
+inline std::uint64_t splitmix64(std::uint64_t& state) {
+  std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+// Uniform in [0, 1) from the top 53 bits of the next step.
+inline double uniform01(std::uint64_t& state) { return static_cast<double>(splitmix64(state) >> 11) * 0x1.0p-53; }
+
 // Throw std::invalid_argument (-> Python ValueError) unless cond holds.
 inline void require(bool cond, const std::string& message) {
   if (!cond) throw std::invalid_argument(message);

@@ -19,18 +19,11 @@ namespace {
 // Examples per forward chunk in predict/top-k: bounds the workspace, still a full-speed GEMM.
 constexpr index_t kPredictChunk = 2048;
 
-std::uint64_t splitmix64(std::uint64_t& state) {
-  std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-double uniform01(std::uint64_t& state) { return static_cast<double>(splitmix64(state) >> 11) * 0x1.0p-53; }
-
 bool contains_sorted(const std::int32_t* begin, const std::int32_t* end, std::int32_t value) {
   return std::binary_search(begin, end, value);
 }
+
+}  // namespace
 
 // Buffers of one minibatch.
 struct FieldWorkspace {
@@ -71,6 +64,8 @@ struct FieldWorkspace {
     }
   }
 };
+
+namespace {
 
 // The bags of the batch rows of field f, as a CSR over the field's vocabulary. With a random stream
 // (training), each example reads bag row 0 instead of its own with probability f.dropout.
@@ -164,11 +159,9 @@ Input mlp_input(const FieldModel& m, index_t n, FieldWorkspace& ws) {
   return in;
 }
 
-// Rows [r0, r1) of ws.logits from the batch's bags (batch_bags): x's rows (pooled fields, dense blocks) and
-// the GMF fields' pooled vectors, the MLP, wide fields' pooled scalars, the GMF term. The rows of a block are
-// pooled by the thread that runs their MLP pass.
-void logits_rows(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, index_t r0, index_t r1,
-                 int n_threads) {
+// Rows [r0, r1) of x (pooled fields, dense blocks) and of the GMF fields' pooled vectors, from the batch's
+// bags (batch_bags).
+void pool_rows(const KernelSet& ks, const FieldModel& m, FieldWorkspace& ws, index_t r0, index_t r1, int n_threads) {
   for_each_field(m, r1 - r0, n_threads, [&](std::size_t i, int threads) {
     const EmbeddingField& f = m.fields[i];
     const FieldWorkspace::FieldBatch& fb = ws.fields[i];
@@ -190,6 +183,13 @@ void logits_rows(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorks
                   sizeof(float) * static_cast<std::size_t>(b.cols));
     }
   }
+}
+
+// Rows [r0, r1) of ws.logits from the batch's bags: pooled inputs, the MLP, wide fields' pooled scalars, the
+// GMF term. The rows of a block are pooled by the thread that runs their MLP pass.
+void logits_rows(const KernelSet& ks, const FieldModel& m, index_t n, FieldWorkspace& ws, index_t r0, index_t r1,
+                 int n_threads) {
+  pool_rows(ks, m, ws, r0, r1, n_threads);
   forward_rows(ks, m.mlp, mlp_input(m, n, ws), ws.mlp, r0, r1, n_threads);
   const float* z = ws.mlp.acts[m.mlp.layers.size()].data();
   for (index_t r = r0; r < r1; ++r) ws.logits[r] = z[r];
@@ -360,23 +360,31 @@ index_t append_negatives(const NegativeSampler& s, index_t n_pos, std::uint64_t 
     const std::int32_t u = users[p];
     for (int j = 0; j < s.negatives; ++j, ++r) {
       for (std::size_t k = 0; k < ws.keys.size(); ++k) ws.keys[k][r] = ws.keys[k][p];
-      std::int32_t item = 0;
-      for (int attempt = 0; attempt < 64; ++attempt) {
-        const double x = uniform01(rng);
-        if (s.cdf) {
-          item = static_cast<std::int32_t>(std::upper_bound(s.cdf, s.cdf + s.n_items, x * s.cdf[s.n_items - 1]) - s.cdf);
-          item = std::min<std::int32_t>(item, static_cast<std::int32_t>(s.n_items - 1));
-        } else {
-          item = static_cast<std::int32_t>(std::min<index_t>(static_cast<index_t>(x * s.n_items), s.n_items - 1));
-        }
-        if (!s.seen_indptr || !contains_sorted(s.seen_items + s.seen_indptr[u], s.seen_items + s.seen_indptr[u + 1], item))
-          break;
-      }
+      const std::int32_t item = draw_negative(s, u, rng);
       items[r] = item;
       ws.y[r] = 0.0f;
     }
   }
   return n;
+}
+
+}  // namespace
+
+std::int32_t draw_negative(const NegativeSampler& s, std::int32_t user, std::uint64_t& rng) {
+  std::int32_t item = 0;
+  for (int attempt = 0; attempt < 64; ++attempt) {
+    const double x = uniform01(rng);
+    if (s.cdf) {
+      item = static_cast<std::int32_t>(std::upper_bound(s.cdf, s.cdf + s.n_items, x * s.cdf[s.n_items - 1]) - s.cdf);
+      item = std::min<std::int32_t>(item, static_cast<std::int32_t>(s.n_items - 1));
+    } else {
+      item = static_cast<std::int32_t>(std::min<index_t>(static_cast<index_t>(x * s.n_items), s.n_items - 1));
+    }
+    if (!s.seen_indptr ||
+        !contains_sorted(s.seen_items + s.seen_indptr[user], s.seen_items + s.seen_indptr[user + 1], item))
+      break;
+  }
+  return item;
 }
 
 UpdateRule embedding_rule(const UpdateRule& dense_rule) {
@@ -385,8 +393,6 @@ UpdateRule embedding_rule(const UpdateRule& dense_rule) {
   if (dense_rule.kind == UpdateKind::Adagrad) r.kind = UpdateKind::RowAdagrad;
   return r;  // Adam: lazy Adam on the touched rows, same bias-corrected rate
 }
-
-}  // namespace
 
 BagTable::Shape shape_of(const BagTable& bags) {
   bool identity = true;
@@ -398,7 +404,9 @@ BagTable::Shape shape_of(const BagTable& bags) {
 }
 
 void validate(const FieldModel& m) {
-  require(!m.mlp.layers.empty() && m.mlp.layers.back().fan_out == 1, "the MLP must end in one output");
+  require(!m.mlp.layers.empty() && (m.tower || m.mlp.layers.back().fan_out == 1), "the MLP must end in one output");
+  require(!m.tower || (m.n_keys == 1 && m.gmf.field_u < 0 && m.mlp.out == Activation::Identity),
+          "a tower has one key column, no GMF term and an identity output layer");
   require(m.mlp.layers[0].fan_in == m.width,
           "coefs[0] has " + std::to_string(m.mlp.layers[0].fan_in) + " rows but the fields and dense blocks give " +
               std::to_string(m.width) + " input columns");
@@ -409,6 +417,7 @@ void validate(const FieldModel& m) {
     require(f.offset < 0 || f.offset + f.dim <= m.width, name + ": columns beyond the MLP input width");
     require(f.offset >= 0 || f.wide || static_cast<int>(i) == m.gmf.field_u || static_cast<int>(i) == m.gmf.field_v,
             name + ": offset -1 (no MLP input) is only for the two fields of the GMF term and wide fields");
+    require(!m.tower || (!f.wide && f.offset >= 0), name + ": every field of a tower feeds its MLP");
     require(!f.wide || (f.dim == 1 && f.offset < 0 && static_cast<int>(i) != m.gmf.field_u &&
                         static_cast<int>(i) != m.gmf.field_v),
             name + ": a wide field has dim 1, offset -1 and is not a GMF field");
@@ -911,6 +920,65 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
       for (const Scored& entry : best) push_top(heap, k, entry);
     write_top(m, heap, k, out_items + u * k, out_scores + u * k);
   }
+}
+
+TowerPass::TowerPass(const FieldModel& model, index_t rows, bool training)
+    : m_(model), ws_(new FieldWorkspace(model, std::max<index_t>(rows, 1), training)) {}
+
+TowerPass::~TowerPass() { delete ws_; }
+
+const float* TowerPass::forward(const KernelSet& ks, const std::int32_t* keys, index_t n,
+                                const std::uint64_t* dropout_stream, int n_threads) {
+  n_ = n;
+  ws_->keys[0].assign(keys, keys + n);
+  batch_bags(m_, n, *ws_, n_threads, dropout_stream);
+  const int blocks = row_blocks(m_.mlp, n, n_threads);
+  const Input in = mlp_input(m_, n, *ws_);
+  if (blocks == 1) {
+    pool_rows(ks, m_, *ws_, 0, n, n_threads);
+    forward_rows(ks, m_.mlp, in, ws_->mlp, 0, n, n_threads);
+  } else {
+    parallel_for(0, blocks, blocks, [&](std::int64_t b) {
+      const auto [r0, r1] = block_rows(n, blocks, b);
+      pool_rows(ks, m_, *ws_, r0, r1, 1);
+      forward_rows(ks, m_.mlp, in, ws_->mlp, r0, r1, 1);
+    });
+  }
+  return ws_->mlp.acts[m_.mlp.layers.size()].data();
+}
+
+float* TowerPass::output_gradient() { return ws_->mlp.deltas.back().data(); }
+
+double TowerPass::backward(const KernelSet& ks, float alpha, double denominator, GradientSink& mlp_sink,
+                           const FieldSink& field_sink, int n_threads) {
+  const index_t n = n_;
+  FieldWorkspace& ws = *ws_;
+  const float inv_n = static_cast<float>(1.0 / denominator);
+  const Input in = mlp_input(m_, n, ws);
+  index_t dx_cols = 0;  // input columns up to the last embedding field's end: dense blocks need no gradient
+  for (const EmbeddingField& f : m_.fields) dx_cols = std::max(dx_cols, f.offset + f.dim);
+  Backward pass(ks, m_.mlp, in, alpha, denominator, ws.mlp);
+  pass.products(n_threads, nullptr, dx_cols > 0 ? ws.dx.data() : nullptr, m_.width, dx_cols);
+  ws.field_squares.assign(m_.fields.size(), 0.0);
+  auto field_backward = [&](std::size_t i, int threads) {
+    const EmbeddingField& f = m_.fields[i];
+    FieldWorkspace::FieldBatch& fb = ws.fields[i];
+    const CsrView bags{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n, f.vocab};
+    group_by_column(bags, fb.touched);
+    fb.grad.resize(fb.touched.ids.size() * static_cast<std::size_t>(f.dim));
+    const float alpha_f = f.alpha >= 0.0f ? f.alpha : alpha;
+    const double squares = touched_rows_gradient(ks, fb.touched, ws.dx.data() + f.offset, m_.width, f.table, f.dim,
+                                                 alpha_f, inv_n, fb.grad.data(), fb.row_squares, threads);
+    ws.field_squares[i] = 0.5 * alpha_f * squares / denominator;
+    field_sink(i, fb.touched, fb.grad.data(), threads);
+  };
+  const int threads = field_threads(m_, n, n_threads);
+  const bool spread = fields_spread(m_, threads);
+  double loss = pass.apply(mlp_sink, n_threads, spread ? static_cast<std::int64_t>(m_.fields.size()) : 0,
+                           [&](std::int64_t i) { field_backward(static_cast<std::size_t>(i), 1); });
+  for (std::size_t i = 0; !spread && i < m_.fields.size(); ++i) field_backward(i, threads);
+  for (double term : ws.field_squares) loss += term;
+  return loss;
 }
 
 }  // namespace fastrec

@@ -65,6 +65,9 @@ struct FieldModel {
   GmfTerm gmf;
   Network mlp;        // one output: the logit (mlp.out is Identity for "mse", Logistic for "bce")
   std::vector<float*> mlp_state1, mlp_state2;  // the MLP's optimizer state, as Optimizer::state1/2
+  // A tower (two_tower.h): one key column, every field feeding the MLP, whose identity output layer of any
+  // width is the tower's vector.
+  bool tower = false;
   bool bce() const { return mlp.out == Activation::Logistic; }
 };
 
@@ -115,6 +118,42 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& model, Optimizer&
                               const std::int64_t* order, index_t n_order, index_t batch_size, float alpha,
                               const NegativeSampler& sampler, std::uint64_t epoch, const StopCheck& stop,
                               int n_threads);
+
+// One negative item for `user` (sampler's rules above), advancing rng.
+std::int32_t draw_negative(const NegativeSampler& s, std::int32_t user, std::uint64_t& rng);
+
+// The update rule of embedding rows under a dense rule: plain SGD (no momentum), row-wise Adagrad, lazy Adam.
+UpdateRule embedding_rule(const UpdateRule& dense_rule);
+
+// The buffers of one minibatch of a field model (fields.cpp).
+struct FieldWorkspace;
+
+// A tower's forward and backward passes over batches of up to `rows` rows (model.tower: see FieldModel).
+class TowerPass {
+ public:
+  TowerPass(const FieldModel& model, index_t rows, bool training);
+  ~TowerPass();
+  TowerPass(const TowerPass&) = delete;
+  TowerPass& operator=(const TowerPass&) = delete;
+  // The tower's output for keys[0:n] (n x out_dim, valid until the next call). dropout_stream: training's
+  // seed for field dropout (none when predicting).
+  const float* forward(const KernelSet& ks, const std::int32_t* keys, index_t n, const std::uint64_t* dropout_stream,
+                       int n_threads);
+  // To fill before backward: dLoss/d(output) of the last forward's rows, times `denominator` (see backward).
+  float* output_gradient();
+  // Gradients of the last forward's rows, from output_gradient() and the L2 weight alpha, both divided by
+  // `denominator` (the loss is a mean over that many examples): the MLP's to mlp_sink, each field's touched
+  // rows to field_sink(i, touched, G, threads). Returns the L2 terms 0.5 alpha ||.||^2 / denominator (MLP
+  // weights, the batch's touched embedding rows).
+  using FieldSink = std::function<void(std::size_t field, const TouchedRows& touched, const float* G, int n_threads)>;
+  double backward(const KernelSet& ks, float alpha, double denominator, GradientSink& mlp_sink,
+                  const FieldSink& field_sink, int n_threads);
+
+ private:
+  const FieldModel& m_;
+  FieldWorkspace* ws_;
+  index_t n_ = 0;
+};
 
 // Per-handle cache of top-k: the item-keyed inputs times W_0 for every item (n_items x fan_out(0)) and the
 // items' pooled GMF vectors. Built on the first top-k call; valid while the parameters do not change.

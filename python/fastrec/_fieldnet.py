@@ -173,9 +173,14 @@ class IdIndex:
 
 @persistable
 class FieldNet:
-    """Learned arrays of a field model: embedding tables, MLP (one output), optional GMF vector."""
+    """Learned arrays of a field model: embedding tables, MLP, optional GMF vector.
 
-    def __init__(self, fields, dense, hidden_layer_sizes, activation, loss, n_keys, rng, init_scale=0.05):
+    The MLP ends in one output (loss "mse" or "bce") or, for a tower of a two-tower model (loss "tower"), in
+    `output_dim` outputs with the identity activation.
+    """
+
+    def __init__(self, fields, dense, hidden_layer_sizes, activation, loss, n_keys, rng, init_scale=0.05,
+                 output_dim=1):
         self.fields = list(fields)
         self.dense = list(dense)
         self.activation = activation
@@ -199,7 +204,7 @@ class FieldNet:
         self.tables = [np.zeros((f.vocab, 1), np.float32) if f.role == "wide" else
                        rng.normal(0.0, init_scale, (f.vocab, f.dim)).astype(np.float32) for f in self.fields]
         # The MLP: scikit-learn's Glorot-uniform initialisation.
-        sizes = [self.width, *hidden_layer_sizes, 1]
+        sizes = [self.width, *hidden_layer_sizes, output_dim]
         factor = 2.0 if activation == "logistic" else 6.0
         self.coefs, self.intercepts = [], []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):

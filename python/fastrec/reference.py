@@ -790,3 +790,161 @@ def field_topk(spec, sampler, users, candidates, k, exclude_seen, n_threads=0, i
         items_out[row, :len(best)] = c[best]
         scores_out[row, :len(best)] = scores[best]
     return items_out, scores_out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two-tower model (docs/DESIGN.md, "The two-tower model")
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tower_forward(spec, keys):
+    """A tower's forward pass over key values ``keys``: ``(x, hidden, out, bags)``, out (n, dim)."""
+    dtype = spec["coefs"][0].dtype
+    if spec["loss"] != "tower" or spec.get("gmf") is not None:
+        raise ValueError("a tower spec has loss 'tower' and no GMF term")
+    keys = np.asarray(keys, dtype=np.int64)
+    n = len(keys)
+    x = np.zeros((n, int(spec["width"])), dtype=dtype)
+    bags = []
+    for f in spec["fields"]:
+        b = _bag_rows(f["bags"], keys, dtype)
+        x[:, f["offset"]:f["offset"] + f["table"].shape[1]] = csr_matmul(*b, np.asarray(f["table"], dtype=dtype))
+        bags.append(b)
+    for blk in spec["dense"]:
+        T = np.asarray(blk["table"], dtype=dtype)
+        x[:, blk["offset"]:blk["offset"] + T.shape[1]] = T[keys]
+    hidden, out = _forward_pass(spec["coefs"], spec["intercepts"], "dense", x, spec["activation"])
+    return x, hidden, out, bags
+
+
+def _tower_backward(spec, x, hidden, bags, D, alpha, denominator):
+    """Gradients of a tower from ``D`` = dLoss/d(output) times ``denominator``; L2 terms divided by it.
+
+    Returns ``(l2_loss, table_grads, coef_grads, intercept_grads)`` (tables dense, zero outside touched rows).
+    """
+    dtype = spec["coefs"][0].dtype
+    coefs, act = spec["coefs"], spec["activation"]
+    (alpha_t,) = _hyper(dtype, alpha)
+    n_t = dtype.type(denominator)
+    loss = 0.5 * alpha * sum(_sum64(W * W) for W in coefs) / denominator
+    L = len(coefs)
+    coef_grads, intercept_grads = [None] * L, [None] * L
+    for l in range(L - 1, -1, -1):
+        A = hidden[l - 1] if l > 0 else x
+        coef_grads[l] = (A.T @ D + alpha_t * coefs[l]) / n_t
+        intercept_grads[l] = np.sum(D, axis=0) / n_t
+        D_in = D @ coefs[l].T
+        D = D_in * activation_derivative(A, act) if l > 0 else D_in
+    table_grads = []
+    for f, b in zip(spec["fields"], bags):
+        E = np.asarray(f["table"], dtype=dtype)
+        up = D[:, f["offset"]:f["offset"] + E.shape[1]]
+        touched = csr_touched_rows(b[0], b[1])
+        alpha_f = f.get("alpha", -1.0)
+        alpha_f = alpha if alpha_f is None or alpha_f < 0 else alpha_f
+        (alpha_ft,) = _hyper(dtype, alpha_f)
+        G = np.zeros_like(E)
+        G[touched] = (csr_transpose_matmul(*b, up, touched) + alpha_ft * E[touched]) / n_t
+        loss += 0.5 * alpha_f * _sum64(E[touched] ** 2) / denominator
+        table_grads.append(G)
+    return loss, table_grads, coef_grads, intercept_grads
+
+
+def _normalized(out, normalize):
+    """Rows divided by their norms (at least 1e-12) when ``normalize``, and the norms."""
+    if not normalize:
+        return out, None
+    norms = np.maximum(np.sqrt(np.sum(out * out, axis=1)), out.dtype.type(1e-12))
+    return out / norms[:, None], norms
+
+
+def two_tower_vectors(user_spec, item_spec, normalize, temperature, user_side, keys, scale=1.0):
+    """Tower vectors of ``keys`` (normalised when ``normalize``) times ``scale``: (n, dim)."""
+    _, _, out, _ = _tower_forward(user_spec if user_side else item_spec, keys)
+    vec, _ = _normalized(out, normalize)
+    return vec * out.dtype.type(scale)
+
+
+def two_tower_loss_and_gradients(user_spec, item_spec, normalize, temperature, users, items, y, weight, training,
+                                 negatives, alpha):
+    """Loss and gradients of the two-tower model on all pairs as one batch.
+
+    ``training``: {"loss": "softmax" | "bpr" | "bce" | "mse", "negatives": int, "item_prob": None or
+    (n_items,), "n_items": int}; ``negatives``: the m extra items (softmax) or n x negatives items (bpr,
+    bce, row-major). With u_r, v_c the (normalised) vectors, s = <u_r, v_c> / temperature, w_r the
+    sample weights (1 when ``weight`` is None), n positives:
+
+    * softmax: candidates are the batch's items then the extra ones; logit z_rc = s_rc - log(n q_c + m /
+      n_items) with the item_prob q (no correction when None); candidates c != r holding item_r are left out;
+      loss = sum_r w_r (logsumexp_c z_rc - z_rr) / n;
+    * bpr: loss = sum_{r,j} w_r softplus(s_rj - s_rr) / (n k), k negatives per positive;
+    * bce: loss = (sum_r w_r softplus(-s_rr) + sum_{r,j} softplus(s_rj)) / (n (1 + k));
+    * mse: loss = sum_r w_r (s_rr - y_r)^2 / (2 n);
+
+    plus each tower's L2 terms over n (``_tower_backward``). Returns ``(loss, (tables, coefs, intercepts)
+    of the user tower, the same of the item tower)``.
+    """
+    dtype = user_spec["coefs"][0].dtype
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    negatives = np.asarray(negatives, dtype=np.int64)
+    n = len(users)
+    w = np.ones(n, dtype) if weight is None else np.asarray(weight, dtype)
+    kind, k = training["loss"], int(training["negatives"])
+    keys_v = np.concatenate([items, negatives])
+    xu, hu, out_u, bu = _tower_forward(user_spec, users)
+    xv, hv, out_v, bv = _tower_forward(item_spec, keys_v)
+    U, nu = _normalized(out_u, normalize)
+    V, nv = _normalized(out_v, normalize)
+    inv_t = dtype.type(1.0 / temperature)
+    dU, dV = np.zeros_like(U), np.zeros_like(V)  # dLoss/d(U, V) times n
+    if kind == "softmax":
+        Z = (U @ V.T) * inv_t
+        q = training.get("item_prob")
+        if q is not None:
+            extra = len(negatives) / float(training["n_items"])
+            Z = Z - np.log(np.maximum(n * np.asarray(q, np.float64)[keys_v] + extra, 1e-30)).astype(dtype)
+        hits = (keys_v[None, :] == items[:, None]) & ~np.eye(n, len(keys_v), dtype=bool)
+        Z = np.where(hits, -np.inf, Z)
+        zmax = Z.max(axis=1, keepdims=True)
+        E = np.exp(Z - zmax)
+        P = E / E.sum(axis=1, keepdims=True)
+        lse = np.log(E.sum(axis=1)) + zmax[:, 0]
+        loss = _sum64(w * (lse - Z[np.arange(n), np.arange(n)])) / n
+        G = w[:, None] * (P - np.eye(n, len(keys_v), dtype=dtype)) * inv_t
+        dU, dV = G @ V, G.T @ U
+    elif kind in ("bpr", "bce"):
+        neg = np.arange(n * k).reshape(n, k) + n  # rows of V holding each positive's negatives
+        s_pos = np.sum(U * V[:n], axis=1) * inv_t
+        s_neg = np.einsum("rd,rjd->rj", U, V[neg]) * inv_t
+        if kind == "bpr":
+            x = s_pos[:, None] - s_neg
+            loss = _sum64(w[:, None] * _softplus(-x)) / (n * k)
+            g = -w[:, None] * _activation(-x, "logistic") / dtype.type(k) * inv_t  # dLoss/dx * n
+            dU = np.sum(g[:, :, None] * (V[:n][:, None, :] - V[neg]), axis=1)
+            dV[:n] = np.sum(g, axis=1)[:, None] * U
+            dV[n:] = (-g[:, :, None] * U[:, None, :]).reshape(n * k, -1)
+        else:
+            loss = (_sum64(w * _softplus(-s_pos)) + _sum64(_softplus(s_neg))) / (n * (1 + k))
+            g_pos = w * (_activation(s_pos, "logistic") - 1) / dtype.type(1 + k) * inv_t
+            g_neg = _activation(s_neg, "logistic") / dtype.type(1 + k) * inv_t
+            dU = g_pos[:, None] * V[:n] + np.einsum("rj,rjd->rd", g_neg, V[neg])
+            dV[:n] = g_pos[:, None] * U
+            dV[n:] = (g_neg[:, :, None] * U[:, None, :]).reshape(n * k, -1)
+    elif kind == "mse":
+        y = np.asarray(y, dtype)
+        e = np.sum(U * V, axis=1) * inv_t - y
+        loss = 0.5 * _sum64(w * e * e) / n
+        dU = (w * e * inv_t)[:, None] * V
+        dV = (w * e * inv_t)[:, None] * U
+    else:
+        raise ValueError(f"unknown loss {kind!r}")
+
+    def through_norm(vec, norms, g):
+        if norms is None:
+            return g
+        return (g - vec * np.sum(vec * g, axis=1, keepdims=True)) / norms[:, None]
+
+    lu, *grads_u = _tower_backward(user_spec, xu, hu, bu, through_norm(U, nu, dU), alpha, n)
+    lv, *grads_v = _tower_backward(item_spec, xv, hv, bv, through_norm(V, nv, dV), alpha, n)
+    return loss + lu + lv, tuple(grads_u), tuple(grads_v)
