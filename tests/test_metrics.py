@@ -179,3 +179,14 @@ def test_ranking_properties(n_users, k_rec, k, seed):
     # all relevant items at the top -> perfect ndcg
     ideal = np.stack([np.concatenate([r, np.setdiff1d(np.arange(n_items), r)])[:k_rec] for r in relevant])
     assert metrics.ndcg_at_k(ideal, relevant, min(k, k_rec)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_hit_matrix_serves_every_smaller_k(seed):
+    # full_ranking computes hits once at the largest k and slices them for the others
+    rec, relevant = random_case(seed)
+    hits, n_rel, _ = metrics._hits(rec, relevant, 12)
+    for k in (1, 3, 8, 12):
+        sliced, direct = metrics._from_hits(hits, n_rel, k), metrics._per_user(rec, relevant, k)
+        for name in ("hit_rate", "precision", "recall", "ndcg"):
+            np.testing.assert_allclose(sliced[name], direct[name], rtol=1e-12)

@@ -5,7 +5,9 @@ applies to users, items, ratings and timestamps alike.
 
 Evaluation functions take any model with ``predict(users, items) -> (n,) scores`` (for
 :func:`sampled_ranking`) or ``recommend(users, k=k, exclude_seen=True) -> (items (n, k), scores (n, k))``
-(for :func:`full_ranking`), users and items given as raw ids.
+(for :func:`full_ranking`, which ranks the whole catalogue with each user's seen items excluded), users and
+items given as raw ids. :class:`Popularity`, the most-popular baseline, has both, so it can stand beside any
+model under either protocol.
 
 ``random_state`` everywhere is None, an int, a ``numpy.random.Generator`` or a ``numpy.random.RandomState``.
 """
@@ -18,9 +20,9 @@ import numpy as np
 
 from fastrec._checks import as_array
 from fastrec.features import as_id_array
-from fastrec.metrics import _per_user
+from fastrec.metrics import _from_hits, _hits
 
-__all__ = ["full_ranking", "leave_last_out", "random_split", "sampled_ranking"]
+__all__ = ["Popularity", "full_ranking", "leave_last_out", "random_split", "sampled_ranking"]
 
 
 def check_generator(random_state) -> np.random.Generator:
@@ -233,41 +235,199 @@ def rank_candidates(model, users, candidates, k):
     return {f"hr@{k}": float(hit.mean()), f"ndcg@{k}": float(ndcg.mean()), "n": int(users.size)}
 
 
-def full_ranking(model, test_users, test_items, *, k=10):
-    """Rank all items for each test user with ``model.recommend`` and score the top ``k``.
+def _check_ks(k):
+    """``k`` (an int or a non-empty sequence of ints, each >= 1) as a sorted tuple of distinct ints."""
+    ks = (k,) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else k
+    try:
+        ks = tuple(ks)
+    except TypeError:
+        ks = ()
+    if not ks or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in ks):
+        raise ValueError(f"k must be an int >= 1 or a non-empty sequence of them; got {k!r}")
+    return tuple(sorted({int(v) for v in ks}))
 
-    Calls ``model.recommend(unique_test_users, k=k, exclude_seen=True)`` once, which must return
-    ``(items (n_users, k), scores (n_users, k))`` with padding -1 (or None) where fewer than ``k`` items
-    remain. The relevant items of a user are its test items (n,) pairs with ``test_users``; a test item the
-    user also had in training is excluded by ``exclude_seen`` and can never be hit.
 
-    Returns ``{"precision@k", "recall@k", "ndcg@k", "hr@k"}`` means over the test users (see
-    :mod:`fastrec.metrics`), plus ``"n_users"``.
+def _group(codes, values, n_groups):
+    """``values`` split by ``codes`` in 0..n_groups-1: (values sorted by code, bounds (n_groups + 1,))."""
+    order = np.argsort(codes, kind="stable")
+    return values[order], np.searchsorted(codes[order], np.arange(n_groups + 1))
+
+
+def _padding(dtype):
+    return -1 if dtype.kind in "iu" else "" if dtype.kind == "U" else None
+
+
+def full_ranking(model, test_users, test_items, *, k=(10, 20), exclude_seen=True, seen_users=None,
+                 seen_items=None, batch_size=1024):
+    """Rank every item the model knows for each test user and score the top ``k`` (full-catalogue protocol).
+
+    ``test_users``, ``test_items``: (n,) raw ids of the held-out pairs. Each distinct test user is ranked
+    once, in batches of ``batch_size`` users, by ``model.recommend(users, k=K, exclude_seen=exclude_seen)``,
+    which must return ``(items (n_users, <= K), scores)``, best first, padded with -1 / "" / None where fewer
+    than ``K`` items remain (any fastrec recommender, :class:`Popularity`, or anything with that method).
+    ``K`` is ``max(k)``, plus the largest number of extra pairs of a batch's users when ``seen_users`` /
+    ``seen_items`` are given.
+
+    Protocol (the "full ranking" / "all-items" evaluation of RecBole, Zhao et al., CIKM 2021, and of Krichene
+    & Rendle, KDD 2020, who show that sampled metrics such as :func:`sampled_ranking` can rank models
+    inconsistently):
+
+    - candidates: every item the model can recommend, minus each user's training items
+      (``exclude_seen=True``: the model's own record of them) and minus the ``(seen_users, seen_items)``
+      pairs (m,) when given -- e.g. a validation split, which RecBole also masks at test time, or the
+      training pairs of a model that does not keep them;
+    - relevant items of a user: its test items, kept as they are (RecBole's choice). A test item that is
+      also one of the user's excluded items can never be recommended and counts as a miss, as does a test
+      item unknown to the model (never among its candidates). Splits whose test pairs are not training pairs
+      (:func:`leave_last_out` or :func:`random_split` on de-duplicated interactions) never meet the first;
+    - per user, with ``hits`` the relevant items among the top ``k`` (binary relevance, see
+      :mod:`fastrec.metrics`): ``hr@k`` 1 if any hit; ``recall@k`` ``|hits| / |relevant|`` (RecBole's
+      Recall; Liang et al., WWW 2018, divide by ``min(k, |relevant|)`` -- the same with one test item per
+      user); ``ndcg@k`` ``sum 1/log2(p + 2)`` over hit positions ``p`` divided by the DCG of
+      ``min(k, |relevant|)`` hits at the top; ``precision@k`` ``|hits| / k``;
+    - each metric is the mean over test users with at least one relevant item, which is every distinct test
+      user (each has a test pair), unknown users included (the model decides what they get).
+
+    Returns ``{"precision@k", "recall@k", "ndcg@k", "hr@k"}`` for each ``k`` (an int or a sequence of
+    ints; ``k`` beyond the catalogue counts the missing positions as misses), plus ``"n_users"``.
     """
+    ks = _check_ks(k)
+    if not isinstance(exclude_seen, (bool, np.bool_)):
+        raise ValueError(f"exclude_seen must be a bool; got {exclude_seen!r}")
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    if (seen_users is None) != (seen_items is None):
+        raise ValueError("seen_users and seen_items must be given together")
     tu, ti = _check_pairs(test_users, test_items, ("test_users", "test_items"))
     if tu.size == 0:
         raise ValueError("test_users is empty")
-    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be an int >= 1; got {k!r}")
+    max_k = ks[-1]
     users, codes = np.unique(tu, return_inverse=True)
     codes = codes.ravel()
-    result = model.recommend(users, k=k, exclude_seen=True)
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise TypeError("model.recommend must return (items, scores)")
-    rec = np.asarray(result[0])
-    if rec.ndim != 2 or rec.shape[0] != users.size or rec.shape[1] > k:
-        raise ValueError(f"model.recommend returned items of shape {rec.shape}; expected ({users.size}, {k})")
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(users.size + 1))
-    relevant = [ti[order[bounds[j]:bounds[j + 1]]] for j in range(users.size)]
-    try:
-        per = _per_user(rec, relevant, k)
-    except TypeError as exc:  # e.g. str test_items against a model of int ids
-        raise TypeError(f"test_items do not match the item ids model.recommend returned: {exc}") from None
-    return {
-        f"precision@{k}": float(per["precision"].mean()),
-        f"recall@{k}": float(per["recall"].mean()),
-        f"ndcg@{k}": float(per["ndcg"].mean()),
-        f"hr@{k}": float(per["hit_rate"].mean()),
-        "n_users": int(users.size),
-    }
+    rel_sorted, rel_bounds = _group(codes, ti, users.size)
+
+    extra = None
+    if seen_users is not None:
+        su, si = _check_pairs(seen_users, seen_items, ("seen_users", "seen_items"))
+        if su.size and (su.dtype.kind == "U") != (tu.dtype.kind == "U"):
+            raise TypeError("test_users and seen_users hold ids of different types (int vs str)")
+        pos = np.minimum(np.searchsorted(users, su), users.size - 1)
+        mine = users[pos] == su  # seen pairs of test users only
+        extra = _group(pos[mine], si[mine], users.size)
+        n_extra = np.diff(extra[1])
+
+    sums = {(name, kk): 0.0 for kk in ks for name in ("precision", "recall", "ndcg", "hit_rate")}
+    n_scored = 0
+    for start in range(0, users.size, int(batch_size)):
+        stop = min(start + int(batch_size), users.size)
+        request = max_k + (int(n_extra[start:stop].max()) if extra is not None else 0)
+        result = model.recommend(users[start:stop], k=request, exclude_seen=bool(exclude_seen))
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise TypeError("model.recommend must return (items, scores)")
+        rec = np.asarray(result[0])
+        if rec.ndim != 2 or rec.shape[0] != stop - start or rec.shape[1] > request:
+            raise ValueError(f"model.recommend returned items of shape {rec.shape}; expected "
+                             f"({stop - start}, <= {request})")
+        if extra is not None and rec.size:
+            drop = np.zeros(rec.shape, dtype=bool)
+            for r in np.flatnonzero(n_extra[start:stop]):
+                lo, hi = extra[1][start + r], extra[1][start + r + 1]
+                drop[r] = np.isin(rec[r], extra[0][lo:hi])
+            if drop.any():
+                order = np.argsort(drop, axis=1, kind="stable")  # kept items first, in their order
+                rec = np.take_along_axis(rec, order, axis=1)
+                rec[np.arange(rec.shape[1]) >= (~drop).sum(axis=1)[:, None]] = _padding(rec.dtype)
+        rec = rec[:, :max_k]
+        relevant = [rel_sorted[rel_bounds[j]:rel_bounds[j + 1]] for j in range(start, stop)]
+        try:
+            hits, n_rel, _ = _hits(rec, relevant, max_k)
+        except TypeError as exc:  # e.g. str test_items against a model of int ids
+            raise TypeError(f"test_items do not match the item ids model.recommend returned: {exc}") from None
+        keep = n_rel > 0
+        n_scored += int(keep.sum())
+        for kk in ks:
+            per = _from_hits(hits, n_rel, kk)
+            for name in ("precision", "recall", "ndcg", "hit_rate"):
+                sums[name, kk] += float(per[name][keep].sum())
+    out = {}
+    for kk in ks:
+        out[f"precision@{kk}"] = sums["precision", kk] / n_scored
+        out[f"recall@{kk}"] = sums["recall", kk] / n_scored
+        out[f"ndcg@{kk}"] = sums["ndcg", kk] / n_scored
+        out[f"hr@{kk}"] = sums["hit_rate", kk] / n_scored
+    out["n_users"] = n_scored
+    return out
+
+
+class Popularity:
+    """Most-popular baseline for both protocols: every user gets the items with the most training
+    interactions, best first (ties by ascending item id), the user's own training items excluded.
+
+    ``fit(users, items)`` counts the interactions (n,) per item; ``predict(users, items)`` returns those counts
+    (0 for unknown items) as scores, for :func:`sampled_ranking`; ``recommend(users, k, exclude_seen=True)``
+    ranks all items seen in fit as ``fastrec.Recommender.recommend`` does (k capped at the number of items,
+    padding -1 / "" with score -inf when fewer remain; unknown users get the global ranking), for
+    :func:`full_ranking`.
+    """
+
+    def fit(self, users, items):
+        u, i = _check_pairs(users, items, ("users", "items"))
+        if u.size == 0:
+            raise ValueError("users is empty")
+        ids, item_codes, counts = np.unique(i, return_inverse=True, return_counts=True)
+        order = np.argsort(-counts, kind="stable")  # most interactions first, then the smaller id
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        self.items_, self.counts_ = ids[order], counts[order].astype(np.float64)
+        self.users_, user_codes = np.unique(u, return_inverse=True)
+        keys = np.unique(user_codes.ravel().astype(np.int64) * ids.size + rank[item_codes.ravel()])
+        self._seen_keys = keys
+        self._seen_bounds = np.searchsorted(keys, np.arange(self.users_.size + 1) * ids.size)
+        return self
+
+    def _check_fitted(self):
+        if not hasattr(self, "items_"):
+            raise ValueError("this Popularity is not fitted yet: call fit(users, items) first")
+
+    def _codes(self, values, ids):
+        """Positions of ``values`` in the sorted ``ids`` and whether each is there."""
+        if values.size == 0 or (values.dtype.kind == "U") != (ids.dtype.kind == "U"):
+            return np.zeros(values.size, dtype=np.int64), np.zeros(values.size, dtype=bool)
+        pos = np.minimum(np.searchsorted(ids, values), ids.size - 1)
+        return pos, ids[pos] == values
+
+    def seen_pairs(self):
+        """The distinct (user ids, item ids) pairs counted in fit: what ``recommend`` excludes by default."""
+        self._check_fitted()
+        n = self.items_.size
+        return self.users_[self._seen_keys // n], self.items_[self._seen_keys % n]
+
+    def predict(self, users, items):
+        self._check_fitted()
+        _, i = _check_pairs(users, items, ("users", "items"))
+        order = np.argsort(self.items_, kind="stable")
+        pos, known = self._codes(i, self.items_[order])
+        return np.where(known, self.counts_[order][pos], 0.0)
+
+    def recommend(self, users, k=10, *, exclude_seen=True):
+        self._check_fitted()
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be an int >= 1; got {k!r}")
+        u = as_id_array(users, "users")
+        n_items = self.items_.size
+        k = min(int(k), n_items)
+        code, known = self._codes(u, self.users_)
+        n_seen = np.where(known, np.diff(self._seen_bounds)[code], 0) if exclude_seen else np.zeros(u.size, int)
+        out_items = np.empty((u.size, k), dtype=self.items_.dtype)
+        out_scores = np.empty((u.size, k), dtype=np.float64)
+        for start in range(0, u.size, 1024):
+            rows = slice(start, min(start + 1024, u.size))
+            m = min(n_items, k + int(n_seen[rows].max(initial=0)))
+            keys = code[rows, None] * n_items + np.arange(m)
+            pos = np.minimum(np.searchsorted(self._seen_keys, keys), self._seen_keys.size - 1)
+            drop = (self._seen_keys[pos] == keys) & (n_seen[rows] > 0)[:, None]
+            top = np.argsort(drop, axis=1, kind="stable")[:, :k]  # unseen ranks first, in order
+            missing = np.arange(k) >= (~drop).sum(axis=1)[:, None]
+            out_items[rows] = np.where(missing, _padding(self.items_.dtype), self.items_[top])
+            out_scores[rows] = np.where(missing, -np.inf, self.counts_[top])
+        return out_items, out_scores

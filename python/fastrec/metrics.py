@@ -22,7 +22,10 @@ Per user, with ``hits`` the relevant items among the first ``k`` recommended:
 
 - ``hit_rate_at_k``: 1 if ``hits`` is non-empty, else 0;
 - ``precision_at_k``: ``|hits| / k``;
-- ``recall_at_k``: ``|hits| / |relevant|``;
+- ``recall_at_k``: ``|hits| / |relevant|``, the denominator *not* capped at ``k`` (RecBole's Recall and
+  the common definition; Liang et al., "Variational Autoencoders for Collaborative Filtering", WWW 2018,
+  divide by ``min(k, |relevant|)`` instead). Both agree whenever ``|relevant| <= k``, e.g. with one held-out
+  item per user; with more relevant items than ``k`` this recall cannot reach 1;
 - ``ndcg_at_k``: ``DCG / IDCG`` with binary gains, ``DCG = sum over hit positions p (0-based) of
   1 / log2(p + 2)`` and IDCG the DCG of ``min(k, |relevant|)`` hits at the top (scikit-learn's
   ``ndcg_score`` with binary relevance and no tied scores).
@@ -256,9 +259,16 @@ def _mean_over_users(values: np.ndarray, n_relevant: np.ndarray) -> float:
 def _per_user(recommended, relevant, k=None) -> dict:
     """All four per-user ranking metrics at once: dict of ``(n_users,)`` arrays plus ``n_relevant``."""
     hits, n_rel, k = _hits(recommended, relevant, k)
+    return _from_hits(hits, n_rel, k)
+
+
+def _from_hits(hits: np.ndarray, n_rel: np.ndarray, k: int) -> dict:
+    """The per-user metrics of a hit matrix (n_users, any width) and relevant counts (n_users,) at cut-off ``k``;
+    columns past ``k`` are ignored, so one hit matrix serves every smaller cut-off."""
+    hits = hits[:, :k]
     n_hits = hits.sum(axis=1)
     # Discounts of the positions that matter, not of all k: k may be far larger than any list.
-    m = min(k, max(int(n_rel.max()), hits.shape[1]))
+    m = min(k, max(int(n_rel.max()) if n_rel.size else 0, hits.shape[1]))
     discounts = 1.0 / np.log2(np.arange(m) + 2.0)
     idcg = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(n_rel, m)]
     safe = np.maximum(n_rel, 1)
