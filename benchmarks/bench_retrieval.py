@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Exact maximum-inner-product top-k (fastrec._core.inner_product_topk) against the machine's read bandwidth
+and against faiss's exact IndexFlatIP, in one run, and check issue 12's bars.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_retrieval.py            # ~1-2 min
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_retrieval.py --threads 1
+
+(OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set on the development machine and slow OpenBLAS, faiss's BLAS
+included, down; unset them for the benchmark only.)
+
+Items, all on --items x --dim float32 vectors (default 10^6 x 64: 256 MB, far larger than the caches), seeded:
+  (a) read bandwidth on --threads threads: a parallel sum over the item matrix itself, in C++
+      (benchmarks/read_bandwidth.cpp, compiled at the start with the system's C++ compiler, -O3 -fopenmp,
+      called through ctypes; without a compiler, NumPy sums of equal shares on Python threads, and the table
+      says so).
+  (b) fastrec's exact top-10 for ONE query over all items: time, GB/s of item matrix read, and that as a
+      fraction of (a). Bar: >= 80%.
+  (c) a batch of --batch queries (default 1024), top-10 each: fastrec vs faiss IndexFlatIP.search (BLAS
+      sgemm + heaps), both on --threads threads (faiss.omp_set_num_threads and threadpoolctl for its BLAS):
+      queries/s and the ratio. Bar: fastrec >= 1.2x faiss. Skipped (not checked) when faiss is not installed
+      (pip install faiss-cpu; never a fastrec dependency).
+
+Method: --rounds rounds; each runs every measurement once (the order rotated each round), each after a pause
+(--settle, 0.3 s: OpenMP / OpenBLAS workers of the previous call spin for ~0.1-0.2 s) and, for the fast
+items (a) and (b), --reps back-to-back timed calls. Medians are over all samples; the spread is [min - max].
+A first untimed call of each warms caches, page tables and thread pools. fastrec's and faiss's answers
+are compared (same items where scores are not tied).
+
+Exit status 1 when a checked bar is missed (after printing the table; the missed ones are named on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from fastrec import _core
+from timing import TIMER, fmt_t, settle, stats
+
+HERE = Path(__file__).resolve().parent
+BAR_BANDWIDTH = 0.80
+BAR_FAISS = 1.2
+
+
+def bandwidth_reader(threads):
+    """(description, f(array) -> sum): the C++ parallel sum, or NumPy shares on Python threads."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is not None:
+        tmp = tempfile.mkdtemp(prefix="fastrec_bw_")
+        lib = str(Path(tmp) / "read_bandwidth.so")
+        cmd = [compiler, "-O3", "-fopenmp", "-shared", "-fPIC", str(HERE / "read_bandwidth.cpp"), "-o", lib]
+        if subprocess.run(cmd, capture_output=True).returncode == 0:
+            so = ctypes.CDLL(lib)
+            so.read_sum.restype = ctypes.c_double
+            so.read_sum.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+            return "C++ parallel sum (read_bandwidth.cpp)", lambda a: so.read_sum(a.ctypes.data, a.size, threads)
+
+    def numpy_sum(a):
+        flat = a.reshape(-1)
+        shares = np.array_split(flat, threads)
+        out = [0.0] * threads
+
+        def run(i):
+            out[i] = float(shares[i].sum(dtype=np.float32))  # NumPy releases the GIL in the reduction
+
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return sum(out)
+
+    return "NumPy sums on Python threads (no C++ compiler found)", numpy_sum
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--items", type=int, default=10**6)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="timed calls per round of the fast items (a) and (b)")
+    ap.add_argument("--settle", type=float, default=0.3)
+    ap.add_argument("--isa", default="auto")
+    args = ap.parse_args()
+    T = args.threads
+
+    rng = np.random.default_rng(12)
+    items = rng.standard_normal((args.items, args.dim), dtype=np.float32)
+    one = rng.standard_normal((1, args.dim), dtype=np.float32)
+    batch = rng.standard_normal((args.batch, args.dim), dtype=np.float32)
+    nbytes = items.nbytes
+
+    bw_kind, read_sum = bandwidth_reader(T)
+    try:
+        import faiss
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        faiss = None
+    index = None
+    if faiss is not None:
+        faiss.omp_set_num_threads(T)
+        index = faiss.IndexFlatIP(args.dim)
+        index.add(items)
+
+    def fastrec_one():
+        return _core.inner_product_topk(one, items, args.k, n_threads=T, isa=args.isa)
+
+    def fastrec_batch():
+        return _core.inner_product_topk(batch, items, args.k, n_threads=T, isa=args.isa)
+
+    def faiss_batch():
+        with threadpool_limits(T):
+            return index.search(batch, args.k)
+
+    jobs = {"bandwidth": (lambda: read_sum(items), args.reps), "fastrec_one": (fastrec_one, args.reps),
+            "fastrec_batch": (fastrec_batch, 1)}
+    if index is not None:
+        jobs["faiss_batch"] = (faiss_batch, 1)
+    for f, _ in jobs.values():  # warm-up
+        f()
+        settle(args.settle)
+    samples = {name: [] for name in jobs}
+    names = list(jobs)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            f, reps = jobs[name]
+            settle(args.settle)
+            for _ in range(reps):
+                t0 = TIMER()
+                f()
+                samples[name].append(TIMER() - t0)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    st = {name: stats(s) for name, s in samples.items()}
+    gbs = {name: nbytes / st[name]["median"] / 1e9 for name in ("bandwidth", "fastrec_one")}
+    fraction = st["bandwidth"]["median"] / st["fastrec_one"]["median"]
+    qps_fastrec = args.batch / st["fastrec_batch"]["median"]
+    checks = [("(b) one query >= 80% of the read bandwidth", fraction >= BAR_BANDWIDTH, f"{fraction:.0%}")]
+
+    print(f"\n## Exact top-{args.k}: {args.items} x {args.dim} float32 items ({nbytes / 1e6:.0f} MB), "
+          f"{T} thread(s), isa {args.isa} ({_core.show_config().get('active_isa')} when auto)\n")
+    print("| item | time median [min - max] | figure |")
+    print("|---|---|---|")
+    print(f"| (a) read bandwidth: {bw_kind} | {fmt_t(st['bandwidth'])} | {gbs['bandwidth']:.1f} GB/s |")
+    print(f"| (b) fastrec, 1 query | {fmt_t(st['fastrec_one'])} | {gbs['fastrec_one']:.1f} GB/s = "
+          f"{fraction:.0%} of (a) |")
+    print(f"| (c) fastrec, {args.batch} queries | {fmt_t(st['fastrec_batch'])} | {qps_fastrec:,.0f} queries/s |")
+    if index is not None:
+        qps_faiss = args.batch / st["faiss_batch"]["median"]
+        ratio = qps_fastrec / qps_faiss
+        print(f"| (c) faiss IndexFlatIP, {args.batch} queries | {fmt_t(st['faiss_batch'])} | "
+              f"{qps_faiss:,.0f} queries/s; fastrec / faiss = {ratio:.2f}x |")
+        checks.append(("(c) batch >= 1.2x faiss IndexFlatIP", ratio >= BAR_FAISS, f"{ratio:.2f}x"))
+        got_items, got_scores = fastrec_batch()
+        ref_scores, ref_items = faiss_batch()
+        same = float(np.mean(got_items == ref_items))
+        close = float(np.max(np.abs(got_scores - ref_scores)))
+        print(f"\nAgreement with faiss: {same:.2%} of (query, rank) items equal; max |score difference| {close:.2e}")
+    else:
+        checks.append(("(c) batch >= 1.2x faiss IndexFlatIP", None, "faiss not installed"))
+    print(f"\nSamples: (a), (b) {args.rounds} rounds x {args.reps} calls; (c) {args.rounds} rounds x 1 call.\n")
+    print("| check | result | value |")
+    print("|---|---|---|")
+    missed = []
+    for name, ok, value in checks:
+        print(f"| {name} | {'not checked' if ok is None else 'pass' if ok else 'MISS'} | {value} |")
+        if ok is False:
+            missed.append(name)
+    if missed:
+        print("missed: " + "; ".join(missed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
