@@ -335,29 +335,29 @@ class Recommender(RecommenderBase):
     def _grow_fields(self, user_rows, item_rows, tables, old):
         # Id rows (fields USER and ITEM are the user and item id fields): the entities of these interactions
         # without one yet (new ones, or ones known only by features) get the next rows.
-        id_rows = {USER: grown_id_rows(self._bags[USER][1], user_rows, len(self._users) + 1,
+        new_ids = {USER: grown_id_rows(self._bags[USER][1], user_rows, len(self._users) + 1,
                                        self.net_.fields[USER].vocab),
                    ITEM: grown_id_rows(self._bags[ITEM][1], item_rows, len(self._items) + 1,
                                        self.net_.fields[ITEM].vocab)}
         grown = {}  # source field -> its grown bag table (GMF and wide fields read their source's bags)
         for i, f in enumerate(self.net_.fields):
             if f.name in _HISTORY:  # one row per id row of the other side; bags rebuilt from the seen pairs
-                self.net_.grow(i, id_rows[USER if _HISTORY[f.name][1] == "user_id" else ITEM][1], self._rng)
+                self.net_.grow(i, new_ids[USER if _HISTORY[f.name][1] == "user_id" else ITEM][1], self._rng)
                 continue
             if f.role == "gmf_v" and f.source is None:  # gmf_item_features: the grown id and feature bags
                 self._bags[i], n_features = _item_feature_bags(self.net_.fields[:i], self._bags[:i])
-                self.net_.grow(i, n_features + id_rows[ITEM][1], self._rng)
+                self.net_.grow(i, n_features + new_ids[ITEM][1], self._rng)
                 continue
             source = i if f.source is None else f.source
             if source not in grown:
-                if source in id_rows:
-                    grown[source] = bags_of_ids(id_rows[source][0])
+                if source in new_ids:
+                    grown[source] = bags_of_ids(new_ids[source][0])
                 else:
                     grown[source] = self._grown_feature_bags(self._bags[source], self.net_.fields[source].name,
                                                              tables, old)
             self._bags[i] = grown[source]
-            if source in id_rows:
-                self.net_.grow(i, id_rows[source][1], self._rng)
+            if source in new_ids:
+                self.net_.grow(i, new_ids[source][1], self._rng)
         for b, block in enumerate(self.net_.dense):
             self._dense_tables[b] = self._grown_numeric_rows(self._dense_tables[b], block.name, tables, old)
 
