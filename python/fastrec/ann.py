@@ -1,0 +1,304 @@
+"""Approximate inner-product top-k over item vectors (the optional extra ``fastrec[ann]``).
+
+A two-tower model scores a (user, item) pair by the inner product of their vectors; recommending is then a
+maximum-inner-product search (MIPS) over the item matrix. The exact search (brute force, one GEMM per batch
+of queries) is always available and is what recall is measured against; this module is the approximate
+path, an HNSW graph built by faiss (``faiss-cpu``, imported lazily: fastrec itself needs only numpy and
+scipy). benchmarks/ANN.md has the measurements behind the choice of library and of the defaults.
+
+    from fastrec.ann import ApproximateIndex
+    index = ApproximateIndex(item_vectors)                  # float32 [n_items, dim]
+    rows, scores = index.search(user_vectors, 10, exclude=(indptr, seen_items))
+    blob = index.to_bytes()                                 # numpy uint8 array, stored in a model file
+    index = ApproximateIndex.from_bytes(blob)
+
+Scores are the exact float32 inner products of the returned rows (recomputed, not the graph's), so they are
+comparable with the exact path's; only which rows are found is approximate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["ApproximateIndex"]
+
+# Rows whose over-fetch (k + number of excluded items) exceeds this are answered by the exact brute-force
+# search over the index's own stored vectors instead of the graph: an HNSW search with ef in the thousands
+# costs about as much as a scan, and a scan is exact.
+_GRAPH_FETCH_LIMIT = 2048
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - exercised by monkeypatching the import
+        raise ImportError(
+            "fastrec.ann needs the faiss-cpu package, which is an optional extra: "
+            "pip install 'fastrec[ann]'"
+        ) from exc
+    return faiss
+
+
+def _check_int(value, name, low):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if value > 2**31 - 1:
+        raise ValueError(f"{name} must be < 2**31, got {value}")
+    return int(value)
+
+
+def _check_matrix(x, name, dim=None):
+    try:
+        a = np.asarray(x)
+    except Exception as exc:
+        raise ValueError(f"{name} must be a 2-D array of floats: {exc}") from None
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [n, dim], got {a.ndim} dimension(s)")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"{name} must hold numbers, got dtype {a.dtype}")
+    if a.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one column")
+    if dim is not None and a.shape[1] != dim:
+        raise ValueError(f"{name} has {a.shape[1]} columns but the index holds vectors of dimension {dim}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or infinite values (or values too large for float32)")
+    return a
+
+
+@contextlib.contextmanager
+def _omp_threads(faiss, n_threads):
+    if n_threads is None:
+        yield
+        return
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
+class ApproximateIndex:
+    """Approximate top-k by inner product over a fixed item matrix (an HNSW graph, faiss IndexHNSWFlat).
+
+    Named for what it is to a model (the approximate counterpart of the exact search, the ``index=`` option)
+    rather than for the library or the graph, which could change without changing this interface.
+
+    Parameters
+    ----------
+    items : array-like of float32 [n_items, dim]
+        Item vectors; row i is item i. Must be finite and non-empty. The index keeps its own copy.
+    M : int, default 32
+        Graph degree (links per node on the upper layers; 2*M on the bottom layer). Larger: better recall at
+        a given ef_search, slower build, more memory (about 8*M bytes per item on top of the vectors).
+    ef_construction : int, default 100
+        Candidate-list length while building. Larger: better graph, slower build.
+    ef_search : int, default 64
+        Candidate-list length while searching (at least k is used). The recall/speed knob; can be changed
+        after the build (attribute ``ef_search``) or per call.
+    n_threads : int or None, default None
+        OpenMP threads for the build (None: faiss's default, all cores or OMP_NUM_THREADS). The build is
+        deterministic with n_threads=1 (faiss draws node levels from a fixed seed); with more threads the
+        graph depends on the insertion interleaving, with the same recall statistically.
+
+    With the defaults, recall@10 against the exact top-10 was 0.973 on 10^6 x 64 clustered, two-tower-like
+    vectors at 28k queries/s on 2 threads (144x the exact brute force), 0.07 ms per single query
+    (benchmarks/ANN.md; ef_search=128: 0.984). I.i.d. gaussian 64-d vectors, with no structure, are far
+    harder for every library measured: check recall against the exact path on your own vectors and raise
+    ef_search (and M) until it is enough.
+    """
+
+    def __init__(self, items, *, M=32, ef_construction=100, ef_search=64, n_threads=None):
+        faiss = _faiss()
+        M = _check_int(M, "M", 2)
+        ef_construction = _check_int(ef_construction, "ef_construction", 1)
+        self.ef_search = _check_int(ef_search, "ef_search", 1)
+        if n_threads is not None:
+            n_threads = _check_int(n_threads, "n_threads", 1)
+        items = _check_matrix(items, "items")
+        if items.shape[0] == 0:
+            raise ValueError("items is empty: an index needs at least one item vector")
+        index = faiss.IndexHNSWFlat(items.shape[1], M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = self.ef_search
+        with _omp_threads(faiss, n_threads):
+            index.add(items)
+        self._index = index
+
+    # -- properties ----------------------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.d)
+
+    @property
+    def M(self) -> int:
+        return int(self._index.hnsw.nb_neighbors(1))
+
+    @property
+    def ef_construction(self) -> int:
+        return int(self._index.hnsw.efConstruction)
+
+    def __repr__(self):
+        return (f"ApproximateIndex(n_items={self.n_items}, dim={self.dim}, M={self.M}, "
+                f"ef_construction={self.ef_construction}, ef_search={self.ef_search})")
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def to_bytes(self) -> np.ndarray:
+        """The whole index (graph and vectors) as a 1-D numpy uint8 array (faiss's serialisation)."""
+        faiss = _faiss()
+        self._index.hnsw.efSearch = self.ef_search
+        return np.asarray(faiss.serialize_index(self._index), dtype=np.uint8)
+
+    @classmethod
+    def from_bytes(cls, array, *, ef_search=None):
+        """Load an index written by `to_bytes`; ef_search overrides the stored one when given."""
+        faiss = _faiss()
+        a = np.asarray(array)
+        if a.ndim != 1 or a.dtype != np.uint8 or a.size == 0:
+            raise ValueError("array must be the non-empty 1-D uint8 array returned by to_bytes()")
+        try:
+            # deserialize_index returns the owning, already downcast object (downcasting again would leave a
+            # non-owning view of an index freed with the temporary).
+            index = faiss.deserialize_index(np.ascontiguousarray(a))
+        except RuntimeError as exc:
+            raise ValueError(f"array is not a serialised index: {exc}") from None
+        if not isinstance(index, faiss.IndexHNSWFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError("array holds a faiss index that is not an inner-product HNSW-flat index")
+        self = cls.__new__(cls)
+        self._index = index
+        self.ef_search = int(index.hnsw.efSearch) if ef_search is None else _check_int(ef_search, "ef_search", 1)
+        return self
+
+    # -- search --------------------------------------------------------------------------------------------
+    def _check_exclude(self, exclude, n_queries):
+        if exclude is None:
+            return None, np.zeros(n_queries, dtype=np.int64)
+        if sp.issparse(exclude):
+            if exclude.shape[0] != n_queries:
+                raise ValueError(f"exclude has {exclude.shape[0]} rows but there are {n_queries} queries")
+            exclude = sp.csr_matrix(exclude)
+            indptr, items = exclude.indptr, exclude.indices
+        else:
+            try:
+                indptr, items = exclude
+            except (TypeError, ValueError):
+                raise ValueError("exclude must be None, a scipy CSR matrix, or a pair (indptr, items)") from None
+        indptr = np.asarray(indptr)
+        items = np.asarray(items)
+        if indptr.ndim != 1 or indptr.shape[0] != n_queries + 1 or not np.issubdtype(indptr.dtype, np.integer):
+            raise ValueError(f"exclude indptr must be a 1-D integer array of length n_queries + 1 = {n_queries + 1}")
+        if items.ndim != 1 or not (np.issubdtype(items.dtype, np.integer) or items.size == 0):
+            raise ValueError("exclude items must be a 1-D integer array")
+        indptr = indptr.astype(np.int64)
+        if indptr[0] != 0 or indptr[-1] != items.shape[0] or np.any(np.diff(indptr) < 0):
+            raise ValueError("exclude indptr must start at 0, never decrease and end at len(items)")
+        items = items.astype(np.int64)
+        if items.size and (items.min() < 0 or items.max() >= self.n_items):
+            raise ValueError(f"exclude items must be item rows in [0, {self.n_items})")
+        keys = np.unique(np.repeat(np.arange(n_queries, dtype=np.int64), np.diff(indptr)) * self.n_items + items)
+        # Distinct excluded items per row (duplicates in the input count once).
+        return keys, np.bincount(keys // self.n_items, minlength=n_queries).astype(np.int64)
+
+    def _fetch(self, index, queries, rows, fetch, keys, params):
+        """Top-`fetch` of `index` for queries[rows], excluded keys masked to -1 (order kept)."""
+        if params is None:
+            _, cand = index.search(queries[rows], fetch)
+        else:
+            _, cand = index.search(queries[rows], fetch, params=params)
+        cand = cand.astype(np.int64)
+        if keys is not None and keys.size:
+            k2 = rows[:, None].astype(np.int64) * self.n_items + cand
+            pos = np.minimum(np.searchsorted(keys, k2), keys.size - 1)
+            cand[(keys[pos] == k2) & (cand >= 0)] = -1
+        return cand
+
+    def search(self, queries, k, *, exclude=None, n_threads=None, ef_search=None):
+        """Approximate top-k items by inner product for each query row, best first.
+
+        Parameters
+        ----------
+        queries : array-like of float [n_queries, dim]
+        k : int >= 1
+        exclude : None, scipy CSR matrix [n_queries, n_items] or pair (indptr int64, items int32)
+            Items to skip per query row (e.g. the user's seen items): row i excludes
+            items[indptr[i]:indptr[i+1]]. Excluded items never appear in the result; while at least k
+            items remain, k are returned.
+        n_threads : int or None
+            OpenMP threads for this call (None: faiss's current setting). Restored afterwards.
+        ef_search : int or None
+            Overrides the index's ef_search for this call. Rows with excluded items fetch
+            k + (number excluded) candidates and search with ef_search grown by as much.
+
+        Returns
+        -------
+        rows : int32 [n_queries, k], item rows best first, -1 padding when fewer than k items are eligible.
+        scores : float32 [n_queries, k], exact inner products of those rows, -inf padding.
+        """
+        faiss = _faiss()
+        queries = _check_matrix(queries, "queries", self.dim)
+        k = _check_int(k, "k", 1)
+        if n_threads is not None:
+            n_threads = _check_int(n_threads, "n_threads", 1)
+        ef = self.ef_search if ef_search is None else _check_int(ef_search, "ef_search", 1)
+        n_q, n_items = queries.shape[0], self.n_items
+        keys, counts = self._check_exclude(exclude, n_q)
+        out = np.full((n_q, k), -1, dtype=np.int64)
+        if n_q == 0:
+            return out.astype(np.int32), np.zeros((0, k), dtype=np.float32)
+        need = k + counts                                     # enough candidates whatever is excluded
+        # Round the fetch up to a power of two so rows fall into few batched searches.
+        fetch = np.left_shift(1, np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64))
+        fetch = np.minimum(fetch, n_items)
+        on_graph = (need <= _GRAPH_FETCH_LIMIT) & (need < n_items)
+        # Rows answered exactly: they ask for (almost) everything, or exclude thousands of items.
+        storage = faiss.downcast_index(self._index.storage)
+        with _omp_threads(faiss, n_threads):
+            todo = []
+            for f in np.unique(fetch[on_graph]):
+                rows = np.flatnonzero(on_graph & (fetch == f))
+                params = faiss.SearchParametersHNSW(efSearch=int(ef + f - k))
+                todo.append((rows, self._fetch(self._index, queries, rows, int(f), keys, params)))
+            exact = ~on_graph
+            for rows, cand in todo:
+                got = self._compact(cand, k)
+                # A graph search can come back short (unreachable nodes, tiny ef): redo those rows exactly.
+                short = (got >= 0).sum(axis=1) < np.minimum(k, n_items - counts[rows])
+                out[rows] = got
+                exact[rows[short]] = True
+            for f in np.unique(np.minimum(need[exact], n_items)):
+                rows = np.flatnonzero(exact & (np.minimum(need, n_items) == f))
+                out[rows] = self._compact(self._fetch(storage, queries, rows, int(f), keys, None), k)
+        return self._rescore(queries, out)
+
+    @staticmethod
+    def _compact(cand, k):
+        """Valid candidates moved to the front in their order, first k kept, -1 after."""
+        order = np.argsort(cand < 0, axis=1, kind="stable")[:, :k]
+        got = np.take_along_axis(cand, order, axis=1)
+        if got.shape[1] < k:
+            got = np.hstack([got, np.full((got.shape[0], k - got.shape[1]), -1, dtype=got.dtype)])
+        return got
+
+    def _rescore(self, queries, rows):
+        """Exact float32 inner products for the found rows; re-sorted best first (ties by row)."""
+        valid = rows >= 0
+        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+        if valid.any():
+            ids, inverse = np.unique(rows[valid], return_inverse=True)
+            vecs = self._index.reconstruct_batch(ids)
+            qi = np.nonzero(valid)[0]
+            scores[valid] = np.einsum("ij,ij->i", queries[qi], vecs[inverse.ravel()], dtype=np.float32)
+        order = np.lexsort((np.where(valid, rows, np.iinfo(np.int64).max), -scores.astype(np.float64)), axis=1)
+        return (np.take_along_axis(rows, order, axis=1).astype(np.int32),
+                np.take_along_axis(scores, order, axis=1))
