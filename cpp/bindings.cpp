@@ -18,6 +18,7 @@
 #include "kernels/kernels.h"
 #include "mlp.h"
 #include "parallel.h"
+#include "topk.h"
 #include "two_tower.h"
 
 namespace py = pybind11;
@@ -769,6 +770,86 @@ py::dict show_config() {
   return d;
 }
 
+// ---- exact inner-product top-k (topk.h) ----
+
+// (items int32 [n_queries, k], scores float32 [n_queries, k]); every argument checked so the core reads
+// nothing out of range.
+py::tuple inner_product_topk_py(py::handle queries_obj, py::handle items_obj, index_t k, py::handle candidates_obj,
+                                py::handle exclude_obj, py::handle exclude_rows_obj, int n_threads,
+                                const std::string& isa) {
+  py::array queries = checked<float>(queries_obj, "queries", 2, false);
+  py::array items = checked<float>(items_obj, "items", 2, false);
+  const index_t n_queries = queries.shape(0), dim = queries.shape(1), n_items = items.shape(0);
+  if (items.shape(1) != dim)
+    throw py::value_error("items must have " + std::to_string(dim) + " columns (as queries), got shape " +
+                          shape_str(items));
+  if (n_items > INT32_MAX) throw py::value_error("items must have fewer than 2^31 rows, got " + std::to_string(n_items));
+  if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
+  const std::int32_t* pc = nullptr;
+  index_t n_candidates = 0;
+  if (!candidates_obj.is_none()) {
+    py::array c = checked<std::int32_t>(candidates_obj, "candidates", 1, false);
+    pc = static_cast<const std::int32_t*>(c.data());
+    n_candidates = c.shape(0);
+    for (index_t i = 0; i < n_candidates; ++i)
+      if (pc[i] < 0 || pc[i] >= n_items)
+        throw py::value_error("candidates must lie in [0, " + std::to_string(n_items) + "), got " +
+                              std::to_string(pc[i]) + " at position " + std::to_string(i));
+  }
+  const std::int64_t* excl_indptr = nullptr;
+  const std::int32_t* excl_items = nullptr;
+  const std::int32_t* excl_rows = nullptr;
+  if (!exclude_obj.is_none()) {
+    if (!(py::isinstance<py::tuple>(exclude_obj) || py::isinstance<py::list>(exclude_obj)) || py::len(exclude_obj) != 2)
+      throw py::value_error("exclude must be None or a pair (indptr int64, items int32)");
+    const py::sequence pair = py::reinterpret_borrow<py::sequence>(exclude_obj);
+    py::array indptr = checked<std::int64_t>(pair[0], "exclude.indptr", 1, false);
+    py::array ex = checked<std::int32_t>(pair[1], "exclude.items", 1, false);
+    excl_indptr = static_cast<const std::int64_t*>(indptr.data());
+    excl_items = static_cast<const std::int32_t*>(ex.data());
+    const index_t rows = indptr.shape(0) - 1, n_ex = ex.shape(0);
+    if (rows < 0 || excl_indptr[0] != 0 || excl_indptr[rows] != n_ex)
+      throw py::value_error("exclude.indptr must start at 0 and end at len(exclude.items) = " + std::to_string(n_ex));
+    for (index_t r = 0; r < rows; ++r) {
+      if (excl_indptr[r + 1] < excl_indptr[r]) throw py::value_error("exclude.indptr must be non-decreasing");
+      for (std::int64_t e = excl_indptr[r]; e < excl_indptr[r + 1]; ++e) {
+        if (excl_items[e] < 0 || excl_items[e] >= n_items)
+          throw py::value_error("exclude.items must lie in [0, " + std::to_string(n_items) + "), got " +
+                                std::to_string(excl_items[e]) + " in row " + std::to_string(r));
+        if (e > excl_indptr[r] && excl_items[e] < excl_items[e - 1])
+          throw py::value_error("exclude.items must be sorted within each row (row " + std::to_string(r) + " is not)");
+      }
+    }
+    if (!exclude_rows_obj.is_none()) {
+      py::array er = checked<std::int32_t>(exclude_rows_obj, "exclude_rows", 1, false);
+      require_shape(er, "exclude_rows", n_queries, 0);
+      excl_rows = static_cast<const std::int32_t*>(er.data());
+      for (index_t q = 0; q < n_queries; ++q)
+        if (excl_rows[q] < 0 || excl_rows[q] >= rows)
+          throw py::value_error("exclude_rows must lie in [0, " + std::to_string(rows) + ") (rows of exclude), got " +
+                                std::to_string(excl_rows[q]) + " for query " + std::to_string(q));
+    } else if (rows != n_queries) {
+      throw py::value_error("exclude has " + std::to_string(rows) + " rows but queries has " +
+                            std::to_string(n_queries) + "; pass exclude_rows to map queries to rows");
+    }
+  } else if (!exclude_rows_obj.is_none()) {
+    throw py::value_error("exclude_rows needs exclude");
+  }
+  const KernelSet& ks = kernels_for(resolve_isa(isa));
+  py::array_t<std::int32_t> out_items({n_queries, k});
+  py::array_t<float> out_scores({n_queries, k});
+  std::int32_t* pi = out_items.mutable_data();
+  float* ps = out_scores.mutable_data();
+  const auto* pq = static_cast<const float*>(queries.data());
+  const auto* pit = static_cast<const float*>(items.data());
+  {
+    const CoreCall call;
+    inner_product_topk(ks, pq, n_queries, dim, pit, n_items, dim, dim, pc, n_candidates, excl_indptr, excl_items,
+                       excl_rows, k, pi, ps, n_threads);
+  }
+  return py::make_tuple(out_items, out_scores);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -955,4 +1036,11 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("spec"), py::arg("sampler"), py::arg("users"), py::arg("candidates"), py::arg("k"),
       py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto");
+  m.def("inner_product_topk", &inner_product_topk_py, py::arg("queries"), py::arg("items"), py::arg("k"),
+        py::arg("candidates") = py::none(), py::arg("exclude") = py::none(), py::arg("exclude_rows") = py::none(),
+        py::arg("n_threads") = 0, py::arg("isa") = "auto",
+        "Exact top-k items by inner product with each query: (items int32 [n, k], scores float32 [n, k]), best "
+        "first, ties by lower item; -1 / -inf padding. candidates: int32 item rows (a duplicate counts once); "
+        "exclude: (indptr int64, items int32) sorted rows of items to skip, row exclude_rows[q] (default q) for "
+        "query q.");
 }

@@ -66,6 +66,9 @@ struct TowerBatch {
   std::vector<float> u, v, u_norm, v_norm;  // the (normalised) vectors and their norms
   std::vector<float> du, dv;                // dLoss/d(u, v) times n
   std::vector<float> scores;                // Softmax: n x candidates
+  std::vector<float> correction;            // Softmax: minus each candidate's log-Q term
+  std::vector<std::pair<std::int32_t, std::int32_t>> runs;  // Softmax: (item, candidate) sorted
+  std::vector<std::pair<index_t, index_t>> run_of;          // Softmax: each positive's run in `runs`
   std::vector<double> row_loss;
 
   TowerBatch(const TwoTowerModel& m, index_t n_pos, index_t n_item_rows, bool training)
@@ -100,31 +103,44 @@ double batch_loss(const KernelSet& ks, const TwoTowerModel& m, const TowerTraini
     const index_t c_count = n_items;
     b.scores.resize(static_cast<std::size_t>(n * c_count));
     float* S = b.scores.data();
-    sgemm(ks, false, true, n, c_count, d, u, d, v, d, S, c_count, nullptr, n_threads);
-    std::vector<float> correction(static_cast<std::size_t>(c_count), 0.0f);
+    // Logits straight from the GEMM's epilogue: S = U Vᵀ / temperature - log-Q correction of each column.
+    b.correction.assign(static_cast<std::size_t>(c_count), 0.0f);
     if (t.item_prob) {
       const double extra = static_cast<double>(n_neg) / static_cast<double>(t.sampler.n_items);
       for (index_t c = 0; c < c_count; ++c)
-        correction[c] = static_cast<float>(
+        b.correction[c] = -static_cast<float>(
             std::log(std::max(static_cast<double>(n) * t.item_prob[b.items[c]] + extra, 1e-30)));
+    }
+    Epilogue logits;
+    logits.scale = inv_t;
+    logits.bias = b.correction.data();
+    sgemm(ks, false, true, n, c_count, d, u, d, v, d, S, c_count, &logits, n_threads);
+    // Candidates holding the same item, as runs of (item, column) sorted: a positive's accidental hits are the
+    // other columns of its run.
+    b.runs.resize(static_cast<std::size_t>(c_count));
+    for (index_t c = 0; c < c_count; ++c) b.runs[c] = {b.items[c], static_cast<std::int32_t>(c)};
+    std::sort(b.runs.begin(), b.runs.end());
+    b.run_of.resize(static_cast<std::size_t>(n));
+    for (index_t g = 0; g < c_count;) {
+      index_t end = g + 1;
+      while (end < c_count && b.runs[end].first == b.runs[g].first) ++end;
+      for (index_t h = g; h < end; ++h)
+        if (b.runs[h].second < n) b.run_of[b.runs[h].second] = {g, end};
+      g = end;
     }
     parallel_for(0, n, n_threads, [&](std::int64_t r) {
       float* row = S + r * c_count;
-      const std::int32_t positive = b.items[r];
-      float zmax = -INFINITY;
-      for (index_t c = 0; c < c_count; ++c) {
-        const bool hit = c != r && b.items[c] == positive;  // an accidental hit: not a negative
-        row[c] = hit ? -INFINITY : row[c] * inv_t - correction[c];
-        zmax = std::max(zmax, row[c]);
-      }
-      double sum = 0.0;
-      for (index_t c = 0; c < c_count; ++c) sum += std::exp(static_cast<double>(row[c] - zmax));
+      for (index_t h = b.run_of[r].first; h < b.run_of[r].second; ++h)  // accidental hits: not negatives
+        if (b.runs[h].second != r) row[b.runs[h].second] = -INFINITY;
+      const float z_pos = row[r];
+      float zmax, sum;
+      ks.exp_shift(row, c_count, &zmax, &sum);
       const float w = weight(r);
-      b.row_loss[r] = w * (std::log(sum) + zmax - row[r]);
+      b.row_loss[r] = w * (std::log(static_cast<double>(sum)) + zmax - z_pos);
       // G = w (softmax - onehot) / temperature, in place of the logits
-      for (index_t c = 0; c < c_count; ++c)
-        row[c] = w * (static_cast<float>(std::exp(static_cast<double>(row[c] - zmax)) / sum) - (c == r ? 1.0f : 0.0f)) *
-                 inv_t;
+      const float scale = w * inv_t / sum;
+      for (index_t c = 0; c < c_count; ++c) row[c] *= scale;
+      row[r] -= w * inv_t;
     });
     sgemm(ks, false, false, n, d, c_count, S, c_count, v, d, du, d, nullptr, n_threads);
     sgemm(ks, true, false, c_count, d, n, S, c_count, u, d, dv, d, nullptr, n_threads);

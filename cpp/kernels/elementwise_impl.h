@@ -304,6 +304,65 @@ void dot_rows_impl(const float* x, index_t ld, index_t rows, const float* w, ind
 // sum(x^2) in double: 16 float lanes of partial sums (lane l holds elements i = l mod 16, a fixed order
 // whatever the caller's threads), added in double at the end. Float partials are exact enough for a loss
 // term and keep the loop vectorised rather than one latency-bound double chain.
+// Eight lanes: one AVX2 register (the 16-lane type is split and spilled there when selects are involved).
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef std::int32_t i32x8 __attribute__((vector_size(32)));
+
+// e^x on 8 lanes for x <= 0: expf_vec's reduction and polynomial, with round-to-nearest as the truncation of
+// x log2(e) - 1/2 (x <= 0) so that it stays in vector registers (no floor instruction before SSE4.1).
+__attribute__((always_inline)) inline f32x8 exp8_nonpositive(f32x8 x) {
+  const f32x8 lo = f32x8{} - 87.0f;
+  x = x > lo ? x : lo;
+  const i32x8 k = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x8);
+  const f32x8 kf = __builtin_convertvector(k, f32x8);
+  f32x8 r = x - kf * 0.693359375f;
+  r = r + kf * 2.12194440e-4f;
+  f32x8 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i32x8 bits = (k + 127) << 23;
+  f32x8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+void exp_shift_impl(float* x, index_t n, float* max_out, float* sum_out) {
+  const float neg_inf = -__builtin_inff();
+  f32x8 m = f32x8{} + neg_inf;
+  index_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    f32x8 v;
+    std::memcpy(&v, x + i, sizeof v);
+    m = m > v ? m : v;
+  }
+  float mx = neg_inf;
+  for (int l = 0; l < 8; ++l) mx = mx > m[l] ? mx : m[l];
+  for (; i < n; ++i) mx = mx > x[i] ? mx : x[i];
+  // The tail goes through a padded vector: every element gets the same arithmetic.
+  const index_t full = n / 8 * 8;
+  f32x8 acc = {};
+  auto step = [&](float* p) {
+    f32x8 v;
+    std::memcpy(&v, p, sizeof v);
+    const f32x8 e = exp8_nonpositive(v - mx);
+    const f32x8 out = v > neg_inf ? e : f32x8{};
+    std::memcpy(p, &out, sizeof out);
+    acc += out;
+  };
+  for (i = 0; i < full; i += 8) step(x + i);
+  if (full < n) {
+    float pad[8];
+    for (int l = 0; l < 8; ++l) pad[l] = full + l < n ? x[full + l] : neg_inf;
+    step(pad);
+    for (index_t l = 0; full + l < n; ++l) x[full + l] = pad[l];
+  }
+  *max_out = mx;
+  *sum_out = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 double sum_squares_impl(const float* x, index_t n) {
   f32x16 acc = {};
   index_t i = 0;

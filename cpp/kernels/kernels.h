@@ -86,6 +86,16 @@ using SumSquaresFn = double (*)(const float* x, index_t n);
 // layer, in top-k and in sgemm's N = 1 products, where the micro-kernel would compute 1 column of NR).
 using DotRowsFn = void (*)(const float* x, index_t ld, index_t rows, const float* w, index_t n, float bias, float* out);
 
+// x[i] = e^(x[i] - max) in place for i < n (0 where x[i] is -inf: a column left out), with *max the maximum
+// and *sum the sum of the results, added in a fixed order (the two-tower softmax over a batch's candidates).
+using ExpShiftFn = void (*)(float* x, index_t n, float* max, float* sum);
+
+// out[r] = sum_k x[r * ld + k] * q[k] for r < rows, k < kc (accumulate: out[r] += that sum), each sum ONE chain
+// in k order from 0, the micro-kernel's chain for a C element whose A row is x's row and B column q: a query
+// scored alone against item rows (top-k at memory speed) gets the bits a tile of queries would give it.
+using ChainDotsFn = void (*)(index_t kc, const float* x, index_t ld, index_t rows, const float* q, float* out,
+                             bool accumulate);
+
 struct KernelSet {
   Isa isa;
   int mr, nr;        // register tile
@@ -99,6 +109,8 @@ struct KernelSet {
   UpdateFn update;
   SumSquaresFn sum_squares;
   DotRowsFn dot_rows;
+  ExpShiftFn exp_shift;
+  ChainDotsFn chain_dots;
 };
 
 const KernelSet& kernels_scalar();

@@ -96,13 +96,56 @@ void row_kernel_avx2(index_t kc, const float* a, const float* b, index_t rs_b, f
   }
 }
 
+// 8 rows in the 8 lanes: 8 x 8 blocks transposed in registers (unpack, shuffle, 128-bit permute: 24
+// shuffles per 64 floats), then one FMA per k with q[k] broadcast, k in order: the micro-kernel's
+// fmadd(a(i, k), b(k, j), acc) chain per row. Rows past `rows` in the last block repeat its last row
+// (read, never stored); k past a multiple of 8 is added one gathered column at a time.
+void chain_dots_avx2(index_t kc, const float* x, index_t ld, index_t rows, const float* q, float* out,
+                     bool accumulate) {
+  for (index_t r0 = 0; r0 < rows; r0 += 8) {
+    const int nr = static_cast<int>(rows - r0 < 8 ? rows - r0 : 8);
+    const float* p[8];
+    for (int i = 0; i < 8; ++i) p[i] = x + (r0 + (i < nr ? i : nr - 1)) * ld;
+    __m256 acc = _mm256_setzero_ps();
+    index_t k0 = 0;
+    for (; k0 + 8 <= kc; k0 += 8) {
+      const __m256 t0 = _mm256_unpacklo_ps(_mm256_loadu_ps(p[0] + k0), _mm256_loadu_ps(p[1] + k0));
+      const __m256 t1 = _mm256_unpackhi_ps(_mm256_loadu_ps(p[0] + k0), _mm256_loadu_ps(p[1] + k0));
+      const __m256 t2 = _mm256_unpacklo_ps(_mm256_loadu_ps(p[2] + k0), _mm256_loadu_ps(p[3] + k0));
+      const __m256 t3 = _mm256_unpackhi_ps(_mm256_loadu_ps(p[2] + k0), _mm256_loadu_ps(p[3] + k0));
+      const __m256 t4 = _mm256_unpacklo_ps(_mm256_loadu_ps(p[4] + k0), _mm256_loadu_ps(p[5] + k0));
+      const __m256 t5 = _mm256_unpackhi_ps(_mm256_loadu_ps(p[4] + k0), _mm256_loadu_ps(p[5] + k0));
+      const __m256 t6 = _mm256_unpacklo_ps(_mm256_loadu_ps(p[6] + k0), _mm256_loadu_ps(p[7] + k0));
+      const __m256 t7 = _mm256_unpackhi_ps(_mm256_loadu_ps(p[6] + k0), _mm256_loadu_ps(p[7] + k0));
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      // column c of the block (k0 + c) across the 8 rows
+      const __m256 col[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                             _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                             _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                             _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) acc = _mm256_fmadd_ps(col[c], _mm256_broadcast_ss(q + k0 + c), acc);
+    }
+    for (; k0 < kc; ++k0) {
+      const __m256 col = _mm256_setr_ps(p[0][k0], p[1][k0], p[2][k0], p[3][k0], p[4][k0], p[5][k0], p[6][k0], p[7][k0]);
+      acc = _mm256_fmadd_ps(col, _mm256_broadcast_ss(q + k0), acc);
+    }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, acc);
+    for (int i = 0; i < nr; ++i) out[r0 + i] = accumulate ? out[r0 + i] + sums[i] : sums[i];
+  }
+}
+
 }  // namespace
 
 const KernelSet& kernels_avx2() {
   static const KernelSet set{Isa::Avx2, kMr, kNr, 256, 144, 2048, ukernel_avx2_6x16, row_kernel_avx2, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
-                             sum_squares_impl, dot_rows_impl};
+                             sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_avx2};
   return set;
 }
 

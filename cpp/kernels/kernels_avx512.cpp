@@ -144,13 +144,75 @@ void row_kernel_avx512(index_t kc, const float* a, const float* b, index_t rs_b,
   _mm512_mask_storeu_ps(c + 16, mask1, acc1);
 }
 
+// 16 rows in the 16 lanes: 16 x 16 blocks transposed in registers (two rounds of in-lane unpacks, two of
+// 128-bit lane shuffles: 64 shuffles per 256 floats), then one FMA per k with q[k] broadcast, k in order: the
+// micro-kernel's fmadd(a(i, k), b(k, j), acc) chain per row. ~7 ns per row at dim 64 on one core, the
+// shuffles the limit (interleaving 4 groups' chains, or building the lanes with broadcast or insert loads
+// instead of the 128-bit shuffles, measured no faster). Rows past `rows` in the last block repeat its
+// last row (read, never stored); the last k block is loaded masked and only its kc - k0 columns are added.
+void chain_dots_avx512(index_t kc, const float* x, index_t ld, index_t rows, const float* q, float* out,
+                       bool accumulate) {
+  // Masked forms with all lanes on: the plain unpack / shuffle intrinsics trip a false
+  // -Wmaybe-uninitialized in GCC 12 (as _mm512_max_ps does in the micro-kernel).
+  const __mmask16 all = 0xFFFF;
+  const __mmask8 all8 = 0xFF;
+  for (index_t r0 = 0; r0 < rows; r0 += 16) {
+    const int nr = static_cast<int>(rows - r0 < 16 ? rows - r0 : 16);
+    const float* p[16];
+    for (int i = 0; i < 16; ++i) p[i] = x + (r0 + (i < nr ? i : nr - 1)) * ld;
+    __m512 acc = _mm512_setzero_ps();
+    for (index_t k0 = 0; k0 < kc; k0 += 16) {
+      const int rem = static_cast<int>(kc - k0 < 16 ? kc - k0 : 16);
+      const __mmask16 km = static_cast<__mmask16>((1u << rem) - 1u);
+      __m512 t[16], u[16];
+#pragma GCC unroll 8
+      for (int i = 0; i < 16; i += 2) {
+        const __m512 a = _mm512_maskz_loadu_ps(km, p[i] + k0), b = _mm512_maskz_loadu_ps(km, p[i + 1] + k0);
+        t[i] = _mm512_maskz_unpacklo_ps(all, a, b);  // per 128-bit lane L: rows i, i+1 at columns 4L, 4L+1
+        t[i + 1] = _mm512_maskz_unpackhi_ps(all, a, b);  // ... at columns 4L+2, 4L+3
+      }
+#pragma GCC unroll 4
+      for (int g = 0; g < 16; g += 4) {  // u[g + c], lane L: rows g..g+3 at column 4L + c
+        const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 2]);
+        const __m512d c = _mm512_castps_pd(t[g + 1]), d = _mm512_castps_pd(t[g + 3]);
+        u[g] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(all8, a, b));
+        u[g + 1] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(all8, a, b));
+        u[g + 2] = _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(all8, c, d));
+        u[g + 3] = _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(all8, c, d));
+      }
+      // The 4 x 4 transpose of 128-bit lanes (row groups x column lanes), per c: col[4L + c] lane G = u[4G + c] lane L.
+      __m512 col[16];
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        const __m512 x0 = _mm512_maskz_shuffle_f32x4(all, u[c], u[4 + c], 0x44);
+        const __m512 x1 = _mm512_maskz_shuffle_f32x4(all, u[c], u[4 + c], 0xEE);
+        const __m512 x2 = _mm512_maskz_shuffle_f32x4(all, u[8 + c], u[12 + c], 0x44);
+        const __m512 x3 = _mm512_maskz_shuffle_f32x4(all, u[8 + c], u[12 + c], 0xEE);
+        col[c] = _mm512_maskz_shuffle_f32x4(all, x0, x2, 0x88);
+        col[4 + c] = _mm512_maskz_shuffle_f32x4(all, x0, x2, 0xDD);
+        col[8 + c] = _mm512_maskz_shuffle_f32x4(all, x1, x3, 0x88);
+        col[12 + c] = _mm512_maskz_shuffle_f32x4(all, x1, x3, 0xDD);
+      }
+      if (rem == 16) {
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; ++c) acc = _mm512_fmadd_ps(col[c], _mm512_set1_ps(q[k0 + c]), acc);
+      } else {
+        for (int c = 0; c < rem; ++c) acc = _mm512_fmadd_ps(col[c], _mm512_set1_ps(q[k0 + c]), acc);
+      }
+    }
+    const __mmask16 rm = static_cast<__mmask16>((1u << nr) - 1u);
+    if (accumulate) acc = _mm512_add_ps(_mm512_maskz_loadu_ps(rm, out + r0), acc);
+    _mm512_mask_storeu_ps(out + r0, rm, acc);
+  }
+}
+
 }  // namespace
 
 const KernelSet& kernels_avx512() {
   static const KernelSet set{Isa::Avx512, kMr, kNr, 256, 192, 4096, ukernel_avx512, row_kernel_avx512, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
-                             sum_squares_impl, dot_rows_impl};
+                             sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_avx512};
   return set;
 }
 

@@ -38,13 +38,24 @@ void row_kernel_scalar(index_t kc, const float* a, const float* b, index_t rs_b,
   for (int j = 0; j < n; ++j) c[j] = accumulate ? c[j] + acc[j] : acc[j];
 }
 
+// One chain per row, `acc += x * q` as the 4 x 8 micro-kernel's `acc[i][j] += ai * b[j]` (no FMA here).
+void chain_dots_scalar(index_t kc, const float* x, index_t ld, index_t rows, const float* q, float* out,
+                       bool accumulate) {
+  for (index_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ld;
+    float acc = 0.0f;
+    for (index_t k = 0; k < kc; ++k) acc += xr[k] * q[k];
+    out[r] = accumulate ? out[r] + acc : acc;
+  }
+}
+
 }  // namespace
 
 const KernelSet& kernels_scalar() {
   static const KernelSet set{Isa::Scalar, kMr, kNr, 256, 128, 2048, ukernel_scalar_4x8, row_kernel_scalar, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
-                             sum_squares_impl, dot_rows_impl};
+                             sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_scalar};
   return set;
 }
 
