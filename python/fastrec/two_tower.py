@@ -259,8 +259,8 @@ class TwoTower(RecommenderBase):
                        advice=", a higher temperature or a smaller alpha")
         finally:
             self._drop_caches()
-            if self.index == "hnsw":
-                self._build_index()
+        if self.index == "hnsw":  # only after a completed fit: an interrupted one builds it on first use
+            self._build_index()
 
     def _score_pairs(self, user_rows, item_rows):
         scale = 1.0 / self.net_.temperature
