@@ -565,6 +565,56 @@ class FieldHandle {
     return py::make_tuple(items, scores);
   }
 
+  // topk over a candidate list per user (field_topk_candidates): cand_indptr int64 [n_users + 1] and
+  // cand_items int32, a CSR whose row u lists the item key values user u ranks.
+  py::tuple topk_candidates(py::handle sampler_obj, py::handle users_obj, py::handle indptr_obj,
+                            py::handle items_obj, index_t k, bool exclude_seen, int n_threads,
+                            const std::string& isa) const {
+    if (sampler_obj.is_none()) throw py::value_error("top-k needs the sampler dict (keys, n_items, seen)");
+    const NegativeSampler sampler = make_sampler(sampler_obj);
+    if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
+    py::array users = checked<std::int32_t>(users_obj, "users", 1, false);
+    py::array indptr = checked<std::int64_t>(indptr_obj, "cand_indptr", 1, false);
+    py::array cand = checked<std::int32_t>(items_obj, "cand_items", 1, false);
+    const auto* pu = static_cast<const std::int32_t*>(users.data());
+    const auto* pp = static_cast<const std::int64_t*>(indptr.data());
+    const auto* pc = static_cast<const std::int32_t*>(cand.data());
+    const index_t n_users = users.shape(0), n_cand = cand.shape(0);
+    require_shape(indptr, "cand_indptr", n_users + 1, 0);
+    if (pp[0] != 0 || pp[n_users] != n_cand)
+      throw py::value_error("cand_indptr must start at 0 and end at len(cand_items) (" + std::to_string(n_cand) +
+                            ")");
+    for (index_t u = 0; u < n_users; ++u)
+      if (pp[u + 1] < pp[u]) throw py::value_error("cand_indptr must be non-decreasing");
+    for (index_t i = 0; i < n_cand; ++i)
+      if (pc[i] < 0 || pc[i] >= sampler.n_items)
+        throw py::value_error("cand_items must lie in [0, " + std::to_string(sampler.n_items) + ")");
+    validate(model_, sampler);
+    if (model_.n_keys != 2) throw py::value_error("top-k needs a model of exactly two key columns (user, item)");
+    if (model_.gmf.field_u >= 0 &&
+        model_.fields[static_cast<std::size_t>(model_.gmf.field_u)].key ==
+            model_.fields[static_cast<std::size_t>(model_.gmf.field_v)].key)
+      throw py::value_error("top-k needs the two GMF fields on different sides (one per key column)");
+    std::int32_t max_user = -1;
+    for (index_t u = 0; u < n_users; ++u) {
+      if (pu[u] < 0) throw py::value_error("users must be non-negative");
+      max_user = std::max(max_user, pu[u]);
+    }
+    require_key_rows(model_, sampler.user_key, static_cast<index_t>(max_user) + 1, "the largest user + 1");
+    if (sampler.seen_indptr && max_user >= sampler.seen_users) throw py::value_error("users out of range of seen");
+    py::array_t<std::int32_t> items({n_users, k});
+    py::array_t<float> scores({n_users, k});
+    std::int32_t* pi = items.mutable_data();
+    float* ps = scores.mutable_data();
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    {
+      const CoreCall call;
+      field_topk_candidates(ks, model_, sampler, pu, n_users, pp, pc, k, exclude_seen, pi, ps, topk_cache_,
+                            n_threads);
+    }
+    return py::make_tuple(items, scores);
+  }
+
  private:
   void keep_alive(py::handle obj) {
     if (py::isinstance<py::array>(obj)) {
@@ -978,7 +1028,13 @@ PYBIND11_MODULE(_core, m) {
            py::arg("beta_1"), py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("sampler"),
            py::arg("epoch"), py::arg("n_threads") = 0, py::arg("isa") = "auto", py::arg("progress") = py::none())
       .def("topk", &FieldHandle::topk, py::arg("sampler"), py::arg("users"), py::arg("candidates"), py::arg("k"),
-           py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto");
+           py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto")
+      .def("topk_candidates", &FieldHandle::topk_candidates, py::arg("sampler"), py::arg("users"),
+           py::arg("cand_indptr"), py::arg("cand_items"), py::arg("k"), py::arg("exclude_seen"),
+           py::arg("n_threads") = 0, py::arg("isa") = "auto",
+           "Top-k of each user over its own candidates (row u of the CSR cand_indptr int64 [n_users + 1], "
+           "cand_items int32; a duplicate counts once): (items int32 [n_users, k], scores float32), best first, "
+           "ties by lower item; -1 / -inf padding. Scores, seen-item exclusion and cache as topk.");
 
   py::class_<TwoTowerHandle>(m, "TwoTowerHandle",
                              "A validated two-tower model over caller-owned arrays (docs/DESIGN.md, the two-tower "

@@ -865,10 +865,12 @@ void write_top(const FieldModel& m, std::vector<Scored>& heap, index_t k, std::i
   }
 }
 
-}  // namespace
-
-void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s, const std::int32_t* users,
-                index_t n_users, const std::int32_t* candidates, index_t n_candidates, index_t k, bool exclude_seen,
+// Top-k of every user over the item list list_of(u, scratch) gives it: (items, count), items == nullptr
+// meaning items 0..count-1; scratch is a buffer the caller may fill (one per thread). max_list bounds every
+// count (it sizes the thread team when the users are too few to split over).
+template <class ListOf>
+void topk_lists(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s, const std::int32_t* users,
+                index_t n_users, index_t max_list, const ListOf& list_of, index_t k, bool exclude_seen,
                 std::int32_t* out_items, float* out_scores, TopkCache& cache, int n_threads) {
   // The first layer is linear in x = [user part, item part]: its item part is computed once for all items
   // (cached), its user part once per user, and only the rest of the MLP runs per (user, item). Each thread
@@ -880,46 +882,80 @@ void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     const std::lock_guard<std::mutex> lock(cache.mutex);  // concurrent first calls from Python threads
     if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
   }
-  const index_t n_items = candidates ? n_candidates : s.n_items;
   const index_t chunk = kBlocksPerChunk * kBlockPanels * ks.mr;
-  const index_t n_chunks = (n_items + chunk - 1) / chunk;
+  const index_t max_chunks = (max_list + chunk - 1) / chunk;
   const bool over_users = n_users >= resolve_threads(n_threads);
   // One workspace per thread that will run: no more threads than users, or than chunks.
   const int threads = static_cast<int>(std::max<index_t>(
-      1, std::min<index_t>(resolve_threads(n_threads), over_users ? n_users : n_chunks)));
+      1, std::min<index_t>(resolve_threads(n_threads), over_users ? n_users : max_chunks)));
   const PackedTail tail(ks, m.mlp);
   std::vector<TailWorkspace> tail_ws;
   std::vector<FieldWorkspace> field_ws;
+  std::vector<std::vector<std::int32_t>> scratch(static_cast<std::size_t>(threads));
   for (int t = 0; t < threads; ++t) {
     tail_ws.emplace_back(ks, m.mlp);
     field_ws.emplace_back(m, 1, false);
   }
   if (over_users) {
     parallel_for<true>(0, n_users, threads, [&](std::int64_t u) {
-      const int t = thread_id();
+      const auto t = static_cast<std::size_t>(thread_id());
       UserSide user;
-      user_side(ks, m, s, users[u], exclude_seen, field_ws[static_cast<std::size_t>(t)], user);
+      user_side(ks, m, s, users[u], exclude_seen, field_ws[t], user);
+      const auto [items, n_items] = list_of(u, scratch[t]);
       std::vector<Scored> heap;
-      score_range(ks, m, cache, tail, user, candidates, 0, n_items, k, tail_ws[static_cast<std::size_t>(t)], heap);
+      score_range(ks, m, cache, tail, user, items, 0, n_items, k, tail_ws[t], heap);
       write_top(m, heap, k, out_items + u * k, out_scores + u * k);
     });
     return;
   }
-  std::vector<std::vector<Scored>> chunk_best(static_cast<std::size_t>(n_chunks));
+  std::vector<std::vector<Scored>> chunk_best(static_cast<std::size_t>(max_chunks));
   for (index_t u = 0; u < n_users; ++u) {
     UserSide user;
     user_side(ks, m, s, users[u], exclude_seen, field_ws[0], user);
+    const std::pair<const std::int32_t*, index_t> list = list_of(u, scratch[0]);
+    const std::int32_t* items = list.first;  // not a structured binding: the lambda below captures it (C++17)
+    const index_t n_items = list.second;
+    const index_t n_chunks = (n_items + chunk - 1) / chunk;
     parallel_for<true>(0, n_chunks, threads, [&](std::int64_t c) {
       std::vector<Scored>& heap = chunk_best[static_cast<std::size_t>(c)];
       heap.clear();
-      score_range(ks, m, cache, tail, user, candidates, c * chunk, std::min(chunk, n_items - c * chunk), k,
+      score_range(ks, m, cache, tail, user, items, c * chunk, std::min(chunk, n_items - c * chunk), k,
                   tail_ws[static_cast<std::size_t>(thread_id())], heap);
     });
     std::vector<Scored> heap;
-    for (const auto& best : chunk_best)
-      for (const Scored& entry : best) push_top(heap, k, entry);
+    for (index_t c = 0; c < n_chunks; ++c)
+      for (const Scored& entry : chunk_best[static_cast<std::size_t>(c)]) push_top(heap, k, entry);
     write_top(m, heap, k, out_items + u * k, out_scores + u * k);
   }
+}
+
+}  // namespace
+
+void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s, const std::int32_t* users,
+                index_t n_users, const std::int32_t* candidates, index_t n_candidates, index_t k, bool exclude_seen,
+                std::int32_t* out_items, float* out_scores, TopkCache& cache, int n_threads) {
+  const index_t n_items = candidates ? n_candidates : s.n_items;
+  topk_lists(
+      ks, m, s, users, n_users, n_items,
+      [&](std::int64_t, std::vector<std::int32_t>&) { return std::pair<const std::int32_t*, index_t>(candidates, n_items); },
+      k, exclude_seen, out_items, out_scores, cache, n_threads);
+}
+
+void field_topk_candidates(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s,
+                           const std::int32_t* users, index_t n_users, const std::int64_t* cand_indptr,
+                           const std::int32_t* cand_items, index_t k, bool exclude_seen, std::int32_t* out_items,
+                           float* out_scores, TopkCache& cache, int n_threads) {
+  index_t longest = 0;
+  for (index_t u = 0; u < n_users; ++u) longest = std::max<index_t>(longest, cand_indptr[u + 1] - cand_indptr[u]);
+  // Each list sorted and deduplicated into the thread's scratch: a duplicate would take two of the k places,
+  // and ascending items read the cached item rows in address order.
+  auto list_of = [&](std::int64_t u, std::vector<std::int32_t>& scratch) {
+    scratch.assign(cand_items + cand_indptr[u], cand_items + cand_indptr[u + 1]);
+    std::sort(scratch.begin(), scratch.end());
+    scratch.erase(std::unique(scratch.begin(), scratch.end()), scratch.end());
+    return std::pair<const std::int32_t*, index_t>(scratch.data(), static_cast<index_t>(scratch.size()));
+  };
+  topk_lists(ks, m, s, users, n_users, longest, list_of, k, exclude_seen, out_items, out_scores, cache, n_threads);
 }
 
 TowerPass::TowerPass(const FieldModel& model, index_t rows, bool training)

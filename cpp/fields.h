@@ -175,4 +175,13 @@ void field_topk(const KernelSet& ks, const FieldModel& model, const NegativeSamp
                 index_t k, bool exclude_seen, std::int32_t* out_items, float* out_scores, TopkCache& cache,
                 int n_threads);
 
+// field_topk over a list of candidates per user (two-stage recommend: a retrieval model's candidates,
+// re-ranked): user u ranks the items cand_items[cand_indptr[u] : cand_indptr[u + 1]] (values of the item key,
+// in [0, sampler.n_items); a duplicate counts once). Same scores, seen-item exclusion, ties, padding and cache
+// as field_topk, the same results for any n_threads.
+void field_topk_candidates(const KernelSet& ks, const FieldModel& model, const NegativeSampler& sampler,
+                           const std::int32_t* users, index_t n_users, const std::int64_t* cand_indptr,
+                           const std::int32_t* cand_items, index_t k, bool exclude_seen, std::int32_t* out_items,
+                           float* out_scores, TopkCache& cache, int n_threads);
+
 }  // namespace fastrec

@@ -8,7 +8,8 @@ from fastrec.fields import FieldModel
 from fastrec.mlp import MLPClassifier, MLPRegressor
 from fastrec.recommender import Recommender
 from fastrec.two_tower import TwoTower
+from fastrec.two_stage import TwoStage
 
 _check_isa_environment()  # a mistyped FASTREC_ISA would otherwise be ignored silently by the core
 
-__all__ = ["FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor", "Recommender", "TwoTower", "available_isas", "show_config", "__version__"]
+__all__ = ["FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor", "Recommender", "TwoTower", "TwoStage", "available_isas", "show_config", "__version__"]
