@@ -4,7 +4,8 @@ What is checked: `train` on CSV (and Parquet) gives the model an in-process fit 
 seed gives, bitwise, with and without pandas; `recommend` writes k rows per user that are the model's own
 top-k (seen items excluded unless --include-seen), as CSV and JSON; `evaluate` prints what fastrec.metrics /
 fastrec.evaluation compute directly; `info` shows the class and parameters; user mistakes exit with 1 and
-one line on stderr, usage errors with 2.
+one line on stderr, usage errors with 2. `train --model two-tower` gives the TwoTower of an in-process fit and
+refuses options of the other model; `recommend --all-users` writes every user's top-k to Parquet.
 """
 
 import csv
@@ -475,3 +476,114 @@ def test_unnamed_feature_columns_are_guessed_as_in_python_and_doubtful_guesses_s
     code, _, err = run(capsys, "train", tmp_path / "clicks.csv", "--item-features", tmp_path / "items.csv",
                        "--categorical", "bucket", "--multi-hot", "genres", "--epochs", 1, "-o", out)
     assert code == 0 and err == ""  # named columns: nothing guessed, nothing said
+
+
+# ------------------------------------------------------------------------------ two-tower and --all-users
+TWO_TOWER_PARAMS = dict(embedding_dim=8, hidden_layer_sizes=(16,), output_dim=8, epochs=2, early_stopping=False,
+                        random_state=0, n_threads=1)
+TWO_TOWER_OPTIONS = [*OPTIONS, "--output-dim", "8"]
+
+
+@pytest.fixture(scope="module")
+def clicks(tmp_path_factory):
+    """Implicit feedback of 200 users (two of whom saw every item) and a TwoTower trained on it by the CLI."""
+    d = make_interactions(n_users=200, n_items=100, n_interactions=3000, implicit=True, random_state=0)
+    folder = tmp_path_factory.mktemp("two_tower")
+    path = write_csv(folder / "clicks.csv", {"user_id": d.users, "item_id": d.items})
+    model = folder / "tt.fastrec"
+    assert cli.main(["train", str(path), "--model", "two-tower", "-o", str(model), *TWO_TOWER_OPTIONS]) == 0
+    return d, path, model
+
+
+def test_train_two_tower_gives_the_model_of_an_in_process_fit(clicks):
+    d, _, path = clicks
+    loaded = fastrec.load(path)
+    expected = fastrec.TwoTower(**TWO_TOWER_PARAMS).fit(d.users, d.items)
+    assert type(loaded) is fastrec.TwoTower and loaded.get_params() == expected.get_params()
+    np.testing.assert_array_equal(loaded.predict(d.users, d.items), expected.predict(d.users, d.items))
+
+
+def test_recommend_all_users_to_parquet(tmp_path, capsys, clicks):
+    pq = pytest.importorskip("pyarrow.parquet")
+    d, _, model_path = clicks
+    model = fastrec.load(model_path)
+    out = tmp_path / "recs.parquet"
+    for include_seen in (False, True):
+        code, stdout, err = run(capsys, "recommend", model_path, "--all-users", "-o", out, "-k", 5,
+                                "--chunk-size", 64, *(["--include-seen"] if include_seen else []))
+        assert (code, err) == (0, "")
+        table = pq.read_table(out)
+        assert table.column_names == ["user", "rank", "item", "score"]
+        ids, scores = model.recommend(model._users.ids, k=5, exclude_seen=not include_seen)
+        kept = scores != -np.inf  # two users saw every item: without --include-seen they have no rows
+        assert table.num_rows == kept.sum() == (200 * 5 if include_seen else 198 * 5)
+        assert stdout.startswith(f"wrote {table.num_rows:,} recommendations for 200 users to {out}, ")
+        np.testing.assert_array_equal(table["user"].to_numpy(), np.repeat(model._users.ids, kept.sum(axis=1)))
+        np.testing.assert_array_equal(table["item"].to_numpy(), ids[kept])
+        np.testing.assert_array_equal(table["score"].to_numpy(), scores[kept])
+        assert pq.ParquetFile(out).num_row_groups == 4  # 200 users in chunks of 64
+
+    # the existing recommend keeps working on a TwoTower, for explicit users
+    code, stdout, _ = run(capsys, "recommend", model_path, "--users", "3,0", "-k", 2)
+    ids, _ = model.recommend([3, 0], k=2)
+    assert code == 0 and [r[2] for r in parse_recommendations(stdout, "csv")] == ids.ravel().tolist()
+    code, stdout, _ = run(capsys, "info", model_path)
+    assert code == 0 and "TwoTower" in stdout and "inputs: user_id, item_id" in stdout
+
+
+def test_recommend_all_users_mistakes(tmp_path, capsys, monkeypatch, clicks):
+    _, data, model_path = clicks
+    out = tmp_path / "recs.parquet"
+    cases = [
+        (["--all-users"], "name it with -o"),
+        (["--all-users", "-o", "-"], "name it with -o"),
+        (["--all-users", "-o", out, "--format", "csv"], "--format applies to --users"),
+        (["--all-users", "-o", tmp_path / "no" / "recs.parquet"], "cannot write"),
+        (["--all-users", "-o", out, "-k", 0], "k must be"),
+        (["--users", "1", "--chunk-size", 10], "--chunk-size applies to --all-users only"),
+        (["--users", "1", "--progress"], "--progress applies to --all-users only"),
+    ]
+    for args, message in cases:
+        code, _, err = run(capsys, "recommend", model_path, *args)
+        assert code == 1 and err.startswith("fastrec: error: ") and message in err, (args, err)
+    assert run(capsys, "recommend", model_path, "--all-users", "--users", "1", "-o", out)[0] == 2  # exclusive
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    code, _, err = run(capsys, "recommend", model_path, "--all-users", "-o", out)
+    assert code == 1 and "pip install 'fastrec[parquet]'" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_options_of_another_model_are_refused(tmp_path, capsys, clicks):
+    _, data, _ = clicks
+    for model, options, message in (
+            ("two-tower", ["--gmf", "--wide"], "--gmf, --wide apply to --model recommender, not to --model two-tower"),
+            ("two-tower", ["--embedding-alpha", "0.1"], "--embedding-alpha applies to --model recommender"),
+            ("recommender", ["--output-dim", "8"], "--output-dim applies to --model two-tower, not to --model"),
+            ("recommender", ["--no-normalize"], "--normalize applies to --model two-tower")):
+        code, _, err = run(capsys, "train", data, "--model", model, "-o", tmp_path / "m", *options)
+        assert code == 1 and err.startswith(f"fastrec: error: {message}"), err
+    # a value one model accepts and the other does not is named by its option
+    code, _, err = run(capsys, "train", data, "-o", tmp_path / "m", "--loss", "softmax")
+    assert code == 1 and err.startswith("fastrec: error: --loss: loss must be one of")
+    code, _, err = run(capsys, "train", data, "--model", "two-tower", "-o", tmp_path / "m", "--alpha", "auto")
+    assert code == 1 and err.startswith("fastrec: error: --alpha: alpha must be")
+    assert not (tmp_path / "m").exists()
+
+
+def test_every_two_tower_parameter_has_a_train_option():
+    # As for the Recommender: every parameter has an option, defaults stay the model's, values reach it.
+    args = cli._parser().parse_args(["train", "data.csv", "-o", "m.fastrec", "--model", "two-tower"])
+    defaults = fastrec.TwoTower().get_params()
+    assert [p for p in defaults if p not in vars(args)] == []
+    assert cli._recommender(args).get_params() == defaults
+    markers = {p: object() for p in defaults}
+    for p, marker in markers.items():
+        setattr(args, p, marker)
+    built = cli._recommender(args).get_params()
+    assert [p for p, marker in markers.items() if built[p] is not marker] == []
+    args = cli._parser().parse_args(["train", "d.csv", "-o", "m", "--model", "two-tower", "--negatives", "auto",
+                                     "--temperature", "0.05", "--no-normalize", "--index-options", '{"M": 16}'])
+    params = cli._recommender(args).get_params()
+    assert (params["negatives"], params["temperature"], params["normalize"], params["index_options"]) == (
+        "auto", 0.05, False, {"M": 16})

@@ -65,6 +65,10 @@ read through key 0) call them the same way.
 from __future__ import annotations
 
 import copy
+import os
+import secrets
+import sys
+import time
 
 import numpy as np
 import scipy.sparse as sp
@@ -83,6 +87,10 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Validation pairs scored per epoch by a ranking metric (each against 99 negatives): 10^4 pairs give a
 # standard error of HR@10 under 0.005, and cost 10^6 predictions.
 _MAX_RANKED = 10_000
+# Default users per chunk of recommend_all (one recommend call, one Parquet row group): about this many
+# (user, candidate) pairs, within these bounds (measurements in recommend_all's docstring).
+_CHUNK_PAIRS = 2**27
+_CHUNK_USERS = (1024, 8192)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -185,6 +193,68 @@ def _is_scalar(value) -> bool:
         return np.ndim(value) == 0
     except ValueError:
         return False
+
+
+class _ChunkProgress:
+    """verbose output of recommend_all, as `_fieldnet._Progress` gives it for an epoch: a tqdm bar where tqdm is
+    installed, else a line on stderr every `_EVERY` seconds and one at the end (a job may run for minutes)."""
+
+    _EVERY = 10.0
+
+    def __init__(self, verbose, total):
+        self.bar = None
+        self.verbose = bool(verbose)
+        self.total, self.done = total, 0
+        self.start = self.last = time.perf_counter()
+        if self.verbose:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, desc="recommend_all", unit="user", leave=True)
+
+    def update(self, users):
+        self.done += users
+        if self.bar is not None:
+            self.bar.update(users)
+        elif self.verbose and time.perf_counter() - self.last >= self._EVERY:
+            self.last = time.perf_counter()
+            print(f"recommend_all: {self.done:,}/{self.total:,} users", file=sys.stderr, flush=True)
+
+    def close(self, rows, path, ok=True):
+        if self.bar is not None:
+            if ok:
+                self.bar.set_postfix_str(f"{rows:,} rows")
+            self.bar.close()
+        elif self.verbose and ok:
+            seconds = time.perf_counter() - self.start
+            print(f"recommend_all: {self.done:,} users, {rows:,} rows to {path} in {seconds:.1f} s "
+                  f"({self.done / max(seconds, 1e-9):,.0f} users/s)", file=sys.stderr, flush=True)
+
+
+def _pyarrow():
+    """pyarrow and pyarrow.parquet, imported only when Parquet is written (an optional dependency)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("recommend_all writes Parquet with pyarrow, which is not installed: "
+                          "pip install 'fastrec[parquet]'") from None
+    return pa, pq
+
+
+def _exclusive_temp(path):
+    """A new file beside `path` (same directory, so os.replace is an atomic rename), opened for binary
+    writing. Created with the default mode (0666 less the umask) as a plain open() would, unlike mkstemp's
+    0600, so the renamed file has the permissions the user expects."""
+    folder, name = os.path.split(os.path.abspath(path))
+    while True:
+        temp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return temp, open(temp, "xb")
+        except FileExistsError:  # a 48-bit name taken: draw another
+            continue
 
 
 class RecommenderBase(BaseEstimator):
@@ -675,6 +745,99 @@ class RecommenderBase(BaseEstimator):
         if single:
             return ids[0], scores[0]
         return ids, scores
+
+    def recommend_all(self, path, k=10, *, exclude_seen=True, users=None, items=None, chunk_size=None,
+                      verbose=None) -> int:
+        """Write the top-k items of every known user (or of ``users``) to a Parquet file; returns the number of
+        rows written.
+
+        The file has one row per (user, recommended item): columns ``user``, ``rank`` (int32, 1 = best),
+        ``item`` and ``score`` (float64), ids typed like the model's (int64 or string), users in the order
+        walked (the model's known users in its order: sorted after fit, then those partial_fit or add_features
+        added; or ``users`` as given, repeats included) and ranks ascending within
+        a user. The rows are exactly ``recommend``'s, with its padding (a user with fewer than k candidates
+        left) dropped, so such a user has fewer than k rows. ``k``, ``exclude_seen`` and ``items`` are as in
+        ``recommend``; unknown ``users`` get what a new user would.
+
+        The users are walked in chunks of ``chunk_size`` users: one ``recommend`` call and one Parquet row
+        group per chunk, so memory is bounded by a chunk (its ids and scores; the top-k passes store no users x
+        items scores), not by the number of users. The chunk size never changes the file's rows. The default
+        gives a chunk about 2**27 (user, candidate item) pairs, within 1,024 to 8,192 users: 8,192 below
+        16,384 candidates, 1,024 above 131,072. Measured on 2 cores, 100,000 users, k = 10: a TwoTower over
+        19,353 items writes 17,000 users/s in chunks of 512, 24,000 in chunks of 1,024 and 28,000 from 4,096
+        to 16,384 (batched exact search reuses each block of item vectors across the chunk's users; writing
+        the Parquet file is about 5% of the time); a Recommender scores about 4 million pairs/s whatever the
+        chunk, so 2**27 pairs bound a chunk to about 30 s (until the 1,024 floor), which keeps the progress
+        moving and Ctrl-C prompt on large catalogues. Row groups then hold 10,000 to 80,000 rows at k = 10.
+
+        The file is written to a temporary file in the same directory and renamed over ``path`` only once
+        complete: an error or Ctrl-C midway leaves no partial file and any existing ``path`` untouched.
+
+        verbose: show progress (a tqdm bar where tqdm is installed, else lines on stderr); None: the model's
+        ``verbose``. Needs pyarrow (``pip install 'fastrec[parquet]'``).
+        """
+        self._check_fitted()
+        pa, pq = _pyarrow()
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"cannot write {path}: no directory {folder}")
+        if os.path.isdir(path):  # found now rather than by the rename after all the work
+            raise IsADirectoryError(f"cannot write {path}: it is a directory")
+        k = check_int(k, "k")
+        check_bool(exclude_seen, "exclude_seen")
+        verbose = self.verbose if verbose is None else verbose
+        if users is None:
+            users = self._users.ids
+        else:
+            users = as_id_array([users] if _is_scalar(users) else users, "users")
+            if len(users) == 0:  # an empty list is int64 whatever the ids: type the column like the model's
+                users = self._users.ids[:0]
+        if items is not None:  # the distinct known candidates once, rather than once per chunk
+            rows = self._items.index(as_id_array(items, "items"))
+            items = self._items.ids[np.unique(rows[rows > 0]) - 1]
+        if chunk_size is None:
+            n_candidates = len(self._items) if items is None else len(items)
+            chunk_size = int(np.clip(_CHUNK_PAIRS // max(n_candidates, 1), *_CHUNK_USERS))
+        else:
+            chunk_size = check_int(chunk_size, "chunk_size")
+
+        def arrow_type(ids):
+            return pa.string() if ids.dtype.kind == "U" else pa.int64()
+
+        schema = pa.schema([("user", arrow_type(users)), ("rank", pa.int32()),
+                            ("item", arrow_type(self._items.ids)), ("score", pa.float64())])
+        progress = _ChunkProgress(verbose, len(users))
+        temp, file = _exclusive_temp(path)
+        written = 0
+        try:
+            with file:
+                with pq.ParquetWriter(file, schema) as writer:  # no users: a valid file with no rows
+                    for start in range(0, len(users), chunk_size):
+                        chunk = users[start:start + chunk_size]
+                        ids, scores = self.recommend(chunk, k, exclude_seen=exclude_seen, items=items)
+                        keep = scores != -np.inf  # recommend's padding: fewer than k candidates left
+                        ranks = np.broadcast_to(np.arange(1, ids.shape[1] + 1, dtype=np.int32), ids.shape)
+                        writer.write_table(pa.table([
+                            pa.array(np.repeat(chunk, keep.sum(axis=1)), schema.field("user").type),
+                            pa.array(ranks[keep]), pa.array(ids[keep], schema.field("item").type),
+                            pa.array(scores[keep])], schema=schema))
+                        written += int(keep.sum())
+                        progress.update(len(chunk))
+                file.flush()  # the writer leaves the file open once its footer is written
+                os.fsync(file.fileno())  # the data reaches the disk before the rename can
+            os.replace(temp, path)
+        except BaseException:
+            progress.close(written, path, ok=False)
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise
+        progress.close(written, path)
+        return written
 
     def similar_items(self, items, k=10):
         """The k items whose vectors are closest (cosine) to each given item's: (ids, similarities).

@@ -29,6 +29,7 @@ import numpy as np
 
 import fastrec
 from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS
+from fastrec._recbase import RecommenderBase
 from fastrec.features import FeatureTable, _bags_from_cells, _guess_type, as_id_array, plain_integers
 
 __all__ = ["main"]
@@ -203,11 +204,12 @@ def _interactions(columns: dict, path: str, args):
 
 
 def _load_recommender(path: str):
+    """A fitted users x items recommender (a Recommender or a TwoTower) from a model file."""
     model = fastrec.load(path, mmap=True)  # opens in milliseconds whatever the model's size
-    if not isinstance(model, fastrec.Recommender):
-        raise DataError(f"{path} holds a {type(model).__name__}, not a Recommender")
-    if not hasattr(model, "net_"):
-        raise DataError(f"{path} holds a Recommender that was never fitted")
+    if not isinstance(model, RecommenderBase):
+        raise DataError(f"{path} holds a {type(model).__name__}, not a recommender (a Recommender or a TwoTower)")
+    if not model.__sklearn_is_fitted__():
+        raise DataError(f"{path} holds a {type(model).__name__} that was never fitted")
     return model
 
 
@@ -220,20 +222,31 @@ def _demo(args):
     demo.main(save=args.save)
 
 
-# option, Recommender parameter, type, help (the default is the Recommender's, shown from it)
+# The models `train --model` builds; an option applies to those that have its parameter.
+_MODELS = {"recommender": fastrec.Recommender, "two-tower": fastrec.TwoTower}
+
+# option, model parameter, type, help (the defaults are the models', shown from them)
 _HYPER_PARAMETERS = [
     ("--embedding-dim", "embedding_dim", int, "size of the id and side-feature embeddings"),
-    ("--hidden", "hidden_layer_sizes", "sizes", "MLP layer sizes, e.g. 64,32 ('' for none)"),
+    ("--hidden", "hidden_layer_sizes", "sizes", "MLP layer sizes, e.g. 64,32 ('' for none); two-tower: each "
+     "tower's"),
+    ("--output-dim", "output_dim", int, "length of the user and item vectors"),
     ("--activation", "activation", ACTIVATIONS, "MLP activation"),
-    ("--loss", "loss", ("auto", "mse", "bce"), "auto: mse on ratings, bce on implicit feedback"),
+    ("--loss", "loss", ("auto", "mse", "bce", "bpr", "softmax"), "recommender: mse or bce; two-tower: softmax, "
+     "bpr, bce or mse; auto: mse on ratings, else bce (recommender) or softmax (two-tower)"),
+    ("--normalize", "normalize", bool, "L2-normalise the user and item vectors (auto, neither given: with --loss "
+     "softmax)"),
+    ("--temperature", "temperature", "auto", "divides every score (auto: 0.1 with --loss softmax, else 1)"),
     ("--optimizer", "optimizer", OPTIMIZERS, "optimizer"),
-    ("--learning-rate", "learning_rate", "auto", "learning rate (auto: by feedback kind, see "
-     "help(fastrec.Recommender))"),
-    ("--alpha", "alpha", "auto", "L2 penalty of the MLP (auto: by feedback kind, see help(fastrec.Recommender))"),
+    ("--learning-rate", "learning_rate", "auto", "learning rate (auto: by feedback kind and loss, see "
+     "help(fastrec.Recommender) / help(fastrec.TwoTower))"),
+    ("--alpha", "alpha", "auto", "L2 penalty: recommender: of the MLP (auto: by feedback kind); two-tower: of "
+     "the MLPs and the embedding rows a batch touches"),
     ("--embedding-alpha", "embedding_alpha", "auto", "L2 penalty of the embeddings (auto: by feedback kind)"),
     ("--epochs", "epochs", int, "passes over the data (at most, with early stopping)"),
     ("--batch-size", "batch_size", int, "interactions per step"),
-    ("--negatives", "negatives", int, "implicit feedback: items sampled per positive"),
+    ("--negatives", "negatives", "int-auto", "implicit feedback: items sampled per positive; two-tower "
+     "softmax: extra uniform negatives per batch (auto: 0, or 4 for bpr / bce)"),
     ("--negative-sampling", "negative_sampling", ("uniform", "popularity"), "how negatives are drawn"),
     ("--id-dropout", "id_dropout", float, "fraction of examples that train the unknown-id rows"),
     ("--gmf", "gmf", bool, "matrix-factorisation term (--no-gmf: MLP only)"),
@@ -253,11 +266,51 @@ _HYPER_PARAMETERS = [
     ("--nesterovs-momentum", "nesterovs_momentum", bool, "Nesterov's momentum (--optimizer sgd)"),
     ("--seed", "random_state", int, "random seed (the same seed gives the same model)"),
     ("--threads", "n_threads", int, "threads (the result does not depend on it; default all cores)"),
+    ("--index", "index", ("exact", "hnsw"), "how recommend searches the item vectors (hnsw: approximate, "
+     "needs fastrec[ann])"),
+    ("--index-options", "index_options", "json", "options of the hnsw index as JSON, e.g. '{\"ef_search\": 128}'"),
 ]
 
 
 def _float_or_auto(text: str):
     return text if text == "auto" else float(text)
+
+
+def _int_or_auto(text: str):
+    return text if text == "auto" else int(text)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"M\": 32}}'; {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"M\": 32}}'; got {text!r}")
+    return value
+
+
+def _model_params(name: str) -> dict:
+    """The parameters (and defaults) of the model `train --model name` builds."""
+    return _MODELS[name]().get_params()
+
+
+def _default_text(param: str) -> str:
+    """' (default: ...)' for an option's help: the default of each model that has the parameter, told apart
+    where they differ, and which models the option applies to when not all."""
+    def shown(value):
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    defaults = {name: _model_params(name)[param] for name in _MODELS if param in _model_params(name)}
+    values = {shown(v) for v in defaults.values() if v is not None}
+    only = f"--model {next(iter(defaults))} only" if len(defaults) < len(_MODELS) else ""
+    if not values:
+        return f" ({only})" if only else ""
+    if len(values) == 1:
+        text = f"default: {values.pop()}"
+    else:
+        text = "default: " + ", ".join(f"{shown(v)} ({name})" for name, v in defaults.items())
+    return f" ({only}; {text})" if only else f" ({text})"
 
 
 def _sizes(text: str) -> tuple:
@@ -274,10 +327,18 @@ def _check_writable(path: str):
         raise DataError(f"cannot write {path}: no directory {folder}")
 
 
-def _recommender(args) -> fastrec.Recommender:
-    """The Recommender that train's options describe (options not given: the Recommender's defaults)."""
-    params = {p: getattr(args, p) for _, p, *_ in _HYPER_PARAMETERS if getattr(args, p) is not None}
-    return fastrec.Recommender(verbose=args.verbose, **params)
+def _recommender(args) -> RecommenderBase:
+    """The model that train's --model and options describe (options not given: the model's defaults). An
+    option of another model is refused rather than ignored: the user meant it to change something."""
+    name = getattr(args, "model", "recommender")
+    accepted = _model_params(name)
+    given = {p: getattr(args, p) for _, p, *_ in _HYPER_PARAMETERS if getattr(args, p) is not None}
+    foreign = [option for option, p, *_ in _HYPER_PARAMETERS if p in given and p not in accepted]
+    if foreign:
+        others = " or ".join(f"--model {m}" for m in _MODELS if m != name)
+        raise DataError(f"{', '.join(foreign)} {'applies' if len(foreign) == 1 else 'apply'} to {others}, not to "
+                        f"--model {name}")
+    return _MODELS[name](verbose=args.verbose, **given)
 
 
 def _option_error(error: Exception) -> Exception:
@@ -390,6 +451,11 @@ def _read_users(args, model):
 
 
 def _recommend(args):
+    if args.all_users:
+        return _recommend_all(args)
+    for option, value in (("--chunk-size", args.chunk_size), ("--progress", args.progress)):
+        if value is not None:
+            raise DataError(f"{option} applies to --all-users only")
     model = _load_recommender(args.model)
     users, shown = _read_users(args, model)
     ids, scores = model.recommend(users, k=args.k, exclude_seen=not args.include_seen)
@@ -405,6 +471,25 @@ def _recommend(args):
             writer = csv.writer(out, lineterminator="\n")
             writer.writerow(("user", "rank", "item", "score"))
             writer.writerows(rows)
+
+
+def _recommend_all(args):
+    """--all-users: RecommenderBase.recommend_all to the Parquet file -o, and one line saying what it wrote."""
+    if args.output in (None, "-"):
+        raise DataError("--all-users writes a Parquet file: name it with -o, e.g. -o recs.parquet")
+    if args.format is not None:
+        raise DataError("--all-users writes Parquet; --format applies to --users / --users-file")
+    start = time.perf_counter()
+    _check_writable(args.output)
+    model = _load_recommender(args.model)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    try:
+        rows = model.recommend_all(args.output, k=args.k, exclude_seen=not args.include_seen,
+                                   chunk_size=args.chunk_size, verbose=progress)
+    except ImportError as e:  # pyarrow missing: one line saying what to install, as for other user mistakes
+        raise DataError(str(e)) from None
+    print(f"wrote {rows:,} recommendations for {model.n_users_:,} users to {args.output}, "
+          f"{time.perf_counter() - start:.1f} s")
 
 
 @contextlib.contextmanager
@@ -459,8 +544,9 @@ def _model_summary(path: str) -> dict:
             summary[attr.strip("_")] = int(getattr(model, attr))
     net = getattr(model, "net_", None)
     if net is not None:
-        summary["inputs"] = [f.name for f in net.fields] + [d.name for d in net.dense]
-        weights = [*net.tables, *net.coefs, *net.intercepts, net.gmf_w]
+        nets = getattr(net, "towers", [net])  # a TwoTower's net is a FieldNet per side
+        summary["inputs"] = [f.name for n in nets for f in n.fields] + [d.name for n in nets for d in n.dense]
+        weights = [w for n in nets for w in (*n.tables, *n.coefs, *n.intercepts, getattr(n, "gmf_w", None))]
     else:
         weights = [*getattr(model, "coefs_", []), *getattr(model, "intercepts_", [])]
     summary["parameters"] = int(sum(w.size for w in weights if w is not None))
@@ -518,6 +604,7 @@ def _parser() -> argparse.ArgumentParser:
                "  fastrec demo --save demo.fastrec\n"
                "  fastrec train ratings.csv --rating-col rating -o model.fastrec\n"
                "  fastrec recommend model.fastrec --users 1,2,3 --k 5\n"
+               "  fastrec recommend model.fastrec --all-users -o recs.parquet\n"
                "  fastrec evaluate model.fastrec test.csv --rating-col rating\n"
                "  fastrec info model.fastrec\n\n"
                "Exit status: 0 success, 1 a data or model error, 2 a usage error.")
@@ -548,9 +635,14 @@ def _parser() -> argparse.ArgumentParser:
                 "  fastrec train ratings.csv --rating-col rating --seed 0 -o model.fastrec\n"
                 "  fastrec train ratings.csv --rating-col rating --no-early-stopping --epochs 20 -o model.fastrec\n"
                 "  fastrec train clicks.parquet --item-features items.csv --multi-hot genres \\\n"
-                "      --hidden 128,64 --negatives 8 -o model.fastrec")
+                "      --hidden 128,64 --negatives 8 -o model.fastrec\n"
+                "  fastrec train clicks.csv --model two-tower --output-dim 32 -o retrieval.fastrec")
     p.add_argument("data", metavar="DATA", help="interactions: CSV or Parquet, one row per (user, item)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write")
+    p.add_argument("--model", choices=tuple(_MODELS), default="recommender",
+                   help="recommender: fastrec.Recommender (an MLP over the user's and item's embeddings, the "
+                   "ranking model); two-tower: fastrec.TwoTower (a vector per user and per item, scored by inner "
+                   "product: the retrieval model). Default: %(default)s")
     g = _add_columns(p, "rating column (explicit feedback); without it, implicit feedback")
     g.add_argument("--weight-col", metavar="NAME", help="per-interaction weight column (optional)")
     g = p.add_argument_group("side features")
@@ -563,12 +655,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="columns holding a set of labels per row, e.g. 'Comedy|Drama'")
     g.add_argument("--multi-hot-sep", default="|", metavar="SEP", help="label separator (default: %(default)s)")
     g.add_argument("--numeric", type=_split, default=[], metavar="COLS", help="numeric columns")
-    g = p.add_argument_group("hyper-parameters (defaults: fastrec.Recommender's)")
-    defaults = fastrec.Recommender().get_params()
+    g = p.add_argument_group("hyper-parameters (defaults: the --model's; an option of another model is refused)")
     for option, param, kind, text in _HYPER_PARAMETERS:
-        default = defaults[param]
-        if default is not None:
-            text += f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
+        text += _default_text(param)
         if kind is bool:
             g.add_argument(option, dest=param, action=argparse.BooleanOptionalAction, help=text)
         elif isinstance(kind, tuple):
@@ -577,29 +666,45 @@ def _parser() -> argparse.ArgumentParser:
             g.add_argument(option, dest=param, type=_sizes, metavar="SIZES", help=text)
         elif kind == "auto":
             g.add_argument(option, dest=param, type=_float_or_auto, metavar="X|auto", help=text)
+        elif kind == "int-auto":
+            g.add_argument(option, dest=param, type=_int_or_auto, metavar="N|auto", help=text)
+        elif kind == "json":
+            g.add_argument(option, dest=param, type=_json_object, metavar="JSON", help=text)
         else:
             metavar = {int: "N", float: "X", str: "NAME"}[kind]
             g.add_argument(option, dest=param, type=kind, metavar=metavar, help=text)
     g.add_argument("--verbose", action="store_true", help="print the loss (and validation score) of every epoch")
 
-    p = command("recommend", _recommend, "top-k items for users, as CSV or JSON (user, rank, item, score)",
+    p = command("recommend", _recommend, "top-k items for users, as CSV, JSON or Parquet (user, rank, item, score)",
                 "Items a user interacted with in training are left out unless --include-seen. A user with fewer\n"
                 "than k items left gets fewer rows. Users unknown to the model get what a new user would (a note\n"
                 "on stderr counts them); against integer user ids, an id not written as one ('u1', '007') is unknown.\n\n"
+                "--all-users writes every user the model knows to a Parquet file (-o; needs pyarrow), in chunks\n"
+                "of --chunk-size users (one Parquet row group each), so memory does not grow with the number of\n"
+                "users; the file appears only once complete (an existing one is replaced then, never left half\n"
+                "written). The model may be a Recommender or a TwoTower ('fastrec train --model two-tower').\n\n"
                 "examples:\n"
                 "  fastrec recommend model.fastrec --users 1,2,3 --k 5\n"
-                "  fastrec recommend model.fastrec --users-file test.csv --format json -o top10.json")
+                "  fastrec recommend model.fastrec --users-file test.csv --format json -o top10.json\n"
+                "  fastrec recommend model.fastrec --all-users -o recs.parquet")
     p.add_argument("model", metavar="MODEL", help="model file written by 'fastrec train' or model.save")
     users = p.add_mutually_exclusive_group(required=True)
     users.add_argument("--users", metavar="IDS", help="comma-separated user ids")
     users.add_argument("--users-file", metavar="FILE",
                        help="one user id per line, or a CSV with a header that has the --user-col column")
+    users.add_argument("--all-users", action="store_true",
+                       help="every user the model knows, written to the Parquet file -o")
     p.add_argument("--user-col", default="user_id", metavar="NAME", help="see --users-file (default: %(default)s)")
     p.add_argument("--sep", type=_separator, default=",", help="CSV delimiter of --users-file (default: ',')")
     p.add_argument("-k", "--k", type=int, default=10, help="items per user (default: %(default)s)")
     p.add_argument("--include-seen", action="store_true", help="also recommend items seen in training")
-    p.add_argument("--format", choices=("csv", "json"), default="csv", help="output format (default: csv)")
-    p.add_argument("-o", "--output", metavar="OUT", help="output file (default: stdout)")
+    p.add_argument("--format", choices=("csv", "json"), help="output format of --users / --users-file (default: "
+                   "csv); --all-users writes Parquet")
+    p.add_argument("-o", "--output", metavar="OUT", help="output file (default: stdout; --all-users: required)")
+    p.add_argument("--chunk-size", type=int, metavar="N", help="--all-users: users per chunk and row group "
+                   "(default: 1024 to 8192, fewer for larger catalogues; see help(fastrec.Recommender.recommend_all))")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   help="--all-users: show progress on stderr (default: when stderr is a terminal)")
 
     p = command("evaluate", _evaluate, "measure a model on held-out interactions",
                 "A model trained on ratings gets rmse and mae. An implicit-feedback model gets ranking metrics:\n"
