@@ -694,7 +694,8 @@ class RecommenderBase(BaseEstimator):
         return self._users.ids[entities - 1], self._items.ids[indices - 1]
 
     def predict(self, users, items):
-        """Predicted rating (explicit feedback) or interaction probability (implicit) of each pair.
+        """Predicted rating (explicit feedback) or score (implicit: higher means more likely; a Recommender's
+        is a probability, a TwoTower's the vectors' inner product / temperature) of each pair.
 
         Unknown users or items never raise: they use the learned unknown rows (and their features when they
         were in the feature tables given to fit).
