@@ -73,10 +73,12 @@ def _twin_spec(rng, n_items):
     def one_hot(n):
         return np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int32), np.ones(n, np.float32)
 
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
     n_users = 9
-    user, item = rng.standard_normal((n_users, 4)).astype(np.float32), rng.standard_normal((n_items, 5)).astype(np.float32)
-    dense = rng.standard_normal((n_items, 3)).astype(np.float32)
-    gmf_u, gmf_v = rng.standard_normal((n_users, 4)).astype(np.float32), rng.standard_normal((n_items, 4)).astype(np.float32)
+    user, item, dense = normal(n_users, 4), normal(n_items, 5), normal(n_items, 3)
+    gmf_u, gmf_v = normal(n_users, 4), normal(n_items, 4)
     for t in (item, dense, gmf_v):
         t[7] = t[3]
     sizes = [12, 11, 5, 1]
