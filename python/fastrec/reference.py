@@ -948,3 +948,240 @@ def two_tower_loss_and_gradients(user_spec, item_spec, normalize, temperature, u
     lu, *grads_u = _tower_backward(user_spec, xu, hu, bu, through_norm(U, nu, dU), alpha, n)
     lv, *grads_v = _tower_backward(item_spec, xv, hv, bv, through_norm(V, nv, dV), alpha, n)
     return loss + lu + lv, tuple(grads_u), tuple(grads_v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sequential model (docs/DESIGN.md, "Sequential model (issue 13)")
+# ----------------------------------------------------------------------------------------------------------
+
+SEQ_BLOCK_KEYS = ("ln1_gamma", "ln1_beta", "Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo",
+                  "ln2_gamma", "ln2_beta", "W1", "b1", "W2", "b2")
+LAYER_NORM_EPS = 1e-5
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix64_outputs(state, count):
+    """The first ``count`` outputs of the core's ``splitmix64`` stream seeded with ``state`` (uint64 array).
+
+    Output e is the finaliser of ``state + (e + 1) * golden``, so any element can be drawn on its own: the
+    core's dropout uses this to draw the same masks whatever thread handles a row.
+    """
+    with np.errstate(over="ignore"):
+        z = np.uint64(state) + (np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def dropout_scale(stream, site, shape, rate, dtype=np.float32):
+    """The dropout multiplier of dropout site ``site`` in the batch whose stream seed is ``stream``.
+
+    Site s draws from the splitmix64 stream seeded with ``splitmix64_outputs(stream + s, 1)[0]``; element e
+    (row-major over ``shape``) is kept when the top 24 bits of output e are ``>= floor(rate * 2**24)`` and
+    kept elements are scaled by ``1 / (1 - rate)`` (inverted dropout). Returns an array of ``shape``.
+    """
+    n = int(np.prod(shape))
+    if rate <= 0.0:
+        return np.ones(shape, dtype)
+    with np.errstate(over="ignore"):
+        key = splitmix64_outputs(np.uint64(stream) + np.uint64(site), 1)[0]
+    bits = splitmix64_outputs(key, n) >> np.uint64(40)
+    keep = bits >= np.uint64(int(rate * (1 << 24)))
+    dtype = np.dtype(dtype)
+    return (keep.astype(dtype) / dtype.type(1.0 - rate)).reshape(shape)
+
+
+def layer_norm(x, gamma, beta):
+    """``(x - mean) / sqrt(var + eps) * gamma + beta`` over the last axis (population variance), and the
+    cache ``(xhat, rstd)`` that ``layer_norm_backward`` needs."""
+    dtype = x.dtype
+    mu = np.mean(x, axis=-1, keepdims=True)
+    var = np.mean((x - mu) ** 2, axis=-1, keepdims=True)
+    rstd = dtype.type(1.0) / np.sqrt(var + dtype.type(LAYER_NORM_EPS))
+    xhat = (x - mu) * rstd
+    return xhat * gamma + beta, (xhat, rstd)
+
+
+def layer_norm_backward(dy, gamma, cache):
+    """``(dx, dgamma, dbeta)`` of ``layer_norm`` from ``dy``; the parameter gradients summed over rows."""
+    xhat, rstd = cache
+    g = dy * gamma
+    dx = rstd * (g - np.mean(g, axis=-1, keepdims=True) - xhat * np.mean(g * xhat, axis=-1, keepdims=True))
+    axes = tuple(range(dy.ndim - 1))
+    return dx, np.sum(dy * xhat, axis=axes), np.sum(dy, axis=axes)
+
+
+def causal_attention(q, k, v, mask, heads):
+    """Masked multi-head attention over batches of sequences: q, k, v (B, L, d), mask (B, L) bool.
+
+    Head h uses channels ``h*dh:(h+1)*dh`` (dh = d / heads). Position t of a sequence attends to the
+    positions j <= t with ``mask[j]``; its weights are the softmax of ``q_t . k_j / sqrt(dh)`` over them
+    (a row with no such j, a padding position before the first event, gets zero weights). Returns the
+    output (B, L, d) and the weights (B, heads, L, L).
+    """
+    B, L, d = q.shape
+    dh = d // heads
+    dtype = q.dtype
+    allowed = np.tril(np.ones((L, L), dtype=bool))[None, :, :] & mask[:, None, :]
+    out = np.zeros_like(q)
+    weights = np.zeros((B, heads, L, L), dtype)
+    scale = dtype.type(1.0 / math.sqrt(dh))
+    for h in range(heads):
+        c = slice(h * dh, (h + 1) * dh)
+        S = np.einsum("btc,bjc->btj", q[:, :, c], k[:, :, c]) * scale
+        S = np.where(allowed, S, -np.inf)
+        smax = np.max(S, axis=-1, keepdims=True)
+        smax = np.where(np.isfinite(smax), smax, dtype.type(0))
+        Ex = np.where(allowed, np.exp(S - smax), dtype.type(0))
+        den = np.sum(Ex, axis=-1, keepdims=True)
+        A = np.where(den > 0, Ex / np.where(den > 0, den, 1), dtype.type(0)).astype(dtype)
+        weights[:, h] = A
+        out[:, :, c] = np.einsum("btj,bjc->btc", A, v[:, :, c])
+    return out, weights
+
+
+def causal_attention_backward(dout, q, k, v, weights, heads):
+    """``(dq, dk, dv)`` of ``causal_attention`` from its output gradient and weights."""
+    d = q.shape[-1]
+    dh = d // heads
+    scale = q.dtype.type(1.0 / math.sqrt(dh))
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for h in range(heads):
+        c = slice(h * dh, (h + 1) * dh)
+        A = weights[:, h]
+        dv[:, :, c] = np.einsum("btj,btc->bjc", A, dout[:, :, c])
+        dA = np.einsum("btc,bjc->btj", dout[:, :, c], v[:, :, c])
+        dS = A * (dA - np.sum(dA * A, axis=-1, keepdims=True)) * scale
+        dq[:, :, c] = np.einsum("btj,bjc->btc", dS, k[:, :, c])
+        dk[:, :, c] = np.einsum("btj,btc->bjc", dS, q[:, :, c])
+    return dq, dk, dv
+
+
+def _seq_dtype(params):
+    return np.asarray(params["item_table"]).dtype
+
+
+def _seq_forward(params, seqs, dropout, stream):
+    """Forward pass with its caches. seqs (B, L) item rows, -1 = padding (left-padded histories)."""
+    E = params["item_table"]
+    P = params["position_table"]
+    dtype = E.dtype
+    seqs = np.asarray(seqs, dtype=np.int64)
+    B, L = seqs.shape
+    d = E.shape[1]
+    if P.shape[0] != L:
+        raise ValueError(f"seqs: length {L} differs from the position table's {P.shape[0]}")
+    mask = seqs >= 0
+    m = mask[:, :, None].astype(dtype)
+    x = (E[np.where(mask, seqs, 0)] * dtype.type(math.sqrt(d)) + P[None]) * m
+    drop0 = dropout_scale(stream, 0, x.shape, dropout, dtype)
+    x = x * drop0
+    caches = []
+    for b, blk in enumerate(params["blocks"]):
+        x_in = x
+        h, ln1 = layer_norm(x, blk["ln1_gamma"], blk["ln1_beta"])
+        q = h @ blk["Wq"] + blk["bq"]
+        k = h @ blk["Wk"] + blk["bk"]
+        v = h @ blk["Wv"] + blk["bv"]
+        o, A = causal_attention(q, k, v, mask, int(params["heads"]))
+        da = dropout_scale(stream, 1 + 2 * b, x.shape, dropout, dtype)
+        a = (o @ blk["Wo"] + blk["bo"]) * da
+        x_mid = x + a
+        h2, ln2 = layer_norm(x_mid, blk["ln2_gamma"], blk["ln2_beta"])
+        u = np.maximum(h2 @ blk["W1"] + blk["b1"], dtype.type(0))
+        df = dropout_scale(stream, 2 + 2 * b, x.shape, dropout, dtype)
+        f = (u @ blk["W2"] + blk["b2"]) * df
+        x = (x_mid + f) * m
+        caches.append((x_in, h, ln1, q, k, v, o, A, da, x_mid, h2, ln2, u, df))
+    z, lnf = layer_norm(x, params["final_gamma"], params["final_beta"])
+    return z, (seqs, mask, m, drop0, caches, lnf)
+
+
+def sequential_forward(params, seqs, n_threads=0, isa="auto"):
+    """Hidden states z (B, L, d) of the sequential model for item-row sequences ``seqs`` (B, L), -1 padding.
+
+    ``params``: {"item_table" (n_items, d), "position_table" (L, d), "heads": int, "blocks": [per block the
+    arrays named in ``SEQ_BLOCK_KEYS``: ln gammas/betas (d,), Wq/Wk/Wv/Wo (d, d), their biases (d,), W1
+    (d, f), b1 (f,), W2 (f, d), b2 (d,)], "final_gamma", "final_beta" (d,)}. With m_t = 1 at events, 0 at
+    padding: x = m (E[s] sqrt(d) + P); each block (pre-norm) does x += attn(LN1(x)) Wo + bo (``causal_attention``
+    on LN1(x) Wq + bq, ... Wk, ... Wv), then x = m (x + relu(LN2(x) W1 + b1) W2 + b2); z = LN_final(x).
+    The score of item i after position t is ``z[t] . E[i]``.
+    """
+    z, _ = _seq_forward(params, seqs, 0.0, 0)
+    return z
+
+
+def sequential_loss_and_gradients(params, seqs, targets, negatives, dropout=0.0, stream=0, n_threads=0,
+                                  isa="auto"):
+    """BCE loss of next-item prediction (SASRec's) and the gradients of every parameter.
+
+    ``targets`` (B, L): the item row that follows each position (-1: no target, e.g. padding);
+    ``negatives`` (B, L, K): K sampled item rows per position. Over the N positions with a target,
+    loss = sum_t [softplus(-z_t . E[y_t]) + sum_j softplus(z_t . E[n_tj])] / N. Dropout (rate ``dropout``)
+    multiplies the embedding sum (site 0), each block's attention output (site 1 + 2b) and feed-forward
+    output (site 2 + 2b) by ``dropout_scale(stream, site, (B, L, d), dropout)``.
+
+    Returns ``(loss, grads)`` with grads shaped like params ("item_table" dense, zero outside touched rows).
+    """
+    E = params["item_table"]
+    dtype = E.dtype
+    d = E.shape[1]
+    z, (seqs, mask, m, drop0, caches, lnf) = _seq_forward(params, seqs, dropout, stream)
+    targets = np.asarray(targets, dtype=np.int64)
+    negatives = np.asarray(negatives, dtype=np.int64)
+    if negatives.ndim != 3 or negatives.shape[:2] != targets.shape or targets.shape != seqs.shape:
+        raise ValueError("targets must be (B, L) and negatives (B, L, K) for seqs (B, L)")
+    active = targets >= 0
+    N = int(np.count_nonzero(active))
+    gE = np.zeros_like(E)
+    dz = np.zeros_like(z)
+    loss = 0.0
+    if N:
+        bi, ti = np.nonzero(active)
+        zt = z[bi, ti]
+        y = targets[bi, ti]
+        neg = negatives[bi, ti]
+        s_pos = np.sum(zt * E[y], axis=1)
+        s_neg = np.einsum("rd,rkd->rk", zt, E[neg])
+        loss = (_sum64(_softplus(-s_pos)) + _sum64(_softplus(s_neg))) / N
+        g_pos = (activation(s_pos, "logistic") - dtype.type(1)) / dtype.type(N)
+        g_neg = activation(s_neg, "logistic") / dtype.type(N)
+        dz[bi, ti] = g_pos[:, None] * E[y] + np.einsum("rk,rkd->rd", g_neg, E[neg])
+        np.add.at(gE, y, g_pos[:, None] * zt)
+        np.add.at(gE, neg.reshape(-1), (g_neg[:, :, None] * zt[:, None, :]).reshape(-1, d))
+    grads = {"blocks": []}
+    dx, grads["final_gamma"], grads["final_beta"] = layer_norm_backward(dz, params["final_gamma"], lnf)
+    heads = int(params["heads"])
+    for b in range(len(params["blocks"]) - 1, -1, -1):
+        blk = params["blocks"][b]
+        x_in, h, ln1, q, k, v, o, A, da, x_mid, h2, ln2, u, df = caches[b]
+        g = {}
+        dx = dx * m
+        dfo = dx * df
+        g["W2"] = np.einsum("btf,btd->fd", u, dfo)
+        g["b2"] = np.sum(dfo, axis=(0, 1))
+        du = (dfo @ blk["W2"].T) * (u > 0)
+        g["W1"] = np.einsum("btd,btf->df", h2, du)
+        g["b1"] = np.sum(du, axis=(0, 1))
+        dh2 = du @ blk["W1"].T
+        dln2, g["ln2_gamma"], g["ln2_beta"] = layer_norm_backward(dh2, blk["ln2_gamma"], ln2)
+        dx = dx + dln2  # dLoss/dx_mid
+        dao = dx * da
+        g["Wo"] = np.einsum("btc,btd->cd", o, dao)
+        g["bo"] = np.sum(dao, axis=(0, 1))
+        do = dao @ blk["Wo"].T
+        dq, dk, dv = causal_attention_backward(do, q, k, v, A, heads)
+        dh = np.zeros_like(h)
+        for name, dp in (("q", dq), ("k", dk), ("v", dv)):
+            g["W" + name] = np.einsum("btc,btd->cd", h, dp)
+            g["b" + name] = np.sum(dp, axis=(0, 1))
+            dh = dh + dp @ blk["W" + name].T
+        dln1, g["ln1_gamma"], g["ln1_beta"] = layer_norm_backward(dh, blk["ln1_gamma"], ln1)
+        dx = dx + dln1  # dLoss/dx_in
+        grads["blocks"].insert(0, g)
+    dx0 = dx * drop0 * m
+    grads["position_table"] = np.sum(dx0, axis=0)
+    rows = np.where(mask, seqs, 0)
+    np.add.at(gE, rows[mask], dx0[mask] * dtype.type(math.sqrt(d)))
+    grads["item_table"] = gE
+    return loss, grads
