@@ -117,12 +117,14 @@ void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, cons
     _mm512_mask_storeu_ps(ci, mask0, r0);
     _mm512_mask_storeu_ps(ci + 16, mask1, r1);
   }
-  if (act_later || mul_later) {  // the rest of the epilogue on the stored tile
+  if (act_later || mul_later || (extra && extra->exp_sums)) {  // the rest of the epilogue on the stored tile
     TileExtra rest;  // scale and bias are done; the mask waits for the activation
     rest.act = act_later ? extra->act : Activation::Identity;
-    rest.mul = extra->mul;
+    rest.mul = mul_later ? extra->mul : nullptr;
     rest.ld_mul = extra->ld_mul;
     rest.mul_act = extra->mul_act;
+    rest.exp_sums = extra->exp_sums;
+    rest.ld_sums = extra->ld_sums;
     finish_tile(c, ldc, m, n, rest);
   }
 }
