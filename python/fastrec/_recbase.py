@@ -94,6 +94,26 @@ _CHUNK_USERS = (1024, 8192)
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def entity_numbers(index, raw):
+    """index.index(raw) (IdIndex: entity numbers, 0 for unknown ids). Integer ids spanning a range not much
+    wider than their count are looked up in a table indexed by id: 409,600 ids take ~5 ms instead of ~45 ms of
+    binary searches."""
+    ids = index.ids
+    if not (len(ids) and len(raw) > len(ids) and ids.dtype.kind == "i" and raw.dtype.kind == "i"):
+        return index.index(raw)
+    lo, hi = int(ids.min()), int(ids.max())
+    if hi - lo > 4 * len(ids) + 1024:
+        return index.index(raw)
+    table = np.zeros(hi - lo + 1, np.int32)
+    table[ids - lo] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    if int(raw.min()) >= lo and int(raw.max()) <= hi:
+        return table[raw - lo]
+    inside = (raw >= lo) & (raw <= hi)
+    out = np.zeros(len(raw), np.int32)
+    out[inside] = table[raw[inside] - lo]
+    return out
+
+
 def id_rows(entities, n_entities):
     """An id field's rows: each distinct entity of `entities` (those trained on) gets its own row, 1, 2, ...
     in entity order; the others read row 0 (unknown). Returns (row of each entity 0..n_entities-1 (int32),
@@ -532,7 +552,7 @@ class RecommenderBase(BaseEstimator):
         self._seen = (np.zeros(len(self._users) + 2, np.int64), np.zeros(0, np.int32))
         self._seen_counts = np.zeros(len(self._items) + 1, np.float64)
         self.history_ = {"loss": [], "seconds": []}
-        rows = (self._users.index(users), self._items.index(items))  # computed once: 409,600 pairs take ~90 ms
+        rows = (entity_numbers(self._users, users), entity_numbers(self._items, items))  # once, for both uses
         self._build(*rows, tables, config)
         record_structure(self, self._structure_params)
         self._fit_interactions(users, items, ratings, weight, epochs, validate, also_seen=held_out, rows=rows)
