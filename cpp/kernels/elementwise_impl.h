@@ -375,7 +375,7 @@ float exp_in_place_sum(float* x, index_t n) {
   auto step = [&](float* p) {
     f32x8 v;
     std::memcpy(&v, p, sizeof v);
-    const f32x8 out = exp8_nonpositive(v);
+    const f32x8 out = v == v ? exp8_nonpositive(v) : v;  // NaN stays NaN: a diverged batch must show
     std::memcpy(p, &out, sizeof out);
     acc += out;
   };
@@ -386,7 +386,7 @@ float exp_in_place_sum(float* x, index_t n) {
     for (int l = 0; l < 8; ++l) pad[l] = full + l < n ? x[full + l] : neg_inf;
     f32x8 v;
     std::memcpy(&v, pad, sizeof v);
-    const f32x8 out = v > neg_inf ? exp8_nonpositive(v) : f32x8{};
+    const f32x8 out = v > neg_inf ? exp8_nonpositive(v) : v == v ? f32x8{} : v;
     acc += out;
     for (index_t l = 0; full + l < n; ++l) x[full + l] = out[l];
   }
