@@ -105,6 +105,8 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
               in_kernel.mul = e.mul ? e.mul + (ic + ir) * e.ld_mul + jc + jr : nullptr;
               in_kernel.ld_mul = e.ld_mul;
               in_kernel.mul_act = e.mul_act;
+              in_kernel.exp_sums = e.exp_sums ? e.exp_sums + (ic + ir) * e.ld_sums + (jc + jr) / e.sums_width : nullptr;
+              in_kernel.ld_sums = e.ld_sums;
               finish = &in_kernel;
             }
             const float* b = jr < b_full ? p.B + pc * p.ldb + jc + jr : bbuf + jr * kc;

@@ -73,10 +73,13 @@ void add_bias_act_loop(float* v, const float* add, const float* bias, int n) {
   for (int j = 0; j < n; ++j) v[j] = apply_act(add[j] + bias[j], A);
 }
 
+// x[i] = e^x[i] for i < n (x[i] <= 0 up to rounding), returning their sum in a fixed order (defined below).
+float exp_in_place_sum(float* x, index_t n);
+
 void epilogue_impl(float* c, index_t ldc, int m, int n, index_t row0, index_t col0, const Epilogue& e) {
   for (int i = 0; i < m; ++i) {
     float* v = c + i * ldc;
-    if (e.scale == 0.0f && e.addend && e.addend_scale == 1.0f && e.bias && !e.mul) {
+    if (e.scale == 0.0f && e.addend && e.addend_scale == 1.0f && e.bias && !e.mul && !e.exp_sums) {
       const float* add = e.addend + (row0 + i) * e.ld_addend + col0;
       switch (e.act) {
         case Activation::Relu: add_bias_act_loop<Activation::Relu>(v, add, e.bias + col0, n); break;
@@ -108,6 +111,7 @@ void epilogue_impl(float* c, index_t ldc, int m, int n, index_t row0, index_t co
         default: break;
       }
     }
+    if (e.exp_sums) e.exp_sums[(row0 + i) * e.ld_sums + col0 / e.sums_width] = exp_in_place_sum(v, n);
   }
 }
 
@@ -120,6 +124,8 @@ void finish_tile(float* c, index_t ldc, int m, int n, const TileExtra& extra) {
   e.mul = extra.mul;
   e.ld_mul = extra.ld_mul;
   e.mul_act = extra.mul_act;
+  e.exp_sums = extra.exp_sums;
+  e.ld_sums = extra.ld_sums;
   epilogue_impl(c, ldc, m, n, 0, 0, e);
 }
 
@@ -361,6 +367,30 @@ void exp_shift_impl(float* x, index_t n, float* max_out, float* sum_out) {
   }
   *max_out = mx;
   *sum_out = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+float exp_in_place_sum(float* x, index_t n) {
+  const float neg_inf = -__builtin_inff();
+  f32x8 acc = {};
+  auto step = [&](float* p) {
+    f32x8 v;
+    std::memcpy(&v, p, sizeof v);
+    const f32x8 out = v == v ? exp8_nonpositive(v) : v;  // NaN stays NaN: a diverged batch must show
+    std::memcpy(p, &out, sizeof out);
+    acc += out;
+  };
+  const index_t full = n / 8 * 8;
+  for (index_t i = 0; i < full; i += 8) step(x + i);
+  if (full < n) {  // the tail through a padded vector (-inf pads: e^-inf counted as 0)
+    float pad[8];
+    for (int l = 0; l < 8; ++l) pad[l] = full + l < n ? x[full + l] : neg_inf;
+    f32x8 v;
+    std::memcpy(&v, pad, sizeof v);
+    const f32x8 out = v > neg_inf ? exp8_nonpositive(v) : v == v ? f32x8{} : v;
+    acc += out;
+    for (index_t l = 0; full + l < n; ++l) x[full + l] = out[l];
+  }
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
 double sum_squares_impl(const float* x, index_t n) {

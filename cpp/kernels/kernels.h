@@ -21,6 +21,13 @@ struct Epilogue {
   const float* mul = nullptr;     // (M, N) activation outputs, leading dimension ld_mul
   index_t ld_mul = 0;
   Activation mul_act = Activation::Identity;
+  // Last, when set: v = e^v (for v <= 0 up to rounding: the two-tower softmax's logits minus a fixed bound),
+  // and the sum of each row's n values of the call, added in a fixed order, written to
+  // exp_sums[(row0 + i) * ld_sums + col0 / sums_width]. Each call must cover one sums_width-aligned group of
+  // columns (sgemm's tiles of NR columns, with sums_width = NR): the sums then do not depend on the threads.
+  float* exp_sums = nullptr;
+  index_t ld_sums = 0;
+  index_t sums_width = 1;
 };
 
 // Micro-kernel contract: a is an MR x kc block read with strides, a(i, k) = a[i * rs_a + k * cs_a] (a packed
@@ -37,6 +44,7 @@ struct Epilogue {
 //  - prefetch: n_prefetch regions of prefetch_lines consecutive 64-byte lines each, to bring into L2 while
 //    the FMAs run, one line every few k steps (a burst of prefetches would stall on the L1 fill buffers;
 //    spread out, streaming them costs nothing).
+//  - exp_sums: then the Epilogue's exponential and row sums (kernels.h, Epilogue::exp_sums).
 struct TileExtra {
   float scale = 1.0f;
   const float* bias = nullptr;  // (N,) vector indexed by the tile's columns: bias[j] for j < n
@@ -47,6 +55,8 @@ struct TileExtra {
   const void* const* prefetch = nullptr;
   int n_prefetch = 0;
   int prefetch_lines = 1;
+  float* exp_sums = nullptr;  // the Epilogue's exp_sums at the tile's first row and column group
+  index_t ld_sums = 0;
 };
 using UkernelFn = void (*)(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b,
                            float* c, index_t ldc, bool accumulate, int m, int n, const TileExtra* extra);

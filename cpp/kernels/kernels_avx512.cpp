@@ -60,6 +60,34 @@ void fma_loop(index_t kc, const float* a, index_t stride, const float* b, index_
   }
 }
 
+// e^x on 16 lanes: expf_vec's reduction (x = n ln2 + r, round to nearest) and polynomial, with the 2^n
+// scaling by vscalefps; -87 floors x, NaN stays NaN (max returns its second operand for NaN).
+inline __m512 exp512(__m512 x) {
+  const __mmask16 all = 0xFFFF;
+  x = _mm512_maskz_max_ps(all, _mm512_set1_ps(-87.0f), x);
+  x = _mm512_maskz_min_ps(all, _mm512_set1_ps(88.0f), x);
+  const __m512 n = _mm512_maskz_roundscale_ps(all, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_scalef_ps(all, p, n);
+}
+
+// The 16 lanes' sum in a fixed order (halves, quarters, pairs). Masked / hand-written forms: GCC 12's
+// _mm512_reduce_add_ps and unmasked roundscale trip a false -Wmaybe-uninitialized (see the micro-kernel's max).
+inline float sum16(__m512 v) {
+  const __m256 h = _mm256_add_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0), _mm512_maskz_extractf32x8_ps(0xFF, v, 1));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(e, _mm_shuffle_ps(e, e, 1)));
+}
+
 void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b, float* c, index_t ldc,
                     bool accumulate, int m, int n, const TileExtra* extra) {
   __m512 acc0[kMr], acc1[kMr];
@@ -82,6 +110,8 @@ void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, cons
   const bool act_later = extra && !relu && extra->act != Activation::Identity;
   const bool relu_mul = extra && extra->mul && extra->mul_act == Activation::Relu && !act_later;
   const bool mul_later = extra && extra->mul && !relu_mul && extra->mul_act != Activation::Identity;
+  // The Epilogue's exponentials and row sums in registers, unless an activation must be applied first.
+  float* const exp_sums = extra && !act_later && !mul_later ? extra->exp_sums : nullptr;
   // Masked loads/stores handle a partial tile's columns; rows past m are simply not stored.
   const __mmask16 mask0 = mask0_of(n), mask1 = mask1_of(n);
   const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(mask0, bias) : _mm512_setzero_ps();
@@ -114,15 +144,23 @@ void ukernel_avx512(index_t kc, const float* a, index_t rs_a, index_t cs_a, cons
       r0 = _mm512_mul_ps(r0, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(mask0, a), zero, _CMP_GT_OQ), one));
       r1 = _mm512_mul_ps(r1, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(mask1, a + 16), zero, _CMP_GT_OQ), one));
     }
+    if (exp_sums) {  // the columns past n (zero-padded B) must not count
+      r0 = exp512(r0);
+      r1 = exp512(r1);
+      exp_sums[i * extra->ld_sums] =
+          sum16(_mm512_add_ps(_mm512_maskz_mov_ps(mask0, r0), _mm512_maskz_mov_ps(mask1, r1)));
+    }
     _mm512_mask_storeu_ps(ci, mask0, r0);
     _mm512_mask_storeu_ps(ci + 16, mask1, r1);
   }
   if (act_later || mul_later) {  // the rest of the epilogue on the stored tile
     TileExtra rest;  // scale and bias are done; the mask waits for the activation
     rest.act = act_later ? extra->act : Activation::Identity;
-    rest.mul = extra->mul;
+    rest.mul = mul_later ? extra->mul : nullptr;
     rest.ld_mul = extra->ld_mul;
     rest.mul_act = extra->mul_act;
+    rest.exp_sums = extra->exp_sums;  // not done in registers here
+    rest.ld_sums = extra->ld_sums;
     finish_tile(c, ldc, m, n, rest);
   }
 }

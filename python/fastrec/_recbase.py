@@ -94,12 +94,32 @@ _CHUNK_USERS = (1024, 8192)
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def entity_numbers(index, raw):
+    """index.index(raw) (IdIndex: entity numbers, 0 for unknown ids). Integer ids spanning a range not much
+    wider than their count are looked up in a table indexed by id: 409,600 ids take ~5 ms instead of ~45 ms of
+    binary searches."""
+    ids = index.ids
+    if not (len(ids) and len(raw) > len(ids) and ids.dtype.kind == "i" and raw.dtype.kind == "i"):
+        return index.index(raw)
+    lo, hi = int(ids.min()), int(ids.max())
+    if hi - lo > 4 * len(ids) + 1024:
+        return index.index(raw)
+    table = np.zeros(hi - lo + 1, np.int32)
+    table[ids - lo] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    if int(raw.min()) >= lo and int(raw.max()) <= hi:
+        return table[raw - lo]
+    inside = (raw >= lo) & (raw <= hi)
+    out = np.zeros(len(raw), np.int32)
+    out[inside] = table[raw[inside] - lo]
+    return out
+
+
 def id_rows(entities, n_entities):
     """An id field's rows: each distinct entity of `entities` (those trained on) gets its own row, 1, 2, ...
     in entity order; the others read row 0 (unknown). Returns (row of each entity 0..n_entities-1 (int32),
     vocabulary size)."""
     row = np.zeros(n_entities, np.int32)
-    trained = np.unique(entities)
+    trained = np.flatnonzero(np.bincount(entities, minlength=n_entities))  # np.unique, in O(n) (ids < n_entities)
     row[trained] = np.arange(1, len(trained) + 1, dtype=np.int32)
     return row, len(trained) + 1
 
@@ -133,8 +153,16 @@ def _merge_seen(indptr, indices, users, items, n_items):
     history costs a copy, not a re-sort of every pair."""
     if len(users) == 0:
         return indptr, indices
-    new = np.unique(users.astype(np.int64) * n_items + items)  # sorted, deduplicated (user, item) keys
-    rows = np.unique(new // n_items)
+    # Sorted, deduplicated (user, item) keys. Sort + mask, not np.unique: NumPy 2's hash-based unique takes
+    # 7x longer on these wide-range keys (143 vs 19 ms for 409,600 pairs).
+    new = np.sort(users.astype(np.int64) * n_items + items)
+    new = new[np.concatenate([[True], new[1:] != new[:-1]])]
+    if len(indices) == 0:  # a first fit: the CSR straight from the sorted keys
+        counts = np.bincount(new // n_items, minlength=len(indptr) - 1)
+        return (np.concatenate([[0], np.cumsum(counts)]).astype(indptr.dtype, copy=False),
+                (new % n_items).astype(np.int32))
+    rows = new // n_items
+    rows = rows[np.concatenate([[True], rows[1:] != rows[:-1]])]  # sorted already
     starts, lengths = indptr[rows], indptr[rows + 1] - indptr[rows]
     before = np.concatenate([[0], np.cumsum(lengths)])  # entries of the touched rows ahead of each row
     at = np.repeat(starts - before[:-1], lengths) + np.arange(before[-1])  # their positions in indices
@@ -524,9 +552,10 @@ class RecommenderBase(BaseEstimator):
         self._seen = (np.zeros(len(self._users) + 2, np.int64), np.zeros(0, np.int32))
         self._seen_counts = np.zeros(len(self._items) + 1, np.float64)
         self.history_ = {"loss": [], "seconds": []}
-        self._build(self._users.index(users), self._items.index(items), tables, config)
+        rows = (entity_numbers(self._users, users), entity_numbers(self._items, items))  # once, for both uses
+        self._build(*rows, tables, config)
         record_structure(self, self._structure_params)
-        self._fit_interactions(users, items, ratings, weight, epochs, validate, also_seen=held_out)
+        self._fit_interactions(users, items, ratings, weight, epochs, validate, also_seen=held_out, rows=rows)
 
     @exclusive_fit
     def partial_fit(self, users, items, ratings=None, *, user_features=None, item_features=None,
@@ -606,11 +635,10 @@ class RecommenderBase(BaseEstimator):
         self.n_users_, self.n_items_ = len(self._users), len(self._items)
         self._seen_changed()
 
-    def _fit_interactions(self, users, items, ratings, weight, epochs, validate, also_seen=None):
+    def _fit_interactions(self, users, items, ratings, weight, epochs, validate, also_seen=None, rows=None):
         """Add the interactions (and `also_seen`, held-out (users, items) pairs never trained on) to the seen
         items and counts, then train `epochs` epochs on the interactions (`_train`)."""
-        u = self._users.index(users)
-        i = self._items.index(items)
+        u, i = rows if rows is not None else (self._users.index(users), self._items.index(items))
         n_i = len(self._items) + 1
         seen_u, seen_i = u, i
         if also_seen is not None:
