@@ -12,8 +12,8 @@ scipy). benchmarks/ANN.md has the measurements behind the choice of library and 
     blob = index.to_bytes()                                 # numpy uint8 array, stored in a model file
     index = ApproximateIndex.from_bytes(blob)
 
-Scores are the exact float32 inner products of the returned rows (recomputed, not the graph's), so they are
-comparable with the exact path's; only which rows are found is approximate.
+Scores are the float32 inner products of the returned rows (as faiss computes them; recomputed for the L2
+reduction's graph), so they are comparable with the exact path's; only which rows are found is approximate.
 """
 
 from __future__ import annotations
@@ -307,17 +307,17 @@ class ApproximateIndex:
         return keys, np.bincount(keys // self.n_items, minlength=n_queries).astype(np.int64)
 
     def _fetch(self, index, queries, rows, fetch, keys, params):
-        """Top-`fetch` of `index` for queries[rows], excluded keys masked to -1 (order kept)."""
+        """(distances, rows): top-`fetch` of `index` for queries[rows], excluded keys masked to -1 (order kept)."""
         if params is None:
-            _, cand = index.search(queries[rows], fetch)
+            dist, cand = index.search(queries[rows], fetch)
         else:
-            _, cand = index.search(queries[rows], fetch, params=params)
+            dist, cand = index.search(queries[rows], fetch, params=params)
         cand = cand.astype(np.int64)
         if keys is not None and keys.size:
             k2 = rows[:, None].astype(np.int64) * self.n_items + cand
             pos = np.minimum(np.searchsorted(keys, k2), keys.size - 1)
             cand[(keys[pos] == k2) & (cand >= 0)] = -1
-        return cand
+        return dist, cand
 
     def search(self, queries, k, *, exclude=None, n_threads=None, ef_search=None):
         """Approximate top-k items by inner product for each query row, best first.
@@ -339,7 +339,7 @@ class ApproximateIndex:
         Returns
         -------
         rows : int32 [n_queries, k], item rows best first, -1 padding when fewer than k items are eligible.
-        scores : float32 [n_queries, k], exact inner products of those rows, -inf padding.
+        scores : float32 [n_queries, k], the inner products of those rows, -inf padding.
         """
         faiss = _faiss()
         queries = _check_matrix(queries, "queries", self.dim)
@@ -353,14 +353,17 @@ class ApproximateIndex:
         if n_q == 0:
             return out.astype(np.int32), np.zeros((0, k), dtype=np.float32)
         need = k + counts                                     # enough candidates whatever is excluded
-        # Round the fetch up to a power of two so rows fall into few batched searches.
+        # Round the fetch up to a power of two so rows fall into few batched searches; rows that exclude
+        # nothing fetch exactly k (rounding 10 up to 16 would search with a longer list: ef_search + 6).
         fetch = np.left_shift(1, np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64))
+        fetch[counts == 0] = k
         fetch = np.minimum(fetch, n_items)
         on_graph = (need <= _GRAPH_FETCH_LIMIT) & (need < n_items)
         # Rows answered exactly: they ask for (almost) everything, or exclude thousands of items.
         graph_queries = queries
         if self.space == "l2":  # the query's appended coordinate is 0: L2 order = inner-product order
             graph_queries = np.hstack([queries, np.zeros((n_q, 1), dtype=np.float32)])
+        scores = np.full((n_q, k), -np.inf, dtype=np.float32)
         with _omp_threads(faiss, n_threads):
             todo = []
             for f in np.unique(fetch[on_graph]):
@@ -370,16 +373,21 @@ class ApproximateIndex:
                 params = faiss.SearchParametersHNSW(efSearch=int(max(ef, k) + f - k))
                 todo.append((rows, self._fetch(self._index, graph_queries, rows, int(f), keys, params)))
             exact = ~on_graph
-            for rows, cand in todo:
-                got = self._compact(cand, k)
+            for rows, (dist, cand) in todo:
+                out[rows], scores[rows] = self._compact(dist, cand, k)
                 # A graph search can come back short (unreachable nodes, tiny ef): redo those rows exactly.
-                short = (got >= 0).sum(axis=1) < np.minimum(k, n_items - counts[rows])
-                out[rows] = got
+                short = (out[rows] >= 0).sum(axis=1) < np.minimum(k, n_items - counts[rows])
                 exact[rows[short]] = True
+            if self.space == "l2":  # the graph's distances are L2 ones: inner products of the found rows
+                graph = np.flatnonzero(~exact)
+                scores[graph] = self._rescore(queries[graph], out[graph])
             for f in np.unique(np.minimum(need[exact], n_items)):
                 rows = np.flatnonzero(exact & (np.minimum(need, n_items) == f))
-                out[rows] = self._compact(self._fetch(self._exact(faiss), queries, rows, int(f), keys, None), k)
-        return self._rescore(queries, out)
+                out[rows], scores[rows] = self._compact(
+                    *self._fetch(self._exact(faiss), queries, rows, int(f), keys, None), k)
+        # Best first, ties by row (faiss's heaps leave equal scores in no particular order).
+        order = np.lexsort((np.where(out >= 0, out, np.iinfo(np.int64).max), -scores.astype(np.float64)), axis=1)
+        return (np.take_along_axis(out, order, axis=1).astype(np.int32), np.take_along_axis(scores, order, axis=1))
 
     def _exact(self, faiss):
         """A brute-force inner-product index over the items: the graph's own storage for "ip"; for "l2" a flat
@@ -398,16 +406,19 @@ class ApproximateIndex:
         return np.ascontiguousarray(self._index.reconstruct_batch(ids)[:, :self.dim])
 
     @staticmethod
-    def _compact(cand, k):
-        """Valid candidates moved to the front in their order, first k kept, -1 after."""
+    def _compact(dist, cand, k):
+        """(rows, scores): valid candidates moved to the front in their order, first k kept, -1 / -inf after."""
         order = np.argsort(cand < 0, axis=1, kind="stable")[:, :k]
         got = np.take_along_axis(cand, order, axis=1)
+        score = np.where(got >= 0, np.take_along_axis(dist, order, axis=1), -np.inf).astype(np.float32)
         if got.shape[1] < k:
-            got = np.hstack([got, np.full((got.shape[0], k - got.shape[1]), -1, dtype=got.dtype)])
-        return got
+            pad = k - got.shape[1]
+            got = np.hstack([got, np.full((got.shape[0], pad), -1, dtype=got.dtype)])
+            score = np.hstack([score, np.full((score.shape[0], pad), -np.inf, dtype=np.float32)])
+        return got, score
 
     def _rescore(self, queries, rows):
-        """Exact float32 inner products for the found rows; re-sorted best first (ties by row)."""
+        """float32 inner products of queries[i] with the items rows[i] (-inf where rows is -1)."""
         valid = rows >= 0
         scores = np.full(rows.shape, -np.inf, dtype=np.float32)
         if valid.any():
@@ -415,6 +426,4 @@ class ApproximateIndex:
             vecs = self._vectors(ids)
             qi = np.nonzero(valid)[0]
             scores[valid] = np.einsum("ij,ij->i", queries[qi], vecs[inverse.ravel()], dtype=np.float32)
-        order = np.lexsort((np.where(valid, rows, np.iinfo(np.int64).max), -scores.astype(np.float64)), axis=1)
-        return (np.take_along_axis(rows, order, axis=1).astype(np.int32),
-                np.take_along_axis(scores, order, axis=1))
+        return scores
