@@ -36,10 +36,10 @@
     of 500 searches with efSearch at least 500; built at the end of fit). Measured in interleaved rounds (each
     round: every implementation once, order rotated, each call for a different random user, a pause before
     each call for OpenMP workers to sleep): `TwoStage.recommend(user, k=10)` with n_candidates 500; its two
-    parts alone (the TwoTower's `recommend(user, 500)`, and the core re-rank `FieldHandle.topk_candidates` of 500 candidates); the
-    exhaustive `Recommender.recommend(user, k=10)`, and for context the core call bench_recsys.py times
-    (`FieldHandle.topk` over every item, no seen items, no id mapping). The ranker's first top-k call
-    (building its cached item side of the first layer) is timed apart. Bar: two-stage median <= 5 ms.
+    parts alone (the TwoTower's `recommend(user, 500)`, and the core re-rank `FieldHandle.topk_candidates` of
+    500 candidates); the exhaustive `Recommender.recommend(user, k=10)`, and for context the core call
+    bench_recsys.py times (`FieldHandle.topk` over every item, no seen items, no id mapping). The ranker's
+    first top-k call (building its cached item side of the first layer) is timed apart. Bar: two-stage median <= 5 ms.
 
 The fitted models are saved in benchmarks/results/ (git-ignored; about 1.5 GB for (b)) and reused by later
 runs of the same sizes: fitting takes minutes (tens on a busy machine). --refit fits them again.

@@ -93,7 +93,6 @@ def _omp_threads(faiss, n_threads):
         faiss.omp_set_num_threads(old)
 
 
-
 def _augmented(items):
     """The MIPS-to-L2 reduction (Bachrach et al., RecSys 2014; the transform faiss documents for inner-product
     search with an L2 index): item x -> [x, sqrt(R^2 - |x|^2)], R the largest norm, so every item has norm R
@@ -148,7 +147,8 @@ def _choose_space(faiss, items, queries, M, ef_construction, ef_search, n_thread
             graph = _build(faiss, sample, space, M, ef_construction, max(ef_search, k))
             q = queries if space == "ip" else np.hstack([queries, np.zeros((queries.shape[0], 1), np.float32)])
             _, found = graph.search(np.ascontiguousarray(q), k)
-            recalls[space] = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found.tolist(), truth.tolist())]))
+            recalls[space] = float(np.mean([len(set(f) & set(t)) / k
+                                            for f, t in zip(found.tolist(), truth.tolist())]))
     return ("l2" if recalls["l2"] > recalls["ip"] + _TRIAL_MARGIN else "ip"), recalls
 
 
