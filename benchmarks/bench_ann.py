@@ -10,6 +10,8 @@ Two datasets:
              decaying spectrum (effective rank ~ 20 of 64), within-cluster noise, item norms log-normal
              (popular items longer); queries are drawn from the same mixture.
   gaussian   i.i.d. N(0, 1) items and queries: the hard case (no structure for the graph to exploit).
+Or --model PATH: a saved fastrec TwoTower's own vectors (items: item_vectors(), queries: the first --queries
+users' user_vectors()), e.g. the unnormalised bce retriever saved by bench_two_stage.py --retriever-loss bce.
 
 Methods: faiss IndexHNSWFlat(METRIC_INNER_PRODUCT), faiss HNSW on the MIPS-to-L2 reduction (append
 sqrt(M^2 - |x|^2) to items, 0 to queries), faiss IndexIVFFlat(inner product), hnswlib space 'ip', usearch
@@ -136,6 +138,7 @@ def main():
     p.add_argument("--single", type=int, default=200, help="single-query calls timed per setting")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default="clustered", choices=["clustered", "gaussian"])
+    p.add_argument("--model", default=None, help="a saved fastrec TwoTower: use its vectors (--data ignored)")
     p.add_argument("--methods", default="faiss_hnsw,faiss_hnsw_l2,hnswlib,usearch")
     p.add_argument("--m", type=int, default=16, help="graph degree (M / connectivity)")
     p.add_argument("--efc", type=int, default=100, help="ef_construction / expansion_add")
@@ -150,7 +153,14 @@ def main():
     faiss.omp_set_num_threads(args.threads)
     k = 10
     t = time.perf_counter()
-    x, q = make_data(args.data, args.n, args.queries, args.dim, args.seed)
+    if args.model is not None:
+        import fastrec
+        model = fastrec.load(args.model)
+        x = np.ascontiguousarray(model.item_vectors(), dtype=np.float32)
+        q = np.ascontiguousarray(model.user_vectors(model._users.ids[:args.queries]), dtype=np.float32)
+        args.data, args.n, args.dim, args.queries = f"model {os.path.basename(args.model)}", *x.shape, q.shape[0]
+    else:
+        x, q = make_data(args.data, args.n, args.queries, args.dim, args.seed)
     print(f"# {args.data} n={args.n} dim={args.dim} queries={args.queries} threads={args.threads} "
           f"M={args.m} efC={args.efc}  data {time.perf_counter() - t:.1f}s  "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)

@@ -22,7 +22,10 @@ Items, all on --items x --dim float32 vectors (default 10^6 x 64: 256 MB, far la
   (d) with --ann: fastrec.ann.ApproximateIndex (faiss HNSW, the defaults of TwoTower(index="hnsw")) over the
       same items: recall@10 against (c)'s exact answers, batch queries/s against fastrec's exact batch (c)
       measured in the same rounds, and one query's latency (--single calls, median [p10 - p90]). Bars:
-      recall >= 0.95, >= 20x the exact batch, one query <= 1 ms. Building the graph takes minutes at 10^6.
+      recall >= 0.95, >= 20x the exact batch, one query <= 1 ms. Building the graph takes minutes at 10^6,
+      so one run can sweep: a graph per --efc value (with --m), each searched at every --efs value, every
+      (graph, ef) pair one more job of the interleaved rounds. The bars are checked on the index's defaults
+      (the row marked "default"; the run fails if the defaults are not among the rows).
 
 Data (--data): "clustered" (default; two-tower-like: 1000 gaussian clusters, decaying spectrum, log-normal
 norms, queries from the same mixture, as benchmarks/bench_ann.py) or "gaussian" (i.i.d. normal, structureless:
@@ -104,6 +107,9 @@ def main():
     ap.add_argument("--data", choices=("clustered", "gaussian"), default="clustered")
     ap.add_argument("--ann", action="store_true", help="also measure the HNSW index (d)")
     ap.add_argument("--single", type=int, default=200, help="one-query calls timed for (d)")
+    ap.add_argument("--m", type=int, default=None, help="(d) graph degree M (default: ApproximateIndex's)")
+    ap.add_argument("--efc", default=None, help="(d) comma-separated ef_construction values, one graph each")
+    ap.add_argument("--efs", default=None, help="(d) comma-separated ef_search values searched on each graph")
     args = ap.parse_args()
     T = args.threads
 
@@ -139,13 +145,26 @@ def main():
             "fastrec_batch": (fastrec_batch, 1)}
     if index is not None:
         jobs["faiss_batch"] = (faiss_batch, 1)
+    anns = {}  # (ef_construction, ef_search) -> index
     if args.ann:
+        import inspect
+
         from fastrec.ann import ApproximateIndex
 
-        t0 = TIMER()
-        ann = ApproximateIndex(items, n_threads=T)
-        print(f"HNSW index built in {TIMER() - t0:.0f} s", file=sys.stderr)
-        jobs["ann_batch"] = (lambda: ann.search(batch, args.k, n_threads=T), 3)
+        defaults = {n: p.default for n, p in inspect.signature(ApproximateIndex).parameters.items()}
+        m = defaults["M"] if args.m is None else args.m
+        efcs = [defaults["ef_construction"]] if args.efc is None else [int(v) for v in args.efc.split(",")]
+        efss = [defaults["ef_search"]] if args.efs is None else [int(v) for v in args.efs.split(",")]
+        default_key = (defaults["ef_construction"], defaults["ef_search"]) if m == defaults["M"] else None
+        for efc in efcs:
+            t0 = TIMER()
+            ann = ApproximateIndex(items, M=m, ef_construction=efc, n_threads=T)
+            print(f"HNSW M {m} ef_construction {efc} built in {TIMER() - t0:.0f} s (space {ann.space!r}, "
+                  f"trial recall@10 {ann.trial_})", file=sys.stderr)
+            for ef in efss:
+                anns[efc, ef] = ann
+                jobs[f"ann_{efc}_{ef}"] = ((lambda a, e: lambda: a.search(batch, args.k, n_threads=T, ef_search=e))(
+                    ann, ef), 3)
     for f, _ in jobs.values():  # warm-up
         f()
         settle(args.settle)
@@ -190,25 +209,37 @@ def main():
         checks.append(("(c) batch >= 1.2x faiss IndexFlatIP", None, "faiss not installed"))
     if args.ann:
         exact_items, _ = fastrec_batch()
-        ann_items, _ = ann.search(batch, args.k, n_threads=T)
-        rec = float(np.mean([len(set(a) & set(e)) / args.k for a, e in zip(ann_items.tolist(), exact_items.tolist())]))
-        single = []
-        for j in range(args.single):
-            q = batch[j % len(batch)][None]
-            t0 = TIMER()
-            ann.search(q, args.k, n_threads=T)
-            single.append(TIMER() - t0)
-        p10, p50, p90 = np.percentile(single, [10, 50, 90]) * 1e3
-        qps_ann = args.batch / st["ann_batch"]["median"]
-        speedup = qps_ann / qps_fastrec
-        print(f"\n(d) HNSW (M {ann.M}, ef_construction {ann.ef_construction}, ef_search {ann.ef_search}): "
-              f"recall@{args.k} {rec:.3f} against exact; batch {fmt_t(st['ann_batch'])} = {qps_ann:,.0f} "
-              f"queries/s = {speedup:.1f}x fastrec's exact batch; one query {p50:.3f} ms [{p10:.3f} - {p90:.3f}]")
-        checks += [("(d) HNSW recall@10 >= 0.95", rec >= 0.95, f"{rec:.3f}"),
-                   ("(d) HNSW batch >= 20x the exact batch", speedup >= 20, f"{speedup:.1f}x"),
-                   ("(d) HNSW one query <= 1 ms", p50 <= 1.0, f"{p50:.3f} ms")]
+        print(f"\n(d) HNSW, M {m}: recall@{args.k} against fastrec's exact top-{args.k}, {args.batch} queries; "
+              f"batch queries/s and the ratio to fastrec's exact batch (c) ({qps_fastrec:,.0f} queries/s, same "
+              f"rounds); one query ({args.single} calls)\n")
+        print("| ef_construction | ef_search | recall@10 | batch time median [min - max] | queries/s | x exact batch "
+              "| one query ms median [p10 - p90] |")
+        print("|---|---|---|---|---|---|---|")
+        for (efc, ef), ann in anns.items():
+            ann_items, _ = ann.search(batch, args.k, n_threads=T, ef_search=ef)
+            rec = float(np.mean([len(set(a) & set(e)) / args.k
+                                 for a, e in zip(ann_items.tolist(), exact_items.tolist())]))
+            single = []
+            for j in range(args.single):
+                q = batch[j % len(batch)][None]
+                t0 = TIMER()
+                ann.search(q, args.k, n_threads=T, ef_search=ef)
+                single.append(TIMER() - t0)
+            p10, p50, p90 = np.percentile(single, [10, 50, 90]) * 1e3
+            name = f"ann_{efc}_{ef}"
+            qps_ann = args.batch / st[name]["median"]
+            speedup = qps_ann / qps_fastrec
+            mark = " (default)" if (efc, ef) == default_key else ""
+            print(f"| {efc} | {ef}{mark} | {rec:.3f} | {fmt_t(st[name])} | {qps_ann:,.0f} | {speedup:.1f}x | "
+                  f"{p50:.3f} [{p10:.3f} - {p90:.3f}] |")
+            if (efc, ef) == default_key:
+                checks += [("(d) HNSW recall@10 >= 0.95", rec >= 0.95, f"{rec:.3f}"),
+                           ("(d) HNSW batch >= 20x the exact batch", speedup >= 20, f"{speedup:.1f}x"),
+                           ("(d) HNSW one query <= 1 ms", p50 <= 1.0, f"{p50:.3f} ms")]
+        if default_key not in anns:
+            checks.append(("(d) HNSW bars (on the defaults)", None, "defaults not measured"))
     print(f"\nData: {args.data}. Samples: (a), (b) {args.rounds} rounds x {args.reps} calls; (c) {args.rounds} "
-          f"rounds x 1 call; (d) batch {args.rounds} rounds x 3 calls.\n")
+          f"rounds x 1 call; (d) batch {args.rounds} rounds x 3 calls each.\n")
     print("| check | result | value |")
     print("|---|---|---|")
     missed = []

@@ -4,6 +4,7 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_two_stage.py              # both parts, minutes
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_two_stage.py --only quality
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_two_stage.py --only latency
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_two_stage.py --only select   # (s)
     python benchmarks/bench_two_stage.py --quick            # smoke run at small sizes (no bar is checked)
 
 (a) Quality. Planted synthetic implicit feedback (`fastrec.datasets.make_interactions(implicit=True)`,
@@ -17,7 +18,12 @@
     in the two-stage top-10: the overlap is the recall of the ranker's top-10 in the retrieved set.
     Beside it, the held-out hit rate @10 (the held-out item in the top-10; full catalogue, seen items
     excluded) of each, of the exhaustive ranking and of the TwoTower alone.
-    Bar: >= 0.9 at N = 500 with the approximate (HNSW) index.
+    Bar: >= 0.9 at N = 500 with the approximate (HNSW) index. The TwoTower's temperature is
+    --retriever-temperature (default RETRIEVER_TEMPERATURE below, chosen by (s)).
+
+(s) Selection of the retriever's temperature, with no held-out event: on the same training events, a TwoTower
+    per --select-temperatures value, scored by its recall of the ranker's exhaustive top-10 among its exact
+    top-500 on the even-numbered users only (the odd half is printed as a check, not used).
 
 (b) Latency for one user over --latency-items items (default 10^6), --threads threads (default 2). The ranker
     has the MLP of benchmarks/bench_recsys.py's top-k benchmark (256-128-64-1, ReLU; 32-dim user and item id
@@ -26,14 +32,14 @@
     they only change the cached product, built once). Both models are fit for ONE epoch on 10^6 random
     (user, item) pairs covering every item once (100,000 users), which is only a way to get models of that
     size: their weights are close to random and what they recommend means nothing; the time does not depend
-    on it. The TwoTower (output_dim 64, one hidden layer of 128) has index="hnsw" (faiss HNSW, M 32,
-    ef_search 64; built at the end of fit). Measured in interleaved rounds (each round: every implementation
-    once, order rotated, each call for a different random user, a pause before each call for OpenMP workers
-    to sleep): `TwoStage.recommend(user, k=10)` with n_candidates 500; its two parts alone (the TwoTower's
-    `recommend(user, 500)`, and the core re-rank `FieldHandle.topk_candidates` of 500 candidates); the
-    exhaustive `Recommender.recommend(user, k=10)`, and for context the core call bench_recsys.py times
-    (`FieldHandle.topk` over every item, no seen items, no id mapping). The ranker's first top-k call
-    (building its cached item side of the first layer) is timed apart. Bar: two-stage median <= 5 ms.
+    on it. The TwoTower (output_dim 64, one hidden layer of 128) has index="hnsw" (faiss HNSW, M 32; a fetch
+    of 500 searches with efSearch at least 500; built at the end of fit). Measured in interleaved rounds (each
+    round: every implementation once, order rotated, each call for a different random user, a pause before
+    each call for OpenMP workers to sleep): `TwoStage.recommend(user, k=10)` with n_candidates 500; its two
+    parts alone (the TwoTower's `recommend(user, 500)`, and the core re-rank `FieldHandle.topk_candidates` of
+    500 candidates); the exhaustive `Recommender.recommend(user, k=10)`, and for context the core call
+    bench_recsys.py times (`FieldHandle.topk` over every item, no seen items, no id mapping). The ranker's
+    first top-k call (building its cached item side of the first layer) is timed apart. Bar: two-stage median <= 5 ms.
 
 The fitted models are saved in benchmarks/results/ (git-ignored; about 1.5 GB for (b)) and reused by later
 runs of the same sizes: fitting takes minutes (tens on a busy machine). --refit fits them again.
@@ -61,6 +67,9 @@ from fastrec.datasets import make_interactions  # noqa: E402
 from fastrec.evaluation import leave_last_out  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"  # git-ignored
+# (a)'s retriever temperature, chosen by (s) on the selection half of the users, without held-out events
+# (benchmarks/TWO_STAGE.md); "auto" is the TwoTower's own default (0.1 for softmax).
+RETRIEVER_TEMPERATURE = "0.3"
 
 
 def foreign_load():
@@ -100,8 +109,8 @@ def fitted(path, args, fit):
 
 
 # ------------------------------------------------------------------------------------------------ (a)
-def bench_quality(args, out):
-    print(f"## (a) quality: {args.users} users x {args.items} items, {args.interactions} interactions", flush=True)
+def planted(args):
+    """The planted data with each user's latest event held out, and the fitted (or saved) ranker."""
     t0 = TIMER()
     d = make_interactions(n_users=args.users, n_items=args.items, n_interactions=args.interactions, implicit=True,
                           random_state=0)
@@ -116,9 +125,53 @@ def bench_quality(args, out):
     rec, fit_rec = fitted(Path(f"{stem}_recommender{epochs}.fastrec"), args,
                           lambda: fastrec.Recommender(epochs=args.ranker_epochs, random_state=0,
                                                       n_threads=args.threads).fit(tu, ti))
-    tt, fit_tt = fitted(Path(f"{stem}_two_tower_{args.retriever_loss}.fastrec"), args,
-                        lambda: fastrec.TwoTower(loss=args.retriever_loss, random_state=0,
-                                                 n_threads=args.threads).fit(tu, ti))
+    return d, train, test, tu, ti, stem, rec, fit_rec
+
+
+def retriever(args, stem, tu, ti, temperature):
+    name = f"{stem}_two_tower_{args.retriever_loss}" + ("" if temperature == "auto" else f"_t{temperature}")
+    return fitted(Path(f"{name}.fastrec"), args, lambda: fastrec.TwoTower(
+        loss=args.retriever_loss, temperature=temperature, random_state=0, n_threads=args.threads).fit(tu, ti))
+
+
+def bench_select(args, out):
+    """The retriever's temperature, chosen without held-out events: for each candidate temperature, a TwoTower
+    is fit on the training events and scored by its recall of the ranker's exhaustive top-10 among its own
+    exact top-500 (seen items excluded), on the even-numbered users (the selection half); the odd half is
+    printed beside it as a check of the choice, not used for it."""
+    print(f"## (s) retriever temperature: {args.users} users x {args.items} items", flush=True)
+    d, train, test, tu, ti, stem, rec, _ = planted(args)
+    users = np.unique(tu)
+    exhaustive, _ = rec.recommend(users, k=10)
+    half = np.arange(len(users)) % 2 == 0
+    rows = []
+    for temperature in args.select_temperatures:
+        value = "auto" if temperature == "auto" else float(temperature)
+        tt, fit_s = retriever(args, stem, tu, ti, value)
+        ids, _ = tt.recommend(users, k=500)
+        per_user = np.array([len(set(x[x >= 0].tolist()) & set(y.tolist())) / 10 for x, y in zip(ids, exhaustive)])
+        row = {"temperature": temperature, "resolved": float(tt.net_.temperature), "epochs": len(tt.history_["loss"]),
+               "best_epoch": tt.best_epoch_, "fit_s": fit_s, "select": float(per_user[half].mean()),
+               "check": float(per_user[~half].mean())}
+        rows.append(row)
+        print(f"  T={temperature} ({row['resolved']}): recall of the ranker's top-10 in the exact top-500: "
+              f"selection users {row['select']:.4f}, other half {row['check']:.4f} ({row['epochs']} epochs, "
+              f"best {row['best_epoch']})", flush=True)
+    out["select"] = rows
+    print("\n| temperature | recall of ranker top-10 in top-500, selection half (even users) | other half | epochs "
+          "(best) |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['temperature']} ({r['resolved']:g}) | {r['select']:.4f} | {r['check']:.4f} | {r['epochs']} "
+              f"({r['best_epoch']}) |")
+    best = max(rows, key=lambda r: r["select"])
+    print(f"\nchosen (highest on the selection half): temperature {best['temperature']}\n", flush=True)
+
+
+def bench_quality(args, out):
+    print(f"## (a) quality: {args.users} users x {args.items} items, {args.interactions} interactions", flush=True)
+    d, train, test, tu, ti, stem, rec, fit_rec = planted(args)
+    temperature = args.retriever_temperature
+    tt, fit_tt = retriever(args, stem, tu, ti, "auto" if temperature == "auto" else float(temperature))
     fit = {"recommender": fit_rec, "two_tower": fit_tt}
     users = np.unique(tu)
     test_rows = np.searchsorted(users, d.users[test])
@@ -133,7 +186,8 @@ def bench_quality(args, out):
     print(f"exhaustive Recommender.recommend, {len(users)} users: {t_exh:.1f} s", flush=True)
     tt_alone, _ = tt.recommend(users, k=10)
     res = {"users": len(users), "items": args.items, "interactions": args.interactions, "test_users": len(test),
-           "retriever_loss": tt.loss_, "ranker_max_epochs": args.ranker_epochs, "fit_s": fit,
+           "retriever_loss": tt.loss_, "retriever_temperature": float(tt.net_.temperature),
+           "ranker_max_epochs": args.ranker_epochs, "fit_s": fit,
            "epochs": {"recommender": len(rec.history_["loss"]), "two_tower": len(tt.history_["loss"])},
            "exhaustive_batch_s": t_exh, "exhaustive_hr10": hit_rate(exhaustive),
            "two_tower_alone_overlap": overlap(tt_alone, exhaustive), "two_tower_alone_hr10": hit_rate(tt_alone),
@@ -281,7 +335,7 @@ def bench_latency(args, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", nargs="+", choices=["quality", "latency"], default=["quality", "latency"])
+    p.add_argument("--only", nargs="+", choices=["select", "quality", "latency"], default=["quality", "latency"])
     p.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--users", type=int, default=5000)
@@ -289,6 +343,10 @@ def main():
     p.add_argument("--interactions", type=int, default=250_000)
     p.add_argument("--retriever-loss", default="auto", choices=["auto", "softmax", "bpr", "bce"],
                    help="(a): the TwoTower's loss")
+    p.add_argument("--retriever-temperature", default=RETRIEVER_TEMPERATURE,
+                   help="(a): the TwoTower's temperature (a number or auto); the default was chosen by (s)")
+    p.add_argument("--select-temperatures", nargs="+", default=["0.05", "auto", "0.2", "0.3", "0.5"],
+                   help="(s): the temperatures tried")
     p.add_argument("--ranker-epochs", type=int, default=50,
                    help="(a): the Recommender's epochs (at most; early stopping may end it sooner)")
     p.add_argument("--candidates", type=int, nargs="+", default=[100, 200, 500, 1000, 2000, 5000])
@@ -307,6 +365,8 @@ def main():
     print(f"fastrec {fastrec.__version__}, {out['machine'].get('cpu')}, {os.cpu_count()} cores, "
           f"threads {args.threads}", flush=True)
     t0 = TIMER()
+    if "select" in args.only:
+        bench_select(args, out)
     if "quality" in args.only:
         bench_quality(args, out)
     if "latency" in args.only:
