@@ -89,8 +89,8 @@ class TwoTower(RecommenderBase):
     index : {"exact", "hnsw"}, default="exact"
         How ``recommend`` searches the item vectors. "exact": a scan of every item vector, bound by memory
         bandwidth. "hnsw": an approximate HNSW graph (the ``fastrec[ann]`` extra, faiss-cpu), built at the end
-        of fit / partial_fit / add_features and saved with the model: tens of microseconds per user at recall
-        about 0.97 on clustered vectors (benchmarks/ANN.md). ``recommend(items=...)`` always searches exactly.
+        of fit / partial_fit / add_features and saved with the model: about 0.2 ms per user at recall
+        about 0.96 on clustered vectors (benchmarks/ANN.md). ``recommend(items=...)`` always searches exactly.
     index_options : dict or None
         Options of ``fastrec.ann.ApproximateIndex`` (M, ef_construction, ef_search).
     momentum, nesterovs_momentum, validation_metric, early_stopping, validation_fraction, n_iter_no_change,
