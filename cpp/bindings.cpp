@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -894,7 +896,8 @@ class SequentialHandle {
     float* po = out.mutable_data();
     {
       const CoreCall call;
-      if (B > 0) seq_forward(ks, model_, ps, B, last_only, po, n_threads);
+      const Scratch scratch(*this);
+      if (B > 0) seq_forward(ks, model_, ps, B, last_only, po, n_threads, scratch.get());
     }
     return out;
   }
@@ -996,13 +999,30 @@ class SequentialHandle {
     EpochResult result;
     {
       const CoreCall call;
+      const Scratch scratch(*this);
       result = seq_train_epoch(ks, model_, t, opt, h, po, n_order, batch_size, dropout, epoch, std::ref(signals),
-                               n_threads);
+                               n_threads, scratch.get());
     }
     return epoch_tuple(result, opt.adam_t, signals);
   }
 
  private:
+  // The handle's scratch buffers while this call holds them; none (the call allocates its own) when another
+  // call on the same handle is running.
+  class Scratch {
+   public:
+    explicit Scratch(const SequentialHandle& h) : lock_(h.scratch_mutex_, std::try_to_lock) {
+      if (!lock_.owns_lock()) return;
+      if (!h.scratch_) h.scratch_ = std::make_unique<SeqScratch>(h.model_);
+      scratch_ = h.scratch_.get();
+    }
+    SeqScratch* get() const { return scratch_; }
+
+   private:
+    std::unique_lock<std::mutex> lock_;
+    SeqScratch* scratch_ = nullptr;
+  };
+
   // int32 (B, max_len) item rows in [-1, n_items).
   std::pair<const std::int32_t*, index_t> checked_seqs(py::handle obj, const std::string& what) const {
     py::array a = checked<std::int32_t>(obj, what, 2, false);
@@ -1082,6 +1102,8 @@ class SequentialHandle {
   SeqModel model_;
   bool trainable_;
   std::vector<py::object> keep_;
+  mutable std::mutex scratch_mutex_;
+  mutable std::unique_ptr<SeqScratch> scratch_;
 };
 
 py::dict show_config() {

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <string>
 
+#include "aligned.h"
 #include "gemm.h"
 #include "parallel.h"
 
@@ -54,14 +55,32 @@ namespace {
 constexpr float kLayerNormEps = 1e-5f;
 constexpr std::uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
 constexpr index_t kRowChunk = 32;        // rows per task of the row-wise passes
-constexpr index_t kColumnChunk = 16;     // columns per task of the column sums
-constexpr index_t kForwardChunk = 256;   // sequences per pass of seq_forward (bounds its workspace)
+constexpr index_t kForwardRows = 8192;   // slots (sequences x L) per pass of seq_forward: bounds its workspace
 
 std::uint64_t mix(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
 }
+
+// A grow-only float buffer, uninitialised: sized for the largest batch once, so that later batches neither
+// page-fault on fresh memory nor zero-fill it.
+class Floats {
+ public:
+  float* resize(index_t n, index_t capacity) {
+    size_ = n;
+    return buf_.get(static_cast<std::size_t>(std::max(n, capacity)));
+  }
+  float* data() { return buf_.data(); }
+  const float* data() const { return buf_.data(); }
+  float& operator[](index_t i) { return buf_.data()[i]; }
+  const float& operator[](index_t i) const { return buf_.data()[i]; }
+  index_t size() const { return size_; }
+
+ private:
+  AlignedBuffer buf_;
+  index_t size_ = 0;
+};
 
 double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
 
@@ -76,23 +95,27 @@ void for_rows(index_t n, int n_threads, Body&& body) {
   });
 }
 
-// out[c] = sum over r in order of a[r * ld + c] (* b[r * ld + c] when b is given), c < n.
-void column_sums(const float* a, const float* b, index_t ld, index_t rows, index_t n, float* out, int n_threads) {
-  const index_t chunks = (n + kColumnChunk - 1) / kColumnChunk;
-  const int threads = rows * n < (1 << 18) ? 1 : n_threads;
-  parallel_for(0, chunks, threads, [&](std::int64_t c) {
-    const index_t c0 = c * kColumnChunk, w = std::min(kColumnChunk, n - c0);
-    float acc[kColumnChunk] = {};
-    for (index_t r = 0; r < rows; ++r) {
-      const float* ar = a + r * ld + c0;
-      if (b) {
-        const float* br = b + r * ld + c0;
-        for (index_t j = 0; j < w; ++j) acc[j] += ar[j] * br[j];
-      } else {
-        for (index_t j = 0; j < w; ++j) acc[j] += ar[j];
-      }
+// What column_sums needs: weights 1 and row ids 0, 1, ... for at least `rows` rows.
+struct RowSumIds {
+  std::vector<float> ones;
+  std::vector<std::int32_t> ids;
+  void fit(index_t rows) {
+    for (index_t r = static_cast<index_t>(ids.size()); r < rows; ++r) {
+      ones.push_back(1.0f);
+      ids.push_back(static_cast<std::int32_t>(r));
     }
-    std::memcpy(out + c0, acc, sizeof(float) * static_cast<std::size_t>(w));
+  }
+};
+
+// out[c] = sum over r in order of a[r * ld + c], c < n: the row_sum kernel with weights 1, split over threads
+// by columns (each column's chain is the same whatever the split).
+void column_sums(const KernelSet& ks, const RowSumIds& rs, const float* a, index_t ld, index_t rows, index_t n,
+                 float* out, int n_threads) {
+  constexpr index_t kCols = 64;
+  const index_t chunks = (n + kCols - 1) / kCols;
+  parallel_for(0, chunks, rows * n < (1 << 18) ? 1 : n_threads, [&](std::int64_t c) {
+    const index_t c0 = c * kCols;
+    ks.row_sum(rs.ones.data(), rs.ids.data(), rows, a + c0, ld, std::min(kCols, n - c0), out + c0);
   });
 }
 
@@ -104,13 +127,18 @@ void dropout_mask(std::uint64_t stream, int site, double rate, const index_t* po
   const std::uint64_t key = splitmix64(state);
   const auto threshold = static_cast<std::uint64_t>(rate * 16777216.0);
   const float scale = 1.0f / static_cast<float>(1.0 - rate);
+  std::uint32_t scale_bits;
+  std::memcpy(&scale_bits, &scale, sizeof scale);
   for_rows(rows, n_threads, [&](index_t r0, index_t r1) {
     for (index_t r = r0; r < r1; ++r) {
       const std::uint64_t e0 = static_cast<std::uint64_t>(pos[r] * d) + 1;
       float* out = mask + r * d;
       for (index_t c = 0; c < d; ++c) {
         const std::uint64_t bits = mix(key + (e0 + static_cast<std::uint64_t>(c)) * kGolden) >> 40;
-        out[c] = bits >= threshold ? scale : 0.0f;
+        // scale where bits >= threshold, else 0.0f, in integer arithmetic: a branch would miss `rate` of the time
+        const auto drop = static_cast<std::uint32_t>((bits - threshold) >> 63);
+        const std::uint32_t value = scale_bits & (drop - 1u);
+        std::memcpy(out + c, &value, sizeof value);
       }
     }
   });
@@ -140,33 +168,38 @@ void ln_forward(const KernelSet& ks, const float* x, index_t rows, index_t d, co
   });
 }
 
-// dx += layer norm backward of dy; dgamma, dbeta = sums over rows. g is (rows x d) scratch.
-void ln_backward(const KernelSet& ks, const float* dy, const float* gamma, const float* xhat, const float* rstd,
-                 index_t rows, index_t d, const float* ones, float* g, float* dx, float* dgamma, float* dbeta,
-                 int n_threads) {
+// dx += layer norm backward of dy; dgamma, dbeta = sums over rows. p is (rows x d) scratch.
+void ln_backward(const KernelSet& ks, const RowSumIds& rs, const float* dy, const float* gamma, const float* xhat,
+                 const float* rstd, index_t rows, index_t d, const float* ones, float* p, float* dx, float* dgamma,
+                 float* dbeta, int n_threads) {
   const float inv_d = 1.0f / static_cast<float>(d);
   for_rows(rows, n_threads, [&](index_t r0, index_t r1) {
+    thread_local std::vector<float> g;
+    g.resize(static_cast<std::size_t>(d));
     for (index_t r = r0; r < r1; ++r) {
       const float* dyr = dy + r * d;
       const float* hr = xhat + r * d;
-      float* gr = g + r * d;
-      for (index_t c = 0; c < d; ++c) gr[c] = dyr[c] * gamma[c];
+      float* pr = p + r * d;
+      for (index_t c = 0; c < d; ++c) {
+        g[c] = dyr[c] * gamma[c];
+        pr[c] = dyr[c] * hr[c];
+      }
       float sg, sgx;
-      ks.dot_rows(gr, d, 1, ones, d, 0.0f, &sg);
-      ks.dot_rows(gr, d, 1, hr, d, 0.0f, &sgx);
-      const float mg = sg * inv_d, mgx = sgx * inv_d, rs = rstd[r];
+      ks.dot_rows(g.data(), d, 1, ones, d, 0.0f, &sg);
+      ks.dot_rows(g.data(), d, 1, hr, d, 0.0f, &sgx);
+      const float mg = sg * inv_d, mgx = sgx * inv_d, rsd = rstd[r];
       float* dxr = dx + r * d;
-      for (index_t c = 0; c < d; ++c) dxr[c] += rs * (gr[c] - mg - hr[c] * mgx);
+      for (index_t c = 0; c < d; ++c) dxr[c] += rsd * (g[c] - mg - hr[c] * mgx);
     }
   });
-  column_sums(dy, xhat, d, rows, d, dgamma, n_threads);
-  column_sums(dy, nullptr, d, rows, d, dbeta, n_threads);
+  column_sums(ks, rs, p, d, rows, d, dgamma, n_threads);
+  column_sums(ks, rs, dy, d, rows, d, dbeta, n_threads);
 }
 
 // What one block keeps from its forward pass for the backward pass.
 struct BlockCache {
   std::vector<float> wcat, bcat;  // Wq | Wk | Wv (d x 3d) and their biases, side by side
-  std::vector<float> xhat1, rstd1, h1, qkv, att, o, da, xhat2, rstd2, h2, u, df;
+  Floats xhat1, rstd1, h1, qkv, att, o, da, xhat2, rstd2, h2, u, df;
 };
 
 }  // namespace
@@ -175,20 +208,24 @@ struct BlockCache {
 struct SeqWorkspace {
   const SeqModel& m;
   index_t B = 0, R = 0, att_total = 0;
+  index_t rows_cap = 0, att_cap = 0;  // the largest batch's possible rows (B x L) and attention weights
   std::vector<index_t> pos;        // R: slot b * L + t of each row
   std::vector<index_t> row_of;     // B * L: the row of a slot, -1 at padding
   std::vector<index_t> seq_start;  // B + 1: sequence s has rows [seq_start[s], seq_start[s + 1])
   std::vector<index_t> att_start;  // B: offset of sequence s's attention weights (heads x c x c)
   std::vector<std::int32_t> items;  // R
-  std::vector<float> ones, x, t1, mask0, xhatf, rstdf, z;
+  std::vector<float> ones;
+  RowSumIds row_sum_ids;
+  Floats x, t1, mask0, xhatf, rstdf, z;
   std::vector<BlockCache> blocks;
   // backward
-  std::vector<float> dx, dh, dbig, dqkv, gscratch, gwcat, gbcat;
+  Floats dz, dx, dh, dbig, dqkv, gscratch;
+  std::vector<float> gwcat, gbcat;
   std::vector<std::vector<float>> grad;  // canonical order; grad[0] (item table) unused
   // loss
   std::vector<index_t> active;       // N: slots with a target
-  std::vector<float> src;            // (R + N) x d: dx0 rows, then the active positions' z
-  std::vector<float> cand;           // N (1 + K) x d: each position's target and negatives' item rows
+  Floats src;                        // (R + N) x d: dx0 rows, then the active positions' z
+  Floats cand;                       // N (1 + K) x d: each position's target and negatives' item rows
   std::vector<std::int32_t> cand_ids;
   std::vector<float> cand_g;         // dLoss/dscore of each candidate
   std::vector<double> pos_loss;
@@ -197,7 +234,8 @@ struct SeqWorkspace {
   std::vector<std::int32_t> slot;    // n_items, -1 (reset after each use)
   std::vector<std::int32_t> group_ids, entry_group, entry_src, grouped_src;
   std::vector<std::int64_t> group_start;
-  std::vector<float> entry_w, grouped_w, group_grad;
+  std::vector<float> entry_w, grouped_w;
+  Floats group_grad;
   std::vector<std::int32_t> seq_ids;  // 0..K: ids of one position's candidates
 
   explicit SeqWorkspace(const SeqModel& model) : m(model) {
@@ -238,31 +276,35 @@ void prepare(SeqWorkspace& ws, const std::int32_t* seqs, index_t B) {
     att += m.heads * c * c;
   }
   ws.seq_start[B] = ws.R = static_cast<index_t>(ws.pos.size());
-  const std::size_t R = static_cast<std::size_t>(ws.R), d = static_cast<std::size_t>(m.dim);
-  ws.x.resize(R * d);
-  ws.t1.resize(R * std::max(d, static_cast<std::size_t>(max_ffn(m))));
-  ws.xhatf.resize(R * d);
-  ws.rstdf.resize(R);
-  ws.z.resize(R * d);
   ws.att_total = att;
+  ws.rows_cap = std::max(ws.rows_cap, B * L);
+  ws.att_cap = std::max(ws.att_cap, B * m.heads * L * L);
+  const index_t R = ws.R, d = m.dim, cap = ws.rows_cap;
+  ws.x.resize(R * d, cap * d);
+  ws.t1.resize(R * std::max(d, max_ffn(m)), cap * std::max(d, max_ffn(m)));
+  ws.xhatf.resize(R * d, cap * d);
+  ws.rstdf.resize(R, cap);
+  ws.z.resize(R * d, cap * d);
 }
 
-void resize_cache(BlockCache& c, index_t R, index_t d, index_t f, index_t att, bool dropout) {
-  const std::size_t rd = static_cast<std::size_t>(R * d);
+void resize_cache(BlockCache& c, const SeqWorkspace& ws, index_t f, bool dropout) {
+  const index_t R = ws.R, d = ws.m.dim, cap = ws.rows_cap;
   c.wcat.resize(static_cast<std::size_t>(3 * d * d));
   c.bcat.resize(static_cast<std::size_t>(3 * d));
-  c.xhat1.resize(rd);
-  c.rstd1.resize(static_cast<std::size_t>(R));
-  c.h1.resize(rd);
-  c.qkv.resize(3 * rd);
-  c.att.resize(static_cast<std::size_t>(att));
-  c.o.resize(rd);
-  c.xhat2.resize(rd);
-  c.rstd2.resize(static_cast<std::size_t>(R));
-  c.h2.resize(rd);
-  c.u.resize(static_cast<std::size_t>(R * f));
-  c.da.resize(dropout ? rd : 0);
-  c.df.resize(dropout ? rd : 0);
+  c.xhat1.resize(R * d, cap * d);
+  c.rstd1.resize(R, cap);
+  c.h1.resize(R * d, cap * d);
+  c.qkv.resize(3 * R * d, 3 * cap * d);
+  c.att.resize(ws.att_total, ws.att_cap);
+  c.o.resize(R * d, cap * d);
+  c.xhat2.resize(R * d, cap * d);
+  c.rstd2.resize(R, cap);
+  c.h2.resize(R * d, cap * d);
+  c.u.resize(R * f, cap * f);
+  if (dropout) {
+    c.da.resize(R * d, cap * d);
+    c.df.resize(R * d, cap * d);
+  }
 }
 
 // Causal attention of every (sequence, head) on the block's q, k, v: weights into c.att, output into c.o.
@@ -330,7 +372,7 @@ void embed(const KernelSet&, SeqWorkspace& ws, double dropout, std::uint64_t str
   const float* E = m.item_table();
   const float* P = m.position_table();
   if (dropout > 0.0) {
-    ws.mask0.resize(static_cast<std::size_t>(ws.R * d));
+    ws.mask0.resize(ws.R * d, ws.rows_cap * d);
     dropout_mask(stream, 0, dropout, ws.pos.data(), ws.R, d, ws.mask0.data(), n_threads);
   }
   for_rows(ws.R, n_threads, [&](index_t r0, index_t r1) {
@@ -352,7 +394,7 @@ void block_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, 
                    std::uint64_t stream, int n_threads) {
   const SeqModel& m = ws.m;
   const index_t d = m.dim, R = ws.R, f = m.ffn[static_cast<std::size_t>(b)];
-  resize_cache(c, R, d, f, ws.att_total, dropout > 0.0);
+  resize_cache(c, ws, f, dropout > 0.0);
   for (index_t i = 0; i < d; ++i)
     for (int k = 0; k < 3; ++k)
       std::memcpy(c.wcat.data() + i * 3 * d + k * d, m.block(b, kWq + 2 * k) + i * d, sizeof(float) * d);
@@ -410,7 +452,8 @@ void forward_pass(const KernelSet& ks, SeqWorkspace& ws, bool training, double d
                   int n_threads) {
   const SeqModel& m = ws.m;
   const int n_blocks = m.n_blocks();
-  ws.blocks.resize(static_cast<std::size_t>(training ? std::max(n_blocks, 1) : 1));
+  const std::size_t caches = static_cast<std::size_t>(training ? std::max(n_blocks, 1) : 1);
+  if (ws.blocks.size() < caches) ws.blocks.resize(caches);  // never shrunk: kept for the next call
   embed(ks, ws, dropout, stream, n_threads);
   for (int b = 0; b < n_blocks; ++b)
     block_forward(ks, ws, b, ws.blocks[static_cast<std::size_t>(training ? b : 0)], dropout, stream, n_threads);
@@ -418,7 +461,7 @@ void forward_pass(const KernelSet& ks, SeqWorkspace& ws, bool training, double d
              ws.rstdf.data(), ws.z.data(), n_threads);
 }
 
-// The BCE loss of the prepared, forwarded batch; fills ws.dx with dLoss/dz (rows), ws.dz_pad for active
+// The BCE loss of the prepared, forwarded batch; fills ws.dz with dLoss/dz (rows), ws.dz_pad for active
 // padding slots, the candidates' score gradients and the active positions' z in ws.src.
 double loss_stage(const KernelSet& ks, SeqWorkspace& ws, const std::int32_t* targets, const std::int32_t* negatives,
                   index_t K, int n_threads) {
@@ -428,12 +471,12 @@ double loss_stage(const KernelSet& ks, SeqWorkspace& ws, const std::int32_t* tar
   for (index_t i = 0; i < ws.B * L; ++i)
     if (targets[i] >= 0) ws.active.push_back(i);
   const index_t N = static_cast<index_t>(ws.active.size());
-  ws.src.resize(static_cast<std::size_t>((R + N) * d));
-  ws.cand.resize(static_cast<std::size_t>(N * C * d));
+  ws.src.resize((R + N) * d, 2 * ws.rows_cap * d);
+  ws.cand.resize(N * C * d, ws.rows_cap * C * d);
   ws.cand_ids.resize(static_cast<std::size_t>(N * C));
   ws.cand_g.resize(static_cast<std::size_t>(N * C));
   ws.pos_loss.resize(static_cast<std::size_t>(N));
-  ws.dx.assign(static_cast<std::size_t>(R * d), 0.0f);
+  std::memset(ws.dz.resize(R * d, ws.rows_cap * d), 0, sizeof(float) * static_cast<std::size_t>(R * d));
   ws.dz_pad.clear();
   if (N == 0) return 0.0;
   ws.seq_ids.resize(static_cast<std::size_t>(C));
@@ -460,7 +503,7 @@ double loss_stage(const KernelSet& ks, SeqWorkspace& ws, const std::int32_t* tar
         g[j] = (j == 0 ? stable_sigmoid(s) - 1.0f : stable_sigmoid(s)) * inv_n;
       }
       ws.pos_loss[p] = loss;
-      if (r >= 0) ks.row_sum(g, ws.seq_ids.data(), C, cand, d, d, ws.dx.data() + r * d);
+      if (r >= 0) ks.row_sum(g, ws.seq_ids.data(), C, cand, d, d, ws.dz.data() + r * d);
     }
   });
   double loss = 0.0;
@@ -497,16 +540,16 @@ void block_backward(const KernelSet& ks, SeqWorkspace& ws, int b, const BlockCac
     dfo = t1;
   }
   sgemm(ks, true, false, f, d, R, c.u.data(), f, dfo, d, g(kW2), d, nullptr, n_threads);
-  column_sums(dfo, nullptr, d, R, d, g(kB2), n_threads);
+  column_sums(ks, ws.row_sum_ids, dfo, d, R, d, g(kB2), n_threads);
   Epilogue relu;
   relu.mul = c.u.data();
   relu.ld_mul = f;
   relu.mul_act = Activation::Relu;
   sgemm(ks, false, true, R, f, d, dfo, d, m.block(b, kW2), d, big, f, &relu, n_threads);
   sgemm(ks, true, false, d, f, R, c.h2.data(), d, big, f, g(kW1), f, nullptr, n_threads);
-  column_sums(big, nullptr, f, R, f, g(kB1), n_threads);
+  column_sums(ks, ws.row_sum_ids, big, f, R, f, g(kB1), n_threads);
   sgemm(ks, false, true, R, d, f, big, f, m.block(b, kW1), f, dh, d, nullptr, n_threads);
-  ln_backward(ks, dh, m.block(b, kLn2Gamma), c.xhat2.data(), c.rstd2.data(), R, d, ws.ones.data(),
+  ln_backward(ks, ws.row_sum_ids, dh, m.block(b, kLn2Gamma), c.xhat2.data(), c.rstd2.data(), R, d, ws.ones.data(),
               ws.gscratch.data(), dx, g(kLn2Gamma), g(kLn2Beta), n_threads);
   // attention: x_mid = x_in + (o Wo + bo) * da
   const float* dao = dx;
@@ -517,14 +560,14 @@ void block_backward(const KernelSet& ks, SeqWorkspace& ws, int b, const BlockCac
     dao = t1;
   }
   sgemm(ks, true, false, d, d, R, c.o.data(), d, dao, d, g(kWo), d, nullptr, n_threads);
-  column_sums(dao, nullptr, d, R, d, g(kBo), n_threads);
+  column_sums(ks, ws.row_sum_ids, dao, d, R, d, g(kBo), n_threads);
   sgemm(ks, false, true, R, d, d, dao, d, m.block(b, kWo), d, dh, d, nullptr, n_threads);  // dO
   attention_backward(ks, ws, c, dh, n_threads);
   float* dqkv = ws.dqkv.data();
   sgemm(ks, true, false, d, 3 * d, R, c.h1.data(), d, dqkv, 3 * d, ws.gwcat.data(), 3 * d, nullptr, n_threads);
-  column_sums(dqkv, nullptr, 3 * d, R, 3 * d, ws.gbcat.data(), n_threads);
+  column_sums(ks, ws.row_sum_ids, dqkv, 3 * d, R, 3 * d, ws.gbcat.data(), n_threads);
   sgemm(ks, false, true, R, d, 3 * d, dqkv, 3 * d, c.wcat.data(), 3 * d, dh, d, nullptr, n_threads);
-  ln_backward(ks, dh, m.block(b, kLn1Gamma), c.xhat1.data(), c.rstd1.data(), R, d, ws.ones.data(),
+  ln_backward(ks, ws.row_sum_ids, dh, m.block(b, kLn1Gamma), c.xhat1.data(), c.rstd1.data(), R, d, ws.ones.data(),
               ws.gscratch.data(), dx, g(kLn1Gamma), g(kLn1Beta), n_threads);
   for (int k = 0; k < 3; ++k) {
     float* gw = g(kWq + 2 * k);
@@ -538,24 +581,24 @@ void block_backward(const KernelSet& ks, SeqWorkspace& ws, int b, const BlockCac
 void backward_pass(const KernelSet& ks, SeqWorkspace& ws, bool dropout, int n_threads) {
   const SeqModel& m = ws.m;
   const index_t d = m.dim, R = ws.R, L = m.max_len;
-  const std::size_t rd = static_cast<std::size_t>(R * d);
+  const index_t cap = ws.rows_cap;
   ws.grad.resize(m.n_arrays());
   for (std::size_t i = 1; i < m.n_arrays(); ++i) ws.grad[i].resize(static_cast<std::size_t>(m.size(i)));
-  ws.dh.resize(rd);
-  ws.dbig.resize(static_cast<std::size_t>(R * std::max(max_ffn(m), d)));
-  ws.dqkv.resize(3 * rd);
-  ws.gscratch.resize(rd);
+  ws.dh.resize(R * d, cap * d);
+  ws.dbig.resize(R * std::max(max_ffn(m), d), cap * std::max(max_ffn(m), d));
+  ws.dqkv.resize(3 * R * d, 3 * cap * d);
+  ws.gscratch.resize(R * d, cap * d);
+  ws.row_sum_ids.fit(cap);
   ws.gwcat.resize(static_cast<std::size_t>(3 * d * d));
   ws.gbcat.resize(static_cast<std::size_t>(3 * d));
-  // final layer norm: dz is in ws.dx; its input gradient goes to ws.dh, then becomes ws.dx
-  std::fill(ws.dh.begin(), ws.dh.end(), 0.0f);
+  // final layer norm, from dz into dx
+  std::memset(ws.dx.resize(R * d, cap * d), 0, sizeof(float) * static_cast<std::size_t>(R * d));
   float* g_gamma = grad_of(ws, m.n_arrays() - 2);
   float* g_beta = grad_of(ws, m.n_arrays() - 1);
-  ln_backward(ks, ws.dx.data(), m.final_gamma(), ws.xhatf.data(), ws.rstdf.data(), R, d, ws.ones.data(),
-              ws.gscratch.data(), ws.dh.data(), g_gamma, g_beta, n_threads);
+  ln_backward(ks, ws.row_sum_ids, ws.dz.data(), m.final_gamma(), ws.xhatf.data(), ws.rstdf.data(), R, d, ws.ones.data(),
+              ws.gscratch.data(), ws.dx.data(), g_gamma, g_beta, n_threads);
   for (std::size_t at = 0; at < ws.dz_pad.size(); at += static_cast<std::size_t>(d))
     for (index_t c = 0; c < d; ++c) g_beta[c] += ws.dz_pad[at + c];
-  std::swap(ws.dx, ws.dh);
   for (int b = m.n_blocks() - 1; b >= 0; --b)
     block_backward(ks, ws, b, ws.blocks[static_cast<std::size_t>(b)], dropout, n_threads);
   // embedding: x = (E[s] sqrt(d) + P[t]) * mask0
@@ -623,7 +666,7 @@ void item_gradients(const KernelSet& ks, SeqWorkspace& ws, index_t K, int n_thre
     ws.grouped_src[at] = ws.entry_src[e];
     ws.grouped_w[at] = ws.entry_w[e];
   }
-  ws.group_grad.resize(G * static_cast<std::size_t>(d));
+  ws.group_grad.resize(static_cast<index_t>(G) * d, ws.rows_cap * (2 + K) * d);
   parallel_for(0, static_cast<std::int64_t>(G), entries * d < (1 << 16) ? 1 : n_threads, [&](std::int64_t g) {
     const std::int64_t s = count[g];
     ks.row_sum(ws.grouped_w.data() + s, ws.grouped_src.data() + s, count[g + 1] - s, ws.src.data(), d, d,
@@ -657,12 +700,17 @@ void update_array(const KernelSet& ks, const UpdateRule& rule, float* p, const f
 
 }  // namespace
 
+SeqScratch::SeqScratch(const SeqModel& model) : ws_(new SeqWorkspace(model)) {}
+SeqScratch::~SeqScratch() = default;
+
 void seq_forward(const KernelSet& ks, const SeqModel& m, const std::int32_t* seqs, index_t B, bool last_only,
-                 float* out, int n_threads) {
-  SeqWorkspace ws(m);
+                 float* out, int n_threads, SeqScratch* scratch) {
+  std::unique_ptr<SeqWorkspace> own(scratch ? nullptr : new SeqWorkspace(m));
+  SeqWorkspace& ws = scratch ? scratch->get() : *own;
   const index_t d = m.dim, L = m.max_len;
-  for (index_t s0 = 0; s0 < B; s0 += kForwardChunk) {
-    const index_t n = std::min(kForwardChunk, B - s0);
+  const index_t chunk = std::max<index_t>(1, kForwardRows / L);
+  for (index_t s0 = 0; s0 < B; s0 += chunk) {
+    const index_t n = std::min(chunk, B - s0);
     prepare(ws, seqs + s0 * L, n);
     forward_pass(ks, ws, false, 0.0, 0, n_threads);
     const index_t slots = last_only ? n : n * L;
@@ -724,12 +772,14 @@ index_t seq_batch(const SeqModel& m, const SeqHistories& h, const SeqTraining& t
 
 EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& m, const SeqTraining& t, Optimizer& opt,
                             const SeqHistories& h, const std::int64_t* order, index_t n_order, index_t batch_size,
-                            double dropout, std::uint64_t epoch, const StopCheck& stop, int n_threads) {
+                            double dropout, std::uint64_t epoch, const StopCheck& stop, int n_threads,
+                            SeqScratch* scratch) {
   const index_t L = m.max_len, K = t.negatives, d = m.dim;
   const index_t n_max = std::min(batch_size, n_order);
   std::vector<std::int32_t> seqs(static_cast<std::size_t>(n_max * L)), targets(seqs.size()),
       negatives(seqs.size() * static_cast<std::size_t>(K));
-  SeqWorkspace ws(m);
+  std::unique_ptr<SeqWorkspace> own(scratch ? nullptr : new SeqWorkspace(m));
+  SeqWorkspace& ws = scratch ? scratch->get() : *own;
   EpochResult result;
   BatchThreads batch_threads(n_threads);
   std::uint64_t batch_index = 0;

@@ -18,6 +18,7 @@
 // results are bitwise the same for any n_threads.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -61,10 +62,26 @@ SeqModel seq_layout(index_t n_items, index_t dim, index_t max_len, int heads, co
 // Checks sizes (heads divides dim, at least one item and position); throws std::invalid_argument.
 void validate(const SeqModel& model);
 
+// The buffers of a batch (sequential.cpp).
+struct SeqWorkspace;
+// Buffers kept across calls on one model, one call at a time: an epoch's tens of megabytes of scratch are
+// then allocated (and page-faulted) once, not at every call. Calls without one allocate their own.
+class SeqScratch {
+ public:
+  explicit SeqScratch(const SeqModel& model);
+  ~SeqScratch();
+  SeqScratch(const SeqScratch&) = delete;
+  SeqScratch& operator=(const SeqScratch&) = delete;
+  SeqWorkspace& get() { return *ws_; }
+
+ private:
+  std::unique_ptr<SeqWorkspace> ws_;
+};
+
 // z for item-row sequences seqs (B x max_len, -1 = padding; rows checked by the caller): out is
 // (B x max_len x d), or (B x d) holding the last slot only when last_only.
 void seq_forward(const KernelSet& ks, const SeqModel& model, const std::int32_t* seqs, index_t B, bool last_only,
-                 float* out, int n_threads);
+                 float* out, int n_threads, SeqScratch* scratch = nullptr);
 
 // The batch's BCE loss (mean over the positions with a target) and the gradient of every array into
 // grads (canonical order, dense: the item table's is zero outside the touched rows). targets (B x L), -1 =
@@ -104,6 +121,7 @@ index_t seq_batch(const SeqModel& model, const SeqHistories& h, const SeqTrainin
 // EpochResult: loss_sum = sum of batch loss x batch positions, rows = positions.
 EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& model, const SeqTraining& training, Optimizer& opt,
                             const SeqHistories& h, const std::int64_t* order, index_t n_order, index_t batch_size,
-                            double dropout, std::uint64_t epoch, const StopCheck& stop, int n_threads);
+                            double dropout, std::uint64_t epoch, const StopCheck& stop, int n_threads,
+                            SeqScratch* scratch = nullptr);
 
 }  // namespace fastrec
