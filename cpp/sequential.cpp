@@ -389,12 +389,10 @@ void embed(const KernelSet&, SeqWorkspace& ws, double dropout, std::uint64_t str
   });
 }
 
-// Block b on ws.x in place (cache c).
-void block_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, double dropout,
-                   std::uint64_t stream, int n_threads) {
+// q, k, v of block b for all rows: layer norm 1 of ws.x, then one product with Wq | Wk | Wv.
+void qkv_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, int n_threads) {
   const SeqModel& m = ws.m;
-  const index_t d = m.dim, R = ws.R, f = m.ffn[static_cast<std::size_t>(b)];
-  resize_cache(c, ws, f, dropout > 0.0);
+  const index_t d = m.dim, R = ws.R;
   for (index_t i = 0; i < d; ++i)
     for (int k = 0; k < 3; ++k)
       std::memcpy(c.wcat.data() + i * 3 * d + k * d, m.block(b, kWq + 2 * k) + i * d, sizeof(float) * d);
@@ -404,6 +402,15 @@ void block_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, 
   Epilogue qkv;
   qkv.bias = c.bcat.data();
   sgemm(ks, false, false, R, 3 * d, d, c.h1.data(), d, c.wcat.data(), 3 * d, c.qkv.data(), 3 * d, &qkv, n_threads);
+}
+
+// Block b on ws.x in place (cache c).
+void block_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, double dropout,
+                   std::uint64_t stream, int n_threads) {
+  const SeqModel& m = ws.m;
+  const index_t d = m.dim, R = ws.R, f = m.ffn[static_cast<std::size_t>(b)];
+  resize_cache(c, ws, f, dropout > 0.0);
+  qkv_forward(ks, ws, b, c, n_threads);
   attention_forward(ks, ws, c, n_threads);
   // x += (o Wo + bo) * da
   float* x = ws.x.data();
@@ -449,14 +456,15 @@ void block_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, 
 // The whole forward pass of the prepared batch: ws.z (R x d). training: one cache per block (kept for
 // backward); else one cache reused.
 void forward_pass(const KernelSet& ks, SeqWorkspace& ws, bool training, double dropout, std::uint64_t stream,
-                  int n_threads) {
+                  int n_threads, bool stop_before_last = false) {
   const SeqModel& m = ws.m;
-  const int n_blocks = m.n_blocks();
+  const int n_blocks = m.n_blocks() - (stop_before_last ? 1 : 0);
   const std::size_t caches = static_cast<std::size_t>(training ? std::max(n_blocks, 1) : 1);
   if (ws.blocks.size() < caches) ws.blocks.resize(caches);  // never shrunk: kept for the next call
   embed(ks, ws, dropout, stream, n_threads);
   for (int b = 0; b < n_blocks; ++b)
     block_forward(ks, ws, b, ws.blocks[static_cast<std::size_t>(training ? b : 0)], dropout, stream, n_threads);
+  if (stop_before_last) return;
   ln_forward(ks, ws.x.data(), ws.R, m.dim, m.final_gamma(), m.final_beta(), ws.ones.data(), ws.xhatf.data(),
              ws.rstdf.data(), ws.z.data(), n_threads);
 }
@@ -700,6 +708,65 @@ void update_array(const KernelSet& ks, const UpdateRule& rule, float* p, const f
 
 }  // namespace
 
+namespace {
+
+// The last block and the final norm for one row per sequence in `seqs` (its last row), after
+// forward_pass(..., stop_before_last): k, v for every row, everything else for those rows only; their z into
+// ws.z rows 0, 1, ... The same arithmetic per row as the full pass (sgemm's chains do not depend on M), so
+// the same bits.
+void last_rows_forward(const KernelSet& ks, SeqWorkspace& ws, const std::vector<index_t>& seqs, int n_threads) {
+  const SeqModel& m = ws.m;
+  const int b = m.n_blocks() - 1;
+  const index_t d = m.dim, H = m.heads, dh = d / H, ld = 3 * d, f = m.ffn[static_cast<std::size_t>(b)];
+  const index_t Q = static_cast<index_t>(seqs.size());
+  BlockCache& c = ws.blocks[0];
+  resize_cache(c, ws, f, false);
+  qkv_forward(ks, ws, b, c, n_threads);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh)));
+  float* o = c.o.data();     // rows 0..Q-1: the attention outputs of the selected rows
+  float* xq = c.h2.data();   // their block inputs, then (rows Q..2Q-1 of t1) their x_mid
+  parallel_for<true>(0, Q * H, n_threads, [&](std::int64_t task) {
+    const index_t q = task / H, h = task % H, s = seqs[static_cast<std::size_t>(q)];
+    const index_t r0 = ws.seq_start[s], n = ws.seq_start[s + 1] - r0;
+    thread_local std::vector<float> row;
+    row.resize(static_cast<std::size_t>(n));
+    const float* Qs = c.qkv.data() + r0 * ld + h * dh;
+    Epilogue scaled;
+    scaled.scale = scale;
+    sgemm(ks, false, true, 1, n, dh, Qs + (n - 1) * ld, ld, Qs + d, ld, row.data(), n, &scaled, 1);
+    float mx, sum;
+    ks.exp_shift(row.data(), n, &mx, &sum);
+    const float inv = 1.0f / sum;
+    for (index_t j = 0; j < n; ++j) row[j] *= inv;
+    sgemm(ks, false, false, 1, dh, n, row.data(), n, Qs + 2 * d, ld, o + q * d + h * dh, d, nullptr, 1);
+    if (h == 0)
+      std::memcpy(xq + q * d, ws.x.data() + (r0 + n - 1) * d, sizeof(float) * static_cast<std::size_t>(d));
+  });
+  float* mid = ws.t1.data();
+  Epilogue out;
+  out.bias = m.block(b, kBo);
+  out.addend = xq;
+  out.ld_addend = d;
+  out.addend_scale = 1.0f;
+  sgemm(ks, false, false, Q, d, d, o, d, m.block(b, kWo), d, mid, d, &out, n_threads);
+  ln_forward(ks, mid, Q, d, m.block(b, kLn2Gamma), m.block(b, kLn2Beta), ws.ones.data(), c.xhat2.data(),
+             c.rstd2.data(), xq, n_threads);
+  Epilogue hidden;
+  hidden.bias = m.block(b, kB1);
+  hidden.act = Activation::Relu;
+  sgemm(ks, false, false, Q, f, d, xq, d, m.block(b, kW1), f, c.u.data(), f, &hidden, n_threads);
+  Epilogue ffn;
+  ffn.bias = m.block(b, kB2);
+  ffn.addend = mid;
+  ffn.ld_addend = d;
+  ffn.addend_scale = 1.0f;
+  sgemm(ks, false, false, Q, d, f, c.u.data(), f, m.block(b, kW2), d, ws.x.data(), d, &ffn, n_threads);
+  ln_forward(ks, ws.x.data(), Q, d, m.final_gamma(), m.final_beta(), ws.ones.data(), ws.xhatf.data(),
+             ws.rstdf.data(), ws.z.data(), n_threads);
+}
+
+}  // namespace
+
 SeqScratch::SeqScratch(const SeqModel& model) : ws_(new SeqWorkspace(model)) {}
 SeqScratch::~SeqScratch() = default;
 
@@ -712,6 +779,20 @@ void seq_forward(const KernelSet& ks, const SeqModel& m, const std::int32_t* seq
   for (index_t s0 = 0; s0 < B; s0 += chunk) {
     const index_t n = std::min(chunk, B - s0);
     prepare(ws, seqs + s0 * L, n);
+    if (last_only && m.n_blocks() > 0) {  // the last block only for the rows the output needs
+      forward_pass(ks, ws, false, 0.0, 0, n_threads, true);
+      std::vector<index_t> wanted;
+      for (index_t s = 0; s < n; ++s)
+        if (ws.row_of[s * L + L - 1] >= 0) wanted.push_back(s);
+      last_rows_forward(ks, ws, wanted, n_threads);
+      float* o = out + s0 * d;
+      for (index_t s = 0, q = 0; s < n; ++s) {
+        const bool event = ws.row_of[s * L + L - 1] >= 0;
+        std::memcpy(o + s * d, event ? ws.z.data() + (q++) * d : m.final_beta(),
+                    sizeof(float) * static_cast<std::size_t>(d));
+      }
+      continue;
+    }
     forward_pass(ks, ws, false, 0.0, 0, n_threads);
     const index_t slots = last_only ? n : n * L;
     float* o = out + (last_only ? s0 : s0 * L) * d;

@@ -87,11 +87,12 @@ def test_forward_matches_oracle(heads):
     p = make_params(rng, heads=heads)
     m = _core.SequentialModel(p)
     seqs, _, _ = batch(rng, 9, 7, 1)
+    seqs[3, -2:] = -1  # trailing padding: the last slot's state is final_beta
     z = m.forward(seqs, False, 1, "auto")
     zr = ref.sequential_forward(ref.float64_copy(p), seqs)
     assert z.shape == (9, 7, 16) and z.dtype == np.float32
     assert rel_err(z, zr) < 1e-4
-    last = m.forward(seqs, True, 1, "auto")
+    last = m.forward(seqs, True, 1, "auto")  # computes the last block for the last rows only: the same bits
     assert last.shape == (9, 16)
     np.testing.assert_array_equal(last, z[:, -1])
     # a padding slot's state is final_beta (its input to the final norm is zero)
@@ -103,12 +104,13 @@ def test_forward_zero_blocks_and_long_batches():
     p = make_params(rng, n_blocks=0)
     seqs, _, _ = batch(rng, 5, 7, 1)
     assert rel_err(_core.SequentialModel(p).forward(seqs), ref.sequential_forward(ref.float64_copy(p), seqs)) < 1e-4
-    # more sequences than one forward chunk (256): the same rows whatever the chunk
+    # more sequences than one forward chunk (8192 slots): the same rows whatever the chunk
     p = make_params(rng, n_blocks=1)
     m = _core.SequentialModel(p)
-    seqs, _, _ = batch(rng, 600, 7, 1)
+    seqs, _, _ = batch(rng, 2000, 7, 1)
     full = m.forward(seqs, False, 1, "auto")
-    np.testing.assert_array_equal(full[300:310], m.forward(seqs[300:310], False, 1, "auto"))
+    np.testing.assert_array_equal(full[1500:1510], m.forward(seqs[1500:1510], False, 1, "auto"))
+    np.testing.assert_array_equal(m.forward(seqs, True, 1, "auto"), full[:, -1])
     assert m.forward(seqs[:0]).shape == (0, 7, 16)
 
 
@@ -181,9 +183,11 @@ def test_deterministic_across_thread_counts():
     m = _core.SequentialModel(p)
     seqs, targets, negatives = batch(rng, 192, 20, 2, n_items=200)
     z1 = m.forward(seqs, False, 1, "auto")
+    np.testing.assert_array_equal(m.forward(seqs, True, 1, "auto"), z1[:, -1])
     l1, g1 = m.loss_and_gradients(seqs, targets, negatives, 0.2, 9, 1, "auto")
     for n in (2, 3):
         np.testing.assert_array_equal(m.forward(seqs, False, n, "auto"), z1)
+        np.testing.assert_array_equal(m.forward(seqs, True, n, "auto"), z1[:, -1])
         ln, gn = m.loss_and_gradients(seqs, targets, negatives, 0.2, 9, n, "auto")
         assert ln == l1
         for (name, a), (_, b) in zip(arrays(gn), arrays(g1)):
