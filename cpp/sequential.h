@@ -16,6 +16,18 @@
 // changes nothing but the cost. Every reduction has a fixed order (sgemm's chains over rows for the
 // weight gradients, column sums row by row, item-row gradients summed in batch order per item), so the
 // results are bitwise the same for any n_threads.
+//
+// Python binding (bindings.cpp, _core.SequentialModel; docs/DESIGN.md's contract, plus):
+//   - train_epoch's state1 / state2 (Adam's first and second moments) are dicts shaped like params without
+//     "heads" ({"item_table", "position_table", "blocks": [16 arrays each], "final_gamma", "final_beta"}),
+//     float32, writeable, not sharing memory with params; under solver "sgd" they are not read (None is fine).
+//   - epoch_batches(indptr, items, order, batch_size, training, epoch) -> [(seqs, targets, negatives,
+//     dropout_stream)], the batches train_epoch builds (seq_batch below): a test hook, so the oracle can
+//     check an epoch's steps with the negatives and dropout masks the core used.
+//   - training["negatives"] may be 0 (positives only); training["n_items"] (the sampling range) may be
+//     smaller than the item table.
+//   - the handle keeps its scratch buffers between calls (SeqScratch); a call made while another runs on the
+//     same handle allocates its own.
 #pragma once
 #include <cstdint>
 #include <memory>
