@@ -114,7 +114,7 @@ def test_forward_zero_blocks_and_long_batches():
     assert m.forward(seqs[:0]).shape == (0, 7, 16)
 
 
-@pytest.mark.parametrize("dropout,K,heads", [(0.0, 1, 1), (0.0, 3, 2), (0.3, 2, 2), (0.5, 1, 4)])
+@pytest.mark.parametrize("dropout,K,heads", [(0.0, 1, 1), (0.0, 3, 2), (0.3, 2, 2), (0.5, 1, 4), (0.0, 0, 2)])
 def test_loss_and_gradients_match_oracle(dropout, K, heads):
     rng = np.random.default_rng(int(10 * dropout) + K + heads)
     # few items: duplicates within a sequence, across the batch and between inputs, targets and negatives
