@@ -77,6 +77,27 @@ def test_leave_last_out_ties_and_single_users():
     assert chosen == {(1, 4), (1, 5), (2, 4), (2, 5)}  # every tied candidate gets drawn
 
 
+def test_leave_last_out_with_validation_brute_force():
+    rng = np.random.default_rng(3)
+    n = 400
+    users = rng.integers(0, 60, n)
+    timestamps = rng.permutation(n)  # distinct
+    train, val, test = evaluation.leave_last_out(users, timestamps, random_state=2, validation=True)
+    exp_val, exp_test = [], []
+    for u in np.unique(users):
+        idx = np.flatnonzero(users == u)
+        idx_sorted = idx[np.argsort(timestamps[idx])]
+        if idx.size >= 2:
+            exp_test.append(idx_sorted[-1])
+        if idx.size >= 3:  # validation users keep a history of their own
+            exp_val.append(idx_sorted[-2])
+    np.testing.assert_array_equal(test, np.sort(exp_test))
+    np.testing.assert_array_equal(val, np.sort(exp_val))
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val, test])), np.arange(n))
+    with pytest.raises(ValueError, match="validation must be a bool"):
+        evaluation.leave_last_out(users, timestamps, validation="yes")
+
+
 def test_leave_last_out_bad_input():
     with pytest.raises(ValueError, match="timestamps must have shape"):
         evaluation.leave_last_out([1, 2], [1])

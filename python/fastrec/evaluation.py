@@ -18,7 +18,7 @@ import numbers
 
 import numpy as np
 
-from fastrec._checks import as_array
+from fastrec._checks import as_array, check_bool
 from fastrec.features import as_id_array
 from fastrec.metrics import _from_hits, _hits
 
@@ -71,13 +71,24 @@ def random_split(*arrays, test_size=0.2, random_state=None):
     return np.sort(perm[n_test:]).astype(np.int64), np.sort(perm[:n_test]).astype(np.int64)
 
 
-def leave_last_out(users, timestamps, random_state=None):
+def leave_last_out(users, timestamps, random_state=None, *, validation=False):
     """Each user's latest interaction goes to test: returns ``(train_idx, test_idx)``, sorted int64.
 
     ``users`` (n,) raw ids, ``timestamps`` (n,) numbers. Among interactions tied at a user's latest
     timestamp one is drawn at random (seeded by ``random_state``). Users with a single interaction keep it in
     train, so every test user has history.
+
+    validation=True: also hold out each user's previous-latest interaction (the same rule applied to the
+    training part) for choosing hyper-parameters, and return ``(train_idx, validation_idx, test_idx)``: the
+    protocol of the sequential-recommendation papers (SASRec), whose validation item precedes the test item.
     """
+    check_bool(validation, "validation")
+    if validation:
+        rng = check_generator(random_state)
+        train, test = leave_last_out(users, timestamps, rng)
+        u, t = as_id_array(users, "users"), as_array(timestamps, "timestamps")
+        inner, val = leave_last_out(u[train], t[train], rng)
+        return train[inner], train[val], test
     u = as_id_array(users, "users")
     t = as_array(timestamps, "timestamps")
     if t.ndim != 1 or t.shape[0] != u.shape[0]:

@@ -1112,14 +1112,21 @@ def sequential_forward(params, seqs, n_threads=0, isa="auto"):
 
 
 def sequential_loss_and_gradients(params, seqs, targets, negatives, dropout=0.0, stream=0, n_threads=0,
-                                  isa="auto"):
-    """BCE loss of next-item prediction (SASRec's) and the gradients of every parameter.
+                                  isa="auto", log_q=None):
+    """Loss of next-item prediction and the gradients of every parameter: BCE over sampled negatives
+    (SASRec's), or, with ``negatives=None``, sampled softmax over the batch's targets.
 
     ``targets`` (B, L): the item row that follows each position (-1: no target, e.g. padding);
     ``negatives`` (B, L, K): K sampled item rows per position. Over the N positions with a target,
     loss = sum_t [softplus(-z_t . E[y_t]) + sum_j softplus(z_t . E[n_tj])] / N. Dropout (rate ``dropout``)
     multiplies the embedding sum (site 0), each block's attention output (site 1 + 2b) and feed-forward
     output (site 2 + 2b) by ``dropout_scale(stream, site, (B, L, d), dropout)``.
+
+    Softmax (``negatives`` None): the candidates are the distinct target items of the batch, C; logit
+    ``s_tc = z_t . E[c] - log_q[c]`` (``log_q`` (n_items,): the log-Q correction of the two-tower model,
+    log of each item's expected count among the candidates; None: no correction);
+    loss = sum_t [logsumexp_c s_tc - s_t,y_t] / N. Each position's own target is its positive; the other
+    positions' targets are its negatives (distinct candidates: no accidental hit can repeat the positive).
 
     Returns ``(loss, grads)`` with grads shaped like params ("item_table" dense, zero outside touched rows).
     """
@@ -1128,15 +1135,37 @@ def sequential_loss_and_gradients(params, seqs, targets, negatives, dropout=0.0,
     d = E.shape[1]
     z, (seqs, mask, m, drop0, caches, lnf) = _seq_forward(params, seqs, dropout, stream)
     targets = np.asarray(targets, dtype=np.int64)
-    negatives = np.asarray(negatives, dtype=np.int64)
-    if negatives.ndim != 3 or negatives.shape[:2] != targets.shape or targets.shape != seqs.shape:
-        raise ValueError("targets must be (B, L) and negatives (B, L, K) for seqs (B, L)")
+    softmax = negatives is None
+    if not softmax:
+        negatives = np.asarray(negatives, dtype=np.int64)
+        if negatives.ndim != 3 or negatives.shape[:2] != targets.shape:
+            raise ValueError("negatives must be (B, L, K) for targets (B, L)")
+    if targets.shape != seqs.shape:
+        raise ValueError("targets must be (B, L) like seqs")
     active = targets >= 0
     N = int(np.count_nonzero(active))
     gE = np.zeros_like(E)
     dz = np.zeros_like(z)
     loss = 0.0
-    if N:
+    if N and softmax:
+        bi, ti = np.nonzero(active)
+        zt = z[bi, ti]
+        y = targets[bi, ti]
+        cand, pos = np.unique(y, return_inverse=True)
+        S = zt @ E[cand].T
+        if log_q is not None:
+            S = S - np.asarray(log_q, dtype)[cand]
+        smax = S.max(axis=1, keepdims=True)
+        ex = np.exp(S - smax)
+        P = ex / ex.sum(axis=1, keepdims=True)
+        rows = np.arange(N)
+        loss = _sum64(np.log(ex.sum(axis=1)) + smax[:, 0] - S[rows, pos.ravel()]) / N
+        G = P
+        G[rows, pos.ravel()] -= dtype.type(1)
+        G = G / dtype.type(N)
+        dz[bi, ti] = G @ E[cand]
+        gE[cand] += G.T @ zt
+    elif N:
         bi, ti = np.nonzero(active)
         zt = z[bi, ti]
         y = targets[bi, ti]
