@@ -902,24 +902,32 @@ class SequentialHandle {
     return out;
   }
 
+  // negatives None: the sampled softmax over the batch's distinct targets, corrected by log_q (float32
+  // (n_items,) or None), as reference.sequential_loss_and_gradients.
   py::tuple loss_and_gradients(py::handle seqs_obj, py::handle targets_obj, py::handle negatives_obj, double dropout,
-                               std::uint64_t stream, int n_threads, const std::string& isa) const {
+                               std::uint64_t stream, int n_threads, const std::string& isa, py::handle log_q_obj) const {
     const auto [ps, B] = checked_seqs(seqs_obj, "seqs");
     const auto [pt, Bt] = checked_seqs(targets_obj, "targets");
     const index_t L = model_.max_len;
     if (Bt != B) throw py::value_error("targets must have the shape of seqs");
-    py::array negatives = checked<std::int32_t>(negatives_obj, "negatives", 3, false);
-    if (negatives.shape(0) != B || negatives.shape(1) != L)
-      throw py::value_error("negatives must have shape (B, L, K) for seqs (B, L), got " + shape_str(negatives));
-    const index_t K = negatives.shape(2);
-    const auto* pn = static_cast<const std::int32_t*>(negatives.data());
-    for (index_t i = 0; i < B * L; ++i) {
-      if (pt[i] < 0) continue;
-      for (index_t j = 0; j < K; ++j)
-        if (pn[i * K + j] < 0 || pn[i * K + j] >= model_.n_items)
-          throw py::value_error("negatives must hold item rows in [0, " + std::to_string(model_.n_items) +
-                                ") at every position with a target");
+    index_t K = 0;
+    const std::int32_t* pn = nullptr;
+    static const std::int32_t no_negatives = 0;
+    if (!negatives_obj.is_none()) {
+      py::array negatives = checked<std::int32_t>(negatives_obj, "negatives", 3, false);
+      if (negatives.shape(0) != B || negatives.shape(1) != L)
+        throw py::value_error("negatives must have shape (B, L, K) for seqs (B, L), got " + shape_str(negatives));
+      K = negatives.shape(2);
+      pn = negatives.size() ? static_cast<const std::int32_t*>(negatives.data()) : &no_negatives;
+      for (index_t i = 0; i < B * L; ++i) {
+        if (pt[i] < 0) continue;
+        for (index_t j = 0; j < K; ++j)
+          if (pn[i * K + j] < 0 || pn[i * K + j] >= model_.n_items)
+            throw py::value_error("negatives must hold item rows in [0, " + std::to_string(model_.n_items) +
+                                  ") at every position with a target");
+      }
     }
+    const float* log_q = checked_item_floats(log_q_obj, "log_q", false);
     check_dropout(dropout);
     const KernelSet& ks = kernels_for(resolve_isa(isa));
     std::vector<float*> grads(model_.n_arrays());
@@ -932,7 +940,7 @@ class SequentialHandle {
     double loss;
     {
       const CoreCall call;
-      loss = seq_loss_and_gradients(ks, model_, ps, pt, pn, B, K, dropout, stream, grads, n_threads);
+      loss = seq_loss_and_gradients(ks, model_, ps, pt, pn, B, K, dropout, stream, grads, n_threads, log_q);
     }
     py::dict out;
     out["item_table"] = arrays[0];
@@ -1037,6 +1045,16 @@ class SequentialHandle {
     return {p, a.shape(0)};
   }
 
+  // Optional float32 (n_items,) finite values (probabilities in [0, 1] when `probabilities`).
+  const float* checked_item_floats(py::handle obj, const std::string& what, bool probabilities) const {
+    if (obj.is_none()) return nullptr;
+    const float* p = optional_array<float>(obj, what, model_.n_items, false);
+    for (index_t i = 0; i < model_.n_items; ++i)
+      if (!std::isfinite(p[i]) || (probabilities && !(p[i] >= 0.0f && p[i] <= 1.0f)))
+        throw py::value_error(what + (probabilities ? " must hold probabilities in [0, 1]" : " must be finite"));
+    return p;
+  }
+
   static void check_dropout(double dropout) {
     if (!(dropout >= 0.0 && dropout < 1.0)) throw py::value_error("dropout must be in [0, 1)");
   }
@@ -1066,6 +1084,12 @@ class SequentialHandle {
     SeqTraining t;
     t.negatives = dict_item(d, "negatives", "training").cast<int>();
     if (t.negatives < 0) throw py::value_error("negatives must be >= 0");
+    const std::string loss = d.contains("loss") ? d["loss"].cast<std::string>() : "bce";
+    if (loss != "bce" && loss != "softmax")
+      throw py::value_error("training['loss'] must be 'bce' or 'softmax', got '" + loss + "'");
+    t.softmax = loss == "softmax";
+    if (t.softmax) t.negatives = 0;  // the batch's other targets are the negatives: none drawn
+    if (d.contains("item_prob")) t.item_prob = checked_item_floats(d["item_prob"], "item_prob", true);
     py::dict sampler;
     sampler["negatives"] = t.negatives;
     sampler["user_key"] = 0;
@@ -1371,7 +1395,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("n_threads") = 0, py::arg("isa") = "auto")
       .def("loss_and_gradients", &SequentialHandle::loss_and_gradients, py::arg("seqs"), py::arg("targets"),
            py::arg("negatives"), py::arg("dropout") = 0.0, py::arg("stream") = 0, py::arg("n_threads") = 0,
-           py::arg("isa") = "auto")
+           py::arg("isa") = "auto", py::arg("log_q") = py::none())
       .def("epoch_batches", &SequentialHandle::epoch_batches, py::arg("indptr"), py::arg("items"), py::arg("order"),
            py::arg("batch_size"), py::arg("training"), py::arg("epoch"))
       .def("train_epoch", &SequentialHandle::train_epoch, py::arg("state1"), py::arg("state2"), py::arg("indptr"),

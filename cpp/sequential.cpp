@@ -230,6 +230,12 @@ struct SeqWorkspace {
   std::vector<float> cand_g;         // dLoss/dscore of each candidate
   std::vector<double> pos_loss;
   std::vector<float> dz_pad;         // dz of active slots at padding (z = final_beta there)
+  // sampled softmax: the batch's distinct targets as candidates
+  bool softmax = false;
+  index_t n_cand = 0;
+  std::vector<index_t> target_col;   // N: each position's column among the candidates
+  std::vector<float> cand_bias;      // C: minus each candidate's log-Q correction
+  Floats scores, dz_rows;            // N x C logits, then their gradients; N x d
   // item-row gradients: entries grouped by item, first-appearance order
   std::vector<std::int32_t> slot;    // n_items, -1 (reset after each use)
   std::vector<std::int32_t> group_ids, entry_group, entry_src, grouped_src;
@@ -475,6 +481,7 @@ double loss_stage(const KernelSet& ks, SeqWorkspace& ws, const std::int32_t* tar
                   index_t K, int n_threads) {
   const SeqModel& m = ws.m;
   const index_t d = m.dim, L = m.max_len, R = ws.R, C = 1 + K;
+  ws.softmax = false;
   ws.active.clear();
   for (index_t i = 0; i < ws.B * L; ++i)
     if (targets[i] >= 0) ws.active.push_back(i);
@@ -522,6 +529,93 @@ double loss_stage(const KernelSet& ks, SeqWorkspace& ws, const std::int32_t* tar
       ws.dz_pad.resize(at + static_cast<std::size_t>(d));
       ks.row_sum(ws.cand_g.data() + p * C, ws.seq_ids.data(), C, ws.cand.data() + p * C * d, d, d,
                  ws.dz_pad.data() + at);
+    }
+  }
+  return loss / static_cast<double>(N);
+}
+
+// The sampled-softmax loss (reference.sequential_loss_and_gradients with negatives None): candidates are the
+// batch's distinct targets (first-appearance order), logit = z . E[c] - log_q[c]; cross-entropy of each
+// position's target, mean over positions. Fills ws.dz / dz_pad like loss_stage, the active positions' z in
+// ws.src rows R.., and dLoss/dE of the candidates in ws.src rows R + N.. (entries of item_gradients).
+// log_q: per item (none: no correction); or item_prob: log_q[c] = log(N item_prob[c]), the expected count of
+// c among the batch's N targets.
+double softmax_loss_stage(const KernelSet& ks, SeqWorkspace& ws, const std::int32_t* targets, const float* log_q,
+                          const float* item_prob, int n_threads) {
+  const SeqModel& m = ws.m;
+  const index_t d = m.dim, L = m.max_len, R = ws.R;
+  ws.softmax = true;
+  ws.active.clear();
+  for (index_t i = 0; i < ws.B * L; ++i)
+    if (targets[i] >= 0) ws.active.push_back(i);
+  const index_t N = static_cast<index_t>(ws.active.size());
+  std::memset(ws.dz.resize(R * d, ws.rows_cap * d), 0, sizeof(float) * static_cast<std::size_t>(R * d));
+  ws.dz_pad.clear();
+  if (ws.slot.size() != static_cast<std::size_t>(m.n_items)) ws.slot.assign(static_cast<std::size_t>(m.n_items), -1);
+  ws.cand_ids.clear();
+  ws.target_col.resize(static_cast<std::size_t>(N));
+  for (index_t p = 0; p < N; ++p) {
+    const std::int32_t item = targets[ws.active[p]];
+    std::int32_t& col = ws.slot[static_cast<std::size_t>(item)];
+    if (col < 0) {
+      col = static_cast<std::int32_t>(ws.cand_ids.size());
+      ws.cand_ids.push_back(item);
+    }
+    ws.target_col[p] = col;
+  }
+  for (std::int32_t item : ws.cand_ids) ws.slot[static_cast<std::size_t>(item)] = -1;
+  const index_t C = static_cast<index_t>(ws.cand_ids.size());
+  ws.n_cand = C;
+  float* src = ws.src.resize((R + N + C) * d, 3 * ws.rows_cap * d);
+  ws.pos_loss.resize(static_cast<std::size_t>(N));
+  if (N == 0) return 0.0;
+  const float* E = m.item_table();
+  float* cand = ws.cand.resize(C * d, ws.rows_cap * d);
+  ws.cand_bias.resize(static_cast<std::size_t>(C));
+  for (index_t c = 0; c < C; ++c) {
+    const index_t item = ws.cand_ids[c];
+    std::memcpy(cand + c * d, E + item * d, sizeof(float) * static_cast<std::size_t>(d));
+    ws.cand_bias[c] = log_q ? -log_q[item]
+                      : item_prob ? -static_cast<float>(std::log(std::max(
+                                        static_cast<double>(N) * item_prob[item], 1e-30)))
+                                  : 0.0f;
+  }
+  float* zact = src + R * d;
+  for_rows(N, n_threads, [&](index_t p0, index_t p1) {
+    for (index_t p = p0; p < p1; ++p) {
+      const index_t r = ws.row_of[ws.active[p]];
+      std::memcpy(zact + p * d, r >= 0 ? ws.z.data() + r * d : m.final_beta(), sizeof(float) * static_cast<std::size_t>(d));
+    }
+  });
+  float* S = ws.scores.resize(N * C, 0);
+  Epilogue logits;
+  logits.bias = ws.cand_bias.data();
+  sgemm(ks, false, true, N, C, d, zact, d, cand, d, S, C, &logits, n_threads);
+  const float inv_n = 1.0f / static_cast<float>(N);
+  for_rows(N, n_threads, [&](index_t p0, index_t p1) {
+    for (index_t p = p0; p < p1; ++p) {
+      float* row = S + p * C;
+      const index_t y = ws.target_col[p];
+      const float s_pos = row[y];
+      float mx, sum;
+      ks.exp_shift(row, C, &mx, &sum);
+      ws.pos_loss[p] = std::log(static_cast<double>(sum)) + mx - s_pos;
+      const float inv = 1.0f / sum;
+      for (index_t c = 0; c < C; ++c) row[c] = row[c] * inv * inv_n;  // G = (P - onehot) / N
+      row[y] -= inv_n;
+    }
+  });
+  float* dzr = ws.dz_rows.resize(N * d, ws.rows_cap * d);
+  sgemm(ks, false, false, N, d, C, S, C, cand, d, dzr, d, nullptr, n_threads);        // dz = G E[cand]
+  sgemm(ks, true, false, C, d, N, S, C, zact, d, src + (R + N) * d, d, nullptr, n_threads);  // dE[cand] = Gᵀ z
+  double loss = 0.0;
+  for (index_t p = 0; p < N; ++p) {
+    loss += ws.pos_loss[p];
+    const index_t r = ws.row_of[ws.active[p]];
+    if (r >= 0) {
+      std::memcpy(ws.dz.data() + r * d, dzr + p * d, sizeof(float) * static_cast<std::size_t>(d));
+    } else {
+      ws.dz_pad.insert(ws.dz_pad.end(), dzr + p * d, dzr + (p + 1) * d);
     }
   }
   return loss / static_cast<double>(N);
@@ -633,7 +727,7 @@ void item_gradients(const KernelSet& ks, SeqWorkspace& ws, index_t K, int n_thre
   const index_t d = m.dim, R = ws.R, N = static_cast<index_t>(ws.active.size()), C = 1 + K;
   if (ws.slot.size() != static_cast<std::size_t>(m.n_items)) ws.slot.assign(static_cast<std::size_t>(m.n_items), -1);
   const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
-  const index_t entries = R + N * C;
+  const index_t entries = ws.softmax ? R + ws.n_cand : R + N * C;
   ws.group_ids.clear();
   ws.entry_group.resize(static_cast<std::size_t>(entries));
   ws.entry_src.resize(static_cast<std::size_t>(entries));
@@ -653,9 +747,13 @@ void item_gradients(const KernelSet& ks, SeqWorkspace& ws, index_t K, int n_thre
     ws.entry_w[e] = w;
   };
   for (index_t r = 0; r < R; ++r) add(r, ws.items[r], static_cast<std::int32_t>(r), sqrt_d);
-  for (index_t p = 0; p < N; ++p)
-    for (index_t j = 0; j < C; ++j)
-      add(R + p * C + j, ws.cand_ids[p * C + j], static_cast<std::int32_t>(R + p), ws.cand_g[p * C + j]);
+  if (ws.softmax) {  // each candidate's gradient row, already summed over positions
+    for (index_t c = 0; c < ws.n_cand; ++c) add(R + c, ws.cand_ids[c], static_cast<std::int32_t>(R + N + c), 1.0f);
+  } else {
+    for (index_t p = 0; p < N; ++p)
+      for (index_t j = 0; j < C; ++j)
+        add(R + p * C + j, ws.cand_ids[p * C + j], static_cast<std::int32_t>(R + p), ws.cand_g[p * C + j]);
+  }
   const std::size_t G = ws.group_ids.size();
   for (std::int32_t item : ws.group_ids) ws.slot[static_cast<std::size_t>(item)] = -1;
   // counts -> starts; then place each entry after its group's earlier ones
@@ -674,7 +772,7 @@ void item_gradients(const KernelSet& ks, SeqWorkspace& ws, index_t K, int n_thre
     ws.grouped_src[at] = ws.entry_src[e];
     ws.grouped_w[at] = ws.entry_w[e];
   }
-  ws.group_grad.resize(static_cast<index_t>(G) * d, ws.rows_cap * (2 + K) * d);
+  ws.group_grad.resize(static_cast<index_t>(G) * d, ws.rows_cap * (2 + std::max<index_t>(K, 1)) * d);
   parallel_for(0, static_cast<std::int64_t>(G), entries * d < (1 << 16) ? 1 : n_threads, [&](std::int64_t g) {
     const std::int64_t s = count[g];
     ks.row_sum(ws.grouped_w.data() + s, ws.grouped_src.data() + s, count[g + 1] - s, ws.src.data(), d, d,
@@ -684,12 +782,15 @@ void item_gradients(const KernelSet& ks, SeqWorkspace& ws, index_t K, int n_thre
 
 // forward + loss + backward + item gradients of one batch; returns the loss (backward skipped when it is
 // not finite and skip_if_not_finite).
+// softmax: the sampled softmax (log_q or item_prob: its correction, see softmax_loss_stage), else BCE.
 double batch_gradients(const KernelSet& ks, SeqWorkspace& ws, const std::int32_t* seqs, const std::int32_t* targets,
                        const std::int32_t* negatives, index_t B, index_t K, double dropout, std::uint64_t stream,
-                       bool skip_if_not_finite, int n_threads) {
+                       bool skip_if_not_finite, int n_threads, bool softmax = false, const float* log_q = nullptr,
+                       const float* item_prob = nullptr) {
   prepare(ws, seqs, B);
   forward_pass(ks, ws, true, dropout, stream, n_threads);
-  const double loss = loss_stage(ks, ws, targets, negatives, K, n_threads);
+  const double loss = softmax ? softmax_loss_stage(ks, ws, targets, log_q, item_prob, n_threads)
+                              : loss_stage(ks, ws, targets, negatives, K, n_threads);
   if (skip_if_not_finite && !std::isfinite(loss)) return loss;
   backward_pass(ks, ws, dropout > 0.0, n_threads);
   item_gradients(ks, ws, K, n_threads);
@@ -806,9 +907,11 @@ void seq_forward(const KernelSet& ks, const SeqModel& m, const std::int32_t* seq
 
 double seq_loss_and_gradients(const KernelSet& ks, const SeqModel& m, const std::int32_t* seqs,
                               const std::int32_t* targets, const std::int32_t* negatives, index_t B, index_t K,
-                              double dropout, std::uint64_t stream, const std::vector<float*>& grads, int n_threads) {
+                              double dropout, std::uint64_t stream, const std::vector<float*>& grads, int n_threads,
+                              const float* log_q) {
   SeqWorkspace ws(m);
-  const double loss = batch_gradients(ks, ws, seqs, targets, negatives, B, K, dropout, stream, false, n_threads);
+  const double loss =
+      batch_gradients(ks, ws, seqs, targets, negatives, B, K, dropout, stream, false, n_threads, !negatives, log_q);
   for (std::size_t i = 1; i < m.n_arrays(); ++i)
     std::memcpy(grads[i], ws.grad[i].data(), sizeof(float) * static_cast<std::size_t>(m.size(i)));
   const index_t d = m.dim;
@@ -855,7 +958,7 @@ EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& m, const SeqTraining&
                             const SeqHistories& h, const std::int64_t* order, index_t n_order, index_t batch_size,
                             double dropout, std::uint64_t epoch, const StopCheck& stop, int n_threads,
                             SeqScratch* scratch) {
-  const index_t L = m.max_len, K = t.negatives, d = m.dim;
+  const index_t L = m.max_len, K = t.softmax ? 0 : t.negatives, d = m.dim;
   const index_t n_max = std::min(batch_size, n_order);
   std::vector<std::int32_t> seqs(static_cast<std::size_t>(n_max * L)), targets(seqs.size()),
       negatives(seqs.size() * static_cast<std::size_t>(K));
@@ -863,17 +966,20 @@ EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& m, const SeqTraining&
   SeqWorkspace& ws = scratch ? scratch->get() : *own;
   EpochResult result;
   BatchThreads batch_threads(n_threads);
+  SeqTraining t_batch = t;
+  t_batch.negatives = static_cast<int>(K);
   std::uint64_t batch_index = 0;
   for (index_t begin = 0; begin < n_order; begin += batch_size, ++batch_index) {
     if (stop && stop(begin)) break;
     const index_t n = std::min(batch_size, n_order - begin);
     std::uint64_t dropout_stream = 0;
-    const index_t positions = seq_batch(m, h, t, order + begin, n, epoch, batch_index, seqs.data(), targets.data(),
+    const index_t positions = seq_batch(m, h, t_batch, order + begin, n, epoch, batch_index, seqs.data(), targets.data(),
                                         negatives.data(), &dropout_stream);
     if (positions == 0) continue;  // nothing to learn from: no step
     const int threads = batch_threads.next();
-    const double loss = batch_gradients(ks, ws, seqs.data(), targets.data(), negatives.data(), n, K, dropout,
-                                        dropout_stream, true, threads);
+    const double loss =
+        batch_gradients(ks, ws, seqs.data(), targets.data(), negatives.data(), n, K, dropout, dropout_stream, true,
+                        threads, t.softmax, nullptr, t.item_prob);
     const std::int64_t step_before = opt.adam_t;
     UpdateRule rule = opt.next_step();
     if (opt.solver != Solver::Adam) rule.kind = UpdateKind::PlainSgd;

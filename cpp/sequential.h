@@ -26,6 +26,11 @@
 //     check an epoch's steps with the negatives and dropout masks the core used.
 //   - training["negatives"] may be 0 (positives only); training["n_items"] (the sampling range) may be
 //     smaller than the item table.
+//   - the sampled softmax (DESIGN.md's loss "softmax"): loss_and_gradients(seqs, targets, None, ..., log_q=)
+//     as the reference; train_epoch with training["loss"] = "softmax" (default "bce") draws no negatives and
+//     corrects each batch's logits by log_q[c] = log(N item_prob[c]) when training["item_prob"] (float32
+//     (n_items,) probabilities) is given, N = the batch's target positions (the expected count of c among
+//     them, as the two-tower model's log-Q).
 //   - the handle keeps its scratch buffers between calls (SeqScratch); a call made while another runs on the
 //     same handle allocates its own.
 #pragma once
@@ -95,13 +100,15 @@ class SeqScratch {
 void seq_forward(const KernelSet& ks, const SeqModel& model, const std::int32_t* seqs, index_t B, bool last_only,
                  float* out, int n_threads, SeqScratch* scratch = nullptr);
 
-// The batch's BCE loss (mean over the positions with a target) and the gradient of every array into
-// grads (canonical order, dense: the item table's is zero outside the touched rows). targets (B x L), -1 =
-// none; negatives (B x L x K), read at positions with a target only. Dropout: rate `dropout` with the
-// counter-based masks of stream `stream` (reference.dropout_scale).
+// The batch's loss (mean over the positions with a target) and the gradient of every array into grads
+// (canonical order, dense: the item table's is zero outside the touched rows). targets (B x L), -1 = none.
+// BCE with negatives (B x L x K), read at positions with a target only; or, negatives == nullptr, the sampled
+// softmax over the batch's distinct targets with logits z . E[c] - log_q[c] (log_q: n_items floats, or none).
+// Dropout: rate `dropout` with the counter-based masks of stream `stream` (reference.dropout_scale).
 double seq_loss_and_gradients(const KernelSet& ks, const SeqModel& model, const std::int32_t* seqs,
                               const std::int32_t* targets, const std::int32_t* negatives, index_t B, index_t K,
-                              double dropout, std::uint64_t stream, const std::vector<float*>& grads, int n_threads);
+                              double dropout, std::uint64_t stream, const std::vector<float*>& grads, int n_threads,
+                              const float* log_q = nullptr);
 
 // Users' histories: CSR rows of item rows in time order.
 struct SeqHistories {
@@ -113,9 +120,13 @@ struct SeqHistories {
 // Training's sampling: `negatives` per target position, uniform over [0, sampler.n_items), never an item of
 // the user's sorted seen row (sampler.seen_*; draw_negative's rules: 64 draws at most); sampler.seed keys
 // the streams.
+// softmax: the sampled softmax over each batch's distinct targets instead (no negatives drawn), corrected by
+// log_q[c] = log(N item_prob[c]) (the expected count of c among the batch's N targets) when item_prob is given.
 struct SeqTraining {
   int negatives = 1;
   NegativeSampler sampler;
+  bool softmax = false;
+  const float* item_prob = nullptr;  // n_items, or none
 };
 
 // Batch `batch_index` of epoch `epoch` over users[0:n], as train_epoch builds it: per user its latest

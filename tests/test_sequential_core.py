@@ -132,6 +132,52 @@ def test_loss_and_gradients_match_oracle(dropout, K, heads):
         assert abs(other - loss) > 1e-3
 
 
+@pytest.mark.parametrize("dropout,with_log_q", [(0.0, False), (0.3, True)])
+def test_softmax_loss_and_gradients_match_oracle(dropout, with_log_q):
+    """negatives None: the sampled softmax over the batch's distinct targets (repeated targets included)."""
+    rng = np.random.default_rng(20 + int(with_log_q))
+    p = make_params(rng, n_items=11, heads=2)
+    seqs, targets, _ = batch(rng, 8, 7, 1, n_items=11)
+    targets[1, 2] = 4  # a target at a padding slot
+    seqs[1, :3] = -1
+    log_q = rng.normal(0, 1, 11).astype(np.float32) if with_log_q else None
+    m = _core.SequentialModel(p)
+    loss, g = m.loss_and_gradients(seqs, targets, None, dropout, 77, 1, "auto", log_q)
+    loss_r, gr = ref.sequential_loss_and_gradients(ref.float64_copy(p), seqs, targets, None, dropout, 77,
+                                                   log_q=None if log_q is None else log_q.astype(np.float64))
+    assert abs(loss - loss_r) < 1e-5 * abs(loss_r)
+    assert_grads_close(g, gr)
+
+
+def test_softmax_epoch_matches_oracle():
+    """training["loss"] = "softmax": no negatives drawn, log_q[c] = log(N item_prob[c]) for the batch's N
+    target positions; plain SGD steps against the oracle on the hook's batches (tolerance as the BCE epoch)."""
+    rng = np.random.default_rng(23)
+    p = make_params(rng)
+    p0 = copy_params(p)
+    m = _core.SequentialModel(p, True)
+    indptr, items, seen = histories(rng, 10, N_ITEMS)
+    order = np.arange(10, dtype=np.int64)
+    prob = rng.dirichlet(np.ones(N_ITEMS)).astype(np.float32)
+    tr = {**training(seen), "loss": "softmax", "item_prob": prob}
+    lr = 0.05
+    out = m.train_epoch(None, None, indptr, items, order, 6, tr, 0.1, "sgd", lr, 0.9, 0.999, 1e-8, 0, 0, 1, "auto")
+    pr = ref.float64_copy(p0)
+    want_rows = 0
+    for seqs, targets, negatives, stream in m.epoch_batches(indptr, items, order, 6, tr, 0):
+        assert negatives.shape[2] == 0
+        n = int((targets >= 0).sum())
+        want_rows += n
+        log_q = np.log(n * prob.astype(np.float64))
+        _, g = ref.sequential_loss_and_gradients(pr, seqs, targets, None, 0.1, stream, log_q=log_q)
+        for (_, a), (_, ga) in zip(arrays(pr), arrays(g)):
+            a -= lr * ga
+    assert out[2] == want_rows and not out[3]
+    for (name, a), (_, a0), (_, b) in zip(arrays(p), arrays(p0), arrays(pr)):
+        change, want = a.astype(np.float64) - a0, b - a0
+        assert np.max(np.abs(change - want)) <= 1e-3 * max(np.max(np.abs(want)), 1e-6), name
+
+
 def test_target_at_a_padding_slot_matches_oracle():
     """The contract allows a target where the input is padding: z is final_beta there."""
     rng = np.random.default_rng(5)
