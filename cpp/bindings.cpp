@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -18,6 +20,7 @@
 #include "kernels/kernels.h"
 #include "mlp.h"
 #include "parallel.h"
+#include "sequential.h"
 #include "topk.h"
 #include "two_tower.h"
 
@@ -799,6 +802,334 @@ class TwoTowerHandle {
 };
 
 
+// ---- the sequential model (docs/DESIGN.md, "Sequential model (issue 13)"; cpp/sequential.h) ----
+
+const char* const kSeqBlockKeys[kSeqBlockArrays] = {"ln1_gamma", "ln1_beta", "Wq", "bq", "Wk", "bk", "Wv", "bv",
+                                                   "Wo", "bo", "ln2_gamma", "ln2_beta", "W1", "b1", "W2", "b2"};
+
+py::handle dict_item(const py::dict& d, const char* key, const std::string& where) {
+  if (!d.contains(key)) throw py::value_error(where + " has no key '" + key + "'");
+  return d[key];
+}
+
+// The arrays of a params-shaped dict (params itself, a state or a gradient dict), visited in canonical order
+// with their names: fn(index, name, object).
+template <class Fn>
+void visit_seq_dict(const py::dict& d, const std::string& what, std::size_t n_blocks, Fn&& fn) {
+  fn(0, what + "['item_table']", dict_item(d, "item_table", what));
+  fn(1, what + "['position_table']", dict_item(d, "position_table", what));
+  py::handle blocks_obj = dict_item(d, "blocks", what);
+  if (!py::isinstance<py::list>(blocks_obj) && !py::isinstance<py::tuple>(blocks_obj))
+    throw py::value_error(what + "['blocks'] must be a list of dicts");
+  const py::sequence blocks = py::reinterpret_borrow<py::sequence>(blocks_obj);
+  if (n_blocks != static_cast<std::size_t>(-1) && blocks.size() != n_blocks)
+    throw py::value_error(what + "['blocks'] must hold " + std::to_string(n_blocks) + " blocks, got " +
+                          std::to_string(blocks.size()));
+  for (std::size_t b = 0; b < blocks.size(); ++b) {
+    const std::string where = what + "['blocks'][" + std::to_string(b) + "]";
+    if (!py::isinstance<py::dict>(blocks[b])) throw py::value_error(where + " must be a dict");
+    const py::dict blk = blocks[b].cast<py::dict>();
+    for (int k = 0; k < kSeqBlockArrays; ++k)
+      fn(SeqModel::block_index(static_cast<int>(b), k), where + "['" + kSeqBlockKeys[k] + "']",
+         dict_item(blk, kSeqBlockKeys[k], where));
+  }
+  const std::size_t last = 2 + kSeqBlockArrays * blocks.size();
+  fn(last, what + "['final_gamma']", dict_item(d, "final_gamma", what));
+  fn(last + 1, what + "['final_beta']", dict_item(d, "final_beta", what));
+}
+
+void require_seq_shape(const py::array& a, const std::string& what, std::pair<index_t, index_t> shape) {
+  const int ndim = shape.second ? 2 : 1;
+  if (a.ndim() != ndim || a.shape(0) != shape.first || (ndim == 2 && a.shape(1) != shape.second)) {
+    const std::string want = ndim == 1 ? "(" + std::to_string(shape.first) + ",)"
+                                       : "(" + std::to_string(shape.first) + ", " + std::to_string(shape.second) + ")";
+    throw py::value_error(what + " must have shape " + want + ", got " + shape_str(a));
+  }
+}
+
+// A validated sequential model over the caller's params dict (float32 C-contiguous arrays, referenced: the
+// references are kept, so the arrays outlive any change the caller makes to the dict).
+class SequentialHandle {
+ public:
+  SequentialHandle(const py::dict& params, bool trainable) : trainable_(trainable) {
+    const py::handle heads = dict_item(params, "heads", "params");
+    const py::handle blocks_obj = dict_item(params, "blocks", "params");
+    if (!py::isinstance<py::list>(blocks_obj) && !py::isinstance<py::tuple>(blocks_obj))
+      throw py::value_error("params['blocks'] must be a list of dicts");
+    const py::sequence blocks = py::reinterpret_borrow<py::sequence>(blocks_obj);
+    // Sizes from the item table, the position table and each block's W1, then every shape checked.
+    py::array E = checked<float>(dict_item(params, "item_table", "params"), "params['item_table']", 2, trainable);
+    py::array P = checked<float>(dict_item(params, "position_table", "params"), "params['position_table']", 2,
+                                 trainable);
+    std::vector<index_t> ffn;
+    for (std::size_t b = 0; b < blocks.size(); ++b) {
+      const std::string where = "params['blocks'][" + std::to_string(b) + "]";
+      if (!py::isinstance<py::dict>(blocks[b])) throw py::value_error(where + " must be a dict");
+      py::array W1 = checked<float>(dict_item(blocks[b].cast<py::dict>(), "W1", where), where + "['W1']", 2, trainable);
+      ffn.push_back(W1.shape(1));
+    }
+    int h = 0;
+    try {
+      h = heads.cast<int>();
+    } catch (const py::cast_error&) {
+      throw py::value_error("params['heads'] must be an int");
+    }
+    model_ = seq_layout(E.shape(0), E.shape(1), P.shape(0), h, ffn);
+    visit_seq_dict(params, "params", blocks.size(), [&](std::size_t i, const std::string& name, py::handle obj) {
+      const auto shape = model_.shape(i);
+      py::array a = checked<float>(obj, name, shape.second ? 2 : 1, trainable);
+      require_seq_shape(a, name, shape);
+      model_.arrays[i] = static_cast<float*>(const_cast<void*>(a.data()));
+      keep_.push_back(a);
+    });
+    validate(model_);
+  }
+
+  index_t dim() const { return model_.dim; }
+  index_t max_len() const { return model_.max_len; }
+
+  py::array_t<float> forward(py::handle seqs_obj, bool last_only, int n_threads, const std::string& isa) const {
+    const auto [ps, B] = checked_seqs(seqs_obj, "seqs");
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    const index_t d = model_.dim, L = model_.max_len;
+    py::array_t<float> out = last_only ? py::array_t<float>({B, d}) : py::array_t<float>({B, L, d});
+    float* po = out.mutable_data();
+    {
+      const CoreCall call;
+      const Scratch scratch(*this);
+      if (B > 0) seq_forward(ks, model_, ps, B, last_only, po, n_threads, scratch.get());
+    }
+    return out;
+  }
+
+  // negatives None: the sampled softmax over the batch's distinct targets, corrected by log_q (float32
+  // (n_items,) or None), as reference.sequential_loss_and_gradients.
+  py::tuple loss_and_gradients(py::handle seqs_obj, py::handle targets_obj, py::handle negatives_obj, double dropout,
+                               std::uint64_t stream, int n_threads, const std::string& isa, py::handle log_q_obj) const {
+    const auto [ps, B] = checked_seqs(seqs_obj, "seqs");
+    const auto [pt, Bt] = checked_seqs(targets_obj, "targets");
+    const index_t L = model_.max_len;
+    if (Bt != B) throw py::value_error("targets must have the shape of seqs");
+    index_t K = 0;
+    const std::int32_t* pn = nullptr;
+    static const std::int32_t no_negatives = 0;
+    if (!negatives_obj.is_none()) {
+      py::array negatives = checked<std::int32_t>(negatives_obj, "negatives", 3, false);
+      if (negatives.shape(0) != B || negatives.shape(1) != L)
+        throw py::value_error("negatives must have shape (B, L, K) for seqs (B, L), got " + shape_str(negatives));
+      K = negatives.shape(2);
+      pn = negatives.size() ? static_cast<const std::int32_t*>(negatives.data()) : &no_negatives;
+      for (index_t i = 0; i < B * L; ++i) {
+        if (pt[i] < 0) continue;
+        for (index_t j = 0; j < K; ++j)
+          if (pn[i * K + j] < 0 || pn[i * K + j] >= model_.n_items)
+            throw py::value_error("negatives must hold item rows in [0, " + std::to_string(model_.n_items) +
+                                  ") at every position with a target");
+      }
+    }
+    const float* log_q = checked_item_floats(log_q_obj, "log_q", false);
+    check_dropout(dropout);
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    std::vector<float*> grads(model_.n_arrays());
+    std::vector<py::array_t<float>> arrays;
+    for (std::size_t i = 0; i < model_.n_arrays(); ++i) {
+      const auto shape = model_.shape(i);
+      arrays.push_back(shape.second ? py::array_t<float>({shape.first, shape.second}) : py::array_t<float>(shape.first));
+      grads[i] = arrays.back().mutable_data();
+    }
+    double loss;
+    {
+      const CoreCall call;
+      loss = seq_loss_and_gradients(ks, model_, ps, pt, pn, B, K, dropout, stream, grads, n_threads, log_q);
+    }
+    py::dict out;
+    out["item_table"] = arrays[0];
+    out["position_table"] = arrays[1];
+    py::list blocks;
+    for (int b = 0; b < model_.n_blocks(); ++b) {
+      py::dict blk;
+      for (int k = 0; k < kSeqBlockArrays; ++k) blk[kSeqBlockKeys[k]] = arrays[SeqModel::block_index(b, k)];
+      blocks.append(blk);
+    }
+    out["blocks"] = blocks;
+    out["final_gamma"] = arrays[model_.n_arrays() - 2];
+    out["final_beta"] = arrays[model_.n_arrays() - 1];
+    return py::make_tuple(loss, out);
+  }
+
+  // The batches train_epoch would build (a test hook): [(seqs, targets, negatives, dropout_stream)].
+  py::list epoch_batches(py::handle indptr_obj, py::handle items_obj, py::handle order_obj, index_t batch_size,
+                         py::handle training_obj, std::uint64_t epoch) const {
+    const SeqHistories h = checked_histories(indptr_obj, items_obj);
+    const auto [po, n_order] = checked_order(order_obj, h.users, batch_size);
+    const SeqTraining t = make_seq_training(training_obj, po, n_order);
+    const index_t L = model_.max_len, K = t.negatives;
+    py::list out;
+    std::uint64_t batch_index = 0;
+    for (index_t begin = 0; begin < n_order; begin += batch_size, ++batch_index) {
+      const index_t n = std::min(batch_size, n_order - begin);
+      py::array_t<std::int32_t> seqs({n, L}), targets({n, L}), negatives({n, L, K});
+      std::uint64_t stream = 0;
+      seq_batch(model_, h, t, po + begin, n, epoch, batch_index, seqs.mutable_data(), targets.mutable_data(),
+                negatives.mutable_data(), &stream);
+      out.append(py::make_tuple(seqs, targets, negatives, stream));
+    }
+    return out;
+  }
+
+  py::tuple train_epoch(py::handle state1, py::handle state2, py::handle indptr_obj, py::handle items_obj,
+                        py::handle order_obj, index_t batch_size, py::handle training_obj, double dropout,
+                        const std::string& solver, float learning_rate, float beta_1, float beta_2, float epsilon,
+                        std::int64_t adam_t, std::uint64_t epoch, int n_threads, const std::string& isa,
+                        py::handle progress) {
+    if (!trainable_) throw py::value_error("this sequential model was built for prediction only (trainable=False)");
+    const SeqHistories h = checked_histories(indptr_obj, items_obj);
+    const auto [po, n_order] = checked_order(order_obj, h.users, batch_size);
+    const SeqTraining t = make_seq_training(training_obj, po, n_order);
+    check_dropout(dropout);
+    Optimizer opt;
+    if (solver == "adam") opt.solver = Solver::Adam;
+    else if (solver == "sgd") opt.solver = Solver::Sgd;
+    else throw py::value_error("solver must be 'sgd' or 'adam', got '" + solver + "'");
+    if (!(learning_rate > 0.0f) || !std::isfinite(learning_rate))
+      throw py::value_error("learning_rate must be a positive number");
+    opt.learning_rate = learning_rate;
+    opt.beta_1 = beta_1;
+    opt.beta_2 = beta_2;
+    opt.epsilon = epsilon;
+    opt.adam_t = adam_t;
+    if (opt.solver == Solver::Adam) {  // sgd keeps no state: its state dicts are not read
+      opt.state1 = state_arrays(state1, "state1");
+      opt.state2 = state_arrays(state2, "state2");
+    }
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    PythonSignals signals(progress);
+    EpochResult result;
+    {
+      const CoreCall call;
+      const Scratch scratch(*this);
+      result = seq_train_epoch(ks, model_, t, opt, h, po, n_order, batch_size, dropout, epoch, std::ref(signals),
+                               n_threads, scratch.get());
+    }
+    return epoch_tuple(result, opt.adam_t, signals);
+  }
+
+ private:
+  // The handle's scratch buffers while this call holds them; none (the call allocates its own) when another
+  // call on the same handle is running.
+  class Scratch {
+   public:
+    explicit Scratch(const SequentialHandle& h) : lock_(h.scratch_mutex_, std::try_to_lock) {
+      if (!lock_.owns_lock()) return;
+      if (!h.scratch_) h.scratch_ = std::make_unique<SeqScratch>(h.model_);
+      scratch_ = h.scratch_.get();
+    }
+    SeqScratch* get() const { return scratch_; }
+
+   private:
+    std::unique_lock<std::mutex> lock_;
+    SeqScratch* scratch_ = nullptr;
+  };
+
+  // int32 (B, max_len) item rows in [-1, n_items).
+  std::pair<const std::int32_t*, index_t> checked_seqs(py::handle obj, const std::string& what) const {
+    py::array a = checked<std::int32_t>(obj, what, 2, false);
+    if (a.shape(1) != model_.max_len)
+      throw py::value_error(what + " must have max_len = " + std::to_string(model_.max_len) + " columns, got shape " +
+                            shape_str(a));
+    const auto* p = static_cast<const std::int32_t*>(a.data());
+    for (index_t i = 0; i < a.size(); ++i)
+      if (p[i] < -1 || p[i] >= model_.n_items)
+        throw py::value_error(what + " must hold item rows in [0, " + std::to_string(model_.n_items) +
+                              ") or -1, got " + std::to_string(p[i]));
+    return {p, a.shape(0)};
+  }
+
+  // Optional float32 (n_items,) finite values (probabilities in [0, 1] when `probabilities`).
+  const float* checked_item_floats(py::handle obj, const std::string& what, bool probabilities) const {
+    if (obj.is_none()) return nullptr;
+    const float* p = optional_array<float>(obj, what, model_.n_items, false);
+    for (index_t i = 0; i < model_.n_items; ++i)
+      if (!std::isfinite(p[i]) || (probabilities && !(p[i] >= 0.0f && p[i] <= 1.0f)))
+        throw py::value_error(what + (probabilities ? " must hold probabilities in [0, 1]" : " must be finite"));
+    return p;
+  }
+
+  static void check_dropout(double dropout) {
+    if (!(dropout >= 0.0 && dropout < 1.0)) throw py::value_error("dropout must be in [0, 1)");
+  }
+
+  SeqHistories checked_histories(py::handle indptr_obj, py::handle items_obj) const {
+    py::array indptr = checked<std::int64_t>(indptr_obj, "indptr", 1, false);
+    py::array items = checked<std::int32_t>(items_obj, "items", 1, false);
+    SeqHistories h;
+    h.indptr = static_cast<const std::int64_t*>(indptr.data());
+    h.items = static_cast<const std::int32_t*>(items.data());
+    h.users = indptr.shape(0) - 1;
+    if (h.users < 0 || h.indptr[0] != 0 || h.indptr[h.users] != items.shape(0))
+      throw py::value_error("histories must be (indptr, items) with indptr[0] == 0 and indptr[-1] == len(items)");
+    for (index_t u = 0; u < h.users; ++u)
+      if (h.indptr[u + 1] < h.indptr[u]) throw py::value_error("indptr must be non-decreasing");
+    for (index_t i = 0; i < items.shape(0); ++i)
+      if (h.items[i] < 0 || h.items[i] >= model_.n_items)
+        throw py::value_error("items must hold item rows in [0, " + std::to_string(model_.n_items) + ")");
+    return h;
+  }
+
+  // {"negatives": int >= 0, "n_items": int in [1, item rows], "seed": int, "seen": optional (indptr, indices)
+  // with a row for every user of order}.
+  SeqTraining make_seq_training(py::handle obj, const std::int64_t* order, index_t n_order) const {
+    if (!py::isinstance<py::dict>(obj)) throw py::value_error("training must be a dict");
+    const py::dict d = obj.cast<py::dict>();
+    SeqTraining t;
+    t.negatives = dict_item(d, "negatives", "training").cast<int>();
+    if (t.negatives < 0) throw py::value_error("negatives must be >= 0");
+    const std::string loss = d.contains("loss") ? d["loss"].cast<std::string>() : "bce";
+    if (loss != "bce" && loss != "softmax")
+      throw py::value_error("training['loss'] must be 'bce' or 'softmax', got '" + loss + "'");
+    t.softmax = loss == "softmax";
+    if (t.softmax) t.negatives = 0;  // the batch's other targets are the negatives: none drawn
+    if (d.contains("item_prob")) t.item_prob = checked_item_floats(d["item_prob"], "item_prob", true);
+    py::dict sampler;
+    sampler["negatives"] = t.negatives;
+    sampler["user_key"] = 0;
+    sampler["item_key"] = 1;
+    sampler["n_items"] = dict_item(d, "n_items", "training");
+    sampler["seed"] = dict_item(d, "seed", "training");
+    if (d.contains("seen")) sampler["seen"] = d["seen"];
+    t.sampler = make_sampler(sampler);
+    if (t.sampler.n_items > model_.n_items)
+      throw py::value_error("training['n_items'] must be at most the item table's " + std::to_string(model_.n_items) +
+                            " rows");
+    if (t.sampler.seen_indptr)
+      for (index_t i = 0; i < n_order; ++i)
+        if (order[i] >= t.sampler.seen_users) throw py::value_error("seen has fewer rows than the users of order");
+    return t;
+  }
+
+  std::vector<float*> state_arrays(py::handle obj, const std::string& what) const {
+    if (!py::isinstance<py::dict>(obj)) throw py::value_error(what + " must be a dict shaped like params for 'adam'");
+    std::vector<float*> out(model_.n_arrays(), nullptr);
+    visit_seq_dict(obj.cast<py::dict>(), what, static_cast<std::size_t>(model_.n_blocks()),
+                   [&](std::size_t i, const std::string& name, py::handle a_obj) {
+                     const auto shape = model_.shape(i);
+                     py::array a = checked<float>(a_obj, name, shape.second ? 2 : 1, true);
+                     require_seq_shape(a, name, shape);
+                     out[i] = static_cast<float*>(a.mutable_data());
+                     for (std::size_t j = 0; j < model_.n_arrays(); ++j)
+                       if (overlap(out[i], model_.size(i), model_.arrays[j], model_.size(j)))
+                         throw py::value_error(name + " shares memory with a parameter array");
+                   });
+    return out;
+  }
+
+  SeqModel model_;
+  bool trainable_;
+  std::vector<py::object> keep_;
+  mutable std::mutex scratch_mutex_;
+  mutable std::unique_ptr<SeqScratch> scratch_;
+};
+
 py::dict show_config() {
   py::dict d;
   d["version"] = FASTREC_VERSION;
@@ -1053,6 +1384,25 @@ PYBIND11_MODULE(_core, m) {
            py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"), py::arg("beta_1"), py::arg("beta_2"),
            py::arg("epsilon"), py::arg("adam_t"), py::arg("training"), py::arg("epoch"), py::arg("n_threads") = 0,
            py::arg("isa") = "auto", py::arg("progress") = py::none());
+
+  py::class_<SequentialHandle>(m, "SequentialModel",
+                               "A validated sequential model (docs/DESIGN.md, \"Sequential model (issue 13)\") over a "
+                               "params dict of caller-owned float32 arrays, updated in place by train_epoch.")
+      .def(py::init<const py::dict&, bool>(), py::arg("params"), py::arg("trainable") = false)
+      .def_property_readonly("dim", &SequentialHandle::dim)
+      .def_property_readonly("max_len", &SequentialHandle::max_len)
+      .def("forward", &SequentialHandle::forward, py::arg("seqs"), py::arg("last_only") = false,
+           py::arg("n_threads") = 0, py::arg("isa") = "auto")
+      .def("loss_and_gradients", &SequentialHandle::loss_and_gradients, py::arg("seqs"), py::arg("targets"),
+           py::arg("negatives"), py::arg("dropout") = 0.0, py::arg("stream") = 0, py::arg("n_threads") = 0,
+           py::arg("isa") = "auto", py::arg("log_q") = py::none())
+      .def("epoch_batches", &SequentialHandle::epoch_batches, py::arg("indptr"), py::arg("items"), py::arg("order"),
+           py::arg("batch_size"), py::arg("training"), py::arg("epoch"))
+      .def("train_epoch", &SequentialHandle::train_epoch, py::arg("state1"), py::arg("state2"), py::arg("indptr"),
+           py::arg("items"), py::arg("order"), py::arg("batch_size"), py::arg("training"), py::arg("dropout"),
+           py::arg("solver"), py::arg("learning_rate"), py::arg("beta_1"), py::arg("beta_2"), py::arg("epsilon"),
+           py::arg("adam_t"), py::arg("epoch"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+           py::arg("progress") = py::none());
 
   // One-shot forms over a spec dict (a handle built and used once), as documented in docs/DESIGN.md.
   m.def(

@@ -1,0 +1,237 @@
+"""Sequential-model training throughput: fastrec's core (_core.SequentialModel.train_epoch) against a PyTorch
+model of exactly the same math (docs/DESIGN.md, "Sequential model (issue 13)").
+
+Both train on MovieLens-100k histories (each user's events by timestamp, the latest max_len + 1 per user) with
+the issue's configuration: batch 128, 2 blocks, 1 head, width 64, feed-forward width 64, max_len 50, 1 sampled
+negative per position, dropout 0.2 (and 0.0), Adam (lazy on the item rows: PyTorch's SparseAdam on a sparse
+embedding, Adam on the rest). PyTorch gets the very batches the core builds (the epoch_batches hook: same
+inputs, targets, negatives), prepared outside its timed region, so its time is forward + backward + step only,
+while fastrec's also includes building the batches and sampling the negatives.
+
+PyTorch's model: nn.Embedding(sparse=True) shared by input and output, a learned position table, pre-norm blocks
+with F.scaled_dot_product_attention under a causal mask that also hides padding keys (a padding query attends to
+itself only, so no row is all -inf; padding rows are zeroed after each block, as in the reference, so they do not
+reach any event row), inverted dropout at the same three sites, the final layer norm, BCE over the target and
+the negatives averaged over positions.
+
+Rounds are interleaved (fastrec 1 thread, torch 1 thread, fastrec 2 threads, torch 2 threads, repeated), each
+sample one epoch; examples/s = users (sequences) per second; reported as median [min-max] over the rounds with
+the machine's load average before and after.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_sequential.py --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def load_histories(path, L):
+    """CSR histories (time-ordered item rows), their sorted seen lists, n_items."""
+    raw = np.loadtxt(path, skiprows=1, usecols=(0, 1, 3))
+    users = np.unique(raw[:, 0], return_inverse=True)[1]
+    items = np.unique(raw[:, 1], return_inverse=True)[1].astype(np.int32)
+    order = np.lexsort((np.arange(len(raw)), raw[:, 2], users))
+    users, items = users[order], items[order]
+    counts = np.bincount(users)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    seen = np.concatenate([np.sort(items[indptr[u]:indptr[u + 1]]) for u in range(len(counts))]).astype(np.int32)
+    return indptr, items, (indptr.copy(), seen), int(items.max()) + 1
+
+
+def init_params(rng, n_items, d, L, n_blocks, heads, f):
+    def glorot(fan_in, fan_out):
+        lim = math.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-lim, lim, (fan_in, fan_out)).astype(np.float32)
+
+    p = {"item_table": rng.normal(0, 1.0 / math.sqrt(d), (n_items, d)).astype(np.float32),
+         "position_table": rng.normal(0, 0.02, (L, d)).astype(np.float32), "heads": heads, "blocks": [],
+         "final_gamma": np.ones(d, np.float32), "final_beta": np.zeros(d, np.float32)}
+    for _ in range(n_blocks):
+        blk = {"ln1_gamma": np.ones(d, np.float32), "ln1_beta": np.zeros(d, np.float32),
+               "ln2_gamma": np.ones(d, np.float32), "ln2_beta": np.zeros(d, np.float32),
+               "W1": glorot(d, f), "b1": np.zeros(f, np.float32), "W2": glorot(f, d), "b2": np.zeros(d, np.float32)}
+        for k in ("q", "k", "v", "o"):
+            blk["W" + k] = glorot(d, d)
+            blk["b" + k] = np.zeros(d, np.float32)
+        p["blocks"].append(blk)
+    return p
+
+
+def zeros_like_params(p):
+    s = {k: np.zeros_like(v) for k, v in p.items() if isinstance(v, np.ndarray)}
+    s["blocks"] = [{k: np.zeros_like(v) for k, v in blk.items()} for blk in p["blocks"]]
+    return s
+
+
+def torch_model(params, dropout):
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    d = params["item_table"].shape[1]
+    heads = params["heads"]
+
+    def lin(W, b):
+        layer = nn.Linear(W.shape[0], W.shape[1])
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(W.T.copy()))
+            layer.bias.copy_(torch.from_numpy(b))
+        return layer
+
+    def norm(g, b):
+        ln = nn.LayerNorm(d, eps=1e-5)
+        with torch.no_grad():
+            ln.weight.copy_(torch.from_numpy(g))
+            ln.bias.copy_(torch.from_numpy(b))
+        return ln
+
+    class Block(nn.Module):
+        def __init__(self, blk):
+            super().__init__()
+            self.ln1, self.ln2 = norm(blk["ln1_gamma"], blk["ln1_beta"]), norm(blk["ln2_gamma"], blk["ln2_beta"])
+            self.q, self.k, self.v = lin(blk["Wq"], blk["bq"]), lin(blk["Wk"], blk["bk"]), lin(blk["Wv"], blk["bv"])
+            self.o, self.w1, self.w2 = lin(blk["Wo"], blk["bo"]), lin(blk["W1"], blk["b1"]), lin(blk["W2"], blk["b2"])
+
+        def forward(self, x, m, allowed):
+            B, L, _ = x.shape
+            h = self.ln1(x)
+            split = lambda t: t.view(B, L, heads, d // heads).transpose(1, 2)  # noqa: E731
+            o = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)),
+                                               attn_mask=allowed)
+            x = x + F.dropout(self.o(o.transpose(1, 2).reshape(B, L, d)), dropout, self.training)
+            f = F.dropout(self.w2(F.relu(self.w1(self.ln2(x)))), dropout, self.training)
+            return (x + f) * m
+
+    class Sequential(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.item = nn.Embedding(*params["item_table"].shape, sparse=True)
+            with torch.no_grad():
+                self.item.weight.copy_(torch.from_numpy(params["item_table"]))
+            self.pos = nn.Parameter(torch.from_numpy(params["position_table"].copy()))
+            self.blocks = nn.ModuleList([Block(b) for b in params["blocks"]])
+            self.final = norm(params["final_gamma"], params["final_beta"])
+
+        def forward(self, seqs, targets, negatives):
+            B, L = seqs.shape
+            mask = seqs >= 0
+            m = mask[:, :, None].float()
+            x = (self.item(seqs.clamp(min=0)) * math.sqrt(d) + self.pos) * m
+            x = F.dropout(x, dropout, self.training)
+            causal = torch.ones(L, L, dtype=torch.bool).tril()
+            allowed = (causal[None] & mask[:, None, :]) | torch.eye(L, dtype=torch.bool)[None]
+            allowed = allowed[:, None]  # broadcast over heads
+            for blk in self.blocks:
+                x = blk(x, m, allowed)
+            z = self.final(x)
+            active = targets >= 0
+            zt = z[active]
+            s_pos = (zt * self.item(targets[active])).sum(-1)
+            s_neg = (zt[:, None, :] * self.item(negatives[active])).sum(-1)
+            return (F.softplus(-s_pos).sum() + F.softplus(s_neg).sum()) / zt.shape[0]
+
+    model = Sequential()
+    dense = [p for n, p in model.named_parameters() if not n.startswith("item.")]
+    opts = [torch.optim.Adam(dense, lr=1e-3, betas=(0.9, 0.98), eps=1e-8),
+            torch.optim.SparseAdam(list(model.item.parameters()), lr=1e-3, betas=(0.9, 0.98), eps=1e-8)]
+    return model, opts
+
+
+def load_avg():
+    return os.getloadavg()[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=os.environ.get("FASTREC_ML100K", "/work/data/ml-100k"))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--dropout", type=float, nargs="+", default=[0.2, 0.0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch-size", type=int, default=128)
+    args = ap.parse_args()
+
+    import torch
+    from fastrec import _core
+
+    L, d, n_blocks, heads, f, K = 50, 64, 2, 1, 64, 1
+    path = Path(args.data)
+    path = path / "ml-100k.inter" if (path / "ml-100k.inter").exists() else path / "u.data"
+    indptr, items, seen, n_items = load_histories(path, L)
+    n_users = len(indptr) - 1
+    training = {"negatives": K, "n_items": n_items, "seed": 1, "seen": seen}
+    print(f"MovieLens-100k: {n_users} users, {n_items} items, {len(items)} events; L={L} d={d} blocks={n_blocks} "
+          f"heads={heads} ffn={f} negatives={K} batch={args.batch_size}; torch {torch.__version__}")
+    print(f"load average at start: {load_avg():.2f}")
+
+    for dropout in args.dropout:
+        rng = np.random.default_rng(0)
+        params = init_params(rng, n_items, d, L, n_blocks, heads, f)
+        model, opts = torch_model(params, dropout)
+        model.train()
+        core_params = {**params, "blocks": [dict(b) for b in params["blocks"]]}
+        s1, s2 = zeros_like_params(params), zeros_like_params(params)
+        handle = _core.SequentialModel(core_params, True)
+        adam_t = [0]
+        epoch_no = [0]
+
+        def fastrec_epoch(order, n_threads):
+            out = handle.train_epoch(s1, s2, indptr, items, order, args.batch_size, training, dropout, "adam",
+                                     1e-3, 0.9, 0.98, 1e-8, adam_t[0], epoch_no[0], n_threads, "auto")
+            adam_t[0] = out[1]
+            epoch_no[0] += 1
+
+        def torch_batches(order):
+            batches = handle.epoch_batches(indptr, items, order, args.batch_size, training, epoch_no[0])
+            return [tuple(torch.from_numpy(a.astype(np.int64)) for a in b[:3]) for b in batches]
+
+        def torch_epoch(batches, n_threads):
+            torch.set_num_threads(n_threads)
+            for seqs, targets, negatives in batches:
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                loss = model(seqs, targets, negatives)
+                loss.backward()
+                for o in opts:
+                    o.step()
+
+        times = {(impl, n): [] for impl in ("fastrec", "torch") for n in args.threads}
+        load_before = load_avg()
+        order_rng = np.random.default_rng(1)
+        for r in range(args.rounds + 1):  # round 0 warms up (allocations, thread pools), not recorded
+            for n in args.threads:
+                order = order_rng.permutation(n_users).astype(np.int64)
+                batches = torch_batches(order)
+                t0 = time.perf_counter()
+                fastrec_epoch(order, n)
+                t1 = time.perf_counter()
+                torch_epoch(batches, n)
+                t2 = time.perf_counter()
+                if r:
+                    times["fastrec", n].append(t1 - t0)
+                    times["torch", n].append(t2 - t1)
+        load_after = load_avg()
+        print(f"\ndropout {dropout}: {args.rounds} rounds, load average {load_before:.2f} -> {load_after:.2f}")
+        print("| threads | fastrec examples/s | PyTorch examples/s | ratio (per-round) |")
+        print("|---|---|---|---|")
+        for n in args.threads:
+            fr = [n_users / t for t in times["fastrec", n]]
+            tr = [n_users / t for t in times["torch", n]]
+            ratios = [a / b for a, b in zip(fr, tr)]
+
+            def fmt(v):
+                return f"{statistics.median(v):,.0f} [{min(v):,.0f}-{max(v):,.0f}]"
+
+            print(f"| {n} | {fmt(fr)} | {fmt(tr)} | {statistics.median(ratios):.2f} "
+                  f"[{min(ratios):.2f}-{max(ratios):.2f}] |")
+
+
+if __name__ == "__main__":
+    main()
