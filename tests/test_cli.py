@@ -587,3 +587,44 @@ def test_every_two_tower_parameter_has_a_train_option():
     params = cli._recommender(args).get_params()
     assert (params["negatives"], params["temperature"], params["normalize"], params["index_options"]) == (
         "auto", 0.05, False, {"M": 16})
+
+
+# ------------------------------------------------------------------------------ sequential
+SEQ_PARAMS = dict(embedding_dim=8, max_len=6, epochs=2, early_stopping=False, random_state=0, n_threads=1)
+SEQ_OPTIONS = ["--embedding-dim", "8", "--max-len", "6", "--epochs", "2", "--no-early-stopping", "--seed", "0",
+               "--threads", "1"]
+
+
+def test_train_sequential_orders_events_by_the_time_column(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 30, 400)
+    items = rng.integers(0, 50, 400)
+    ts = rng.permutation(400) * 10
+    data = write_csv(tmp_path / "events.csv", {"user_id": users, "item_id": items, "ts": ts})
+    out = tmp_path / "seq.fastrec"
+    code, stdout, err = run(capsys, "train", data, "--model", "sequential", "--time-col", "ts", "-o", out,
+                            *SEQ_OPTIONS)
+    assert (code, err) == (0, ""), err
+    loaded = fastrec.load(out)
+    expected = fastrec.SequentialRecommender(**SEQ_PARAMS).fit(users, items, ts)
+    assert type(loaded) is fastrec.SequentialRecommender and loaded.get_params() == expected.get_params()
+    for a, b in zip(loaded.recommend([0, 1, 2], k=5), expected.recommend([0, 1, 2], k=5)):
+        np.testing.assert_array_equal(a, b)
+    code, stdout, _ = run(capsys, "recommend", out, "--users", "0", "-k", 3)
+    assert code == 0 and [r[2] for r in parse_recommendations(stdout, "csv")] == expected.recommend(
+        [0], k=3)[0].ravel().tolist()
+    code, stdout, _ = run(capsys, "info", out)
+    assert code == 0 and "SequentialRecommender" in stdout
+    for options, message in ((["--rating-col", "ts"], "--rating-col, --weight-col and feature files do not apply"),
+                             (["--time-col", "nope"], "nope")):
+        code, _, err = run(capsys, "train", data, "--model", "sequential", "-o", tmp_path / "m", *options)
+        assert code == 1 and message in err, err
+    code, _, err = run(capsys, "train", data, "-o", tmp_path / "m", "--time-col", "ts")
+    assert code == 1 and "--time-col applies to --model sequential" in err
+
+
+def test_every_sequential_parameter_has_a_train_option():
+    args = cli._parser().parse_args(["train", "data.csv", "-o", "m.fastrec", "--model", "sequential"])
+    defaults = fastrec.SequentialRecommender().get_params()
+    assert [p for p in defaults if p not in vars(args)] == []
+    assert cli._recommender(args).get_params() == defaults

@@ -7,9 +7,10 @@ from fastrec._persist import ModelFileError, load
 from fastrec.fields import FieldModel
 from fastrec.mlp import MLPClassifier, MLPRegressor
 from fastrec.recommender import Recommender
+from fastrec.sequential import SequentialRecommender
 from fastrec.two_tower import TwoTower
 from fastrec.two_stage import TwoStage
 
 _check_isa_environment()  # a mistyped FASTREC_ISA would otherwise be ignored silently by the core
 
-__all__ = ["FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor", "Recommender", "TwoTower", "TwoStage", "available_isas", "show_config", "__version__"]
+__all__ = ["FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor", "Recommender", "SequentialRecommender", "TwoTower", "TwoStage", "available_isas", "show_config", "__version__"]

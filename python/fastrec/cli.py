@@ -204,10 +204,10 @@ def _interactions(columns: dict, path: str, args):
 
 
 def _load_recommender(path: str):
-    """A fitted users x items recommender (a Recommender or a TwoTower) from a model file."""
+    """A fitted users x items recommender (a Recommender, TwoTower or SequentialRecommender) from a model file."""
     model = fastrec.load(path, mmap=True)  # opens in milliseconds whatever the model's size
     if not isinstance(model, RecommenderBase):
-        raise DataError(f"{path} holds a {type(model).__name__}, not a recommender (a Recommender or a TwoTower)")
+        raise DataError(f"{path} holds a {type(model).__name__}, not a recommender (a Recommender, TwoTower or SequentialRecommender)")
     if not model.__sklearn_is_fitted__():
         raise DataError(f"{path} holds a {type(model).__name__} that was never fitted")
     return model
@@ -223,7 +223,8 @@ def _demo(args):
 
 
 # The models `train --model` builds; an option applies to those that have its parameter.
-_MODELS = {"recommender": fastrec.Recommender, "two-tower": fastrec.TwoTower}
+_MODELS = {"recommender": fastrec.Recommender, "two-tower": fastrec.TwoTower,
+           "sequential": fastrec.SequentialRecommender}
 
 # option, model parameter, type, help (the defaults are the models', shown from them)
 _HYPER_PARAMETERS = [
@@ -266,6 +267,12 @@ _HYPER_PARAMETERS = [
     ("--nesterovs-momentum", "nesterovs_momentum", bool, "Nesterov's momentum (--optimizer sgd)"),
     ("--seed", "random_state", int, "random seed (the same seed gives the same model)"),
     ("--threads", "n_threads", int, "threads (the result does not depend on it; default all cores)"),
+    ("--max-len", "max_len", int, "sequential: events of a history the model reads (the latest)"),
+    ("--n-blocks", "n_blocks", int, "sequential: self-attention blocks"),
+    ("--n-heads", "n_heads", int, "sequential: attention heads"),
+    ("--dropout", "dropout", float, "sequential: dropout rate"),
+    ("--ffn-dim", "ffn_dim", int, "sequential: width of each block's feed-forward layer (default: the "
+     "embedding dim)"),
     ("--index", "index", ("exact", "hnsw"), "how recommend searches the item vectors (hnsw: approximate, "
      "needs fastrec[ann])"),
     ("--index-options", "index_options", "json", "options of the hnsw index as JSON, e.g. '{\"ef_search\": 128}'"),
@@ -335,7 +342,9 @@ def _recommender(args) -> RecommenderBase:
     given = {p: getattr(args, p) for _, p, *_ in _HYPER_PARAMETERS if getattr(args, p) is not None}
     foreign = [option for option, p, *_ in _HYPER_PARAMETERS if p in given and p not in accepted]
     if foreign:
-        others = " or ".join(f"--model {m}" for m in _MODELS if m != name)
+        foreign_params = {p for option, p, *_ in _HYPER_PARAMETERS if option in foreign}
+        others = " or ".join(f"--model {m}" for m in _MODELS
+                             if m != name and foreign_params & set(_model_params(m)))
         raise DataError(f"{', '.join(foreign)} {'applies' if len(foreign) == 1 else 'apply'} to {others}, not to "
                         f"--model {name}")
     return _MODELS[name](verbose=args.verbose, **given)
@@ -403,9 +412,21 @@ def _train(args):
                             "(--user-features / --item-features)")
 
     model = _recommender(args)
+    sequential = isinstance(model, fastrec.SequentialRecommender)
+    if sequential and (ratings is not None or weight is not None or tables):
+        raise DataError("--model sequential learns from events: --rating-col, --weight-col and feature files do "
+                        "not apply (give --time-col to order each user's events)")
+    if not sequential and args.time_col is not None:
+        raise DataError("--time-col applies to --model sequential")
     try:
-        model.fit(users, items, ratings, user_features=tables.get("user"), item_features=tables.get("item"),
-                  sample_weight=weight)
+        if sequential:
+            times = None
+            if args.time_col is not None:
+                times = _as_numbers(_column(columns, args.time_col, args.data), f"column {args.time_col!r}")
+            model.fit(users, items, times)
+        else:
+            model.fit(users, items, ratings, user_features=tables.get("user"), item_features=tables.get("item"),
+                      sample_weight=weight)
     except KeyboardInterrupt:
         return _save_interrupted(model, args.output)
     except (ValueError, TypeError) as e:
@@ -531,6 +552,15 @@ def _evaluate(args):
             print(f"{name:<14} {value}" if isinstance(value, int) else f"{name:<14} {value:.4f}")
 
 
+def _arrays(tree) -> list:
+    """The arrays of nested dicts and lists."""
+    if isinstance(tree, dict):
+        return [a for v in tree.values() for a in _arrays(v)]
+    if isinstance(tree, list):
+        return [a for v in tree for a in _arrays(v)]
+    return [tree] if isinstance(tree, np.ndarray) else []
+
+
 def _model_summary(path: str) -> dict:
     model = fastrec.load(path, mmap=True)  # validates the whole file without reading the arrays
     with zipfile.ZipFile(path) as z:
@@ -547,6 +577,8 @@ def _model_summary(path: str) -> dict:
         nets = getattr(net, "towers", [net])  # a TwoTower's net is a FieldNet per side
         summary["inputs"] = [f.name for n in nets for f in n.fields] + [d.name for n in nets for d in n.dense]
         weights = [w for n in nets for w in (*n.tables, *n.coefs, *n.intercepts, getattr(n, "gmf_w", None))]
+    elif isinstance(getattr(model, "params_", None), dict):  # a SequentialRecommender's arrays
+        weights = _arrays(model.params_)
     else:
         weights = [*getattr(model, "coefs_", []), *getattr(model, "intercepts_", [])]
     summary["parameters"] = int(sum(w.size for w in weights if w is not None))
@@ -636,15 +668,19 @@ def _parser() -> argparse.ArgumentParser:
                 "  fastrec train ratings.csv --rating-col rating --no-early-stopping --epochs 20 -o model.fastrec\n"
                 "  fastrec train clicks.parquet --item-features items.csv --multi-hot genres \\\n"
                 "      --hidden 128,64 --negatives 8 -o model.fastrec\n"
-                "  fastrec train clicks.csv --model two-tower --output-dim 32 -o retrieval.fastrec")
+                "  fastrec train clicks.csv --model two-tower --output-dim 32 -o retrieval.fastrec\n"
+                "  fastrec train events.csv --model sequential --time-col ts -o next.fastrec")
     p.add_argument("data", metavar="DATA", help="interactions: CSV or Parquet, one row per (user, item)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write")
     p.add_argument("--model", choices=tuple(_MODELS), default="recommender",
                    help="recommender: fastrec.Recommender (an MLP over the user's and item's embeddings, the "
                    "ranking model); two-tower: fastrec.TwoTower (a vector per user and per item, scored by inner "
-                   "product: the retrieval model). Default: %(default)s")
+                   "product: the retrieval model); sequential: fastrec.SequentialRecommender (self-attention over "
+                   "each user's ordered events: what they do next). Default: %(default)s")
     g = _add_columns(p, "rating column (explicit feedback); without it, implicit feedback")
     g.add_argument("--weight-col", metavar="NAME", help="per-interaction weight column (optional)")
+    g.add_argument("--time-col", metavar="NAME", help="--model sequential: event time column (numbers); each "
+                   "user's events are ordered by it, ties by row order (without it: row order)")
     g = p.add_argument_group("side features")
     g.add_argument("--user-features", metavar="FILE", help="user attributes, one row per user")
     g.add_argument("--item-features", metavar="FILE", help="item attributes, one row per item")
@@ -682,7 +718,7 @@ def _parser() -> argparse.ArgumentParser:
                 "--all-users writes every user the model knows to a Parquet file (-o; needs pyarrow), in chunks\n"
                 "of --chunk-size users (one Parquet row group each), so memory does not grow with the number of\n"
                 "users; the file appears only once complete (an existing one is replaced then, never left half\n"
-                "written). The model may be a Recommender or a TwoTower ('fastrec train --model two-tower').\n\n"
+                "written). The model may be any recommender (--model of fastrec train).\n\n"
                 "examples:\n"
                 "  fastrec recommend model.fastrec --users 1,2,3 --k 5\n"
                 "  fastrec recommend model.fastrec --users-file test.csv --format json -o top10.json\n"

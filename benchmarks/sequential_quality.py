@@ -1,0 +1,158 @@
+"""Quality of fastrec.SequentialRecommender on MovieLens-100k (issue 13), beside three baselines.
+
+    python benchmarks/sequential_quality.py /path/to/ml-100k [--seed 0] [--threads 2] [--configs 6] [--json out.json]
+
+Protocol (the SASRec paper's, Kang & McAuley, ICDM 2018, section IV-B, on MovieLens-100k): every rating is an
+event; each user's latest event (by timestamp; among ties one drawn at random, `fastrec.evaluation.
+leave_last_out`) is the test item, ranked against 99 items the user never touched, drawn uniformly (ties count
+against the model: `fastrec.evaluation.sampled_ranking`); HR@10 and NDCG@10 over users. Hyper-parameters
+and epochs are chosen on the previous-latest event (the same split applied to the training part), the
+chosen configuration is refit on the whole training part and scored once on test.
+
+Models, all computed here:
+- popularity: training events per item;
+- the `Recommender` (NeuMF-style field model) with its default settings (it early-stops on its own split);
+- transitions: score(i) = sum over the latest five events j (r = 1 latest) of decay^(r-1) P(i | j), with
+  P(i | j) the share of j's training successors that are i (plus 1e-9 x popularity to break ties); decay
+  chosen on validation from (1, 0.5, 0.25);
+- `SequentialRecommender`: a random search of `--configs` settings (the defaults first) on validation, each
+  trained with early stopping on the validation events (patience 10), the best refit for its best epoch.
+MovieLens may not be redistributed: `pip download --no-deps recbole==1.2.1`, unzip
+`recbole/dataset_example/ml-100k/` from the wheel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+import fastrec
+from fastrec.datasets import load_movielens
+from fastrec.evaluation import check_generator, leave_last_out, sampled_ranking
+
+
+class Popularity:
+    def fit(self, users, items):
+        ids, counts = np.unique(items, return_counts=True)
+        self.counts = dict(zip(ids.tolist(), counts.tolist()))
+        return self
+
+    def predict(self, users, items):
+        return np.array([self.counts.get(i, 0) for i in np.asarray(items).tolist()], np.float64)
+
+
+class Transitions:
+    """Item-to-item transition counts over each user's latest five events."""
+
+    def __init__(self, decay=0.5, window=5):
+        self.decay, self.window = decay, window
+
+    def fit(self, users, items, timestamps):
+        order = np.lexsort((np.arange(len(users)), timestamps, users))
+        u, i = np.asarray(users)[order], np.asarray(items)[order]
+        self.items = {x: n for n, x in enumerate(np.unique(i).tolist())}
+        codes = np.array([self.items[x] for x in i.tolist()])
+        same = u[1:] == u[:-1]
+        n = len(self.items)
+        C = np.zeros((n, n))
+        np.add.at(C, (codes[:-1][same], codes[1:][same]), 1.0)
+        self.P = C / np.maximum(C.sum(axis=1, keepdims=True), 1.0)
+        self.pop = np.bincount(codes, minlength=n) * 1e-9
+        self.latest = {}
+        for user in np.unique(u).tolist():
+            self.latest[user] = codes[u == user][-self.window:][::-1]  # latest first
+        return self
+
+    def predict(self, users, items):
+        out = np.empty(len(users))
+        weights = self.decay ** np.arange(self.window)
+        cache = {}
+        for r, (user, item) in enumerate(zip(np.asarray(users).tolist(), np.asarray(items).tolist())):
+            if user not in cache:
+                hist = self.latest.get(user, np.zeros(0, int))
+                cache[user] = weights[:len(hist)] @ self.P[hist] + self.pop if len(hist) else self.pop
+            code = self.items.get(item)
+            out[r] = cache[user][code] if code is not None else 0.0
+        return out
+
+
+SPACE = dict(dropout=[0.2, 0.5], learning_rate=[1e-3, 2e-3], max_len=[50, 100], embedding_dim=[64],
+             n_blocks=[2], negatives=[1, 4])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("path")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", type=int, default=6)
+    ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    data = load_movielens(args.path)
+    U, I, T = data.users, data.items, data.timestamps
+    universe = np.unique(I)
+    tr, te = leave_last_out(U, T, random_state=args.seed)
+    itr, iva = leave_last_out(U[tr], T[tr], random_state=args.seed + 1)
+    fit_idx, val_idx = tr[itr], tr[iva]
+    print(f"# MovieLens-100k: {len(U)} events, {len(np.unique(U))} users, {len(universe)} items; train {len(tr)}, "
+          f"test {len(te)}; search: fit {len(fit_idx)}, validation {len(val_idx)}", flush=True)
+
+    def rank(model, train, test, rs):
+        r = sampled_ranking(model, U[test], I[test], seen_users=U[train], seen_items=I[train], items=universe,
+                            n_negatives=99, k=10, random_state=rs)
+        return r["hr@10"], r["ndcg@10"]
+
+    results = {}
+    results["popularity"] = rank(Popularity().fit(U[tr], I[tr]), tr, te, args.seed + 3)
+    best = max((rank(Transitions(d).fit(U[fit_idx], I[fit_idx], T[fit_idx]), fit_idx, val_idx, args.seed + 2)[1], d)
+               for d in (1.0, 0.5, 0.25))
+    results["transitions (last 5)"] = rank(Transitions(best[1]).fit(U[tr], I[tr], T[tr]), tr, te, args.seed + 3)
+    print(f"transitions: decay {best[1]} chosen (validation NDCG@10 {best[0]:.4f})", flush=True)
+    t0 = time.perf_counter()
+    rec = fastrec.Recommender(random_state=args.seed, n_threads=args.threads).fit(U[tr], I[tr])
+    results["Recommender (defaults)"] = rank(rec, tr, te, args.seed + 3)
+    print(f"Recommender: {time.perf_counter() - t0:.1f} s", flush=True)
+
+    rng = check_generator(args.seed + 100)
+    defaults = fastrec.SequentialRecommender().get_params()
+    configs = [{}] + [{k: v[rng.integers(len(v))] for k, v in SPACE.items()} for _ in range(args.configs - 1)]
+    search = []
+    for cfg in configs:
+        params = dict(defaults, **cfg, random_state=args.seed, n_threads=args.threads, epochs=args.max_epochs,
+                      n_iter_no_change=10)
+        t0 = time.perf_counter()
+        m = fastrec.SequentialRecommender(**params).fit(U[fit_idx], I[fit_idx], T[fit_idx],
+                                                        validation_data=(U[val_idx], I[val_idx]))
+        val = max(m.history_["val_ndcg@10"])
+        search.append((val, m.best_epoch_, cfg))
+        print(f"  config {cfg or 'defaults'}: validation NDCG@10 {val:.4f} at epoch {m.best_epoch_} "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    val, epochs, cfg = max(search, key=lambda r: r[0])
+    t0 = time.perf_counter()
+    model = fastrec.SequentialRecommender(**dict(defaults, **cfg, random_state=args.seed, n_threads=args.threads,
+                                                 epochs=epochs, early_stopping=False)).fit(U[tr], I[tr], T[tr])
+    fit_s = time.perf_counter() - t0
+    results["SequentialRecommender (chosen)"] = rank(model, tr, te, args.seed + 3)
+    d_val = search[0]
+    print(f"chosen {cfg or 'defaults'} for {epochs} epochs (validation NDCG@10 {val:.4f}; defaults "
+          f"{d_val[0]:.4f}); refit {fit_s:.1f} s", flush=True)
+    print("\n| model | HR@10 | NDCG@10 |\n|---|---|---|")
+    for name, (hr, ndcg) in results.items():
+        print(f"| {name} | {hr:.4f} | {ndcg:.4f} |")
+    hr, ndcg = results["SequentialRecommender (chosen)"]
+    ok = hr >= 0.69 and ndcg >= 0.40
+    print(f"\nbar HR@10 >= 0.69 and NDCG@10 >= 0.40: {'PASS' if ok else 'MISS'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "search": [(v, e, c) for v, e, c in search], "chosen": cfg,
+                       "epochs": epochs}, f, indent=1, default=str)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
