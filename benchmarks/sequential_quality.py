@@ -80,8 +80,8 @@ class Transitions:
         return out
 
 
-SPACE = dict(dropout=[0.2, 0.5], learning_rate=[1e-3, 2e-3], max_len=[50, 100], embedding_dim=[64],
-             n_blocks=[2], negatives=[1, 4])
+SPACE = dict(loss=["bce", "softmax"], dropout=[0.2, 0.5], learning_rate=[1e-3, 2e-3], max_len=[50, 100],
+             negatives=[1, 4], n_blocks=[1, 2])
 
 
 def main(argv=None):
@@ -96,9 +96,8 @@ def main(argv=None):
     data = load_movielens(args.path)
     U, I, T = data.users, data.items, data.timestamps
     universe = np.unique(I)
-    tr, te = leave_last_out(U, T, random_state=args.seed)
-    itr, iva = leave_last_out(U[tr], T[tr], random_state=args.seed + 1)
-    fit_idx, val_idx = tr[itr], tr[iva]
+    fit_idx, val_idx, te = leave_last_out(U, T, random_state=args.seed, validation=True)
+    tr = np.sort(np.concatenate([fit_idx, val_idx]))
     print(f"# MovieLens-100k: {len(U)} events, {len(np.unique(U))} users, {len(universe)} items; train {len(tr)}, "
           f"test {len(te)}; search: fit {len(fit_idx)}, validation {len(val_idx)}", flush=True)
 

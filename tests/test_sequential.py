@@ -58,6 +58,15 @@ def test_learns_the_order_of_events(fitted, walks):
     assert hits >= 0.8, hits
 
 
+def test_softmax_objective_learns_the_order(walks):
+    users, items, times = walks
+    model = _model(loss="softmax").fit(users, items, times)
+    latest = _latest(users, items, times)
+    ids, _ = model.recommend(np.array(sorted(latest)), k=1)
+    hits = np.mean([ids[q, 0] == (latest[u] + 1) % 40 for q, u in enumerate(sorted(latest))])
+    assert hits >= 0.8, hits
+
+
 def test_recommend_histories_equals_trained_user(fitted, walks):
     users, items, times = walks
     u = users[0]

@@ -24,7 +24,7 @@ from fastrec.features import as_id_array
 __all__ = ["SequentialRecommender"]
 
 OPTIMIZERS = ("adam", "sgd")
-LOSSES = ("bce",)
+LOSSES = ("bce", "softmax")
 _BLOCK_KEYS = ("ln1_gamma", "ln1_beta", "Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo",
                "ln2_gamma", "ln2_beta", "W1", "b1", "W2", "b2")
 _STRUCTURE = ("embedding_dim", "max_len", "n_blocks", "n_heads", "ffn_dim", "optimizer")
@@ -93,10 +93,12 @@ class SequentialRecommender(RecommenderBase):
         Width of each block's feed-forward layer (None: embedding_dim).
     dropout : float, default=0.2
         Dropout rate on the embedding sum, each attention output and each feed-forward output.
-    loss : {"bce"}, default="bce"
-        Binary cross-entropy of the next item against ``negatives`` sampled items at every position (SASRec).
+    loss : {"bce", "softmax"}, default="bce"
+        "bce": binary cross-entropy of the next item against ``negatives`` sampled items at every position
+        (SASRec). "softmax": cross-entropy over the batch's distinct next items, with the log-Q correction for
+        how often each item is a target (as the TwoTower's in-batch softmax); ``negatives`` is not used.
     negatives : int, default=1
-        Sampled negatives per position (never an item of the user's history).
+        Sampled negatives per position for "bce" (never an item of the user's history).
     optimizer : {"adam", "sgd"}, default="adam"
         Dense weights: Adam or plain SGD; item rows: lazy Adam / plain SGD on the rows a batch touches.
     learning_rate : float, default=1e-3
@@ -602,8 +604,11 @@ class _SequenceNet:
         self.est = est
         self.users = users
         indptr, items = est._seen
-        self.training = {"negatives": int(est.negatives), "n_items": len(est._items), "seed": 0,
-                         "seen": (indptr, (items - 1).astype(np.int32))}
+        self.training = {"loss": est.loss, "negatives": int(est.negatives) if est.loss == "bce" else 0,
+                         "n_items": len(est._items), "seed": 0, "seen": (indptr, (items - 1).astype(np.int32))}
+        if est.loss == "softmax":  # each item's share of the training events: the log-Q correction
+            counts = est._seen_counts[1:]
+            self.training["item_prob"] = (counts / max(counts.sum(), 1.0)).astype(np.float32)
 
     def train_epoch(self, handle, keys, y, weight, order, *, batch_size, alpha, learning_rate, momentum, nesterov,
                     beta_1, beta_2, epsilon, sampler, epoch, n_threads, progress):
