@@ -16,7 +16,9 @@ Models, all computed here:
   P(i | j) the share of j's training successors that are i (plus 1e-9 x popularity to break ties); decay
   chosen on validation from (1, 0.5, 0.25);
 - `SequentialRecommender`: a random search of `--configs` settings (the defaults first) on validation, each
-  trained with early stopping on the validation events (patience 10), the best refit for its best epoch.
+  trained with early stopping on the validation events (patience 10), the best refit for its best epoch;
+  and the defaults as a user gets them (`fit` on the training part, early stopping on its own held-out latest
+  events).
 MovieLens may not be redistributed: `pip download --no-deps recbole==1.2.1`, unzip
 `recbole/dataset_example/ml-100k/` from the wheel.
 """
@@ -137,6 +139,11 @@ def main(argv=None):
                                                  epochs=epochs, early_stopping=False)).fit(U[tr], I[tr], T[tr])
     fit_s = time.perf_counter() - t0
     results["SequentialRecommender (chosen)"] = rank(model, tr, te, args.seed + 3)
+    t0 = time.perf_counter()
+    plain = fastrec.SequentialRecommender(random_state=args.seed, n_threads=args.threads).fit(U[tr], I[tr], T[tr])
+    results["SequentialRecommender (defaults)"] = rank(plain, tr, te, args.seed + 3)
+    print(f"defaults: fit {time.perf_counter() - t0:.1f} s ({len(plain.history_['loss'])} epochs, best "
+          f"{plain.best_epoch_})", flush=True)
     d_val = search[0]
     print(f"chosen {cfg or 'defaults'} for {epochs} epochs (validation NDCG@10 {val:.4f}; defaults "
           f"{d_val[0]:.4f}); refit {fit_s:.1f} s", flush=True)
