@@ -418,45 +418,34 @@ void block_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, 
   resize_cache(c, ws, f, dropout > 0.0);
   qkv_forward(ks, ws, b, c, n_threads);
   attention_forward(ks, ws, c, n_threads);
-  // x += (o Wo + bo) * da
   float* x = ws.x.data();
   float* t1 = ws.t1.data();
-  Epilogue out;
-  out.bias = m.block(b, kBo);
-  if (dropout > 0.0) {
-    sgemm(ks, false, false, R, d, d, c.o.data(), d, m.block(b, kWo), d, t1, d, &out, n_threads);
-    dropout_mask(stream, 1 + 2 * b, dropout, ws.pos.data(), R, d, c.da.data(), n_threads);
-    for_rows(R, n_threads, [&](index_t r0, index_t r1) {
-      for (index_t i = r0 * d; i < r1 * d; ++i) x[i] += t1[i] * c.da[i];
-    });
-  } else {
-    out.addend = x;
-    out.ld_addend = d;
-    out.addend_scale = 1.0f;
-    sgemm(ks, false, false, R, d, d, c.o.data(), d, m.block(b, kWo), d, t1, d, &out, n_threads);
-    std::memcpy(x, t1, sizeof(float) * static_cast<std::size_t>(R * d));
-  }
+  // x += (A W + bias) * mask, the mask of dropout site `site`; without dropout the addend of the epilogue.
+  auto add_residual = [&](const float* A, index_t k, const float* W, const float* bias, int site, float* mask) {
+    Epilogue e;
+    e.bias = bias;
+    if (dropout > 0.0) {
+      sgemm(ks, false, false, R, d, k, A, k, W, d, t1, d, &e, n_threads);
+      dropout_mask(stream, site, dropout, ws.pos.data(), R, d, mask, n_threads);
+      for_rows(R, n_threads, [&](index_t r0, index_t r1) {
+        for (index_t i = r0 * d; i < r1 * d; ++i) x[i] += t1[i] * mask[i];
+      });
+    } else {
+      e.addend = x;
+      e.ld_addend = d;
+      e.addend_scale = 1.0f;
+      sgemm(ks, false, false, R, d, k, A, k, W, d, t1, d, &e, n_threads);
+      std::memcpy(x, t1, sizeof(float) * static_cast<std::size_t>(R * d));
+    }
+  };
+  add_residual(c.o.data(), d, m.block(b, kWo), m.block(b, kBo), 1 + 2 * b, c.da.data());
   ln_forward(ks, x, R, d, m.block(b, kLn2Gamma), m.block(b, kLn2Beta), ws.ones.data(), c.xhat2.data(),
              c.rstd2.data(), c.h2.data(), n_threads);
   Epilogue hidden;
   hidden.bias = m.block(b, kB1);
   hidden.act = Activation::Relu;
   sgemm(ks, false, false, R, f, d, c.h2.data(), d, m.block(b, kW1), f, c.u.data(), f, &hidden, n_threads);
-  Epilogue ffn;
-  ffn.bias = m.block(b, kB2);
-  if (dropout > 0.0) {
-    sgemm(ks, false, false, R, d, f, c.u.data(), f, m.block(b, kW2), d, t1, d, &ffn, n_threads);
-    dropout_mask(stream, 2 + 2 * b, dropout, ws.pos.data(), R, d, c.df.data(), n_threads);
-    for_rows(R, n_threads, [&](index_t r0, index_t r1) {
-      for (index_t i = r0 * d; i < r1 * d; ++i) x[i] += t1[i] * c.df[i];
-    });
-  } else {
-    ffn.addend = x;
-    ffn.ld_addend = d;
-    ffn.addend_scale = 1.0f;
-    sgemm(ks, false, false, R, d, f, c.u.data(), f, m.block(b, kW2), d, t1, d, &ffn, n_threads);
-    std::memcpy(x, t1, sizeof(float) * static_cast<std::size_t>(R * d));
-  }
+  add_residual(c.u.data(), f, m.block(b, kW2), m.block(b, kB2), 2 + 2 * b, c.df.data());
 }
 
 // The whole forward pass of the prepared batch: ws.z (R x d). training: one cache per block (kept for

@@ -16,8 +16,8 @@ import numpy as np
 
 from fastrec import _core
 from fastrec._checks import as_array, check_bool, check_float, check_int
-from fastrec._fieldnet import run_epochs
-from fastrec._recbase import RecommenderBase
+from fastrec._fieldnet import check_structure, run_epochs
+from fastrec._recbase import RecommenderBase, _merge_seen
 from fastrec._registry import persistable
 from fastrec.features import as_id_array
 
@@ -46,7 +46,7 @@ def _check_timestamps(timestamps, n):
         if np.isnat(t).any():
             raise ValueError("timestamps contains NaT")
         return t.astype("datetime64[ns]").astype(np.int64).astype(np.float64)
-    if not np.issubdtype(t.dtype, np.number) or t.dtype.kind == "c" or t.dtype == bool:
+    if not np.issubdtype(t.dtype, np.number) or t.dtype.kind == "c":
         raise TypeError(f"timestamps must be real numbers or datetime64, got dtype {t.dtype}")
     t = t.astype(np.float64)
     if not np.isfinite(t).all():
@@ -205,8 +205,6 @@ class SequentialRecommender(RecommenderBase):
             return self
         self._validate_params(True)
         self._check_base_params()
-        from fastrec._fieldnet import check_structure
-
         check_structure(self)
         self._merge_buffer()
         self._grow(users, items, None, None)
@@ -515,8 +513,6 @@ class SequentialRecommender(RecommenderBase):
         i = np.asarray(buffer[1], np.int32)
         self._buffer = ([], [], [])
         self._append(u, i, np.asarray(buffer[2], np.float64))
-        from fastrec._recbase import _merge_seen
-
         self._seen = _merge_seen(*self._seen, u.astype(np.int32), i + 1, len(self._items) + 1)
         self._seen_counts = self._seen_counts + np.bincount(i + 1, minlength=len(self._items) + 1)
         self._update_counts()
@@ -535,11 +531,13 @@ class SequentialRecommender(RecommenderBase):
     def _padded(self, indptr, items0, rows):
         """(len(rows), max_len) int32 item rows: each CSR row's latest max_len entries, left-padded with -1."""
         L = int(self.params_["position_table"].shape[0])
+        rows = np.asarray(rows, np.int64)
+        ends = indptr[rows + 1]
+        n = np.minimum(ends - indptr[rows], L)
+        q = np.repeat(np.arange(len(rows)), n)
+        j = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)  # position within each kept tail
         out = np.full((len(rows), L), -1, np.int32)
-        for q, r in enumerate(np.asarray(rows)):
-            seq = items0[indptr[r]:indptr[r + 1]][-L:]
-            if len(seq):
-                out[q, L - len(seq):] = seq
+        out[q, L - n[q] + j] = items0[ends[q] - n[q] + j]
         return out
 
     def _user_states(self, user_rows):
@@ -616,6 +614,7 @@ class _SequenceNet:
         indptr, items, _ = est._hist
         loss_sum, adam_t, rows, diverged, error = handle.train_epoch(
             est._state[0], est._state[1], indptr, items, self.users[order], batch_size, sampler,
+            # beta_2 0.98: SASRec's Adam setting (run_epochs passes the MLPs' 0.999)
             float(est.dropout), est.optimizer, learning_rate, beta_1, 0.98, epsilon, est._adam_t, epoch, n_threads,
             "auto", progress)
         est._adam_t = adam_t
