@@ -75,6 +75,18 @@ def test_exclusion_and_candidates(isa, rng, dim, n_queries):
     assert_same(got, want)
 
 
+@pytest.mark.parametrize("n_queries", [1, 40])
+def test_a_run_of_consecutive_candidates_is_read_in_place(isa, rng, n_queries):
+    # candidates [3, 590): read as a table from row 3 (not gathered); 587 rows leave a partial micro-panel.
+    items = int_vectors(rng, 600, 33)
+    queries = int_vectors(rng, n_queries, 33)
+    exclude = random_exclude(rng, n_queries, 600)
+    candidates = np.arange(3, 590, dtype=np.int32)
+    want = brute_force(queries, items, 10, candidates=candidates, exclude=exclude)
+    got = _core.inner_product_topk(queries, items, 10, candidates=candidates, exclude=exclude, isa=isa)
+    assert_same(got, want)
+
+
 def test_exclude_rows_map_queries_to_rows(isa, rng):
     items = int_vectors(rng, 300, 16)
     queries = int_vectors(rng, 30, 16)
