@@ -520,11 +520,7 @@ class RecommenderBase(BaseEstimator):
             if unknown:
                 raise ValueError(f"feature_types names {unknown}, not a column of a user_features / item_features "
                                  f"DataFrame (columns: {sorted(map(str, columns))})")
-        self._column_types_ = {}  # filled by _check_table: the types partial_fit and add_features reuse
-        user_features = self._check_table(user_features, "user_features", feature_types, first_fit=True)
-        item_features = self._check_table(item_features, "item_features", feature_types, first_fit=True)
-        for name in (self._fitted_attr, *self._caches, "best_epoch_", "validation_size_", "_held_out"):
-            self.__dict__.pop(name, None)
+        user_features, item_features = self._new_tables(user_features, item_features, feature_types)
         self._rng = check_random_state(self.random_state)
         held_out = None
         if auto_validation and validate is None and self.early_stopping and epochs > 1:
@@ -540,22 +536,41 @@ class RecommenderBase(BaseEstimator):
                 users, items = users[keep], items[keep]
                 ratings = None if ratings is None else ratings[keep]
                 weight = None if weight is None else weight[keep]
+        rating_stats = None if ratings is None else (
+            float(np.average(ratings, weights=weight)), float(ratings.min()), float(ratings.max()))
+        rows = self._new_model(users, items, rating_stats, user_features, item_features, config)
+        self._fit_interactions(users, items, ratings, weight, epochs, validate, also_seen=held_out, rows=rows)
+
+    def _new_tables(self, user_features, item_features, feature_types):
+        """The feature tables of a first fit, checked (their column types recorded); forgets a previous fit."""
+        self._column_types_ = {}  # filled by _check_table: the types partial_fit and add_features reuse
+        user_features = self._check_table(user_features, "user_features", feature_types, first_fit=True)
+        item_features = self._check_table(item_features, "item_features", feature_types, first_fit=True)
+        for name in (self._fitted_attr, *self._caches, "best_epoch_", "validation_size_", "_held_out"):
+            self.__dict__.pop(name, None)
+        return user_features, item_features
+
+    def _new_model(self, users, items, rating_stats, user_features, item_features, config):
+        """Entities of these interactions' ids (and the feature tables'), fresh parameters drawn from self._rng,
+        no seen pairs yet. rating_stats: (mean, min, max) of the ratings, None for implicit feedback. Returns the
+        interactions' (user entities, item entities). fastrec.dask builds each worker's replica this way, from
+        the distinct ids of every partition."""
         tables = {"user": user_features, "item": item_features}
         self._users = IdIndex(users, None if user_features is None else user_features.ids, what="users")
         self._items = IdIndex(items, None if item_features is None else item_features.ids, what="items")
         self._vocab_, self._numeric_stats_ = {}, {}
         for side in SIDES:
             self._fit_feature_encoding(side, tables[side])
-        self.implicit_ = ratings is None
-        self.rating_mean_ = 0.0 if self.implicit_ else float(np.average(ratings, weights=weight))
-        self.rating_range_ = None if self.implicit_ else (float(ratings.min()), float(ratings.max()))
+        self.implicit_ = rating_stats is None
+        self.rating_mean_ = 0.0 if self.implicit_ else rating_stats[0]
+        self.rating_range_ = None if self.implicit_ else (rating_stats[1], rating_stats[2])
         self._seen = (np.zeros(len(self._users) + 2, np.int64), np.zeros(0, np.int32))
         self._seen_counts = np.zeros(len(self._items) + 1, np.float64)
         self.history_ = {"loss": [], "seconds": []}
         rows = (entity_numbers(self._users, users), entity_numbers(self._items, items))  # once, for both uses
         self._build(*rows, tables, config)
         record_structure(self, self._structure_params)
-        self._fit_interactions(users, items, ratings, weight, epochs, validate, also_seen=held_out, rows=rows)
+        return rows
 
     @exclusive_fit
     def partial_fit(self, users, items, ratings=None, *, user_features=None, item_features=None,
