@@ -218,11 +218,16 @@ def _predict_part(model, users, items):
 
 
 # --------------------------------------------------------------------------------------------- the driver
-def _combine(deltas):
-    """Rows: each changed row's mean over the replicas that changed it; dense arrays: their mean over the
-    replicas that trained; Adam's step: the largest."""
+def _combine(deltas, net):
+    """Rows: each changed row gets its old value plus every replica's change to it (a row one replica changed
+    keeps that replica's value), its optimizer state the mean of theirs; dense arrays: their mean over the
+    replicas that trained; Adam's step: the largest. `net`: the model before the round.
+
+    Summing row changes keeps a popular item learning as fast as on one machine (averaging them divided its
+    progress by the replicas: MovieLens-100k test RMSE gap to a local fit +0.0076 summed, benchmarks/DASK.md);
+    summing the dense weights' changes too overshot at coarse rounds (+0.042 at one round per epoch)."""
     tables = []
-    for parts in zip(*(d["tables"] for d in deltas)):
+    for (old, _, _), parts in zip(_tables(net), zip(*(d["tables"] for d in deltas))):
         rows = np.concatenate([p[0] for p in parts])
         order = np.argsort(rows, kind="stable")
         rows = rows[order]
@@ -236,6 +241,11 @@ def _combine(deltas):
                 combined.append(np.concatenate([p[j] for p in parts])[order])
             else:
                 values = np.concatenate([p[j] for p in parts])[order]
+                if j == 1:  # the row's old value plus every replica's change
+                    base = old[rows[starts]].astype(np.float64)
+                    changes = values - np.repeat(base, count, axis=0)
+                    combined.append((base + np.add.reduceat(changes, starts, axis=0)).astype(np.float32))
+                    continue
                 total = np.add.reduceat(values, starts, axis=0, dtype=np.float64)
                 combined.append((total / count.reshape(-1, *[1] * (values.ndim - 1))).astype(np.float32))
         tables.append(tuple(combined))
@@ -400,7 +410,7 @@ class DaskRecommender:
                     break
                 loss += sum(d["loss"] for d in deltas)
                 rows += sum(d["rows"] for d in deltas)
-                update = _combine(deltas)
+                update = _combine(deltas, model.net_)
                 self.round_bytes_.append(sum(_update_bytes(d) for d in deltas) + len(workers) * _update_bytes(update))
                 _apply(model.net_, update)
                 futures[:] = [f for f in futures if all(f is not c for c in calls)]
@@ -496,7 +506,7 @@ class DaskRecommender:
         if not hasattr(users, "to_delayed"):
             raise TypeError(f"users must be a dask array or Series, got {type(users).__name__}")
         d = users.to_delayed()
-        parts = list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d)
+        parts = client.compute(list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d))
         calls = [client.submit(_recommend_part, m, p, k, exclude_seen, items, pure=False) for p in parts]
         kind = model._items.ids.dtype
         meta = pd.DataFrame({"user": np.zeros(0, np.asarray(model._users.ids).dtype), "rank": np.zeros(0, np.int64),
@@ -514,7 +524,7 @@ class DaskRecommender:
             if not hasattr(x, "to_delayed"):
                 raise TypeError(f"{name} must be a dask array or Series, got {type(x).__name__}")
             d = x.to_delayed()
-            cols.append(list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d))
+            cols.append(client.compute(list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d)))
         if len(cols[0]) != len(cols[1]):
             raise ValueError(f"users has {len(cols[0])} partitions but items has {len(cols[1])}")
         blocks = [da.from_delayed(dask.delayed(client.submit(_predict_part, m, u, i, pure=False)), shape=(np.nan,),
