@@ -1,0 +1,108 @@
+"""Issue 14 speed: DaskRecommender on 2 worker processes x 1 thread against 1 worker x 1 thread, one run.
+
+    python benchmarks/bench_dask.py [--interactions 10000000] [--users 1000000] [--items 100000] [--rounds 2]
+
+Synthetic implicit interactions (users uniform, items Zipf-like popularity with exponent 0.8) with side
+features (users: a 100-value categorical "region" and a numeric "age"; items: a 1,000-value categorical
+"category"), written once to Parquet (--data, 8 files) and read with dask.dataframe.read_parquet: each fit
+reads its partitions from the files. Model: the Recommender's defaults except embedding_dim 32, hidden
+(64, 32), epochs 1, early_stopping False, n_threads 1; sync once per epoch (DaskRecommender's default).
+For each round, in alternating order, a LocalCluster of 1 worker and one of 2 workers (processes, 1 thread
+each) run the whole `fit` (reading, distributed unique, replicas, training, combining, collecting the seen
+items): interactions per second of that wall time. Then the batch top-10 of --score-users users (every
+item, seen items excluded) through `DaskRecommender.recommend(...).compute()`: users per second. Prints
+median [min-max] of each and the per-round ratios, and the bytes the fit exchanged per round.
+"""
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def make_data(path, n, n_users, n_items, seed=0):
+    import pandas as pd
+
+    if os.path.exists(os.path.join(path, "_done")):
+        return
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    cdf = np.cumsum(weights / weights.sum())
+    users = rng.integers(0, n_users, n)
+    items = rng.permutation(n_items)[np.minimum(np.searchsorted(cdf, rng.random(n)), n_items - 1)]
+    os.makedirs(path, exist_ok=True)
+    for p, idx in enumerate(np.array_split(np.arange(n), 8)):
+        pd.DataFrame({"user": users[idx], "item": items[idx]}).to_parquet(f"{path}/part-{p}.parquet")
+    pd.DataFrame({"region": rng.integers(0, 100, n_users).astype(str), "age": rng.normal(35, 10, n_users)},
+                 index=pd.RangeIndex(n_users, name="user")).to_parquet(f"{path}/../users.parquet")
+    pd.DataFrame({"category": rng.integers(0, 1000, n_items).astype(str)},
+                 index=pd.RangeIndex(n_items, name="item")).to_parquet(f"{path}/../items.parquet")
+    open(os.path.join(path, "_done"), "w").close()
+
+
+def table_bytes(dm):
+    net = dm.to_local().net_
+    return sum(a.nbytes for a in net.tables + net.table_state1 + net.table_state2 if a is not None)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--interactions", type=int, default=10_000_000)
+    ap.add_argument("--users", type=int, default=1_000_000)
+    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--score-users", type=int, default=20_000)
+    ap.add_argument("--data", default="/tmp/fastrec_bench_dask/interactions")
+    args = ap.parse_args()
+
+    import dask.array as da
+    import dask.dataframe as dd
+    import pandas as pd
+    from distributed import Client, LocalCluster
+
+    from fastrec.dask import DaskRecommender
+
+    make_data(args.data, args.interactions, args.users, args.items)
+    user_features = pd.read_parquet(f"{args.data}/../users.parquet")
+    item_features = pd.read_parquet(f"{args.data}/../items.parquet")
+    params = dict(embedding_dim=32, hidden_layer_sizes=(64, 32), epochs=1, early_stopping=False, n_threads=1,
+                  random_state=0)
+    score_users = np.random.default_rng(1).choice(args.users, args.score_users, replace=False)
+    results = {1: {"fit": [], "top10": []}, 2: {"fit": [], "top10": []}}
+    print(f"# {args.interactions:,} interactions, {args.users:,} users, {args.items:,} items; "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    for r in range(args.rounds):
+        for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                              memory_limit=None) as cluster, Client(cluster) as client:
+                frame = dd.read_parquet(args.data)
+                start = time.perf_counter()
+                dm = DaskRecommender(client=client, **params).fit(
+                    frame["user"], frame["item"], user_features=user_features, item_features=item_features,
+                    feature_types={"region": "categorical", "age": "numeric", "category": "categorical"})
+                fit_s = time.perf_counter() - start
+                results[workers]["fit"].append(args.interactions / fit_s)
+                users = da.from_array(score_users, chunks=-(-len(score_users) // (4 * workers)))
+                start = time.perf_counter()
+                top = dm.recommend(users, k=10).compute()
+                top_s = time.perf_counter() - start
+                assert len(top) == 10 * len(score_users)
+                results[workers]["top10"].append(len(score_users) / top_s)
+                print(f"round {r} workers {workers}: fit {fit_s:.1f} s ({args.interactions / fit_s:,.0f}/s; "
+                      f"epoch {dm.to_local().history_['seconds'][0]:.1f} s), top-10 {top_s:.1f} s; bytes per "
+                      f"round {[f'{b / 1e6:.0f} MB' for b in dm.round_bytes_]} (every replica's changed rows + the combined "
+                      f"rows sent to each; the tables with their optimizer state: {table_bytes(dm) / 1e6:.0f} MB "
+                      f"per copy); "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+    print("\n| what | 1 worker | 2 workers | ratio per round |\n|---|---|---|---|")
+    for what, unit in (("fit", "interactions/s"), ("top10", "users/s")):
+        one, two = np.array(results[1][what]), np.array(results[2][what])
+        ratio = two / one
+        print(f"| {what} ({unit}) | {np.median(one):,.0f} [{one.min():,.0f}-{one.max():,.0f}] | "
+              f"{np.median(two):,.0f} [{two.min():,.0f}-{two.max():,.0f}] | {np.median(ratio):.2f} "
+              f"[{ratio.min():.2f}-{ratio.max():.2f}] |")
+
+
+if __name__ == "__main__":
+    main()
