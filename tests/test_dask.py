@@ -61,6 +61,23 @@ def test_one_replica_with_one_round_per_epoch_equals_a_local_fit_bitwise(threads
     np.testing.assert_array_equal(model.recommend(u[:20], 5)[0], local.recommend(u[:20], 5)[0])
 
 
+def test_partial_fit_with_new_ids_on_one_replica_equals_local_partial_fit(threads_client):
+    u, i, r = data()
+    u2, i2, r2 = data(n=2000, users=400, items=260, seed=1)  # users 300-399 and items 200-259 are new
+    dm = DaskRecommender(client=threads_client, **PARAMS).fit(chunked(u, 1), chunked(i, 1), chunked(r, 1))
+    before = [a.copy() for a in dm.to_local().net_._arrays()]
+    dm.partial_fit(chunked(u2, 1), chunked(i2, 1), chunked(r2, 1))
+    local = fastrec.Recommender(**PARAMS).fit(u, i, r).partial_fit(u2, i2, r2)
+    assert same_arrays(dm.to_local(), local)
+    assert dm.to_local().history_["loss"] == local.history_["loss"]
+    assert len(dm.to_local().history_["loss"]) == PARAMS["epochs"] + 1
+    assert not all(np.array_equal(a, b) for a, b in zip(before, dm.to_local().net_._arrays()))
+    np.testing.assert_array_equal(dm.to_local().recommend(u2[:20], 5)[0], local.recommend(u2[:20], 5)[0])
+    # Three replicas continue from the same model.
+    dm.partial_fit(chunked(u2, 3), chunked(i2, 3), chunked(r2, 3))
+    assert len(dm.to_local().history_["loss"]) == PARAMS["epochs"] + 2
+
+
 def test_three_replicas_learn_and_save_like_a_local_model(threads_client, tmp_path):
     u, i, r = data()
     dm = DaskRecommender(client=threads_client, **PARAMS).fit(chunked(u, 3), chunked(i, 3), chunked(r, 3))

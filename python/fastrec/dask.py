@@ -89,8 +89,12 @@ def _build(spec):
     return est
 
 
-def _start(job, replica, spec, seed, *parts):
-    est = _build(spec)
+def _start(job, replica, source, seed, *parts):
+    """Replica `replica`: the model built from `source` (a spec: first fit) or a copy of it (a fitted model:
+    partial_fit), with these partitions' rows and seen pairs. Returns their item counts and the digest."""
+    import copy
+
+    est = _build(source) if isinstance(source, tuple) else copy.deepcopy(source)
     users = np.concatenate([p[0] for p in parts])
     items = np.concatenate([p[1] for p in parts])
     ratings = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
@@ -193,9 +197,11 @@ def _round(job, replica, update, epoch, n_rows):
 
 
 def _seen_pairs(job, replica):
-    est = _replica(job, replica).est
-    indptr, items = est._seen
-    return np.repeat(np.arange(len(indptr) - 1, dtype=np.int32), np.diff(indptr)), items
+    """The replica's seen pairs (entity numbers), and its random stream's state (replica 0's continues the
+    model's)."""
+    rep = _replica(job, replica)
+    indptr, items = rep.est._seen
+    return np.repeat(np.arange(len(indptr) - 1, dtype=np.int32), np.diff(indptr)), items, rep.rng.get_state()
 
 
 def _drop(job):
@@ -331,6 +337,18 @@ class DaskRecommender:
         Feature tables are local (a FeatureTable or pandas DataFrame indexed by id): each worker gets a copy.
         Returns self; ``to_local()`` is the trained `fastrec.Recommender`.
         """
+        return self._run(users, items, ratings, sample_weight, user_features, item_features, feature_types, True)
+
+    def partial_fit(self, users, items, ratings=None, *, sample_weight=None, user_features=None, item_features=None,
+                    feature_types=None):
+        """One more epoch over these dask collections, continuing from the current model (as
+        `Recommender.partial_fit`: new ids are added, the interactions join the seen items). Each worker starts
+        from a copy of the model (sent once); on an unfitted model it is ``fit`` with one epoch."""
+        first = not hasattr(self, "model_")
+        return self._run(users, items, ratings, sample_weight, user_features, item_features, feature_types, first,
+                         epochs=1)
+
+    def _run(self, users, items, ratings, weight, user_features, item_features, feature_types, first, epochs=None):
         if self.sync_every is not None and (isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int)
                                             or self.sync_every < 1):
             raise ValueError(f"sync_every must be None (once per epoch) or a positive int, got {self.sync_every!r}")
@@ -339,94 +357,113 @@ class DaskRecommender:
         client = self._client()
         job = uuid.uuid4().hex
         futures = []
+        start = time.perf_counter()
         try:
-            self._fit(client, job, futures, users, items, ratings, sample_weight, user_features, item_features,
-                      feature_types)
+            parts = _partitions(client, users, items, ratings, weight)
+            futures += parts
+            stats = self._gather(client, client.map(_part_stats, parts, pure=False), "reading the partitions", [])
+            if sum(s[3] for s in stats) == 0:
+                raise ValueError("users is empty: nothing to train on")
+            if len({s[0].dtype.kind == "U" for s in stats if len(s[0])}) > 1:
+                raise TypeError("users mix strings and integers across partitions")
+            new_users = np.unique(np.concatenate([s[0] for s in stats]))
+            new_items = np.unique(np.concatenate([s[1] for s in stats]))
+            if first:
+                rating_stats = None
+                if ratings is not None:
+                    wr, w = sum(s[2][0] for s in stats), sum(s[2][1] for s in stats)
+                    rating_stats = (wr / w, min(s[2][2] for s in stats), max(s[2][3] for s in stats))
+                seed = self.params.get("random_state")
+                if not isinstance(seed, (int, np.integer)):  # every replica must draw the same initial arrays
+                    seed = int(check_random_state(seed).randint(0, 2**31 - 1))
+                source = (self.params, int(seed), new_users, new_items, rating_stats, user_features, item_features,
+                          feature_types)
+                model = _build(source)  # the driver's copy: every combined round is written into it
+            else:
+                # A copy, grown like Recommender.partial_fit grows: the fitted model is kept if this fails.
+                import copy
+
+                model = copy.deepcopy(self.model_)
+                if (ratings is None) != model.implicit_:
+                    raise ValueError("partial_fit needs the kind of feedback (ratings or implicit) of the first fit")
+                model._validate_params(ratings is None)
+                model._grow(new_users, new_items, model._check_table(user_features, "user_features", feature_types),
+                            model._check_table(item_features, "item_features", feature_types))
+                source, seed = model, int(model._rng.get_state()[1][0])  # not a draw: replica 0 continues the stream
+            self._train(client, job, futures, model, parts, source, seed,
+                        int(model.epochs) if epochs is None else epochs)
+        except WorkerLostError:
+            raise
+        except Exception as e:  # e.g. a send to a worker that just died: say so if that is what happened
+            lost = [w for w, _ in self.__dict__.get("_workers", []) if w not in client.scheduler_info()["workers"]]
+            if lost:
+                raise WorkerLostError(f"worker {lost[0]} left the cluster during the fit ({type(e).__name__}: {e}); "
+                                      "nothing was kept. Fit again (the cluster is usable).") from e
+            raise
         finally:
+            self.__dict__.pop("_workers", None)
             client.cancel(futures)
             try:
                 client.run(_drop, job)
             except Exception:  # a dead worker has nothing left to drop
                 pass
+        self.fit_seconds_ = time.perf_counter() - start
         return self
 
-    def _fit(self, client, job, futures, users, items, ratings, weight, user_features, item_features,
-             feature_types):
-        start = time.perf_counter()
-        parts = _partitions(client, users, items, ratings, weight)
-        futures += parts
-        stats = self._gather(client, client.map(_part_stats, parts, pure=False), "reading the partitions", {})
-        if any(s[3] == 0 for s in stats) and sum(s[3] for s in stats) == 0:
-            raise ValueError("users is empty: nothing to train on")
-        kinds = {s[0].dtype.kind == "U" for s in stats if len(s[0])}
-        if len(kinds) > 1:
-            raise TypeError("users mix strings and integers across partitions")
-        vocab_u = np.unique(np.concatenate([s[0] for s in stats]))
-        vocab_i = np.unique(np.concatenate([s[1] for s in stats]))
-        rating_stats = None
-        if ratings is not None:
-            wr, w = sum(s[2][0] for s in stats), sum(s[2][1] for s in stats)
-            rating_stats = (wr / w, min(s[2][2] for s in stats), max(s[2][3] for s in stats))
-        seed = self.params.get("random_state")
-        if not isinstance(seed, (int, np.integer)):  # every replica must draw the same initial arrays
-            seed = int(check_random_state(seed).randint(0, 2**31 - 1))
-        spec = (self.params, int(seed), vocab_u, vocab_i, rating_stats, user_features, item_features, feature_types)
-        model = _build(spec)  # the driver's copy: every combined round is written into it
-        workers = self._placement(client, parts)
-        self.replica_workers_ = [w for w, _ in workers]
-        self.replica_partitions_ = [p for _, p in workers]
-        spec_f = client.scatter([spec], broadcast=True, hash=False)[0]
-        futures.append(spec_f)
-        started = [client.submit(_start, job, r, spec_f, None if r == 0 else int(seed) + 7919 * r,
+    def _train(self, client, job, futures, model, parts, source, seed, epochs):
+        """Replicas from `source` on the workers, `epochs` epochs of rounds, then the seen pairs into `model`."""
+        workers = self._workers = self._placement(client, parts)
+        shared = self._share(client, source, workers, "building the replicas")
+        futures.append(shared)
+        started = [client.submit(_start, job, r, shared, None if r == 0 else int(seed) + 7919 * r,
                                  *[parts[p] for p in ps], workers=[w], allow_other_workers=False, pure=False)
                    for r, (w, ps) in enumerate(workers)]
         futures += started
         built = self._gather(client, started, "building the replicas", workers)
-        digests = {d for _, d in built}
-        if digests != {_vocabulary_digest(model)}:  # never train replicas that disagree on what a row means
+        if {d for _, d in built} != {_vocabulary_digest(model)}:  # never train replicas that disagree on a row
             raise RuntimeError("the workers built different id mappings or initial parameters (fastrec or NumPy "
                                "versions differ between the workers and the client?)")
-        counts = sum(c for c, _ in built)
+        counts = model._seen_counts + sum(c for c, _ in built)
         done = [client.submit(_counts, job, r, counts, workers=[w], allow_other_workers=False, pure=False)
                 for r, (w, _) in enumerate(workers)]
         futures += done
         self._gather(client, done, "building the replicas", workers)
-        model._seen_counts = counts
-        epochs = int(model.epochs)
         rows_per_round = (1 << 62) if self.sync_every is None else self.sync_every * int(model.batch_size)
-        update, self.round_bytes_ = None, []
-        history = {"loss": [], "seconds": []}
-        for epoch in range(epochs):
+        update, round_bytes = None, []
+        for epoch in range(len(model.history_["loss"]), len(model.history_["loss"]) + epochs):
             epoch_start = time.perf_counter()
             loss, rows, left = 0.0, 0, True
             while left:
-                shared = None if update is None else client.scatter([update], broadcast=True, hash=False)[0]
+                shared = None if update is None else self._share(client, update, workers, f"epoch {epoch + 1}")
                 calls = [client.submit(_round, job, r, shared, epoch, rows_per_round, workers=[w],
                                        allow_other_workers=False, pure=False) for r, (w, _) in enumerate(workers)]
                 futures += calls
                 deltas = [d for d in self._gather(client, calls, f"epoch {epoch + 1}", workers) if d is not None]
+                futures[:] = [f for f in futures if all(f is not c for c in calls)]
                 left = any(d["left"] > 0 for d in deltas)
                 if not deltas:
                     break
                 loss += sum(d["loss"] for d in deltas)
                 rows += sum(d["rows"] for d in deltas)
                 update = _combine(deltas, model.net_)
-                self.round_bytes_.append(sum(_update_bytes(d) for d in deltas) + len(workers) * _update_bytes(update))
+                round_bytes.append(sum(_update_bytes(d) for d in deltas) + len(workers) * _update_bytes(update))
                 _apply(model.net_, update)
-                futures[:] = [f for f in futures if all(f is not c for c in calls)]
-            history["loss"].append(loss / max(rows, 1))
-            history["seconds"].append(time.perf_counter() - epoch_start)
+            model.history_["loss"].append(loss / max(rows, 1))
+            model.history_["seconds"].append(time.perf_counter() - epoch_start)
         pairs = self._gather(client, [client.submit(_seen_pairs, job, r, workers=[w], allow_other_workers=False,
                                                     pure=False) for r, (w, _) in enumerate(workers)],
                              "collecting the seen items", workers)
         n_i = len(model._items) + 1
-        for u, i in pairs:
+        for u, i, _ in pairs:
             model._seen = _merge_seen(*model._seen, u, i, n_i)
+        model._rng.set_state(pairs[0][2])
+        model._seen_counts = counts
         model._update_counts()
-        model.history_ = history
         model._predictor = None
         self.model_ = model
-        self.fit_seconds_ = time.perf_counter() - start
+        self.replica_workers_ = [w for w, _ in workers]
+        self.replica_partitions_ = [p for _, p in workers]
+        self.round_bytes_ = round_bytes
 
     def _placement(self, client, parts):
         """Replicas: contiguous runs of partitions (one per worker, at most one per partition), each placed on
@@ -445,32 +482,53 @@ class DaskRecommender:
             out.append((best, run))
         return out
 
+    def _share(self, client, obj, workers, what):
+        """A future of `obj` copied to every replica's worker. A broadcast to a worker that just died can block
+        forever inside Dask, so it runs on a helper thread that is waited for in bounded steps, checking the
+        workers between them."""
+        import concurrent.futures
+
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            call = pool.submit(client.scatter, [obj], workers=[w for w, _ in workers], broadcast=True, hash=False)
+            deadline = time.monotonic() + float(self.timeout)
+            while True:
+                try:
+                    return call.result(timeout=0.5)[0]
+                except concurrent.futures.TimeoutError:
+                    self._check(client, workers, what, deadline)
+        finally:
+            pool.shutdown(wait=False)
+
+    def _check(self, client, workers, what, deadline):
+        alive = set(client.scheduler_info()["workers"])
+        for r, (w, ps) in enumerate(workers):
+            if w not in alive:
+                raise WorkerLostError(
+                    f"worker {w} (replica {r}, partitions {ps}) left the cluster while {what}: its replica's "
+                    "training since the last round is lost. Fit again (the cluster is usable).")
+        if time.monotonic() > deadline:
+            raise WorkerLostError(f"no answer within timeout={self.timeout:g} s while {what} (a worker may be "
+                                  "paused for memory or stuck); nothing was kept")
+
     def _gather(self, client, futures, what, workers):
         """Results of `futures`, or WorkerLostError when a replica's worker leaves or nothing finishes within
-        timeout; never waits forever."""
+        timeout; never waits forever (each wait is bounded, and the worker list is checked between waits)."""
         deadline = time.monotonic() + float(self.timeout)
-        while True:
-            try:
-                distributed.wait(futures, timeout=0.5)
-                break
-            except distributed.TimeoutError:
-                pass
-            alive = set(client.scheduler_info()["workers"])
-            for r, (w, ps) in enumerate(workers if isinstance(workers, list) else []):
-                if w not in alive:
-                    raise WorkerLostError(
-                        f"worker {w} (replica {r}, partitions {ps}) left the cluster while {what}: its replica's "
-                        "training since the last round is lost. Fit again (the cluster is usable).")
-            if time.monotonic() > deadline:
-                raise WorkerLostError(f"no answer within timeout={self.timeout:g} s while {what} (a worker may be "
-                                      "paused for memory or stuck); nothing was kept")
+
+        out = []
         for f in futures:
-            if f.status == "error":
-                exc = f.exception()
-                if type(exc).__name__ in ("KilledWorker", "CancelledError", "FutureCancelledError"):
-                    raise WorkerLostError(f"a worker died while {what}: {exc}") from exc
-                raise exc
-        return client.gather(futures)
+            while True:
+                try:
+                    out.append(f.result(timeout=0.5))  # fetching a result from a dead worker must not block
+                    break
+                except (distributed.TimeoutError, TimeoutError):
+                    self._check(client, workers, what, deadline)
+                except Exception as exc:
+                    if type(exc).__name__ in ("KilledWorker", "CancelledError", "FutureCancelledError"):
+                        raise WorkerLostError(f"a worker died while {what}: {exc}") from exc
+                    raise
+        return out
 
     # ---------------------------------------------------------------------------------------- scoring
     def to_local(self):
