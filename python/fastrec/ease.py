@@ -80,21 +80,35 @@ def _blas_threads(n_threads):
     return threadpool_limits(int(n_threads), user_api="blas")
 
 
+def _gram_blocks(X):
+    """(columns, dense float64 X^T X[:, columns]) for blocks of columns of the CSR X: the Gram matrix without
+    its sparse form in memory at once (a block's product holds at most about 2**24 entries)."""
+    n = X.shape[1]
+    Xt, Xc = X.T.tocsr(), X.tocsc()
+    step = max(1, (1 << 24) // max(n, 1))
+    for s in range(0, n, step):
+        cols = slice(s, min(s + step, n))
+        yield cols, (Xt @ Xc[:, cols]).toarray()
+
+
 def ease_weights(X, l2, n_threads=None):
     """B of EASE for the binary CSR matrix X (users x items), as float64 (n_items, n_items), and the training
     objective ``||X - X B||^2 + l2 ||B||^2``.
 
-    G is inverted by LAPACK's Cholesky routines, in place in one float64 array: ``dpotrf`` (G = U^T U) then
+    G is inverted by LAPACK's Cholesky routines in place in one float64 array: ``dpotrf`` (G = U^T U) then
     ``dpotri`` (G^-1 from U), n_items^3 flops in all (a solve against the identity would need a second
-    n_items x n_items array and about twice the flops). float64 because G's condition number grows with the
-    item counts over l2 (about 4e4 on MovieLens-20M at l2 = 500), which float32 would turn into errors of 1e-3
-    relative in B.
+    n_items x n_items array and more than twice the flops). float64, because a float32 inversion's error grows
+    with G's condition number, (largest eigenvalue of X^T X + l2) / l2, at least (the largest item count + l2) /
+    l2, so with the number of users: on MovieLens-100k (ratings >= 4, 942 users) it is 43 at l2 = 300 and 255
+    at l2 = 50, and float32 (spotrf / spotri) gives B to 1.5e-6 and 4e-6 relative (harmless), but a data set
+    with 10^5 users or more multiplies it by 100 or more. The float64 matrix exists only during the fit.
     """
     from scipy.linalg import lapack
 
     n = X.shape[1]
-    gram = (X.T @ X).tocsr()  # exact integer counts (float64)
-    G = gram.toarray()
+    G = np.empty((n, n))
+    for cols, block in _gram_blocks(X):  # exact integer counts
+        G[:, cols] = block
     G[np.diag_indices(n)] += l2
     with _blas_threads(n_threads):
         # G is symmetric, so G.T is the same matrix in Fortran order: LAPACK works on it in place.
@@ -102,20 +116,16 @@ def ease_weights(X, l2, n_threads=None):
         if info == 0:
             factor, info = lapack.dpotri(factor, lower=0, overwrite_c=1)
     if info != 0:
-        raise np.linalg.LinAlgError(f"the Cholesky factorisation of X^T X + l2 I failed (LAPACK info {info}); "
-                                    "is l2 far too small for float64?")
-    P = factor.T  # the upper triangle in Fortran order is the lower one of the C-ordered G
-    if not P.flags.c_contiguous or not np.shares_memory(P, G):  # f2py copied: keep working in its array
-        P = np.ascontiguousarray(P)
+        raise np.linalg.LinAlgError(f"the Cholesky factorisation of X^T X + l2 I failed (LAPACK info {info})")
+    P = factor.T  # C-ordered; its lower triangle is the upper one LAPACK wrote in Fortran order
     _symmetrize_lower(P)
     diag = P.diagonal().copy()
     P /= -diag  # column j divided by -P[j, j]
     P[np.diag_indices(n)] = 0.0
-    # ||X - XB||^2 + l2 ||B||^2 = tr(G0) - sum(B * G0) at the optimum, G0 = X^T X (from (G0 + l2 I) B = G - D
-    # and diag(B) = 0): a sum over G0's nonzeros.
-    coo = gram.tocoo()
-    objective = float(gram.diagonal().sum() - np.dot(P[coo.row, coo.col], coo.data))
-    return P, objective
+    # At the optimum ||X - XB||^2 + l2 ||B||^2 = tr(G0) - sum(B * G0), G0 = X^T X (from (G0 + l2 I) B = G - D
+    # with D = diagMat(1 / diag(P)), and diag(B) = 0).
+    inner = sum(float(np.einsum("ij,ij->", P[:, cols], block)) for cols, block in _gram_blocks(X))
+    return P, float(X.nnz) - inner
 
 
 @persistable
@@ -127,10 +137,11 @@ class EASE(RecommenderBase):
     learning rate, no random draws). A user's score for item j is the sum of B[i, j] over the items i of their
     bag, so a user never seen in training is scored from their bag at once (``recommend(histories=...)``).
 
-    Cost: a fit takes memory and time in the square of the item count (12 bytes per items x items entry at the
-    peak; 1.3 GB at 10^4 items, 30 GB at 5 * 10^4) and n_items^3 flops for the inversion (a few seconds at
-    10^4 items on a few cores); scoring a user costs (bag size) x n_items additions. Use it for catalogues of up
-    to some 10^4 items; beyond, a factorisation (``fastrec.Recommender``, ``fastrec.TwoTower``) scales linearly.
+    Cost: a fit takes memory in the square of the item count (12 bytes per items x items entry at the peak:
+    1.2 GB at 10^4 items, 30 GB at 5 * 10^4) and n_items^3 flops for the inversion (10^12 at 10^4 items), plus
+    the sum over users of (bag size)^2 for X^T X; scoring a user costs (bag size) x n_items additions. Use it
+    for catalogues of up to some 10^4 items; a factorisation (``fastrec.Recommender``, ``fastrec.TwoTower``)
+    grows linearly with the item count.
 
     Parameters
     ----------
@@ -149,9 +160,9 @@ class EASE(RecommenderBase):
     Attributes
     ----------
     weights_ : float32 (n_items_, n_items_)
-        B, in ``item_ids_`` order: row i holds how much item i in a bag adds to every item's score. Computed in
-        float64 and stored in float32 (half the memory and the scoring bandwidth; the float32 rounding, 6e-8
-        relative, is far below the differences between scores that rank items).
+        B, in ``item_ids_`` order: row i holds how much item i in a bag adds to every item's score. Solved in
+        float64 (see `ease_weights`) and stored in float32: half the memory and the scoring bandwidth, for a
+        rounding of 6e-8 relative per entry.
     n_users_, n_items_
     history_ : {"loss": [objective], "seconds": [fit time]}
         The objective ``||X - X B||^2 + l2 ||B||^2`` of each fit / partial_fit.
