@@ -207,7 +207,8 @@ def _load_recommender(path: str):
     """A fitted users x items recommender (a Recommender, TwoTower, SequentialRecommender or EASE) from a model file."""
     model = fastrec.load(path, mmap=True)  # opens in milliseconds whatever the model's size
     if not isinstance(model, RecommenderBase):
-        raise DataError(f"{path} holds a {type(model).__name__}, not a recommender (a Recommender, TwoTower, SequentialRecommender or EASE)")
+        raise DataError(f"{path} holds a {type(model).__name__}, not a recommender (a Recommender, TwoTower, "
+                        "SequentialRecommender or EASE)")
     if not model.__sklearn_is_fitted__():
         raise DataError(f"{path} holds a {type(model).__name__} that was never fitted")
     return model
