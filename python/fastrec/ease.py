@@ -146,9 +146,8 @@ class EASE(RecommenderBase):
     Parameters
     ----------
     l2 : float, default=500.0
-        The L2 penalty lambda on B. 500 is the paper's setting for MovieLens-20M (with 200 for Netflix and 1000
-        for the Million Song Data); it grows with the number of users, so tune it on validation data
-        (benchmarks/AUTOENCODERS.md: 100-300 on MovieLens-100k).
+        The L2 penalty lambda on B. 500 is the paper's setting for MovieLens-20M; the best value depends on the
+        data, so tune it on validation data (benchmarks/AUTOENCODERS.md: 100-300 on MovieLens-100k).
     max_memory : int or "auto", default="auto"
         Bytes a fit may allocate for its items x items matrices. "auto": the memory available when fit starts.
         A fit that would need more raises ValueError before allocating anything, with the amount needed.

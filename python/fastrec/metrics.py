@@ -277,7 +277,8 @@ def _from_hits(hits: np.ndarray, n_rel: np.ndarray, k: int) -> dict:
         "hit_rate": (n_hits > 0).astype(np.float64),
         "precision": n_hits / k,
         "recall": n_hits / safe,
-        "recall_capped": n_hits / np.maximum(np.minimum(n_rel, k), 1),  # Liang et al.'s Recall@k
+        # Liang et al.'s recall, n_hits / min(n_rel, k): min(n_rel, m) is min(n_rel, k), and k may not fit int64
+        "recall_capped": n_hits / np.maximum(np.minimum(n_rel, m), 1),
         "ndcg": (hits @ discounts[: hits.shape[1]]) / np.where(idcg > 0, idcg, 1.0),
         "n_relevant": n_rel,
     }
