@@ -4,6 +4,7 @@ Liang et al. (WWW 2018), issue 15.
     python benchmarks/autoencoder_quality.py /path/to/ml-100k --seeds 0 1 2 [--heldout 100] [--threads 2]
         [--json results.json]
     python benchmarks/autoencoder_quality.py --combine results0.json results1.json ...   # the table of saved runs
+    python benchmarks/autoencoder_quality.py --fit-times 2000 5000 10000 [--threads 2]   # EASE fit time by items
 
 Protocol (``fastrec.evaluation.heldout_users_split``, one split per seed, ``random_state = seed``): ratings >= 4
 kept as positives, users with >= 5 of them; ``--heldout`` validation and as many test users drawn at random, the
@@ -103,6 +104,25 @@ def run_seed(data, seed, heldout, threads, models):
     return out
 
 
+def fit_times(n_items_list, threads, repeats=3):
+    """Seconds of EASE fits on synthetic clicks (20,000 users x 50 distinct items each, item popularity ~ 1/rank):
+    median [min-max] of `repeats` fits per catalogue size."""
+    rng = np.random.default_rng(0)
+    for n_items in n_items_list:
+        p = 1.0 / np.arange(1, n_items + 1)
+        users = np.repeat(np.arange(20_000), 50)
+        items = np.concatenate([rng.choice(n_items, 50, replace=False, p=p / p.sum()) for _ in range(20_000)])
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fastrec.EASE(l2=300.0, n_threads=threads).fit(users, items)
+            seconds.append(time.perf_counter() - start)
+        flops = float(n_items) ** 3  # dpotrf n^3/3 + dpotri 2n^3/3
+        print(f"EASE fit, {n_items:,} items, {len(users):,} interactions, {threads} threads: "
+              f"{np.median(seconds):.2f} s [{min(seconds):.2f}-{max(seconds):.2f}] (the inversion: "
+              f"{flops / 1e9:.3g} GFLOP)", flush=True)
+
+
 def table(runs):
     """Markdown rows: mean [min-max] over the seeds of each test metric."""
     lines = ["| model | Recall@20 | Recall@50 | NDCG@100 | validation NDCG@100 | chosen (per seed) |",
@@ -131,7 +151,11 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--json")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="print the table of these saved runs")
+    ap.add_argument("--fit-times", type=int, nargs="+", metavar="ITEMS", help="time EASE fits on synthetic data")
     args = ap.parse_args(argv)
+    if args.fit_times:
+        fit_times(args.fit_times, args.threads)
+        return
     if args.combine:
         runs = [r for path in args.combine for r in json.load(open(path))["runs"]]
         print(table(runs))

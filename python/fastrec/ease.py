@@ -138,10 +138,10 @@ class EASE(RecommenderBase):
     bag, so a user never seen in training is scored from their bag at once (``recommend(histories=...)``).
 
     Cost: a fit takes memory in the square of the item count (12 bytes per items x items entry at the peak:
-    1.2 GB at 10^4 items, 30 GB at 5 * 10^4) and n_items^3 flops for the inversion (10^12 at 10^4 items), plus
-    the sum over users of (bag size)^2 for X^T X; scoring a user costs (bag size) x n_items additions. Use it
-    for catalogues of up to some 10^4 items; a factorisation (``fastrec.Recommender``, ``fastrec.TwoTower``)
-    grows linearly with the item count.
+    1.2 GB at 10^4 items, 30 GB at 5 * 10^4) and n_items^3 flops for the inversion (10^12 at 10^4 items: a
+    12 s fit on 2 cores, benchmarks/AUTOENCODERS.md), plus the sum over users of (bag size)^2 for X^T X;
+    scoring a user costs (bag size) x n_items additions. Use it for catalogues of up to some 10^4 items; a
+    factorisation (``fastrec.Recommender``, ``fastrec.TwoTower``) grows linearly with the item count.
 
     Parameters
     ----------
