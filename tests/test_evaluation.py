@@ -428,3 +428,122 @@ def test_full_ranking_movielens_100k_popularity_and_recommender():
     fitted = evaluation.full_ranking(model, d.users[test], d.items[test], k=20)
     assert fitted["recall@20"] > res["recall@20"] + 0.02
     assert fitted["ndcg@20"] > res["ndcg@20"]
+
+
+# --- the users-held-out protocol (Liang et al., WWW 2018) ---------------------------------------------------
+
+
+def _heldout_data(n_users=200, n_items=60, seed=0):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 30, n_users)
+    users = np.repeat(np.arange(n_users) * 3 + 1, counts)
+    items = np.concatenate([rng.choice(n_items, c, replace=False) for c in counts])
+    items[:4] = 10_000 + np.arange(4)  # items of user 1 only
+    ratings = rng.integers(1, 6, len(users))
+    return users, items, ratings
+
+
+def test_heldout_users_split_protocol():
+    users, items, ratings = _heldout_data()
+    parts = evaluation.heldout_users_split(users, items, ratings, n_heldout_users=20, min_rating=4,
+                                           random_state=5)
+    everything = np.concatenate(parts)
+    assert len(np.unique(everything)) == len(everything)  # disjoint
+    assert all(p.dtype == np.int64 and np.all(np.diff(p) > 0) for p in parts)
+    assert np.all(ratings[everything] >= 4)
+    positive = ratings >= 4
+    kept_users, per_user = np.unique(users[positive], return_counts=True)
+    eligible = set(kept_users[per_user >= 5].tolist())
+    train_users = set(users[parts.train].tolist())
+    val_users = set(users[np.concatenate([parts.validation_fold_in, parts.validation_test])].tolist())
+    test_users = set(users[np.concatenate([parts.test_fold_in, parts.test_test])].tolist())
+    assert len(val_users) == len(test_users) == 20  # every held-out user keeps fold-in items here
+    assert train_users | val_users | test_users == eligible and not (train_users & (val_users | test_users))
+    assert not val_users & test_users
+    # every positive interaction of a training user is in train
+    assert np.array_equal(parts.train, np.flatnonzero(positive & np.isin(users, list(train_users))))
+    known = set(items[parts.train].tolist())
+    for fold_in, test in ((parts.validation_fold_in, parts.validation_test), (parts.test_fold_in, parts.test_test)):
+        assert set(items[np.concatenate([fold_in, test])].tolist()) <= known  # only the training users' items
+        for u in np.unique(users[np.concatenate([fold_in, test])]):
+            n_u = int((users[fold_in] == u).sum() + (users[test] == u).sum())
+            assert n_u == int((positive & (users == u) & np.isin(items, list(known))).sum())
+            assert (users[test] == u).sum() == (n_u // 5 if n_u >= 5 else 0)  # floor(0.2 n)
+    again = evaluation.heldout_users_split(users, items, ratings, n_heldout_users=20, min_rating=4,
+                                           random_state=5)
+    other = evaluation.heldout_users_split(users, items, ratings, n_heldout_users=20, min_rating=4,
+                                           random_state=6)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert not np.array_equal(parts.test_test, other.test_test)
+
+
+def test_heldout_users_split_repeats_and_errors():
+    users = np.array([1] * 6 + [2] * 6 + [3] * 6 + [4] * 2)
+    items = np.array([1, 2, 3, 4, 5, 5] + [1, 2, 3, 4, 5, 6] * 2 + [1, 2])
+    parts = evaluation.heldout_users_split(users, items, n_heldout_users=1, random_state=0)
+    everything = np.concatenate(parts)
+    assert 5 not in everything and not np.isin([18, 19], everything).any()  # a repeat; user 4 has < 5 items
+    with pytest.raises(ValueError, match="leaves no training user"):
+        evaluation.heldout_users_split(users, items, n_heldout_users=2)
+    with pytest.raises(ValueError, match="min_rating needs ratings"):
+        evaluation.heldout_users_split(users, items, n_heldout_users=1, min_rating=4)
+    with pytest.raises(ValueError, match="only used with min_rating"):
+        evaluation.heldout_users_split(users, items, np.ones(len(users)), n_heldout_users=1)
+    with pytest.raises(ValueError, match="test_fraction"):
+        evaluation.heldout_users_split(users, items, n_heldout_users=1, test_fraction=1.0)
+    with pytest.raises(ValueError, match="n_heldout_users"):
+        evaluation.heldout_users_split(users, items, n_heldout_users=0)
+
+
+class _BagModel:
+    """Ranks by a fixed list per bag (keyed by the bag's sorted items), as a fold-in model would."""
+
+    def __init__(self, lists):
+        self.lists = lists
+
+    def recommend(self, users=None, k=10, *, exclude_seen=True, histories=None):
+        rec = np.array([self.lists[tuple(sorted(h))][:k] for h in histories])
+        return rec, np.zeros(rec.shape)
+
+
+class _UserModel:
+    """Ranks by a fixed list per user, returning fold-in items too (which the protocol must drop)."""
+
+    def __init__(self, lists):
+        self.lists = lists
+
+    def recommend(self, users, k=10, *, exclude_seen=True):
+        rec = np.array([self.lists[u][:k] for u in users])
+        return rec, np.zeros(rec.shape)
+
+
+def test_heldout_users_ranking_by_hand():
+    """User 1: fold-in {10}, held out {1, 2, 3}, ranking 1, 5, 2, 6: at k = 2 one hit at the top, recall
+    1 / min(2, 3) = 1/2, NDCG 1 / (1 + 1/log2 3); at k = 4 two hits (positions 0, 2), recall 2/3, NDCG
+    (1 + 1/2) / (1 + 1/log2 3 + 1/2). User 2: no fold-in, held out {5}, ranking 6, 5, 7, 8: recall 1 at both k,
+    NDCG 1/log2 3 at both."""
+    fold_u, fold_i = [1], [10]
+    test_u, test_i = [1, 1, 1, 2], [1, 2, 3, 5]
+    by_bag = _BagModel({(10,): [1, 5, 2, 6], (): [6, 5, 7, 8]})
+    by_user = _UserModel({1: [10, 1, 5, 2, 6], 2: [6, 5, 7, 8, 9]})
+    expect = {"recall@2": (1 / 2 + 1) / 2, "recall@4": (2 / 3 + 1) / 2,
+              "ndcg@2": (1 / (1 + 1 / np.log2(3)) + 1 / np.log2(3)) / 2,
+              "ndcg@4": (1.5 / (1 + 1 / np.log2(3) + 0.5) + 1 / np.log2(3)) / 2, "n_users": 2}
+    for model, mode in ((by_bag, "auto"), (by_bag, "histories"), (by_user, "auto"), (by_user, "users")):
+        got = evaluation.heldout_users_ranking(model, fold_u, fold_i, test_u, test_i, k=(2, 4), fold_in=mode)
+        assert got == pytest.approx(expect)
+    with pytest.raises(ValueError, match="fold_in must be"):
+        evaluation.heldout_users_ranking(by_bag, fold_u, fold_i, test_u, test_i, fold_in="bags")
+
+
+def test_heldout_users_ranking_of_ease_matches_users_fold_in():
+    """EASE scores a bag as a trained user with that bag: both fold-in modes give the same figures when the
+    held-out users' fold-in items are in training too."""
+    users, items, _ = _heldout_data(seed=1)
+    parts = evaluation.heldout_users_split(users, items, n_heldout_users=20, random_state=0)
+    fit = np.concatenate([parts.train, parts.test_fold_in])
+    model = fastrec.EASE(l2=10.0).fit(users[fit], items[fit])
+    args = (users[parts.test_fold_in], items[parts.test_fold_in], users[parts.test_test], items[parts.test_test])
+    by_bag = evaluation.heldout_users_ranking(model, *args, fold_in="histories")
+    by_user = evaluation.heldout_users_ranking(model, *args, fold_in="users")
+    assert by_bag == by_user and by_bag["n_users"] == 20 and by_bag["ndcg@100"] > 0

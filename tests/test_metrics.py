@@ -190,3 +190,15 @@ def test_one_hit_matrix_serves_every_smaller_k(seed):
         sliced, direct = metrics._from_hits(hits, n_rel, k), metrics._per_user(rec, relevant, k)
         for name in ("hit_rate", "precision", "recall", "ndcg"):
             np.testing.assert_allclose(sliced[name], direct[name], rtol=1e-12)
+
+
+def test_capped_recall_by_hand():
+    """Liang et al.'s Recall@k divides by min(k, |relevant|): 3 relevant items, one in the top 2 -> 1/2 (the
+    uncapped recall: 1/3); two in the top 4 -> 2/3 either way."""
+    rec, rel = np.array([[1, 2, 3, 4]]), [[2, 4, 9]]
+    assert metrics.recall_at_k(rec, rel, k=2, capped=True) == pytest.approx(1 / 2)
+    assert metrics.recall_at_k(rec, rel, k=2) == pytest.approx(1 / 3)
+    assert metrics.recall_at_k(rec, rel, k=4, capped=True) == pytest.approx(2 / 3)
+    assert metrics.recall_at_k(rec, [[1, 2]], k=2, capped=True) == 1.0
+    with pytest.raises(ValueError, match="capped must be a bool"):
+        metrics.recall_at_k(rec, rel, capped=1)

@@ -717,3 +717,24 @@ def test_merge_seen_equals_rebuilding_the_csr():
         assert indptr.dtype == np.int64 and indices.dtype == np.int32
         np.testing.assert_array_equal(indptr, want_ptr)
         np.testing.assert_array_equal(indices, want_idx)
+
+
+def test_validation_during_fit_scores_the_current_parameters():
+    """A validation callable scores each epoch's parameters: what it sees in the last epoch (no early stopping:
+    the final parameters) is the fitted model's. A prediction handle built in epoch 1 and kept would rank with
+    some of epoch 1's arrays in the later epochs."""
+    data = make_interactions(n_users=60, n_items=40, n_interactions=1500, implicit=True, random_state=0)
+    pairs = (data.users[:50], data.items[:50])
+    users = np.unique(data.users)[:10]
+    seen = []
+
+    def score(model, epoch):
+        seen.append((model.predict(*pairs), *model.recommend(users, k=5)))
+        return float(epoch)
+
+    model = fastrec.Recommender(embedding_dim=8, hidden_layer_sizes=(16,), epochs=3, n_iter_no_change=None,
+                                random_state=0, n_threads=1)
+    model.fit(data.users, data.items, validation_data=score)
+    assert len(seen) == 3 and not np.array_equal(seen[0][0], seen[2][0])
+    for during, after in zip(seen[-1], (model.predict(*pairs), *model.recommend(users, k=5))):
+        assert np.array_equal(during, after)

@@ -204,10 +204,11 @@ def _interactions(columns: dict, path: str, args):
 
 
 def _load_recommender(path: str):
-    """A fitted users x items recommender (a Recommender, TwoTower or SequentialRecommender) from a model file."""
+    """A fitted users x items recommender (a Recommender, TwoTower, SequentialRecommender or EASE) from a model file."""
     model = fastrec.load(path, mmap=True)  # opens in milliseconds whatever the model's size
     if not isinstance(model, RecommenderBase):
-        raise DataError(f"{path} holds a {type(model).__name__}, not a recommender (a Recommender, TwoTower or SequentialRecommender)")
+        raise DataError(f"{path} holds a {type(model).__name__}, not a recommender (a Recommender, TwoTower, "
+                        "SequentialRecommender or EASE)")
     if not model.__sklearn_is_fitted__():
         raise DataError(f"{path} holds a {type(model).__name__} that was never fitted")
     return model
@@ -224,7 +225,7 @@ def _demo(args):
 
 # The models `train --model` builds; an option applies to those that have its parameter.
 _MODELS = {"recommender": fastrec.Recommender, "two-tower": fastrec.TwoTower,
-           "sequential": fastrec.SequentialRecommender}
+           "sequential": fastrec.SequentialRecommender, "ease": fastrec.EASE}
 
 # option, model parameter, type, help (the defaults are the models', shown from them)
 _HYPER_PARAMETERS = [
@@ -276,6 +277,8 @@ _HYPER_PARAMETERS = [
     ("--index", "index", ("exact", "hnsw"), "how recommend searches the item vectors (hnsw: approximate, "
      "needs fastrec[ann])"),
     ("--index-options", "index_options", "json", "options of the hnsw index as JSON, e.g. '{\"ef_search\": 128}'"),
+    ("--l2", "l2", float, "ease: L2 penalty of the item-item weights (500 is the paper's MovieLens-20M setting: "
+     "tune it)"),
 ]
 
 
@@ -416,10 +419,17 @@ def _train(args):
     if sequential and (ratings is not None or weight is not None or tables):
         raise DataError("--model sequential learns from events: --rating-col, --weight-col and feature files do "
                         "not apply (give --time-col to order each user's events)")
+    ease = isinstance(model, fastrec.EASE)
+    if ease and (ratings is not None or weight is not None or tables):
+        raise DataError("--model ease learns from implicit feedback (one row per user and item it interacted "
+                        "with): --rating-col, --weight-col and feature files do not apply (keep the positive "
+                        "rows of a ratings file first)")
     if not sequential and args.time_col is not None:
         raise DataError("--time-col applies to --model sequential")
     try:
-        if sequential:
+        if ease:
+            model.fit(users, items)
+        elif sequential:
             times = None
             if args.time_col is not None:
                 times = _as_numbers(_column(columns, args.time_col, args.data), f"column {args.time_col!r}")
@@ -437,8 +447,9 @@ def _train(args):
     held_out = f", {held_out:,} of them held out for validation" if held_out else ""
     best = _best_epoch(model)
     best = f", best {best}" if best else ""
+    steps = "closed form" if ease else _epochs(len(model.history_['loss']))
     print(f"trained on {len(users):,} interactions ({feedback}{held_out}), {model.n_users_:,} users x "
-          f"{model.n_items_:,} items, {_epochs(len(model.history_['loss']))}{best}, final loss "
+          f"{model.n_items_:,} items, {steps}{best}, final loss "
           f"{model.loss_curve_[-1]:.4f}, {time.perf_counter() - start:.1f} s")
     print(f"saved {args.output}")
 
@@ -579,6 +590,8 @@ def _model_summary(path: str) -> dict:
         weights = [w for n in nets for w in (*n.tables, *n.coefs, *n.intercepts, getattr(n, "gmf_w", None))]
     elif isinstance(getattr(model, "params_", None), dict):  # a SequentialRecommender's arrays
         weights = _arrays(model.params_)
+    elif isinstance(getattr(model, "weights_", None), np.ndarray):  # EASE's item-item matrix
+        weights = [model.weights_]
     else:
         weights = [*getattr(model, "coefs_", []), *getattr(model, "intercepts_", [])]
     summary["parameters"] = int(sum(w.size for w in weights if w is not None))
@@ -669,14 +682,16 @@ def _parser() -> argparse.ArgumentParser:
                 "  fastrec train clicks.parquet --item-features items.csv --multi-hot genres \\\n"
                 "      --hidden 128,64 --negatives 8 -o model.fastrec\n"
                 "  fastrec train clicks.csv --model two-tower --output-dim 32 -o retrieval.fastrec\n"
-                "  fastrec train events.csv --model sequential --time-col ts -o next.fastrec")
+                "  fastrec train events.csv --model sequential --time-col ts -o next.fastrec\n"
+                "  fastrec train clicks.csv --model ease --l2 200 -o ease.fastrec")
     p.add_argument("data", metavar="DATA", help="interactions: CSV or Parquet, one row per (user, item)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write")
     p.add_argument("--model", choices=tuple(_MODELS), default="recommender",
                    help="recommender: fastrec.Recommender (an MLP over the user's and item's embeddings, the "
                    "ranking model); two-tower: fastrec.TwoTower (a vector per user and per item, scored by inner "
                    "product: the retrieval model); sequential: fastrec.SequentialRecommender (self-attention over "
-                   "each user's ordered events: what they do next). Default: %(default)s")
+                   "each user's ordered events: what they do next); ease: fastrec.EASE (a closed-form item-item linear "
+                   "autoencoder, implicit feedback; memory in the square of the item count). Default: %(default)s")
     g = _add_columns(p, "rating column (explicit feedback); without it, implicit feedback")
     g.add_argument("--weight-col", metavar="NAME", help="per-interaction weight column (optional)")
     g.add_argument("--time-col", metavar="NAME", help="--model sequential: event time column (numbers); each "

@@ -5,8 +5,9 @@ applies to users, items, ratings and timestamps alike.
 
 Evaluation functions take any model with ``predict(users, items) -> (n,) scores`` (for
 :func:`sampled_ranking`) or ``recommend(users, k=k, exclude_seen=True) -> (items (n, k), scores (n, k))``
-(for :func:`full_ranking`, which ranks the whole catalogue with each user's seen items excluded), users and
-items given as raw ids. :class:`Popularity`, the most-popular baseline, has both, so it can stand beside any
+(for :func:`full_ranking`, which ranks the whole catalogue with each user's seen items excluded, and
+:func:`heldout_users_ranking`, which also takes ``recommend(histories=bags, ...)``), users and items given as
+raw ids. :class:`Popularity`, the most-popular baseline, has both, so it can stand beside any
 model under either protocol.
 
 ``random_state`` everywhere is None, an int, a ``numpy.random.Generator`` or a ``numpy.random.RandomState``.
@@ -14,7 +15,9 @@ model under either protocol.
 
 from __future__ import annotations
 
+import inspect
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,7 +25,8 @@ from fastrec._checks import as_array, check_bool
 from fastrec.features import as_id_array
 from fastrec.metrics import _from_hits, _hits
 
-__all__ = ["Popularity", "full_ranking", "leave_last_out", "random_split", "sampled_ranking"]
+__all__ = ["HeldOutUsers", "Popularity", "full_ranking", "heldout_users_ranking", "heldout_users_split",
+           "leave_last_out", "random_split", "sampled_ranking"]
 
 
 def check_generator(random_state) -> np.random.Generator:
@@ -112,6 +116,98 @@ def leave_last_out(users, timestamps, random_state=None, *, validation=False):
     is_test = np.zeros(n, dtype=bool)
     is_test[order[last & ~first]] = True  # last of its user and not also the first (single interaction)
     return np.flatnonzero(~is_test).astype(np.int64), np.flatnonzero(is_test).astype(np.int64)
+
+
+class HeldOutUsers(NamedTuple):
+    """The parts of :func:`heldout_users_split`: sorted int64 indices into the interaction arrays."""
+
+    train: np.ndarray
+    validation_fold_in: np.ndarray
+    validation_test: np.ndarray
+    test_fold_in: np.ndarray
+    test_test: np.ndarray
+
+
+def heldout_users_split(users, items, ratings=None, *, n_heldout_users, min_rating=None, min_items=5,
+                        test_fraction=0.2, random_state=None) -> HeldOutUsers:
+    """The users-held-out ("strong generalization") protocol of Liang et al., "Variational Autoencoders for
+    Collaborative Filtering", WWW 2018 (their code: github.com/dawenl/vae_cf), as index arrays.
+
+    1. Interactions with ``ratings < min_rating`` are dropped (the paper keeps ratings >= 4 of MovieLens-20M:
+       ``min_rating=4``), and repeats of a (user, item) pair after its first;
+    2. users with fewer than ``min_items`` interactions left are dropped (the paper: 5);
+    3. the users are shuffled; the last ``2 * n_heldout_users`` become held-out users, ``n_heldout_users``
+       for validation then ``n_heldout_users`` for test (the paper: 10,000 each on MovieLens-20M), the rest are
+       training users, all of whose interactions are ``train``;
+    4. the items are those of the training users: held-out users' interactions with other items are dropped;
+    5. each held-out user with at least ``min_items`` interactions left has ``floor(test_fraction * count)``
+       of them, drawn at random, held out to predict (``*_test``; the paper: 20%); the others are folded in
+       (``*_fold_in``: the model sees them as the user's history). A held-out user with fewer keeps all as
+       fold-in and has nothing to predict.
+
+    ``random_state`` seeds the shuffle and the draws (the paper seeds NumPy with 98765; NumPy's legacy and
+    Generator streams differ, so the same seed does not give the paper's split). Returns a
+    :class:`HeldOutUsers` of sorted int64 indices into ``users`` / ``items``: ``(train, validation_fold_in,
+    validation_test, test_fold_in, test_test)``; dropped interactions are in none of them.
+    """
+    u, i = _check_pairs(users, items, ("users", "items"))
+    n = u.shape[0]
+    if n == 0:
+        raise ValueError("users is empty")
+    keep = np.ones(n, dtype=bool)
+    if min_rating is not None:
+        if ratings is None:
+            raise ValueError("min_rating needs ratings")
+        r = as_array(ratings, "ratings")
+        if r.shape != (n,) or not np.issubdtype(r.dtype, np.number):
+            raise ValueError(f"ratings must be ({n},) numbers like users; got shape {r.shape}, dtype {r.dtype}")
+        if not isinstance(min_rating, numbers.Real) or isinstance(min_rating, bool) or not np.isfinite(min_rating):
+            raise ValueError(f"min_rating must be a finite number; got {min_rating!r}")
+        keep &= r >= min_rating
+    elif ratings is not None:
+        raise ValueError("ratings are only used with min_rating (which interactions to keep)")
+    for name, value, low in (("n_heldout_users", n_heldout_users, 1), ("min_items", min_items, 1)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+    if not (isinstance(test_fraction, numbers.Real) and not isinstance(test_fraction, bool)
+            and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must be a float in (0, 1); got {test_fraction!r}")
+    rng = check_generator(random_state)
+    _, user_codes = np.unique(u, return_inverse=True)
+    _, item_codes = np.unique(i, return_inverse=True)
+    user_codes, item_codes = user_codes.ravel().astype(np.int64), item_codes.ravel().astype(np.int64)
+    kept = np.flatnonzero(keep)
+    _, first = np.unique(user_codes[kept] * (item_codes.max() + 1) + item_codes[kept], return_index=True)
+    keep[:] = False
+    keep[kept[first]] = True  # each (user, item) pair once: its first occurrence
+    counts = np.bincount(user_codes[keep], minlength=user_codes.max() + 1)
+    keep &= counts[user_codes] >= min_items
+    candidates = np.flatnonzero(counts >= min_items)  # user codes, sorted by id
+    if 2 * n_heldout_users >= len(candidates):
+        raise ValueError(f"n_heldout_users={n_heldout_users} leaves no training user: {len(candidates)} users "
+                         f"have >= {min_items} interactions")
+    shuffled = candidates[rng.permutation(len(candidates))]
+    role = np.full(len(counts), -1)  # 0 train, 1 validation, 2 test
+    n_train = len(candidates) - 2 * n_heldout_users
+    role[shuffled[:n_train]] = 0
+    role[shuffled[n_train:n_train + n_heldout_users]] = 1
+    role[shuffled[n_train + n_heldout_users:]] = 2
+    row_role = np.where(keep, role[user_codes], -1)
+    train = np.flatnonzero(row_role == 0)
+    known = np.zeros(item_codes.max() + 1, dtype=bool)
+    known[item_codes[train]] = True
+    parts = [train]
+    for which in (1, 2):
+        rows = np.flatnonzero((row_role == which) & known[item_codes])
+        codes = user_codes[rows]
+        order = np.lexsort((rng.random(len(rows)), codes))  # each user's rows in random order
+        rows, codes = rows[order], codes[order]
+        per_user = np.bincount(codes, minlength=len(counts))
+        rank = np.arange(len(rows)) - np.searchsorted(codes, codes)
+        n_test = np.where(per_user >= min_items, np.floor(test_fraction * per_user).astype(np.int64), 0)
+        test = rank < n_test[codes]
+        parts += [np.sort(rows[~test]), np.sort(rows[test])]
+    return HeldOutUsers(*(p.astype(np.int64) for p in parts))
 
 
 def _check_pairs(users, items, names):
@@ -366,6 +462,79 @@ def full_ranking(model, test_users, test_items, *, k=(10, 20), exclude_seen=True
         out[f"recall@{kk}"] = sums["recall", kk] / n_scored
         out[f"ndcg@{kk}"] = sums["ndcg", kk] / n_scored
         out[f"hr@{kk}"] = sums["hit_rate", kk] / n_scored
+    out["n_users"] = n_scored
+    return out
+
+
+def heldout_users_ranking(model, fold_in_users, fold_in_items, test_users, test_items, *, k=(20, 50, 100),
+                          fold_in="auto", batch_size=1024):
+    """Recall@k and NDCG@k of held-out users as Liang et al. (WWW 2018) define them (see
+    :func:`heldout_users_split`).
+
+    Each user of ``test_users`` (raw ids; the users with held-out pairs) is ranked over the whole catalogue with
+    their fold-in items (``fold_in_users``, ``fold_in_items``) excluded, and scored against their held-out
+    items ``test_items``. How the model sees the fold-in items:
+
+    - ``fold_in="histories"``: as a bag, ``model.recommend(histories=[bag, ...], k=K, exclude_seen=True)``
+      (EASE and the autoencoders, which score a bag directly: the model never trained on these users);
+    - ``fold_in="users"``: as training data, ``model.recommend(users, k=K, exclude_seen=True)``: the model was
+      fit with the fold-in pairs (a factorisation needs a user's interactions in training to have a vector for
+      them). Fold-in items the model still returns are dropped from its lists;
+    - ``"auto"``: "histories" when ``model.recommend`` takes ``histories``, else "users".
+
+    Per user, with ``hits`` the held-out items among the top k and ``n`` the number of held-out items:
+    ``recall@k = |hits| / min(k, n)`` (the paper's Recall@R: 1 when the top k are all held-out items, unlike
+    :func:`full_ranking`'s ``|hits| / n``) and ``ndcg@k = DCG / IDCG``, ``DCG = sum over hit positions p
+    (0-based) of 1 / log2(p + 2)``, IDCG the DCG of ``min(k, n)`` hits at the top. Means over the test users
+    with at least one held-out item. Returns ``{"recall@k", "ndcg@k"}`` for each k, and ``"n_users"``.
+    """
+    ks = _check_ks(k)
+    if fold_in not in ("auto", "histories", "users"):
+        raise ValueError(f"fold_in must be 'auto', 'histories' or 'users'; got {fold_in!r}")
+    if fold_in == "auto":
+        fold_in = "histories" if "histories" in inspect.signature(model.recommend).parameters else "users"
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    tu, ti = _check_pairs(test_users, test_items, ("test_users", "test_items"))
+    fu, fi = _check_pairs(fold_in_users, fold_in_items, ("fold_in_users", "fold_in_items"))
+    if tu.size == 0:
+        raise ValueError("test_users is empty")
+    if fu.size and (fu.dtype.kind == "U") != (tu.dtype.kind == "U"):
+        raise TypeError("test_users and fold_in_users hold ids of different types (int vs str)")
+    users, codes = np.unique(tu, return_inverse=True)
+    rel_sorted, rel_bounds = _group(codes.ravel(), ti, users.size)
+    pos = np.minimum(np.searchsorted(users, fu), users.size - 1)
+    mine = users[pos] == fu
+    bag_sorted, bag_bounds = _group(pos[mine], fi[mine], users.size)
+    max_k = ks[-1]
+    sums = {(name, kk): 0.0 for kk in ks for name in ("recall", "ndcg")}
+    n_scored = 0
+    for start in range(0, users.size, int(batch_size)):
+        stop = min(start + int(batch_size), users.size)
+        bags = [bag_sorted[bag_bounds[j]:bag_bounds[j + 1]] for j in range(start, stop)]
+        if fold_in == "histories":
+            rec = np.asarray(model.recommend(histories=[b.tolist() for b in bags], k=max_k, exclude_seen=True)[0])
+        else:
+            extra = max(len(b) for b in bags)
+            rec = np.asarray(model.recommend(users[start:stop], k=max_k + extra, exclude_seen=True)[0])
+            drop = np.array([np.isin(rec[r], bags[r]) for r in range(len(bags))]).reshape(rec.shape)
+            if drop.any():
+                order = np.argsort(drop, axis=1, kind="stable")  # kept items first, in their order
+                rec = np.take_along_axis(rec, order, axis=1)
+                rec[np.arange(rec.shape[1]) >= (~drop).sum(axis=1)[:, None]] = _padding(rec.dtype)
+        rec = rec[:, :max_k]
+        relevant = [rel_sorted[rel_bounds[j]:rel_bounds[j + 1]] for j in range(start, stop)]
+        hits, n_rel, _ = _hits(rec, relevant, max_k)
+        keep = n_rel > 0
+        n_scored += int(keep.sum())
+        for kk in ks:
+            per = _from_hits(hits, n_rel, kk)
+            sums["recall", kk] += float(per["recall_capped"][keep].sum())
+            sums["ndcg", kk] += float(per["ndcg"][keep].sum())
+    out = {}
+    for kk in ks:
+        out[f"recall@{kk}"] = sums["recall", kk] / n_scored
+        out[f"ndcg@{kk}"] = sums["ndcg", kk] / n_scored
     out["n_users"] = n_scored
     return out
 

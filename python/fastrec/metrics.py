@@ -24,8 +24,9 @@ Per user, with ``hits`` the relevant items among the first ``k`` recommended:
 - ``precision_at_k``: ``|hits| / k``;
 - ``recall_at_k``: ``|hits| / |relevant|``, the denominator *not* capped at ``k`` (RecBole's Recall and
   the common definition; Liang et al., "Variational Autoencoders for Collaborative Filtering", WWW 2018,
-  divide by ``min(k, |relevant|)`` instead). Both agree whenever ``|relevant| <= k``, e.g. with one held-out
-  item per user; with more relevant items than ``k`` this recall cannot reach 1;
+  divide by ``min(k, |relevant|)`` instead: ``recall_at_k(..., capped=True)``). Both agree whenever
+  ``|relevant| <= k``, e.g. with one held-out item per user; with more relevant items than ``k`` the uncapped
+  recall cannot reach 1;
 - ``ndcg_at_k``: ``DCG / IDCG`` with binary gains, ``DCG = sum over hit positions p (0-based) of
   1 / log2(p + 2)`` and IDCG the DCG of ``min(k, |relevant|)`` hits at the top (scikit-learn's
   ``ndcg_score`` with binary relevance and no tied scores).
@@ -39,7 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
-from fastrec._checks import as_array, check_csr
+from fastrec._checks import as_array, check_bool, check_csr
 from fastrec.features import as_id_array
 
 __all__ = [
@@ -276,6 +277,8 @@ def _from_hits(hits: np.ndarray, n_rel: np.ndarray, k: int) -> dict:
         "hit_rate": (n_hits > 0).astype(np.float64),
         "precision": n_hits / k,
         "recall": n_hits / safe,
+        # Liang et al.'s recall, n_hits / min(n_rel, k): min(n_rel, m) is min(n_rel, k), and k may not fit int64
+        "recall_capped": n_hits / np.maximum(np.minimum(n_rel, m), 1),
         "ndcg": (hits @ discounts[: hits.shape[1]]) / np.where(idcg > 0, idcg, 1.0),
         "n_relevant": n_rel,
     }
@@ -293,10 +296,12 @@ def precision_at_k(recommended, relevant, k=None) -> float:
     return _mean_over_users(per["precision"], per["n_relevant"])
 
 
-def recall_at_k(recommended, relevant, k=None) -> float:
-    """Mean over users (with relevant items) of ``|relevant in top k| / |relevant|``."""
+def recall_at_k(recommended, relevant, k=None, *, capped=False) -> float:
+    """Mean over users (with relevant items) of ``|relevant in top k| / |relevant|``; with ``capped=True``,
+    of ``|relevant in top k| / min(k, |relevant|)`` (Liang et al., WWW 2018: 1 when the top k are all relevant)."""
+    check_bool(capped, "capped")
     per = _per_user(recommended, relevant, k)
-    return _mean_over_users(per["recall"], per["n_relevant"])
+    return _mean_over_users(per["recall_capped" if capped else "recall"], per["n_relevant"])
 
 
 def ndcg_at_k(recommended, relevant, k=None) -> float:

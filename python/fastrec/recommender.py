@@ -375,6 +375,12 @@ class Recommender(RecommenderBase):
         sampler = self._sampler(negatives=self.negatives if self.implicit_ else 0, seed=0)
         self._predictor = None  # also what makes an interrupted fit predict with the new parameters
         fn, metric, higher = validate if validate is not None else (None, None, False)
+        if fn is not None:
+            score = fn
+
+            def fn():  # a prediction handle built in an earlier epoch holds that epoch's MLP: build a new one
+                self._predictor = None
+                return score()
         run_epochs(self, self.net_, handle, [user_rows, item_rows], y, weight, len(y), self._rng, epochs,
                    sampler=sampler, validate=fn, alpha=self._setting("alpha", self.loss_),
                    learning_rate=self._setting("learning_rate", self.loss_), metric=metric, higher_is_better=higher,
