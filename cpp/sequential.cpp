@@ -105,12 +105,14 @@ struct RowSumIds {
 };
 
 // out[c] = sum over r in order of a[r * ld + c], c < n: the row_sum kernel with weights 1, split over threads
-// by columns (each column's chain is the same whatever the split).
+// by columns (each column's chain is the same whatever the split): up to 64 columns per task, but at least
+// one task per thread (a width-64 sum would otherwise run on one thread while the others wait).
 void column_sums(const KernelSet& ks, const RowSumIds& rs, const float* a, index_t ld, index_t rows, index_t n,
                  float* out, int n_threads) {
-  constexpr index_t kCols = 64;
+  const int threads = rows * n < (1 << 18) ? 1 : resolve_threads(n_threads);
+  const index_t kCols = std::min<index_t>(64, std::max<index_t>(16, round_up((n + threads - 1) / threads, 16)));
   const index_t chunks = (n + kCols - 1) / kCols;
-  parallel_for(0, chunks, rows * n < (1 << 18) ? 1 : n_threads, [&](std::int64_t c) {
+  parallel_for(0, chunks, threads, [&](std::int64_t c) {
     const index_t c0 = c * kCols;
     ks.row_sum(rs.ones.data(), rs.ids.data(), rows, a + c0, ld, std::min(kCols, n - c0), out + c0);
   });
@@ -136,51 +138,18 @@ struct DropoutSite {
 
 // Layer norm of rows: xhat, rstd cached for the backward pass, y = xhat * gamma + beta.
 void ln_forward(const KernelSet& ks, const float* x, index_t rows, index_t d, const float* gamma, const float* beta,
-                const float* ones, float* xhat, float* rstd, float* y, int n_threads) {
-  const float inv_d = 1.0f / static_cast<float>(d);
+                const float*, float* xhat, float* rstd, float* y, int n_threads) {
   for_rows(rows, n_threads, [&](index_t r0, index_t r1) {
-    for (index_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * d;
-      float* hr = xhat + r * d;
-      float sum, sq;
-      ks.dot_rows(xr, d, 1, ones, d, 0.0f, &sum);
-      const float mean = sum * inv_d;
-      for (index_t c = 0; c < d; ++c) hr[c] = xr[c] - mean;
-      ks.dot_rows(hr, d, 1, hr, d, 0.0f, &sq);
-      const float rs = 1.0f / std::sqrt(sq * inv_d + kLayerNormEps);
-      rstd[r] = rs;
-      float* yr = y + r * d;
-      for (index_t c = 0; c < d; ++c) {
-        hr[c] *= rs;
-        yr[c] = hr[c] * gamma[c] + beta[c];
-      }
-    }
+    ks.layer_norm(x + r0 * d, r1 - r0, d, gamma, beta, kLayerNormEps, xhat + r0 * d, rstd + r0, y + r0 * d);
   });
 }
 
 // dx += layer norm backward of dy; dgamma, dbeta = sums over rows. p is (rows x d) scratch.
 void ln_backward(const KernelSet& ks, const RowSumIds& rs, const float* dy, const float* gamma, const float* xhat,
-                 const float* rstd, index_t rows, index_t d, const float* ones, float* p, float* dx, float* dgamma,
+                 const float* rstd, index_t rows, index_t d, const float*, float* p, float* dx, float* dgamma,
                  float* dbeta, int n_threads) {
-  const float inv_d = 1.0f / static_cast<float>(d);
   for_rows(rows, n_threads, [&](index_t r0, index_t r1) {
-    thread_local std::vector<float> g;
-    g.resize(static_cast<std::size_t>(d));
-    for (index_t r = r0; r < r1; ++r) {
-      const float* dyr = dy + r * d;
-      const float* hr = xhat + r * d;
-      float* pr = p + r * d;
-      for (index_t c = 0; c < d; ++c) {
-        g[c] = dyr[c] * gamma[c];
-        pr[c] = dyr[c] * hr[c];
-      }
-      float sg, sgx;
-      ks.dot_rows(g.data(), d, 1, ones, d, 0.0f, &sg);
-      ks.dot_rows(g.data(), d, 1, hr, d, 0.0f, &sgx);
-      const float mg = sg * inv_d, mgx = sgx * inv_d, rsd = rstd[r];
-      float* dxr = dx + r * d;
-      for (index_t c = 0; c < d; ++c) dxr[c] += rsd * (g[c] - mg - hr[c] * mgx);
-    }
+    ks.layer_norm_backward(dy + r0 * d, gamma, xhat + r0 * d, rstd + r0, r1 - r0, d, p + r0 * d, dx + r0 * d);
   });
   column_sums(ks, rs, p, d, rows, d, dgamma, n_threads);
   column_sums(ks, rs, dy, d, rows, d, dbeta, n_threads);

@@ -425,6 +425,84 @@ void dropout_row_impl(std::uint64_t key, std::uint64_t e0, index_t n, std::uint6
   }
 }
 
+// Lane l += lane l + half for half = 8, 4, 2, 1: lane 0 ends with the sum (dot_rows_impl's order).
+inline float lane_sum(f32x16 acc) {
+  acc += __builtin_shuffle(acc, i32x16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  acc += __builtin_shuffle(acc, i32x16{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+  acc += __builtin_shuffle(acc, i32x16{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+  acc += __builtin_shuffle(acc, i32x16{1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
+  return acc[0];
+}
+
+// kernels.h, LayerNormFn: whole 16-float groups as vectors, the tail element by element in the same lanes.
+void layer_norm_impl(const float* x, index_t rows, index_t n, const float* gamma, const float* beta, float eps,
+                     float* xhat, float* rstd, float* y) {
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const index_t full = n / 16 * 16;
+  for (index_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float* hr = xhat + r * n;
+    float* yr = y + r * n;
+    f32x16 acc = {};
+    for (index_t c = 0; c < full; c += 16) acc += load16(xr + c);
+    for (index_t c = full; c < n; ++c) acc[c - full] += xr[c];
+    const float mean = lane_sum(acc) * inv_n;
+    f32x16 sq = {};
+    for (index_t c = 0; c < full; c += 16) {
+      const f32x16 h = load16(xr + c) - mean;
+      sq += h * h;
+    }
+    for (index_t c = full; c < n; ++c) {
+      const float h = xr[c] - mean;
+      sq[c - full] += h * h;
+    }
+    const float rs = 1.0f / __builtin_sqrtf(lane_sum(sq) * inv_n + eps);
+    rstd[r] = rs;
+    for (index_t c = 0; c < full; c += 16) {
+      const f32x16 h = (load16(xr + c) - mean) * rs;
+      const f32x16 out = h * load16(gamma + c) + load16(beta + c);
+      std::memcpy(hr + c, &h, sizeof h);
+      std::memcpy(yr + c, &out, sizeof out);
+    }
+    for (index_t c = full; c < n; ++c) {
+      hr[c] = (xr[c] - mean) * rs;
+      yr[c] = hr[c] * gamma[c] + beta[c];
+    }
+  }
+}
+
+void layer_norm_backward_impl(const float* dy, const float* gamma, const float* xhat, const float* rstd, index_t rows,
+                              index_t n, float* p, float* dx) {
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const index_t full = n / 16 * 16;
+  for (index_t r = 0; r < rows; ++r) {
+    const float* dyr = dy + r * n;
+    const float* hr = xhat + r * n;
+    float* pr = p + r * n;
+    float* dxr = dx + r * n;
+    f32x16 sg = {}, sgx = {};
+    for (index_t c = 0; c < full; c += 16) {
+      const f32x16 d = load16(dyr + c), h = load16(hr + c), g = d * load16(gamma + c), ph = d * h;
+      sg += g;
+      sgx += g * h;
+      std::memcpy(pr + c, &ph, sizeof ph);
+    }
+    for (index_t c = full; c < n; ++c) {
+      const float g = dyr[c] * gamma[c];
+      sg[c - full] += g;
+      sgx[c - full] += g * hr[c];
+      pr[c] = dyr[c] * hr[c];
+    }
+    const float mg = lane_sum(sg) * inv_n, mgx = lane_sum(sgx) * inv_n, rs = rstd[r];
+    for (index_t c = 0; c < full; c += 16) {
+      const f32x16 h = load16(hr + c), g = load16(dyr + c) * load16(gamma + c);
+      const f32x16 out = load16(dxr + c) + rs * (g - mg - h * mgx);
+      std::memcpy(dxr + c, &out, sizeof out);
+    }
+    for (index_t c = full; c < n; ++c) dxr[c] += rs * (dyr[c] * gamma[c] - mg - hr[c] * mgx);
+  }
+}
+
 // kernels.h, TransposeFn: 16 x 16 blocks through registers (a scalar transpose makes one strided store per
 // float); edge blocks are loaded zero-padded.
 void att_transpose_impl(const float* y, index_t ld, index_t n, index_t dh, index_t w, index_t np, float* yt) {

@@ -132,6 +132,15 @@ using WeightsRowsFn = void (*)(const float* p, index_t ldp, index_t t0, index_t 
 using WeightsTRowsFn = void (*)(const float* p, index_t ldp, index_t j0, index_t j1, index_t n, const float* y,
                                 index_t ldy, index_t w, float* out, index_t ldo);
 
+// Layer norm of `rows` contiguous rows of n floats: xhat = (x - mean) rstd, rstd = 1 / sqrt(var + eps) (kept
+// per row), y = xhat gamma + beta. Row sums in 16 float lanes added in a fixed order.
+using LayerNormFn = void (*)(const float* x, index_t rows, index_t n, const float* gamma, const float* beta, float eps,
+                             float* xhat, float* rstd, float* y);
+// Its backward for those rows: with g = dy gamma, dx += rstd (g - mean(g) - xhat mean(g xhat)); p = dy xhat (the
+// rows whose column sums are dgamma).
+using LayerNormBackwardFn = void (*)(const float* dy, const float* gamma, const float* xhat, const float* rstd,
+                                     index_t rows, index_t n, float* p, float* dx);
+
 struct KernelSet {
   Isa isa;
   int mr, nr;        // register tile
@@ -152,6 +161,8 @@ struct KernelSet {
   RowsColsFn att_rows_cols;
   WeightsRowsFn att_weights_rows;
   WeightsTRowsFn att_weights_t_rows;
+  LayerNormFn layer_norm;
+  LayerNormBackwardFn layer_norm_backward;
 };
 
 const KernelSet& kernels_scalar();

@@ -254,7 +254,8 @@ const KernelSet& kernels_avx512() {
                              activate_impl, row_sum_impl, update_impl,
                              sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_avx512,
                              dropout_row_impl, att_transpose_impl, att_rows_cols_impl, att_weights_rows_impl,
-                             att_weights_t_rows_impl};
+                             att_weights_t_rows_impl, layer_norm_impl,
+                             layer_norm_backward_impl};
   return set;
 }
 
