@@ -18,6 +18,18 @@ Rounds are interleaved (fastrec 1 thread, torch 1 thread, fastrec 2 threads, tor
 sample one epoch; examples/s = users (sequences) per second; reported as median [min-max] over the rounds with
 the machine's load average before and after.
 
+The floor, measured in the same rounds: after each thread count's two epochs, the dense products that epoch's
+batches need, at the shapes the core runs, through fastrec's own `_core.sgemm` on that many threads: per
+block and batch (R event rows, width d, feed-forward f) the forward products h1 [Wq|Wk|Wv], o Wo, h2 W1, u W2
+and both backward products of each (the weight gradient Xᵀ dY over the R rows and dX = dY Wᵀ); plus the
+attention products (per sequence of n events: Q Kᵀ, A V, Aᵀ dO, dO Vᵀ, dS K, dSᵀ Q of n x n x d/heads),
+timed per call on one thread with the Python call's own cost (the same number of 1 x 1 products)
+subtracted, and divided by the thread count (sequences split evenly, the best a parallel loop can do).
+floor examples/s = users / (those products' time): what training would reach if everything else (layer
+norms, softmax, dropout, loss, embedding, updates, sampling) cost nothing. As a check, the FMA peak of the
+machine (benchmarks/fma_peak.cpp: register-only FMA chains) gives a second, lower bound on the time: the
+multiply-adds of those products (attention counted causal: the lower triangle only) at that peak.
+
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_sequential.py --rounds 7
 """
 
@@ -145,8 +157,100 @@ def torch_model(params, dropout):
     return model, opts
 
 
+def fmt(v):
+    return f"{statistics.median(v):,.0f} [{min(v):,.0f}-{max(v):,.0f}]"
+
+
 def load_avg():
     return os.getloadavg()[0]
+
+
+def fma_peak_runner():
+    """A function threads -> FP32 GFLOP/s measured now by benchmarks/fma_peak.cpp (compiled once), or None."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return None
+    exe = str(Path(tempfile.mkdtemp()) / "fma_peak")
+    source = str(Path(__file__).resolve().parent / "fma_peak.cpp")
+    if subprocess.run([compiler, "-O2", "-pthread", source, "-o", exe], capture_output=True).returncode:
+        return None
+
+    def run(threads):
+        out = subprocess.run([exe, str(threads)], capture_output=True, text=True).stdout.split()
+        peak = {int(t): float(g) for isa, t, g in zip(out[0::3], out[1::3], out[2::3]) if isa != "none"}
+        return peak.get(threads)
+    return run
+
+
+class ProductFloor:
+    """The dense products of training batches (module docstring), timed through _core.sgemm."""
+
+    def __init__(self, d, f, n_blocks, heads):
+        self.d, self.f, self.n_blocks, self.dh = d, f, n_blocks, d // heads
+        self.heads = heads
+        self.rng = np.random.default_rng(2)
+        self.buf = {}
+
+    def arr(self, name, rows, cols):
+        """A random (rows, cols) float32 C-contiguous view of a buffer grown once (no allocation per batch)."""
+        a = self.buf.get(name)
+        if a is None or a.shape[0] < rows or a.shape[1] != cols:
+            a = self.buf[name] = self.rng.standard_normal((max(rows, 1), cols)).astype(np.float32)
+        return a[:rows]
+
+    def dense_calls(self, R):
+        """(a, b, trans_a, trans_b) of one block's projection and feed-forward products over R rows."""
+        d, f, arr = self.d, self.f, self.arr
+        X, X3, Xf = arr("X", R, d), arr("X3", R, 3 * d), arr("Xf", R, f)
+        Wcat, Wo, W1, W2 = arr("Wcat", d, 3 * d), arr("Wo", d, d), arr("W1", d, f), arr("W2", f, d)
+        return [(X, Wcat, False, False), (X, Wo, False, False), (X, W1, False, False), (Xf, W2, False, False),
+                (Xf, X, True, False), (X, W2, False, True),      # W2: gradient uᵀ dF, dU = dF W2ᵀ
+                (X, Xf, True, False), (Xf, W1, False, True),     # W1
+                (X, X, True, False), (X, Wo, False, True),       # Wo
+                (X, X3, True, False), (X3, Wcat, False, True)]   # Wq | Wk | Wv
+
+    def attention_calls(self, n):
+        dh, arr = self.dh, self.arr
+        Q, A = arr(f"Q{n}", n, dh), arr(f"A{n}", n, n)
+        return [(Q, Q, False, True), (A, Q, False, False), (A, Q, True, False), (Q, Q, False, True),
+                (A, Q, False, False), (A, Q, True, False)]
+
+    def fmas(self, lengths):
+        """Multiply-adds of one batch's products: dense as run, attention causal (lower triangle only)."""
+        R, d, f = int(lengths.sum()), self.d, self.f
+        dense = 3 * R * (3 * d * d + d * d + d * f + f * d)
+        attention = 6 * self.heads * int((lengths * (lengths + 1) // 2).sum()) * self.dh
+        return self.n_blocks * (dense + attention)
+
+    def time_epoch(self, batch_lengths, n_threads):
+        """Seconds of the epoch's products on n_threads: (dense, attention)."""
+        from fastrec import _core
+
+        dense = attention = 0.0
+        tiny = self.arr("tiny", 1, 1)
+        for lengths in batch_lengths:
+            calls = self.dense_calls(int(lengths.sum()))
+            t0 = time.perf_counter()
+            for _ in range(self.n_blocks):
+                for a, b, ta, tb in calls:
+                    _core.sgemm(a, b, ta, tb, n_threads=n_threads)
+            dense += time.perf_counter() - t0
+            att_calls = [c for n in lengths if n > 0 for _ in range(self.heads) for c in self.attention_calls(int(n))]
+            t0 = time.perf_counter()
+            for _ in range(self.n_blocks):
+                for a, b, ta, tb in att_calls:
+                    _core.sgemm(a, b, ta, tb, n_threads=1)
+            t1 = time.perf_counter()
+            for _ in range(self.n_blocks):
+                for _c in att_calls:
+                    _core.sgemm(tiny, tiny, False, False, n_threads=1)
+            t2 = time.perf_counter()
+            attention += max((t1 - t0) - (t2 - t1), 0.0) / n_threads
+        return dense, attention
 
 
 def main():
@@ -170,6 +274,8 @@ def main():
     print(f"MovieLens-100k: {n_users} users, {n_items} items, {len(items)} events; L={L} d={d} blocks={n_blocks} "
           f"heads={heads} ffn={f} negatives={K} batch={args.batch_size}; torch {torch.__version__}")
     print(f"load average at start: {load_avg():.2f}")
+    floor = ProductFloor(d, f, n_blocks, heads)
+    peak_of = fma_peak_runner()
 
     for dropout in args.dropout:
         rng = np.random.default_rng(0)
@@ -188,8 +294,10 @@ def main():
             adam_t[0] = out[1]
             epoch_no[0] += 1
 
-        def torch_batches(order):
-            batches = handle.epoch_batches(indptr, items, order, args.batch_size, training, epoch_no[0])
+        def core_batches(order):
+            return handle.epoch_batches(indptr, items, order, args.batch_size, training, epoch_no[0])
+
+        def torch_batches(batches):
             return [tuple(torch.from_numpy(a.astype(np.int64)) for a in b[:3]) for b in batches]
 
         def torch_epoch(batches, n_threads):
@@ -202,21 +310,29 @@ def main():
                 for o in opts:
                     o.step()
 
-        times = {(impl, n): [] for impl in ("fastrec", "torch") for n in args.threads}
+        times = {(impl, n): [] for impl in ("fastrec", "torch", "dense", "attention", "peak") for n in args.threads}
         load_before = load_avg()
         order_rng = np.random.default_rng(1)
         for r in range(args.rounds + 1):  # round 0 warms up (allocations, thread pools), not recorded
             for n in args.threads:
                 order = order_rng.permutation(n_users).astype(np.int64)
-                batches = torch_batches(order)
+                core = core_batches(order)
+                batches = torch_batches(core)
+                lengths = [(b[0] >= 0).sum(axis=1) for b in core]
                 t0 = time.perf_counter()
                 fastrec_epoch(order, n)
                 t1 = time.perf_counter()
                 torch_epoch(batches, n)
                 t2 = time.perf_counter()
+                dense, attention = floor.time_epoch(lengths, n)
+                gflops = peak_of(n) if peak_of else None
                 if r:
                     times["fastrec", n].append(t1 - t0)
                     times["torch", n].append(t2 - t1)
+                    times["dense", n].append(dense)
+                    times["attention", n].append(attention)
+                    if gflops:  # seconds of the epoch's multiply-adds at the measured peak
+                        times["peak", n].append(2.0 * sum(floor.fmas(x) for x in lengths) / (gflops * 1e9))
         load_after = load_avg()
         print(f"\ndropout {dropout}: {args.rounds} rounds, load average {load_before:.2f} -> {load_after:.2f}")
         print("| threads | fastrec examples/s | PyTorch examples/s | ratio (per-round) |")
@@ -226,11 +342,22 @@ def main():
             tr = [n_users / t for t in times["torch", n]]
             ratios = [a / b for a, b in zip(fr, tr)]
 
-            def fmt(v):
-                return f"{statistics.median(v):,.0f} [{min(v):,.0f}-{max(v):,.0f}]"
-
             print(f"| {n} | {fmt(fr)} | {fmt(tr)} | {statistics.median(ratios):.2f} "
                   f"[{min(ratios):.2f}-{max(ratios):.2f}] |")
+        print("\nfloor (the same rounds): the products alone, examples/s; the bar needs PyTorch's x 3")
+        print("| threads | dense products ms/epoch | attention products ms/epoch | floor examples/s "
+              "| FMA-peak floor examples/s | PyTorch x 3 | fastrec examples/s |")
+        print("|---|---|---|---|---|---|---|")
+        for n in args.threads:
+            def ms(v):
+                return f"{statistics.median(v) * 1e3:.1f} [{min(v) * 1e3:.1f}-{max(v) * 1e3:.1f}]"
+
+            fl = [n_users / (a + b) for a, b in zip(times["dense", n], times["attention", n])]
+            pk = [n_users / t for t in times["peak", n]]
+            need = [3 * n_users / t for t in times["torch", n]]
+            fr = [n_users / t for t in times["fastrec", n]]
+            print(f"| {n} | {ms(times['dense', n])} | {ms(times['attention', n])} | {fmt(fl)} | "
+                  f"{fmt(pk) if pk else 'n/a'} | {fmt(need)} | {fmt(fr)} |")
 
 
 if __name__ == "__main__":

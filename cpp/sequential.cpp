@@ -54,14 +54,11 @@ namespace {
 
 constexpr float kLayerNormEps = 1e-5f;
 constexpr std::uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
+constexpr index_t kAttWidth = 16;       // the attention kernels' column group (kernels.h, RowsColsFn)
 constexpr index_t kRowChunk = 32;        // rows per task of the row-wise passes
 constexpr index_t kForwardRows = 8192;   // slots (sequences x L) per pass of seq_forward: bounds its workspace
 
-std::uint64_t mix(std::uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
+index_t round_up(index_t n, index_t to) { return (n + to - 1) / to * to; }
 
 // A grow-only float buffer, uninitialised: sized for the largest batch once, so that later batches neither
 // page-fault on fresh memory nor zero-fill it.
@@ -108,89 +105,51 @@ struct RowSumIds {
 };
 
 // out[c] = sum over r in order of a[r * ld + c], c < n: the row_sum kernel with weights 1, split over threads
-// by columns (each column's chain is the same whatever the split).
+// by columns (each column's chain is the same whatever the split): up to 64 columns per task, but at least
+// one task per thread (a width-64 sum would otherwise run on one thread while the others wait).
 void column_sums(const KernelSet& ks, const RowSumIds& rs, const float* a, index_t ld, index_t rows, index_t n,
                  float* out, int n_threads) {
-  constexpr index_t kCols = 64;
+  const int threads = rows * n < (1 << 18) ? 1 : resolve_threads(n_threads);
+  const index_t kCols = std::min<index_t>(64, std::max<index_t>(16, round_up((n + threads - 1) / threads, 16)));
   const index_t chunks = (n + kCols - 1) / kCols;
-  parallel_for(0, chunks, rows * n < (1 << 18) ? 1 : n_threads, [&](std::int64_t c) {
+  parallel_for(0, chunks, threads, [&](std::int64_t c) {
     const index_t c0 = c * kCols;
     ks.row_sum(rs.ones.data(), rs.ids.data(), rows, a + c0, ld, std::min(kCols, n - c0), out + c0);
   });
 }
 
-// The dropout multiplier of site `site` for rows whose element offsets in the (B, L, d) activation start at
-// pos[r] * d (reference.dropout_scale): counter-based, so a row's mask never depends on the thread.
-void dropout_mask(std::uint64_t stream, int site, double rate, const index_t* pos, index_t rows, index_t d,
-                  float* mask, int n_threads) {
-  std::uint64_t state = stream + static_cast<std::uint64_t>(site);
-  const std::uint64_t key = splitmix64(state);
-  const auto threshold = static_cast<std::uint64_t>(rate * 16777216.0);
-  const float scale = 1.0f / static_cast<float>(1.0 - rate);
-  std::uint32_t scale_bits;
-  std::memcpy(&scale_bits, &scale, sizeof scale);
-  for_rows(rows, n_threads, [&](index_t r0, index_t r1) {
-    for (index_t r = r0; r < r1; ++r) {
-      const std::uint64_t e0 = static_cast<std::uint64_t>(pos[r] * d) + 1;
-      float* out = mask + r * d;
-      for (index_t c = 0; c < d; ++c) {
-        const std::uint64_t bits = mix(key + (e0 + static_cast<std::uint64_t>(c)) * kGolden) >> 40;
-        // scale where bits >= threshold, else 0.0f, in integer arithmetic: a branch would miss `rate` of the time
-        const auto drop = static_cast<std::uint32_t>((bits - threshold) >> 63);
-        const std::uint32_t value = scale_bits & (drop - 1u);
-        std::memcpy(out + c, &value, sizeof value);
-      }
-    }
-  });
-}
+// The dropout multipliers of site `site` (reference.dropout_scale) for rows r0 .. r1 - 1, whose element
+// offsets in the (B, L, d) activation start at pos[r] * d: counter-based, so a row's mask never depends on
+// the thread.
+struct DropoutSite {
+  std::uint64_t key = 0, threshold = 0;
+  float scale = 1.0f;
+  DropoutSite(std::uint64_t stream, int site, double rate) {
+    std::uint64_t state = stream + static_cast<std::uint64_t>(site);
+    key = splitmix64(state);
+    threshold = static_cast<std::uint64_t>(rate * 16777216.0);
+    scale = 1.0f / static_cast<float>(1.0 - rate);
+  }
+  void rows(const KernelSet& ks, const index_t* pos, index_t r0, index_t r1, index_t d, float* mask) const {
+    for (index_t r = r0; r < r1; ++r)
+      ks.dropout_row(key, static_cast<std::uint64_t>(pos[r] * d) + 1, d, threshold, scale, mask + r * d);
+  }
+};
 
 // Layer norm of rows: xhat, rstd cached for the backward pass, y = xhat * gamma + beta.
 void ln_forward(const KernelSet& ks, const float* x, index_t rows, index_t d, const float* gamma, const float* beta,
-                const float* ones, float* xhat, float* rstd, float* y, int n_threads) {
-  const float inv_d = 1.0f / static_cast<float>(d);
+                const float*, float* xhat, float* rstd, float* y, int n_threads) {
   for_rows(rows, n_threads, [&](index_t r0, index_t r1) {
-    for (index_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * d;
-      float* hr = xhat + r * d;
-      float sum, sq;
-      ks.dot_rows(xr, d, 1, ones, d, 0.0f, &sum);
-      const float mean = sum * inv_d;
-      for (index_t c = 0; c < d; ++c) hr[c] = xr[c] - mean;
-      ks.dot_rows(hr, d, 1, hr, d, 0.0f, &sq);
-      const float rs = 1.0f / std::sqrt(sq * inv_d + kLayerNormEps);
-      rstd[r] = rs;
-      float* yr = y + r * d;
-      for (index_t c = 0; c < d; ++c) {
-        hr[c] *= rs;
-        yr[c] = hr[c] * gamma[c] + beta[c];
-      }
-    }
+    ks.layer_norm(x + r0 * d, r1 - r0, d, gamma, beta, kLayerNormEps, xhat + r0 * d, rstd + r0, y + r0 * d);
   });
 }
 
 // dx += layer norm backward of dy; dgamma, dbeta = sums over rows. p is (rows x d) scratch.
 void ln_backward(const KernelSet& ks, const RowSumIds& rs, const float* dy, const float* gamma, const float* xhat,
-                 const float* rstd, index_t rows, index_t d, const float* ones, float* p, float* dx, float* dgamma,
+                 const float* rstd, index_t rows, index_t d, const float*, float* p, float* dx, float* dgamma,
                  float* dbeta, int n_threads) {
-  const float inv_d = 1.0f / static_cast<float>(d);
   for_rows(rows, n_threads, [&](index_t r0, index_t r1) {
-    thread_local std::vector<float> g;
-    g.resize(static_cast<std::size_t>(d));
-    for (index_t r = r0; r < r1; ++r) {
-      const float* dyr = dy + r * d;
-      const float* hr = xhat + r * d;
-      float* pr = p + r * d;
-      for (index_t c = 0; c < d; ++c) {
-        g[c] = dyr[c] * gamma[c];
-        pr[c] = dyr[c] * hr[c];
-      }
-      float sg, sgx;
-      ks.dot_rows(g.data(), d, 1, ones, d, 0.0f, &sg);
-      ks.dot_rows(g.data(), d, 1, hr, d, 0.0f, &sgx);
-      const float mg = sg * inv_d, mgx = sgx * inv_d, rsd = rstd[r];
-      float* dxr = dx + r * d;
-      for (index_t c = 0; c < d; ++c) dxr[c] += rsd * (g[c] - mg - hr[c] * mgx);
-    }
+    ks.layer_norm_backward(dy + r0 * d, gamma, xhat + r0 * d, rstd + r0, r1 - r0, d, p + r0 * d, dx + r0 * d);
   });
   column_sums(ks, rs, p, d, rows, d, dgamma, n_threads);
   column_sums(ks, rs, dy, d, rows, d, dbeta, n_threads);
@@ -212,7 +171,7 @@ struct SeqWorkspace {
   std::vector<index_t> pos;        // R: slot b * L + t of each row
   std::vector<index_t> row_of;     // B * L: the row of a slot, -1 at padding
   std::vector<index_t> seq_start;  // B + 1: sequence s has rows [seq_start[s], seq_start[s + 1])
-  std::vector<index_t> att_start;  // B: offset of sequence s's attention weights (heads x c x c)
+  std::vector<index_t> att_start;  // B: offset of sequence s's attention weights (heads x c x round_up(c, 16))
   std::vector<std::int32_t> items;  // R
   std::vector<float> ones;
   RowSumIds row_sum_ids;
@@ -279,12 +238,12 @@ void prepare(SeqWorkspace& ws, const std::int32_t* seqs, index_t B) {
     }
     const index_t c = static_cast<index_t>(ws.pos.size()) - ws.seq_start[s];
     ws.att_start[s] = att;
-    att += m.heads * c * c;
+    att += m.heads * c * round_up(c, kAttWidth);
   }
   ws.seq_start[B] = ws.R = static_cast<index_t>(ws.pos.size());
   ws.att_total = att;
   ws.rows_cap = std::max(ws.rows_cap, B * L);
-  ws.att_cap = std::max(ws.att_cap, B * m.heads * L * L);
+  ws.att_cap = std::max(ws.att_cap, B * m.heads * L * round_up(L, kAttWidth));
   const index_t R = ws.R, d = m.dim, cap = ws.rows_cap;
   ws.x.resize(R * d, cap * d);
   ws.t1.resize(R * std::max(d, max_ffn(m)), cap * std::max(d, max_ffn(m)));
@@ -313,75 +272,146 @@ void resize_cache(BlockCache& c, const SeqWorkspace& ws, index_t f, bool dropout
   }
 }
 
-// Causal attention of every (sequence, head) on the block's q, k, v: weights into c.att, output into c.o.
+// One (sequence, head)'s n rows of a head's dh columns as rows of w = round_up(dh, 16) floats, the layout
+// the attention kernels read and write: in place when dh == w, else through a zero-padded copy.
+struct HeadRows {
+  const float* src;
+  index_t ld, n, dh, w;
+  std::vector<float>* buf;
+  const float* in(index_t& ld_out) const {
+    if (dh == w) {
+      ld_out = ld;
+      return src;
+    }
+    buf->assign(static_cast<std::size_t>(n * w), 0.0f);
+    for (index_t t = 0; t < n; ++t) std::memcpy(buf->data() + t * w, src + t * ld, sizeof(float) * static_cast<std::size_t>(dh));
+    ld_out = w;
+    return buf->data();
+  }
+};
+
+// Where a kernel writes a head's rows (dst, ld): in place when dh == w, else a padded tile copied out by done().
+struct HeadOut {
+  float* dst;
+  index_t ld, n, dh, w;
+  std::vector<float>* buf;
+  float* out(index_t& ld_out) {
+    if (dh == w) {
+      ld_out = ld;
+      return dst;
+    }
+    buf->resize(static_cast<std::size_t>(n * w));
+    ld_out = w;
+    return buf->data();
+  }
+  void done() {
+    if (dh == w) return;
+    for (index_t t = 0; t < n; ++t) std::memcpy(dst + t * ld, buf->data() + t * w, sizeof(float) * static_cast<std::size_t>(dh));
+  }
+};
+
+// Per-thread tiles of the attention kernels.
+struct AttTiles {
+  std::vector<float> t, q, k, v, g, o, ds;
+};
+
+// Causal softmax of score rows t0 .. t1 - 1 (stride ld) in place: row t over its first t + 1 columns.
+void causal_softmax(const KernelSet& ks, float* A, index_t ld, index_t t0, index_t t1) {
+  for (index_t t = t0; t < t1; ++t) {
+    float* row = A + t * ld;
+    float mx, sum;
+    ks.exp_shift(row, t + 1, &mx, &sum);
+    const float inv = 1.0f / sum;
+    for (index_t j = 0; j <= t; ++j) row[j] *= inv;
+  }
+}
+
+// Causal attention of every (sequence, head) on the block's q, k, v: weights into c.att (row t valid over
+// its first t + 1 columns), output into c.o. One fused pass per (sequence, head) over tiles in cache: the
+// scores against the packed Kᵀ (lower triangle, in 16-column groups), the masked softmax, A V.
 void attention_forward(const KernelSet& ks, SeqWorkspace& ws, BlockCache& c, int n_threads) {
   const SeqModel& m = ws.m;
-  const index_t d = m.dim, H = m.heads, dh = d / H, ld = 3 * d;
+  const index_t d = m.dim, H = m.heads, dh = d / H, ld = 3 * d, w = round_up(dh, kAttWidth);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh)));
   parallel_for<true>(0, ws.B * H, n_threads, [&](std::int64_t task) {
     const index_t s = task / H, h = task % H;
-    const index_t r0 = ws.seq_start[s], n = ws.seq_start[s + 1] - r0;
+    const index_t r0 = ws.seq_start[s], n = ws.seq_start[s + 1] - r0, np = round_up(n, kAttWidth);
     if (n == 0) return;
-    float* A = c.att.data() + ws.att_start[s] + h * n * n;
-    const float* Q = c.qkv.data() + r0 * ld + h * dh;
-    Epilogue scaled;
-    scaled.scale = scale;
-    sgemm(ks, false, true, n, n, dh, Q, ld, Q + d, ld, A, n, &scaled, 1);
-    for (index_t t = 0; t < n; ++t) {
-      float* row = A + t * n;
-      float mx, sum;
-      ks.exp_shift(row, t + 1, &mx, &sum);
-      const float inv = 1.0f / sum;
-      for (index_t j = 0; j <= t; ++j) row[j] *= inv;
-      for (index_t j = t + 1; j < n; ++j) row[j] = 0.0f;
-    }
-    sgemm(ks, false, false, n, dh, n, A, n, Q + 2 * d, ld, c.o.data() + r0 * d + h * dh, d, nullptr, 1);
+    thread_local AttTiles tl;
+    float* A = c.att.data() + ws.att_start[s] + h * n * np;
+    const float* base = c.qkv.data() + r0 * ld + h * dh;
+    index_t ldq, ldv, ldo;
+    const float* Q = HeadRows{base, ld, n, dh, w, &tl.q}.in(ldq);
+    const float* V = HeadRows{base + 2 * d, ld, n, dh, w, &tl.v}.in(ldv);
+    tl.t.resize(static_cast<std::size_t>(w * np));
+    ks.att_transpose(base + d, ld, n, dh, w, np, tl.t.data());
+    ks.att_rows_cols(Q, ldq, 0, n, tl.t.data(), np, w, scale, A, np);
+    causal_softmax(ks, A, np, 0, n);
+    HeadOut o{c.o.data() + r0 * d + h * dh, d, n, dh, w, &tl.o};
+    float* o_at = o.out(ldo);
+    ks.att_weights_rows(A, np, 0, n, V, ldv, w, o_at, ldo);
+    o.done();
   });
 }
 
-// dq, dk, dv (into ws.dqkv, R x 3d) of the causal attention from the output gradient do (R x d).
+// dq, dk, dv (into ws.dqkv, R x 3d) of the causal attention from the output gradient do (R x d), fused per
+// (sequence, head) as the forward pass: dV = Aᵀ dO, dA = dO Vᵀ (lower triangle), dS = A (dA - rowsum) / sqrt(dh),
+// dQ = dS K, dK = dSᵀ Q.
 void attention_backward(const KernelSet& ks, SeqWorkspace& ws, const BlockCache& c, const float* dout,
                         int n_threads) {
   const SeqModel& m = ws.m;
-  const index_t d = m.dim, H = m.heads, dh = d / H, ld = 3 * d;
+  const index_t d = m.dim, H = m.heads, dh = d / H, ld = 3 * d, w = round_up(dh, kAttWidth);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh)));
   parallel_for<true>(0, ws.B * H, n_threads, [&](std::int64_t task) {
     const index_t s = task / H, h = task % H;
-    const index_t r0 = ws.seq_start[s], n = ws.seq_start[s + 1] - r0;
+    const index_t r0 = ws.seq_start[s], n = ws.seq_start[s + 1] - r0, np = round_up(n, kAttWidth);
     if (n == 0) return;
-    thread_local std::vector<float> dA;
-    dA.resize(static_cast<std::size_t>(n * n));
-    const float* A = c.att.data() + ws.att_start[s] + h * n * n;
-    const float* Q = c.qkv.data() + r0 * ld + h * dh;
-    const float* dO = dout + r0 * d + h * dh;
+    thread_local AttTiles tl;
+    const float* A = c.att.data() + ws.att_start[s] + h * n * np;
+    const float* base = c.qkv.data() + r0 * ld + h * dh;
+    index_t ldq, ldk, ldg, ldo;
+    const float* Q = HeadRows{base, ld, n, dh, w, &tl.q}.in(ldq);
+    const float* K = HeadRows{base + d, ld, n, dh, w, &tl.k}.in(ldk);
+    const float* dO = HeadRows{dout + r0 * d + h * dh, d, n, dh, w, &tl.g}.in(ldg);
     float* dQ = ws.dqkv.data() + r0 * ld + h * dh;
-    sgemm(ks, true, false, n, dh, n, A, n, dO, d, dQ + 2 * d, ld, nullptr, 1);           // dV = Aᵀ dO
-    sgemm(ks, false, true, n, n, dh, dO, d, Q + 2 * d, ld, dA.data(), n, nullptr, 1);  // dA = dO Vᵀ
+    HeadOut dv{dQ + 2 * d, ld, n, dh, w, &tl.o};
+    float* dv_at = dv.out(ldo);
+    ks.att_weights_t_rows(A, np, 0, n, n, dO, ldg, w, dv_at, ldo);
+    dv.done();
+    tl.t.resize(static_cast<std::size_t>(w * np));
+    ks.att_transpose(base + 2 * d, ld, n, dh, w, np, tl.t.data());
+    tl.ds.resize(static_cast<std::size_t>(n * np));
+    float* dS = tl.ds.data();
+    ks.att_rows_cols(dO, ldg, 0, n, tl.t.data(), np, w, 1.0f, dS, np);
     for (index_t t = 0; t < n; ++t) {
-      float* g = dA.data() + t * n;
-      const float* a = A + t * n;
+      float* g = dS + t * np;
+      const float* a = A + t * np;
       float dot;
-      ks.dot_rows(g, n, 1, a, t + 1, 0.0f, &dot);
+      ks.dot_rows(g, np, 1, a, t + 1, 0.0f, &dot);
       for (index_t j = 0; j <= t; ++j) g[j] = a[j] * (g[j] - dot) * scale;
-      for (index_t j = t + 1; j < n; ++j) g[j] = 0.0f;
     }
-    sgemm(ks, false, false, n, dh, n, dA.data(), n, Q + d, ld, dQ, ld, nullptr, 1);     // dQ = dS K
-    sgemm(ks, true, false, n, dh, n, dA.data(), n, Q, ld, dQ + d, ld, nullptr, 1);      // dK = dSᵀ Q
+    HeadOut dq{dQ, ld, n, dh, w, &tl.o};
+    float* dq_at = dq.out(ldo);
+    ks.att_weights_rows(dS, np, 0, n, K, ldk, w, dq_at, ldo);
+    dq.done();
+    HeadOut dk{dQ + d, ld, n, dh, w, &tl.o};
+    float* dk_at = dk.out(ldo);
+    ks.att_weights_t_rows(dS, np, 0, n, n, Q, ldq, w, dk_at, ldo);
+    dk.done();
   });
 }
 
 // x (R x d) = the embedding sum of the batch's rows, dropout site 0 applied.
-void embed(const KernelSet&, SeqWorkspace& ws, double dropout, std::uint64_t stream, int n_threads) {
+void embed(const KernelSet& ks, SeqWorkspace& ws, double dropout, std::uint64_t stream, int n_threads) {
   const SeqModel& m = ws.m;
   const index_t d = m.dim, L = m.max_len;
   const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
   const float* E = m.item_table();
   const float* P = m.position_table();
-  if (dropout > 0.0) {
-    ws.mask0.resize(ws.R * d, ws.rows_cap * d);
-    dropout_mask(stream, 0, dropout, ws.pos.data(), ws.R, d, ws.mask0.data(), n_threads);
-  }
+  if (dropout > 0.0) ws.mask0.resize(ws.R * d, ws.rows_cap * d);
+  const DropoutSite site(stream, 0, dropout > 0.0 ? dropout : 0.0);
   for_rows(ws.R, n_threads, [&](index_t r0, index_t r1) {
+    if (dropout > 0.0) site.rows(ks, ws.pos.data(), r0, r1, d, ws.mask0.data());
     for (index_t r = r0; r < r1; ++r) {
       const float* e = E + static_cast<index_t>(ws.items[r]) * d;
       const float* p = P + (ws.pos[r] % L) * d;
@@ -426,8 +456,9 @@ void block_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, 
     e.bias = bias;
     if (dropout > 0.0) {
       sgemm(ks, false, false, R, d, k, A, k, W, d, t1, d, &e, n_threads);
-      dropout_mask(stream, site, dropout, ws.pos.data(), R, d, mask, n_threads);
+      const DropoutSite drop(stream, site, dropout);
       for_rows(R, n_threads, [&](index_t r0, index_t r1) {
+        drop.rows(ks, ws.pos.data(), r0, r1, d, mask);
         for (index_t i = r0 * d; i < r1 * d; ++i) x[i] += t1[i] * mask[i];
       });
     } else {
@@ -802,8 +833,8 @@ namespace {
 
 // The last block and the final norm for one row per sequence in `seqs` (its last row), after
 // forward_pass(..., stop_before_last): k, v for every row, everything else for those rows only; their z into
-// ws.z rows 0, 1, ... The same arithmetic per row as the full pass (sgemm's chains do not depend on M), so
-// the same bits.
+// ws.z rows 0, 1, ... The same arithmetic per row as the full pass (sgemm's chains do not depend on M, nor
+// the attention kernels' on the rows a call covers), so the same bits.
 void last_rows_forward(const KernelSet& ks, SeqWorkspace& ws, const std::vector<index_t>& seqs, int n_threads) {
   const SeqModel& m = ws.m;
   const int b = m.n_blocks() - 1;
@@ -818,17 +849,23 @@ void last_rows_forward(const KernelSet& ks, SeqWorkspace& ws, const std::vector<
   parallel_for<true>(0, Q * H, n_threads, [&](std::int64_t task) {
     const index_t q = task / H, h = task % H, s = seqs[static_cast<std::size_t>(q)];
     const index_t r0 = ws.seq_start[s], n = ws.seq_start[s + 1] - r0;
-    thread_local std::vector<float> row;
-    row.resize(static_cast<std::size_t>(n));
-    const float* Qs = c.qkv.data() + r0 * ld + h * dh;
-    Epilogue scaled;
-    scaled.scale = scale;
-    sgemm(ks, false, true, 1, n, dh, Qs + (n - 1) * ld, ld, Qs + d, ld, row.data(), n, &scaled, 1);
-    float mx, sum;
-    ks.exp_shift(row.data(), n, &mx, &sum);
-    const float inv = 1.0f / sum;
-    for (index_t j = 0; j < n; ++j) row[j] *= inv;
-    sgemm(ks, false, false, 1, dh, n, row.data(), n, Qs + 2 * d, ld, o + q * d + h * dh, d, nullptr, 1);
+    const index_t np = round_up(n, kAttWidth), w = round_up(dh, kAttWidth);
+    thread_local AttTiles tl;
+    tl.ds.resize(static_cast<std::size_t>(np));
+    const float* base = c.qkv.data() + r0 * ld + h * dh;
+    index_t ldq, ldv, ldo;
+    const float* Qs = HeadRows{base, ld, n, dh, w, &tl.q}.in(ldq);
+    const float* V = HeadRows{base + 2 * d, ld, n, dh, w, &tl.v}.in(ldv);
+    tl.t.resize(static_cast<std::size_t>(w * np));
+    ks.att_transpose(base + d, ld, n, dh, w, np, tl.t.data());
+    // row n - 1 alone, as in attention_forward (leading dimensions 0: the one row sits at the pointers)
+    float* row = tl.ds.data();
+    ks.att_rows_cols(Qs + (n - 1) * ldq, 0, n - 1, n, tl.t.data(), np, w, scale, row, 0);
+    causal_softmax(ks, row, 0, n - 1, n);
+    HeadOut out1{o + q * d + h * dh, d, 1, dh, w, &tl.o};
+    float* out1_at = out1.out(ldo);
+    ks.att_weights_rows(row, 0, n - 1, n, V, ldv, w, out1_at, 0);
+    out1.done();
     if (h == 0)
       std::memcpy(xq + q * d, ws.x.data() + (r0 + n - 1) * d, sizeof(float) * static_cast<std::size_t>(d));
   });

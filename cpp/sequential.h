@@ -10,8 +10,8 @@
 //
 // How it computes. Padding slots (item -1) are dropped: a batch's event rows are compacted (sequence by
 // sequence, in slot order) into R rows, every (R x d) projection and the feed-forward layers are single
-// sgemm calls over them, and attention runs per (sequence, head) on that sequence's rows (sgemm for
-// Q Kᵀ and A V, the masked softmax by the exp kernel in place). A padding row's contribution in the
+// sgemm calls over them, and attention runs per (sequence, head) on that sequence's rows, fused in one pass
+// over tiles in cache (the kernels' att_* products over the lower triangle, the masked softmax in place). A padding row's contribution in the
 // reference is exactly zero (its output after the blocks is 0, so z = final_beta there), so skipping it
 // changes nothing but the cost. Every reduction has a fixed order (sgemm's chains over rows for the
 // weight gradients, column sums row by row, item-row gradients summed in batch order per item), so the

@@ -132,6 +132,28 @@ def test_loss_and_gradients_match_oracle(dropout, K, heads):
         assert abs(other - loss) > 1e-3
 
 
+@pytest.mark.parametrize("isa", _core.available_isas())
+@pytest.mark.parametrize("d,heads", [(64, 1), (48, 2)])
+def test_long_sequences_match_oracle_for_every_isa(isa, d, heads):
+    """The fused attention kernels at the benchmark's shapes: 50 slots (several 16-column groups and 4-row
+    tiles, every length from 0 to 50), head width 64 (read in place) and 24 (through zero-padded tiles), on
+    every compiled ISA; last_only gives the full pass's bits."""
+    rng = np.random.default_rng(d + heads)
+    p = make_params(rng, n_items=40, d=d, L=50, heads=heads, f=32, scale=0.2)
+    seqs, targets, negatives = batch(rng, 12, 50, 1, n_items=40)
+    for s in range(1, 11):  # lengths around the tile edges
+        seqs[s, :50 - (4 * s + (s % 3))] = -1
+    targets[seqs < 0] = -1
+    m = _core.SequentialModel(p)
+    z = m.forward(seqs, False, 1, isa)
+    assert rel_err(z, ref.sequential_forward(ref.float64_copy(p), seqs)) < 1e-4
+    np.testing.assert_array_equal(m.forward(seqs, True, 1, isa), z[:, -1])
+    loss, g = m.loss_and_gradients(seqs, targets, negatives, 0.2, 99, 1, isa)
+    loss_r, gr = ref.sequential_loss_and_gradients(ref.float64_copy(p), seqs, targets, negatives, 0.2, 99)
+    assert abs(loss - loss_r) < 1e-5 * abs(loss_r)
+    assert_grads_close(g, gr)
+
+
 @pytest.mark.parametrize("dropout,with_log_q", [(0.0, False), (0.3, True)])
 def test_softmax_loss_and_gradients_match_oracle(dropout, with_log_q):
     """negatives None: the sampled softmax over the batch's distinct targets (repeated targets included)."""

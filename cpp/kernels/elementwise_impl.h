@@ -393,6 +393,282 @@ float exp_in_place_sum(float* x, index_t n) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+typedef std::uint64_t u64x8 __attribute__((vector_size(64)));
+typedef std::int64_t i64x8 __attribute__((vector_size(64)));
+
+// Dropout multipliers of one row (kernels.h, DropoutRowFn), eight 64-bit lanes at a time (AVX-512DQ has the
+// 64-bit multiply; elsewhere the compiler emulates it), the same integer arithmetic as the scalar tail.
+void dropout_row_impl(std::uint64_t key, std::uint64_t e0, index_t n, std::uint64_t threshold, float scale,
+                      float* out) {
+  constexpr std::uint64_t kGolden = 0x9e3779b97f4a7c15ULL, kM1 = 0xbf58476d1ce4e5b9ULL, kM2 = 0x94d049bb133111ebULL;
+  std::int32_t scale_bits;
+  std::memcpy(&scale_bits, &scale, sizeof scale);
+  const u64x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const u64x8 limit = u64x8{} + threshold;
+  index_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    u64x8 z = key + (e0 + static_cast<std::uint64_t>(c) + lane) * kGolden;
+    z = (z ^ (z >> 30)) * kM1;
+    z = (z ^ (z >> 27)) * kM2;
+    z ^= z >> 31;
+    const i64x8 keep = (z >> 40) >= limit;  // all ones where kept
+    const i32x8 value = __builtin_convertvector(keep, i32x8) & scale_bits;
+    std::memcpy(out + c, &value, sizeof value);
+  }
+  for (; c < n; ++c) {
+    std::uint64_t z = key + (e0 + static_cast<std::uint64_t>(c)) * kGolden;
+    z = (z ^ (z >> 30)) * kM1;
+    z = (z ^ (z >> 27)) * kM2;
+    z ^= z >> 31;
+    const std::int32_t value = (z >> 40) >= threshold ? scale_bits : 0;
+    std::memcpy(out + c, &value, sizeof value);
+  }
+}
+
+// Lane l += lane l + half for half = 8, 4, 2, 1: lane 0 ends with the sum (dot_rows_impl's order).
+inline float lane_sum(f32x16 acc) {
+  acc += __builtin_shuffle(acc, i32x16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  acc += __builtin_shuffle(acc, i32x16{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+  acc += __builtin_shuffle(acc, i32x16{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+  acc += __builtin_shuffle(acc, i32x16{1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
+  return acc[0];
+}
+
+// kernels.h, LayerNormFn: whole 16-float groups as vectors, the tail element by element in the same lanes.
+void layer_norm_impl(const float* x, index_t rows, index_t n, const float* gamma, const float* beta, float eps,
+                     float* xhat, float* rstd, float* y) {
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const index_t full = n / 16 * 16;
+  for (index_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float* hr = xhat + r * n;
+    float* yr = y + r * n;
+    f32x16 acc = {};
+    for (index_t c = 0; c < full; c += 16) acc += load16(xr + c);
+    for (index_t c = full; c < n; ++c) acc[c - full] += xr[c];
+    const float mean = lane_sum(acc) * inv_n;
+    f32x16 sq = {};
+    for (index_t c = 0; c < full; c += 16) {
+      const f32x16 h = load16(xr + c) - mean;
+      sq += h * h;
+    }
+    for (index_t c = full; c < n; ++c) {
+      const float h = xr[c] - mean;
+      sq[c - full] += h * h;
+    }
+    const float rs = 1.0f / __builtin_sqrtf(lane_sum(sq) * inv_n + eps);
+    rstd[r] = rs;
+    for (index_t c = 0; c < full; c += 16) {
+      const f32x16 h = (load16(xr + c) - mean) * rs;
+      const f32x16 out = h * load16(gamma + c) + load16(beta + c);
+      std::memcpy(hr + c, &h, sizeof h);
+      std::memcpy(yr + c, &out, sizeof out);
+    }
+    for (index_t c = full; c < n; ++c) {
+      hr[c] = (xr[c] - mean) * rs;
+      yr[c] = hr[c] * gamma[c] + beta[c];
+    }
+  }
+}
+
+void layer_norm_backward_impl(const float* dy, const float* gamma, const float* xhat, const float* rstd, index_t rows,
+                              index_t n, float* p, float* dx) {
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const index_t full = n / 16 * 16;
+  for (index_t r = 0; r < rows; ++r) {
+    const float* dyr = dy + r * n;
+    const float* hr = xhat + r * n;
+    float* pr = p + r * n;
+    float* dxr = dx + r * n;
+    f32x16 sg = {}, sgx = {};
+    for (index_t c = 0; c < full; c += 16) {
+      const f32x16 d = load16(dyr + c), h = load16(hr + c), g = d * load16(gamma + c), ph = d * h;
+      sg += g;
+      sgx += g * h;
+      std::memcpy(pr + c, &ph, sizeof ph);
+    }
+    for (index_t c = full; c < n; ++c) {
+      const float g = dyr[c] * gamma[c];
+      sg[c - full] += g;
+      sgx[c - full] += g * hr[c];
+      pr[c] = dyr[c] * hr[c];
+    }
+    const float mg = lane_sum(sg) * inv_n, mgx = lane_sum(sgx) * inv_n, rs = rstd[r];
+    for (index_t c = 0; c < full; c += 16) {
+      const f32x16 h = load16(hr + c), g = load16(dyr + c) * load16(gamma + c);
+      const f32x16 out = load16(dxr + c) + rs * (g - mg - h * mgx);
+      std::memcpy(dxr + c, &out, sizeof out);
+    }
+    for (index_t c = full; c < n; ++c) dxr[c] += rs * (dyr[c] * gamma[c] - mg - hr[c] * mgx);
+  }
+}
+
+// kernels.h, TransposeFn: 16 x 16 blocks through registers (a scalar transpose makes one strided store per
+// float); edge blocks are loaded zero-padded.
+void att_transpose_impl(const float* y, index_t ld, index_t n, index_t dh, index_t w, index_t np, float* yt) {
+#if defined(__AVX2__)
+  for (index_t j0 = 0; j0 < np; j0 += 16)
+    for (index_t k0 = 0; k0 < w; k0 += 16) {
+      f32x16 v[16];
+      for (int i = 0; i < 16; ++i) {
+        const index_t j = j0 + i;
+        if (j < n && k0 + 16 <= dh) {
+          v[i] = load16(y + j * ld + k0);
+        } else {
+          v[i] = f32x16{};
+          for (index_t k = k0; j < n && k < dh && k < k0 + 16; ++k) v[i][k - k0] = y[j * ld + k];
+        }
+      }
+      transpose16(v);
+      for (int i = 0; i < 16; ++i) std::memcpy(yt + (k0 + i) * np + j0, &v[i], sizeof v[i]);
+    }
+#else
+  for (index_t k = 0; k < w; ++k)
+    for (index_t j = 0; j < np; ++j) yt[k * np + j] = k < dh && j < n ? y[j * ld + k] : 0.0f;
+#endif
+}
+
+// Causal attention's small products (kernels.h, RowsColsFn / WeightsRowsFn / WeightsTRowsFn): register tiles
+// of R rows x G groups of 16 columns, one chain per output element in the documented order whatever the tile.
+inline void store_scaled(float* out, f32x16 v, float scale) {
+  v *= scale;
+  std::memcpy(out, &v, sizeof v);
+}
+
+template <int R, int G>
+inline void rows_cols_tile(const float* x, index_t ldx, const float* yt, index_t ldy, index_t w, float scale,
+                           float* out, index_t ldo) {
+  f32x16 acc[R][G] = {};
+  for (index_t k = 0; k < w; ++k) {
+    f32x16 b[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) b[g] = load16(yt + k * ldy + 16 * g);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const float a = x[r * ldx + k];
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[r][g] += a * b[g];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) store_scaled(out + r * ldo + 16 * g, acc[r][g], scale);
+}
+
+template <int R>
+void rows_cols_rows(const float* x, index_t ldx, index_t groups, const float* yt, index_t ldy, index_t w, float scale,
+                    float* out, index_t ldo) {
+  index_t g = 0;
+  for (; g + 4 <= groups; g += 4) rows_cols_tile<R, 4>(x, ldx, yt + 16 * g, ldy, w, scale, out + 16 * g, ldo);
+  switch (groups - g) {
+    case 3: rows_cols_tile<R, 3>(x, ldx, yt + 16 * g, ldy, w, scale, out + 16 * g, ldo); break;
+    case 2: rows_cols_tile<R, 2>(x, ldx, yt + 16 * g, ldy, w, scale, out + 16 * g, ldo); break;
+    case 1: rows_cols_tile<R, 1>(x, ldx, yt + 16 * g, ldy, w, scale, out + 16 * g, ldo); break;
+    default: break;
+  }
+}
+
+void att_rows_cols_impl(const float* x, index_t ldx, index_t t0, index_t t1, const float* yt, index_t ldy, index_t w,
+                        float scale, float* out, index_t ldo) {
+  index_t t = t0;
+  for (; t + 4 <= t1; t += 4)
+    rows_cols_rows<4>(x + t * ldx, ldx, (t + 3) / 16 + 1, yt, ldy, w, scale, out + t * ldo, ldo);
+  for (; t < t1; ++t) rows_cols_rows<1>(x + t * ldx, ldx, t / 16 + 1, yt, ldy, w, scale, out + t * ldo, ldo);
+}
+
+// Rows t0 .. t0 + R - 1 of out = p y over j <= t: j = 0 .. t0 for all rows together, then each row's own
+// remaining j (row r: t0 + 1 .. t0 + r), continuing the same chains.
+template <int R, int G>
+inline void weights_rows_tile(const float* p, index_t ldp, index_t t0, const float* y, index_t ldy, float* out,
+                              index_t ldo) {
+  f32x16 acc[R][G] = {};
+  for (index_t j = 0; j <= t0; ++j) {
+    f32x16 b[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) b[g] = load16(y + j * ldy + 16 * g);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const float a = p[r * ldp + j];
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[r][g] += a * b[g];
+    }
+  }
+  for (int r = 1; r < R; ++r)
+    for (index_t j = t0 + 1; j <= t0 + r; ++j) {
+      const float a = p[r * ldp + j];
+      for (int g = 0; g < G; ++g) acc[r][g] += a * load16(y + j * ldy + 16 * g);
+    }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) std::memcpy(out + r * ldo + 16 * g, &acc[r][g], sizeof(f32x16));
+}
+
+template <int R>
+void weights_rows_block(const float* p, index_t ldp, index_t t0, const float* y, index_t ldy, index_t w, float* out,
+                        index_t ldo) {
+  const index_t groups = w / 16;
+  index_t g = 0;
+  for (; g + 4 <= groups; g += 4) weights_rows_tile<R, 4>(p, ldp, t0, y + 16 * g, ldy, out + 16 * g, ldo);
+  switch (groups - g) {
+    case 3: weights_rows_tile<R, 3>(p, ldp, t0, y + 16 * g, ldy, out + 16 * g, ldo); break;
+    case 2: weights_rows_tile<R, 2>(p, ldp, t0, y + 16 * g, ldy, out + 16 * g, ldo); break;
+    case 1: weights_rows_tile<R, 1>(p, ldp, t0, y + 16 * g, ldy, out + 16 * g, ldo); break;
+    default: break;
+  }
+}
+
+void att_weights_rows_impl(const float* p, index_t ldp, index_t t0, index_t t1, const float* y, index_t ldy, index_t w,
+                           float* out, index_t ldo) {
+  index_t t = t0;
+  for (; t + 4 <= t1; t += 4) weights_rows_block<4>(p + t * ldp, ldp, t, y, ldy, w, out + t * ldo, ldo);
+  for (; t < t1; ++t) weights_rows_block<1>(p + t * ldp, ldp, t, y, ldy, w, out + t * ldo, ldo);
+}
+
+// Rows j0 .. j0 + R - 1 of out = pᵀ y over t >= j: each row's own first t (row r: j0 + r .. j0 + R - 2),
+// then t = j0 + R - 1 .. n - 1 for all rows together, continuing the same chains.
+template <int R, int G>
+inline void weights_t_rows_tile(const float* p, index_t ldp, index_t j0, index_t n, const float* y, index_t ldy,
+                                float* out, index_t ldo) {
+  f32x16 acc[R][G] = {};
+  for (int r = 0; r + 1 < R; ++r)
+    for (index_t t = j0 + r; t < j0 + R - 1; ++t) {
+      const float a = p[t * ldp + j0 + r];
+      for (int g = 0; g < G; ++g) acc[r][g] += a * load16(y + t * ldy + 16 * g);
+    }
+  for (index_t t = j0 + R - 1; t < n; ++t) {
+    f32x16 b[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) b[g] = load16(y + t * ldy + 16 * g);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const float a = p[t * ldp + j0 + r];
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[r][g] += a * b[g];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) std::memcpy(out + r * ldo + 16 * g, &acc[r][g], sizeof(f32x16));
+}
+
+template <int R>
+void weights_t_rows_block(const float* p, index_t ldp, index_t j0, index_t n, const float* y, index_t ldy, index_t w,
+                          float* out, index_t ldo) {
+  const index_t groups = w / 16;
+  index_t g = 0;
+  for (; g + 4 <= groups; g += 4) weights_t_rows_tile<R, 4>(p, ldp, j0, n, y + 16 * g, ldy, out + 16 * g, ldo);
+  switch (groups - g) {
+    case 3: weights_t_rows_tile<R, 3>(p, ldp, j0, n, y + 16 * g, ldy, out + 16 * g, ldo); break;
+    case 2: weights_t_rows_tile<R, 2>(p, ldp, j0, n, y + 16 * g, ldy, out + 16 * g, ldo); break;
+    case 1: weights_t_rows_tile<R, 1>(p, ldp, j0, n, y + 16 * g, ldy, out + 16 * g, ldo); break;
+    default: break;
+  }
+}
+
+void att_weights_t_rows_impl(const float* p, index_t ldp, index_t j0, index_t j1, index_t n, const float* y,
+                             index_t ldy, index_t w, float* out, index_t ldo) {
+  index_t j = j0;
+  for (; j + 4 <= j1; j += 4) weights_t_rows_block<4>(p, ldp, j, n, y, ldy, w, out + j * ldo, ldo);
+  for (; j < j1; ++j) weights_t_rows_block<1>(p, ldp, j, n, y, ldy, w, out + j * ldo, ldo);
+}
+
 double sum_squares_impl(const float* x, index_t n) {
   f32x16 acc = {};
   index_t i = 0;

@@ -106,6 +106,41 @@ using ExpShiftFn = void (*)(float* x, index_t n, float* max, float* sum);
 using ChainDotsFn = void (*)(index_t kc, const float* x, index_t ld, index_t rows, const float* q, float* out,
                              bool accumulate);
 
+// One row of dropout multipliers (reference.dropout_scale): out[c] = scale where the top 24 bits of
+// mix(key + (e0 + c) * 0x9e3779b97f4a7c15) (splitmix64's finaliser) are >= threshold, else 0, for c < n.
+// Integer arithmetic: every ISA gives the same bits.
+using DropoutRowFn = void (*)(std::uint64_t key, std::uint64_t e0, index_t n, std::uint64_t threshold, float scale,
+                              float* out);
+
+// The small products of causal attention over one sequence's rows (n <= a few hundred, width w a multiple of
+// 16, every row read or written over w floats), each output element ONE chain in a fixed order that does not
+// depend on which rows the call covers (so a row computed alone has the bits it has in the whole pass):
+//  - rows_cols:    out[t][j] = scale * sum_k x[t][k] yt[k][j] (k < w in order) for rows t0 <= t < t1 and at
+//                  least the columns j <= t, in whole 16-column groups (yt: w x (columns) with row stride ldy,
+//                  readable up to the 16-group past t1 - 1). Scores Q Kᵀ and dA = dO Vᵀ (Kᵀ / Vᵀ packed).
+//  - weights_rows: out[t][:] = sum_j p[t][j] y[j][:] for j = 0 .. t in order, t0 <= t < t1 (A V, dS K). The
+//                  chain may run on past t up to the call's last row: p[t][j] must be 0 for j > t.
+//  - weights_t_rows: out[j][:] = sum_t p[t][j] y[t][:] for t = j .. n - 1 in order, j0 <= j < j1 (Aᵀ dO, dSᵀ Q);
+//                  the chain may start at j0: p[t][j] must be 0 for t < j.
+//  - transpose:    yt (w x np) = the transpose of n rows of dh floats (row stride ld), zero past row dh and
+//                  column n (w, np: multiples of 16): the packed Kᵀ / Vᵀ of rows_cols.
+using TransposeFn = void (*)(const float* y, index_t ld, index_t n, index_t dh, index_t w, index_t np, float* yt);
+using RowsColsFn = void (*)(const float* x, index_t ldx, index_t t0, index_t t1, const float* yt, index_t ldy, index_t w,
+                            float scale, float* out, index_t ldo);
+using WeightsRowsFn = void (*)(const float* p, index_t ldp, index_t t0, index_t t1, const float* y, index_t ldy, index_t w,
+                               float* out, index_t ldo);
+using WeightsTRowsFn = void (*)(const float* p, index_t ldp, index_t j0, index_t j1, index_t n, const float* y,
+                                index_t ldy, index_t w, float* out, index_t ldo);
+
+// Layer norm of `rows` contiguous rows of n floats: xhat = (x - mean) rstd, rstd = 1 / sqrt(var + eps) (kept
+// per row), y = xhat gamma + beta. Row sums in 16 float lanes added in a fixed order.
+using LayerNormFn = void (*)(const float* x, index_t rows, index_t n, const float* gamma, const float* beta, float eps,
+                             float* xhat, float* rstd, float* y);
+// Its backward for those rows: with g = dy gamma, dx += rstd (g - mean(g) - xhat mean(g xhat)); p = dy xhat (the
+// rows whose column sums are dgamma).
+using LayerNormBackwardFn = void (*)(const float* dy, const float* gamma, const float* xhat, const float* rstd,
+                                     index_t rows, index_t n, float* p, float* dx);
+
 struct KernelSet {
   Isa isa;
   int mr, nr;        // register tile
@@ -121,6 +156,13 @@ struct KernelSet {
   DotRowsFn dot_rows;
   ExpShiftFn exp_shift;
   ChainDotsFn chain_dots;
+  DropoutRowFn dropout_row;
+  TransposeFn att_transpose;
+  RowsColsFn att_rows_cols;
+  WeightsRowsFn att_weights_rows;
+  WeightsTRowsFn att_weights_t_rows;
+  LayerNormFn layer_norm;
+  LayerNormBackwardFn layer_norm_backward;
 };
 
 const KernelSet& kernels_scalar();

@@ -252,7 +252,10 @@ const KernelSet& kernels_avx512() {
   static const KernelSet set{Isa::Avx512, kMr, kNr, 256, 192, 4096, ukernel_avx512, row_kernel_avx512, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
-                             sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_avx512};
+                             sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_avx512,
+                             dropout_row_impl, att_transpose_impl, att_rows_cols_impl, att_weights_rows_impl,
+                             att_weights_t_rows_impl, layer_norm_impl,
+                             layer_norm_backward_impl};
   return set;
 }
 

@@ -55,7 +55,10 @@ const KernelSet& kernels_scalar() {
   static const KernelSet set{Isa::Scalar, kMr, kNr, 256, 128, 2048, ukernel_scalar_4x8, row_kernel_scalar, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
-                             sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_scalar};
+                             sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_scalar,
+                             dropout_row_impl, att_transpose_impl, att_rows_cols_impl, att_weights_rows_impl,
+                             att_weights_t_rows_impl, layer_norm_impl,
+                             layer_norm_backward_impl};
   return set;
 }
 
