@@ -360,6 +360,16 @@ def _group(codes, values, n_groups):
     return values[order], np.searchsorted(codes[order], np.arange(n_groups + 1))
 
 
+def _without(rec, drop):
+    """Each row of `rec` without its `drop` entries, kept items first in their order, padded at the end."""
+    if not drop.any():
+        return rec
+    order = np.argsort(drop, axis=1, kind="stable")
+    rec = np.take_along_axis(rec, order, axis=1)
+    rec[np.arange(rec.shape[1]) >= (~drop).sum(axis=1)[:, None]] = _padding(rec.dtype)
+    return rec
+
+
 def _padding(dtype):
     return -1 if dtype.kind in "iu" else "" if dtype.kind == "U" else None
 
@@ -440,10 +450,7 @@ def full_ranking(model, test_users, test_items, *, k=(10, 20), exclude_seen=True
             for r in np.flatnonzero(n_extra[start:stop]):
                 lo, hi = extra[1][start + r], extra[1][start + r + 1]
                 drop[r] = np.isin(rec[r], extra[0][lo:hi])
-            if drop.any():
-                order = np.argsort(drop, axis=1, kind="stable")  # kept items first, in their order
-                rec = np.take_along_axis(rec, order, axis=1)
-                rec[np.arange(rec.shape[1]) >= (~drop).sum(axis=1)[:, None]] = _padding(rec.dtype)
+            rec = _without(rec, drop)
         rec = rec[:, :max_k]
         relevant = [rel_sorted[rel_bounds[j]:rel_bounds[j + 1]] for j in range(start, stop)]
         try:
@@ -518,10 +525,7 @@ def heldout_users_ranking(model, fold_in_users, fold_in_items, test_users, test_
             extra = max(len(b) for b in bags)
             rec = np.asarray(model.recommend(users[start:stop], k=max_k + extra, exclude_seen=True)[0])
             drop = np.array([np.isin(rec[r], bags[r]) for r in range(len(bags))]).reshape(rec.shape)
-            if drop.any():
-                order = np.argsort(drop, axis=1, kind="stable")  # kept items first, in their order
-                rec = np.take_along_axis(rec, order, axis=1)
-                rec[np.arange(rec.shape[1]) >= (~drop).sum(axis=1)[:, None]] = _padding(rec.dtype)
+            rec = _without(rec, drop)
         rec = rec[:, :max_k]
         relevant = [rel_sorted[rel_bounds[j]:rel_bounds[j + 1]] for j in range(start, stop)]
         hits, n_rel, _ = _hits(rec, relevant, max_k)
