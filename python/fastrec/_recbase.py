@@ -48,6 +48,11 @@ Optional hook and class attributes
 ----------------------------------
 ``_seen_changed()``: the entities or seen pairs changed (fit, partial_fit, add_features): refresh what the
 family derives from them (a sampling distribution, history bags). Default: nothing.
+``_forget_model(side, keep)``: ``forget_users`` / ``forget_items`` erase the entities of ``side`` where the
+bool mask ``keep`` (over entity numbers 0..N, keep[0] True) is False: zero every parameter row (and its
+optimizer state) that only those entities own, and compact every array the family keeps per entity of that
+side to the kept entities, in order. The base then renumbers the entities and the seen pairs and calls
+``_seen_changed``. Default: refuse (the family has not said what it keeps per entity).
 ``_fitted_attr``: the attribute holding the family's parameters; its presence means fitted (fit drops it
 first). ``_structure_params``: the parameters the model is built from (partial_fit refuses to continue after
 set_params changed one). ``_caches``: attributes rebuilt on demand, never saved, dropped by fit.
@@ -80,7 +85,7 @@ from fastrec._fieldnet import (DenseBlock, Field, IdIndex, bags_of_csr, bags_of_
                                check_structure, loss_curve_from_history, record_structure)
 from fastrec.features import FeatureTable, as_id_array, column_types, split_types
 
-__all__ = ["RecommenderBase", "grown_id_rows", "id_rows"]
+__all__ = ["RecommenderBase", "grown_id_rows", "id_rows", "kept_bags", "zero_rows"]
 
 SIDES = ("user", "item")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -133,6 +138,21 @@ def grown_id_rows(row, entities, n_entities, vocab):
     needing = needing[row[needing] == 0]
     row[needing] = np.arange(vocab, vocab + len(needing), dtype=np.int32)
     return row, vocab + len(needing)
+
+
+def kept_bags(bags, keep):
+    """Bag table `bags` (indptr, indices, weights) with only the rows where `keep` is True."""
+    indptr, indices, weights = bags
+    sizes = np.diff(indptr)
+    entries = np.repeat(keep, sizes)
+    return (np.concatenate([[0], np.cumsum(sizes[keep])]).astype(np.int64), indices[entries], weights[entries])
+
+
+def zero_rows(arrays, rows):
+    """Set rows `rows` of each array (tables and optimizer state; None entries skipped) to zero, in place."""
+    for a in arrays:
+        if a is not None and len(rows):
+            a[rows] = 0
 
 
 def _table_rows(table, ids) -> np.ndarray:
@@ -291,6 +311,7 @@ class RecommenderBase(BaseEstimator):
     _fitted_attr = "model_"
     _structure_params: tuple = ()
     _caches: tuple = ()
+    _scores_from_history = False  # a known user is scored from their stored interactions (EASE, sequential)
 
     loss_curve_ = loss_curve_from_history
 
@@ -318,6 +339,9 @@ class RecommenderBase(BaseEstimator):
 
     def _seen_changed(self):
         pass
+
+    def _forget_model(self, side, keep):
+        raise NotImplementedError(f"{type(self).__name__} cannot forget {side}s")
 
     # ------------------------------------------------------------------------------------ state
     def _check_fitted(self):
@@ -546,7 +570,8 @@ class RecommenderBase(BaseEstimator):
         self._column_types_ = {}  # filled by _check_table: the types partial_fit and add_features reuse
         user_features = self._check_table(user_features, "user_features", feature_types, first_fit=True)
         item_features = self._check_table(item_features, "item_features", feature_types, first_fit=True)
-        for name in (self._fitted_attr, *self._caches, "best_epoch_", "validation_size_", "_held_out"):
+        for name in (self._fitted_attr, *self._caches, "best_epoch_", "validation_size_", "_held_out",
+                     "_without_history"):
             self.__dict__.pop(name, None)
         return user_features, item_features
 
@@ -594,6 +619,8 @@ class RecommenderBase(BaseEstimator):
         if not hasattr(self, self._fitted_attr):
             self._fit_new(users, items, ratings, weight, user_features, item_features, 1, None, feature_types)
             return self
+        if self._scores_from_history:
+            self._refuse_without_history("partial_fit would continue from empty histories; fit again instead")
         if (ratings is None) != self.implicit_:
             raise ValueError(f"this model was fit on {'implicit feedback' if self.implicit_ else 'ratings'}; "
                              f"partial_fit needs {'ratings=None' if self.implicit_ else 'ratings'} too")
@@ -732,6 +759,7 @@ class RecommenderBase(BaseEstimator):
     def seen_pairs(self):
         """The distinct (user ids, item ids) pairs trained on: what ``recommend`` excludes by default."""
         self._check_fitted()
+        self._refuse_without_history("it has no seen pairs")
         indptr, indices = self._seen
         entities = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
         return self._users.ids[entities - 1], self._items.ids[indices - 1]
@@ -748,6 +776,8 @@ class RecommenderBase(BaseEstimator):
         items = as_id_array(items, "items")
         if len(users) != len(items):
             raise ValueError(f"users and items must have the same length, got {len(users)} and {len(items)}")
+        if self._scores_from_history:
+            self._refuse_without_history("it scores users from their histories; use recommend(histories=...)")
         out = self._score_pairs(self._users.index(users), self._items.index(items))
         out = np.add(out, self.rating_mean_, dtype=np.float64)  # one pass: single-row latency counts
         return self._clip(out)
@@ -772,6 +802,7 @@ class RecommenderBase(BaseEstimator):
         users = as_id_array([users] if single else users, "users")
         k = check_int(k, "k")
         check_bool(exclude_seen, "exclude_seen")
+        self._check_history_for_users(exclude_seen)
         if items is None:
             candidates = np.arange(1, len(self._items) + 1, dtype=np.int32)
         else:
@@ -789,6 +820,12 @@ class RecommenderBase(BaseEstimator):
         if single:
             return ids[0], scores[0]
         return ids, scores
+
+    def _check_history_for_users(self, exclude_seen):
+        if self._scores_from_history:
+            self._refuse_without_history("it scores users from their histories; use recommend(histories=...)")
+        if exclude_seen:
+            self._refuse_without_history("pass exclude_seen=False and remove each user's seen items yourself")
 
     def recommend_all(self, path, k=10, *, exclude_seen=True, users=None, items=None, chunk_size=None,
                       verbose=None) -> int:
@@ -821,6 +858,8 @@ class RecommenderBase(BaseEstimator):
         ``verbose``. Needs pyarrow (``pip install 'fastrec[parquet]'``).
         """
         self._check_fitted()
+        check_bool(exclude_seen, "exclude_seen")
+        self._check_history_for_users(exclude_seen)
         pa, pq = _pyarrow()
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -882,6 +921,111 @@ class RecommenderBase(BaseEstimator):
             raise
         progress.close(written, path)
         return written
+
+    # ------------------------------------------------------------------------------------ files
+    def save(self, path, *, include_history=True) -> None:
+        """Write the model to one file (docs/DESIGN.md, "Model files"), loadable with `fastrec.load`.
+
+        include_history=False writes no per-user interaction lists: no seen pairs, no pairs held out for early
+        stopping, no event histories. The loaded model then needs them passed in: ``recommend`` needs
+        ``exclude_seen=False`` (filter what each user has seen yourself), and a model that scores a user from
+        their history (EASE, SequentialRecommender) serves only ``recommend(histories=...)``. A model whose
+        parameters are built from the histories (a Recommender with ``user_history`` / ``item_history``) is
+        refused: ValueError. Aggregate item counts (negative sampling) are kept.
+        """
+        check_bool(include_history, "include_history")
+        if include_history:
+            return super().save(path)
+        self._check_fitted()
+
+        def save_without(model):
+            reason = model._history_in_parameters()
+            if reason:
+                raise ValueError(f"include_history=False: {reason}")
+            bare = copy.copy(model)
+            bare._seen = (np.zeros(len(model._users) + 2, np.int64), np.zeros(0, np.int32))
+            bare.__dict__.pop("_held_out", None)
+            bare._without_history = True
+            bare._drop_history()
+            from fastrec._persist import save
+
+            save(bare, path)
+
+        exclusive_fit(save_without)(self)
+
+    def _history_in_parameters(self):
+        """Why this model cannot be saved without its histories (None: it can)."""
+        return None
+
+    def _drop_history(self):
+        """On a shallow copy about to be saved without histories: drop the family's own per-user lists."""
+
+    def _refuse_without_history(self, what):
+        if getattr(self, "_without_history", False):
+            raise ValueError(f"this model was saved with include_history=False, so it has no interaction "
+                             f"histories: {what}")
+
+    # ------------------------------------------------------------------------------------ erasure
+    @exclusive_fit
+    def forget_users(self, users):
+        """Erase these users from the model: their id rows (embeddings and optimizer state, set to zero and
+        owned by no id), their id mappings, seen items, held-out pairs, feature rows and history bags. A file
+        saved afterwards holds none of them. Ids the model does not know are ignored. Returns self.
+
+        What remains is their influence on what other entities share (the MLP, feature embeddings, other
+        users' and items' embeddings trained on batches that held their interactions, item popularity
+        counts): erasure is not retraining; training with ``privacy=`` bounds that influence. A forgotten
+        user who comes back is a new, unknown user.
+        """
+        self._forget("user", users)
+        return self
+
+    @exclusive_fit
+    def forget_items(self, items):
+        """Erase these items from the model, as ``forget_users`` does for users: ``recommend`` and
+        ``similar_items`` never return them again, and other users' seen pairs lose them. Returns self."""
+        self._forget("item", items)
+        return self
+
+    def _forget(self, side, raw) -> int:
+        """Erase the entities of these raw ids; returns how many there were."""
+        self._check_fitted()
+        raw = as_id_array(raw, f"{side}s")
+        entities = self._entities(side)
+        gone = np.unique(entities.index(raw))
+        gone = gone[gone > 0]
+        if not len(gone):
+            return 0
+        keep = np.ones(len(entities) + 1, bool)
+        keep[gone] = False
+        self._forget_model(side, keep)
+        number = (np.cumsum(keep) - 1).astype(np.int32)  # old entity number -> new (forgotten ones: unused)
+        entities.ids = entities.ids[keep[1:]]
+        entities._index_ids()
+        indptr, indices = self._seen
+        sizes = np.diff(indptr)  # per user entity 0..n_users
+        owner = np.repeat(np.arange(len(sizes)), sizes)
+        held = getattr(self, "_held_out", None)
+        if side == "user":
+            kept = keep[owner]
+            gone_counts = np.bincount(indices[~kept], minlength=len(self._seen_counts))
+            self._seen_counts = np.maximum(self._seen_counts - gone_counts, 0)
+            self._seen = (np.concatenate([[0], np.cumsum(sizes[keep])]).astype(np.int64), indices[kept])
+            if held is not None:
+                k = keep[held[0]]
+                self._held_out = (number[held[0][k]], held[1][k])
+        else:
+            kept = keep[indices]
+            self._seen = (np.concatenate([[0], np.cumsum(np.bincount(owner[kept], minlength=len(sizes)))]
+                                         ).astype(np.int64), number[indices[kept]])
+            self._seen_counts = self._seen_counts[keep]
+            if held is not None:
+                k = keep[held[1]]
+                self._held_out = (held[0][k], number[held[1][k]])
+        for name in self._caches:
+            self.__dict__.pop(name, None)
+        self._update_counts()
+        return len(gone)
 
     def similar_items(self, items, k=10):
         """The k items whose vectors are closest (cosine) to each given item's: (ids, similarities).

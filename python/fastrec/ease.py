@@ -168,6 +168,7 @@ class EASE(RecommenderBase):
     """
 
     _fitted_attr = "weights_"
+    _scores_from_history = True
 
     # The base's training parameters, fixed for a closed form: one "epoch", no validation, no ratings.
     epochs = 1
@@ -273,6 +274,20 @@ class EASE(RecommenderBase):
         grown = np.zeros((n, n), np.float32)
         grown[:n_old, :n_old] = self.weights_
         self.weights_ = grown
+
+    def _forget_model(self, side, keep):
+        if side == "item":
+            self.weights_ = self.weights_[keep[1:]][:, keep[1:]]
+
+    def _forget(self, side, raw):
+        """EASE erases exactly: B is solved again from the interactions that remain, equal to a fit without
+        the forgotten users or items."""
+        n = super()._forget(side, raw)
+        if n:
+            indptr, items = self._seen
+            X = sp.csr_matrix((np.ones(len(items)), items - 1, indptr), shape=(len(indptr) - 1, len(self._items)))
+            self.weights_ = ease_weights(X, float(self.l2), self.n_threads)[0].astype(np.float32)
+        return n
 
     def _train(self, user_rows, item_rows, y, weight, epochs, validate):
         start = time.perf_counter()

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from fastrec import _recbase
 from fastrec._checks import check_bool, check_float, check_int
 from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS, Field, FieldNet, bags_of_csr, bags_of_ids, run_epochs
-from fastrec._recbase import RecommenderBase, grown_id_rows, id_rows
+from fastrec._recbase import RecommenderBase, grown_id_rows, id_rows, kept_bags, zero_rows
 from fastrec._registry import persistable
 
 __all__ = ["Recommender"]
@@ -360,6 +360,40 @@ class Recommender(RecommenderBase):
                 self.net_.grow(i, new_ids[source][1], self._rng)
         for b, block in enumerate(self.net_.dense):
             self._dense_tables[b] = self._grown_numeric_rows(self._dense_tables[b], block.name, tables, old)
+
+    def _history_in_parameters(self):
+        names = [f.name for f in self.net_.fields if f.name in _HISTORY]
+        if names:
+            return (f"this model reads each user's (item's) interactions through {' and '.join(names)}; fit with "
+                    f"{'=False, '.join(names)}=False to save it without them")
+        return None
+
+    def _forget_model(self, side, keep):
+        """Zero the id rows of the forgotten entities in every table read through that side's id rows (id,
+        GMF, wide, the other side's history field), compact that side's bags and dense tables (RecommenderBase
+        hook). History bags are rebuilt from the seen pairs by _seen_changed."""
+        net, key = self.net_, USER if side == "user" else ITEM
+        id_row = self._bags[key][1]
+        owned = np.unique(id_row[~keep])
+        owned = owned[owned > 0]
+        names = [f.name for f in net.fields]
+        for i, f in enumerate(net.fields):
+            source = _HISTORY[f.name][1] if f.name in _HISTORY else (names[f.source] if f.source is not None
+                                                                       else f.name)
+            if source == names[key]:
+                rows = owned
+            elif f.role == "gmf_v" and key == ITEM:  # gmf_item_features: [feature values | id rows]
+                rows = owned + (f.vocab - net.fields[key].vocab)
+            else:
+                continue
+            zero_rows([net.tables[i], net.table_state1[i], net.table_state2[i]], rows)
+        for i, f in enumerate(net.fields):
+            if f.key == key and self._bags[i] is not None:
+                self._bags[i] = kept_bags(self._bags[i], keep)
+        for b, block in enumerate(net.dense):
+            if block.key == key:
+                self._dense_tables[b] = np.ascontiguousarray(self._dense_tables[b][keep])
+        self._predictor = None
 
     def _seen_changed(self):
         """The negative-sampling distribution over item entities and the history fields' bags follow the seen

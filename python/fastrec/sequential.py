@@ -123,6 +123,7 @@ class SequentialRecommender(RecommenderBase):
     _fitted_attr = "params_"
     _structure_params = _STRUCTURE
     _caches = ("_handle_cache", "_item_matrix")
+    _scores_from_history = True
 
     # run_epochs reads these of every estimator; the sequential model has no momentum and no L2 term.
     momentum = 0.0
@@ -203,6 +204,7 @@ class SequentialRecommender(RecommenderBase):
             finally:
                 self.__dict__.pop("_pending_times", None)
             return self
+        self._refuse_without_history("partial_fit would continue from empty histories; fit again instead")
         self._validate_params(True)
         self._check_base_params()
         check_structure(self)
@@ -224,6 +226,7 @@ class SequentialRecommender(RecommenderBase):
         items = as_id_array(items, "items")
         if len(users) != len(items):
             raise ValueError(f"users and items must have the same length, got {len(users)} and {len(items)}")
+        self._refuse_without_history("observe would extend empty histories; use recommend(histories=...)")
         timestamps = _check_timestamps(timestamps, len(users))
         order = _time_order(users, timestamps)
         users, items = users[order], items[order]
@@ -277,6 +280,7 @@ class SequentialRecommender(RecommenderBase):
         """float32 (n, embedding_dim): each user's hidden state after their latest event (what ``recommend``
         ranks items by, as inner products with ``item_vectors``)."""
         self._check_fitted()
+        self._refuse_without_history("it scores users from their histories; use recommend(histories=...)")
         users = as_id_array(users, "users")
         return self._user_states(self._users.index(users))
 
@@ -428,6 +432,33 @@ class SequentialRecommender(RecommenderBase):
 
     def _item_vectors(self):
         return self._items_with_unknown(), np.arange(1, len(self._items) + 1)
+
+    def _drop_history(self):
+        self._merge_buffer()
+        self._hist = (np.zeros(len(self._users) + 2, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float64))
+        self._buffer = ([], [], [])
+
+    def _forget_model(self, side, keep):
+        """Users own their event histories; items their item-table rows (and optimizer state) and their events
+        in every history (RecommenderBase hook)."""
+        self._merge_buffer()
+        indptr, items, times = self._hist
+        sizes = np.diff(indptr)
+        if side == "user":
+            events = np.repeat(keep, sizes)
+            self._hist = (np.concatenate([[0], np.cumsum(sizes[keep])]).astype(np.int64), items[events],
+                          times[events])
+        else:
+            events = keep[items + 1]
+            owner = np.repeat(np.arange(len(sizes)), sizes)
+            row = (np.cumsum(keep[1:]) - 1).astype(np.int32)  # old item row -> new
+            counts = np.bincount(owner[events], minlength=len(sizes))
+            self._hist = (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), row[items[events]],
+                          times[events])
+            self.params_["item_table"] = np.ascontiguousarray(self.params_["item_table"][keep[1:]])
+            for state in self._state:
+                state["item_table"] = np.ascontiguousarray(state["item_table"][keep[1:]])
+        self._drop_caches()
 
     def _seen_changed(self):
         self._drop_caches()

@@ -17,7 +17,7 @@ import numpy as np
 from fastrec import _core
 from fastrec._checks import check_bool, check_float, check_int
 from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS, Field, bags_of_ids, run_epochs
-from fastrec._recbase import SIDES, RecommenderBase, grown_id_rows, id_rows
+from fastrec._recbase import SIDES, RecommenderBase, grown_id_rows, id_rows, kept_bags, zero_rows
 from fastrec._registry import persistable
 from fastrec._towernet import TowerNet, vectors
 from fastrec.features import as_id_array
@@ -237,6 +237,18 @@ class TwoTower(RecommenderBase):
                 for i, f in enumerate(t.fields):
                     f.vocab, t.tables[i], t.table_state1[i], t.table_state2[i] = next(fields)
             raise
+        self._drop_caches()
+
+    def _forget_model(self, side, keep):
+        """Zero the forgotten entities' id rows of that side's tower, compact its bags and dense tables
+        (RecommenderBase hook); the item vectors and the index are rebuilt on first use."""
+        tower = self.net_.towers[SIDES.index(side)]
+        bags = self._bags[side]
+        owned = np.unique(bags[0][1][~keep])
+        owned = owned[owned > 0]
+        zero_rows([tower.tables[0], tower.table_state1[0], tower.table_state2[0]], owned)
+        self._bags[side] = [kept_bags(b, keep) for b in bags]
+        self._dense_tables[side] = [np.ascontiguousarray(t[keep]) for t in self._dense_tables[side]]
         self._drop_caches()
 
     def _seen_changed(self):
