@@ -20,6 +20,7 @@
 #include "kernels/kernels.h"
 #include "mlp.h"
 #include "parallel.h"
+#include "prepare.h"
 #include "sequential.h"
 #include "topk.h"
 #include "two_tower.h"
@@ -1237,6 +1238,30 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "fastrec's C++ core (private: use the fastrec package).";
   m.attr("__version__") = FASTREC_VERSION;
   in_forked_child();  // registers the fork handler (parallel.h) before anything here can start a thread
+  m.def(
+      "hash_buckets",
+      [](const py::array& values, std::int64_t buckets, int n_threads) {
+        const char kind = values.dtype().kind();
+        require(values.ndim() == 1, "values must be 1-D");
+        require(values.flags() & py::array::c_style, "values must be C-contiguous");
+        require(kind == 'U' || (kind == 'i' && values.itemsize() == 8), "values must be int64 or str (<U) ids");
+        const index_t n = values.shape(0);
+        py::array_t<std::int32_t> out(n);
+        std::int32_t* dst = out.mutable_data();
+        const void* src = values.data();
+        const index_t width = values.itemsize() / 4;
+        {
+          CoreCall call;
+          if (kind == 'U')
+            hash_ucs4(static_cast<const std::uint32_t*>(src), n, width, buckets, dst, n_threads);
+          else
+            hash_int64(static_cast<const std::int64_t*>(src), n, buckets, dst, n_threads);
+        }
+        return out;
+      },
+      py::arg("values"), py::arg("buckets"), py::arg("n_threads") = 0,
+      "Bucket 1..buckets of each int64 or str id: CRC-32 of its text (decimal for ints, UTF-8 for strings) "
+      "modulo buckets, plus 1.");
   m.def("show_config", &show_config, "Build and run-time configuration as a dict.");
   m.def("available_isas", [] {
     std::vector<std::string> out;

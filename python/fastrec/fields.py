@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import numbers
-import zlib
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,6 +25,7 @@ from fastrec._checks import (as_array, as_numeric, check_bool, check_csr, check_
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
                                bags_of_ids, callable_score, check_structure, loss_curve_from_history,
                                record_structure, run_epochs)
+from fastrec import _core
 from fastrec._registry import persistable
 from fastrec.features import as_id_array
 
@@ -34,9 +34,10 @@ __all__ = ["FieldModel"]
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # the core computes in float32
 
 
-def _hash_codes(values: np.ndarray, buckets: int) -> np.ndarray:
-    """Stable bucket 1..buckets of each value (crc32 of its text: the same in every process and run)."""
-    return np.fromiter((zlib.crc32(str(v).encode()) % buckets + 1 for v in values.tolist()), np.int64, len(values))
+def _hash_codes(values: np.ndarray, buckets: int, n_threads: int = 0) -> np.ndarray:
+    """Stable bucket 1..buckets of each value: zlib.crc32(str(value).encode()) % buckets + 1, the same in every
+    process, run and platform (computed by the core, in parallel)."""
+    return _core.hash_buckets(np.ascontiguousarray(values), int(buckets), n_threads)
 
 
 @persistable
@@ -137,7 +138,7 @@ class FieldModel(BaseEstimator):
             if kind == "categorical":
                 values = as_id_array(value, f"X[{name!r}]")
                 if buckets:
-                    codes = _hash_codes(values, buckets)
+                    codes = _hash_codes(values, buckets, self._threads())
                 else:
                     if fit:
                         self._vocab_[name] = IdIndex(values, what=f"values of X[{name!r}]")

@@ -1,0 +1,63 @@
+"""Input preparation in the core (fastrec._core.hash_buckets) against the Python definitions it replaces."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+from fastrec import _core
+
+
+def _python_buckets(values, buckets):
+    """fastrec's documented hash, written with the standard library: crc32 of the value's text."""
+    return np.array([zlib.crc32(str(v).encode()) % buckets + 1 for v in values.tolist()], np.int64)
+
+
+INTS = np.concatenate([np.random.default_rng(0).integers(-2**63, 2**63 - 1, 5000, dtype=np.int64),
+                       np.array([0, -1, 1, 9, 10, 2**63 - 1, -2**63], np.int64)])
+STRINGS = np.array(["", "a", "A", "héllo", "日本語", "emoji😀x", "a\x00b", "x" * 80, "12", "-7", "\ud800"[:0] + "ß"])
+
+
+@pytest.mark.parametrize("buckets", [1, 2, 97, 1_000_003, 2**31 - 2])
+def test_int_ids_hash_like_python(buckets):
+    assert np.array_equal(_core.hash_buckets(INTS, buckets), _python_buckets(INTS, buckets))
+
+
+@pytest.mark.parametrize("buckets", [1, 97, 2**31 - 2])
+def test_string_ids_hash_like_python(buckets):
+    # UTF-8 of 1-, 2-, 3- and 4-byte code points, an interior NUL (kept by NumPy, as by str()), varying widths
+    assert np.array_equal(_core.hash_buckets(STRINGS, buckets), _python_buckets(STRINGS, buckets))
+    many = np.array([f"user-{i}-ü" for i in range(20000)])
+    assert np.array_equal(_core.hash_buckets(many, buckets), _python_buckets(many, buckets))
+
+
+def test_same_codes_for_any_thread_count():
+    many = np.arange(-50_000, 50_000, dtype=np.int64) * 7919
+    one = _core.hash_buckets(many, 1000, 1)
+    assert np.array_equal(one, _core.hash_buckets(many, 1000, 2))
+    assert np.array_equal(one, _core.hash_buckets(many, 1000, 3))
+
+
+@pytest.mark.parametrize("values, buckets, match", [
+    (np.zeros(3, np.float64), 5, "int64 or str"),
+    (np.zeros(3, np.int32), 5, "int64 or str"),
+    (np.zeros((2, 2), np.int64), 5, "1-D"),
+    (np.arange(10, dtype=np.int64)[::2], 5, "C-contiguous"),
+    (np.zeros(3, np.int64), 0, "buckets"),
+    (np.zeros(3, np.int64), 2**31 - 1, "buckets"),
+])
+def test_bad_input(values, buckets, match):
+    with pytest.raises(ValueError, match=match):
+        _core.hash_buckets(values, buckets)
+
+
+def test_field_model_reads_hashed_columns_through_the_core():
+    from fastrec import FieldModel
+
+    rng = np.random.default_rng(1)
+    X = {"city": np.array([f"c{i}" for i in rng.integers(0, 500, 2000)]), "x": rng.normal(size=2000)}
+    y = (rng.random(2000) < 0.3).astype(int)
+    model = FieldModel(fields={"city": {"hash_buckets": 64}}, epochs=1, random_state=0, n_threads=1).fit(X, y)
+    # The city field's bag table: one row per example, its row = the Python formula's bucket.
+    _, _, bags, _ = model._inputs(X, fit=False)
+    assert np.array_equal(bags[0][1], _python_buckets(X["city"], 64))
