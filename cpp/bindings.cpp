@@ -1262,6 +1262,23 @@ PYBIND11_MODULE(_core, m) {
       py::arg("values"), py::arg("buckets"), py::arg("n_threads") = 0,
       "Bucket 1..buckets of each int64 or str id: CRC-32 of its text (decimal for ints, UTF-8 for strings) "
       "modulo buckets, plus 1.");
+  m.def(
+      "unique_ids",
+      [](const py::array_t<std::int64_t, py::array::c_style>& values) {
+        require(values.ndim() == 1, "values must be 1-D");
+        const index_t n = values.shape(0);
+        py::array_t<std::int32_t> codes(n);
+        std::vector<std::int64_t> unique;
+        {
+          CoreCall call;
+          unique_int64(values.data(), n, unique, codes.mutable_data());
+        }
+        py::array_t<std::int64_t> ids(static_cast<py::ssize_t>(unique.size()));
+        std::copy(unique.begin(), unique.end(), ids.mutable_data());
+        return py::make_tuple(ids, codes);
+      },
+      py::arg("values"),
+      "(sorted distinct int64 values, int32 code of each value: its position among them + 1).");
   m.def("show_config", &show_config, "Build and run-time configuration as a dict.");
   m.def("available_isas", [] {
     std::vector<std::string> out;

@@ -96,4 +96,38 @@ void hash_ucs4(const std::uint32_t* values, index_t n, index_t width, std::int64
   });
 }
 
+void unique_int64(const std::int64_t* values, index_t n, std::vector<std::int64_t>& unique, std::int32_t* codes) {
+  require(n < (index_t{1} << 31) - 1, "more than 2**31 - 2 values to index");
+  unique.clear();
+  if (n == 0) return;
+  struct Entry {
+    std::uint64_t key;  // the value with its sign bit flipped: unsigned order = signed order
+    std::int32_t pos;
+  };
+  std::vector<Entry> a(static_cast<std::size_t>(n)), b(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i)
+    a[static_cast<std::size_t>(i)] = {static_cast<std::uint64_t>(values[i]) ^ (std::uint64_t{1} << 63),
+                                      static_cast<std::int32_t>(i)};
+  std::vector<index_t> count(65536);
+  for (int shift = 0; shift < 64; shift += 16) {
+    std::fill(count.begin(), count.end(), 0);
+    for (const Entry& e : a) ++count[(e.key >> shift) & 0xFFFFU];
+    if (count[(a[0].key >> shift) & 0xFFFFU] == n) continue;  // every value has this digit: order unchanged
+    index_t start = 0;
+    for (auto& c : count) {
+      const index_t k = c;
+      c = start;
+      start += k;
+    }
+    for (const Entry& e : a) b[static_cast<std::size_t>(count[(e.key >> shift) & 0xFFFFU]++)] = e;
+    a.swap(b);
+  }
+  for (index_t i = 0; i < n; ++i) {
+    const Entry& e = a[static_cast<std::size_t>(i)];
+    if (i == 0 || e.key != a[static_cast<std::size_t>(i - 1)].key)
+      unique.push_back(static_cast<std::int64_t>(e.key ^ (std::uint64_t{1} << 63)));
+    codes[e.pos] = static_cast<std::int32_t>(unique.size());
+  }
+}
+
 }  // namespace fastrec

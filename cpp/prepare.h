@@ -1,6 +1,7 @@
 // Input preparation in the core: work on raw input values before the first batch (issue 17).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 
@@ -15,6 +16,11 @@ void hash_int64(const std::int64_t* values, index_t n, std::int64_t buckets, std
 // non-zero one (NumPy drops trailing NULs), encoded as UTF-8 (lone surrogates as their 3-byte form).
 void hash_ucs4(const std::uint32_t* values, index_t n, index_t width, std::int64_t buckets, std::int32_t* out,
                int n_threads);
+
+// The distinct values of values[0..n) in increasing order, and the 1-based position among them of each value
+// (codes[i] = rank of values[i] + 1): NumPy's unique(return_inverse=True) plus one, by an LSD radix sort of
+// (value, position) pairs (16-bit digits; digits that every value shares are skipped).
+void unique_int64(const std::int64_t* values, index_t n, std::vector<std::int64_t>& unique, std::int32_t* codes);
 
 std::uint32_t crc32(const unsigned char* data, std::size_t size);
 

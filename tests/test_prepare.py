@@ -61,3 +61,19 @@ def test_field_model_reads_hashed_columns_through_the_core():
     # The city field's bag table: one row per example, its row = the Python formula's bucket.
     _, _, bags, _ = model._inputs(X, fit=False)
     assert np.array_equal(bags[0][1], _python_buckets(X["city"], 64))
+
+
+@pytest.mark.parametrize("values", [
+    np.random.default_rng(2).integers(0, 10**6, 50_000),
+    np.random.default_rng(3).integers(-2**63, 2**63 - 1, 3000, dtype=np.int64),
+    np.array([5, 5, 5]), np.array([-3, 7, -3, 0, 2**40]), np.zeros(0, np.int64),
+    np.array(["b", "a", "b", "ü"]),
+])
+def test_id_index_with_codes_equals_unique_and_search(values):
+    from fastrec._fieldnet import IdIndex
+
+    index, codes = IdIndex.with_codes(values, what="ids")
+    u, inverse = np.unique(values, return_inverse=True)  # NumPy's definition: sorted ids, position + 1
+    assert np.array_equal(index.ids, u)
+    assert np.array_equal(codes, inverse.ravel() + 1) and codes.dtype == np.int32
+    assert np.array_equal(index.index(values), codes)  # the index searches the same numbers afterwards

@@ -581,8 +581,15 @@ class RecommenderBase(BaseEstimator):
         interactions' (user entities, item entities). fastrec.dask builds each worker's replica this way, from
         the distinct ids of every partition."""
         tables = {"user": user_features, "item": item_features}
-        self._users = IdIndex(users, None if user_features is None else user_features.ids, what="users")
-        self._items = IdIndex(items, None if item_features is None else item_features.ids, what="items")
+        rows = []
+        for side, raw, table in (("user", users, user_features), ("item", items, item_features)):
+            if table is None:
+                index, codes = IdIndex.with_codes(raw, what=f"{side}s")
+            else:
+                index = IdIndex(raw, table.ids, what=f"{side}s")
+                codes = entity_numbers(index, raw)
+            setattr(self, f"_{side}s", index)
+            rows.append(codes)
         self._vocab_, self._numeric_stats_ = {}, {}
         for side in SIDES:
             self._fit_feature_encoding(side, tables[side])
@@ -592,7 +599,7 @@ class RecommenderBase(BaseEstimator):
         self._seen = (np.zeros(len(self._users) + 2, np.int64), np.zeros(0, np.int32))
         self._seen_counts = np.zeros(len(self._items) + 1, np.float64)
         self.history_ = {"loss": [], "seconds": []}
-        rows = (entity_numbers(self._users, users), entity_numbers(self._items, items))  # once, for both uses
+        rows = tuple(rows)  # once, for both uses
         self._build(*rows, tables, config)
         record_structure(self, self._structure_params)
         return rows

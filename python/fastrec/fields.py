@@ -141,10 +141,11 @@ class FieldModel(BaseEstimator):
                     codes = _hash_codes(values, buckets, self._threads())
                 else:
                     if fit:
-                        self._vocab_[name] = IdIndex(values, what=f"values of X[{name!r}]")
-                    elif grow:
-                        self._vocab_[name].add(values)
-                    codes = self._vocab_[name].index(values)
+                        self._vocab_[name], codes = IdIndex.with_codes(values, what=f"values of X[{name!r}]")
+                    else:
+                        if grow:
+                            self._vocab_[name].add(values)
+                        codes = self._vocab_[name].index(values)
                 bags.append(bags_of_ids(codes))
             elif kind == "multi_hot":
                 if fit:
