@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -456,6 +457,20 @@ class FieldHandle {
     return out;
   }
 
+  // The output for one example given by its key values: the single-row serving path (no arrays, one thread,
+  // the GIL kept: releasing it would cost more than the work).
+  float predict_one(const std::int32_t* keys, std::size_t n_keys) const {
+    if (static_cast<int>(n_keys) != model_.n_keys)
+      throw py::value_error("keys must hold " + std::to_string(model_.n_keys) + " values, got " + std::to_string(n_keys));
+    Examples ex;
+    ex.rows = 1;
+    for (std::size_t k = 0; k < n_keys; ++k) ex.keys.push_back(keys + k);
+    validate(model_, ex);
+    if (!row_) row_ = std::make_unique<RowPredictor>(model_);
+    const FlushDenormals flush;
+    return row_->predict(*kernels_, keys);
+  }
+
   py::tuple loss_and_gradients(const py::list& keys, py::handle y, py::handle weight, float alpha, int n_threads,
                                const std::string& isa) const {
     const Examples ex = make_examples(model_, keys, y, weight);
@@ -620,6 +635,8 @@ class FieldHandle {
   }
 
  private:
+  const KernelSet* kernels_ = &kernels_for(resolve_isa("auto"));  // predict_one's
+  mutable std::unique_ptr<RowPredictor> row_;  // predict_one's workspace (callers hold the GIL: one at a time)
   void keep_alive(py::handle obj) {
     if (py::isinstance<py::array>(obj)) {
       keep_.push_back(py::reinterpret_borrow<py::object>(obj));
@@ -638,6 +655,53 @@ class FieldHandle {
 
 
 // A validated two-tower model over the caller's arrays: two field-model specs with loss "tower".
+// Recommender.predict of one (user, item) pair of int ids, whole: both id lookups (binary searches of the sorted
+// ids, through the order of ids added after fit), the example, the rating mean and the clipping, in one call.
+class PairScorer {
+ public:
+  PairScorer(py::object handle, py::array_t<std::int64_t, py::array::c_style> user_sorted, py::object user_order,
+             py::array_t<std::int64_t, py::array::c_style> item_sorted, py::object item_order, double mean,
+             double low, double high)
+      : handle_obj_(std::move(handle)),
+        handle_(handle_obj_.cast<const FieldHandle*>()),
+        sides_{Side(std::move(user_sorted), std::move(user_order)), Side(std::move(item_sorted), std::move(item_order))},
+        mean_(mean),
+        low_(low),
+        high_(high) {}
+
+  py::array_t<double> operator()(std::int64_t user, std::int64_t item) const {
+    const std::int32_t keys[2] = {sides_[0].entity(user), sides_[1].entity(item)};
+    const double score = std::min(std::max(static_cast<double>(handle_->predict_one(keys, 2)) + mean_, low_), high_);
+    py::array_t<double> out(1);
+    *out.mutable_data() = score;
+    return out;
+  }
+
+ private:
+  struct Side {
+    Side(py::array_t<std::int64_t, py::array::c_style> s, const py::object& o) : sorted(std::move(s)) {
+      has_order = !o.is_none();
+      if (has_order) order = o.cast<py::array_t<std::int64_t, py::array::c_style>>();
+      if (has_order && order.size() != sorted.size()) throw py::value_error("order must have as many entries as ids");
+    }
+    // Entity number of raw id x (1-based), 0 when unknown.
+    std::int32_t entity(std::int64_t x) const {
+      const std::int64_t* a = sorted.data();
+      const std::int64_t n = sorted.size();
+      const std::int64_t p = std::lower_bound(a, a + n, x) - a;
+      if (p == n || a[p] != x) return 0;
+      return static_cast<std::int32_t>((has_order ? order.data()[p] : p) + 1);
+    }
+    py::array_t<std::int64_t, py::array::c_style> sorted;
+    py::array_t<std::int64_t, py::array::c_style> order;
+    bool has_order = false;
+  };
+  py::object handle_obj_;  // keeps the handle (and so its arrays) alive
+  const FieldHandle* handle_;
+  Side sides_[2];
+  double mean_, low_, high_;
+};
+
 class TwoTowerHandle {
  public:
   TwoTowerHandle(const py::dict& user_spec, const py::dict& item_spec, bool normalize, float temperature,
@@ -1408,6 +1472,16 @@ PYBIND11_MODULE(_core, m) {
            "Top-k of each user over its own candidates (row u of the CSR cand_indptr int64 [n_users + 1], "
            "cand_items int32; a duplicate counts once): (items int32 [n_users, k], scores float32), best first, "
            "ties by lower item; -1 / -inf padding. Scores, seen-item exclusion and cache as topk.");
+
+  py::class_<PairScorer>(m, "PairScorer",
+                         "One (user, item) pair of int ids -> its prediction as a float64 array of 1: id lookups, "
+                         "the field model, + mean, clipped to [low, high]. Ids unknown to the sorted arrays read "
+                         "entity 0.")
+      .def(py::init<py::object, py::array_t<std::int64_t, py::array::c_style>, py::object,
+                    py::array_t<std::int64_t, py::array::c_style>, py::object, double, double, double>(),
+           py::arg("handle"), py::arg("user_sorted"), py::arg("user_order"), py::arg("item_sorted"),
+           py::arg("item_order"), py::arg("mean"), py::arg("low"), py::arg("high"))
+      .def("__call__", &PairScorer::operator(), py::arg("user"), py::arg("item"));
 
   py::class_<TwoTowerHandle>(m, "TwoTowerHandle",
                              "A validated two-tower model over caller-owned arrays (docs/DESIGN.md, the two-tower "

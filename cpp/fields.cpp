@@ -958,6 +958,17 @@ void field_topk_candidates(const KernelSet& ks, const FieldModel& m, const Negat
   topk_lists(ks, m, s, users, n_users, longest, list_of, k, exclude_seen, out_items, out_scores, cache, n_threads);
 }
 
+RowPredictor::RowPredictor(const FieldModel& model) : m_(model), ws_(new FieldWorkspace(model, 1, false)) {}
+
+RowPredictor::~RowPredictor() { delete ws_; }
+
+float RowPredictor::predict(const KernelSet& ks, const std::int32_t* keys) {
+  for (std::size_t k = 0; k < ws_->keys.size(); ++k) ws_->keys[k].assign(1, keys[k]);
+  batch_bags(m_, 1, *ws_, 1);
+  batch_logits(ks, m_, 1, *ws_, 1);
+  return m_.bce() ? stable_sigmoid(ws_->logits[0]) : ws_->logits[0];
+}
+
 TowerPass::TowerPass(const FieldModel& model, index_t rows, bool training)
     : m_(model), ws_(new FieldWorkspace(model, std::max<index_t>(rows, 1), training)) {}
 

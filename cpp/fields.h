@@ -155,6 +155,22 @@ class TowerPass {
   index_t n_ = 0;
 };
 
+// field_predict of one example at a time, with its workspace kept between calls: the single-row serving path
+// (no allocation per call). Not thread-safe: one caller at a time (the bindings hold the GIL around it).
+class RowPredictor {
+ public:
+  explicit RowPredictor(const FieldModel& model);
+  ~RowPredictor();
+  RowPredictor(const RowPredictor&) = delete;
+  RowPredictor& operator=(const RowPredictor&) = delete;
+  // The output (probability for "bce", value for "mse") of the example whose key values are keys[0:n_keys].
+  float predict(const KernelSet& ks, const std::int32_t* keys);
+
+ private:
+  const FieldModel& m_;
+  FieldWorkspace* ws_;
+};
+
 // Per-handle cache of top-k: the item-keyed inputs times W_0 for every item (n_items x fan_out(0)) and the
 // items' pooled GMF vectors. Built on the first top-k call; valid while the parameters do not change.
 // Concurrent top-k calls on one handle are safe while they rank the same n_items (as a Recommender's do):

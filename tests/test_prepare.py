@@ -77,3 +77,31 @@ def test_id_index_with_codes_equals_unique_and_search(values):
     assert np.array_equal(index.ids, u)
     assert np.array_equal(codes, inverse.ravel() + 1) and codes.dtype == np.int32
     assert np.array_equal(index.index(values), codes)  # the index searches the same numbers afterwards
+
+
+@pytest.mark.parametrize("ratings", [True, False])
+def test_single_pair_predict_equals_the_batch_path(ratings):
+    """Recommender.predict of one pair of int ids runs whole in the core (PairScorer): the same numbers as the
+    general path, for known and unknown ids, ids added by partial_fit (unsorted: the order array), clipping."""
+    import fastrec
+    from fastrec.datasets import make_interactions
+
+    d = make_interactions(300, 200, 5000, random_state=0)
+    r = d.ratings if ratings else None
+    rec = fastrec.Recommender(epochs=2, early_stopping=False, random_state=0, n_threads=1).fit(d.users, d.items, r)
+    rec.partial_fit(np.array([-7, 3]), np.array([5, -7]), None if r is None else np.array([3.0, 4.0]))
+    assert rec._users._order is not None  # -7 sorts before the old ids: searched through _order
+    users = list(d.users[:40]) + [10**9, -5, -7]
+    items = list(d.items[:40]) + [3, 10**9, -7]
+    batch = rec.predict(np.array(users), np.array(items))
+    for j, (u, i) in enumerate(zip(users, items)):
+        one = rec.predict([int(u)], [int(i)])
+        assert one.dtype == np.float64 and one.shape == (1,) and one[0] == batch[j]
+        assert rec.predict(np.array([u]), np.array([i]))[0] == batch[j]
+    if ratings:
+        rec.set_params(clip_predictions=False)
+        rec._pair = None
+        unclipped = rec.predict(np.array(users), np.array(items))
+        assert all(rec.predict([int(u)], [int(i)])[0] == unclipped[j] for j, (u, i) in enumerate(zip(users, items)))
+    with pytest.raises(ValueError, match="int64"):
+        rec.predict([2**70], [3])

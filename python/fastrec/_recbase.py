@@ -235,6 +235,13 @@ def _as_known_kind(model, users, items):
     return model._users.ids[eu[keep] - 1], model._items.ids[ei[keep] - 1]
 
 
+def _one_int(ids) -> bool:
+    """Whether ids is a list or array of one int: predict's single-pair serving path."""
+    if type(ids) is list:
+        return len(ids) == 1 and type(ids[0]) is int
+    return type(ids) is np.ndarray and ids.shape == (1,) and ids.dtype.kind == "i"
+
+
 def _is_scalar(value) -> bool:
     """One id rather than an array of them (ragged nested lists are neither: as_id_array reports them)."""
     try:
@@ -779,6 +786,13 @@ class RecommenderBase(BaseEstimator):
         were in the feature tables given to fit).
         """
         self._check_fitted()
+        if _one_int(users) and _one_int(items):  # the serving path: one pair, whole in the core
+            scorer = self._pair_scorer()
+            if scorer is not None:
+                try:
+                    return scorer(users[0], items[0])
+                except (TypeError, OverflowError):  # beyond int64: the checks below say what is wrong
+                    pass
         users = as_id_array(users, "users")
         items = as_id_array(items, "items")
         if len(users) != len(items):
@@ -788,6 +802,10 @@ class RecommenderBase(BaseEstimator):
         out = self._score_pairs(self._users.index(users), self._items.index(items))
         out = np.add(out, self.rating_mean_, dtype=np.float64)  # one pass: single-row latency counts
         return self._clip(out)
+
+    def _pair_scorer(self):
+        """A callable (user id, item id) -> predict's array of one, or None: the family has no such path."""
+        return None
 
     def _clip(self, ratings, padding=None):
         """Predicted ratings within the training range (clip_predictions), in place; `padding` (a mask of

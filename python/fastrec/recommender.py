@@ -18,7 +18,7 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
-from fastrec import _recbase
+from fastrec import _core, _recbase
 from fastrec._checks import check_bool, check_float, check_int
 from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS, Field, FieldNet, bags_of_csr, bags_of_ids, run_epochs
 from fastrec._recbase import RecommenderBase, grown_id_rows, id_rows, kept_bags, zero_rows
@@ -177,7 +177,7 @@ class Recommender(RecommenderBase):
 
     _fitted_attr = "net_"
     _structure_params = _STRUCTURE
-    _caches = ("_predictor",)  # the prediction handle: a view over this object's arrays
+    _caches = ("_predictor", "_pair")  # prediction handles: views over this object's arrays
 
     def __init__(self, embedding_dim=64, hidden_layer_sizes=(128, 64), activation="relu", loss="auto", gmf=True,
                  gmf_item_features=False, wide=True, user_history="auto", item_history="auto",
@@ -461,6 +461,20 @@ class Recommender(RecommenderBase):
             # 1/sqrt(n) (SVD++): on MovieLens-100k (a) it validated better than 1/n (mean) and 1 (sum).
             X.data = np.repeat(1.0 / np.sqrt(np.maximum(sizes, 1)), sizes).astype(np.float32)
             self._bags[f_index] = bags_of_csr(X, mean=False)
+
+    def _pair_scorer(self):
+        """The single-pair path of predict for int ids (core.PairScorer over the current handle and ids)."""
+        if self._users.ids.dtype.kind != "i" or self._items.ids.dtype.kind != "i":
+            return None
+        handle = self._handle()
+        cached = getattr(self, "_pair", None)
+        if cached is None or cached[0] is not handle:
+            bounds = getattr(self, "rating_range_", None)
+            low, high = bounds if bounds is not None and self.clip_predictions else (-np.inf, np.inf)
+            scorer = _core.PairScorer(handle, self._users._sorted, self._users._order, self._items._sorted,
+                                      self._items._order, float(self.rating_mean_), float(low), float(high))
+            self._pair = cached = (handle, scorer)
+        return cached[1]
 
     def _handle(self):
         """The prediction handle, built on first use after fit (and after unpickling)."""
