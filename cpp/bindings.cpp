@@ -1457,6 +1457,12 @@ PYBIND11_MODULE(_core, m) {
                           "A validated field model over caller-owned arrays (docs/DESIGN.md, the field model).")
       .def(py::init<const py::dict&, bool>(), py::arg("spec"), py::arg("trainable") = false)
       .def("predict", &FieldHandle::predict, py::arg("keys"), py::arg("n_threads") = 0, py::arg("isa") = "auto")
+      .def(
+          "predict_one",
+          [](const FieldHandle& h, const std::vector<std::int32_t>& keys) { return h.predict_one(keys.data(), keys.size()); },
+          py::arg("keys"),
+          "The output of one example given by its key values (ints): the single-row serving path (one thread, no "
+          "arrays, a workspace kept between calls; callers hold the GIL, so one call at a time).")
       .def("loss_and_gradients", &FieldHandle::loss_and_gradients, py::arg("keys"), py::arg("y"), py::arg("weight"),
            py::arg("alpha"), py::arg("n_threads") = 0, py::arg("isa") = "auto")
       .def("train_epoch", &FieldHandle::train_epoch, py::arg("state1"), py::arg("state2"), py::arg("keys"),

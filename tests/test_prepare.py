@@ -105,3 +105,36 @@ def test_single_pair_predict_equals_the_batch_path(ratings):
         assert all(rec.predict([int(u)], [int(i)])[0] == unclipped[j] for j, (u, i) in enumerate(zip(users, items)))
     with pytest.raises(ValueError, match="int64"):
         rec.predict([2**70], [3])
+
+
+@pytest.mark.parametrize("loss", ["bce", "mse"])
+def test_field_model_one_row_path_equals_batch_path(loss, tmp_path):
+    """FieldModel's one-row path (a dict of scalars: codes and scaled values written into a kept handle) gives
+    the general path's numbers: known, unknown and hashed values, ints and strings, lists and arrays."""
+    import fastrec
+
+    rng = np.random.default_rng(4)
+    n = 3000
+    X = {"user": rng.integers(0, 300, n), "city": np.array([f"c{i}" for i in rng.integers(0, 40, n)]),
+         "tag": rng.integers(0, 10**6, n), "x": rng.normal(3.0, 2.0, n)}
+    y = (rng.random(n) < 0.3).astype(int) if loss == "bce" else rng.normal(size=n)
+    model = fastrec.FieldModel(fields={"tag": {"hash_buckets": 50}}, loss=loss, epochs=2, random_state=0,
+                               n_threads=1).fit(X, y)
+    probe = {"user": np.array([3, 299, 10**7]), "city": np.array(["c1", "c39", "nowhere"]),
+             "tag": np.array([5, 77, -1]), "x": np.array([0.5, -4.0, 1e6])}
+    batch = model.predict_proba(probe) if loss == "bce" else model.predict(probe)
+    for j in range(3):
+        forms = [{k: [v[j].item()] for k, v in probe.items()}, {k: [v[j]] for k, v in probe.items()},
+                 {k: v[j:j + 1] for k, v in probe.items()}]
+        for row in forms:
+            one = model.predict_proba(row) if loss == "bce" else model.predict(row)
+            assert one.dtype == batch.dtype and np.array_equal(one, batch[j:j + 1])
+            assert model._serve not in (None, False)  # the one-row path was taken
+    assert np.array_equal(model.predict(forms[0]), model.predict({k: v[2:3] for k, v in probe.items()}))
+    # The kept handle is not saved; the loaded model takes the same path to the same numbers.
+    model.save(tmp_path / "m.fastrec")
+    loaded = fastrec.load(tmp_path / "m.fastrec")
+    assert np.array_equal(loaded.predict(forms[0]), model.predict(forms[0]))
+    # A bad one-row input still gets the general path's error.
+    with pytest.raises(ValueError, match="NaN"):
+        model.predict({"user": [3], "city": ["c1"], "tag": [5], "x": [float("nan")]})

@@ -127,6 +127,16 @@ class IdIndex:
     def __len__(self):
         return len(self.ids)
 
+    def index_one(self, x):
+        """Entity number of one raw id of the ids' own kind (0: unknown), or None for another kind (index()
+        converts those)."""
+        if (type(x) is str) != (self.ids.dtype.kind == "U") or not len(self.ids):
+            return None
+        p = int(self._sorted.searchsorted(x))
+        if p == len(self.ids) or self._sorted[p] != x:
+            return 0
+        return (p if self._order is None else int(self._order[p])) + 1
+
     def index(self, raw) -> np.ndarray:
         """Entity number of each raw id (int32), 0 for ids never seen. Ids of the other kind (str for int ids,
         or int for str ids) are converted where that is exact: 12 <-> "12" (not "012", " 12" or "+12")."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import zlib
 
 import numpy as np
 import scipy.sparse as sp
@@ -279,6 +280,7 @@ class FieldModel(BaseEstimator):
         return self
 
     def _train(self, n, bags, dense_tables, y, weight, epochs, validate):
+        self.__dict__.pop("_serve", None)  # the serving handle reads the net of its time
         targets = (y - self._y_offset).astype(np.float32)
         handle = self.net_.handle(bags, dense_tables, training=True)
         fn, metric, higher = validate if validate is not None else (None, None, False)
@@ -316,18 +318,82 @@ class FieldModel(BaseEstimator):
     def _raw(self, X):
         if not hasattr(self, "net_"):
             raise not_fitted_error(self)
+        one = self._one_row(X)
+        if one is not None:
+            return one
         n, _, bags, dense_tables = self._inputs(X, fit=False)
         handle = self.net_.handle(bags, dense_tables)
         return handle.predict([np.arange(n, dtype=np.int32)], self._threads()).astype(np.float64)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_serve", None)  # a core handle: rebuilt on first use
+        return state
+
+    def _one_row(self, X):
+        """The serving path of one row (a dict of one-element lists or arrays; categorical and one-value
+        numeric columns): codes and standardised values written in place into a handle kept between
+        calls, one core call. None when X is anything else (the general path checks and predicts it)."""
+        serve = self.__dict__.get("_serve")
+        if serve is None:
+            serve = self._serve = self._serving_state()
+        if serve is False or type(X) is not dict or len(X) != len(serve[1]):
+            return None
+        handle, plan = serve
+        for (name, cell, buckets, vocab, mean, std), (given, x) in zip(plan, X.items()):
+            if given != name:
+                return None
+            if (type(x) is not list and type(x) is not np.ndarray) or len(x) != 1:
+                return None
+            x = x[0]
+            if isinstance(x, np.generic):
+                x = x.item()
+            if mean is None:  # categorical
+                if type(x) is not int and type(x) is not str:
+                    return None
+                code = zlib.crc32(str(x).encode()) % buckets + 1 if buckets else vocab.index_one(x)
+                if code is None:
+                    return None
+                cell[0] = code
+            else:
+                if type(x) is not float and type(x) is not int:
+                    return None
+                scaled = (x - mean) / std
+                if not abs(scaled) <= _FLOAT32_MAX:  # NaN, infinity, too large: the general path says so
+                    return None
+                cell[0] = scaled
+        return handle.predict_one([0])
+
+    def _serving_state(self):
+        """(handle over 1-row bag and dense tables, per column (name, the cell its value goes to, hash buckets,
+        vocabulary, mean, std)), or False when a column is multi-hot or numeric with several values per row."""
+        if any(kind == "multi_hot" for _, kind in self.columns_) or any(
+                len(self._scale_[name][0]) != 1 for name, kind in self.columns_ if kind == "numeric"):
+            return False
+        bags, dense, plan = [], [], []
+        for name, kind in self.columns_:
+            if kind == "categorical":
+                # id 1, not 0: the core reads a bag table of ids 0..n-1 as the identity, never its ids again
+                bags.append(bags_of_ids(np.ones(1, np.int32)))
+                plan.append((name, bags[-1][1], self._options(name)[2], self._vocab_.get(name), None, None))
+            else:
+                dense.append(np.zeros((1, 1), np.float32))
+                mean, std = self._scale_[name]
+                plan.append((name, dense[-1].reshape(1), None, None, float(mean[0]), float(std[0])))
+        return self.net_.handle(bags, dense), plan
 
     def predict_proba(self, X):
         """(n, 2) probabilities of label 0 and 1 (loss "bce")."""
         if self.loss != "bce":
             raise ValueError("predict_proba needs loss='bce'")
         p = self._raw(X)
+        if type(p) is float:  # the one-row path
+            return np.array([[1.0 - p, p]])
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X):
         """Labels 0/1 (loss "bce", threshold 0.5) or predicted values (loss "mse")."""
         raw = self._raw(X)
+        if type(raw) is float:  # the one-row path
+            return np.array([int(raw >= 0.5)]) if self.loss == "bce" else np.array([raw + self._y_offset])
         return (raw >= 0.5).astype(np.int64) if self.loss == "bce" else raw + self._y_offset

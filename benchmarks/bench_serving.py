@@ -1,0 +1,83 @@
+"""Single-row serving latency through the public API (issue 17): `Recommender.predict([u], [i])` on a model with
+10^6 items, item features and hidden (256, 128, 64), and on the default-size model.
+
+Each timing is the median per-call time of `--calls` back-to-back calls, repeated `--rounds` times with the
+models interleaved; reported as median [min-max] over rounds. One thread (serving is one row per request).
+
+    python benchmarks/bench_serving.py            # about a minute on 2 cores (building the 10^6-item model)
+
+Exit status 1 when the large model's median is above the bar (5 µs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+import fastrec
+from fastrec.datasets import make_interactions
+
+BAR_US = 5.0
+
+
+def per_call_us(fn, calls):
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def build_large(n_items, seed):
+    rng = np.random.default_rng(seed)
+    n = 200_000
+    users = rng.integers(0, 50_000, n)
+    items = rng.integers(0, n_items, n)
+    ratings = rng.integers(1, 6, n).astype(np.float64)
+    features = pd.DataFrame({"genre": rng.integers(0, 30, n_items).astype(str), "year": rng.normal(2000, 10, n_items)},
+                            index=pd.Index(np.arange(n_items), name="item"))
+    model = fastrec.Recommender(hidden_layer_sizes=(256, 128, 64), epochs=1, early_stopping=False, random_state=0,
+                                n_threads=1)
+    return model.fit(users, items, ratings, item_features=features), users, items
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--calls", type=int, default=20_000)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    t = time.perf_counter()
+    large, lu, li = build_large(args.items, 0)
+    print(f"built the {args.items:,}-item model in {time.perf_counter() - t:.1f} s", flush=True)
+    d = make_interactions(2000, 1000, 50_000, random_state=0)
+    small = fastrec.Recommender(epochs=1, early_stopping=False, random_state=0, n_threads=1).fit(d.users, d.items,
+                                                                                                  d.ratings)
+    cases = {
+        f"Recommender.predict([u], [i]), {args.items:,} items + features, hidden (256, 128, 64)":
+            (large, [int(lu[0])], [int(li[0])]),
+        "Recommender.predict([u], [i]), default model (2,000 x 1,000)": (small, [int(d.users[0])], [int(d.items[0])]),
+    }
+    for model, u, i in cases.values():  # warm: handles and the pair scorer are built on first use
+        model.predict(u, i)
+    samples = {k: [] for k in cases}
+    for r in range(args.rounds):
+        names = list(cases)[r % len(cases):] + list(cases)[:r % len(cases)]
+        for k in names:
+            model, u, i = cases[k]
+            samples[k].append(per_call_us(lambda: model.predict(u, i), args.calls))
+    ok = True
+    for k, v in samples.items():
+        print(f"{k}: {np.median(v):.2f} µs [{min(v):.2f}-{max(v):.2f}]")
+    large_median = float(np.median(samples[list(cases)[0]]))
+    ok = large_median <= BAR_US
+    print(f"bar: Recommender.predict <= {BAR_US} µs on the large model: {'met' if ok else 'MISSED'} "
+          f"({large_median:.2f} µs)")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
