@@ -37,18 +37,20 @@ constexpr index_t kMaxPanelsForInPlaceAt = 4;
 // ("C is not read") stays with the epilogue too.
 bool in_kernel_epilogue(const Epilogue& e) { return !e.addend && e.scale != 0.0f; }
 
-// One row of C (a single prediction): no packing, the row kernel over row-major B in place.
+// One row of C (a single prediction): no packing, the row kernel over row-major B in place, all the columns
+// at once (it keeps several panels' chains in flight: one panel at a time waited on the FMA latency); the
+// epilogue per nr panel, as in the blocked path.
 void gemm_row(const Problem& p, index_t row, index_t n0, index_t n1) {
   const KernelSet& ks = p.ks;
-  for (index_t jr = n0; jr < n1; jr += ks.nr) {
-    const int n = static_cast<int>(std::min<index_t>(ks.nr, n1 - jr));
-    float* c = p.C + row * p.ldc + jr;
-    for (index_t pc = 0; pc < p.K; pc += ks.kc) {
-      const index_t kc = std::min(ks.kc, p.K - pc);
-      ks.row_kernel(kc, p.A + row * p.lda + pc, p.B + pc * p.ldb + jr, p.ldb, c, pc > 0, n);
-    }
-    if (p.epilogue) ks.epilogue(c, p.ldc, 1, n, row, jr, *p.epilogue);
+  float* c = p.C + row * p.ldc + n0;
+  for (index_t pc = 0; pc < p.K; pc += ks.kc) {
+    const index_t kc = std::min(ks.kc, p.K - pc);
+    ks.row_kernel(kc, p.A + row * p.lda + pc, p.B + pc * p.ldb + n0, p.ldb, c, pc > 0, static_cast<int>(n1 - n0));
   }
+  if (p.epilogue)
+    for (index_t jr = n0; jr < n1; jr += ks.nr)
+      ks.epilogue(p.C + row * p.ldc + jr, p.ldc, 1, static_cast<int>(std::min<index_t>(ks.nr, n1 - jr)), row, jr,
+                  *p.epilogue);
 }
 
 // The five BLIS loops over one rectangle C[m0:m1, n0:n1] on the calling thread.

@@ -61,8 +61,8 @@ struct TileExtra {
 using UkernelFn = void (*)(index_t kc, const float* a, index_t rs_a, index_t cs_a, const float* b, index_t rs_b,
                            float* c, index_t ldc, bool accumulate, int m, int n, const TileExtra* extra);
 // The micro-kernel's row 0 alone, for one-row products (a single prediction): c[0:n] = or += sum_k a[k] b(k, :)
-// with b(k, j) = b[k * rs_b + j] read in place (only n <= NR columns), the same FMA chain per element as the
-// micro-kernel, so a row's result does not depend on whether it came alone or in a batch.
+// with b(k, j) = b[k * rs_b + j] read in place (any n), the same FMA chain per element as the micro-kernel, so
+// a row's result does not depend on whether it came alone or in a batch.
 using RowKernelFn = void (*)(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate,
                              int n);
 using EpilogueFn = void (*)(float* c, index_t ldc, int m, int n, index_t row0, index_t col0, const Epilogue& e);

@@ -2,6 +2,7 @@
 // vectors + 1 broadcast of the 16 ymm registers.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -73,23 +74,39 @@ void ukernel_avx2_6x16(index_t kc, const float* a, index_t rs_a, index_t cs_a, c
   if (extra) finish_tile(c, ldc, m, n, *extra);
 }
 
-void row_kernel_avx2(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate, int n) {
-  if (n == kNr) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (index_t k = 0; k < kc; ++k, b += rs_b) {
-      const __m256 ak = _mm256_broadcast_ss(a + k);
-      acc0 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(b), acc0);
-      acc1 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(b + 8), acc1);
-    }
-    if (accumulate) {
-      acc0 = _mm256_add_ps(_mm256_loadu_ps(c), acc0);
-      acc1 = _mm256_add_ps(_mm256_loadu_ps(c + 8), acc1);
-    }
-    _mm256_storeu_ps(c, acc0);
-    _mm256_storeu_ps(c + 8, acc1);
-    return;
+// Up to V full vectors of 8 columns, one FMA chain per vector, k in order.
+template <int V>
+inline void row_group_avx2(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate) {
+  __m256 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+  for (index_t k = 0; k < kc; ++k, b += rs_b) {
+    const __m256 ak = _mm256_broadcast_ss(a + k);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(ak, _mm256_loadu_ps(b + 8 * v), acc[v]);
   }
-  for (int j = 0; j < n; ++j) {  // a partial panel: the same fused multiply-adds one lane at a time
+  for (int v = 0; v < V; ++v) {
+    if (accumulate) acc[v] = _mm256_add_ps(_mm256_loadu_ps(c + 8 * v), acc[v]);
+    _mm256_storeu_ps(c + 8 * v, acc[v]);
+  }
+}
+
+// Groups of 8 vectors (64 columns): independent chains cover the FMA latency; columns past the last multiple
+// of 8 one lane at a time (the same fused multiply-adds).
+void row_kernel_avx2(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate, int n) {
+  int j0 = 0;
+  for (; j0 + 8 <= n; j0 += 64) {
+    switch (std::min(64, n - j0) / 8) {
+      case 1: row_group_avx2<1>(kc, a, b + j0, rs_b, c + j0, accumulate); break;
+      case 2: row_group_avx2<2>(kc, a, b + j0, rs_b, c + j0, accumulate); break;
+      case 3: row_group_avx2<3>(kc, a, b + j0, rs_b, c + j0, accumulate); break;
+      case 4: row_group_avx2<4>(kc, a, b + j0, rs_b, c + j0, accumulate); break;
+      case 5: row_group_avx2<5>(kc, a, b + j0, rs_b, c + j0, accumulate); break;
+      case 6: row_group_avx2<6>(kc, a, b + j0, rs_b, c + j0, accumulate); break;
+      case 7: row_group_avx2<7>(kc, a, b + j0, rs_b, c + j0, accumulate); break;
+      default: row_group_avx2<8>(kc, a, b + j0, rs_b, c + j0, accumulate); break;
+    }
+  }
+  for (int j = n - n % 8; j < n; ++j) {
     float acc = 0.0f;
     for (index_t k = 0; k < kc; ++k) acc = __builtin_fmaf(a[k], b[k * rs_b + j], acc);
     c[j] = accumulate ? c[j] + acc : acc;

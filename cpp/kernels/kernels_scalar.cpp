@@ -32,10 +32,14 @@ void ukernel_scalar_4x8(index_t kc, const float* a, index_t rs_a, index_t cs_a, 
 }
 
 void row_kernel_scalar(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate, int n) {
-  float acc[kNr] = {};
-  for (index_t k = 0; k < kc; ++k, b += rs_b)
-    for (int j = 0; j < n; ++j) acc[j] += a[k] * b[j];
-  for (int j = 0; j < n; ++j) c[j] = accumulate ? c[j] + acc[j] : acc[j];
+  for (int j0 = 0; j0 < n; j0 += kNr) {  // kNr columns at a time, as the micro-kernel's panels
+    const int w = n - j0 < kNr ? n - j0 : kNr;
+    float acc[kNr] = {};
+    const float* bk = b + j0;
+    for (index_t k = 0; k < kc; ++k, bk += rs_b)
+      for (int j = 0; j < w; ++j) acc[j] += a[k] * bk[j];
+    for (int j = 0; j < w; ++j) c[j0 + j] = accumulate ? c[j0 + j] + acc[j] : acc[j];
+  }
 }
 
 // One chain per row, `acc += x * q` as the 4 x 8 micro-kernel's `acc[i][j] += ai * b[j]` (no FMA here).
