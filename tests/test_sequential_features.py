@@ -5,14 +5,17 @@ Tolerances as tests/test_sequential_core.py (float32 core vs float64 oracle on t
 relative error 1e-4 of the largest entry compared; a missing or wrong term shows up as an error of order 1).
 """
 
+import copy
 import importlib.util
 import pathlib
 
 import numpy as np
 import pytest
 
+import fastrec
 from fastrec import _core
 from fastrec import reference as ref
+from fastrec.features import FeatureTable
 
 # The core tests' helpers (pytest's importlib mode does not put tests/ on sys.path).
 _spec = importlib.util.spec_from_file_location("_sequential_core_helpers",
@@ -239,3 +242,168 @@ def test_bad_item_features_raise_value_errors():
     with pytest.raises(ValueError, match="feature_table"):
         m.train_epoch(s, s, hist[0], hist[1], np.arange(4, dtype=np.int64), 2, training(hist[2]), 0.0, "adam",
                       1e-3, 0.9, 0.98, 1e-8, 0, 0, 1, "auto")
+
+
+# ---- the estimator: SequentialRecommender(item_features=...) ----
+
+pd = pytest.importorskip("pandas")
+
+N_COLORS = 5
+
+
+def color_walks(n_users=150, n_warm=50, seed=0):
+    """Each user's next item is a random item of the next colour (colour = item % 5): the order of colours is
+    what there is to learn, and the colour is a feature. Items n_warm .. n_warm + 4 (one per colour) are in the
+    feature table only."""
+    rng = np.random.default_rng(seed)
+    users, items, times = [], [], []
+    for u in range(n_users):
+        c = rng.integers(N_COLORS)
+        for t in range(rng.integers(6, 14)):
+            users.append(u)
+            items.append(N_COLORS * rng.integers(n_warm // N_COLORS) + c)
+            times.append(float(t))
+            c = (c + 1) % N_COLORS
+    ids = np.arange(n_warm + N_COLORS)
+    table = pd.DataFrame({"color": [f"c{i % N_COLORS}" for i in ids],
+                          "tags": [["even" if i % 2 == 0 else "odd", "all"] for i in ids],
+                          "size": rng.normal(10, 3, len(ids))}, index=ids)
+    return np.array(users), np.array(items), np.array(times), table
+
+
+TYPES = {"color": "categorical", "tags": "multi_hot", "size": "numeric"}
+
+
+def seq_model(**kw):
+    params = dict(embedding_dim=16, max_len=8, epochs=30, batch_size=32, learning_rate=5e-3, dropout=0.0,
+                  random_state=0, n_iter_no_change=None, n_threads=1)
+    params.update(kw)
+    return fastrec.SequentialRecommender(**params)
+
+
+@pytest.fixture(scope="module")
+def colors():
+    return color_walks()
+
+
+@pytest.fixture(scope="module")
+def fitted(colors):
+    users, items, times, table = colors
+    return seq_model().fit(users, items, times, item_features=table, feature_types=TYPES)
+
+
+def test_item_vectors_are_id_rows_plus_features(fitted):
+    p = fitted.params_
+    V = ref.sequential_item_vectors(p)
+    np.testing.assert_allclose(fitted.item_vectors(), V, rtol=1e-6, atol=1e-7)
+    # the features are encoded as the Recommender's: 5 colours + the unknown value, 2 tags + 1 numeric column
+    assert p["feature_table"].shape == (N_COLORS + 1 + 3 + 1, 16)
+    cold = fitted._items.index(np.arange(50, 55)) - 1
+    assert not p["item_table"][cold].any()  # items only in the table: their features alone
+    assert p["item_features"][3][cold].sum() == 0 and p["item_features"][3].sum() == 50
+
+
+def test_cold_items_are_recommended_from_their_features(fitted, colors):
+    """Among the five items known only by their features, the one of the colour that follows the user's
+    latest item ranks first far above chance (1 in 5): the colour embedding carries what was learnt."""
+    users, items, times, _ = colors
+    latest = {}
+    for u, i, t in sorted(zip(users, items, times), key=lambda e: (e[0], e[2])):
+        latest[u] = i
+    us = np.array(sorted(latest))
+    top, _ = fitted.recommend(us, k=1, items=np.arange(50, 55))
+    want = 50 + (np.array([latest[u] for u in us]) + 1) % N_COLORS
+    assert np.mean(top[:, 0] == want) > 0.8
+    # and all items, cold ones included, are candidates of a plain recommend
+    ids, _ = fitted.recommend(us[:40], k=55, exclude_seen=False)
+    assert set(range(50, 55)) <= set(ids.ravel().tolist())
+
+
+def test_histories_equal_trained_users_and_threads_give_the_same_model(fitted, colors):
+    users, items, times, table = colors
+    order = np.lexsort((times, users))
+    hist = items[order][users[order] == 3].tolist()
+    a = fitted.recommend([3], k=10)
+    b = fitted.recommend(histories=[hist], k=10)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    two = seq_model(n_threads=2, epochs=3).fit(users, items, times, item_features=table, feature_types=TYPES)
+    one = seq_model(n_threads=1, epochs=3).fit(users, items, times, item_features=table, feature_types=TYPES)
+    np.testing.assert_array_equal(one.params_["feature_table"], two.params_["feature_table"])
+    np.testing.assert_array_equal(one.params_["item_table"], two.params_["item_table"])
+    np.testing.assert_array_equal(one.recommend([0, 1], k=5)[1], two.recommend([0, 1], k=5)[1])
+
+
+def test_save_load_round_trip_with_features(fitted, tmp_path, colors):
+    users, items, times, table = colors
+    path = tmp_path / "seq.fastrec"
+    fitted.save(path)
+    for loaded in (fastrec.load(path), fastrec.load(path, mmap=True)):
+        assert "_item_matrix" in loaded.__dict__  # the composite table is built on load
+        for a, b in zip(loaded.recommend([0, 5, 9], k=7), fitted.recommend([0, 5, 9], k=7)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(loaded.item_vectors(), fitted.item_vectors())
+    # training goes on identically after a load; a cold item with an event gets a trained id row
+    again = fastrec.load(path)
+    base = copy.deepcopy(fitted)
+    new = pd.DataFrame({"color": ["c1"], "tags": [["odd"]], "size": [12.0]}, index=[77])
+    for m in (again, base):
+        m.partial_fit([0, 0, 1], [51, 77, 52], [100.0, 101.0, 100.0], item_features=new)
+    np.testing.assert_array_equal(again.params_["feature_table"], base.params_["feature_table"])
+    np.testing.assert_array_equal(again.item_vectors(), base.item_vectors())
+    rows = base._items.index(np.array([51, 77, 53])) - 1
+    assert base.params_["item_features"][3][rows].tolist() == [1, 1, 0]
+    assert base.params_["item_table"][rows[:2]].any(axis=1).all() and not base.params_["item_table"][rows[2]].any()
+    # item 77's features: colour c1 (row 2 of colours c0..c4 after the unknown value 0), the mean of bag {odd}
+    # (tags all, even, odd: rows 6-8), its standardised size (row 9)
+    indptr, ids, weights, _ = base.params_["item_features"]
+    assert ids[indptr[rows[1]]:indptr[rows[1] + 1]].tolist() == [2, 8, 9]
+    mean, std = base._numeric_stats_["item"]["size"]
+    np.testing.assert_allclose(weights[indptr[rows[1]]:indptr[rows[1] + 1]], [1, 1, (12 - mean[0]) / std[0]],
+                               rtol=1e-6)
+    F = base.params_["feature_table"]
+    np.testing.assert_allclose(base.item_vectors([77])[0], base.params_["item_table"][rows[1]] +
+                               F[2] + F[8] + weights[indptr[rows[1]] + 2] * F[9], rtol=1e-5, atol=1e-6)
+
+
+def test_add_features_makes_new_items_recommendable(colors):
+    users, items, times, table = colors
+    m = seq_model(epochs=2).fit(users, items, times, item_features=table.iloc[:50], feature_types=TYPES)
+    assert 53 not in set(m.item_ids_.tolist())
+    m.add_features(item_features=table.iloc[50:])
+    ids, scores = m.recommend([0], k=3, items=[53, 54, 999])
+    assert ids[0, :2].tolist() in ([53, 54], [54, 53]) and np.isfinite(scores[0, :2]).all()
+    np.testing.assert_allclose(m.item_vectors([53])[0], ref.sequential_item_vectors(m.params_)[-2], rtol=1e-6)
+
+
+def test_items_missing_from_the_table_read_unknown_values(colors):
+    users, items, times, table = colors
+    m = seq_model(epochs=1).fit(users, items, times, item_features=table.drop(index=[0, 5]), feature_types=TYPES)
+    row = m._items.index(np.array([0]))[0] - 1
+    indptr, ids, weights, _ = m.params_["item_features"]
+    assert ids[indptr[row]:indptr[row + 1]].tolist() == [0]  # the colour's unknown value, no tags, no size
+    F, E = m.params_["feature_table"], m.params_["item_table"]
+    np.testing.assert_array_equal(m.item_vectors([0])[0], E[row] + F[0])
+
+
+def test_bad_item_features(colors):
+    users, items, times, table = colors
+    with pytest.raises(TypeError, match="item_features"):
+        seq_model(epochs=1).fit(users, items, times, item_features=[[1, 2]])
+    with pytest.raises(TypeError, match="mix strings and integers"):
+        seq_model(epochs=1).fit(users, items, times, item_features=table.set_index(table.index.astype(str) + "x"),
+                                feature_types=TYPES)
+    with pytest.raises(ValueError, match="none of the items"):
+        seq_model(epochs=1).fit(users, items, times, item_features=table.set_index(table.index + 1000),
+                                feature_types=TYPES)
+    with pytest.raises(ValueError, match="no columns"):
+        seq_model(epochs=1).fit(users, items, times, item_features=FeatureTable(np.arange(55)))
+    with pytest.raises(ValueError, match="feature_types"):
+        seq_model(epochs=1).fit(users, items, times, item_features=table, feature_types={"nope": "numeric"})
+    plain = seq_model(epochs=1).fit(users, items, times)
+    with pytest.raises(ValueError, match="without item features"):
+        plain.partial_fit([0], [1], item_features=table)
+    with pytest.raises(ValueError, match="without item features"):
+        plain.add_features(item_features=table)
+    with pytest.raises(ValueError, match="user features"):
+        plain.add_features(user_features=table)
