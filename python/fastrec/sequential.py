@@ -476,7 +476,8 @@ class SequentialRecommender(RecommenderBase):
         if n_new_users:
             indptr, items, times = self._hist
             self._hist = (np.concatenate([indptr, np.full(n_new_users, indptr[-1], np.int64)]), items, times)
-        self._drop_caches()
+        if n_new_items or len(item_rows):  # new users (observe) change neither the handle nor the item table
+            self._drop_caches()
 
     def _train(self, user_rows, item_rows, y, weight, epochs, validate):
         times = getattr(self, "_pending_times", None)
