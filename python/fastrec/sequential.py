@@ -100,10 +100,8 @@ class SequentialRecommender(RecommenderBase):
     ----------
     embedding_dim : int, default=64
         Width d of the item embeddings (and of each feature embedding) and of every block.
-    max_len : int, default=100
-        Events of a history the model reads (the latest ones). 100: the best setting in every top configuration
-        of the MovieLens-100k search (benchmarks/SEQUENTIAL.md); a shorter history costs no more than its
-        events (padding slots are skipped), a longer one up to max_len events.
+    max_len : int, default=50
+        Events of a history the model reads (the latest ones).
     n_blocks : int, default=2
         Self-attention blocks.
     n_heads : int, default=1
@@ -152,7 +150,7 @@ class SequentialRecommender(RecommenderBase):
     validation_fraction = 0.1
     clip_predictions = False
 
-    def __init__(self, embedding_dim=64, max_len=100, n_blocks=2, n_heads=1, ffn_dim=None, dropout=0.2, loss="bce",
+    def __init__(self, embedding_dim=64, max_len=50, n_blocks=2, n_heads=1, ffn_dim=None, dropout=0.2, loss="bce",
                  negatives=1, optimizer="adam", learning_rate=1e-3, batch_size=128, epochs=200,
                  validation_metric="auto", early_stopping=True, n_iter_no_change=10, random_state=None,
                  n_threads=None, verbose=False):
