@@ -11,6 +11,9 @@ each call so OpenMP workers sleep as they would between requests), for a differe
 - `observe([user], [item])` followed by `recommend([user], k=10)`: the new event read at once;
 - `recommend(histories=[h], k=10)` for a 50-event history not in training.
 Bars: recommend < 2 ms, observe + recommend < 3 ms. Prints median [p10-p90] in ms per --threads value.
+--max-len: the model's max_len (default: the estimator's); histories of `recommend(histories=)` have 50 events.
+--item-features: the items get side features (a categorical column of 1000 values and a multi-hot bag of 3 of
+100 tags): recommend then searches the composite item table built once after fit.
 """
 
 from __future__ import annotations
@@ -32,15 +35,31 @@ def main():
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--settle", type=float, default=0.02)
+    ap.add_argument("--max-len", type=int, default=None)
+    ap.add_argument("--item-features", action="store_true")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     n = args.users * args.events
     users = np.repeat(np.arange(args.users), args.events)
     items = rng.permutation(np.resize(np.arange(args.items), n))
+    table = None
+    if args.item_features:
+        import scipy.sparse as sp
+
+        from fastrec.features import FeatureTable
+
+        tags = np.sort(np.stack([rng.choice(100, 3, replace=False) for _ in range(args.items)]), axis=1)
+        bags = sp.csr_matrix((np.ones(tags.size, np.float32), tags.ravel(), np.arange(0, tags.size + 1, 3)),
+                             shape=(args.items, 100))
+        table = FeatureTable(np.arange(args.items), categorical={"brand": rng.integers(0, 1000, args.items)},
+                             multi_hot={"tags": bags})
+    extra = {} if args.max_len is None else {"max_len": args.max_len}
     t0 = time.perf_counter()
-    model = fastrec.SequentialRecommender(epochs=1, early_stopping=False, random_state=0).fit(users, items)
-    print(f"# {args.items} items, {args.users} users x {args.events} events; fit (1 epoch) "
-          f"{time.perf_counter() - t0:.1f} s; load {os.getloadavg()[0]:.2f}")
+    model = fastrec.SequentialRecommender(epochs=1, early_stopping=False, random_state=0, **extra).fit(
+        users, items, item_features=table)
+    print(f"# {args.items} items, {args.users} users x {args.events} events; max_len {model.max_len}; item "
+          f"features {'yes' if table is not None else 'no'}; fit (1 epoch) {time.perf_counter() - t0:.1f} s; "
+          f"load {os.getloadavg()[0]:.2f}")
     history = rng.integers(0, args.items, 50)
     samples = {(t, kind): [] for t in args.threads for kind in ("recommend", "observe+recommend", "histories")}
     stamp = 1e9

@@ -947,6 +947,7 @@ class SequentialHandle {
       model_.arrays[i] = static_cast<float*>(const_cast<void*>(a.data()));
       keep_.push_back(a);
     });
+    read_item_features(params, trainable);
     validate(model_);
   }
 
@@ -1002,10 +1003,13 @@ class SequentialHandle {
       arrays.push_back(shape.second ? py::array_t<float>({shape.first, shape.second}) : py::array_t<float>(shape.first));
       grads[i] = arrays.back().mutable_data();
     }
+    py::array_t<float> feature_grad;
+    if (model_.features.on()) feature_grad = py::array_t<float>({model_.features.n_features, model_.dim});
     double loss;
     {
       const CoreCall call;
-      loss = seq_loss_and_gradients(ks, model_, ps, pt, pn, B, K, dropout, stream, grads, n_threads, log_q);
+      loss = seq_loss_and_gradients(ks, model_, ps, pt, pn, B, K, dropout, stream, grads, n_threads, log_q,
+                                    model_.features.on() ? feature_grad.mutable_data() : nullptr);
     }
     py::dict out;
     out["item_table"] = arrays[0];
@@ -1019,6 +1023,7 @@ class SequentialHandle {
     out["blocks"] = blocks;
     out["final_gamma"] = arrays[model_.n_arrays() - 2];
     out["final_beta"] = arrays[model_.n_arrays() - 1];
+    if (model_.features.on()) out["feature_table"] = feature_grad;
     return py::make_tuple(loss, out);
   }
 
@@ -1063,9 +1068,14 @@ class SequentialHandle {
     opt.beta_2 = beta_2;
     opt.epsilon = epsilon;
     opt.adam_t = adam_t;
+    float* feature_state[2] = {nullptr, nullptr};
     if (opt.solver == Solver::Adam) {  // sgd keeps no state: its state dicts are not read
       opt.state1 = state_arrays(state1, "state1");
       opt.state2 = state_arrays(state2, "state2");
+      if (model_.features.on()) {
+        feature_state[0] = feature_state_array(state1, "state1");
+        feature_state[1] = feature_state_array(state2, "state2");
+      }
     }
     const KernelSet& ks = kernels_for(resolve_isa(isa));
     PythonSignals signals(progress);
@@ -1074,7 +1084,7 @@ class SequentialHandle {
       const CoreCall call;
       const Scratch scratch(*this);
       result = seq_train_epoch(ks, model_, t, opt, h, po, n_order, batch_size, dropout, epoch, std::ref(signals),
-                               n_threads, scratch.get());
+                               n_threads, scratch.get(), feature_state[0], feature_state[1]);
     }
     return epoch_tuple(result, opt.adam_t, signals);
   }
@@ -1186,6 +1196,66 @@ class SequentialHandle {
                          throw py::value_error(name + " shares memory with a parameter array");
                    });
     return out;
+  }
+
+  // Item side features (sequential.h, SeqItemFeatures): params["feature_table"] (n_features, d) float32 and
+  // params["item_features"] = (indptr int64 (n_items + 1,), ids int32, weights float32, id_trained uint8
+  // (n_items,) or None); both keys or neither.
+  void read_item_features(const py::dict& params, bool trainable) {
+    const bool table = params.contains("feature_table"), csr = params.contains("item_features");
+    if (table != csr) throw py::value_error("params needs both 'feature_table' and 'item_features', or neither");
+    if (!table) return;
+    py::array F = checked<float>(params["feature_table"], "params['feature_table']", 2, trainable);
+    if (F.shape(1) != model_.dim)
+      throw py::value_error("params['feature_table'] must have " + std::to_string(model_.dim) + " columns, got shape " +
+                            shape_str(F));
+    py::handle t_obj = params["item_features"];
+    if (!py::isinstance<py::tuple>(t_obj) || py::len(t_obj) != 4)
+      throw py::value_error("params['item_features'] must be a tuple (indptr, ids, weights, id_trained)");
+    const py::tuple t = py::reinterpret_borrow<py::tuple>(t_obj);
+    py::array indptr = checked<std::int64_t>(t[0], "item_features indptr", 1, false);
+    py::array ids = checked<std::int32_t>(t[1], "item_features ids", 1, false);
+    py::array weights = checked<float>(t[2], "item_features weights", 1, false);
+    if (indptr.shape(0) != model_.n_items + 1)
+      throw py::value_error("item_features indptr must have n_items + 1 = " + std::to_string(model_.n_items + 1) +
+                            " entries, got " + shape_str(indptr));
+    const auto* pi = static_cast<const std::int64_t*>(indptr.data());
+    if (pi[model_.n_items] != ids.shape(0) || ids.shape(0) != weights.shape(0))
+      throw py::value_error("item_features ids and weights must hold indptr[-1] entries each");
+    SeqItemFeatures& f = model_.features;
+    f.n_features = F.shape(0);
+    f.table = static_cast<float*>(const_cast<void*>(F.data()));
+    f.indptr = pi;
+    f.ids = static_cast<const std::int32_t*>(ids.data());
+    f.weights = static_cast<const float*>(weights.data());
+    if (!t[3].is_none()) {
+      py::array trained = checked<std::uint8_t>(t[3], "item_features id_trained", 1, false);
+      if (trained.shape(0) != model_.n_items)
+        throw py::value_error("item_features id_trained must have n_items = " + std::to_string(model_.n_items) +
+                              " entries, got " + shape_str(trained));
+      f.id_trained = static_cast<const std::uint8_t*>(trained.data());
+      keep_.push_back(trained);
+    }
+    for (std::size_t j = 0; j < model_.n_arrays(); ++j)
+      if (overlap(f.table, f.n_features * model_.dim, model_.arrays[j], model_.size(j)))
+        throw py::value_error("params['feature_table'] shares memory with another parameter array");
+    keep_.push_back(F);
+    keep_.push_back(indptr);
+    keep_.push_back(ids);
+    keep_.push_back(weights);
+  }
+
+  // state["feature_table"]: Adam's state of the feature table.
+  float* feature_state_array(py::handle obj, const std::string& what) const {
+    const py::dict d = obj.cast<py::dict>();
+    const std::string name = what + "['feature_table']";
+    py::array a = checked<float>(dict_item(d, "feature_table", what), name, 2, true);
+    require_seq_shape(a, name, {model_.features.n_features, model_.dim});
+    float* p = static_cast<float*>(a.mutable_data());
+    if (overlap(p, model_.features.n_features * model_.dim, model_.features.table,
+                model_.features.n_features * model_.dim))
+      throw py::value_error(name + " shares memory with a parameter array");
+    return p;
   }
 
   SeqModel model_;

@@ -48,6 +48,18 @@ void validate(const SeqModel& m) {
   for (index_t f : m.ffn) require(f >= 1, "every block's feed-forward width must be >= 1");
   require(m.arrays.size() == 4 + kSeqBlockArrays * m.ffn.size(), "wrong number of parameter arrays");
   for (float* a : m.arrays) require(a != nullptr, "missing parameter array");
+  const SeqItemFeatures& f = m.features;
+  if (!f.on()) return;
+  require(f.n_features >= 1, "the feature table needs at least one row");
+  require(f.indptr && f.ids && f.weights, "item features need indptr, ids and weights");
+  require(f.indptr[0] == 0, "item features: indptr[0] must be 0");
+  for (index_t i = 0; i < m.n_items; ++i)
+    require(f.indptr[i + 1] >= f.indptr[i], "item features: indptr must be non-decreasing");
+  for (std::int64_t k = 0; k < f.indptr[m.n_items]; ++k) {
+    require(f.ids[k] >= 0 && f.ids[k] < f.n_features,
+            "item features: ids must be feature rows in [0, " + std::to_string(f.n_features) + ")");
+    require(std::isfinite(f.weights[k]), "item features: weights must be finite");
+  }
 }
 
 namespace {
@@ -202,6 +214,21 @@ struct SeqWorkspace {
   std::vector<float> entry_w, grouped_w;
   Floats group_grad;
   std::vector<std::int32_t> seq_ids;  // 0..K: ids of one position's candidates
+  // item features: the composite vectors of the batch's distinct items (vitems, first-appearance order; vslot:
+  // item -> its row, -1 elsewhere, reset when the next batch starts), and the feature rows' gradients
+  // (fgroup_ids, grouped like the item rows')
+  std::vector<std::int32_t> vslot, vitems;
+  Floats vrows;
+  std::vector<std::int32_t> fslot, fgroup_ids, fentry_group, fentry_src, fgrouped_src;
+  std::vector<std::int64_t> fgroup_start;
+  std::vector<float> fentry_w, fgrouped_w;
+  Floats fgroup_grad;
+
+  // Item `item`'s vector: its composite row with item features, else its row of the item table.
+  const float* vec(std::int32_t item) const {
+    if (!m.features.on()) return m.item_table() + static_cast<index_t>(item) * m.dim;
+    return vrows.data() + static_cast<index_t>(vslot[static_cast<std::size_t>(item)]) * m.dim;
+  }
 
   explicit SeqWorkspace(const SeqModel& model) : m(model) {
     ones.assign(static_cast<std::size_t>(std::max<index_t>(model.dim, 1)), 1.0f);
@@ -250,6 +277,60 @@ void prepare(SeqWorkspace& ws, const std::int32_t* seqs, index_t B) {
   ws.xhatf.resize(R * d, cap * d);
   ws.rstdf.resize(R, cap);
   ws.z.resize(R * d, cap * d);
+}
+
+// Item features: forget the previous batch's composite rows (only their slots are reset).
+void begin_composites(SeqWorkspace& ws) {
+  if (!ws.m.features.on()) return;
+  if (ws.vslot.size() != static_cast<std::size_t>(ws.m.n_items))
+    ws.vslot.assign(static_cast<std::size_t>(ws.m.n_items), -1);
+  for (std::int32_t item : ws.vitems) ws.vslot[static_cast<std::size_t>(item)] = -1;
+  ws.vitems.clear();
+}
+
+void need_composite(SeqWorkspace& ws, std::int32_t item) {
+  std::int32_t& slot = ws.vslot[static_cast<std::size_t>(item)];
+  if (slot < 0) {
+    slot = static_cast<std::int32_t>(ws.vitems.size());
+    ws.vitems.push_back(item);
+  }
+}
+
+// The composite rows of ws.vitems: E[i] + sum_k w_k F[f_k], terms added in CSR order (one chain per element).
+void build_composites(SeqWorkspace& ws, int n_threads) {
+  const SeqModel& m = ws.m;
+  const SeqItemFeatures& f = m.features;
+  const index_t d = m.dim, V = static_cast<index_t>(ws.vitems.size());
+  float* rows = ws.vrows.resize(V * d, V * d);
+  for_rows(V, n_threads, [&](index_t r0, index_t r1) {
+    for (index_t r = r0; r < r1; ++r) {
+      const std::int32_t item = ws.vitems[static_cast<std::size_t>(r)];
+      float* v = rows + r * d;
+      std::memcpy(v, m.item_table() + static_cast<index_t>(item) * d, sizeof(float) * static_cast<std::size_t>(d));
+      for (std::int64_t k = f.indptr[item]; k < f.indptr[item + 1]; ++k) {
+        const float w = f.weights[k];
+        const float* e = f.table + static_cast<index_t>(f.ids[k]) * d;
+        for (index_t c = 0; c < d; ++c) v[c] += w * e[c];
+      }
+    }
+  });
+}
+
+// The composite rows a batch reads: its inputs, and its targets and negatives (may be null).
+void batch_composites(SeqWorkspace& ws, const std::int32_t* targets, const std::int32_t* negatives, index_t K,
+                      int n_threads) {
+  if (!ws.m.features.on()) return;
+  begin_composites(ws);
+  for (std::int32_t item : ws.items) need_composite(ws, item);
+  const index_t slots = ws.B * ws.m.max_len;
+  if (targets)
+    for (index_t i = 0; i < slots; ++i) {
+      if (targets[i] < 0) continue;
+      need_composite(ws, targets[i]);
+      if (negatives)
+        for (index_t j = 0; j < K; ++j) need_composite(ws, negatives[i * K + j]);
+    }
+  build_composites(ws, n_threads);
 }
 
 void resize_cache(BlockCache& c, const SeqWorkspace& ws, index_t f, bool dropout) {
@@ -406,14 +487,13 @@ void embed(const KernelSet& ks, SeqWorkspace& ws, double dropout, std::uint64_t 
   const SeqModel& m = ws.m;
   const index_t d = m.dim, L = m.max_len;
   const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
-  const float* E = m.item_table();
   const float* P = m.position_table();
   if (dropout > 0.0) ws.mask0.resize(ws.R * d, ws.rows_cap * d);
   const DropoutSite site(stream, 0, dropout > 0.0 ? dropout : 0.0);
   for_rows(ws.R, n_threads, [&](index_t r0, index_t r1) {
     if (dropout > 0.0) site.rows(ks, ws.pos.data(), r0, r1, d, ws.mask0.data());
     for (index_t r = r0; r < r1; ++r) {
-      const float* e = E + static_cast<index_t>(ws.items[r]) * d;
+      const float* e = ws.vec(ws.items[r]);
       const float* p = P + (ws.pos[r] % L) * d;
       float* x = ws.x.data() + r * d;
       for (index_t c = 0; c < d; ++c) x[c] = e[c] * sqrt_d + p[c];
@@ -517,7 +597,6 @@ double loss_stage(const KernelSet& ks, SeqWorkspace& ws, const std::int32_t* tar
   ws.seq_ids.resize(static_cast<std::size_t>(C));
   for (index_t j = 0; j < C; ++j) ws.seq_ids[j] = static_cast<std::int32_t>(j);
   const float inv_n = 1.0f / static_cast<float>(N);
-  const float* E = m.item_table();
   for_rows(N, n_threads, [&](index_t p0, index_t p1) {
     for (index_t p = p0; p < p1; ++p) {
       const index_t slot = ws.active[p], r = ws.row_of[slot];
@@ -528,7 +607,7 @@ double loss_stage(const KernelSet& ks, SeqWorkspace& ws, const std::int32_t* tar
       for (index_t j = 0; j < K; ++j) ids[1 + j] = negatives[slot * K + j];
       float* cand = ws.cand.data() + p * C * d;
       for (index_t j = 0; j < C; ++j)
-        std::memcpy(cand + j * d, E + static_cast<index_t>(ids[j]) * d, sizeof(float) * static_cast<std::size_t>(d));
+        std::memcpy(cand + j * d, ws.vec(ids[j]), sizeof(float) * static_cast<std::size_t>(d));
       float* g = ws.cand_g.data() + p * C;
       ks.dot_rows(cand, d, C, zp, d, 0.0f, g);  // scores, then their gradients in place
       double loss = 0.0;
@@ -589,12 +668,11 @@ double softmax_loss_stage(const KernelSet& ks, SeqWorkspace& ws, const std::int3
   float* src = ws.src.resize((R + N + C) * d, 3 * ws.rows_cap * d);
   ws.pos_loss.resize(static_cast<std::size_t>(N));
   if (N == 0) return 0.0;
-  const float* E = m.item_table();
   float* cand = ws.cand.resize(C * d, ws.rows_cap * d);
   ws.cand_bias.resize(static_cast<std::size_t>(C));
   for (index_t c = 0; c < C; ++c) {
     const index_t item = ws.cand_ids[c];
-    std::memcpy(cand + c * d, E + item * d, sizeof(float) * static_cast<std::size_t>(d));
+    std::memcpy(cand + c * d, ws.vec(static_cast<std::int32_t>(item)), sizeof(float) * static_cast<std::size_t>(d));
     ws.cand_bias[c] = log_q ? -log_q[item]
                       : item_prob ? -static_cast<float>(std::log(std::max(
                                         static_cast<double>(N) * item_prob[item], 1e-30)))
@@ -800,6 +878,63 @@ void item_gradients(const KernelSet& ks, SeqWorkspace& ws, index_t K, int n_thre
   });
 }
 
+// Item features: the feature rows' gradients from the item vectors' (ws.group_grad, after item_gradients):
+// dF[f] = sum over the batch's items i (group order) and their entries k with f_k = f of w_k dV[i], grouped
+// by feature row in order of first appearance into ws.fgroup_ids / ws.fgroup_grad (fixed order: the same
+// bits for any n_threads).
+void feature_gradients(const KernelSet& ks, SeqWorkspace& ws, int n_threads) {
+  const SeqModel& m = ws.m;
+  const SeqItemFeatures& f = m.features;
+  const index_t d = m.dim;
+  if (ws.fslot.size() != static_cast<std::size_t>(f.n_features))
+    ws.fslot.assign(static_cast<std::size_t>(f.n_features), -1);
+  ws.fgroup_ids.clear();
+  ws.fentry_group.clear();
+  ws.fentry_src.clear();
+  ws.fentry_w.clear();
+  std::vector<std::int64_t>& count = ws.fgroup_start;
+  count.clear();
+  for (std::size_t g = 0; g < ws.group_ids.size(); ++g) {
+    const std::int32_t item = ws.group_ids[g];
+    for (std::int64_t k = f.indptr[item]; k < f.indptr[item + 1]; ++k) {
+      std::int32_t& fg = ws.fslot[static_cast<std::size_t>(f.ids[k])];
+      if (fg < 0) {
+        fg = static_cast<std::int32_t>(ws.fgroup_ids.size());
+        ws.fgroup_ids.push_back(f.ids[k]);
+        count.push_back(0);
+      }
+      ++count[static_cast<std::size_t>(fg)];
+      ws.fentry_group.push_back(fg);
+      ws.fentry_src.push_back(static_cast<std::int32_t>(g));
+      ws.fentry_w.push_back(f.weights[k]);
+    }
+  }
+  for (std::int32_t id : ws.fgroup_ids) ws.fslot[static_cast<std::size_t>(id)] = -1;
+  const std::size_t G = ws.fgroup_ids.size(), entries = ws.fentry_group.size();
+  std::int64_t total = 0;
+  for (std::size_t g = 0; g < G; ++g) {
+    const std::int64_t c = count[g];
+    count[g] = total;
+    total += c;
+  }
+  count.push_back(total);
+  std::vector<std::int64_t> cursor(count.begin(), count.end() - 1);
+  ws.fgrouped_src.resize(entries);
+  ws.fgrouped_w.resize(entries);
+  for (std::size_t e = 0; e < entries; ++e) {
+    const std::int64_t at = cursor[static_cast<std::size_t>(ws.fentry_group[e])]++;
+    ws.fgrouped_src[static_cast<std::size_t>(at)] = ws.fentry_src[e];
+    ws.fgrouped_w[static_cast<std::size_t>(at)] = ws.fentry_w[e];
+  }
+  ws.fgroup_grad.resize(static_cast<index_t>(G) * d, static_cast<index_t>(G) * d);
+  parallel_for(0, static_cast<std::int64_t>(G), static_cast<index_t>(entries) * d < (1 << 16) ? 1 : n_threads,
+               [&](std::int64_t g) {
+                 const std::int64_t s = count[g];
+                 ks.row_sum(ws.fgrouped_w.data() + s, ws.fgrouped_src.data() + s, count[g + 1] - s,
+                            ws.group_grad.data(), d, d, ws.fgroup_grad.data() + g * d);
+               });
+}
+
 // forward + loss + backward + item gradients of one batch; returns the loss (backward skipped when it is
 // not finite and skip_if_not_finite).
 // softmax: the sampled softmax (log_q or item_prob: its correction, see softmax_loss_stage), else BCE.
@@ -808,12 +943,14 @@ double batch_gradients(const KernelSet& ks, SeqWorkspace& ws, const std::int32_t
                        bool skip_if_not_finite, int n_threads, bool softmax = false, const float* log_q = nullptr,
                        const float* item_prob = nullptr) {
   prepare(ws, seqs, B);
+  batch_composites(ws, targets, softmax ? nullptr : negatives, K, n_threads);
   forward_pass(ks, ws, true, dropout, stream, n_threads);
   const double loss = softmax ? softmax_loss_stage(ks, ws, targets, log_q, item_prob, n_threads)
                               : loss_stage(ks, ws, targets, negatives, K, n_threads);
   if (skip_if_not_finite && !std::isfinite(loss)) return loss;
   backward_pass(ks, ws, dropout > 0.0, n_threads);
   item_gradients(ks, ws, K, n_threads);
+  if (ws.m.features.on()) feature_gradients(ks, ws, n_threads);
   return loss;
 }
 
@@ -906,6 +1043,7 @@ void seq_forward(const KernelSet& ks, const SeqModel& m, const std::int32_t* seq
   for (index_t s0 = 0; s0 < B; s0 += chunk) {
     const index_t n = std::min(chunk, B - s0);
     prepare(ws, seqs + s0 * L, n);
+    batch_composites(ws, nullptr, nullptr, 0, n_threads);
     if (last_only && m.n_blocks() > 0) {  // the last block only for the rows the output needs
       forward_pass(ks, ws, false, 0.0, 0, n_threads, true);
       std::vector<index_t> wanted;
@@ -934,7 +1072,7 @@ void seq_forward(const KernelSet& ks, const SeqModel& m, const std::int32_t* seq
 double seq_loss_and_gradients(const KernelSet& ks, const SeqModel& m, const std::int32_t* seqs,
                               const std::int32_t* targets, const std::int32_t* negatives, index_t B, index_t K,
                               double dropout, std::uint64_t stream, const std::vector<float*>& grads, int n_threads,
-                              const float* log_q) {
+                              const float* log_q, float* feature_grad) {
   SeqWorkspace ws(m);
   const double loss =
       batch_gradients(ks, ws, seqs, targets, negatives, B, K, dropout, stream, false, n_threads, !negatives, log_q);
@@ -943,8 +1081,15 @@ double seq_loss_and_gradients(const KernelSet& ks, const SeqModel& m, const std:
   const index_t d = m.dim;
   std::memset(grads[0], 0, sizeof(float) * static_cast<std::size_t>(m.n_items * d));
   for (std::size_t g = 0; g < ws.group_ids.size(); ++g)
-    std::memcpy(grads[0] + static_cast<index_t>(ws.group_ids[g]) * d, ws.group_grad.data() + g * d,
-                sizeof(float) * static_cast<std::size_t>(d));
+    if (!m.features.id_frozen(ws.group_ids[g]))
+      std::memcpy(grads[0] + static_cast<index_t>(ws.group_ids[g]) * d, ws.group_grad.data() + g * d,
+                  sizeof(float) * static_cast<std::size_t>(d));
+  if (m.features.on() && feature_grad) {
+    std::memset(feature_grad, 0, sizeof(float) * static_cast<std::size_t>(m.features.n_features * d));
+    for (std::size_t g = 0; g < ws.fgroup_ids.size(); ++g)
+      std::memcpy(feature_grad + static_cast<index_t>(ws.fgroup_ids[g]) * d, ws.fgroup_grad.data() + g * d,
+                  sizeof(float) * static_cast<std::size_t>(d));
+  }
   return loss;
 }
 
@@ -983,7 +1128,7 @@ index_t seq_batch(const SeqModel& m, const SeqHistories& h, const SeqTraining& t
 EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& m, const SeqTraining& t, Optimizer& opt,
                             const SeqHistories& h, const std::int64_t* order, index_t n_order, index_t batch_size,
                             double dropout, std::uint64_t epoch, const StopCheck& stop, int n_threads,
-                            SeqScratch* scratch) {
+                            SeqScratch* scratch, float* feature_state1, float* feature_state2) {
   const index_t L = m.max_len, K = t.softmax ? 0 : t.negatives, d = m.dim;
   const index_t n_max = std::min(batch_size, n_order);
   std::vector<std::int32_t> seqs(static_cast<std::size_t>(n_max * L)), targets(seqs.size()),
@@ -1018,10 +1163,20 @@ EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& m, const SeqTraining&
       float* E = m.item_table();
       const std::int64_t G = static_cast<std::int64_t>(ws.group_ids.size());
       parallel_for(0, G, G * d < (1 << 16) ? 1 : threads, [&](std::int64_t g) {
+        if (m.features.id_frozen(ws.group_ids[g])) return;  // an item known only by its features
         const index_t row = static_cast<index_t>(ws.group_ids[g]) * d;
         ks.update(rule, E + row, ws.group_grad.data() + g * d, adam ? opt.state1[0] + row : nullptr,
                   adam ? opt.state2[0] + row : nullptr, d);
       });
+      if (m.features.on()) {  // lazy Adam on the feature rows the batch's items read
+        float* F = m.features.table;
+        const std::int64_t FG = static_cast<std::int64_t>(ws.fgroup_ids.size());
+        parallel_for(0, FG, FG * d < (1 << 16) ? 1 : threads, [&](std::int64_t g) {
+          const index_t row = static_cast<index_t>(ws.fgroup_ids[g]) * d;
+          ks.update(rule, F + row, ws.fgroup_grad.data() + g * d, adam ? feature_state1 + row : nullptr,
+                    adam ? feature_state2 + row : nullptr, d);
+        });
+      }
     }
     if (!end_batch(result, opt, step_before, skipped, loss, positions)) break;
     batch_threads.done(positions);

@@ -51,8 +51,27 @@ enum SeqBlockArray : int {
   kSeqBlockArrays
 };
 
+// Optional item side features (docs/DESIGN.md "Sequential model", "Item side features"): wherever the model
+// reads an item's vector (input tokens, scored items), item i's vector is E[i] + sum_k w_k F[f_k] over its CSR
+// row k in [indptr[i], indptr[i + 1]) of feature rows f_k in [0, n_features) with weights w_k. E rows with
+// id_trained[i] == 0 (items known only by their features) get a zero gradient and are never updated. The
+// feature table F (n_features x d) is not one of the canonical arrays: its gradient and optimizer state are
+// passed on their own. The item vectors of a batch are computed once per batch for its distinct items only,
+// so a step's cost does not depend on the number of items or feature rows.
+struct SeqItemFeatures {
+  index_t n_features = 0;
+  float* table = nullptr;                    // F, n_features x d; null: no item features
+  const std::int64_t* indptr = nullptr;      // n_items + 1
+  const std::int32_t* ids = nullptr;         // indptr[n_items] feature rows
+  const float* weights = nullptr;            // indptr[n_items] weights
+  const std::uint8_t* id_trained = nullptr;  // n_items, or null: every id row is trained
+  bool on() const { return table != nullptr; }
+  bool id_frozen(std::int32_t item) const { return id_trained && !id_trained[item]; }
+};
+
 struct SeqModel {
   index_t n_items = 0, dim = 0, max_len = 0;
+  SeqItemFeatures features;
   int heads = 1;
   std::vector<index_t> ffn;     // feed-forward width of each block
   std::vector<float*> arrays;   // canonical order (see above)
@@ -76,7 +95,8 @@ struct SeqModel {
 // Canonical layout of a model with these sizes: arrays all null, to be filled by the caller.
 SeqModel seq_layout(index_t n_items, index_t dim, index_t max_len, int heads, const std::vector<index_t>& ffn);
 
-// Checks sizes (heads divides dim, at least one item and position); throws std::invalid_argument.
+// Checks sizes (heads divides dim, at least one item and position) and the item features' CSR (rows, ids in
+// range, finite weights); throws std::invalid_argument.
 void validate(const SeqModel& model);
 
 // The buffers of a batch (sequential.cpp).
@@ -101,14 +121,15 @@ void seq_forward(const KernelSet& ks, const SeqModel& model, const std::int32_t*
                  float* out, int n_threads, SeqScratch* scratch = nullptr);
 
 // The batch's loss (mean over the positions with a target) and the gradient of every array into grads
-// (canonical order, dense: the item table's is zero outside the touched rows). targets (B x L), -1 = none.
+// (canonical order, dense: the item table's is zero outside the touched rows), and, with item features, the
+// feature table's into feature_grad (n_features x d, dense). targets (B x L), -1 = none.
 // BCE with negatives (B x L x K), read at positions with a target only; or, negatives == nullptr, the sampled
 // softmax over the batch's distinct targets with logits z . E[c] - log_q[c] (log_q: n_items floats, or none).
 // Dropout: rate `dropout` with the counter-based masks of stream `stream` (reference.dropout_scale).
 double seq_loss_and_gradients(const KernelSet& ks, const SeqModel& model, const std::int32_t* seqs,
                               const std::int32_t* targets, const std::int32_t* negatives, index_t B, index_t K,
                               double dropout, std::uint64_t stream, const std::vector<float*>& grads, int n_threads,
-                              const float* log_q = nullptr);
+                              const float* log_q = nullptr, float* feature_grad = nullptr);
 
 // Users' histories: CSR rows of item rows in time order.
 struct SeqHistories {
@@ -140,11 +161,14 @@ index_t seq_batch(const SeqModel& model, const SeqHistories& h, const SeqTrainin
 // One epoch over the users order[i : i + batch_size] (batches as seq_batch). opt: Solver::Adam (Adam on the
 // dense arrays, lazy Adam on the item rows a batch touches: its inputs, targets and negatives; one step
 // counter, opt.adam_t) or Solver::Sgd (plain SGD: p -= lr g, no state, momentum ignored); opt.state1/2 hold
-// one array per canonical index (Adam only). A batch without any target position is skipped (no step).
+// one array per canonical index (Adam only). With item features, the feature rows a batch touches get lazy
+// Adam too, with feature_state1/2 (n_features x d each, Adam only).
+// A batch without any target position is skipped (no step).
 // EpochResult: loss_sum = sum of batch loss x batch positions, rows = positions.
 EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& model, const SeqTraining& training, Optimizer& opt,
                             const SeqHistories& h, const std::int64_t* order, index_t n_order, index_t batch_size,
                             double dropout, std::uint64_t epoch, const StopCheck& stop, int n_threads,
-                            SeqScratch* scratch = nullptr);
+                            SeqScratch* scratch = nullptr, float* feature_state1 = nullptr,
+                            float* feature_state2 = nullptr);
 
 }  // namespace fastrec

@@ -615,12 +615,38 @@ def test_train_sequential_orders_events_by_the_time_column(tmp_path, capsys):
         [0], k=3)[0].ravel().tolist()
     code, stdout, _ = run(capsys, "info", out)
     assert code == 0 and "SequentialRecommender" in stdout
-    for options, message in ((["--rating-col", "ts"], "--rating-col, --weight-col and feature files do not apply"),
+    for options, message in ((["--rating-col", "ts"], "--rating-col, --weight-col and --user-features do not apply"),
                              (["--time-col", "nope"], "nope")):
         code, _, err = run(capsys, "train", data, "--model", "sequential", "-o", tmp_path / "m", *options)
         assert code == 1 and message in err, err
     code, _, err = run(capsys, "train", data, "-o", tmp_path / "m", "--time-col", "ts")
     assert code == 1 and "--time-col applies to --model sequential" in err
+
+
+def test_train_sequential_with_item_features(tmp_path, capsys):
+    """--item-features reaches SequentialRecommender.fit: the saved model equals one fit in Python on the same
+    table, and items only in the feature file are recommendable."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(1)
+    users = rng.integers(0, 30, 400)
+    items = rng.integers(0, 40, 400)
+    ts = rng.permutation(400)
+    data = write_csv(tmp_path / "events.csv", {"user_id": users, "item_id": items, "ts": ts})
+    genres = ["|".join(rng.choice(["A", "B", "C"], 2, replace=False)) for _ in range(45)]
+    features = write_csv(tmp_path / "items.csv", {"item_id": np.arange(45), "genres": genres})
+    out = tmp_path / "seq.fastrec"
+    code, _, err = run(capsys, "train", data, "--model", "sequential", "--time-col", "ts", "--item-features",
+                       features, "--multi-hot", "genres", "-o", out, *SEQ_OPTIONS)
+    assert (code, err) == (0, ""), err
+    loaded = fastrec.load(out)
+    table = pd.DataFrame({"genres": genres}, index=np.arange(45))
+    expected = fastrec.SequentialRecommender(**SEQ_PARAMS).fit(users, items, ts, item_features=table,
+                                                               feature_types={"genres": "multi_hot"})
+    np.testing.assert_array_equal(loaded.item_vectors(), expected.item_vectors())
+    assert set(range(40, 45)) <= set(loaded.item_ids_.tolist())
+    code, _, err = run(capsys, "train", data, "--model", "sequential", "--user-features", features,
+                       "--user-id-col", "item_id", "--multi-hot", "genres", "-o", tmp_path / "m")
+    assert code == 1 and "--user-features do not apply" in err, err
 
 
 def test_every_sequential_parameter_has_a_train_option():

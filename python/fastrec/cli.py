@@ -416,9 +416,9 @@ def _train(args):
 
     model = _recommender(args)
     sequential = isinstance(model, fastrec.SequentialRecommender)
-    if sequential and (ratings is not None or weight is not None or tables):
-        raise DataError("--model sequential learns from events: --rating-col, --weight-col and feature files do "
-                        "not apply (give --time-col to order each user's events)")
+    if sequential and (ratings is not None or weight is not None or "user" in tables):
+        raise DataError("--model sequential learns from events: --rating-col, --weight-col and --user-features do "
+                        "not apply (give --time-col to order each user's events; --item-features does)")
     ease = isinstance(model, fastrec.EASE)
     if ease and (ratings is not None or weight is not None or tables):
         raise DataError("--model ease learns from implicit feedback (one row per user and item it interacted "
@@ -433,7 +433,7 @@ def _train(args):
             times = None
             if args.time_col is not None:
                 times = _as_numbers(_column(columns, args.time_col, args.data), f"column {args.time_col!r}")
-            model.fit(users, items, times)
+            model.fit(users, items, times, item_features=tables.get("item"))
         else:
             model.fit(users, items, ratings, user_features=tables.get("user"), item_features=tables.get("item"),
                       sample_weight=weight)

@@ -1214,3 +1214,62 @@ def sequential_loss_and_gradients(params, seqs, targets, negatives, dropout=0.0,
     np.add.at(gE, rows[mask], dx0[mask] * dtype.type(math.sqrt(d)))
     grads["item_table"] = gE
     return loss, grads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sequential model's item side features (docs/DESIGN.md, "Sequential model", "Item side features")
+# ----------------------------------------------------------------------------------------------------------
+
+def sequential_item_vectors(params):
+    """The item vectors (n_items, d) the sequential model reads, for input tokens and for scoring.
+
+    Without item features (no "feature_table" in ``params``) they are ``params["item_table"]``. With them,
+    ``params["feature_table"]`` F (n_features, d) and ``params["item_features"]`` = (indptr, ids, weights,
+    id_trained): item i's vector is ``E[i] + sum_k weights[k] F[ids[k]]`` over k in [indptr[i], indptr[i+1]).
+    """
+    E = params["item_table"]
+    if "feature_table" not in params:
+        return E
+    indptr, ids, weights, _ = params["item_features"]
+    F = params["feature_table"]
+    dtype = E.dtype
+    rows = np.repeat(np.arange(E.shape[0]), np.diff(np.asarray(indptr)))
+    V = E.copy()
+    np.add.at(V, rows, np.asarray(weights, dtype)[:, None] * F[np.asarray(ids, np.int64)])
+    return V
+
+
+def _with_item_vectors(params):
+    """params with the item table replaced by the composite item vectors (the model the core computes)."""
+    out = {k: v for k, v in params.items() if k not in ("feature_table", "item_features")}
+    out["item_table"] = sequential_item_vectors(params)
+    return out
+
+
+def sequential_features_forward(params, seqs, n_threads=0, isa="auto"):
+    """``sequential_forward`` with item side features: the model reads ``sequential_item_vectors(params)``
+    wherever it reads the item table."""
+    return sequential_forward(_with_item_vectors(params), seqs)
+
+
+def sequential_features_loss_and_gradients(params, seqs, targets, negatives, dropout=0.0, stream=0, n_threads=0,
+                                           isa="auto", log_q=None):
+    """``sequential_loss_and_gradients`` with item side features. With dV the gradient of the item vectors
+    (the plain model's item-table gradient over ``sequential_item_vectors``): the item table's gradient is
+    ``dV[i] * id_trained[i]`` (rows of items known only by their features are not trained; id_trained None:
+    all are) and the feature table's is ``dF[f] = sum over entries k with ids[k] = f of weights[k] dV[row(k)]``.
+    Returns ``(loss, grads)`` with grads["feature_table"] added when params has item features.
+    """
+    loss, grads = sequential_loss_and_gradients(_with_item_vectors(params), seqs, targets, negatives, dropout,
+                                                stream, log_q=log_q)
+    if "feature_table" not in params:
+        return loss, grads
+    indptr, ids, weights, id_trained = params["item_features"]
+    dV = grads["item_table"]
+    rows = np.repeat(np.arange(dV.shape[0]), np.diff(np.asarray(indptr)))
+    gF = np.zeros_like(params["feature_table"])
+    np.add.at(gF, np.asarray(ids, np.int64), np.asarray(weights, dV.dtype)[:, None] * dV[rows])
+    if id_trained is not None:
+        grads["item_table"] = dV * (np.asarray(id_trained) != 0)[:, None].astype(dV.dtype)
+    grads["feature_table"] = gF
+    return loss, grads

@@ -5,6 +5,14 @@ A user is their history: the model has no user parameters, so a user never seen 
 a user whose latest events arrived a second ago is scored from the history alone (``recommend(histories=)``,
 ``observe``). Items are entities of `RecommenderBase`; the core sees item entity e as row e - 1 of the item
 table (the model has no "unknown item" row: an item not in the table scores 0 and is left out of histories).
+
+Item side features (``fit(..., item_features=)``, docs/DESIGN.md "Sequential model", "Item side features"):
+an item's vector, read both as its input token and as the vector scored against the hidden state, is its id
+embedding plus, summed over the table's columns, each column's embedding (a categorical value's row, the mean
+of a multi-hot bag's label rows, a numeric column's standardised values times rows of their own: a linear
+projection), the encoding of `RecommenderBase` (vocabularies and scaling of the first fit). Items known only
+by their features (in ``item_features``, never in a training event) keep a zero id row that is never trained:
+their vector is their features' alone, and they are recommended like any other item.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import copy
 import math
 
 import numpy as np
+import scipy.sparse as sp
 
 from fastrec import _core
 from fastrec._checks import as_array, check_bool, check_float, check_int
@@ -79,10 +88,18 @@ class SequentialRecommender(RecommenderBase):
     users never seen in training (no retraining: the history is the input), and ``observe`` appends events
     so that the next ``recommend`` reflects them at once; ``partial_fit`` also trains on them.
 
+    Item side features (``fit(..., item_features=)``: a FeatureTable or a DataFrame indexed by item id, as
+    for `Recommender`): an item's vector (its input token and what hidden states are scored against) is its
+    id embedding plus the sum of its columns' embeddings: a categorical value's row, the mean of a multi-hot
+    bag's label rows, a numeric column's standardised values times rows of their own (a linear projection).
+    Items of the table that never occur in a training event are recommended from their features alone (their
+    id row stays zero until ``partial_fit`` trains on an event of theirs); training items missing from the
+    table read the learned "unknown value" row of each categorical column and empty bags.
+
     Parameters
     ----------
     embedding_dim : int, default=64
-        Width d of the item embeddings and of every block.
+        Width d of the item embeddings (and of each feature embedding) and of every block.
     max_len : int, default=50
         Events of a history the model reads (the latest ones).
     n_blocks : int, default=2
@@ -158,17 +175,21 @@ class SequentialRecommender(RecommenderBase):
         self.verbose = verbose
 
     # ------------------------------------------------------------------------------------ public API
-    def fit(self, users, items, timestamps=None, *, validation_data=None):
+    def fit(self, users, items, timestamps=None, *, item_features=None, feature_types=None, validation_data=None):
         """Train on events (users[i], items[i]) at timestamps[i] (numbers or datetime64; None: the input order
         is the time order). Each user's events are ordered by timestamp, ties by input order.
 
+        item_features : FeatureTable, or a pandas DataFrame indexed by item id, optional. Side features of
+            the items (see the class docstring); items only in the table are recommendable from them.
+        feature_types : dict column -> "categorical" / "numeric" / "multi_hot[:SEP]", optional: the kinds of
+            the DataFrame's columns (others are guessed, as `Recommender.fit`).
         validation_data : (users, items), or a callable ``score(model, epoch)``, optional. Pairs are ranked
             after every epoch against the users' histories from the training events. Without it and with
             ``early_stopping``, each user's latest event is held out for this.
         """
-        return self._fit(users, items, timestamps, validation_data)
+        return self._fit(users, items, timestamps, validation_data, item_features, feature_types)
 
-    def _fit(self, users, items, timestamps, validation_data):
+    def _fit(self, users, items, timestamps, validation_data, item_features=None, feature_types=None):
         users, items, _, _ = self._check_interactions(users, items, None, None)
         timestamps = _check_timestamps(timestamps, len(users))
         order = _time_order(users, timestamps)
@@ -181,7 +202,8 @@ class SequentialRecommender(RecommenderBase):
                 validation_data = (users[held], items[held])
         self._pending_times = times[~held]
         try:
-            self._fit_new(users[~held], items[~held], None, None, None, None, self.epochs, validation_data)
+            self._fit_new(users[~held], items[~held], None, None, None, item_features, self.epochs, validation_data,
+                          feature_types)
         finally:
             self.__dict__.pop("_pending_times", None)
         if held.any():
@@ -189,9 +211,13 @@ class SequentialRecommender(RecommenderBase):
             self._observe(users[held], items[held], times[held])
         return self
 
-    def partial_fit(self, users, items, timestamps=None):
+    def partial_fit(self, users, items, timestamps=None, *, item_features=None, feature_types=None):
         """Append these events to the histories (new users and items are added) and train one epoch on the
-        sequences of the users they belong to. On an unfitted model it is ``fit`` with one epoch."""
+        sequences of the users they belong to. On an unfitted model it is ``fit`` with one epoch.
+
+        item_features: features of new items (read with the first fit's encoding; known items keep theirs;
+        items only in the table are added, recommendable from their features). Only for a model fit with
+        item_features."""
         users, items, _, _ = self._check_interactions(users, items, None, None)
         timestamps = _check_timestamps(timestamps, len(users))
         order = _time_order(users, timestamps)
@@ -200,7 +226,7 @@ class SequentialRecommender(RecommenderBase):
             self._pending_times = np.arange(len(users), dtype=np.float64) if timestamps is None \
                 else timestamps[order]
             try:
-                self._fit_new(users, items, None, None, None, None, 1, None)
+                self._fit_new(users, items, None, None, None, item_features, 1, None, feature_types)
             finally:
                 self.__dict__.pop("_pending_times", None)
             return self
@@ -209,7 +235,7 @@ class SequentialRecommender(RecommenderBase):
         self._check_base_params()
         check_structure(self)
         self._merge_buffer()
-        self._grow(users, items, None, None)
+        self._grow(users, items, None, self._new_item_features(item_features, feature_types))
         self._pending_times = self._next_times(users, None if timestamps is None else timestamps[order])
         try:
             self._fit_interactions(users, items, None, None, 1, None)
@@ -240,6 +266,15 @@ class SequentialRecommender(RecommenderBase):
                 self._grow(new_users, np.zeros(0, items.dtype), None, None)
             self._observe(users, items, self._next_times(users, timestamps))
         return self
+
+    def add_features(self, *, item_features=None, feature_types=None, user_features=None):
+        """Add items known only by their features (cold start: recommendable at once, from their features),
+        without training; items already known keep their features. Only for a model fit with item_features
+        (the sequential model has no user parameters: user_features is refused). Returns self."""
+        if user_features is not None:
+            raise ValueError("SequentialRecommender has no user features: a user is their history")
+        self._check_fitted()
+        return super().add_features(item_features=self._new_item_features(item_features, feature_types))
 
     def recommend(self, users=None, k=10, *, exclude_seen=True, items=None, histories=None):
         """The k best next items: (item ids (n, k), scores (n, k)), best first.
@@ -285,10 +320,10 @@ class SequentialRecommender(RecommenderBase):
         return self._user_states(self._users.index(users))
 
     def item_vectors(self, items=None) -> np.ndarray:
-        """float32 (n, embedding_dim) item embeddings (every item in ``item_ids_`` order when items is None;
-        an unknown item gets zeros)."""
+        """float32 (n, embedding_dim) item vectors, with their features' embeddings when the model has item
+        features (every item in ``item_ids_`` order when items is None; an unknown item gets zeros)."""
         self._check_fitted()
-        table = self.params_["item_table"]
+        table = self._items_with_unknown()[1:]
         if items is None:
             return table.copy()
         rows = self._items.index(as_id_array(items, "items"))
@@ -308,6 +343,11 @@ class SequentialRecommender(RecommenderBase):
     def __getstate__(self):
         self._merge_buffer()
         return super().__getstate__()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._has_item_features():
+            self._items_with_unknown()  # the composite item table, once (see _items_with_unknown)
 
     # ------------------------------------------------------------------------------------ hooks
     def _validate_params(self, implicit):
@@ -358,6 +398,20 @@ class SequentialRecommender(RecommenderBase):
                 else:
                     blk[key] = (np.ones if key.endswith("gamma") else np.zeros)(d, np.float32)
             params["blocks"].append(blk)
+        if tables["item"] is not None:
+            # Items only in the feature table keep a zero id row, never trained: their vector is their features'.
+            trained = np.zeros(n_items, np.uint8)
+            trained[np.asarray(item_rows, np.int64) - 1] = 1
+            params["item_table"][trained == 0] = 0.0
+            if not (tables["item"].row_positions(self._items.ids[trained == 1]) >= 0).any():
+                raise ValueError("item_features: none of the items of the events is in the table (is it indexed "
+                                 "by item id?)")
+            X = self._item_feature_rows(tables["item"], self._items.ids)
+            if X.shape[1] == 0:
+                raise ValueError("item_features has no columns: give categorical, multi-hot or numeric columns")
+            params["feature_table"] = self._new_item_rows(X.shape[1])
+            params["item_features"] = (X.indptr.astype(np.int64), X.indices.astype(np.int32),
+                                       X.data.astype(np.float32), trained)
         self.params_ = params
         self._state = [_zeros_like(params), _zeros_like(params)]
         self._adam_t = 0
@@ -369,11 +423,55 @@ class SequentialRecommender(RecommenderBase):
         d = int(self.embedding_dim)
         return self._rng.normal(0.0, 1.0 / math.sqrt(d), (n, d)).astype(np.float32)
 
+    def _has_item_features(self):
+        return "feature_table" in getattr(self, "params_", {})
+
+    def _item_feature_rows(self, table, ids):
+        """CSR (len(ids), feature rows) of items `ids` in feature table `table` (None: no row), encoded with the
+        first fit's vocabularies and scaling (`RecommenderBase._feature_bags` / `_numeric_rows`): one block of
+        columns per categorical column (row 0: the unknown value) and multi-hot column (the bag's mean), and
+        per numeric column its standardised values, one feature row each."""
+        rows = np.full(len(ids), -1, np.int64) if table is None else table.row_positions(ids)
+        rows = np.concatenate([[-1], rows])  # _feature_bags reads entity 0 (the unknown item) first
+        blocks = [sp.csr_matrix((len(rows), 0), dtype=np.float32)]
+        for name, (kind, vocab) in self._vocab_.get("item", {}).items():
+            indptr, ids_, weights = self._feature_bags(table, rows, "item", name)
+            width = len(vocab) + (kind == "categorical")
+            blocks.append(sp.csr_matrix((weights, ids_, indptr), shape=(len(rows), width)))
+        for name in self._numeric_stats_.get("item", {}):
+            blocks.append(sp.csr_matrix(self._numeric_rows(table, rows, "item", name)))
+        X = sp.hstack(blocks, format="csr", dtype=np.float32)[1:]
+        X.sort_indices()
+        return X
+
+    def _new_item_features(self, item_features, feature_types):
+        """partial_fit / add_features' item_features as a FeatureTable (None stays None); refused for a model
+        fit without item features (its items have no feature rows to read)."""
+        if item_features is None:
+            return None
+        if hasattr(self, self._fitted_attr) and not self._has_item_features():
+            raise ValueError("item_features: this model was fit without item features (fit it with item_features "
+                             "to use them)")
+        return self._check_table(item_features, "item_features", feature_types)
+
     def _grow_model(self, user_rows, item_rows, tables, old):
         n_new_items = len(self._items) - old["item"]
         n_new_users = len(self._users) - old["user"]
+        if self._has_item_features():
+            indptr, ids, weights, trained = self.params_["item_features"]
+            trained = np.concatenate([trained, np.zeros(n_new_items, np.uint8)])
+            trained[np.asarray(item_rows, np.int64) - 1] = 1  # items of these events are trained from now on
+            if n_new_items:
+                X = self._item_feature_rows(tables["item"], self._items.ids[old["item"]:])
+                indptr = np.concatenate([indptr, indptr[-1] + X.indptr[1:].astype(np.int64)])
+                ids = np.concatenate([ids, X.indices.astype(np.int32)])
+                weights = np.concatenate([weights, X.data.astype(np.float32)])
+            self.params_["item_features"] = (indptr, ids, weights, trained)
         if n_new_items:
-            table = np.concatenate([self.params_["item_table"], self._new_item_rows(n_new_items)])
+            new_rows = self._new_item_rows(n_new_items)
+            if self._has_item_features():
+                new_rows[self.params_["item_features"][3][old["item"]:] == 0] = 0.0
+            table = np.concatenate([self.params_["item_table"], new_rows])
             states = [np.concatenate([s["item_table"], np.zeros((n_new_items, table.shape[1]), np.float32)])
                       for s in self._state]
             self.params_["item_table"] = table
@@ -382,7 +480,8 @@ class SequentialRecommender(RecommenderBase):
         if n_new_users:
             indptr, items, times = self._hist
             self._hist = (np.concatenate([indptr, np.full(n_new_users, indptr[-1], np.int64)]), items, times)
-        self._drop_caches()
+        if n_new_items or len(item_rows):  # new users (observe) change neither the handle nor the item table
+            self._drop_caches()
 
     def _train(self, user_rows, item_rows, y, weight, epochs, validate):
         times = getattr(self, "_pending_times", None)
@@ -409,11 +508,13 @@ class SequentialRecommender(RecommenderBase):
                        metric=metric, higher_is_better=higher, advice=" or a lower dropout")
         finally:
             self._drop_caches()
+        if self._has_item_features():
+            self._items_with_unknown()  # the composite item table, once after training
 
     def _score_pairs(self, user_rows, item_rows):
         users, at = np.unique(user_rows, return_inverse=True)
         z = self._user_states(users)[at.ravel()]
-        table = self.params_["item_table"]
+        table = self._items_with_unknown()[1:]
         v = table[np.maximum(item_rows, 1) - 1]
         out = np.einsum("ij,ij->i", z, v, dtype=np.float64)
         out[item_rows == 0] = 0.0
@@ -461,7 +562,7 @@ class SequentialRecommender(RecommenderBase):
         self._drop_caches()
 
     def _seen_changed(self):
-        self._drop_caches()
+        pass  # the caches (core handle, item matrix) depend on the parameters only: dropped where they change
 
     # ------------------------------------------------------------------------------------ internals
     def _drop_caches(self):
@@ -475,10 +576,17 @@ class SequentialRecommender(RecommenderBase):
         return h
 
     def _items_with_unknown(self):
+        """The item vectors the top-k engine searches, a zero row (the unknown item) first: built once after
+        the parameters change (fit, partial_fit, load), so recommend reads a ready table."""
         m = self.__dict__.get("_item_matrix")
         if m is None:
             table = self.params_["item_table"]
-            m = self._item_matrix = np.concatenate([np.zeros((1, table.shape[1]), np.float32), table])
+            m = np.empty((table.shape[0] + 1, table.shape[1]), np.float32)
+            m[0] = 0.0
+            m[1:] = table
+            if self._has_item_features():
+                _add_item_features(m[1:], self.params_["feature_table"], self.params_["item_features"])
+            self._item_matrix = m
         return m
 
     def _candidates(self, items):
@@ -601,9 +709,20 @@ def _zeros_like(params):
     for key, value in params.items():
         if key == "blocks":
             out[key] = [{k: np.zeros_like(v) for k, v in blk.items()} for blk in value]
-        elif key != "heads":
+        elif isinstance(value, np.ndarray):  # not "heads", nor the item features' CSR
             out[key] = np.zeros_like(value)
     return out
+
+
+def _add_item_features(table, features, csr):
+    """table (n_items, d) += each item's weighted feature rows, added in CSR order (the core's order in
+    build_composites: the same float32 roundings, so the served vectors are the trained ones bit for bit)."""
+    indptr, ids, weights, _ = csr
+    counts = np.diff(indptr)
+    for j in range(int(counts.max(initial=0))):  # the j-th entry of every item that has one
+        items = np.flatnonzero(counts > j)
+        at = indptr[items] + j
+        table[items] += weights[at][:, None] * features[ids[at]]
 
 
 def _sorted_rows(indptr, values):
