@@ -198,3 +198,22 @@ def test_history_scored_families_serve_histories_only(data, tmp_path):
                  lambda: loaded.partial_fit(users[:5], items[:5])):
         with pytest.raises(ValueError, match="include_history=False"):
             call()
+
+
+def test_sequential_with_item_features_forgets_items(tmp_path):
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(20), 6)
+    items = rng.integers(0, 15, len(users))
+    features = pd.DataFrame({"colour": [f"c{i % 3}" for i in range(15)]}, index=pd.Index(np.arange(15)))
+    model = fastrec.SequentialRecommender(embedding_dim=8, max_len=5, epochs=2, random_state=0,
+                                          n_iter_no_change=None, n_threads=1)
+    model.fit(users, items, item_features=features)
+    vectors = model.item_vectors()
+    model.forget_items([4, 9])
+    ids = list(np.delete(np.arange(15), [4, 9]))
+    # The remaining items keep their vectors (id row + feature rows); the forgotten ones are unknown.
+    assert np.array_equal(model.item_vectors(ids), vectors[ids])
+    assert not np.isin(model.recommend(np.arange(20), k=13, exclude_seen=False)[0], [4, 9]).any()
+    model.save(tmp_path / "m.npz")
+    assert np.array_equal(fastrec.load(tmp_path / "m.npz").item_vectors(ids), vectors[ids])

@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from fastrec import _core
 from fastrec._checks import as_array, check_bool, check_float, check_int
 from fastrec._fieldnet import check_structure, run_epochs
-from fastrec._recbase import RecommenderBase, _merge_seen
+from fastrec._recbase import RecommenderBase, _merge_seen, kept_bags
 from fastrec._registry import persistable
 from fastrec.features import as_id_array
 
@@ -559,6 +559,10 @@ class SequentialRecommender(RecommenderBase):
             self.params_["item_table"] = np.ascontiguousarray(self.params_["item_table"][keep[1:]])
             for state in self._state:
                 state["item_table"] = np.ascontiguousarray(state["item_table"][keep[1:]])
+            if self._has_item_features():  # their feature bags go; the feature rows are shared
+                indptr, ids, weights, trained = self.params_["item_features"]
+                indptr, ids, weights = kept_bags((indptr, ids, weights), keep[1:])
+                self.params_["item_features"] = (indptr, ids, weights, trained[keep[1:]])
         self._drop_caches()
 
     def _seen_changed(self):
