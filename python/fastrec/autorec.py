@@ -137,6 +137,18 @@ class AutoRec(RecommenderBase):
         encoded), for U-AutoRec their decoder rows. (ids, similarities)."""
         return super().similar_items(items, k)
 
+    @property
+    def user_ids_(self) -> np.ndarray:
+        """The raw ids of the known users, in entity order (the rows of ``params_`` for I-AutoRec)."""
+        self._check_fitted()
+        return self._users.ids
+
+    @property
+    def item_ids_(self) -> np.ndarray:
+        """The raw ids of the known items, in entity order (the rows of ``params_`` for U-AutoRec)."""
+        self._check_fitted()
+        return self._items.ids
+
     # ------------------------------------------------------------------------------------ hooks
     def _validate_params(self, implicit):
         self._refuse_implicit(None if implicit else True)
