@@ -89,9 +89,12 @@ double rows_pass(const KernelSet& ks, const AutoRecModel& m, const CsrView& X, c
 // The column pass: for each touched column c, its gradient rows (decoder, decoder bias, encoder), handed to
 // sink(c, g_dec, g_bias, g_enc) on the thread that owns c; then the encoder bias gradient to bias_sink.
 // Returns the L2 term.
+// prefetch: further tables of n_cols rows of `hidden` floats that sink reads and writes (the optimizer state):
+// their rows are fetched ahead with the parameters' (each a random 2 KB row at hidden 500: fetched on demand,
+// the pass waits on memory latency instead of bandwidth).
 template <class ColumnSink, class BiasSink>
 double columns_pass(const KernelSet& ks, const AutoRecModel& m, const CsrView& X, float l2, Workspace& ws,
-                    ColumnSink&& sink, BiasSink&& bias_sink, int n_threads) {
+                    const std::vector<float*>& prefetch, ColumnSink&& sink, BiasSink&& bias_sink, int n_threads) {
   const index_t B = X.rows, h = m.hidden, nnz = X.indptr[B];
   const float inv_b = 1.0f / static_cast<float>(B), decay = l2 * inv_b;
   group_by_column(X, ws.by_col_x);
@@ -109,6 +112,7 @@ double columns_pass(const KernelSet& ks, const AutoRecModel& m, const CsrView& X
       const auto ahead = static_cast<index_t>(tx.ids[g + kPrefetchAhead]);
       prefetch_row(m.W_dec + ahead * h, h, true);
       prefetch_row(m.W_enc + ahead * h, h, true);
+      for (float* table : prefetch) prefetch_row(table + ahead * h, h, true);
     }
     const auto c = static_cast<index_t>(tx.ids[g]);
     const index_t s = tx.start[g], n = tx.start[g + 1] - s;
@@ -178,7 +182,7 @@ double autorec_loss_and_gradients(const KernelSet& ks, const AutoRecModel& m, co
   Workspace ws;
   const double data = rows_pass(ks, m, X, t, ws, n_threads);
   const double reg = columns_pass(
-      ks, m, X, l2, ws,
+      ks, m, X, l2, ws, {},
       [&](index_t c, const float* g_dec, float g_bias, const float* g_enc) {
         std::memcpy(g_W_dec + c * h, g_dec, static_cast<std::size_t>(h) * sizeof(float));
         std::memcpy(g_W_enc + c * h, g_enc, static_cast<std::size_t>(h) * sizeof(float));
@@ -225,8 +229,11 @@ EpochResult autorec_train_epoch(const KernelSet& ks, const AutoRecModel& m, Opti
     float *s1_be = adam ? state_at(opt.state1, 1) : nullptr, *s2_be = adam ? state_at(opt.state2, 1) : nullptr;
     float *s1_Wd = adam ? state_at(opt.state1, 2) : nullptr, *s2_Wd = adam ? state_at(opt.state2, 2) : nullptr;
     float *s1_bd = adam ? state_at(opt.state1, 3) : nullptr, *s2_bd = adam ? state_at(opt.state2, 3) : nullptr;
+    std::vector<float*> state_rows;
+    for (float* table : {s1_We, s2_We, s1_Wd, s2_Wd})
+      if (table) state_rows.push_back(table);
     const double reg = columns_pass(
-        ks, m, batch, l2, ws,
+        ks, m, batch, l2, ws, state_rows,
         [&](index_t c, const float* g_dec, float g_bias, const float* g_enc) {
           const index_t at = c * h;
           ks.update(rule, m.W_dec + at, g_dec, s1_Wd ? s1_Wd + at : nullptr, s2_Wd ? s2_Wd + at : nullptr, h);
