@@ -56,7 +56,8 @@ def make_data(seed=0, n_users=N_USERS, n_items=N_ITEMS, n=N_RATINGS):
     while len(keys) < n:
         m = int((n - len(keys)) * 1.2) + 1000
         new = rng.integers(0, n_users, m) * n_items + rng.choice(n_items, m, p=weight / weight.sum())
-        keys = np.unique(np.concatenate([keys, new]))
+        keys = np.sort(np.concatenate([keys, new]))  # np.unique: hash-based in NumPy 2, 10x slower here
+        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
     keys = rng.permutation(keys)[:n]
     users, items = keys // n_items, keys % n_items
     ratings = np.clip(np.round(3.5 + 0.7 * np.sin(users) + 0.7 * np.cos(items) + rng.normal(0, 0.8, n)), 1, 5)
@@ -170,6 +171,37 @@ def fit_torch_gather(users, items, ratings, threads, batch_size, seed=0):
     return total / n_items
 
 
+def report(threads, times, peak, masked_flop, dense_flop):
+    """The table rows of one thread count: median [min - max] per implementation, its FLOP rate against the
+    measured peak, and how many times fastrec's median time it took."""
+    print(f"{threads} thread(s):", flush=True)
+    row = {name: stats(t) for name, t in times.items() if t}
+    for name, st in row.items():
+        flop = dense_flop if name == "torch_dense" else masked_flop
+        rate = flop / st["median"] / 1e9
+        share = f", {rate / peak[threads]:.1%} of the {peak[threads]:.0f} GFLOP/s peak" if peak and threads in peak else ""
+        ratio = "" if name == "fastrec" or "fastrec" not in row else \
+            f"; fastrec {st['median'] / row['fastrec']['median']:.2f}x faster (median ratio)"
+        print(f"  {name:13s} {fmt_t(st)} (n={st['n']}): {rate:.1f} GFLOP/s of its products{share}{ratio}", flush=True)
+
+
+def merge(paths):
+    """Pool the samples of several --json runs per (threads, implementation) and print the table."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    pooled, peaks = {}, {}
+    for run in runs:
+        for threads, row in run["runs"].items():
+            for name, samples in row["samples"].items():
+                pooled.setdefault(int(threads), {}).setdefault(name, []).extend(samples)
+        for threads, gflops in (run.get("peak") or {}).items():
+            peaks.setdefault(int(threads), []).append(gflops)
+    peak = {t: float(np.median(v)) for t, v in peaks.items()}
+    print(f"{len(runs)} runs pooled; FMA peak (median of the runs' measurements): {peak}")
+    for threads in sorted(pooled):
+        report(threads, pooled[threads], peak, runs[0]["masked_flop"], runs[0]["dense_flop"])
+    return 0
+
+
 IMPLEMENTATIONS = {"fastrec": fit_fastrec, "torch_gather": fit_torch_gather, "torch_dense": fit_torch_dense}
 
 
@@ -182,7 +214,11 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", choices=tuple(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS))
     p.add_argument("--ratings", type=int, default=N_RATINGS, help="ratings (smaller for a quick check)")
     p.add_argument("--json")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="print the pooled table of these runs' --json files "
+                   "(runs split so that each exclusive hold of the machine stays short) and exit")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge)
     import torch
 
     info = machine_info()
@@ -215,23 +251,15 @@ def main(argv=None):
                 times[name].append(time.perf_counter() - t0)
                 print(f"  {threads} thread(s) round {rnd + 1} {name}: {times[name][-1]:.2f} s (loss {losses[name]:.4g})",
                       flush=True)
-        row = {name: stats(t) for name, t in times.items()}
+        row = {name: stats(t) for name, t in times.items() if t}
         row["samples"] = times
         row["losses"] = losses
         results["runs"][threads] = row
-        print(f"{threads} thread(s):", flush=True)
-        for name in args.only:
-            st = row[name]
-            flop = dense_flop if name == "torch_dense" else masked_flop
-            rate = flop / st["median"] / 1e9
-            share = f", {rate / peak[threads]:.1%} of the {peak[threads]:.0f} GFLOP/s peak" if peak and threads in peak \
-                else ""
-            ratio = "" if name == "fastrec" or "fastrec" not in row else \
-                f"; fastrec {st['median'] / row['fastrec']['median']:.2f}x faster (median ratio)"
-            print(f"  {name:13s} {fmt_t(st)}: {rate:.1f} GFLOP/s of its products{share}{ratio}", flush=True)
+        report(threads, times, peak, masked_flop, dense_flop)
+    results.update(masked_flop=masked_flop, dense_flop=dense_flop)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -306,9 +306,12 @@ class AutoRec(RecommenderBase):
         old_rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
         keys = np.concatenate([old_rows * n_cols + old_cols, rows.astype(np.int64) * n_cols + cols])
         vals = np.concatenate([old_values, values.astype(np.float32)])
-        # the last occurrence of each key: unique over the reversed arrays keeps the first = the newest
-        keys_r, first = np.unique(keys[::-1], return_index=True)
-        vals = vals[::-1][first]
+        # the last occurrence of each key (a stable sort keeps repeats in input order). Not np.unique: NumPy 2's
+        # hash-based unique is several times slower on these wide-range keys (_recbase._merge_seen).
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        last = np.concatenate([sorted_keys[1:] != sorted_keys[:-1], [True]]) if len(keys) else np.zeros(0, bool)
+        keys_r, vals = sorted_keys[last], vals[order[last]]
         counts = np.bincount(keys_r // n_cols, minlength=len(indptr) - 1)
         self._ratings = (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                          (keys_r % n_cols).astype(np.int32), vals.astype(np.float32))
