@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "autorec.h"
 #include "fields.h"
 #include "gemm.h"
 #include "isa.h"
@@ -1366,6 +1367,160 @@ py::tuple inner_product_topk_py(py::handle queries_obj, py::handle items_obj, in
   return py::make_tuple(out_items, out_scores);
 }
 
+
+// ---- AutoRec (cpp/autorec.h): params = [W_enc (n_cols, hidden), b_enc (hidden,), W_dec (n_cols, hidden),
+// b_dec (n_cols,)], caller-owned float32; X = (indptr int64, indices int32, data float32, n_cols) ----
+
+AutoRecModel make_autorec(const py::list& params, const std::string& activation, bool writeable) {
+  if (params.size() != 4) throw py::value_error("params must be [W_enc, b_enc, W_dec, b_dec]");
+  static const char* names[] = {"W_enc", "b_enc", "W_dec", "b_dec"};
+  py::array a[4];
+  for (int i = 0; i < 4; ++i) a[i] = checked<float>(params[i], std::string("params.") + names[i], i % 2 ? 1 : 2, writeable);
+  AutoRecModel m;
+  m.n_cols = a[0].shape(0);
+  m.hidden = a[0].shape(1);
+  if (m.hidden < 1) throw py::value_error("params.W_enc must have at least one column (hidden units)");
+  if (m.n_cols >= INT32_MAX) throw py::value_error("params.W_enc must have fewer than 2^31 - 1 rows");
+  require_shape(a[1], "params.b_enc", m.hidden, 1);
+  require_shape(a[2], "params.W_dec", m.n_cols, m.hidden);
+  require_shape(a[3], "params.b_dec", m.n_cols, 1);
+  m.act = parse_activation(activation);
+  if (m.act == Activation::Softmax) throw py::value_error("activation cannot be 'softmax'");
+  float* p[4];
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<float*>(const_cast<void*>(a[i].data()));
+  m.W_enc = p[0], m.b_enc = p[1], m.W_dec = p[2], m.b_dec = p[3];
+  if (writeable)
+    for (int i = 0; i < 4; ++i)
+      for (int j = i + 1; j < 4; ++j)
+        if (overlap(p[i], a[i].size(), p[j], a[j].size()))
+          throw py::value_error(std::string("params.") + names[i] + " and params." + names[j] + " share memory");
+  return m;
+}
+
+// Targets: float32, one per entry of X, finite.
+const float* autorec_targets(py::handle obj, const Input& X) {
+  const float* t = flat_array<float>(obj, "t", X.csr.indptr[X.rows], false);
+  for (index_t p = 0; p < X.csr.indptr[X.rows]; ++p)
+    if (!std::isfinite(t[p]) || !std::isfinite(X.csr.data[p]))
+      throw py::value_error("X.data and t must be finite");
+  return t;
+}
+
+Input autorec_input(py::handle X, const AutoRecModel& m) {
+  if (!py::isinstance<py::tuple>(X)) throw py::type_error("X must be the CSR tuple (indptr, indices, data, n_cols)");
+  return make_input(X, m.n_cols);
+}
+
+py::array_t<float> autorec_hidden_py(const py::list& params, py::handle X_obj, const std::string& activation,
+                                     int n_threads, const std::string& isa) {
+  const AutoRecModel m = make_autorec(params, activation, false);
+  const Input X = autorec_input(X_obj, m);
+  const KernelSet& ks = kernels_for(resolve_isa(isa));
+  py::array_t<float> H({X.rows, m.hidden});
+  float* ph = H.mutable_data();
+  {
+    const CoreCall call;
+    autorec_hidden(ks, m, X.csr, ph, n_threads);
+  }
+  return H;
+}
+
+py::array_t<float> autorec_predict_py(const py::list& params, py::handle X_obj, py::handle q_indptr_obj,
+                                      py::handle q_cols_obj, const std::string& activation, int n_threads,
+                                      const std::string& isa) {
+  const AutoRecModel m = make_autorec(params, activation, false);
+  const Input X = autorec_input(X_obj, m);
+  py::array qi = checked<std::int64_t>(q_indptr_obj, "q_indptr", 1, false);
+  py::array qc = checked<std::int32_t>(q_cols_obj, "q_cols", 1, false);
+  require_shape(qi, "q_indptr", X.rows + 1, 0);
+  const auto* pqi = static_cast<const std::int64_t*>(qi.data());
+  const auto* pqc = static_cast<const std::int32_t*>(qc.data());
+  if (pqi[0] != 0 || pqi[X.rows] != qc.shape(0)) throw py::value_error("q_indptr must start at 0 and end at len(q_cols)");
+  for (index_t r = 0; r < X.rows; ++r)
+    if (pqi[r + 1] < pqi[r]) throw py::value_error("q_indptr must be non-decreasing");
+  for (index_t q = 0; q < qc.shape(0); ++q)
+    if (pqc[q] < 0 || pqc[q] >= m.n_cols)
+      throw py::value_error("q_cols must lie in [0, " + std::to_string(m.n_cols) + ")");
+  const KernelSet& ks = kernels_for(resolve_isa(isa));
+  py::array_t<float> out(qc.shape(0));
+  float* po = out.mutable_data();
+  {
+    const CoreCall call;
+    autorec_predict(ks, m, X.csr, pqi, pqc, po, n_threads);
+  }
+  return out;
+}
+
+py::tuple autorec_loss_and_gradients_py(const py::list& params, py::handle X_obj, py::handle t_obj, float l2,
+                                        const std::string& activation, int n_threads, const std::string& isa) {
+  const AutoRecModel m = make_autorec(params, activation, false);
+  const Input X = autorec_input(X_obj, m);
+  if (X.rows < 1) throw py::value_error("X must have at least one row");
+  const float* t = autorec_targets(t_obj, X);
+  if (!(l2 >= 0.0f) || !std::isfinite(l2)) throw py::value_error("l2 must be a finite number >= 0");
+  const KernelSet& ks = kernels_for(resolve_isa(isa));
+  py::array_t<float> gWe({m.n_cols, m.hidden}), gbe(m.hidden), gWd({m.n_cols, m.hidden}), gbd(m.n_cols);
+  float *p0 = gWe.mutable_data(), *p1 = gbe.mutable_data(), *p2 = gWd.mutable_data(), *p3 = gbd.mutable_data();
+  double loss;
+  {
+    const CoreCall call;
+    loss = autorec_loss_and_gradients(ks, m, X.csr, t, l2, p0, p1, p2, p3, n_threads);
+  }
+  py::list grads;
+  grads.append(gWe), grads.append(gbe), grads.append(gWd), grads.append(gbd);
+  return py::make_tuple(loss, grads);
+}
+
+py::tuple autorec_train_epoch_py(const py::list& params, const py::list& state1, const py::list& state2,
+                                 py::handle X_obj, py::handle t_obj, py::handle order_obj, index_t batch_size, float l2,
+                                 const std::string& activation, const std::string& solver, float learning_rate,
+                                 float beta_1, float beta_2, float epsilon, std::int64_t adam_t, int n_threads,
+                                 const std::string& isa, py::handle progress) {
+  const AutoRecModel m = make_autorec(params, activation, true);
+  const Input X = autorec_input(X_obj, m);
+  const float* t = autorec_targets(t_obj, X);
+  py::array order = checked<std::int64_t>(order_obj, "order", 1, false);
+  const auto* po = static_cast<const std::int64_t*>(order.data());
+  const index_t n_order = order.shape(0);
+  for (index_t i = 0; i < n_order; ++i)
+    if (po[i] < 0 || po[i] >= X.rows) throw py::value_error("order must hold rows of X in [0, " + std::to_string(X.rows) + ")");
+  if (batch_size < 1) throw py::value_error("batch_size must be >= 1");
+  if (!(l2 >= 0.0f) || !std::isfinite(l2)) throw py::value_error("l2 must be a finite number >= 0");
+  if (!(learning_rate > 0.0f) || !std::isfinite(learning_rate)) throw py::value_error("learning_rate must be a positive number");
+  Optimizer opt;
+  if (solver == "adam") opt.solver = Solver::Adam;
+  else if (solver == "sgd") opt.solver = Solver::Sgd;
+  else throw py::value_error("solver must be 'sgd' or 'adam', got '" + solver + "'");
+  opt.learning_rate = learning_rate;
+  opt.beta_1 = beta_1;
+  opt.beta_2 = beta_2;
+  opt.epsilon = epsilon;
+  opt.adam_t = adam_t;
+  if (opt.solver == Solver::Adam) {  // sgd keeps no state
+    const index_t sizes[4] = {m.n_cols * m.hidden, m.hidden, m.n_cols * m.hidden, m.n_cols};
+    const float* owned[4] = {m.W_enc, m.b_enc, m.W_dec, m.b_dec};
+    for (const py::list* states : {&state1, &state2}) {
+      const std::string what = states == &state1 ? "state1" : "state2";
+      if (states->size() != 4) throw py::value_error(what + " must hold 4 arrays (W_enc, b_enc, W_dec, b_dec)");
+      std::vector<float*>& out = states == &state1 ? opt.state1 : opt.state2;
+      for (int i = 0; i < 4; ++i) {
+        float* p = flat_array<float>((*states)[i], what + "[" + std::to_string(i) + "]", sizes[i], true);
+        for (int j = 0; j < 4; ++j)
+          if (overlap(p, sizes[i], owned[j], sizes[j])) throw py::value_error(what + " shares memory with params");
+        out.push_back(p);
+      }
+    }
+  }
+  const KernelSet& ks = kernels_for(resolve_isa(isa));
+  PythonSignals signals(progress);
+  EpochResult result;
+  {
+    const CoreCall call;
+    result = autorec_train_epoch(ks, m, opt, X.csr, t, po, n_order, batch_size, l2, std::ref(signals), n_threads);
+  }
+  return epoch_tuple(result, opt.adam_t, signals);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -1641,4 +1796,20 @@ PYBIND11_MODULE(_core, m) {
         "first, ties by lower item; -1 / -inf padding. candidates: int32 item rows (a duplicate counts once); "
         "exclude: (indptr int64, items int32) sorted rows of items to skip, row exclude_rows[q] (default q) for "
         "query q.");
+
+  // AutoRec (cpp/autorec.h)
+  m.def("autorec_hidden", &autorec_hidden_py, py::arg("params"), py::arg("X"), py::arg("activation"),
+        py::arg("n_threads") = 0, py::arg("isa") = "auto", "AutoRec codes act(X W_enc + b_enc), float32 (rows, hidden).");
+  m.def("autorec_predict", &autorec_predict_py, py::arg("params"), py::arg("X"), py::arg("q_indptr"), py::arg("q_cols"),
+        py::arg("activation"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+        "Reconstruction of each row of X read at its query columns (q_indptr, q_cols): float32 (len(q_cols),).");
+  m.def("autorec_loss_and_gradients", &autorec_loss_and_gradients_py, py::arg("params"), py::arg("X"), py::arg("t"),
+        py::arg("l2"), py::arg("activation"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+        "(loss, [dW_enc, db_enc, dW_dec, db_dec]) of X as one batch, masked to its entries (cpp/autorec.h).");
+  m.def("autorec_train_epoch", &autorec_train_epoch_py, py::arg("params"), py::arg("state1"), py::arg("state2"),
+        py::arg("X"), py::arg("t"), py::arg("order"), py::arg("batch_size"), py::arg("l2"), py::arg("activation"),
+        py::arg("solver"), py::arg("learning_rate"), py::arg("beta_1") = 0.9f, py::arg("beta_2") = 0.999f,
+        py::arg("epsilon") = 1e-8f, py::arg("adam_t") = 0, py::arg("n_threads") = 0, py::arg("isa") = "auto",
+        py::arg("progress") = py::none(),
+        "One epoch over rows order of X in batches: (loss_sum, adam_t, rows, diverged, exception or None).");
 }

@@ -225,7 +225,7 @@ def _demo(args):
 
 # The models `train --model` builds; an option applies to those that have its parameter.
 _MODELS = {"recommender": fastrec.Recommender, "two-tower": fastrec.TwoTower,
-           "sequential": fastrec.SequentialRecommender, "ease": fastrec.EASE}
+           "sequential": fastrec.SequentialRecommender, "ease": fastrec.EASE, "autorec": fastrec.AutoRec}
 
 # option, model parameter, type, help (the defaults are the models', shown from them)
 _HYPER_PARAMETERS = [
@@ -278,7 +278,10 @@ _HYPER_PARAMETERS = [
      "needs fastrec[ann])"),
     ("--index-options", "index_options", "json", "options of the hnsw index as JSON, e.g. '{\"ef_search\": 128}'"),
     ("--l2", "l2", float, "ease: L2 penalty of the item-item weights (500 is the paper's MovieLens-20M setting: "
-     "tune it)"),
+     "tune it); autorec: L2 penalty of the rows each batch touches"),
+    ("--hidden-units", "hidden", int, "autorec: hidden units of the autoencoder"),
+    ("--item-based", "item_based", bool, "autorec: I-AutoRec (encode items' rating vectors); --no-item-based: "
+     "U-AutoRec"),
 ]
 
 
@@ -424,11 +427,17 @@ def _train(args):
         raise DataError("--model ease learns from implicit feedback (one row per user and item it interacted "
                         "with): --rating-col, --weight-col and feature files do not apply (keep the positive "
                         "rows of a ratings file first)")
+    autorec = isinstance(model, fastrec.AutoRec)
+    if autorec and (ratings is None or weight is not None or tables):
+        raise DataError("--model autorec learns from explicit ratings: give --rating-col; --weight-col and feature "
+                        "files do not apply")
     if not sequential and args.time_col is not None:
         raise DataError("--time-col applies to --model sequential")
     try:
         if ease:
             model.fit(users, items)
+        elif autorec:
+            model.fit(users, items, ratings)
         elif sequential:
             times = None
             if args.time_col is not None:
@@ -590,6 +599,8 @@ def _model_summary(path: str) -> dict:
         weights = [w for n in nets for w in (*n.tables, *n.coefs, *n.intercepts, getattr(n, "gmf_w", None))]
     elif isinstance(getattr(model, "params_", None), dict):  # a SequentialRecommender's arrays
         weights = _arrays(model.params_)
+    elif isinstance(getattr(model, "params_", None), list):  # AutoRec's [W_enc, b_enc, W_dec, b_dec]
+        weights = model.params_
     elif isinstance(getattr(model, "weights_", None), np.ndarray):  # EASE's item-item matrix
         weights = [model.weights_]
     else:
@@ -683,7 +694,8 @@ def _parser() -> argparse.ArgumentParser:
                 "      --hidden 128,64 --negatives 8 -o model.fastrec\n"
                 "  fastrec train clicks.csv --model two-tower --output-dim 32 -o retrieval.fastrec\n"
                 "  fastrec train events.csv --model sequential --time-col ts -o next.fastrec\n"
-                "  fastrec train clicks.csv --model ease --l2 200 -o ease.fastrec")
+                "  fastrec train clicks.csv --model ease --l2 200 -o ease.fastrec\n"
+                "  fastrec train ratings.csv --rating-col rating --model autorec -o autorec.fastrec")
     p.add_argument("data", metavar="DATA", help="interactions: CSV or Parquet, one row per (user, item)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write")
     p.add_argument("--model", choices=tuple(_MODELS), default="recommender",
@@ -691,7 +703,9 @@ def _parser() -> argparse.ArgumentParser:
                    "ranking model); two-tower: fastrec.TwoTower (a vector per user and per item, scored by inner "
                    "product: the retrieval model); sequential: fastrec.SequentialRecommender (self-attention over "
                    "each user's ordered events: what they do next); ease: fastrec.EASE (a closed-form item-item linear "
-                   "autoencoder, implicit feedback; memory in the square of the item count). Default: %(default)s")
+                   "autoencoder, implicit feedback; memory in the square of the item count); autorec: fastrec.AutoRec "
+                   "(I-AutoRec: each item's rating vector encoded and reconstructed; explicit ratings). "
+                   "Default: %(default)s")
     g = _add_columns(p, "rating column (explicit feedback); without it, implicit feedback")
     g.add_argument("--weight-col", metavar="NAME", help="per-interaction weight column (optional)")
     g.add_argument("--time-col", metavar="NAME", help="--model sequential: event time column (numbers); each "

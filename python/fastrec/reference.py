@@ -1273,3 +1273,63 @@ def sequential_features_loss_and_gradients(params, seqs, targets, negatives, dro
         grads["item_table"] = dV * (np.asarray(id_trained) != 0)[:, None].astype(dV.dtype)
     grads["feature_table"] = gF
     return loss, grads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AutoRec (issue 15; cpp/autorec.h): a sparse row in, its reconstruction read only at its observed columns
+# ----------------------------------------------------------------------------------------------------------
+def _autorec_parts(params, X, activation_name):
+    W_enc, b_enc, W_dec, b_dec = params
+    indptr, indices, data, _ = X
+    indices = np.asarray(indices, np.int64)
+    dtype = W_enc.dtype
+    H = activation(csr_matmul(indptr, indices, np.asarray(data, dtype), W_enc) + b_enc, activation_name)
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(np.asarray(indptr, np.int64)))
+    return H, rows, indices
+
+
+def autorec_hidden(params, X, activation, n_threads=0, isa="auto"):
+    """Codes ``act(X W_enc + b_enc)`` of the CSR rows X = (indptr, indices, data, n_cols)."""
+    return _autorec_parts(params, X, activation)[0]
+
+
+def autorec_predict(params, X, q_indptr, q_cols, activation, n_threads=0, isa="auto"):
+    """Row r's reconstruction read at its query columns: ``H[r] . W_dec[c] + b_dec[c]``."""
+    H, _, _ = _autorec_parts(params, X, activation)
+    q_cols = np.asarray(q_cols, np.int64)
+    q_rows = np.repeat(np.arange(len(q_indptr) - 1), np.diff(np.asarray(q_indptr, np.int64)))
+    W_dec, b_dec = params[2], params[3]
+    return np.einsum("ij,ij->i", H[q_rows], W_dec[q_cols]) + b_dec[q_cols]
+
+
+def autorec_loss_and_gradients(params, X, t, l2, activation, n_threads=0, isa="auto"):
+    """Loss and gradients of AutoRec's masked squared error over the B rows of X as one batch:
+
+    ``L = (1/B) sum_{observed (r, c)} (out[r, c] - t)^2 / 2 + (l2 / 2B) sum_{c touched} |W_enc[c]|^2 + |W_dec[c]|^2``
+
+    with ``out[r, c] = act(X[r] W_enc + b_enc) . W_dec[c] + b_dec[c]`` computed at the observed entries only.
+    t: one target per entry of X. Returns (loss, [dW_enc, db_enc, dW_dec, db_dec]).
+    """
+    W_enc, b_enc, W_dec, b_dec = params
+    dtype = W_enc.dtype
+    B = len(X[0]) - 1
+    H, rows, cols = _autorec_parts(params, X, activation)
+    out = np.einsum("ij,ij->i", H[rows], W_dec[cols]) + b_dec[cols]
+    err = out - np.asarray(t, dtype)
+    touched = np.unique(cols)
+    loss = 0.5 * _sum64(err * err) / B
+    loss += 0.5 * l2 / B * (_sum64(W_enc[touched] ** 2) + _sum64(W_dec[touched] ** 2))
+    delta = err / dtype.type(B)
+    g_W_dec = np.zeros_like(W_dec)
+    np.add.at(g_W_dec, cols, delta[:, None] * H[rows])
+    g_b_dec = np.zeros_like(b_dec)
+    np.add.at(g_b_dec, cols, delta)
+    dH = np.zeros_like(H)
+    np.add.at(dH, rows, delta[:, None] * W_dec[cols])
+    dpre = dH * activation_derivative(H, activation)
+    g_W_enc = np.zeros_like(W_enc)
+    np.add.at(g_W_enc, cols, np.asarray(X[2], dtype)[:, None] * dpre[rows])
+    decay = dtype.type(l2 / B)
+    g_W_enc[touched] += decay * W_enc[touched]
+    g_W_dec[touched] += decay * W_dec[touched]
+    return loss, [g_W_enc, dpre.sum(axis=0), g_W_dec, g_b_dec]
