@@ -217,3 +217,24 @@ def test_sequential_with_item_features_forgets_items(tmp_path):
     assert not np.isin(model.recommend(np.arange(20), k=13, exclude_seen=False)[0], [4, 9]).any()
     model.save(tmp_path / "m.npz")
     assert np.array_equal(fastrec.load(tmp_path / "m.npz").item_vectors(ids), vectors[ids])
+
+
+@pytest.mark.parametrize("item_based", [True, False])
+def test_autorec_forget(item_based, tmp_path):
+    d = make_interactions(n_users=80, n_items=50, n_interactions=1500, random_state=2)
+    model = fastrec.AutoRec(hidden=16, epochs=2, item_based=item_based, random_state=0, n_threads=1,
+                            early_stopping=False).fit(d.users, d.items, d.ratings)
+    gone_u, gone_i = np.unique(d.users)[[3, 10]], np.unique(d.items)[[5]]
+    keep = ~np.isin(d.users, gone_u) & ~np.isin(d.items, gone_i)
+    model.forget_users(gone_u).forget_items(gone_i)
+    assert model.n_users_ == len(np.unique(d.users)) - 2 and model.n_items_ == len(np.unique(d.items)) - 1
+    su, si = model.seen_pairs()
+    assert not np.isin(su, gone_u).any() and not np.isin(si, gone_i).any()
+    assert np.isfinite(model.predict(d.users[keep], d.items[keep])).all()
+    ids, _ = model.recommend(np.unique(d.users[keep])[:5], k=model.n_items_, exclude_seen=False)
+    assert not np.isin(ids, gone_i).any()
+    model.save(tmp_path / "m.npz")
+    loaded = fastrec.load(tmp_path / "m.npz")
+    assert np.array_equal(loaded.predict(d.users[keep], d.items[keep]), model.predict(d.users[keep], d.items[keep]))
+    with pytest.raises(ValueError, match="stored ratings"):
+        model.save(tmp_path / "bare.npz", include_history=False)

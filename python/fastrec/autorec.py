@@ -217,6 +217,33 @@ class AutoRec(RecommenderBase):
             self._ratings = (np.concatenate([indptr, np.full(new_rows, indptr[-1], np.int64)]), cols_, values)
         self._drop_caches()
 
+    def _history_in_parameters(self):
+        return "AutoRec encodes each row from its stored ratings (every prediction reads them)"
+
+    def _forget_model(self, side, keep):
+        """A row entity owns its stored ratings; a column entity its encoder and decoder rows, its decoder bias
+        (and their optimizer state) and its ratings in every row (RecommenderBase hook)."""
+        row_side = "item" if self.item_based else "user"
+        indptr, cols, values = self._ratings
+        sizes = np.diff(indptr)
+        if side == row_side:
+            kept = np.repeat(keep, sizes)
+            self._ratings = (np.concatenate([[0], np.cumsum(sizes[keep])]).astype(np.int64), cols[kept],
+                             values[kept])
+        else:
+            kept = keep[cols + 1]
+            owner = np.repeat(np.arange(len(sizes)), sizes)
+            number = (np.cumsum(keep[1:]) - 1).astype(np.int32)  # old column -> new
+            counts = np.bincount(owner[kept], minlength=len(sizes))
+            self._ratings = (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), number[cols[kept]],
+                             values[kept])
+            per_column = (0, 2, 3)  # W_enc, W_dec, b_dec rows; b_enc is shared
+            for i in per_column:
+                self.params_[i] = np.ascontiguousarray(self.params_[i][keep[1:]])
+                for state in self._state:
+                    state[i] = np.ascontiguousarray(state[i][keep[1:]])
+        self._drop_caches()
+
     def _train(self, user_rows, item_rows, y, weight, epochs, validate):
         if weight is not None:
             raise ValueError("AutoRec does not take sample_weight")
