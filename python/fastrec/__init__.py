@@ -5,6 +5,7 @@ from fastrec._config import check_isa_environment as _check_isa_environment
 from fastrec._config import show_config
 from fastrec._persist import ModelFileError, load
 from fastrec.ease import EASE
+from fastrec.multvae import MultDAE, MultVAE
 from fastrec.fields import FieldModel
 from fastrec.mlp import MLPClassifier, MLPRegressor
 from fastrec.recommender import Recommender
@@ -14,4 +15,4 @@ from fastrec.two_stage import TwoStage
 
 _check_isa_environment()  # a mistyped FASTREC_ISA would otherwise be ignored silently by the core
 
-__all__ = ["EASE", "FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor", "Recommender", "SequentialRecommender", "TwoTower", "TwoStage", "available_isas", "show_config", "__version__"]
+__all__ = ["EASE", "FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor", "MultDAE", "MultVAE", "Recommender", "SequentialRecommender", "TwoTower", "TwoStage", "available_isas", "show_config", "__version__"]
