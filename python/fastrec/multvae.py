@@ -72,7 +72,6 @@ class _Autoencoder(RecommenderBase):
         self._fit_new(users, items, None, None, None, None, self.epochs, validation_data)
         return self
 
-    @exclusive_fit
     def partial_fit(self, users, items, ratings=None):
         """One more epoch over the bags of the users of these interactions (their items so far, these included),
         continuing from the current parameters, Adam state and annealing. New users and items are added (new
