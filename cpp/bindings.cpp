@@ -21,6 +21,7 @@
 #include "isa.h"
 #include "kernels/kernels.h"
 #include "mlp.h"
+#include "multvae.h"
 #include "parallel.h"
 #include "prepare.h"
 #include "sequential.h"
@@ -1447,6 +1448,54 @@ py::array_t<float> autorec_predict_py(const py::list& params, py::handle X_obj, 
   {
     const CoreCall call;
     autorec_predict(ks, m, X.csr, pqi, pqc, po, n_threads);
+
+// ---- Mult-VAE / Mult-DAE (multvae.h): layers as coefs / intercepts lists, encoder first ----
+
+AutoencoderNet make_autoencoder(const py::list& coefs, const py::list& intercepts, std::size_t n_encoder,
+                                bool variational, bool writeable) {
+  if (coefs.size() != intercepts.size())
+    throw py::value_error("coefs and intercepts must have the same length");
+  AutoencoderNet net;
+  net.n_encoder = n_encoder;
+  net.variational = variational;
+  for (std::size_t l = 0; l < coefs.size(); ++l) {
+    const std::string name = "coefs[" + std::to_string(l) + "]";
+    py::array W = checked<float>(coefs[l], name, 2, writeable);
+    py::array b = checked<float>(intercepts[l], "intercepts[" + std::to_string(l) + "]", 1, writeable);
+    require_shape(b, "intercepts[" + std::to_string(l) + "]", W.shape(1), 1);
+    net.layers.push_back(Layer{const_cast<float*>(static_cast<const float*>(W.data())),
+                               const_cast<float*>(static_cast<const float*>(b.data())), W.shape(0), W.shape(1)});
+  }
+  validate(net);  // std::invalid_argument -> ValueError
+  if (writeable)
+    for (std::size_t i = 0; i < 2 * net.layers.size(); ++i)
+      for (std::size_t j = i + 1; j < 2 * net.layers.size(); ++j) {
+        const Layer &a = net.layers[i / 2], &c = net.layers[j / 2];
+        if (overlap(i % 2 ? a.b : a.W, i % 2 ? a.fan_out : a.fan_in * a.fan_out, j % 2 ? c.b : c.W,
+                    j % 2 ? c.fan_out : c.fan_in * c.fan_out))
+          throw py::value_error("coefs and intercepts share memory: each layer needs its own arrays");
+      }
+  return net;
+}
+
+CsrView autoencoder_input(py::handle X, const AutoencoderNet& net) {
+  if (!py::isinstance<py::tuple>(X)) throw py::type_error("X must be a CSR tuple (indptr, indices, data, n_cols)");
+  return make_input(X, net.n_items()).csr;
+}
+
+// The Adam moments of every array (W_0..W_{L-1}, b_0..b_{L-1}), shapes checked.
+std::vector<float*> autoencoder_states(const py::list& states, const std::string& what, const AutoencoderNet& net) {
+  const std::size_t L = net.layers.size();
+  if (states.size() != 2 * L)
+    throw py::value_error(what + " must hold " + std::to_string(2 * L) + " arrays (every W, then every b)");
+  std::vector<float*> out;
+  for (std::size_t i = 0; i < states.size(); ++i) {
+    const Layer& layer = net.layers[i % L];
+    const bool is_coef = i < L;
+    const std::string name = what + "[" + std::to_string(i) + "]";
+    py::array a = checked<float>(states[i], name, is_coef ? 2 : 1, true);
+    require_shape(a, name, is_coef ? layer.fan_in : layer.fan_out, layer.fan_out);
+    out.push_back(static_cast<float*>(a.mutable_data()));
   }
   return out;
 }
@@ -1520,6 +1569,7 @@ py::tuple autorec_train_epoch_py(const py::list& params, const py::list& state1,
   }
   return epoch_tuple(result, opt.adam_t, signals);
 }
+
 
 }  // namespace
 
@@ -1812,4 +1862,114 @@ PYBIND11_MODULE(_core, m) {
         py::arg("epsilon") = 1e-8f, py::arg("adam_t") = 0, py::arg("n_threads") = 0, py::arg("isa") = "auto",
         py::arg("progress") = py::none(),
         "One epoch over rows order of X in batches: (loss_sum, adam_t, rows, diverged, exception or None).");
+
+  // ---- Mult-VAE / Mult-DAE ----
+  m.def(
+      "autoencoder_forward",
+      [](const py::list& coefs, const py::list& intercepts, std::size_t n_encoder, bool variational, py::handle X,
+         int n_threads, const std::string& isa) {
+        const AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, false);
+        const CsrView x = autoencoder_input(X, net);
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        py::array_t<float> out({x.rows, net.n_items()});
+        float* po = out.mutable_data();
+        {
+          const CoreCall call;
+          autoencoder_forward(ks, net, x, po, n_threads);
+        }
+        return out;
+      },
+      py::arg("coefs"), py::arg("intercepts"), py::arg("n_encoder"), py::arg("variational"), py::arg("X"),
+      py::arg("n_threads") = 0, py::arg("isa") = "auto",
+      "The logits (rows, n_items) of each CSR bag of X (no dropout; the VAE scores z = mu).");
+  m.def(
+      "autoencoder_loss_and_gradients",
+      [](const py::list& coefs, const py::list& intercepts, std::size_t n_encoder, bool variational, py::handle X,
+         py::handle input_scale, py::handle eps, float beta, float l2, int n_threads, const std::string& isa) {
+        const AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, false);
+        const CsrView x = autoencoder_input(X, net);
+        const float* ps = optional_array<float>(input_scale, "input_scale", x.indptr[x.rows], false);
+        const float* pe = nullptr;
+        if (!eps.is_none()) {
+          py::array e = checked<float>(eps, "eps", 2, false);
+          require_shape(e, "eps", x.rows, net.latent());
+          pe = static_cast<const float*>(e.data());
+        }
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        py::list coef_grads, intercept_grads;
+        std::vector<float*> gw, gb;
+        for (const Layer& layer : net.layers) {
+          py::array_t<float> w({layer.fan_in, layer.fan_out}), b(layer.fan_out);
+          gw.push_back(w.mutable_data());
+          gb.push_back(b.mutable_data());
+          coef_grads.append(w);
+          intercept_grads.append(b);
+        }
+        AutoencoderLoss loss;
+        {
+          const CoreCall call;
+          loss = autoencoder_loss_and_gradients(ks, net, x, ps, pe, beta, l2, gw, gb, n_threads);
+        }
+        return py::make_tuple(loss.loss, loss.nll, loss.kl, coef_grads, intercept_grads);
+      },
+      py::arg("coefs"), py::arg("intercepts"), py::arg("n_encoder"), py::arg("variational"), py::arg("X"),
+      py::arg("input_scale"), py::arg("eps"), py::arg("beta"), py::arg("l2"), py::arg("n_threads") = 0,
+      py::arg("isa") = "auto",
+      "(loss, mean nll, mean KL, coef_grads, intercept_grads) of all rows of X as one batch, with the given "
+      "noise: input_scale (nnz multipliers of the normalised entries, or None) and eps (rows x latent, or None: "
+      "z = mu).");
+  m.def(
+      "autoencoder_noise",
+      [](py::handle X, py::handle rows, index_t latent, float dropout, std::uint64_t seed, std::int64_t step) {
+        const CsrView x = make_input(X, X.cast<py::tuple>()[3].cast<index_t>()).csr;
+        const std::int64_t* pr = optional_array<std::int64_t>(rows, "rows", x.rows, false);
+        if (!pr) throw py::value_error("rows must be given");
+        if (!(dropout >= 0.0f && dropout < 1.0f)) throw py::value_error("dropout must be in [0, 1)");
+        AutoencoderTraining training;
+        training.dropout = dropout;
+        training.seed = seed;
+        py::array_t<float> scale(x.indptr[x.rows]), eps({x.rows, latent});
+        autoencoder_noise(kernels_for(resolve_isa("auto")), training, step, pr, x, latent, scale.mutable_data(),
+                          eps.mutable_data());
+        return py::make_tuple(scale, eps);
+      },
+      py::arg("X"), py::arg("rows"), py::arg("latent"), py::arg("dropout"), py::arg("seed"), py::arg("step"),
+      "(input_scale, eps): the training noise of the batch of Adam step `step` whose bags are X's rows, data rows "
+      "`rows` (see multvae.h).");
+  m.def(
+      "autoencoder_train_epoch",
+      [](const py::list& coefs, const py::list& intercepts, std::size_t n_encoder, bool variational,
+         const py::list& state1, const py::list& state2, std::int64_t adam_t, float learning_rate, py::handle X,
+         py::handle order_obj, index_t batch_size, float dropout, float beta_max, std::int64_t anneal_steps, float l2,
+         std::uint64_t seed, int n_threads, const std::string& isa) {
+        const AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, true);
+        const CsrView x = autoencoder_input(X, net);
+        const auto [po, n_order] = checked_order(order_obj, x.rows, batch_size);
+        if (!(dropout >= 0.0f && dropout < 1.0f)) throw py::value_error("dropout must be in [0, 1)");
+        Optimizer opt;
+        opt.solver = Solver::Adam;
+        opt.learning_rate = learning_rate;
+        opt.adam_t = adam_t;
+        opt.state1 = autoencoder_states(state1, "state1", net);
+        opt.state2 = autoencoder_states(state2, "state2", net);
+        AutoencoderTraining training;
+        training.dropout = dropout;
+        training.beta_max = beta_max;
+        training.anneal_steps = anneal_steps;
+        training.l2 = l2;
+        training.seed = seed;
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        EpochResult r;
+        {
+          const CoreCall call;
+          r = autoencoder_train_epoch(ks, net, opt, training, x, po, n_order, batch_size, n_threads);
+        }
+        return py::make_tuple(r.loss_sum, opt.adam_t, r.rows, r.diverged);
+      },
+      py::arg("coefs"), py::arg("intercepts"), py::arg("n_encoder"), py::arg("variational"), py::arg("state1"),
+      py::arg("state2"), py::arg("adam_t"), py::arg("learning_rate"), py::arg("X"), py::arg("order"),
+      py::arg("batch_size"), py::arg("dropout"), py::arg("beta_max"), py::arg("anneal_steps"), py::arg("l2"),
+      py::arg("seed"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+      "Adam steps over batches of X's rows in `order`, parameters and moments updated in place. Returns "
+      "(loss_sum, adam_t, rows, diverged).");
 }

@@ -225,7 +225,8 @@ def _demo(args):
 
 # The models `train --model` builds; an option applies to those that have its parameter.
 _MODELS = {"recommender": fastrec.Recommender, "two-tower": fastrec.TwoTower,
-           "sequential": fastrec.SequentialRecommender, "ease": fastrec.EASE, "autorec": fastrec.AutoRec}
+           "sequential": fastrec.SequentialRecommender, "ease": fastrec.EASE, "autorec": fastrec.AutoRec,
+           "multvae": fastrec.MultVAE, "multdae": fastrec.MultDAE}
 
 # option, model parameter, type, help (the defaults are the models', shown from them)
 _HYPER_PARAMETERS = [
@@ -271,17 +272,25 @@ _HYPER_PARAMETERS = [
     ("--max-len", "max_len", int, "sequential: events of a history the model reads (the latest)"),
     ("--n-blocks", "n_blocks", int, "sequential: self-attention blocks"),
     ("--n-heads", "n_heads", int, "sequential: attention heads"),
-    ("--dropout", "dropout", float, "sequential: dropout rate"),
+    ("--dropout", "dropout", float, "sequential: dropout rate; multvae / multdae: input dropout of the bags"),
     ("--ffn-dim", "ffn_dim", int, "sequential: width of each block's feed-forward layer (default: the "
      "embedding dim)"),
     ("--index", "index", ("exact", "hnsw"), "how recommend searches the item vectors (hnsw: approximate, "
      "needs fastrec[ann])"),
     ("--index-options", "index_options", "json", "options of the hnsw index as JSON, e.g. '{\"ef_search\": 128}'"),
     ("--l2", "l2", float, "ease: L2 penalty of the item-item weights (500 is the paper's MovieLens-20M setting: "
-     "tune it); autorec: L2 penalty of the rows each batch touches"),
+     "tune it); autorec: L2 penalty of the rows each batch touches; multvae / multdae: L2 penalty of the "
+     "weights (Liang et al.'s lam)"),
     ("--hidden-units", "hidden", int, "autorec: hidden units of the autoencoder"),
     ("--item-based", "item_based", bool, "autorec: I-AutoRec (encode items' rating vectors); --no-item-based: "
      "U-AutoRec"),
+    # Mult-VAE / Mult-DAE
+    ("--encoder", "hidden", "sizes", "multvae / multdae: widths of the encoder's hidden layers, e.g. 600 (the "
+     "decoder mirrors them)"),
+    ("--latent", "latent", int, "multvae / multdae: size of the latent code"),
+    ("--beta-max", "beta_max", float, "multvae: cap of the KL weight beta"),
+    ("--anneal-steps", "anneal_steps", "int-auto", "multvae: Adam steps over which beta rises by 1 (capped at "
+     "--beta-max; auto: beta_max at 80%% of the steps)"),
 ]
 
 
@@ -423,8 +432,9 @@ def _train(args):
         raise DataError("--model sequential learns from events: --rating-col, --weight-col and --user-features do "
                         "not apply (give --time-col to order each user's events; --item-features does)")
     ease = isinstance(model, fastrec.EASE)
-    if ease and (ratings is not None or weight is not None or tables):
-        raise DataError("--model ease learns from implicit feedback (one row per user and item it interacted "
+    bags = ease or isinstance(model, (fastrec.MultVAE, fastrec.MultDAE))  # models of users' item bags
+    if bags and (ratings is not None or weight is not None or tables):
+        raise DataError(f"--model {args.model} learns from implicit feedback (one row per user and item it interacted "
                         "with): --rating-col, --weight-col and feature files do not apply (keep the positive "
                         "rows of a ratings file first)")
     autorec = isinstance(model, fastrec.AutoRec)
@@ -434,7 +444,7 @@ def _train(args):
     if not sequential and args.time_col is not None:
         raise DataError("--time-col applies to --model sequential")
     try:
-        if ease:
+        if bags:
             model.fit(users, items)
         elif autorec:
             model.fit(users, items, ratings)
@@ -704,8 +714,9 @@ def _parser() -> argparse.ArgumentParser:
                    "product: the retrieval model); sequential: fastrec.SequentialRecommender (self-attention over "
                    "each user's ordered events: what they do next); ease: fastrec.EASE (a closed-form item-item linear "
                    "autoencoder, implicit feedback; memory in the square of the item count); autorec: fastrec.AutoRec "
-                   "(I-AutoRec: each item's rating vector encoded and reconstructed; explicit ratings). "
-                   "Default: %(default)s")
+                   "(I-AutoRec: each item's rating vector encoded and reconstructed; explicit ratings); multvae / "
+                   "multdae: fastrec.MultVAE / MultDAE (Liang et al.'s variational / denoising autoencoders of users' "
+                   "item bags, implicit feedback). Default: %(default)s")
     g = _add_columns(p, "rating column (explicit feedback); without it, implicit feedback")
     g.add_argument("--weight-col", metavar="NAME", help="per-interaction weight column (optional)")
     g.add_argument("--time-col", metavar="NAME", help="--model sequential: event time column (numbers); each "

@@ -1333,3 +1333,129 @@ def autorec_loss_and_gradients(params, X, t, l2, activation, n_threads=0, isa="a
     g_W_enc[touched] += decay * W_enc[touched]
     g_W_dec[touched] += decay * W_dec[touched]
     return loss, [g_W_enc, dpre.sum(axis=0), g_W_dec, g_b_dec]
+
+# Mult-VAE / Mult-DAE (Liang et al., WWW 2018; cpp/multvae.h)
+# ----------------------------------------------------------------------------------------------------------
+
+def multvae_noise(indptr, rows, latent, dropout, seed, step):
+    """The training noise of the batch of Adam step ``step`` whose bags are CSR rows with ``indptr`` of data
+    rows ``rows``: (input_scale float32 (nnz,), eps float32 (len(rows), latent)).
+
+    The batch stream is output ``step`` of the splitmix64 stream seeded with ``seed``; row u's dropout key and
+    Gaussian key are outputs 2u and 2u + 1 of the stream seeded with that. Entry e of a row is kept when the top
+    24 bits of output e of its dropout key are ``>= floor(dropout * 2**24)`` (scaled by 1 / (1 - dropout));
+    eps[c] is Box-Muller on outputs 2c, 2c + 1 of the Gaussian key (top 53 bits each).
+    """
+    def output(state, e):
+        return splitmix64_outputs(np.uint64(state), int(e) + 1)[int(e)]
+
+    stream = output(np.uint64(seed), step)
+    scale = np.ones(int(indptr[-1]), np.float32)
+    eps = np.zeros((len(rows), latent), np.float32)
+    threshold = np.uint64(int(dropout * (1 << 24)))
+    for i, u in enumerate(rows):
+        p0, p1 = int(indptr[i]), int(indptr[i + 1])
+        if dropout > 0.0 and p1 > p0:
+            bits = splitmix64_outputs(output(stream, 2 * int(u)), p1 - p0) >> np.uint64(40)
+            scale[p0:p1] = np.where(bits >= threshold, np.float32(1.0 / (1.0 - dropout)), np.float32(0.0))
+        out = splitmix64_outputs(output(stream, 2 * int(u) + 1), 2 * latent) >> np.uint64(11)
+        a, b = out[0::2].astype(np.float64) * 2.0**-53, out[1::2].astype(np.float64) * 2.0**-53
+        eps[i] = np.sqrt(-2.0 * np.log1p(-a)) * np.cos(2.0 * np.pi * b)
+    return scale, eps
+
+
+def _multvae_activation(l, n_layers, n_encoder, variational):
+    return "identity" if l == n_layers - 1 or (variational and l == n_encoder - 1) else "tanh"
+
+
+def _multvae_dense(X, n_items):
+    indptr, indices, data = X[0], X[1], X[2]
+    dense = np.zeros((len(indptr) - 1, n_items))
+    for r in range(len(indptr) - 1):
+        np.add.at(dense[r], indices[indptr[r]:indptr[r + 1]], data[indptr[r]:indptr[r + 1]])
+    return dense
+
+
+def _multvae_forward(coefs, intercepts, n_encoder, variational, x_in, eps):
+    """float64 forward of the dense inputs x_in: (activations per layer, z)."""
+    acts, z, h = [], None, x_in
+    for l, (W, b) in enumerate(zip(coefs, intercepts)):
+        if variational and l == n_encoder:
+            h = z
+        a = h @ np.asarray(W, np.float64) + np.asarray(b, np.float64)
+        if _multvae_activation(l, len(coefs), n_encoder, variational) == "tanh":
+            a = np.tanh(a)
+        acts.append(a)
+        if variational and l == n_encoder - 1:
+            k = a.shape[1] // 2
+            mu, logvar = a[:, :k], a[:, k:]
+            z = mu if eps is None else mu + np.asarray(eps, np.float64) * np.exp(0.5 * logvar)
+        h = a
+    return acts, z
+
+
+def multvae_forward(coefs, intercepts, n_encoder, variational, X):
+    """The logits of each bag of the CSR tuple X = (indptr, indices, data, n_items): L2-normalised input, no
+    dropout, z = mu."""
+    x = _multvae_dense(X, X[3])
+    norms = np.sqrt((x ** 2).sum(axis=1, keepdims=True))
+    x_in = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    return _multvae_forward(coefs, intercepts, n_encoder, variational, x_in, None)[0][-1]
+
+
+def multvae_loss_and_gradients(coefs, intercepts, n_encoder, variational, X, input_scale, eps, beta, l2):
+    """(loss, nll, kl, coef_grads, intercept_grads) in float64 for the rows of the CSR tuple X as one batch.
+
+    Input: each bag divided by its L2 norm, times input_scale (per stored entry; None: ones). Encoder / decoder
+    as in cpp/multvae.h (tanh; identity for [mu | logvar] and the logits); z = mu + eps exp(logvar / 2) (eps
+    None: z = mu). loss = mean_r [-sum_j x_rj log softmax(logits_r)_j + beta KL_r] + l2 sum_l ||W_l||^2, with
+    KL_r = 0.5 sum (exp(logvar) + mu^2 - 1 - logvar) (VAE only) and the first layer's L2 over the rows of the
+    items whose scaled input is non-zero somewhere in the batch (the core's lazy regularisation).
+    """
+    indptr, indices, data, n_items = X
+    n = len(indptr) - 1
+    x = _multvae_dense(X, n_items)
+    scaled = (indptr, indices, np.asarray(data, np.float64) * (1.0 if input_scale is None else
+                                                              np.asarray(input_scale, np.float64)), n_items)
+    norms = np.sqrt((x ** 2).sum(axis=1, keepdims=True))
+    x_in = _multvae_dense(scaled, n_items)
+    x_in = np.divide(x_in, norms, out=np.zeros_like(x_in), where=norms > 0)
+    acts, z = _multvae_forward(coefs, intercepts, n_encoder, variational, x_in, eps if variational else None)
+    L = len(coefs)
+    logits = acts[-1]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    nll = -(x * log_softmax).sum(axis=1).mean()
+    D = (np.exp(log_softmax) * x.sum(axis=1, keepdims=True) - x) / n
+    kl = 0.0
+    touched = np.unique(np.asarray(indices)[np.asarray(scaled[2]) != 0])
+    penalty = sum(float((np.asarray(W, np.float64) ** 2).sum()) for W in coefs[1:])
+    penalty += float((np.asarray(coefs[0], np.float64)[touched] ** 2).sum())
+    coef_grads, intercept_grads = [None] * L, [None] * L
+    for l in range(L - 1, -1, -1):
+        W = np.asarray(coefs[l], np.float64)
+        inp = x_in if l == 0 else (z if variational and l == n_encoder else acts[l - 1])
+        gw = inp.T @ D + 2.0 * l2 * W
+        if l == 0:
+            mask = np.zeros(len(W), bool)
+            mask[touched] = True
+            gw[~mask] = 0.0
+        coef_grads[l], intercept_grads[l] = gw, D.sum(axis=0)
+        if l == 0:
+            break
+        d_in = D @ W.T
+        if variational and l == n_encoder:
+            a = acts[l - 1]
+            k = a.shape[1] // 2
+            mu, logvar = a[:, :k], a[:, k:]
+            kl = float((0.5 * (np.exp(logvar) + mu ** 2 - 1.0 - logvar)).sum(axis=1).mean())
+            d_logvar = beta * 0.5 * (np.exp(logvar) - 1.0) / n
+            if eps is not None:
+                d_logvar = d_logvar + d_in * np.asarray(eps, np.float64) * 0.5 * np.exp(0.5 * logvar)
+            D = np.concatenate([d_in + beta * mu / n, d_logvar], axis=1)
+        elif _multvae_activation(l - 1, L, n_encoder, variational) == "tanh":
+            D = d_in * (1.0 - acts[l - 1] ** 2)
+        else:
+            D = d_in
+    loss = nll + (beta * kl if variational else 0.0) + l2 * penalty
+    return loss, nll, kl, coef_grads, intercept_grads
