@@ -1448,54 +1448,6 @@ py::array_t<float> autorec_predict_py(const py::list& params, py::handle X_obj, 
   {
     const CoreCall call;
     autorec_predict(ks, m, X.csr, pqi, pqc, po, n_threads);
-
-// ---- Mult-VAE / Mult-DAE (multvae.h): layers as coefs / intercepts lists, encoder first ----
-
-AutoencoderNet make_autoencoder(const py::list& coefs, const py::list& intercepts, std::size_t n_encoder,
-                                bool variational, bool writeable) {
-  if (coefs.size() != intercepts.size())
-    throw py::value_error("coefs and intercepts must have the same length");
-  AutoencoderNet net;
-  net.n_encoder = n_encoder;
-  net.variational = variational;
-  for (std::size_t l = 0; l < coefs.size(); ++l) {
-    const std::string name = "coefs[" + std::to_string(l) + "]";
-    py::array W = checked<float>(coefs[l], name, 2, writeable);
-    py::array b = checked<float>(intercepts[l], "intercepts[" + std::to_string(l) + "]", 1, writeable);
-    require_shape(b, "intercepts[" + std::to_string(l) + "]", W.shape(1), 1);
-    net.layers.push_back(Layer{const_cast<float*>(static_cast<const float*>(W.data())),
-                               const_cast<float*>(static_cast<const float*>(b.data())), W.shape(0), W.shape(1)});
-  }
-  validate(net);  // std::invalid_argument -> ValueError
-  if (writeable)
-    for (std::size_t i = 0; i < 2 * net.layers.size(); ++i)
-      for (std::size_t j = i + 1; j < 2 * net.layers.size(); ++j) {
-        const Layer &a = net.layers[i / 2], &c = net.layers[j / 2];
-        if (overlap(i % 2 ? a.b : a.W, i % 2 ? a.fan_out : a.fan_in * a.fan_out, j % 2 ? c.b : c.W,
-                    j % 2 ? c.fan_out : c.fan_in * c.fan_out))
-          throw py::value_error("coefs and intercepts share memory: each layer needs its own arrays");
-      }
-  return net;
-}
-
-CsrView autoencoder_input(py::handle X, const AutoencoderNet& net) {
-  if (!py::isinstance<py::tuple>(X)) throw py::type_error("X must be a CSR tuple (indptr, indices, data, n_cols)");
-  return make_input(X, net.n_items()).csr;
-}
-
-// The Adam moments of every array (W_0..W_{L-1}, b_0..b_{L-1}), shapes checked.
-std::vector<float*> autoencoder_states(const py::list& states, const std::string& what, const AutoencoderNet& net) {
-  const std::size_t L = net.layers.size();
-  if (states.size() != 2 * L)
-    throw py::value_error(what + " must hold " + std::to_string(2 * L) + " arrays (every W, then every b)");
-  std::vector<float*> out;
-  for (std::size_t i = 0; i < states.size(); ++i) {
-    const Layer& layer = net.layers[i % L];
-    const bool is_coef = i < L;
-    const std::string name = what + "[" + std::to_string(i) + "]";
-    py::array a = checked<float>(states[i], name, is_coef ? 2 : 1, true);
-    require_shape(a, name, is_coef ? layer.fan_in : layer.fan_out, layer.fan_out);
-    out.push_back(static_cast<float*>(a.mutable_data()));
   }
   return out;
 }
@@ -1570,6 +1522,57 @@ py::tuple autorec_train_epoch_py(const py::list& params, const py::list& state1,
   return epoch_tuple(result, opt.adam_t, signals);
 }
 
+
+// ---- Mult-VAE / Mult-DAE (multvae.h): layers as coefs / intercepts lists, encoder first ----
+
+AutoencoderNet make_autoencoder(const py::list& coefs, const py::list& intercepts, std::size_t n_encoder,
+                                bool variational, bool writeable) {
+  if (coefs.size() != intercepts.size())
+    throw py::value_error("coefs and intercepts must have the same length");
+  AutoencoderNet net;
+  net.n_encoder = n_encoder;
+  net.variational = variational;
+  for (std::size_t l = 0; l < coefs.size(); ++l) {
+    const std::string name = "coefs[" + std::to_string(l) + "]";
+    py::array W = checked<float>(coefs[l], name, 2, writeable);
+    py::array b = checked<float>(intercepts[l], "intercepts[" + std::to_string(l) + "]", 1, writeable);
+    require_shape(b, "intercepts[" + std::to_string(l) + "]", W.shape(1), 1);
+    net.layers.push_back(Layer{const_cast<float*>(static_cast<const float*>(W.data())),
+                               const_cast<float*>(static_cast<const float*>(b.data())), W.shape(0), W.shape(1)});
+  }
+  validate(net);  // std::invalid_argument -> ValueError
+  if (writeable)
+    for (std::size_t i = 0; i < 2 * net.layers.size(); ++i)
+      for (std::size_t j = i + 1; j < 2 * net.layers.size(); ++j) {
+        const Layer &a = net.layers[i / 2], &c = net.layers[j / 2];
+        if (overlap(i % 2 ? a.b : a.W, i % 2 ? a.fan_out : a.fan_in * a.fan_out, j % 2 ? c.b : c.W,
+                    j % 2 ? c.fan_out : c.fan_in * c.fan_out))
+          throw py::value_error("coefs and intercepts share memory: each layer needs its own arrays");
+      }
+  return net;
+}
+
+CsrView autoencoder_input(py::handle X, const AutoencoderNet& net) {
+  if (!py::isinstance<py::tuple>(X)) throw py::type_error("X must be a CSR tuple (indptr, indices, data, n_cols)");
+  return make_input(X, net.n_items()).csr;
+}
+
+// The Adam moments of every array (W_0..W_{L-1}, b_0..b_{L-1}), shapes checked.
+std::vector<float*> autoencoder_states(const py::list& states, const std::string& what, const AutoencoderNet& net) {
+  const std::size_t L = net.layers.size();
+  if (states.size() != 2 * L)
+    throw py::value_error(what + " must hold " + std::to_string(2 * L) + " arrays (every W, then every b)");
+  std::vector<float*> out;
+  for (std::size_t i = 0; i < states.size(); ++i) {
+    const Layer& layer = net.layers[i % L];
+    const bool is_coef = i < L;
+    const std::string name = what + "[" + std::to_string(i) + "]";
+    py::array a = checked<float>(states[i], name, is_coef ? 2 : 1, true);
+    require_shape(a, name, is_coef ? layer.fan_in : layer.fan_out, layer.fan_out);
+    out.push_back(static_cast<float*>(a.mutable_data()));
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -1862,7 +1865,6 @@ PYBIND11_MODULE(_core, m) {
         py::arg("epsilon") = 1e-8f, py::arg("adam_t") = 0, py::arg("n_threads") = 0, py::arg("isa") = "auto",
         py::arg("progress") = py::none(),
         "One epoch over rows order of X in batches: (loss_sum, adam_t, rows, diverged, exception or None).");
-
   // ---- Mult-VAE / Mult-DAE ----
   m.def(
       "autoencoder_forward",
