@@ -238,3 +238,22 @@ def test_autorec_forget(item_based, tmp_path):
     assert np.array_equal(loaded.predict(d.users[keep], d.items[keep]), model.predict(d.users[keep], d.items[keep]))
     with pytest.raises(ValueError, match="stored ratings"):
         model.save(tmp_path / "bare.npz", include_history=False)
+
+
+@pytest.mark.parametrize("cls", ["MultVAE", "MultDAE"])
+def test_autoencoder_forget(data, cls, tmp_path):
+    users, items = data
+    model = getattr(fastrec, cls)(epochs=2, random_state=0, n_threads=1, early_stopping=False).fit(users, items)
+    bags = [list(items[:5]), list(items[20:26])]
+    before = model.recommend(histories=bags, k=10, exclude_seen=False)
+    model.forget_users(GONE_USERS)
+    after = model.recommend(histories=bags, k=10, exclude_seen=False)
+    # Users own no parameters: the same bags score the same.
+    assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
+    model.forget_items(GONE_ITEMS)
+    ids, _ = model.recommend(histories=bags, k=model.n_items_, exclude_seen=False)
+    assert not np.isin(ids, GONE_ITEMS).any() and set(ids[0]) == set(np.unique(items)) - set(GONE_ITEMS)
+    model.save(tmp_path / "m.npz")
+    _assert_absent(tmp_path / "m.npz", GONE_USERS + GONE_ITEMS, [])
+    assert np.array_equal(fastrec.load(tmp_path / "m.npz").recommend(histories=bags, k=5)[0],
+                          model.recommend(histories=bags, k=5)[0])

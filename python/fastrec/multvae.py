@@ -40,6 +40,7 @@ class _Autoencoder(RecommenderBase):
     """What Mult-VAE and Mult-DAE share: everything but their defaults and ``variational``."""
 
     _fitted_attr = "coefs_"
+    _scores_from_history = True  # a user is their bag
     _structure_params = ("hidden", "latent")
     variational = True
 
@@ -180,6 +181,20 @@ class _Autoencoder(RecommenderBase):
             m[2 * L - 1] = np.concatenate([m[2 * L - 1], np.zeros(n - n_old, np.float32)])
             moments.append(m)
         self.coefs_, self.intercepts_, self._moments = grown, grown_b, moments
+
+    def _forget_model(self, side, keep):
+        """Users own only their bags (the seen pairs: the base drops them); an item its first-layer row, its
+        output column and bias, and their Adam moments (RecommenderBase hook)."""
+        if side == "user":
+            return
+        rows, L = keep[1:], len(self.coefs_)
+        self.coefs_[0] = np.ascontiguousarray(self.coefs_[0][rows])
+        self.coefs_[-1] = np.ascontiguousarray(self.coefs_[-1][:, rows])
+        self.intercepts_[-1] = np.ascontiguousarray(self.intercepts_[-1][rows])
+        for m in self._moments:
+            m[0] = np.ascontiguousarray(m[0][rows])
+            m[L - 1] = np.ascontiguousarray(m[L - 1][:, rows])
+            m[2 * L - 1] = np.ascontiguousarray(m[2 * L - 1][rows])
 
     def _train(self, user_rows, item_rows, y, weight, epochs, validate):
         X = self._matrix()
