@@ -7,6 +7,7 @@ from fastrec._persist import ModelFileError, load
 from fastrec.ease import EASE
 from fastrec.fields import FieldModel
 from fastrec.mlp import MLPClassifier, MLPRegressor
+from fastrec.privacy import DPConfig
 from fastrec.recommender import Recommender
 from fastrec.sequential import SequentialRecommender
 from fastrec.two_tower import TwoTower
@@ -14,4 +15,4 @@ from fastrec.two_stage import TwoStage
 
 _check_isa_environment()  # a mistyped FASTREC_ISA would otherwise be ignored silently by the core
 
-__all__ = ["EASE", "FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor", "Recommender", "SequentialRecommender", "TwoTower", "TwoStage", "available_isas", "show_config", "__version__"]
+__all__ = ["DPConfig", "EASE", "FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor", "Recommender", "SequentialRecommender", "TwoTower", "TwoStage", "available_isas", "show_config", "__version__"]
