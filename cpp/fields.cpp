@@ -1039,6 +1039,7 @@ double FieldBatchPass::run(const KernelSet& ks, std::uint64_t dropout_stream, in
     if (f.offset >= 0) dx_cols = std::max(dx_cols, f.offset + f.dim);
   const Input in = mlp_input(m_, n, ws);
   Backward pass(ks, m_.mlp, in, 0.0f, static_cast<double>(n), ws.mlp);
+  pass.weight_gradients = false;  // computed from the clipped deltas instead
   pass.products(
       n_threads,
       [&](index_t r0, index_t r1, int threads) {

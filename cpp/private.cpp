@@ -48,7 +48,7 @@ struct StepBuffers {
   std::vector<float> upstream;  // a field's clipped upstream gradient (rows x dim)
   TouchedRows touched, selected;
   std::vector<float> rows_grad, selected_grad;
-  std::vector<double> row_squares, counts;
+  std::vector<double> row_squares, counts, sums;
   std::vector<std::int32_t> unit_ids, group_touched;
   std::vector<std::vector<std::int32_t>> group_selected;  // per field: its group's selected rows
 };
@@ -126,11 +126,13 @@ float clip_scale(double squares, double bound) {
 void noise_in_place(const PrivacySettings& ps, std::uint64_t step, std::uint64_t stream, float* g, const float* p,
                     float alpha, double den, index_t len, int n_threads) {
   const double std_dev = ps.noise_multiplier * ps.max_grad_norm;
-  constexpr index_t kChunk = 4096;
+  constexpr index_t kChunk = 4096;  // even: a chunk holds whole pairs of normals
   const index_t chunks = (len + kChunk - 1) / kChunk;
   parallel_for(0, chunks, chunks > 1 ? n_threads : 1, [&](std::int64_t c) {
+    double z[2];
     for (index_t k = c * kChunk; k < std::min(len, (c + 1) * kChunk); ++k) {
-      double v = g[k] + std_dev * normal_at(ps.seed, step, stream, static_cast<std::uint64_t>(k));
+      if ((k & 1) == 0) normal_pair(ps.seed, step, stream, static_cast<std::uint64_t>(k) >> 1, z);
+      double v = g[k] + std_dev * z[k & 1];
       if (alpha != 0.0f && p) v += static_cast<double>(alpha) * p[k];
       g[k] = static_cast<float>(v / den);
     }
@@ -248,12 +250,11 @@ void private_update(const KernelSet& ks, FieldModel& m, Optimizer& opt, const Fi
     noise_in_place(ps, step, l, b.grad.data(), layer.W, alpha, den, fi * fo, n_threads);
     update_dense(ks, rule, layer.W, b.grad.data(), opt.state1[l], l < opt.state2.size() ? opt.state2[l] : nullptr,
                  fi * fo, n_threads);
-    b.grad.assign(static_cast<std::size_t>(fo), 0.0f);
-    for (index_t j = 0; j < fo; ++j) {
-      double s = 0.0;
-      for (index_t r = 0; r < n; ++r) s += Dc[r * fo + j];
-      b.grad[static_cast<std::size_t>(j)] = static_cast<float>(s);
-    }
+    b.sums.assign(static_cast<std::size_t>(fo), 0.0);  // rows in order: the same sum for any n_threads
+    for (index_t r = 0; r < n; ++r)
+      for (index_t j = 0; j < fo; ++j) b.sums[static_cast<std::size_t>(j)] += Dc[r * fo + j];
+    b.grad.resize(static_cast<std::size_t>(fo));
+    for (index_t j = 0; j < fo; ++j) b.grad[static_cast<std::size_t>(j)] = static_cast<float>(b.sums[static_cast<std::size_t>(j)]);
     noise_in_place(ps, step, L + l, b.grad.data(), nullptr, 0.0f, den, fo, 1);
     update_dense(ks, rule, layer.b, b.grad.data(), opt.state1[L + l],
                  L + l < opt.state2.size() ? opt.state2[L + l] : nullptr, fo, 1);
@@ -307,10 +308,11 @@ void private_update(const KernelSet& ks, FieldModel& m, Optimizer& opt, const Fi
       const float* sum = at != touched.end() && *at == id ? b.rows_grad.data() + (at - touched.begin()) * dim : nullptr;
       const float* row = f.table + static_cast<index_t>(id) * dim;
       float* g = b.selected_grad.data() + s * dim;
+      double z[2];
       for (index_t j = 0; j < dim; ++j) {
-        double v = (sum ? sum[j] : 0.0) +
-                   std_dev * normal_at(ps.seed, step, stream, static_cast<std::uint64_t>(id) * dim + j) +
-                   static_cast<double>(alpha_f) * row[j];
+        const std::uint64_t k = static_cast<std::uint64_t>(id) * dim + j;
+        if (j == 0 || (k & 1) == 0) normal_pair(ps.seed, step, stream, k >> 1, z);
+        double v = (sum ? sum[j] : 0.0) + std_dev * z[k & 1] + static_cast<double>(alpha_f) * row[j];
         g[j] = static_cast<float>(v / den);
       }
     });
@@ -337,11 +339,22 @@ std::uint64_t noise_key(std::uint64_t seed, std::uint64_t step, std::uint64_t st
 }
 
 double normal_at(std::uint64_t seed, std::uint64_t step, std::uint64_t stream, std::uint64_t index) {
-  // Box-Muller on two uniforms of the key: u1 in (0, 1], u2 in [0, 1).
-  const std::uint64_t key = noise_key(seed, step, stream, index);
+  // Box-Muller on two uniforms of the pair's key (u1 in (0, 1], u2 in [0, 1)): indices 2k and 2k + 1 are the
+  // pair's cosine and sine, two independent standard normals from one logarithm.
+  const std::uint64_t key = noise_key(seed, step, stream, index >> 1);
   const double u1 = (static_cast<double>(mix64(key ^ 1) >> 11) + 1.0) * 0x1.0p-53;
   const double u2 = static_cast<double>(mix64(key ^ 2) >> 11) * 0x1.0p-53;
-  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+  const double r = std::sqrt(-2.0 * std::log(u1)), angle = 6.283185307179586 * u2;
+  return r * ((index & 1) ? std::sin(angle) : std::cos(angle));
+}
+
+void normal_pair(std::uint64_t seed, std::uint64_t step, std::uint64_t stream, std::uint64_t pair, double* out) {
+  const std::uint64_t key = noise_key(seed, step, stream, pair);
+  const double u1 = (static_cast<double>(mix64(key ^ 1) >> 11) + 1.0) * 0x1.0p-53;
+  const double u2 = static_cast<double>(mix64(key ^ 2) >> 11) * 0x1.0p-53;
+  const double r = std::sqrt(-2.0 * std::log(u1)), angle = 6.283185307179586 * u2;
+  out[0] = r * std::cos(angle);
+  out[1] = r * std::sin(angle);
 }
 
 std::vector<std::int64_t> poisson_sample(std::uint64_t seed, std::uint64_t step, index_t n, double q) {
