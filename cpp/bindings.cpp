@@ -24,6 +24,7 @@
 #include "multvae.h"
 #include "parallel.h"
 #include "prepare.h"
+#include "private.h"
 #include "sequential.h"
 #include "topk.h"
 #include "two_tower.h"
@@ -539,6 +540,85 @@ class FieldHandle {
                                  std::ref(signals), n_threads);
     }
     return epoch_tuple(result, opt.adam_t, signals);
+  }
+
+  // ---- Differentially private training (private.h) ----
+  // n_steps DP-SGD steps numbered first_step..: (loss_sum, adam_t, rows, diverged, exception or None).
+  py::tuple train_private(const py::list& mlp_state1, const py::list& mlp_state2, const py::list& keys, py::handle y,
+                          py::handle weight, const py::dict& privacy, float alpha, double denominator,
+                          const std::string& solver, float learning_rate, float momentum, bool nesterov,
+                          float beta_1, float beta_2, float epsilon, std::int64_t adam_t, py::handle sampler_obj,
+                          std::int64_t first_step, std::int64_t n_steps, int n_threads, const std::string& isa,
+                          py::handle progress) {
+    if (!trainable_) throw py::value_error("this field model handle was built for prediction only");
+    const Examples ex = make_examples(model_, keys, y, weight);
+    if (!ex.y) throw py::value_error("y is required for training");
+    Optimizer opt = make_optimizer(solver, true, mlp_state1, mlp_state2, model_.mlp, learning_rate, momentum,
+                                   nesterov, beta_1, beta_2, epsilon, adam_t);
+    check_field_states(model_, opt, solver);
+    if (model_.gmf.field_u >= 0 && !model_.gmf.state1) throw py::value_error("gmf needs state1");
+    if (model_.gmf.field_u >= 0 && opt.solver == Solver::Adam && !model_.gmf.state2)
+      throw py::value_error("gmf needs state2 for 'adam'");
+    const NegativeSampler sampler = make_sampler(sampler_obj);
+    if (sampler.negatives > 0) validate(model_, sampler);
+    if (sampler.seen_indptr)
+      throw py::value_error("private training draws negatives without seen lists (they are other examples' data)");
+    PrivacySettings ps = privacy_settings(privacy);
+    if (ps.count_group.empty())
+      for (std::size_t i = 0; i < model_.fields.size(); ++i) ps.count_group.push_back(static_cast<int>(i));
+    check_count_groups(model_, ps);
+    if (n_steps < 0 || first_step < 0) throw py::value_error("first_step and n_steps must be >= 0");
+    if (!(denominator > 0.0)) throw py::value_error("denominator must be positive");
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    PythonSignals signals(progress);
+    EpochResult result;
+    {
+      const CoreCall call;
+      result = field_private_steps(ks, model_, opt, ex, ps, alpha, denominator, sampler, first_step, n_steps,
+                                   std::ref(signals), n_threads);
+    }
+    return epoch_tuple(result, opt.adam_t, signals);
+  }
+
+  // Each row's gradient norm before clipping for the batch examples[rows] (+ negatives): a test hook.
+  py::array_t<float> example_norms(const py::list& keys, py::handle y, py::handle weight, py::handle rows_obj,
+                                   py::handle sampler_obj, const py::dict& privacy, std::int64_t step, int n_threads,
+                                   const std::string& isa) const {
+    const Examples ex = make_examples(model_, keys, y, weight);
+    if (!ex.y) throw py::value_error("y is required");
+    py::array rows = checked<std::int64_t>(rows_obj, "rows", 1, false);
+    const auto* pr = static_cast<const std::int64_t*>(rows.data());
+    for (index_t r = 0; r < rows.shape(0); ++r)
+      if (pr[r] < 0 || pr[r] >= ex.rows) throw py::value_error("rows must lie in [0, number of examples)");
+    const NegativeSampler sampler = make_sampler(sampler_obj);
+    if (sampler.negatives > 0) validate(model_, sampler);
+    const PrivacySettings ps = privacy_settings(privacy);
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    py::array_t<float> out(rows.shape(0) * (1 + std::max(sampler.negatives, 0)));
+    float* po = out.mutable_data();
+    {
+      const CoreCall call;
+      if (rows.shape(0) > 0)
+        field_example_norms(ks, model_, ex, pr, rows.shape(0), sampler, static_cast<std::uint64_t>(step), ps, po,
+                            n_threads);
+    }
+    return out;
+  }
+
+  static PrivacySettings privacy_settings(const py::dict& d) {
+    PrivacySettings ps;
+    ps.noise_multiplier = d["noise_multiplier"].cast<double>();
+    ps.max_grad_norm = d["max_grad_norm"].cast<double>();
+    ps.sampling_rate = d["sampling_rate"].cast<double>();
+    ps.sparse = d["sparse"].cast<bool>();
+    ps.count_noise = d["count_noise"].cast<double>();
+    ps.threshold = d["threshold"].cast<double>();
+    ps.seed = d["seed"].cast<std::uint64_t>();
+    if (d.contains("count_group")) ps.count_group = d["count_group"].cast<std::vector<int>>();
+    if (!(ps.noise_multiplier >= 0.0) || !(ps.max_grad_norm > 0.0) || !(ps.sampling_rate > 0.0 && ps.sampling_rate <= 1.0))
+      throw py::value_error("privacy needs noise_multiplier >= 0, max_grad_norm > 0 and sampling_rate in (0, 1]");
+    if (ps.sparse && !(ps.count_noise > 0.0)) throw py::value_error("the sparse mechanism needs count_noise > 0");
+    return ps;
   }
 
   py::tuple topk(py::handle sampler_obj, py::handle users_obj, py::handle candidates_obj, index_t k, bool exclude_seen,
@@ -1731,6 +1811,38 @@ PYBIND11_MODULE(_core, m) {
       py::arg("progress") = py::none(), py::arg("sample_weight") = py::none(),
       "One epoch of minibatch training, updating parameters and optimizer state in place. Returns (loss_sum, "
       "adam_t, rows, diverged, exception or None); see docs/DESIGN.md.");
+  // ---- Differentially private training: the random streams (private.h), for tests and oracles ----
+  m.def(
+      "dp_normal",
+      [](std::uint64_t seed, std::uint64_t step, std::uint64_t stream, py::array_t<std::uint64_t> index) {
+        py::array_t<double> out(index.size());
+        for (py::ssize_t k = 0; k < index.size(); ++k)
+          out.mutable_data()[k] = normal_at(seed, step, stream, index.data()[k]);
+        return out;
+      },
+      py::arg("seed"), py::arg("step"), py::arg("stream"), py::arg("index"),
+      "The standard normal numbers of the private training noise stream (seed, step, stream) at `index`.");
+  m.def(
+      "dp_poisson_sample",
+      [](std::uint64_t seed, std::uint64_t step, index_t n, double q) {
+        if (n < 0 || !(q >= 0.0 && q <= 1.0)) throw py::value_error("need n >= 0 and q in [0, 1]");
+        const std::vector<std::int64_t> rows = poisson_sample(seed, step, n, q);
+        return py::array_t<std::int64_t>(static_cast<py::ssize_t>(rows.size()), rows.data());
+      },
+      py::arg("seed"), py::arg("step"), py::arg("n"), py::arg("q"),
+      "The sorted example indices private step `step` trains on (each of n with probability q).");
+  m.def(
+      "dp_binomial",
+      [](std::int64_t trials, double p, std::uint64_t seed) {
+        if (trials < 0 || !(p >= 0.0 && p <= 1.0)) throw py::value_error("need trials >= 0 and p in [0, 1]");
+        std::uint64_t rng = seed;
+        return binomial_draw(trials, p, rng);
+      },
+      py::arg("trials"), py::arg("p"), py::arg("seed"), "A Binomial(trials, p) draw (the sparse mechanism's).");
+  m.attr("DP_STREAMS") = py::dict(py::arg("gmf") = kStreamGmf, py::arg("field_grad") = kStreamFieldGrad,
+                                  py::arg("field_count") = kStreamFieldCount,
+                                  py::arg("false_positive") = kStreamFalsePositive, py::arg("sample") = kStreamSample,
+                                  py::arg("negatives") = kStreamNegatives, py::arg("dropout") = kStreamDropout);
   py::class_<FieldHandle>(m, "FieldHandle",
                           "A validated field model over caller-owned arrays (docs/DESIGN.md, the field model).")
       .def(py::init<const py::dict&, bool>(), py::arg("spec"), py::arg("trainable") = false)
@@ -1748,6 +1860,20 @@ PYBIND11_MODULE(_core, m) {
            py::arg("optimizer"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"),
            py::arg("beta_1"), py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("sampler"),
            py::arg("epoch"), py::arg("n_threads") = 0, py::arg("isa") = "auto", py::arg("progress") = py::none())
+      .def("train_private", &FieldHandle::train_private, py::arg("state1"), py::arg("state2"), py::arg("keys"),
+           py::arg("y"), py::arg("weight"), py::arg("privacy"), py::arg("alpha"), py::arg("denominator"),
+           py::arg("optimizer"), py::arg("learning_rate"), py::arg("momentum"), py::arg("nesterov"),
+           py::arg("beta_1"), py::arg("beta_2"), py::arg("epsilon"), py::arg("adam_t"), py::arg("sampler"),
+           py::arg("first_step"), py::arg("n_steps"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+           py::arg("progress") = py::none(),
+           "DP-SGD steps (cpp/private.h): privacy dict {noise_multiplier, max_grad_norm, sampling_rate, sparse, "
+           "count_noise, threshold, seed}; the noised sum is divided by denominator. Returns (loss_sum, adam_t, "
+           "rows, diverged, exception or None).")
+      .def("example_norms", &FieldHandle::example_norms, py::arg("keys"), py::arg("y"), py::arg("weight"),
+           py::arg("rows"), py::arg("sampler"), py::arg("privacy"), py::arg("step"), py::arg("n_threads") = 0,
+           py::arg("isa") = "auto",
+           "Gradient norm of each row of the batch examples[rows] plus its negatives (drawn as private step "
+           "`step` draws them), before clipping (test hook).")
       .def("topk", &FieldHandle::topk, py::arg("sampler"), py::arg("users"), py::arg("candidates"), py::arg("k"),
            py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto")
       .def("topk_candidates", &FieldHandle::topk_candidates, py::arg("sampler"), py::arg("users"),

@@ -1028,4 +1028,53 @@ double TowerPass::backward(const KernelSet& ks, float alpha, double denominator,
   return loss;
 }
 
+// ---- FieldBatchPass (differentially private training, private.cpp) ----
+FieldBatchPass::FieldBatchPass(const FieldModel& model, index_t rows)
+    : m_(model), ws_(new FieldWorkspace(model, std::max<index_t>(rows, 1), true)) {}
+
+FieldBatchPass::~FieldBatchPass() { delete ws_; }
+
+index_t FieldBatchPass::gather(const Examples& ex, const std::int64_t* rows, index_t n_pos,
+                               const NegativeSampler& sampler, std::uint64_t stream) {
+  gather_examples(ex, rows, n_pos, *ws_);
+  n_ = append_negatives(sampler, n_pos, stream, *ws_);
+  return n_;
+}
+
+double FieldBatchPass::run(const KernelSet& ks, std::uint64_t dropout_stream, int n_threads) {
+  FieldWorkspace& ws = *ws_;
+  const index_t n = n_;
+  batch_bags(m_, n, ws, n_threads, &dropout_stream);
+  index_t dx_cols = 0;
+  for (const EmbeddingField& f : m_.fields)
+    if (f.offset >= 0) dx_cols = std::max(dx_cols, f.offset + f.dim);
+  const Input in = mlp_input(m_, n, ws);
+  Backward pass(ks, m_.mlp, in, 0.0f, static_cast<double>(n), ws.mlp);
+  pass.weight_gradients = false;  // computed from the clipped deltas instead
+  pass.products(
+      n_threads,
+      [&](index_t r0, index_t r1, int threads) {
+        logits_rows(ks, m_, n, ws, r0, r1, threads);
+        loss_rows(m_, ws, r0, r1);
+      },
+      dx_cols > 0 ? ws.dx.data() : nullptr, m_.width, dx_cols);
+  double loss = 0.0;
+  for (index_t c = 0; c < (n + kGradientChunkRows - 1) / kGradientChunkRows; ++c)
+    loss += ws.loss_parts[static_cast<std::size_t>(c)];
+  return loss;
+}
+
+const float* FieldBatchPass::layer_input(std::size_t l) const {
+  return l == 0 ? ws_->x.data() : ws_->mlp.acts[l].data();
+}
+index_t FieldBatchPass::layer_input_ld(std::size_t l) const { return l == 0 ? m_.width : m_.mlp.layers[l].fan_in; }
+const float* FieldBatchPass::delta(std::size_t l) const { return ws_->mlp.deltas[l].data(); }
+const float* FieldBatchPass::dx() const { return ws_->dx.data(); }
+const float* FieldBatchPass::gmf_pooled(int side) const { return ws_->pooled_gmf[static_cast<std::size_t>(side)].data(); }
+const float* FieldBatchPass::gmf_delta(int side) const { return ws_->d_gmf[static_cast<std::size_t>(side)].data(); }
+CsrView FieldBatchPass::bags(std::size_t i) const {
+  const FieldWorkspace::FieldBatch& fb = ws_->fields[i];
+  return CsrView{fb.indptr.data(), fb.ids.data(), fb.weights.data(), n_, m_.fields[i].vocab};
+}
+
 }  // namespace fastrec

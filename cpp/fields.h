@@ -171,6 +171,39 @@ class RowPredictor {
   FieldWorkspace* ws_;
 };
 
+// ---- Differentially private training (private.cpp) ----
+// One training batch of a field model, pass by pass: the examples' rows plus sampled negatives, then the
+// forward pass, the loss and the backward products, leaving for the caller to read (per example: not
+// divided by the row count) every layer's output gradient, the input gradient dx and the GMF vectors'
+// gradients. No parameter is updated. A private step clips and noises these before any update.
+class FieldBatchPass {
+ public:
+  FieldBatchPass(const FieldModel& model, index_t rows);
+  ~FieldBatchPass();
+  FieldBatchPass(const FieldBatchPass&) = delete;
+  FieldBatchPass& operator=(const FieldBatchPass&) = delete;
+  // Gathers examples[rows[0:n_pos]] and sampler.negatives negatives per positive drawn from `stream` (row
+  // n_pos + p * negatives + j is positive p's j-th); returns the row count.
+  index_t gather(const Examples& ex, const std::int64_t* rows, index_t n_pos, const NegativeSampler& sampler,
+                 std::uint64_t stream);
+  // Forward and backward passes over the gathered rows (field dropout from dropout_stream); returns the data
+  // loss summed over the rows (not finite when the batch diverged).
+  double run(const KernelSet& ks, std::uint64_t dropout_stream, int n_threads);
+  index_t rows() const { return n_; }
+  const float* layer_input(std::size_t l) const;  // rows x fan_in(l), ld layer_input_ld(l)
+  index_t layer_input_ld(std::size_t l) const;
+  const float* delta(std::size_t l) const;        // rows x fan_out(l): dLoss/d(layer l's pre-activation)
+  const float* dx() const;                        // rows x width: dLoss/dx (the columns of MLP fields)
+  const float* gmf_pooled(int side) const;        // rows x dim, side 0: field_u, 1: field_v
+  const float* gmf_delta(int side) const;
+  CsrView bags(std::size_t field) const;          // the batch's bag of each row for field i
+
+ private:
+  const FieldModel& m_;
+  FieldWorkspace* ws_;
+  index_t n_ = 0;
+};
+
 // Per-handle cache of top-k: the item-keyed inputs times W_0 for every item (n_items x fan_out(0)) and the
 // items' pooled GMF vectors. Built on the first top-k call; valid while the parameters do not change.
 // Concurrent top-k calls on one handle are safe while they rank the same n_items (as a Recommender's do):

@@ -309,7 +309,7 @@ void Backward::layer_rows(std::size_t l, index_t r0, index_t r1, int n_threads) 
   const float* D = ws_.deltas[l].data();
   const float* A = input(l);
   const index_t lda = input_ld(l);
-  for (index_t c0 = r0; chunked_ && c0 < r1; c0 += kGradientChunkRows) {
+  for (index_t c0 = r0; chunked_ && weight_gradients && c0 < r1; c0 += kGradientChunkRows) {
     const index_t rows = std::min(kGradientChunkRows, r1 - c0);
     float* part = ws_.grad_parts.data() + part_at_[l] + c0 / kGradientChunkRows * part_size_[l];
     if (!(l == 0 && X_.sparse))
@@ -354,9 +354,9 @@ void Backward::products(int n_threads, const BlockPrologue& prologue, float* dx,
     const float* D = ws_.deltas[l].data();
     // db = mean of D over rows (rows in order: deterministic), summed in the ISA kernel's registers.
     float* gb = ws_.grad_b.data() + b_at_[l];
-    ks_.row_sum(ws_.ones.data(), ws_.row_ids.data(), n, D, layer.fan_out, layer.fan_out, gb);
-    for (index_t j = 0; j < layer.fan_out; ++j) gb[j] *= inv_n_;
-    if (!(l == 0 && X_.sparse)) {
+    if (weight_gradients) ks_.row_sum(ws_.ones.data(), ws_.row_ids.data(), n, D, layer.fan_out, layer.fan_out, gb);
+    for (index_t j = 0; weight_gradients && j < layer.fan_out; ++j) gb[j] *= inv_n_;
+    if (weight_gradients && !(l == 0 && X_.sparse)) {
       const Epilogue eg = weight_epilogue(l);
       sgemm(ks_, true, false, layer.fan_in, layer.fan_out, n, input(l), input_ld(l), D, layer.fan_out,
             ws_.grad_w.data() + w_at_[l], layer.fan_out, &eg, n_threads);

@@ -171,6 +171,9 @@ class Backward {
   // region as the chunk sums (handed out first, to whichever thread is free).
   double apply(GradientSink& sink, int n_threads, std::int64_t extra_tasks = 0,
                const std::function<void(std::int64_t)>& extra = nullptr);
+  // false: products() only propagates the deltas (and dx), computing no weight gradient (DP-SGD computes its
+  // own from clipped deltas, cpp/private.cpp); apply() must not be called then.
+  bool weight_gradients = true;
 
  private:
   Epilogue weight_epilogue(std::size_t l) const;

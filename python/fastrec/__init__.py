@@ -9,6 +9,7 @@ from fastrec.ease import EASE
 from fastrec.fields import FieldModel
 from fastrec.mlp import MLPClassifier, MLPRegressor
 from fastrec.multvae import MultDAE, MultVAE
+from fastrec.privacy import DPConfig
 from fastrec.recommender import Recommender
 from fastrec.sequential import SequentialRecommender
 from fastrec.two_tower import TwoTower
@@ -16,6 +17,6 @@ from fastrec.two_stage import TwoStage
 
 _check_isa_environment()  # a mistyped FASTREC_ISA would otherwise be ignored silently by the core
 
-__all__ = ["AutoRec", "EASE", "FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor", "MultDAE",
-           "MultVAE", "Recommender", "SequentialRecommender", "TwoTower", "TwoStage", "available_isas", "show_config",
+__all__ = ["AutoRec", "DPConfig", "EASE", "FieldModel", "ModelFileError", "load", "MLPClassifier", "MLPRegressor",
+           "MultDAE", "MultVAE", "Recommender", "SequentialRecommender", "TwoTower", "TwoStage", "available_isas", "show_config",
            "__version__"]

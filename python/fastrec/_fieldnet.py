@@ -466,7 +466,9 @@ def _run_epochs(est, net, handle, keys, y, weight, n, rng, epochs, state, *, sam
         if sampler is not None:
             sampler["seed"] = int(rng.randint(0, 2**31 - 1))
         progress = _Progress(est.verbose, epoch, epochs, n)
-        loss_sum, rows, diverged, error = net.train_epoch(
+        # A private fit trains through fastrec.privacy's epoch instead (DP-SGD steps).
+        train_epoch = getattr(est, "_private_train_epoch", None) or net.train_epoch
+        loss_sum, rows, diverged, error = train_epoch(
             handle, keys, y, weight, order, batch_size=int(est.batch_size), alpha=alpha,
             learning_rate=learning_rate, momentum=float(est.momentum),
             nesterov=bool(est.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler,

@@ -185,7 +185,7 @@ class Recommender(RecommenderBase):
                  batch_size=256, negatives=4,
                  negative_sampling="uniform", id_dropout=0.05, momentum=0.9, nesterovs_momentum=True,
                  validation_metric="auto", early_stopping=True, validation_fraction=0.1, n_iter_no_change=5,
-                 clip_predictions=True, random_state=None, n_threads=None, verbose=False):
+                 clip_predictions=True, random_state=None, n_threads=None, verbose=False, privacy=None):
         self.embedding_dim = embedding_dim
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -214,6 +214,7 @@ class Recommender(RecommenderBase):
         self.random_state = random_state
         self.n_threads = n_threads
         self.verbose = verbose
+        self.privacy = privacy
 
 
     # ------------------------------------------------------------------------------------ validation
@@ -252,11 +253,34 @@ class Recommender(RecommenderBase):
         loss = self.loss if self.loss != "auto" else ("bce" if implicit else "mse")
         if implicit and loss == "mse":
             raise ValueError("loss='mse' needs ratings; implicit feedback (ratings=None) trains with 'bce'")
+        if self.privacy is not None:
+            self._check_privacy()
         return hidden, loss
+
+    def _check_privacy(self):
+        """What private training (fastrec.privacy) cannot protect is refused, naming the parameter."""
+        from fastrec.privacy import DPConfig
+
+        if not isinstance(self.privacy, DPConfig):
+            raise TypeError(f"privacy must be a fastrec.DPConfig or None, got {type(self.privacy).__name__}")
+        self.privacy.check()
+        for name in _HISTORY:  # a history bag holds the user's other interactions: one example reaches many
+            if getattr(self, name) is True:
+                raise ValueError(f"{name}=True cannot be trained privately (each history bag holds other "
+                                 "interactions): set it to False or 'auto'")
+        if self.negative_sampling != "uniform":
+            raise ValueError("negative_sampling='popularity' draws from the interaction counts: private training "
+                             "needs negative_sampling='uniform'")
+        if self.early_stopping:
+            raise ValueError("early_stopping holds out interactions and picks an epoch with them, outside the "
+                             "privacy guarantee: set early_stopping=False with privacy (or pass validation_data "
+                             "of your own, which the guarantee does not cover)")
 
     def _setting(self, name, loss):
         """Parameter `name` with "auto" resolved for this loss (_AUTO)."""
         value = getattr(self, name)
+        if name in _HISTORY and _is_auto(value) and getattr(self, "privacy", None) is not None:
+            return False  # history bags are not trained privately (_check_privacy)
         return _AUTO[loss][name] if _is_auto(value) else value
 
 
@@ -316,6 +340,11 @@ class Recommender(RecommenderBase):
                 self.net_.tables[i][f.vocab - n_item_ids] = 0.0
         self.net_.reset_optimizer(self.optimizer)
         self.loss_ = loss
+        self._privacy_run = None
+        if self.privacy is not None:
+            from fastrec.privacy import PrivateRun
+
+            self._privacy_run = PrivateRun(self.privacy, seed=int(rng.randint(0, 2**31 - 1)))
 
     def _grow_model(self, user_rows, item_rows, tables, old):
         """Grow the tables, bags and dense tables to the entities added (RecommenderBase hook); on any error
@@ -415,11 +444,23 @@ class Recommender(RecommenderBase):
             def fn():  # a prediction handle built in an earlier epoch holds that epoch's MLP: build a new one
                 self._predictor = None
                 return score()
-        run_epochs(self, self.net_, handle, [user_rows, item_rows], y, weight, len(y), self._rng, epochs,
-                   sampler=sampler, validate=fn, alpha=self._setting("alpha", self.loss_),
-                   learning_rate=self._setting("learning_rate", self.loss_), metric=metric, higher_is_better=higher,
-                   advice=", a moderate alpha or embedding_alpha (too strong a penalty diverges too), or scaled "
-                          "ratings and numeric features")
+        run = getattr(self, "_privacy_run", None)
+        if run is not None:  # DP-SGD (fastrec.privacy): uniform negatives, never from the seen lists
+            from fastrec.privacy import count_groups, private_epoch_runner
+
+            sampler = dict(sampler, cdf=None, seen=None)
+            plan = run.plan(len(y), int(self.batch_size), epochs, count_groups(self.net_.fields)[1],
+                            sampler["negatives"])
+            self._private_train_epoch = private_epoch_runner(self, run, plan)
+        try:
+            run_epochs(self, self.net_, handle, [user_rows, item_rows], y, weight, len(y), self._rng, epochs,
+                       sampler=sampler, validate=fn, alpha=self._setting("alpha", self.loss_),
+                       learning_rate=self._setting("learning_rate", self.loss_), metric=metric,
+                       higher_is_better=higher,
+                       advice=", a moderate alpha or embedding_alpha (too strong a penalty diverges too), or scaled "
+                              "ratings and numeric features")
+        finally:
+            self.__dict__.pop("_private_train_epoch", None)
         self._predictor = None
 
     def _score_pairs(self, user_rows, item_rows):

@@ -1459,3 +1459,89 @@ def multvae_loss_and_gradients(coefs, intercepts, n_encoder, variational, X, inp
             D = d_in
     loss = nll + (beta * kl if variational else 0.0) + l2 * penalty
     return loss, nll, kl, coef_grads, intercept_grads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Differentially private training (issue 16; cpp/private.h): one DP-SGD step, example by example
+# ----------------------------------------------------------------------------------------------------------
+
+def field_private_step(spec, keys, y, weight, *, max_grad_norm, noise_multiplier, denominator, alpha,
+                       learning_rate, noise, sparse=False, count_noise=1.0, threshold=0.0, count_group=None):
+    """One plain-SGD DP-SGD step of the field model on the batch `keys` (every row one example, no negatives),
+    with explicit per-example gradients (``field_loss_and_gradients`` on each example alone, alpha 0).
+
+    Returns ``(new_spec_arrays, norms, selected)``: the updated copies of coefs, intercepts, gmf w and tables
+    (dict), each example's gradient norm before clipping, and per field the rows updated. The rules:
+
+    * c_r = min(1, C / ||g_r||); S = sum_r c_r g_r over every parameter (duplicate rows of a bag merged, as
+      the dense table gradient of one example merges them);
+    * dense arrays (MLP W_l, b_l, GMF w): g = (S + sigma C z + alpha p) / denominator (no alpha on biases),
+      z = noise(stream, indices) with stream l for W_l, L + l for b_l, DP_STREAMS["gmf"] for w;
+    * tables: rows selected (all rows, or with ``sparse`` those whose count plus count_noise * z_count exceeds
+      threshold, z_count = noise(DP_STREAMS["field_count"] + group, row), each example adding 1/sqrt(k) to
+      each of the k distinct rows it reads in the group's fields) get g = (S + sigma C z + alpha_f E) /
+      denominator, z = noise(DP_STREAMS["field_grad"] + i, row * dim + j); other rows do not change;
+    * p -= learning_rate * g.
+    """
+    from fastrec import _core
+
+    streams = _core.DP_STREAMS
+    spec = float64_copy(spec)
+    n = len(y)
+    per = []
+    for r in range(n):
+        _, tg, gg, cg, ig = field_loss_and_gradients(spec, [np.asarray(k)[r:r + 1] for k in keys],
+                                                     np.asarray(y)[r:r + 1],
+                                                     None if weight is None else np.asarray(weight)[r:r + 1], 0.0)
+        per.append((tg, gg, cg, ig))
+    norms = np.array([np.sqrt(sum(float((a ** 2).sum()) for part in p for a in
+                                  (part if isinstance(part, list) else [part]) if a is not None)) for p in per])
+    C, sigma = float(max_grad_norm), float(noise_multiplier)
+    scale = np.minimum(1.0, C / np.maximum(norms, 1e-300))
+
+    def clipped_sum(pick):
+        return sum(scale[r] * pick(per[r]) for r in range(n))
+
+    L = len(spec["coefs"])
+    out = {"coefs": [], "intercepts": [], "tables": [], "gmf_w": None}
+    for l in range(L):
+        W, b = spec["coefs"][l], spec["intercepts"][l]
+        zw = noise(l, np.arange(W.size)).reshape(W.shape)
+        zb = noise(L + l, np.arange(b.size))
+        gW = (clipped_sum(lambda p: p[2][l]) + sigma * C * zw + alpha * W) / denominator
+        gb = (clipped_sum(lambda p: p[3][l]) + sigma * C * zb) / denominator
+        out["coefs"].append(W - learning_rate * gW)
+        out["intercepts"].append(b - learning_rate * gb)
+    if spec.get("gmf") is not None:
+        w = spec["gmf"]["w"]
+        g = (clipped_sum(lambda p: p[1]) + sigma * C * noise(streams["gmf"], np.arange(w.size)) + alpha * w)
+        out["gmf_w"] = w - learning_rate * g / denominator
+    fields = spec["fields"]
+    groups = count_group if count_group is not None else list(range(len(fields)))
+    selected = []
+    for i, f in enumerate(fields):
+        E = f["table"]
+        V, d = E.shape
+        if not sparse:
+            rows = np.arange(V)
+        else:
+            members = [j for j in range(len(fields)) if groups[j] == groups[i]]
+            counts = np.zeros(V)
+            for r in range(n):
+                ids = set()
+                for j in members:
+                    indptr, bag_ids, _ = fields[j]["bags"]
+                    q = int(np.asarray(keys[fields[j]["key"]])[r])
+                    ids.update(int(x) for x in bag_ids[indptr[q]:indptr[q + 1]])
+                for x in ids:
+                    counts[x] += 1.0 / np.sqrt(len(ids))
+            z = noise(streams["field_count"] + groups[i], np.arange(V))
+            rows = np.flatnonzero(counts + count_noise * z > threshold)
+        selected.append(rows)
+        alpha_f = f["alpha"] if f.get("alpha") is not None else alpha
+        S = clipped_sum(lambda p: p[0][i])
+        z = noise(streams["field_grad"] + i, (rows[:, None] * d + np.arange(d)).ravel()).reshape(len(rows), d)
+        new = E.copy()
+        new[rows] -= learning_rate * (S[rows] + sigma * C * z + alpha_f * E[rows]) / denominator
+        out["tables"].append(new)
+    return out, norms, selected
