@@ -654,3 +654,14 @@ def test_every_sequential_parameter_has_a_train_option():
     defaults = fastrec.SequentialRecommender().get_params()
     assert [p for p in defaults if p not in vars(args)] == []
     assert cli._recommender(args).get_params() == defaults
+
+
+def test_privacy_option_builds_a_dp_config():
+    pytest.importorskip("dp_accounting")
+    args = cli._parser().parse_args(["train", "d.csv", "-o", "m", "--privacy",
+                                     '{"target_epsilon": 8, "delta": 1e-5, "max_grad_norm": 0.5}'])
+    config = cli._recommender(args).privacy
+    assert isinstance(config, fastrec.DPConfig)
+    assert (config.target_epsilon, config.delta, config.max_grad_norm) == (8, 1e-5, 0.5)
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["train", "d.csv", "-o", "m", "--privacy", '{"eps": 8}'])

@@ -291,6 +291,8 @@ _HYPER_PARAMETERS = [
     ("--beta-max", "beta_max", float, "multvae: cap of the KL weight beta"),
     ("--anneal-steps", "anneal_steps", "int-auto", "multvae: Adam steps over which beta rises by 1 (capped at "
      "--beta-max; auto: beta_max at 80%% of the steps)"),
+    ("--privacy", "privacy", "dpconfig", "recommender: differentially private training, fastrec.DPConfig's parameters "
+     "as JSON, e.g. '{\"target_epsilon\": 8, \"delta\": 1e-5}' (needs fastrec[privacy])"),
 ]
 
 
@@ -310,6 +312,16 @@ def _json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"M\": 32}}'; got {text!r}")
     return value
+
+
+def _dp_config(text: str):
+    """--privacy's JSON object as a fastrec.DPConfig."""
+    from fastrec.privacy import DPConfig
+
+    try:
+        return DPConfig(**_json_object(text))
+    except TypeError as e:
+        raise argparse.ArgumentTypeError(f"not a DPConfig: {e}") from None
 
 
 def _model_params(name: str) -> dict:
@@ -746,6 +758,8 @@ def _parser() -> argparse.ArgumentParser:
             g.add_argument(option, dest=param, type=_int_or_auto, metavar="N|auto", help=text)
         elif kind == "json":
             g.add_argument(option, dest=param, type=_json_object, metavar="JSON", help=text)
+        elif kind == "dpconfig":
+            g.add_argument(option, dest=param, type=_dp_config, metavar="JSON", help=text)
         else:
             metavar = {int: "N", float: "X", str: "NAME"}[kind]
             g.add_argument(option, dest=param, type=kind, metavar=metavar, help=text)
