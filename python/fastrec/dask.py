@@ -5,10 +5,12 @@ Install with ``pip install 'fastrec[dask]'``. ``DaskRecommender`` takes dask arr
 - Ids are mapped the same way everywhere: every partition's distinct ids are gathered once (a distributed
   unique) and each worker builds its replica of the model from them and the seed, so the replicas start equal.
 - Each replica trains the C++ core on the partitions assigned to it, where they live, with all its threads.
-  Every ``sync_every`` batches (or once per epoch) the replicas are combined: dense weights averaged over the
-  replicas that trained in the round, and each embedding row (with its optimizer state) averaged over the
-  replicas that changed it. Only those rows travel: the bytes of a round follow the rows touched, not the
-  table sizes. The driver keeps the combined model, which ``to_local()`` returns.
+  Every ``sync_every`` batches (or once per epoch) the replicas are combined on the workers: the core marks
+  the rows it updates, each replica sends those rows to the replica that owns their shard of the table, the
+  owner gives each row its old value plus every replica's change (optimizer state: the mean) and sends the
+  combined shard to the others; dense weights are averaged over the replicas that trained. Only touched rows
+  travel: the bytes of a round follow the rows touched, not the table sizes. The driver orchestrates and
+  collects the model once, at the end (``to_local()``).
 - Given the same partitions, workers count, seed and ``sync_every``, the result is the same on every run: a
   replica's partitions depend on their order only, not on where Dask placed them.
 - A worker that dies, restarts or stalls during a fit never hangs it: the fit raises ``WorkerLostError`` naming
@@ -124,7 +126,8 @@ def _vocabulary_digest(est):
 
     h = hashlib.sha256()
     for a in (est._users.ids, est._items.ids, *est.net_._arrays()):
-        h.update(np.ascontiguousarray(a).tobytes())
+        buf = np.ascontiguousarray(a)
+        h.update(buf.tobytes() if buf.dtype.hasobject else memoryview(buf).cast("B"))  # no copy of the tables
     return h.hexdigest()
 
 
