@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--score-users", type=int, default=20_000)
     ap.add_argument("--data", default="/tmp/fastrec_bench_dask/interactions")
+    ap.add_argument("--what", choices=("fit", "top10", "both"), default="both",
+                    help="top10 alone scores a model fitted once (untimed) and saved beside the data")
     args = ap.parse_args()
 
     import dask.array as da
@@ -72,31 +74,57 @@ def main():
     results = {1: {"fit": [], "top10": []}, 2: {"fit": [], "top10": []}}
     print(f"# {args.interactions:,} interactions, {args.users:,} users, {args.items:,} items; "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
+    fit_kwargs = dict(user_features=user_features, item_features=item_features,
+                      feature_types={"region": "categorical", "age": "numeric", "category": "categorical"})
+    model = None
+    if args.what == "top10":  # a model fitted once (not timed), saved beside the data, scored in every round
+        import fastrec
+
+        path = f"{args.data}/../model.fastrec"
+        if not os.path.exists(path):
+            with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                              memory_limit=None) as cluster, Client(cluster) as client:
+                frame = dd.read_parquet(args.data)
+                DaskRecommender(client=client, **params).fit(frame["user"], frame["item"], **fit_kwargs
+                                                             ).to_local().save(path)
+        model = fastrec.load(path)
     for r in range(args.rounds):
         for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
             with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                               memory_limit=None) as cluster, Client(cluster) as client:
-                frame = dd.read_parquet(args.data)
-                start = time.perf_counter()
-                dm = DaskRecommender(client=client, **params).fit(
-                    frame["user"], frame["item"], user_features=user_features, item_features=item_features,
-                    feature_types={"region": "categorical", "age": "numeric", "category": "categorical"})
-                fit_s = time.perf_counter() - start
-                results[workers]["fit"].append(args.interactions / fit_s)
-                users = da.from_array(score_users, chunks=-(-len(score_users) // (4 * workers)))
-                start = time.perf_counter()
-                top = dm.recommend(users, k=10).compute()
-                top_s = time.perf_counter() - start
-                assert len(top) == 10 * len(score_users)
-                results[workers]["top10"].append(len(score_users) / top_s)
-                print(f"round {r} workers {workers}: fit {fit_s:.1f} s ({args.interactions / fit_s:,.0f}/s; "
-                      f"epoch {dm.to_local().history_['seconds'][0]:.1f} s), top-10 {top_s:.1f} s; bytes per "
-                      f"round {[f'{b / 1e6:.0f} MB' for b in dm.round_bytes_]} (every replica's changed rows + the combined "
-                      f"rows sent to each; the tables with their optimizer state: {table_bytes(dm) / 1e6:.0f} MB "
-                      f"per copy); "
-                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+                line = f"round {r} workers {workers}:"
+                if args.what in ("fit", "both"):
+                    frame = dd.read_parquet(args.data)
+                    start = time.perf_counter()
+                    dm = DaskRecommender(client=client, **params).fit(frame["user"], frame["item"], **fit_kwargs)
+                    fit_s = time.perf_counter() - start
+                    results[workers]["fit"].append(args.interactions / fit_s)
+                    st = dm.round_stats_
+                    touched = [round(x["touched_bytes"] / 1e6) for x in st]
+                    line += (f" fit {fit_s:.1f} s ({args.interactions / fit_s:,.0f}/s; epoch "
+                             f"{dm.to_local().history_['seconds'][0]:.1f} s, of which training {st[0]['train_s']:.1f} "
+                             "s on the slowest replica); phases " +
+                             ", ".join(f"{k} {v:.1f} s" for k, v in dm.phase_seconds_.items()) +
+                             f"\n    bytes per round exchanged between workers "
+                             f"{[f'{b / 1e6:.0f} MB' for b in dm.round_bytes_]} (rows touched in the round, with their "
+                             f"optimizer state: {[f'{x} MB' for x in touched]}); to the driver at the end "
+                             f"{dm.final_bytes_ / 1e6:.0f} MB; tables with their optimizer state "
+                             f"{table_bytes(dm) / 1e6:.0f} MB per copy\n   ")
+                else:
+                    dm = DaskRecommender.from_local(model, client=client)
+                if args.what in ("top10", "both"):
+                    users = da.from_array(score_users, chunks=-(-len(score_users) // (4 * workers)))
+                    start = time.perf_counter()
+                    top = dm.recommend(users, k=10).compute()
+                    top_s = time.perf_counter() - start
+                    assert len(top) == 10 * len(score_users)
+                    results[workers]["top10"].append(len(score_users) / top_s)
+                    line += f" top-10 {top_s:.1f} s ({len(score_users) / top_s:,.0f} users/s);"
+                print(f"{line} load {os.getloadavg()[0]:.2f}", flush=True)
     print("\n| what | 1 worker | 2 workers | ratio per round |\n|---|---|---|---|")
     for what, unit in (("fit", "interactions/s"), ("top10", "users/s")):
+        if not results[1][what]:
+            continue
         one, two = np.array(results[1][what]), np.array(results[2][what])
         ratio = two / one
         print(f"| {what} ({unit}) | {np.median(one):,.0f} [{one.min():,.0f}-{one.max():,.0f}] | "

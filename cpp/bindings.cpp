@@ -291,6 +291,9 @@ FieldModel make_field_model(const py::dict& spec, bool writeable) {
     e.state1 = f.contains("state1") ? flat_array_or_null(f["state1"], name + ".state1", s1_size) : nullptr;
     e.state1_size = e.state1 ? s1_size : 0;
     e.state2 = f.contains("state2") ? flat_array_or_null(f["state2"], name + ".state2", e.vocab * e.dim) : nullptr;
+    // fastrec.dask: optional uint8 (vocab) marks of the rows training updated (set, never cleared, by the core)
+    if (f.contains("touched") && !f["touched"].is_none())
+      e.touched = flat_array<std::uint8_t>(f["touched"], name + ".touched", e.vocab, true);
     m.fields.push_back(e);
   }
   const py::list dense = spec["dense"].cast<py::list>();

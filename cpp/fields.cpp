@@ -387,6 +387,11 @@ std::int32_t draw_negative(const NegativeSampler& s, std::int32_t user, std::uin
   return item;
 }
 
+void mark_touched(EmbeddingField& f, const TouchedRows& touched) {
+  if (!f.touched) return;
+  for (const auto id : touched.ids) f.touched[id] = 1;
+}
+
 UpdateRule embedding_rule(const UpdateRule& dense_rule) {
   UpdateRule r = dense_rule;
   if (dense_rule.kind == UpdateKind::Sgd) r.kind = UpdateKind::PlainSgd;
@@ -561,6 +566,7 @@ EpochResult field_train_epoch(const KernelSet& ks, FieldModel& m, Optimizer& opt
         [&](std::size_t i, const TouchedRows& touched, const float* G, int field_threads) {
           EmbeddingField& f = m.fields[i];
           update_touched_rows(ks, row_rule, touched, f.table, f.dim, G, f.state1, f.state2, field_threads);
+          mark_touched(f, touched);
         },
         [&](const float* g) {
           const index_t d = m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim;

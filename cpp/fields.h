@@ -41,7 +41,13 @@ struct EmbeddingField {
   float* state1 = nullptr;  // optimizer state: vocab x dim (adam m), vocab (row-wise adagrad), or none (sgd)
   float* state2 = nullptr;  // adam v
   index_t state1_size = 0;  // floats in state1, checked against the optimizer before training
+  // Optional, vocab bytes: training sets touched[row] = 1 for every row it updates (never clears it), so a
+  // caller combining replicas (fastrec.dask) ships only those rows instead of comparing whole tables.
+  std::uint8_t* touched = nullptr;
 };
+
+// Marks the rows of `touched` in field f's touched array (if it has one): O(rows), not O(vocab).
+void mark_touched(EmbeddingField& f, const TouchedRows& touched);
 
 struct DenseBlock {
   const float* table = nullptr;  // rows x cols

@@ -455,6 +455,7 @@ EpochResult two_tower_train_epoch(const KernelSet& ks, TwoTowerModel& m, const T
         return [&ks, &row_rule, &tower](std::size_t i, const TouchedRows& touched, const float* G, int threads_f) {
           EmbeddingField& f = tower.fields[i];
           update_touched_rows(ks, row_rule, touched, f.table, f.dim, G, f.state1, f.state2, threads_f);
+          mark_touched(f, touched);
         };
       };
       UpdateSink us(ks, m.user.mlp, opt_user, rule), is(ks, m.item.mlp, opt_item, rule);

@@ -177,3 +177,21 @@ def test_bad_arguments_name_what_is_wrong(threads_client):
         DaskRecommender(client=threads_client, no_such_parameter=1)
     with pytest.raises(ValueError, match="not fitted"):
         DaskRecommender(client=threads_client).to_local()
+
+
+def test_a_round_ships_the_rows_it_touched_not_the_tables(threads_client):
+    # Thousands of users, but a round (one batch of 64 per replica) touches few of their rows (the history
+    # fields, off here, read every item a user saw: their rows follow the batch's histories).
+    u, i, r = data(n=4000, users=20_000)
+    params = {**PARAMS, "epochs": 1, "batch_size": 64, "user_history": False, "item_history": False}
+    dm = DaskRecommender(client=threads_client, sync_every=1, **params).fit(
+        chunked(u, 2), chunked(i, 2), chunked(r, 2))
+    net = dm.to_local().net_
+    tables = sum(a.nbytes for a in net.tables + net.table_state1 + net.table_state2 if a is not None)
+    assert len(dm.round_bytes_) >= 30
+    for sent, stats in zip(dm.round_bytes_, dm.round_stats_):
+        # What a replica touched goes at most once to the owner of its rows and comes back once combined.
+        assert 0 < sent <= 2 * stats["touched_bytes"]
+    assert max(dm.round_bytes_) < tables / 10
+    # The model collected at the end: the rows some round changed, each once (with an int32 id).
+    assert dm.final_bytes_ <= tables + 4 * sum(len(t) for t in net.tables)

@@ -293,6 +293,9 @@ class FieldNet:
             if self.optimizer is not None:
                 entry["state_kind"] = {"sgd": "none", "adagrad": "row", "adam": "full"}[self.optimizer]
                 entry["state1"], entry["state2"] = self.table_state1[i], self.table_state2[i]
+            marks = self.__dict__.get("touched_marks")  # fastrec.dask: the core marks the rows it updates
+            if training and marks is not None:
+                entry["touched"] = marks[i]
             fields.append(entry)
         dense = [{"table": t, "key": b.key, "offset": o} for t, b, o in zip(dense_tables, self.dense,
                                                                            self.dense_offsets)]
@@ -318,6 +321,12 @@ class FieldNet:
             self.state1, self.state2, keys, y, weight, order, batch_size, alpha, self.optimizer, learning_rate,
             momentum, nesterov, beta_1, beta_2, epsilon, self.adam_t, sampler, epoch, n_threads, "auto", progress)
         return loss_sum, rows, diverged, error
+
+    def track_touched(self, on=True):
+        """Training handles built after this mark, in `touched_marks[i]` (uint8, one per row of table i), every
+        row of table i that an update wrote; the marks are never cleared by the core (zero them to reset).
+        Used by fastrec.dask to ship only the rows a round touched."""
+        self.touched_marks = [np.zeros(len(t), np.uint8) for t in self.tables] if on else None
 
     def _arrays(self):
         """Every learned array and its optimizer state (the in-place targets of training)."""

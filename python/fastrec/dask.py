@@ -5,10 +5,12 @@ Install with ``pip install 'fastrec[dask]'``. ``DaskRecommender`` takes dask arr
 - Ids are mapped the same way everywhere: every partition's distinct ids are gathered once (a distributed
   unique) and each worker builds its replica of the model from them and the seed, so the replicas start equal.
 - Each replica trains the C++ core on the partitions assigned to it, where they live, with all its threads.
-  Every ``sync_every`` batches (or once per epoch) the replicas are combined: dense weights averaged over the
-  replicas that trained in the round, and each embedding row (with its optimizer state) averaged over the
-  replicas that changed it. Only those rows travel: the bytes of a round follow the rows touched, not the
-  table sizes. The driver keeps the combined model, which ``to_local()`` returns.
+  Every ``sync_every`` batches (or once per epoch) the replicas are combined on the workers: the core marks
+  the rows it updates, each replica sends those rows to the replica that owns their shard of the table, the
+  owner gives each row its old value plus every replica's change (optimizer state: the mean) and sends the
+  combined shard to the others; dense weights are averaged over the replicas that trained. Only touched rows
+  travel: the bytes of a round follow the rows touched, not the table sizes. The driver orchestrates and
+  collects the model once, at the end (``to_local()``).
 - Given the same partitions, workers count, seed and ``sync_every``, the result is the same on every run: a
   replica's partitions depend on their order only, not on where Dask placed them.
 - A worker that dies, restarts or stalls during a fit never hangs it: the fit raises ``WorkerLostError`` naming
@@ -45,14 +47,25 @@ _REPLICAS: dict = {}  # (job, replica) -> _Replica, in each worker process
 
 
 class _Replica:
-    """A worker's copy of the model and its rows."""
+    """A worker's copy of the model and its rows, and the shard of every table it combines (rows
+    [bounds[j][replica], bounds[j][replica + 1]) of table j)."""
 
-    def __init__(self, est, user_rows, item_rows, y, weight, seed):
+    def __init__(self, est, user_rows, item_rows, y, weight, seed, replica, n_replicas):
         self.est, self.keys, self.y, self.weight = est, [user_rows, item_rows], y, weight
         self.n = len(y)
         self.order, self.pos, self.epoch_seed = None, 0, 0
         # Replica 0 continues the model's own stream (so one worker reproduces a local fit); others their own.
         self.rng = est._rng if seed is None else np.random.RandomState(seed)
+        self.replica, self.n_replicas = replica, n_replicas
+        net = est.net_
+        net.track_touched()  # the core marks the rows it updates: a round ships those, never whole tables
+        self.bounds = [[len(t) * s // n_replicas for s in range(n_replicas + 1)] for t in net.tables]
+        lo_hi = [(b[replica], b[replica + 1]) for b in self.bounds]
+        # The shard's rows as of the last combine (the "old" of old + sum of changes); one replica needs none.
+        self.shadow = None if n_replicas == 1 else [
+            tuple(None if a is None else a[lo:hi].copy() for a in arrays) for arrays, (lo, hi) in
+            zip(_tables(net), lo_hi)]
+        self.changed = [np.zeros(hi - lo, np.uint8) for lo, hi in lo_hi]  # shard rows combined during the fit
 
 
 def _part(users, items, ratings, weight):
@@ -89,7 +102,7 @@ def _build(spec):
     return est
 
 
-def _start(job, replica, source, seed, *parts):
+def _start(job, replica, n_replicas, source, seed, *parts):
     """Replica `replica`: the model built from `source` (a spec: first fit) or a copy of it (a fitted model:
     partial_fit), with these partitions' rows and seen pairs. Returns their item counts and the digest."""
     import copy
@@ -103,7 +116,7 @@ def _start(job, replica, source, seed, *parts):
     n_i = len(est._items) + 1
     est._seen = _merge_seen(*est._seen, u, i, n_i)
     y = np.ones(len(u), np.float32) if est.implicit_ else (ratings - est.rating_mean_).astype(np.float32)
-    _REPLICAS[(job, replica)] = _Replica(est, u, i, y, weight, seed)
+    _REPLICAS[(job, replica)] = _Replica(est, u, i, y, weight, seed, replica, n_replicas)
     return np.bincount(i, minlength=n_i).astype(np.float64), _vocabulary_digest(est)
 
 
@@ -113,7 +126,8 @@ def _vocabulary_digest(est):
 
     h = hashlib.sha256()
     for a in (est._users.ids, est._items.ids, *est.net_._arrays()):
-        h.update(np.ascontiguousarray(a).tobytes())
+        buf = np.ascontiguousarray(a)
+        h.update(buf.tobytes() if buf.dtype.hasobject else memoryview(buf).cast("B"))  # no copy of the tables
     return h.hexdigest()
 
 
@@ -140,28 +154,45 @@ def _dense(net):
             [net.gmf_w, net.gmf_state1, net.gmf_state2] if a is not None]
 
 
-def _apply(net, update):
-    """Write a combined round into a model: rows of the tables (and their state), dense arrays, Adam's step."""
-    if update is None:
-        return
-    for (table, s1, s2), (rows, values, v1, v2) in zip(_tables(net), update["tables"]):
-        table[rows] = values
-        if s1 is not None:
-            s1[rows] = v1
-        if s2 is not None:
-            s2[rows] = v2
-    for dst, src in zip(_dense(net), update["dense"]):
-        np.copyto(dst, src)
-    net.adam_t = update["adam_t"]
+def _dense_mean(results):
+    """Dense arrays of a round: the mean over the replicas that trained (one replica: its arrays as they are,
+    bitwise a local fit), and Adam's step: the largest. `results`: each replica's (dense arrays, adam_t) or
+    None. Every replica and the driver compute it from the same inputs in the same order: the same bits."""
+    results = [r for r in results if r is not None]
+    if not results:
+        return None
+    if len(results) == 1:
+        return results[0]
+    dense = [np.mean([r[0][j] for r in results], axis=0, dtype=np.float64).astype(np.float32)
+             for j in range(len(results[0][0]))]
+    return dense, max(r[1] for r in results)
 
 
-def _round(job, replica, update, epoch, n_rows):
-    """Apply the last combined round, then train the next n_rows rows of this replica's epoch `epoch` (a new
-    permutation when the last one is done). Returns what changed: the rows of each table that moved, dense
-    arrays, loss sum and rows trained."""
+def _write_rows(arrays, rows, combined):
+    for dst, src in zip(arrays, combined[1:]):
+        if dst is not None:
+            dst[rows] = src
+
+
+def _round(job, replica, combined, dense, epoch, n_rows):
+    """Apply the last round (the other replicas' combined shards, this one's was written by its combine, and
+    the mean of the dense arrays), then train the next n_rows rows of this replica's epoch `epoch` (a new
+    permutation when the last one is done). Returns None when its epoch is done, else the rows it touched
+    split by the shard that combines them (row ids, values, optimizer-state rows), its dense arrays, and
+    the round's figures."""
     rep = _replica(job, replica)
     est, net = rep.est, rep.est.net_
-    _apply(net, update)
+    received = 0
+    for s, shard in enumerate(combined or ()):
+        if s != replica and shard is not None:
+            for arrays, rows in zip(_tables(net), shard):
+                _write_rows(arrays, rows[0], rows)
+                received += sum(a.nbytes for a in rows if a is not None)
+    mean = _dense_mean(dense or ())
+    if mean is not None:
+        for dst, src in zip(_dense(net), mean[0]):
+            np.copyto(dst, src)
+        net.adam_t = mean[1]
     if rep.order is None or rep.epoch != epoch:
         if rep.order is not None and rep.pos < rep.n:
             raise RuntimeError(f"replica {replica} starts epoch {epoch} before finishing the last one")
@@ -170,12 +201,12 @@ def _round(job, replica, update, epoch, n_rows):
         rep.epoch, rep.pos, rep.slice = epoch, 0, 0
     if rep.pos >= rep.n:
         return None
-    before = [t.copy() for t, _, _ in _tables(net)]
     part = rep.order[rep.pos:rep.pos + n_rows]
     sampler = est._sampler(negatives=est.negatives if est.implicit_ else 0, seed=0)
     # Slice 0 of an epoch draws exactly what a local epoch draws; later slices from their own streams.
     sampler["seed"] = (rep.epoch_seed + 1_000_003 * rep.slice) % (2**31 - 1)
     handle = net.handle(est._bags, est._dense_tables, training=True)
+    started = time.perf_counter()
     loss_sum, rows, diverged, error = net.train_epoch(
         handle, rep.keys, rep.y, rep.weight, part, batch_size=int(est.batch_size),
         alpha=est._setting("alpha", est.loss_), learning_rate=est._setting("learning_rate", est.loss_),
@@ -186,14 +217,95 @@ def _round(job, replica, update, epoch, n_rows):
     if diverged:
         raise ValueError(f"training diverged on replica {replica} in epoch {epoch + 1}: a batch's loss became NaN "
                          "or infinite. Try a lower learning_rate.")
+    trained = time.perf_counter() - started
     rep.pos += len(part)
     rep.slice += 1
-    tables = []
-    for (t, s1, s2), old in zip(_tables(net), before):
-        moved = np.flatnonzero((t != old).reshape(len(t), -1).any(axis=1))
-        tables.append((moved, t[moved], None if s1 is None else s1[moved], None if s2 is None else s2[moved]))
-    return {"tables": tables, "dense": [a.copy() for a in _dense(net)], "adam_t": net.adam_t,
-            "loss": float(loss_sum), "rows": int(rows), "left": rep.n - rep.pos}
+    # The rows the core marked, cut by shard (marks cleared for the next round): O(rows touched) to copy.
+    pieces = [[] for _ in range(rep.n_replicas)]
+    for arrays, marks, bounds in zip(_tables(net), net.touched_marks, rep.bounds):
+        touched = np.flatnonzero(marks)
+        marks[touched] = 0
+        cuts = np.searchsorted(touched, bounds)
+        for s in range(rep.n_replicas):
+            ids = touched[cuts[s]:cuts[s + 1]].astype(np.int32)
+            pieces[s].append((ids, *(None if a is None else a[ids] for a in arrays)))
+    nbytes = [sum(a.nbytes for t in piece for a in t if a is not None) for piece in pieces]
+    return {"pieces": pieces, "dense": ([a.copy() for a in _dense(net)], net.adam_t),
+            "stats": {"loss": float(loss_sum), "rows": int(rows), "left": rep.n - rep.pos, "train_s": trained,
+                      "touched_bytes": sum(nbytes), "sent_bytes": sum(nbytes) - nbytes[replica],
+                      "received_bytes": received}}
+
+
+def _pick(result, what, shard=None):
+    """One part of a round's result, as its own Dask key, so that each goes only where it is needed."""
+    if result is None:
+        return None
+    return result[what] if shard is None else result[what][shard]
+
+
+def _combine(job, shard, *pieces):
+    """On the replica that owns `shard`: combine the replicas' pieces of it (each replica's touched rows of
+    the shard, or None) and write the result into this replica's tables. A row gets its old value plus every
+    replica's change (one replica's change: that replica's value exactly), its optimizer state the mean of
+    the states of the replicas that touched it. Returns the combined rows, for the other replicas.
+
+    Summing row changes keeps a popular item learning as fast as on one machine (averaging them divided its
+    progress by the replicas: MovieLens-100k test RMSE gap to a local fit +0.0076 summed, benchmarks/DASK.md);
+    summing the dense weights' changes too overshot at coarse rounds (+0.042 at one round per epoch)."""
+    rep = _replica(job, shard)
+    got = [(r, p) for r, p in enumerate(pieces) if p is not None]
+    if not got:
+        return None
+    out = []
+    for j, arrays in enumerate(_tables(rep.est.net_)):
+        parts = [p[j] for _, p in got]
+        lo = rep.bounds[j][shard]
+        if len(parts) == 1:
+            combined = parts[0]
+        else:
+            count = np.zeros(rep.bounds[j][shard + 1] - lo, np.int32)
+            for p in parts:
+                count[p[0] - lo] += 1
+            union = np.flatnonzero(count)
+            base = rep.shadow[j][0][union].astype(np.float64)
+            value = base.copy()
+            at = [np.searchsorted(union, p[0] - lo) for p in parts]
+            for p, a in zip(parts, at):
+                value[a] += p[1] - base[a]  # ids are distinct within a piece: no lost updates
+            states = []
+            for k in (2, 3):
+                if parts[0][k] is None:
+                    states.append(None)
+                    continue
+                total = np.zeros((len(union),) + parts[0][k].shape[1:], np.float64)
+                for p, a in zip(parts, at):
+                    total[a] += p[k]
+                states.append((total / count[union].reshape(-1, *[1] * (total.ndim - 1))).astype(np.float32))
+            combined = ((union + lo).astype(np.int32), value.astype(np.float32), *states)
+        out.append(combined)
+        if not (len(got) == 1 and got[0][0] == shard):  # the rows this replica trained alone are in place
+            _write_rows(arrays, combined[0], combined)
+        local = combined[0] - lo
+        if rep.shadow is not None:
+            _write_rows(rep.shadow[j], local, combined)
+        rep.changed[j][local] = 1
+    return out
+
+
+def _nbytes(obj):
+    if obj is None:
+        return 0
+    return sum(a.nbytes for t in obj for a in t if a is not None)
+
+
+def _changed_rows(job, shard):
+    """The owner's rows of its shard that any round changed, as combined (for the driver's model)."""
+    rep = _replica(job, shard)
+    out = []
+    for j, arrays in enumerate(_tables(rep.est.net_)):
+        ids = (np.flatnonzero(rep.changed[j]) + rep.bounds[j][shard]).astype(np.int32)
+        out.append((ids, *(None if a is None else a[ids] for a in arrays)))
+    return out
 
 
 def _seen_pairs(job, replica):
@@ -224,50 +336,6 @@ def _predict_part(model, users, items):
 
 
 # --------------------------------------------------------------------------------------------- the driver
-def _combine(deltas, net):
-    """Rows: each changed row gets its old value plus every replica's change to it (a row one replica changed
-    keeps that replica's value), its optimizer state the mean of theirs; dense arrays: their mean over the
-    replicas that trained; Adam's step: the largest. `net`: the model before the round.
-
-    Summing row changes keeps a popular item learning as fast as on one machine (averaging them divided its
-    progress by the replicas: MovieLens-100k test RMSE gap to a local fit +0.0076 summed, benchmarks/DASK.md);
-    summing the dense weights' changes too overshot at coarse rounds (+0.042 at one round per epoch)."""
-    tables = []
-    for (old, _, _), parts in zip(_tables(net), zip(*(d["tables"] for d in deltas))):
-        rows = np.concatenate([p[0] for p in parts])
-        order = np.argsort(rows, kind="stable")
-        rows = rows[order]
-        starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]])) if len(rows) else rows
-        count = np.diff(np.append(starts, len(rows)))
-        combined = [rows[starts]]
-        for j in (1, 2, 3):
-            if parts[0][j] is None:
-                combined.append(None)
-            elif (count == 1).all():  # rows changed by one replica only: its values as they are
-                combined.append(np.concatenate([p[j] for p in parts])[order])
-            else:
-                values = np.concatenate([p[j] for p in parts])[order]
-                if j == 1:  # the row's old value plus every replica's change
-                    base = old[rows[starts]].astype(np.float64)
-                    changes = values - np.repeat(base, count, axis=0)
-                    combined.append((base + np.add.reduceat(changes, starts, axis=0)).astype(np.float32))
-                    continue
-                total = np.add.reduceat(values, starts, axis=0, dtype=np.float64)
-                combined.append((total / count.reshape(-1, *[1] * (values.ndim - 1))).astype(np.float32))
-        tables.append(tuple(combined))
-    if len(deltas) == 1:  # one replica: its arrays as they are (bitwise a local fit)
-        dense = deltas[0]["dense"]
-    else:
-        dense = [np.mean([d["dense"][j] for d in deltas], axis=0, dtype=np.float64).astype(np.float32)
-                 for j in range(len(deltas[0]["dense"]))]
-    return {"tables": tables, "dense": dense, "adam_t": max(d["adam_t"] for d in deltas)}
-
-
-def _update_bytes(update):
-    arrays = [a for t in update["tables"] for a in t if a is not None] + update["dense"]
-    return sum(a.nbytes for a in arrays)
-
-
 def _partitions(client, users, items, ratings, weight):
     """Futures of the partitions, each (users, items, ratings, weight) as NumPy arrays."""
     def delayed_parts(x, name):
@@ -362,6 +430,7 @@ class DaskRecommender:
             parts = _partitions(client, users, items, ratings, weight)
             futures += parts
             stats = self._gather(client, client.map(_part_stats, parts, pure=False), "reading the partitions", [])
+            self._marks = [start, time.perf_counter()]
             if sum(s[3] for s in stats) == 0:
                 raise ValueError("users is empty: nothing to train on")
             if len({s[0].dtype.kind == "U" for s in stats if len(s[0])}) > 1:
@@ -378,7 +447,7 @@ class DaskRecommender:
                     seed = int(check_random_state(seed).randint(0, 2**31 - 1))
                 source = (self.params, int(seed), new_users, new_items, rating_stats, user_features, item_features,
                           feature_types)
-                model = _build(source)  # the driver's copy: every combined round is written into it
+                model = lambda: _build(source)  # noqa: E731 (the driver's copy, built while the workers build)
             else:
                 # A copy, grown like Recommender.partial_fit grows: the fitted model is kept if this fails.
                 import copy
@@ -391,7 +460,7 @@ class DaskRecommender:
                             model._check_table(item_features, "item_features", feature_types))
                 source, seed = model, int(model._rng.get_state()[1][0])  # not a draw: replica 0 continues the stream
             self._train(client, job, futures, model, parts, source, seed,
-                        int(model.epochs) if epochs is None else epochs)
+                        epochs)
         except WorkerLostError:
             raise
         except Exception as e:  # e.g. a send to a worker that just died: say so if that is what happened
@@ -408,62 +477,107 @@ class DaskRecommender:
             except Exception:  # a dead worker has nothing left to drop
                 pass
         self.fit_seconds_ = time.perf_counter() - start
+        # Where the fit's time went: reading (partitions and the distributed unique), building (replicas and
+        # the driver's copy), training (the epochs' rounds, combining included), collecting (the model to the
+        # driver).
+        marks = self.__dict__.pop("_marks")
+        self.phase_seconds_ = dict(zip(("reading", "building", "training", "collecting"), np.diff(marks).tolist()))
         return self
 
     def _train(self, client, job, futures, model, parts, source, seed, epochs):
-        """Replicas from `source` on the workers, `epochs` epochs of rounds, then the seen pairs into `model`."""
+        """Replicas from `source` on the workers, `epochs` epochs of rounds (None: the model's), then the changed rows and the seen
+        pairs into `model` (a callable building it when it is the first fit: the driver builds its copy while
+        the workers build theirs)."""
         workers = self._workers = self._placement(client, parts)
+        n_rep = len(workers)
         shared = self._share(client, source, workers, "building the replicas")
         futures.append(shared)
-        started = [client.submit(_start, job, r, shared, None if r == 0 else int(seed) + 7919 * r,
-                                 *[parts[p] for p in ps], workers=[w], allow_other_workers=False, pure=False)
-                   for r, (w, ps) in enumerate(workers)]
-        futures += started
+
+        def pinned(r, fn, *args):  # a task on replica r's worker, named after the step (dashboard)
+            f = client.submit(fn, *args, workers=[workers[r][0]], allow_other_workers=False, pure=False,
+                              key=f"fastrec-{fn.__name__.strip('_')}-{uuid.uuid4().hex}")
+            futures.append(f)
+            return f
+
+        started = [pinned(r, _start, job, r, n_rep, shared, None if r == 0 else int(seed) + 7919 * r,
+                          *[parts[p] for p in ps]) for r, (w, ps) in enumerate(workers)]
+        if callable(model):
+            model = model()
         built = self._gather(client, started, "building the replicas", workers)
         if {d for _, d in built} != {_vocabulary_digest(model)}:  # never train replicas that disagree on a row
             raise RuntimeError("the workers built different id mappings or initial parameters (fastrec or NumPy "
                                "versions differ between the workers and the client?)")
         counts = model._seen_counts + sum(c for c, _ in built)
-        done = [client.submit(_counts, job, r, counts, workers=[w], allow_other_workers=False, pure=False)
-                for r, (w, _) in enumerate(workers)]
-        futures += done
-        self._gather(client, done, "building the replicas", workers)
+        self._gather(client, [pinned(r, _counts, job, r, counts) for r in range(n_rep)], "building the replicas",
+                     workers)
+        epochs = int(model.epochs) if epochs is None else epochs
+        self._marks.append(time.perf_counter())
         rows_per_round = (1 << 62) if self.sync_every is None else self.sync_every * int(model.batch_size)
-        update, round_bytes = None, []
+        # A round: each replica trains and cuts its touched rows by shard; replica s combines shard s from
+        # every replica's piece (Dask moves the pieces worker to worker); the next round's task of each
+        # replica takes every combined shard and dense result. The driver only sees each round's figures.
+        combined, dense, last_dense = None, None, None
+        round_bytes, round_stats, shipped = [], [], 0
         for epoch in range(len(model.history_["loss"]), len(model.history_["loss"]) + epochs):
             epoch_start = time.perf_counter()
             loss, rows, left = 0.0, 0, True
             while left:
-                shared = None if update is None else self._share(client, update, workers, f"epoch {epoch + 1}")
-                calls = [client.submit(_round, job, r, shared, epoch, rows_per_round, workers=[w],
-                                       allow_other_workers=False, pure=False) for r, (w, _) in enumerate(workers)]
-                futures += calls
-                deltas = [d for d in self._gather(client, calls, f"epoch {epoch + 1}", workers) if d is not None]
-                futures[:] = [f for f in futures if all(f is not c for c in calls)]
-                left = any(d["left"] > 0 for d in deltas)
-                if not deltas:
+                results = [pinned(r, _round, job, r, combined, dense, epoch, rows_per_round) for r in range(n_rep)]
+                stats = [pinned(r, _pick, results[r], "stats") for r in range(n_rep)]
+                dense = [pinned(r, _pick, results[r], "dense") for r in range(n_rep)]
+                combined = [pinned(s, _combine, job, s, *[pinned(r, _pick, results[r], "pieces", s)
+                                                          for r in range(n_rep)]) for s in range(n_rep)]
+                sizes = [pinned(s, _nbytes, combined[s]) for s in range(n_rep)]
+                got = self._gather(client, stats + sizes, f"epoch {epoch + 1}", workers)
+                keep = {id(f) for f in combined + dense + [shared]}  # the rest is done: let Dask release it
+                futures[:] = [f for f in futures if id(f) in keep]
+                figures, sizes = [g for g in got[:n_rep] if g is not None], got[n_rep:]
+                if not figures:
                     break
-                loss += sum(d["loss"] for d in deltas)
-                rows += sum(d["rows"] for d in deltas)
-                update = _combine(deltas, model.net_)
-                round_bytes.append(sum(_update_bytes(d) for d in deltas) + len(workers) * _update_bytes(update))
-                _apply(model.net_, update)
+                last_dense = dense
+                left = any(f["left"] > 0 for f in figures)
+                loss += sum(f["loss"] for f in figures)
+                rows += sum(f["rows"] for f in figures)
+                # Each replica's pieces for the other shards, then (if another round follows) each combined
+                # shard to the other replicas.
+                if round_bytes:
+                    round_bytes[-1] += shipped
+                round_bytes.append(sum(f["sent_bytes"] for f in figures))
+                shipped = (n_rep - 1) * sum(sizes)
+                round_stats.append({"epoch": epoch, "rows": sum(f["rows"] for f in figures),
+                                    "train_s": max(f["train_s"] for f in figures),
+                                    "touched_bytes": sum(f["touched_bytes"] for f in figures)})
             model.history_["loss"].append(loss / max(rows, 1))
             model.history_["seconds"].append(time.perf_counter() - epoch_start)
-        pairs = self._gather(client, [client.submit(_seen_pairs, job, r, workers=[w], allow_other_workers=False,
-                                                    pure=False) for r, (w, _) in enumerate(workers)],
-                             "collecting the seen items", workers)
+        # The driver's model: every row any round changed (from the shard's owner) and the last dense mean.
+        self._marks.append(time.perf_counter())
+        finals = [pinned(s, _changed_rows, job, s) for s in range(n_rep)]
+        pairs = [pinned(r, _seen_pairs, job, r) for r in range(n_rep)]
+        got = self._gather(client, finals + pairs + (last_dense or []), "collecting the model", workers)
+        finals, pairs, last = got[:n_rep], got[n_rep:2 * n_rep], got[2 * n_rep:]
+        net = model.net_
+        for shard in finals:
+            for arrays, rows in zip(_tables(net), shard):
+                _write_rows(arrays, rows[0], rows)
+        mean = _dense_mean(last)
+        if mean is not None:
+            for dst, src in zip(_dense(net), mean[0]):
+                np.copyto(dst, src)
+            net.adam_t = mean[1]
         n_i = len(model._items) + 1
         for u, i, _ in pairs:
             model._seen = _merge_seen(*model._seen, u, i, n_i)
         model._rng.set_state(pairs[0][2])
         model._seen_counts = counts
         model._update_counts()
+        self._marks.append(time.perf_counter())
         model._predictor = None
         self.model_ = model
         self.replica_workers_ = [w for w, _ in workers]
         self.replica_partitions_ = [p for _, p in workers]
         self.round_bytes_ = round_bytes
+        self.round_stats_ = round_stats
+        self.final_bytes_ = sum(_nbytes(f) for f in finals)
 
     def _placement(self, client, parts):
         """Replicas: contiguous runs of partitions (one per worker, at most one per partition), each placed on
@@ -486,19 +600,9 @@ class DaskRecommender:
         """A future of `obj` copied to every replica's worker. A broadcast to a worker that just died can block
         forever inside Dask, so it runs on a helper thread that is waited for in bounded steps, checking the
         workers between them."""
-        import concurrent.futures
-
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        try:
-            call = pool.submit(client.scatter, [obj], workers=[w for w, _ in workers], broadcast=True, hash=False)
-            deadline = time.monotonic() + float(self.timeout)
-            while True:
-                try:
-                    return call.result(timeout=0.5)[0]
-                except concurrent.futures.TimeoutError:
-                    self._check(client, workers, what, deadline)
-        finally:
-            pool.shutdown(wait=False)
+        return self._bounded(client, lambda: client.scatter([obj], workers=[w for w, _ in workers], broadcast=True,
+                                                        hash=False)[0], what, workers,
+                             time.monotonic() + float(self.timeout))
 
     def _check(self, client, workers, what, deadline):
         alive = set(client.scheduler_info()["workers"])
@@ -515,20 +619,41 @@ class DaskRecommender:
         """Results of `futures`, or WorkerLostError when a replica's worker leaves or nothing finishes within
         timeout; never waits forever (each wait is bounded, and the worker list is checked between waits)."""
         deadline = time.monotonic() + float(self.timeout)
+        while True:  # first until every task has finished (its status only: no data moves)
+            pending = [f for f in futures if not f.done()]
+            if not pending:
+                break
+            try:
+                distributed.wait(pending, timeout=0.5)
+            except (distributed.TimeoutError, TimeoutError):
+                self._check(client, workers, what, deadline)
+        try:
+            for f in futures:
+                if f.status != "finished":
+                    f.result(timeout=10)  # raises the task's error (or the cancellation)
+            # Then the results: a big one takes longer than a 0.5 s step to fetch (and a fetch cut short by a
+            # timeout is not resumed), so it runs on a helper thread waited for in bounded steps.
+            return self._bounded(client, lambda: client.gather(futures), what, workers, deadline)
+        except Exception as exc:
+            if type(exc).__name__ in ("KilledWorker", "CancelledError", "FutureCancelledError"):
+                raise WorkerLostError(f"a worker died while {what}: {exc}") from exc
+            raise
 
-        out = []
-        for f in futures:
+    def _bounded(self, client, call, what, workers, deadline):
+        """call() on a helper thread (a Dask call to a worker that just died can block), waited for in 0.5 s
+        steps, checking the workers and the deadline between them."""
+        import concurrent.futures
+
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            running = pool.submit(call)
             while True:
                 try:
-                    out.append(f.result(timeout=0.5))  # fetching a result from a dead worker must not block
-                    break
-                except (distributed.TimeoutError, TimeoutError):
+                    return running.result(timeout=0.5)
+                except concurrent.futures.TimeoutError:
                     self._check(client, workers, what, deadline)
-                except Exception as exc:
-                    if type(exc).__name__ in ("KilledWorker", "CancelledError", "FutureCancelledError"):
-                        raise WorkerLostError(f"a worker died while {what}: {exc}") from exc
-                    raise
-        return out
+        finally:
+            pool.shutdown(wait=False)
 
     # ---------------------------------------------------------------------------------------- scoring
     def to_local(self):
@@ -565,7 +690,18 @@ class DaskRecommender:
             raise TypeError(f"users must be a dask array or Series, got {type(users).__name__}")
         d = users.to_delayed()
         parts = client.compute(list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d))
-        calls = [client.submit(_recommend_part, m, p, k, exclude_seen, items, pure=False) for p in parts]
+        # Spread the blocks so that every worker gets about the same number of users and all finish together
+        # (left to itself the scheduler runs them where the user blocks happen to lie): largest block first
+        # to the least loaded worker. A preference only: if a worker dies, Dask reruns its blocks elsewhere.
+        workers = sorted(client.scheduler_info()["workers"])
+        lengths = client.gather(client.map(len, parts, pure=False))
+        load, where = {w: 0 for w in workers}, [None] * len(parts)
+        for j in sorted(range(len(parts)), key=lambda j: -lengths[j]) if workers else ():
+            where[j] = min(workers, key=lambda w: load[w])
+            load[where[j]] += lengths[j]
+        calls = [client.submit(_recommend_part, m, p, k, exclude_seen, items, pure=False, key=f"fastrec-recommend-"
+                               f"{uuid.uuid4().hex}", workers=None if w is None else [w], allow_other_workers=True)
+                 for p, w in zip(parts, where)]
         kind = model._items.ids.dtype
         meta = pd.DataFrame({"user": np.zeros(0, np.asarray(model._users.ids).dtype), "rank": np.zeros(0, np.int64),
                              "item": np.zeros(0, kind), "score": np.zeros(0, np.float64)})
