@@ -180,9 +180,9 @@ def test_bad_arguments_name_what_is_wrong(threads_client):
 
 
 def test_a_round_ships_the_rows_it_touched_not_the_tables(threads_client):
-    # Thousands of users, but a round (one batch of 64 per replica) touches few of their rows (the history
+    # Thousands of users and items, but a round (one batch of 64 per replica) touches few of their rows (the history
     # fields, off here, read every item a user saw: their rows follow the batch's histories).
-    u, i, r = data(n=4000, users=20_000)
+    u, i, r = data(n=4000, users=20_000, items=5_000)
     params = {**PARAMS, "epochs": 1, "batch_size": 64, "user_history": False, "item_history": False}
     dm = DaskRecommender(client=threads_client, sync_every=1, **params).fit(
         chunked(u, 2), chunked(i, 2), chunked(r, 2))
