@@ -767,6 +767,9 @@ class PairScorer {
     Side(py::array_t<std::int64_t, py::array::c_style> s, const py::object& o) : sorted(std::move(s)) {
       has_order = !o.is_none();
       if (has_order) order = o.cast<py::array_t<std::int64_t, py::array::c_style>>();
+      if (!(sorted.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) ||
+          (has_order && !(order.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)))
+        throw py::value_error("ids and order must be aligned");
       if (has_order && order.size() != sorted.size()) throw py::value_error("order must have as many entries as ids");
     }
     // Entity number of raw id x (1-based), 0 when unknown.
@@ -1669,6 +1672,7 @@ PYBIND11_MODULE(_core, m) {
         const char kind = values.dtype().kind();
         require(values.ndim() == 1, "values must be 1-D");
         require(values.flags() & py::array::c_style, "values must be C-contiguous");
+        require(values.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_, "values must be aligned");
         require(kind == 'U' || (kind == 'i' && values.itemsize() == 8), "values must be int64 or str (<U) ids");
         const index_t n = values.shape(0);
         py::array_t<std::int32_t> out(n);
@@ -1691,6 +1695,7 @@ PYBIND11_MODULE(_core, m) {
       "unique_ids",
       [](const py::array_t<std::int64_t, py::array::c_style>& values) {
         require(values.ndim() == 1, "values must be 1-D");
+        require(values.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_, "values must be aligned");
         const index_t n = values.shape(0);
         py::array_t<std::int32_t> codes(n);
         std::vector<std::int64_t> unique;

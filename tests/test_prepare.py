@@ -138,3 +138,20 @@ def test_field_model_one_row_path_equals_batch_path(loss, tmp_path):
     # A bad one-row input still gets the general path's error.
     with pytest.raises(ValueError, match="NaN"):
         model.predict({"user": [3], "city": ["c1"], "tag": [5], "x": [float("nan")]})
+
+
+def test_misaligned_arrays():
+    """Arrays unpickled on a Dask worker may start at any byte: the core refuses them (a misaligned int64 load
+    is undefined behaviour), and the Python layer hands it aligned copies."""
+    from fastrec._fieldnet import IdIndex
+
+    buf = np.zeros(8 * 100 + 1, np.uint8)
+    mis = np.frombuffer(buf.data, dtype=np.int64, count=100, offset=1).copy()  # aligned copy for reference
+    raw = np.frombuffer(buf.data, dtype=np.int64, count=100, offset=1)
+    assert not raw.flags.aligned
+    with pytest.raises(ValueError, match="aligned"):
+        _core.unique_ids(raw)
+    with pytest.raises(ValueError, match="aligned"):
+        _core.hash_buckets(raw, 7)
+    index, codes = IdIndex.with_codes(raw)
+    assert np.array_equal(codes, IdIndex.with_codes(mis)[1])

@@ -95,7 +95,8 @@ class IdIndex:
             index = cls(values, what=what)
             return index, index.index(values)
         index = cls.__new__(cls)
-        index.ids, codes = _core.unique_ids(np.ascontiguousarray(values, dtype=np.int64))
+        # aligned too: arrays unpickled on a Dask worker may sit at any byte offset
+        index.ids, codes = _core.unique_ids(np.require(values, np.int64, ["C", "A"]))
         index.what = what
         index._index_ids()
         return index, codes

@@ -38,7 +38,7 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)  # the core computes in float32
 def _hash_codes(values: np.ndarray, buckets: int, n_threads: int = 0) -> np.ndarray:
     """Stable bucket 1..buckets of each value: zlib.crc32(str(value).encode()) % buckets + 1, the same in every
     process, run and platform (computed by the core, in parallel)."""
-    return _core.hash_buckets(np.ascontiguousarray(values), int(buckets), n_threads)
+    return _core.hash_buckets(np.require(values, requirements=["C", "A"]), int(buckets), n_threads)
 
 
 @persistable

@@ -512,8 +512,12 @@ class Recommender(RecommenderBase):
         if cached is None or cached[0] is not handle:
             bounds = getattr(self, "rating_range_", None)
             low, high = bounds if bounds is not None and self.clip_predictions else (-np.inf, np.inf)
-            scorer = _core.PairScorer(handle, self._users._sorted, self._users._order, self._items._sorted,
-                                      self._items._order, float(self.rating_mean_), float(low), float(high))
+            def aligned(a):  # arrays unpickled on a Dask worker may sit at any byte offset
+                return None if a is None else np.require(a, np.int64, ["C", "A"])
+
+            scorer = _core.PairScorer(handle, aligned(self._users._sorted), aligned(self._users._order),
+                                      aligned(self._items._sorted), aligned(self._items._order),
+                                      float(self.rating_mean_), float(low), float(high))
             self._pair = cached = (handle, scorer)
         return cached[1]
 
