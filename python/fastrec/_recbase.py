@@ -846,6 +846,29 @@ class RecommenderBase(BaseEstimator):
             return ids[0], scores[0]
         return ids, scores
 
+    def _recommend_users_or_histories(self, users, k, exclude_seen, items, histories):
+        """recommend of the families that score a user from a bag or history (EASE, Mult-VAE / DAE, sequential):
+        users through RecommenderBase.recommend, or histories through the family's
+        ``_histories_topk(histories, k, exclude_seen, candidate_rows) -> (item rows, scores)``."""
+        if histories is None:
+            if users is None:
+                raise ValueError("recommend needs users or histories")
+            return RecommenderBase.recommend(self, users, k, exclude_seen=exclude_seen, items=items)
+        if users is not None:
+            raise ValueError("give users or histories, not both")
+        self._check_fitted()
+        k = check_int(k, "k")
+        check_bool(exclude_seen, "exclude_seen")
+        candidates = self._candidates(items)
+        k = min(k, max(len(candidates), 1))
+        idx, scores = self._histories_topk(histories, k, bool(exclude_seen), candidates)
+        ids, scores = self._items.ids[np.maximum(idx, 1) - 1], scores.astype(np.float64)
+        missing = idx < 0  # padding, as recommend's
+        if missing.any():
+            ids = np.where(missing, "" if ids.dtype.kind == "U" else -1, ids)
+            scores[missing] = -np.inf
+        return ids, scores
+
     def _check_history_for_users(self, exclude_seen):
         if self._scores_from_history:
             self._refuse_without_history("it scores users from their histories; use recommend(histories=...)")

@@ -212,25 +212,7 @@ class EASE(RecommenderBase):
         bag. exclude_seen: skip the user's (or the bag's) items. items: rank only these candidates. Padding
         as in ``Recommender.recommend``.
         """
-        if histories is None:
-            if users is None:
-                raise ValueError("recommend needs users or histories")
-            return super().recommend(users, k, exclude_seen=exclude_seen, items=items)
-        if users is not None:
-            raise ValueError("give users or histories, not both")
-        self._check_fitted()
-        bags = self._bags(histories)
-        k = check_int(k, "k")
-        check_bool(exclude_seen, "exclude_seen")
-        candidates = self._candidates(items)
-        k = min(k, max(len(candidates), 1))
-        idx, scores = self._bag_topk(bags, k, bool(exclude_seen), candidates)
-        ids, scores = self._items.ids[np.maximum(idx, 1) - 1], scores.astype(np.float64)
-        missing = idx < 0
-        if missing.any():
-            ids = np.where(missing, "" if ids.dtype.kind == "U" else -1, ids)
-            scores[missing] = -np.inf
-        return ids, scores
+        return self._recommend_users_or_histories(users, k, exclude_seen, items, histories)
 
     def similar_items(self, items, k=10):
         """The k items that each given item's presence in a bag raises most: (ids, weights), the largest entries
@@ -375,6 +357,9 @@ class EASE(RecommenderBase):
         X = (indptr, items - 1, np.ones(len(items), np.float32), n_items)
         return _core.forward([self.weights_], [np.zeros(n_items, np.float32)], X, "identity", "identity",
                              self._threads(), "auto")
+
+    def _histories_topk(self, histories, k, exclude_seen, candidate_rows):
+        return self._bag_topk(self._bags(histories), k, exclude_seen, candidate_rows)
 
     def _bag_topk(self, bags, k, exclude_seen, candidate_rows):
         """Top-k item entities of `candidate_rows` for each bag, as `RecommenderBase._topk` returns them."""

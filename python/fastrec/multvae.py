@@ -49,6 +49,7 @@ class _Autoencoder(RecommenderBase):
     _bags = EASE._bags
     _user_bags = EASE._user_bags
     _bag_topk = EASE._bag_topk
+    _histories_topk = EASE._histories_topk
     _candidates = EASE._candidates
     _score_pairs = EASE._score_pairs
     _topk = EASE._topk
@@ -88,25 +89,7 @@ class _Autoencoder(RecommenderBase):
         repeats count once), each scored exactly as a trained user with that bag. exclude_seen: skip the user's
         (the bag's) items. items: rank only these candidates. Padding as in ``Recommender.recommend``.
         """
-        if histories is None:
-            if users is None:
-                raise ValueError("recommend needs users or histories")
-            return super().recommend(users, k, exclude_seen=exclude_seen, items=items)
-        if users is not None:
-            raise ValueError("give users or histories, not both")
-        self._check_fitted()
-        bags = self._bags(histories)
-        k = check_int(k, "k")
-        check_bool(exclude_seen, "exclude_seen")
-        candidates = self._candidates(items)
-        k = min(k, max(len(candidates), 1))
-        idx, scores = self._bag_topk(bags, k, bool(exclude_seen), candidates)
-        ids, scores = self._items.ids[np.maximum(idx, 1) - 1], scores.astype(np.float64)
-        missing = idx < 0
-        if missing.any():
-            ids = np.where(missing, "" if ids.dtype.kind == "U" else -1, ids)
-            scores[missing] = -np.inf
-        return ids, scores
+        return self._recommend_users_or_histories(users, k, exclude_seen, items, histories)
 
     @property
     def item_ids_(self) -> np.ndarray:

@@ -284,13 +284,9 @@ class SequentialRecommender(RecommenderBase):
         exactly as a trained user with that history. exclude_seen: skip the user's (or the history's) items.
         items: rank only these candidates. Padding as in ``Recommender.recommend``.
         """
-        if histories is None:
-            if users is None:
-                raise ValueError("recommend needs users or histories")
-            return super().recommend(users, k, exclude_seen=exclude_seen, items=items)
-        if users is not None:
-            raise ValueError("give users or histories, not both")
-        self._check_fitted()
+        return self._recommend_users_or_histories(users, k, exclude_seen, items, histories)
+
+    def _histories_topk(self, histories, k, exclude_seen, candidate_rows):
         if isinstance(histories, np.ndarray) and histories.ndim == 1 and histories.dtype != object:
             raise ValueError("histories must be a list of item-id sequences (one per query), e.g. [[3, 7, 2]]")
         rows = [self._items.index(as_id_array(list(h), f"histories[{q}]")) for q, h in enumerate(histories)]
@@ -298,18 +294,8 @@ class SequentialRecommender(RecommenderBase):
         lengths = np.array([len(r) for r in rows], np.int64)
         indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         flat = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
-        k = check_int(k, "k")
-        check_bool(exclude_seen, "exclude_seen")
-        candidates = self._candidates(items)
-        k = min(k, max(len(candidates), 1))
         queries = self._hidden(self._padded(indptr, flat - 1, np.arange(len(rows))))
-        idx, scores = self._search(queries, k, candidates, (indptr, flat) if exclude_seen else None)
-        ids, scores = self._items.ids[np.maximum(idx, 1) - 1], scores.astype(np.float64)
-        missing = idx < 0  # padding, as Recommender.recommend
-        if missing.any():
-            ids = np.where(missing, "" if ids.dtype.kind == "U" else -1, ids)
-            scores[missing] = -np.inf
-        return ids, scores
+        return self._search(queries, k, candidate_rows, (indptr, flat) if exclude_seen else None)
 
     def user_vectors(self, users) -> np.ndarray:
         """float32 (n, embedding_dim): each user's hidden state after their latest event (what ``recommend``
