@@ -1709,6 +1709,56 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("values"),
       "(sorted distinct int64 values, int32 code of each value: its position among them + 1).");
+  m.def(
+      "fill_normal",
+      [](py::array& out, std::uint64_t seed, std::int64_t first, float loc, float scale, int n_threads) {
+        require(first >= 0, "first must be non-negative");
+        require(out.dtype().is(py::dtype::of<float>()), "out must be float32");
+        require(out.flags() & py::array::c_style, "out must be C-contiguous");
+        require(out.writeable(), "out must be writeable");
+        float* dst = static_cast<float*>(out.mutable_data());
+        const index_t n = out.size();
+        CoreCall call;
+        fill_normal(seed, first, n, loc, scale, dst, n_threads);
+      },
+      py::arg("out"), py::arg("seed"), py::arg("first") = 0, py::arg("loc") = 0.0f, py::arg("scale") = 1.0f,
+      py::arg("n_threads") = 0,
+      "Fill float32 `out` (flat index i) with loc + scale * z(seed, first + i), z approximately standard normal "
+      "(four 16-bit uniforms summed, unit variance, support +-3.46): the same numbers for any thread count.");
+  m.def(
+      "standardize",
+      [](const py::array& values, const py::object& mean_in, const py::object& std_in, int n_threads) {
+        const char kind = values.dtype().kind();
+        require(kind == 'f' && (values.itemsize() == 4 || values.itemsize() == 8), "values must be float32 or float64");
+        require(values.ndim() == 2, "values must be 2-D");
+        require(values.flags() & py::array::c_style, "values must be C-contiguous");
+        require(values.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_, "values must be aligned");
+        const index_t n = values.shape(0), c = values.shape(1);
+        const bool fit = mean_in.is_none();
+        py::array_t<double> mean(c), std(c);
+        if (!fit) {
+          auto m_ = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(mean_in);
+          auto s_ = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(std_in);
+          require(m_ && s_ && m_.size() == c && s_.size() == c, "mean and std must have one value per column");
+          std::copy(m_.data(), m_.data() + c, mean.mutable_data());
+          std::copy(s_.data(), s_.data() + c, std.mutable_data());
+        }
+        py::array_t<float> out({n, c});
+        int status;
+        {
+          CoreCall call;
+          status = values.itemsize() == 4
+                       ? standardize(static_cast<const float*>(values.data()), n, c, fit, mean.mutable_data(),
+                                     std.mutable_data(), out.mutable_data(), n_threads)
+                       : standardize(static_cast<const double*>(values.data()), n, c, fit, mean.mutable_data(),
+                                     std.mutable_data(), out.mutable_data(), n_threads);
+        }
+        return py::make_tuple(out, mean, std, status);
+      },
+      py::arg("values"), py::arg("mean") = py::none(), py::arg("std") = py::none(), py::arg("n_threads") = 0,
+      "(float32 (v - mean) / std, mean, std, status) of an n x c float array; mean / std (population, 1 where "
+      "0) computed when not given; status 0 ok, 1 a value not finite or beyond float32, 2 a standardised value "
+      "beyond float32.");
   m.def("show_config", &show_config, "Build and run-time configuration as a dict.");
   m.def("available_isas", [] {
     std::vector<std::string> out;

@@ -2,6 +2,8 @@
 
 #include <array>
 #include <charconv>
+#include <cmath>
+#include <limits>
 
 #include "parallel.h"
 
@@ -129,5 +131,81 @@ void unique_int64(const std::int64_t* values, index_t n, std::vector<std::int64_
     codes[e.pos] = static_cast<std::int32_t>(unique.size());
   }
 }
+
+void fill_normal(std::uint64_t seed, index_t first, index_t n, float loc, float scale, float* out, int n_threads) {
+  // Four U(0,1) (16-bit grid, midpoints) sum to mean 2, variance 1/3: (sum - 2) * sqrt(3) has unit variance.
+  constexpr double kUnit = 1.7320508075688772 / 65536.0;
+  const index_t chunks = (n + 65535) / 65536;
+  parallel_for<true>(0, chunks, chunks > 1 ? n_threads : 1, [&](index_t ch) {
+    for (index_t i = ch * 65536, end = std::min(n, i + 65536); i < end; ++i) {
+      std::uint64_t state = seed ^ (static_cast<std::uint64_t>(first + i) * 0xd1b54a32d192ed03ULL);
+      const std::uint64_t h = splitmix64(state);
+      const double s = static_cast<double>((h & 0xFFFFU) + ((h >> 16) & 0xFFFFU) + ((h >> 32) & 0xFFFFU) + (h >> 48)) +
+                       2.0 - 131072.0;  // sum of (b + 0.5) - 4 * 32768
+      out[i] = loc + scale * static_cast<float>(s * kUnit);
+    }
+  });
+}
+
+template <class T>
+int standardize(const T* values, index_t n, index_t c, bool fit, double* mean, double* std, float* out,
+                int n_threads) {
+  constexpr index_t kBlock = 65536;
+  const index_t blocks = (n + kBlock - 1) / kBlock;
+  const int threads = blocks > 1 ? n_threads : 1;
+  const double limit = std::numeric_limits<float>::max();
+  std::vector<double> part(static_cast<std::size_t>(blocks * c));
+  std::vector<int> bad(static_cast<std::size_t>(blocks), 0);
+  // Pass 1: validity (and column sums when fitting), per block.
+  parallel_for<true>(0, blocks, threads, [&](index_t b) {
+    double* sum = part.data() + b * c;
+    std::fill(sum, sum + c, 0.0);
+    for (index_t i = b * kBlock, end = std::min(n, i + kBlock); i < end; ++i)
+      for (index_t j = 0; j < c; ++j) {
+        const double v = static_cast<double>(values[i * c + j]);
+        if (!(std::fabs(v) <= limit)) bad[static_cast<std::size_t>(b)] = 1;  // NaN fails the test too
+        sum[j] += v;
+      }
+  });
+  for (int x : bad)
+    if (x) return 1;
+  if (fit) {
+    for (index_t j = 0; j < c; ++j) {
+      double s = 0.0;
+      for (index_t b = 0; b < blocks; ++b) s += part[static_cast<std::size_t>(b * c + j)];
+      mean[j] = s / static_cast<double>(n);
+    }
+    parallel_for<true>(0, blocks, threads, [&](index_t b) {
+      double* sq = part.data() + b * c;
+      std::fill(sq, sq + c, 0.0);
+      for (index_t i = b * kBlock, end = std::min(n, i + kBlock); i < end; ++i)
+        for (index_t j = 0; j < c; ++j) {
+          const double d = static_cast<double>(values[i * c + j]) - mean[j];
+          sq[j] += d * d;
+        }
+    });
+    for (index_t j = 0; j < c; ++j) {
+      double s = 0.0;
+      for (index_t b = 0; b < blocks; ++b) s += part[static_cast<std::size_t>(b * c + j)];
+      const double sd = std::sqrt(s / static_cast<double>(n));
+      std[j] = sd > 0.0 ? sd : 1.0;
+    }
+  }
+  // Pass 2 (3 when fitting): the standardised float32 values.
+  parallel_for<true>(0, blocks, threads, [&](index_t b) {
+    for (index_t i = b * kBlock, end = std::min(n, i + kBlock); i < end; ++i)
+      for (index_t j = 0; j < c; ++j) {
+        const double v = (static_cast<double>(values[i * c + j]) - mean[j]) / std[j];
+        if (!(std::fabs(v) <= limit)) bad[static_cast<std::size_t>(b)] = 2;
+        out[i * c + j] = static_cast<float>(v);
+      }
+  });
+  for (int x : bad)
+    if (x) return 2;
+  return 0;
+}
+
+template int standardize<float>(const float*, index_t, index_t, bool, double*, double*, float*, int);
+template int standardize<double>(const double*, index_t, index_t, bool, double*, double*, float*, int);
 
 }  // namespace fastrec

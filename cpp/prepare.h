@@ -22,6 +22,21 @@ void hash_ucs4(const std::uint32_t* values, index_t n, index_t width, std::int64
 // (value, position) pairs (16-bit digits; digits that every value shares are skipped).
 void unique_int64(const std::int64_t* values, index_t n, std::vector<std::int64_t>& unique, std::int32_t* codes);
 
+// Initial parameters: out[i] = loc + scale * z_i for i < n, z_i approximately standard normal (the sum of four
+// 16-bit uniforms of splitmix64's output for (seed, i), centred and scaled to unit variance: support
+// +-3.46, the shape of a truncated normal). A value depends on (seed, i) only: the same numbers for any thread
+// count, and a grown table's new rows drawn without redrawing the old ones.
+void fill_normal(std::uint64_t seed, index_t first, index_t n, float loc, float scale, float* out, int n_threads);
+
+// Numeric columns standardised for the core: values is n x c (row-major, float32 or float64); when fit, mean
+// and std (c each) are computed first (float64 sums in fixed 65,536-row blocks added in order: the same bits
+// for any thread count; std is the population deviation, 1 where it is 0); out = float32((v - mean) / std).
+// Returns 0, or 1 when a value is not finite or beyond float32's range, 2 when a standardised value is beyond
+// float32's range.
+template <class T>
+int standardize(const T* values, index_t n, index_t c, bool fit, double* mean, double* std, float* out,
+                int n_threads);
+
 std::uint32_t crc32(const unsigned char* data, std::size_t size);
 
 }  // namespace fastrec

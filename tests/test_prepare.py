@@ -155,3 +155,93 @@ def test_misaligned_arrays():
         _core.hash_buckets(raw, 7)
     index, codes = IdIndex.with_codes(raw)
     assert np.array_equal(codes, IdIndex.with_codes(mis)[1])
+
+
+def _python_fill_normal(seed, first, n, loc, scale):
+    """The documented draw, in Python integers: splitmix64 of seed ^ (index * 0xd1b54a32d192ed03), four 16-bit
+    fields summed with their midpoints, centred and scaled to unit variance."""
+    mask = 2**64 - 1
+    out = []
+    for i in range(first, first + n):
+        z = ((seed ^ (i * 0xd1b54a32d192ed03 & mask)) + 0x9e3779b97f4a7c15) & mask
+        z = ((z ^ (z >> 30)) * 0xbf58476d1ce4e5b9) & mask
+        z = ((z ^ (z >> 27)) * 0x94d049bb133111eb) & mask
+        h = z ^ (z >> 31)
+        s = sum((h >> k) & 0xFFFF for k in (0, 16, 32, 48)) + 2 - 131072
+        out.append(np.float32(loc) + np.float32(scale) * np.float32(s * (3**0.5 / 65536)))
+    return np.array(out, np.float32)
+
+
+def test_fill_normal_is_the_documented_draw_for_any_thread_count():
+    seed = 0x1234_5678_9ABC_DEF0
+    a = np.empty((3000, 7), np.float32)
+    _core.fill_normal(a, seed, 0, 0.5, 0.05, 1)
+    # Only (seed, index) decide a value: exactly the Python definition (float32 arithmetic may differ by the
+    # final rounding of loc + scale * z: 1 ulp), whatever the thread count, and a later slice of the stream
+    # is the same numbers as drawing it whole.
+    assert np.allclose(a.ravel(), _python_fill_normal(seed, 0, a.size, 0.5, 0.05), rtol=0, atol=1e-7)
+    for threads in (2, 3):
+        b = np.empty_like(a)
+        _core.fill_normal(b, seed, 0, 0.5, 0.05, threads)
+        assert np.array_equal(a, b)
+    tail = np.empty(1000, np.float32)
+    _core.fill_normal(tail, seed, 20000, 0.5, 0.05)
+    assert np.array_equal(tail, a.ravel()[20000:])
+
+
+def test_fill_normal_moments_and_bounds():
+    z = np.empty(1_000_000, np.float32)
+    _core.fill_normal(z, 7, 0, 0.0, 1.0)
+    # Mean 0 and variance 1 by construction: with 10^6 draws the sample mean's standard error is 0.001 and
+    # the variance's about 0.0014 (kurtosis 2.7): 5 standard errors.
+    assert abs(z.mean()) < 0.005 and abs(z.var() - 1) < 0.007
+    assert np.abs(z).max() <= 3**0.5 * 2 + 1e-6  # support +-2 sqrt(3)
+
+
+@pytest.mark.parametrize("bad", [np.zeros(3, np.float64), np.zeros((4, 2), np.float32)[:, :1]])
+def test_fill_normal_refuses_arrays_it_would_not_write(bad):
+    with pytest.raises(ValueError):
+        _core.fill_normal(bad, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_standardize_equals_numpy(dtype):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((200_001, 5)) * [1, 3, 1e-3, 1e4, 0] + [0, 10, -5, 1e6, 7]).astype(dtype)
+    out, mean, std, status = _core.standardize(x)
+    x64 = x.astype(np.float64)
+    ref_std = x64.std(axis=0)
+    ref_std = np.where(ref_std > 0, ref_std, 1.0)
+    assert status == 0
+    # Float64 sums in another order than NumPy's pairwise ones: relative 1e-12 on the moments, and the
+    # float32 outputs within one float32 rounding (plus the moments' error times |x| / std: < 1e-6 here).
+    assert np.allclose(mean, x64.mean(axis=0), rtol=1e-12, atol=1e-9)
+    assert np.allclose(std, ref_std, rtol=1e-12)
+    ref = ((x64 - x64.mean(axis=0)) / ref_std).astype(np.float32)
+    assert np.allclose(out, ref, rtol=1e-6, atol=1e-6)
+    again, m2, s2, _ = _core.standardize(x, mean, std, n_threads=1)  # given moments: the same output
+    assert np.array_equal(again, out) and np.array_equal(m2, mean)
+    for threads in (1, 2, 3):
+        assert np.array_equal(_core.standardize(x, n_threads=threads)[0], out)
+
+
+@pytest.mark.parametrize("value, status", [(np.nan, 1), (np.inf, 1), (-1e39, 1), (1e30, 2)])
+def test_standardize_status(value, status):
+    x = np.zeros((10, 2))
+    x[3, 1] = value
+    if status == 2:  # in range itself, beyond float32 once divided by a small deviation
+        assert _core.standardize(x, np.zeros(2), np.full(2, 1e-10))[3] == 2
+    else:
+        assert _core.standardize(x)[3] == status
+
+
+def test_field_model_numeric_errors_name_the_column():
+    import fastrec
+
+    X = {"a": np.array([1, 2, 3]), "num": np.array([[1.0], [np.nan], [2.0]])}
+    with pytest.raises(ValueError, match=r"X\['num'\] contains NaN"):
+        fastrec.FieldModel(epochs=1).fit(X, np.array([0, 1, 0]))
+    model = fastrec.FieldModel(epochs=1, random_state=0).fit({"a": X["a"], "num": np.array([1.0, 1.0, 1.0001])},
+                                                             np.array([0, 1, 0]))
+    with pytest.raises(ValueError, match="too large for float32 once standardised"):
+        model.predict_proba({"a": X["a"], "num": np.array([1e35, 0.0, 0.0])})

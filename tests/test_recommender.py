@@ -395,11 +395,13 @@ def test_id_dropout_trains_the_unknown_rows():
         rec = fastrec.Recommender(early_stopping=False, embedding_dim=16, hidden_layer_sizes=(32,), epochs=5, learning_rate=3e-3,
                                   id_dropout=dropout, random_state=0, n_threads=1)
         rec.fit(d.users, d.items, d.ratings)
-        # The id tables are N(0, 0.05) float32 draws, user table then item table, of a Generator seeded by the
-        # first two draws of fit's RandomState(0) (_fieldnet.Float32Normals).
+        # The id tables are the core's draws with scale 0.05 (_core.fill_normal), user table then item table,
+        # each seeded by the next 63-bit integer of a Generator seeded by the first two draws of fit's
+        # RandomState(0) (_fieldnet.Float32Normals).
         gen = np.random.default_rng(np.random.RandomState(0).randint(0, 2**31 - 1, size=2))
-        init_user = gen.standard_normal(rec.net_.tables[0].shape, dtype=np.float32) * np.float32(0.05)
-        init_item = gen.standard_normal(rec.net_.tables[1].shape, dtype=np.float32) * np.float32(0.05)
+        init_user, init_item = (np.empty(t.shape, np.float32) for t in rec.net_.tables[:2])
+        for init in (init_user, init_item):
+            fastrec._core.fill_normal(init, int(gen.integers(0, 2**63)), 0, 0.0, 0.05)
         moved[dropout] = (np.linalg.norm(rec.net_.tables[0][0] - init_user[0]),
                           np.linalg.norm(rec.net_.tables[1][0] - init_item[0]),
                           np.linalg.norm(rec.net_.tables[0][1:] - init_user[1:], axis=1).mean())

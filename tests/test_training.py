@@ -232,9 +232,10 @@ def test_verbose_prints_one_line_per_epoch_without_tqdm(data, capsys, monkeypatc
     fastrec.Recommender(early_stopping=False, epochs=3, verbose=True, random_state=0, n_threads=1).fit(
         data.users, data.items, data.ratings, validation_data=(data.users[:50], data.items[:50], data.ratings[:50]))
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3
+    assert len(err) == 4  # one line per epoch, then where the fit's time went
     assert all(line.startswith(f"epoch {e}/3: loss ") and "val_rmse" in line and "examples/s" in line
-               for e, line in enumerate(err, 1))
+               for e, line in enumerate(err[:3], 1))
+    assert err[3].startswith("fit: prepare ") and "validate" in err[3] and "total" in err[3]
     fastrec.Recommender(early_stopping=False, epochs=2, random_state=0, n_threads=1).fit(data.users, data.items, data.ratings)
     assert capsys.readouterr().err == ""  # quiet unless verbose
 

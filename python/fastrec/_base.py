@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
+import time
 import weakref
 
 _fitting = weakref.WeakSet()  # estimators whose fit / partial_fit is running
+_clocks = weakref.WeakKeyDictionary()  # estimator -> FitClock of its running fit (kept out of its __dict__: saved)
 _fitting_lock = threading.Lock()
 
 
@@ -28,13 +31,48 @@ def exclusive_fit(method):
                 raise RuntimeError(f"this {type(self).__name__} is being trained by another thread; wait for that "
                                    "fit to end, or train a copy (sklearn.base.clone)")
             _fitting.add(self)
+        clock = _clocks[self] = FitClock()
         try:
-            return method(self, *args, **kwargs)
+            result = method(self, *args, **kwargs)
+            self.fit_phases_ = clock.phases()
+            if getattr(self, "verbose", False):
+                print(f"{method.__name__}: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.fit_phases_.items()),
+                      file=sys.stderr, flush=True)
+            return result
         finally:
+            _clocks.pop(self, None)
             with _fitting_lock:
                 _fitting.discard(self)
 
     return wrapper
+
+
+def fit_clock(est):
+    """The FitClock of est's running fit / partial_fit (None outside one): training loops report to it."""
+    return _clocks.get(est)
+
+
+class FitClock:
+    """Where a fit's wall time goes (`fit_phases_`): "prepare" (from the call to the first epoch: checks, id
+    mapping, inputs, initial parameters), "train" (the epochs), "validate" (scoring after epochs), "finish"
+    (the rest) and "total". Families whose training loop does not report its epochs give "total" only."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first_epoch = None
+        self.train = self.validate = 0.0
+
+    def epoch_started(self):
+        if self.first_epoch is None:
+            self.first_epoch = time.perf_counter()
+
+    def phases(self) -> dict:
+        total = time.perf_counter() - self.start
+        if self.first_epoch is None:
+            return {"total": total}
+        prepare = self.first_epoch - self.start
+        return {"prepare": prepare, "train": self.train, "validate": self.validate,
+                "finish": max(total - prepare - self.train - self.validate, 0.0), "total": total}
 
 
 class BaseEstimator:

@@ -161,19 +161,23 @@ class FieldModel(BaseEstimator):
             else:
                 if value.ndim > 2:
                     raise ValueError(f"X[{name!r}] must have shape ({n},) or ({n}, c); got {value.shape}")
-                values = value.reshape(n, -1).astype(np.float64)
-                if not np.isfinite(values).all() or (np.abs(values) > _FLOAT32_MAX).any():
+                values = value.reshape(n, -1)
+                if values.dtype not in (np.float32, np.float64):
+                    values = values.astype(np.float64)
+                values = np.require(values, requirements=["C", "A"])
+                if not fit and values.shape[1] != len(self._scale_[name][0]):
+                    raise ValueError(f"X[{name!r}] has {values.shape[1]} columns, the model was fitted on "
+                                     f"{len(self._scale_[name][0])}")
+                # One parallel pass in the core (moments when fitting, float32 output, range checks).
+                scaled, mean, std, status = _core.standardize(values, *(self._scale_[name] if not fit else ()),
+                                                              n_threads=self._threads())
+                if status == 1:
                     raise ValueError(f"X[{name!r}] contains NaN or infinity (or a value too large for float32)")
-                if fit:
-                    std = values.std(axis=0)
-                    self._scale_[name] = (values.mean(axis=0), np.where(std > 0, std, 1.0))
-                mean, std = self._scale_[name]
-                if values.shape[1] != len(mean):
-                    raise ValueError(f"X[{name!r}] has {values.shape[1]} columns, the model was fitted on {len(mean)}")
-                scaled = (values - mean) / std
-                if (np.abs(scaled) > _FLOAT32_MAX).any():  # e.g. 3e38 after training on values of std 0.1
+                if status == 2:  # e.g. 3e38 after training on values of std 0.1
                     raise ValueError(f"X[{name!r}] holds values too large for float32 once standardised")
-                dense.append(np.ascontiguousarray(scaled, dtype=np.float32))
+                if fit:
+                    self._scale_[name] = (mean, std)
+                dense.append(scaled)
         return n, kinds, bags, dense
 
     # ------------------------------------------------------------------------------------ fit / predict

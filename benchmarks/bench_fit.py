@@ -1,0 +1,216 @@
+"""Whole-fit wall time of `fastrec.FieldModel.fit` vs PyTorch 2.13 on the reference model (issue 17, float32).
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_fit.py [--examples 409600] \
+        [--rounds 3] [--threads 2] [--batches 256 1024] [--columns ids hashed] [--epochs 1]
+    python benchmarks/bench_fit.py --what overhead --examples 1000000      # fit wall / sum of epochs only
+
+What a user waits for is the whole call, from raw columns to a trained model, so both sides are timed from
+the same raw inputs: user ids (10^5 distinct raw ids spread over 0..10^9), item ids (zipf over 10^6 raw ids),
+a multi-hot "tags" column (scipy CSR, 10^3 tags, 1-5 a row, mean pooling), 13 numeric columns (not
+standardised) and 0/1 labels. The model is the recommender benchmark's reference model (bench_recsys.py):
+user 32, item 32, tags 16 dims, MLP (93 ->) 256-128-64-1 ReLU, sigmoid + BCE, plain SGD (lr 0.05, no weight
+decay) on every parameter, `--epochs` epochs in a shuffled order.
+
+- "ids": categorical columns mapped to rows by their vocabularies. fastrec: `FieldModel.fit(X, y)`.
+  PyTorch: `np.unique(..., return_inverse=True)` per id column, numeric columns standardised with NumPy,
+  the CSR's rows as EmbeddingBag offsets, then per epoch a permutation and per batch the batch's tensors
+  (ids, tag ids / offsets, numeric rows, labels) sliced out, zero_grad / forward / backward / SGD step.
+- "hashed": user and item through `hash_buckets` (10^5 and 10^6 buckets). fastrec hashes the values' text
+  (CRC-32, docs/DESIGN.md); PyTorch gets a cheaper multiplicative hash vectorised in NumPy (favours torch).
+
+Rounds are interleaved (every configuration and implementation once, then again): median [min-max] of the
+wall time per configuration, the ratio torch / fastrec per round (median [min-max]), and fastrec's fit wall /
+its epochs' sum (history_["seconds"]). Bars (issue 17): ratio >= 1.8 at batch 256 and 1024 on 2 threads with
+ids and with hashed columns; fit wall <= 1.15 x the sum of its epochs at 10^6 examples. Exits 1 on a miss
+where the run measured what the bar defines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import TIMER, machine_info, settle, stats  # noqa: E402
+
+import fastrec  # noqa: E402
+
+try:
+    import torch
+    from torch import nn
+except ImportError:
+    torch = None
+
+N_USERS, N_ITEMS, N_TAGS, N_NUMERIC = 100_000, 1_000_000, 1_000, 13
+DIMS = {"user": 32, "item": 32, "tags": 16}
+HIDDEN = (256, 128, 64)
+LR = 0.05
+BUCKETS = {"user": 100_000, "item": 1_000_000}
+
+
+def make_data(n, seed=0):
+    rng = np.random.default_rng(seed)
+    user_ids = rng.choice(10**9, N_USERS, replace=False)
+    users = user_ids[rng.integers(0, N_USERS, n)]
+    items = (rng.zipf(1.2, n) - 1) % N_ITEMS + 7_000_000  # raw ids, not row numbers
+    lens = rng.integers(1, 6, n)
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    tags = sp.csr_matrix((np.ones(indptr[-1], np.float32), rng.integers(0, N_TAGS, indptr[-1]), indptr),
+                         shape=(n, N_TAGS))
+    numeric = (rng.standard_normal((n, N_NUMERIC)) * 3 + 10).astype(np.float32)
+    y = (rng.random(n) < 0.3).astype(np.float32)
+    return {"user": users, "item": items, "tags": tags, "numeric": numeric}, y
+
+
+def fit_fastrec(X, y, columns, batch, threads, epochs):
+    fields = {name: {"dim": d} for name, d in DIMS.items()}
+    if columns == "hashed":
+        for name, b in BUCKETS.items():
+            fields[name]["hash_buckets"] = b
+    model = fastrec.FieldModel(fields=fields, hidden_layer_sizes=HIDDEN, optimizer="sgd", learning_rate=LR,
+                               alpha=0.0, epochs=epochs, batch_size=batch, random_state=0, n_threads=threads)
+    t = TIMER()
+    model.fit(X, y)
+    wall = TIMER() - t
+    return wall, float(sum(model.history_["seconds"])), float(model.history_["loss"][-1])
+
+
+if torch is not None:
+    class TorchNet(nn.Module):
+        def __init__(self, vocab_user, vocab_item):
+            super().__init__()
+            self.user = nn.EmbeddingBag(vocab_user, DIMS["user"], mode="sum", sparse=True)
+            self.item = nn.EmbeddingBag(vocab_item, DIMS["item"], mode="sum", sparse=True)
+            self.tags = nn.EmbeddingBag(N_TAGS, DIMS["tags"], mode="mean", sparse=True)
+            for table in (self.user, self.item, self.tags):
+                nn.init.normal_(table.weight, 0.0, 0.05)
+            widths = [sum(DIMS.values()) + N_NUMERIC, *HIDDEN, 1]
+            layers = []
+            for a, b in zip(widths[:-1], widths[1:]):
+                layers += [nn.Linear(a, b), nn.ReLU()]
+            self.mlp = nn.Sequential(*layers[:-1])
+
+        def forward(self, u, i, t, o, x):
+            return self.mlp(torch.cat([self.user(u), self.item(i), self.tags(t, o), x], dim=1)).squeeze(1)
+
+
+def torch_hash(values, buckets):
+    """A vectorised multiplicative hash (cheaper than fastrec's CRC-32 of the text: favours torch)."""
+    h = (values.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)
+    return (h % np.uint64(buckets)).astype(np.int64)
+
+
+def fit_torch(X, y, columns, batch, threads, epochs):
+    t0 = TIMER()
+    if columns == "hashed":
+        u, i = torch_hash(X["user"], BUCKETS["user"]), torch_hash(X["item"], BUCKETS["item"])
+        vu, vi = BUCKETS["user"], BUCKETS["item"]
+    else:
+        uniq_u, u = np.unique(X["user"], return_inverse=True)
+        uniq_i, i = np.unique(X["item"], return_inverse=True)
+        vu, vi = len(uniq_u), len(uniq_i)
+    num = X["numeric"].astype(np.float64)
+    num = ((num - num.mean(axis=0)) / num.std(axis=0)).astype(np.float32)
+    tags = X["tags"]
+    indptr, tag_ids = tags.indptr.astype(np.int64), tags.indices.astype(np.int64)
+    u, i = torch.from_numpy(u.astype(np.int64)), torch.from_numpy(i.astype(np.int64))
+    num_t, y_t, tag_t = torch.from_numpy(num), torch.from_numpy(y), torch.from_numpy(tag_ids)
+    torch.manual_seed(0)
+    net = TorchNet(vu, vi)
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    loss_fn = nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng(0)
+    n = len(y)
+    epoch_s = 0.0
+    for _ in range(epochs):
+        te = TIMER()
+        order = rng.permutation(n)
+        for s in range(0, n, batch):
+            rows = order[s:s + batch]
+            lens = indptr[rows + 1] - indptr[rows]
+            offs = np.zeros(len(rows), np.int64)
+            np.cumsum(lens[:-1], out=offs[1:])
+            tag_rows = np.repeat(indptr[rows] - offs, lens) + np.arange(lens.sum())
+            r = torch.from_numpy(rows)
+            opt.zero_grad(set_to_none=True)
+            out = net(u[r].unsqueeze(1), i[r].unsqueeze(1), tag_t[torch.from_numpy(tag_rows)],
+                      torch.from_numpy(offs), num_t[r])
+            loss = loss_fn(out, y_t[r])
+            loss.backward()
+            opt.step()
+        epoch_s += TIMER() - te
+    return TIMER() - t0, epoch_s, float(loss.item())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--what", choices=["compare", "overhead"], default="compare")
+    ap.add_argument("--examples", type=int, default=409_600)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2])
+    ap.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--columns", nargs="+", choices=["ids", "hashed"], default=["ids", "hashed"])
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--settle", type=float, default=0.5)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    impls = ["fastrec"] + (["torch"] if torch is not None and args.what == "compare" else [])
+    X, y = make_data(args.examples)
+    configs = [(c, b, t) for t in args.threads for b in args.batches for c in args.columns]
+    runs = {(cfg, impl): [] for cfg in configs for impl in impls}
+    for rnd in range(args.rounds):
+        for cfg in configs:
+            columns, batch, threads = cfg
+            for impl in impls:
+                if impl == "torch":
+                    torch.set_num_threads(threads)
+                settle(args.settle)
+                fn = fit_fastrec if impl == "fastrec" else fit_torch
+                runs[(cfg, impl)].append(fn(X, y, columns, batch, threads, args.epochs))
+            print(f"round {rnd + 1}: {cfg} " + "  ".join(f"{impl} {runs[(cfg, impl)][-1][0]:.3f} s" for impl in impls),
+                  flush=True)
+    missed = []
+    results = {"machine": machine_info(), "args": vars(args), "rows": []}
+    print(f"\n{args.examples} examples, {args.epochs} epoch(s), rounds {args.rounds}\n")
+    print("| columns | batch | threads | fastrec fit | fastrec fit / epochs | torch fit | torch / fastrec |")
+    print("|---|---|---|---|---|---|---|")
+    for cfg in configs:
+        columns, batch, threads = cfg
+        f = runs[(cfg, "fastrec")]
+        fit_s = stats([r[0] for r in f])
+        over = [r[0] / r[1] for r in f]
+        row = {"columns": columns, "batch": batch, "threads": threads, "fastrec_fit_s": fit_s,
+               "fit_over_epochs": stats(over)}
+        line = f"| {columns} | {batch} | {threads} | {fit_s['median']:.3f} [{fit_s['min']:.3f}-{fit_s['max']:.3f}] s " \
+               f"| {statistics.median(over):.3f} [{min(over):.3f}-{max(over):.3f}] "
+        if "torch" in impls:
+            tt = runs[(cfg, "torch")]
+            ratio = [a[0] / b[0] for a, b in zip(tt, f)]
+            ts = stats([r[0] for r in tt])
+            row.update(torch_fit_s=ts, ratio=stats(ratio))
+            line += f"| {ts['median']:.3f} [{ts['min']:.3f}-{ts['max']:.3f}] s " \
+                    f"| {statistics.median(ratio):.2f} [{min(ratio):.2f}-{max(ratio):.2f}] |"
+            if threads == 2 and args.examples >= 409_600 and statistics.median(ratio) < 1.8:
+                missed.append(f"fit ratio {columns} batch {batch}: {statistics.median(ratio):.2f} < 1.8")
+        else:
+            line += "| - | - |"
+        if args.examples >= 1_000_000 and statistics.median(over) > 1.15:
+            missed.append(f"fit / epochs {columns} batch {batch} threads {threads}: {statistics.median(over):.3f} > 1.15")
+        results["rows"].append(row)
+        print(line)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    if missed:
+        print("MISSED: " + "; ".join(missed), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
