@@ -1366,6 +1366,8 @@ py::dict show_config() {
   d["active_isa"] = isa_name(best_isa());
   const char* env = std::getenv("FASTREC_ISA");
   d["FASTREC_ISA"] = env ? py::object(py::str(env)) : py::object(py::none());
+  d["bf16_kernels"] = bf16_kernels();  // bfloat16 products: "emulated" everywhere, "avx512_bf16" when usable
+  d["bf16_kernel"] = bf16_native_available() ? "avx512_bf16" : "emulated";
 #if defined(__clang__)
   d["compiler"] = "clang " __clang_version__;
 #elif defined(__GNUC__)
@@ -1738,6 +1740,35 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false, py::arg("isa") = "auto",
       py::arg("n_threads") = 0, "op(a) @ op(b) in float32 with fastrec's GEMM engine.");
+  // ---- bfloat16 products (gemm.h bf16_gemm) ----
+  m.def(
+      "bf16_gemm",
+      [](py::handle a_obj, py::handle b_obj, bool trans_a, bool trans_b, const std::string& kernel,
+         const std::string& isa, int n_threads) {
+        py::array a = checked<float>(a_obj, "a", 2, false), b = checked<float>(b_obj, "b", 2, false);
+        const index_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
+        const index_t Kb = trans_b ? b.shape(1) : b.shape(0), N = trans_b ? b.shape(0) : b.shape(1);
+        if (K != Kb)
+          throw py::value_error("op(a) has " + std::to_string(K) + " columns but op(b) has " + std::to_string(Kb) +
+                                " rows");
+        const bool native = resolve_bf16_kernel(kernel);
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        py::array_t<float> c({M, N});
+        const float *pa = static_cast<const float*>(a.data()), *pb = static_cast<const float*>(b.data());
+        float* pc = c.mutable_data();
+        const index_t lda = a.shape(1), ldb = b.shape(1);
+        {
+          const CoreCall call;
+          bf16_gemm(ks, native, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, nullptr, n_threads);
+        }
+        return c;
+      },
+      py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+      py::arg("kernel") = "auto", py::arg("isa") = "auto", py::arg("n_threads") = 0,
+      "op(a) @ op(b) with a and b rounded to bfloat16 and float32 sums. kernel: 'auto', 'avx512_bf16' or "
+      "'emulated' (the float32 kernels of `isa` on the rounded operands).");
+  m.def("bf16_kernels", [] { return bf16_kernels(); },
+        "The bf16 product kernels usable here: 'emulated', then 'avx512_bf16' when the CPU has it.");
 
   m.def(
       "forward",
