@@ -1640,6 +1640,14 @@ AutoencoderNet make_autoencoder(const py::list& coefs, const py::list& intercept
   return net;
 }
 
+// precision "float32" or "bf16" (the output layer's training products; bf16_kernel as resolve_bf16_kernel).
+void set_precision(AutoencoderNet& net, const std::string& precision, const std::string& bf16_kernel) {
+  if (precision != "float32" && precision != "bf16")
+    throw py::value_error("precision must be 'float32' or 'bf16', got '" + precision + "'");
+  net.bf16_output = precision == "bf16";
+  net.bf16_native = net.bf16_output && resolve_bf16_kernel(bf16_kernel);
+}
+
 CsrView autoencoder_input(py::handle X, const AutoencoderNet& net) {
   if (!py::isinstance<py::tuple>(X)) throw py::type_error("X must be a CSR tuple (indptr, indices, data, n_cols)");
   return make_input(X, net.n_items()).csr;
@@ -2052,8 +2060,10 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "autoencoder_loss_and_gradients",
       [](const py::list& coefs, const py::list& intercepts, std::size_t n_encoder, bool variational, py::handle X,
-         py::handle input_scale, py::handle eps, float beta, float l2, int n_threads, const std::string& isa) {
-        const AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, false);
+         py::handle input_scale, py::handle eps, float beta, float l2, int n_threads, const std::string& isa,
+         const std::string& precision, const std::string& bf16_kernel) {
+        AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, false);
+        set_precision(net, precision, bf16_kernel);
         const CsrView x = autoencoder_input(X, net);
         const float* ps = optional_array<float>(input_scale, "input_scale", x.indptr[x.rows], false);
         const float* pe = nullptr;
@@ -2081,10 +2091,10 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("coefs"), py::arg("intercepts"), py::arg("n_encoder"), py::arg("variational"), py::arg("X"),
       py::arg("input_scale"), py::arg("eps"), py::arg("beta"), py::arg("l2"), py::arg("n_threads") = 0,
-      py::arg("isa") = "auto",
+      py::arg("isa") = "auto", py::arg("precision") = "float32", py::arg("bf16_kernel") = "auto",
       "(loss, mean nll, mean KL, coef_grads, intercept_grads) of all rows of X as one batch, with the given "
       "noise: input_scale (nnz multipliers of the normalised entries, or None) and eps (rows x latent, or None: "
-      "z = mu).");
+      "z = mu). precision 'bf16': the output layer's products in bfloat16.");
   m.def(
       "autoencoder_noise",
       [](py::handle X, py::handle rows, index_t latent, float dropout, std::uint64_t seed, std::int64_t step) {
@@ -2108,8 +2118,10 @@ PYBIND11_MODULE(_core, m) {
       [](const py::list& coefs, const py::list& intercepts, std::size_t n_encoder, bool variational,
          const py::list& state1, const py::list& state2, std::int64_t adam_t, float learning_rate, py::handle X,
          py::handle order_obj, index_t batch_size, float dropout, float beta_max, std::int64_t anneal_steps, float l2,
-         std::uint64_t seed, int n_threads, const std::string& isa) {
-        const AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, true);
+         std::uint64_t seed, int n_threads, const std::string& isa, const std::string& precision,
+         const std::string& bf16_kernel) {
+        AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, true);
+        set_precision(net, precision, bf16_kernel);
         const CsrView x = autoencoder_input(X, net);
         const auto [po, n_order] = checked_order(order_obj, x.rows, batch_size);
         if (!(dropout >= 0.0f && dropout < 1.0f)) throw py::value_error("dropout must be in [0, 1)");
@@ -2136,7 +2148,8 @@ PYBIND11_MODULE(_core, m) {
       py::arg("coefs"), py::arg("intercepts"), py::arg("n_encoder"), py::arg("variational"), py::arg("state1"),
       py::arg("state2"), py::arg("adam_t"), py::arg("learning_rate"), py::arg("X"), py::arg("order"),
       py::arg("batch_size"), py::arg("dropout"), py::arg("beta_max"), py::arg("anneal_steps"), py::arg("l2"),
-      py::arg("seed"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+      py::arg("seed"), py::arg("n_threads") = 0, py::arg("isa") = "auto", py::arg("precision") = "float32",
+      py::arg("bf16_kernel") = "auto",
       "Adam steps over batches of X's rows in `order`, parameters and moments updated in place. Returns "
-      "(loss_sum, adam_t, rows, diverged).");
+      "(loss_sum, adam_t, rows, diverged). precision 'bf16': the output layer's products in bfloat16.");
 }

@@ -15,11 +15,15 @@ namespace fastrec {
 namespace {
 
 constexpr int kMr = 12, kNr = 32;
+// The maskz forms with every lane set: the plain _mm512_srli_epi32 / _mm512_cvtepi32_epi16 trip a false
+// -Wmaybe-uninitialized in GCC 12 (their _mm512_undefined_* pass-through operand), as in kernels_avx512.cpp.
+constexpr __mmask16 kAll = 0xFFFF;
+inline __m512i srl16(__m512i x) { return _mm512_maskz_srli_epi32(kAll, x, 16); }
 
 // 16 floats rounded as bf16_round_bits rounds one: the bf16 in each lane's high half, the low half zero.
 inline __m512i round16(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i lsb = _mm512_and_si512(srl16(u), _mm512_set1_epi32(1));
   __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
@@ -48,7 +52,7 @@ void pack_k_major(const float* src, index_t ld, int count, index_t kc, std::uint
     for (int v = 0; v < V; ++v) {
       const __m512i lo = round16(_mm512_maskz_loadu_ps(load[v], s0 + 16 * v));
       const __m512i hi = odd ? round16(_mm512_maskz_loadu_ps(load[v], s0 + ld + 16 * v)) : _mm512_setzero_si512();
-      _mm512_mask_storeu_epi32(out + kp * R + 16 * v, store[v], _mm512_or_si512(_mm512_srli_epi32(lo, 16), hi));
+      _mm512_mask_storeu_epi32(out + kp * R + 16 * v, store[v], _mm512_or_si512(srl16(lo), hi));
     }
   }
 }
@@ -68,8 +72,8 @@ void pack_rows(const float* src, index_t ld, int count, index_t kc, std::uint32_
     index_t k = 0;
     alignas(64) std::uint32_t words[16];
     for (; k + 32 <= kc; k += 32) {
-      const __m256i w0 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16(_mm512_loadu_ps(s + k)), 16));
-      const __m256i w1 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16(_mm512_loadu_ps(s + k + 16)), 16));
+      const __m256i w0 = _mm512_maskz_cvtepi32_epi16(kAll, srl16(round16(_mm512_loadu_ps(s + k))));
+      const __m256i w1 = _mm512_maskz_cvtepi32_epi16(kAll, srl16(round16(_mm512_loadu_ps(s + k + 16))));
       _mm256_store_si256(reinterpret_cast<__m256i*>(words), w0);
       _mm256_store_si256(reinterpret_cast<__m256i*>(words + 8), w1);
       std::uint32_t* ok = o + (k / 2) * R;
