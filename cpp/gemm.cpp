@@ -230,7 +230,10 @@ struct Bf16Problem {
 void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
   thread_local AlignedBuffer a_scratch, b_scratch;
   const Bf16KernelSet& bk = p.bk;
-  const index_t pairs_max = (std::min(bk.kc, p.K) + 1) / 2;
+  // K in equal even blocks of at most bk.kc (600 = 2 x 300, not 512 + 88: a short last block pays the C tile's
+  // load and store for few k). They depend on K only: the same sums for any split of C.
+  const index_t blocks = ceil_div(p.K, bk.kc), kc_step = std::min(bk.kc, (ceil_div(p.K, blocks) + 1) / 2 * 2);
+  const index_t pairs_max = (std::min(kc_step, p.K) + 1) / 2;
   // A pair word has a float's size: the float buffers hold them.
   auto* bbuf = reinterpret_cast<std::uint32_t*>(
       b_scratch.get(static_cast<std::size_t>(pairs_max * ceil_div(std::min(bk.nc, n1 - n0), bk.nr) * bk.nr)));
@@ -238,8 +241,8 @@ void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_
       a_scratch.get(static_cast<std::size_t>(pairs_max * ceil_div(std::min(bk.mc, m1 - m0), bk.mr) * bk.mr)));
   for (index_t jc = n0; jc < n1; jc += bk.nc) {
     const index_t nc = std::min(bk.nc, n1 - jc);
-    for (index_t pc = 0; pc < p.K; pc += bk.kc) {
-      const index_t kc = std::min(bk.kc, p.K - pc), pairs = (kc + 1) / 2;
+    for (index_t pc = 0; pc < p.K; pc += kc_step) {
+      const index_t kc = std::min(kc_step, p.K - pc), pairs = (kc + 1) / 2;
       const bool first = pc == 0, last = pc + kc == p.K;
       for (index_t jr = 0; jr < nc; jr += bk.nr) {
         const int n = static_cast<int>(std::min<index_t>(bk.nr, nc - jr));
