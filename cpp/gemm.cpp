@@ -230,8 +230,8 @@ struct Bf16Problem {
 void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
   thread_local AlignedBuffer a_scratch, b_scratch;
   const Bf16KernelSet& bk = p.bk;
-  // K in equal even blocks of at most bk.kc (600 = 2 x 300, not 512 + 88: a short last block pays the C tile's
-  // load and store for few k). They depend on K only: the same sums for any split of C.
+  // K in equal even blocks of at most bk.kc (1100 = 2 x 550, not 1024 + 76: a short last block pays the C
+  // tile's load and store for few k). They depend on K only: the same sums for any split of C.
   const index_t blocks = ceil_div(p.K, bk.kc), kc_step = std::min(bk.kc, (ceil_div(p.K, blocks) + 1) / 2 * 2);
   const index_t pairs_max = (std::min(kc_step, p.K) + 1) / 2;
   // A pair word has a float's size: the float buffers hold them.

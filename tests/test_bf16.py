@@ -29,10 +29,11 @@ KERNELS = [
 ISAS = list(_core.available_isas())
 U = 2.0 ** -24
 
-# Edge tiles of both kernels (12 x 32 register tiles, kc 256 float32 / 512 bf16, mc 192, nc 4096; the scalar
-# and AVX2 emulated paths 4 x 8 / 6 x 16): sizes around them, K odd and even, single rows and columns.
+# Edge tiles of both kernels (12 x 32 register tiles, kc 256 float32 / K blocks <= 1024 bf16, mc 192, nc 4096;
+# the scalar and AVX2 emulated paths 4 x 8 / 6 x 16): sizes around them, K odd and even, single rows and columns.
 SHAPES = [(1, 1, 1), (1, 37, 5), (7, 1, 3), (12, 32, 2), (13, 33, 3), (11, 31, 1), (4, 8, 7), (5, 17, 16),
-          (25, 65, 513), (37, 70, 1025), (193, 40, 257), (40, 4100, 20), (3, 5, 2100), (120, 200, 600)]
+          (25, 65, 513), (37, 70, 1025), (193, 40, 257), (40, 4100, 20), (3, 5, 2100), (14, 34, 2049),
+          (120, 200, 600)]
 
 
 def operands(M, N, K, trans_a, trans_b, seed=0):
