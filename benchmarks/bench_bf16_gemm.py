@@ -90,8 +90,8 @@ def main(argv=None):
                 if name == "bf16 avx512_bf16" and peak_bf16 and t in peak_bf16:
                     frac += f", {100 * rate / peak_bf16[t]:.0f}% of the bf16 peak {peak_bf16[t]:.0f}"
                 print(f"  {pname:11s} {name:18s} {1e3 * st['median']:7.1f} ms [{1e3 * st['min']:.1f}-"
-                      f"{1e3 * st['max']:.1f}]  {rate:6.1f} GFLOP/s{frac}  speed-up vs float32 {base / st['median']:.2f}x",
-                      flush=True)
+                      f"{1e3 * st['max']:.1f}]  {rate:6.1f} GFLOP/s{frac}  speed-up vs float32 "
+                      f"{base / st['median']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,8 @@ def main(argv=None):
         ours_names = [n for n in impls if n.startswith("fastrec")]
         for name in impls:
             st = stats(times[name])
-            line = f"  {name:13s} {st['median']:.2f} s [{st['min']:.2f}-{st['max']:.2f}]  (epoch ~{st['median'] * scale:.0f} s)"
+            line = (f"  {name:13s} {st['median']:.2f} s [{st['min']:.2f}-{st['max']:.2f}]  "
+                    f"(epoch ~{st['median'] * scale:.0f} s)")
             for ours_name in ours_names if not name.startswith("fastrec") else []:
                 ratio = np.array(times[name]) / np.array(times[ours_name])
                 line += (f"  / {ours_name} {np.median(ratio):.2f}x [{ratio.min():.2f}-{ratio.max():.2f}]")
@@ -190,14 +191,15 @@ def main(argv=None):
             floor = out_flops / (peak[t] * 1e9)
             print(f"  fastrec dense layers: {flops / 1e12:.2f} TFLOP in {ours['median']:.2f} s = {rate:.0f} GFLOP/s, "
                   f"{100 * rate / peak[t]:.0f}% of the measured {peak[t]:.0f} GFLOP/s peak on {t} thread(s)")
+            best_torch = min(stats(times[n])["median"] for n in impls if n.startswith("torch"))
             print(f"  floor: the output layer's 3 GEMMs alone ({out_flops / 1e12:.2f} TFLOP) at peak take "
                   f"{floor:.2f} s = {100 * floor / ours['median']:.0f}% of fastrec's fit; 2x the better torch "
-                  f"variant would need {min(stats(times[n])['median'] for n in impls if n.startswith('torch')) / 2:.2f} s")
+                  f"variant would need {best_torch / 2:.2f} s")
             if "fastrec bf16" in impls:
                 bf = stats(times["fastrec bf16"])["median"]
-                print(f"  fastrec bf16 (output layer's products in bf16): {flops / bf / 1e9:.0f} GFLOP/s over the dense "
-                      f"layers = {100 * flops / bf / 1e9 / peak[t]:.0f}% of the FP32 FMA peak (a bf16 dot product "
-                      f"instruction does 2 multiply-adds per lane: the bf16 ceiling is up to 2x that peak)")
+                print(f"  fastrec bf16 (output layer's products in bf16): {flops / bf / 1e9:.0f} GFLOP/s over the "
+                      f"dense layers = {100 * flops / bf / 1e9 / peak[t]:.0f}% of the FP32 FMA peak (a bf16 dot "
+                      f"product instruction does 2 multiply-adds per lane: the bf16 ceiling is up to 2x that peak)")
 
 
 if __name__ == "__main__":

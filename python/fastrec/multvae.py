@@ -385,9 +385,9 @@ class MultVAE(_Autoencoder):
         Arithmetic of the output layer's three training products (logits, their weight gradient, their input
         gradient: most of an epoch's flops). "bf16": operands rounded to bfloat16, products summed in float32,
         weights, Adam state and everything else float32; on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids and
-        later) about 1.5-1.9x faster products, elsewhere emulated (slower than float32). "auto": "bf16" where
-        AVX512-BF16 is available, else "float32". Scoring (recommend, predict, validation) is float32 always.
-        Benchmarks and quality: benchmarks/AUTOENCODERS.md.
+        later) about 1.5-2x faster products (1.7-1.8x per fit), elsewhere emulated (slower than float32).
+        "auto": "bf16" where AVX512-BF16 is available, else "float32". Scoring (recommend, predict,
+        validation) is float32 always. Benchmarks and quality: benchmarks/AUTOENCODERS.md.
 
     Attributes
     ----------
