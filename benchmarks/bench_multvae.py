@@ -11,7 +11,9 @@ to one of them at random, so that the catalogue is the full 2 * 10^4 items), who
 fit timed: building the model and the input (ids -> rows, the users' bags), initialisation and every batch. A
 fit of 5,000 users is 10 batches of the 200 of a full 10^5-user epoch, each of the same cost (same batch size,
 same catalogue): the full epoch's time is 20x (printed too). Rounds are interleaved (fastrec, torch sparse,
-torch dense, then again), median [min-max] per implementation and thread count.
+torch dense, then again), median [min-max] per implementation and thread count. "fastrec bf16": the same
+model with precision="bf16" (the output layer's three products in bfloat16 with float32 sums, on the
+AVX512-BF16 kernel where the CPU has it; weights and everything else float32).
 
 PyTorch, written the way users write it:
 - "torch dense": RecBole's MultiVAE (recbole/model/general_recommender/multivae.py): each batch's rating rows
@@ -52,9 +54,10 @@ def make_data(seed=0):
     return pairs // N_ITEMS, pairs % N_ITEMS
 
 
-def fit_fastrec(users, items, threads):
+def fit_fastrec(users, items, threads, precision="float32"):
     model = fastrec.MultVAE(hidden=(HIDDEN,), latent=LATENT, dropout=DROPOUT, epochs=1, batch_size=BATCH,
-                            learning_rate=LR, early_stopping=False, random_state=0, n_threads=threads)
+                            learning_rate=LR, early_stopping=False, random_state=0, n_threads=threads,
+                            precision=precision)
     model.fit(users, items)
     return model.history_["loss"][-1]
 
@@ -134,6 +137,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--no-dense", action="store_true", help="skip torch dense")
+    ap.add_argument("--no-bf16", action="store_true", help="skip fastrec bf16")
     args = ap.parse_args(argv)
     import torch
 
@@ -151,8 +155,10 @@ def main(argv=None):
           f"items among them ({len(missing):,} added, one interaction each); torch {torch.__version__}, fastrec {fastrec.__version__}", flush=True)
     peak = fma_peak(max(args.threads))
     print(f"measured FP32 FMA peak: {peak} GFLOP/s", flush=True)
-    impls = {"fastrec": lambda t: fit_fastrec(u, i, t),
-             "torch sparse": lambda t: fit_torch(u, i, t, True)}
+    impls = {"fastrec": lambda t: fit_fastrec(u, i, t)}
+    if not args.no_bf16:
+        impls["fastrec bf16"] = lambda t: fit_fastrec(u, i, t, "bf16")
+    impls["torch sparse"] = lambda t: fit_torch(u, i, t, True)
     if not args.no_dense:
         impls["torch dense"] = lambda t: fit_torch(u, i, t, False)
     flops, out_flops = dense_flops(args.users)
@@ -168,20 +174,32 @@ def main(argv=None):
                 print(f"  {t} thread(s) {name}: {times[name][-1]:.2f} s (last loss {loss:.1f})", flush=True)
         ours = stats(times["fastrec"])
         print(f"{t} thread(s), fit over {args.users:,} users [x{scale:g} = a {N_USERS:,}-user epoch]:")
+        ours_names = [n for n in impls if n.startswith("fastrec")]
         for name in impls:
             st = stats(times[name])
-            ratio = np.array(times[name]) / np.array(times["fastrec"])
-            print(f"  {name:13s} {st['median']:.2f} s [{st['min']:.2f}-{st['max']:.2f}]  (epoch ~{st['median'] * scale:.0f} s)"
-                  + ("" if name == "fastrec" else f"  torch / fastrec {np.median(ratio):.2f}x "
-                     f"[{ratio.min():.2f}-{ratio.max():.2f}] (per round)"))
+            line = (f"  {name:13s} {st['median']:.2f} s [{st['min']:.2f}-{st['max']:.2f}]  "
+                    f"(epoch ~{st['median'] * scale:.0f} s)")
+            for ours_name in ours_names if not name.startswith("fastrec") else []:
+                ratio = np.array(times[name]) / np.array(times[ours_name])
+                line += (f"  / {ours_name} {np.median(ratio):.2f}x [{ratio.min():.2f}-{ratio.max():.2f}]")
+            print(line + (" (per round)" if not name.startswith("fastrec") else ""))
+        if "fastrec bf16" in impls:
+            ratio = np.array(times["fastrec"]) / np.array(times["fastrec bf16"])
+            print(f"  fastrec float32 / bf16 {np.median(ratio):.2f}x [{ratio.min():.2f}-{ratio.max():.2f}] (per round)")
         if peak and t in peak:
             rate = flops / ours["median"] / 1e9
             floor = out_flops / (peak[t] * 1e9)
             print(f"  fastrec dense layers: {flops / 1e12:.2f} TFLOP in {ours['median']:.2f} s = {rate:.0f} GFLOP/s, "
                   f"{100 * rate / peak[t]:.0f}% of the measured {peak[t]:.0f} GFLOP/s peak on {t} thread(s)")
+            best_torch = min(stats(times[n])["median"] for n in impls if n.startswith("torch"))
             print(f"  floor: the output layer's 3 GEMMs alone ({out_flops / 1e12:.2f} TFLOP) at peak take "
                   f"{floor:.2f} s = {100 * floor / ours['median']:.0f}% of fastrec's fit; 2x the better torch "
-                  f"variant would need {min(stats(times[n])['median'] for n in impls if n != 'fastrec') / 2:.2f} s")
+                  f"variant would need {best_torch / 2:.2f} s")
+            if "fastrec bf16" in impls:
+                bf = stats(times["fastrec bf16"])["median"]
+                print(f"  fastrec bf16 (output layer's products in bf16): {flops / bf / 1e9:.0f} GFLOP/s over the "
+                      f"dense layers = {100 * flops / bf / 1e9 / peak[t]:.0f}% of the FP32 FMA peak (a bf16 dot "
+                      f"product instruction does 2 multiply-adds per lane: the bf16 ceiling is up to 2x that peak)")
 
 
 if __name__ == "__main__":

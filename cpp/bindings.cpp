@@ -1366,6 +1366,8 @@ py::dict show_config() {
   d["active_isa"] = isa_name(best_isa());
   const char* env = std::getenv("FASTREC_ISA");
   d["FASTREC_ISA"] = env ? py::object(py::str(env)) : py::object(py::none());
+  d["bf16_kernels"] = bf16_kernels();  // bfloat16 products: "emulated" everywhere, "avx512_bf16" when usable
+  d["bf16_kernel"] = bf16_native_available() ? "avx512_bf16" : "emulated";
 #if defined(__clang__)
   d["compiler"] = "clang " __clang_version__;
 #elif defined(__GNUC__)
@@ -1638,6 +1640,14 @@ AutoencoderNet make_autoencoder(const py::list& coefs, const py::list& intercept
   return net;
 }
 
+// precision "float32" or "bf16" (the output layer's training products; bf16_kernel as resolve_bf16_kernel).
+void set_precision(AutoencoderNet& net, const std::string& precision, const std::string& bf16_kernel) {
+  if (precision != "float32" && precision != "bf16")
+    throw py::value_error("precision must be 'float32' or 'bf16', got '" + precision + "'");
+  net.bf16_output = precision == "bf16";
+  net.bf16_native = net.bf16_output && resolve_bf16_kernel(bf16_kernel);
+}
+
 CsrView autoencoder_input(py::handle X, const AutoencoderNet& net) {
   if (!py::isinstance<py::tuple>(X)) throw py::type_error("X must be a CSR tuple (indptr, indices, data, n_cols)");
   return make_input(X, net.n_items()).csr;
@@ -1788,6 +1798,35 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false, py::arg("isa") = "auto",
       py::arg("n_threads") = 0, "op(a) @ op(b) in float32 with fastrec's GEMM engine.");
+  // ---- bfloat16 products (gemm.h bf16_gemm) ----
+  m.def(
+      "bf16_gemm",
+      [](py::handle a_obj, py::handle b_obj, bool trans_a, bool trans_b, const std::string& kernel,
+         const std::string& isa, int n_threads) {
+        py::array a = checked<float>(a_obj, "a", 2, false), b = checked<float>(b_obj, "b", 2, false);
+        const index_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
+        const index_t Kb = trans_b ? b.shape(1) : b.shape(0), N = trans_b ? b.shape(0) : b.shape(1);
+        if (K != Kb)
+          throw py::value_error("op(a) has " + std::to_string(K) + " columns but op(b) has " + std::to_string(Kb) +
+                                " rows");
+        const bool native = resolve_bf16_kernel(kernel);
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        py::array_t<float> c({M, N});
+        const float *pa = static_cast<const float*>(a.data()), *pb = static_cast<const float*>(b.data());
+        float* pc = c.mutable_data();
+        const index_t lda = a.shape(1), ldb = b.shape(1);
+        {
+          const CoreCall call;
+          bf16_gemm(ks, native, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, nullptr, n_threads);
+        }
+        return c;
+      },
+      py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+      py::arg("kernel") = "auto", py::arg("isa") = "auto", py::arg("n_threads") = 0,
+      "op(a) @ op(b) with a and b rounded to bfloat16 and float32 sums. kernel: 'auto', 'avx512_bf16' or "
+      "'emulated' (the float32 kernels of `isa` on the rounded operands).");
+  m.def("bf16_kernels", [] { return bf16_kernels(); },
+        "The bf16 product kernels usable here: 'emulated', then 'avx512_bf16' when the CPU has it.");
 
   m.def(
       "forward",
@@ -2071,8 +2110,10 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "autoencoder_loss_and_gradients",
       [](const py::list& coefs, const py::list& intercepts, std::size_t n_encoder, bool variational, py::handle X,
-         py::handle input_scale, py::handle eps, float beta, float l2, int n_threads, const std::string& isa) {
-        const AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, false);
+         py::handle input_scale, py::handle eps, float beta, float l2, int n_threads, const std::string& isa,
+         const std::string& precision, const std::string& bf16_kernel) {
+        AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, false);
+        set_precision(net, precision, bf16_kernel);
         const CsrView x = autoencoder_input(X, net);
         const float* ps = optional_array<float>(input_scale, "input_scale", x.indptr[x.rows], false);
         const float* pe = nullptr;
@@ -2100,10 +2141,10 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("coefs"), py::arg("intercepts"), py::arg("n_encoder"), py::arg("variational"), py::arg("X"),
       py::arg("input_scale"), py::arg("eps"), py::arg("beta"), py::arg("l2"), py::arg("n_threads") = 0,
-      py::arg("isa") = "auto",
+      py::arg("isa") = "auto", py::arg("precision") = "float32", py::arg("bf16_kernel") = "auto",
       "(loss, mean nll, mean KL, coef_grads, intercept_grads) of all rows of X as one batch, with the given "
       "noise: input_scale (nnz multipliers of the normalised entries, or None) and eps (rows x latent, or None: "
-      "z = mu).");
+      "z = mu). precision 'bf16': the output layer's products in bfloat16.");
   m.def(
       "autoencoder_noise",
       [](py::handle X, py::handle rows, index_t latent, float dropout, std::uint64_t seed, std::int64_t step) {
@@ -2127,8 +2168,10 @@ PYBIND11_MODULE(_core, m) {
       [](const py::list& coefs, const py::list& intercepts, std::size_t n_encoder, bool variational,
          const py::list& state1, const py::list& state2, std::int64_t adam_t, float learning_rate, py::handle X,
          py::handle order_obj, index_t batch_size, float dropout, float beta_max, std::int64_t anneal_steps, float l2,
-         std::uint64_t seed, int n_threads, const std::string& isa) {
-        const AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, true);
+         std::uint64_t seed, int n_threads, const std::string& isa, const std::string& precision,
+         const std::string& bf16_kernel) {
+        AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, true);
+        set_precision(net, precision, bf16_kernel);
         const CsrView x = autoencoder_input(X, net);
         const auto [po, n_order] = checked_order(order_obj, x.rows, batch_size);
         if (!(dropout >= 0.0f && dropout < 1.0f)) throw py::value_error("dropout must be in [0, 1)");
@@ -2155,7 +2198,8 @@ PYBIND11_MODULE(_core, m) {
       py::arg("coefs"), py::arg("intercepts"), py::arg("n_encoder"), py::arg("variational"), py::arg("state1"),
       py::arg("state2"), py::arg("adam_t"), py::arg("learning_rate"), py::arg("X"), py::arg("order"),
       py::arg("batch_size"), py::arg("dropout"), py::arg("beta_max"), py::arg("anneal_steps"), py::arg("l2"),
-      py::arg("seed"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
+      py::arg("seed"), py::arg("n_threads") = 0, py::arg("isa") = "auto", py::arg("precision") = "float32",
+      py::arg("bf16_kernel") = "auto",
       "Adam steps over batches of X's rows in `order`, parameters and moments updated in place. Returns "
-      "(loss_sum, adam_t, rows, diverged).");
+      "(loss_sum, adam_t, rows, diverged). precision 'bf16': the output layer's products in bfloat16.");
 }

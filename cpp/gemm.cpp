@@ -27,7 +27,18 @@ struct Problem {
   float* C;
   index_t ldc;
   const Epilogue* epilogue;
+  bool round_bf16 = false;  // bf16_gemm's emulated path: every panel packed, its floats rounded to bf16
 };
+
+// pack_panel's layout (kernels.h PackFn) with each float rounded to bf16: the emulated bf16 path's packing.
+void pack_rounded(bool k_major, const float* src, index_t ld, int count, index_t kc, float* out, int R) {
+  for (index_t k = 0; k < kc; ++k)
+    for (int r = 0; r < R; ++r) {
+      const float x = r >= count ? 0.0f : k_major ? src[k * ld + r] : src[r * ld + k];
+      const std::uint32_t bits = bf16_round_bits(x);
+      std::memcpy(out + k * R + r, &bits, sizeof(float));
+    }
+}
 
 // Measured on the MLP's weight-gradient products (Xᵀ·dZ): with 4 or fewer NR panels, packing Aᵀ costs more
 // than reading its rows in place saves.
@@ -61,7 +72,7 @@ void gemm_row(const Problem& p, index_t row, index_t n0, index_t n1) {
 void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
   thread_local AlignedBuffer a_scratch, b_scratch;  // one per thread per role: OpenMP keeps its threads
   const KernelSet& ks = p.ks;
-  if (m1 - m0 <= kRowPathRows && !p.trans_a && !p.trans_b) {
+  if (m1 - m0 <= kRowPathRows && !p.trans_a && !p.trans_b && !p.round_bf16) {
     for (index_t i = m0; i < m1; ++i) gemm_row(p, i, n0, n1);
     return;
   }
@@ -76,12 +87,15 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
       // B is packed when several row panels reuse it (reading it in place with a power-of-two row stride
       // would map its kc rows onto a few L1 sets). For a single row panel (one-row predictions) packing would
       // cost more than the product: full panels of row-major B are then read in place.
-      const bool b_in_place = !p.trans_b && m1 - m0 <= ks.mr;
+      const bool b_in_place = !p.trans_b && m1 - m0 <= ks.mr && !p.round_bf16;
       const index_t b_full = b_in_place ? nc / ks.nr * ks.nr : 0;
       for (index_t jr = b_full; jr < nc; jr += ks.nr) {
         const int n = static_cast<int>(std::min<index_t>(ks.nr, nc - jr));
         const float* src = p.trans_b ? p.B + (jc + jr) * p.ldb + pc : p.B + pc * p.ldb + jc + jr;
-        ks.pack_b(!p.trans_b, src, p.ldb, n, kc, bbuf + jr * kc);
+        if (p.round_bf16)
+          pack_rounded(!p.trans_b, src, p.ldb, n, kc, bbuf + jr * kc, ks.nr);
+        else
+          ks.pack_b(!p.trans_b, src, p.ldb, n, kc, bbuf + jr * kc);
       }
       for (index_t ic = m0; ic < m1; ic += ks.mc) {
         const index_t mc = std::min(ks.mc, m1 - ic);
@@ -89,13 +103,16 @@ void gemm_block(const Problem& p, index_t m0, index_t m1, index_t n0, index_t n1
         // copy costing as much as the FMAs when N is narrow). Transposed A is a contiguous run per k: read
         // in place when few B panels would reuse a packed copy, else packed. A partial last panel is always
         // packed (its missing rows must read as zeros).
-        const bool a_in_place = !p.trans_a || nc <= kMaxPanelsForInPlaceAt * ks.nr;
+        const bool a_in_place = (!p.trans_a || nc <= kMaxPanelsForInPlaceAt * ks.nr) && !p.round_bf16;
         const index_t full = a_in_place ? mc / ks.mr * ks.mr : 0;
         const index_t rs_a = p.trans_a ? 1 : p.lda, cs_a = p.trans_a ? p.lda : 1;
         for (index_t ir = full; ir < mc; ir += ks.mr) {
           const int m = static_cast<int>(std::min<index_t>(ks.mr, mc - ir));
           const float* src = p.trans_a ? p.A + pc * p.lda + ic + ir : p.A + (ic + ir) * p.lda + pc;
-          ks.pack_a(p.trans_a, src, p.lda, m, kc, abuf + (ir - full) * kc);
+          if (p.round_bf16)
+            pack_rounded(p.trans_a, src, p.lda, m, kc, abuf + (ir - full) * kc, ks.mr);
+          else
+            ks.pack_a(p.trans_a, src, p.lda, m, kc, abuf + (ir - full) * kc);
         }
         for (index_t jr = 0; jr < nc; jr += ks.nr) {
           const int n = static_cast<int>(std::min<index_t>(ks.nr, nc - jr));
@@ -166,7 +183,125 @@ void one_column(const KernelSet& ks, bool trans_a, index_t M, index_t K, const f
   });
 }
 
+// Runs block(m0, m1, n0, n1) over a partition of C (M x N, register tiles mr x nr) into one rectangle per thread.
+template <typename Block>
+void split_c(index_t M, index_t N, index_t K, index_t mr, index_t nr, int n_threads, Block&& block) {
+  // Partition C into tm x tn rectangles of whole register tiles, one per thread, minimising the largest
+  // thread's cost per unit of K: its FMAs plus the panels it packs or streams (each thread reads the
+  // rows of op(A) and the columns of op(B) of its rectangle; a float moved costs about as much time as
+  // kPackCost multiply-adds at full SIMD width).
+  const index_t m_tiles = ceil_div(M, mr), n_tiles = ceil_div(N, nr);
+  const double fmas = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
+  int threads = resolve_threads(n_threads);
+  threads = static_cast<int>(std::max(1.0, std::min<double>(threads, fmas / kMinFmasPerThread)));
+  threads = static_cast<int>(std::min<index_t>(threads, m_tiles * n_tiles));
+  int tm = 1, tn = 1;
+  index_t best = -1;
+  for (int a = 1; a <= threads; ++a) {
+    if (threads % a) continue;
+    const int b = threads / a;
+    const index_t rows = ceil_div(m_tiles, a) * mr, cols = ceil_div(n_tiles, b) * nr;
+    const index_t load = rows * cols + kPackCost * (rows + cols);
+    if (best < 0 || load < best) best = load, tm = a, tn = b;
+  }
+  const index_t m_step = ceil_div(m_tiles, tm) * mr, n_step = ceil_div(n_tiles, tn) * nr;
+  parallel_for(0, static_cast<std::int64_t>(tm) * tn, tm * tn, [&](std::int64_t t) {
+    const index_t m0 = (t / tn) * m_step, n0 = (t % tn) * n_step;
+    if (m0 < M && n0 < N) block(m0, std::min(M, m0 + m_step), n0, std::min(N, n0 + n_step));
+  });
+}
+
+#ifdef FASTREC_HAVE_BF16_KERNELS
+// bf16_gemm's native path: BLIS loops as gemm_block with every panel packed into bf16 pairs (kernels.h).
+struct Bf16Problem {
+  const KernelSet& ks;
+  const Bf16KernelSet& bk;
+  bool trans_a, trans_b;
+  index_t K;
+  const float* A;
+  index_t lda;
+  const float* B;
+  index_t ldb;
+  float* C;
+  index_t ldc;
+  const Epilogue* epilogue;
+};
+
+void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
+  thread_local AlignedBuffer a_scratch, b_scratch;
+  const Bf16KernelSet& bk = p.bk;
+  // K in equal even blocks of at most bk.kc (1100 = 2 x 550, not 1024 + 76: a short last block pays the C
+  // tile's load and store for few k). They depend on K only: the same sums for any split of C.
+  const index_t blocks = ceil_div(p.K, bk.kc), kc_step = std::min(bk.kc, (ceil_div(p.K, blocks) + 1) / 2 * 2);
+  const index_t pairs_max = (std::min(kc_step, p.K) + 1) / 2;
+  // A pair word has a float's size: the float buffers hold them.
+  auto* bbuf = reinterpret_cast<std::uint32_t*>(
+      b_scratch.get(static_cast<std::size_t>(pairs_max * ceil_div(std::min(bk.nc, n1 - n0), bk.nr) * bk.nr)));
+  auto* abuf = reinterpret_cast<std::uint32_t*>(
+      a_scratch.get(static_cast<std::size_t>(pairs_max * ceil_div(std::min(bk.mc, m1 - m0), bk.mr) * bk.mr)));
+  for (index_t jc = n0; jc < n1; jc += bk.nc) {
+    const index_t nc = std::min(bk.nc, n1 - jc);
+    for (index_t pc = 0; pc < p.K; pc += kc_step) {
+      const index_t kc = std::min(kc_step, p.K - pc), pairs = (kc + 1) / 2;
+      const bool first = pc == 0, last = pc + kc == p.K;
+      for (index_t jr = 0; jr < nc; jr += bk.nr) {
+        const int n = static_cast<int>(std::min<index_t>(bk.nr, nc - jr));
+        const float* src = p.trans_b ? p.B + (jc + jr) * p.ldb + pc : p.B + pc * p.ldb + jc + jr;
+        bk.pack_b(!p.trans_b, src, p.ldb, n, kc, bbuf + jr * pairs);
+      }
+      for (index_t ic = m0; ic < m1; ic += bk.mc) {
+        const index_t mc = std::min(bk.mc, m1 - ic);
+        for (index_t ir = 0; ir < mc; ir += bk.mr) {
+          const int m = static_cast<int>(std::min<index_t>(bk.mr, mc - ir));
+          const float* src = p.trans_a ? p.A + pc * p.lda + ic + ir : p.A + (ic + ir) * p.lda + pc;
+          bk.pack_a(p.trans_a, src, p.lda, m, kc, abuf + ir * pairs);
+        }
+        for (index_t jr = 0; jr < nc; jr += bk.nr) {
+          const int n = static_cast<int>(std::min<index_t>(bk.nr, nc - jr));
+          for (index_t ir = 0; ir < mc; ir += bk.mr) {
+            const int m = static_cast<int>(std::min<index_t>(bk.mr, mc - ir));
+            float* c = p.C + (ic + ir) * p.ldc + jc + jr;
+            bk.ukernel(pairs, abuf + ir * pairs, bbuf + jr * pairs, c, p.ldc, !first, m, n);
+            if (last && p.epilogue) p.ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
+          }
+        }
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace
+
+void bf16_gemm(const KernelSet& ks, bool native, bool trans_a, bool trans_b, index_t M, index_t N, index_t K,
+               const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue,
+               int n_threads) {
+  require(!epilogue || !epilogue->exp_sums, "bf16_gemm: the exp_sums epilogue is not supported");
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (index_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, static_cast<std::size_t>(N) * sizeof(float));
+    if (epilogue) ks.epilogue(C, ldc, static_cast<int>(M), static_cast<int>(N), 0, 0, *epilogue);
+    return;
+  }
+#ifdef FASTREC_HAVE_BF16_KERNELS
+  if (native) {
+    require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
+    const Bf16KernelSet& bk = bf16_kernels_avx512();
+    const Bf16Problem problem{ks, bk, trans_a, trans_b, K, A, lda, B, ldb, C, ldc, epilogue};
+    split_c(M, N, K, bk.mr, bk.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+      bf16_block(problem, m0, m1, n0, n1);
+    });
+    return;
+  }
+#else
+  require(!native, "bf16_gemm: this build has no AVX512-BF16 kernel");
+#endif
+  Problem problem{ks, trans_a, trans_b, K, A, lda, B, ldb, C, ldc, epilogue};
+  problem.round_bf16 = true;
+  split_c(M, N, K, ks.mr, ks.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+    gemm_block(problem, m0, m1, n0, n1);
+  });
+}
 
 void sgemm(const KernelSet& ks, bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const float* A,
            index_t lda, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue, int n_threads) {
@@ -178,29 +313,8 @@ void sgemm(const KernelSet& ks, bool trans_a, bool trans_b, index_t M, index_t N
   }
   if (N == 1 && ldc == 1 && (trans_b || ldb == 1)) return one_column(ks, trans_a, M, K, A, lda, B, C, epilogue, n_threads);
   const Problem problem{ks, trans_a, trans_b, K, A, lda, B, ldb, C, ldc, epilogue};
-
-  // Partition C into tm x tn rectangles of whole register tiles, one per thread, minimising the largest
-  // thread's cost per unit of K: its FMAs plus the panels it packs or streams (each thread reads the
-  // rows of op(A) and the columns of op(B) of its rectangle; a float moved costs about as much time as
-  // kPackCost multiply-adds at full SIMD width).
-  const index_t m_tiles = ceil_div(M, ks.mr), n_tiles = ceil_div(N, ks.nr);
-  const double fmas = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
-  int threads = resolve_threads(n_threads);
-  threads = static_cast<int>(std::max(1.0, std::min<double>(threads, fmas / kMinFmasPerThread)));
-  threads = static_cast<int>(std::min<index_t>(threads, m_tiles * n_tiles));
-  int tm = 1, tn = 1;
-  index_t best = -1;
-  for (int a = 1; a <= threads; ++a) {
-    if (threads % a) continue;
-    const int b = threads / a;
-    const index_t rows = ceil_div(m_tiles, a) * ks.mr, cols = ceil_div(n_tiles, b) * ks.nr;
-    const index_t load = rows * cols + kPackCost * (rows + cols);
-    if (best < 0 || load < best) best = load, tm = a, tn = b;
-  }
-  const index_t m_step = ceil_div(m_tiles, tm) * ks.mr, n_step = ceil_div(n_tiles, tn) * ks.nr;
-  parallel_for(0, static_cast<std::int64_t>(tm) * tn, tm * tn, [&](std::int64_t t) {
-    const index_t m0 = (t / tn) * m_step, n0 = (t % tn) * n_step;
-    if (m0 < M && n0 < N) gemm_block(problem, m0, std::min(M, m0 + m_step), n0, std::min(N, n0 + n_step));
+  split_c(M, N, K, ks.mr, ks.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+    gemm_block(problem, m0, m1, n0, n1);
   });
 }
 

@@ -17,4 +17,15 @@ namespace fastrec {
 void sgemm(const KernelSet& kernels, bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const float* A,
            index_t lda, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue, int n_threads);
 
+// bfloat16 products: sgemm's contract with every element of op(A) and op(B) rounded to bf16 (to nearest, ties
+// to even; kernels.h bf16_round_bits) while packing, the products (exact in float32) summed in float32, C
+// float32. native (isa.h resolve_bf16_kernel): the AVX512-BF16 micro-kernel (VDPBF16PS adds a pair of k's
+// products per lane, pairs in k order); otherwise the float32 kernels of ks on the rounded panels (every
+// operand packed, any CPU). ks also applies the epilogue (exp_sums is not supported). Threads split C as
+// sgemm does, so each element is one fixed chain over K: bitwise reproducible for any n_threads with a given
+// kernel (native and emulated sums round differently, both within the float32 accumulation bound).
+void bf16_gemm(const KernelSet& ks, bool native, bool trans_a, bool trans_b, index_t M, index_t N, index_t K,
+               const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue,
+               int n_threads);
+
 }  // namespace fastrec

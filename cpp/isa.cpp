@@ -24,6 +24,7 @@ unsigned long long read_xcr0() {
 struct CpuFeatures {
   bool avx2 = false;
   bool avx512 = false;
+  bool avx512_bf16 = false;
 };
 
 CpuFeatures detect() {
@@ -41,6 +42,8 @@ CpuFeatures detect() {
              avx512vl = b & (1u << 31);
   f.avx2 = os_ymm && avx2 && fma;
   f.avx512 = f.avx2 && os_zmm && avx512f && avx512dq && avx512bw && avx512vl;
+  // CPUID.(7, 1):EAX bit 5: VDPBF16PS / VCVTNE2PS2BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later).
+  if (f.avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
   return f;
 }
 #endif
@@ -111,6 +114,33 @@ Isa resolve_isa(const std::string& name) {
   for (Isa a : available_isas())
     if (a == isa) return isa;
   throw std::invalid_argument(std::string("isa '") + name + "' is not available on this CPU or build");
+}
+
+bool bf16_native_available() {
+#if defined(__x86_64__) && defined(FASTREC_HAVE_X86_KERNELS) && defined(FASTREC_HAVE_BF16_KERNELS)
+  static const bool cpu = detect().avx512_bf16;
+  return cpu && best_isa() == Isa::Avx512;
+#else
+  return false;
+#endif
+}
+
+std::vector<std::string> bf16_kernels() {
+  std::vector<std::string> out{"emulated"};
+  if (bf16_native_available()) out.push_back("avx512_bf16");
+  return out;
+}
+
+bool resolve_bf16_kernel(const std::string& name) {
+  if (name == "auto") return bf16_native_available();
+  if (name == "emulated") return false;
+  if (name == "avx512_bf16") {
+    if (!bf16_native_available())
+      throw std::invalid_argument("bf16 kernel 'avx512_bf16' is not available on this CPU or build (or FASTREC_ISA "
+                                  "caps the ISA below avx512)");
+    return true;
+  }
+  throw std::invalid_argument("bf16 kernel must be 'auto', 'avx512_bf16' or 'emulated', got '" + name + "'");
 }
 
 Activation parse_activation(const std::string& name) {

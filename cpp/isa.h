@@ -15,4 +15,13 @@ Isa best_isa();                                 // best available, capped by FAS
 // "auto" -> best_isa(); a named ISA must be available, else std::invalid_argument.
 Isa resolve_isa(const std::string& name);
 
+// bfloat16 products (gemm.h, bf16_gemm): the AVX512-BF16 kernel (VDPBF16PS) when it was compiled, the CPU has
+// avx512_bf16 and AVX-512 is available and not capped by FASTREC_ISA; otherwise "emulated" (the float32 kernels
+// on operands rounded to bf16 while packing: any CPU). bf16_kernels(): the available names, "emulated" first.
+bool bf16_native_available();
+std::vector<std::string> bf16_kernels();
+// "auto" -> the AVX512-BF16 kernel when available; "avx512_bf16" (must be available, else
+// std::invalid_argument) -> true; "emulated" -> false.
+bool resolve_bf16_kernel(const std::string& name);
+
 }  // namespace fastrec

@@ -77,9 +77,20 @@ const float* layer_input(const AutoencoderNet& net, const AeWorkspace& ws, std::
   return (net.variational && l == net.n_encoder) ? ws.z.data() : ws.acts[l - 1].data();
 }
 
-// Fills ws.acts (and ws.z) for the batch in ws.in_*; eps: rows x latent noise or null (z = mu).
+// A product of layer l: the output layer's in bf16 when training with net.bf16_output, else float32.
+void layer_product(const KernelSet& ks, const AutoencoderNet& net, bool bf16, bool trans_a, bool trans_b, index_t M,
+                   index_t N, index_t K, const float* A, index_t lda, const float* B, index_t ldb, float* C,
+                   index_t ldc, const Epilogue* epilogue, int n_threads) {
+  if (bf16)
+    bf16_gemm(ks, net.bf16_native, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
+  else
+    sgemm(ks, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
+}
+
+// Fills ws.acts (and ws.z) for the batch in ws.in_*; eps: rows x latent noise or null (z = mu). training: the
+// output layer in bf16 when the net asks for it.
 void forward_batch(const KernelSet& ks, const AutoencoderNet& net, AeWorkspace& ws, index_t rows, const float* eps,
-                   index_t n_cols, int n_threads) {
+                   index_t n_cols, bool training, int n_threads) {
   const std::size_t L = net.layers.size();
   for (std::size_t l = 0; l < L; ++l) {
     const Layer& layer = net.layers[l];
@@ -91,8 +102,9 @@ void forward_batch(const KernelSet& ks, const AutoencoderNet& net, AeWorkspace& 
       const CsrView X{ws.in_indptr.data(), ws.in_indices.data(), ws.in_values.data(), rows, n_cols};
       csr_matmul(ks, X, layer.W, layer.fan_out, layer.fan_out, ws.acts[0].data(), layer.fan_out, &e, n_threads);
     } else {
-      sgemm(ks, false, false, rows, layer.fan_out, layer.fan_in, layer_input(net, ws, l), layer.fan_in, layer.W,
-            layer.fan_out, ws.acts[l].data(), layer.fan_out, &e, n_threads);
+      layer_product(ks, net, training && net.bf16_output && l + 1 == L, false, false, rows, layer.fan_out,
+                    layer.fan_in, layer_input(net, ws, l), layer.fan_in, layer.W, layer.fan_out, ws.acts[l].data(),
+                    layer.fan_out, &e, n_threads);
     }
     if (net.variational && l + 1 == net.n_encoder) {  // z from [mu | logvar]
       const index_t k = net.latent();
@@ -155,10 +167,11 @@ AutoencoderLoss loss_and_backward(const KernelSet& ks, const AutoencoderNet& net
   for (std::size_t l = L; l-- > 0;) {
     const Layer& layer = net.layers[l];
     const float* D = l == L - 1 ? G : ws.deltas[l].data();
+    const bool bf16 = net.bf16_output && l == L - 1;
     if (l > 0) {
       // dW = inputᵀ D (split over C's blocks, never over rows: the same sums for any thread count)
-      sgemm(ks, true, false, layer.fan_in, layer.fan_out, rows, layer_input(net, ws, l), layer.fan_in, D,
-            layer.fan_out, ws.grad_w[l].data(), layer.fan_out, nullptr, n_threads);
+      layer_product(ks, net, bf16, true, false, layer.fan_in, layer.fan_out, rows, layer_input(net, ws, l),
+                    layer.fan_in, D, layer.fan_out, ws.grad_w[l].data(), layer.fan_out, nullptr, n_threads);
       if (l2 > 0.0f) {
         float* gw = ws.grad_w[l].data();
         const index_t len = layer.fan_in * layer.fan_out;
@@ -189,8 +202,8 @@ AutoencoderLoss loss_and_backward(const KernelSet& ks, const AutoencoderNet& net
       e.ld_mul = below.fan_out;
       e.mul_act = net.activation(l - 1);
     }
-    sgemm(ks, false, true, rows, layer.fan_in, layer.fan_out, D, layer.fan_out, layer.W, layer.fan_out, target,
-          layer.fan_in, to_z ? nullptr : &e, n_threads);
+    layer_product(ks, net, bf16, false, true, rows, layer.fan_in, layer.fan_out, D, layer.fan_out, layer.W,
+                  layer.fan_out, target, layer.fan_in, to_z ? nullptr : &e, n_threads);
     if (to_z) {  // [dmu | dlogvar] with the KL term's gradient, and the KL
       const index_t k = net.latent();
       ws.deltas[l - 1].resize(static_cast<std::size_t>(rows * 2 * k));
@@ -310,7 +323,7 @@ void autoencoder_forward(const KernelSet& ks, const AutoencoderNet& net, const C
   if (X.rows == 0) return;
   AeWorkspace ws(net, false);
   gather_batch(ks, X, nullptr, X.rows, nullptr, nullptr, 0, ws);
-  forward_batch(ks, net, ws, X.rows, nullptr, X.cols, n_threads);
+  forward_batch(ks, net, ws, X.rows, nullptr, X.cols, false, n_threads);
   std::memcpy(out, ws.acts.back().data(), sizeof(float) * static_cast<std::size_t>(X.rows * net.n_items()));
 }
 
@@ -323,7 +336,7 @@ AutoencoderLoss autoencoder_loss_and_gradients(const KernelSet& ks, const Autoen
   require(X.rows >= 1, "need at least one row");
   AeWorkspace ws(net, true);
   gather_batch(ks, X, nullptr, X.rows, input_scale, nullptr, 0, ws);
-  forward_batch(ks, net, ws, X.rows, net.variational ? eps : nullptr, X.cols, n_threads);
+  forward_batch(ks, net, ws, X.rows, net.variational ? eps : nullptr, X.cols, true, n_threads);
   AutoencoderLoss out = loss_and_backward(ks, net, ws, X.rows, net.variational ? eps : nullptr, beta, l2, n_threads);
   out.loss += l2_term(ks, net, ws, l2);
   for (std::size_t l = 0; l < net.layers.size(); ++l) {
@@ -390,7 +403,7 @@ EpochResult autoencoder_train_epoch(const KernelSet& ks, const AutoencoderNet& n
                    [&](std::int64_t i) { gaussian_row(keys.gauss(order[b0 + i]), k, ws.eps.data() + i * k); });
       eps = ws.eps.data();
     }
-    forward_batch(ks, net, ws, n, eps, X.cols, threads);
+    forward_batch(ks, net, ws, n, eps, X.cols, true, threads);
     AutoencoderLoss loss = loss_and_backward(ks, net, ws, n, eps, beta, training.l2, threads);
     loss.loss += l2_term(ks, net, ws, training.l2);
     if (!std::isfinite(loss.loss)) {

@@ -21,6 +21,11 @@ struct AutoencoderNet {
   std::vector<Layer> layers;
   std::size_t n_encoder = 0;  // encoder layers: layers[n_encoder - 1] gives [mu | logvar] (VAE) or z (DAE)
   bool variational = true;
+  // Training runs the output layer's three products (logits, its weight gradient, its input gradient) in
+  // bfloat16 (gemm.h bf16_gemm: operands rounded to bf16, float32 sums; the weights stay float32) when
+  // bf16_output; bf16_native picks the AVX512-BF16 kernel, else the emulated one. Scoring stays float32.
+  bool bf16_output = false;
+  bool bf16_native = false;
   index_t n_items() const { return layers.front().fan_in; }
   index_t latent() const { return layers[n_encoder].fan_in; }
   // Layer l's output activation: identity for the logits and the VAE's [mu | logvar], tanh elsewhere.

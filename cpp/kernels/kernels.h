@@ -2,6 +2,9 @@
 // ISA's flags (kernels_scalar.cpp has none), so no SIMD type appears here and the rest of the library is
 // baseline x86-64. The table is immutable; callers pick one per call (see isa.h).
 #pragma once
+#include <cstdint>
+#include <cstring>
+
 #include "common.h"
 #include "isa.h"
 
@@ -164,6 +167,35 @@ struct KernelSet {
   LayerNormFn layer_norm;
   LayerNormBackwardFn layer_norm_backward;
 };
+
+// ---- bfloat16 products (gemm.h, bf16_gemm) ----
+// Packed bf16 panels hold PAIRS of k: element (r, kp) of a panel is one 32-bit word whose low half is the bf16
+// of (r, 2 kp) and whose high half that of (r, 2 kp + 1) (0 past kc), the operand layout of VDPBF16PS, which
+// adds both products of a pair to a float32 lane. Panels are laid out like the float32 ones: word (r, kp) at
+// out[kp * R + r], R = MR for A and NR for B, zero for r >= count. Floats are rounded to bf16 to nearest, ties
+// to even (NaN stays NaN, overflow gives inf), while packing.
+// x rounded to bf16 (to nearest, ties to even; NaN stays a quiet NaN): the bf16 in the high 16 bits of the
+// result, the low 16 bits zero (so the result's bits are also the float value of the bf16).
+inline std::uint32_t bf16_round_bits(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u | 0x00400000u) & 0xFFFF0000u;
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+using Bf16PackFn = void (*)(bool k_major, const float* src, index_t ld, int count, index_t kc, std::uint32_t* out);
+// acc(i, j) = sum over kp of the pair products of a(i, kp) and b(kp, j), kp = 0 .. kp_count - 1 in order (a
+// packed MR panel, a packed NR panel); then C[i][j] = acc or C[i][j] += acc for i < m, j < n.
+using Bf16UkernelFn = void (*)(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, float* c,
+                               index_t ldc, bool accumulate, int m, int n);
+struct Bf16KernelSet {
+  int mr, nr;
+  index_t kc, mc, nc;  // kc in k (even: a pair never straddles two K blocks)
+  Bf16UkernelFn ukernel;
+  Bf16PackFn pack_a, pack_b;  // R = mr and R = nr
+};
+#ifdef FASTREC_HAVE_BF16_KERNELS
+const Bf16KernelSet& bf16_kernels_avx512();  // kernels_avx512_bf16.cpp: needs avx512_bf16 (isa.h)
+#endif
 
 const KernelSet& kernels_scalar();
 #ifdef FASTREC_HAVE_X86_KERNELS

@@ -28,6 +28,8 @@ __all__ = [
     "activation",
     "activation_derivative",
     "adam_update",
+    "bf16_gemm",
+    "bf16_round",
     "csr_matmul",
     "csr_touched_rows",
     "csr_transpose_matmul",
@@ -1376,13 +1378,13 @@ def _multvae_dense(X, n_items):
     return dense
 
 
-def _multvae_forward(coefs, intercepts, n_encoder, variational, x_in, eps):
+def _multvae_forward(coefs, intercepts, n_encoder, variational, x_in, eps, precision="float32"):
     """float64 forward of the dense inputs x_in: (activations per layer, z)."""
     acts, z, h = [], None, x_in
     for l, (W, b) in enumerate(zip(coefs, intercepts)):
         if variational and l == n_encoder:
             h = z
-        a = h @ np.asarray(W, np.float64) + np.asarray(b, np.float64)
+        a = _output_matmul(h, W, l == len(coefs) - 1 and precision == "bf16") + np.asarray(b, np.float64)
         if _multvae_activation(l, len(coefs), n_encoder, variational) == "tanh":
             a = np.tanh(a)
         acts.append(a)
@@ -1403,7 +1405,8 @@ def multvae_forward(coefs, intercepts, n_encoder, variational, X):
     return _multvae_forward(coefs, intercepts, n_encoder, variational, x_in, None)[0][-1]
 
 
-def multvae_loss_and_gradients(coefs, intercepts, n_encoder, variational, X, input_scale, eps, beta, l2):
+def multvae_loss_and_gradients(coefs, intercepts, n_encoder, variational, X, input_scale, eps, beta, l2,
+                               precision="float32"):
     """(loss, nll, kl, coef_grads, intercept_grads) in float64 for the rows of the CSR tuple X as one batch.
 
     Input: each bag divided by its L2 norm, times input_scale (per stored entry; None: ones). Encoder / decoder
@@ -1411,6 +1414,8 @@ def multvae_loss_and_gradients(coefs, intercepts, n_encoder, variational, X, inp
     None: z = mu). loss = mean_r [-sum_j x_rj log softmax(logits_r)_j + beta KL_r] + l2 sum_l ||W_l||^2, with
     KL_r = 0.5 sum (exp(logvar) + mu^2 - 1 - logvar) (VAE only) and the first layer's L2 over the rows of the
     items whose scaled input is non-zero somewhere in the batch (the core's lazy regularisation).
+    precision "bf16": the output layer's three products (logits, its weight gradient, its input gradient) take
+    their operands rounded to bfloat16 (``bf16_round``), as the core's ``precision="bf16"`` does.
     """
     indptr, indices, data, n_items = X
     n = len(indptr) - 1
@@ -1420,7 +1425,8 @@ def multvae_loss_and_gradients(coefs, intercepts, n_encoder, variational, X, inp
     norms = np.sqrt((x ** 2).sum(axis=1, keepdims=True))
     x_in = _multvae_dense(scaled, n_items)
     x_in = np.divide(x_in, norms, out=np.zeros_like(x_in), where=norms > 0)
-    acts, z = _multvae_forward(coefs, intercepts, n_encoder, variational, x_in, eps if variational else None)
+    acts, z = _multvae_forward(coefs, intercepts, n_encoder, variational, x_in, eps if variational else None,
+                               precision)
     L = len(coefs)
     logits = acts[-1]
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -1435,7 +1441,8 @@ def multvae_loss_and_gradients(coefs, intercepts, n_encoder, variational, X, inp
     for l in range(L - 1, -1, -1):
         W = np.asarray(coefs[l], np.float64)
         inp = x_in if l == 0 else (z if variational and l == n_encoder else acts[l - 1])
-        gw = inp.T @ D + 2.0 * l2 * W
+        bf16 = precision == "bf16" and l == L - 1
+        gw = _output_matmul(inp.T, D, bf16) + 2.0 * l2 * W
         if l == 0:
             mask = np.zeros(len(W), bool)
             mask[touched] = True
@@ -1443,7 +1450,7 @@ def multvae_loss_and_gradients(coefs, intercepts, n_encoder, variational, X, inp
         coef_grads[l], intercept_grads[l] = gw, D.sum(axis=0)
         if l == 0:
             break
-        d_in = D @ W.T
+        d_in = _output_matmul(D, W.T, bf16)
         if variational and l == n_encoder:
             a = acts[l - 1]
             k = a.shape[1] // 2
@@ -1459,6 +1466,34 @@ def multvae_loss_and_gradients(coefs, intercepts, n_encoder, variational, X, inp
             D = d_in
     loss = nll + (beta * kl if variational else 0.0) + l2 * penalty
     return loss, nll, kl, coef_grads, intercept_grads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bfloat16 products (issue 17; cpp/gemm.h bf16_gemm)
+# ----------------------------------------------------------------------------------------------------------
+
+def bf16_round(x):
+    """x as float32 rounded to the nearest bfloat16, ties to even, returned as float32 (the low 16 bits of each
+    value zero). NaN stays NaN (quiet); finite values past the largest bf16 (~3.39e38) become inf."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    out = np.where(nan, (u | 0x00400000) & 0xFFFF0000, rounded).astype(np.uint32)
+    return out.view(np.float32).reshape(np.shape(x))
+
+
+def bf16_gemm(a, b, trans_a=False, trans_b=False, kernel="auto", isa="auto", n_threads=0):
+    """``op(a) @ op(b)`` with a and b rounded by ``bf16_round`` and the products (exact in float32: 8-bit
+    significands) summed in float32. ``kernel``, ``isa`` and ``n_threads`` are ignored."""
+    return sgemm(bf16_round(a), bf16_round(b), trans_a, trans_b)
+
+
+def _output_matmul(a, b, bf16):
+    """a @ b in float64; bf16: with both operands first rounded to float32, then to bf16 (the core rounds its
+    float32 values), the products summed in float64."""
+    if bf16:
+        a, b = bf16_round(np.asarray(a, np.float32)), bf16_round(np.asarray(b, np.float32))
+    return np.asarray(a, np.float64) @ np.asarray(b, np.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+// AVX512-BF16 kernels of the bf16 GEMM (kernels.h, "bfloat16 products"): compiled with -mavx512f/dq/vl/bw
+// -mavx512bf16 -mfma only, and called only when isa.h's bf16_native_available() says the CPU has avx512_bf16.
+// Register tile 12 x 32 as the float32 AVX-512 kernel: 24 float32 accumulators, 2 B vectors of 16 columns x
+// one k pair, each A pair broadcast from memory; a k pair step is 24 VDPBF16PS (32 multiply-adds each, twice
+// an FMA's 16). kc = 1024 k (512 pairs): a K up to 1024 is one block, so C is written once (Mult-VAE's logits,
+// K = 600: 78-80 ms in two blocks of 300, 69-72 ms in one, 1 thread); the 64 KiB B panel then streams from L2,
+// which its 128 bytes per 24 VDPBF16PS allow (kc = 512 and 768 measured no faster on the other products).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/kernels.h"
+
+namespace fastrec {
+namespace {
+
+constexpr int kMr = 12, kNr = 32;
+// The maskz forms with every lane set: the plain _mm512_srli_epi32 / _mm512_cvtepi32_epi16 trip a false
+// -Wmaybe-uninitialized in GCC 12 (their _mm512_undefined_* pass-through operand), as in kernels_avx512.cpp.
+constexpr __mmask16 kAll = 0xFFFF;
+inline __m512i srl16(__m512i x) { return _mm512_maskz_srli_epi32(kAll, x, 16); }
+
+// 16 floats rounded as bf16_round_bits rounds one: the bf16 in each lane's high half, the low half zero.
+inline __m512i round16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(srl16(u), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+}
+
+__mmask16 lanes(int count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : count <= 0 ? 0 : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// Element (r, k) = src[k * ld + r]: rows k and k + 1 are contiguous runs, their rounded lanes OR-ed into the
+// pair words (no shuffles).
+template <int R>
+void pack_k_major(const float* src, index_t ld, int count, index_t kc, std::uint32_t* out) {
+  constexpr int V = (R + 15) / 16;
+  __mmask16 load[V], store[V];
+  for (int v = 0; v < V; ++v) {
+    load[v] = lanes(std::min(count, R) - 16 * v);
+    store[v] = lanes(R - 16 * v);
+  }
+  const index_t pairs = (kc + 1) / 2;
+  for (index_t kp = 0; kp < pairs; ++kp) {
+    const float* s0 = src + 2 * kp * ld;
+    const bool odd = 2 * kp + 1 < kc;
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) {
+      const __m512i lo = round16(_mm512_maskz_loadu_ps(load[v], s0 + 16 * v));
+      const __m512i hi = odd ? round16(_mm512_maskz_loadu_ps(load[v], s0 + ld + 16 * v)) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(out + kp * R + 16 * v, store[v], _mm512_or_si512(srl16(lo), hi));
+    }
+  }
+}
+
+// Element (r, k) = src[r * ld + k]: each row's consecutive floats are already its pairs; 32 floats rounded and
+// narrowed to 16 words, then written down the panel's column r.
+template <int R>
+void pack_rows(const float* src, index_t ld, int count, index_t kc, std::uint32_t* out) {
+  const index_t pairs = (kc + 1) / 2;
+  for (int r = 0; r < R; ++r) {
+    std::uint32_t* o = out + r;
+    if (r >= count) {
+      for (index_t kp = 0; kp < pairs; ++kp) o[kp * R] = 0;
+      continue;
+    }
+    const float* s = src + r * ld;
+    index_t k = 0;
+    alignas(64) std::uint32_t words[16];
+    for (; k + 32 <= kc; k += 32) {
+      const __m256i w0 = _mm512_maskz_cvtepi32_epi16(kAll, srl16(round16(_mm512_loadu_ps(s + k))));
+      const __m256i w1 = _mm512_maskz_cvtepi32_epi16(kAll, srl16(round16(_mm512_loadu_ps(s + k + 16))));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(words), w0);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(words + 8), w1);
+      std::uint32_t* ok = o + (k / 2) * R;
+#pragma GCC unroll 16
+      for (int p = 0; p < 16; ++p) ok[p * R] = words[p];
+    }
+    for (; k < kc; k += 2) {
+      const std::uint32_t lo = bf16_round_bits(s[k]) >> 16, hi = k + 1 < kc ? bf16_round_bits(s[k + 1]) : 0u;
+      o[(k / 2) * R] = lo | hi;
+    }
+  }
+}
+
+template <int R>
+void pack_bf16(bool k_major, const float* src, index_t ld, int count, index_t kc, std::uint32_t* out) {
+  if (k_major)
+    pack_k_major<R>(src, ld, count, kc, out);
+  else
+    pack_rows<R>(src, ld, count, kc, out);
+}
+
+template <bool kHalf>
+inline void dot_loop(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, __m512 (&acc0)[kMr],
+                     __m512 (&acc1)[kMr]) {
+  for (index_t kp = 0; kp < kp_count; ++kp, a += kMr, b += kNr) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
+    const __m512bh b1 = kHalf ? b0 : (__m512bh)_mm512_loadu_si512(b + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < kMr; ++i) {
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i]));
+      acc0[i] = _mm512_dpbf16_ps(acc0[i], ai, b0);
+      if (!kHalf) acc1[i] = _mm512_dpbf16_ps(acc1[i], ai, b1);
+    }
+  }
+}
+
+void ukernel_avx512_bf16(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, float* c, index_t ldc,
+                         bool accumulate, int m, int n) {
+  __m512 acc0[kMr], acc1[kMr];
+  for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  if (n <= 16)
+    dot_loop<true>(kp_count, a, b, acc0, acc1);
+  else
+    dot_loop<false>(kp_count, a, b, acc0, acc1);
+  const __mmask16 mask0 = lanes(n), mask1 = lanes(n - 16);
+#pragma GCC unroll 12
+  for (int i = 0; i < kMr; ++i) {
+    if (i >= m) break;
+    float* ci = c + i * ldc;
+    __m512 r0 = acc0[i], r1 = acc1[i];
+    if (accumulate) {
+      r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, ci), r0);
+      r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, ci + 16), r1);
+    }
+    _mm512_mask_storeu_ps(ci, mask0, r0);
+    _mm512_mask_storeu_ps(ci + 16, mask1, r1);
+  }
+}
+
+}  // namespace
+
+const Bf16KernelSet& bf16_kernels_avx512() {
+  static const Bf16KernelSet set{kMr, kNr, 1024, 192, 4096, ukernel_avx512_bf16, pack_bf16<kMr>, pack_bf16<kNr>};
+  return set;
+}
+
+}  // namespace fastrec
