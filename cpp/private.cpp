@@ -17,6 +17,7 @@
 #include "private.h"
 
 #include <algorithm>
+#include <iterator>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -44,15 +45,57 @@ struct NoiseStream {
   NoiseStream(std::uint64_t seed, std::uint64_t step, std::uint64_t stream)
       : prefix(mix64(mix64(mix64(seed) ^ step) ^ stream)) {}
   std::uint64_t key(std::uint64_t index) const { return mix64(prefix ^ index); }
-  // Box-Muller on two uniforms of the pair's key (u1 in (0, 1], u2 in [0, 1)): indices 2k and 2k + 1 are the
-  // pair's cosine and sine, two independent standard normals from one logarithm.
+  // Marsaglia's polar method on the pair's key: points (x, y) uniform in [-1, 1)^2 from the words
+  // mix64(key ^ 1), mix64(key ^ 2), then ^ 3, ^ 4 ... until one falls inside the unit disc (s = x^2 + y^2 in
+  // (0, 1): 4 / pi tries on average); then x f and y f, f = sqrt(-2 ln(s) / s), are two independent standard
+  // normals (indices 2k and 2k + 1). One logarithm and no sine or cosine: half the cost of Box-Muller.
+  static double try_point(std::uint64_t k, std::uint64_t a, double& x, double& y) {
+    x = static_cast<double>(mix64(k ^ a) >> 11) * 0x1.0p-52 - 1.0;
+    y = static_cast<double>(mix64(k ^ (a + 1)) >> 11) * 0x1.0p-52 - 1.0;
+    return x * x + y * y;
+  }
+  static bool inside(double s) { return s > 0.0 && s < 1.0; }
   void pair(std::uint64_t pair_index, double* out) const {
     const std::uint64_t k = key(pair_index);
-    const double u1 = (static_cast<double>(mix64(k ^ 1) >> 11) + 1.0) * 0x1.0p-53;
-    const double u2 = static_cast<double>(mix64(k ^ 2) >> 11) * 0x1.0p-53;
-    const double r = std::sqrt(-2.0 * std::log(u1)), angle = 6.283185307179586 * u2;
-    out[0] = r * std::cos(angle);
-    out[1] = r * std::sin(angle);
+    double x, y;
+    for (std::uint64_t a = 1;; a += 2) {
+      const double s = try_point(k, a, x, y);
+      if (inside(s)) {
+        const double f = std::sqrt(-2.0 * std::log(s) / s);
+        out[0] = x * f;
+        out[1] = y * f;
+        return;
+      }
+    }
+  }
+  // The pairs pair_index[0:count] into out[2 t], out[2 t + 1] (the same numbers as pair()). In blocks whose
+  // first tries are taken without a branch, so that the CPU overlaps the pairs' logarithms instead of
+  // waiting on each (one pair alone is a chain of ~100 cycles).
+  void pairs(const std::uint64_t* pair_index, index_t count, double* out) const {
+    constexpr index_t kBlock = 64;
+    double xs[kBlock], ys[kBlock], ss[kBlock];
+    for (index_t t0 = 0; t0 < count; t0 += kBlock) {
+      const index_t c = std::min(kBlock, count - t0);
+      for (index_t t = 0; t < c; ++t) ss[t] = try_point(key(pair_index[t0 + t]), 1, xs[t], ys[t]);
+      for (index_t t = 0; t < c; ++t)
+        for (std::uint64_t a = 3; !inside(ss[t]); a += 2)
+          ss[t] = try_point(key(pair_index[t0 + t]), a, xs[t], ys[t]);
+      for (index_t t = 0; t < c; ++t) {
+        const double f = std::sqrt(-2.0 * std::log(ss[t]) / ss[t]);
+        out[2 * (t0 + t)] = xs[t] * f;
+        out[2 * (t0 + t) + 1] = ys[t] * f;
+      }
+    }
+  }
+  // z[0 : k1 - k0] = normal numbers k0.. k1 - 1 (k0 even); scratch: pair indices.
+  void range(std::uint64_t k0, std::uint64_t k1, double* z, std::vector<std::uint64_t>& scratch,
+             std::vector<double>& buffer) const {
+    const std::uint64_t p0 = k0 >> 1, p1 = (k1 + 1) >> 1;
+    scratch.resize(static_cast<std::size_t>(p1 - p0));
+    for (std::uint64_t p = p0; p < p1; ++p) scratch[static_cast<std::size_t>(p - p0)] = p;
+    buffer.resize(2 * scratch.size());
+    pairs(scratch.data(), static_cast<index_t>(scratch.size()), buffer.data());
+    std::copy(buffer.begin(), buffer.begin() + static_cast<std::ptrdiff_t>(k1 - k0), z);
   }
   double at(std::uint64_t index) const {
     double z[2];
@@ -94,25 +137,30 @@ struct StepBuffers {
   std::vector<index_t> w_at, b_at;
   index_t gmf_at = 0, n_sums = 0;  // floats per block of the row pass: the biases, then GMF w
   std::vector<double> parts;    // the row pass's per-block sums
-  TouchedRows touched, filtered, selected;
+  std::vector<TouchedRows> field_touched;  // per field: group_by_column of the batch's bags
+  TouchedRows filtered, selected;
   std::vector<std::int64_t> at;  // per selected row: its index among the filtered rows, or -1
   std::vector<float> rows_grad, selected_grad;
-  std::vector<double> row_squares, counts;
-  std::vector<std::int32_t> unit_ids, group_touched;
-  std::vector<index_t> unit_rows;
+  std::vector<double> row_squares;
+  struct Select {  // scratch of select_rows, one per group (the groups are selected in parallel)
+    std::vector<double> counts;
+    std::vector<std::int32_t> unit_ids, touched;
+    std::vector<index_t> unit_rows;
+    std::vector<std::uint64_t> pair_index;
+    std::vector<double> pair_z, z, inv_sqrt;
+  };
+  std::vector<Select> select;
   std::vector<std::vector<std::int32_t>> group_selected;  // per field: its group's selected rows
 };
 
-double sum_squares(const float* x, index_t n) {
-  double s = 0.0;
-  for (index_t j = 0; j < n; ++j) s += static_cast<double>(x[j]) * x[j];
-  return s;
-}
-
+// x . y in double, in 8 interleaved chains (one chain is bound by the add latency), added in a fixed order.
 double dot(const float* x, const float* y, index_t n) {
-  double s = 0.0;
-  for (index_t j = 0; j < n; ++j) s += static_cast<double>(x[j]) * y[j];
-  return s;
+  double s[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  index_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int t = 0; t < 8; ++t) s[t] += static_cast<double>(x[j + t]) * y[j + t];
+  for (; j < n; ++j) s[0] += static_cast<double>(x[j]) * y[j];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 // sum_j (summed weight of distinct row j)^2 over bag row r.
@@ -142,17 +190,17 @@ const float* upstream_of(const FieldModel& m, const FieldBatchPass& pass, std::s
 }
 
 // Row r's squared gradient norm (ghost norms, see the top of this file).
-double row_norm_squares(const FieldModel& m, const FieldBatchPass& pass, index_t r,
+double row_norm_squares(const KernelSet& ks, const FieldModel& m, const FieldBatchPass& pass, index_t r,
                         std::vector<std::pair<std::int32_t, float>>& scratch) {
   const std::size_t L = m.mlp.layers.size();
   double s = 0.0;
   for (std::size_t l = 0; l < L; ++l) {
     const Layer& layer = m.mlp.layers[l];
-    const double a = sum_squares(pass.layer_input(l) + r * pass.layer_input_ld(l), layer.fan_in);
-    s += (a + 1.0) * sum_squares(pass.delta(l) + r * layer.fan_out, layer.fan_out);
+    const double d = ks.sum_squares(pass.delta(l) + r * layer.fan_out, layer.fan_out);
+    if (d != 0.0) s += (ks.sum_squares(pass.layer_input(l) + r * pass.layer_input_ld(l), layer.fan_in) + 1.0) * d;
   }
   for (std::size_t i = 0; i < m.fields.size(); ++i) {
-    const double u = sum_squares(upstream_of(m, pass, i, r), m.fields[i].dim);
+    const double u = ks.sum_squares(upstream_of(m, pass, i, r), m.fields[i].dim);
     if (u != 0.0) s += u * bag_weight_squares(pass.bags(i), r, scratch);
   }
   if (m.gmf.field_u >= 0) {
@@ -260,7 +308,7 @@ void layout(const FieldModel& m, StepBuffers& b) {
 // here (clip bound per row: C / (1 + negatives)); unit "user" reads b.scale filled before. Then the scaled
 // deltas and the block's sums of the scaled bias deltas and GMF terms; the sums of all blocks go to b.grads
 // in block order (the same for any n_threads).
-void row_pass(const FieldModel& m, const FieldBatchPass& pass, bool row_clip, double bound, StepBuffers& b,
+void row_pass(const KernelSet& ks, const FieldModel& m, const FieldBatchPass& pass, bool row_clip, double bound, StepBuffers& b,
               int n_threads) {
   const std::size_t L = m.mlp.layers.size();
   const index_t n = pass.rows(), blocks = (n + kBlockRows - 1) / kBlockRows, sums = b.n_sums;
@@ -279,7 +327,7 @@ void row_pass(const FieldModel& m, const FieldBatchPass& pass, bool row_clip, do
     double* part = b.parts.data() + blk * sums;
     for (index_t r = blk * kBlockRows; r < std::min(n, (blk + 1) * kBlockRows); ++r) {
       if (row_clip) {
-        const double sq = row_norm_squares(m, pass, r, scratch);
+        const double sq = row_norm_squares(ks, m, pass, r, scratch);
         b.squares[static_cast<std::size_t>(r)] = sq;
         b.scale[static_cast<std::size_t>(r)] = clip_scale(sq, bound);
       }
@@ -330,11 +378,14 @@ void noise_and_update(const KernelSet& ks, const UpdateRule& rule, const std::ve
   parallel_for(0, static_cast<std::int64_t>(tasks.size()), n_threads, [&](std::int64_t t) {
     const DenseArray& a = arrays[tasks[static_cast<std::size_t>(t)].first];
     const index_t k0 = tasks[static_cast<std::size_t>(t)].second, k1 = std::min(a.len, k0 + kNoiseChunk);
-    const NoiseStream noise(ps.seed, step, a.stream);
-    double z[2] = {0.0, 0.0};
+    thread_local std::vector<std::uint64_t> scratch;
+    thread_local std::vector<double> buffer, z;
+    z.assign(static_cast<std::size_t>(k1 - k0), 0.0);
+    if (std_dev != 0.0)
+      NoiseStream(ps.seed, step, a.stream)
+          .range(static_cast<std::uint64_t>(k0), static_cast<std::uint64_t>(k1), z.data(), scratch, buffer);
     for (index_t k = k0; k < k1; ++k) {
-      if ((k & 1) == 0 && std_dev != 0.0) noise.pair(static_cast<std::uint64_t>(k) >> 1, z);
-      double v = a.g[k] + std_dev * z[k & 1];
+      double v = a.g[k] + std_dev * z[static_cast<std::size_t>(k - k0)];
       if (a.alpha != 0.0f) v += static_cast<double>(a.alpha) * a.p[k];
       a.g[k] = static_cast<float>(v / den);
     }
@@ -345,7 +396,8 @@ void noise_and_update(const KernelSet& ks, const UpdateRule& rule, const std::ve
 // The rows of the tables of group `group` (fields i with count_group[i] == group) to update this step, sorted,
 // into sel. "sparse": DP-AdaFEST's thresholded noisy contribution counts; "dense": every row.
 void select_rows(const FieldModel& m, int group, const FieldBatchPass* pass, const Units& units,
-                 const PrivacySettings& ps, std::uint64_t step, StepBuffers& b, std::vector<std::int32_t>& sel) {
+                 const PrivacySettings& ps, std::uint64_t step, const std::vector<TouchedRows>& field_touched,
+                 StepBuffers::Select& b, std::vector<std::int32_t>& sel) {
   const index_t vocab = m.fields[static_cast<std::size_t>(group)].vocab;
   sel.clear();
   if (!ps.sparse) {
@@ -359,29 +411,51 @@ void select_rows(const FieldModel& m, int group, const FieldBatchPass* pass, con
   // The rows the batch reads in any table of the group, and their contribution counts: each unit adds
   // 1 / sqrt(k) to each of the k distinct rows it reads (its rows: its positives and their negatives), so
   // that its contribution vector has L2 norm 1 (the count mechanism's sensitivity).
-  std::vector<std::int32_t>& touched = b.group_touched;
+  std::vector<std::int32_t>& touched = b.touched;
   touched.clear();
-  if (pass)
-    for (std::size_t i : members) {
-      const CsrView bags = pass->bags(i);
-      touched.insert(touched.end(), bags.indices, bags.indices + bags.indptr[bags.rows]);
+  b.counts.clear();
+  if (pass && members.size() == 1 && units.start.empty() && units.negatives == 0) {
+    // A unit is one bag of one table: each of its k distinct rows gets 1 / sqrt(k). The table's touched
+    // rows list each row's batch rows in order (a row repeated in a bag appears twice in a row: once).
+    const TouchedRows& t = field_touched[members[0]];
+    const CsrView bags = pass->bags(members[0]);
+    touched = t.ids;
+    b.counts.assign(touched.size(), 0.0);
+    b.inv_sqrt.assign(static_cast<std::size_t>(bags.rows), -1.0);
+    for (std::size_t g = 0; g < t.ids.size(); ++g) {
+      double c = 0.0;
+      std::int32_t last = -1;
+      for (std::int64_t e = t.start[g]; e < t.start[g + 1]; ++e) {
+        const std::int32_t r = t.rows[static_cast<std::size_t>(e)];
+        if (r == last) continue;
+        last = r;
+        double& w = b.inv_sqrt[static_cast<std::size_t>(r)];
+        if (w < 0.0) {
+          const index_t p0 = bags.indptr[r], p1 = bags.indptr[r + 1];
+          b.unit_ids.assign(bags.indices + p0, bags.indices + p1);
+          std::sort(b.unit_ids.begin(), b.unit_ids.end());
+          const auto k = std::unique(b.unit_ids.begin(), b.unit_ids.end()) - b.unit_ids.begin();
+          w = 1.0 / std::sqrt(static_cast<double>(k));
+        }
+        c += w;
+      }
+      b.counts[g] = c;
     }
-  std::sort(touched.begin(), touched.end());
-  touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
-  b.counts.assign(touched.size(), 0.0);
+  } else if (pass) {
+    for (std::size_t i : members) {
+      const std::vector<std::int32_t>& ids = field_touched[i].ids;
+      b.unit_ids.swap(touched);
+      touched.clear();
+      std::set_union(b.unit_ids.begin(), b.unit_ids.end(), ids.begin(), ids.end(), std::back_inserter(touched));
+    }
+    b.counts.assign(touched.size(), 0.0);
+  }
   auto add = [&](std::int32_t id, double w) {
     b.counts[static_cast<std::size_t>(std::lower_bound(touched.begin(), touched.end(), id) - touched.begin())] += w;
   };
-  for (index_t u = 0; pass && u < units.count(); ++u) {
+  const bool generic = !(members.size() == 1 && units.start.empty() && units.negatives == 0);
+  for (index_t u = 0; pass && generic && u < units.count(); ++u) {
     units.rows_of(u, b.unit_rows);
-    if (b.unit_rows.size() == 1 && members.size() == 1) {  // one bag: its distinct ids, no merging needed
-      const CsrView bags = pass->bags(members[0]);
-      const index_t r = b.unit_rows[0];
-      if (bags.indptr[r + 1] - bags.indptr[r] == 1) {
-        add(bags.indices[bags.indptr[r]], 1.0);
-        continue;
-      }
-    }
     b.unit_ids.clear();
     for (std::size_t i : members) {
       const CsrView bags = pass->bags(i);
@@ -394,9 +468,7 @@ void select_rows(const FieldModel& m, int group, const FieldBatchPass* pass, con
     for (std::int32_t id : b.unit_ids) add(id, w);
   }
   const NoiseStream count_noise(ps.seed, step, kStreamFieldCount + static_cast<std::uint64_t>(group));
-  auto above = [&](double count, std::int32_t id) {
-    return count + ps.count_noise * count_noise.at(static_cast<std::uint64_t>(id)) > ps.threshold;
-  };
+  auto above = [&](double count, double z) { return count + ps.count_noise * z > ps.threshold; };
   const auto n_touched = static_cast<index_t>(touched.size());
   const index_t untouched = vocab - n_touched;
   // Rows outside the batch have count 0: each passes with p = P(N(0, sigma1^2) > tau). A small table draws
@@ -404,17 +476,23 @@ void select_rows(const FieldModel& m, int group, const FieldBatchPass* pass, con
   // untouched rows): the same distribution, at a cost that follows the rows selected, not the table.
   constexpr index_t kDirectRows = 1 << 16;
   if (untouched <= kDirectRows) {
+    b.z.resize(static_cast<std::size_t>(vocab));
+    count_noise.range(0, static_cast<std::uint64_t>(vocab), b.z.data(), b.pair_index, b.pair_z);
     std::size_t g = 0;
     for (index_t j = 0; j < vocab; ++j) {
       const auto id = static_cast<std::int32_t>(j);
       const bool in_batch = g < touched.size() && touched[g] == id;
-      if (above(in_batch ? b.counts[g] : 0.0, id)) sel.push_back(id);
+      if (above(in_batch ? b.counts[g] : 0.0, b.z[static_cast<std::size_t>(j)])) sel.push_back(id);
       if (in_batch) ++g;
     }
     return;
   }
+  b.pair_index.resize(touched.size());
+  for (std::size_t g = 0; g < touched.size(); ++g) b.pair_index[g] = static_cast<std::uint64_t>(touched[g]) >> 1;
+  b.pair_z.resize(2 * touched.size());
+  count_noise.pairs(b.pair_index.data(), n_touched, b.pair_z.data());
   for (std::size_t g = 0; g < touched.size(); ++g)
-    if (above(b.counts[g], touched[g])) sel.push_back(touched[g]);
+    if (above(b.counts[g], b.pair_z[2 * g + (touched[g] & 1)])) sel.push_back(touched[g]);
   const double p_pass = 0.5 * std::erfc(ps.threshold / (ps.count_noise * std::sqrt(2.0)));
   std::uint64_t rng = noise_key(ps.seed, step, kStreamFalsePositive + static_cast<std::uint64_t>(group), 0);
   const std::int64_t k = binomial_draw(untouched, p_pass, rng);
@@ -475,7 +553,7 @@ void private_update(const KernelSet& ks, FieldModel& m, Optimizer& opt, const Fi
         for (index_t r : rows) b.scale[static_cast<std::size_t>(r)] = c;
       });
     }
-    row_pass(m, *pass, !per_unit, ps.max_grad_norm / (1.0 + units.negatives), b, n_threads);
+    row_pass(ks, m, *pass, !per_unit, ps.max_grad_norm / (1.0 + units.negatives), b, n_threads);
     // MLP weights: dW = A^T (c * D) (the biases' and GMF sums come from the row pass)
     for (std::size_t l = 0; l < L; ++l) {
       const Layer& layer = m.mlp.layers[l];
@@ -504,18 +582,29 @@ void private_update(const KernelSet& ks, FieldModel& m, Optimizer& opt, const Fi
   // rows the batch reads (zero for the others), their noise and update.
   const double std_dev = ps.noise_multiplier * ps.max_grad_norm;
   b.group_selected.resize(m.fields.size());
+  b.select.resize(m.fields.size());
+  b.field_touched.resize(m.fields.size());
+  std::vector<int> groups;
+  for (std::size_t i = 0; i < m.fields.size(); ++i)
+    if (ps.count_group[i] == static_cast<int>(i)) groups.push_back(static_cast<int>(i));
+  if (pass)  // each table's rows read by the batch, with their entries (batch rows in order)
+    parallel_for<true>(0, static_cast<std::int64_t>(m.fields.size()), n_threads, [&](std::int64_t i) {
+      group_by_column(pass->bags(static_cast<std::size_t>(i)), b.field_touched[static_cast<std::size_t>(i)]);
+    });
+  parallel_for<true>(0, static_cast<std::int64_t>(groups.size()), n_threads, [&](std::int64_t k) {
+    const auto g = static_cast<std::size_t>(groups[static_cast<std::size_t>(k)]);
+    select_rows(m, static_cast<int>(g), pass, units, ps, step, b.field_touched, b.select[g], b.group_selected[g]);
+  });
   for (std::size_t i = 0; i < m.fields.size(); ++i) {
     EmbeddingField& f = m.fields[i];
     const index_t dim = f.dim;
     const int group = ps.count_group[i];
-    if (group == static_cast<int>(i)) select_rows(m, group, pass, units, ps, step, b, b.group_selected[i]);
     b.selected.ids = b.group_selected[static_cast<std::size_t>(group)];
     const std::vector<std::int32_t>& sel = b.selected.ids;
     if (sel.empty()) continue;
     b.at.assign(sel.size(), -1);
     if (pass) {
-      group_by_column(pass->bags(i), b.touched);
-      filter_touched(b.touched, sel, b.scale.data(), b.filtered, b.at);
+      filter_touched(b.field_touched[i], sel, b.scale.data(), b.filtered, b.at);
       b.rows_grad.resize(b.filtered.ids.size() * static_cast<std::size_t>(dim));
       const float* up = upstream_of(m, *pass, i, 0);
       const index_t ld = f.offset >= 0 ? m.width : f.wide ? 1 : dim;
@@ -643,7 +732,7 @@ void field_example_norms(const KernelSet& ks, const FieldModel& m, const Example
   pass.run(ks, noise_key(ps.seed, step, kStreamDropout, 0), n_threads);
   parallel_for(0, pass.rows(), n_threads, [&](std::int64_t r) {
     std::vector<std::pair<std::int32_t, float>> scratch;
-    out[r] = static_cast<float>(std::sqrt(row_norm_squares(m, pass, r, scratch)));
+    out[r] = static_cast<float>(std::sqrt(row_norm_squares(ks, m, pass, r, scratch)));
   });
 }
 
