@@ -53,7 +53,7 @@ void check_count_groups(const FieldModel& model, const PrivacySettings& ps);
 
 // A 64-bit key of (seed, step, stream, index), and the standard normal / uniform numbers derived from it.
 std::uint64_t noise_key(std::uint64_t seed, std::uint64_t step, std::uint64_t stream, std::uint64_t index);
-// Indices 2k and 2k + 1 share one Box-Muller pair (normal_pair writes both).
+// Indices 2k and 2k + 1 share one pair of the polar method (normal_pair writes both).
 double normal_at(std::uint64_t seed, std::uint64_t step, std::uint64_t stream, std::uint64_t index);
 void normal_pair(std::uint64_t seed, std::uint64_t step, std::uint64_t stream, std::uint64_t pair, double* out);
 
