@@ -459,3 +459,22 @@ def test_privacy_with_the_default_early_stopping_trains_every_epoch_on_everythin
     assert not any(k.startswith("val_") for k in m.history_)
     steps = 3 * round(len(d.users) / 100)  # q = 100 / n over all n interactions: none held out
     assert m._privacy_run.steps == steps
+
+
+@pytest.mark.parametrize("unit", ["example", "user"])
+def test_core_steps_bitwise_identical_across_threads(unit):
+    # 400 examples at q = 0.5: batches of several 64-row blocks, every input kind, both mechanisms' paths
+    # (sparse here: counts, false positives, selected rows), two steps with noise
+    results = []
+    for threads in (1, 2, 3):
+        net, bags, dense_tables = build(seed=2, n_users=30, n_items=40)
+        keys, y = examples(2, 400, n_users=30, n_items=40)
+        privacy = privacy_dict(0.9, 1.0, sparse=True, count_noise=0.5, threshold=0.8, q=0.5)
+        if unit == "user":
+            privacy = user_privacy(privacy, keys, cap=3)[0]
+        for step in range(2):
+            core_step(net, bags, dense_tables, keys, y, privacy, alpha=0.01, lr=0.1, den=200.0, step=step,
+                      n_threads=threads, negatives=1)
+        results.append([a.copy() for a in net.coefs + net.intercepts + net.tables + [net.gmf_w]])
+    for other in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(results[0], other))
