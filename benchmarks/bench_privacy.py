@@ -10,8 +10,10 @@ Both train through `fastrec._core.FieldHandle` on the same examples: non-private
 in a fixed order, batches of 1024), private `train_private` (n / 1024 steps of Poisson samples at q = 1024 / n,
 so the same number of examples in expectation; noise multiplier 1, C = 1, count noise 2, threshold at a
 false-positive rate of 1e-5 per row and step). Throughput = examples / s (private: expected examples).
-Rounds interleave the two; medians and [min - max]. Bars: private >= 0.5x non-private; private step time
-at 10^7 item rows <= 1.2x that at 10^5.
+Also the unit "user" (users sampled at q = 1024 / n_8, at most 8 examples each, n_8 = the examples so capped;
+each user's summed gradient clipped by its exact norm): reported, no bar. Rounds interleave the three;
+medians and [min - max]. Bars: private >= 0.5x non-private; private step time at 10^7 item rows <= 1.2x that
+at 10^5.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from bench_recsys import LR, Data, Model, fastrec_spec  # noqa: E402
 from timing import TIMER, settle, stats  # noqa: E402
 
 from fastrec import _core  # noqa: E402
-from fastrec.privacy import _normal_quantile  # noqa: E402
+from fastrec.privacy import _normal_quantile, user_units  # noqa: E402
 
-BATCH, THREADS = 1024, 2
+BATCH, THREADS, USER_CAP = 1024, 2, 8
 SIGMA, C, COUNT_SIGMA = 1.0, 1.0, 2.0
 
 
@@ -42,6 +44,12 @@ class Runs:
         self.private = fastrec_spec(model, self.data.tags, self.data.dense)
         self.plain_handle = _core.FieldHandle(self.plain, True)
         self.private_handle = _core.FieldHandle(self.private, True)
+        self.user = fastrec_spec(model, self.data.tags, self.data.dense)
+        self.user_handle = _core.FieldHandle(self.user, True)
+        self.units = user_units(self.data.users)
+        self.capped = int(np.minimum(np.diff(self.units[0]), USER_CAP).sum())
+        self.user_steps = max(1, round(self.capped / BATCH))
+        self.user_step = 0
         self.keys = [self.data.users, self.data.items, self.data.rows]
         self.step = 0
         self.epoch = 0
@@ -62,6 +70,16 @@ class Runs:
                                           privacy, 0.0, float(BATCH), "sgd", LR, 0.0, False, 0.9, 0.999, 1e-8, 0,
                                           None, self.step, self.steps, THREADS)
         self.step += self.steps
+
+    def private_user_epoch(self):
+        d = self.data
+        privacy = {"noise_multiplier": SIGMA, "max_grad_norm": C, "sampling_rate": BATCH / self.capped,
+                   "sparse": True, "count_noise": COUNT_SIGMA, "threshold": COUNT_SIGMA * _normal_quantile(1 - 1e-5),
+                   "seed": 3, "unit_indptr": self.units[0], "unit_rows": self.units[1], "unit_cap": USER_CAP}
+        self.user_handle.train_private(self.user["state1"], self.user["state2"], self.keys, d.y, None, privacy, 0.0,
+                                       float(BATCH), "sgd", LR, 0.0, False, 0.9, 0.999, 1e-8, 0, None,
+                                       self.user_step, self.user_steps, THREADS)
+        self.user_step += self.user_steps
 
 
 def timed(fn, settle_s):
@@ -86,20 +104,25 @@ def main():
     print(f"# private vs non-private, reference model, item table 10^6 x 32, batch {BATCH}, {THREADS} threads, "
           f"{n} examples per pass, {args.rounds} rounds", flush=True)
     runs = Runs(1_000_000, n)
-    runs.plain_epoch(), runs.private_epoch()  # warm-up
-    plain, private, ratios = [], [], []
+    runs.plain_epoch(), runs.private_epoch(), runs.private_user_epoch()  # warm-up
+    plain, private, ratios, user, user_ratios = [], [], [], [], []
     for r in range(args.rounds):
         a = timed(runs.plain_epoch, args.settle) if r % 2 == 0 else None
         b = timed(runs.private_epoch, args.settle)
+        c = timed(runs.private_user_epoch, args.settle)
         if a is None:
             a = timed(runs.plain_epoch, args.settle)
         plain.append(n / a)
         private.append(runs.steps * BATCH / b)
         ratios.append(private[-1] / plain[-1])
+        user.append(runs.user_steps * BATCH / c)
+        user_ratios.append(user[-1] / plain[-1])
     print("| training | examples/s, median [min - max] |\n|---|---|")
     print(f"| non-private | {fmt(stats(plain))} |")
     print(f"| private (sparse) | {fmt(stats(private))} |")
-    print(f"| ratio private / non-private (per round) | {fmt(stats(ratios))} |", flush=True)
+    print(f"| ratio private / non-private (per round) | {fmt(stats(ratios))} |")
+    print(f"| private (sparse, unit user, <= {USER_CAP} examples each) | {fmt(stats(user))} |")
+    print(f"| ratio private user / non-private (per round) | {fmt(stats(user_ratios))} |", flush=True)
     del runs
     gc.collect()
     sweep = {v: Runs(v, n, seed=1) for v in args.vocabs}

@@ -567,6 +567,9 @@ class FieldHandle {
     if (sampler.seen_indptr)
       throw py::value_error("private training draws negatives without seen lists (they are other examples' data)");
     PrivacySettings ps = privacy_settings(privacy);
+    for (index_t k = 0; ps.unit_indptr && k < ps.unit_indptr[ps.n_units]; ++k)
+      if (ps.unit_rows[k] < 0 || ps.unit_rows[k] >= ex.rows)
+        throw py::value_error("privacy['unit_rows'] must lie in [0, number of examples)");
     if (ps.count_group.empty())
       for (std::size_t i = 0; i < model_.fields.size(); ++i) ps.count_group.push_back(static_cast<int>(i));
     check_count_groups(model_, ps);
@@ -621,6 +624,19 @@ class FieldHandle {
     if (!(ps.noise_multiplier >= 0.0) || !(ps.max_grad_norm > 0.0) || !(ps.sampling_rate > 0.0 && ps.sampling_rate <= 1.0))
       throw py::value_error("privacy needs noise_multiplier >= 0, max_grad_norm > 0 and sampling_rate in (0, 1]");
     if (ps.sparse && !(ps.count_noise > 0.0)) throw py::value_error("the sparse mechanism needs count_noise > 0");
+    if (d.contains("unit_indptr")) {  // the privacy unit "user": the arrays stay alive in the caller's dict
+      const py::object ip_obj = d["unit_indptr"], rows_obj = d["unit_rows"];
+      const py::array ip = checked<std::int64_t>(ip_obj, "privacy['unit_indptr']", 1, false);
+      const py::array rows = checked<std::int64_t>(rows_obj, "privacy['unit_rows']", 1, false);
+      ps.unit_indptr = static_cast<const std::int64_t*>(ip.data());
+      ps.unit_rows = static_cast<const std::int64_t*>(rows.data());
+      ps.n_units = ip.shape(0) - 1;
+      ps.unit_cap = d["unit_cap"].cast<index_t>();
+      if (ps.n_units < 1 || ps.unit_cap < 1 || ps.unit_indptr[0] != 0 || ps.unit_indptr[ps.n_units] != rows.shape(0))
+        throw py::value_error("privacy needs unit_indptr from 0 to len(unit_rows) over >= 1 units and unit_cap >= 1");
+      for (index_t u = 0; u < ps.n_units; ++u)
+        if (ps.unit_indptr[u + 1] < ps.unit_indptr[u]) throw py::value_error("privacy['unit_indptr'] must not decrease");
+    }
     return ps;
   }
 
@@ -1929,6 +1945,28 @@ PYBIND11_MODULE(_core, m) {
       py::arg("seed"), py::arg("step"), py::arg("n"), py::arg("q"),
       "The sorted example indices private step `step` trains on (each of n with probability q).");
   m.def(
+      "dp_unit_sample",
+      [](std::uint64_t seed, std::uint64_t step, double q, py::array_t<std::int64_t, py::array::c_style> indptr,
+         py::array_t<std::int64_t, py::array::c_style> rows, index_t cap) {
+        if (indptr.size() < 2 || !(q > 0.0 && q <= 1.0) || cap < 1 || indptr.data()[0] != 0 ||
+            indptr.data()[indptr.size() - 1] != rows.size())
+          throw py::value_error("need q in (0, 1], cap >= 1 and indptr from 0 to len(rows)");
+        PrivacySettings ps;
+        ps.seed = seed;
+        ps.sampling_rate = q;
+        ps.unit_indptr = indptr.data();
+        ps.unit_rows = rows.data();
+        ps.n_units = indptr.size() - 1;
+        ps.unit_cap = cap;
+        std::vector<index_t> start;
+        const std::vector<std::int64_t> out = unit_sample(ps, step, start);
+        return py::make_tuple(py::array_t<std::int64_t>(static_cast<py::ssize_t>(out.size()), out.data()),
+                              py::array_t<std::int64_t>(static_cast<py::ssize_t>(start.size()), start.data()));
+      },
+      py::arg("seed"), py::arg("step"), py::arg("q"), py::arg("unit_indptr"), py::arg("unit_rows"), py::arg("cap"),
+      "The examples private step `step` trains on under the unit 'user' (units sampled at rate q, at most cap "
+      "examples of each), and where each sampled unit's begin.");
+  m.def(
       "dp_binomial",
       [](std::int64_t trials, double p, std::uint64_t seed) {
         if (trials < 0 || !(p >= 0.0 && p <= 1.0)) throw py::value_error("need trials >= 0 and p in [0, 1]");
@@ -1964,7 +2002,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("first_step"), py::arg("n_steps"), py::arg("n_threads") = 0, py::arg("isa") = "auto",
            py::arg("progress") = py::none(),
            "DP-SGD steps (cpp/private.h): privacy dict {noise_multiplier, max_grad_norm, sampling_rate, sparse, "
-           "count_noise, threshold, seed}; the noised sum is divided by denominator. Returns (loss_sum, adam_t, "
+           "count_noise, threshold, seed[, count_group][, unit_indptr, unit_rows, unit_cap: the unit 'user']}; the noised "
+           "sum is divided by denominator. Returns (loss_sum, adam_t, "
            "rows, diverged, exception or None).")
       .def("example_norms", &FieldHandle::example_norms, py::arg("keys"), py::arg("y"), py::arg("weight"),
            py::arg("rows"), py::arg("sampler"), py::arg("privacy"), py::arg("step"), py::arg("n_threads") = 0,

@@ -27,6 +27,15 @@ struct PrivacySettings {
   // same bag table (a GMF or wide field and its id field): one count mechanism selects rows for all of them.
   std::vector<int> count_group;
   std::uint64_t seed = 0;
+  // The privacy unit "user" (unit_indptr set): unit u owns examples unit_rows[unit_indptr[u] :
+  // unit_indptr[u + 1]]; a step samples the n_units units at rate q and takes at most unit_cap examples of
+  // each (a random choice keyed by (seed, step, u) when it has more); each unit's summed gradient (its
+  // examples' negatives included) is clipped to max_grad_norm by its exact norm. Unset: the unit is one
+  // example (with its negatives), sampled at rate q.
+  const std::int64_t* unit_indptr = nullptr;
+  const std::int64_t* unit_rows = nullptr;
+  index_t n_units = 0;
+  index_t unit_cap = 0;
 };
 
 // Parameter numbers of the noise streams: MLP array k (W_0..W_{L-1}, b_0..b_{L-1}) is k.
@@ -37,15 +46,20 @@ constexpr std::uint64_t kStreamFalsePositive = 4ULL << 20;  // + field index
 constexpr std::uint64_t kStreamSample = 5ULL << 20;
 constexpr std::uint64_t kStreamNegatives = 6ULL << 20;
 constexpr std::uint64_t kStreamDropout = 7ULL << 20;
+constexpr std::uint64_t kStreamUnitPick = 8ULL << 20;  // + unit: which examples of a unit with too many
 
 // Throws std::invalid_argument unless ps.count_group is valid for the model (one group per bag table).
 void check_count_groups(const FieldModel& model, const PrivacySettings& ps);
 
 // A 64-bit key of (seed, step, stream, index), and the standard normal / uniform numbers derived from it.
 std::uint64_t noise_key(std::uint64_t seed, std::uint64_t step, std::uint64_t stream, std::uint64_t index);
-// Indices 2k and 2k + 1 share one Box-Muller pair (normal_pair writes both).
+// Indices 2k and 2k + 1 share one pair of the polar method (normal_pair writes both).
 double normal_at(std::uint64_t seed, std::uint64_t step, std::uint64_t stream, std::uint64_t index);
 void normal_pair(std::uint64_t seed, std::uint64_t step, std::uint64_t stream, std::uint64_t pair, double* out);
+
+// The examples of step `step`'s sample of units (ps.unit_indptr set): each unit's (at most unit_cap) example
+// indices, unit after unit; unit_start[k] is where the k-th sampled unit's begin (size: sampled units + 1).
+std::vector<std::int64_t> unit_sample(const PrivacySettings& ps, std::uint64_t step, std::vector<index_t>& unit_start);
 
 // The sorted example indices of step `step`'s Poisson sample of n examples at rate q (geometric gaps: the
 // cost is the sample's size, not n).

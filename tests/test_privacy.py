@@ -16,7 +16,7 @@ import fastrec
 from fastrec import _core, reference
 from fastrec._fieldnet import DenseBlock, Field, FieldNet, bags_of_ids
 from fastrec.datasets import make_interactions
-from fastrec.privacy import DPConfig, effective_noise, epsilon_spent, noise_for_epsilon
+from fastrec.privacy import DPConfig, effective_noise, epsilon_spent, noise_for_epsilon, user_units
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
@@ -301,7 +301,8 @@ def test_membership_bound():
     (dict(noise_multiplier=-1.0), "noise_multiplier"),
     (dict(noise_multiplier=1.0, max_grad_norm=0.0), "max_grad_norm"),
     (dict(noise_multiplier=1.0, delta=1.5), "delta"),
-    (dict(noise_multiplier=1.0, unit="user"), "unit"),
+    (dict(noise_multiplier=1.0, unit="household"), "unit"),
+    (dict(noise_multiplier=1.0, unit="user", max_examples_per_user=0), "max_examples_per_user"),
     (dict(noise_multiplier=1.0, embedding_mechanism="other"), "embedding_mechanism"),
     (dict(target_epsilon=0.0), "target_epsilon"),
 ])
@@ -314,8 +315,6 @@ def test_bad_config(config, match):
 def test_bad_estimator_settings():
     d = recommender_data()
     cfg = DPConfig(noise_multiplier=1.0)
-    with pytest.raises(ValueError, match="early_stopping"):
-        private(privacy=cfg, early_stopping=True).fit(d.users, d.items, d.ratings)
     with pytest.raises(ValueError, match="user_history"):
         private(privacy=cfg, user_history=True).fit(d.users, d.items, d.ratings)
     with pytest.raises(ValueError, match="negative_sampling"):
@@ -340,3 +339,142 @@ def test_private_model_saves_and_loads(tmp_path):
     assert m2.privacy_spent_ == m.privacy_spent_
     m2.partial_fit(d.users[:200], d.items[:200], d.ratings[:200])
     assert m2.privacy_spent_[0] > m.privacy_spent_[0]
+
+
+# ------------------------------------------------------------------------------- the privacy unit "user"
+def user_privacy(privacy, keys, cap, seed=5, step=0):
+    """The privacy dict with the unit "user" over keys[0] (at most cap examples per user), and the units the
+    core's step `step` trains on (q = 1: every user, capped), as lists of example indices for the oracle."""
+    indptr, rows = user_units(keys[0])
+    privacy = dict(privacy, unit_indptr=indptr, unit_rows=rows, unit_cap=cap)
+    sample, start = _core.dp_unit_sample(seed, step, privacy["sampling_rate"], indptr, rows, cap)
+    return privacy, [list(sample[start[k]:start[k + 1]]) for k in range(len(start) - 1)]
+
+
+def test_user_units_group_examples_by_user():
+    indptr, rows = user_units(np.array([3, 1, 3, 0, 1, 3], np.int32))
+    assert indptr.tolist() == [0, 1, 3, 6] and rows.tolist() == [3, 1, 4, 0, 2, 5]
+
+
+def test_unit_sample_rate_and_cap():
+    # 2000 users with 1..9 examples each; rate 0.1, cap 4
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 10, 2000)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    rows = rng.permutation(int(indptr[-1])).astype(np.int64)
+    owner = np.repeat(np.arange(2000), counts)[np.argsort(rows)]  # owner[example] = its user
+    sampled = np.zeros(2000)
+    for step in range(100):
+        sample, start = _core.dp_unit_sample(3, step, 0.1, indptr, rows, 4)
+        for k in range(len(start) - 1):
+            ex = sample[start[k]:start[k + 1]]
+            users = np.unique(owner[ex])
+            assert len(users) == 1 and len(np.unique(ex)) == len(ex)  # one user's, distinct
+            u = users[0]
+            assert len(ex) == min(4, counts[u])  # capped, and all of them below the cap
+            sampled[u] += 1
+    # each user's inclusion frequency is q: mean over 2000 users of Binomial(100, 0.1) / 100, std 6.7e-4
+    assert abs(sampled.mean() / 100 - 0.1) < 6 * np.sqrt(0.1 * 0.9 / 100 / 2000)
+    # a user with more than the cap gets different examples on different steps
+    big = int(np.argmax(counts))
+    chosen = set()
+    for step in range(50):
+        sample, start = _core.dp_unit_sample(3, step, 1.0, indptr, rows, 4)
+        chosen.add(tuple(sample[start[big]:start[big + 1]]))
+    assert len(chosen) > 1
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_user_unit_step_matches_oracle(sparse):
+    # 20 examples of 7 users, at most 2 per user: each user's summed gradient clipped as one (the oracle sums
+    # the per-example gradients of each user's examples, as the core chose them, and clips the sum)
+    net, bags, dense_tables = build(seed=1)
+    keys, y = examples(1, 20)
+    spec = net.spec(bags, dense_tables, training=True)
+    lr, den, seed, step, C, sigma = 0.5, 9.0, 5, 0, 6.0, 0.7
+    privacy, units = user_privacy(privacy_dict(sigma, C, sparse=sparse, count_noise=0.8, threshold=1.0, seed=seed),
+                                  keys, cap=2, seed=seed)
+    assert max(len(u) for u in units) == 2 and sum(map(len, units)) < 20  # some users were capped
+
+    def noise(stream, idx):
+        return _core.dp_normal(seed, step, int(stream), np.asarray(idx, np.uint64))
+
+    out, norms, selected = reference.field_private_step(
+        spec, keys, y, None, max_grad_norm=C, noise_multiplier=sigma, denominator=den, alpha=0.01,
+        learning_rate=lr, noise=noise, sparse=sparse, count_noise=0.8, threshold=1.0, count_group=GROUPS,
+        units=units)
+    assert (norms > C).any() and (norms < C).any(), norms
+    before = reference.float64_copy(spec)
+    core_step(net, bags, dense_tables, keys, y, privacy, alpha=0.01, lr=lr, den=den)
+    pairs = [(net.coefs[l], out["coefs"][l], before["coefs"][l]) for l in range(len(net.coefs))]
+    pairs += [(net.intercepts[l], out["intercepts"][l], before["intercepts"][l]) for l in range(len(net.coefs))]
+    pairs += [(net.gmf_w, out["gmf_w"], before["gmf"]["w"])]
+    pairs += [(net.tables[i], out["tables"][i], before["fields"][i]["table"]) for i in range(len(net.tables))]
+    for k, (got, want, old) in enumerate(pairs):
+        assert rel_err(got - old, want - old) < BAR, k
+
+
+def test_user_unit_membership_bound():
+    # Zero noise, all users, no cap reached: removing ALL of one user's examples moves one step's parameters
+    # by at most lr * C / denominator (the user's summed gradient is clipped to C).
+    net0, bags, dense_tables = build(seed=7)
+    keys, y = examples(7, 16)
+    C, lr, den = 0.5, 0.3, 6.0
+    gone = keys[0] == keys[0][0]
+    assert gone.sum() >= 2  # the removed user has several examples
+    privacy0, _ = user_privacy(privacy_dict(0.0, C, seed=9), keys, cap=16, seed=9)
+    rest = [k[~gone] for k in keys]
+    privacy1, _ = user_privacy(privacy_dict(0.0, C, seed=9), rest, cap=16, seed=9)
+    net1 = build(seed=7)[0]
+    core_step(net0, bags, dense_tables, keys, y, privacy0, alpha=0.0, lr=lr, den=den)
+    core_step(net1, bags, dense_tables, rest, y[~gone], privacy1, alpha=0.0, lr=lr, den=den)
+    params0 = np.concatenate([a.ravel() for a in net0.coefs + net0.intercepts + net0.tables + [net0.gmf_w]])
+    params1 = np.concatenate([a.ravel() for a in net1.coefs + net1.intercepts + net1.tables + [net1.gmf_w]])
+    assert 0 < np.linalg.norm(params0 - params1) <= lr * C / den * (1 + 1e-5)
+
+
+def test_recommender_user_unit():
+    d = recommender_data(implicit=True)
+    cfg = DPConfig(noise_multiplier=1.0, unit="user", max_examples_per_user=4)
+    preds = []
+    for threads in (1, 2):
+        m = private(privacy=cfg, n_threads=threads, negatives=2).fit(d.users, d.items)
+        preds.append(m.predict(d.users[:50], d.items[:50]))
+        # delta defaults to 1 / (number of users); epsilon counts users sampled at q = batch / capped examples
+        n_users = len(np.unique(d.users))
+        capped = np.minimum(np.bincount(np.unique(d.users, return_inverse=True)[1]), 4).sum()
+        q = 100 / capped
+        steps = 2 * max(1, round(1 / q))
+        assert m.privacy_spent_[1] == pytest.approx(1 / n_users)
+        assert m.privacy_spent_[0] == pytest.approx(epsilon_spent([(q, 1.0, 2.0, 2, steps)], 1 / n_users))
+    assert np.array_equal(preds[0], preds[1])
+
+
+def test_privacy_with_the_default_early_stopping_trains_every_epoch_on_everything():
+    # early_stopping=True (the default) under privacy: nothing held out, all epochs run, nothing refused
+    d = recommender_data()
+    m = private(privacy=DPConfig(noise_multiplier=1.0), early_stopping=True, epochs=3).fit(d.users, d.items,
+                                                                                           d.ratings)
+    assert len(m.history_["loss"]) == 3 and not hasattr(m, "validation_size_")
+    assert not any(k.startswith("val_") for k in m.history_)
+    steps = 3 * round(len(d.users) / 100)  # q = 100 / n over all n interactions: none held out
+    assert m._privacy_run.steps == steps
+
+
+@pytest.mark.parametrize("unit", ["example", "user"])
+def test_core_steps_bitwise_identical_across_threads(unit):
+    # 400 examples at q = 0.5: batches of several 64-row blocks, every input kind, both mechanisms' paths
+    # (sparse here: counts, false positives, selected rows), two steps with noise
+    results = []
+    for threads in (1, 2, 3):
+        net, bags, dense_tables = build(seed=2, n_users=30, n_items=40)
+        keys, y = examples(2, 400, n_users=30, n_items=40)
+        privacy = privacy_dict(0.9, 1.0, sparse=True, count_noise=0.5, threshold=0.8, q=0.5)
+        if unit == "user":
+            privacy = user_privacy(privacy, keys, cap=3)[0]
+        for step in range(2):
+            core_step(net, bags, dense_tables, keys, y, privacy, alpha=0.01, lr=0.1, den=200.0, step=step,
+                      n_threads=threads, negatives=1)
+        results.append([a.copy() for a in net.coefs + net.intercepts + net.tables + [net.gmf_w]])
+    for other in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(results[0], other))

@@ -15,12 +15,14 @@ import numbers
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
+
 from fastrec._registry import persistable
 
-__all__ = ["DPConfig", "effective_noise", "epsilon_spent", "noise_for_epsilon"]
+__all__ = ["DPConfig", "effective_noise", "epsilon_spent", "noise_for_epsilon", "user_units"]
 
 MECHANISMS = ("sparse", "dense")
-UNITS = ("example",)
+UNITS = ("example", "user")
 # A row outside the batch passes the sparse mechanism's threshold with this probability per step by default:
 # 10 rows per step in a table of 10^6 (the step cost stays that of the batch's rows).
 DEFAULT_FALSE_POSITIVE_RATE = 1e-5
@@ -53,8 +55,15 @@ class DPConfig:
         The delta of (epsilon, delta)-DP; default 1 / n (n interactions), and a warning when set above 1 / n.
     max_grad_norm : float, default=1.0
         C: the bound on one interaction's gradient (its sampled negatives included).
-    unit : {"example"}
-        What is protected: one interaction. (A user-level unit is not built yet.)
+    unit : {"example", "user"}
+        What is protected. "example": one interaction (add or remove one). "user": all of one user's
+        interactions (add or remove one user): a step samples users (each with probability q), takes at most
+        `max_examples_per_user` interactions of each sampled user (a random choice when it has more), and
+        clips each user's summed gradient to `max_grad_norm`; q, delta's default and the accounting count
+        users.
+    max_examples_per_user : int, default=8
+        The unit "user": the most interactions of one user a step trains on (the cost of a step and the
+        dilution of each interaction's gradient in its user's clipped sum grow with it).
     embedding_mechanism : {"sparse", "dense"}
         "sparse" (DP-AdaFEST, Zhang et al., NeurIPS 2023): a step updates only the embedding rows whose noisy
         contribution count passes `threshold`, so its cost does not grow with the tables. "dense": noise on
@@ -72,6 +81,7 @@ class DPConfig:
     delta: float | None = None
     max_grad_norm: float = 1.0
     unit: str = "example"
+    max_examples_per_user: int = 8
     embedding_mechanism: str = "sparse"
     count_noise_multiplier: float | None = None
     threshold: float | None = None
@@ -99,8 +109,10 @@ class DPConfig:
                                                math.isfinite(self.threshold)):
             raise ValueError(f"DPConfig.threshold must be a finite number, got {self.threshold!r}")
         if self.unit not in UNITS:
-            raise ValueError(f"DPConfig.unit must be one of {UNITS}, got {self.unit!r} (a user-level unit is not "
-                             "built yet)")
+            raise ValueError(f"DPConfig.unit must be one of {UNITS}, got {self.unit!r}")
+        cap = self.max_examples_per_user
+        if isinstance(cap, bool) or not isinstance(cap, numbers.Integral) or cap < 1:
+            raise ValueError(f"DPConfig.max_examples_per_user must be an int >= 1, got {cap!r}")
         if self.embedding_mechanism not in MECHANISMS:
             raise ValueError(f"DPConfig.embedding_mechanism must be one of {MECHANISMS}, got "
                              f"{self.embedding_mechanism!r}")
@@ -198,19 +210,26 @@ class PrivateRun:
         self.sigma = None
         self.delta = None
 
-    # The settings of the next epochs over n examples.
-    def plan(self, n, batch_size, epochs, n_counts, negatives):
+    # The settings of the next epochs over n examples. The unit "user": units = (indptr, rows) of
+    # user_units (each user's examples), q such that a step trains on batch_size examples in expectation.
+    def plan(self, n, batch_size, epochs, n_counts, negatives, units=None):
         c = self.config
         if n < 1:
             raise ValueError("private training needs at least one interaction")
+        what = "interactions"
+        if units is not None:  # n: the examples a pass over every user would take (capped), n_units: users
+            n_units = len(units[0]) - 1
+            n = int(np.minimum(np.diff(units[0]), int(c.max_examples_per_user)).sum())
+            what = "users"
         q = min(1.0, batch_size / n)
         steps_per_epoch = max(1, round(1.0 / q))
         steps = steps_per_epoch * epochs
         if self.delta is None:
-            self.delta = float(c.delta) if c.delta is not None else 1.0 / n
-            if self.delta > 1.0 / n:
-                warnings.warn(f"DPConfig.delta={self.delta:g} is above 1/n = {1.0 / n:g} (n = {n} interactions): "
-                              "a delta that large allows releasing some interactions outright", stacklevel=4)
+            count = n if units is None else n_units
+            self.delta = float(c.delta) if c.delta is not None else 1.0 / count
+            if self.delta > 1.0 / count:
+                warnings.warn(f"DPConfig.delta={self.delta:g} is above 1/n = {1.0 / count:g} (n = {count} {what}): "
+                              f"a delta that large allows releasing some {what} outright", stacklevel=4)
         sparse = c.embedding_mechanism == "sparse" and n_counts > 0
         ratio = (c.count_noise_multiplier / c.noise_multiplier if c.count_noise_multiplier and c.noise_multiplier
                  else 2.0) if sparse else None
@@ -256,7 +275,18 @@ def count_groups(fields):
     return groups, len(set(groups))
 
 
-def private_epoch_runner(est, run: PrivateRun, plan):
+def user_units(user_rows):
+    """The unit "user": (indptr, rows) with rows[indptr[u]:indptr[u + 1]] the example indices of the u-th user
+    that has examples, in example order."""
+    user_rows = np.asarray(user_rows)
+    order = np.argsort(user_rows, kind="stable").astype(np.int64)
+    sorted_users = user_rows[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]]) if len(order) else np.zeros(0, int)
+    indptr = np.r_[starts, len(order)].astype(np.int64)
+    return indptr, order
+
+
+def private_epoch_runner(est, run: PrivateRun, plan, units=None):
     """A replacement for FieldNet.train_epoch: one epoch = plan['steps_per_epoch'] private steps."""
     net = est.net_
     groups, _ = count_groups(net.fields)
@@ -264,6 +294,8 @@ def private_epoch_runner(est, run: PrivateRun, plan):
                "sampling_rate": plan["q"], "sparse": plan["sparse"],
                "count_noise": plan["count_sigma"] or 0.0, "threshold": plan["threshold"], "seed": run.seed,
                "count_group": groups}
+    if units is not None:
+        privacy.update(unit_indptr=units[0], unit_rows=units[1], unit_cap=int(run.config.max_examples_per_user))
 
     def train_epoch(handle, keys, y, weight, order, *, batch_size, alpha, learning_rate, momentum, nesterov,
                     beta_1, beta_2, epsilon, sampler, epoch, n_threads, progress=None):

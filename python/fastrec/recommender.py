@@ -143,6 +143,8 @@ class Recommender(RecommenderBase):
         epochs. Like scikit-learn's ``early_stopping``. Nothing is held out by ``partial_fit``, with
         ``epochs=1``, or when no interaction qualifies (then training runs all ``epochs``; implicit
         feedback: a pair qualifies only if its user leaves enough untouched items to rank it against).
+        With ``privacy``, nothing is held out either: every epoch trains on all the interactions (an epoch
+        chosen on held-out interactions would be outside the guarantee).
     validation_fraction : float, default=0.1
         The fraction held out by ``early_stopping``.
     n_iter_no_change : int or None, default=5
@@ -156,6 +158,11 @@ class Recommender(RecommenderBase):
     n_threads : int or None
         Threads of the core (None: all cores). Results are identical for any value.
     verbose : bool
+    privacy : fastrec.DPConfig or None
+        Train with differential privacy (DP-SGD, fastrec.privacy; docs/DESIGN.md "Differential privacy"):
+        ``privacy_spent_`` is (epsilon, delta) after fit and each partial_fit. History bags ("auto": off) and
+        popularity negatives are refused, ``early_stopping`` holds nothing out; ``validation_data`` of your
+        own is scored but is outside the guarantee.
 
     Attributes
     ----------
@@ -271,10 +278,14 @@ class Recommender(RecommenderBase):
         if self.negative_sampling != "uniform":
             raise ValueError("negative_sampling='popularity' draws from the interaction counts: private training "
                              "needs negative_sampling='uniform'")
-        if self.early_stopping:
-            raise ValueError("early_stopping holds out interactions and picks an epoch with them, outside the "
-                             "privacy guarantee: set early_stopping=False with privacy (or pass validation_data "
-                             "of your own, which the guarantee does not cover)")
+
+    def _fit_new(self, *args, auto_validation=False, **kwargs):
+        # Under privacy, early_stopping holds nothing out (the epoch it would pick depends on held-out
+        # interactions, outside the guarantee): every epoch trains, on all the interactions. validation_data
+        # passed by the caller still works and is outside the guarantee (docs/DESIGN.md).
+        if self.privacy is not None:
+            auto_validation = False
+        return super()._fit_new(*args, auto_validation=auto_validation, **kwargs)
 
     def _setting(self, name, loss):
         """Parameter `name` with "auto" resolved for this loss (_AUTO)."""
@@ -446,12 +457,13 @@ class Recommender(RecommenderBase):
                 return score()
         run = getattr(self, "_privacy_run", None)
         if run is not None:  # DP-SGD (fastrec.privacy): uniform negatives, never from the seen lists
-            from fastrec.privacy import count_groups, private_epoch_runner
+            from fastrec.privacy import count_groups, private_epoch_runner, user_units
 
             sampler = dict(sampler, cdf=None, seen=None)
+            units = user_units(user_rows) if run.config.unit == "user" else None
             plan = run.plan(len(y), int(self.batch_size), epochs, count_groups(self.net_.fields)[1],
-                            sampler["negatives"])
-            self._private_train_epoch = private_epoch_runner(self, run, plan)
+                            sampler["negatives"], units)
+            self._private_train_epoch = private_epoch_runner(self, run, plan, units)
         try:
             run_epochs(self, self.net_, handle, [user_rows, item_rows], y, weight, len(y), self._rng, epochs,
                        sampler=sampler, validate=fn, alpha=self._setting("alpha", self.loss_),

@@ -1501,7 +1501,8 @@ def _output_matmul(a, b, bf16):
 # ----------------------------------------------------------------------------------------------------------
 
 def field_private_step(spec, keys, y, weight, *, max_grad_norm, noise_multiplier, denominator, alpha,
-                       learning_rate, noise, sparse=False, count_noise=1.0, threshold=0.0, count_group=None):
+                       learning_rate, noise, sparse=False, count_noise=1.0, threshold=0.0, count_group=None,
+                       units=None):
     """One plain-SGD DP-SGD step of the field model on the batch `keys` (every row one example, no negatives),
     with explicit per-example gradients (``field_loss_and_gradients`` on each example alone, alpha 0).
 
@@ -1517,6 +1518,10 @@ def field_private_step(spec, keys, y, weight, *, max_grad_norm, noise_multiplier
       each of the k distinct rows it reads in the group's fields) get g = (S + sigma C z + alpha_f E) /
       denominator, z = noise(DP_STREAMS["field_grad"] + i, row * dim + j); other rows do not change;
     * p -= learning_rate * g.
+
+    ``units`` (the privacy unit "user"): a list of lists of example indices; a unit's gradient is the sum of
+    its examples' gradients, clipped as one (``norms`` are then the units'), and a unit adds 1/sqrt(k) to
+    each of the k distinct rows its examples read. Default: each example its own unit.
     """
     from fastrec import _core
 
@@ -1529,13 +1534,26 @@ def field_private_step(spec, keys, y, weight, *, max_grad_norm, noise_multiplier
                                                      np.asarray(y)[r:r + 1],
                                                      None if weight is None else np.asarray(weight)[r:r + 1], 0.0)
         per.append((tg, gg, cg, ig))
+    units = [[r] for r in range(n)] if units is None else [list(u) for u in units]
+
+    def summed(parts):  # elementwise sum of per-example gradient tuples (lists of arrays, None kept)
+        def add(a, b):
+            if isinstance(a, list):
+                return [add(x, y) for x, y in zip(a, b)]
+            return None if a is None else a + b
+        total = parts[0]
+        for p in parts[1:]:
+            total = tuple(add(a, b) for a, b in zip(total, p))
+        return total
+
+    per = [summed([per[r] for r in u]) for u in units]
     norms = np.array([np.sqrt(sum(float((a ** 2).sum()) for part in p for a in
                                   (part if isinstance(part, list) else [part]) if a is not None)) for p in per])
     C, sigma = float(max_grad_norm), float(noise_multiplier)
     scale = np.minimum(1.0, C / np.maximum(norms, 1e-300))
 
     def clipped_sum(pick):
-        return sum(scale[r] * pick(per[r]) for r in range(n))
+        return sum(scale[u] * pick(per[u]) for u in range(len(units)))
 
     L = len(spec["coefs"])
     out = {"coefs": [], "intercepts": [], "tables": [], "gmf_w": None}
@@ -1562,12 +1580,13 @@ def field_private_step(spec, keys, y, weight, *, max_grad_norm, noise_multiplier
         else:
             members = [j for j in range(len(fields)) if groups[j] == groups[i]]
             counts = np.zeros(V)
-            for r in range(n):
+            for unit in units:
                 ids = set()
                 for j in members:
                     indptr, bag_ids, _ = fields[j]["bags"]
-                    q = int(np.asarray(keys[fields[j]["key"]])[r])
-                    ids.update(int(x) for x in bag_ids[indptr[q]:indptr[q + 1]])
+                    for r in unit:
+                        q = int(np.asarray(keys[fields[j]["key"]])[r])
+                        ids.update(int(x) for x in bag_ids[indptr[q]:indptr[q + 1]])
                 for x in ids:
                     counts[x] += 1.0 / np.sqrt(len(ids))
             z = noise(streams["field_count"] + groups[i], np.arange(V))
