@@ -964,15 +964,60 @@ void field_topk_candidates(const KernelSet& ks, const FieldModel& m, const Negat
   topk_lists(ks, m, s, users, n_users, longest, list_of, k, exclude_seen, out_items, out_scores, cache, n_threads);
 }
 
-RowPredictor::RowPredictor(const FieldModel& model) : m_(model), ws_(new FieldWorkspace(model, 1, false)) {}
+RowPredictor::RowPredictor(const FieldModel& model)
+    : m_(model), ws_(new FieldWorkspace(model, 1, false)), key_rows_(static_cast<std::size_t>(model.n_keys), -1) {
+  for (int k = 0; k < model.n_keys; ++k) {  // validate(model, examples)'s bounds, found once
+    index_t& rows = key_rows_[static_cast<std::size_t>(k)];
+    for (const EmbeddingField& f : model.fields)
+      if (f.key == k) rows = rows < 0 ? f.bags.rows : std::min(rows, f.bags.rows);
+    for (const DenseBlock& d : model.dense)
+      if (d.key == k) rows = rows < 0 ? d.rows : std::min(rows, d.rows);
+  }
+}
 
 RowPredictor::~RowPredictor() { delete ws_; }
 
+// logits_rows of one row, pooled straight from the bag tables (no gathered batch CSR: the bag's own entries,
+// the same ids and weights in the same order) and the MLP by forward_row: the same numbers.
 float RowPredictor::predict(const KernelSet& ks, const std::int32_t* keys) {
-  for (std::size_t k = 0; k < ws_->keys.size(); ++k) ws_->keys[k].assign(1, keys[k]);
-  batch_bags(m_, 1, *ws_, 1);
-  batch_logits(ks, m_, 1, *ws_, 1);
-  return m_.bce() ? stable_sigmoid(ws_->logits[0]) : ws_->logits[0];
+  for (int k = 0; k < m_.n_keys; ++k) {
+    const index_t rows = key_rows_[static_cast<std::size_t>(k)];
+    if (rows >= 0 && (keys[k] < 0 || keys[k] >= rows))  // validate's check and message
+      require(false, "key column " + std::to_string(k) + " must hold values in [0, " + std::to_string(rows) + ")");
+  }
+  FieldWorkspace& ws = *ws_;
+  float* x = ws.x.data();
+  auto bag_of = [&](const EmbeddingField& f) {  // row keys[f.key] of the bag table; indptr offsets are absolute
+    return CsrView{f.bags.indptr + keys[f.key], f.bags.ids, f.bags.weights, 1, f.vocab};
+  };
+  for (std::size_t i = 0; i < m_.fields.size(); ++i) {
+    const EmbeddingField& f = m_.fields[i];
+    if (f.wide) continue;
+    const CsrView bag = bag_of(f);
+    if (f.offset >= 0) csr_matmul(ks, bag, f.table, f.dim, f.dim, x + f.offset, m_.width, nullptr, 1);
+    if (static_cast<int>(i) == m_.gmf.field_u || static_cast<int>(i) == m_.gmf.field_v) {
+      const std::size_t slot = static_cast<int>(i) == m_.gmf.field_u ? 0 : 1;
+      csr_matmul(ks, bag, f.table, f.dim, f.dim, ws.pooled_gmf[slot].data(), f.dim, nullptr, 1);
+    }
+  }
+  for (const DenseBlock& b : m_.dense)
+    std::memcpy(x + b.offset, b.table + static_cast<index_t>(keys[b.key]) * b.cols,
+                sizeof(float) * static_cast<std::size_t>(b.cols));
+  float logit = forward_row(ks, m_.mlp, x, ws.mlp)[0];
+  for (const EmbeddingField& f : m_.fields) {  // wide fields: their pooled scalar joins the logit
+    if (!f.wide) continue;
+    float wide = 0.0f;
+    csr_matmul(ks, bag_of(f), f.table, 1, 1, &wide, 1, nullptr, 1);
+    logit += wide;
+  }
+  if (m_.gmf.field_u >= 0) {
+    const index_t d = m_.fields[static_cast<std::size_t>(m_.gmf.field_u)].dim;
+    const float *u = ws.pooled_gmf[0].data(), *v = ws.pooled_gmf[1].data();
+    float s = 0.0f;
+    for (index_t j = 0; j < d; ++j) s += m_.gmf.w[j] * u[j] * v[j];
+    logit += s;
+  }
+  return m_.bce() ? stable_sigmoid(logit) : logit;
 }
 
 TowerPass::TowerPass(const FieldModel& model, index_t rows, bool training)

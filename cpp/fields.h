@@ -169,12 +169,14 @@ class RowPredictor {
   ~RowPredictor();
   RowPredictor(const RowPredictor&) = delete;
   RowPredictor& operator=(const RowPredictor&) = delete;
-  // The output (probability for "bce", value for "mse") of the example whose key values are keys[0:n_keys].
+  // The output (probability for "bce", value for "mse") of the example whose key values are keys[0:n_keys]
+  // (checked as validate(model, examples) checks them; the model itself is validated by the caller).
   float predict(const KernelSet& ks, const std::int32_t* keys);
 
  private:
   const FieldModel& m_;
   FieldWorkspace* ws_;
+  std::vector<index_t> key_rows_;  // per key column, the rows every table it reads has (-1: none reads it)
 };
 
 // ---- Differentially private training (private.cpp) ----

@@ -62,10 +62,14 @@ void gemm_row(const Problem& p, index_t row, index_t n0, index_t n1) {
     const index_t kc = std::min(ks.kc, p.K - pc);
     ks.row_kernel(kc, p.A + row * p.lda + pc, p.B + pc * p.ldb + n0, p.ldb, c, pc > 0, static_cast<int>(n1 - n0));
   }
-  if (p.epilogue)
-    for (index_t jr = n0; jr < n1; jr += ks.nr)
-      ks.epilogue(p.C + row * p.ldc + jr, p.ldc, 1, static_cast<int>(std::min<index_t>(ks.nr, n1 - jr)), row, jr,
-                  *p.epilogue);
+  if (!p.epilogue) return;
+  if (!p.epilogue->exp_sums) {  // element-wise: one call over the row (per-panel calls cost ~1 µs a layer)
+    ks.epilogue(c, p.ldc, 1, static_cast<int>(n1 - n0), row, n0, *p.epilogue);
+    return;
+  }
+  for (index_t jr = n0; jr < n1; jr += ks.nr)  // exp_sums: one sum per nr-column group
+    ks.epilogue(p.C + row * p.ldc + jr, p.ldc, 1, static_cast<int>(std::min<index_t>(ks.nr, n1 - jr)), row, jr,
+                *p.epilogue);
 }
 
 // The five BLIS loops over one rectangle C[m0:m1, n0:n1] on the calling thread.
@@ -301,6 +305,14 @@ void bf16_gemm(const KernelSet& ks, bool native, bool trans_a, bool trans_b, ind
   split_c(M, N, K, ks.mr, ks.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
     gemm_block(problem, m0, m1, n0, n1);
   });
+}
+
+void sgemm_row(const KernelSet& ks, index_t N, index_t K, const float* a, const float* B, index_t ldb, float* c,
+               const Epilogue* epilogue) {
+  if (N <= 0) return;
+  if (K <= 0 || N == 1) return sgemm(ks, false, false, 1, N, K, a, K, B, ldb, c, N, epilogue, 1);
+  const Problem problem{ks, false, false, K, a, K, B, ldb, c, N, epilogue};
+  gemm_row(problem, 0, 0, N);
 }
 
 void sgemm(const KernelSet& ks, bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const float* A,

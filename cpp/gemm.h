@@ -17,6 +17,11 @@ namespace fastrec {
 void sgemm(const KernelSet& kernels, bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const float* A,
            index_t lda, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue, int n_threads);
 
+// sgemm of one row (M = 1, no transposes, one thread): c (N) = a (K) B (K x N, ldb), then the epilogue, with
+// the same numbers as sgemm; without its dispatch (the single-row serving path).
+void sgemm_row(const KernelSet& kernels, index_t N, index_t K, const float* a, const float* B, index_t ldb, float* c,
+               const Epilogue* epilogue);
+
 // bfloat16 products: sgemm's contract with every element of op(A) and op(B) rounded to bf16 (to nearest, ties
 // to even; kernels.h bf16_round_bits) while packing, the products (exact in float32) summed in float32, C
 // float32. native (isa.h resolve_bf16_kernel): the AVX512-BF16 micro-kernel (VDPBF16PS adds a pair of k's

@@ -264,6 +264,21 @@ void forward_rows(const KernelSet& ks, const Network& net, const Input& X, MlpWo
   }
 }
 
+const float* forward_row(const KernelSet& ks, const Network& net, const float* x, MlpWorkspace& ws) {
+  const std::size_t L = net.layers.size();
+  const float* in = x;
+  for (std::size_t l = 0; l < L; ++l) {
+    const Layer& layer = net.layers[l];
+    Epilogue e;
+    e.bias = layer.b;
+    e.act = l + 1 == L ? Activation::Identity : net.hidden;
+    float* out = ws.acts[l + 1].data();
+    sgemm_row(ks, layer.fan_out, layer.fan_in, in, layer.W, layer.fan_out, out, &e);
+    in = out;
+  }
+  return in;
+}
+
 void forward_logits(const KernelSet& ks, const Network& net, const Input& X, MlpWorkspace& ws, int n_threads) {
   const int blocks = row_blocks(net, X.rows, n_threads);
   if (blocks == 1) return forward_rows(ks, net, X, ws, 0, X.rows, n_threads);

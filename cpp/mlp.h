@@ -150,6 +150,11 @@ std::pair<index_t, index_t> block_rows(index_t n, int blocks, std::int64_t b);
 void forward_rows(const KernelSet& ks, const Network& net, const Input& X, MlpWorkspace& ws, index_t r0, index_t r1,
                   int n_threads);
 
+// forward_rows of one dense row x (net.layers[0].fan_in floats) on the calling thread, each layer a row
+// product with its bias and activation (sgemm_row): the same numbers, without sgemm's dispatch. Returns the
+// output row (ws.acts[L]).
+const float* forward_row(const KernelSet& ks, const Network& net, const float* x, MlpWorkspace& ws);
+
 // Run by Backward::products at the start of each block of rows [r0, r1) (the whole batch, on n_threads, when
 // it is one block): fills those rows of ws.acts[1..L] and ws.deltas[L-1], so that the forward pass, the
 // loss and the backward pass of a block run on one thread without waiting for the others.
