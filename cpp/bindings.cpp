@@ -752,6 +752,33 @@ class FieldHandle {
 
 
 // A validated two-tower model over the caller's arrays: two field-model specs with loss "tower".
+// Entity numbers of raw int ids: binary search of the sorted ids, through the order of ids added after fit
+// (IdIndex's arrays). The single-row paths' lookups (PairScorer, FieldModel's one-row dict).
+class IdLookup {
+ public:
+  IdLookup(py::array_t<std::int64_t, py::array::c_style> s, const py::object& o) : sorted(std::move(s)) {
+    has_order = !o.is_none();
+    if (has_order) order = o.cast<py::array_t<std::int64_t, py::array::c_style>>();
+    if (!(sorted.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) ||
+        (has_order && !(order.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)))
+      throw py::value_error("ids and order must be aligned");
+    if (has_order && order.size() != sorted.size()) throw py::value_error("order must have as many entries as ids");
+  }
+  // Entity number of raw id x (1-based), 0 when unknown.
+  std::int32_t entity(std::int64_t x) const {
+    const std::int64_t* a = sorted.data();
+    const std::int64_t n = sorted.size();
+    const std::int64_t p = std::lower_bound(a, a + n, x) - a;
+    if (p == n || a[p] != x) return 0;
+    return static_cast<std::int32_t>((has_order ? order.data()[p] : p) + 1);
+  }
+
+ private:
+  py::array_t<std::int64_t, py::array::c_style> sorted;
+  py::array_t<std::int64_t, py::array::c_style> order;
+  bool has_order = false;
+};
+
 // Recommender.predict of one (user, item) pair of int ids, whole: both id lookups (binary searches of the sorted
 // ids, through the order of ids added after fit), the example, the rating mean and the clipping, in one call.
 class PairScorer {
@@ -761,7 +788,7 @@ class PairScorer {
              double low, double high)
       : handle_obj_(std::move(handle)),
         handle_(handle_obj_.cast<const FieldHandle*>()),
-        sides_{Side(std::move(user_sorted), std::move(user_order)), Side(std::move(item_sorted), std::move(item_order))},
+        sides_{IdLookup(std::move(user_sorted), user_order), IdLookup(std::move(item_sorted), item_order)},
         mean_(mean),
         low_(low),
         high_(high),
@@ -782,30 +809,9 @@ class PairScorer {
   }
 
  private:
-  struct Side {
-    Side(py::array_t<std::int64_t, py::array::c_style> s, const py::object& o) : sorted(std::move(s)) {
-      has_order = !o.is_none();
-      if (has_order) order = o.cast<py::array_t<std::int64_t, py::array::c_style>>();
-      if (!(sorted.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) ||
-          (has_order && !(order.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)))
-        throw py::value_error("ids and order must be aligned");
-      if (has_order && order.size() != sorted.size()) throw py::value_error("order must have as many entries as ids");
-    }
-    // Entity number of raw id x (1-based), 0 when unknown.
-    std::int32_t entity(std::int64_t x) const {
-      const std::int64_t* a = sorted.data();
-      const std::int64_t n = sorted.size();
-      const std::int64_t p = std::lower_bound(a, a + n, x) - a;
-      if (p == n || a[p] != x) return 0;
-      return static_cast<std::int32_t>((has_order ? order.data()[p] : p) + 1);
-    }
-    py::array_t<std::int64_t, py::array::c_style> sorted;
-    py::array_t<std::int64_t, py::array::c_style> order;
-    bool has_order = false;
-  };
   py::object handle_obj_;  // keeps the handle (and so its arrays) alive
   const FieldHandle* handle_;
-  Side sides_[2];
+  IdLookup sides_[2];
   double mean_, low_, high_;
   py::dtype dtype_;  // float64, for the output array
 };
@@ -2022,6 +2028,12 @@ PYBIND11_MODULE(_core, m) {
            "Top-k of each user over its own candidates (row u of the CSR cand_indptr int64 [n_users + 1], "
            "cand_items int32; a duplicate counts once): (items int32 [n_users, k], scores float32), best first, "
            "ties by lower item; -1 / -inf padding. Scores, seen-item exclusion and cache as topk.");
+
+  py::class_<IdLookup>(m, "IdLookup",
+                       "Entity number (1-based; 0: unknown) of one raw int id: a binary search of the sorted ids "
+                       "(aligned int64), through order (the entity of each sorted id, or None: its position).")
+      .def(py::init<py::array_t<std::int64_t, py::array::c_style>, py::object>(), py::arg("sorted"), py::arg("order"))
+      .def("__call__", &IdLookup::entity, py::arg("id"));
 
   py::class_<PairScorer>(m, "PairScorer",
                          "One (user, item) pair of int ids -> its prediction as a float64 array of 1: id lookups, "

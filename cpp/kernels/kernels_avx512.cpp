@@ -179,7 +179,7 @@ inline void row_group_avx512(index_t kc, const float* a, const float* b, index_t
   }
   for (index_t k = 0; k < kc; ++k, b += rs_b) {
     const __m512 ak = _mm512_set1_ps(a[k]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(ak, _mm512_maskz_loadu_ps(mask[v], b + 16 * v), acc[v]);
   }
   for (int v = 0; v < V; ++v) {
@@ -188,11 +188,17 @@ inline void row_group_avx512(index_t kc, const float* a, const float* b, index_t
   }
 }
 
-// Groups of 8 vectors (128 columns): 8 independent chains cover the FMA latency (2 chains, one panel at a
-// time, left it exposed: a 161 x 256 layer took ~3x longer).
+// Groups of up to 16 vectors (256 columns, 16 of the 32 registers): at least 8 independent chains cover the
+// FMA latency (2 chains, one panel at a time, left it exposed: a 161 x 256 layer took ~3x longer), and a
+// 256-wide layer's B is then read once, row after row, instead of in two strided halves (the one-row MLP
+// streams its weights from L2). Every column is the same chain over k whatever its group.
 void row_kernel_avx512(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate, int n) {
-  for (int j0 = 0; j0 < n; j0 += 128) {
-    const int w = std::min(128, n - j0);
+  for (int j0 = 0; j0 < n; j0 += 256) {
+    const int w = std::min(256, n - j0);
+    if (w > 128) {
+      row_group_avx512<16>(kc, a, b + j0, rs_b, c + j0, accumulate, w);
+      continue;
+    }
     switch ((w + 15) / 16) {
       case 1: row_group_avx512<1>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
       case 2: row_group_avx512<2>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;

@@ -785,6 +785,15 @@ class RecommenderBase(BaseEstimator):
         Unknown users or items never raise: they use the learned unknown rows (and their features when they
         were in the feature tables given to fit).
         """
+        pair = self.__dict__.get("_pair")  # (handle, scorer) of the last single-pair call, while still current
+        if (pair is not None and type(users) is list and type(items) is list and len(users) == 1 and len(items) == 1
+                and pair[0] is self.__dict__.get("_predictor")):
+            user, item = users[0], items[0]
+            if type(user) is int and type(item) is int:
+                try:
+                    return pair[1](user, item)
+                except (TypeError, OverflowError):  # beyond int64: the checks below say what is wrong
+                    pass
         self._check_fitted()
         if _one_int(users) and _one_int(items):  # the serving path: one pair, whole in the core
             scorer = self._pair_scorer()

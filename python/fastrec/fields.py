@@ -344,7 +344,7 @@ class FieldModel(BaseEstimator):
         if serve is False or type(X) is not dict or len(X) != len(serve[1]):
             return None
         handle, plan = serve
-        for (name, cell, buckets, vocab, mean, std), (given, x) in zip(plan, X.items()):
+        for (name, cell, buckets, vocab, lookup, mean, std), (given, x) in zip(plan, X.items()):
             if given != name:
                 return None
             if (type(x) is not list and type(x) is not np.ndarray) or len(x) != 1:
@@ -355,7 +355,15 @@ class FieldModel(BaseEstimator):
             if mean is None:  # categorical
                 if type(x) is not int and type(x) is not str:
                     return None
-                code = zlib.crc32(str(x).encode()) % buckets + 1 if buckets else vocab.index_one(x)
+                if buckets:
+                    code = zlib.crc32(str(x).encode()) % buckets + 1
+                elif lookup is not None and type(x) is int:  # int ids: one binary search in the core
+                    try:
+                        code = lookup(x)
+                    except TypeError:  # beyond int64: the general path says what is wrong
+                        return None
+                else:
+                    code = vocab.index_one(x)
                 if code is None:
                     return None
                 cell[0] = code
@@ -370,7 +378,8 @@ class FieldModel(BaseEstimator):
 
     def _serving_state(self):
         """(handle over 1-row bag and dense tables, per column (name, the cell its value goes to, hash buckets,
-        vocabulary, mean, std)), or False when a column is multi-hot or numeric with several values per row."""
+        vocabulary, the core's lookup of its int ids or None, mean, std)), or False when a column is multi-hot or
+        numeric with several values per row."""
         if any(kind == "multi_hot" for _, kind in self.columns_) or any(
                 len(self._scale_[name][0]) != 1 for name, kind in self.columns_ if kind == "numeric"):
             return False
@@ -379,11 +388,16 @@ class FieldModel(BaseEstimator):
             if kind == "categorical":
                 # id 1, not 0: the core reads a bag table of ids 0..n-1 as the identity, never its ids again
                 bags.append(bags_of_ids(np.ones(1, np.int32)))
-                plan.append((name, bags[-1][1], self._options(name)[2], self._vocab_.get(name), None, None))
+                vocab = self._vocab_.get(name)
+                lookup = None
+                if vocab is not None and vocab.ids.dtype.kind == "i" and len(vocab.ids):
+                    order = None if vocab._order is None else np.require(vocab._order, np.int64, ["C", "A"])
+                    lookup = _core.IdLookup(np.require(vocab._sorted, np.int64, ["C", "A"]), order)
+                plan.append((name, bags[-1][1], self._options(name)[2], vocab, lookup, None, None))
             else:
                 dense.append(np.zeros((1, 1), np.float32))
                 mean, std = self._scale_[name]
-                plan.append((name, dense[-1].reshape(1), None, None, float(mean[0]), float(std[0])))
+                plan.append((name, dense[-1].reshape(1), None, None, None, float(mean[0]), float(std[0])))
         return self.net_.handle(bags, dense), plan
 
     def predict_proba(self, X):
@@ -391,8 +405,11 @@ class FieldModel(BaseEstimator):
         if self.loss != "bce":
             raise ValueError("predict_proba needs loss='bce'")
         p = self._raw(X)
-        if type(p) is float:  # the one-row path
-            return np.array([[1.0 - p, p]])
+        if type(p) is float:  # the one-row path (filled in place: np.array of a nested list costs ~1 µs)
+            out = np.empty((1, 2))
+            out[0, 0] = 1.0 - p
+            out[0, 1] = p
+            return out
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X):
