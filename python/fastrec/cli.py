@@ -281,6 +281,8 @@ _HYPER_PARAMETERS = [
     ("--l2", "l2", float, "ease: L2 penalty of the item-item weights (500 is the paper's MovieLens-20M setting: "
      "tune it); autorec: L2 penalty of the rows each batch touches; multvae / multdae: L2 penalty of the "
      "weights (Liang et al.'s lam)"),
+    ("--max-memory", "max_memory", "int-auto", "ease: bytes the fit may allocate (auto: what the machine has "
+     "available); more is refused before allocating"),
     ("--hidden-units", "hidden", int, "autorec: hidden units of the autoencoder"),
     ("--item-based", "item_based", bool, "autorec: I-AutoRec (encode items' rating vectors); --no-item-based: "
      "U-AutoRec"),
@@ -291,6 +293,8 @@ _HYPER_PARAMETERS = [
     ("--beta-max", "beta_max", float, "multvae: cap of the KL weight beta"),
     ("--anneal-steps", "anneal_steps", "int-auto", "multvae: Adam steps over which beta rises by 1 (capped at "
      "--beta-max; auto: beta_max at 80%% of the steps)"),
+    ("--precision", "precision", ("float32", "bf16", "auto"), "multvae / multdae: precision of the output layer's "
+     "training products (bf16: bfloat16 inputs, float32 sums and weights; auto: bf16 where the CPU has AVX512-BF16)"),
     ("--privacy", "privacy", "dpconfig", "recommender: differentially private training, fastrec.DPConfig's parameters "
      "as JSON, e.g. '{\"target_epsilon\": 8, \"delta\": 1e-5}' (needs fastrec[privacy])"),
 ]
