@@ -179,7 +179,7 @@ def _round(job, replica, combined, dense, epoch, n_rows):
     the mean of the dense arrays), then train the next n_rows rows of this replica's epoch `epoch` (a new
     permutation when the last one is done). Returns None when its epoch is done, else the rows it touched
     split by the shard that combines them (row ids, values, optimizer-state rows), its dense arrays, and
-    the round's figures."""
+    the round's figures (only the bytes received when its epoch is done)."""
     rep = _replica(job, replica)
     est, net = rep.est, rep.est.net_
     received = 0
@@ -199,8 +199,8 @@ def _round(job, replica, combined, dense, epoch, n_rows):
         rep.order = rep.rng.permutation(rep.n).astype(np.int64)
         rep.epoch_seed = int(rep.rng.randint(0, 2**31 - 1))
         rep.epoch, rep.pos, rep.slice = epoch, 0, 0
-    if rep.pos >= rep.n:
-        return None
+    if rep.pos >= rep.n:  # this replica's epoch is done: it sits the round out
+        return {"pieces": [None] * rep.n_replicas, "dense": None, "stats": {"received_bytes": received}}
     part = rep.order[rep.pos:rep.pos + n_rows]
     sampler = est._sampler(negatives=est.negatives if est.implicit_ else 0, seed=0)
     # Slice 0 of an epoch draws exactly what a local epoch draws; later slices from their own streams.
@@ -298,8 +298,9 @@ def _nbytes(obj):
     return sum(a.nbytes for t in obj for a in t if a is not None)
 
 
-def _changed_rows(job, shard):
-    """The owner's rows of its shard that any round changed, as combined (for the driver's model)."""
+def _changed_rows(job, shard, after):
+    """The owner's rows of its shard that any round changed, as combined (for the driver's model). `after`:
+    the last combine of the shard, so that this runs after it."""
     rep = _replica(job, shard)
     out = []
     for j, arrays in enumerate(_tables(rep.est.net_)):
@@ -517,7 +518,7 @@ class DaskRecommender:
         # every replica's piece (Dask moves the pieces worker to worker); the next round's task of each
         # replica takes every combined shard and dense result. The driver only sees each round's figures.
         combined, dense, last_dense = None, None, None
-        round_bytes, round_stats, shipped = [], [], 0
+        round_bytes, round_stats = [], []
         for epoch in range(len(model.history_["loss"]), len(model.history_["loss"]) + epochs):
             epoch_start = time.perf_counter()
             loss, rows, left = 0.0, 0, True
@@ -527,23 +528,22 @@ class DaskRecommender:
                 dense = [pinned(r, _pick, results[r], "dense") for r in range(n_rep)]
                 combined = [pinned(s, _combine, job, s, *[pinned(r, _pick, results[r], "pieces", s)
                                                           for r in range(n_rep)]) for s in range(n_rep)]
-                sizes = [pinned(s, _nbytes, combined[s]) for s in range(n_rep)]
-                got = self._gather(client, stats + sizes, f"epoch {epoch + 1}", workers)
+                # Only the figures come back: the combine runs while the driver submits the next round.
+                got = self._gather(client, stats, f"epoch {epoch + 1}", workers)
                 keep = {id(f) for f in combined + dense + [shared]}  # the rest is done: let Dask release it
                 futures[:] = [f for f in futures if id(f) in keep]
-                figures, sizes = [g for g in got[:n_rep] if g is not None], got[n_rep:]
+                if round_bytes:  # the last round's combined shards, as the replicas received them
+                    round_bytes[-1] += sum(g["received_bytes"] for g in got)
+                figures = [g for g in got if "rows" in g]
                 if not figures:
                     break
                 last_dense = dense
                 left = any(f["left"] > 0 for f in figures)
                 loss += sum(f["loss"] for f in figures)
                 rows += sum(f["rows"] for f in figures)
-                # Each replica's pieces for the other shards, then (if another round follows) each combined
-                # shard to the other replicas.
-                if round_bytes:
-                    round_bytes[-1] += shipped
+                # Each replica's pieces for the other shards (and, added by the next round, each combined shard to
+                # the other replicas).
                 round_bytes.append(sum(f["sent_bytes"] for f in figures))
-                shipped = (n_rep - 1) * sum(sizes)
                 round_stats.append({"epoch": epoch, "rows": sum(f["rows"] for f in figures),
                                     "train_s": max(f["train_s"] for f in figures),
                                     "touched_bytes": sum(f["touched_bytes"] for f in figures)})
@@ -551,7 +551,7 @@ class DaskRecommender:
             model.history_["seconds"].append(time.perf_counter() - epoch_start)
         # The driver's model: every row any round changed (from the shard's owner) and the last dense mean.
         self._marks.append(time.perf_counter())
-        finals = [pinned(s, _changed_rows, job, s) for s in range(n_rep)]
+        finals = [pinned(s, _changed_rows, job, s, combined[s]) for s in range(n_rep)]
         pairs = [pinned(r, _seen_pairs, job, r) for r in range(n_rep)]
         got = self._gather(client, finals + pairs + (last_dense or []), "collecting the model", workers)
         finals, pairs, last = got[:n_rep], got[n_rep:2 * n_rep], got[2 * n_rep:]
