@@ -108,6 +108,13 @@ def test_ids_on_one_partition_only_are_learned_and_every_replica_maps_ids_alike(
     rows = model._bags[1][1][model._items.index(np.arange(10_000, 10_007))]
     assert (rows > 0).all()
     assert not np.allclose(model.net_.tables[1][rows], start.net_.tables[1][rows])
+    # The driver built its copy without drawing the tables: every row came from the replicas (the history fields'
+    # row 0 is never trained here: as drawn) and none is left at the driver's zeros.
+    for j, f in enumerate(model.net_.fields):
+        if f.name.endswith("_history"):
+            np.testing.assert_array_equal(model.net_.tables[j][0], start.net_.tables[j][0])
+        if f.role != "wide":
+            assert not (model.net_.tables[j] == 0).all(axis=1).any(), f.name
 
 
 def test_same_partitions_seed_and_sync_give_the_same_model(threads_client):

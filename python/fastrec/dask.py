@@ -32,6 +32,7 @@ except ImportError as e:  # fastrec itself works without Dask
     raise ImportError("fastrec.dask needs Dask's distributed scheduler: pip install 'fastrec[dask]'") from e
 
 from fastrec._checks import check_random_state
+from fastrec._fieldnet import Float32Normals
 from fastrec._recbase import _merge_seen
 from fastrec.recommender import Recommender
 
@@ -50,7 +51,7 @@ class _Replica:
     """A worker's copy of the model and its rows, and the shard of every table it combines (rows
     [bounds[j][replica], bounds[j][replica + 1]) of table j)."""
 
-    def __init__(self, est, user_rows, item_rows, y, weight, seed, replica, n_replicas):
+    def __init__(self, est, user_rows, item_rows, y, weight, seed, replica, n_replicas, whole):
         self.est, self.keys, self.y, self.weight = est, [user_rows, item_rows], y, weight
         self.n = len(y)
         self.order, self.pos, self.epoch_seed = None, 0, 0
@@ -65,7 +66,9 @@ class _Replica:
         self.shadow = None if n_replicas == 1 else [
             tuple(None if a is None else a[lo:hi].copy() for a in arrays) for arrays, (lo, hi) in
             zip(_tables(net), lo_hi)]
-        self.changed = [np.zeros(hi - lo, np.uint8) for lo, hi in lo_hi]  # shard rows combined during the fit
+        # Shard rows combined during the fit: what the driver collects at the end (every row when `whole`: the
+        # driver built its copy without drawing the tables).
+        self.changed = [(np.ones if whole else np.zeros)(hi - lo, np.uint8) for lo, hi in lo_hi]
 
 
 def _part(users, items, ratings, weight):
@@ -90,15 +93,35 @@ def _part_stats(part):
     return np.unique(users), np.unique(items), stats, len(users)
 
 
-def _build(spec):
-    """The model every replica and the driver start from: the same arrays from the same ids and seed."""
+class _ZeroTables(Float32Normals):
+    """The driver's draws for its copy of the model: embedding tables of zeros (calloc'd: no time and no
+    memory until written; the shards' owners send every row at the end), everything else drawn from the same
+    stream as on the replicas (the table draws come from a Generator seeded once either way)."""
+
+    def normal(self, loc, scale, size):
+        return np.zeros(size, np.float32)
+
+    def __getattr__(self, name):  # randint etc.: the RandomState's
+        if name == "_rng":
+            raise AttributeError(name)
+        return getattr(self._rng, name)
+
+
+def _build(spec, tables=True):
+    """The model every replica and the driver start from: the same arrays from the same ids and seed (the
+    embedding tables zeros when not `tables`: the driver's copy, which competes with the replicas' builds for
+    the cores and gets every row from them at the end)."""
     params, seed, users, items, rating_stats, user_features, item_features, feature_types = spec
     est = Recommender(**params).set_params(random_state=seed)
     config = est._validate_params(rating_stats is None)
     est._check_base_params()
     user_features, item_features = est._new_tables(user_features, item_features, feature_types)
-    est._rng = check_random_state(seed)
-    est._new_model(users, items, rating_stats, user_features, item_features, config)
+    rng = check_random_state(seed)
+    est._rng = rng if tables else _ZeroTables(rng)
+    try:
+        est._new_model(users, items, rating_stats, user_features, item_features, config)
+    finally:
+        est._rng = rng
     return est
 
 
@@ -107,7 +130,8 @@ def _start(job, replica, n_replicas, source, seed, *parts):
     partial_fit), with these partitions' rows and seen pairs. Returns their item counts and the digest."""
     import copy
 
-    est = _build(source) if isinstance(source, tuple) else copy.deepcopy(source)
+    whole = isinstance(source, tuple)  # a first fit: the driver's tables are zeros, it collects every row
+    est = _build(source) if whole else copy.deepcopy(source)
     users = np.concatenate([p[0] for p in parts])
     items = np.concatenate([p[1] for p in parts])
     ratings = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
@@ -116,16 +140,20 @@ def _start(job, replica, n_replicas, source, seed, *parts):
     n_i = len(est._items) + 1
     est._seen = _merge_seen(*est._seen, u, i, n_i)
     y = np.ones(len(u), np.float32) if est.implicit_ else (ratings - est.rating_mean_).astype(np.float32)
-    _REPLICAS[(job, replica)] = _Replica(est, u, i, y, weight, seed, replica, n_replicas)
-    return np.bincount(i, minlength=n_i).astype(np.float64), _vocabulary_digest(est)
+    _REPLICAS[(job, replica)] = _Replica(est, u, i, y, weight, seed, replica, n_replicas, whole)
+    return np.bincount(i, minlength=n_i).astype(np.float64), (_digest(est, False), _digest(est, True))
 
 
-def _vocabulary_digest(est):
-    """A fingerprint of the id mapping and the initial parameters: equal on every replica and the driver."""
+def _digest(est, tables):
+    """A fingerprint of the id mapping, the table shapes and the initial parameters (the embedding tables' values
+    only if `tables`: the driver's first-fit copy has zeros there). Optimizer state is left out: zeros on a first
+    fit, a copy of the model's on partial_fit."""
     import hashlib
 
-    h = hashlib.sha256()
-    for a in (est._users.ids, est._items.ids, *est.net_._arrays()):
+    net = est.net_
+    h = hashlib.sha256(repr([t.shape for t in net.tables]).encode())
+    for a in (est._users.ids, est._items.ids, *net.coefs, *net.intercepts,
+              *([] if net.gmf_w is None else [net.gmf_w]), *(net.tables if tables else ())):
         buf = np.ascontiguousarray(a)
         h.update(buf.tobytes() if buf.dtype.hasobject else memoryview(buf).cast("B"))  # no copy of the tables
     return h.hexdigest()
@@ -299,8 +327,8 @@ def _nbytes(obj):
 
 
 def _changed_rows(job, shard, after):
-    """The owner's rows of its shard that any round changed, as combined (for the driver's model). `after`:
-    the last combine of the shard, so that this runs after it."""
+    """The owner's rows of its shard that any round changed (all of them on a first fit), as combined (for the
+    driver's model). `after`: the last combine of the shard, so that this runs after it."""
     rep = _replica(job, shard)
     out = []
     for j, arrays in enumerate(_tables(rep.est.net_)):
@@ -448,7 +476,8 @@ class DaskRecommender:
                     seed = int(check_random_state(seed).randint(0, 2**31 - 1))
                 source = (self.params, int(seed), new_users, new_items, rating_stats, user_features, item_features,
                           feature_types)
-                model = lambda: _build(source)  # noqa: E731 (the driver's copy, built while the workers build)
+                # The driver's copy, built while the workers build theirs, without drawing its tables.
+                model = lambda: _build(source, tables=False)  # noqa: E731
             else:
                 # A copy, grown like Recommender.partial_fit grows: the fitted model is kept if this fails.
                 import copy
@@ -502,10 +531,13 @@ class DaskRecommender:
 
         started = [pinned(r, _start, job, r, n_rep, shared, None if r == 0 else int(seed) + 7919 * r,
                           *[parts[p] for p in ps]) for r, (w, ps) in enumerate(workers)]
-        if callable(model):
+        whole = callable(model)  # a first fit: the driver's tables are zeros until it collects every row
+        if whole:
             model = model()
         built = self._gather(client, started, "building the replicas", workers)
-        if {d for _, d in built} != {_vocabulary_digest(model)}:  # never train replicas that disagree on a row
+        # Never train replicas that disagree on a row: the same digest everywhere, the driver's (without the
+        # tables it did not draw) equal to theirs.
+        if len({d for _, d in built}) != 1 or {d[int(not whole)] for _, d in built} != {_digest(model, not whole)}:
             raise RuntimeError("the workers built different id mappings or initial parameters (fastrec or NumPy "
                                "versions differ between the workers and the client?)")
         counts = model._seen_counts + sum(c for c, _ in built)
@@ -549,7 +581,8 @@ class DaskRecommender:
                                     "touched_bytes": sum(f["touched_bytes"] for f in figures)})
             model.history_["loss"].append(loss / max(rows, 1))
             model.history_["seconds"].append(time.perf_counter() - epoch_start)
-        # The driver's model: every row any round changed (from the shard's owner) and the last dense mean.
+        # The driver's model: every row any round changed (every row on a first fit), from the shard's owner,
+        # and the last dense mean.
         self._marks.append(time.perf_counter())
         finals = [pinned(s, _changed_rows, job, s, combined[s]) for s in range(n_rep)]
         pairs = [pinned(r, _seen_pairs, job, r) for r in range(n_rep)]
