@@ -202,3 +202,18 @@ def test_a_round_ships_the_rows_it_touched_not_the_tables(threads_client):
     assert max(dm.round_bytes_) < tables / 10
     # The model collected at the end: the rows some round changed, each once (with an int32 id).
     assert dm.final_bytes_ <= tables + 4 * sum(len(t) for t in net.tables)
+
+
+def test_string_ids_and_sparse_int_ids_map_like_a_local_fit(threads_client):
+    # Users as strings (mapped by binary search), items as ints spread over a span far wider than their number
+    # (not by the lookup table): one replica is still a local fit bit for bit.
+    u, i, r = data(n=3000)
+    users = np.array([f"u{x}" for x in u])
+    items = i.astype(np.int64) * 1_000_000_007
+    params = {**PARAMS, "epochs": 2}
+    got = DaskRecommender(client=threads_client, **params).fit(
+        chunked(users, 1), chunked(items, 1), chunked(r, 1)).to_local()
+    local = fastrec.Recommender(**params).fit(users, items, r)
+    np.testing.assert_array_equal(got._users.ids, local._users.ids)
+    np.testing.assert_array_equal(got._items.ids, local._items.ids)
+    assert same_arrays(got, local)
