@@ -63,10 +63,9 @@ class _Replica:
         net.track_touched()  # the core marks the rows it updates: a round ships those, never whole tables
         self.bounds = [[len(t) * s // n_replicas for s in range(n_replicas + 1)] for t in net.tables]
         lo_hi = [(b[replica], b[replica + 1]) for b in self.bounds]
-        # The shard's rows as of the last combine (the "old" of old + sum of changes); one replica needs none.
-        self.shadow = None if n_replicas == 1 else [
-            tuple(None if a is None else a[lo:hi].copy() for a in arrays) for arrays, (lo, hi) in
-            zip(_tables(net), lo_hi)]
+        # The shard's values as of the last combine (the "old" of old + sum of changes; optimizer state is
+        # averaged, it needs no old); one replica needs none.
+        self.shadow = None if n_replicas == 1 else [t[lo:hi].copy() for t, (lo, hi) in zip(net.tables, lo_hi)]
         # Shard rows combined during the fit: what the driver collects at the end (every row when `whole`: the
         # driver built its copy without drawing the tables).
         self.changed = [(np.ones if whole else np.zeros)(hi - lo, np.uint8) for lo, hi in lo_hi]
@@ -271,16 +270,19 @@ def _round(job, replica, combined, dense, epoch, n_rows):
     trained = time.perf_counter() - started
     rep.pos += len(part)
     rep.slice += 1
-    # The rows the core marked, cut by shard (marks cleared for the next round): O(rows touched) to copy.
+    # The rows the core marked, cut by shard (marks cleared for the next round): O(rows touched) to copy. The
+    # piece of this replica's own shard is the row ids only: its combine reads their values in place.
     pieces = [[] for _ in range(rep.n_replicas)]
+    nbytes = [0] * rep.n_replicas
     for arrays, marks, bounds in zip(_tables(net), net.touched_marks, rep.bounds):
         touched = np.flatnonzero(marks)
         marks[touched] = 0
         cuts = np.searchsorted(touched, bounds)
+        row_bytes = 4 + sum(a.strides[0] for a in arrays if a is not None)
         for s in range(rep.n_replicas):
             ids = touched[cuts[s]:cuts[s + 1]].astype(np.int32)
-            pieces[s].append((ids, *(None if a is None else a[ids] for a in arrays)))
-    nbytes = [sum(a.nbytes for t in piece for a in t if a is not None) for piece in pieces]
+            pieces[s].append((ids, *(None if a is None or s == replica else a[ids] for a in arrays)))
+            nbytes[s] += len(ids) * row_bytes
     return {"pieces": pieces, "dense": ([a.copy() for a in _dense(net)], net.adam_t),
             "stats": {"loss": float(loss_sum), "rows": int(rows), "left": rep.n - rep.pos, "train_s": trained,
                       "touched_bytes": sum(nbytes), "sent_bytes": sum(nbytes) - nbytes[replica],
@@ -296,50 +298,60 @@ def _pick(result, what, shard=None):
 
 def _combine(job, shard, *pieces):
     """On the replica that owns `shard`: combine the replicas' pieces of it (each replica's touched rows of
-    the shard, or None) and write the result into this replica's tables. A row gets its old value plus every
-    replica's change (one replica's change: that replica's value exactly), its optimizer state the mean of
-    the states of the replicas that touched it. Returns the combined rows, for the other replicas.
+    the shard, or None; this replica's own piece is its row ids, their values are in its tables) and write the
+    result into this replica's tables. A row gets its old value plus every replica's change (one replica's
+    change: that replica's value exactly), its optimizer state the mean of the states of the replicas that
+    touched it. Returns the combined rows, for the other replicas (None when there are none).
 
     Summing row changes keeps a popular item learning as fast as on one machine (averaging them divided its
     progress by the replicas: MovieLens-100k test RMSE gap to a local fit +0.0076 summed, benchmarks/DASK.md);
-    summing the dense weights' changes too overshot at coarse rounds (+0.042 at one round per epoch)."""
+    summing the dense weights' changes too overshot at coarse rounds (+0.042 at one round per epoch).
+
+    In place: a row of the shard holds this replica's value where it touched the row and the old value
+    elsewhere, so the other replicas' changes are added to it (in float64, in replica order)."""
     rep = _replica(job, shard)
     got = [(r, p) for r, p in enumerate(pieces) if p is not None]
     if not got:
         return None
     out = []
     for j, arrays in enumerate(_tables(rep.est.net_)):
-        parts = [p[j] for _, p in got]
-        lo = rep.bounds[j][shard]
-        if len(parts) == 1:
-            combined = parts[0]
+        lo, hi = rep.bounds[j][shard], rep.bounds[j][shard + 1]
+        parts = [(r, p[j]) for r, p in got if len(p[j][0])]
+        others = [(r, p) for r, p in parts if r != shard]
+        if not others:  # nothing but this replica's own rows: in place already
+            ids = parts[0][1][0] if parts else np.zeros(0, np.int32)
+            rep.changed[j][ids - lo] = 1
+            out.append(None if rep.n_replicas == 1 else (ids, *(None if a is None else a[ids] for a in arrays)))
+            continue
+        if len(parts) == 1:  # one other replica's rows: its values and state exactly
+            combined = parts[0][1]
         else:
-            count = np.zeros(rep.bounds[j][shard + 1] - lo, np.int32)
-            for p in parts:
+            count = np.zeros(hi - lo, np.int32)
+            for _, p in parts:
                 count[p[0] - lo] += 1
-            union = np.flatnonzero(count)
-            base = rep.shadow[j][0][union].astype(np.float64)
-            value = base.copy()
-            at = [np.searchsorted(union, p[0] - lo) for p in parts]
-            for p, a in zip(parts, at):
-                value[a] += p[1] - base[a]  # ids are distinct within a piece: no lost updates
+            local = np.flatnonzero(count)
+            union = (local + lo).astype(np.int32)
+            at = np.empty(hi - lo, np.int64)  # read only at the union's rows
+            at[local] = np.arange(len(local))
+            value = arrays[0][union].astype(np.float64)
+            base = rep.shadow[j]
+            for _, p in others:
+                a = at[p[0] - lo]
+                value[a] += p[1] - base[p[0] - lo].astype(np.float64)  # ids are distinct within a piece
             states = []
-            for k in (2, 3):
-                if parts[0][k] is None:
+            for k in (1, 2):
+                if arrays[k] is None:
                     states.append(None)
                     continue
-                total = np.zeros((len(union),) + parts[0][k].shape[1:], np.float64)
-                for p, a in zip(parts, at):
-                    total[a] += p[k]
-                states.append((total / count[union].reshape(-1, *[1] * (total.ndim - 1))).astype(np.float32))
-            combined = ((union + lo).astype(np.int32), value.astype(np.float32), *states)
+                total = np.zeros((len(union),) + arrays[k].shape[1:], np.float64)
+                for r, p in parts:
+                    total[at[p[0] - lo]] += arrays[k][p[0]] if r == shard else p[k + 1]
+                states.append((total / count[local].reshape(-1, *[1] * (total.ndim - 1))).astype(np.float32))
+            combined = (union, value.astype(np.float32), *states)
+        _write_rows(arrays, combined[0], combined)
+        rep.shadow[j][combined[0] - lo] = combined[1]
+        rep.changed[j][combined[0] - lo] = 1
         out.append(combined)
-        if not (len(got) == 1 and got[0][0] == shard):  # the rows this replica trained alone are in place
-            _write_rows(arrays, combined[0], combined)
-        local = combined[0] - lo
-        if rep.shadow is not None:
-            _write_rows(rep.shadow[j], local, combined)
-        rep.changed[j][local] = 1
     return out
 
 
