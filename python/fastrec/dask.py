@@ -308,7 +308,8 @@ def _combine(job, shard, *pieces):
     summing the dense weights' changes too overshot at coarse rounds (+0.042 at one round per epoch).
 
     In place: a row of the shard holds this replica's value where it touched the row and the old value
-    elsewhere, so the other replicas' changes are added to it (in float64, in replica order)."""
+    elsewhere, so each other replica's change is added to it in turn (in float64, rounded to float32 after
+    each; replica order)."""
     rep = _replica(job, shard)
     got = [(r, p) for r, p in enumerate(pieces) if p is not None]
     if not got:
@@ -325,6 +326,7 @@ def _combine(job, shard, *pieces):
             continue
         if len(parts) == 1:  # one other replica's rows: its values and state exactly
             combined = parts[0][1]
+            _write_rows(arrays, combined[0], combined)
         else:
             count = np.zeros(hi - lo, np.int32)
             for _, p in parts:
@@ -333,22 +335,25 @@ def _combine(job, shard, *pieces):
             union = (local + lo).astype(np.int32)
             at = np.empty(hi - lo, np.int64)  # read only at the union's rows
             at[local] = np.arange(len(local))
-            value = arrays[0][union].astype(np.float64)
             base = rep.shadow[j]
-            for _, p in others:
-                a = at[p[0] - lo]
-                value[a] += p[1] - base[p[0] - lo].astype(np.float64)  # ids are distinct within a piece
+            for _, p in others:  # each change added in float64 (a row only one replica changed: its value exactly)
+                rows = p[0]
+                arrays[0][rows] = (arrays[0][rows].astype(np.float64) + p[1] -
+                                   base[rows - lo].astype(np.float64)).astype(np.float32)
             states = []
+            n = count[local].astype(np.float32)
             for k in (1, 2):
                 if arrays[k] is None:
                     states.append(None)
                     continue
-                total = np.zeros((len(union),) + arrays[k].shape[1:], np.float64)
+                # float32: a mean of optimizer states needs no more (float64 doubled the combine's time)
+                total = np.zeros((len(union),) + arrays[k].shape[1:], np.float32)
                 for r, p in parts:
                     total[at[p[0] - lo]] += arrays[k][p[0]] if r == shard else p[k + 1]
-                states.append((total / count[local].reshape(-1, *[1] * (total.ndim - 1))).astype(np.float32))
-            combined = (union, value.astype(np.float32), *states)
-        _write_rows(arrays, combined[0], combined)
+                total /= n.reshape(-1, *[1] * (total.ndim - 1))
+                states.append(total)
+            combined = (union, arrays[0][union], *states)
+            _write_rows(arrays[1:], union, combined[1:])  # the states (the values are in place)
         rep.shadow[j][combined[0] - lo] = combined[1]
         rep.changed[j][combined[0] - lo] = 1
         out.append(combined)
