@@ -409,6 +409,23 @@ def _drop(job):
         del _REPLICAS[key]
 
 
+def _scoring_copy(model):
+    """The model as the workers score with it: without its optimizer state (two thirds of an Adam model's bytes,
+    sent to every worker for nothing). The arrays are shared, not copied."""
+    import copy
+
+    out = copy.copy(model)
+    for name in out._caches:
+        out.__dict__.pop(name, None)
+    net = out.net_ = copy.copy(model.net_)
+    net.optimizer = None  # the core reads no state when scoring; a copy that cannot train
+    net.state1 = net.state2 = []
+    net.table_state1 = net.table_state2 = [None] * len(net.tables)
+    net.gmf_state1 = net.gmf_state2 = None
+    net.__dict__.pop("touched_marks", None)
+    return out
+
+
 def _recommend_part(model, users, k, exclude_seen, items):
     import pandas as pd
 
@@ -574,9 +591,9 @@ class DaskRecommender:
         return self
 
     def _train(self, client, job, futures, model, parts, source, seed, epochs):
-        """Replicas from `source` on the workers, `epochs` epochs of rounds (None: the model's), then the changed rows and the seen
-        pairs into `model` (a callable building it when it is the first fit: the driver builds its copy while
-        the workers build theirs)."""
+        """Replicas from `source` on the workers, `epochs` epochs of rounds (None: the model's), then the changed
+        rows and the seen pairs into `model` (a callable building it when it is the first fit: the driver builds
+        its copy while the workers build theirs)."""
         workers = self._workers = self._placement(client, parts)
         n_rep = len(workers)
         shared = self._share(client, source, workers, "building the replicas")
@@ -764,7 +781,8 @@ class DaskRecommender:
     def _model_future(self, client):
         cached = self.__dict__.get("_scattered")
         if cached is None or cached[0] is not self.model_ or cached[1] is not client:
-            cached = self._scattered = (self.model_, client, client.scatter([self.model_], broadcast=True, hash=False)[0])
+            copy = _scoring_copy(self.model_)
+            cached = self._scattered = (self.model_, client, client.scatter([copy], broadcast=True, hash=False)[0])
         return cached[2]
 
     def recommend(self, users, k=10, *, exclude_seen=True, items=None):
