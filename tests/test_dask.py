@@ -270,3 +270,22 @@ def test_the_combine_gives_old_plus_every_change_and_the_mean_state():
         assert checked > 100  # rows both replicas touched: the sums and means were exercised
     finally:
         _drop("t")
+
+
+def test_gathers_go_straight_to_the_workers_and_fall_back_through_the_scheduler():
+    from fastrec.dask import _direct
+
+    class Client:
+        def __init__(self, direct_to_workers, reachable):
+            self.direct_to_workers, self.reachable, self.calls = direct_to_workers, reachable, []
+
+        def gather(self, futures, **kwargs):
+            self.calls.append(kwargs.get("direct"))
+            if kwargs.get("direct") and not self.reachable:
+                raise OSError("Timed out trying to connect to tcp://10.0.0.9:40000")
+            return futures
+
+    for direct, reachable, calls in ((None, True, [True]), (None, False, [True, False]), (False, True, [None])):
+        client = Client(direct, reachable)
+        assert _direct(client.gather, [1, 2]) == [1, 2]
+        assert client.calls == calls

@@ -441,6 +441,19 @@ def _predict_part(model, users, items):
 
 
 # --------------------------------------------------------------------------------------------- the driver
+def _direct(call, *args, **kwargs):
+    """client.gather / client.scatter straight between the client and the workers (through the scheduler, the
+    default, the 858 MB model of benchmarks/DASK.md took 4-6 s to collect on a LocalCluster, 0.8 s direct),
+    unless the client was made with direct_to_workers=False; through the scheduler when the workers cannot be
+    reached from the client."""
+    if call.__self__.direct_to_workers is False:
+        return call(*args, **kwargs)
+    try:
+        return call(*args, direct=True, **kwargs)
+    except OSError:  # no route to the workers (distributed's connection errors are OSErrors)
+        return call(*args, direct=False, **kwargs)
+
+
 def _partitions(client, users, items, ratings, weight):
     """Futures of the partitions, each (users, items, ratings, weight) as NumPy arrays."""
     def delayed_parts(x, name):
@@ -707,8 +720,8 @@ class DaskRecommender:
         """A future of `obj` copied to every replica's worker. A broadcast to a worker that just died can block
         forever inside Dask, so it runs on a helper thread that is waited for in bounded steps, checking the
         workers between them."""
-        return self._bounded(client, lambda: client.scatter([obj], workers=[w for w, _ in workers], broadcast=True,
-                                                        hash=False)[0], what, workers,
+        return self._bounded(client, lambda: _direct(client.scatter, [obj], workers=[w for w, _ in workers],
+                                                     broadcast=True, hash=False)[0], what, workers,
                              time.monotonic() + float(self.timeout))
 
     def _check(self, client, workers, what, deadline):
@@ -740,7 +753,7 @@ class DaskRecommender:
                     f.result(timeout=10)  # raises the task's error (or the cancellation)
             # Then the results: a big one takes longer than a 0.5 s step to fetch (and a fetch cut short by a
             # timeout is not resumed), so it runs on a helper thread waited for in bounded steps.
-            return self._bounded(client, lambda: client.gather(futures), what, workers, deadline)
+            return self._bounded(client, lambda: _direct(client.gather, futures), what, workers, deadline)
         except Exception as exc:
             if type(exc).__name__ in ("KilledWorker", "CancelledError", "FutureCancelledError"):
                 raise WorkerLostError(f"a worker died while {what}: {exc}") from exc
@@ -782,7 +795,8 @@ class DaskRecommender:
         cached = self.__dict__.get("_scattered")
         if cached is None or cached[0] is not self.model_ or cached[1] is not client:
             copy = _scoring_copy(self.model_)
-            cached = self._scattered = (self.model_, client, client.scatter([copy], broadcast=True, hash=False)[0])
+            cached = self._scattered = (self.model_, client,
+                                        _direct(client.scatter, [copy], broadcast=True, hash=False)[0])
         return cached[2]
 
     def recommend(self, users, k=10, *, exclude_seen=True, items=None):
