@@ -100,6 +100,8 @@ def main():
     ap.add_argument("--users", type=int, default=1_000_000)
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--first-round", type=int, default=0, help="number of the first round (odd: 2 workers first), "
+                    "to alternate the order across runs of --rounds 1")
     ap.add_argument("--score-users", type=int, default=20_000)
     ap.add_argument("--data", default="/tmp/fastrec_bench_dask/interactions")
     ap.add_argument("--what", choices=("fit", "top10", "both"), default="both",
@@ -137,7 +139,7 @@ def main():
                 DaskRecommender(client=client, **params).fit(frame["user"], frame["item"], **fit_kwargs
                                                              ).to_local().save(path)
         model = fastrec.load(path)
-    for r in range(args.rounds):
+    for r in range(args.first_round, args.first_round + args.rounds):
         for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
             with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                               memory_limit=None) as cluster, Client(cluster) as client:
