@@ -345,7 +345,8 @@ class Recommender(RecommenderBase):
             for f in fields:
                 f.alpha = float(embedding_alpha)
         self._bags, self._dense_tables = bags, dense_tables
-        self.net_ = FieldNet(fields, dense, hidden, self.activation, loss, 2, Float32Normals(rng, self._threads()))
+        draws = rng if isinstance(rng, Float32Normals) else Float32Normals(rng, self._threads())  # fastrec.dask's own
+        self.net_ = FieldNet(fields, dense, hidden, self.activation, loss, 2, draws)
         for i, f in enumerate(fields):
             if f.role == "gmf_v" and f.source is None:
                 # The unknown item's id part (never trained: the field is never dropped) adds nothing.
