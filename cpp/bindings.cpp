@@ -1771,14 +1771,17 @@ PYBIND11_MODULE(_core, m) {
           std::copy(s_.data(), s_.data() + c, std.mutable_data());
         }
         py::array_t<float> out({n, c});
+        // Every pointer and the dtype read while the GIL is held (dtype() creates a Python object).
+        const bool single = values.itemsize() == 4;
+        const void* src = values.data();
+        double* mean_p = mean.mutable_data();
+        double* std_p = std.mutable_data();
+        float* out_p = out.mutable_data();
         int status;
         {
           CoreCall call;
-          status = values.itemsize() == 4
-                       ? standardize(static_cast<const float*>(values.data()), n, c, fit, mean.mutable_data(),
-                                     std.mutable_data(), out.mutable_data(), n_threads)
-                       : standardize(static_cast<const double*>(values.data()), n, c, fit, mean.mutable_data(),
-                                     std.mutable_data(), out.mutable_data(), n_threads);
+          status = single ? standardize(static_cast<const float*>(src), n, c, fit, mean_p, std_p, out_p, n_threads)
+                          : standardize(static_cast<const double*>(src), n, c, fit, mean_p, std_p, out_p, n_threads);
         }
         return py::make_tuple(out, mean, std, status);
       },
