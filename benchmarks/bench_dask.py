@@ -12,6 +12,11 @@ each) run the whole `fit` (reading, distributed unique, replicas, training, comb
 items): interactions per second of that wall time. Then the batch top-10 of --score-users users (every
 item, seen items excluded) through `DaskRecommender.recommend(...).compute()`: users per second. Prints
 median [min-max] of each and the per-round ratios, and the bytes the fit exchanged per round.
+
+--limit (with --what fit): in each round, after the two fits, what the hardware allows the training itself:
+one replica's training (the workers' own functions, half the files, in a plain process without Dask) alone,
+then both halves' replicas side by side in two processes; the limit on the training speed-up is
+2 x alone / the slower of the pair (a 1-worker fit trains both halves one after the other).
 """
 
 import argparse
@@ -41,6 +46,49 @@ def make_data(path, n, n_users, n_items, seed=0):
     open(os.path.join(path, "_done"), "w").close()
 
 
+def _train_half(data, half, n_users, n_items, params, queue, barrier):
+    """A replica of a 2-worker fit (half `half` of the files), built and trained by fastrec.dask's worker
+    functions in this process; puts (half, training seconds, rows)."""
+    import pandas as pd
+
+    from fastrec.dask import _counts, _part, _round, _start
+
+    files = sorted(f for f in os.listdir(data) if f.endswith(".parquet"))
+    files = files[len(files) * half // 2:len(files) * (half + 1) // 2]
+    parts = [pd.read_parquet(os.path.join(data, f)) for f in files]
+    parts = [_part(p["user"], p["item"], None, None) for p in parts]
+    spec = (params, 0, np.arange(n_users), np.arange(n_items), None, pd.read_parquet(f"{data}/../users.parquet"),
+            pd.read_parquet(f"{data}/../items.parquet"), FEATURE_TYPES)
+    counts, _ = _start("limit", half, 2, spec, None if half == 0 else 7919, *parts)
+    _counts("limit", half, counts)
+    barrier.wait()
+    stats = _round("limit", half, None, None, 0, 1 << 62)["stats"]
+    queue.put((half, stats["train_s"], stats["rows"]))
+
+
+def training_limit(data, n_users, n_items, params):
+    """(alone seconds, paired seconds of the slower, limit on the speed-up): one half's replica trained alone,
+    then both halves side by side (spawned processes, 1 thread each)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    for label, halves in (("alone", (0,)), ("paired", (0, 1))):
+        queue, barrier = ctx.Queue(), ctx.Barrier(len(halves))
+        procs = [ctx.Process(target=_train_half, args=(data, h, n_users, n_items, params, queue, barrier))
+                 for h in halves]
+        for p in procs:
+            p.start()
+        got = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
+        out[label] = max(t for _, t, _ in got)
+    return out["alone"], out["paired"], 2 * out["alone"] / out["paired"]
+
+
+FEATURE_TYPES = {"region": "categorical", "age": "numeric", "category": "categorical"}
+
+
 def table_bytes(dm):
     net = dm.to_local().net_
     return sum(a.nbytes for a in net.tables + net.table_state1 + net.table_state2 if a is not None)
@@ -52,10 +100,13 @@ def main():
     ap.add_argument("--users", type=int, default=1_000_000)
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--first-round", type=int, default=0, help="number of the first round (odd: 2 workers first), "
+                    "to alternate the order across runs of --rounds 1")
     ap.add_argument("--score-users", type=int, default=20_000)
     ap.add_argument("--data", default="/tmp/fastrec_bench_dask/interactions")
     ap.add_argument("--what", choices=("fit", "top10", "both"), default="both",
                     help="top10 alone scores a model fitted once (untimed) and saved beside the data")
+    ap.add_argument("--limit", action="store_true", help="also measure the training's own limit (module docstring)")
     args = ap.parse_args()
 
     import dask.array as da
@@ -72,10 +123,10 @@ def main():
                   random_state=0)
     score_users = np.random.default_rng(1).choice(args.users, args.score_users, replace=False)
     results = {1: {"fit": [], "top10": []}, 2: {"fit": [], "top10": []}}
+    limits, train = [], {1: [], 2: []}
     print(f"# {args.interactions:,} interactions, {args.users:,} users, {args.items:,} items; "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
-    fit_kwargs = dict(user_features=user_features, item_features=item_features,
-                      feature_types={"region": "categorical", "age": "numeric", "category": "categorical"})
+    fit_kwargs = dict(user_features=user_features, item_features=item_features, feature_types=FEATURE_TYPES)
     model = None
     if args.what == "top10":  # a model fitted once (not timed), saved beside the data, scored in every round
         import fastrec
@@ -88,7 +139,7 @@ def main():
                 DaskRecommender(client=client, **params).fit(frame["user"], frame["item"], **fit_kwargs
                                                              ).to_local().save(path)
         model = fastrec.load(path)
-    for r in range(args.rounds):
+    for r in range(args.first_round, args.first_round + args.rounds):
         for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
             with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                               memory_limit=None) as cluster, Client(cluster) as client:
@@ -98,8 +149,11 @@ def main():
                     start = time.perf_counter()
                     dm = DaskRecommender(client=client, **params).fit(frame["user"], frame["item"], **fit_kwargs)
                     fit_s = time.perf_counter() - start
+                    if workers == 2 and not os.path.exists(f"{args.data}/../model.fastrec"):  # for --what top10
+                        dm.to_local().save(f"{args.data}/../model.fastrec")
                     results[workers]["fit"].append(args.interactions / fit_s)
                     st = dm.round_stats_
+                    train[workers].append(st[0]["train_s"])
                     touched = [round(x["touched_bytes"] / 1e6) for x in st]
                     line += (f" fit {fit_s:.1f} s ({args.interactions / fit_s:,.0f}/s; epoch "
                              f"{dm.to_local().history_['seconds'][0]:.1f} s, of which training {st[0]['train_s']:.1f} "
@@ -121,6 +175,11 @@ def main():
                     results[workers]["top10"].append(len(score_users) / top_s)
                     line += f" top-10 {top_s:.1f} s ({len(score_users) / top_s:,.0f} users/s);"
                 print(f"{line} load {os.getloadavg()[0]:.2f}", flush=True)
+        if args.limit:
+            alone, paired, limit = training_limit(args.data, args.users, args.items, params)
+            limits.append(limit)
+            print(f"round {r} training limit: one half alone {alone:.1f} s, both halves side by side {paired:.1f} s "
+                  f"(slower): 2-worker training at most {limit:.2f}x; load {os.getloadavg()[0]:.2f}", flush=True)
     print("\n| what | 1 worker | 2 workers | ratio per round |\n|---|---|---|---|")
     for what, unit in (("fit", "interactions/s"), ("top10", "users/s")):
         if not results[1][what]:
@@ -130,6 +189,13 @@ def main():
         print(f"| {what} ({unit}) | {np.median(one):,.0f} [{one.min():,.0f}-{one.max():,.0f}] | "
               f"{np.median(two):,.0f} [{two.min():,.0f}-{two.max():,.0f}] | {np.median(ratio):.2f} "
               f"[{ratio.min():.2f}-{ratio.max():.2f}] |")
+    if train[1] and train[2]:
+        ratio = np.array(train[1]) / np.array(train[2])
+        print(f"| training alone (the slowest replica's seconds) | {np.median(train[1]):.1f} | "
+              f"{np.median(train[2]):.1f} | {np.median(ratio):.2f} [{ratio.min():.2f}-{ratio.max():.2f}] |")
+    if limits:
+        print(f"| training limit (two plain processes side by side) | | | {np.median(limits):.2f} "
+              f"[{min(limits):.2f}-{max(limits):.2f}] |")
 
 
 if __name__ == "__main__":

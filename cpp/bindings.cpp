@@ -1667,11 +1667,12 @@ AutoencoderNet make_autoencoder(const py::list& coefs, const py::list& intercept
 }
 
 // precision "float32" or "bf16" (the output layer's training products; bf16_kernel as resolve_bf16_kernel).
-void set_precision(AutoencoderNet& net, const std::string& precision, const std::string& bf16_kernel) {
+void set_precision(AutoencoderNet& net, const std::string& precision, const std::string& bf16_kernel,
+                   const std::string& isa) {
   if (precision != "float32" && precision != "bf16")
     throw py::value_error("precision must be 'float32' or 'bf16', got '" + precision + "'");
   net.bf16_output = precision == "bf16";
-  net.bf16_native = net.bf16_output && resolve_bf16_kernel(bf16_kernel);
+  net.bf16_native = net.bf16_output && resolve_bf16_kernel(bf16_kernel, resolve_isa(isa));
 }
 
 CsrView autoencoder_input(py::handle X, const AutoencoderNet& net) {
@@ -1780,14 +1781,17 @@ PYBIND11_MODULE(_core, m) {
           std::copy(s_.data(), s_.data() + c, std.mutable_data());
         }
         py::array_t<float> out({n, c});
+        // Every pointer and the dtype read while the GIL is held (dtype() creates a Python object).
+        const bool single = values.itemsize() == 4;
+        const void* src = values.data();
+        double* mean_p = mean.mutable_data();
+        double* std_p = std.mutable_data();
+        float* out_p = out.mutable_data();
         int status;
         {
           CoreCall call;
-          status = values.itemsize() == 4
-                       ? standardize(static_cast<const float*>(values.data()), n, c, fit, mean.mutable_data(),
-                                     std.mutable_data(), out.mutable_data(), n_threads)
-                       : standardize(static_cast<const double*>(values.data()), n, c, fit, mean.mutable_data(),
-                                     std.mutable_data(), out.mutable_data(), n_threads);
+          status = single ? standardize(static_cast<const float*>(src), n, c, fit, mean_p, std_p, out_p, n_threads)
+                          : standardize(static_cast<const double*>(src), n, c, fit, mean_p, std_p, out_p, n_threads);
         }
         return py::make_tuple(out, mean, std, status);
       },
@@ -1835,8 +1839,9 @@ PYBIND11_MODULE(_core, m) {
         if (K != Kb)
           throw py::value_error("op(a) has " + std::to_string(K) + " columns but op(b) has " + std::to_string(Kb) +
                                 " rows");
-        const bool native = resolve_bf16_kernel(kernel);
-        const KernelSet& ks = kernels_for(resolve_isa(isa));
+        const Isa chosen = resolve_isa(isa);
+        const bool native = resolve_bf16_kernel(kernel, chosen);
+        const KernelSet& ks = kernels_for(chosen);
         py::array_t<float> c({M, N});
         const float *pa = static_cast<const float*>(a.data()), *pb = static_cast<const float*>(b.data());
         float* pc = c.mutable_data();
@@ -1961,6 +1966,8 @@ PYBIND11_MODULE(_core, m) {
         if (indptr.size() < 2 || !(q > 0.0 && q <= 1.0) || cap < 1 || indptr.data()[0] != 0 ||
             indptr.data()[indptr.size() - 1] != rows.size())
           throw py::value_error("need q in (0, 1], cap >= 1 and indptr from 0 to len(rows)");
+        for (index_t u = 0; u + 1 < indptr.size(); ++u)
+          if (indptr.data()[u + 1] < indptr.data()[u]) throw py::value_error("indptr must not decrease");
         PrivacySettings ps;
         ps.seed = seed;
         ps.sampling_rate = q;
@@ -2168,7 +2175,7 @@ PYBIND11_MODULE(_core, m) {
          py::handle input_scale, py::handle eps, float beta, float l2, int n_threads, const std::string& isa,
          const std::string& precision, const std::string& bf16_kernel) {
         AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, false);
-        set_precision(net, precision, bf16_kernel);
+        set_precision(net, precision, bf16_kernel, isa);
         const CsrView x = autoencoder_input(X, net);
         const float* ps = optional_array<float>(input_scale, "input_scale", x.indptr[x.rows], false);
         const float* pe = nullptr;
@@ -2226,7 +2233,7 @@ PYBIND11_MODULE(_core, m) {
          std::uint64_t seed, int n_threads, const std::string& isa, const std::string& precision,
          const std::string& bf16_kernel) {
         AutoencoderNet net = make_autoencoder(coefs, intercepts, n_encoder, variational, true);
-        set_precision(net, precision, bf16_kernel);
+        set_precision(net, precision, bf16_kernel, isa);
         const CsrView x = autoencoder_input(X, net);
         const auto [po, n_order] = checked_order(order_obj, x.rows, batch_size);
         if (!(dropout >= 0.0f && dropout < 1.0f)) throw py::value_error("dropout must be in [0, 1)");

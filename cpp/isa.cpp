@@ -131,13 +131,13 @@ std::vector<std::string> bf16_kernels() {
   return out;
 }
 
-bool resolve_bf16_kernel(const std::string& name) {
-  if (name == "auto") return bf16_native_available();
+bool resolve_bf16_kernel(const std::string& name, Isa isa) {
+  if (name == "auto") return bf16_native_available() && isa == Isa::Avx512;
   if (name == "emulated") return false;
   if (name == "avx512_bf16") {
-    if (!bf16_native_available())
-      throw std::invalid_argument("bf16 kernel 'avx512_bf16' is not available on this CPU or build (or FASTREC_ISA "
-                                  "caps the ISA below avx512)");
+    if (!bf16_native_available() || isa != Isa::Avx512)
+      throw std::invalid_argument("bf16 kernel 'avx512_bf16' is not available on this CPU or build (or the ISA "
+                                  "asked for, or FASTREC_ISA, is below avx512)");
     return true;
   }
   throw std::invalid_argument("bf16 kernel must be 'auto', 'avx512_bf16' or 'emulated', got '" + name + "'");

@@ -22,6 +22,6 @@ bool bf16_native_available();
 std::vector<std::string> bf16_kernels();
 // "auto" -> the AVX512-BF16 kernel when available; "avx512_bf16" (must be available, else
 // std::invalid_argument) -> true; "emulated" -> false.
-bool resolve_bf16_kernel(const std::string& name);
+bool resolve_bf16_kernel(const std::string& name, Isa isa);  // isa: the resolved ISA of the call
 
 }  // namespace fastrec

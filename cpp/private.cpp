@@ -129,9 +129,7 @@ constexpr index_t kNoiseChunk = 4096;  // elements per task of the dense noise-a
 
 // Buffers of one private step.
 struct StepBuffers {
-  std::vector<double> squares;  // per row (unit "example") or per unit ("user")
   std::vector<float> scale;     // c_r per row
-  std::vector<float> unit_scale;
   std::vector<std::vector<float>> deltas;  // clipped deltas per layer
   std::vector<float> grads;     // every dense array's gradient: W_0..W_{L-1}, b_0..b_{L-1}, GMF w
   std::vector<index_t> w_at, b_at;
@@ -314,7 +312,6 @@ void row_pass(const KernelSet& ks, const FieldModel& m, const FieldBatchPass& pa
   const index_t n = pass.rows(), blocks = (n + kBlockRows - 1) / kBlockRows, sums = b.n_sums;
   const index_t base = b.b_at.empty() ? b.gmf_at : b.b_at[0];
   if (row_clip) {
-    b.squares.resize(static_cast<std::size_t>(n));
     b.scale.resize(static_cast<std::size_t>(n));
   }
   b.deltas.resize(L);
@@ -327,9 +324,7 @@ void row_pass(const KernelSet& ks, const FieldModel& m, const FieldBatchPass& pa
     double* part = b.parts.data() + blk * sums;
     for (index_t r = blk * kBlockRows; r < std::min(n, (blk + 1) * kBlockRows); ++r) {
       if (row_clip) {
-        const double sq = row_norm_squares(ks, m, pass, r, scratch);
-        b.squares[static_cast<std::size_t>(r)] = sq;
-        b.scale[static_cast<std::size_t>(r)] = clip_scale(sq, bound);
+        b.scale[static_cast<std::size_t>(r)] = clip_scale(row_norm_squares(ks, m, pass, r, scratch), bound);
       }
       const float c = b.scale[static_cast<std::size_t>(r)];
       for (std::size_t l = 0; l < L; ++l) {
@@ -543,7 +538,6 @@ void private_update(const KernelSet& ks, FieldModel& m, Optimizer& opt, const Fi
     const bool per_unit = !units.start.empty();
     if (per_unit) {  // unit "user": each unit's exact norm, its clip factor to all its rows
       const index_t count = units.count();
-      b.unit_scale.resize(static_cast<std::size_t>(count));
       b.scale.resize(static_cast<std::size_t>(n));
       parallel_for(0, count, n_threads, [&](std::int64_t u) {
         UnitScratch us;

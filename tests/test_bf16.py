@@ -166,3 +166,14 @@ def test_oracle_rounding_against_float_arithmetic():
     even_down = ((bits >> 16) & 1) == 0
     want = np.where(d_down < d_up, down, np.where(d_up < d_down, up, np.where(even_down, down, up)))
     np.testing.assert_array_equal(ref.bf16_round(x).astype(np.float64), want)
+
+
+def test_an_explicit_isa_below_avx512_gets_the_emulated_kernel():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((37, 70), dtype=np.float32), rng.standard_normal((70, 45), dtype=np.float32)
+    for isa in [i for i in _core.available_isas() if i != "avx512"]:
+        emulated = _core.bf16_gemm(a, b, kernel="emulated", isa=isa)
+        # "auto" must not run the AVX-512 kernel when the caller capped the ISA (the same bits as emulated)
+        np.testing.assert_array_equal(_core.bf16_gemm(a, b, kernel="auto", isa=isa), emulated)
+        with pytest.raises(ValueError, match="avx512_bf16"):
+            _core.bf16_gemm(a, b, kernel="avx512_bf16", isa=isa)

@@ -667,3 +667,15 @@ def test_privacy_option_builds_a_dp_config():
     assert (config.target_epsilon, config.delta, config.max_grad_norm) == (8, 1e-5, 0.5)
     with pytest.raises(SystemExit):
         cli._parser().parse_args(["train", "d.csv", "-o", "m", "--privacy", '{"eps": 8}'])
+
+
+@pytest.mark.parametrize("model, cls", [("multvae", fastrec.MultVAE), ("multdae", fastrec.MultDAE),
+                                        ("autorec", fastrec.AutoRec), ("ease", fastrec.EASE)])
+def test_every_autoencoder_parameter_has_a_train_option(model, cls):
+    args = cli._parser().parse_args(["train", "data.csv", "-o", "m.fastrec", "--model", model])
+    defaults = cls().get_params()
+    assert [p for p in defaults if p not in vars(args)] == []
+    assert cli._recommender(args).get_params() == defaults
+    if model == "multvae":
+        args = cli._parser().parse_args(["train", "d.csv", "-o", "m", "--model", model, "--precision", "bf16"])
+        assert cli._recommender(args).precision == "bf16"

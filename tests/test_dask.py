@@ -108,6 +108,13 @@ def test_ids_on_one_partition_only_are_learned_and_every_replica_maps_ids_alike(
     rows = model._bags[1][1][model._items.index(np.arange(10_000, 10_007))]
     assert (rows > 0).all()
     assert not np.allclose(model.net_.tables[1][rows], start.net_.tables[1][rows])
+    # The driver built its copy without drawing the tables: every row came from the replicas (the history fields'
+    # row 0 is never trained here: as drawn) and none is left at the driver's zeros.
+    for j, f in enumerate(model.net_.fields):
+        if f.name.endswith("_history"):
+            np.testing.assert_array_equal(model.net_.tables[j][0], start.net_.tables[j][0])
+        if f.role != "wide":
+            assert not (model.net_.tables[j] == 0).all(axis=1).any(), f.name
 
 
 def test_same_partitions_seed_and_sync_give_the_same_model(threads_client):
@@ -195,3 +202,90 @@ def test_a_round_ships_the_rows_it_touched_not_the_tables(threads_client):
     assert max(dm.round_bytes_) < tables / 10
     # The model collected at the end: the rows some round changed, each once (with an int32 id).
     assert dm.final_bytes_ <= tables + 4 * sum(len(t) for t in net.tables)
+
+
+def test_string_ids_and_sparse_int_ids_map_like_a_local_fit(threads_client):
+    # Users as strings (mapped by binary search), items as ints spread over a span far wider than their number
+    # (not by the lookup table): one replica is still a local fit bit for bit.
+    u, i, r = data(n=3000)
+    users = np.array([f"u{x}" for x in u])
+    items = i.astype(np.int64) * 1_000_000_007
+    params = {**PARAMS, "epochs": 2}
+    got = DaskRecommender(client=threads_client, **params).fit(
+        chunked(users, 1), chunked(items, 1), chunked(r, 1)).to_local()
+    local = fastrec.Recommender(**params).fit(users, items, r)
+    np.testing.assert_array_equal(got._users.ids, local._users.ids)
+    np.testing.assert_array_equal(got._items.ids, local._items.ids)
+    assert same_arrays(got, local)
+
+
+def test_the_combine_gives_old_plus_every_change_and_the_mean_state():
+    # Two replicas trained in this process (the workers' functions, without a cluster); the expected rows come
+    # from NumPy on their tables before the combine: the start value plus each touching replica's change, the
+    # optimizer state the mean over the replicas that touched the row.
+    from fastrec.dask import _REPLICAS, _combine, _counts, _drop, _part, _round, _start
+
+    u, i, r = data(n=4000)
+    params = {**PARAMS, "epochs": 1, "optimizer": "adam"}
+    spec = (params, 0, np.unique(u), np.unique(i), (r.mean(), r.min(), r.max()), None, None, None)
+    half = len(u) // 2
+    try:
+        for rep, sl in enumerate((slice(0, half), slice(half, None))):
+            counts, _ = _start("t", rep, 2, spec, None if rep == 0 else 7919, _part(u[sl], i[sl], r[sl], None))
+            _counts("t", rep, counts)
+        start = [t.copy() for t in _REPLICAS[("t", 0)].est.net_.tables]
+        results = [_round("t", rep, None, None, 0, 1 << 62) for rep in range(2)]
+        nets = [_REPLICAS[("t", rep)].est.net_ for rep in range(2)]
+        after = [[(t.copy(), s1.copy(), s2.copy()) for t, s1, s2 in zip(n.tables, n.table_state1, n.table_state2)]
+                 for n in nets]
+        for shard in range(2):
+            _combine("t", shard, *[res["pieces"][shard] for res in results])
+        checked = 0
+        for j, table in enumerate(start):
+            touched = [np.zeros(len(table), bool) for _ in range(2)]
+            for rep in range(2):
+                for shard in range(2):
+                    touched[rep][results[rep]["pieces"][shard][j][0]] = True
+            value = table.astype(np.float64)
+            state1 = np.zeros(after[0][j][1].shape)
+            state2 = np.zeros(after[0][j][2].shape)
+            for rep in range(2):
+                t = touched[rep]
+                value[t] += after[rep][j][0][t] - table[t]
+                state1[t] += after[rep][j][1][t]
+                state2[t] += after[rep][j][2][t]
+            n = touched[0].astype(int) + touched[1]
+            state1[n > 0] /= n[n > 0].reshape(-1, *[1] * (state1.ndim - 1))
+            state2[n > 0] /= n[n > 0].reshape(-1, *[1] * (state2.ndim - 1))
+            bounds = _REPLICAS[("t", 0)].bounds[j]
+            for shard in range(2):
+                rows = np.arange(bounds[shard], bounds[shard + 1])
+                rows = rows[n[rows] > 0]
+                own = nets[shard]
+                # float64 sums in another order than the test's, cast to float32: within a float32 rounding step.
+                np.testing.assert_allclose(own.tables[j][rows], value[rows], rtol=1e-6, atol=1e-7)
+                np.testing.assert_allclose(own.table_state1[j][rows], state1[rows], rtol=1e-6, atol=1e-9)
+                np.testing.assert_allclose(own.table_state2[j][rows], state2[rows], rtol=1e-6, atol=1e-12)
+                checked += int((n[rows] == 2).sum())
+        assert checked > 100  # rows both replicas touched: the sums and means were exercised
+    finally:
+        _drop("t")
+
+
+def test_gathers_go_straight_to_the_workers_and_fall_back_through_the_scheduler():
+    from fastrec.dask import _direct
+
+    class Client:
+        def __init__(self, direct_to_workers, reachable):
+            self.direct_to_workers, self.reachable, self.calls = direct_to_workers, reachable, []
+
+        def gather(self, futures, **kwargs):
+            self.calls.append(kwargs.get("direct"))
+            if kwargs.get("direct") and not self.reachable:
+                raise OSError("Timed out trying to connect to tcp://10.0.0.9:40000")
+            return futures
+
+    for direct, reachable, calls in ((None, True, [True]), (None, False, [True, False]), (False, True, [None])):
+        client = Client(direct, reachable)
+        assert _direct(client.gather, [1, 2]) == [1, 2]
+        assert client.calls == calls

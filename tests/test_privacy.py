@@ -356,6 +356,20 @@ def test_user_units_group_examples_by_user():
     assert indptr.tolist() == [0, 1, 3, 6] and rows.tolist() == [3, 1, 4, 0, 2, 5]
 
 
+@pytest.mark.parametrize("bad", [np.zeros((2, 3), np.int64), np.array([0.5, 1.5])])
+def test_user_units_refuse_what_is_not_user_numbers(bad):
+    with pytest.raises(ValueError, match="user_rows"):
+        user_units(bad)
+
+
+@pytest.mark.parametrize("indptr", [[0, 5, 2], [0, 2, 1, 2]])
+def test_unit_sample_refuses_a_decreasing_indptr(indptr):
+    # a decreasing indptr would make the core read rows past the array's end
+    with pytest.raises(ValueError, match="indptr"):
+        _core.dp_unit_sample(seed=0, step=0, q=1.0, unit_indptr=np.array(indptr, np.int64),
+                             unit_rows=np.arange(2, dtype=np.int64), cap=8)
+
+
 def test_unit_sample_rate_and_cap():
     # 2000 users with 1..9 examples each; rate 0.1, cap 4
     rng = np.random.default_rng(0)

@@ -176,7 +176,9 @@ struct KernelSet {
 // to even (NaN stays NaN, overflow gives inf), while packing.
 // x rounded to bf16 (to nearest, ties to even; NaN stays a quiet NaN): the bf16 in the high 16 bits of the
 // result, the low 16 bits zero (so the result's bits are also the float value of the bf16).
-inline std::uint32_t bf16_round_bits(float x) {
+// static: each object file keeps its own copy, compiled with its own flags (a shared inline copy could be
+// the AVX-512 file's, run by the emulated path on a CPU without AVX-512 when not inlined).
+static inline std::uint32_t bf16_round_bits(float x) {
   std::uint32_t u;
   std::memcpy(&u, &x, sizeof u);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u | 0x00400000u) & 0xFFFF0000u;

@@ -281,6 +281,8 @@ _HYPER_PARAMETERS = [
     ("--l2", "l2", float, "ease: L2 penalty of the item-item weights (500 is the paper's MovieLens-20M setting: "
      "tune it); autorec: L2 penalty of the rows each batch touches; multvae / multdae: L2 penalty of the "
      "weights (Liang et al.'s lam)"),
+    ("--max-memory", "max_memory", "int-auto", "ease: bytes the fit may allocate (auto: what the machine has "
+     "available); more is refused before allocating"),
     ("--hidden-units", "hidden", int, "autorec: hidden units of the autoencoder"),
     ("--item-based", "item_based", bool, "autorec: I-AutoRec (encode items' rating vectors); --no-item-based: "
      "U-AutoRec"),
@@ -291,6 +293,8 @@ _HYPER_PARAMETERS = [
     ("--beta-max", "beta_max", float, "multvae: cap of the KL weight beta"),
     ("--anneal-steps", "anneal_steps", "int-auto", "multvae: Adam steps over which beta rises by 1 (capped at "
      "--beta-max; auto: beta_max at 80%% of the steps)"),
+    ("--precision", "precision", ("float32", "bf16", "auto"), "multvae / multdae: precision of the output layer's "
+     "training products (bf16: bfloat16 inputs, float32 sums and weights; auto: bf16 where the CPU has AVX512-BF16)"),
     ("--privacy", "privacy", "dpconfig", "recommender: differentially private training, fastrec.DPConfig's parameters "
      "as JSON, e.g. '{\"target_epsilon\": 8, \"delta\": 1e-5}' (needs fastrec[privacy])"),
 ]
@@ -455,6 +459,8 @@ def _train(args):
                         "files do not apply")
     if not sequential and args.time_col is not None:
         raise DataError("--time-col applies to --model sequential")
+    if args.scheduler is not None or args.workers is not None:
+        return _train_dask(args, model, users, items, ratings, weight, tables, start)
     try:
         if bags:
             model.fit(users, items)
@@ -481,6 +487,67 @@ def _train(args):
     steps = "closed form" if ease else _epochs(len(model.history_['loss']))
     print(f"trained on {len(users):,} interactions ({feedback}{held_out}), {model.n_users_:,} users x "
           f"{model.n_items_:,} items, {steps}{best}, final loss "
+          f"{model.loss_curve_[-1]:.4f}, {time.perf_counter() - start:.1f} s")
+    print(f"saved {args.output}")
+
+
+# ------------------------------------------------------------------ train --scheduler / --workers (fastrec[dask])
+def _add_dask_options(p):
+    g = p.add_argument_group("distributed training (fastrec[dask]; --model recommender)")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="train on this Dask cluster (e.g. tcp://10.0.0.5:8786) "
+                       "with fastrec.dask.DaskRecommender: one replica per worker, combined every --sync-every batches")
+    where.add_argument("--workers", type=int, metavar="N", help="the same on a local Dask cluster of N worker processes "
+                       "(--threads threads each)")
+    g.add_argument("--sync-every", type=int, metavar="N", help="combine the replicas every N batches (default: once "
+                   "per epoch)")
+    g.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="give up when a round has not "
+                   "finished in this time, or sooner when a worker leaves the cluster (default: %(default)s)")
+
+
+def _train_dask(args, model, users, items, ratings, weight, tables, start):
+    """The job of `fastrec train` on a Dask cluster: the file is read here, split into one partition per worker and
+    trained by fastrec.dask.DaskRecommender; the model file is a plain Recommender's, as after a local train.
+    Early stopping and validation are not used on the cluster (the epochs given are trained)."""
+    if type(model) is not fastrec.Recommender:
+        raise DataError(f"--scheduler / --workers train --model recommender (fastrec.dask), not --model {args.model}")
+    if args.workers is not None and args.workers < 1:
+        raise DataError(f"--workers must be at least 1, got {args.workers}")
+    try:
+        import dask.array as da
+        from distributed import Client, LocalCluster
+
+        from fastrec.dask import DaskRecommender, WorkerLostError
+    except ImportError:
+        raise DataError("--scheduler / --workers need Dask: pip install 'fastrec[dask]'") from None
+    params = {**model.get_params(), "early_stopping": False}
+    with contextlib.ExitStack() as stack:
+        if args.scheduler is not None:
+            client = stack.enter_context(Client(args.scheduler, timeout="30s"))
+        else:
+            cluster = stack.enter_context(LocalCluster(n_workers=args.workers, threads_per_worker=model._threads(),
+                                                       processes=True, dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+        parts = max(1, len(client.scheduler_info()["workers"]))
+        chunk = max(1, -(-len(users) // parts))
+
+        def column(x):
+            return None if x is None else da.from_array(x, chunks=chunk)
+
+        try:
+            dm = DaskRecommender(client=client, sync_every=args.sync_every, timeout=args.timeout, **params).fit(
+                column(users), column(items), column(ratings), sample_weight=column(weight),
+                user_features=tables.get("user"), item_features=tables.get("item"))
+        except WorkerLostError as e:
+            raise DataError(str(e)) from None
+        except (ValueError, TypeError) as e:
+            raise _option_error(e) from None
+        n_workers = len(dm.replica_workers_)
+    model = dm.to_local()
+    model.save(args.output)
+    feedback = "implicit feedback" if ratings is None else f"ratings from {args.rating_col!r}"
+    print(f"trained on {len(users):,} interactions ({feedback}) on {n_workers} Dask worker{'s' * (n_workers != 1)}, "
+          f"{model.n_users_:,} users x {model.n_items_:,} items, {_epochs(len(model.history_['loss']))}, final loss "
           f"{model.loss_curve_[-1]:.4f}, {time.perf_counter() - start:.1f} s")
     print(f"saved {args.output}")
 
@@ -764,6 +831,7 @@ def _parser() -> argparse.ArgumentParser:
             metavar = {int: "N", float: "X", str: "NAME"}[kind]
             g.add_argument(option, dest=param, type=kind, metavar=metavar, help=text)
     g.add_argument("--verbose", action="store_true", help="print the loss (and validation score) of every epoch")
+    _add_dask_options(p)
 
     p = command("recommend", _recommend, "top-k items for users, as CSV, JSON or Parquet (user, rank, item, score)",
                 "Items a user interacted with in training are left out unless --include-seen. A user with fewer\n"

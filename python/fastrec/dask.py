@@ -31,7 +31,9 @@ try:
 except ImportError as e:  # fastrec itself works without Dask
     raise ImportError("fastrec.dask needs Dask's distributed scheduler: pip install 'fastrec[dask]'") from e
 
+from fastrec import _core
 from fastrec._checks import check_random_state
+from fastrec._fieldnet import Float32Normals
 from fastrec._recbase import _merge_seen
 from fastrec.recommender import Recommender
 
@@ -50,7 +52,7 @@ class _Replica:
     """A worker's copy of the model and its rows, and the shard of every table it combines (rows
     [bounds[j][replica], bounds[j][replica + 1]) of table j)."""
 
-    def __init__(self, est, user_rows, item_rows, y, weight, seed, replica, n_replicas):
+    def __init__(self, est, user_rows, item_rows, y, weight, seed, replica, n_replicas, whole):
         self.est, self.keys, self.y, self.weight = est, [user_rows, item_rows], y, weight
         self.n = len(y)
         self.order, self.pos, self.epoch_seed = None, 0, 0
@@ -61,11 +63,12 @@ class _Replica:
         net.track_touched()  # the core marks the rows it updates: a round ships those, never whole tables
         self.bounds = [[len(t) * s // n_replicas for s in range(n_replicas + 1)] for t in net.tables]
         lo_hi = [(b[replica], b[replica + 1]) for b in self.bounds]
-        # The shard's rows as of the last combine (the "old" of old + sum of changes); one replica needs none.
-        self.shadow = None if n_replicas == 1 else [
-            tuple(None if a is None else a[lo:hi].copy() for a in arrays) for arrays, (lo, hi) in
-            zip(_tables(net), lo_hi)]
-        self.changed = [np.zeros(hi - lo, np.uint8) for lo, hi in lo_hi]  # shard rows combined during the fit
+        # The shard's values as of the last combine (the "old" of old + sum of changes; optimizer state is
+        # averaged, it needs no old); one replica needs none.
+        self.shadow = None if n_replicas == 1 else [t[lo:hi].copy() for t, (lo, hi) in zip(net.tables, lo_hi)]
+        # Shard rows combined during the fit: what the driver collects at the end (every row when `whole`: the
+        # driver built its copy without drawing the tables).
+        self.changed = [(np.ones if whole else np.zeros)(hi - lo, np.uint8) for lo, hi in lo_hi]
 
 
 def _part(users, items, ratings, weight):
@@ -87,18 +90,60 @@ def _part_stats(part):
         w = np.ones(len(r)) if weight is None else weight.astype(np.float64)
         stats = (float((w * r).sum()), float(w.sum()), float(r.min()) if len(r) else np.inf,
                  float(r.max()) if len(r) else -np.inf)
-    return np.unique(users), np.unique(items), stats, len(users)
+    return _distinct(users), _distinct(items), stats, len(users)
 
 
-def _build(spec):
-    """The model every replica and the driver start from: the same arrays from the same ids and seed."""
+def _distinct(a):
+    """np.unique(a), for int ids by the core's radix sort (NumPy 2's hash-based unique took 1.9 s of the driver's
+    time on 8 partitions' distinct ids of 10^6 users)."""
+    if a.dtype.kind != "i" or len(a) == 0:
+        return np.unique(a)
+    return _core.unique_ids(np.require(a, np.int64, ["C", "A"]))[0]
+
+
+def _codes(index, raw):
+    """index.index(raw) for ids all known to `index` (the vocabulary is every partition's ids): for int ids over
+    a span at most a few times their number, one gather from a lookup table instead of a binary search per id
+    (2.5 s for 5 x 10^6 users and items into 1.1 x 10^6 ids)."""
+    ids = index.ids
+    if raw.dtype.kind in "iu" and ids.dtype.kind == "i" and len(ids) and len(raw):
+        lo, hi = int(ids.min()), int(ids.max())
+        if hi - lo < 4 * len(ids) + 1024 and int(raw.min()) >= lo and int(raw.max()) <= hi:
+            lut = np.zeros(hi - lo + 1, np.int32)
+            lut[ids - lo] = np.arange(1, len(ids) + 1, dtype=np.int32)
+            return lut[raw.astype(np.int64, copy=False) - lo]
+    return index.index(raw)
+
+
+class _ZeroTables(Float32Normals):
+    """The driver's draws for its copy of the model: embedding tables of zeros (calloc'd: no time and no
+    memory until written; the shards' owners send every row at the end), everything else drawn from the same
+    stream as on the replicas (the table draws come from a Generator seeded once either way)."""
+
+    def normal(self, loc, scale, size):
+        return np.zeros(size, np.float32)
+
+    def __getattr__(self, name):  # randint etc.: the RandomState's
+        if name == "_rng":
+            raise AttributeError(name)
+        return getattr(self._rng, name)
+
+
+def _build(spec, tables=True):
+    """The model every replica and the driver start from: the same arrays from the same ids and seed (the
+    embedding tables zeros when not `tables`: the driver's copy, which competes with the replicas' builds for
+    the cores and gets every row from them at the end)."""
     params, seed, users, items, rating_stats, user_features, item_features, feature_types = spec
     est = Recommender(**params).set_params(random_state=seed)
     config = est._validate_params(rating_stats is None)
     est._check_base_params()
     user_features, item_features = est._new_tables(user_features, item_features, feature_types)
-    est._rng = check_random_state(seed)
-    est._new_model(users, items, rating_stats, user_features, item_features, config)
+    rng = check_random_state(seed)
+    est._rng = rng if tables else _ZeroTables(rng)
+    try:
+        est._new_model(users, items, rating_stats, user_features, item_features, config)
+    finally:
+        est._rng = rng
     return est
 
 
@@ -107,25 +152,30 @@ def _start(job, replica, n_replicas, source, seed, *parts):
     partial_fit), with these partitions' rows and seen pairs. Returns their item counts and the digest."""
     import copy
 
-    est = _build(source) if isinstance(source, tuple) else copy.deepcopy(source)
+    whole = isinstance(source, tuple)  # a first fit: the driver's tables are zeros, it collects every row
+    est = _build(source) if whole else copy.deepcopy(source)
     users = np.concatenate([p[0] for p in parts])
     items = np.concatenate([p[1] for p in parts])
     ratings = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
     weight = None if parts[0][3] is None else np.concatenate([p[3] for p in parts]).astype(np.float32)
-    u, i = est._users.index(users), est._items.index(items)
+    u, i = _codes(est._users, users), _codes(est._items, items)
     n_i = len(est._items) + 1
     est._seen = _merge_seen(*est._seen, u, i, n_i)
     y = np.ones(len(u), np.float32) if est.implicit_ else (ratings - est.rating_mean_).astype(np.float32)
-    _REPLICAS[(job, replica)] = _Replica(est, u, i, y, weight, seed, replica, n_replicas)
-    return np.bincount(i, minlength=n_i).astype(np.float64), _vocabulary_digest(est)
+    _REPLICAS[(job, replica)] = _Replica(est, u, i, y, weight, seed, replica, n_replicas, whole)
+    return np.bincount(i, minlength=n_i).astype(np.float64), (_digest(est, False), _digest(est, True))
 
 
-def _vocabulary_digest(est):
-    """A fingerprint of the id mapping and the initial parameters: equal on every replica and the driver."""
+def _digest(est, tables):
+    """A fingerprint of the id mapping, the table shapes and the initial parameters (the embedding tables' values
+    only if `tables`: the driver's first-fit copy has zeros there). Optimizer state is left out: zeros on a first
+    fit, a copy of the model's on partial_fit."""
     import hashlib
 
-    h = hashlib.sha256()
-    for a in (est._users.ids, est._items.ids, *est.net_._arrays()):
+    net = est.net_
+    h = hashlib.sha256(repr([t.shape for t in net.tables]).encode())
+    for a in (est._users.ids, est._items.ids, *net.coefs, *net.intercepts,
+              *([] if net.gmf_w is None else [net.gmf_w]), *(net.tables if tables else ())):
         buf = np.ascontiguousarray(a)
         h.update(buf.tobytes() if buf.dtype.hasobject else memoryview(buf).cast("B"))  # no copy of the tables
     return h.hexdigest()
@@ -179,7 +229,7 @@ def _round(job, replica, combined, dense, epoch, n_rows):
     the mean of the dense arrays), then train the next n_rows rows of this replica's epoch `epoch` (a new
     permutation when the last one is done). Returns None when its epoch is done, else the rows it touched
     split by the shard that combines them (row ids, values, optimizer-state rows), its dense arrays, and
-    the round's figures."""
+    the round's figures (only the bytes received when its epoch is done)."""
     rep = _replica(job, replica)
     est, net = rep.est, rep.est.net_
     received = 0
@@ -199,8 +249,8 @@ def _round(job, replica, combined, dense, epoch, n_rows):
         rep.order = rep.rng.permutation(rep.n).astype(np.int64)
         rep.epoch_seed = int(rep.rng.randint(0, 2**31 - 1))
         rep.epoch, rep.pos, rep.slice = epoch, 0, 0
-    if rep.pos >= rep.n:
-        return None
+    if rep.pos >= rep.n:  # this replica's epoch is done: it sits the round out
+        return {"pieces": [None] * rep.n_replicas, "dense": None, "stats": {"received_bytes": received}}
     part = rep.order[rep.pos:rep.pos + n_rows]
     sampler = est._sampler(negatives=est.negatives if est.implicit_ else 0, seed=0)
     # Slice 0 of an epoch draws exactly what a local epoch draws; later slices from their own streams.
@@ -220,16 +270,19 @@ def _round(job, replica, combined, dense, epoch, n_rows):
     trained = time.perf_counter() - started
     rep.pos += len(part)
     rep.slice += 1
-    # The rows the core marked, cut by shard (marks cleared for the next round): O(rows touched) to copy.
+    # The rows the core marked, cut by shard (marks cleared for the next round): O(rows touched) to copy. The
+    # piece of this replica's own shard is the row ids only: its combine reads their values in place.
     pieces = [[] for _ in range(rep.n_replicas)]
+    nbytes = [0] * rep.n_replicas
     for arrays, marks, bounds in zip(_tables(net), net.touched_marks, rep.bounds):
         touched = np.flatnonzero(marks)
         marks[touched] = 0
         cuts = np.searchsorted(touched, bounds)
+        row_bytes = 4 + sum(a.strides[0] for a in arrays if a is not None)
         for s in range(rep.n_replicas):
             ids = touched[cuts[s]:cuts[s + 1]].astype(np.int32)
-            pieces[s].append((ids, *(None if a is None else a[ids] for a in arrays)))
-    nbytes = [sum(a.nbytes for t in piece for a in t if a is not None) for piece in pieces]
+            pieces[s].append((ids, *(None if a is None or s == replica else a[ids] for a in arrays)))
+            nbytes[s] += len(ids) * row_bytes
     return {"pieces": pieces, "dense": ([a.copy() for a in _dense(net)], net.adam_t),
             "stats": {"loss": float(loss_sum), "rows": int(rows), "left": rep.n - rep.pos, "train_s": trained,
                       "touched_bytes": sum(nbytes), "sent_bytes": sum(nbytes) - nbytes[replica],
@@ -245,80 +298,132 @@ def _pick(result, what, shard=None):
 
 def _combine(job, shard, *pieces):
     """On the replica that owns `shard`: combine the replicas' pieces of it (each replica's touched rows of
-    the shard, or None) and write the result into this replica's tables. A row gets its old value plus every
-    replica's change (one replica's change: that replica's value exactly), its optimizer state the mean of
-    the states of the replicas that touched it. Returns the combined rows, for the other replicas.
+    the shard, or None; this replica's own piece is its row ids, their values are in its tables) and write the
+    result into this replica's tables. A row gets its old value plus every replica's change (one replica's
+    change: that replica's value exactly), its optimizer state the mean of the states of the replicas that
+    touched it. Returns the combined rows, for the other replicas (None when there are none).
 
     Summing row changes keeps a popular item learning as fast as on one machine (averaging them divided its
     progress by the replicas: MovieLens-100k test RMSE gap to a local fit +0.0076 summed, benchmarks/DASK.md);
-    summing the dense weights' changes too overshot at coarse rounds (+0.042 at one round per epoch)."""
+    summing the dense weights' changes too overshot at coarse rounds (+0.042 at one round per epoch).
+
+    In place: a row of the shard holds this replica's value where it touched the row and the old value
+    elsewhere, so each other replica's change is added to it in turn (in float64, rounded to float32 after
+    each; replica order)."""
     rep = _replica(job, shard)
     got = [(r, p) for r, p in enumerate(pieces) if p is not None]
     if not got:
         return None
     out = []
     for j, arrays in enumerate(_tables(rep.est.net_)):
-        parts = [p[j] for _, p in got]
-        lo = rep.bounds[j][shard]
-        if len(parts) == 1:
-            combined = parts[0]
+        lo, hi = rep.bounds[j][shard], rep.bounds[j][shard + 1]
+        parts = [(r, p[j]) for r, p in got if len(p[j][0])]
+        others = [(r, p) for r, p in parts if r != shard]
+        if not others:  # nothing but this replica's own rows: in place already
+            ids = parts[0][1][0] if parts else np.zeros(0, np.int32)
+            rep.changed[j][ids - lo] = 1
+            out.append(None if rep.n_replicas == 1 else (ids, *(None if a is None else a[ids] for a in arrays)))
+            continue
+        if len(parts) == 1:  # one other replica's rows: its values and state exactly
+            combined = parts[0][1]
+            _write_rows(arrays, combined[0], combined)
         else:
-            count = np.zeros(rep.bounds[j][shard + 1] - lo, np.int32)
-            for p in parts:
+            count = np.zeros(hi - lo, np.int32)
+            for _, p in parts:
                 count[p[0] - lo] += 1
-            union = np.flatnonzero(count)
-            base = rep.shadow[j][0][union].astype(np.float64)
-            value = base.copy()
-            at = [np.searchsorted(union, p[0] - lo) for p in parts]
-            for p, a in zip(parts, at):
-                value[a] += p[1] - base[a]  # ids are distinct within a piece: no lost updates
+            local = np.flatnonzero(count)
+            union = (local + lo).astype(np.int32)
+            at = np.empty(hi - lo, np.int64)  # read only at the union's rows
+            at[local] = np.arange(len(local))
+            base = rep.shadow[j]
+            for _, p in others:  # each change added in float64 (a row only one replica changed: its value exactly)
+                rows = p[0]
+                arrays[0][rows] = (arrays[0][rows].astype(np.float64) + p[1] -
+                                   base[rows - lo].astype(np.float64)).astype(np.float32)
             states = []
-            for k in (2, 3):
-                if parts[0][k] is None:
+            n = count[local].astype(np.float32)
+            for k in (1, 2):
+                if arrays[k] is None:
                     states.append(None)
                     continue
-                total = np.zeros((len(union),) + parts[0][k].shape[1:], np.float64)
-                for p, a in zip(parts, at):
-                    total[a] += p[k]
-                states.append((total / count[union].reshape(-1, *[1] * (total.ndim - 1))).astype(np.float32))
-            combined = ((union + lo).astype(np.int32), value.astype(np.float32), *states)
+                # float32: a mean of optimizer states needs no more (float64 doubled the combine's time)
+                total = np.zeros((len(union),) + arrays[k].shape[1:], np.float32)
+                for r, p in parts:
+                    total[at[p[0] - lo]] += arrays[k][p[0]] if r == shard else p[k + 1]
+                total /= n.reshape(-1, *[1] * (total.ndim - 1))
+                states.append(total)
+            combined = (union, arrays[0][union], *states)
+            _write_rows(arrays[1:], union, combined[1:])  # the states (the values are in place)
+        rep.shadow[j][combined[0] - lo] = combined[1]
+        rep.changed[j][combined[0] - lo] = 1
         out.append(combined)
-        if not (len(got) == 1 and got[0][0] == shard):  # the rows this replica trained alone are in place
-            _write_rows(arrays, combined[0], combined)
-        local = combined[0] - lo
-        if rep.shadow is not None:
-            _write_rows(rep.shadow[j], local, combined)
-        rep.changed[j][local] = 1
     return out
 
 
 def _nbytes(obj):
     if obj is None:
         return 0
-    return sum(a.nbytes for t in obj for a in t if a is not None)
+    return sum(a.nbytes for t in obj for a in t if isinstance(a, np.ndarray))
 
 
-def _changed_rows(job, shard):
-    """The owner's rows of its shard that any round changed, as combined (for the driver's model)."""
+def _changed_rows(job, shard, after):
+    """The owner's rows of its shard that any round changed (all of them on a first fit), as combined (for the
+    driver's model). `after`: the last combine of the shard, so that this runs after it."""
     rep = _replica(job, shard)
     out = []
     for j, arrays in enumerate(_tables(rep.est.net_)):
-        ids = (np.flatnonzero(rep.changed[j]) + rep.bounds[j][shard]).astype(np.int32)
-        out.append((ids, *(None if a is None else a[ids] for a in arrays)))
+        lo, hi = rep.bounds[j][shard], rep.bounds[j][shard + 1]
+        ids = np.flatnonzero(rep.changed[j])
+        if len(ids) == hi - lo:  # the whole shard: views (sent as they are, written as slices)
+            out.append((slice(lo, hi), *(None if a is None else a[lo:hi] for a in arrays)))
+        else:
+            ids = (ids + lo).astype(np.int32)
+            out.append((ids, *(None if a is None else a[ids] for a in arrays)))
     return out
 
 
 def _seen_pairs(job, replica):
-    """The replica's seen pairs (entity numbers), and its random stream's state (replica 0's continues the
-    model's)."""
+    """The replica's seen items (a CSR over every user), and its random stream's state (replica 0's continues
+    the model's)."""
     rep = _replica(job, replica)
-    indptr, items = rep.est._seen
-    return np.repeat(np.arange(len(indptr) - 1, dtype=np.int32), np.diff(indptr)), items, rep.rng.get_state()
+    return rep.est._seen, rep.rng.get_state()
+
+
+def _union_seen(csrs, n_items):
+    """The union of seen-items CSRs over the same users (each sorted by user, then item, without duplicates):
+    their sorted keys merged (a stable sort of sorted runs is a merge: 0.1 s for 10^7 pairs where merging the
+    replicas' pairs one by one took seconds), duplicates dropped."""
+    n_rows = len(csrs[0][0]) - 1
+    keys = np.concatenate([np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr)) * n_items + indices
+                           for indptr, indices in csrs])
+    keys = np.sort(keys, kind="stable")
+    if len(keys):
+        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+    counts = np.bincount(keys // n_items, minlength=n_rows)
+    return (np.concatenate([[0], np.cumsum(counts)]).astype(csrs[0][0].dtype, copy=False),
+            (keys % n_items).astype(np.int32))
 
 
 def _drop(job):
     for key in [k for k in _REPLICAS if k[0] == job]:
         del _REPLICAS[key]
+
+
+def _scoring_copy(model):
+    """The model as the workers score with it: without its optimizer state (two thirds of an Adam model's bytes,
+    sent to every worker for nothing). The arrays are shared, not copied."""
+    import copy
+
+    out = copy.copy(model)
+    for name in out._caches:
+        out.__dict__.pop(name, None)
+    net = out.net_ = copy.copy(model.net_)
+    net.optimizer = None  # the core reads no state when scoring; a copy that cannot train
+    net.state1 = net.state2 = []
+    net.table_state1 = net.table_state2 = [None] * len(net.tables)
+    net.gmf_state1 = net.gmf_state2 = None
+    net.__dict__.pop("touched_marks", None)
+    return out
 
 
 def _recommend_part(model, users, k, exclude_seen, items):
@@ -336,6 +441,19 @@ def _predict_part(model, users, items):
 
 
 # --------------------------------------------------------------------------------------------- the driver
+def _direct(call, *args, **kwargs):
+    """client.gather / client.scatter straight between the client and the workers (through the scheduler, the
+    default, the 858 MB model of benchmarks/DASK.md took 4-6 s to collect on a LocalCluster, 0.8 s direct),
+    unless the client was made with direct_to_workers=False; through the scheduler when the workers cannot be
+    reached from the client."""
+    if call.__self__.direct_to_workers is False:
+        return call(*args, **kwargs)
+    try:
+        return call(*args, direct=True, **kwargs)
+    except OSError:  # no route to the workers (distributed's connection errors are OSErrors)
+        return call(*args, direct=False, **kwargs)
+
+
 def _partitions(client, users, items, ratings, weight):
     """Futures of the partitions, each (users, items, ratings, weight) as NumPy arrays."""
     def delayed_parts(x, name):
@@ -435,8 +553,8 @@ class DaskRecommender:
                 raise ValueError("users is empty: nothing to train on")
             if len({s[0].dtype.kind == "U" for s in stats if len(s[0])}) > 1:
                 raise TypeError("users mix strings and integers across partitions")
-            new_users = np.unique(np.concatenate([s[0] for s in stats]))
-            new_items = np.unique(np.concatenate([s[1] for s in stats]))
+            new_users = _distinct(np.concatenate([s[0] for s in stats]))
+            new_items = _distinct(np.concatenate([s[1] for s in stats]))
             if first:
                 rating_stats = None
                 if ratings is not None:
@@ -447,7 +565,8 @@ class DaskRecommender:
                     seed = int(check_random_state(seed).randint(0, 2**31 - 1))
                 source = (self.params, int(seed), new_users, new_items, rating_stats, user_features, item_features,
                           feature_types)
-                model = lambda: _build(source)  # noqa: E731 (the driver's copy, built while the workers build)
+                # The driver's copy, built while the workers build theirs, without drawing its tables.
+                model = lambda: _build(source, tables=False)  # noqa: E731
             else:
                 # A copy, grown like Recommender.partial_fit grows: the fitted model is kept if this fails.
                 import copy
@@ -485,9 +604,9 @@ class DaskRecommender:
         return self
 
     def _train(self, client, job, futures, model, parts, source, seed, epochs):
-        """Replicas from `source` on the workers, `epochs` epochs of rounds (None: the model's), then the changed rows and the seen
-        pairs into `model` (a callable building it when it is the first fit: the driver builds its copy while
-        the workers build theirs)."""
+        """Replicas from `source` on the workers, `epochs` epochs of rounds (None: the model's), then the changed
+        rows and the seen pairs into `model` (a callable building it when it is the first fit: the driver builds
+        its copy while the workers build theirs)."""
         workers = self._workers = self._placement(client, parts)
         n_rep = len(workers)
         shared = self._share(client, source, workers, "building the replicas")
@@ -501,10 +620,13 @@ class DaskRecommender:
 
         started = [pinned(r, _start, job, r, n_rep, shared, None if r == 0 else int(seed) + 7919 * r,
                           *[parts[p] for p in ps]) for r, (w, ps) in enumerate(workers)]
-        if callable(model):
+        whole = callable(model)  # a first fit: the driver's tables are zeros until it collects every row
+        if whole:
             model = model()
         built = self._gather(client, started, "building the replicas", workers)
-        if {d for _, d in built} != {_vocabulary_digest(model)}:  # never train replicas that disagree on a row
+        # Never train replicas that disagree on a row: the same digest everywhere, the driver's (without the
+        # tables it did not draw) equal to theirs.
+        if len({d for _, d in built}) != 1 or {d[int(not whole)] for _, d in built} != {_digest(model, not whole)}:
             raise RuntimeError("the workers built different id mappings or initial parameters (fastrec or NumPy "
                                "versions differ between the workers and the client?)")
         counts = model._seen_counts + sum(c for c, _ in built)
@@ -517,7 +639,7 @@ class DaskRecommender:
         # every replica's piece (Dask moves the pieces worker to worker); the next round's task of each
         # replica takes every combined shard and dense result. The driver only sees each round's figures.
         combined, dense, last_dense = None, None, None
-        round_bytes, round_stats, shipped = [], [], 0
+        round_bytes, round_stats = [], []
         for epoch in range(len(model.history_["loss"]), len(model.history_["loss"]) + epochs):
             epoch_start = time.perf_counter()
             loss, rows, left = 0.0, 0, True
@@ -527,31 +649,31 @@ class DaskRecommender:
                 dense = [pinned(r, _pick, results[r], "dense") for r in range(n_rep)]
                 combined = [pinned(s, _combine, job, s, *[pinned(r, _pick, results[r], "pieces", s)
                                                           for r in range(n_rep)]) for s in range(n_rep)]
-                sizes = [pinned(s, _nbytes, combined[s]) for s in range(n_rep)]
-                got = self._gather(client, stats + sizes, f"epoch {epoch + 1}", workers)
+                # Only the figures come back: the combine runs while the driver submits the next round.
+                got = self._gather(client, stats, f"epoch {epoch + 1}", workers)
                 keep = {id(f) for f in combined + dense + [shared]}  # the rest is done: let Dask release it
                 futures[:] = [f for f in futures if id(f) in keep]
-                figures, sizes = [g for g in got[:n_rep] if g is not None], got[n_rep:]
+                if round_bytes:  # the last round's combined shards, as the replicas received them
+                    round_bytes[-1] += sum(g["received_bytes"] for g in got)
+                figures = [g for g in got if "rows" in g]
                 if not figures:
                     break
                 last_dense = dense
                 left = any(f["left"] > 0 for f in figures)
                 loss += sum(f["loss"] for f in figures)
                 rows += sum(f["rows"] for f in figures)
-                # Each replica's pieces for the other shards, then (if another round follows) each combined
-                # shard to the other replicas.
-                if round_bytes:
-                    round_bytes[-1] += shipped
+                # Each replica's pieces for the other shards (and, added by the next round, each combined shard to
+                # the other replicas).
                 round_bytes.append(sum(f["sent_bytes"] for f in figures))
-                shipped = (n_rep - 1) * sum(sizes)
                 round_stats.append({"epoch": epoch, "rows": sum(f["rows"] for f in figures),
                                     "train_s": max(f["train_s"] for f in figures),
                                     "touched_bytes": sum(f["touched_bytes"] for f in figures)})
             model.history_["loss"].append(loss / max(rows, 1))
             model.history_["seconds"].append(time.perf_counter() - epoch_start)
-        # The driver's model: every row any round changed (from the shard's owner) and the last dense mean.
+        # The driver's model: every row any round changed (every row on a first fit), from the shard's owner,
+        # and the last dense mean.
         self._marks.append(time.perf_counter())
-        finals = [pinned(s, _changed_rows, job, s) for s in range(n_rep)]
+        finals = [pinned(s, _changed_rows, job, s, combined[s]) for s in range(n_rep)]
         pairs = [pinned(r, _seen_pairs, job, r) for r in range(n_rep)]
         got = self._gather(client, finals + pairs + (last_dense or []), "collecting the model", workers)
         finals, pairs, last = got[:n_rep], got[n_rep:2 * n_rep], got[2 * n_rep:]
@@ -564,10 +686,8 @@ class DaskRecommender:
             for dst, src in zip(_dense(net), mean[0]):
                 np.copyto(dst, src)
             net.adam_t = mean[1]
-        n_i = len(model._items) + 1
-        for u, i, _ in pairs:
-            model._seen = _merge_seen(*model._seen, u, i, n_i)
-        model._rng.set_state(pairs[0][2])
+        model._seen = _union_seen([model._seen] + [p[0] for p in pairs], len(model._items) + 1)
+        model._rng.set_state(pairs[0][1])
         model._seen_counts = counts
         model._update_counts()
         self._marks.append(time.perf_counter())
@@ -600,8 +720,8 @@ class DaskRecommender:
         """A future of `obj` copied to every replica's worker. A broadcast to a worker that just died can block
         forever inside Dask, so it runs on a helper thread that is waited for in bounded steps, checking the
         workers between them."""
-        return self._bounded(client, lambda: client.scatter([obj], workers=[w for w, _ in workers], broadcast=True,
-                                                        hash=False)[0], what, workers,
+        return self._bounded(client, lambda: _direct(client.scatter, [obj], workers=[w for w, _ in workers],
+                                                     broadcast=True, hash=False)[0], what, workers,
                              time.monotonic() + float(self.timeout))
 
     def _check(self, client, workers, what, deadline):
@@ -633,7 +753,7 @@ class DaskRecommender:
                     f.result(timeout=10)  # raises the task's error (or the cancellation)
             # Then the results: a big one takes longer than a 0.5 s step to fetch (and a fetch cut short by a
             # timeout is not resumed), so it runs on a helper thread waited for in bounded steps.
-            return self._bounded(client, lambda: client.gather(futures), what, workers, deadline)
+            return self._bounded(client, lambda: _direct(client.gather, futures), what, workers, deadline)
         except Exception as exc:
             if type(exc).__name__ in ("KilledWorker", "CancelledError", "FutureCancelledError"):
                 raise WorkerLostError(f"a worker died while {what}: {exc}") from exc
@@ -674,7 +794,9 @@ class DaskRecommender:
     def _model_future(self, client):
         cached = self.__dict__.get("_scattered")
         if cached is None or cached[0] is not self.model_ or cached[1] is not client:
-            cached = self._scattered = (self.model_, client, client.scatter([self.model_], broadcast=True, hash=False)[0])
+            copy = _scoring_copy(self.model_)
+            cached = self._scattered = (self.model_, client,
+                                        _direct(client.scatter, [copy], broadcast=True, hash=False)[0])
         return cached[2]
 
     def recommend(self, users, k=10, *, exclude_seen=True, items=None):

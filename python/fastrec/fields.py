@@ -23,8 +23,8 @@ import scipy.sparse as sp
 from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import (as_array, as_numeric, check_bool, check_csr, check_float, check_int, check_random_state,
                              check_sample_weight, not_fitted_error)
-from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, IdIndex, bags_of_csr,
-                               bags_of_ids, callable_score, check_structure, loss_curve_from_history,
+from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, Float32Normals, IdIndex,
+                               bags_of_csr, bags_of_ids, callable_score, check_structure, loss_curve_from_history,
                                record_structure, run_epochs)
 from fastrec import _core
 from fastrec._registry import persistable
@@ -245,7 +245,8 @@ class FieldModel(BaseEstimator):
         for (name, _), table in zip([k for k in kinds if k[1] == "numeric"], dense_tables):
             blocks.append(DenseBlock(name, table.shape[1], 0))
         self._rng = check_random_state(self.random_state)
-        self.net_ = FieldNet(fields, blocks, hidden, self.activation, self.loss, 1, self._rng)
+        self.net_ = FieldNet(fields, blocks, hidden, self.activation, self.loss, 1,
+                             Float32Normals(self._rng, self._threads()))
         self.net_.reset_optimizer(self.optimizer)
         record_structure(self, ("embedding_dim", "hidden_layer_sizes", "activation", "loss", "optimizer"))
         self._y_offset = float(np.average(y, weights=weight)) if self.loss == "mse" else 0.0

@@ -279,6 +279,9 @@ def user_units(user_rows):
     """The unit "user": (indptr, rows) with rows[indptr[u]:indptr[u + 1]] the example indices of the u-th user
     that has examples, in example order."""
     user_rows = np.asarray(user_rows)
+    if user_rows.ndim != 1 or not np.issubdtype(user_rows.dtype, np.integer):
+        raise ValueError(f"user_rows must be a 1-D array of integer user numbers, got shape {user_rows.shape} and "
+                         f"dtype {user_rows.dtype}")
     order = np.argsort(user_rows, kind="stable").astype(np.int64)
     sorted_users = user_rows[order]
     starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]]) if len(order) else np.zeros(0, int)

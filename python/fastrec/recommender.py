@@ -20,7 +20,8 @@ import scipy.sparse as sp
 
 from fastrec import _core, _recbase
 from fastrec._checks import check_bool, check_float, check_int
-from fastrec._fieldnet import ACTIVATIONS, OPTIMIZERS, Field, FieldNet, bags_of_csr, bags_of_ids, run_epochs
+from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, Field, FieldNet, Float32Normals, bags_of_csr, bags_of_ids,
+                               run_epochs)
 from fastrec._recbase import RecommenderBase, grown_id_rows, id_rows, kept_bags, zero_rows
 from fastrec._registry import persistable
 
@@ -344,7 +345,8 @@ class Recommender(RecommenderBase):
             for f in fields:
                 f.alpha = float(embedding_alpha)
         self._bags, self._dense_tables = bags, dense_tables
-        self.net_ = FieldNet(fields, dense, hidden, self.activation, loss, 2, rng)
+        draws = rng if isinstance(rng, Float32Normals) else Float32Normals(rng, self._threads())  # fastrec.dask's own
+        self.net_ = FieldNet(fields, dense, hidden, self.activation, loss, 2, draws)
         for i, f in enumerate(fields):
             if f.role == "gmf_v" and f.source is None:
                 # The unknown item's id part (never trained: the field is never dropped) adds nothing.
