@@ -6,10 +6,12 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -794,9 +796,26 @@ class PairScorer {
         high_(high),
         dtype_(py::dtype::of<double>()) {}
 
-  py::array_t<double> operator()(std::int64_t user, std::int64_t item) const {
+  // predict's value of one pair: the score + mean, clipped (np.clip of a float64: the same min and max).
+  double score(std::int64_t user, std::int64_t item) const {
     const std::int32_t keys[2] = {sides_[0].entity(user), sides_[1].entity(item)};
-    const double score = std::min(std::max(static_cast<double>(handle_->predict_one(keys, 2)) + mean_, low_), high_);
+    return std::min(std::max(static_cast<double>(handle_->predict_one(keys, 2)) + mean_, low_), high_);
+  }
+
+  // score of each pair (users[j], items[j]): predict's small-array path (row by row: no batch tables built).
+  py::array_t<double> scores(const py::array_t<std::int64_t, py::array::c_style>& users,
+                             const py::array_t<std::int64_t, py::array::c_style>& items) const {
+    if (users.ndim() != 1 || items.ndim() != 1 || users.size() != items.size())
+      throw py::value_error("users and items must be 1-D arrays of the same length");
+    py::array_t<double> out(users.size());
+    double* o = out.mutable_data();
+    const std::int64_t *u = users.data(), *i = items.data();
+    for (py::ssize_t j = 0; j < users.size(); ++j) o[j] = score(u[j], i[j]);
+    return out;
+  }
+
+  py::array_t<double> operator()(std::int64_t user, std::int64_t item) const {
+    const double score = this->score(user, item);
     // The array of one made straight from the cached float64 dtype: py::array_t<double>(1) looks the dtype up
     // and builds shape and stride vectors, a fifth of the call's time.
     const auto& api = py::detail::npy_api::get();
@@ -814,6 +833,243 @@ class PairScorer {
   IdLookup sides_[2];
   double mean_, low_, high_;
   py::dtype dtype_;  // float64, for the output array
+};
+
+// ---- Single-row serving (issue 17): the serving handles' calls, whole in the core ----
+// One FieldModel row (a dict: column name -> a scalar, or a one-element list or 1-D array) written into the
+// one-row tables of the model's serving handle (a code per categorical column, the standardised value per
+// numeric one), then RowPredictor: the Python one-row path's work without a Python step per column. Returns
+// None, writing nothing the general path would miss, when the row is anything else (the general path checks it
+// and says what is wrong).
+class RowScorer {
+ public:
+  // columns: per column (name, kind, cell, lookup, buckets, mean, std); kind "id" (int ids: lookup is an
+  // IdLookup), "hash" (hash_buckets), "call" (lookup(value) -> code or None), "numeric" ((value - mean) / std
+  // into the float32 cell). The cells are the handle's one-row tables (int32 codes, float32 values).
+  RowScorer(py::object handle, const py::list& columns) : handle_obj_(std::move(handle)) {
+    handle_ = handle_obj_.cast<const FieldHandle*>();
+    for (const py::handle c : columns) {
+      const py::tuple t = py::reinterpret_borrow<py::tuple>(c);
+      Column col;
+      col.name = py::reinterpret_borrow<py::object>(t[0]);
+      const std::string kind = t[1].cast<std::string>();
+      col.cell = py::reinterpret_borrow<py::array>(t[2]);
+      if (col.cell.size() < 1 || !(col.cell.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) ||
+          !col.cell.writeable())
+        throw py::value_error("every column needs a writeable one-element cell");
+      col.data = col.cell.mutable_data();
+      col.kind = kind == "id" ? Kind::Id : kind == "hash" ? Kind::Hash : kind == "call" ? Kind::Call : Kind::Numeric;
+      if (kind != "numeric" && kind != "id" && kind != "hash" && kind != "call")
+        throw py::value_error("unknown column kind '" + kind + "'");
+      const bool numeric = col.kind == Kind::Numeric;
+      if (numeric ? !py::isinstance<py::array_t<float>>(col.cell) : !py::isinstance<py::array_t<std::int32_t>>(col.cell))
+        throw py::value_error("column '" + py::str(col.name).cast<std::string>() + "': cell of the wrong dtype");
+      col.lookup = py::reinterpret_borrow<py::object>(t[3]);
+      if (col.kind == Kind::Id) col.ids = col.lookup.cast<const IdLookup*>();
+      col.buckets = t[4].cast<std::int64_t>();
+      if (col.kind == Kind::Hash && (col.buckets < 1 || col.buckets >= (std::int64_t{1} << 31) - 1))
+        throw py::value_error("hash buckets must be in [1, 2**31 - 2]");
+      col.mean = t[5].cast<double>();
+      col.std = t[6].cast<double>();
+      columns_.push_back(std::move(col));
+    }
+  }
+
+  // The model's output for `row` (probability for "bce", value for "mse"), or None. scalars: the values are
+  // the row's scalars themselves (the serving handle), else one-element lists or arrays (predict's dict).
+  py::object operator()(const py::handle row, bool scalars) const {
+    if (!PyDict_CheckExact(row.ptr()) || PyDict_GET_SIZE(row.ptr()) != static_cast<Py_ssize_t>(columns_.size()))
+      return py::none();
+    for (const Column& col : columns_) {
+      PyObject* given = PyDict_GetItemWithError(row.ptr(), col.name.ptr());  // borrowed
+      if (!given) {
+        PyErr_Clear();  // (an unhashable key cannot be in a dict of str keys)
+        return py::none();
+      }
+      Value v;
+      if (!value_of(given, scalars, v) || !write(col, v)) return py::none();
+    }
+    const std::int32_t key = 0;  // every table is one row: the handle reads row 0 of each
+    return py::float_(static_cast<double>(handle_->predict_one(&key, 1)));
+  }
+
+ private:
+  enum class Kind { Id, Hash, Call, Numeric };
+  struct Column {
+    py::object name;
+    Kind kind = Kind::Numeric;
+    py::array cell;
+    void* data = nullptr;  // the cell's element
+    py::object lookup;
+    const IdLookup* ids = nullptr;
+    std::int64_t buckets = 0;
+    double mean = 0.0, std = 1.0;
+  };
+  // One value as Python's one-row path reads it: an exact int (not bool), float or str; numpy scalars as their
+  // .item(). `obj` keeps a value made here alive.
+  struct Value {
+    enum { Int, Float, Str } type = Int;
+    std::int64_t i = 0;
+    bool int_overflow = false;
+    double f = 0.0;
+    PyObject* ref = nullptr;  // the Python object (int or str), borrowed from the row or owned by obj
+    py::object obj;
+  };
+
+  static bool from_object(PyObject* x, Value& v) {
+    if (PyLong_CheckExact(x)) {
+      int overflow = 0;
+      v.type = Value::Int;
+      v.i = PyLong_AsLongLongAndOverflow(x, &overflow);
+      v.int_overflow = overflow != 0;
+      v.ref = x;
+      return true;
+    }
+    if (PyFloat_CheckExact(x)) {
+      v.type = Value::Float;
+      v.f = PyFloat_AS_DOUBLE(x);
+      return true;
+    }
+    if (PyUnicode_CheckExact(x)) {
+      v.type = Value::Str;
+      v.ref = x;
+      return true;
+    }
+    return false;
+  }
+
+  static bool value_of(PyObject* given, bool scalars, Value& v) {
+    const auto& api = py::detail::npy_api::get();
+    if (!scalars && PyList_CheckExact(given)) {
+      if (PyList_GET_SIZE(given) != 1) return false;
+      given = PyList_GET_ITEM(given, 0);
+    } else if (!scalars && Py_TYPE(given) == api.PyArray_Type_) {
+      const auto* a = py::detail::array_proxy(given);
+      if (a->nd != 1 || a->dimensions[0] != 1) return false;
+      const auto* d = py::detail::array_descriptor_proxy(a->descr);
+      if (d->byteorder != '>') {  // the common dtypes read in place (.item() costs about as much as the row)
+        if (d->type_num == py::detail::npy_api::NPY_INT64_ ||
+            (d->type_num == py::detail::npy_api::NPY_LONGLONG_ && sizeof(long long) == 8)) {
+          std::int64_t x;
+          std::memcpy(&x, a->data, sizeof(x));
+          v.type = Value::Int;
+          v.i = x;
+          v.obj = py::reinterpret_steal<py::object>(PyLong_FromLongLong(x));  // the hash and call kinds read it
+          v.ref = v.obj.ptr();
+          return v.ref != nullptr;
+        }
+        if (d->type_num == py::detail::npy_api::NPY_INT32_) {
+          std::int32_t x;
+          std::memcpy(&x, a->data, sizeof(x));
+          v.type = Value::Int;
+          v.i = x;
+          v.obj = py::reinterpret_steal<py::object>(PyLong_FromLong(x));
+          v.ref = v.obj.ptr();
+          return v.ref != nullptr;
+        }
+        if (d->type_num == py::detail::npy_api::NPY_DOUBLE_ || d->type_num == py::detail::npy_api::NPY_FLOAT_) {
+          v.type = Value::Float;
+          if (d->type_num == py::detail::npy_api::NPY_DOUBLE_) std::memcpy(&v.f, a->data, sizeof(double));
+          else {
+            float x;
+            std::memcpy(&x, a->data, sizeof(x));
+            v.f = x;
+          }
+          return true;
+        }
+      }
+      PyObject* item = PySequence_GetItem(given, 0);
+      if (!item) {
+        PyErr_Clear();
+        return false;
+      }
+      v.obj = py::reinterpret_steal<py::object>(item);
+      given = item;
+    }
+    if (!PyLong_CheckExact(given) && !PyFloat_CheckExact(given) && !PyUnicode_CheckExact(given)) {
+      // numpy scalars (np.generic) read as their .item(); anything else is not a one-row value
+      if (!PyObject_IsInstance(given, generic_type())) {
+        if (PyErr_Occurred()) PyErr_Clear();
+        return false;
+      }
+      PyObject* item = PyObject_CallMethod(given, "item", nullptr);
+      if (!item) {
+        PyErr_Clear();
+        return false;
+      }
+      v.obj = py::reinterpret_steal<py::object>(item);
+      given = item;
+    }
+    return from_object(given, v);
+  }
+
+  static PyObject* generic_type() {
+    static PyObject* t = py::object(py::module_::import("numpy").attr("generic")).release().ptr();  // kept for the process
+    return t;
+  }
+
+  static constexpr double kFloat32Max = 3.4028234663852886e38;
+
+  bool write(const Column& col, const Value& v) const {
+    if (col.kind == Kind::Numeric) {
+      double x;
+      if (v.type == Value::Float) {
+        x = v.f;
+      } else if (v.type == Value::Int) {
+        x = PyLong_AsDouble(v.ref);  // Python's int - float: the int rounded to double (OverflowError: too large)
+        if (x == -1.0 && PyErr_Occurred()) {
+          PyErr_Clear();
+          return false;
+        }
+      } else {
+        return false;
+      }
+      const double scaled = (x - col.mean) / col.std;
+      if (!(std::abs(scaled) <= kFloat32Max)) return false;  // NaN, infinity, too large: the general path says so
+      *static_cast<float*>(col.data) = static_cast<float>(scaled);
+      return true;
+    }
+    if (v.type == Value::Float) return false;
+    std::int32_t code = 0;
+    if (col.kind == Kind::Id) {
+      if (v.type != Value::Int || v.int_overflow) return false;  // str ids of int columns: the general path
+      code = col.ids->entity(v.i);
+    } else if (col.kind == Kind::Hash) {
+      char digits[24];
+      const char* text = digits;
+      Py_ssize_t size = 0;
+      if (v.type == Value::Int) {
+        if (v.int_overflow) {  // beyond int64: the general path
+          return false;
+        }
+        size = std::to_chars(digits, digits + sizeof(digits), v.i).ptr - digits;
+      } else {
+        text = PyUnicode_AsUTF8AndSize(v.ref, &size);
+        if (!text) {  // lone surrogates
+          PyErr_Clear();
+          return false;
+        }
+        while (size > 0 && text[size - 1] == '\0') --size;  // as the batch path's NumPy strings drop them
+      }
+      const std::uint32_t crc = crc32(reinterpret_cast<const unsigned char*>(text), static_cast<std::size_t>(size));
+      code = static_cast<std::int32_t>(static_cast<std::int64_t>(crc) % col.buckets + 1);
+    } else {
+      PyObject* r = PyObject_CallOneArg(col.lookup.ptr(), v.ref);
+      if (!r) {
+        PyErr_Clear();
+        return false;
+      }
+      const py::object res = py::reinterpret_steal<py::object>(r);
+      if (!PyLong_CheckExact(r)) return false;  // None: not this column's kind of id
+      code = static_cast<std::int32_t>(PyLong_AsLong(r));
+    }
+    *static_cast<std::int32_t*>(col.data) = code;
+    return true;
+  }
+
+  py::object handle_obj_;  // keeps the handle (and so its tables) alive
+  const FieldHandle* handle_;
+  std::vector<Column> columns_;
 };
 
 class TwoTowerHandle {
@@ -2005,6 +2261,17 @@ PYBIND11_MODULE(_core, m) {
           py::arg("keys"),
           "The output of one example given by its key values (ints): the single-row serving path (one thread, no "
           "arrays, a workspace kept between calls; callers hold the GIL, so one call at a time).")
+      .def(
+          "time_predict_one",
+          [](const FieldHandle& h, const std::vector<std::int32_t>& keys, int calls) {
+            const auto start = std::chrono::steady_clock::now();
+            float sink = 0.0f;
+            for (int c = 0; c < calls; ++c) sink += h.predict_one(keys.data(), keys.size());
+            const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+            return py::make_tuple(took.count() / std::max(calls, 1), sink);
+          },
+          py::arg("keys"), py::arg("calls"),
+          "Benchmark hook: seconds per predict_one call timed inside the core (no Python per call).")
       .def("loss_and_gradients", &FieldHandle::loss_and_gradients, py::arg("keys"), py::arg("y"), py::arg("weight"),
            py::arg("alpha"), py::arg("n_threads") = 0, py::arg("isa") = "auto")
       .def("train_epoch", &FieldHandle::train_epoch, py::arg("state1"), py::arg("state2"), py::arg("keys"),
@@ -2050,7 +2317,17 @@ PYBIND11_MODULE(_core, m) {
                     py::array_t<std::int64_t, py::array::c_style>, py::object, double, double, double>(),
            py::arg("handle"), py::arg("user_sorted"), py::arg("user_order"), py::arg("item_sorted"),
            py::arg("item_order"), py::arg("mean"), py::arg("low"), py::arg("high"))
-      .def("__call__", &PairScorer::operator(), py::arg("user"), py::arg("item"));
+      .def("__call__", &PairScorer::operator(), py::arg("user"), py::arg("item"))
+      .def("score", &PairScorer::score, py::arg("user"), py::arg("item"), "The same value as a Python float.")
+      .def("scores", &PairScorer::scores, py::arg("users"), py::arg("items"),
+           "The values of pairs (users[j], items[j]) (int64 arrays) as a float64 array, row by row.");
+
+  py::class_<RowScorer>(m, "RowScorer",
+                        "FieldModel's one-row serving path: a row dict written into the one-row tables of a "
+                        "FieldHandle (columns: (name, kind 'id'|'hash'|'call'|'numeric', cell, lookup, buckets, "
+                        "mean, std)), then its predict_one; None when the row is not of that simple form.")
+      .def(py::init<py::object, const py::list&>(), py::arg("handle"), py::arg("columns"))
+      .def("__call__", &RowScorer::operator(), py::arg("row"), py::arg("scalars") = false);
 
   py::class_<TwoTowerHandle>(m, "TwoTowerHandle",
                              "A validated two-tower model over caller-owned arrays (docs/DESIGN.md, the two-tower "

@@ -55,3 +55,133 @@ def test_field_model_one_row_after_partial_fit_equals_batch_path():
         one = model.predict_proba({k: [int(v[j])] if k != "x" else [float(v[j])] for k, v in probe.items()})
         assert model._serve not in (None, False)
         assert np.array_equal(one, batch[j:j + 1]), j
+
+
+def _recommender(rng, **kw):
+    import pandas as pd
+
+    import fastrec
+
+    n, n_users, n_items = 3000, 120, 300
+    users, items = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
+    ratings = rng.integers(1, 6, n).astype(np.float64)
+    features = pd.DataFrame({"genre": rng.integers(0, 7, n_items).astype(str), "year": rng.normal(2000, 10, n_items)},
+                            index=pd.Index(np.arange(n_items), name="item"))
+    model = fastrec.Recommender(hidden_layer_sizes=(32, 16), epochs=1, early_stopping=False, random_state=0,
+                                n_threads=1, **kw)
+    return model.fit(users, items, ratings, item_features=features), users, items
+
+
+def test_recommender_serving_handle_equals_predict_bitwise_and_follows_the_model(rng):
+    """The handle's float is predict's float64 value, bit for bit (the same one-row core path after the same
+    lookups); unknown ids score from the unknown rows, as predict does; partial_fit's new ids and parameters
+    are seen by a handle made before it. The batch path (more than 16 pairs) is the reference."""
+    model, users, items = _recommender(rng)
+    handle = model.serving_handle()
+    probe_u = np.concatenate([users[:30], [10**9, -5, 7]])
+    probe_i = np.concatenate([items[:30], [3, 10**12, -1]])
+    batch = model.predict(probe_u, probe_i)  # 33 pairs: the batch tables
+    for u, i, want in zip(probe_u.tolist(), probe_i.tolist(), batch):
+        got = handle(u, i)
+        assert type(got) is float and got == want, (u, i)
+    model.partial_fit(np.array([10**9, 5]), np.array([3, 10**12]), np.array([5.0, 1.0]))
+    after = model.predict(probe_u, probe_i)
+    assert not np.array_equal(after, batch)
+    assert [handle(u, i) for u, i in zip(probe_u.tolist(), probe_i.tolist())] == after.tolist()
+
+
+def test_recommender_small_int_arrays_equal_the_batch_path(rng):
+    """predict of 2..16 pairs of int ids runs row by row in the core: the same bits as the batch path (rows
+    of a longer call), for int64 and int32 arrays."""
+    model, users, items = _recommender(rng)
+    probe_u = np.concatenate([users[:40], [10**9]])
+    probe_i = np.concatenate([items[:40], [-1]])
+    batch = model.predict(probe_u, probe_i)
+    for lo, hi in ((0, 2), (3, 19), (25, 41)):
+        small = model.predict(probe_u[lo:hi], probe_i[lo:hi])
+        assert small.dtype == np.float64 and np.array_equal(small, batch[lo:hi]), (lo, hi)
+        assert np.array_equal(model.predict(probe_u[lo:hi].astype(np.int32), probe_i[lo:hi].astype(np.int32)),
+                              batch[lo:hi])
+
+
+def test_recommender_serving_handle_bad_input_names_the_argument(rng):
+    model, _, _ = _recommender(rng)
+    handle = model.serving_handle()
+    with pytest.raises(TypeError, match="user"):
+        handle(1.5, 2)
+    with pytest.raises(TypeError, match="item"):
+        handle(1, [1, 2])
+    with pytest.raises(ValueError, match="item"):
+        handle(1, None)
+    with pytest.raises(ValueError, match="user"):
+        handle(2**70, 1)  # beyond int64 (the core's lookup refuses it; the general path says why)
+
+
+def test_recommender_serving_handle_with_string_ids(rng):
+    import fastrec
+
+    n = 1500
+    users = np.array([f"u{x}" for x in rng.integers(0, 60, n)])
+    items = np.array([f"i{x}" for x in rng.integers(0, 80, n)])
+    model = fastrec.Recommender(epochs=1, early_stopping=False, random_state=0, n_threads=1).fit(
+        users, items, rng.integers(1, 6, n).astype(np.float64))
+    handle = model.serving_handle()
+    batch = model.predict(users[:20], items[:20])
+    assert [handle(u, i) for u, i in zip(users[:20].tolist(), items[:20].tolist())] == batch.tolist()
+
+
+def _field_rows(rng, n, n_users=150):
+    return {"user": rng.integers(0, n_users, n), "item": np.array([f"i{x}" for x in rng.integers(0, 60, n)]),
+            "tag": rng.integers(0, 10**9, n), "word": np.array([f"w{x}" for x in rng.integers(0, 500, n)]),
+            "price": rng.normal(10, 3, n)}
+
+
+@pytest.mark.parametrize("loss", ["bce", "mse"])
+def test_field_model_serving_handle_equals_predict_bitwise(rng, loss):
+    """Int ids (the core's lookup), string ids (the index's lookup), hashed int and str values, a numeric
+    column given as float, int or numpy scalar: the handle's float is predict_proba's [0, 1] (bce) or
+    predict's value (mse) of the same row through the batch path, bit for bit; unknown ids included."""
+    import fastrec
+
+    X = _field_rows(rng, 2000)
+    y = (rng.random(2000) < 0.4).astype(int) if loss == "bce" else rng.normal(3, 1, 2000)
+    model = fastrec.FieldModel(loss=loss, fields={"tag": {"hash_buckets": 997}, "word": {"hash_buckets": 101}},
+                               hidden_layer_sizes=(32, 16), epochs=1, random_state=0, n_threads=1).fit(X, y)
+    probe = _field_rows(rng, 24, n_users=300)  # half the users unknown
+    probe["price"][3] = 12  # an int-valued float
+    batch = model.predict_proba(probe)[:, 1] if loss == "bce" else model.predict(probe)
+    handle = model.serving_handle()
+    for j in range(24):
+        row = {k: v[j].item() for k, v in probe.items()}
+        if j % 3 == 1:
+            row["price"] = np.float64(row["price"])  # numpy scalars
+            row["user"] = np.int64(row["user"])
+        if j == 3:
+            row["price"] = 12  # a Python int
+        got = handle(row)
+        assert type(got) is float and got == batch[j], j
+        one = model.predict_proba({k: v[j:j + 1] for k, v in probe.items()})[0, 1] if loss == "bce" else \
+            model.predict({k: v[j:j + 1] for k, v in probe.items()})[0]
+        assert one == batch[j], j
+
+
+def test_field_model_serving_handle_follows_partial_fit_and_reports_bad_input(rng):
+    import fastrec
+
+    X = _field_rows(rng, 1000)
+    y = (rng.random(1000) < 0.4).astype(int)
+    model = fastrec.FieldModel(fields={"tag": {"hash_buckets": 997}}, hidden_layer_sizes=(16,), epochs=1,
+                               random_state=0, n_threads=1).fit(X, y)
+    handle = model.serving_handle()
+    row = {"user": 10**7, "item": "new", "tag": 5, "word": "w1", "price": 1.0}
+    before = handle(row)
+    model.partial_fit({k: [v] for k, v in row.items()}, [1])
+    assert handle(row) == model.predict_proba({k: [v] for k, v in row.items()})[0, 1] != before
+    with pytest.raises(TypeError, match="row"):
+        handle([1, 2, 3])
+    with pytest.raises(ValueError, match="price"):
+        handle({**row, "price": float("nan")})
+    with pytest.raises((KeyError, ValueError), match="word"):
+        handle({k: v for k, v in row.items() if k != "word"})
+    with pytest.raises((TypeError, ValueError), match="user"):
+        handle({**row, "user": 1.5})

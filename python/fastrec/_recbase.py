@@ -95,6 +95,9 @@ _MAX_RANKED = 10_000
 # Default users per chunk of recommend_all (one recommend call, one Parquet row group): about this many
 # (user, candidate) pairs, within these bounds (measurements in recommend_all's docstring).
 _CHUNK_PAIRS = 2**27
+# predict of at most this many pairs of int ids scores them row by row in the core (the serving path), not
+# through batch tables (measured: benchmarks/SERVING.md)
+_SMALL_PAIRS = 16
 _CHUNK_USERS = (1024, 8192)
 
 
@@ -233,6 +236,42 @@ def _as_known_kind(model, users, items):
     eu, ei = model._users.index(users), model._items.index(items)
     keep = (eu > 0) & (ei > 0)
     return model._users.ids[eu[keep] - 1], model._items.ids[ei[keep] - 1]
+
+
+class PairServingHandle:
+    """``serving_handle()`` of a recommender: see there."""
+
+    __slots__ = ("_model", "_pair")
+
+    def __init__(self, model):
+        self._model = model
+        self._pair = None
+
+    def __call__(self, user, item):
+        pair = self._pair  # (handle, PairScorer) of the model's current predictor
+        if (pair is not None and type(user) is int and type(item) is int
+                and pair[0] is self._model.__dict__.get("_predictor")):
+            try:
+                return pair[1].score(user, item)
+            except (TypeError, OverflowError):  # beyond int64: predict says what is wrong
+                pass
+        return self._general(user, item)
+
+    def _general(self, user, item):
+        model = self._model
+        if type(user) is int and type(item) is int and model._pair_scorer() is not None:  # (re)built
+            self._pair = model.__dict__.get("_pair")
+            try:
+                return self._pair[1].score(user, item)
+            except (TypeError, OverflowError):
+                pass
+        for value, name in ((user, "user"), (item, "item")):
+            if not _is_scalar(value):
+                raise TypeError(f"{name} must be one id (an int or a str), got {type(value).__name__}")
+        return float(model.predict(as_id_array([user], "user"), as_id_array([item], "item"))[0])
+
+    def __repr__(self):
+        return f"<{type(self._model).__name__} serving handle>"
 
 
 def _one_int(ids) -> bool:
@@ -802,6 +841,12 @@ class RecommenderBase(BaseEstimator):
                     return scorer(users[0], items[0])
                 except (TypeError, OverflowError):  # beyond int64: the checks below say what is wrong
                     pass
+        if (type(users) is np.ndarray and type(items) is np.ndarray and users.shape == items.shape
+                and users.ndim == 1 and 1 < len(users) <= _SMALL_PAIRS and users.dtype.kind == "i"
+                and items.dtype.kind == "i"):  # a few pairs of int ids: row by row in the core, no batch tables
+            scorer = self._pair_scorer()
+            if scorer is not None:
+                return scorer.scores(users.astype(np.int64, copy=False), items.astype(np.int64, copy=False))
         users = as_id_array(users, "users")
         items = as_id_array(items, "items")
         if len(users) != len(items):
@@ -815,6 +860,17 @@ class RecommenderBase(BaseEstimator):
     def _pair_scorer(self):
         """A callable (user id, item id) -> predict's array of one, or None: the family has no such path."""
         return None
+
+    def serving_handle(self):
+        """A low-latency callable for scoring one pair at a time: ``handle(user, item)`` returns a float,
+        ``predict([user], [item])[0]`` (the same number). A pair of int ids, on a model with int ids, runs
+        whole in the core (both id lookups, the one-row model, the rating mean and clipping; no arrays); any
+        other pair goes through ``predict``, whose checks name what is wrong. The handle follows the model:
+        after ``fit`` or ``partial_fit`` it scores with the new parameters. Not thread-safe: one call at a
+        time per model (the GIL is held throughout).
+        """
+        self._check_fitted()
+        return PairServingHandle(self)
 
     def _clip(self, ratings, padding=None):
         """Predicted ratings within the training range (clip_predictions), in place; `padding` (a mask of

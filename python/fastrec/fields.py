@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import numbers
-import zlib
 
 import numpy as np
 import scipy.sparse as sp
@@ -335,52 +334,22 @@ class FieldModel(BaseEstimator):
         state.pop("_serve", None)  # a core handle: rebuilt on first use
         return state
 
-    def _one_row(self, X):
-        """The serving path of one row (a dict of one-element lists or arrays; categorical and one-value
-        numeric columns): codes and standardised values written in place into a handle kept between
-        calls, one core call. None when X is anything else (the general path checks and predicts it)."""
+    def _one_row(self, X, scalars=False):
+        """The serving path of one row (a dict of one-element lists or arrays, or of scalars when `scalars`;
+        categorical and one-value numeric columns): the core's RowScorer writes the codes and standardised values
+        into a handle kept between calls and predicts, one call. None when X is anything else (the general path
+        checks and predicts it)."""
         serve = self.__dict__.get("_serve")
         if serve is None:
             serve = self._serve = self._serving_state()
-        if serve is False or type(X) is not dict or len(X) != len(serve[1]):
+        if serve is False:
             return None
-        handle, plan = serve
-        for (name, cell, buckets, vocab, lookup, mean, std), (given, x) in zip(plan, X.items()):
-            if given != name:
-                return None
-            if (type(x) is not list and type(x) is not np.ndarray) or len(x) != 1:
-                return None
-            x = x[0]
-            if isinstance(x, np.generic):
-                x = x.item()
-            if mean is None:  # categorical
-                if type(x) is not int and type(x) is not str:
-                    return None
-                if buckets:
-                    code = zlib.crc32(str(x).encode()) % buckets + 1
-                elif lookup is not None and type(x) is int:  # int ids: one binary search in the core
-                    try:
-                        code = lookup(x)
-                    except TypeError:  # beyond int64: the general path says what is wrong
-                        return None
-                else:
-                    code = vocab.index_one(x)
-                if code is None:
-                    return None
-                cell[0] = code
-            else:
-                if type(x) is not float and type(x) is not int:
-                    return None
-                scaled = (x - mean) / std
-                if not abs(scaled) <= _FLOAT32_MAX:  # NaN, infinity, too large: the general path says so
-                    return None
-                cell[0] = scaled
-        return handle.predict_one([0])
+        return serve(X, scalars)
 
     def _serving_state(self):
-        """(handle over 1-row bag and dense tables, per column (name, the cell its value goes to, hash buckets,
-        vocabulary, the core's lookup of its int ids or None, mean, std)), or False when a column is multi-hot or
-        numeric with several values per row."""
+        """A core RowScorer over a handle of one-row bag and dense tables (per column: name, kind, the cell its
+        code or value goes to, the lookup of its ids, hash buckets, mean, std), or False when a column is
+        multi-hot or numeric with several values per row."""
         if any(kind == "multi_hot" for _, kind in self.columns_) or any(
                 len(self._scale_[name][0]) != 1 for name, kind in self.columns_ if kind == "numeric"):
             return False
@@ -389,17 +358,37 @@ class FieldModel(BaseEstimator):
             if kind == "categorical":
                 # id 1, not 0: the core reads a bag table of ids 0..n-1 as the identity, never its ids again
                 bags.append(bags_of_ids(np.ones(1, np.int32)))
+                buckets = self._options(name)[2]
                 vocab = self._vocab_.get(name)
-                lookup = None
-                if vocab is not None and vocab.ids.dtype.kind == "i" and len(vocab.ids):
+                if buckets:
+                    plan.append((name, "hash", bags[-1][1], None, int(buckets), 0.0, 1.0))
+                elif vocab is not None and vocab.ids.dtype.kind == "i" and len(vocab.ids):
                     order = None if vocab._order is None else np.require(vocab._order, np.int64, ["C", "A"])
                     lookup = _core.IdLookup(np.require(vocab._sorted, np.int64, ["C", "A"]), order)
-                plan.append((name, bags[-1][1], self._options(name)[2], vocab, lookup, None, None))
+                    plan.append((name, "id", bags[-1][1], lookup, 0, 0.0, 1.0))
+                else:  # string ids: the index's own lookup (code, or None for an id of another kind)
+                    plan.append((name, "call", bags[-1][1], vocab.index_one, 0, 0.0, 1.0))
             else:
                 dense.append(np.zeros((1, 1), np.float32))
                 mean, std = self._scale_[name]
-                plan.append((name, dense[-1].reshape(1), None, None, None, float(mean[0]), float(std[0])))
-        return self.net_.handle(bags, dense), plan
+                plan.append((name, "numeric", dense[-1].reshape(1), None, 0, float(mean[0]), float(std[0])))
+        return _core.RowScorer(self.net_.handle(bags, dense), plan)
+
+    def serving_handle(self):
+        """A low-latency callable for scoring one row at a time: ``handle(row)`` with ``row`` a dict of column
+        name -> one value (a scalar) returns a float, ``predict_proba`` of that row's label 1 (loss "bce") or
+        its ``predict`` value (loss "mse"), the same number. Rows of categorical and one-value numeric
+        columns run whole in the core (ids looked up, values hashed and standardised, the MLP on one row, no
+        arrays); any other row goes through ``predict_proba`` / ``predict``, whose checks name what is wrong.
+        The handle follows the model: after ``fit`` or ``partial_fit`` it scores with the new parameters.
+        Not thread-safe: one call at a time per model (the GIL is held throughout).
+        """
+        self._check_fitted_field()
+        return FieldServingHandle(self)
+
+    def _check_fitted_field(self):
+        if not hasattr(self, "net_"):
+            raise not_fitted_error(self)
 
     def predict_proba(self, X):
         """(n, 2) probabilities of label 0 and 1 (loss "bce")."""
@@ -419,3 +408,29 @@ class FieldModel(BaseEstimator):
         if type(raw) is float:  # the one-row path
             return np.array([int(raw >= 0.5)]) if self.loss == "bce" else np.array([raw + self._y_offset])
         return (raw >= 0.5).astype(np.int64) if self.loss == "bce" else raw + self._y_offset
+
+
+class FieldServingHandle:
+    """``FieldModel.serving_handle()``: see there."""
+
+    __slots__ = ("_model", "_offset")
+
+    def __init__(self, model):
+        self._model = model
+        self._offset = None if model.loss == "bce" else model._y_offset
+
+    def __call__(self, row):
+        model = self._model
+        serve = model.__dict__.get("_serve")
+        if serve:  # (None before the first call and after a fit: _one_row builds it)
+            value = serve(row, True)
+        else:
+            value = model._one_row(row, True)
+        if value is None:  # the general path: its checks name what is wrong
+            if type(row) is not dict:
+                raise TypeError(f"row must be a dict of column name -> value, got {type(row).__name__}")
+            value = float(model._raw({name: [x] for name, x in row.items()})[0])
+        return value if self._offset is None else value + self._offset
+
+    def __repr__(self):
+        return f"<FieldModel serving handle ({len(self._model.columns_)} columns)>"
