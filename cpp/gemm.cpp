@@ -60,7 +60,21 @@ void gemm_row(const Problem& p, index_t row, index_t n0, index_t n1) {
   float* c = p.C + row * p.ldc + n0;
   for (index_t pc = 0; pc < p.K; pc += ks.kc) {
     const index_t kc = std::min(ks.kc, p.K - pc);
-    ks.row_kernel(kc, p.A + row * p.lda + pc, p.B + pc * p.ldb + n0, p.ldb, c, pc > 0, static_cast<int>(n1 - n0));
+    const float* a = p.A + row * p.lda + pc;
+#ifdef FASTREC_HAVE_X86_KERNELS
+    // A hidden layer's input after ReLU is about half zeros: their rows of B need not be read (the one-row
+    // MLP reads its weights from L2 at about 32 bytes a cycle: the rows read are its time).
+    constexpr index_t kMaxNonzeroKc = 512;
+    if (ks.isa == Isa::Avx512 && (n1 - n0) % 64 == 0 && kc <= kMaxNonzeroKc) {
+      std::int32_t idx[kMaxNonzeroKc];
+      index_t nk = 0;
+      if (row_nonzeros_avx512(kc, a, idx, &nk)) {
+        row_kernel_nonzero_avx512(nk, idx, a, p.B + pc * p.ldb + n0, p.ldb, c, pc > 0, static_cast<int>(n1 - n0));
+        continue;
+      }
+    }
+#endif
+    ks.row_kernel(kc, a, p.B + pc * p.ldb + n0, p.ldb, c, pc > 0, static_cast<int>(n1 - n0));
   }
   if (!p.epilogue) return;
   if (!p.epilogue->exp_sums) {  // element-wise: one call over the row (per-panel calls cost ~1 µs a layer)

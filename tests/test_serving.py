@@ -185,3 +185,21 @@ def test_field_model_serving_handle_follows_partial_fit_and_reports_bad_input(rn
         handle({k: v for k, v in row.items() if k != "word"})
     with pytest.raises((TypeError, ValueError), match="user"):
         handle({**row, "user": 1.5})
+
+
+@pytest.mark.parametrize("N", [64, 128, 192, 256, 320, 512])
+def test_row_product_skipping_zeros_is_the_blocked_product(isa, rng, N):
+    """A one-row product whose input is mostly zeros (a hidden layer after ReLU) skips those rows of B: each
+    column's chain is the blocked micro-kernel's (fma(0, b, acc) = acc), so the row equals its row of a
+    16-row (packed, blocked) call bit for bit; and it stays within float32 rounding of the float64 product
+    (1e-5 relative per sqrt(K), as above)."""
+    for K, zeros in ((17, 0.5), (256, 0.5), (300, 0.9), (300, 0.3), (520, 0.6)):
+        a = np.maximum(rng.standard_normal((16, K)), 0).astype(np.float32)
+        a[rng.random((16, K)) < zeros] = 0.0
+        b = rng.standard_normal((K, N)).astype(np.float32)
+        blocked = _core.sgemm(a, b, False, False, isa, 1)
+        want = a.astype(np.float64) @ b.astype(np.float64)
+        assert np.abs(blocked - want).max() <= 1e-5 * np.abs(want).max() * np.sqrt(K), (N, K)
+        for j in (0, 7, 15):
+            one = _core.sgemm(a[j:j + 1], b, False, False, isa, 1)
+            assert one.tobytes() == blocked[j:j + 1].tobytes(), (N, K, j)

@@ -203,6 +203,13 @@ const KernelSet& kernels_scalar();
 #ifdef FASTREC_HAVE_X86_KERNELS
 const KernelSet& kernels_avx2();
 const KernelSet& kernels_avx512();
+// The one-row product over a's nonzeros (kernels_avx512.cpp; gemm.cpp's gemm_row): row_nonzeros_avx512 writes
+// the positions of a[0..kc)'s nonzeros to idx (kc entries of room) and their count to *nk, and says whether
+// skipping the zeros pays; row_kernel_nonzero_avx512 is row_kernel's product over those rows of B only (the
+// same numbers), for n a multiple of 64.
+bool row_nonzeros_avx512(index_t kc, const float* a, std::int32_t* idx, index_t* nk);
+void row_kernel_nonzero_avx512(index_t nk, const std::int32_t* idx, const float* a, const float* b, index_t rs_b,
+                               float* c, bool accumulate, int n);
 #endif
 const KernelSet& kernels_for(Isa isa);
 

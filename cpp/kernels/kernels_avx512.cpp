@@ -251,6 +251,78 @@ void row_kernel_avx512(index_t kc, const float* a, const float* b, index_t rs_b,
   }
 }
 
+// ---- The one-row product over the nonzero entries of a (after ReLU about half a hidden row is zero) ----
+// Column chains as row_group_avx512's, over the rows k = idx[0..nk) of B (increasing) only: a skipped
+// a[k] == 0 would add fma(0, b, acc) = acc exactly (finite b; at most the sign of a zero acc differs), so each
+// chain is the dense kernel's, with fewer rows of B read.
+template <int V>
+inline void row_group_nonzero_full_avx512(index_t nk, const std::int32_t* idx, const float* a, const float* b,
+                                          index_t rs_b, float* c, bool accumulate) {
+  static_assert(V == 4 || V == 8 || V == 16, "4, 8 or 16 vectors");
+  __m512 r0 = _mm512_setzero_ps(), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0;
+  __m512 r8 = r0, r9 = r0, r10 = r0, r11 = r0, r12 = r0, r13 = r0, r14 = r0, r15 = r0;
+  for (index_t t = 0; t < nk; ++t) {
+    const index_t k = idx[t];
+    const __m512 ak = _mm512_set1_ps(a[k]);
+    const float* bk = b + k * rs_b;
+    r0 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk), r0);
+    r1 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 16), r1);
+    r2 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 32), r2);
+    r3 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 48), r3);
+    if constexpr (V >= 8) {
+      r4 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 64), r4);
+      r5 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 80), r5);
+      r6 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 96), r6);
+      r7 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 112), r7);
+    }
+    if constexpr (V == 16) {
+      r8 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 128), r8);
+      r9 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 144), r9);
+      r10 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 160), r10);
+      r11 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 176), r11);
+      r12 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 192), r12);
+      r13 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 208), r13);
+      r14 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 224), r14);
+      r15 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 240), r15);
+    }
+  }
+  const __m512 r[16] = {r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15};
+  for (int v = 0; v < V; ++v)
+    _mm512_storeu_ps(c + 16 * v, accumulate ? _mm512_add_ps(_mm512_loadu_ps(c + 16 * v), r[v]) : r[v]);
+}
+
+}  // namespace
+
+// Whether the row kernel should skip a's zeros: false when fewer than a quarter of a[0..kc) are zero (the
+// index pass then costs more than the rows it saves); else idx[0..*nk) = the positions of the nonzeros.
+bool row_nonzeros_avx512(index_t kc, const float* a, std::int32_t* idx, index_t* nk) {
+  index_t count = 0;
+  index_t k = 0;
+  for (; k + 16 <= kc; k += 16) {
+    const __mmask16 nz = _mm512_cmp_ps_mask(_mm512_loadu_ps(a + k), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    _mm512_mask_compressstoreu_epi32(idx + count, nz,
+                                     _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k)),
+                                                      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)));
+    count += __builtin_popcount(static_cast<unsigned>(nz));
+  }
+  for (; k < kc; ++k)
+    if (a[k] != 0.0f) idx[count++] = static_cast<std::int32_t>(k);
+  *nk = count;
+  return 4 * count <= 3 * kc;
+}
+
+// row_kernel_avx512 over the nonzero rows idx[0..nk) (row_nonzeros_avx512): 64-, 128- and 256-column groups;
+// other widths take the dense kernel (the caller's choice: row_kernel_nonzero_covers).
+void row_kernel_nonzero_avx512(index_t nk, const std::int32_t* idx, const float* a, const float* b, index_t rs_b,
+                               float* c, bool accumulate, int n) {
+  int j0 = 0;
+  for (; j0 + 256 <= n; j0 += 256) row_group_nonzero_full_avx512<16>(nk, idx, a, b + j0, rs_b, c + j0, accumulate);
+  for (; j0 + 128 <= n; j0 += 128) row_group_nonzero_full_avx512<8>(nk, idx, a, b + j0, rs_b, c + j0, accumulate);
+  for (; j0 + 64 <= n; j0 += 64) row_group_nonzero_full_avx512<4>(nk, idx, a, b + j0, rs_b, c + j0, accumulate);
+}
+
+namespace {
+
 // 8 rows in the 8 lanes of a 256-bit vector, row 4h + p in lane h (128-bit half), position p: per 4 columns,
 // each row's 4 floats are one 128-bit load, two rows share a vector (one insert), and a 4 x 4 in-lane
 // transpose (8 unpacks per 8 rows) gives the columns; then one FMA per k with q[k] broadcast, k in order: the
