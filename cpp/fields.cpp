@@ -995,9 +995,6 @@ float RowPredictor::predict(const KernelSet& ks, const std::int32_t* keys) {
     const float w = f.bags.weights[p], *row = f.table + static_cast<index_t>(f.bags.ids[p]) * f.dim;
     for (index_t j = 0; j < f.dim; ++j) out[j] = w * row[j];
   };
-  auto bag_of = [&](const EmbeddingField& f) {  // row keys[f.key] of the bag table; indptr offsets are absolute
-    return CsrView{f.bags.indptr + keys[f.key], f.bags.ids, f.bags.weights, 1, f.vocab};
-  };
   for (std::size_t i = 0; i < m_.fields.size(); ++i) {
     const EmbeddingField& f = m_.fields[i];
     if (f.wide) continue;
@@ -1012,7 +1009,7 @@ float RowPredictor::predict(const KernelSet& ks, const std::int32_t* keys) {
   for (const EmbeddingField& f : m_.fields) {  // wide fields: their pooled scalar joins the logit
     if (!f.wide) continue;
     float wide = 0.0f;
-    csr_matmul(ks, bag_of(f), f.table, 1, 1, &wide, 1, nullptr, 1);
+    pool(f, &wide);  // csr_matmul's one-column sum (the batch path's), without its dispatch
     logit += wide;
   }
   if (m_.gmf.field_u >= 0) {
