@@ -7,12 +7,17 @@ models interleaved; reported as median [min-max] over rounds. One thread (servin
 
     python benchmarks/bench_serving.py            # about a minute on 2 cores (building the 10^6-item model)
 
+Also (unless --bar-only): the serving handles (`serving_handle()`) on the same pair / row and over 4,096
+distinct random pairs / rows in turn, `Recommender.predict` of 16 int pairs by the row path and by the batch
+path, and the core's own time per row (`FieldHandle.time_predict_one`: no Python per call).
+
 Exit status 1 when a median is above its bar (5 µs for the large Recommender, 10 µs for the FieldModel).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -20,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 import fastrec
+from fastrec import _recbase
 from fastrec.datasets import make_interactions
 
 BAR_US = 5.0
@@ -51,6 +57,7 @@ def main():
     ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--calls", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--bar-only", action="store_true", help="only the three original cases (the bar's)")
     args = ap.parse_args()
     t = time.perf_counter()
     large, lu, li = build_large(args.items, 0)
@@ -74,15 +81,45 @@ def main():
     calls = {k: (lambda m=m, u=u, i=i: m.predict(u, i)) for k, (m, u, i) in cases.items()}
     field_name = "FieldModel.predict_proba(one-row dict), hidden (256, 128, 64)"
     calls[field_name] = lambda: field.predict_proba(row)
+    if not args.bar_only:
+        # The serving handles (issue 17), on the same pair and row, and over distinct random pairs (no row
+        # stays in cache between calls but the weights, as in real traffic).
+        pair_handle, row_handle = large.serving_handle(), field.serving_handle()
+        u0, i0 = int(lu[0]), int(li[0])
+        calls["serving_handle()(u, i), large model, the same pair"] = lambda: pair_handle(u0, i0)
+        pairs = list(zip(rng.integers(0, 60_000, 4096).tolist(), rng.integers(0, args.items, 4096).tolist()))
+        cycle = itertools.cycle(pairs)
+        calls["serving_handle()(u, i), large model, 4,096 random pairs in turn"] = lambda: pair_handle(*next(cycle))
+        scalar_row = {k: v[0].item() for k, v in X.items()}
+        calls["FieldModel serving_handle()(row of scalars)"] = lambda: row_handle(scalar_row)
+        rows = [{k: v[j].item() for k, v in X.items()} for j in range(4096)]
+        row_cycle = itertools.cycle(rows)
+        calls["FieldModel serving_handle()(row), 4,096 distinct rows in turn"] = lambda: row_handle(next(row_cycle))
+        few_u, few_i = lu[:16].astype(np.int64), li[:16].astype(np.int64)
+        calls["Recommender.predict(16 int pairs), large model: row by row"] = lambda: large.predict(few_u, few_i)
+
+        def batch_path():
+            saved, _recbase._SMALL_PAIRS = _recbase._SMALL_PAIRS, 0
+            try:
+                return large.predict(few_u, few_i)
+            finally:
+                _recbase._SMALL_PAIRS = saved
+
+        calls["Recommender.predict(16 int pairs), large model: batch path"] = batch_path
     for fn in calls.values():  # warm: handles and the pair scorer are built on first use
         fn()
     samples = {k: [] for k in calls}
     for r in range(args.rounds):
         names = list(calls)[r % len(calls):] + list(calls)[:r % len(calls)]
         for k in names:
-            samples[k].append(per_call_us(calls[k], args.calls))
+            samples[k].append(per_call_us(calls[k], args.calls if "16 int pairs" not in k else args.calls // 20))
     for k, v in samples.items():
         print(f"{k}: {np.median(v):.2f} µs [{min(v):.2f}-{max(v):.2f}]")
+    if not args.bar_only:  # the core alone: the same pair, keys already looked up
+        keys = [int(large._users.index(np.array([u0]))[0]), int(large._items.index(np.array([i0]))[0])]
+        core = [large._handle().time_predict_one(keys, args.calls)[0] * 1e6 for _ in range(args.rounds)]
+        print(f"core only (RowPredictor of the large model, no Python): {np.median(core):.2f} µs "
+              f"[{min(core):.2f}-{max(core):.2f}]")
     large_median = float(np.median(samples[list(cases)[0]]))
     field_median = float(np.median(samples[field_name]))
     ok = large_median <= BAR_US and field_median <= FIELD_BAR_US
