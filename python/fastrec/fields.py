@@ -76,7 +76,7 @@ class FieldModel(BaseEstimator):
     def __init__(self, fields=None, embedding_dim=16, hidden_layer_sizes=(64, 32), activation="relu", loss="bce",
                  optimizer="adam", learning_rate=1e-3, alpha=1e-5, epochs=5, batch_size=256, momentum=0.9,
                  nesterovs_momentum=True, validation_metric="auto", n_iter_no_change=None, random_state=None,
-                 n_threads=None, verbose=False, precision="float32"):
+                 n_threads=None, verbose=False, precision="auto"):
         self.fields = fields
         self.embedding_dim = embedding_dim
         self.hidden_layer_sizes = hidden_layer_sizes

@@ -198,7 +198,7 @@ class Recommender(RecommenderBase):
                  negative_sampling="uniform", id_dropout=0.05, momentum=0.9, nesterovs_momentum=True,
                  validation_metric="auto", early_stopping=True, validation_fraction=0.1, n_iter_no_change=5,
                  clip_predictions=True, random_state=None, n_threads=None, verbose=False, privacy=None,
-                 precision="float32"):
+                 precision="auto"):
         self.embedding_dim = embedding_dim
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
