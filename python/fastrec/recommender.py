@@ -164,10 +164,11 @@ class Recommender(RecommenderBase):
         ``privacy_spent_`` is (epsilon, delta) after fit and each partial_fit. History bags ("auto": off) and
         popularity negatives are refused, ``early_stopping`` holds nothing out; ``validation_data`` of your
         own is scored but is outside the guarantee.
-    precision : {"float32", "bf16", "auto"}, default="float32"
+    precision : {"float32", "bf16", "auto"}, default="auto"
         Precision of the MLP's training products, as `fastrec.FieldModel`'s: "bf16" rounds their operands to
         bfloat16 and sums in float32 (weights, embeddings, gradients and optimizer state stay float32); "auto"
-        is "bf16" where the CPU has AVX512-BF16. Scores are computed in float32 either way.
+        (the default) is "bf16" where the CPU has AVX512-BF16, else "float32". Scores are computed in float32
+        either way.
 
     Attributes
     ----------
