@@ -137,9 +137,15 @@ void pack_bf16(bool k_major, const float* src, index_t ld, int count, index_t kc
     pack_rows<R>(src, ld, count, kc, out);
 }
 
+// One tile, start to finish, in one function: the 24 accumulators stay in registers (with the loop in a helper
+// taking them by reference and a branch between two loops, GCC kept them in stack arrays, zeroed by two
+// `rep stos` per call: ~1.5% of a bf16 training epoch).
 template <bool kHalf>
-inline void dot_loop(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, __m512 (&acc0)[kMr],
-                     __m512 (&acc1)[kMr]) {
+void tile(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, float* c, index_t ldc, bool accumulate,
+          int m, int n) {
+  __m512 acc0[kMr], acc1[kMr];
+#pragma GCC unroll 12
+  for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
   for (index_t kp = 0; kp < kp_count; ++kp, a += kMr, b += kNr) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
     const __m512bh b1 = kHalf ? b0 : (__m512bh)_mm512_loadu_si512(b + 16);
@@ -150,29 +156,27 @@ inline void dot_loop(index_t kp_count, const std::uint32_t* a, const std::uint32
       if (!kHalf) acc1[i] = _mm512_dpbf16_ps(acc1[i], ai, b1);
     }
   }
-}
-
-void ukernel_avx512_bf16(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, float* c, index_t ldc,
-                         bool accumulate, int m, int n) {
-  __m512 acc0[kMr], acc1[kMr];
-  for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
-  if (n <= 16)
-    dot_loop<true>(kp_count, a, b, acc0, acc1);
-  else
-    dot_loop<false>(kp_count, a, b, acc0, acc1);
   const __mmask16 mask0 = lanes(n), mask1 = lanes(n - 16);
 #pragma GCC unroll 12
   for (int i = 0; i < kMr; ++i) {
     if (i >= m) break;
     float* ci = c + i * ldc;
-    __m512 r0 = acc0[i], r1 = acc1[i];
-    if (accumulate) {
-      r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, ci), r0);
-      r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, ci + 16), r1);
-    }
+    __m512 r0 = acc0[i];
+    if (accumulate) r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, ci), r0);
     _mm512_mask_storeu_ps(ci, mask0, r0);
+    if (kHalf) continue;  // n <= 16: no second half
+    __m512 r1 = acc1[i];
+    if (accumulate) r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, ci + 16), r1);
     _mm512_mask_storeu_ps(ci + 16, mask1, r1);
   }
+}
+
+void ukernel_avx512_bf16(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, float* c, index_t ldc,
+                         bool accumulate, int m, int n) {
+  if (n <= 16)
+    tile<true>(kp_count, a, b, c, ldc, accumulate, m, n);
+  else
+    tile<false>(kp_count, a, b, c, ldc, accumulate, m, n);
 }
 
 }  // namespace
