@@ -3,6 +3,7 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_fit.py [--examples 409600] \
         [--rounds 3] [--threads 2] [--batches 256 1024] [--columns ids hashed] [--epochs 1]
     python benchmarks/bench_fit.py --what overhead --examples 1000000      # fit wall / sum of epochs only
+    python benchmarks/bench_fit.py --what bf16 --threads 1 2 --batches 1024 --columns ids   # bf16 training
 
 What a user waits for is the whole call, from raw columns to a trained model, so both sides are timed from
 the same raw inputs: user ids (10^5 distinct raw ids spread over 0..10^9), item ids (zipf over 10^6 raw ids),
@@ -23,6 +24,14 @@ wall time per configuration, the ratio torch / fastrec per round (median [min-ma
 its epochs' sum (history_["seconds"]). Bars (issue 17): ratio >= 1.8 at batch 256 and 1024 on 2 threads with
 ids and with hashed columns; fit wall <= 1.15 x the sum of its epochs at 10^6 examples. Exits 1 on a miss
 where the run measured what the bar defines.
+
+--what bf16 (issue 17's bf16 bar): four implementations per configuration, interleaved: fastrec float32,
+fastrec `precision="bf16"` (the MLP's products in bfloat16, float32 sums, weights and optimizer state),
+PyTorch float32 and PyTorch under `torch.autocast("cpu", dtype=torch.bfloat16)` (forward and loss inside it,
+as its documentation shows). Ratios per round on the epoch basis (history_ / the epochs' loop) and on the
+whole fit; the FP32 FMA and VDPBF16PS peaks (fma_peak.cpp, bf16_peak.cpp) are measured in the same run.
+Bars: fastrec bf16 epochs >= 3x PyTorch float32 and >= 1.5x PyTorch autocast, fit wall >= 2.5x PyTorch
+float32, at batch 1024 on 1 and on 2 threads.
 """
 
 from __future__ import annotations
@@ -69,13 +78,14 @@ def make_data(n, seed=0):
     return {"user": users, "item": items, "tags": tags, "numeric": numeric}, y
 
 
-def fit_fastrec(X, y, columns, batch, threads, epochs):
+def fit_fastrec(X, y, columns, batch, threads, epochs, precision="float32"):
     fields = {name: {"dim": d} for name, d in DIMS.items()}
     if columns == "hashed":
         for name, b in BUCKETS.items():
             fields[name]["hash_buckets"] = b
     model = fastrec.FieldModel(fields=fields, hidden_layer_sizes=HIDDEN, optimizer="sgd", learning_rate=LR,
-                               alpha=0.0, epochs=epochs, batch_size=batch, random_state=0, n_threads=threads)
+                               alpha=0.0, epochs=epochs, batch_size=batch, random_state=0, n_threads=threads,
+                               precision=precision)
     t = TIMER()
     model.fit(X, y)
     wall = TIMER() - t
@@ -107,7 +117,7 @@ def torch_hash(values, buckets):
     return (h % np.uint64(buckets)).astype(np.int64)
 
 
-def fit_torch(X, y, columns, batch, threads, epochs):
+def fit_torch(X, y, columns, batch, threads, epochs, autocast=False):
     t0 = TIMER()
     if columns == "hashed":
         u, i = torch_hash(X["user"], BUCKETS["user"]), torch_hash(X["item"], BUCKETS["item"])
@@ -140,18 +150,110 @@ def fit_torch(X, y, columns, batch, threads, epochs):
             tag_rows = np.repeat(indptr[rows] - offs, lens) + np.arange(lens.sum())
             r = torch.from_numpy(rows)
             opt.zero_grad(set_to_none=True)
-            out = net(u[r].unsqueeze(1), i[r].unsqueeze(1), tag_t[torch.from_numpy(tag_rows)],
-                      torch.from_numpy(offs), num_t[r])
-            loss = loss_fn(out, y_t[r])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = net(u[r].unsqueeze(1), i[r].unsqueeze(1), tag_t[torch.from_numpy(tag_rows)],
+                          torch.from_numpy(offs), num_t[r])
+                loss = loss_fn(out, y_t[r])
             loss.backward()
             opt.step()
         epoch_s += TIMER() - te
     return TIMER() - t0, epoch_s, float(loss.item())
 
 
+def peak(name, threads):
+    """{threads: GFLOP/s} of benchmarks/<name>.cpp (fma_peak, bf16_peak), built as its header says."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = str(Path(tmp) / name)
+        src = str(Path(__file__).resolve().parent / f"{name}.cpp")
+        if subprocess.run([compiler, "-O2", "-pthread", src, "-o", exe], capture_output=True).returncode:
+            return {}
+        out = subprocess.run([exe, str(threads)], capture_output=True, text=True).stdout.split()
+    return {int(t): float(g) for isa, t, g in zip(out[0::3], out[1::3], out[2::3]) if isa != "none"}
+
+
+BF16_IMPLS = ("fastrec", "fastrec_bf16", "torch", "torch_autocast")
+
+
+def main_bf16(args, X, y):
+    """--what bf16: see the module docstring."""
+    configs = [(c, b, t) for t in args.threads for b in args.batches for c in args.columns]
+    impls = BF16_IMPLS if torch is not None else BF16_IMPLS[:2]
+    runs = {(cfg, impl): [] for cfg in configs for impl in impls}
+    peaks = {"fma": [], "bf16": []}
+    for rnd in range(args.rounds):
+        for name in peaks:
+            peaks[name].append(peak(f"{name}_peak", max(args.threads)))
+        for cfg in configs:
+            columns, batch, threads = cfg
+            for impl in impls:
+                settle(args.settle)
+                if impl.startswith("torch"):
+                    torch.set_num_threads(threads)
+                    runs[(cfg, impl)].append(fit_torch(X, y, columns, batch, threads, args.epochs,
+                                                       autocast=impl == "torch_autocast"))
+                else:
+                    runs[(cfg, impl)].append(fit_fastrec(X, y, columns, batch, threads, args.epochs,
+                                                         "bf16" if impl == "fastrec_bf16" else "float32"))
+            print(f"round {rnd + 1}: {cfg} " + "  ".join(
+                f"{impl} {runs[(cfg, impl)][-1][0]:.3f} s (epochs {runs[(cfg, impl)][-1][1]:.3f}, loss "
+                f"{runs[(cfg, impl)][-1][2]:.4f})" for impl in impls), flush=True)
+    for name, values in peaks.items():
+        for t in sorted({t for v in values for t in v}):
+            s = stats([v[t] for v in values if t in v])
+            print(f"{name} peak, {t} thread(s): {s['median']:.0f} [{s['min']:.0f}-{s['max']:.0f}] GFLOP/s")
+    print(f"\n{args.examples} examples, {args.epochs} epoch(s), rounds {args.rounds}\n")
+    print("| columns | batch | threads | impl | fit wall | epochs | torch f32 / it (epochs) | "
+          "torch autocast / it (epochs) | torch f32 / it (wall) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    missed = []
+    results = {"machine": machine_info(), "args": vars(args), "peaks": peaks, "rows": []}
+
+    def rs(v):
+        return f"{statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}]"
+
+    for cfg in configs:
+        columns, batch, threads = cfg
+        for impl in impls:
+            f = runs[(cfg, impl)]
+            wall, ep = stats([r[0] for r in f]), stats([r[1] for r in f])
+            row = {"columns": columns, "batch": batch, "threads": threads, "impl": impl, "fit_s": wall,
+                   "epochs_s": ep, "loss": [r[2] for r in f]}
+            line = f"| {columns} | {batch} | {threads} | {impl} | {wall['median']:.3f} [{wall['min']:.3f}-" \
+                   f"{wall['max']:.3f}] s | {ep['median']:.3f} [{ep['min']:.3f}-{ep['max']:.3f}] s "
+            if "torch" in impls:
+                t32, tac = runs[(cfg, "torch")], runs[(cfg, "torch_autocast")]
+                r_ep = [a[1] / b[1] for a, b in zip(t32, f)]
+                r_ac = [a[1] / b[1] for a, b in zip(tac, f)]
+                r_wall = [a[0] / b[0] for a, b in zip(t32, f)]
+                row.update(torch_over_epochs=stats(r_ep), autocast_over_epochs=stats(r_ac),
+                           torch_over_wall=stats(r_wall))
+                line += f"| {rs(r_ep)} | {rs(r_ac)} | {rs(r_wall)} |"
+                if impl == "fastrec_bf16" and batch == 1024:
+                    for v, bar, what in ((r_ep, 3.0, "epochs vs torch float32"), (r_ac, 1.5, "epochs vs autocast"),
+                                         (r_wall, 2.5, "fit wall vs torch float32")):
+                        if statistics.median(v) < bar:
+                            missed.append(f"bf16 {what}, {threads} thread(s): {statistics.median(v):.2f} < {bar}")
+            else:
+                line += "| - | - | - |"
+            results["rows"].append(row)
+            print(line)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    if missed:
+        print("MISSED: " + "; ".join(missed), file=sys.stderr)
+        sys.exit(1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", choices=["compare", "overhead"], default="compare")
+    ap.add_argument("--what", choices=["compare", "overhead", "bf16"], default="compare")
     ap.add_argument("--examples", type=int, default=409_600)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
@@ -163,6 +265,8 @@ def main():
     args = ap.parse_args()
     impls = ["fastrec"] + (["torch"] if torch is not None and args.what == "compare" else [])
     X, y = make_data(args.examples)
+    if args.what == "bf16":
+        return main_bf16(args, X, y)
     configs = [(c, b, t) for t in args.threads for b in args.batches for c in args.columns]
     runs = {(cfg, impl): [] for cfg in configs for impl in impls}
     for rnd in range(args.rounds):

@@ -341,6 +341,14 @@ FieldModel make_field_model(const py::dict& spec, bool writeable) {
           throw py::value_error("fields[" + std::to_string(a.field) +
                                 "] shares memory with the MLP's coefs or intercepts: each needs its own arrays");
   }
+  // ---- bf16 training of the field model: spec["precision"] "float32" (default) or "bf16" (mlp.h Network::bf16),
+  // spec["bf16_kernel"] as resolve_bf16_kernel ----
+  const std::string precision = spec.contains("precision") ? spec["precision"].cast<std::string>() : "float32";
+  if (precision != "float32" && precision != "bf16")
+    throw py::value_error("precision must be 'float32' or 'bf16', got '" + precision + "'");
+  m.mlp.bf16 = precision == "bf16";
+  const std::string bf16_kernel = spec.contains("bf16_kernel") ? spec["bf16_kernel"].cast<std::string>() : "auto";
+  m.mlp.bf16_native = m.mlp.bf16 && resolve_bf16_kernel(bf16_kernel, resolve_isa("auto"));
   validate(m);
   for (EmbeddingField& f : m.fields) f.bags.shape = shape_of(f.bags);
   return m;

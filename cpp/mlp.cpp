@@ -147,6 +147,15 @@ double backward(const KernelSet& ks, const Network& net, const Input& X, const f
 
 }  // namespace
 
+void layer_gemm(const KernelSet& ks, const Network& net, const Layer& layer, bool trans_a, bool trans_b, index_t M,
+                index_t N, index_t K, const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
+                const Epilogue* epilogue, int n_threads) {
+  if (net.bf16 && layer.fan_out > 1)
+    bf16_gemm(ks, net.bf16_native, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
+  else
+    sgemm(ks, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
+}
+
 void update_dense(const KernelSet& ks, const UpdateRule& rule, float* p, const float* g, float* s1, float* s2,
                   index_t len, int n_threads) {
   const index_t chunks = (len + kUpdateChunk - 1) / kUpdateChunk;
@@ -258,7 +267,7 @@ void forward_rows(const KernelSet& ks, const Network& net, const Input& X, MlpWo
     } else {
       const float* in = l == 0 ? X.dense : ws.acts[l].data();
       const index_t ld_in = l == 0 ? X.ld : layer.fan_in;
-      sgemm(ks, false, false, r1 - r0, layer.fan_out, layer.fan_in, in + r0 * ld_in, ld_in, layer.W, layer.fan_out,
+      layer_gemm(ks, net, layer, false, false, r1 - r0, layer.fan_out, layer.fan_in, in + r0 * ld_in, ld_in, layer.W, layer.fan_out,
             out, layer.fan_out, &e, n_threads);
     }
   }
@@ -328,7 +337,7 @@ void Backward::layer_rows(std::size_t l, index_t r0, index_t r1, int n_threads) 
     const index_t rows = std::min(kGradientChunkRows, r1 - c0);
     float* part = ws_.grad_parts.data() + part_at_[l] + c0 / kGradientChunkRows * part_size_[l];
     if (!(l == 0 && X_.sparse))
-      sgemm(ks_, true, false, fi, fo, rows, A + c0 * lda, lda, D + c0 * fo, fo, part, fo, nullptr, 1);
+      layer_gemm(ks_, net_, layer, true, false, fi, fo, rows, A + c0 * lda, lda, D + c0 * fo, fo, part, fo, nullptr, 1);
     ks_.row_sum(ws_.ones.data(), ws_.row_ids.data(), rows, D + c0 * fo, fo, fo, part + part_size_[l] - fo);
   }
   if (l > 0) {  // D of layer l-1 = (D Wᵀ) * act'(A)
@@ -342,10 +351,11 @@ void Backward::layer_rows(std::size_t l, index_t r0, index_t r1, int n_threads) 
         for (index_t j = 0; j < fi; ++j) D_prev[(r - r0) * fi + j] = D[r] * layer.W[j];
       ks_.epilogue(D_prev, fi, static_cast<int>(r1 - r0), static_cast<int>(fi), 0, 0, ed);
     } else {
-      sgemm(ks_, false, true, r1 - r0, fi, fo, D + r0 * fo, fo, layer.W, fo, D_prev, fi, &ed, n_threads);
+      layer_gemm(ks_, net_, layer, false, true, r1 - r0, fi, fo, D + r0 * fo, fo, layer.W, fo, D_prev, fi, &ed,
+                 n_threads);
     }
   } else if (dx_) {
-    sgemm(ks_, false, true, r1 - r0, dx_cols_, fo, D + r0 * fo, fo, layer.W, fo, dx_ + r0 * lddx_, lddx_, nullptr,
+    layer_gemm(ks_, net_, layer, false, true, r1 - r0, dx_cols_, fo, D + r0 * fo, fo, layer.W, fo, dx_ + r0 * lddx_, lddx_, nullptr,
           n_threads);
   }
 }
@@ -373,7 +383,7 @@ void Backward::products(int n_threads, const BlockPrologue& prologue, float* dx,
     for (index_t j = 0; weight_gradients && j < layer.fan_out; ++j) gb[j] *= inv_n_;
     if (weight_gradients && !(l == 0 && X_.sparse)) {
       const Epilogue eg = weight_epilogue(l);
-      sgemm(ks_, true, false, layer.fan_in, layer.fan_out, n, input(l), input_ld(l), D, layer.fan_out,
+      layer_gemm(ks_, net_, layer, true, false, layer.fan_in, layer.fan_out, n, input(l), input_ld(l), D, layer.fan_out,
             ws_.grad_w.data() + w_at_[l], layer.fan_out, &eg, n_threads);
     }
     layer_rows(l, 0, n, n_threads);

@@ -23,7 +23,19 @@ struct Network {
   std::vector<Layer> layers;
   Activation hidden = Activation::Relu;
   Activation out = Activation::Identity;  // identity (squared error), logistic (log loss), softmax
+  // Mixed precision (docs/DESIGN.md, "bf16 training of the field model"): every product of a layer with more
+  // than one output (forward, weight gradient, delta / input gradient) through bf16_gemm (operands rounded to
+  // bf16, float32 sums); weights, biases, activations, gradients and optimizer state stay float32. A one-output
+  // layer stays float32 (matrix-vector products: memory bound, nothing to gain). bf16_native: the AVX512-BF16
+  // kernel, else the emulated one (isa.h resolve_bf16_kernel).
+  bool bf16 = false;
+  bool bf16_native = false;
 };
+
+// op(A) op(B) of one of layer's products: sgemm, or bf16_gemm under the rule of Network::bf16.
+void layer_gemm(const KernelSet& ks, const Network& net, const Layer& layer, bool trans_a, bool trans_b, index_t M,
+                index_t N, index_t K, const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
+                const Epilogue* epilogue, int n_threads);
 
 // Dense rows (ld floats apart) or CSR; rows x cols.
 struct Input {

@@ -22,6 +22,22 @@ from fastrec.features import plain_integers
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 ACTIVATIONS = ("identity", "logistic", "tanh", "relu")
+# Training precisions of the MLP's products (the estimators' ``precision``; docs/DESIGN.md, "bf16 training of
+# the field model").
+PRECISIONS = ("float32", "bf16", "auto")
+
+
+def check_precision(precision):
+    if not (isinstance(precision, str) and precision in PRECISIONS):
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    return precision
+
+
+def core_precision(precision):
+    """The core's precision: "auto" is "bf16" where the CPU multiplies bf16 natively (AVX512-BF16)."""
+    if check_precision(precision) == "auto":
+        return "bf16" if "avx512_bf16" in _core.bf16_kernels() else "float32"
+    return precision
 
 
 @persistable
@@ -316,9 +332,12 @@ class FieldNet:
                 "fields": fields, "dense": dense, "gmf": gmf}
 
     # --------------------------------------------------------------------------------- calls
-    def handle(self, bags, dense_tables, *, training=False):
-        """A validated core object over the current arrays; rebuild it after the arrays are replaced."""
-        return _core.FieldHandle(self.spec(bags, dense_tables, training=training), training)
+    def handle(self, bags, dense_tables, *, training=False, precision="float32"):
+        """A validated core object over the current arrays; rebuild it after the arrays are replaced.
+        precision: the MLP's products in training ("float32" or "bf16", see `core_precision`)."""
+        spec = self.spec(bags, dense_tables, training=training)
+        spec["precision"] = precision
+        return _core.FieldHandle(spec, training)
 
     def train_epoch(self, handle, keys, y, weight, order, *, batch_size, alpha, learning_rate, momentum, nesterov,
                     beta_1, beta_2, epsilon, sampler, epoch, n_threads, progress=None):

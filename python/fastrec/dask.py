@@ -33,7 +33,7 @@ except ImportError as e:  # fastrec itself works without Dask
 
 from fastrec import _core
 from fastrec._checks import check_random_state
-from fastrec._fieldnet import Float32Normals
+from fastrec._fieldnet import Float32Normals, core_precision
 from fastrec._recbase import _merge_seen
 from fastrec.recommender import Recommender
 
@@ -255,7 +255,7 @@ def _round(job, replica, combined, dense, epoch, n_rows):
     sampler = est._sampler(negatives=est.negatives if est.implicit_ else 0, seed=0)
     # Slice 0 of an epoch draws exactly what a local epoch draws; later slices from their own streams.
     sampler["seed"] = (rep.epoch_seed + 1_000_003 * rep.slice) % (2**31 - 1)
-    handle = net.handle(est._bags, est._dense_tables, training=True)
+    handle = net.handle(est._bags, est._dense_tables, training=True, precision=core_precision(est.precision))
     started = time.perf_counter()
     loss_sum, rows, diverged, error = net.train_epoch(
         handle, rep.keys, rep.y, rep.weight, part, batch_size=int(est.batch_size),

@@ -23,8 +23,8 @@ from fastrec._base import BaseEstimator, exclusive_fit
 from fastrec._checks import (as_array, as_numeric, check_bool, check_csr, check_float, check_int, check_random_state,
                              check_sample_weight, not_fitted_error)
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, DenseBlock, Field, FieldNet, Float32Normals, IdIndex,
-                               bags_of_csr, bags_of_ids, callable_score, check_structure, loss_curve_from_history,
-                               record_structure, run_epochs)
+                               bags_of_csr, bags_of_ids, callable_score, check_precision, check_structure,
+                               core_precision, loss_curve_from_history, record_structure, run_epochs)
 from fastrec import _core
 from fastrec._registry import persistable
 from fastrec.features import as_id_array
@@ -56,6 +56,12 @@ class FieldModel(BaseEstimator):
     validation_metric : {"auto", "log_loss", "auc", "rmse", "mae"}, default="auto"
         What ``fit(..., validation_data=(X_val, y_val))`` reports per epoch ("auto": "log_loss" for "bce",
         "rmse" for "mse").
+    precision : {"float32", "bf16", "auto"}, default="auto"
+        Precision of the MLP's training products (forward, weight gradients, deltas): "bf16" rounds their
+        operands to bfloat16 and sums in float32 (mixed precision: weights, embeddings, gradients and optimizer
+        state stay float32; a one-output layer stays float32); "auto" (the default) is "bf16" where the CPU
+        has AVX512-BF16, else "float32": on MovieLens-100k both precisions scored within 0.0005 RMSE and
+        0.005 HR@10 with the same settings. Predictions are computed in float32 either way. docs/DESIGN.md.
 
     Attributes
     ----------
@@ -70,7 +76,7 @@ class FieldModel(BaseEstimator):
     def __init__(self, fields=None, embedding_dim=16, hidden_layer_sizes=(64, 32), activation="relu", loss="bce",
                  optimizer="adam", learning_rate=1e-3, alpha=1e-5, epochs=5, batch_size=256, momentum=0.9,
                  nesterovs_momentum=True, validation_metric="auto", n_iter_no_change=None, random_state=None,
-                 n_threads=None, verbose=False):
+                 n_threads=None, verbose=False, precision="auto"):
         self.fields = fields
         self.embedding_dim = embedding_dim
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -88,6 +94,7 @@ class FieldModel(BaseEstimator):
         self.random_state = random_state
         self.n_threads = n_threads
         self.verbose = verbose
+        self.precision = precision
 
     # ------------------------------------------------------------------------------------ inputs
     def _options(self, name):
@@ -201,6 +208,7 @@ class FieldModel(BaseEstimator):
         check_bool(self.nesterovs_momentum, "nesterovs_momentum")
         if self.n_threads is not None:
             check_int(self.n_threads, "n_threads")
+        check_precision(self.precision)
         return hidden
 
     def _targets(self, y, n, sample_weight):
@@ -286,7 +294,7 @@ class FieldModel(BaseEstimator):
     def _train(self, n, bags, dense_tables, y, weight, epochs, validate):
         self.__dict__.pop("_serve", None)  # the serving handle reads the net of its time
         targets = (y - self._y_offset).astype(np.float32)
-        handle = self.net_.handle(bags, dense_tables, training=True)
+        handle = self.net_.handle(bags, dense_tables, training=True, precision=core_precision(self.precision))
         fn, metric, higher = validate if validate is not None else (None, None, False)
         run_epochs(self, self.net_, handle, [np.arange(n, dtype=np.int32)], targets, weight, n, self._rng, epochs,
                    validate=fn, metric=metric, higher_is_better=higher,

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from fastrec import _core, _recbase
 from fastrec._checks import check_bool, check_float, check_int
 from fastrec._fieldnet import (ACTIVATIONS, OPTIMIZERS, Field, FieldNet, Float32Normals, bags_of_csr, bags_of_ids,
-                               run_epochs)
+                               check_precision, core_precision, run_epochs)
 from fastrec._recbase import RecommenderBase, grown_id_rows, id_rows, kept_bags, zero_rows
 from fastrec._registry import persistable
 
@@ -164,6 +164,11 @@ class Recommender(RecommenderBase):
         ``privacy_spent_`` is (epsilon, delta) after fit and each partial_fit. History bags ("auto": off) and
         popularity negatives are refused, ``early_stopping`` holds nothing out; ``validation_data`` of your
         own is scored but is outside the guarantee.
+    precision : {"float32", "bf16", "auto"}, default="auto"
+        Precision of the MLP's training products, as `fastrec.FieldModel`'s: "bf16" rounds their operands to
+        bfloat16 and sums in float32 (weights, embeddings, gradients and optimizer state stay float32); "auto"
+        (the default) is "bf16" where the CPU has AVX512-BF16, else "float32". Scores are computed in float32
+        either way.
 
     Attributes
     ----------
@@ -193,7 +198,8 @@ class Recommender(RecommenderBase):
                  batch_size=256, negatives=4,
                  negative_sampling="uniform", id_dropout=0.05, momentum=0.9, nesterovs_momentum=True,
                  validation_metric="auto", early_stopping=True, validation_fraction=0.1, n_iter_no_change=5,
-                 clip_predictions=True, random_state=None, n_threads=None, verbose=False, privacy=None):
+                 clip_predictions=True, random_state=None, n_threads=None, verbose=False, privacy=None,
+                 precision="auto"):
         self.embedding_dim = embedding_dim
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -223,6 +229,7 @@ class Recommender(RecommenderBase):
         self.n_threads = n_threads
         self.verbose = verbose
         self.privacy = privacy
+        self.precision = precision
 
 
     # ------------------------------------------------------------------------------------ validation
@@ -263,6 +270,7 @@ class Recommender(RecommenderBase):
             raise ValueError("loss='mse' needs ratings; implicit feedback (ratings=None) trains with 'bce'")
         if self.privacy is not None:
             self._check_privacy()
+        check_precision(self.precision)
         return hidden, loss
 
     def _check_privacy(self):
@@ -447,7 +455,8 @@ class Recommender(RecommenderBase):
 
     def _train(self, user_rows, item_rows, y, weight, epochs, validate):
         """`epochs` epochs of the field model over the interactions (RecommenderBase hook)."""
-        handle = self.net_.handle(self._bags, self._dense_tables, training=True)
+        handle = self.net_.handle(self._bags, self._dense_tables, training=True,
+                                  precision=core_precision(self.precision))
         sampler = self._sampler(negatives=self.negatives if self.implicit_ else 0, seed=0)
         self._predictor = None  # also what makes an interrupted fit predict with the new parameters
         fn, metric, higher = validate if validate is not None else (None, None, False)

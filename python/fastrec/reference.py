@@ -552,8 +552,8 @@ def _check_field_spec(spec, keys):
     return keys
 
 
-def _field_forward(spec, keys):
-    """The forward pass of one batch.
+def _field_forward(spec, keys, precision="float32"):
+    """The forward pass of one batch (precision: as field_loss_and_gradients').
 
     Returns ``(x, hidden, z, pooled, bags)``: the MLP input x (n, width), the MLP's hidden activations, the
     logits z (n,) with the GMF term, the pooled vector of every field (n, d_f) and every field's batch bags
@@ -574,7 +574,10 @@ def _field_forward(spec, keys):
     for blk in spec["dense"]:
         T = np.asarray(blk["table"], dtype=dtype)
         x[:, blk["offset"]:blk["offset"] + T.shape[1]] = T[keys[blk["key"]]]
-    hidden, Z = _forward_pass(spec["coefs"], spec["intercepts"], "dense", x, spec["activation"])
+    if precision == "bf16":
+        hidden, Z = _forward_pass_bf16(spec["coefs"], spec["intercepts"], x, spec["activation"])
+    else:
+        hidden, Z = _forward_pass(spec["coefs"], spec["intercepts"], "dense", x, spec["activation"])
     z = Z[:, 0].copy()
     for f, p in zip(spec["fields"], pooled):  # wide fields: a (n, 1) pooled scalar added to the logit
         if f.get("wide"):
@@ -591,8 +594,13 @@ def field_predict(spec, keys, n_threads=0, isa="auto"):
     return _activation(z, "logistic") if spec["loss"] == "bce" else z
 
 
-def field_loss_and_gradients(spec, keys, y, weight, alpha, n_threads=0, isa="auto"):
+def field_loss_and_gradients(spec, keys, y, weight, alpha, n_threads=0, isa="auto", precision="float32"):
     """Loss and gradients of the field model on all examples as one batch.
+
+    precision "bf16" (the core's spec["precision"], cpp/mlp.h Network::bf16): the MLP's products of every layer
+    with more than one output, A_l W_l, A_l^T D_l and D_l W_l^T, with both operands rounded to bf16
+    (``_output_matmul``: their float32 values rounded by ``bf16_round``) and summed in float64; the rest as
+    with "float32". Give a float64 copy of a float32 spec.
 
     Returns ``(loss, table_grads, gmf_grad, coef_grads, intercept_grads)``: ``table_grads[f]`` is dense
     (V_f, d_f), zero outside the rows the batch touches (ids stored in the bags read, weight 0 included);
@@ -610,7 +618,7 @@ def field_loss_and_gradients(spec, keys, y, weight, alpha, n_threads=0, isa="aut
     """
     dtype = spec["coefs"][0].dtype
     coefs, act = spec["coefs"], spec["activation"]
-    x, hidden, z, pooled, bags = _field_forward(spec, keys)
+    x, hidden, z, pooled, bags = _field_forward(spec, keys, precision)
     n = len(z)
     if n < 1:
         raise ValueError("need at least one example")
@@ -648,9 +656,10 @@ def field_loss_and_gradients(spec, keys, y, weight, alpha, n_threads=0, isa="aut
     loss += 0.5 * alpha * sum(_sum64(W * W) for W in coefs) / n
     for l in range(L - 1, -1, -1):
         A = hidden[l - 1] if l > 0 else x
-        coef_grads[l] = (A.T @ D + alpha_t * coefs[l]) / n_t
+        bf16 = precision == "bf16" and coefs[l].shape[1] > 1
+        coef_grads[l] = (_output_matmul(A.T, D, bf16) + alpha_t * coefs[l]) / n_t
         intercept_grads[l] = np.sum(D, axis=0) / n_t
-        D_in = D @ coefs[l].T
+        D_in = _output_matmul(D, coefs[l].T, bf16)
         D = D_in * activation_derivative(A, act) if l > 0 else D_in
     dx = D  # D_0 W_0^T, (n, width)
 
@@ -1494,6 +1503,17 @@ def _output_matmul(a, b, bf16):
     if bf16:
         a, b = bf16_round(np.asarray(a, np.float32)), bf16_round(np.asarray(b, np.float32))
     return np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+
+
+def _forward_pass_bf16(coefs, intercepts, X, act):
+    """_forward_pass of dense X with each layer of more than one output as ``_output_matmul(.., bf16=True)``
+    (the field model's precision "bf16")."""
+    hidden, Z = [], None
+    for l, (W, b) in enumerate(zip(coefs, intercepts)):
+        if l > 0:
+            hidden.append(_activation(Z, act))
+        Z = _output_matmul(X if l == 0 else hidden[-1], W, W.shape[1] > 1) + b
+    return hidden, Z
 
 
 # ----------------------------------------------------------------------------------------------------------
