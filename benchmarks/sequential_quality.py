@@ -98,6 +98,8 @@ def main(argv=None):
     ap.add_argument("--max-epochs", type=int, default=200)
     ap.add_argument("--json")
     ap.add_argument("--genres", action="store_true", help="also with item_features = the movies' genres")
+    ap.add_argument("--precision", default="float32", choices=["float32", "bf16", "auto"],
+                    help="SequentialRecommender's training precision in every fit of the run")
     args = ap.parse_args(argv)
     data = load_movielens(args.path)
     U, I, T = data.users, data.items, data.timestamps
@@ -124,7 +126,8 @@ def main(argv=None):
     print(f"Recommender: {time.perf_counter() - t0:.1f} s", flush=True)
 
     rng = check_generator(args.seed + 100)
-    defaults = fastrec.SequentialRecommender().get_params()
+    defaults = fastrec.SequentialRecommender(precision=args.precision).get_params()
+    print(f"SequentialRecommender precision {args.precision}", flush=True)
     configs = [{}] + [{k: v[rng.integers(len(v))] for k, v in SPACE.items()} for _ in range(args.configs - 1)]
     variants = [("", None)]
     if args.genres:
@@ -152,7 +155,8 @@ def main(argv=None):
         fit_s = time.perf_counter() - t0
         results[f"SequentialRecommender{label} (chosen)"] = rank(model, tr, te, args.seed + 3)
         t0 = time.perf_counter()
-        plain = fastrec.SequentialRecommender(random_state=args.seed, n_threads=args.threads).fit(
+        plain = fastrec.SequentialRecommender(random_state=args.seed, n_threads=args.threads,
+                                              precision=args.precision).fit(
             U[tr], I[tr], T[tr], item_features=table)
         results[f"SequentialRecommender{label} (defaults)"] = rank(plain, tr, te, args.seed + 3)
         print(f"  defaults: fit {time.perf_counter() - t0:.1f} s ({len(plain.history_['loss'])} epochs, best "

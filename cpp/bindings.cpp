@@ -2070,6 +2070,33 @@ PYBIND11_MODULE(_core, m) {
            py::arg("epsilon"), py::arg("adam_t"), py::arg("training"), py::arg("epoch"), py::arg("n_threads") = 0,
            py::arg("isa") = "auto", py::arg("progress") = py::none());
 
+  // ---- the sequential model's bf16 products (gemm.h bf16_gemm_rows; test and benchmark hook) ----
+  m.def(
+      "bf16_gemm_rows",
+      [](py::handle a_obj, py::handle b_obj, bool trans_a, bool trans_b, const std::string& kernel,
+         const std::string& isa, int n_threads) {
+        py::array a = checked<float>(a_obj, "a", 2, false), b = checked<float>(b_obj, "b", 2, false);
+        const index_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
+        const index_t Kb = trans_b ? b.shape(1) : b.shape(0), N = trans_b ? b.shape(0) : b.shape(1);
+        if (K != Kb)
+          throw py::value_error("op(a) has " + std::to_string(K) + " columns but op(b) has " + std::to_string(Kb) +
+                                " rows");
+        const Isa chosen = resolve_isa(isa);
+        const bool native = resolve_bf16_kernel(kernel, chosen);
+        const KernelSet& ks = kernels_for(chosen);
+        py::array_t<float> c({M, N});
+        const float *pa = static_cast<const float*>(a.data()), *pb = static_cast<const float*>(b.data());
+        float* pc = c.mutable_data();
+        const index_t lda = a.shape(1), ldb = b.shape(1);
+        {
+          const CoreCall call;
+          bf16_gemm_rows(ks, native, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, nullptr, n_threads);
+        }
+        return c;
+      },
+      py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+      py::arg("kernel") = "auto", py::arg("isa") = "auto", py::arg("n_threads") = 0,
+      "bf16_gemm's product (the same bits) by the row-major-A path the sequential model uses.");
   py::class_<SequentialHandle>(m, "SequentialModel",
                                "A validated sequential model (docs/DESIGN.md, \"Sequential model (issue 13)\") over a "
                                "params dict of caller-owned float32 arrays, updated in place by train_epoch.")

@@ -246,8 +246,8 @@ void dense_gemm(const KernelSet& ks, const SeqWorkspace& ws, bool trans_a, bool 
   if (ws.precision == SeqPrecision::Float32)
     sgemm(ks, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
   else
-    bf16_gemm(ks, ws.precision == SeqPrecision::Bf16Native, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc,
-              epilogue, n_threads);
+    bf16_gemm_rows(ks, ws.precision == SeqPrecision::Bf16Native, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc,
+                   epilogue, n_threads);
 }
 
 index_t max_ffn(const SeqModel& m) {

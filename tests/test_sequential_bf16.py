@@ -214,3 +214,19 @@ def test_cli_precision_option_reaches_the_sequential_model():
     assert cli._recommender(args).precision == "bf16"
     args = cli._parser().parse_args(["train", "d.csv", "-o", "m", "--model", "sequential"])
     assert cli._recommender(args).get_params() == fastrec.SequentialRecommender().get_params()
+
+
+@pytest.mark.skipif("avx512_bf16" not in KERNELS, reason="no AVX512-BF16 here")
+@pytest.mark.parametrize("M, N, K, trans_b", [(5391, 192, 64, False), (1000, 64, 192, True), (13, 40, 7, False),
+                                              (1, 33, 65, True), (200, 17, 1100, False), (25, 3, 2, True)])
+def test_rows_path_gives_bf16_gemm_bits(M, N, K, trans_b):
+    """bf16_gemm_rows (the model's products: row-major A converted in place of packed panels) is bf16_gemm
+    bit for bit, on any thread count (odd K, partial tiles, K over one block included)."""
+    rng = np.random.default_rng(M + N + K)
+    a = rng.standard_normal((M, K), dtype=np.float32)
+    b = rng.standard_normal((N, K) if trans_b else (K, N), dtype=np.float32)
+    want = _core.bf16_gemm(a, b, False, trans_b, kernel="avx512_bf16", n_threads=1)
+    np.testing.assert_allclose(want, ref.bf16_gemm(a, b, False, trans_b), rtol=1e-4, atol=1e-4 * np.sqrt(K))
+    for n in (1, 2, 3):
+        np.testing.assert_array_equal(_core.bf16_gemm_rows(a, b, False, trans_b, kernel="avx512_bf16", n_threads=n),
+                                      want)
