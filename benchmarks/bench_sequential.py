@@ -31,6 +31,15 @@ machine (benchmarks/fma_peak.cpp: register-only FMA chains) gives a second, lowe
 multiply-adds of those products (attention counted causal: the lower triangle only) at that peak.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_sequential.py --rounds 7
+
+Precision (issue 13's 1-thread bar): ``--precision float32 bf16`` times one fastrec model per precision in the
+same interleaved rounds (each from the same initial parameters, with its own Adam state, on the same batches);
+bf16 is ``SequentialModel(precision="bf16")``: the projection and feed-forward products in bfloat16. Every
+ratio is against float32 PyTorch (the bar's); ``--torch-bf16`` also times PyTorch under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` for information. ``--no-floor`` skips the products floor.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_sequential.py --rounds 7 \
+        --precision float32 bf16 --torch-bf16 --no-floor
 """
 
 from __future__ import annotations
