@@ -98,7 +98,7 @@ def main(argv=None):
     ap.add_argument("--max-epochs", type=int, default=200)
     ap.add_argument("--json")
     ap.add_argument("--genres", action="store_true", help="also with item_features = the movies' genres")
-    ap.add_argument("--precision", default="float32", choices=["float32", "bf16", "auto"],
+    ap.add_argument("--precision", default="auto", choices=["float32", "bf16", "auto"],
                     help="SequentialRecommender's training precision in every fit of the run")
     ap.add_argument("--defaults-only", action="store_true",
                     help="fit SequentialRecommender with its defaults only (no search, no chosen refit, no baselines)")

@@ -188,7 +188,7 @@ def events(seed=0, n_users=60, n_items=40, per_user=12):
 def test_estimator_precision_trains_and_survives_save_load(tmp_path):
     users, items = events()
     kw = dict(embedding_dim=16, max_len=8, epochs=3, early_stopping=False, random_state=0, n_threads=1)
-    f32 = fastrec.SequentialRecommender(**kw).fit(users, items)
+    f32 = fastrec.SequentialRecommender(precision="float32", **kw).fit(users, items)
     b16 = fastrec.SequentialRecommender(precision="bf16", **kw).fit(users, items)
     assert b16.get_params()["precision"] == "bf16"
     # bf16 products change the trained weights, a little (same draws, same data)
@@ -203,6 +203,7 @@ def test_estimator_precision_trains_and_survives_save_load(tmp_path):
     loaded.partial_fit(users[:24], items[:24])
     b16.partial_fit(users[:24], items[:24])
     np.testing.assert_array_equal(loaded.params_["blocks"][0]["W1"], b16.params_["blocks"][0]["W1"])
+    assert fastrec.SequentialRecommender().precision == "auto"  # the default
     auto = fastrec.SequentialRecommender(precision="auto", **kw)
     want = "bf16" if "avx512_bf16" in KERNELS else "float32"
     assert auto._core_precision() == want

@@ -294,7 +294,8 @@ _HYPER_PARAMETERS = [
     ("--anneal-steps", "anneal_steps", "int-auto", "multvae: Adam steps over which beta rises by 1 (capped at "
      "--beta-max; auto: beta_max at 80%% of the steps)"),
     ("--precision", "precision", ("float32", "bf16", "auto"), "multvae / multdae: precision of the output layer's "
-     "training products (bf16: bfloat16 inputs, float32 sums and weights; auto: bf16 where the CPU has AVX512-BF16)"),
+     "training products; sequential: of the projection and feed-forward training products (bf16: bfloat16 "
+     "inputs, float32 sums and weights; auto: bf16 where the CPU has AVX512-BF16)"),
     ("--privacy", "privacy", "dpconfig", "recommender: differentially private training, fastrec.DPConfig's parameters "
      "as JSON, e.g. '{\"target_epsilon\": 8, \"delta\": 1e-5}' (needs fastrec[privacy])"),
 ]

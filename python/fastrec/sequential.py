@@ -136,13 +136,16 @@ class SequentialRecommender(RecommenderBase):
     n_threads : int or None, default=None
         Threads of the core (None: all cores). Results are the same for any value.
     verbose : bool, default=False
-    precision : "float32", "bf16" or "auto", default="float32"
+    precision : "float32", "bf16" or "auto", default="auto"
         Arithmetic of training's projection and feed-forward products (q, k, v, attention output, both
         feed-forward layers: forward and both backward products of each, most of an epoch's flops). "bf16":
         operands rounded to bfloat16, products summed in float32; weights, Adam state, layer norms, attention,
         softmax and the loss float32. On CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids and later) the products
-        run ~1.5-2x faster, elsewhere emulated (slower than float32). "auto": "bf16" where AVX512-BF16 is
-        available, else "float32". Scoring (recommend, validation, vectors) is float32 always.
+        run ~1.5-2x faster (an epoch ~1.2x on one thread), elsewhere emulated (slower than float32). "auto"
+        (the default): "bf16" where AVX512-BF16 is available, else "float32": on MovieLens-100k the defaults
+        scored the same in both precisions within the seed-to-seed spread (benchmarks/SEQUENTIAL.md), and a
+        model's bits already depend on the CPU's kernels. Scoring (recommend, validation, vectors) is float32
+        always.
     """
 
     _fitted_attr = "params_"
@@ -162,7 +165,7 @@ class SequentialRecommender(RecommenderBase):
     def __init__(self, embedding_dim=64, max_len=50, n_blocks=2, n_heads=1, ffn_dim=None, dropout=0.2, loss="bce",
                  negatives=1, optimizer="adam", learning_rate=1e-3, batch_size=128, epochs=200,
                  validation_metric="auto", early_stopping=True, n_iter_no_change=10, random_state=None,
-                 n_threads=None, verbose=False, precision="float32"):
+                 n_threads=None, verbose=False, precision="auto"):
         self.embedding_dim = embedding_dim
         self.max_len = max_len
         self.n_blocks = n_blocks
