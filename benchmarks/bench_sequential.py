@@ -31,6 +31,15 @@ machine (benchmarks/fma_peak.cpp: register-only FMA chains) gives a second, lowe
 multiply-adds of those products (attention counted causal: the lower triangle only) at that peak.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_sequential.py --rounds 7
+
+Precision (issue 13's 1-thread bar): ``--precision float32 bf16`` times one fastrec model per precision in the
+same interleaved rounds (each from the same initial parameters, with its own Adam state, on the same batches);
+bf16 is ``SequentialModel(precision="bf16")``: the projection and feed-forward products in bfloat16. Every
+ratio is against float32 PyTorch (the bar's); ``--torch-bf16`` also times PyTorch under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` for information. ``--no-floor`` skips the products floor.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_sequential.py --rounds 7 \
+        --precision float32 bf16 --torch-bf16 --no-floor
 """
 
 from __future__ import annotations
@@ -260,6 +269,13 @@ def main():
     ap.add_argument("--dropout", type=float, nargs="+", default=[0.2, 0.0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "bf16"],
+                    help="fastrec's training precision(s), each timed in the same interleaved rounds (bf16: the "
+                         "projection and feed-forward products in bfloat16, SequentialModel(precision='bf16'))")
+    ap.add_argument("--torch-bf16", action="store_true",
+                    help="also time PyTorch under torch.autocast('cpu', dtype=torch.bfloat16) (information: the bar "
+                         "compares with float32 PyTorch)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the products floor and the FMA peak")
     args = ap.parse_args()
 
     import torch
@@ -274,25 +290,31 @@ def main():
     print(f"MovieLens-100k: {n_users} users, {n_items} items, {len(items)} events; L={L} d={d} blocks={n_blocks} "
           f"heads={heads} ffn={f} negatives={K} batch={args.batch_size}; torch {torch.__version__}")
     print(f"load average at start: {load_avg():.2f}")
-    floor = ProductFloor(d, f, n_blocks, heads)
-    peak_of = fma_peak_runner()
+    floor = None if args.no_floor else ProductFloor(d, f, n_blocks, heads)
+    peak_of = None if args.no_floor else fma_peak_runner()
 
     for dropout in args.dropout:
         rng = np.random.default_rng(0)
         params = init_params(rng, n_items, d, L, n_blocks, heads, f)
         model, opts = torch_model(params, dropout)
         model.train()
-        core_params = {**params, "blocks": [dict(b) for b in params["blocks"]]}
-        s1, s2 = zeros_like_params(params), zeros_like_params(params)
-        handle = _core.SequentialModel(core_params, True)
-        adam_t = [0]
+        # one core model per precision, each from the same initial parameters with its own Adam state
+        cores = {}
+        for prec in args.precision:
+            core_params = {**params, "blocks": [{k: v.copy() for k, v in b.items()} for b in params["blocks"]],
+                           "item_table": params["item_table"].copy(),
+                           "position_table": params["position_table"].copy(),
+                           "final_gamma": params["final_gamma"].copy(), "final_beta": params["final_beta"].copy()}
+            cores[prec] = {"handle": _core.SequentialModel(core_params, True, prec), "adam_t": 0,
+                           "state": (zeros_like_params(params), zeros_like_params(params))}
+        handle = cores[args.precision[0]]["handle"]
         epoch_no = [0]
 
-        def fastrec_epoch(order, n_threads):
-            out = handle.train_epoch(s1, s2, indptr, items, order, args.batch_size, training, dropout, "adam",
-                                     1e-3, 0.9, 0.98, 1e-8, adam_t[0], epoch_no[0], n_threads, "auto")
-            adam_t[0] = out[1]
-            epoch_no[0] += 1
+        def fastrec_epoch(prec, order, n_threads):
+            c = cores[prec]
+            out = c["handle"].train_epoch(*c["state"], indptr, items, order, args.batch_size, training, dropout,
+                                          "adam", 1e-3, 0.9, 0.98, 1e-8, c["adam_t"], epoch_no[0], n_threads, "auto")
+            c["adam_t"] = out[1]
 
         def core_batches(order):
             return handle.epoch_batches(indptr, items, order, args.batch_size, training, epoch_no[0])
@@ -300,17 +322,23 @@ def main():
         def torch_batches(batches):
             return [tuple(torch.from_numpy(a.astype(np.int64)) for a in b[:3]) for b in batches]
 
-        def torch_epoch(batches, n_threads):
+        def torch_epoch(batches, n_threads, model=model, opts=opts, bf16=False):
             torch.set_num_threads(n_threads)
             for seqs, targets, negatives in batches:
                 for o in opts:
                     o.zero_grad(set_to_none=True)
-                loss = model(seqs, targets, negatives)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(seqs, targets, negatives)
                 loss.backward()
                 for o in opts:
                     o.step()
 
-        times = {(impl, n): [] for impl in ("fastrec", "torch", "dense", "attention", "peak") for n in args.threads}
+        if args.torch_bf16:  # a second PyTorch model (same initial parameters) trained under bf16 autocast
+            model16, opts16 = torch_model(params, dropout)
+            model16.train()
+
+        impls = [f"fastrec {p}" for p in args.precision] + ["torch"] + (["torch bf16"] if args.torch_bf16 else [])
+        times = {(impl, n): [] for impl in impls + ["dense", "attention", "peak"] for n in args.threads}
         load_before = load_avg()
         order_rng = np.random.default_rng(1)
         for r in range(args.rounds + 1):  # round 0 warms up (allocations, thread pools), not recorded
@@ -319,31 +347,39 @@ def main():
                 core = core_batches(order)
                 batches = torch_batches(core)
                 lengths = [(b[0] >= 0).sum(axis=1) for b in core]
-                t0 = time.perf_counter()
-                fastrec_epoch(order, n)
-                t1 = time.perf_counter()
-                torch_epoch(batches, n)
-                t2 = time.perf_counter()
+                for impl in impls:
+                    t0 = time.perf_counter()
+                    if impl == "torch":
+                        torch_epoch(batches, n)
+                    elif impl == "torch bf16":
+                        torch_epoch(batches, n, model16, opts16, True)
+                    else:
+                        fastrec_epoch(impl.split()[1], order, n)
+                    if r:
+                        times[impl, n].append(time.perf_counter() - t0)
+                epoch_no[0] += 1
+                if floor is None:
+                    continue
                 dense, attention = floor.time_epoch(lengths, n)
                 gflops = peak_of(n) if peak_of else None
                 if r:
-                    times["fastrec", n].append(t1 - t0)
-                    times["torch", n].append(t2 - t1)
                     times["dense", n].append(dense)
                     times["attention", n].append(attention)
                     if gflops:  # seconds of the epoch's multiply-adds at the measured peak
                         times["peak", n].append(2.0 * sum(floor.fmas(x) for x in lengths) / (gflops * 1e9))
         load_after = load_avg()
         print(f"\ndropout {dropout}: {args.rounds} rounds, load average {load_before:.2f} -> {load_after:.2f}")
-        print("| threads | fastrec examples/s | PyTorch examples/s | ratio (per-round) |")
+        print("| threads | model | examples/s | vs PyTorch float32 (per-round ratio) |")
         print("|---|---|---|---|")
         for n in args.threads:
-            fr = [n_users / t for t in times["fastrec", n]]
             tr = [n_users / t for t in times["torch", n]]
-            ratios = [a / b for a, b in zip(fr, tr)]
-
-            print(f"| {n} | {fmt(fr)} | {fmt(tr)} | {statistics.median(ratios):.2f} "
-                  f"[{min(ratios):.2f}-{max(ratios):.2f}] |")
+            for impl in impls:
+                ex = [n_users / t for t in times[impl, n]]
+                ratios = [a / b for a, b in zip(ex, tr)]
+                print(f"| {n} | {impl} | {fmt(ex)} | {statistics.median(ratios):.2f} "
+                      f"[{min(ratios):.2f}-{max(ratios):.2f}] |")
+        if floor is None:
+            continue
         print("\nfloor (the same rounds): the products alone, examples/s; the bar needs PyTorch's x 3")
         print("| threads | dense products ms/epoch | attention products ms/epoch | floor examples/s "
               "| FMA-peak floor examples/s | PyTorch x 3 | fastrec examples/s |")
@@ -355,7 +391,7 @@ def main():
             fl = [n_users / (a + b) for a, b in zip(times["dense", n], times["attention", n])]
             pk = [n_users / t for t in times["peak", n]]
             need = [3 * n_users / t for t in times["torch", n]]
-            fr = [n_users / t for t in times["fastrec", n]]
+            fr = [n_users / t for t in times[impls[0], n]]
             print(f"| {n} | {ms(times['dense', n])} | {ms(times['attention', n])} | {fmt(fl)} | "
                   f"{fmt(pk) if pk else 'n/a'} | {fmt(need)} | {fmt(fr)} |")
 

@@ -98,6 +98,10 @@ def main(argv=None):
     ap.add_argument("--max-epochs", type=int, default=200)
     ap.add_argument("--json")
     ap.add_argument("--genres", action="store_true", help="also with item_features = the movies' genres")
+    ap.add_argument("--precision", default="auto", choices=["float32", "bf16", "auto"],
+                    help="SequentialRecommender's training precision in every fit of the run")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="fit SequentialRecommender with its defaults only (no search, no chosen refit, no baselines)")
     args = ap.parse_args(argv)
     data = load_movielens(args.path)
     U, I, T = data.users, data.items, data.timestamps
@@ -113,6 +117,17 @@ def main(argv=None):
         return r["hr@10"], r["ndcg@10"]
 
     results = {}
+    if args.defaults_only:
+        t0 = time.perf_counter()
+        plain = fastrec.SequentialRecommender(random_state=args.seed, n_threads=args.threads,
+                                              precision=args.precision).fit(U[tr], I[tr], T[tr])
+        hr, ndcg = rank(plain, tr, te, args.seed + 3)
+        print(f"SequentialRecommender (defaults, precision {args.precision}, seed {args.seed}): HR@10 {hr:.4f} "
+              f"NDCG@10 {ndcg:.4f}; fit {time.perf_counter() - t0:.1f} s ({len(plain.history_['loss'])} epochs, "
+              f"best {plain.best_epoch_})", flush=True)
+        ok = hr >= 0.69 and ndcg >= 0.40
+        print(f"bar HR@10 >= 0.69 and NDCG@10 >= 0.40: {'PASS' if ok else 'MISS'}")
+        return 0 if ok else 1
     results["popularity"] = rank(Popularity().fit(U[tr], I[tr]), tr, te, args.seed + 3)
     best = max((rank(Transitions(d).fit(U[fit_idx], I[fit_idx], T[fit_idx]), fit_idx, val_idx, args.seed + 2)[1], d)
                for d in (1.0, 0.5, 0.25))
@@ -124,7 +139,8 @@ def main(argv=None):
     print(f"Recommender: {time.perf_counter() - t0:.1f} s", flush=True)
 
     rng = check_generator(args.seed + 100)
-    defaults = fastrec.SequentialRecommender().get_params()
+    defaults = fastrec.SequentialRecommender(precision=args.precision).get_params()
+    print(f"SequentialRecommender precision {args.precision}", flush=True)
     configs = [{}] + [{k: v[rng.integers(len(v))] for k, v in SPACE.items()} for _ in range(args.configs - 1)]
     variants = [("", None)]
     if args.genres:
@@ -152,7 +168,8 @@ def main(argv=None):
         fit_s = time.perf_counter() - t0
         results[f"SequentialRecommender{label} (chosen)"] = rank(model, tr, te, args.seed + 3)
         t0 = time.perf_counter()
-        plain = fastrec.SequentialRecommender(random_state=args.seed, n_threads=args.threads).fit(
+        plain = fastrec.SequentialRecommender(random_state=args.seed, n_threads=args.threads,
+                                              precision=args.precision).fit(
             U[tr], I[tr], T[tr], item_features=table)
         results[f"SequentialRecommender{label} (defaults)"] = rank(plain, tr, te, args.seed + 3)
         print(f"  defaults: fit {time.perf_counter() - t0:.1f} s ({len(plain.history_['loss'])} epochs, best "

@@ -1294,7 +1294,13 @@ void require_seq_shape(const py::array& a, const std::string& what, std::pair<in
 // references are kept, so the arrays outlive any change the caller makes to the dict).
 class SequentialHandle {
  public:
-  SequentialHandle(const py::dict& params, bool trainable) : trainable_(trainable) {
+  SequentialHandle(const py::dict& params, bool trainable, const std::string& precision,
+                   const std::string& bf16_kernel)
+      : trainable_(trainable), precision_(precision), bf16_kernel_(bf16_kernel) {
+    if (precision != "float32" && precision != "bf16")
+      throw py::value_error("precision must be 'float32' or 'bf16', got '" + precision + "'");
+    if (bf16_kernel != "auto" && bf16_kernel != "emulated" && bf16_kernel != "avx512_bf16")
+      throw py::value_error("bf16_kernel must be 'auto', 'avx512_bf16' or 'emulated', got '" + bf16_kernel + "'");
     const py::handle heads = dict_item(params, "heads", "params");
     const py::handle blocks_obj = dict_item(params, "blocks", "params");
     if (!py::isinstance<py::list>(blocks_obj) && !py::isinstance<py::tuple>(blocks_obj))
@@ -1331,6 +1337,7 @@ class SequentialHandle {
 
   index_t dim() const { return model_.dim; }
   index_t max_len() const { return model_.max_len; }
+  const std::string& precision() const { return precision_; }
 
   py::array_t<float> forward(py::handle seqs_obj, bool last_only, int n_threads, const std::string& isa) const {
     const auto [ps, B] = checked_seqs(seqs_obj, "seqs");
@@ -1374,6 +1381,7 @@ class SequentialHandle {
     const float* log_q = checked_item_floats(log_q_obj, "log_q", false);
     check_dropout(dropout);
     const KernelSet& ks = kernels_for(resolve_isa(isa));
+    const SeqPrecision prec = seq_precision(isa);
     std::vector<float*> grads(model_.n_arrays());
     std::vector<py::array_t<float>> arrays;
     for (std::size_t i = 0; i < model_.n_arrays(); ++i) {
@@ -1387,7 +1395,7 @@ class SequentialHandle {
     {
       const CoreCall call;
       loss = seq_loss_and_gradients(ks, model_, ps, pt, pn, B, K, dropout, stream, grads, n_threads, log_q,
-                                    model_.features.on() ? feature_grad.mutable_data() : nullptr);
+                                    model_.features.on() ? feature_grad.mutable_data() : nullptr, prec);
     }
     py::dict out;
     out["item_table"] = arrays[0];
@@ -1456,18 +1464,25 @@ class SequentialHandle {
       }
     }
     const KernelSet& ks = kernels_for(resolve_isa(isa));
+    const SeqPrecision prec = seq_precision(isa);
     PythonSignals signals(progress);
     EpochResult result;
     {
       const CoreCall call;
       const Scratch scratch(*this);
       result = seq_train_epoch(ks, model_, t, opt, h, po, n_order, batch_size, dropout, epoch, std::ref(signals),
-                               n_threads, scratch.get(), feature_state[0], feature_state[1]);
+                               n_threads, scratch.get(), feature_state[0], feature_state[1], prec);
     }
     return epoch_tuple(result, opt.adam_t, signals);
   }
 
  private:
+  // The dense products' precision for a call under `isa` (bf16: the kernel as resolve_bf16_kernel).
+  SeqPrecision seq_precision(const std::string& isa) const {
+    if (precision_ != "bf16") return SeqPrecision::Float32;
+    return resolve_bf16_kernel(bf16_kernel_, resolve_isa(isa)) ? SeqPrecision::Bf16Native : SeqPrecision::Bf16Emulated;
+  }
+
   // The handle's scratch buffers while this call holds them; none (the call allocates its own) when another
   // call on the same handle is running.
   class Scratch {
@@ -1638,6 +1653,7 @@ class SequentialHandle {
 
   SeqModel model_;
   bool trainable_;
+  std::string precision_, bf16_kernel_;
   std::vector<py::object> keep_;
   mutable std::mutex scratch_mutex_;
   mutable std::unique_ptr<SeqScratch> scratch_;
@@ -2355,11 +2371,43 @@ PYBIND11_MODULE(_core, m) {
            py::arg("epsilon"), py::arg("adam_t"), py::arg("training"), py::arg("epoch"), py::arg("n_threads") = 0,
            py::arg("isa") = "auto", py::arg("progress") = py::none());
 
+  // ---- the sequential model's bf16 products (gemm.h bf16_gemm_rows; test and benchmark hook) ----
+  m.def(
+      "bf16_gemm_rows",
+      [](py::handle a_obj, py::handle b_obj, bool trans_a, bool trans_b, const std::string& kernel,
+         const std::string& isa, int n_threads) {
+        py::array a = checked<float>(a_obj, "a", 2, false), b = checked<float>(b_obj, "b", 2, false);
+        const index_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
+        const index_t Kb = trans_b ? b.shape(1) : b.shape(0), N = trans_b ? b.shape(0) : b.shape(1);
+        if (K != Kb)
+          throw py::value_error("op(a) has " + std::to_string(K) + " columns but op(b) has " + std::to_string(Kb) +
+                                " rows");
+        const Isa chosen = resolve_isa(isa);
+        const bool native = resolve_bf16_kernel(kernel, chosen);
+        const KernelSet& ks = kernels_for(chosen);
+        py::array_t<float> c({M, N});
+        const float *pa = static_cast<const float*>(a.data()), *pb = static_cast<const float*>(b.data());
+        float* pc = c.mutable_data();
+        const index_t lda = a.shape(1), ldb = b.shape(1);
+        {
+          const CoreCall call;
+          bf16_gemm_rows(ks, native, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, nullptr, n_threads);
+        }
+        return c;
+      },
+      py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+      py::arg("kernel") = "auto", py::arg("isa") = "auto", py::arg("n_threads") = 0,
+      "bf16_gemm's product (the same bits) by the row-major-A path the sequential model uses.");
   py::class_<SequentialHandle>(m, "SequentialModel",
                                "A validated sequential model (docs/DESIGN.md, \"Sequential model (issue 13)\") over a "
                                "params dict of caller-owned float32 arrays, updated in place by train_epoch.")
-      .def(py::init<const py::dict&, bool>(), py::arg("params"), py::arg("trainable") = false)
+      .def(py::init<const py::dict&, bool, const std::string&, const std::string&>(), py::arg("params"),
+           py::arg("trainable") = false, py::arg("precision") = "float32", py::arg("bf16_kernel") = "auto",
+           "precision 'bf16': in training (loss_and_gradients, train_epoch) the projection and feed-forward products "
+           "(forward and both backward) in bfloat16 (operands rounded, float32 sums; bf16_kernel as bf16_gemm's, "
+           "resolved per call against its isa); forward (scoring) is float32 always.")
       .def_property_readonly("dim", &SequentialHandle::dim)
+      .def_property_readonly("precision", &SequentialHandle::precision)
       .def_property_readonly("max_len", &SequentialHandle::max_len)
       .def("forward", &SequentialHandle::forward, py::arg("seqs"), py::arg("last_only") = false,
            py::arg("n_threads") = 0, py::arg("isa") = "auto")

@@ -287,9 +287,67 @@ void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_
     }
   }
 }
+
+// bf16_gemm_rows' loops: bf16_block's, with each mc block of A's rows converted to bf16 rows (Bf16RowsKernels)
+// instead of packed into MR panels. The same pair sums in the same order: bf16_block's bits.
+void bf16_rows_block(const Bf16Problem& p, const Bf16RowsKernels& rk, index_t m0, index_t m1, index_t n0,
+                     index_t n1) {
+  thread_local AlignedBuffer a_scratch, b_scratch;
+  const Bf16KernelSet& bk = p.bk;
+  const index_t blocks = ceil_div(p.K, bk.kc), kc_step = std::min(bk.kc, (ceil_div(p.K, blocks) + 1) / 2 * 2);
+  const index_t pairs_max = (std::min(kc_step, p.K) + 1) / 2;
+  auto* bbuf = reinterpret_cast<std::uint32_t*>(
+      b_scratch.get(static_cast<std::size_t>(pairs_max * ceil_div(std::min(bk.nc, n1 - n0), bk.nr) * bk.nr)));
+  auto* abuf = reinterpret_cast<std::uint32_t*>(
+      a_scratch.get(static_cast<std::size_t>(pairs_max * std::min(bk.mc, m1 - m0))));
+  for (index_t jc = n0; jc < n1; jc += bk.nc) {
+    const index_t nc = std::min(bk.nc, n1 - jc);
+    for (index_t pc = 0; pc < p.K; pc += kc_step) {
+      const index_t kc = std::min(kc_step, p.K - pc), pairs = (kc + 1) / 2;
+      const bool first = pc == 0, last = pc + kc == p.K;
+      for (index_t jr = 0; jr < nc; jr += bk.nr) {
+        const int n = static_cast<int>(std::min<index_t>(bk.nr, nc - jr));
+        const float* src = p.trans_b ? p.B + (jc + jr) * p.ldb + pc : p.B + pc * p.ldb + jc + jr;
+        bk.pack_b(!p.trans_b, src, p.ldb, n, kc, bbuf + jr * pairs);
+      }
+      for (index_t ic = m0; ic < m1; ic += bk.mc) {
+        const index_t mc = std::min(bk.mc, m1 - ic);
+        rk.convert(p.A + ic * p.lda + pc, p.lda, mc, kc, abuf, pairs);
+        for (index_t jr = 0; jr < nc; jr += bk.nr) {
+          const int n = static_cast<int>(std::min<index_t>(bk.nr, nc - jr));
+          for (index_t ir = 0; ir < mc; ir += bk.mr) {
+            const int m = static_cast<int>(std::min<index_t>(bk.mr, mc - ir));
+            float* c = p.C + (ic + ir) * p.ldc + jc + jr;
+            rk.ukernel(pairs, abuf + ir * pairs, pairs, bbuf + jr * pairs, c, p.ldc, !first, m, n);
+            if (last && p.epilogue) p.ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
+          }
+        }
+      }
+    }
+  }
+}
 #endif
 
 }  // namespace
+
+void bf16_gemm_rows(const KernelSet& ks, bool native, bool trans_a, bool trans_b, index_t M, index_t N, index_t K,
+                    const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
+                    const Epilogue* epilogue, int n_threads) {
+#ifdef FASTREC_HAVE_BF16_KERNELS
+  if (native && !trans_a && M > 0 && N > 0 && K > 0) {
+    require(!epilogue || !epilogue->exp_sums, "bf16_gemm: the exp_sums epilogue is not supported");
+    require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
+    const Bf16KernelSet& bk = bf16_kernels_avx512();
+    const Bf16RowsKernels& rk = bf16_rows_kernels_avx512();
+    const Bf16Problem problem{ks, bk, trans_a, trans_b, K, A, lda, B, ldb, C, ldc, epilogue};
+    split_c(M, N, K, bk.mr, bk.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+      bf16_rows_block(problem, rk, m0, m1, n0, n1);
+    });
+    return;
+  }
+#endif
+  bf16_gemm(ks, native, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
+}
 
 void bf16_gemm(const KernelSet& ks, bool native, bool trans_a, bool trans_b, index_t M, index_t N, index_t K,
                const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue,

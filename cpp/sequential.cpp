@@ -230,12 +230,25 @@ struct SeqWorkspace {
     return vrows.data() + static_cast<index_t>(vslot[static_cast<std::size_t>(item)]) * m.dim;
   }
 
+  SeqPrecision precision = SeqPrecision::Float32;  // of the dense products (dense_gemm); set by each call
+
   explicit SeqWorkspace(const SeqModel& model) : m(model) {
     ones.assign(static_cast<std::size_t>(std::max<index_t>(model.dim, 1)), 1.0f);
   }
 };
 
 namespace {
+
+// A projection or feed-forward product (sgemm's contract) in the call's precision.
+void dense_gemm(const KernelSet& ks, const SeqWorkspace& ws, bool trans_a, bool trans_b, index_t M, index_t N,
+                index_t K, const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
+                const Epilogue* epilogue, int n_threads) {
+  if (ws.precision == SeqPrecision::Float32)
+    sgemm(ks, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
+  else
+    bf16_gemm_rows(ks, ws.precision == SeqPrecision::Bf16Native, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc,
+                   epilogue, n_threads);
+}
 
 index_t max_ffn(const SeqModel& m) {
   index_t f = 0;
@@ -517,7 +530,7 @@ void qkv_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, in
              c.rstd1.data(), c.h1.data(), n_threads);
   Epilogue qkv;
   qkv.bias = c.bcat.data();
-  sgemm(ks, false, false, R, 3 * d, d, c.h1.data(), d, c.wcat.data(), 3 * d, c.qkv.data(), 3 * d, &qkv, n_threads);
+  dense_gemm(ks, ws, false, false, R, 3 * d, d, c.h1.data(), d, c.wcat.data(), 3 * d, c.qkv.data(), 3 * d, &qkv, n_threads);
 }
 
 // Block b on ws.x in place (cache c).
@@ -535,7 +548,7 @@ void block_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, 
     Epilogue e;
     e.bias = bias;
     if (dropout > 0.0) {
-      sgemm(ks, false, false, R, d, k, A, k, W, d, t1, d, &e, n_threads);
+      dense_gemm(ks, ws, false, false, R, d, k, A, k, W, d, t1, d, &e, n_threads);
       const DropoutSite drop(stream, site, dropout);
       for_rows(R, n_threads, [&](index_t r0, index_t r1) {
         drop.rows(ks, ws.pos.data(), r0, r1, d, mask);
@@ -545,7 +558,7 @@ void block_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, 
       e.addend = x;
       e.ld_addend = d;
       e.addend_scale = 1.0f;
-      sgemm(ks, false, false, R, d, k, A, k, W, d, t1, d, &e, n_threads);
+      dense_gemm(ks, ws, false, false, R, d, k, A, k, W, d, t1, d, &e, n_threads);
       std::memcpy(x, t1, sizeof(float) * static_cast<std::size_t>(R * d));
     }
   };
@@ -555,7 +568,7 @@ void block_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, 
   Epilogue hidden;
   hidden.bias = m.block(b, kB1);
   hidden.act = Activation::Relu;
-  sgemm(ks, false, false, R, f, d, c.h2.data(), d, m.block(b, kW1), f, c.u.data(), f, &hidden, n_threads);
+  dense_gemm(ks, ws, false, false, R, f, d, c.h2.data(), d, m.block(b, kW1), f, c.u.data(), f, &hidden, n_threads);
   add_residual(c.u.data(), f, m.block(b, kW2), m.block(b, kB2), 2 + 2 * b, c.df.data());
 }
 
@@ -739,16 +752,16 @@ void block_backward(const KernelSet& ks, SeqWorkspace& ws, int b, const BlockCac
     });
     dfo = t1;
   }
-  sgemm(ks, true, false, f, d, R, c.u.data(), f, dfo, d, g(kW2), d, nullptr, n_threads);
+  dense_gemm(ks, ws, true, false, f, d, R, c.u.data(), f, dfo, d, g(kW2), d, nullptr, n_threads);
   column_sums(ks, ws.row_sum_ids, dfo, d, R, d, g(kB2), n_threads);
   Epilogue relu;
   relu.mul = c.u.data();
   relu.ld_mul = f;
   relu.mul_act = Activation::Relu;
-  sgemm(ks, false, true, R, f, d, dfo, d, m.block(b, kW2), d, big, f, &relu, n_threads);
-  sgemm(ks, true, false, d, f, R, c.h2.data(), d, big, f, g(kW1), f, nullptr, n_threads);
+  dense_gemm(ks, ws, false, true, R, f, d, dfo, d, m.block(b, kW2), d, big, f, &relu, n_threads);
+  dense_gemm(ks, ws, true, false, d, f, R, c.h2.data(), d, big, f, g(kW1), f, nullptr, n_threads);
   column_sums(ks, ws.row_sum_ids, big, f, R, f, g(kB1), n_threads);
-  sgemm(ks, false, true, R, d, f, big, f, m.block(b, kW1), f, dh, d, nullptr, n_threads);
+  dense_gemm(ks, ws, false, true, R, d, f, big, f, m.block(b, kW1), f, dh, d, nullptr, n_threads);
   ln_backward(ks, ws.row_sum_ids, dh, m.block(b, kLn2Gamma), c.xhat2.data(), c.rstd2.data(), R, d, ws.ones.data(),
               ws.gscratch.data(), dx, g(kLn2Gamma), g(kLn2Beta), n_threads);
   // attention: x_mid = x_in + (o Wo + bo) * da
@@ -759,14 +772,14 @@ void block_backward(const KernelSet& ks, SeqWorkspace& ws, int b, const BlockCac
     });
     dao = t1;
   }
-  sgemm(ks, true, false, d, d, R, c.o.data(), d, dao, d, g(kWo), d, nullptr, n_threads);
+  dense_gemm(ks, ws, true, false, d, d, R, c.o.data(), d, dao, d, g(kWo), d, nullptr, n_threads);
   column_sums(ks, ws.row_sum_ids, dao, d, R, d, g(kBo), n_threads);
-  sgemm(ks, false, true, R, d, d, dao, d, m.block(b, kWo), d, dh, d, nullptr, n_threads);  // dO
+  dense_gemm(ks, ws, false, true, R, d, d, dao, d, m.block(b, kWo), d, dh, d, nullptr, n_threads);  // dO
   attention_backward(ks, ws, c, dh, n_threads);
   float* dqkv = ws.dqkv.data();
-  sgemm(ks, true, false, d, 3 * d, R, c.h1.data(), d, dqkv, 3 * d, ws.gwcat.data(), 3 * d, nullptr, n_threads);
+  dense_gemm(ks, ws, true, false, d, 3 * d, R, c.h1.data(), d, dqkv, 3 * d, ws.gwcat.data(), 3 * d, nullptr, n_threads);
   column_sums(ks, ws.row_sum_ids, dqkv, 3 * d, R, 3 * d, ws.gbcat.data(), n_threads);
-  sgemm(ks, false, true, R, d, 3 * d, dqkv, 3 * d, c.wcat.data(), 3 * d, dh, d, nullptr, n_threads);
+  dense_gemm(ks, ws, false, true, R, d, 3 * d, dqkv, 3 * d, c.wcat.data(), 3 * d, dh, d, nullptr, n_threads);
   ln_backward(ks, ws.row_sum_ids, dh, m.block(b, kLn1Gamma), c.xhat1.data(), c.rstd1.data(), R, d, ws.ones.data(),
               ws.gscratch.data(), dx, g(kLn1Gamma), g(kLn1Beta), n_threads);
   for (int k = 0; k < 3; ++k) {
@@ -1012,19 +1025,19 @@ void last_rows_forward(const KernelSet& ks, SeqWorkspace& ws, const std::vector<
   out.addend = xq;
   out.ld_addend = d;
   out.addend_scale = 1.0f;
-  sgemm(ks, false, false, Q, d, d, o, d, m.block(b, kWo), d, mid, d, &out, n_threads);
+  dense_gemm(ks, ws, false, false, Q, d, d, o, d, m.block(b, kWo), d, mid, d, &out, n_threads);
   ln_forward(ks, mid, Q, d, m.block(b, kLn2Gamma), m.block(b, kLn2Beta), ws.ones.data(), c.xhat2.data(),
              c.rstd2.data(), xq, n_threads);
   Epilogue hidden;
   hidden.bias = m.block(b, kB1);
   hidden.act = Activation::Relu;
-  sgemm(ks, false, false, Q, f, d, xq, d, m.block(b, kW1), f, c.u.data(), f, &hidden, n_threads);
+  dense_gemm(ks, ws, false, false, Q, f, d, xq, d, m.block(b, kW1), f, c.u.data(), f, &hidden, n_threads);
   Epilogue ffn;
   ffn.bias = m.block(b, kB2);
   ffn.addend = mid;
   ffn.ld_addend = d;
   ffn.addend_scale = 1.0f;
-  sgemm(ks, false, false, Q, d, f, c.u.data(), f, m.block(b, kW2), d, ws.x.data(), d, &ffn, n_threads);
+  dense_gemm(ks, ws, false, false, Q, d, f, c.u.data(), f, m.block(b, kW2), d, ws.x.data(), d, &ffn, n_threads);
   ln_forward(ks, ws.x.data(), Q, d, m.final_gamma(), m.final_beta(), ws.ones.data(), ws.xhatf.data(),
              ws.rstdf.data(), ws.z.data(), n_threads);
 }
@@ -1038,6 +1051,7 @@ void seq_forward(const KernelSet& ks, const SeqModel& m, const std::int32_t* seq
                  float* out, int n_threads, SeqScratch* scratch) {
   std::unique_ptr<SeqWorkspace> own(scratch ? nullptr : new SeqWorkspace(m));
   SeqWorkspace& ws = scratch ? scratch->get() : *own;
+  ws.precision = SeqPrecision::Float32;  // scoring is float32 whatever the training precision
   const index_t d = m.dim, L = m.max_len;
   const index_t chunk = std::max<index_t>(1, kForwardRows / L);
   for (index_t s0 = 0; s0 < B; s0 += chunk) {
@@ -1072,8 +1086,9 @@ void seq_forward(const KernelSet& ks, const SeqModel& m, const std::int32_t* seq
 double seq_loss_and_gradients(const KernelSet& ks, const SeqModel& m, const std::int32_t* seqs,
                               const std::int32_t* targets, const std::int32_t* negatives, index_t B, index_t K,
                               double dropout, std::uint64_t stream, const std::vector<float*>& grads, int n_threads,
-                              const float* log_q, float* feature_grad) {
+                              const float* log_q, float* feature_grad, SeqPrecision precision) {
   SeqWorkspace ws(m);
+  ws.precision = precision;
   const double loss =
       batch_gradients(ks, ws, seqs, targets, negatives, B, K, dropout, stream, false, n_threads, !negatives, log_q);
   for (std::size_t i = 1; i < m.n_arrays(); ++i)
@@ -1128,13 +1143,15 @@ index_t seq_batch(const SeqModel& m, const SeqHistories& h, const SeqTraining& t
 EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& m, const SeqTraining& t, Optimizer& opt,
                             const SeqHistories& h, const std::int64_t* order, index_t n_order, index_t batch_size,
                             double dropout, std::uint64_t epoch, const StopCheck& stop, int n_threads,
-                            SeqScratch* scratch, float* feature_state1, float* feature_state2) {
+                            SeqScratch* scratch, float* feature_state1, float* feature_state2,
+                            SeqPrecision precision) {
   const index_t L = m.max_len, K = t.softmax ? 0 : t.negatives, d = m.dim;
   const index_t n_max = std::min(batch_size, n_order);
   std::vector<std::int32_t> seqs(static_cast<std::size_t>(n_max * L)), targets(seqs.size()),
       negatives(seqs.size() * static_cast<std::size_t>(K));
   std::unique_ptr<SeqWorkspace> own(scratch ? nullptr : new SeqWorkspace(m));
   SeqWorkspace& ws = scratch ? scratch->get() : *own;
+  ws.precision = precision;
   EpochResult result;
   BatchThreads batch_threads(n_threads);
   SeqTraining t_batch = t;

@@ -92,6 +92,13 @@ struct SeqModel {
   }
 };
 
+// Precision of the projection and feed-forward products (forward, and both backward products of each): float32
+// sgemm, or bf16_gemm (gemm.h: operands rounded to bfloat16, products summed in float32) by the AVX512-BF16
+// kernel (native) or the emulated one, in training (seq_loss_and_gradients, seq_train_epoch); seq_forward
+// (scoring) is float32 always. Parameters, Adam state, layer norms, attention, softmax and the loss stay
+// float32. The oracle is reference.sequential_loss_and_gradients(..., precision="bf16").
+enum class SeqPrecision { Float32, Bf16Emulated, Bf16Native };
+
 // Canonical layout of a model with these sizes: arrays all null, to be filled by the caller.
 SeqModel seq_layout(index_t n_items, index_t dim, index_t max_len, int heads, const std::vector<index_t>& ffn);
 
@@ -129,7 +136,8 @@ void seq_forward(const KernelSet& ks, const SeqModel& model, const std::int32_t*
 double seq_loss_and_gradients(const KernelSet& ks, const SeqModel& model, const std::int32_t* seqs,
                               const std::int32_t* targets, const std::int32_t* negatives, index_t B, index_t K,
                               double dropout, std::uint64_t stream, const std::vector<float*>& grads, int n_threads,
-                              const float* log_q = nullptr, float* feature_grad = nullptr);
+                              const float* log_q = nullptr, float* feature_grad = nullptr,
+                              SeqPrecision precision = SeqPrecision::Float32);
 
 // Users' histories: CSR rows of item rows in time order.
 struct SeqHistories {
@@ -169,6 +177,6 @@ EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& model, const SeqTrain
                             const SeqHistories& h, const std::int64_t* order, index_t n_order, index_t batch_size,
                             double dropout, std::uint64_t epoch, const StopCheck& stop, int n_threads,
                             SeqScratch* scratch = nullptr, float* feature_state1 = nullptr,
-                            float* feature_state2 = nullptr);
+                            float* feature_state2 = nullptr, SeqPrecision precision = SeqPrecision::Float32);
 
 }  // namespace fastrec

@@ -198,6 +198,21 @@ struct Bf16KernelSet {
 #ifdef FASTREC_HAVE_BF16_KERNELS
 const Bf16KernelSet& bf16_kernels_avx512();  // kernels_avx512_bf16.cpp: needs avx512_bf16 (isa.h)
 #endif
+// bf16 products with row-major A read in place after a contiguous conversion (gemm.h bf16_gemm_rows): no MR
+// panels. convert(src, ld, rows, kc, out, ld_out): row r's kc floats rounded to bf16, stored as (kc + 1) / 2
+// pair words at out + r * ld_out (an odd kc's last pair has a zero high half). ukernel: the Bf16UkernelFn sums
+// (same order, same bits) with a(i, kp) at a[i * rs_a + kp]; rows i >= m are not read.
+using Bf16ConvertFn = void (*)(const float* src, index_t ld, index_t rows, index_t kc, std::uint32_t* out,
+                               index_t ld_out);
+using Bf16RowsUkernelFn = void (*)(index_t kp_count, const std::uint32_t* a, index_t rs_a, const std::uint32_t* b,
+                                   float* c, index_t ldc, bool accumulate, int m, int n);
+struct Bf16RowsKernels {
+  Bf16ConvertFn convert;
+  Bf16RowsUkernelFn ukernel;
+};
+#ifdef FASTREC_HAVE_BF16_KERNELS
+const Bf16RowsKernels& bf16_rows_kernels_avx512();  // kernels_avx512_bf16.cpp, as bf16_kernels_avx512
+#endif
 
 const KernelSet& kernels_scalar();
 #ifdef FASTREC_HAVE_X86_KERNELS

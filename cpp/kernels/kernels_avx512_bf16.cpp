@@ -179,7 +179,71 @@ void ukernel_avx512_bf16(index_t kp_count, const std::uint32_t* a, const std::ui
     tile<false>(kp_count, a, b, c, ldc, accumulate, m, n);
 }
 
+// ---- row-major A in place (kernels.h Bf16RowsKernels) ----
+
+void convert_rows(const float* src, index_t ld, index_t rows, index_t kc, std::uint32_t* out, index_t ld_out) {
+  for (index_t r = 0; r < rows; ++r) {
+    const float* s = src + r * ld;
+    auto* o = reinterpret_cast<std::uint16_t*>(out + r * ld_out);  // pair word kp = halves 2kp (low), 2kp + 1
+    index_t k = 0;
+    for (; k + 16 <= kc; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k),
+                          _mm512_maskz_cvtepi32_epi16(kAll, srl16(round16(_mm512_loadu_ps(s + k)))));
+    if (k < kc) {
+      const __mmask16 tail = lanes(static_cast<int>(kc - k));
+      const __m256i w = _mm512_maskz_cvtepi32_epi16(kAll, srl16(round16(_mm512_maskz_loadu_ps(tail, s + k))));
+      _mm256_mask_storeu_epi16(o + k, static_cast<__mmask16>(tail), w);
+    }
+    if (kc % 2) o[kc] = 0;
+  }
+}
+
+template <bool kHalf>
+inline void dot_loop_rows(index_t kp_count, const std::uint32_t* a, index_t rs_a, int m, const std::uint32_t* b,
+                          __m512 (&acc0)[kMr], __m512 (&acc1)[kMr]) {
+  const std::uint32_t* row[kMr];
+  for (int i = 0; i < kMr; ++i) row[i] = a + (i < m ? i : 0) * rs_a;  // rows past m re-read row 0, never stored
+  for (index_t kp = 0; kp < kp_count; ++kp, b += kNr) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
+    const __m512bh b1 = kHalf ? b0 : (__m512bh)_mm512_loadu_si512(b + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < kMr; ++i) {
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(row[i][kp]));
+      acc0[i] = _mm512_dpbf16_ps(acc0[i], ai, b0);
+      if (!kHalf) acc1[i] = _mm512_dpbf16_ps(acc1[i], ai, b1);
+    }
+  }
+}
+
+void ukernel_rows_avx512_bf16(index_t kp_count, const std::uint32_t* a, index_t rs_a, const std::uint32_t* b,
+                              float* c, index_t ldc, bool accumulate, int m, int n) {
+  __m512 acc0[kMr], acc1[kMr];
+  for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  if (n <= 16)
+    dot_loop_rows<true>(kp_count, a, rs_a, m, b, acc0, acc1);
+  else
+    dot_loop_rows<false>(kp_count, a, rs_a, m, b, acc0, acc1);
+  const __mmask16 mask0 = lanes(n), mask1 = lanes(n - 16);
+#pragma GCC unroll 12
+  for (int i = 0; i < kMr; ++i) {
+    if (i >= m) break;
+    float* ci = c + i * ldc;
+    __m512 r0 = acc0[i], r1 = acc1[i];
+    if (accumulate) {
+      r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, ci), r0);
+      r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, ci + 16), r1);
+    }
+    _mm512_mask_storeu_ps(ci, mask0, r0);
+    _mm512_mask_storeu_ps(ci + 16, mask1, r1);
+  }
+}
+
 }  // namespace
+
+const Bf16RowsKernels& bf16_rows_kernels_avx512() {
+  static const Bf16RowsKernels set{convert_rows, ukernel_rows_avx512_bf16};
+  return set;
+}
 
 const Bf16KernelSet& bf16_kernels_avx512() {
   static const Bf16KernelSet set{kMr, kNr, 1024, 192, 4096, ukernel_avx512_bf16, pack_bf16<kMr>, pack_bf16<kNr>};

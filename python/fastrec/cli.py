@@ -293,9 +293,10 @@ _HYPER_PARAMETERS = [
     ("--beta-max", "beta_max", float, "multvae: cap of the KL weight beta"),
     ("--anneal-steps", "anneal_steps", "int-auto", "multvae: Adam steps over which beta rises by 1 (capped at "
      "--beta-max; auto: beta_max at 80%% of the steps)"),
-    ("--precision", "precision", ("float32", "bf16", "auto"), "recommender / multvae / multdae: precision of the "
-     "training products (recommender: the MLP's; multvae / multdae: the output layer's) (bf16: bfloat16 inputs, "
-     "float32 sums and weights; auto: bf16 where the CPU has AVX512-BF16)"),
+    ("--precision", "precision", ("float32", "bf16", "auto"), "recommender / multvae / multdae / sequential: "
+     "precision of the training products (recommender: the MLP's; multvae / multdae: the output layer's; "
+     "sequential: the projections' and feed-forward's) (bf16: bfloat16 inputs, float32 sums and weights; auto: "
+     "bf16 where the CPU has AVX512-BF16)"),
     ("--privacy", "privacy", "dpconfig", "recommender: differentially private training, fastrec.DPConfig's parameters "
      "as JSON, e.g. '{\"target_epsilon\": 8, \"delta\": 1e-5}' (needs fastrec[privacy])"),
 ]

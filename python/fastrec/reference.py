@@ -1072,8 +1072,18 @@ def _seq_dtype(params):
     return np.asarray(params["item_table"]).dtype
 
 
-def _seq_forward(params, seqs, dropout, stream):
-    """Forward pass with its caches. seqs (B, L) item rows, -1 = padding (left-padded histories)."""
+def _seq_bf16(x, bf16):
+    """An operand of a projection or feed-forward product: precision "bf16" rounds it to bfloat16 (from its
+    float32 value, as the core rounds its float32 arrays), kept in x's dtype; "float32": x."""
+    if not bf16:
+        return x
+    return bf16_round(np.asarray(x, np.float32)).astype(np.asarray(x).dtype)
+
+
+def _seq_forward(params, seqs, dropout, stream, precision="float32"):
+    """Forward pass with its caches. seqs (B, L) item rows, -1 = padding (left-padded histories).
+    precision "bf16": the projection and feed-forward products take bf16-rounded operands (``_seq_bf16``)."""
+    r = lambda x: _seq_bf16(x, precision == "bf16")  # noqa: E731
     E = params["item_table"]
     P = params["position_table"]
     dtype = E.dtype
@@ -1091,17 +1101,17 @@ def _seq_forward(params, seqs, dropout, stream):
     for b, blk in enumerate(params["blocks"]):
         x_in = x
         h, ln1 = layer_norm(x, blk["ln1_gamma"], blk["ln1_beta"])
-        q = h @ blk["Wq"] + blk["bq"]
-        k = h @ blk["Wk"] + blk["bk"]
-        v = h @ blk["Wv"] + blk["bv"]
+        q = r(h) @ r(blk["Wq"]) + blk["bq"]
+        k = r(h) @ r(blk["Wk"]) + blk["bk"]
+        v = r(h) @ r(blk["Wv"]) + blk["bv"]
         o, A = causal_attention(q, k, v, mask, int(params["heads"]))
         da = dropout_scale(stream, 1 + 2 * b, x.shape, dropout, dtype)
-        a = (o @ blk["Wo"] + blk["bo"]) * da
+        a = (r(o) @ r(blk["Wo"]) + blk["bo"]) * da
         x_mid = x + a
         h2, ln2 = layer_norm(x_mid, blk["ln2_gamma"], blk["ln2_beta"])
-        u = np.maximum(h2 @ blk["W1"] + blk["b1"], dtype.type(0))
+        u = np.maximum(r(h2) @ r(blk["W1"]) + blk["b1"], dtype.type(0))
         df = dropout_scale(stream, 2 + 2 * b, x.shape, dropout, dtype)
-        f = (u @ blk["W2"] + blk["b2"]) * df
+        f = (r(u) @ r(blk["W2"]) + blk["b2"]) * df
         x = (x_mid + f) * m
         caches.append((x_in, h, ln1, q, k, v, o, A, da, x_mid, h2, ln2, u, df))
     z, lnf = layer_norm(x, params["final_gamma"], params["final_beta"])
@@ -1123,7 +1133,7 @@ def sequential_forward(params, seqs, n_threads=0, isa="auto"):
 
 
 def sequential_loss_and_gradients(params, seqs, targets, negatives, dropout=0.0, stream=0, n_threads=0,
-                                  isa="auto", log_q=None):
+                                  isa="auto", log_q=None, precision="float32"):
     """Loss of next-item prediction and the gradients of every parameter: BCE over sampled negatives
     (SASRec's), or, with ``negatives=None``, sampled softmax over the batch's targets.
 
@@ -1139,12 +1149,20 @@ def sequential_loss_and_gradients(params, seqs, targets, negatives, dropout=0.0,
     loss = sum_t [logsumexp_c s_tc - s_t,y_t] / N. Each position's own target is its positive; the other
     positions' targets are its negatives (distinct candidates: no accidental hit can repeat the positive).
 
+    ``precision="bf16"`` (the core's ``SequentialModel(precision="bf16")`` in training): every projection and
+    feed-forward product, forward (h Wq, h Wk, h Wv, o Wo, h2 W1, u W2) and both backward products of each
+    (weight gradient, input gradient), takes its two operands rounded to bfloat16 (``bf16_round`` of their
+    float32 values) and sums in the working dtype; everything else as "float32".
+
     Returns ``(loss, grads)`` with grads shaped like params ("item_table" dense, zero outside touched rows).
     """
+    if precision not in ("float32", "bf16"):
+        raise ValueError(f"precision must be 'float32' or 'bf16', got {precision!r}")
+    r = lambda x: _seq_bf16(x, precision == "bf16")  # noqa: E731
     E = params["item_table"]
     dtype = E.dtype
     d = E.shape[1]
-    z, (seqs, mask, m, drop0, caches, lnf) = _seq_forward(params, seqs, dropout, stream)
+    z, (seqs, mask, m, drop0, caches, lnf) = _seq_forward(params, seqs, dropout, stream, precision)
     targets = np.asarray(targets, dtype=np.int64)
     softmax = negatives is None
     if not softmax:
@@ -1198,24 +1216,24 @@ def sequential_loss_and_gradients(params, seqs, targets, negatives, dropout=0.0,
         g = {}
         dx = dx * m
         dfo = dx * df
-        g["W2"] = np.einsum("btf,btd->fd", u, dfo)
+        g["W2"] = np.einsum("btf,btd->fd", r(u), r(dfo))
         g["b2"] = np.sum(dfo, axis=(0, 1))
-        du = (dfo @ blk["W2"].T) * (u > 0)
-        g["W1"] = np.einsum("btd,btf->df", h2, du)
+        du = (r(dfo) @ r(blk["W2"]).T) * (u > 0)
+        g["W1"] = np.einsum("btd,btf->df", r(h2), r(du))
         g["b1"] = np.sum(du, axis=(0, 1))
-        dh2 = du @ blk["W1"].T
+        dh2 = r(du) @ r(blk["W1"]).T
         dln2, g["ln2_gamma"], g["ln2_beta"] = layer_norm_backward(dh2, blk["ln2_gamma"], ln2)
         dx = dx + dln2  # dLoss/dx_mid
         dao = dx * da
-        g["Wo"] = np.einsum("btc,btd->cd", o, dao)
+        g["Wo"] = np.einsum("btc,btd->cd", r(o), r(dao))
         g["bo"] = np.sum(dao, axis=(0, 1))
-        do = dao @ blk["Wo"].T
+        do = r(dao) @ r(blk["Wo"]).T
         dq, dk, dv = causal_attention_backward(do, q, k, v, A, heads)
         dh = np.zeros_like(h)
         for name, dp in (("q", dq), ("k", dk), ("v", dv)):
-            g["W" + name] = np.einsum("btc,btd->cd", h, dp)
+            g["W" + name] = np.einsum("btc,btd->cd", r(h), r(dp))
             g["b" + name] = np.sum(dp, axis=(0, 1))
-            dh = dh + dp @ blk["W" + name].T
+            dh = dh + r(dp) @ r(blk["W" + name]).T
         dln1, g["ln1_gamma"], g["ln1_beta"] = layer_norm_backward(dh, blk["ln1_gamma"], ln1)
         dx = dx + dln1  # dLoss/dx_in
         grads["blocks"].insert(0, g)
