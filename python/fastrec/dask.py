@@ -669,8 +669,9 @@ class DaskRecommender:
                 results = [pinned(r, _round, job, r, combined, dense, epoch, rows_per_round) for r in range(n_rep)]
                 stats = [pinned(r, _pick, results[r], "stats") for r in range(n_rep)]
                 dense = [pinned(r, _pick, results[r], "dense") for r in range(n_rep)]
-                combined = [pinned(s, _combine, job, s, *[pinned(r, _pick, results[r], "pieces", s) for r in range(n_rep)],
-                                   last=final_round) for s in range(n_rep)]
+                combined = [pinned(s, _combine, job, s, *[pinned(r, _pick, results[r], "pieces", s)
+                                                          for r in range(n_rep)], last=final_round)
+                            for s in range(n_rep)]
                 # Only the figures come back: the combine runs while the driver submits the next round.
                 got = self._gather(client, stats, f"epoch {epoch + 1}", workers)
                 keep = {id(f) for f in combined + dense + [shared]}  # the rest is done: let Dask release it
