@@ -403,10 +403,13 @@ def _changed_rows(job, shard, after):
 
 
 def _seen_pairs(job, replica):
-    """The replica's seen items (a CSR over every user), and its random stream's state (replica 0's continues
-    the model's)."""
-    rep = _replica(job, replica)
-    return rep.est._seen, rep.rng.get_state()
+    """The replica's seen items (a CSR over every user): fixed from its start, collected while it trains."""
+    return _replica(job, replica).est._seen
+
+
+def _rng_state(job, replica, after):
+    """The replica's random stream's state (replica 0's continues the model's) after its last round (`after`)."""
+    return _replica(job, replica).rng.get_state()
 
 
 def _union_seen(csrs, n_items):
@@ -414,6 +417,9 @@ def _union_seen(csrs, n_items):
     their sorted keys merged (a stable sort of sorted runs is a merge: 0.1 s for 10^7 pairs where merging the
     replicas' pairs one by one took seconds), duplicates dropped."""
     n_rows = len(csrs[0][0]) - 1
+    kept = [c for c in csrs if len(c[1])]  # the driver's on a first fit is empty
+    if len(kept) == 1 and kept[0][0].dtype == csrs[0][0].dtype:
+        return kept[0]
     keys = np.concatenate([np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr)) * n_items + indices
                            for indptr, indices in csrs])
     keys = np.sort(keys, kind="stable")
@@ -652,6 +658,7 @@ class DaskRecommender:
         counts = model._seen_counts + sum(c for c, _ in built)
         self._gather(client, [pinned(r, _counts, job, r, counts) for r in range(n_rep)], "building the replicas",
                      workers)
+        seen = [pinned(r, _seen_pairs, job, r) for r in range(n_rep)]  # ready now: collected after the training
         epochs = int(model.epochs) if epochs is None else epochs
         self._marks.append(time.perf_counter())
         rows_per_round = (1 << 62) if self.sync_every is None else self.sync_every * int(model.batch_size)
@@ -676,7 +683,7 @@ class DaskRecommender:
                             for s in range(n_rep)]
                 # Only the figures come back: the combine runs while the driver submits the next round.
                 got = self._gather(client, stats, f"epoch {epoch + 1}", workers)
-                keep = {id(f) for f in combined + dense + [shared]}  # the rest is done: let Dask release it
+                keep = {id(f) for f in combined + dense + seen + [shared]}  # the rest is done: let Dask release it
                 futures[:] = [f for f in futures if id(f) in keep]
                 if round_bytes:  # the last round's combined shards, as the replicas received them
                     round_bytes[-1] += sum(g["received_bytes"] for g in got)
@@ -701,20 +708,30 @@ class DaskRecommender:
         # and the last dense mean.
         self._marks.append(time.perf_counter())
         finals = [pinned(s, _changed_rows, job, s, combined[s]) for s in range(n_rep)]
-        pairs = [pinned(r, _seen_pairs, job, r) for r in range(n_rep)]
-        got = self._gather(client, finals + pairs + (last_dense or []), "collecting the model", workers)
-        finals, pairs, last = got[:n_rep], got[n_rep:2 * n_rep], got[2 * n_rep:]
-        net = model.net_
-        for shard in finals:
-            for arrays, rows in zip(_tables(net), shard):
-                _write_rows(arrays, rows[0], rows)
-        mean = _dense_mean(last)
-        if mean is not None:
-            for dst, src in zip(_dense(net), mean[0]):
-                np.copyto(dst, src)
-            net.adam_t = mean[1]
-        model._seen = _union_seen([model._seen] + [p[0] for p in pairs], len(model._items) + 1)
-        model._rng.set_state(pairs[0][1])
+        rng = pinned(0, _rng_state, job, 0, results[0])
+        # The seen pairs' union on a helper thread (NumPy's sorts release the GIL) while the last combine runs
+        # and the rows arrive.
+        import concurrent.futures
+
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            csrs = self._gather(client, seen, "collecting the seen items", workers)
+            union = pool.submit(_union_seen, [model._seen] + csrs, len(model._items) + 1)
+            got = self._gather(client, finals + [rng] + (last_dense or []), "collecting the model", workers)
+            finals, state, last = got[:n_rep], got[n_rep], got[n_rep + 1:]
+            net = model.net_
+            for shard in finals:
+                for arrays, rows in zip(_tables(net), shard):
+                    _write_rows(arrays, rows[0], rows)
+            mean = _dense_mean(last)
+            if mean is not None:
+                for dst, src in zip(_dense(net), mean[0]):
+                    np.copyto(dst, src)
+                net.adam_t = mean[1]
+            model._seen = union.result()
+        finally:
+            pool.shutdown(wait=False)
+        model._rng.set_state(state)
         model._seen_counts = counts
         model._update_counts()
         self._marks.append(time.perf_counter())
