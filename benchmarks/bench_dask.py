@@ -17,6 +17,8 @@ median [min-max] of each and the per-round ratios, and the bytes the fit exchang
 one replica's training (the workers' own functions, half the files, in a plain process without Dask) alone,
 then both halves' replicas side by side in two processes; the limit on the training speed-up is
 2 x alone / the slower of the pair (a 1-worker fit trains both halves one after the other).
+--limit-dask-env: the limit measured with the environment a Dask nanny gives its workers
+(`distributed.nanny.pre-spawn-environ`: MALLOC_TRIM_THRESHOLD_ among them).
 """
 
 import argparse
@@ -66,12 +68,23 @@ def _train_half(data, half, n_users, n_items, params, queue, barrier):
     queue.put((half, stats["train_s"], stats["rows"]))
 
 
-def training_limit(data, n_users, n_items, params):
+def training_limit(data, n_users, n_items, params, environ=None):
     """(alone seconds, paired seconds of the slower, limit on the speed-up): one half's replica trained alone,
-    then both halves side by side (spawned processes, 1 thread each)."""
+    then both halves side by side (spawned processes, 1 thread each), with `environ` added to their environment
+    (e.g. the variables a Dask nanny sets for its worker)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
+    saved = dict(os.environ)
+    os.environ.update({k: str(v) for k, v in (environ or {}).items()})  # read by the children as they start
+    try:
+        return _limit(ctx, data, n_users, n_items, params)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _limit(ctx, data, n_users, n_items, params):
     out = {}
     for label, halves in (("alone", (0,)), ("paired", (0, 1))):
         queue, barrier = ctx.Queue(), ctx.Barrier(len(halves))
@@ -104,9 +117,12 @@ def main():
                     "to alternate the order across runs of --rounds 1")
     ap.add_argument("--score-users", type=int, default=20_000)
     ap.add_argument("--data", default="/tmp/fastrec_bench_dask/interactions")
-    ap.add_argument("--what", choices=("fit", "top10", "both"), default="both",
-                    help="top10 alone scores a model fitted once (untimed) and saved beside the data")
+    ap.add_argument("--what", choices=("fit", "top10", "both", "none"), default="both",
+                    help="top10 alone scores a model fitted once (untimed) and saved beside the data; none: only "
+                    "the limits")
     ap.add_argument("--limit", action="store_true", help="also measure the training's own limit (module docstring)")
+    ap.add_argument("--limit-dask-env", action="store_true", help="the limit measured with the "
+                    "environment a Dask nanny gives its workers (distributed.nanny.pre-spawn-environ)")
     args = ap.parse_args()
 
     import dask.array as da
@@ -140,7 +156,7 @@ def main():
                                                              ).to_local().save(path)
         model = fastrec.load(path)
     for r in range(args.first_round, args.first_round + args.rounds):
-        for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
+        for workers in ((1, 2) if r % 2 == 0 else (2, 1)) if args.what != "none" else ():
             with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                               memory_limit=None) as cluster, Client(cluster) as client:
                 line = f"round {r} workers {workers}:"
@@ -180,6 +196,13 @@ def main():
             limits.append(limit)
             print(f"round {r} training limit: one half alone {alone:.1f} s, both halves side by side {paired:.1f} s "
                   f"(slower): 2-worker training at most {limit:.2f}x; load {os.getloadavg()[0]:.2f}", flush=True)
+        if args.limit_dask_env:
+            import dask
+
+            env = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+            alone, paired, limit = training_limit(args.data, args.users, args.items, params, env)
+            print(f"round {r} training limit with {env}: alone {alone:.1f} s, side by side {paired:.1f} s: "
+                  f"{limit:.2f}x; load {os.getloadavg()[0]:.2f}", flush=True)
     print("\n| what | 1 worker | 2 workers | ratio per round |\n|---|---|---|---|")
     for what, unit in (("fit", "interactions/s"), ("top10", "users/s")):
         if not results[1][what]:

@@ -90,6 +90,14 @@ def bags_of_csr(X, mean: bool) -> tuple:
     return (indptr, np.asarray(X.indices, dtype=np.int32), weights)
 
 
+def _unique(a):
+    """np.unique(a); int ids by the core's radix sort (NumPy 2's hash-based unique took 1.6 s on the 2 x 10^6
+    ids of a 10^6-user interaction set plus its feature table, the core 0.1 s)."""
+    if a.dtype.kind != "i" or len(a) == 0:
+        return np.unique(a)
+    return _core.unique_ids(np.require(a, np.int64, ["C", "A"]))[0].astype(a.dtype, copy=False)
+
+
 @persistable
 class IdIndex:
     """Raw ids (ints or strings) <-> numbers 1..N (0 = unknown): users and items of a Recommender, values of a
@@ -100,7 +108,7 @@ class IdIndex:
         present = [a for a in id_arrays if a is not None and len(a)]
         if len({a.dtype.kind == "U" for a in present}) > 1:
             raise TypeError(f"{what} mix strings and integers between the interactions and the feature table")
-        self.ids = np.unique(np.concatenate(present)) if present else np.zeros(0, np.int64)
+        self.ids = _unique(np.concatenate(present)) if present else np.zeros(0, np.int64)
         self.what = what
         self._index_ids()
 

@@ -168,16 +168,18 @@ def _start(job, replica, n_replicas, source, seed, *parts):
 
 def _digest(est, tables):
     """A fingerprint of the id mapping, the table shapes and the initial parameters (the embedding tables' values
-    only if `tables`: the driver's first-fit copy has zeros there). Optimizer state is left out: zeros on a first
-    fit, a copy of the model's on partial_fit."""
+    only if `tables`: the driver's first-fit copy has zeros there; 4,096 rows of each, evenly spaced: a table
+    drawn differently differs in every row, and hashing whole tables took 0.3 s of each replica's build).
+    Optimizer state is left out: zeros on a first fit, a copy of the model's on partial_fit."""
     import hashlib
 
     net = est.net_
     h = hashlib.sha256(repr([t.shape for t in net.tables]).encode())
     for a in (est._users.ids, est._items.ids, *net.coefs, *net.intercepts,
-              *([] if net.gmf_w is None else [net.gmf_w]), *(net.tables if tables else ())):
+              *([] if net.gmf_w is None else [net.gmf_w]),
+              *(t[::max(1, len(t) // 4096)] for t in (net.tables if tables else ()))):
         buf = np.ascontiguousarray(a)
-        h.update(buf.tobytes() if buf.dtype.hasobject else memoryview(buf).cast("B"))  # no copy of the tables
+        h.update(buf.tobytes() if buf.dtype.hasobject else memoryview(buf).cast("B"))  # no copy of the ids
     return h.hexdigest()
 
 
@@ -296,12 +298,13 @@ def _pick(result, what, shard=None):
     return result[what] if shard is None else result[what][shard]
 
 
-def _combine(job, shard, *pieces):
+def _combine(job, shard, *pieces, last=False):
     """On the replica that owns `shard`: combine the replicas' pieces of it (each replica's touched rows of
     the shard, or None; this replica's own piece is its row ids, their values are in its tables) and write the
     result into this replica's tables. A row gets its old value plus every replica's change (one replica's
     change: that replica's value exactly), its optimizer state the mean of the states of the replicas that
-    touched it. Returns the combined rows, for the other replicas (None when there are none).
+    touched it. Returns the combined rows, for the other replicas (None when there are none, or when `last`: the
+    fit's last round, after which only the driver reads the shard, from the tables).
 
     Summing row changes keeps a popular item learning as fast as on one machine (averaging them divided its
     progress by the replicas: MovieLens-100k test RMSE gap to a local fit +0.0076 summed, benchmarks/DASK.md);
@@ -322,7 +325,7 @@ def _combine(job, shard, *pieces):
         if not others:  # nothing but this replica's own rows: in place already
             ids = parts[0][1][0] if parts else np.zeros(0, np.int32)
             rep.changed[j][ids - lo] = 1
-            out.append(None if rep.n_replicas == 1 else (ids, *(None if a is None else a[ids] for a in arrays)))
+            out.append(None if rep.n_replicas == 1 or last else (ids, *(None if a is None else a[ids] for a in arrays)))
             continue
         if len(parts) == 1:  # one other replica's rows: its values and state exactly
             combined = parts[0][1]
@@ -331,33 +334,50 @@ def _combine(job, shard, *pieces):
             count = np.zeros(hi - lo, np.int32)
             for _, p in parts:
                 count[p[0] - lo] += 1
-            local = np.flatnonzero(count)
-            union = (local + lo).astype(np.int32)
-            at = np.empty(hi - lo, np.int64)  # read only at the union's rows
-            at[local] = np.arange(len(local))
+            union = (np.flatnonzero(count) + lo).astype(np.int32)
             base = rep.shadow[j]
             for _, p in others:  # each change added in float64 (a row only one replica changed: its value exactly)
                 rows = p[0]
-                arrays[0][rows] = (arrays[0][rows].astype(np.float64) + p[1] -
-                                   base[rows - lo].astype(np.float64)).astype(np.float32)
-            states = []
-            n = count[local].astype(np.float32)
-            for k in (1, 2):
-                if arrays[k] is None:
-                    states.append(None)
-                    continue
-                # float32: a mean of optimizer states needs no more (float64 doubled the combine's time)
-                total = np.zeros((len(union),) + arrays[k].shape[1:], np.float32)
-                for r, p in parts:
-                    total[at[p[0] - lo]] += arrays[k][p[0]] if r == shard else p[k + 1]
-                total /= n.reshape(-1, *[1] * (total.ndim - 1))
-                states.append(total)
-            combined = (union, arrays[0][union], *states)
-            _write_rows(arrays[1:], union, combined[1:])  # the states (the values are in place)
-        rep.shadow[j][combined[0] - lo] = combined[1]
+                total = np.add(arrays[0][rows], p[1], dtype=np.float64)
+                total -= base[rows - lo]
+                arrays[0][rows] = total
+            if len(parts) == 2:  # this replica's and one other's: the mean in place, one pass per state
+                p = others[0][1]
+                rows = p[0]
+                only = np.flatnonzero(count[rows - lo] == 1)  # rows this replica did not touch: the other's state
+                for k in (1, 2):
+                    if arrays[k] is not None:
+                        # (a + b) / 2 in float32, as the general rule's sum and division
+                        mean = arrays[k][rows]
+                        mean += p[k + 1]
+                        mean *= np.float32(0.5)
+                        mean[only] = p[k + 1][only]
+                        arrays[k][rows] = mean
+                combined = (union, *(None if a is None or last else a[union] for a in arrays))
+            else:
+                local = union - lo
+                at = np.empty(hi - lo, np.int64)  # read only at the union's rows
+                at[local] = np.arange(len(local))
+                states = []
+                n = count[local].astype(np.float32)
+                for k in (1, 2):
+                    if arrays[k] is None:
+                        states.append(None)
+                        continue
+                    # float32: a mean of optimizer states needs no more (float64 doubled the combine's time)
+                    total = np.zeros((len(union),) + arrays[k].shape[1:], np.float32)
+                    for r, p in parts:
+                        total[at[p[0] - lo]] += arrays[k][p[0]] if r == shard else p[k + 1]
+                    total /= n.reshape(-1, *[1] * (total.ndim - 1))
+                    states.append(total)
+                combined = (union, arrays[0][union], *states)
+                _write_rows(arrays[1:], union, combined[1:])  # the states (the values are in place)
         rep.changed[j][combined[0] - lo] = 1
+        if last:  # nothing reads the shadow or the combined rows again: no copies of them
+            continue
+        rep.shadow[j][combined[0] - lo] = combined[1]
         out.append(combined)
-    return out
+    return None if last else out
 
 
 def _nbytes(obj):
@@ -383,10 +403,13 @@ def _changed_rows(job, shard, after):
 
 
 def _seen_pairs(job, replica):
-    """The replica's seen items (a CSR over every user), and its random stream's state (replica 0's continues
-    the model's)."""
-    rep = _replica(job, replica)
-    return rep.est._seen, rep.rng.get_state()
+    """The replica's seen items (a CSR over every user): fixed from its start, collected while it trains."""
+    return _replica(job, replica).est._seen
+
+
+def _rng_state(job, replica, after):
+    """The replica's random stream's state (replica 0's continues the model's) after its last round (`after`)."""
+    return _replica(job, replica).rng.get_state()
 
 
 def _union_seen(csrs, n_items):
@@ -394,6 +417,9 @@ def _union_seen(csrs, n_items):
     their sorted keys merged (a stable sort of sorted runs is a merge: 0.1 s for 10^7 pairs where merging the
     replicas' pairs one by one took seconds), duplicates dropped."""
     n_rows = len(csrs[0][0]) - 1
+    kept = [c for c in csrs if len(c[1])]  # the driver's on a first fit is empty
+    if len(kept) == 1 and kept[0][0].dtype == csrs[0][0].dtype:
+        return kept[0]
     keys = np.concatenate([np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr)) * n_items + indices
                            for indptr, indices in csrs])
     keys = np.sort(keys, kind="stable")
@@ -612,8 +638,8 @@ class DaskRecommender:
         shared = self._share(client, source, workers, "building the replicas")
         futures.append(shared)
 
-        def pinned(r, fn, *args):  # a task on replica r's worker, named after the step (dashboard)
-            f = client.submit(fn, *args, workers=[workers[r][0]], allow_other_workers=False, pure=False,
+        def pinned(r, fn, *args, **kwargs):  # a task on replica r's worker, named after the step (dashboard)
+            f = client.submit(fn, *args, **kwargs, workers=[workers[r][0]], allow_other_workers=False, pure=False,
                               key=f"fastrec-{fn.__name__.strip('_')}-{uuid.uuid4().hex}")
             futures.append(f)
             return f
@@ -632,6 +658,7 @@ class DaskRecommender:
         counts = model._seen_counts + sum(c for c, _ in built)
         self._gather(client, [pinned(r, _counts, job, r, counts) for r in range(n_rep)], "building the replicas",
                      workers)
+        seen = [pinned(r, _seen_pairs, job, r) for r in range(n_rep)]  # ready now: collected after the training
         epochs = int(model.epochs) if epochs is None else epochs
         self._marks.append(time.perf_counter())
         rows_per_round = (1 << 62) if self.sync_every is None else self.sync_every * int(model.batch_size)
@@ -640,18 +667,23 @@ class DaskRecommender:
         # replica takes every combined shard and dense result. The driver only sees each round's figures.
         combined, dense, last_dense = None, None, None
         round_bytes, round_stats = [], []
-        for epoch in range(len(model.history_["loss"]), len(model.history_["loss"]) + epochs):
+        first_epoch = len(model.history_["loss"])
+        for epoch in range(first_epoch, first_epoch + epochs):
             epoch_start = time.perf_counter()
             loss, rows, left = 0.0, 0, True
+            # Once per epoch, the last epoch's round is the fit's last: its combine leaves the rows in the owners'
+            # tables for the driver to collect and copies nothing for the other replicas.
+            final_round = self.sync_every is None and epoch == first_epoch + epochs - 1
             while left:
                 results = [pinned(r, _round, job, r, combined, dense, epoch, rows_per_round) for r in range(n_rep)]
                 stats = [pinned(r, _pick, results[r], "stats") for r in range(n_rep)]
                 dense = [pinned(r, _pick, results[r], "dense") for r in range(n_rep)]
                 combined = [pinned(s, _combine, job, s, *[pinned(r, _pick, results[r], "pieces", s)
-                                                          for r in range(n_rep)]) for s in range(n_rep)]
+                                                          for r in range(n_rep)], last=final_round)
+                            for s in range(n_rep)]
                 # Only the figures come back: the combine runs while the driver submits the next round.
                 got = self._gather(client, stats, f"epoch {epoch + 1}", workers)
-                keep = {id(f) for f in combined + dense + [shared]}  # the rest is done: let Dask release it
+                keep = {id(f) for f in combined + dense + seen + [shared]}  # the rest is done: let Dask release it
                 futures[:] = [f for f in futures if id(f) in keep]
                 if round_bytes:  # the last round's combined shards, as the replicas received them
                     round_bytes[-1] += sum(g["received_bytes"] for g in got)
@@ -660,6 +692,8 @@ class DaskRecommender:
                     break
                 last_dense = dense
                 left = any(f["left"] > 0 for f in figures)
+                if left and final_round:  # one round is the whole epoch: cannot happen
+                    raise RuntimeError("a round of a whole epoch left rows untrained")
                 loss += sum(f["loss"] for f in figures)
                 rows += sum(f["rows"] for f in figures)
                 # Each replica's pieces for the other shards (and, added by the next round, each combined shard to
@@ -674,20 +708,30 @@ class DaskRecommender:
         # and the last dense mean.
         self._marks.append(time.perf_counter())
         finals = [pinned(s, _changed_rows, job, s, combined[s]) for s in range(n_rep)]
-        pairs = [pinned(r, _seen_pairs, job, r) for r in range(n_rep)]
-        got = self._gather(client, finals + pairs + (last_dense or []), "collecting the model", workers)
-        finals, pairs, last = got[:n_rep], got[n_rep:2 * n_rep], got[2 * n_rep:]
-        net = model.net_
-        for shard in finals:
-            for arrays, rows in zip(_tables(net), shard):
-                _write_rows(arrays, rows[0], rows)
-        mean = _dense_mean(last)
-        if mean is not None:
-            for dst, src in zip(_dense(net), mean[0]):
-                np.copyto(dst, src)
-            net.adam_t = mean[1]
-        model._seen = _union_seen([model._seen] + [p[0] for p in pairs], len(model._items) + 1)
-        model._rng.set_state(pairs[0][1])
+        rng = pinned(0, _rng_state, job, 0, results[0])
+        # The seen pairs' union on a helper thread (NumPy's sorts release the GIL) while the last combine runs
+        # and the rows arrive.
+        import concurrent.futures
+
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            csrs = self._gather(client, seen, "collecting the seen items", workers)
+            union = pool.submit(_union_seen, [model._seen] + csrs, len(model._items) + 1)
+            got = self._gather(client, finals + [rng] + (last_dense or []), "collecting the model", workers)
+            finals, state, last = got[:n_rep], got[n_rep], got[n_rep + 1:]
+            net = model.net_
+            for shard in finals:
+                for arrays, rows in zip(_tables(net), shard):
+                    _write_rows(arrays, rows[0], rows)
+            mean = _dense_mean(last)
+            if mean is not None:
+                for dst, src in zip(_dense(net), mean[0]):
+                    np.copyto(dst, src)
+                net.adam_t = mean[1]
+            model._seen = union.result()
+        finally:
+            pool.shutdown(wait=False)
+        model._rng.set_state(state)
         model._seen_counts = counts
         model._update_counts()
         self._marks.append(time.perf_counter())
