@@ -53,47 +53,148 @@ inline int resolve_threads(int n_threads) {
   return n_threads > 0 ? n_threads : max_threads();
 }
 
-// The thread count of each training batch when the caller asked for "all cores" (n_threads <= 0), chosen
-// by measurement. When other processes keep the cores busy, every parallel region waits for whichever of
-// its threads the OS has paused: an epoch that took 1 s on one thread took 6 s on two
-// (benchmarks/bench_contention.py). Results do not depend on the thread count, so the loop may switch
-// freely: at the start of each period it runs kProbe batches on one thread and kProbe on all, then uses
-// whichever was faster per row. A choice that a probe confirms is checked half as often next time (up to
-// every kMaxPeriod batches), since probing the slow setting is what the measurement costs.
-class BatchThreads {
+// The thread count of each batch of a loop whose caller asked for "all cores" (n_threads <= 0), chosen by
+// measurement. When other processes keep the cores busy, every parallel region waits for whichever of its
+// threads the OS has paused: with one other process spinning on one of two cores, batch-1024 training on two
+// threads fell to a fifth of one thread's speed (benchmarks/bench_contention.py). Results do not depend on the
+// thread count, so the loop may switch freely: a probe runs kProbe batches on one thread and kProbe on all,
+// alternated (a passing disturbance hits both), and the loop then uses whichever was faster per row. A choice
+// that a probe confirms is checked half as often next time (up to every kMaxPeriod batches), since running
+// the slow setting is what probing costs. A slowdown starts a new probe at once: kSlow batches in a row of the
+// chosen setting slower per row than the rejected one was. Not thread-safe (SharedThreadChoice is).
+class ThreadChoice {
  public:
-  explicit BatchThreads(int n_threads)
+  explicit ThreadChoice(int n_threads)
       : all_(resolve_threads(n_threads)), measure_(n_threads <= 0 && all_ > 1), chosen_(all_) {}
 
-  int next() {  // the thread count of the next batch (then call done)
-    start_ = std::chrono::steady_clock::now();
-    if (!measure_) return all_;
+  bool measures() const { return measure_; }
+  int all() const { return all_; }
+  int chosen() const { return chosen_; }
+
+  int next() const {  // the thread count of the next batch
+    if (!measure_ || batch_ < 0) return all_;
     const std::int64_t phase = batch_ - period_start_;
-    return phase < kProbe ? 1 : phase < 2 * kProbe ? all_ : chosen_;
+    return phase < 2 * kProbe ? (phase % 2 == 0 ? 1 : all_) : chosen_;
   }
 
-  void done(std::int64_t rows) {
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    const std::int64_t phase = batch_++ - period_start_;
+  // A batch of rows ran on `threads` threads in `seconds`.
+  void done(int threads, double seconds, std::int64_t rows) {
     if (!measure_) return;
-    if (phase < 2 * kProbe) (phase < kProbe ? one_ : all_time_) += seconds / static_cast<double>(rows > 0 ? rows : 1);
-    if (phase == 2 * kProbe - 1) {
-      const int pick = one_ < all_time_ ? 1 : all_;
-      period_ = pick == chosen_ ? std::min(2 * period_, kMaxPeriod) : kPeriod;
-      chosen_ = pick;
-      one_ = all_time_ = 0.0;
+    if (batch_ < 0) {  // the first batch runs on all threads unmeasured: it pays for first touches of memory
+      batch_ = 0;
+      return;
+    }
+    const double per_row = seconds / static_cast<double>(rows > 0 ? rows : 1);
+    const std::int64_t phase = batch_++ - period_start_;
+    if (phase < 2 * kProbe) {
+      const int k = threads == 1 ? 0 : 1;
+      probe_[k] += per_row;
+      ++probes_[k];
+      if (phase == 2 * kProbe - 1) decide();
+    } else if (threads == chosen_ && rejected_ > 0.0) {
+      slow_ = per_row > rejected_ ? slow_ + 1 : 0;
+      if (slow_ >= kSlow) {  // probe again now
+        period_start_ = batch_;
+        period_ = kPeriod;
+        slow_ = 0;
+        return;
+      }
     }
     if (phase + 1 >= period_) period_start_ = batch_;
   }
 
  private:
-  static constexpr std::int64_t kPeriod = 64, kMaxPeriod = 1024, kProbe = 2;
-  const int all_;
-  const bool measure_;
+  static constexpr std::int64_t kPeriod = 64, kMaxPeriod = 1024, kProbe = 2, kSlow = 2;
+
+  void decide() {
+    if (probes_[0] > 0 && probes_[1] > 0) {  // (concurrent callers of a shared choice may fill only one)
+      const double one = probe_[0] / probes_[0], all = probe_[1] / probes_[1];
+      const int pick = one < all ? 1 : all_;
+      period_ = pick == chosen_ ? std::min(2 * period_, kMaxPeriod) : kPeriod;
+      chosen_ = pick;
+      rejected_ = pick == 1 ? all : one;
+    }
+    probe_[0] = probe_[1] = 0.0;
+    probes_[0] = probes_[1] = 0;
+    slow_ = 0;
+  }
+
+  int all_;
+  bool measure_;
   int chosen_;
-  std::int64_t batch_ = 0, period_start_ = 0, period_ = kPeriod;
-  double one_ = 0.0, all_time_ = 0.0;  // seconds per row summed over this period's probes
+  std::int64_t batch_ = -1, period_start_ = 0, period_ = kPeriod;  // batch_ -1: the first, unmeasured
+  double probe_[2] = {0.0, 0.0};  // seconds per row summed over this probe's batches on 1 / on all threads
+  int probes_[2] = {0, 0};
+  double rejected_ = 0.0;  // seconds per row of the setting the last probe rejected
+  int slow_ = 0;
+};
+
+// ThreadChoice timing a loop's batches: `threads = bt.next(); ...batch...; bt.done(rows);`.
+class BatchThreads {
+ public:
+  explicit BatchThreads(int n_threads) : choice_(n_threads) {}
+
+  int next() {
+    threads_ = choice_.next();
+    start_ = std::chrono::steady_clock::now();
+    return threads_;
+  }
+
+  void done(std::int64_t rows) {
+    choice_.done(threads_, std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(), rows);
+  }
+
+ private:
+  ThreadChoice choice_;
+  int threads_ = 1;
   std::chrono::steady_clock::time_point start_;
+};
+
+// One ThreadChoice per kind of serving call (predict, top-k), shared by every call of that kind in the
+// process: there each call (or each chunk of a long one) is a batch. Calls may come from several Python
+// threads at once; each reports the thread count it ran on.
+class SharedThreadChoice {
+ public:
+  SharedThreadChoice() : choice_(0) {}
+
+  // While alive: the thread count of one batch of `rows` rows (n_threads as the caller asked: a fixed count
+  // is used as it is; a batch under min_rows gets the current choice and is not measured).
+  class Batch {
+   public:
+    Batch(SharedThreadChoice& shared, int n_threads, std::int64_t rows, std::int64_t min_rows)
+        : shared_(shared), rows_(rows), threads_(resolve_threads(n_threads)),
+          measured_(n_threads <= 0 && threads_ > 1 && rows >= min_rows) {
+      if (n_threads > 0 || threads_ == 1) return;
+      {
+        const std::lock_guard<std::mutex> lock(shared_.mutex_);
+        // "All" may have changed since the last call (threadpoolctl sets OpenMP's thread count): start over.
+        if (shared_.choice_.all() != threads_) shared_.choice_ = ThreadChoice(0);
+        // A small batch follows the current choice and is not measured (its time is mostly overhead).
+        threads_ = measured_ ? shared_.choice_.next() : shared_.choice_.chosen();
+      }
+      start_ = std::chrono::steady_clock::now();
+    }
+    ~Batch() {
+      if (!measured_) return;
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+      const std::lock_guard<std::mutex> lock(shared_.mutex_);
+      shared_.choice_.done(threads_, seconds, rows_);
+    }
+    Batch(const Batch&) = delete;
+    Batch& operator=(const Batch&) = delete;
+    int threads() const { return threads_; }
+
+   private:
+    SharedThreadChoice& shared_;
+    const std::int64_t rows_;
+    int threads_;
+    const bool measured_;
+    std::chrono::steady_clock::time_point start_;
+  };
+
+ private:
+  std::mutex mutex_;
+  ThreadChoice choice_;
 };
 
 inline int thread_id() {
