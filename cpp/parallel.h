@@ -57,76 +57,71 @@ inline int resolve_threads(int n_threads) {
 // measurement. When other processes keep the cores busy, every parallel region waits for whichever of its
 // threads the OS has paused: with one other process spinning on one of two cores, batch-1024 training on two
 // threads fell to a fifth of one thread's speed (benchmarks/bench_contention.py). Results do not depend on the
-// thread count, so the loop may switch freely: a probe runs kProbe batches on one thread and kProbe on all,
-// alternated (a passing disturbance hits both), and the loop then uses whichever was faster per row. A choice
-// that a probe confirms is checked half as often next time (up to every kMaxPeriod batches), since running
-// the slow setting is what probing costs. A slowdown starts a new probe at once: kSlow batches in a row of the
-// chosen setting slower per row than the rejected one was. Not thread-safe (SharedThreadChoice is).
+// thread count, so the loop may switch freely. A probe alternates batches on one thread and on all until each
+// setting has kProbe, or until one setting is kClear times slower per row than the other after one of each;
+// the loop then uses the faster. The next probe comes kPeriod batches later, or twice the last period (up to
+// kMaxPeriod) when it confirms the choice, since running the slow setting is what probing costs; and at once
+// when a batch of the chosen setting is slower per row than the rejected setting was (a slowdown). The batch
+// that ends a period, or shows the slowdown, counts as the probe's first. The first batch (first touches of
+// memory, caches built on a first call) runs on all threads, unmeasured. Not thread-safe (SharedThreadChoice is).
 class ThreadChoice {
  public:
-  explicit ThreadChoice(int n_threads)
-      : all_(resolve_threads(n_threads)), measure_(n_threads <= 0 && all_ > 1), chosen_(all_) {}
+  explicit ThreadChoice(int n_threads) : ThreadChoice(resolve_threads(n_threads), n_threads <= 0) {}
+  ThreadChoice(int all, bool automatic) : all_(all), measure_(automatic && all > 1), chosen_(all) {}
 
-  bool measures() const { return measure_; }
   int all() const { return all_; }
   int chosen() const { return chosen_; }
 
   int next() const {  // the thread count of the next batch
-    if (!measure_ || batch_ < 0) return all_;
-    const std::int64_t phase = batch_ - period_start_;
-    return phase < 2 * kProbe ? (phase % 2 == 0 ? 1 : all_) : chosen_;
+    if (!measure_ || warm_up_) return all_;
+    if (probing_) return probes_[0] <= probes_[1] ? 1 : all_;
+    return chosen_;
   }
 
   // A batch of rows ran on `threads` threads in `seconds`.
   void done(int threads, double seconds, std::int64_t rows) {
     if (!measure_) return;
-    if (batch_ < 0) {  // the first batch runs on all threads unmeasured: it pays for first touches of memory
-      batch_ = 0;
+    if (warm_up_) {
+      warm_up_ = false;
       return;
     }
     const double per_row = seconds / static_cast<double>(rows > 0 ? rows : 1);
-    const std::int64_t phase = batch_++ - period_start_;
-    if (phase < 2 * kProbe) {
-      const int k = threads == 1 ? 0 : 1;
-      probe_[k] += per_row;
-      ++probes_[k];
-      if (phase == 2 * kProbe - 1) decide();
-    } else if (threads == chosen_ && rejected_ > 0.0) {
-      slow_ = per_row > rejected_ ? slow_ + 1 : 0;
-      if (slow_ >= kSlow) {  // probe again now
-        period_start_ = batch_;
-        period_ = kPeriod;
-        slow_ = 0;
-        return;
-      }
+    ++batch_;
+    if (!probing_) {
+      if (threads != chosen_) return;  // (a concurrent caller of a shared choice)
+      if (per_row <= rejected_ && batch_ - decided_ < period_) return;
+      probing_ = true;  // a slowdown or the period's end: this batch is the probe's first
     }
-    if (phase + 1 >= period_) period_start_ = batch_;
-  }
-
- private:
-  static constexpr std::int64_t kPeriod = 64, kMaxPeriod = 1024, kProbe = 2, kSlow = 2;
-
-  void decide() {
-    if (probes_[0] > 0 && probes_[1] > 0) {  // (concurrent callers of a shared choice may fill only one)
-      const double one = probe_[0] / probes_[0], all = probe_[1] / probes_[1];
+    const int k = threads == 1 ? 0 : 1;
+    probe_[k] += per_row;
+    ++probes_[k];
+    if (probes_[0] == 0 || probes_[1] == 0) return;
+    const double one = probe_[0] / probes_[0], all = probe_[1] / probes_[1];
+    if ((probes_[0] >= kProbe && probes_[1] >= kProbe) || std::max(one, all) > kClear * std::min(one, all)) {
       const int pick = one < all ? 1 : all_;
       period_ = pick == chosen_ ? std::min(2 * period_, kMaxPeriod) : kPeriod;
       chosen_ = pick;
       rejected_ = pick == 1 ? all : one;
+      probing_ = false;
+      decided_ = batch_;
+      probe_[0] = probe_[1] = 0.0;
+      probes_[0] = probes_[1] = 0;
     }
-    probe_[0] = probe_[1] = 0.0;
-    probes_[0] = probes_[1] = 0;
-    slow_ = 0;
   }
+
+ private:
+  static constexpr std::int64_t kPeriod = 64, kMaxPeriod = 1024;
+  static constexpr int kProbe = 2;
+  static constexpr double kClear = 1.5;
 
   int all_;
   bool measure_;
   int chosen_;
-  std::int64_t batch_ = -1, period_start_ = 0, period_ = kPeriod;  // batch_ -1: the first, unmeasured
+  bool warm_up_ = true, probing_ = true;
+  std::int64_t batch_ = 0, decided_ = 0, period_ = kPeriod;  // batches measured; batch_ at the last choice
   double probe_[2] = {0.0, 0.0};  // seconds per row summed over this probe's batches on 1 / on all threads
   int probes_[2] = {0, 0};
-  double rejected_ = 0.0;  // seconds per row of the setting the last probe rejected
-  int slow_ = 0;
+  double rejected_ = 0.0;  // seconds per row of the setting the last probe rejected (0: none yet)
 };
 
 // ThreadChoice timing a loop's batches: `threads = bt.next(); ...batch...; bt.done(rows);`.
