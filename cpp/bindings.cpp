@@ -458,7 +458,7 @@ class FieldHandle {
     float* po = out.mutable_data();
     {
       const CoreCall call;
-      field_predict(ks, model_, ex, po, n_threads);
+      field_predict(ks, model_, ex, po, n_threads, &predict_threads_);
     }
     return out;
   }
@@ -752,6 +752,7 @@ class FieldHandle {
   bool trainable_;
   std::vector<py::object> keep_;
   mutable TopkCache topk_cache_;  // see fields.h
+  mutable SharedThreadChoice predict_threads_;  // the thread choice of this model's predict calls (parallel.h)
 };
 
 
@@ -1877,7 +1878,9 @@ PYBIND11_MODULE(_core, m) {
         float* po = out.mutable_data();
         {
           const CoreCall call;
-          if (in.rows > 0) forward(ks, net, in, po, n_threads);
+          static SharedThreadChoice choice;  // each call a batch of the process's forward calls (parallel.h)
+          const SharedThreadChoice::Batch batch(choice, n_threads, in.rows, 256);
+          if (in.rows > 0) forward(ks, net, in, po, batch.threads());
         }
         return out;
       },

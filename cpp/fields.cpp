@@ -501,7 +501,10 @@ void validate(const FieldModel& m, const NegativeSampler& s) {
   require_key_rows(m, s.item_key, s.n_items, "n_items");
 }
 
-void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex, float* out, int n_threads) {
+void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex, float* out, int n_threads,
+                   SharedThreadChoice* choice) {
+  static SharedThreadChoice shared;
+  if (!choice) choice = &shared;
   FieldWorkspace ws(m, std::min(ex.rows, kPredictChunk), false);
   std::vector<std::int64_t> order;
   for (index_t r0 = 0; r0 < ex.rows; r0 += kPredictChunk) {
@@ -509,8 +512,7 @@ void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex,
     order.resize(static_cast<std::size_t>(n));
     for (index_t r = 0; r < n; ++r) order[r] = r0 + r;
     gather_examples(ex, order.data(), n, ws);
-    static SharedThreadChoice choice;  // each chunk a batch of the process's predict calls (parallel.h)
-    const SharedThreadChoice::Batch batch(choice, n_threads, n, kMinChosenRows);
+    const SharedThreadChoice::Batch batch(*choice, n_threads, n, kMinChosenRows);  // each chunk a batch
     batch_bags(m, n, ws, batch.threads());
     batch_logits(ks, m, n, ws, batch.threads());
     for (index_t r = 0; r < n; ++r) out[r0 + r] = m.bce() ? stable_sigmoid(ws.logits[r]) : ws.logits[r];
@@ -874,13 +876,7 @@ void write_top(const FieldModel& m, std::vector<Scored>& heap, index_t k, std::i
   }
 }
 
-// The thread choice shared by all top-k calls of the process (parallel.h), and the smallest call (scores)
-// that takes part in it.
-SharedThreadChoice& topk_choice() {
-  static SharedThreadChoice choice;
-  return choice;
-}
-constexpr index_t kMinChosenScores = 1 << 14;
+constexpr index_t kMinChosenScores = 1 << 14;  // smaller top-k calls take no part in the thread choice
 
 // Top-k of every user over the item list list_of(u, scratch) gives it: (items, count), items == nullptr
 // meaning items 0..count-1; scratch is a buffer the caller may fill (one per thread). max_list bounds every
@@ -895,8 +891,8 @@ void topk_lists(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
   // over users) or per user (fewer users than threads: split over item chunks, the chunks' best merged).
   // Users and chunks go to whichever thread is free (a thread slowed by another process does fewer); the
   // result does not depend on which thread scored what.
-  // The call is one batch of the process's top-k calls, whose thread count is chosen by measurement.
-  const SharedThreadChoice::Batch batch(topk_choice(), n_threads, n_users * max_list, kMinChosenScores);
+  // The call is one batch of the model's top-k calls, whose thread count is chosen by measurement.
+  const SharedThreadChoice::Batch batch(cache.threads, n_threads, n_users * max_list, kMinChosenScores);
   {
     const std::lock_guard<std::mutex> lock(cache.mutex);  // concurrent first calls from Python threads
     if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, batch.threads());
