@@ -36,7 +36,6 @@ from bench_fit import DIMS, HIDDEN, LR, make_data  # noqa: E402
 from timing import TIMER, machine_info  # noqa: E402
 
 import fastrec  # noqa: E402
-from fastrec.datasets import make_interactions  # noqa: E402
 
 
 class Spinners:
@@ -115,13 +114,17 @@ def main():
         train_cell(data, args.batch, 1)  # warm-up
         jobs.append(lambda n: train_cell(data, args.batch, n))
     if "topk" in args.what or "predict" in args.what:
-        inter = make_interactions(n_users=20_000, n_items=args.topk_items, n_interactions=200_000, implicit=True,
-                                  random_state=0)
-        rec = fastrec.Recommender(epochs=1, random_state=0, early_stopping=False).fit(inter.users, inter.items)
         rng = np.random.default_rng(0)
-        users = rng.choice(np.unique(inter.users), args.topk_users, replace=False)
-        pairs = (inter.users[rng.integers(0, len(inter.users), args.predict_pairs)],
-                 inter.items[rng.integers(0, len(inter.items), args.predict_pairs)])
+        n = 200_000  # implicit pairs: 20k users, every one of --topk-items items at least once
+        inter_users = rng.integers(0, 20_000, n)
+        inter_items = np.concatenate([np.arange(args.topk_items), rng.integers(0, args.topk_items, n)])[:max(
+            n, args.topk_items)]
+        inter_users = np.resize(inter_users, len(inter_items))
+        rec = fastrec.Recommender(epochs=1, random_state=0, early_stopping=False, user_history=False,
+                                  item_history=False).fit(inter_users, inter_items)
+        users = rng.choice(np.unique(inter_users), args.topk_users, replace=False)
+        pairs = (inter_users[rng.integers(0, len(inter_users), args.predict_pairs)],
+                 inter_items[rng.integers(0, len(inter_items), args.predict_pairs)])
         if "topk" in args.what:
             topk_cell(rec, users, 1)  # warm-up (builds the top-k cache)
             jobs.append(lambda n: topk_cell(rec, users, n))
