@@ -97,6 +97,7 @@ def main():
     parser.add_argument("--threads", nargs="+", default=None,
                         help="n_threads values (default: 1, all cores, auto); 'auto' means None")
     parser.add_argument("--examples", type=int, default=409_600)
+    parser.add_argument("--samples", action="store_true", help="print every sample (in round order)")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--topk-items", type=int, default=200_000)
     parser.add_argument("--topk-users", type=int, default=64)
@@ -145,6 +146,8 @@ def main():
                     out = job(n)
                 for metric, v in out.items():
                     results.setdefault((metric, load, n), []).append(v)
+                    if args.samples:
+                        print(f"    {load} n_threads={n} {metric}: {v:.4g}", flush=True)
         print(f"  round {r + 1}/{args.rounds} done", flush=True)
 
     print(f"\n{args.rounds} rounds, busy = {args.busy} spinning process(es), median [min - max]")
@@ -153,7 +156,8 @@ def main():
         print(f"{metric}:")
         for load, n in cells:
             v = results[(metric, load, n)]
-            print(f"  {load:5s} n_threads={str(n):4s}: {statistics.median(v):12.4g} [{min(v):.4g} - {max(v):.4g}]")
+            print(f"  {load:5s} n_threads={str(n):4s}: {statistics.median(v):12.4g} [{min(v):.4g} - {max(v):.4g}]"
+                  + (f"   samples: {' '.join(f'{x:.4g}' for x in v)}" if args.samples else ""))
         if metric.endswith("/s") and (metric, "quiet", 1) in results and (metric, "busy", None) in results:
             q1 = statistics.median(results[(metric, "quiet", 1)])
             auto = results[(metric, "busy", None)]
