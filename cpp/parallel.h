@@ -71,6 +71,8 @@ class ThreadChoice {
 
   int all() const { return all_; }
   int chosen() const { return chosen_; }
+  void probe() { probing_ = true; }  // probe from the next batch on
+  std::int64_t decisions() const { return decisions_; }
 
   int next() const {  // the thread count of the next batch
     if (!measure_ || warm_up_) return all_;
@@ -104,6 +106,7 @@ class ThreadChoice {
       rejected_ = pick == 1 ? all : one;
       probing_ = false;
       decided_ = batch_;
+      ++decisions_;
       probe_[0] = probe_[1] = 0.0;
       probes_[0] = probes_[1] = 0;
     }
@@ -122,6 +125,7 @@ class ThreadChoice {
   double probe_[2] = {0.0, 0.0};  // seconds per row summed over this probe's batches on 1 / on all threads
   int probes_[2] = {0, 0};
   double rejected_ = 0.0;  // seconds per row of the setting the last probe rejected (0: none yet)
+  std::int64_t decisions_ = 0;
 };
 
 // ThreadChoice timing a loop's batches: `threads = bt.next(); ...batch...; bt.done(rows);`.
@@ -165,6 +169,16 @@ class SharedThreadChoice {
         // "All" may have changed since the last call (threadpoolctl sets OpenMP's thread count): start over.
         if (shared_.choice_.all() != threads_) shared_.choice_ = ThreadChoice(0);
         // A small batch follows the current choice and is not measured (its time is mostly overhead).
+        // Serving calls can be long and few: probe again after kMaxSeconds as well (a machine that became
+        // quiet does not slow the one-thread setting down, so nothing else would notice it soon).
+        const auto now = std::chrono::steady_clock::now();
+        if (shared_.choice_.decisions() != shared_.decisions_) {
+          shared_.decisions_ = shared_.choice_.decisions();
+          shared_.decided_at_ = now;
+        } else if (measured_ && now - shared_.decided_at_ > std::chrono::duration<double>(kMaxSeconds)) {
+          shared_.choice_.probe();
+          shared_.decided_at_ = now;
+        }
         threads_ = measured_ ? shared_.choice_.next() : shared_.choice_.chosen();
       }
       start_ = std::chrono::steady_clock::now();
@@ -188,8 +202,11 @@ class SharedThreadChoice {
   };
 
  private:
+  static constexpr double kMaxSeconds = 0.5;
   std::mutex mutex_;
   ThreadChoice choice_;
+  std::int64_t decisions_ = 0;
+  std::chrono::steady_clock::time_point decided_at_;
 };
 
 inline int thread_id() {
