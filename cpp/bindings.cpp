@@ -468,7 +468,7 @@ class FieldHandle {
     float* po = out.mutable_data();
     {
       const CoreCall call;
-      field_predict(ks, model_, ex, po, n_threads);
+      field_predict(ks, model_, ex, po, n_threads, &predict_threads_);
     }
     return out;
   }
@@ -758,6 +758,7 @@ class FieldHandle {
   bool trainable_;
   std::vector<py::object> keep_;
   mutable TopkCache topk_cache_;  // see fields.h
+  mutable SharedThreadChoice predict_threads_;  // the thread choice of this model's predict calls (parallel.h)
 };
 
 
@@ -2080,6 +2081,23 @@ PYBIND11_MODULE(_core, m) {
       "0) computed when not given; status 0 ok, 1 a value not finite or beyond float32, 2 a standardised value "
       "beyond float32.");
   m.def("show_config", &show_config, "Build and run-time configuration as a dict.");
+  // The busy-machine thread choice (parallel.h, ThreadChoice) replayed on given batch times, for tests.
+  m.def(
+      "_thread_choice_trace",
+      [](const std::vector<double>& one, const std::vector<double>& all, int threads) {
+        require(one.size() == all.size() && threads >= 2, "one and all: equal lengths; threads >= 2");
+        ThreadChoice choice(threads, true);
+        std::vector<int> used;
+        for (std::size_t i = 0; i < one.size(); ++i) {
+          const int t = choice.next();
+          used.push_back(t);
+          choice.done(t, t == 1 ? one[i] : all[i], 1);
+        }
+        return used;
+      },
+      py::arg("one"), py::arg("all"), py::arg("threads") = 2,
+      "Thread counts the automatic choice gives batches i = 0, 1, ... that take one[i] seconds on one thread "
+      "and all[i] on `threads`.");
   m.def("available_isas", [] {
     std::vector<std::string> out;
     for (Isa i : available_isas()) out.push_back(isa_name(i));
@@ -2150,7 +2168,9 @@ PYBIND11_MODULE(_core, m) {
         float* po = out.mutable_data();
         {
           const CoreCall call;
-          if (in.rows > 0) forward(ks, net, in, po, n_threads);
+          static SharedThreadChoice choice;  // each call a batch of the process's forward calls (parallel.h)
+          const SharedThreadChoice::Batch batch(choice, n_threads, in.rows, 256);
+          if (in.rows > 0) forward(ks, net, in, po, batch.threads());
         }
         return out;
       },

@@ -18,6 +18,7 @@ namespace {
 
 // Examples per forward chunk in predict/top-k: bounds the workspace, still a full-speed GEMM.
 constexpr index_t kPredictChunk = 2048;
+constexpr index_t kMinChosenRows = 256;  // smaller predict batches take no part in the thread choice
 
 bool contains_sorted(const std::int32_t* begin, const std::int32_t* end, std::int32_t value) {
   return std::binary_search(begin, end, value);
@@ -500,7 +501,10 @@ void validate(const FieldModel& m, const NegativeSampler& s) {
   require_key_rows(m, s.item_key, s.n_items, "n_items");
 }
 
-void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex, float* out, int n_threads) {
+void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex, float* out, int n_threads,
+                   SharedThreadChoice* choice) {
+  static SharedThreadChoice shared;
+  if (!choice) choice = &shared;
   FieldWorkspace ws(m, std::min(ex.rows, kPredictChunk), false);
   std::vector<std::int64_t> order;
   for (index_t r0 = 0; r0 < ex.rows; r0 += kPredictChunk) {
@@ -508,8 +512,9 @@ void field_predict(const KernelSet& ks, const FieldModel& m, const Examples& ex,
     order.resize(static_cast<std::size_t>(n));
     for (index_t r = 0; r < n; ++r) order[r] = r0 + r;
     gather_examples(ex, order.data(), n, ws);
-    batch_bags(m, n, ws, n_threads);
-    batch_logits(ks, m, n, ws, n_threads);
+    const SharedThreadChoice::Batch batch(*choice, n_threads, n, kMinChosenRows);  // each chunk a batch
+    batch_bags(m, n, ws, batch.threads());
+    batch_logits(ks, m, n, ws, batch.threads());
     for (index_t r = 0; r < n; ++r) out[r0 + r] = m.bce() ? stable_sigmoid(ws.logits[r]) : ws.logits[r];
   }
 }
@@ -871,6 +876,8 @@ void write_top(const FieldModel& m, std::vector<Scored>& heap, index_t k, std::i
   }
 }
 
+constexpr index_t kMinChosenScores = 1 << 14;  // smaller top-k calls take no part in the thread choice
+
 // Top-k of every user over the item list list_of(u, scratch) gives it: (items, count), items == nullptr
 // meaning items 0..count-1; scratch is a buffer the caller may fill (one per thread). max_list bounds every
 // count (it sizes the thread team when the users are too few to split over).
@@ -884,16 +891,18 @@ void topk_lists(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
   // over users) or per user (fewer users than threads: split over item chunks, the chunks' best merged).
   // Users and chunks go to whichever thread is free (a thread slowed by another process does fewer); the
   // result does not depend on which thread scored what.
+  // The call is one batch of the model's top-k calls, whose thread count is chosen by measurement.
+  const SharedThreadChoice::Batch batch(cache.threads, n_threads, n_users * max_list, kMinChosenScores);
   {
     const std::lock_guard<std::mutex> lock(cache.mutex);  // concurrent first calls from Python threads
-    if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, n_threads);
+    if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, batch.threads());
   }
   const index_t chunk = kBlocksPerChunk * kBlockPanels * ks.mr;
   const index_t max_chunks = (max_list + chunk - 1) / chunk;
-  const bool over_users = n_users >= resolve_threads(n_threads);
+  const bool over_users = n_users >= batch.threads();
   // One workspace per thread that will run: no more threads than users, or than chunks.
   const int threads = static_cast<int>(std::max<index_t>(
-      1, std::min<index_t>(resolve_threads(n_threads), over_users ? n_users : max_chunks)));
+      1, std::min<index_t>(batch.threads(), over_users ? n_users : max_chunks)));
   const PackedTail tail(ks, m.mlp);
   std::vector<TailWorkspace> tail_ws;
   std::vector<FieldWorkspace> field_ws;

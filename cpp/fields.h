@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common.h"
+#include "parallel.h"
 #include "kernels/kernels.h"
 #include "large_array.h"
 #include "mlp.h"
@@ -109,7 +110,9 @@ void require_key_rows(const FieldModel& model, int key, index_t min_rows, const 
 void validate(const FieldModel& model, const NegativeSampler& sampler);
 
 // out[r] = prediction of example r (probability for "bce", value for "mse").
-void field_predict(const KernelSet& ks, const FieldModel& model, const Examples& examples, float* out, int n_threads);
+// choice: the thread choice its chunks take part in (parallel.h; nullptr: one shared by all such calls).
+void field_predict(const KernelSet& ks, const FieldModel& model, const Examples& examples, float* out, int n_threads,
+                   SharedThreadChoice* choice = nullptr);
 
 // Loss of all examples as one batch and gradients (dense, zero outside touched rows), for tests.
 double field_loss_and_gradients(const KernelSet& ks, const FieldModel& model, const Examples& examples, float alpha,
@@ -221,6 +224,7 @@ struct TopkCache {
   std::vector<float> item_gmf, item_wide;
   index_t n_items = -1;
   std::mutex mutex;
+  SharedThreadChoice threads;  // the thread choice of this model's top-k calls (parallel.h)
 };
 
 // Top-k items for each user: users[u] is a value of key column `sampler.user_key`, candidates the values of

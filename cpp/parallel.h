@@ -53,47 +53,160 @@ inline int resolve_threads(int n_threads) {
   return n_threads > 0 ? n_threads : max_threads();
 }
 
-// The thread count of each training batch when the caller asked for "all cores" (n_threads <= 0), chosen
-// by measurement. When other processes keep the cores busy, every parallel region waits for whichever of
-// its threads the OS has paused: an epoch that took 1 s on one thread took 6 s on two
-// (benchmarks/bench_contention.py). Results do not depend on the thread count, so the loop may switch
-// freely: at the start of each period it runs kProbe batches on one thread and kProbe on all, then uses
-// whichever was faster per row. A choice that a probe confirms is checked half as often next time (up to
-// every kMaxPeriod batches), since probing the slow setting is what the measurement costs.
-class BatchThreads {
+// The thread count of each batch of a loop whose caller asked for "all cores" (n_threads <= 0), chosen by
+// measurement. When other processes keep the cores busy, every parallel region waits for whichever of its
+// threads the OS has paused: with one other process spinning on one of two cores, batch-1024 training on two
+// threads fell to a fifth of one thread's speed (benchmarks/bench_contention.py). Results do not depend on the
+// thread count, so the loop may switch freely. A probe alternates batches on one thread and on all until each
+// setting has kProbe, or until one setting is kClear times slower per row than the other after one of each;
+// the loop then uses the faster. The next probe comes kPeriod batches later, or twice the last period (up to
+// kMaxPeriod) when it confirms the choice, since running the slow setting is what probing costs; and at once
+// when a batch of the chosen setting is slower per row than the rejected setting was (a slowdown). The batch
+// that ends a period, or shows the slowdown, counts as the probe's first. The first batch (first touches of
+// memory, caches built on a first call) runs on all threads, unmeasured. Not thread-safe (SharedThreadChoice is).
+class ThreadChoice {
  public:
-  explicit BatchThreads(int n_threads)
-      : all_(resolve_threads(n_threads)), measure_(n_threads <= 0 && all_ > 1), chosen_(all_) {}
+  explicit ThreadChoice(int n_threads) : ThreadChoice(resolve_threads(n_threads), n_threads <= 0) {}
+  ThreadChoice(int all, bool automatic) : all_(all), measure_(automatic && all > 1), chosen_(all) {}
 
-  int next() {  // the thread count of the next batch (then call done)
-    start_ = std::chrono::steady_clock::now();
-    if (!measure_) return all_;
-    const std::int64_t phase = batch_ - period_start_;
-    return phase < kProbe ? 1 : phase < 2 * kProbe ? all_ : chosen_;
+  int all() const { return all_; }
+  int chosen() const { return chosen_; }
+  void probe() { probing_ = true; }  // probe from the next batch on
+  std::int64_t decisions() const { return decisions_; }
+
+  int next() const {  // the thread count of the next batch
+    if (!measure_ || warm_up_) return all_;
+    if (probing_) return probes_[0] <= probes_[1] ? 1 : all_;
+    return chosen_;
   }
 
-  void done(std::int64_t rows) {
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    const std::int64_t phase = batch_++ - period_start_;
+  // A batch of rows ran on `threads` threads in `seconds`.
+  void done(int threads, double seconds, std::int64_t rows) {
     if (!measure_) return;
-    if (phase < 2 * kProbe) (phase < kProbe ? one_ : all_time_) += seconds / static_cast<double>(rows > 0 ? rows : 1);
-    if (phase == 2 * kProbe - 1) {
-      const int pick = one_ < all_time_ ? 1 : all_;
+    if (warm_up_) {
+      warm_up_ = false;
+      return;
+    }
+    const double per_row = seconds / static_cast<double>(rows > 0 ? rows : 1);
+    ++batch_;
+    if (!probing_) {
+      if (threads != chosen_) return;  // (a concurrent caller of a shared choice)
+      if (per_row <= rejected_ && batch_ - decided_ < period_) return;
+      probing_ = true;  // a slowdown or the period's end: this batch is the probe's first
+    }
+    const int k = threads == 1 ? 0 : 1;
+    probe_[k] += per_row;
+    ++probes_[k];
+    if (probes_[0] == 0 || probes_[1] == 0) return;
+    const double one = probe_[0] / probes_[0], all = probe_[1] / probes_[1];
+    if ((probes_[0] >= kProbe && probes_[1] >= kProbe) || std::max(one, all) > kClear * std::min(one, all)) {
+      const int pick = one < all ? 1 : all_;
       period_ = pick == chosen_ ? std::min(2 * period_, kMaxPeriod) : kPeriod;
       chosen_ = pick;
-      one_ = all_time_ = 0.0;
+      rejected_ = pick == 1 ? all : one;
+      probing_ = false;
+      decided_ = batch_;
+      ++decisions_;
+      probe_[0] = probe_[1] = 0.0;
+      probes_[0] = probes_[1] = 0;
     }
-    if (phase + 1 >= period_) period_start_ = batch_;
   }
 
  private:
-  static constexpr std::int64_t kPeriod = 64, kMaxPeriod = 1024, kProbe = 2;
-  const int all_;
-  const bool measure_;
+  static constexpr std::int64_t kPeriod = 64, kMaxPeriod = 1024;
+  static constexpr int kProbe = 2;
+  static constexpr double kClear = 1.5;
+
+  int all_;
+  bool measure_;
   int chosen_;
-  std::int64_t batch_ = 0, period_start_ = 0, period_ = kPeriod;
-  double one_ = 0.0, all_time_ = 0.0;  // seconds per row summed over this period's probes
+  bool warm_up_ = true, probing_ = true;
+  std::int64_t batch_ = 0, decided_ = 0, period_ = kPeriod;  // batches measured; batch_ at the last choice
+  double probe_[2] = {0.0, 0.0};  // seconds per row summed over this probe's batches on 1 / on all threads
+  int probes_[2] = {0, 0};
+  double rejected_ = 0.0;  // seconds per row of the setting the last probe rejected (0: none yet)
+  std::int64_t decisions_ = 0;
+};
+
+// ThreadChoice timing a loop's batches: `threads = bt.next(); ...batch...; bt.done(rows);`.
+class BatchThreads {
+ public:
+  explicit BatchThreads(int n_threads) : choice_(n_threads) {}
+
+  int next() {
+    threads_ = choice_.next();
+    start_ = std::chrono::steady_clock::now();
+    return threads_;
+  }
+
+  void done(std::int64_t rows) {
+    choice_.done(threads_, std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(), rows);
+  }
+
+ private:
+  ThreadChoice choice_;
+  int threads_ = 1;
   std::chrono::steady_clock::time_point start_;
+};
+
+// One ThreadChoice per kind of serving call (predict, top-k), shared by every call of that kind in the
+// process: there each call (or each chunk of a long one) is a batch. Calls may come from several Python
+// threads at once; each reports the thread count it ran on.
+class SharedThreadChoice {
+ public:
+  SharedThreadChoice() : choice_(0) {}
+
+  // While alive: the thread count of one batch of `rows` rows (n_threads as the caller asked: a fixed count
+  // is used as it is; a batch under min_rows gets the current choice and is not measured).
+  class Batch {
+   public:
+    Batch(SharedThreadChoice& shared, int n_threads, std::int64_t rows, std::int64_t min_rows)
+        : shared_(shared), rows_(rows), threads_(resolve_threads(n_threads)),
+          measured_(n_threads <= 0 && threads_ > 1 && rows >= min_rows) {
+      if (n_threads > 0 || threads_ == 1) return;
+      {
+        const std::lock_guard<std::mutex> lock(shared_.mutex_);
+        // "All" may have changed since the last call (threadpoolctl sets OpenMP's thread count): start over.
+        if (shared_.choice_.all() != threads_) shared_.choice_ = ThreadChoice(0);
+        // A small batch follows the current choice and is not measured (its time is mostly overhead).
+        // Serving calls can be long and few: probe again after kMaxSeconds as well (a machine that became
+        // quiet does not slow the one-thread setting down, so nothing else would notice it soon).
+        const auto now = std::chrono::steady_clock::now();
+        if (shared_.choice_.decisions() != shared_.decisions_) {
+          shared_.decisions_ = shared_.choice_.decisions();
+          shared_.decided_at_ = now;
+        } else if (measured_ && now - shared_.decided_at_ > std::chrono::duration<double>(kMaxSeconds)) {
+          shared_.choice_.probe();
+          shared_.decided_at_ = now;
+        }
+        threads_ = measured_ ? shared_.choice_.next() : shared_.choice_.chosen();
+      }
+      start_ = std::chrono::steady_clock::now();
+    }
+    ~Batch() {
+      if (!measured_) return;
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+      const std::lock_guard<std::mutex> lock(shared_.mutex_);
+      shared_.choice_.done(threads_, seconds, rows_);
+    }
+    Batch(const Batch&) = delete;
+    Batch& operator=(const Batch&) = delete;
+    int threads() const { return threads_; }
+
+   private:
+    SharedThreadChoice& shared_;
+    const std::int64_t rows_;
+    int threads_;
+    const bool measured_;
+    std::chrono::steady_clock::time_point start_;
+  };
+
+ private:
+  static constexpr double kMaxSeconds = 0.5;
+  std::mutex mutex_;
+  ThreadChoice choice_;
+  std::int64_t decisions_ = 0;
+  std::chrono::steady_clock::time_point decided_at_;
 };
 
 inline int thread_id() {

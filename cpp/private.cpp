@@ -745,8 +745,10 @@ EpochResult field_private_steps(const KernelSet& ks, FieldModel& m, Optimizer& o
   std::unique_ptr<FieldBatchPass> pass;
   index_t capacity = 0, done = 0;
   const int negatives = std::max(sampler.negatives, 0);
+  BatchThreads batch_threads(n_threads);  // the busy-machine choice of 1 or all threads (parallel.h)
   for (std::int64_t t = 0; t < n_steps; ++t) {
     if (stop && stop(done)) break;
+    const int threads = batch_threads.next();
     const auto step = static_cast<std::uint64_t>(first_step + t);
     Units units;
     units.negatives = negatives;
@@ -760,17 +762,18 @@ EpochResult field_private_steps(const KernelSet& ks, FieldModel& m, Optimizer& o
         pass = std::make_unique<FieldBatchPass>(m, capacity);
       }
       pass->gather(ex, rows.data(), units.n_pos, sampler, noise_key(ps.seed, step, kStreamNegatives, 0));
-      loss = pass->run(ks, noise_key(ps.seed, step, kStreamDropout, 0), n_threads);
+      loss = pass->run(ks, noise_key(ps.seed, step, kStreamDropout, 0), threads);
       if (!std::isfinite(loss)) {
         result.diverged = true;
         break;
       }
     }
     private_update(ks, m, opt, units.n_pos > 0 ? pass.get() : nullptr, units, ps, alpha, den, step, buffers,
-                   n_threads);
+                   threads);
     result.loss_sum += loss;
     result.rows += units.rows();
     done += units.n_pos;
+    batch_threads.done(units.rows());
   }
   return result;
 }

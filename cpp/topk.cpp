@@ -319,8 +319,13 @@ void inner_product_topk(const KernelSet& ks, const float* queries, index_t n_que
 
   const double fmas =
       static_cast<double>(n_queries) * static_cast<double>(n) * static_cast<double>(std::max<index_t>(dim, 1));
+  // The call is one batch of the process's inner-product top-k calls, whose thread count is chosen by
+  // measurement (parallel.h; calls of under 2 kMinFmasPerThread use one thread anyway).
+  static SharedThreadChoice choice;
+  const SharedThreadChoice::Batch batch(choice, n_threads, n_queries * n,
+                                        static_cast<index_t>(2 * kMinFmasPerThread) / std::max<index_t>(dim, 1));
   const int threads =
-      static_cast<int>(std::max(1.0, std::min<double>(resolve_threads(n_threads), fmas / kMinFmasPerThread)));
+      static_cast<int>(std::max(1.0, std::min<double>(batch.threads(), fmas / kMinFmasPerThread)));
   // Query groups of whole NR panels: as many as threads when there are enough panels, each small enough to
   // stay in L2.
   const index_t panels = ceil_div(n_queries, NR);

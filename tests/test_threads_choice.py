@@ -1,0 +1,130 @@
+"""The automatic thread count (n_threads=None) on a busy machine: the choice itself, replayed on given batch
+times (`_core._thread_choice_trace`, cpp/parallel.h ThreadChoice), and the results it gives, which must be
+those of any fixed thread count bit for bit (the choice switches thread counts between batches and calls).
+
+Expected behaviour (docs/DESIGN.md "Busy machines"): probes alternate 1 and all threads; a setting 1.5x slower
+per row after one batch of each loses at once; a confirmed choice is probed again after 64, 128, ... up to
+1024 batches; a batch of the chosen setting slower than the rejected one was starts a probe at once.
+"""
+
+import numpy as np
+import pytest
+
+import fastrec
+from fastrec import _core
+from fastrec.datasets import make_interactions
+
+QUIET = (2.0, 1.0)  # seconds per batch on (1 thread, 2 threads): two cores free
+BUSY = (1.0, 5.0)  # another process spins on one core: two threads wait for each other (measured: ~5x)
+
+
+def trace(phases):
+    """Thread counts chosen over consecutive phases [(batches, (one, all)), ...]."""
+    one = [t[0] for n, t in phases for _ in range(n)]
+    all_ = [t[1] for n, t in phases for _ in range(n)]
+    return np.array(_core._thread_choice_trace(one, all_))
+
+
+def test_quiet_machine_uses_all_threads_nearly_always():
+    used = trace([(2000, QUIET)])
+    assert set(used) <= {1, 2}
+    # Probes after 0, 128, 384, 896, 1920 batches (periods 128, 256, 512, 1024): one 1-thread batch each, as a
+    # 1-thread batch twice as slow decides at once (factor 1.5).
+    assert (used == 1).sum() <= 6
+    assert used[0] == 2  # the first batch (unmeasured) runs on all threads
+
+
+def test_busy_machine_uses_one_thread_after_two_batches():
+    used = trace([(2000, BUSY)])
+    assert used[1] == 1 and used[2] == 2  # the probe: one batch of each
+    assert (used[3:67] == 1).all()  # decided: 1 thread for the next period
+    # All-thread batches: the first (unmeasured), then one per probe (periods 64, 128, 256, 512, 1024).
+    assert (used == 2).sum() <= 7
+
+
+def test_a_slowdown_switches_at_once_and_a_quiet_machine_is_found_again():
+    used = trace([(500, QUIET), (500, BUSY), (1200, QUIET)])
+    # Busy from batch 500: the first slow batch on 2 threads shows the slowdown, the next runs on 1 and decides.
+    assert used[500] == 2 and (used[501:560] == 1).all()
+    assert (used[500:1000] == 2).sum() <= 5
+    # Quiet again from batch 1000: the next periodic probe (at most 1024 batches later) goes back to 2 threads.
+    back = 1000 + int(np.argmax(used[1000:] == 2))
+    assert back <= 1000 + 1024 + 2 and (used[back + 1:back + 60] == 2).all()
+
+
+def test_noisy_batches_keep_the_right_choice():
+    rng = np.random.default_rng(0)
+    n = 3000
+    noise = rng.uniform(0.8, 1.25, (2, n))  # +-25% per batch, less than the factor between the settings
+    one = 2.0 * noise[0]
+    all_quiet = 1.0 * noise[1]
+    used = np.array(_core._thread_choice_trace(list(one), list(all_quiet)))
+    assert (used == 2).mean() > 0.95
+    used = np.array(_core._thread_choice_trace(list(noise[0]), list(5.0 * noise[1])))
+    assert (used == 1).mean() > 0.97
+
+
+def test_fixed_thread_counts_are_not_chosen():
+    with pytest.raises(ValueError, match="threads >= 2"):
+        _core._thread_choice_trace([1.0], [1.0], 1)
+
+
+# Results: the automatic choice switches between 1 and all threads in every fit (its probes), and between calls
+# of predict / recommend; each must equal a fixed thread count's bit for bit.
+
+def _data():
+    return make_interactions(n_users=300, n_items=200, n_interactions=6000, implicit=True, random_state=0)
+
+
+def _recommender(n_threads, **kw):
+    args = dict(embedding_dim=16, hidden_layer_sizes=(64, 32), epochs=2, batch_size=64, negatives=2,
+                early_stopping=False, random_state=0, n_threads=n_threads)
+    args.update(kw)
+    return fastrec.Recommender(**args)
+
+
+def test_auto_threads_train_predict_and_recommend_like_one_thread():
+    d = _data()
+    fits = {n: _recommender(n).fit(d.users, d.items) for n in (1, None)}
+    users = np.unique(d.users)[:100]
+    for n, m in fits.items():
+        assert m.n_threads == n
+    assert np.array_equal(fits[1].predict(d.users, d.items), fits[None].predict(d.users, d.items))
+    # Repeated calls cross the shared choice's probes (1 and all threads alternate there); the item list is
+    # long enough (200 items x 100 users) for the call to take part in the choice.
+    ref_items, ref_scores = fits[1].recommend(users, k=5)
+    for _ in range(6):
+        items, scores = fits[None].recommend(users, k=5)
+        assert np.array_equal(items, ref_items) and np.array_equal(scores, ref_scores)
+    for u in users[:8]:
+        for _ in range(3):
+            a, b = fits[None].recommend([u], k=5), fits[1].recommend([u], k=5)
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_auto_threads_field_model_like_one_thread():
+    rng = np.random.default_rng(1)
+    n = 4096
+    X = {"user": rng.integers(0, 500, n), "item": rng.integers(0, 300, n),
+         "x": rng.standard_normal((n, 4)).astype(np.float32)}
+    y = (rng.random(n) < 0.4).astype(np.float32)
+    preds = []
+    for threads in (1, None, 2):
+        model = fastrec.FieldModel(fields={"user": {"dim": 16}, "item": {"dim": 16}}, hidden_layer_sizes=(128, 64),
+                                   epochs=2, batch_size=128, random_state=0, n_threads=threads)
+        model.fit(X, y)
+        preds.append(model.predict_proba(X))
+    assert np.array_equal(preds[0], preds[1]) and np.array_equal(preds[0], preds[2])
+
+
+def test_auto_threads_private_fit_like_one_thread():
+    pytest.importorskip("dp_accounting")
+    from fastrec.privacy import DPConfig
+
+    d = _data()
+    preds = []
+    for threads in (1, None):
+        m = _recommender(threads, privacy=DPConfig(noise_multiplier=0.8), epochs=3, batch_size=100)
+        m.fit(d.users, d.items)
+        preds.append(m.predict(d.users[:200], d.items[:200]))
+    assert np.array_equal(preds[0], preds[1])
