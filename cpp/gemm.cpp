@@ -288,6 +288,15 @@ void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_
   }
 }
 
+// Whether the rows kernel applies this epilogue itself (kernels.h Bf16RowsExtra): scale 1, an addend at scale
+// 1, bias, ReLU, the ReLU derivative mask; not the exponentials. epilogue_impl's special case (scale 0) stays
+// with the epilogue.
+bool bf16_rows_fusable(const Epilogue& e) {
+  return e.scale == 1.0f && (!e.addend || e.addend_scale == 1.0f) && !e.exp_sums &&
+         (e.act == Activation::Identity || e.act == Activation::Relu) &&
+         (!e.mul || e.mul_act == Activation::Relu);
+}
+
 // bf16_gemm_rows' loops: bf16_block's, with each mc block of A's rows converted to bf16 rows (Bf16RowsKernels)
 // instead of packed into MR panels. The same pair sums in the same order: bf16_block's bits.
 void bf16_rows_block(const Bf16Problem& p, const Bf16RowsKernels& rk, index_t m0, index_t m1, index_t n0,
@@ -318,8 +327,20 @@ void bf16_rows_block(const Bf16Problem& p, const Bf16RowsKernels& rk, index_t m0
           for (index_t ir = 0; ir < mc; ir += bk.mr) {
             const int m = static_cast<int>(std::min<index_t>(bk.mr, mc - ir));
             float* c = p.C + (ic + ir) * p.ldc + jc + jr;
-            rk.ukernel(pairs, abuf + ir * pairs, pairs, bbuf + jr * pairs, c, p.ldc, !first, m, n);
-            if (last && p.epilogue) p.ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
+            Bf16RowsExtra extra;
+            const bool fused = last && p.epilogue && bf16_rows_fusable(*p.epilogue);
+            if (fused) {
+              const Epilogue& e = *p.epilogue;
+              extra.addend = e.addend ? e.addend + (ic + ir) * e.ld_addend + jc + jr : nullptr;
+              extra.ld_addend = e.ld_addend;
+              extra.bias = e.bias ? e.bias + jc + jr : nullptr;
+              extra.relu = e.act == Activation::Relu;
+              extra.mul = e.mul ? e.mul + (ic + ir) * e.ld_mul + jc + jr : nullptr;
+              extra.ld_mul = e.ld_mul;
+            }
+            rk.ukernel(pairs, abuf + ir * pairs, pairs, bbuf + jr * pairs, c, p.ldc, !first, m, n,
+                       fused ? &extra : nullptr);
+            if (last && p.epilogue && !fused) p.ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
           }
         }
       }
