@@ -243,6 +243,8 @@ struct Bf16Problem {
   float* C;
   index_t ldc;
   const Epilogue* epilogue;
+  float* residual = nullptr;  // bf16_gemm_rows_residual: x and the mask, leading dimension ldc
+  const float* drop = nullptr;
 };
 
 void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
@@ -337,6 +339,11 @@ void bf16_rows_block(const Bf16Problem& p, const Bf16RowsKernels& rk, index_t m0
               extra.relu = e.act == Activation::Relu;
               extra.mul = e.mul ? e.mul + (ic + ir) * e.ld_mul + jc + jr : nullptr;
               extra.ld_mul = e.ld_mul;
+              if (p.residual) {
+                extra.residual = p.residual + (ic + ir) * p.ldc + jc + jr;
+                extra.drop = p.drop + (ic + ir) * p.ldc + jc + jr;
+                extra.ld_residual = p.ldc;
+              }
             }
             rk.ukernel(pairs, abuf + ir * pairs, pairs, bbuf + jr * pairs, c, p.ldc, !first, m, n,
                        fused ? &extra : nullptr);
@@ -368,6 +375,31 @@ void bf16_gemm_rows(const KernelSet& ks, bool native, bool trans_a, bool trans_b
   }
 #endif
   bf16_gemm(ks, native, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
+}
+
+bool bf16_gemm_rows_residual(const KernelSet& ks, bool native, index_t M, index_t N, index_t K, const float* A,
+                             index_t lda, const float* B, index_t ldb, const float* bias, const float* mask, float* x,
+                             index_t ld_x, int n_threads) {
+#ifdef FASTREC_HAVE_BF16_KERNELS
+  if (!native || M <= 0 || N <= 0 || K <= 0) return false;
+  require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
+  const Bf16KernelSet& bk = bf16_kernels_avx512();
+  if (K > bk.kc) return false;
+  const Bf16RowsKernels& rk = bf16_rows_kernels_avx512();
+  Epilogue e;  // bias only: the kernel's extra then carries the residual (C itself is not written)
+  e.bias = bias;
+  Bf16Problem problem{ks, bk, false, false, K, A, lda, B, ldb, x, ld_x, &e};
+  problem.residual = x;
+  problem.drop = mask;
+  split_c(M, N, K, bk.mr, bk.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+    bf16_rows_block(problem, rk, m0, m1, n0, n1);
+  });
+  return true;
+#else
+  (void)ks, (void)native, (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb, (void)bias, (void)mask,
+      (void)x, (void)ld_x, (void)n_threads;
+  return false;
+#endif
 }
 
 void bf16_gemm(const KernelSet& ks, bool native, bool trans_a, bool trans_b, index_t M, index_t N, index_t K,

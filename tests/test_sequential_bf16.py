@@ -266,3 +266,25 @@ def test_rows_path_epilogue_bits(kernel, M, N, K, parts):
     assert want.dtype == np.float32
     for n in (1, 2, 3):
         np.testing.assert_array_equal(_core.bf16_gemm_rows(a, b, kernel=kernel, n_threads=n, **kw), want)
+
+
+@pytest.mark.skipif("avx512_bf16" not in KERNELS, reason="no AVX512-BF16 here")
+@pytest.mark.parametrize("M, N, K", [(5391, 64, 64), (29, 40, 7), (300, 17, 48)])
+def test_dropout_residual_bits(M, N, K):
+    """The model's dropout residual fused in the rows kernel (x += (a b + bias) * mask, C never written) gives
+    the bits of the two steps it replaces: the product with its bias, then x + t * mask in float32 (NumPy,
+    no fused multiply-add); any thread count. K over one block is refused (x would take partial sums)."""
+    rng = np.random.default_rng(M + N + K)
+    a = rng.standard_normal((M, K), dtype=np.float32)
+    b = rng.standard_normal((K, N), dtype=np.float32)
+    bias = rng.standard_normal(N, dtype=np.float32)
+    x = rng.standard_normal((M, N), dtype=np.float32)
+    drop = np.where(rng.random((M, N)) < 0.2, 0, 1.25).astype(np.float32)
+    t = _core.bf16_gemm_rows(a, b, kernel="avx512_bf16", n_threads=1, bias=bias)
+    want = x + t * drop
+    for n in (1, 2, 3):
+        got = _core.bf16_gemm_rows(a, b, kernel="avx512_bf16", n_threads=n, bias=bias, residual=x, drop=drop)
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="one block"):
+        _core.bf16_gemm_rows(np.ones((3, 1100), np.float32), np.ones((1100, 4), np.float32), kernel="avx512_bf16",
+                             residual=np.ones((3, 4), np.float32), drop=np.ones((3, 4), np.float32))

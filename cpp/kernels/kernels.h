@@ -212,6 +212,10 @@ struct Bf16RowsExtra {
   bool relu = false;
   const float* mul = nullptr;     // the tile's rows of the ReLU outputs, mul[i * ld_mul + j]
   index_t ld_mul = 0;
+  // Last, when set (gemm.h bf16_gemm_rows_residual): residual[i][j] += v * drop[i][j] instead of storing v to C.
+  float* residual = nullptr;      // the tile's rows, residual[i * ld_residual + j]; drop likewise
+  const float* drop = nullptr;
+  index_t ld_residual = 0;
 };
 using Bf16ConvertFn = void (*)(const float* src, index_t ld, index_t rows, index_t kc, std::uint32_t* out,
                                index_t ld_out);

@@ -257,6 +257,17 @@ void ukernel_rows_avx512_bf16(index_t kp_count, const std::uint32_t* a, index_t 
         r0 = _mm512_mul_ps(r0, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(mask0, u), zero, _CMP_GT_OQ), one));
         r1 = _mm512_mul_ps(r1, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(mask1, u + 16), zero, _CMP_GT_OQ), one));
       }
+      if (extra->residual) {  // x += v * drop, as the model's loop x[i] += t[i] * mask[i]; C is not written
+        float* x = extra->residual + i * extra->ld_residual;
+        const float* dm = extra->drop + i * extra->ld_residual;
+        // the _round_ product: GCC does not contract it with the sum into an FMA (one rounding, other bits)
+        constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, x), _mm512_maskz_mul_round_ps(kAll, r0, _mm512_maskz_loadu_ps(mask0, dm), kNear));
+        r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, x + 16), _mm512_maskz_mul_round_ps(kAll, r1, _mm512_maskz_loadu_ps(mask1, dm + 16), kNear));
+        _mm512_mask_storeu_ps(x, mask0, r0);
+        _mm512_mask_storeu_ps(x + 16, mask1, r1);
+        continue;
+      }
     }
     _mm512_mask_storeu_ps(ci, mask0, r0);
     _mm512_mask_storeu_ps(ci + 16, mask1, r1);
