@@ -2395,13 +2395,58 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "bf16_gemm_rows",
       [](py::handle a_obj, py::handle b_obj, bool trans_a, bool trans_b, const std::string& kernel,
-         const std::string& isa, int n_threads) {
+         const std::string& isa, int n_threads, py::handle addend_obj, py::handle bias_obj, bool relu,
+         py::handle mul_obj, py::handle residual_obj, py::handle drop_obj) {
         py::array a = checked<float>(a_obj, "a", 2, false), b = checked<float>(b_obj, "b", 2, false);
         const index_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
         const index_t Kb = trans_b ? b.shape(1) : b.shape(0), N = trans_b ? b.shape(0) : b.shape(1);
         if (K != Kb)
           throw py::value_error("op(a) has " + std::to_string(K) + " columns but op(b) has " + std::to_string(Kb) +
                                 " rows");
+        // The optional epilogue (the model's: v = relu(C + addend + bias) * (mul > 0)), each part optional.
+        py::array addend, bias, mul;
+        Epilogue e;
+        if (!addend_obj.is_none()) {
+          addend = checked<float>(addend_obj, "addend", 2, false);
+          if (addend.shape(0) != M || addend.shape(1) != N) throw py::value_error("addend must have C's shape");
+          e.addend = static_cast<const float*>(addend.data());
+          e.ld_addend = N;
+          e.addend_scale = 1.0f;
+        }
+        if (!bias_obj.is_none()) {
+          bias = checked<float>(bias_obj, "bias", 1, false);
+          if (bias.shape(0) != N) throw py::value_error("bias must have C's columns");
+          e.bias = static_cast<const float*>(bias.data());
+        }
+        if (relu) e.act = Activation::Relu;
+        if (!mul_obj.is_none()) {
+          mul = checked<float>(mul_obj, "mul", 2, false);
+          if (mul.shape(0) != M || mul.shape(1) != N) throw py::value_error("mul must have C's shape");
+          e.mul = static_cast<const float*>(mul.data());
+          e.ld_mul = N;
+          e.mul_act = Activation::Relu;
+        }
+        const bool any = e.addend || e.bias || relu || e.mul;
+        if (!residual_obj.is_none()) {  // bf16_gemm_rows_residual: a copy of residual += (a b + bias) * drop
+          if (trans_a || trans_b || e.addend || relu || e.mul || drop_obj.is_none())
+            throw py::value_error("residual takes drop and bias only, without transposes");
+          py::array res = checked<float>(residual_obj, "residual", 2, false), drop = checked<float>(drop_obj, "drop", 2, false);
+          if (res.shape(0) != M || res.shape(1) != N || drop.shape(0) != M || drop.shape(1) != N)
+            throw py::value_error("residual and drop must have C's shape");
+          py::array_t<float> x({M, N});
+          std::memcpy(x.mutable_data(), res.data(), sizeof(float) * static_cast<std::size_t>(M * N));
+          const KernelSet& ks = kernels_for(resolve_isa(isa));
+          bool done = false;
+          {
+            const CoreCall call;
+            done = bf16_gemm_rows_residual(ks, resolve_bf16_kernel(kernel, resolve_isa(isa)), M, N, K,
+                                           static_cast<const float*>(a.data()), a.shape(1),
+                                           static_cast<const float*>(b.data()), b.shape(1), e.bias,
+                                           static_cast<const float*>(drop.data()), x.mutable_data(), N, n_threads);
+          }
+          if (!done) throw py::value_error("residual: needs the avx512_bf16 kernel and K within one block");
+          return x;
+        }
         const Isa chosen = resolve_isa(isa);
         const bool native = resolve_bf16_kernel(kernel, chosen);
         const KernelSet& ks = kernels_for(chosen);
@@ -2411,13 +2456,19 @@ PYBIND11_MODULE(_core, m) {
         const index_t lda = a.shape(1), ldb = b.shape(1);
         {
           const CoreCall call;
-          bf16_gemm_rows(ks, native, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, nullptr, n_threads);
+          bf16_gemm_rows(ks, native, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, any ? &e : nullptr,
+                         n_threads);
         }
         return c;
       },
       py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
-      py::arg("kernel") = "auto", py::arg("isa") = "auto", py::arg("n_threads") = 0,
-      "bf16_gemm's product (the same bits) by the row-major-A path the sequential model uses.");
+      py::arg("kernel") = "auto", py::arg("isa") = "auto", py::arg("n_threads") = 0, py::arg("addend") = py::none(),
+      py::arg("bias") = py::none(), py::arg("relu") = false, py::arg("mul") = py::none(),
+      py::arg("residual") = py::none(), py::arg("drop") = py::none(),
+      "bf16_gemm's product (the same bits) by the row-major-A path the sequential model uses; then, if given, "
+      "the epilogue relu(C + addend + bias) * (mul > 0), each part optional (the ReLU and the mask applied only "
+      "when asked). residual (with drop, optional bias): returns a copy of residual += (a b + bias) * drop "
+      "(bf16_gemm_rows_residual, the model's dropout residual).");
   py::class_<SequentialHandle>(m, "SequentialModel",
                                "A validated sequential model (docs/DESIGN.md, \"Sequential model (issue 13)\") over a "
                                "params dict of caller-owned float32 arrays, updated in place by train_epoch.")

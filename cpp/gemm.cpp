@@ -243,6 +243,8 @@ struct Bf16Problem {
   float* C;
   index_t ldc;
   const Epilogue* epilogue;
+  float* residual = nullptr;  // bf16_gemm_rows_residual: x and the mask, leading dimension ldc
+  const float* drop = nullptr;
 };
 
 void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
@@ -288,6 +290,15 @@ void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_
   }
 }
 
+// Whether the rows kernel applies this epilogue itself (kernels.h Bf16RowsExtra): scale 1, an addend at scale
+// 1, bias, ReLU, the ReLU derivative mask; not the exponentials. epilogue_impl's special case (scale 0) stays
+// with the epilogue.
+bool bf16_rows_fusable(const Epilogue& e) {
+  return e.scale == 1.0f && (!e.addend || e.addend_scale == 1.0f) && !e.exp_sums &&
+         (e.act == Activation::Identity || e.act == Activation::Relu) &&
+         (!e.mul || e.mul_act == Activation::Relu);
+}
+
 // bf16_gemm_rows' loops: bf16_block's, with each mc block of A's rows converted to bf16 rows (Bf16RowsKernels)
 // instead of packed into MR panels. The same pair sums in the same order: bf16_block's bits.
 void bf16_rows_block(const Bf16Problem& p, const Bf16RowsKernels& rk, index_t m0, index_t m1, index_t n0,
@@ -318,8 +329,25 @@ void bf16_rows_block(const Bf16Problem& p, const Bf16RowsKernels& rk, index_t m0
           for (index_t ir = 0; ir < mc; ir += bk.mr) {
             const int m = static_cast<int>(std::min<index_t>(bk.mr, mc - ir));
             float* c = p.C + (ic + ir) * p.ldc + jc + jr;
-            rk.ukernel(pairs, abuf + ir * pairs, pairs, bbuf + jr * pairs, c, p.ldc, !first, m, n);
-            if (last && p.epilogue) p.ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
+            Bf16RowsExtra extra;
+            const bool fused = last && p.epilogue && bf16_rows_fusable(*p.epilogue);
+            if (fused) {
+              const Epilogue& e = *p.epilogue;
+              extra.addend = e.addend ? e.addend + (ic + ir) * e.ld_addend + jc + jr : nullptr;
+              extra.ld_addend = e.ld_addend;
+              extra.bias = e.bias ? e.bias + jc + jr : nullptr;
+              extra.relu = e.act == Activation::Relu;
+              extra.mul = e.mul ? e.mul + (ic + ir) * e.ld_mul + jc + jr : nullptr;
+              extra.ld_mul = e.ld_mul;
+              if (p.residual) {
+                extra.residual = p.residual + (ic + ir) * p.ldc + jc + jr;
+                extra.drop = p.drop + (ic + ir) * p.ldc + jc + jr;
+                extra.ld_residual = p.ldc;
+              }
+            }
+            rk.ukernel(pairs, abuf + ir * pairs, pairs, bbuf + jr * pairs, c, p.ldc, !first, m, n,
+                       fused ? &extra : nullptr);
+            if (last && p.epilogue && !fused) p.ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
           }
         }
       }
@@ -347,6 +375,31 @@ void bf16_gemm_rows(const KernelSet& ks, bool native, bool trans_a, bool trans_b
   }
 #endif
   bf16_gemm(ks, native, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
+}
+
+bool bf16_gemm_rows_residual(const KernelSet& ks, bool native, index_t M, index_t N, index_t K, const float* A,
+                             index_t lda, const float* B, index_t ldb, const float* bias, const float* mask, float* x,
+                             index_t ld_x, int n_threads) {
+#ifdef FASTREC_HAVE_BF16_KERNELS
+  if (!native || M <= 0 || N <= 0 || K <= 0) return false;
+  require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
+  const Bf16KernelSet& bk = bf16_kernels_avx512();
+  if (K > bk.kc) return false;
+  const Bf16RowsKernels& rk = bf16_rows_kernels_avx512();
+  Epilogue e;  // bias only: the kernel's extra then carries the residual (C itself is not written)
+  e.bias = bias;
+  Bf16Problem problem{ks, bk, false, false, K, A, lda, B, ldb, x, ld_x, &e};
+  problem.residual = x;
+  problem.drop = mask;
+  split_c(M, N, K, bk.mr, bk.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
+    bf16_rows_block(problem, rk, m0, m1, n0, n1);
+  });
+  return true;
+#else
+  (void)ks, (void)native, (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb, (void)bias, (void)mask,
+      (void)x, (void)ld_x, (void)n_threads;
+  return false;
+#endif
 }
 
 void bf16_gemm(const KernelSet& ks, bool native, bool trans_a, bool trans_b, index_t M, index_t N, index_t K,

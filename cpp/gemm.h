@@ -41,4 +41,13 @@ void bf16_gemm_rows(const KernelSet& ks, bool native, bool trans_a, bool trans_b
                     const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
                     const Epilogue* epilogue, int n_threads);
 
+// The sequential model's dropout residual with the native bf16 kernel: x (M x N, ld_x) += (A B + bias) * mask
+// (mask M x N, ld_x), A row-major M x K, B K x N, each element's operations those of the product with a bias
+// epilogue followed by x[i] += t[i] * mask[i] (the same bits), in the rows kernel's registers (no product
+// matrix written and read back). Returns false, doing nothing, where it does not apply (not native, or K over
+// one K block: x would take partial sums): the caller then takes the two steps itself.
+bool bf16_gemm_rows_residual(const KernelSet& ks, bool native, index_t M, index_t N, index_t K, const float* A,
+                             index_t lda, const float* B, index_t ldb, const float* bias, const float* mask, float* x,
+                             index_t ld_x, int n_threads);
+
 }  // namespace fastrec

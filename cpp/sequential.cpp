@@ -548,8 +548,13 @@ void block_forward(const KernelSet& ks, SeqWorkspace& ws, int b, BlockCache& c, 
     Epilogue e;
     e.bias = bias;
     if (dropout > 0.0) {
-      dense_gemm(ks, ws, false, false, R, d, k, A, k, W, d, t1, d, &e, n_threads);
       const DropoutSite drop(stream, site, dropout);
+      // native bf16: the mask first, then x += (A W + bias) * mask in the product's registers (the same bits)
+      if (ws.precision == SeqPrecision::Bf16Native) {
+        for_rows(R, n_threads, [&](index_t r0, index_t r1) { drop.rows(ks, ws.pos.data(), r0, r1, d, mask); });
+        if (bf16_gemm_rows_residual(ks, true, R, d, k, A, k, W, d, bias, mask, x, d, n_threads)) return;
+      }
+      dense_gemm(ks, ws, false, false, R, d, k, A, k, W, d, t1, d, &e, n_threads);
       for_rows(R, n_threads, [&](index_t r0, index_t r1) {
         drop.rows(ks, ws.pos.data(), r0, r1, d, mask);
         for (index_t i = r0 * d; i < r1 * d; ++i) x[i] += t1[i] * mask[i];

@@ -216,7 +216,7 @@ inline void dot_loop_rows(index_t kp_count, const std::uint32_t* a, index_t rs_a
 }
 
 void ukernel_rows_avx512_bf16(index_t kp_count, const std::uint32_t* a, index_t rs_a, const std::uint32_t* b,
-                              float* c, index_t ldc, bool accumulate, int m, int n) {
+                              float* c, index_t ldc, bool accumulate, int m, int n, const Bf16RowsExtra* extra) {
   __m512 acc0[kMr], acc1[kMr];
   for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
   if (n <= 16)
@@ -224,6 +224,11 @@ void ukernel_rows_avx512_bf16(index_t kp_count, const std::uint32_t* a, index_t 
   else
     dot_loop_rows<false>(kp_count, a, rs_a, m, b, acc0, acc1);
   const __mmask16 mask0 = lanes(n), mask1 = lanes(n - 16);
+  const float* bias = extra ? extra->bias : nullptr;
+  const bool relu = extra && extra->relu;
+  const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(mask0, bias) : _mm512_setzero_ps();
+  const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(mask1, bias + 16) : _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
 #pragma GCC unroll 12
   for (int i = 0; i < kMr; ++i) {
     if (i >= m) break;
@@ -232,6 +237,37 @@ void ukernel_rows_avx512_bf16(index_t kp_count, const std::uint32_t* a, index_t 
     if (accumulate) {
       r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, ci), r0);
       r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, ci + 16), r1);
+    }
+    if (extra) {
+      if (extra->addend) {  // epilogue_impl's v += 1 * addend: the product by 1 is exact
+        const float* ad = extra->addend + i * extra->ld_addend;
+        r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(mask0, ad));
+        r1 = _mm512_add_ps(r1, _mm512_maskz_loadu_ps(mask1, ad + 16));
+      }
+      if (bias) {
+        r0 = _mm512_add_ps(r0, bias0);
+        r1 = _mm512_add_ps(r1, bias1);
+      }
+      if (relu) {  // max(v, +0): +0 for NaN and -0, as apply_act's v > 0 ? v : 0
+        r0 = _mm512_maskz_max_ps(kAll, r0, zero);
+        r1 = _mm512_maskz_max_ps(kAll, r1, zero);
+      }
+      if (extra->mul) {  // a multiplication by 0 or 1, as in the epilogue (inf * 0 stays NaN)
+        const float* u = extra->mul + i * extra->ld_mul;
+        r0 = _mm512_mul_ps(r0, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(mask0, u), zero, _CMP_GT_OQ), one));
+        r1 = _mm512_mul_ps(r1, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(mask1, u + 16), zero, _CMP_GT_OQ), one));
+      }
+      if (extra->residual) {  // x += v * drop, as the model's loop x[i] += t[i] * mask[i]; C is not written
+        float* x = extra->residual + i * extra->ld_residual;
+        const float* dm = extra->drop + i * extra->ld_residual;
+        // the _round_ product: GCC does not contract it with the sum into an FMA (one rounding, other bits)
+        constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, x), _mm512_maskz_mul_round_ps(kAll, r0, _mm512_maskz_loadu_ps(mask0, dm), kNear));
+        r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, x + 16), _mm512_maskz_mul_round_ps(kAll, r1, _mm512_maskz_loadu_ps(mask1, dm + 16), kNear));
+        _mm512_mask_storeu_ps(x, mask0, r0);
+        _mm512_mask_storeu_ps(x + 16, mask1, r1);
+        continue;
+      }
     }
     _mm512_mask_storeu_ps(ci, mask0, r0);
     _mm512_mask_storeu_ps(ci + 16, mask1, r1);
