@@ -15,6 +15,11 @@ loss by its relative error.
   rounds it (or the reverse), or a wrong term, moves the gradients by the bf16 rounding itself (next point:
   2e-3 to 0.16), i.e. above this tolerance for most arrays, and the test also requires the bf16 core to sit
   at least 5x nearer the bf16 oracle than the float32 one summed over the weight gradients (measured ~100x).
+  Where the core's float32 parts sum in another order (the scalar ISA path, or a Debug build without
+  vectorisation: sequential sums carry more float32 rounding), more operands flip: measured up to 1.0e-2 on
+  an array whose bf16-vs-float32 distance is 5.9e-2 (ratio 0.17 at most over all arrays). Flips move a subset
+  of the operands by the same step the rounding itself takes, so an array may also pass by sitting at least 3x
+  nearer the bf16 oracle than the float32 one (per array: error < max(5e-3, error vs float32 / 3)).
 - core vs the float32 oracle: gradients 0.3, loss 4e-3. Each rounded product term carries a relative error
   of at most 2u + u^2 ~ 2^-8 (both operands), the loss passes 6 rounded products forward and the gradients
   up to 18 (forward and backward of 2 blocks); the loss, a mean of softplus terms, moves by about the
@@ -78,7 +83,8 @@ def test_bf16_step_matches_bf16_oracle(kernel, dropout):
     assert abs(loss - want) <= BF16_LOSS_TOL * abs(want)
     assert abs(loss - want32) <= F32_LOSS_TOL * abs(want32)
     e16, e32 = grad_errors(g, gr), grad_errors(g, gr32)
-    assert max(e16.values()) < BF16_TOL, max(e16.items(), key=lambda kv: kv[1])
+    for name in e16:
+        assert e16[name] < max(BF16_TOL, e32[name] / 3), (name, e16[name], e32[name])
     assert max(e32.values()) < F32_TOL, max(e32.items(), key=lambda kv: kv[1])
     # the rounding happens: the weight gradients sit much nearer the bf16 oracle than the float32 one
     w = [n for n in e16 if n.split(".")[-1] in ("Wq", "Wo", "W1", "W2")]
