@@ -20,7 +20,8 @@ replicas side by side in two processes; the limit on the training speed-up is 2 
 it started (a LocalCluster's nanny leaves its pre-spawn variables in the environment of the process that
 starts it). --limit-dask-env: the same with the environment a Dask nanny gives its workers
 (`distributed.nanny.pre-spawn-environ`: MALLOC_TRIM_THRESHOLD_=65536 among them), interleaved with the plain
-one. --malloc-trim unset: the clusters start their workers without MALLOC_TRIM_THRESHOLD_.
+one. --malloc-trim unset: the clusters start their workers without MALLOC_TRIM_THRESHOLD_. --cluster lean: the
+clusters get the Dask settings of the one fastrec's CLI starts (fastrec.dask._LEAN_CLUSTER_CONFIG).
 """
 
 import argparse
@@ -106,17 +107,22 @@ def training_limits(data, n_users, n_items, params, environs):
     return {name: (o["alone"], o["paired"], 2 * o["alone"] / o["paired"]) for name, o in out.items()}
 
 
-def local_cluster(workers, malloc_trim):
-    """A LocalCluster of `workers` processes x 1 thread; malloc_trim False: its nannies start the workers without
-    Dask's MALLOC_TRIM_THRESHOLD_ (the documented way: the config key set to None), in this process's original
-    environment."""
+def local_cluster(workers, malloc_trim, lean):
+    """A LocalCluster of `workers` processes x 1 thread, started in this process's original environment;
+    malloc_trim False: its nannies start the workers without Dask's MALLOC_TRIM_THRESHOLD_ (the documented way:
+    the config key set to None); lean: with the settings of the cluster that fastrec's CLI starts (no worker
+    profiler, a 1 s event-loop tick: fastrec.dask._LEAN_CLUSTER_CONFIG)."""
     import dask
     from distributed import LocalCluster
 
+    from fastrec.dask import _LEAN_CLUSTER_CONFIG
+
     os.environ.clear()
     os.environ.update(CLEAN_ENV)
-    unset = {} if malloc_trim else {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-    with dask.config.set(unset):
+    config = dict(_LEAN_CLUSTER_CONFIG) if lean else {}
+    if not malloc_trim:
+        config["distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"] = None
+    with dask.config.set(config):
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                             memory_limit=None)
 
@@ -147,6 +153,8 @@ def main():
                     "environment a Dask nanny gives its workers (distributed.nanny.pre-spawn-environ)")
     ap.add_argument("--malloc-trim", choices=("dask", "unset"), default="dask", help="dask: the clusters' workers "
                     "get Dask's MALLOC_TRIM_THRESHOLD_; unset: started without it")
+    ap.add_argument("--cluster", choices=("dask", "lean"), default="dask", help="dask: Dask's default settings; "
+                    "lean: those of the cluster fastrec's CLI starts (no worker profiler, 1 s event-loop tick)")
     args = ap.parse_args()
 
     import dask.array as da
@@ -173,16 +181,19 @@ def main():
 
         path = f"{args.data}/../model.fastrec"
         if not os.path.exists(path):
-            with local_cluster(2, args.malloc_trim == "dask") as cluster, Client(cluster) as client:
+            with local_cluster(2, args.malloc_trim == "dask", args.cluster == "lean") as cluster, \
+                    Client(cluster) as client:
                 frame = dd.read_parquet(args.data)
                 DaskRecommender(client=client, **params).fit(frame["user"], frame["item"], **fit_kwargs
                                                              ).to_local().save(path)
         model = fastrec.load(path)
     for r in range(args.first_round, args.first_round + args.rounds):
         for workers in ((1, 2) if r % 2 == 0 else (2, 1)) if args.what != "none" else ():
-            with local_cluster(workers, args.malloc_trim == "dask") as cluster, Client(cluster) as client:
+            with local_cluster(workers, args.malloc_trim == "dask", args.cluster == "lean") as cluster, \
+                    Client(cluster) as client:
                 env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
-                line = f"round {r} workers {workers} (MALLOC_TRIM_THRESHOLD_ {sorted(set(env.values()))}):"
+                line = (f"round {r} workers {workers} ({args.cluster} cluster, MALLOC_TRIM_THRESHOLD_ "
+                        f"{sorted(set(env.values()))}):")
                 if args.what in ("fit", "both"):
                     frame = dd.read_parquet(args.data)
                     start = time.perf_counter()

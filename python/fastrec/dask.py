@@ -40,6 +40,19 @@ from fastrec.recommender import Recommender
 __all__ = ["DaskRecommender", "WorkerLostError"]
 
 
+# The Dask settings of a LocalCluster that fastrec starts itself (the CLI's --workers): while tasks run, each
+# worker's statistical profiler (a thread sampling stacks every 10 ms, for the dashboard) and every event loop's
+# 20 ms tick (a blocked-loop check) took 1.4 s of CPU per 10 s across a 2-worker cluster against 0.24 s without
+# them (benchmarks/DASK.md, session 13): time taken from training when the workers fill the cores.
+_LEAN_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"}
+
+
+def _local_cluster(**kwargs):
+    """distributed.LocalCluster(**kwargs) with _LEAN_CLUSTER_CONFIG (its nannies pass the config to the workers)."""
+    with dask.config.set(_LEAN_CLUSTER_CONFIG):
+        return distributed.LocalCluster(**kwargs)
+
+
 class WorkerLostError(RuntimeError):
     """A Dask worker holding a replica died, restarted or stopped answering during a distributed fit."""
 
