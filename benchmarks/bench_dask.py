@@ -21,7 +21,8 @@ it started (a LocalCluster's nanny leaves its pre-spawn variables in the environ
 starts it). --limit-dask-env: the same with the environment a Dask nanny gives its workers
 (`distributed.nanny.pre-spawn-environ`: MALLOC_TRIM_THRESHOLD_=65536 among them), interleaved with the plain
 one. --malloc-trim unset: the clusters start their workers without MALLOC_TRIM_THRESHOLD_. --cluster lean: the
-clusters get the Dask settings of the one fastrec's CLI starts (fastrec.dask._LEAN_CLUSTER_CONFIG).
+clusters get the other Dask settings of the one fastrec's CLI starts (fastrec.dask._LEAN_CLUSTER_CONFIG: no
+worker profiler, a 1 s event-loop tick); both together are that cluster.
 """
 
 import argparse
@@ -111,7 +112,8 @@ def local_cluster(workers, malloc_trim, lean):
     """A LocalCluster of `workers` processes x 1 thread, started in this process's original environment;
     malloc_trim False: its nannies start the workers without Dask's MALLOC_TRIM_THRESHOLD_ (the documented way:
     the config key set to None); lean: with the settings of the cluster that fastrec's CLI starts (no worker
-    profiler, a 1 s event-loop tick: fastrec.dask._LEAN_CLUSTER_CONFIG)."""
+    profiler, a 1 s event-loop tick: fastrec.dask._LEAN_CLUSTER_CONFIG but MALLOC_TRIM_THRESHOLD_, which
+    malloc_trim decides)."""
     import dask
     from distributed import LocalCluster
 
@@ -119,9 +121,10 @@ def local_cluster(workers, malloc_trim, lean):
 
     os.environ.clear()
     os.environ.update(CLEAN_ENV)
-    config = dict(_LEAN_CLUSTER_CONFIG) if lean else {}
+    trim = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+    config = {k: v for k, v in _LEAN_CLUSTER_CONFIG.items() if k != trim} if lean else {}
     if not malloc_trim:
-        config["distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"] = None
+        config[trim] = None
     with dask.config.set(config):
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                             memory_limit=None)
@@ -154,7 +157,8 @@ def main():
     ap.add_argument("--malloc-trim", choices=("dask", "unset"), default="dask", help="dask: the clusters' workers "
                     "get Dask's MALLOC_TRIM_THRESHOLD_; unset: started without it")
     ap.add_argument("--cluster", choices=("dask", "lean"), default="dask", help="dask: Dask's default settings; "
-                    "lean: those of the cluster fastrec's CLI starts (no worker profiler, 1 s event-loop tick)")
+                    "lean: those of the cluster fastrec's CLI starts (no worker profiler, 1 s event-loop tick; with "
+                    "--malloc-trim unset, all of them)")
     args = ap.parse_args()
 
     import dask.array as da
