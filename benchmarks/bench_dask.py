@@ -13,12 +13,16 @@ items): interactions per second of that wall time. Then the batch top-10 of --sc
 item, seen items excluded) through `DaskRecommender.recommend(...).compute()`: users per second. Prints
 median [min-max] of each and the per-round ratios, and the bytes the fit exchanged per round.
 
---limit (with --what fit): in each round, after the two fits, what the hardware allows the training itself:
-one replica's training (the workers' own functions, half the files, in a plain process without Dask) alone,
-then both halves' replicas side by side in two processes; the limit on the training speed-up is
-2 x alone / the slower of the pair (a 1-worker fit trains both halves one after the other).
---limit-dask-env: the limit measured with the environment a Dask nanny gives its workers
-(`distributed.nanny.pre-spawn-environ`: MALLOC_TRIM_THRESHOLD_ among them).
+--limit: in each round, after the two fits, what the hardware allows the training itself: one replica's
+training (the workers' own functions, half the files, in a plain process without Dask) alone, then both halves'
+replicas side by side in two processes; the limit on the training speed-up is 2 x alone / the slower of the pair
+(a 1-worker fit trains both halves one after the other). The plain processes get this process's environment as
+it started (a LocalCluster's nanny leaves its pre-spawn variables in the environment of the process that
+starts it). --limit-dask-env: the same with the environment a Dask nanny gives its workers
+(`distributed.nanny.pre-spawn-environ`: MALLOC_TRIM_THRESHOLD_=65536 among them), interleaved with the plain
+one. --malloc-trim unset: the clusters start their workers without MALLOC_TRIM_THRESHOLD_. --cluster lean: the
+clusters get the other Dask settings of the one fastrec's CLI starts (fastrec.dask._LEAN_CLUSTER_CONFIG: no
+worker profiler, a 1 s event-loop tick); both together are that cluster.
 """
 
 import argparse
@@ -68,35 +72,62 @@ def _train_half(data, half, n_users, n_items, params, queue, barrier):
     queue.put((half, stats["train_s"], stats["rows"]))
 
 
-def training_limit(data, n_users, n_items, params, environ=None):
-    """(alone seconds, paired seconds of the slower, limit on the speed-up): one half's replica trained alone,
-    then both halves side by side (spawned processes, 1 thread each), with `environ` added to their environment
-    (e.g. the variables a Dask nanny sets for its worker)."""
+# The environment this process started with: the nanny of a LocalCluster sets its pre-spawn variables
+# (MALLOC_TRIM_THRESHOLD_ among them) in the environment of the process that starts the cluster, where they stay
+# and would reach every process spawned later (the plain limit's included) and override the Dask config.
+CLEAN_ENV = dict(os.environ)
+
+
+def training_limits(data, n_users, n_items, params, environs):
+    """For each environment added to CLEAN_ENV ({name: dict}): (alone seconds, paired seconds of the slower,
+    limit on the speed-up): one half's replica trained alone, then both halves side by side (spawned processes,
+    1 thread each); the environments interleaved (alone in each, then paired in each)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     saved = dict(os.environ)
-    os.environ.update({k: str(v) for k, v in (environ or {}).items()})  # read by the children as they start
+    out = {name: {} for name in environs}
     try:
-        return _limit(ctx, data, n_users, n_items, params)
+        for label, halves in (("alone", (0,)), ("paired", (0, 1))):
+            for name, environ in environs.items():
+                os.environ.clear()  # read by the children as they start
+                os.environ.update(CLEAN_ENV)
+                os.environ.update({k: str(v) for k, v in environ.items()})
+                queue, barrier = ctx.Queue(), ctx.Barrier(len(halves))
+                procs = [ctx.Process(target=_train_half, args=(data, h, n_users, n_items, params, queue, barrier))
+                         for h in halves]
+                for p in procs:
+                    p.start()
+                got = [queue.get() for _ in procs]
+                for p in procs:
+                    p.join()
+                out[name][label] = max(t for _, t, _ in got)
     finally:
         os.environ.clear()
         os.environ.update(saved)
+    return {name: (o["alone"], o["paired"], 2 * o["alone"] / o["paired"]) for name, o in out.items()}
 
 
-def _limit(ctx, data, n_users, n_items, params):
-    out = {}
-    for label, halves in (("alone", (0,)), ("paired", (0, 1))):
-        queue, barrier = ctx.Queue(), ctx.Barrier(len(halves))
-        procs = [ctx.Process(target=_train_half, args=(data, h, n_users, n_items, params, queue, barrier))
-                 for h in halves]
-        for p in procs:
-            p.start()
-        got = [queue.get() for _ in procs]
-        for p in procs:
-            p.join()
-        out[label] = max(t for _, t, _ in got)
-    return out["alone"], out["paired"], 2 * out["alone"] / out["paired"]
+def local_cluster(workers, malloc_trim, lean):
+    """A LocalCluster of `workers` processes x 1 thread, started in this process's original environment;
+    malloc_trim False: its nannies start the workers without Dask's MALLOC_TRIM_THRESHOLD_ (the documented way:
+    the config key set to None); lean: with the settings of the cluster that fastrec's CLI starts (no worker
+    profiler, a 1 s event-loop tick: fastrec.dask._LEAN_CLUSTER_CONFIG but MALLOC_TRIM_THRESHOLD_, which
+    malloc_trim decides)."""
+    import dask
+    from distributed import LocalCluster
+
+    from fastrec.dask import _LEAN_CLUSTER_CONFIG
+
+    os.environ.clear()
+    os.environ.update(CLEAN_ENV)
+    trim = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+    config = {k: v for k, v in _LEAN_CLUSTER_CONFIG.items() if k != trim} if lean else {}
+    if not malloc_trim:
+        config[trim] = None
+    with dask.config.set(config):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                            memory_limit=None)
 
 
 FEATURE_TYPES = {"region": "categorical", "age": "numeric", "category": "categorical"}
@@ -123,12 +154,17 @@ def main():
     ap.add_argument("--limit", action="store_true", help="also measure the training's own limit (module docstring)")
     ap.add_argument("--limit-dask-env", action="store_true", help="the limit measured with the "
                     "environment a Dask nanny gives its workers (distributed.nanny.pre-spawn-environ)")
+    ap.add_argument("--malloc-trim", choices=("dask", "unset"), default="dask", help="dask: the clusters' workers "
+                    "get Dask's MALLOC_TRIM_THRESHOLD_; unset: started without it")
+    ap.add_argument("--cluster", choices=("dask", "lean"), default="dask", help="dask: Dask's default settings; "
+                    "lean: those of the cluster fastrec's CLI starts (no worker profiler, 1 s event-loop tick; with "
+                    "--malloc-trim unset, all of them)")
     args = ap.parse_args()
 
     import dask.array as da
     import dask.dataframe as dd
     import pandas as pd
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from fastrec.dask import DaskRecommender
 
@@ -149,17 +185,19 @@ def main():
 
         path = f"{args.data}/../model.fastrec"
         if not os.path.exists(path):
-            with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                              memory_limit=None) as cluster, Client(cluster) as client:
+            with local_cluster(2, args.malloc_trim == "dask", args.cluster == "lean") as cluster, \
+                    Client(cluster) as client:
                 frame = dd.read_parquet(args.data)
                 DaskRecommender(client=client, **params).fit(frame["user"], frame["item"], **fit_kwargs
                                                              ).to_local().save(path)
         model = fastrec.load(path)
     for r in range(args.first_round, args.first_round + args.rounds):
         for workers in ((1, 2) if r % 2 == 0 else (2, 1)) if args.what != "none" else ():
-            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                              memory_limit=None) as cluster, Client(cluster) as client:
-                line = f"round {r} workers {workers}:"
+            with local_cluster(workers, args.malloc_trim == "dask", args.cluster == "lean") as cluster, \
+                    Client(cluster) as client:
+                env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+                line = (f"round {r} workers {workers} ({args.cluster} cluster, MALLOC_TRIM_THRESHOLD_ "
+                        f"{sorted(set(env.values()))}):")
                 if args.what in ("fit", "both"):
                     frame = dd.read_parquet(args.data)
                     start = time.perf_counter()
@@ -191,18 +229,22 @@ def main():
                     results[workers]["top10"].append(len(score_users) / top_s)
                     line += f" top-10 {top_s:.1f} s ({len(score_users) / top_s:,.0f} users/s);"
                 print(f"{line} load {os.getloadavg()[0]:.2f}", flush=True)
+        environs = {}
         if args.limit:
-            alone, paired, limit = training_limit(args.data, args.users, args.items, params)
-            limits.append(limit)
-            print(f"round {r} training limit: one half alone {alone:.1f} s, both halves side by side {paired:.1f} s "
-                  f"(slower): 2-worker training at most {limit:.2f}x; load {os.getloadavg()[0]:.2f}", flush=True)
+            environs["plain"] = {}
         if args.limit_dask_env:
+            import distributed  # noqa: F401 (sets Dask's defaults for the nanny)
             import dask
 
-            env = dask.config.get("distributed.nanny.pre-spawn-environ", {})
-            alone, paired, limit = training_limit(args.data, args.users, args.items, params, env)
-            print(f"round {r} training limit with {env}: alone {alone:.1f} s, side by side {paired:.1f} s: "
-                  f"{limit:.2f}x; load {os.getloadavg()[0]:.2f}", flush=True)
+            environs["nanny's"] = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+                                   if v is not None}
+        for name, (alone, paired, limit) in training_limits(args.data, args.users, args.items, params,
+                                                            environs).items():
+            if name == "plain":
+                limits.append(limit)
+            print(f"round {r} training limit, {name} environment {environs[name]}: one half alone {alone:.1f} s, "
+                  f"both halves side by side {paired:.1f} s (slower): 2-worker training at most {limit:.2f}x; "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
     print("\n| what | 1 worker | 2 workers | ratio per round |\n|---|---|---|---|")
     for what, unit in (("fit", "interactions/s"), ("top10", "users/s")):
         if not results[1][what]:

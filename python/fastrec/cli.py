@@ -517,9 +517,9 @@ def _train_dask(args, model, users, items, ratings, weight, tables, start):
         raise DataError(f"--workers must be at least 1, got {args.workers}")
     try:
         import dask.array as da
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
-        from fastrec.dask import DaskRecommender, WorkerLostError
+        from fastrec.dask import DaskRecommender, WorkerLostError, _local_cluster
     except ImportError:
         raise DataError("--scheduler / --workers need Dask: pip install 'fastrec[dask]'") from None
     params = {**model.get_params(), "early_stopping": False}
@@ -527,8 +527,8 @@ def _train_dask(args, model, users, items, ratings, weight, tables, start):
         if args.scheduler is not None:
             client = stack.enter_context(Client(args.scheduler, timeout="30s"))
         else:
-            cluster = stack.enter_context(LocalCluster(n_workers=args.workers, threads_per_worker=model._threads(),
-                                                       processes=True, dashboard_address=None))
+            cluster = stack.enter_context(_local_cluster(n_workers=args.workers, threads_per_worker=model._threads(),
+                                                         processes=True, dashboard_address=None))
             client = stack.enter_context(Client(cluster))
         parts = max(1, len(client.scheduler_info()["workers"]))
         chunk = max(1, -(-len(users) // parts))

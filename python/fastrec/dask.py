@@ -40,6 +40,22 @@ from fastrec.recommender import Recommender
 __all__ = ["DaskRecommender", "WorkerLostError"]
 
 
+# The Dask settings of a LocalCluster that fastrec starts itself (the CLI's --workers), docs/DESIGN.md: its
+# nannies start the workers without MALLOC_TRIM_THRESHOLD_ (a fixed trim threshold also fixes glibc's mmap
+# threshold: a replica trained 9-13% slower with it), and while tasks run no worker profiler (a thread sampling
+# stacks every 10 ms) and a 1 s event-loop tick instead of 20 ms: ~1 CPU s per 10 s across a 2-worker cluster
+# against 0.2 s without them, time taken from training when the workers fill the cores (benchmarks/DASK.md).
+_LEAN_CLUSTER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                        "distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"}
+
+
+def _local_cluster(**kwargs):
+    """distributed.LocalCluster(**kwargs) with _LEAN_CLUSTER_CONFIG (its nannies pass the config to the workers;
+    a MALLOC_TRIM_THRESHOLD_ already in this process's environment still reaches them)."""
+    with dask.config.set(_LEAN_CLUSTER_CONFIG):
+        return distributed.LocalCluster(**kwargs)
+
+
 class WorkerLostError(RuntimeError):
     """A Dask worker holding a replica died, restarted or stopped answering during a distributed fit."""
 
