@@ -106,6 +106,26 @@ py::array checked(py::handle obj, const std::string& what, int ndim, bool writea
   return a;
 }
 
+// The float32 operands of op(a) @ op(b) (the product test hooks), checked, with the product's M, N, K.
+struct GemmOperands {
+  py::array a, b;
+  index_t M, N, K;
+  const float* pa() const { return static_cast<const float*>(a.data()); }
+  const float* pb() const { return static_cast<const float*>(b.data()); }
+};
+
+GemmOperands gemm_operands(py::handle a_obj, py::handle b_obj, bool trans_a, bool trans_b) {
+  GemmOperands g{checked<float>(a_obj, "a", 2, false), checked<float>(b_obj, "b", 2, false), 0, 0, 0};
+  g.M = trans_a ? g.a.shape(1) : g.a.shape(0);
+  g.K = trans_a ? g.a.shape(0) : g.a.shape(1);
+  const index_t Kb = trans_b ? g.b.shape(1) : g.b.shape(0);
+  g.N = trans_b ? g.b.shape(0) : g.b.shape(1);
+  if (g.K != Kb)
+    throw py::value_error("op(a) has " + std::to_string(g.K) + " columns but op(b) has " + std::to_string(Kb) +
+                          " rows");
+  return g;
+}
+
 void require_shape(const py::array& a, const std::string& what, index_t rows, index_t cols) {
   const bool ok = a.ndim() == 1 ? a.shape(0) == rows : (a.shape(0) == rows && a.shape(1) == cols);
   if (!ok) {
@@ -2107,20 +2127,14 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "sgemm",
       [](py::handle a_obj, py::handle b_obj, bool trans_a, bool trans_b, const std::string& isa, int n_threads) {
-        py::array a = checked<float>(a_obj, "a", 2, false), b = checked<float>(b_obj, "b", 2, false);
-        const index_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
-        const index_t Kb = trans_b ? b.shape(1) : b.shape(0), N = trans_b ? b.shape(0) : b.shape(1);
-        if (K != Kb)
-          throw py::value_error("op(a) has " + std::to_string(K) + " columns but op(b) has " + std::to_string(Kb) +
-                                " rows");
+        const GemmOperands g = gemm_operands(a_obj, b_obj, trans_a, trans_b);
+        const index_t M = g.M, N = g.N, K = g.K;
         const KernelSet& ks = kernels_for(resolve_isa(isa));
         py::array_t<float> c({M, N});
-        const float *pa = static_cast<const float*>(a.data()), *pb = static_cast<const float*>(b.data());
         float* pc = c.mutable_data();
-        const index_t lda = a.shape(1), ldb = b.shape(1);
         {
           const CoreCall call;
-          sgemm(ks, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, nullptr, n_threads);
+          sgemm(ks, trans_a, trans_b, M, N, K, g.pa(), g.a.shape(1), g.pb(), g.b.shape(1), pc, N, nullptr, n_threads);
         }
         return c;
       },
@@ -2131,22 +2145,17 @@ PYBIND11_MODULE(_core, m) {
       "bf16_gemm",
       [](py::handle a_obj, py::handle b_obj, bool trans_a, bool trans_b, const std::string& kernel,
          const std::string& isa, int n_threads) {
-        py::array a = checked<float>(a_obj, "a", 2, false), b = checked<float>(b_obj, "b", 2, false);
-        const index_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
-        const index_t Kb = trans_b ? b.shape(1) : b.shape(0), N = trans_b ? b.shape(0) : b.shape(1);
-        if (K != Kb)
-          throw py::value_error("op(a) has " + std::to_string(K) + " columns but op(b) has " + std::to_string(Kb) +
-                                " rows");
+        const GemmOperands g = gemm_operands(a_obj, b_obj, trans_a, trans_b);
+        const index_t M = g.M, N = g.N, K = g.K;
         const Isa chosen = resolve_isa(isa);
         const bool native = resolve_bf16_kernel(kernel, chosen);
         const KernelSet& ks = kernels_for(chosen);
         py::array_t<float> c({M, N});
-        const float *pa = static_cast<const float*>(a.data()), *pb = static_cast<const float*>(b.data());
         float* pc = c.mutable_data();
-        const index_t lda = a.shape(1), ldb = b.shape(1);
         {
           const CoreCall call;
-          bf16_gemm(ks, native, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, nullptr, n_threads);
+          bf16_gemm(ks, native, trans_a, trans_b, M, N, K, g.pa(), g.a.shape(1), g.pb(), g.b.shape(1), pc, N, nullptr,
+                    n_threads);
         }
         return c;
       },
@@ -2397,12 +2406,8 @@ PYBIND11_MODULE(_core, m) {
       [](py::handle a_obj, py::handle b_obj, bool trans_a, bool trans_b, const std::string& kernel,
          const std::string& isa, int n_threads, py::handle addend_obj, py::handle bias_obj, bool relu,
          py::handle mul_obj, py::handle residual_obj, py::handle drop_obj) {
-        py::array a = checked<float>(a_obj, "a", 2, false), b = checked<float>(b_obj, "b", 2, false);
-        const index_t M = trans_a ? a.shape(1) : a.shape(0), K = trans_a ? a.shape(0) : a.shape(1);
-        const index_t Kb = trans_b ? b.shape(1) : b.shape(0), N = trans_b ? b.shape(0) : b.shape(1);
-        if (K != Kb)
-          throw py::value_error("op(a) has " + std::to_string(K) + " columns but op(b) has " + std::to_string(Kb) +
-                                " rows");
+        const GemmOperands g = gemm_operands(a_obj, b_obj, trans_a, trans_b);
+        const index_t M = g.M, N = g.N, K = g.K;
         // The optional epilogue (the model's: v = relu(C + addend + bias) * (mul > 0)), each part optional.
         py::array addend, bias, mul;
         Epilogue e;
@@ -2435,14 +2440,16 @@ PYBIND11_MODULE(_core, m) {
             throw py::value_error("residual and drop must have C's shape");
           py::array_t<float> x({M, N});
           std::memcpy(x.mutable_data(), res.data(), sizeof(float) * static_cast<std::size_t>(M * N));
-          const KernelSet& ks = kernels_for(resolve_isa(isa));
+          const Isa chosen = resolve_isa(isa);
+          const KernelSet& ks = kernels_for(chosen);
+          const bool native = resolve_bf16_kernel(kernel, chosen);
+          const float* pd = static_cast<const float*>(drop.data());
+          float* px = x.mutable_data();
           bool done = false;
           {
             const CoreCall call;
-            done = bf16_gemm_rows_residual(ks, resolve_bf16_kernel(kernel, resolve_isa(isa)), M, N, K,
-                                           static_cast<const float*>(a.data()), a.shape(1),
-                                           static_cast<const float*>(b.data()), b.shape(1), e.bias,
-                                           static_cast<const float*>(drop.data()), x.mutable_data(), N, n_threads);
+            done = bf16_gemm_rows_residual(ks, native, M, N, K, g.pa(), g.a.shape(1), g.pb(), g.b.shape(1), e.bias,
+                                           pd, px, N, n_threads);
           }
           if (!done) throw py::value_error("residual: needs the avx512_bf16 kernel and K within one block");
           return x;
@@ -2451,13 +2458,11 @@ PYBIND11_MODULE(_core, m) {
         const bool native = resolve_bf16_kernel(kernel, chosen);
         const KernelSet& ks = kernels_for(chosen);
         py::array_t<float> c({M, N});
-        const float *pa = static_cast<const float*>(a.data()), *pb = static_cast<const float*>(b.data());
         float* pc = c.mutable_data();
-        const index_t lda = a.shape(1), ldb = b.shape(1);
         {
           const CoreCall call;
-          bf16_gemm_rows(ks, native, trans_a, trans_b, M, N, K, pa, lda, pb, ldb, pc, N, any ? &e : nullptr,
-                         n_threads);
+          bf16_gemm_rows(ks, native, trans_a, trans_b, M, N, K, g.pa(), g.a.shape(1), g.pb(), g.b.shape(1), pc, N,
+                         any ? &e : nullptr, n_threads);
         }
         return c;
       },

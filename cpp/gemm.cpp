@@ -247,12 +247,27 @@ struct Bf16Problem {
   const float* drop = nullptr;
 };
 
+// K in equal even blocks of at most bk.kc (1100 = 2 x 550, not 1024 + 76: a short last block pays the C tile's
+// load and store for few k). They depend on K only: the same sums for any split of C.
+index_t bf16_kc_step(const Bf16Problem& p) {
+  const index_t blocks = ceil_div(p.K, p.bk.kc);
+  return std::min(p.bk.kc, (ceil_div(p.K, blocks) + 1) / 2 * 2);
+}
+
+// B's panels of columns [jc, jc + nc) and rows [pc, pc + kc) into bbuf as bf16 pairs (pairs = ceil(kc / 2)).
+void bf16_pack_b_panels(const Bf16Problem& p, index_t jc, index_t nc, index_t pc, index_t kc, index_t pairs,
+                        std::uint32_t* bbuf) {
+  for (index_t jr = 0; jr < nc; jr += p.bk.nr) {
+    const int n = static_cast<int>(std::min<index_t>(p.bk.nr, nc - jr));
+    const float* src = p.trans_b ? p.B + (jc + jr) * p.ldb + pc : p.B + pc * p.ldb + jc + jr;
+    p.bk.pack_b(!p.trans_b, src, p.ldb, n, kc, bbuf + jr * pairs);
+  }
+}
+
 void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
   thread_local AlignedBuffer a_scratch, b_scratch;
   const Bf16KernelSet& bk = p.bk;
-  // K in equal even blocks of at most bk.kc (1100 = 2 x 550, not 1024 + 76: a short last block pays the C
-  // tile's load and store for few k). They depend on K only: the same sums for any split of C.
-  const index_t blocks = ceil_div(p.K, bk.kc), kc_step = std::min(bk.kc, (ceil_div(p.K, blocks) + 1) / 2 * 2);
+  const index_t kc_step = bf16_kc_step(p);
   const index_t pairs_max = (std::min(kc_step, p.K) + 1) / 2;
   // A pair word has a float's size: the float buffers hold them.
   auto* bbuf = reinterpret_cast<std::uint32_t*>(
@@ -264,11 +279,7 @@ void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_
     for (index_t pc = 0; pc < p.K; pc += kc_step) {
       const index_t kc = std::min(kc_step, p.K - pc), pairs = (kc + 1) / 2;
       const bool first = pc == 0, last = pc + kc == p.K;
-      for (index_t jr = 0; jr < nc; jr += bk.nr) {
-        const int n = static_cast<int>(std::min<index_t>(bk.nr, nc - jr));
-        const float* src = p.trans_b ? p.B + (jc + jr) * p.ldb + pc : p.B + pc * p.ldb + jc + jr;
-        bk.pack_b(!p.trans_b, src, p.ldb, n, kc, bbuf + jr * pairs);
-      }
+      bf16_pack_b_panels(p, jc, nc, pc, kc, pairs, bbuf);
       for (index_t ic = m0; ic < m1; ic += bk.mc) {
         const index_t mc = std::min(bk.mc, m1 - ic);
         for (index_t ir = 0; ir < mc; ir += bk.mr) {
@@ -305,7 +316,7 @@ void bf16_rows_block(const Bf16Problem& p, const Bf16RowsKernels& rk, index_t m0
                      index_t n1) {
   thread_local AlignedBuffer a_scratch, b_scratch;
   const Bf16KernelSet& bk = p.bk;
-  const index_t blocks = ceil_div(p.K, bk.kc), kc_step = std::min(bk.kc, (ceil_div(p.K, blocks) + 1) / 2 * 2);
+  const index_t kc_step = bf16_kc_step(p);
   const index_t pairs_max = (std::min(kc_step, p.K) + 1) / 2;
   auto* bbuf = reinterpret_cast<std::uint32_t*>(
       b_scratch.get(static_cast<std::size_t>(pairs_max * ceil_div(std::min(bk.nc, n1 - n0), bk.nr) * bk.nr)));
@@ -316,11 +327,7 @@ void bf16_rows_block(const Bf16Problem& p, const Bf16RowsKernels& rk, index_t m0
     for (index_t pc = 0; pc < p.K; pc += kc_step) {
       const index_t kc = std::min(kc_step, p.K - pc), pairs = (kc + 1) / 2;
       const bool first = pc == 0, last = pc + kc == p.K;
-      for (index_t jr = 0; jr < nc; jr += bk.nr) {
-        const int n = static_cast<int>(std::min<index_t>(bk.nr, nc - jr));
-        const float* src = p.trans_b ? p.B + (jc + jr) * p.ldb + pc : p.B + pc * p.ldb + jc + jr;
-        bk.pack_b(!p.trans_b, src, p.ldb, n, kc, bbuf + jr * pairs);
-      }
+      bf16_pack_b_panels(p, jc, nc, pc, kc, pairs, bbuf);
       for (index_t ic = m0; ic < m1; ic += bk.mc) {
         const index_t mc = std::min(bk.mc, m1 - ic);
         rk.convert(p.A + ic * p.lda + pc, p.lda, mc, kc, abuf, pairs);

@@ -1,5 +1,8 @@
 """fastrec train --workers N / --scheduler ADDRESS: the same job on a Dask cluster (fastrec.dask)."""
 
+import importlib.util
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -8,21 +11,13 @@ pytest.importorskip("dask.array")
 from distributed import LocalCluster  # noqa: E402
 
 import fastrec  # noqa: E402
-from fastrec import cli  # noqa: E402
 from fastrec.datasets import make_interactions  # noqa: E402
 
-import csv  # noqa: E402
-
-OPTIONS = ["--embedding-dim", "8", "--hidden", "16", "--epochs", "2", "--no-early-stopping", "--seed", "0",
-           "--threads", "1"]
-
-
-def write_csv(path, columns: dict):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows(zip(*(np.asarray(v).tolist() for v in columns.values())))
-    return path
+# The local CLI tests' options, runner and CSV writer (pytest's importlib mode does not put tests/ on sys.path).
+_spec = importlib.util.spec_from_file_location("_cli_test_helpers", pathlib.Path(__file__).with_name("test_cli.py"))
+_cli_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_cli_tests)
+OPTIONS, run, write_csv = _cli_tests.OPTIONS, _cli_tests.run, _cli_tests.write_csv
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +26,6 @@ def train_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli_dask") / "train.csv"
     write_csv(path, {"user_id": d.users, "item_id": d.items, "rating": d.ratings})
     return path, d
-
-
-def run(capsys, *args):
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def same_arrays(a, b):

@@ -191,78 +191,14 @@ inline void row_group_avx512(index_t kc, const float* a, const float* b, index_t
 // V = 4, 8 or 16 full vectors (64, 128, 256 columns): row_group_avx512's chains in named accumulators. The
 // array form kept its accumulators (and masks) on the stack, a 64-byte store per FMA: the one-row MLP ran at
 // ~35 GFLOP/s, limited by stores.
-template <int V>
-inline void row_group_full_avx512(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate) {
-  static_assert(V == 4 || V == 8 || V == 16, "4, 8 or 16 vectors");
-  __m512 r0 = _mm512_setzero_ps(), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0;
-  __m512 r8 = r0, r9 = r0, r10 = r0, r11 = r0, r12 = r0, r13 = r0, r14 = r0, r15 = r0;
-  for (index_t k = 0; k < kc; ++k, b += rs_b) {
-    const __m512 ak = _mm512_set1_ps(a[k]);
-    r0 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b), r0);
-    r1 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 16), r1);
-    r2 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 32), r2);
-    r3 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 48), r3);
-    if constexpr (V >= 8) {
-      r4 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 64), r4);
-      r5 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 80), r5);
-      r6 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 96), r6);
-      r7 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 112), r7);
-    }
-    if constexpr (V == 16) {
-      r8 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 128), r8);
-      r9 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 144), r9);
-      r10 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 160), r10);
-      r11 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 176), r11);
-      r12 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 192), r12);
-      r13 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 208), r13);
-      r14 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 224), r14);
-      r15 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(b + 240), r15);
-    }
-  }
-  const __m512 r[16] = {r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15};
-  for (int v = 0; v < V; ++v)
-    _mm512_storeu_ps(c + 16 * v, accumulate ? _mm512_add_ps(_mm512_loadu_ps(c + 16 * v), r[v]) : r[v]);
-}
-
-// Groups of 256 columns (full: 16 named chains), then of 128 (8 chains; at least 8 independent chains cover
-// the FMA latency: 2 chains, one panel at a time, left it exposed, a 161 x 256 layer took ~3x longer). A
-// 256-wide layer's B is read once, row after row. Every column is the same chain over k whatever its group.
-void row_kernel_avx512(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate, int n) {
-  int j0 = 0;
-  for (; j0 + 256 <= n; j0 += 256) row_group_full_avx512<16>(kc, a, b + j0, rs_b, c + j0, accumulate);
-  for (; j0 < n; j0 += 128) {
-    const int w = std::min(128, n - j0);
-    switch ((w + 15) / 16) {
-      case 1: row_group_avx512<1>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
-      case 2: row_group_avx512<2>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
-      case 3: row_group_avx512<3>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
-      case 4:
-        if (w == 64) row_group_full_avx512<4>(kc, a, b + j0, rs_b, c + j0, accumulate);
-        else row_group_avx512<4>(kc, a, b + j0, rs_b, c + j0, accumulate, w);
-        break;
-      case 5: row_group_avx512<5>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
-      case 6: row_group_avx512<6>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
-      case 7: row_group_avx512<7>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
-      default:
-        if (w == 128) row_group_full_avx512<8>(kc, a, b + j0, rs_b, c + j0, accumulate);
-        else row_group_avx512<8>(kc, a, b + j0, rs_b, c + j0, accumulate, w);
-        break;
-    }
-  }
-}
-
-// ---- The one-row product over the nonzero entries of a (after ReLU about half a hidden row is zero) ----
-// Column chains as row_group_avx512's, over the rows k = idx[0..nk) of B (increasing) only: a skipped
-// a[k] == 0 would add fma(0, b, acc) = acc exactly (finite b; at most the sign of a zero acc differs), so each
-// chain is the dense kernel's, with fewer rows of B read.
-template <int V>
-inline void row_group_nonzero_full_avx512(index_t nk, const std::int32_t* idx, const float* a, const float* b,
-                                          index_t rs_b, float* c, bool accumulate) {
+template <int V, bool kIndexed = false>
+inline void row_group_full_avx512(index_t nk, const std::int32_t* idx, const float* a, const float* b,
+                                  index_t rs_b, float* c, bool accumulate) {
   static_assert(V == 4 || V == 8 || V == 16, "4, 8 or 16 vectors");
   __m512 r0 = _mm512_setzero_ps(), r1 = r0, r2 = r0, r3 = r0, r4 = r0, r5 = r0, r6 = r0, r7 = r0;
   __m512 r8 = r0, r9 = r0, r10 = r0, r11 = r0, r12 = r0, r13 = r0, r14 = r0, r15 = r0;
   for (index_t t = 0; t < nk; ++t) {
-    const index_t k = idx[t];
+    const index_t k = kIndexed ? idx[t] : t;  // kIndexed: the rows idx[0..nk) of B only (see below)
     const __m512 ak = _mm512_set1_ps(a[k]);
     const float* bk = b + k * rs_b;
     r0 = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk), r0);
@@ -291,6 +227,37 @@ inline void row_group_nonzero_full_avx512(index_t nk, const std::int32_t* idx, c
     _mm512_storeu_ps(c + 16 * v, accumulate ? _mm512_add_ps(_mm512_loadu_ps(c + 16 * v), r[v]) : r[v]);
 }
 
+// Groups of 256 columns (full: 16 named chains), then of 128 (8 chains; at least 8 independent chains cover
+// the FMA latency: 2 chains, one panel at a time, left it exposed, a 161 x 256 layer took ~3x longer). A
+// 256-wide layer's B is read once, row after row. Every column is the same chain over k whatever its group.
+void row_kernel_avx512(index_t kc, const float* a, const float* b, index_t rs_b, float* c, bool accumulate, int n) {
+  int j0 = 0;
+  for (; j0 + 256 <= n; j0 += 256) row_group_full_avx512<16>(kc, nullptr, a, b + j0, rs_b, c + j0, accumulate);
+  for (; j0 < n; j0 += 128) {
+    const int w = std::min(128, n - j0);
+    switch ((w + 15) / 16) {
+      case 1: row_group_avx512<1>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
+      case 2: row_group_avx512<2>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
+      case 3: row_group_avx512<3>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
+      case 4:
+        if (w == 64) row_group_full_avx512<4>(kc, nullptr, a, b + j0, rs_b, c + j0, accumulate);
+        else row_group_avx512<4>(kc, a, b + j0, rs_b, c + j0, accumulate, w);
+        break;
+      case 5: row_group_avx512<5>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
+      case 6: row_group_avx512<6>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
+      case 7: row_group_avx512<7>(kc, a, b + j0, rs_b, c + j0, accumulate, w); break;
+      default:
+        if (w == 128) row_group_full_avx512<8>(kc, nullptr, a, b + j0, rs_b, c + j0, accumulate);
+        else row_group_avx512<8>(kc, a, b + j0, rs_b, c + j0, accumulate, w);
+        break;
+    }
+  }
+}
+
+// ---- The one-row product over the nonzero entries of a (after ReLU about half a hidden row is zero) ----
+// row_group_full_avx512<V, true>: column chains as the dense kernel's, over the rows k = idx[0..nk) of B
+// (increasing) only: a skipped a[k] == 0 would add fma(0, b, acc) = acc exactly (finite b; at most the sign of
+// a zero acc differs), so each chain is the dense kernel's, with fewer rows of B read.
 }  // namespace
 
 // Whether the row kernel should skip a's zeros: false when fewer than a quarter of a[0..kc) are zero (the
@@ -316,9 +283,9 @@ bool row_nonzeros_avx512(index_t kc, const float* a, std::int32_t* idx, index_t*
 void row_kernel_nonzero_avx512(index_t nk, const std::int32_t* idx, const float* a, const float* b, index_t rs_b,
                                float* c, bool accumulate, int n) {
   int j0 = 0;
-  for (; j0 + 256 <= n; j0 += 256) row_group_nonzero_full_avx512<16>(nk, idx, a, b + j0, rs_b, c + j0, accumulate);
-  for (; j0 + 128 <= n; j0 += 128) row_group_nonzero_full_avx512<8>(nk, idx, a, b + j0, rs_b, c + j0, accumulate);
-  for (; j0 + 64 <= n; j0 += 64) row_group_nonzero_full_avx512<4>(nk, idx, a, b + j0, rs_b, c + j0, accumulate);
+  for (; j0 + 256 <= n; j0 += 256) row_group_full_avx512<16, true>(nk, idx, a, b + j0, rs_b, c + j0, accumulate);
+  for (; j0 + 128 <= n; j0 += 128) row_group_full_avx512<8, true>(nk, idx, a, b + j0, rs_b, c + j0, accumulate);
+  for (; j0 + 64 <= n; j0 += 64) row_group_full_avx512<4, true>(nk, idx, a, b + j0, rs_b, c + j0, accumulate);
 }
 
 namespace {
