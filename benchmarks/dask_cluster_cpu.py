@@ -25,7 +25,7 @@ def cluster_cpu(workers, seconds, config):
             procs = [psutil.Process()] + psutil.Process().children(recursive=True)
             before = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
             client.gather([client.submit(time.sleep, seconds, pure=False, workers=[w])
-                           for w in client.scheduler_info()["workers"]])
+                           for w in client.nthreads()])
             return {p.pid: sum(p.cpu_times()[:2]) - before[p.pid] for p in procs}
 
 

@@ -519,7 +519,7 @@ def _train_dask(args, model, users, items, ratings, weight, tables, start):
         import dask.array as da
         from distributed import Client
 
-        from fastrec.dask import DaskRecommender, WorkerLostError, _local_cluster
+        from fastrec.dask import DaskRecommender, WorkerLostError, _local_cluster, _worker_addresses
     except ImportError:
         raise DataError("--scheduler / --workers need Dask: pip install 'fastrec[dask]'") from None
     params = {**model.get_params(), "early_stopping": False}
@@ -530,7 +530,7 @@ def _train_dask(args, model, users, items, ratings, weight, tables, start):
             cluster = stack.enter_context(_local_cluster(n_workers=args.workers, threads_per_worker=model._threads(),
                                                          processes=True, dashboard_address=None))
             client = stack.enter_context(Client(cluster))
-        parts = max(1, len(client.scheduler_info()["workers"]))
+        parts = max(1, len(_worker_addresses(client)))
         chunk = max(1, -(-len(users) // parts))
 
         def column(x):

@@ -56,6 +56,13 @@ def _local_cluster(**kwargs):
         return distributed.LocalCluster(**kwargs)
 
 
+def _worker_addresses(client):
+    """The addresses of the workers now in the cluster, asked of the scheduler. Not `client.scheduler_info()`:
+    since distributed 2025 the client refreshes that cache every 2 s without the workers (n_workers=0), and a
+    refresh landing between a fetch and its read returns a cluster with no workers."""
+    return sorted(client.nthreads())
+
+
 class WorkerLostError(RuntimeError):
     """A Dask worker holding a replica died, restarted or stopped answering during a distributed fit."""
 
@@ -625,7 +632,7 @@ class DaskRecommender:
         except WorkerLostError:
             raise
         except Exception as e:  # e.g. a send to a worker that just died: say so if that is what happened
-            lost = [w for w, _ in self.__dict__.get("_workers", []) if w not in client.scheduler_info()["workers"]]
+            lost = [w for w, _ in self.__dict__.get("_workers", []) if w not in _worker_addresses(client)]
             if lost:
                 raise WorkerLostError(f"worker {lost[0]} left the cluster during the fit ({type(e).__name__}: {e}); "
                                       "nothing was kept. Fit again (the cluster is usable).") from e
@@ -762,7 +769,7 @@ class DaskRecommender:
     def _placement(self, client, parts):
         """Replicas: contiguous runs of partitions (one per worker, at most one per partition), each placed on
         the worker already holding most of its partitions."""
-        workers = sorted(client.scheduler_info()["workers"])
+        workers = _worker_addresses(client)
         if not workers:
             raise ValueError("the Dask cluster has no workers")
         n = min(len(workers), len(parts))
@@ -785,7 +792,7 @@ class DaskRecommender:
                              time.monotonic() + float(self.timeout))
 
     def _check(self, client, workers, what, deadline):
-        alive = set(client.scheduler_info()["workers"])
+        alive = set(_worker_addresses(client))
         for r, (w, ps) in enumerate(workers):
             if w not in alive:
                 raise WorkerLostError(
@@ -875,7 +882,7 @@ class DaskRecommender:
         # Spread the blocks so that every worker gets about the same number of users and all finish together
         # (left to itself the scheduler runs them where the user blocks happen to lie): largest block first
         # to the least loaded worker. A preference only: if a worker dies, Dask reruns its blocks elsewhere.
-        workers = sorted(client.scheduler_info()["workers"])
+        workers = _worker_addresses(client)
         lengths = client.gather(client.map(len, parts, pure=False))
         load, where = {w: 0 for w in workers}, [None] * len(parts)
         for j in sorted(range(len(parts)), key=lambda j: -lengths[j]) if workers else ():
