@@ -243,23 +243,30 @@ class FieldModel(BaseEstimator):
         y, weight = self._targets(y, n, sample_weight)
         self.columns_ = kinds
         validate = self._validation(validation_data)
-        fields, blocks = [], []
-        for (name, kind), bag in zip([k for k in kinds if k[1] != "numeric"], bags):
-            dim, _, buckets = self._options(name)
-            vocab = (buckets + 1) if buckets else (len(self._vocab_[name]) + 1 if kind == "categorical"
-                                                   else self._vocab_[name])
-            fields.append(Field(name, vocab, dim, 0))
-        for (name, _), table in zip([k for k in kinds if k[1] == "numeric"], dense_tables):
-            blocks.append(DenseBlock(name, table.shape[1], 0))
         self._rng = check_random_state(self.random_state)
-        self.net_ = FieldNet(fields, blocks, hidden, self.activation, self.loss, 1,
-                             Float32Normals(self._rng, self._threads()))
-        self.net_.reset_optimizer(self.optimizer)
-        record_structure(self, ("embedding_dim", "hidden_layer_sizes", "activation", "loss", "optimizer"))
+        self._new_net(hidden)
         self._y_offset = float(np.average(y, weights=weight)) if self.loss == "mse" else 0.0
         self.history_ = {"loss": [], "seconds": []}
         self._train(n, bags, dense_tables, y, weight, epochs, validate)
         return self
+
+    def _new_net(self, hidden):
+        """net_ for columns_ with the vocabularies and scalings learned, parameters drawn from self._rng (a
+        RandomState, or the Float32Normals of fastrec.dask, which builds each worker's replica this way)."""
+        fields, blocks = [], []
+        for name, kind in self.columns_:
+            if kind == "numeric":
+                blocks.append(DenseBlock(name, len(self._scale_[name][0]), 0))
+                continue
+            dim, _, buckets = self._options(name)
+            vocab = (buckets + 1) if buckets else (len(self._vocab_[name]) + 1 if kind == "categorical"
+                                                   else self._vocab_[name])
+            fields.append(Field(name, vocab, dim, 0))
+        rng = self._rng
+        draws = rng if isinstance(rng, Float32Normals) else Float32Normals(rng, self._threads())
+        self.net_ = FieldNet(fields, blocks, hidden, self.activation, self.loss, 1, draws)
+        self.net_.reset_optimizer(self.optimizer)
+        record_structure(self, ("embedding_dim", "hidden_layer_sizes", "activation", "loss", "optimizer"))
 
     @exclusive_fit
     def partial_fit(self, X, y, sample_weight=None):

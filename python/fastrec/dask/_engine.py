@@ -1,6 +1,4 @@
-"""Data-parallel training and cluster scoring of fastrec recommenders on Dask (docs/DESIGN.md "Scale-out on Dask").
-
-Install with ``pip install 'fastrec[dask]'``. ``DaskRecommender`` takes dask arrays / Series partitioned by rows:
+"""The engine of fastrec.dask (docs/DESIGN.md "Scale-out on Dask"), shared by every distributed estimator.
 
 - Ids are mapped the same way everywhere: every partition's distinct ids are gathered once (a distributed
   unique) and each worker builds its replica of the model from them and the seed, so the replicas start equal.
@@ -16,10 +14,15 @@ Install with ``pip install 'fastrec[dask]'``. ``DaskRecommender`` takes dask arr
 - A worker that dies, restarts or stalls during a fit never hangs it: the fit raises ``WorkerLostError`` naming
   the worker, its partitions and the epoch, within seconds of the scheduler noticing (or after ``timeout``
   seconds without a round finishing), and cleans its state from the surviving workers; the client stays usable.
+
+What differs between the estimators (how a model is built from a spec, how a partition becomes training rows,
+how the core trains it, what the driver collects besides the parameters) is an `_Adapter`, registered for the
+local estimator's class by the module that defines the Dask estimator.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 
@@ -33,11 +36,9 @@ except ImportError as e:  # fastrec itself works without Dask
 
 from fastrec import _core
 from fastrec._checks import check_random_state
-from fastrec._fieldnet import Float32Normals, core_precision
-from fastrec._recbase import _merge_seen
-from fastrec.recommender import Recommender
+from fastrec._fieldnet import Float32Normals
 
-__all__ = ["DaskRecommender", "WorkerLostError"]
+__all__ = ["WorkerLostError"]
 
 
 # The Dask settings of a LocalCluster that fastrec starts itself (the CLI's --workers), docs/DESIGN.md: its
@@ -69,51 +70,94 @@ class WorkerLostError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------- on workers
 _REPLICAS: dict = {}  # (job, replica) -> _Replica, in each worker process
+_ADAPTERS: dict = {}  # local estimator class -> its _Adapter
+
+
+class _Adapter:
+    """What one kind of estimator does differently on the cluster (subclasses: fastrec.dask._recommenders,
+    fastrec.dask._fields). `spec`: what a first fit's replicas are built from (an `_Spec`, or for the
+    Recommender the plain tuple of earlier versions)."""
+
+    estimator = None
+    sampled = True  # the local epoch draws a sampler seed after its permutation (run_epochs): so do the replicas
+    caches = ()  # attributes of the local model rebuilt on demand (not sent to the workers for scoring)
+
+    @classmethod
+    def register(cls, adapter):
+        _ADAPTERS[adapter.estimator] = adapter
+        return adapter
+
+    def build(self, spec, tables):
+        """The model every replica (and, without drawing the embedding tables when not `tables`, the driver)
+        starts a first fit from: the same arrays from the same spec."""
+        raise NotImplementedError
+
+    def prepare(self, est, parts):
+        """This replica's training rows from its partitions: (keys, y, weight, item counts or None)."""
+        raise NotImplementedError
+
+    def set_counts(self, est, counts):
+        pass
+
+    def train(self, est, keys, y, weight, order, epoch, seed):
+        """One slice `order` of an epoch in the core: (loss_sum, rows, diverged, error)."""
+        raise NotImplementedError
+
+    def ids(self, est):
+        """The id arrays that every replica must map alike (the digest)."""
+        raise NotImplementedError
+
+    def seen(self, est):
+        """The replica's seen pairs (a CSR over the users), or None when the model keeps none."""
+        return None
+
+    def finish(self, model, counts, seen):
+        """The driver's model after the parameters were collected: item counts, seen pairs, caches."""
+
+
+class _Spec:
+    """A first fit's spec for `estimator`'s adapter: `fields` are what its `build` reads."""
+
+    def __init__(self, estimator, *fields):
+        self.estimator, self.fields = estimator, fields
+
+
+def _adapter(source):
+    """The adapter of a spec or a fitted model."""
+    if isinstance(source, tuple):  # a Recommender's spec
+        from fastrec.recommender import Recommender
+
+        return _ADAPTERS[Recommender]
+    return _ADAPTERS[source.estimator if isinstance(source, _Spec) else type(source)]
+
+
+def _nets(net):
+    """The FieldNets of a model's net_ (a TowerNet holds two)."""
+    return net.towers if hasattr(net, "towers") else [net]
 
 
 class _Replica:
     """A worker's copy of the model and its rows, and the shard of every table it combines (rows
     [bounds[j][replica], bounds[j][replica + 1]) of table j)."""
 
-    def __init__(self, est, user_rows, item_rows, y, weight, seed, replica, n_replicas, whole):
-        self.est, self.keys, self.y, self.weight = est, [user_rows, item_rows], y, weight
+    def __init__(self, est, adapter, keys, y, weight, seed, replica, n_replicas, whole):
+        self.est, self.adapter, self.keys, self.y, self.weight = est, adapter, keys, y, weight
         self.n = len(y)
         self.order, self.pos, self.epoch_seed = None, 0, 0
         # Replica 0 continues the model's own stream (so one worker reproduces a local fit); others their own.
         self.rng = est._rng if seed is None else np.random.RandomState(seed)
         self.replica, self.n_replicas = replica, n_replicas
-        net = est.net_
-        net.track_touched()  # the core marks the rows it updates: a round ships those, never whole tables
-        self.bounds = [[len(t) * s // n_replicas for s in range(n_replicas + 1)] for t in net.tables]
+        for net in _nets(est.net_):
+            net.track_touched()  # the core marks the rows it updates: a round ships those, never whole tables
+        tables = [t[0] for t in _tables(est.net_)]
+        self.bounds = [[len(t) * s // n_replicas for s in range(n_replicas + 1)] for t in tables]
         lo_hi = [(b[replica], b[replica + 1]) for b in self.bounds]
         # The shard's values as of the last combine (the "old" of old + sum of changes; optimizer state is
         # averaged, it needs no old); one replica needs none.
-        self.shadow = None if n_replicas == 1 else [t[lo:hi].copy() for t, (lo, hi) in zip(net.tables, lo_hi)]
+        self.shadow = None if n_replicas == 1 else [t[lo:hi].copy() for t, (lo, hi) in zip(tables, lo_hi)]
         # Shard rows combined during the fit: what the driver collects at the end (every row when `whole`: the
         # driver built its copy without drawing the tables).
         self.changed = [(np.ones if whole else np.zeros)(hi - lo, np.uint8) for lo, hi in lo_hi]
-
-
-def _part(users, items, ratings, weight):
-    """One partition as NumPy arrays (pandas Series and dask chunks alike)."""
-    out = [None if a is None else np.asarray(a) for a in (users, items, ratings, weight)]
-    n = len(out[0])
-    for name, a in zip(("items", "ratings", "sample_weight"), out[1:]):
-        if a is not None and len(a) != n:
-            raise ValueError(f"a partition of users has {n} rows but the matching partition of {name} has {len(a)}: "
-                             "the collections must be partitioned alike")
-    return out
-
-
-def _part_stats(part):
-    users, items, ratings, weight = part
-    stats = None
-    if ratings is not None:
-        r = ratings.astype(np.float64)
-        w = np.ones(len(r)) if weight is None else weight.astype(np.float64)
-        stats = (float((w * r).sum()), float(w.sum()), float(r.min()) if len(r) else np.inf,
-                 float(r.max()) if len(r) else -np.inf)
-    return _distinct(users), _distinct(items), stats, len(users)
 
 
 def _distinct(a):
@@ -122,20 +166,6 @@ def _distinct(a):
     if a.dtype.kind != "i" or len(a) == 0:
         return np.unique(a)
     return _core.unique_ids(np.require(a, np.int64, ["C", "A"]))[0]
-
-
-def _codes(index, raw):
-    """index.index(raw) for ids all known to `index` (the vocabulary is every partition's ids): for int ids over
-    a span at most a few times their number, one gather from a lookup table instead of a binary search per id
-    (2.5 s for 5 x 10^6 users and items into 1.1 x 10^6 ids)."""
-    ids = index.ids
-    if raw.dtype.kind in "iu" and ids.dtype.kind == "i" and len(ids) and len(raw):
-        lo, hi = int(ids.min()), int(ids.max())
-        if hi - lo < 4 * len(ids) + 1024 and int(raw.min()) >= lo and int(raw.max()) <= hi:
-            lut = np.zeros(hi - lo + 1, np.int32)
-            lut[ids - lo] = np.arange(1, len(ids) + 1, dtype=np.int32)
-            return lut[raw.astype(np.int64, copy=False) - lo]
-    return index.index(raw)
 
 
 class _ZeroTables(Float32Normals):
@@ -156,37 +186,27 @@ def _build(spec, tables=True):
     """The model every replica and the driver start from: the same arrays from the same ids and seed (the
     embedding tables zeros when not `tables`: the driver's copy, which competes with the replicas' builds for
     the cores and gets every row from them at the end)."""
-    params, seed, users, items, rating_stats, user_features, item_features, feature_types = spec
-    est = Recommender(**params).set_params(random_state=seed)
-    config = est._validate_params(rating_stats is None)
-    est._check_base_params()
-    user_features, item_features = est._new_tables(user_features, item_features, feature_types)
+    return _adapter(spec).build(spec, tables)
+
+
+def _draws(seed, tables):
+    """(the RandomState of `seed`, what the model's parameters are drawn from: it, or zero tables)."""
     rng = check_random_state(seed)
-    est._rng = rng if tables else _ZeroTables(rng)
-    try:
-        est._new_model(users, items, rating_stats, user_features, item_features, config)
-    finally:
-        est._rng = rng
-    return est
+    return rng, (rng if tables else _ZeroTables(rng))
 
 
 def _start(job, replica, n_replicas, source, seed, *parts):
     """Replica `replica`: the model built from `source` (a spec: first fit) or a copy of it (a fitted model:
-    partial_fit), with these partitions' rows and seen pairs. Returns their item counts and the digest."""
+    partial_fit), with these partitions' rows (and seen pairs). Returns their item counts (None for a model
+    without items) and the digest."""
     import copy
 
-    whole = isinstance(source, tuple)  # a first fit: the driver's tables are zeros, it collects every row
-    est = _build(source) if whole else copy.deepcopy(source)
-    users = np.concatenate([p[0] for p in parts])
-    items = np.concatenate([p[1] for p in parts])
-    ratings = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
-    weight = None if parts[0][3] is None else np.concatenate([p[3] for p in parts]).astype(np.float32)
-    u, i = _codes(est._users, users), _codes(est._items, items)
-    n_i = len(est._items) + 1
-    est._seen = _merge_seen(*est._seen, u, i, n_i)
-    y = np.ones(len(u), np.float32) if est.implicit_ else (ratings - est.rating_mean_).astype(np.float32)
-    _REPLICAS[(job, replica)] = _Replica(est, u, i, y, weight, seed, replica, n_replicas, whole)
-    return np.bincount(i, minlength=n_i).astype(np.float64), (_digest(est, False), _digest(est, True))
+    adapter = _adapter(source)
+    whole = not hasattr(source, "net_")  # a first fit: the driver's tables are zeros, it collects every row
+    est = adapter.build(source, True) if whole else copy.deepcopy(source)
+    keys, y, weight, counts = adapter.prepare(est, parts)
+    _REPLICAS[(job, replica)] = _Replica(est, adapter, keys, y, weight, seed, replica, n_replicas, whole)
+    return counts, (_digest(est, False), _digest(est, True))
 
 
 def _digest(est, tables):
@@ -196,11 +216,12 @@ def _digest(est, tables):
     Optimizer state is left out: zeros on a first fit, a copy of the model's on partial_fit."""
     import hashlib
 
-    net = est.net_
-    h = hashlib.sha256(repr([t.shape for t in net.tables]).encode())
-    for a in (est._users.ids, est._items.ids, *net.coefs, *net.intercepts,
-              *([] if net.gmf_w is None else [net.gmf_w]),
-              *(t[::max(1, len(t) // 4096)] for t in (net.tables if tables else ()))):
+    nets = _nets(est.net_)
+    all_tables = [t for net in nets for t in net.tables]
+    h = hashlib.sha256(repr([t.shape for t in all_tables]).encode())
+    for a in (*_adapter(est).ids(est), *(a for net in nets for a in net.coefs + net.intercepts),
+              *(net.gmf_w for net in nets if net.gmf_w is not None),
+              *(t[::max(1, len(t) // 4096)] for t in (all_tables if tables else ()))):
         buf = np.ascontiguousarray(a)
         h.update(buf.tobytes() if buf.dtype.hasobject else memoryview(buf).cast("B"))  # no copy of the ids
     return h.hexdigest()
@@ -215,18 +236,23 @@ def _replica(job, replica):
 
 def _counts(job, replica, counts):
     """The item counts of every partition: the negative sampler draws from the whole data's popularity."""
-    est = _replica(job, replica).est
-    est._seen_counts = counts
-    est._update_counts()
+    rep = _replica(job, replica)
+    rep.adapter.set_counts(rep.est, counts)
 
 
 def _tables(net):
-    return [(net.tables[i], net.table_state1[i], net.table_state2[i]) for i in range(len(net.tables))]
+    """(values, state1, state2) of every embedding table of the model's net (a two-tower's: the user tower's,
+    then the item tower's)."""
+    return [(n.tables[i], n.table_state1[i], n.table_state2[i]) for n in _nets(net) for i in range(len(n.tables))]
+
+
+def _marks(net):
+    return [m for n in _nets(net) for m in n.touched_marks]
 
 
 def _dense(net):
-    return [a for a in net.coefs + net.intercepts + net.state1 + net.state2 +
-            [net.gmf_w, net.gmf_state1, net.gmf_state2] if a is not None]
+    return [a for n in _nets(net) for a in n.coefs + n.intercepts + n.state1 + n.state2 +
+            [n.gmf_w, n.gmf_state1, n.gmf_state2] if a is not None]
 
 
 def _dense_mean(results):
@@ -272,21 +298,15 @@ def _round(job, replica, combined, dense, epoch, n_rows):
         if rep.order is not None and rep.pos < rep.n:
             raise RuntimeError(f"replica {replica} starts epoch {epoch} before finishing the last one")
         rep.order = rep.rng.permutation(rep.n).astype(np.int64)
-        rep.epoch_seed = int(rep.rng.randint(0, 2**31 - 1))
+        rep.epoch_seed = int(rep.rng.randint(0, 2**31 - 1)) if rep.adapter.sampled else 0
         rep.epoch, rep.pos, rep.slice = epoch, 0, 0
     if rep.pos >= rep.n:  # this replica's epoch is done: it sits the round out
         return {"pieces": [None] * rep.n_replicas, "dense": None, "stats": {"received_bytes": received}}
     part = rep.order[rep.pos:rep.pos + n_rows]
-    sampler = est._sampler(negatives=est.negatives if est.implicit_ else 0, seed=0)
     # Slice 0 of an epoch draws exactly what a local epoch draws; later slices from their own streams.
-    sampler["seed"] = (rep.epoch_seed + 1_000_003 * rep.slice) % (2**31 - 1)
-    handle = net.handle(est._bags, est._dense_tables, training=True, precision=core_precision(est.precision))
+    seed = (rep.epoch_seed + 1_000_003 * rep.slice) % (2**31 - 1)
     started = time.perf_counter()
-    loss_sum, rows, diverged, error = net.train_epoch(
-        handle, rep.keys, rep.y, rep.weight, part, batch_size=int(est.batch_size),
-        alpha=est._setting("alpha", est.loss_), learning_rate=est._setting("learning_rate", est.loss_),
-        momentum=float(est.momentum), nesterov=bool(est.nesterovs_momentum), beta_1=0.9, beta_2=0.999,
-        epsilon=1e-8, sampler=sampler, epoch=epoch, n_threads=est._threads())
+    loss_sum, rows, diverged, error = rep.adapter.train(est, rep.keys, rep.y, rep.weight, part, epoch, seed)
     if error is not None:
         raise error
     if diverged:
@@ -299,7 +319,7 @@ def _round(job, replica, combined, dense, epoch, n_rows):
     # piece of this replica's own shard is the row ids only: its combine reads their values in place.
     pieces = [[] for _ in range(rep.n_replicas)]
     nbytes = [0] * rep.n_replicas
-    for arrays, marks, bounds in zip(_tables(net), net.touched_marks, rep.bounds):
+    for arrays, marks, bounds in zip(_tables(net), _marks(net), rep.bounds):
         touched = np.flatnonzero(marks)
         marks[touched] = 0
         cuts = np.searchsorted(touched, bounds)
@@ -426,8 +446,10 @@ def _changed_rows(job, shard, after):
 
 
 def _seen_pairs(job, replica):
-    """The replica's seen items (a CSR over every user): fixed from its start, collected while it trains."""
-    return _replica(job, replica).est._seen
+    """The replica's seen items (a CSR over every user; None for a model without): fixed from its start,
+    collected while it trains."""
+    rep = _replica(job, replica)
+    return rep.adapter.seen(rep.est)
 
 
 def _rng_state(job, replica, after):
@@ -464,29 +486,18 @@ def _scoring_copy(model):
     import copy
 
     out = copy.copy(model)
-    for name in out._caches:
+    for name in _adapter(model).caches:
         out.__dict__.pop(name, None)
-    net = out.net_ = copy.copy(model.net_)
-    net.optimizer = None  # the core reads no state when scoring; a copy that cannot train
-    net.state1 = net.state2 = []
-    net.table_state1 = net.table_state2 = [None] * len(net.tables)
-    net.gmf_state1 = net.gmf_state2 = None
-    net.__dict__.pop("touched_marks", None)
+    out.net_ = copy.copy(model.net_)
+    if hasattr(out.net_, "towers"):
+        out.net_.towers = [copy.copy(t) for t in out.net_.towers]
+    for net in _nets(out.net_):
+        net.optimizer = None  # the core reads no state when scoring; a copy that cannot train
+        net.state1 = net.state2 = []
+        net.table_state1 = net.table_state2 = [None] * len(net.tables)
+        net.gmf_state1 = net.gmf_state2 = None
+        net.__dict__.pop("touched_marks", None)
     return out
-
-
-def _recommend_part(model, users, k, exclude_seen, items):
-    import pandas as pd
-
-    users = np.asarray(users)
-    ids, scores = model.recommend(users, k, exclude_seen=exclude_seen, items=items)
-    n, kk = ids.shape
-    return pd.DataFrame({"user": np.repeat(users, kk), "rank": np.tile(np.arange(1, kk + 1), n),
-                         "item": ids.ravel(), "score": scores.ravel()})
-
-
-def _predict_part(model, users, items):
-    return model.predict(np.asarray(users), np.asarray(items))
 
 
 # --------------------------------------------------------------------------------------------- the driver
@@ -503,47 +514,21 @@ def _direct(call, *args, **kwargs):
         return call(*args, direct=False, **kwargs)
 
 
-def _partitions(client, users, items, ratings, weight):
-    """Futures of the partitions, each (users, items, ratings, weight) as NumPy arrays."""
-    def delayed_parts(x, name):
-        if x is None:
-            return None
-        if hasattr(x, "to_delayed"):
-            d = x.to_delayed()
-            return list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d)
-        raise TypeError(f"{name} must be a dask array or dask Series (got {type(x).__name__}); local arrays go "
-                        "to fastrec.Recommender.fit")
-    cols = [delayed_parts(x, n) for x, n in ((users, "users"), (items, "items"), (ratings, "ratings"),
-                                               (weight, "sample_weight"))]
-    n = len(cols[0])
-    for c, name in zip(cols[1:], ("items", "ratings", "sample_weight")):
-        if c is not None and len(c) != n:
-            raise ValueError(f"users has {n} partitions but {name} has {len(c)}: partition them alike")
-    part = dask.delayed(_part, pure=True)
-    return client.compute([part(*(None if c is None else c[p] for c in cols)) for p in range(n)])
+class _DaskEstimator:
+    """What every Dask estimator shares: parameters, the fit's job (its tasks and failures), the rounds, the
+    bounded waits, wrapping and scoring a local model. Subclasses set `_local` (the local estimator class)."""
 
-
-class DaskRecommender:
-    """A `fastrec.Recommender` trained data-parallel on a Dask cluster (module docstring; docs/DESIGN.md).
-
-    Parameters
-    ----------
-    client : distributed.Client, optional
-        The cluster to use (default: the current client).
-    sync_every : int or None, default None
-        Combine the replicas every this many batches of each replica; None: once per epoch (the fewest bytes;
-        the coarsest averaging).
-    timeout : float, default 600
-        Seconds a round may run without finishing before the fit gives up with ``WorkerLostError``. A dead
-        worker is noticed sooner: as soon as the scheduler removes it.
-    **params
-        Any `fastrec.Recommender` parameter. The fit trains ``epochs`` epochs: early stopping and validation
-        data are not used on the cluster (evaluate ``to_local()`` instead).
-    """
+    _local = None
 
     def __init__(self, *, client=None, sync_every=None, timeout=600.0, **params):
-        Recommender(**params)  # unknown parameter names raise TypeError here, not on a worker
+        self._check_local(params)
         self.client, self.sync_every, self.timeout, self.params = client, sync_every, timeout, dict(params)
+
+    def _check_local(self, params):
+        self._local(**params)  # unknown parameter names raise TypeError here, not on a worker
+        if params.get("privacy") is not None:
+            raise ValueError(f"{type(self).__name__} does not train with privacy= (differentially private "
+                             "training is not distributed): fit a local model instead")
 
     def get_params(self, deep=True):
         return {"client": self.client, "sync_every": self.sync_every, "timeout": self.timeout, **self.params}
@@ -552,7 +537,7 @@ class DaskRecommender:
         for name in ("client", "sync_every", "timeout"):
             if name in params:
                 setattr(self, name, params.pop(name))
-        Recommender(**{**self.params, **params})
+        self._check_local({**self.params, **params})
         self.params.update(params)
         return self
 
@@ -564,26 +549,18 @@ class DaskRecommender:
         except ValueError:
             raise ValueError("no Dask client: pass client=distributed.Client(...) or create one first") from None
 
+    def _seed(self):
+        """The seed every replica draws the initial arrays from (random_state, or one drawn from it)."""
+        seed = self.params.get("random_state")
+        if not isinstance(seed, (int, np.integer)):
+            seed = int(check_random_state(seed).randint(0, 2**31 - 1))
+        return int(seed)
+
     # ------------------------------------------------------------------------------------------------ fit
-    def fit(self, users, items, ratings=None, *, sample_weight=None, user_features=None, item_features=None,
-            feature_types=None):
-        """Train on dask collections (users, items[, ratings, sample_weight]) partitioned alike by rows.
-
-        Feature tables are local (a FeatureTable or pandas DataFrame indexed by id): each worker gets a copy.
-        Returns self; ``to_local()`` is the trained `fastrec.Recommender`.
-        """
-        return self._run(users, items, ratings, sample_weight, user_features, item_features, feature_types, True)
-
-    def partial_fit(self, users, items, ratings=None, *, sample_weight=None, user_features=None, item_features=None,
-                    feature_types=None):
-        """One more epoch over these dask collections, continuing from the current model (as
-        `Recommender.partial_fit`: new ids are added, the interactions join the seen items). Each worker starts
-        from a copy of the model (sent once); on an unfitted model it is ``fit`` with one epoch."""
-        first = not hasattr(self, "model_")
-        return self._run(users, items, ratings, sample_weight, user_features, item_features, feature_types, first,
-                         epochs=1)
-
-    def _run(self, users, items, ratings, weight, user_features, item_features, feature_types, first, epochs=None):
+    def _fit_job(self, body):
+        """body(client, job, futures): read the partitions (then mark the time), build the model's source and
+        `_train`. Cancels the job's tasks and frees its replicas whatever happens; a failure while a replica's
+        worker is gone is a WorkerLostError."""
         if self.sync_every is not None and (isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int)
                                             or self.sync_every < 1):
             raise ValueError(f"sync_every must be None (once per epoch) or a positive int, got {self.sync_every!r}")
@@ -593,42 +570,9 @@ class DaskRecommender:
         job = uuid.uuid4().hex
         futures = []
         start = time.perf_counter()
+        self._marks = [start]
         try:
-            parts = _partitions(client, users, items, ratings, weight)
-            futures += parts
-            stats = self._gather(client, client.map(_part_stats, parts, pure=False), "reading the partitions", [])
-            self._marks = [start, time.perf_counter()]
-            if sum(s[3] for s in stats) == 0:
-                raise ValueError("users is empty: nothing to train on")
-            if len({s[0].dtype.kind == "U" for s in stats if len(s[0])}) > 1:
-                raise TypeError("users mix strings and integers across partitions")
-            new_users = _distinct(np.concatenate([s[0] for s in stats]))
-            new_items = _distinct(np.concatenate([s[1] for s in stats]))
-            if first:
-                rating_stats = None
-                if ratings is not None:
-                    wr, w = sum(s[2][0] for s in stats), sum(s[2][1] for s in stats)
-                    rating_stats = (wr / w, min(s[2][2] for s in stats), max(s[2][3] for s in stats))
-                seed = self.params.get("random_state")
-                if not isinstance(seed, (int, np.integer)):  # every replica must draw the same initial arrays
-                    seed = int(check_random_state(seed).randint(0, 2**31 - 1))
-                source = (self.params, int(seed), new_users, new_items, rating_stats, user_features, item_features,
-                          feature_types)
-                # The driver's copy, built while the workers build theirs, without drawing its tables.
-                model = lambda: _build(source, tables=False)  # noqa: E731
-            else:
-                # A copy, grown like Recommender.partial_fit grows: the fitted model is kept if this fails.
-                import copy
-
-                model = copy.deepcopy(self.model_)
-                if (ratings is None) != model.implicit_:
-                    raise ValueError("partial_fit needs the kind of feedback (ratings or implicit) of the first fit")
-                model._validate_params(ratings is None)
-                model._grow(new_users, new_items, model._check_table(user_features, "user_features", feature_types),
-                            model._check_table(item_features, "item_features", feature_types))
-                source, seed = model, int(model._rng.get_state()[1][0])  # not a draw: replica 0 continues the stream
-            self._train(client, job, futures, model, parts, source, seed,
-                        epochs)
+            body(client, job, futures)
         except WorkerLostError:
             raise
         except Exception as e:  # e.g. a send to a worker that just died: say so if that is what happened
@@ -678,9 +622,11 @@ class DaskRecommender:
         if len({d for _, d in built}) != 1 or {d[int(not whole)] for _, d in built} != {_digest(model, not whole)}:
             raise RuntimeError("the workers built different id mappings or initial parameters (fastrec or NumPy "
                                "versions differ between the workers and the client?)")
-        counts = model._seen_counts + sum(c for c, _ in built)
-        self._gather(client, [pinned(r, _counts, job, r, counts) for r in range(n_rep)], "building the replicas",
-                     workers)
+        counts = None
+        if built[0][0] is not None:  # item counts: the negative sampler draws from the whole data's popularity
+            counts = model._seen_counts + sum(c for c, _ in built)
+            self._gather(client, [pinned(r, _counts, job, r, counts) for r in range(n_rep)],
+                         "building the replicas", workers)
         seen = [pinned(r, _seen_pairs, job, r) for r in range(n_rep)]  # ready now: collected after the training
         epochs = int(model.epochs) if epochs is None else epochs
         self._marks.append(time.perf_counter())
@@ -725,6 +671,11 @@ class DaskRecommender:
                 round_stats.append({"epoch": epoch, "rows": sum(f["rows"] for f in figures),
                                     "train_s": max(f["train_s"] for f in figures),
                                     "touched_bytes": sum(f["touched_bytes"] for f in figures)})
+                if model.verbose:  # per-round progress on the client
+                    seconds = time.perf_counter() - epoch_start
+                    print(f"{type(self).__name__}: epoch {epoch + 1}, round {len(round_stats)}: {rows:,} rows, "
+                          f"{rows / max(seconds, 1e-9):,.0f} rows/s, loss {loss / max(rows, 1):.5g}, "
+                          f"{round_bytes[-1] / 1e6:,.1f} MB sent", file=sys.stderr, flush=True)
             model.history_["loss"].append(loss / max(rows, 1))
             model.history_["seconds"].append(time.perf_counter() - epoch_start)
         # The driver's model: every row any round changed (every row on a first fit), from the shard's owner,
@@ -739,7 +690,8 @@ class DaskRecommender:
         pool = concurrent.futures.ThreadPoolExecutor(1)
         try:
             csrs = self._gather(client, seen, "collecting the seen items", workers)
-            union = pool.submit(_union_seen, [model._seen] + csrs, len(model._items) + 1)
+            union = None if csrs[0] is None else pool.submit(_union_seen, [model._seen] + csrs,
+                                                              len(model._items) + 1)
             got = self._gather(client, finals + [rng] + (last_dense or []), "collecting the model", workers)
             finals, state, last = got[:n_rep], got[n_rep], got[n_rep + 1:]
             net = model.net_
@@ -751,14 +703,12 @@ class DaskRecommender:
                 for dst, src in zip(_dense(net), mean[0]):
                     np.copyto(dst, src)
                 net.adam_t = mean[1]
-            model._seen = union.result()
+            union = None if union is None else union.result()
         finally:
             pool.shutdown(wait=False)
         model._rng.set_state(state)
-        model._seen_counts = counts
-        model._update_counts()
+        _adapter(model).finish(model, counts, union)
         self._marks.append(time.perf_counter())
-        model._predictor = None
         self.model_ = model
         self.replica_workers_ = [w for w, _ in workers]
         self.replica_partitions_ = [p for _, p in workers]
@@ -844,17 +794,19 @@ class DaskRecommender:
 
     # ---------------------------------------------------------------------------------------- scoring
     def to_local(self):
-        """The trained model as an ordinary `fastrec.Recommender`."""
+        """The trained model as an ordinary local estimator (what `_local` names)."""
         if not hasattr(self, "model_"):
-            raise ValueError("this DaskRecommender is not fitted yet: call fit first")
+            raise ValueError(f"this {type(self).__name__} is not fitted yet: call fit first")
         return self.model_
 
     @classmethod
     def from_local(cls, model, *, client=None):
-        """Wrap a fitted local `Recommender` to score on the cluster."""
-        if not isinstance(model, Recommender) or not hasattr(model, "net_"):
-            raise ValueError("from_local needs a fitted fastrec.Recommender")
-        out = cls(client=client, **model.get_params())
+        """Wrap a fitted local model (of the class this one distributes) to score on the cluster."""
+        if not isinstance(model, cls._local) or not hasattr(model, "net_"):
+            raise ValueError(f"from_local needs a fitted fastrec.{cls._local.__name__}")
+        params = model.get_params()
+        params.pop("privacy", None)  # a privately trained model scores like any other
+        out = cls(client=client, **params)
         out.model_ = model
         return out
 
@@ -865,51 +817,3 @@ class DaskRecommender:
             cached = self._scattered = (self.model_, client,
                                         _direct(client.scatter, [copy], broadcast=True, hash=False)[0])
         return cached[2]
-
-    def recommend(self, users, k=10, *, exclude_seen=True, items=None):
-        """Top-k items of each user of a dask array / Series, as a dask DataFrame (user, rank, item, score):
-        what ``to_local().recommend`` returns, one row per (user, rank); write it with ``to_parquet``."""
-        import dask.dataframe as dd
-        import pandas as pd
-
-        model = self.to_local()
-        client = self._client()
-        m = self._model_future(client)
-        if not hasattr(users, "to_delayed"):
-            raise TypeError(f"users must be a dask array or Series, got {type(users).__name__}")
-        d = users.to_delayed()
-        parts = client.compute(list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d))
-        # Spread the blocks so that every worker gets about the same number of users and all finish together
-        # (left to itself the scheduler runs them where the user blocks happen to lie): largest block first
-        # to the least loaded worker. A preference only: if a worker dies, Dask reruns its blocks elsewhere.
-        workers = _worker_addresses(client)
-        lengths = client.gather(client.map(len, parts, pure=False))
-        load, where = {w: 0 for w in workers}, [None] * len(parts)
-        for j in sorted(range(len(parts)), key=lambda j: -lengths[j]) if workers else ():
-            where[j] = min(workers, key=lambda w: load[w])
-            load[where[j]] += lengths[j]
-        calls = [client.submit(_recommend_part, m, p, k, exclude_seen, items, pure=False, key=f"fastrec-recommend-"
-                               f"{uuid.uuid4().hex}", workers=None if w is None else [w], allow_other_workers=True)
-                 for p, w in zip(parts, where)]
-        kind = model._items.ids.dtype
-        meta = pd.DataFrame({"user": np.zeros(0, np.asarray(model._users.ids).dtype), "rank": np.zeros(0, np.int64),
-                             "item": np.zeros(0, kind), "score": np.zeros(0, np.float64)})
-        return dd.from_delayed(calls, meta=meta, verify_meta=False)
-
-    def predict(self, users, items):
-        """Scores of the pairs of two dask arrays / Series partitioned alike, as a dask array."""
-        import dask.array as da
-
-        client = self._client()
-        m = self._model_future(client)
-        cols = []
-        for x, name in ((users, "users"), (items, "items")):
-            if not hasattr(x, "to_delayed"):
-                raise TypeError(f"{name} must be a dask array or Series, got {type(x).__name__}")
-            d = x.to_delayed()
-            cols.append(client.compute(list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d)))
-        if len(cols[0]) != len(cols[1]):
-            raise ValueError(f"users has {len(cols[0])} partitions but items has {len(cols[1])}")
-        blocks = [da.from_delayed(dask.delayed(client.submit(_predict_part, m, u, i, pure=False)), shape=(np.nan,),
-                                  dtype=np.float64) for u, i in zip(*cols)]
-        return da.concatenate(blocks)
