@@ -62,8 +62,21 @@ def test_a_scheduler_address_trains_on_its_workers(tmp_path, capsys, train_file)
     assert ids.shape == (5, 5)
 
 
+def test_a_two_tower_trains_on_one_local_worker_like_a_local_train(tmp_path, capsys, train_file):
+    path, d = train_file
+    opts = ["--model", "two-tower", *OPTIONS, "--output-dim", "8"]
+    code, out, err = run(capsys, "train", path, "-o", tmp_path / "d.fastrec", *opts, "--workers", "1")
+    assert code == 0, err
+    assert "on 1 Dask worker," in out
+    code, _, err = run(capsys, "train", path, "-o", tmp_path / "l.fastrec", *opts)
+    assert code == 0, err
+    distributed, local = fastrec.load(tmp_path / "d.fastrec"), fastrec.load(tmp_path / "l.fastrec")
+    assert type(distributed) is fastrec.TwoTower
+    assert all(np.array_equal(a, b) for a, b in zip(distributed.net_.arrays(), local.net_.arrays()))
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--model", "ease", "--workers", "2"], "--model recommender"),
+    (["--model", "ease", "--workers", "2"], "--model recommender or two-tower"),
     (["--workers", "0"], "--workers must be at least 1"),
 ])
 def test_distributed_options_refuse_what_they_cannot_do(tmp_path, capsys, train_file, args, message):

@@ -495,10 +495,10 @@ def _train(args):
 
 # ------------------------------------------------------------------ train --scheduler / --workers (fastrec[dask])
 def _add_dask_options(p):
-    g = p.add_argument_group("distributed training (fastrec[dask]; --model recommender)")
+    g = p.add_argument_group("distributed training (fastrec[dask]; --model recommender or two-tower)")
     where = g.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS", help="train on this Dask cluster (e.g. tcp://10.0.0.5:8786) "
-                       "with fastrec.dask.DaskRecommender: one replica per worker, combined every --sync-every batches")
+                       "with fastrec.dask (DaskRecommender, DaskTwoTower): one replica per worker, combined every --sync-every batches")
     where.add_argument("--workers", type=int, metavar="N", help="the same on a local Dask cluster of N worker processes "
                        "(--threads threads each)")
     g.add_argument("--sync-every", type=int, metavar="N", help="combine the replicas every N batches (default: once "
@@ -509,17 +509,19 @@ def _add_dask_options(p):
 
 def _train_dask(args, model, users, items, ratings, weight, tables, start):
     """The job of `fastrec train` on a Dask cluster: the file is read here, split into one partition per worker and
-    trained by fastrec.dask.DaskRecommender; the model file is a plain Recommender's, as after a local train.
-    Early stopping and validation are not used on the cluster (the epochs given are trained)."""
-    if type(model) is not fastrec.Recommender:
-        raise DataError(f"--scheduler / --workers train --model recommender (fastrec.dask), not --model {args.model}")
+    trained by fastrec.dask's DaskRecommender or DaskTwoTower; the model file is a plain Recommender's or TwoTower's,
+    as after a local train. Early stopping and validation are not used on the cluster (the epochs given are
+    trained)."""
+    if type(model) not in (fastrec.Recommender, fastrec.TwoTower):
+        raise DataError(f"--scheduler / --workers train --model recommender or two-tower (fastrec.dask), not --model "
+                        f"{args.model}")
     if args.workers is not None and args.workers < 1:
         raise DataError(f"--workers must be at least 1, got {args.workers}")
     try:
         import dask.array as da
         from distributed import Client
 
-        from fastrec.dask import DaskRecommender, WorkerLostError, _local_cluster, _worker_addresses
+        from fastrec.dask import DaskRecommender, DaskTwoTower, WorkerLostError, _local_cluster, _worker_addresses
     except ImportError:
         raise DataError("--scheduler / --workers need Dask: pip install 'fastrec[dask]'") from None
     params = {**model.get_params(), "early_stopping": False}
@@ -537,7 +539,8 @@ def _train_dask(args, model, users, items, ratings, weight, tables, start):
             return None if x is None else da.from_array(x, chunks=chunk)
 
         try:
-            dm = DaskRecommender(client=client, sync_every=args.sync_every, timeout=args.timeout, **params).fit(
+            estimator = DaskRecommender if type(model) is fastrec.Recommender else DaskTwoTower
+            dm = estimator(client=client, sync_every=args.sync_every, timeout=args.timeout, **params).fit(
                 column(users), column(items), column(ratings), sample_weight=column(weight),
                 user_features=tables.get("user"), item_features=tables.get("item"))
         except WorkerLostError as e:
