@@ -25,7 +25,8 @@ TOWER = dict(epochs=4, early_stopping=False, random_state=0, n_threads=1, embedd
 
 
 def table(n=4000, seed=0, users=300, ads=150):
-    """Click logs: categorical user (int) and ad (string) ids, a numeric column; the label: the majority of three signs (user, ad, x)."""
+    """Click logs: categorical user (int) and ad (string) ids, a numeric column; the label: the majority of three
+    signs (of the user, the ad and x)."""
     rng = np.random.default_rng(seed)
     u = rng.integers(0, users, n)
     a = rng.integers(0, ads, n)
@@ -68,11 +69,17 @@ def tower_arrays(m):
 # ----------------------------------------------------------------------------------------------- FieldModel
 @pytest.mark.parametrize("loss", ["bce", "mse"])
 def test_field_model_on_one_worker_equals_a_local_fit_bitwise(client, loss):
+    # bce with the ad column hashed; mse with sample weights (its offset is their weighted mean).
     df, y = table()
+    params, weight = {**FIELD, "loss": loss}, None
     if loss == "mse":
         y = y * 3.0 + df["x"].to_numpy()
-    got = DaskFieldModel(client=client, loss=loss, **FIELD).fit(frame(df, 1), chunked(y, 1)).to_local()
-    local = fastrec.FieldModel(loss=loss, **FIELD).fit(dict(df), y)
+        weight = np.random.default_rng(5).uniform(0.5, 2.0, len(y))
+    else:
+        params["fields"] = {"ad": {"hash_buckets": 64}}
+    got = DaskFieldModel(client=client, **params).fit(
+        frame(df, 1), chunked(y, 1), None if weight is None else chunked(weight, 1)).to_local()
+    local = fastrec.FieldModel(**params).fit(dict(df), y, weight)
     assert got.columns_ == local.columns_
     assert same_arrays(got, local)
     assert got.history_["loss"] == local.history_["loss"]
@@ -111,6 +118,18 @@ def test_field_model_on_three_workers_learns_pools_the_scaling_and_serves(client
     np.testing.assert_array_equal(dm.predict(frame(df[:300], 3)).compute(), model.predict(dict(df[:300])))
     wrapped = DaskFieldModel.from_local(loaded, client=client)
     np.testing.assert_array_equal(wrapped.predict(frame(df[:300], 2)).compute(), model.predict(dict(df[:300])))
+
+
+def test_field_model_pools_the_targets_mean_and_the_scaling_over_partitions(client):
+    df, y = table(n=3000)
+    y = y * 3.0 + df["x"].to_numpy()
+    weight = np.random.default_rng(5).uniform(0.5, 2.0, len(y))
+    model = DaskFieldModel(client=client, loss="mse", **{**FIELD, "epochs": 1}).fit(
+        frame(df, 3), chunked(y, 3), chunked(weight, 3)).to_local()
+    # Pooled in float64 from each partition's figures: equal to the whole data's within 1e-12 (relative).
+    np.testing.assert_allclose(model._y_offset, np.average(y, weights=weight.astype(np.float32)), rtol=1e-12)
+    np.testing.assert_allclose(model._scale_["x"][0], [df["x"].mean()], rtol=1e-12)
+    np.testing.assert_allclose(model._scale_["x"][1], [df["x"].std(ddof=0)], rtol=1e-12)
 
 
 def test_field_model_values_on_one_partition_only_are_learned(client):

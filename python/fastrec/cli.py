@@ -498,7 +498,8 @@ def _add_dask_options(p):
     g = p.add_argument_group("distributed training (fastrec[dask]; --model recommender or two-tower)")
     where = g.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS", help="train on this Dask cluster (e.g. tcp://10.0.0.5:8786) "
-                       "with fastrec.dask (DaskRecommender, DaskTwoTower): one replica per worker, combined every --sync-every batches")
+                       "with fastrec.dask (DaskRecommender, DaskTwoTower): one replica per worker, combined every "
+                       "--sync-every batches")
     where.add_argument("--workers", type=int, metavar="N", help="the same on a local Dask cluster of N worker processes "
                        "(--threads threads each)")
     g.add_argument("--sync-every", type=int, metavar="N", help="combine the replicas every N batches (default: once "

@@ -44,7 +44,7 @@ def _field_stats(part, params):
             mean = v.mean(axis=0)
             numeric[name] = (n, mean, ((v - mean) ** 2).sum(axis=0), est._scale_[name])
     vocabs = {name: v.ids for name, v in est._vocab_.items() if isinstance(v, IdIndex)}
-    return kinds, vocabs, numeric, (float(np.average(y, weights=w)), float(n if w is None else w.sum()))
+    return kinds, vocabs, numeric, (float(np.average(y, weights=w)), float(n if w is None else w.sum(dtype=np.float64)))
 
 
 class _FieldAdapter(_Adapter):
