@@ -31,8 +31,10 @@ def _field_part(names, y, weight, *columns):
 def _field_stats(part, params):
     """What the driver needs of a partition (checked as a local fit checks it): the column kinds, each
     vocabulary column's distinct values, each numeric column's (rows, mean, M2) in float64 and the core's
-    (mean, std), the targets' weighted mean and total weight."""
+    (mean, std), the targets' weighted mean and total weight. None for an empty partition."""
     cols, y, weight = part
+    if len(next(iter(cols.values()))) == 0:
+        return None
     est = FieldModel(**params)
     est._vocab_, est._scale_ = {}, {}
     n, kinds, _, _ = est._inputs(cols, fit=True)
@@ -72,6 +74,9 @@ class _FieldAdapter(_Adapter):
         return est
 
     def prepare(self, est, parts):
+        parts = [p for p in parts if len(p[1])]
+        if not parts:  # this replica's partitions are empty: it sits every round out
+            return [np.zeros(0, np.int32)], np.zeros(0, np.float32), None, None
         cols = {name: np.concatenate([p[0][name] for p in parts]) for name, _ in est.columns_}
         y = np.concatenate([p[1] for p in parts])
         weight = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
@@ -194,6 +199,9 @@ class DaskFieldModel(_DaskEstimator):
             stats = self._gather(client, client.map(_field_stats, parts, params=self.params, pure=False),
                                  "reading the partitions", [])
             self._marks.append(time.perf_counter())
+            stats = [s for s in stats if s is not None]
+            if not stats:
+                raise ValueError("X is empty: nothing to train on")
             kinds = stats[0][0]
             for s in stats[1:]:
                 if s[0] != kinds:
