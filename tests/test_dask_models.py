@@ -200,6 +200,21 @@ def test_two_tower_on_three_workers_learns_saves_and_recommends_like_local(clien
                                   loaded.predict(u[:200], i[:200]))
 
 
+def test_two_tower_items_on_one_partition_only_are_learned(client):
+    u, i, _ = interactions()
+    i = i.copy()
+    i[-500:] = 10_000 + np.arange(500) % 7  # items only in the last partition
+    model = DaskTwoTower(client=client, sync_every=5, **TOWER).fit(chunked(u, 3), chunked(i, 3)).to_local()
+    assert set(range(10_000, 10_007)) <= set(model._items.ids.tolist())
+    from fastrec.dask._engine import _build, _Spec
+
+    start = _build(_Spec(fastrec.TwoTower, TOWER, 0, np.unique(u), np.unique(i), None, None, None, None))
+    rows = model._bags["item"][0][1][model._items.index(np.arange(10_000, 10_007))]  # their id rows
+    assert (rows > 0).all()
+    item_ids = model.net_.towers[1].tables[0]
+    assert not np.allclose(item_ids[rows], start.net_.towers[1].tables[0][rows])
+
+
 def test_the_combine_of_three_two_tower_replicas_equals_numpy():
     # Three replicas trained in this process by the workers' functions; the expected rows from NumPy on their
     # tables before the combine: the start value plus each touching replica's change, the optimizer state the
