@@ -120,6 +120,11 @@ def main():
         core = [large._handle().time_predict_one(keys, args.calls)[0] * 1e6 for _ in range(args.rounds)]
         print(f"core only (RowPredictor of the large model, no Python): {np.median(core):.2f} µs "
               f"[{min(core):.2f}-{max(core):.2f}]")
+        scorer = large._pair_scorer()
+        if hasattr(scorer, "time_score"):  # the pair scorer's own RowPredictor (aligned weight copies) and lookups
+            core = [scorer.time_score(u0, i0, args.calls)[0] * 1e6 for _ in range(args.rounds)]
+            print(f"core only (PairScorer.score: id lookups + RowPredictor over aligned copies): {np.median(core):.2f} µs "
+                  f"[{min(core):.2f}-{max(core):.2f}]")
     large_median = float(np.median(samples[list(cases)[0]]))
     field_median = float(np.median(samples[field_name]))
     ok = large_median <= BAR_US and field_median <= FIELD_BAR_US
