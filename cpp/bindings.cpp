@@ -916,18 +916,19 @@ class PairScorer {
     return true;
   }
 
-  // score of the pair, or false (no Python error left set) when the core refused it.
-  static bool try_score(PyObject* capsule, std::int64_t user, std::int64_t item, double* out) {
+  // The capsule's scorer with the pair's score in *out, or nullptr (no Python error left set) when the core
+  // refused the pair.
+  static const PairScorer* try_score(PyObject* capsule, std::int64_t user, std::int64_t item, double* out) {
     const auto* scorer = static_cast<const PairScorer*>(PyCapsule_GetPointer(capsule, nullptr));
     if (!scorer) {
       PyErr_Clear();
-      return false;
+      return nullptr;
     }
     try {
       *out = scorer->score(user, item);
-      return true;
+      return scorer;
     } catch (...) {  // the checked path repeats the call and reports the error
-      return false;
+      return nullptr;
     }
   }
 
@@ -936,10 +937,8 @@ class PairScorer {
     double value;
     if (nargs == 2 && PyList_CheckExact(args[0]) && PyList_CheckExact(args[1]) && PyList_GET_SIZE(args[0]) == 1 &&
         PyList_GET_SIZE(args[1]) == 1 && exact_int64(PyList_GET_ITEM(args[0], 0), &user) &&
-        exact_int64(PyList_GET_ITEM(args[1], 0), &item) && try_score(capsule, user, item, &value)) {
-      const auto* scorer = static_cast<const PairScorer*>(PyCapsule_GetPointer(capsule, nullptr));
-      return scorer->array_of_one(value);
-    }
+        exact_int64(PyList_GET_ITEM(args[1], 0), &item))
+      if (const PairScorer* scorer = try_score(capsule, user, item, &value)) return scorer->array_of_one(value);
     Py_RETURN_NONE;
   }
 
