@@ -3,7 +3,8 @@
 of a one-row dict (user and item ids, a categorical, a hashed and a numeric column; hidden (256, 128, 64)).
 
 Each timing is the median per-call time of `--calls` back-to-back calls, repeated `--rounds` times with the
-models interleaved; reported as median [min-max] over rounds. One thread (serving is one row per request).
+models interleaved; reported as median [min-max] over rounds, with the thread's CPU time per call beside it
+(on a shared machine it leaves out the waits for a core). One thread (serving is one row per request).
 
     python benchmarks/bench_serving.py            # about a minute on 2 cores (building the 10^6-item model)
 

@@ -273,3 +273,21 @@ def test_recommender_pair_scorer_copies_follow_partial_fit_not_in_place_edits(rn
     edited = model.predict(u, i)
     assert edited[0] != after[0]
     assert edited.tobytes() == model.predict(np.repeat(u, 20), np.repeat(i, 20))[:1].tobytes()
+
+
+@pytest.mark.parametrize("N", [64, 256, 320])
+def test_row_product_over_64_byte_aligned_rows_is_the_blocked_product(isa, rng, N):
+    """B on 64-byte boundaries (the pair scorer's weight copies) takes the row kernel's prefetching loop: the
+    same chains, so one row equals its row of a 16-row blocked call bit for bit, with and without zeros."""
+    for K, zeros in ((17, 0.0), (300, 0.0), (321, 0.1), (256, 0.6)):
+        raw = np.empty(K * N + 16, np.float32)
+        start = (-raw.ctypes.data % 64) // 4
+        b = raw[start:start + K * N].reshape(K, N)
+        assert b.ctypes.data % 64 == 0
+        b[:] = rng.standard_normal((K, N))
+        a = rng.standard_normal((16, K)).astype(np.float32)
+        a[rng.random((16, K)) < zeros] = 0.0
+        blocked = _core.sgemm(a, b, False, False, isa, 1)
+        for j in (0, 9, 15):
+            one = _core.sgemm(a[j:j + 1], b, False, False, isa, 1)
+            assert one.tobytes() == blocked[j:j + 1].tobytes(), (N, K, j)
