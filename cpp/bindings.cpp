@@ -503,6 +503,10 @@ class FieldHandle {
     return row_->predict(*kernels_, keys);
   }
 
+  // For a serving path that keeps its own RowPredictor (PairScorer): the validated model and predict_one's kernels.
+  const FieldModel& model() const { return model_; }
+  const KernelSet& row_kernels() const { return *kernels_; }
+
   py::tuple loss_and_gradients(const py::list& keys, py::handle y, py::handle weight, float alpha, int n_threads,
                                const std::string& isa) const {
     const Examples ex = make_examples(model_, keys, y, weight);
@@ -812,6 +816,9 @@ class IdLookup {
 
 // Recommender.predict of one (user, item) pair of int ids, whole: both id lookups (binary searches of the sorted
 // ids, through the order of ids added after fit), the example, the rating mean and the clipping, in one call.
+// Its RowPredictor reads 64-byte aligned copies of the MLP's weights made at construction: the scorer belongs to
+// one prediction handle (Python builds a new one with each new handle), and like the handle's other state it
+// does not see a later in-place change of the model's arrays.
 class PairScorer {
  public:
   PairScorer(py::object handle, py::array_t<std::int64_t, py::array::c_style> user_sorted, py::object user_order,
@@ -823,12 +830,20 @@ class PairScorer {
         mean_(mean),
         low_(low),
         high_(high),
-        dtype_(py::dtype::of<double>()) {}
+        dtype_(py::dtype::of<double>()) {
+    if (handle_->model().n_keys != 2) throw py::value_error("PairScorer needs a model with two key columns");
+    row_ = std::make_unique<RowPredictor>(handle_->model(), true);
+  }
 
   // predict's value of one pair: the score + mean, clipped (np.clip of a float64: the same min and max).
   double score(std::int64_t user, std::int64_t item) const {
     const std::int32_t keys[2] = {sides_[0].entity(user), sides_[1].entity(item)};
-    return std::min(std::max(static_cast<double>(handle_->predict_one(keys, 2)) + mean_, low_), high_);
+    float out;
+    {
+      const FlushDenormals flush;
+      out = row_->predict(handle_->row_kernels(), keys);
+    }
+    return std::min(std::max(static_cast<double>(out) + mean_, low_), high_);
   }
 
   // score of each pair (users[j], items[j]): predict's small-array path (row by row: no batch tables built).
@@ -843,25 +858,105 @@ class PairScorer {
     return out;
   }
 
-  py::array_t<double> operator()(std::int64_t user, std::int64_t item) const {
-    const double score = this->score(user, item);
-    // The array of one made straight from the cached float64 dtype: py::array_t<double>(1) looks the dtype up
-    // and builds shape and stride vectors, a fifth of the call's time.
+  // A float64 array of one holding value, made straight from the cached float64 dtype: py::array_t<double>(1)
+  // looks the dtype up and builds shape and stride vectors, a fifth of the call's time. nullptr on failure
+  // (a Python error set).
+  PyObject* array_of_one(double value) const {
     const auto& api = py::detail::npy_api::get();
     const Py_intptr_t dims[1] = {1};
     PyObject* arr = api.PyArray_NewFromDescr_(api.PyArray_Type_, dtype_.inc_ref().ptr(), 1, dims, nullptr, nullptr, 0,
                                               nullptr);  // steals the dtype reference
+    if (arr) *reinterpret_cast<double*>(py::detail::array_proxy(arr)->data) = value;
+    return arr;
+  }
+
+  py::array_t<double> operator()(std::int64_t user, std::int64_t item) const {
+    PyObject* arr = array_of_one(score(user, item));
     if (!arr) throw py::error_already_set();
-    *reinterpret_cast<double*>(py::detail::array_proxy(arr)->data) = score;
     return py::reinterpret_steal<py::array_t<double>>(arr);
   }
 
+  // (predict_lists(users, items), score_ints(user, item)): plain CPython functions (no pybind11 dispatch, no
+  // argument conversion) bound to this scorer. predict_lists takes two lists of one int each and returns
+  // operator()'s array; score_ints two ints and returns score's float. Both return None for anything else
+  // (other types, bool, ints beyond int64, a failure in the core): the caller's checked path then says what is
+  // wrong. An unknown id is scored as the checked path scores it (entity 0: the unknown rows).
+  static py::tuple fast_calls(const py::object& self) {
+    auto* scorer = self.cast<PairScorer*>();
+    PyObject* capsule = PyCapsule_New(scorer, nullptr, [](PyObject* c) {
+      Py_XDECREF(static_cast<PyObject*>(PyCapsule_GetContext(c)));  // the scorer, kept alive by the capsule
+    });
+    if (!capsule) throw py::error_already_set();
+    py::object cap = py::reinterpret_steal<py::object>(capsule);
+    if (PyCapsule_SetContext(capsule, self.ptr()) != 0) throw py::error_already_set();
+    Py_INCREF(self.ptr());
+    static PyMethodDef lists_def{"predict_lists", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_lists)),
+                                 METH_FASTCALL, "Recommender.predict([user], [item]) for two int ids, or None."};
+    static PyMethodDef ints_def{"score_ints", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_ints)),
+                                METH_FASTCALL, "The serving handle's float for two int ids, or None."};
+    PyObject* lists = PyCFunction_NewEx(&lists_def, capsule, nullptr);
+    if (!lists) throw py::error_already_set();
+    py::object lists_obj = py::reinterpret_steal<py::object>(lists);
+    PyObject* ints = PyCFunction_NewEx(&ints_def, capsule, nullptr);
+    if (!ints) throw py::error_already_set();
+    return py::make_tuple(lists_obj, py::reinterpret_steal<py::object>(ints));
+  }
+
  private:
+  // The int64 value of an exact Python int (not a bool or a subclass); false when it is not one or overflows.
+  static bool exact_int64(PyObject* o, std::int64_t* out) {
+    if (!PyLong_CheckExact(o)) return false;
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+      PyErr_Clear();
+      return false;
+    }
+    *out = static_cast<std::int64_t>(v);
+    return true;
+  }
+
+  // The capsule's scorer with the pair's score in *out, or nullptr (no Python error left set) when the core
+  // refused the pair.
+  static const PairScorer* try_score(PyObject* capsule, std::int64_t user, std::int64_t item, double* out) {
+    const auto* scorer = static_cast<const PairScorer*>(PyCapsule_GetPointer(capsule, nullptr));
+    if (!scorer) {
+      PyErr_Clear();
+      return nullptr;
+    }
+    try {
+      *out = scorer->score(user, item);
+      return scorer;
+    } catch (...) {  // the checked path repeats the call and reports the error
+      return nullptr;
+    }
+  }
+
+  static PyObject* fast_lists(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+    std::int64_t user, item;
+    double value;
+    if (nargs == 2 && PyList_CheckExact(args[0]) && PyList_CheckExact(args[1]) && PyList_GET_SIZE(args[0]) == 1 &&
+        PyList_GET_SIZE(args[1]) == 1 && exact_int64(PyList_GET_ITEM(args[0], 0), &user) &&
+        exact_int64(PyList_GET_ITEM(args[1], 0), &item))
+      if (const PairScorer* scorer = try_score(capsule, user, item, &value)) return scorer->array_of_one(value);
+    Py_RETURN_NONE;
+  }
+
+  static PyObject* fast_ints(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+    std::int64_t user, item;
+    double value;
+    if (nargs == 2 && exact_int64(args[0], &user) && exact_int64(args[1], &item) &&
+        try_score(capsule, user, item, &value))
+      return PyFloat_FromDouble(value);
+    Py_RETURN_NONE;
+  }
+
   py::object handle_obj_;  // keeps the handle (and so its arrays) alive
   const FieldHandle* handle_;
   IdLookup sides_[2];
   double mean_, low_, high_;
   py::dtype dtype_;  // float64, for the output array
+  std::unique_ptr<RowPredictor> row_;  // over aligned copies of the MLP (callers hold the GIL: one at a time)
 };
 
 // ---- Single-row serving (issue 17): the serving handles' calls, whole in the core ----
@@ -2373,7 +2468,21 @@ PYBIND11_MODULE(_core, m) {
       .def("__call__", &PairScorer::operator(), py::arg("user"), py::arg("item"))
       .def("score", &PairScorer::score, py::arg("user"), py::arg("item"), "The same value as a Python float.")
       .def("scores", &PairScorer::scores, py::arg("users"), py::arg("items"),
-           "The values of pairs (users[j], items[j]) (int64 arrays) as a float64 array, row by row.");
+           "The values of pairs (users[j], items[j]) (int64 arrays) as a float64 array, row by row.")
+      .def("fast_calls", &PairScorer::fast_calls,
+           "(predict_lists(users, items), score_ints(user, item)): plain C functions for two one-element lists "
+           "of ints (-> __call__'s array) and two ints (-> score's float); None for anything else.")
+      .def(
+          "time_score",
+          [](const PairScorer& s, std::int64_t user, std::int64_t item, int calls) {
+            const auto start = std::chrono::steady_clock::now();
+            double sink = 0.0;
+            for (int c = 0; c < calls; ++c) sink += s.score(user, item);
+            const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+            return py::make_tuple(took.count() / std::max(calls, 1), sink);
+          },
+          py::arg("user"), py::arg("item"), py::arg("calls"),
+          "Benchmark hook: seconds per score call timed inside the core (no Python per call).");
 
   py::class_<RowScorer>(m, "RowScorer",
                         "FieldModel's one-row serving path: a row dict written into the one-row tables of a "

@@ -973,8 +973,26 @@ void field_topk_candidates(const KernelSet& ks, const FieldModel& m, const Negat
   topk_lists(ks, m, s, users, n_users, longest, list_of, k, exclude_seen, out_items, out_scores, cache, n_threads);
 }
 
-RowPredictor::RowPredictor(const FieldModel& model)
-    : m_(model), ws_(new FieldWorkspace(model, 1, false)), key_rows_(static_cast<std::size_t>(model.n_keys), -1) {
+RowPredictor::RowPredictor(const FieldModel& model, bool copy_weights)
+    : m_(model), ws_(new FieldWorkspace(model, 1, false)), key_rows_(static_cast<std::size_t>(model.n_keys), -1),
+      mlp_(&model.mlp) {
+  if (copy_weights) {  // each array at a multiple of 16 floats (64 bytes) of one aligned buffer
+    auto padded = [](index_t n) { return static_cast<std::size_t>((n + 15) / 16 * 16); };
+    std::size_t total = 0;
+    for (const Layer& layer : model.mlp.layers) total += padded(layer.fan_in * layer.fan_out) + padded(layer.fan_out);
+    float* at = weights_.get(std::max<std::size_t>(total, 1));
+    mlp_copy_ = model.mlp;
+    for (Layer& layer : mlp_copy_.layers) {
+      const std::size_t w = static_cast<std::size_t>(layer.fan_in * layer.fan_out);
+      std::memcpy(at, layer.W, sizeof(float) * w);
+      layer.W = at;
+      at += padded(layer.fan_in * layer.fan_out);
+      std::memcpy(at, layer.b, sizeof(float) * static_cast<std::size_t>(layer.fan_out));
+      layer.b = at;
+      at += padded(layer.fan_out);
+    }
+    mlp_ = &mlp_copy_;
+  }
   for (int k = 0; k < model.n_keys; ++k) {  // validate(model, examples)'s bounds, found once
     index_t& rows = key_rows_[static_cast<std::size_t>(k)];
     for (const EmbeddingField& f : model.fields)
@@ -1014,7 +1032,7 @@ float RowPredictor::predict(const KernelSet& ks, const std::int32_t* keys) {
   for (const DenseBlock& b : m_.dense)
     std::memcpy(x + b.offset, b.table + static_cast<index_t>(keys[b.key]) * b.cols,
                 sizeof(float) * static_cast<std::size_t>(b.cols));
-  float logit = forward_row(ks, m_.mlp, x, ws.mlp)[0];
+  float logit = forward_row(ks, *mlp_, x, ws.mlp)[0];
   for (const EmbeddingField& f : m_.fields) {  // wide fields: their pooled scalar joins the logit
     if (!f.wide) continue;
     float wide = 0.0f;

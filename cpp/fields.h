@@ -11,6 +11,7 @@
 #include "parallel.h"
 #include "kernels/kernels.h"
 #include "large_array.h"
+#include "aligned.h"
 #include "mlp.h"
 
 namespace fastrec {
@@ -168,7 +169,10 @@ class TowerPass {
 // (no allocation per call). Not thread-safe: one caller at a time (the bindings hold the GIL around it).
 class RowPredictor {
  public:
-  explicit RowPredictor(const FieldModel& model);
+  // copy_weights: the MLP's weights and biases are read from 64-byte aligned copies made here (a caller's
+  // arrays, e.g. NumPy's, are 16-byte aligned: every 64-byte load of a row would span two cache lines). The
+  // copies are this object's: a later change to the model's arrays is not seen (build a new RowPredictor).
+  explicit RowPredictor(const FieldModel& model, bool copy_weights = false);
   ~RowPredictor();
   RowPredictor(const RowPredictor&) = delete;
   RowPredictor& operator=(const RowPredictor&) = delete;
@@ -180,6 +184,9 @@ class RowPredictor {
   const FieldModel& m_;
   FieldWorkspace* ws_;
   std::vector<index_t> key_rows_;  // per key column, the rows every table it reads has (-1: none reads it)
+  Network mlp_copy_;              // copy_weights: m_.mlp over weights_ (else unused)
+  AlignedBuffer weights_;
+  const Network* mlp_;            // the MLP predict runs: &m_.mlp or &mlp_copy_
 };
 
 // ---- Differentially private training (private.cpp) ----

@@ -203,3 +203,91 @@ def test_row_product_skipping_zeros_is_the_blocked_product(isa, rng, N):
         for j in (0, 7, 15):
             one = _core.sgemm(a[j:j + 1], b, False, False, isa, 1)
             assert one.tobytes() == blocked[j:j + 1].tobytes(), (N, K, j)
+
+
+def _outcome(fn):
+    """fn()'s value (as bytes of a float64 array) or its exception's type and message."""
+    try:
+        return ("value", np.asarray(fn(), np.float64).tobytes())
+    except Exception as e:  # noqa: BLE001 - the outcome itself is compared
+        return ("error", type(e), str(e))
+
+
+def test_recommender_predict_fast_calls_equal_the_checked_path(rng):
+    """predict([u], [i]) of two Python ints runs through the pair scorer's C function (PairScorer.fast_calls):
+    a float64 array of one, bit for bit the batch path's value, unknown ids included (the unknown rows). The C
+    functions return None for anything but two one-element lists of Python ints within int64 (predict_lists) or
+    two such ints (score_ints)."""
+    model, users, items = _recommender(rng)
+    probe_u = np.concatenate([users[:30], [10**9, -5, 7, 2**63 - 1]])
+    probe_i = np.concatenate([items[:30], [3, 10**12, -1, -2**63]])
+    batch = model.predict(probe_u, probe_i)  # 34 pairs: the batch tables
+    model.predict([int(users[0])], [int(items[0])])  # builds the scorer
+    assert model._fast[0] is model._predictor
+    predict_lists, score_ints = model._fast[1:]
+    for u, i, want in zip(probe_u.tolist(), probe_i.tolist(), batch):
+        fast = predict_lists([u], [i])
+        assert fast is not None and fast.dtype == np.float64 and fast.shape == (1,) and fast[0] == want, (u, i)
+        got = model.predict([u], [i])
+        assert got.dtype == np.float64 and got.tobytes() == fast.tobytes(), (u, i)
+        assert score_ints(u, i) == want and type(score_ints(u, i)) is float, (u, i)
+    u0, i0 = int(users[0]), int(items[0])
+    for args in [([u0], [i0, i0]), ((u0,), [i0]), ([np.int64(u0)], [i0]), ([True], [i0]), ([u0], [float(i0)]),
+                 ([2**63], [i0]), ([u0], [-2**63 - 1]), ([str(u0)], [i0]), ([u0], []), (u0, i0), ([u0],)]:
+        assert predict_lists(*args) is None, args
+    for args in [(np.int64(u0), i0), (True, i0), (u0, 2**64), (1.0, i0), ("1", i0), (u0,), (u0, i0, 0)]:
+        assert score_ints(*args) is None, args
+    assert predict_lists(*([u0], [i0])).tobytes() == model.predict(np.array([u0]), np.array([i0])).tobytes()
+
+
+@pytest.mark.parametrize("users, items", [
+    ([2**70], [1]), ([1], [2**64]), ([True], [1]), ([1.5], [2]), (["5"], [2]), ([1, 2], [3]), ([[1]], [2]),
+    ((1,), (2,)), ([np.int32(3)], [np.int64(4)]), ([], []), ([None], [1]),
+])
+def test_recommender_predict_fast_path_falls_back_with_the_checked_behaviour(rng, users, items):
+    """Inputs the C function declines go through predict's checks: the same value or the same error as on a
+    model whose fast path was never built (its first predict call takes the checked path)."""
+    fresh, _, _ = _recommender(np.random.default_rng(5))  # two equal models: one fitted the same way
+    model, _, _ = _recommender(np.random.default_rng(5))
+    want = _outcome(lambda: fresh.predict(users, items))
+    model.predict([1], [2])  # the fast path now built
+    assert model.__dict__.get("_fast") is not None
+    assert _outcome(lambda: model.predict(users, items)) == want
+
+
+def test_recommender_pair_scorer_copies_follow_partial_fit_not_in_place_edits(rng):
+    """The pair scorer reads aligned copies of the MLP made with it: partial_fit (a new prediction handle) is
+    seen by the next predict([u], [i]) through a new scorer; an in-place edit of net_.coefs is not seen by the
+    fast path until the handle is rebuilt (documented), after which it equals the batch path again."""
+    model, users, items = _recommender(rng)
+    u, i = [int(users[1])], [int(items[1])]
+    before = model.predict(u, i)
+    scorer = model._pair[1]
+    model.partial_fit(users[:50], items[:50], np.full(50, 5.0))
+    after = model.predict(u, i)
+    assert model._pair[1] is not scorer and after[0] != before[0]
+    assert after.tobytes() == model.predict(np.repeat(u, 20), np.repeat(i, 20))[:1].tobytes()
+    model.net_.coefs[0] *= 2.0  # in place: the handle's arrays change under it, the scorer's copies do not
+    assert model.predict(u, i).tobytes() == after.tobytes()
+    model._predictor = None  # rebuilt: a new scorer copies the edited weights
+    edited = model.predict(u, i)
+    assert edited[0] != after[0]
+    assert edited.tobytes() == model.predict(np.repeat(u, 20), np.repeat(i, 20))[:1].tobytes()
+
+
+@pytest.mark.parametrize("N", [64, 256, 320])
+def test_row_product_over_64_byte_aligned_rows_is_the_blocked_product(isa, rng, N):
+    """B on 64-byte boundaries (the pair scorer's weight copies) takes the row kernel's prefetching loop: the
+    same chains, so one row equals its row of a 16-row blocked call bit for bit, with and without zeros."""
+    for K, zeros in ((17, 0.0), (300, 0.0), (321, 0.1), (256, 0.6)):
+        raw = np.empty(K * N + 16, np.float32)
+        start = (-raw.ctypes.data % 64) // 4
+        b = raw[start:start + K * N].reshape(K, N)
+        assert b.ctypes.data % 64 == 0
+        b[:] = rng.standard_normal((K, N))
+        a = rng.standard_normal((16, K)).astype(np.float32)
+        a[rng.random((16, K)) < zeros] = 0.0
+        blocked = _core.sgemm(a, b, False, False, isa, 1)
+        for j in (0, 9, 15):
+            one = _core.sgemm(a[j:j + 1], b, False, False, isa, 1)
+            assert one.tobytes() == blocked[j:j + 1].tobytes(), (N, K, j)

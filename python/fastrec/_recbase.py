@@ -241,30 +241,27 @@ def _as_known_kind(model, users, items):
 class PairServingHandle:
     """``serving_handle()`` of a recommender: see there."""
 
-    __slots__ = ("_model", "_pair")
+    __slots__ = ("_model", "_fast")
 
     def __init__(self, model):
         self._model = model
-        self._pair = None
+        self._fast = None
 
     def __call__(self, user, item):
-        pair = self._pair  # (handle, PairScorer) of the model's current predictor
-        if (pair is not None and type(user) is int and type(item) is int
-                and pair[0] is self._model.__dict__.get("_predictor")):
-            try:
-                return pair[1].score(user, item)
-            except (TypeError, OverflowError):  # beyond int64: predict says what is wrong
-                pass
+        fast = self._fast  # (handle, predict_lists, score_ints) of the model's current pair scorer
+        if fast is not None and fast[0] is self._model.__dict__.get("_predictor"):
+            out = fast[2](user, item)  # two ints within int64, checked in C; else None
+            if out is not None:
+                return out
         return self._general(user, item)
 
     def _general(self, user, item):
         model = self._model
         if type(user) is int and type(item) is int and model._pair_scorer() is not None:  # (re)built
-            self._pair = model.__dict__.get("_pair")
-            try:
-                return self._pair[1].score(user, item)
-            except (TypeError, OverflowError):
-                pass
+            self._fast = model.__dict__.get("_fast")
+            out = self._fast[2](user, item)
+            if out is not None:
+                return out
         for value, name in ((user, "user"), (item, "item")):
             if not _is_scalar(value):
                 raise TypeError(f"{name} must be one id (an int or a str), got {type(value).__name__}")
@@ -824,15 +821,11 @@ class RecommenderBase(BaseEstimator):
         Unknown users or items never raise: they use the learned unknown rows (and their features when they
         were in the feature tables given to fit).
         """
-        pair = self.__dict__.get("_pair")  # (handle, scorer) of the last single-pair call, while still current
-        if (pair is not None and type(users) is list and type(items) is list and len(users) == 1 and len(items) == 1
-                and pair[0] is self.__dict__.get("_predictor")):
-            user, item = users[0], items[0]
-            if type(user) is int and type(item) is int:
-                try:
-                    return pair[1](user, item)
-                except (TypeError, OverflowError):  # beyond int64: the checks below say what is wrong
-                    pass
+        fast = self.__dict__.get("_fast")  # (handle, predict_lists, score_ints) of the current pair scorer
+        if fast is not None and fast[0] is self.__dict__.get("_predictor"):
+            out = fast[1](users, items)  # two lists of one int each, checked in C; else None
+            if out is not None:
+                return out
         self._check_fitted()
         if _one_int(users) and _one_int(items):  # the serving path: one pair, whole in the core
             scorer = self._pair_scorer()

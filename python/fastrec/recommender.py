@@ -190,7 +190,7 @@ class Recommender(RecommenderBase):
 
     _fitted_attr = "net_"
     _structure_params = _STRUCTURE
-    _caches = ("_predictor", "_pair")  # prediction handles: views over this object's arrays
+    _caches = ("_predictor", "_pair", "_fast")  # prediction handles: views over this object's arrays
 
     def __init__(self, embedding_dim=64, hidden_layer_sizes=(128, 64), activation="relu", loss="auto", gmf=True,
                  gmf_item_features=False, wide=True, user_history="auto", item_history="auto",
@@ -542,6 +542,7 @@ class Recommender(RecommenderBase):
                                       aligned(self._items._sorted), aligned(self._items._order),
                                       float(self.rating_mean_), float(low), float(high))
             self._pair = cached = (handle, scorer)
+            self._fast = (handle, *scorer.fast_calls())  # predict's and serving_handle's first try
         return cached[1]
 
     def _handle(self):
