@@ -250,6 +250,16 @@ void dense_gemm(const KernelSet& ks, const SeqWorkspace& ws, bool trans_a, bool 
                    epilogue, n_threads);
 }
 
+// A weight gradient C = Xᵀ dY over the batch's R rows (sgemm's trans_a product) in the call's precision.
+void weight_gradient(const KernelSet& ks, const SeqWorkspace& ws, index_t M, index_t N, index_t K, const float* X,
+                     index_t ldx, const float* dY, index_t ldy, float* C, index_t ldc, int n_threads) {
+  if (ws.precision == SeqPrecision::Float32)
+    sgemm(ks, true, false, M, N, K, X, ldx, dY, ldy, C, ldc, nullptr, n_threads);
+  else
+    seq_bf16_weight_gradient(ks, ws.precision == SeqPrecision::Bf16Native, M, N, K, X, ldx, dY, ldy, C, ldc,
+                             n_threads);
+}
+
 index_t max_ffn(const SeqModel& m) {
   index_t f = 0;
   for (index_t v : m.ffn) f = std::max(f, v);
@@ -757,14 +767,14 @@ void block_backward(const KernelSet& ks, SeqWorkspace& ws, int b, const BlockCac
     });
     dfo = t1;
   }
-  dense_gemm(ks, ws, true, false, f, d, R, c.u.data(), f, dfo, d, g(kW2), d, nullptr, n_threads);
+  weight_gradient(ks, ws, f, d, R, c.u.data(), f, dfo, d, g(kW2), d, n_threads);
   column_sums(ks, ws.row_sum_ids, dfo, d, R, d, g(kB2), n_threads);
   Epilogue relu;
   relu.mul = c.u.data();
   relu.ld_mul = f;
   relu.mul_act = Activation::Relu;
   dense_gemm(ks, ws, false, true, R, f, d, dfo, d, m.block(b, kW2), d, big, f, &relu, n_threads);
-  dense_gemm(ks, ws, true, false, d, f, R, c.h2.data(), d, big, f, g(kW1), f, nullptr, n_threads);
+  weight_gradient(ks, ws, d, f, R, c.h2.data(), d, big, f, g(kW1), f, n_threads);
   column_sums(ks, ws.row_sum_ids, big, f, R, f, g(kB1), n_threads);
   dense_gemm(ks, ws, false, true, R, d, f, big, f, m.block(b, kW1), f, dh, d, nullptr, n_threads);
   ln_backward(ks, ws.row_sum_ids, dh, m.block(b, kLn2Gamma), c.xhat2.data(), c.rstd2.data(), R, d, ws.ones.data(),
@@ -777,12 +787,12 @@ void block_backward(const KernelSet& ks, SeqWorkspace& ws, int b, const BlockCac
     });
     dao = t1;
   }
-  dense_gemm(ks, ws, true, false, d, d, R, c.o.data(), d, dao, d, g(kWo), d, nullptr, n_threads);
+  weight_gradient(ks, ws, d, d, R, c.o.data(), d, dao, d, g(kWo), d, n_threads);
   column_sums(ks, ws.row_sum_ids, dao, d, R, d, g(kBo), n_threads);
   dense_gemm(ks, ws, false, true, R, d, d, dao, d, m.block(b, kWo), d, dh, d, nullptr, n_threads);  // dO
   attention_backward(ks, ws, c, dh, n_threads);
   float* dqkv = ws.dqkv.data();
-  dense_gemm(ks, ws, true, false, d, 3 * d, R, c.h1.data(), d, dqkv, 3 * d, ws.gwcat.data(), 3 * d, nullptr, n_threads);
+  weight_gradient(ks, ws, d, 3 * d, R, c.h1.data(), d, dqkv, 3 * d, ws.gwcat.data(), 3 * d, n_threads);
   column_sums(ks, ws.row_sum_ids, dqkv, 3 * d, R, 3 * d, ws.gbcat.data(), n_threads);
   dense_gemm(ks, ws, false, true, R, d, 3 * d, dqkv, 3 * d, c.wcat.data(), 3 * d, dh, d, nullptr, n_threads);
   ln_backward(ks, ws.row_sum_ids, dh, m.block(b, kLn1Gamma), c.xhat1.data(), c.rstd1.data(), R, d, ws.ones.data(),
@@ -1204,6 +1214,42 @@ EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& m, const SeqTraining&
     batch_threads.done(positions);
   }
   return result;
+}
+
+void seq_bf16_weight_gradient(const KernelSet& ks, bool native, index_t M, index_t N, index_t K, const float* X,
+                              index_t ldx, const float* dY, index_t ldy, float* C, index_t ldc, int n_threads) {
+#ifdef FASTREC_HAVE_BF16_KERNELS
+  if (native && M > 0 && N > 0 && K > 0) {
+    require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
+    // bf16_gemm's K blocks (gemm.cpp bf16_kc_step): equal even blocks of at most kc; the same sums only so
+    const auto ceil_div = [](index_t a, index_t b) { return (a + b - 1) / b; };
+    const index_t kc = bf16_kernels_avx512().kc, blocks = ceil_div(K, kc);
+    const index_t kc_step = std::min(kc, (ceil_div(K, blocks) + 1) / 2 * 2);
+    const index_t pairs = (std::min(kc_step, K) + 1) / 2;
+    // Threads take slices of C's wider side (each element's sum is the same whatever the slice), each converting
+    // its own columns of X and dY; at least ~1 M multiply-adds per thread.
+    const double fmas = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
+    const bool by_cols = N >= M;
+    const index_t unit = by_cols ? 16 : 6, units = ceil_div(by_cols ? N : M, unit);
+    const int threads = static_cast<int>(std::min<double>(
+        {static_cast<double>(resolve_threads(n_threads)), std::max(1.0, fmas / (1 << 20)), static_cast<double>(units)}));
+    const index_t step = ceil_div(units, threads) * unit;
+    parallel_for(0, threads, threads, [&](std::int64_t t) {
+      const index_t lo = t * step, hi = std::min(by_cols ? N : M, lo + step);
+      if (lo >= hi) return;
+      const index_t m = by_cols ? M : hi - lo, n = by_cols ? hi - lo : N;
+      thread_local AlignedBuffer xs, ys;
+      auto* xbuf = reinterpret_cast<std::uint32_t*>(xs.get(static_cast<std::size_t>(pairs * ceil_div(m, 16) * 16)));
+      auto* ybuf = reinterpret_cast<std::uint32_t*>(ys.get(static_cast<std::size_t>(pairs * ceil_div(n, 16) * 16)));
+      if (by_cols)
+        seq_bf16_weight_gradient_avx512(K, kc_step, X, ldx, dY + lo, ldy, C + lo, ldc, m, n, xbuf, ybuf);
+      else
+        seq_bf16_weight_gradient_avx512(K, kc_step, X + lo, ldx, dY, ldy, C + lo * ldc, ldc, m, n, xbuf, ybuf);
+    });
+    return;
+  }
+#endif
+  bf16_gemm(ks, native, true, false, M, N, K, X, ldx, dY, ldy, C, ldc, nullptr, n_threads);
 }
 
 }  // namespace fastrec
