@@ -250,14 +250,20 @@ void dense_gemm(const KernelSet& ks, const SeqWorkspace& ws, bool trans_a, bool 
                    epilogue, n_threads);
 }
 
-// A weight gradient C = Xᵀ dY over the batch's R rows (sgemm's trans_a product) in the call's precision.
+// A weight gradient C = Xᵀ dY over the batch's R rows (sgemm's trans_a product) in the call's precision, and
+// the bias gradient, dY's column sums (column_sums' bits), into bias_grad.
 void weight_gradient(const KernelSet& ks, const SeqWorkspace& ws, index_t M, index_t N, index_t K, const float* X,
-                     index_t ldx, const float* dY, index_t ldy, float* C, index_t ldc, int n_threads) {
+                     index_t ldx, const float* dY, index_t ldy, float* C, index_t ldc, float* bias_grad,
+                     int n_threads) {
+  if (ws.precision == SeqPrecision::Bf16Native) {  // the sums from the rows the product loads anyway
+    seq_bf16_weight_gradient(ks, true, M, N, K, X, ldx, dY, ldy, C, ldc, bias_grad, n_threads);
+    return;
+  }
   if (ws.precision == SeqPrecision::Float32)
     sgemm(ks, true, false, M, N, K, X, ldx, dY, ldy, C, ldc, nullptr, n_threads);
   else
-    seq_bf16_weight_gradient(ks, ws.precision == SeqPrecision::Bf16Native, M, N, K, X, ldx, dY, ldy, C, ldc,
-                             n_threads);
+    bf16_gemm(ks, false, true, false, M, N, K, X, ldx, dY, ldy, C, ldc, nullptr, n_threads);
+  column_sums(ks, ws.row_sum_ids, dY, ldy, K, N, bias_grad, n_threads);
 }
 
 index_t max_ffn(const SeqModel& m) {
@@ -767,15 +773,13 @@ void block_backward(const KernelSet& ks, SeqWorkspace& ws, int b, const BlockCac
     });
     dfo = t1;
   }
-  weight_gradient(ks, ws, f, d, R, c.u.data(), f, dfo, d, g(kW2), d, n_threads);
-  column_sums(ks, ws.row_sum_ids, dfo, d, R, d, g(kB2), n_threads);
+  weight_gradient(ks, ws, f, d, R, c.u.data(), f, dfo, d, g(kW2), d, g(kB2), n_threads);
   Epilogue relu;
   relu.mul = c.u.data();
   relu.ld_mul = f;
   relu.mul_act = Activation::Relu;
   dense_gemm(ks, ws, false, true, R, f, d, dfo, d, m.block(b, kW2), d, big, f, &relu, n_threads);
-  weight_gradient(ks, ws, d, f, R, c.h2.data(), d, big, f, g(kW1), f, n_threads);
-  column_sums(ks, ws.row_sum_ids, big, f, R, f, g(kB1), n_threads);
+  weight_gradient(ks, ws, d, f, R, c.h2.data(), d, big, f, g(kW1), f, g(kB1), n_threads);
   dense_gemm(ks, ws, false, true, R, d, f, big, f, m.block(b, kW1), f, dh, d, nullptr, n_threads);
   ln_backward(ks, ws.row_sum_ids, dh, m.block(b, kLn2Gamma), c.xhat2.data(), c.rstd2.data(), R, d, ws.ones.data(),
               ws.gscratch.data(), dx, g(kLn2Gamma), g(kLn2Beta), n_threads);
@@ -787,13 +791,11 @@ void block_backward(const KernelSet& ks, SeqWorkspace& ws, int b, const BlockCac
     });
     dao = t1;
   }
-  weight_gradient(ks, ws, d, d, R, c.o.data(), d, dao, d, g(kWo), d, n_threads);
-  column_sums(ks, ws.row_sum_ids, dao, d, R, d, g(kBo), n_threads);
+  weight_gradient(ks, ws, d, d, R, c.o.data(), d, dao, d, g(kWo), d, g(kBo), n_threads);
   dense_gemm(ks, ws, false, true, R, d, d, dao, d, m.block(b, kWo), d, dh, d, nullptr, n_threads);  // dO
   attention_backward(ks, ws, c, dh, n_threads);
   float* dqkv = ws.dqkv.data();
-  weight_gradient(ks, ws, d, 3 * d, R, c.h1.data(), d, dqkv, 3 * d, ws.gwcat.data(), 3 * d, n_threads);
-  column_sums(ks, ws.row_sum_ids, dqkv, 3 * d, R, 3 * d, ws.gbcat.data(), n_threads);
+  weight_gradient(ks, ws, d, 3 * d, R, c.h1.data(), d, dqkv, 3 * d, ws.gwcat.data(), 3 * d, ws.gbcat.data(), n_threads);
   dense_gemm(ks, ws, false, true, R, d, 3 * d, dqkv, 3 * d, c.wcat.data(), 3 * d, dh, d, nullptr, n_threads);
   ln_backward(ks, ws.row_sum_ids, dh, m.block(b, kLn1Gamma), c.xhat1.data(), c.rstd1.data(), R, d, ws.ones.data(),
               ws.gscratch.data(), dx, g(kLn1Gamma), g(kLn1Beta), n_threads);
@@ -1217,7 +1219,8 @@ EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& m, const SeqTraining&
 }
 
 void seq_bf16_weight_gradient(const KernelSet& ks, bool native, index_t M, index_t N, index_t K, const float* X,
-                              index_t ldx, const float* dY, index_t ldy, float* C, index_t ldc, int n_threads) {
+                              index_t ldx, const float* dY, index_t ldy, float* C, index_t ldc, float* col_sums,
+                              int n_threads) {
 #ifdef FASTREC_HAVE_BF16_KERNELS
   if (native && M > 0 && N > 0 && K > 0) {
     require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
@@ -1240,16 +1243,23 @@ void seq_bf16_weight_gradient(const KernelSet& ks, bool native, index_t M, index
       const index_t m = by_cols ? M : hi - lo, n = by_cols ? hi - lo : N;
       thread_local AlignedBuffer xs, ys;
       auto* xbuf = reinterpret_cast<std::uint32_t*>(xs.get(static_cast<std::size_t>(pairs * ceil_div(m, 16) * 16)));
-      auto* ybuf = reinterpret_cast<std::uint32_t*>(ys.get(static_cast<std::size_t>(pairs * ceil_div(n, 16) * 16)));
-      if (by_cols)
-        seq_bf16_weight_gradient_avx512(K, kc_step, X, ldx, dY + lo, ldy, C + lo, ldc, m, n, xbuf, ybuf);
+      auto* ybuf =
+          reinterpret_cast<std::uint32_t*>(ys.get(static_cast<std::size_t>((pairs + 1) * ceil_div(n, 16) * 16)));
+      if (by_cols)  // each slice its columns' sums; by rows, the first slice all of them
+        seq_bf16_weight_gradient_avx512(K, kc_step, X, ldx, dY + lo, ldy, C + lo, ldc, m, n, xbuf, ybuf,
+                                        col_sums ? col_sums + lo : nullptr);
       else
-        seq_bf16_weight_gradient_avx512(K, kc_step, X + lo, ldx, dY, ldy, C + lo * ldc, ldc, m, n, xbuf, ybuf);
+        seq_bf16_weight_gradient_avx512(K, kc_step, X + lo, ldx, dY, ldy, C + lo * ldc, ldc, m, n, xbuf, ybuf,
+                                        t == 0 ? col_sums : nullptr);
     });
     return;
   }
 #endif
   bf16_gemm(ks, native, true, false, M, N, K, X, ldx, dY, ldy, C, ldc, nullptr, n_threads);
+  if (!col_sums) return;
+  std::fill(col_sums, col_sums + N, 0.0f);  // one chain per column over the rows in order
+  for (index_t r = 0; r < K; ++r)
+    for (index_t j = 0; j < N; ++j) col_sums[j] += dY[r * ldy + j];
 }
 
 }  // namespace fastrec

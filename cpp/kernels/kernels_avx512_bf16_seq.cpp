@@ -51,8 +51,9 @@ inline __m512i pair_words(__m512 lo, __m512 hi, __m512i interleave) {
 
 // rows k0 .. k0 + kc - 1 of src (columns 0 .. cols - 1, row stride ld) as pair rows: out[kp * ld_out + c] =
 // (bf16 src[k0 + 2kp][c], bf16 src[k0 + 2kp + 1][c]) (zero high half past kc), columns up to ld_out (a multiple
-// of 16) zero.
-void convert_pairs(const float* src, index_t ld, index_t kc, index_t cols, std::uint32_t* out, index_t ld_out) {
+// of 16) zero. sums (optional, ld_out floats): sums[c] += src[k][c] for each row k in order, in float32.
+void convert_pairs(const float* src, index_t ld, index_t kc, index_t cols, std::uint32_t* out, index_t ld_out,
+                   float* sums) {
   alignas(64) static const std::uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
                                                            21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
                                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
@@ -72,6 +73,11 @@ void convert_pairs(const float* src, index_t ld, index_t kc, index_t cols, std::
       const __m512 x0 = _mm512_maskz_loadu_ps(m, lo + c);
       const __m512 x1 = has_hi ? _mm512_maskz_loadu_ps(m, hi + c) : _mm512_setzero_ps();
       _mm512_storeu_si512(out + c, pair_words(x0, x1, interleave));
+      if (sums) {
+        __m512 sc = _mm512_add_ps(_mm512_loadu_ps(sums + c), x0);
+        if (has_hi) sc = _mm512_add_ps(sc, x1);
+        _mm512_storeu_ps(sums + c, sc);
+      }
     }
   }
 }
@@ -125,12 +131,15 @@ void tile_rows(index_t pairs, const std::uint32_t* a, index_t lda, const std::ui
 
 void seq_bf16_weight_gradient_avx512(index_t K, index_t kc_step, const float* X, index_t ldx, const float* dY,
                                      index_t ldy, float* C, index_t ldc, index_t m, index_t n, std::uint32_t* xbuf,
-                                     std::uint32_t* ybuf) {
+                                     std::uint32_t* ybuf, float* col_sums) {
   const index_t ldxa = (m + 15) / 16 * 16, ldyb = (n + 15) / 16 * 16;
+  // column sums in whole vectors from +0 (row_sum's chains: + 0 * nothing, then each row in order)
+  float* sums = col_sums ? reinterpret_cast<float*>(ybuf + (std::min(kc_step, K) + 1) / 2 * ldyb) : nullptr;
+  if (sums) std::fill(sums, sums + ldyb, 0.0f);
   for (index_t pc = 0; pc < K; pc += kc_step) {
     const index_t kc = std::min(kc_step, K - pc), pairs = (kc + 1) / 2;
-    convert_pairs(X + pc * ldx, ldx, kc, m, xbuf, ldxa);
-    convert_pairs(dY + pc * ldy, ldy, kc, n, ybuf, ldyb);
+    convert_pairs(X + pc * ldx, ldx, kc, m, xbuf, ldxa, nullptr);
+    convert_pairs(dY + pc * ldy, ldy, kc, n, ybuf, ldyb, sums);
     for (index_t j0 = 0; j0 < n; j0 += 16 * kTileVecs) {
       const index_t nj = std::min<index_t>(16 * kTileVecs, n - j0);
       for (index_t i0 = 0; i0 < m; i0 += kTileRows) {
@@ -148,6 +157,7 @@ void seq_bf16_weight_gradient_avx512(index_t K, index_t kc_step, const float* X,
       }
     }
   }
+  if (sums) std::copy(sums, sums + n, col_sums);
 }
 
 }  // namespace fastrec
