@@ -834,7 +834,10 @@ void backward_pass(const KernelSet& ks, SeqWorkspace& ws, bool dropout, int n_th
   // embedding: x = (E[s] sqrt(d) + P[t]) * mask0
   float* dx0 = ws.src.data();
   for_rows(R, n_threads, [&](index_t r0, index_t r1) {
-    for (index_t i = r0 * d; i < r1 * d; ++i) dx0[i] = dropout ? ws.dx[i] * ws.mask0[i] : ws.dx[i];
+    if (dropout)  // (two loops: the test inside kept this one scalar)
+      for (index_t i = r0 * d; i < r1 * d; ++i) dx0[i] = ws.dx[i] * ws.mask0[i];
+    else
+      std::memcpy(dx0 + r0 * d, ws.dx.data() + r0 * d, sizeof(float) * static_cast<std::size_t>((r1 - r0) * d));
   });
   float* gp = grad_of(ws, 1);
   parallel_for(0, L, R * d < (1 << 16) ? 1 : n_threads, [&](std::int64_t t) {
