@@ -834,7 +834,7 @@ void backward_pass(const KernelSet& ks, SeqWorkspace& ws, bool dropout, int n_th
   // embedding: x = (E[s] sqrt(d) + P[t]) * mask0
   float* dx0 = ws.src.data();
   for_rows(R, n_threads, [&](index_t r0, index_t r1) {
-    if (dropout)  // (two loops: the test inside kept this one scalar)
+    if (dropout)  // two loops: with the test inside, this one compiled scalar
       for (index_t i = r0 * d; i < r1 * d; ++i) dx0[i] = ws.dx[i] * ws.mask0[i];
     else
       std::memcpy(dx0 + r0 * d, ws.dx.data() + r0 * d, sizeof(float) * static_cast<std::size_t>((r1 - r0) * d));
@@ -1227,7 +1227,7 @@ void seq_bf16_weight_gradient(const KernelSet& ks, bool native, index_t M, index
 #ifdef FASTREC_HAVE_BF16_KERNELS
   if (native && M > 0 && N > 0 && K > 0) {
     require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
-    // bf16_gemm's K blocks (gemm.cpp bf16_kc_step): equal even blocks of at most kc; the same sums only so
+    // bf16_gemm's K blocks (gemm.cpp bf16_kc_step: equal even blocks of at most kc), so bf16_gemm's sums
     const auto ceil_div = [](index_t a, index_t b) { return (a + b - 1) / b; };
     const index_t kc = bf16_kernels_avx512().kc, blocks = ceil_div(K, kc);
     const index_t kc_step = std::min(kc, (ceil_div(K, blocks) + 1) / 2 * 2);

@@ -3,6 +3,8 @@
 // packing 12-row A panels and 32-column B panels (one rounding loop per element) than in VDPBF16PS. Here each
 // K block of X and dY is converted once, full width, by VCVTNE2PS2BF16 (two rows of 16 floats to one register
 // of pair words), and 6 x 64 register tiles (24 accumulators, 4 B vectors per pair) read the pair rows in place.
+// X and dY are whole-batch arrays (MBs) read from L3 or memory: the conversion's time was the wait for them, so
+// it prefetches rows ahead (that, not the cheaper rounding, is what made it faster: benchmarks/SEQUENTIAL.md).
 // Compiled with the bf16 kernels' flags only; called only when isa.h's bf16_native_available() holds.
 #include <immintrin.h>
 
@@ -133,7 +135,7 @@ void seq_bf16_weight_gradient_avx512(index_t K, index_t kc_step, const float* X,
                                      index_t ldy, float* C, index_t ldc, index_t m, index_t n, std::uint32_t* xbuf,
                                      std::uint32_t* ybuf, float* col_sums) {
   const index_t ldxa = (m + 15) / 16 * 16, ldyb = (n + 15) / 16 * 16;
-  // column sums in whole vectors from +0 (row_sum's chains: + 0 * nothing, then each row in order)
+  // column sums: from +0, each row added in order, in whole vectors (row_sum's chains)
   float* sums = col_sums ? reinterpret_cast<float*>(ybuf + (std::min(kc_step, K) + 1) / 2 * ldyb) : nullptr;
   if (sums) std::fill(sums, sums + ldyb, 0.0f);
   for (index_t pc = 0; pc < K; pc += kc_step) {
