@@ -2258,6 +2258,26 @@ PYBIND11_MODULE(_core, m) {
       py::arg("kernel") = "auto", py::arg("isa") = "auto", py::arg("n_threads") = 0,
       "op(a) @ op(b) with a and b rounded to bfloat16 and float32 sums. kernel: 'auto', 'avx512_bf16' or "
       "'emulated' (the float32 kernels of `isa` on the rounded operands).");
+  // The sequential model's bf16 weight gradient (sequential.h seq_bf16_weight_gradient), for tests.
+  m.def(
+      "_seq_bf16_weight_gradient",
+      [](py::handle x_obj, py::handle dy_obj, const std::string& kernel, int n_threads) {
+        const GemmOperands g = gemm_operands(x_obj, dy_obj, true, false);
+        const Isa chosen = resolve_isa("auto");
+        const bool native = resolve_bf16_kernel(kernel, chosen);
+        py::array_t<float> c({g.M, g.N}), sums(g.N);
+        float* pc = c.mutable_data();
+        float* ps = sums.mutable_data();
+        {
+          const CoreCall call;
+          seq_bf16_weight_gradient(kernels_for(chosen), native, g.M, g.N, g.K, g.pa(), g.a.shape(1), g.pb(),
+                                   g.b.shape(1), pc, g.N, ps, n_threads);
+        }
+        return py::make_tuple(c, sums);
+      },
+      py::arg("x"), py::arg("dy"), py::arg("kernel") = "auto", py::arg("n_threads") = 1,
+      "(xᵀ @ dy with x and dy rounded to bfloat16 and float32 sums, dy's column sums) by the sequential model's "
+      "weight-gradient path.");
   m.def("bf16_kernels", [] { return bf16_kernels(); },
         "The bf16 product kernels usable here: 'emulated', then 'avx512_bf16' when the CPU has it.");
 

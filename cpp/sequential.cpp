@@ -250,6 +250,22 @@ void dense_gemm(const KernelSet& ks, const SeqWorkspace& ws, bool trans_a, bool 
                    epilogue, n_threads);
 }
 
+// A weight gradient C = Xᵀ dY over the batch's R rows (sgemm's trans_a product) in the call's precision, and
+// the bias gradient, dY's column sums (column_sums' bits), into bias_grad.
+void weight_gradient(const KernelSet& ks, const SeqWorkspace& ws, index_t M, index_t N, index_t K, const float* X,
+                     index_t ldx, const float* dY, index_t ldy, float* C, index_t ldc, float* bias_grad,
+                     int n_threads) {
+  if (ws.precision == SeqPrecision::Bf16Native) {  // the sums from the rows the product loads anyway
+    seq_bf16_weight_gradient(ks, true, M, N, K, X, ldx, dY, ldy, C, ldc, bias_grad, n_threads);
+    return;
+  }
+  if (ws.precision == SeqPrecision::Float32)
+    sgemm(ks, true, false, M, N, K, X, ldx, dY, ldy, C, ldc, nullptr, n_threads);
+  else
+    bf16_gemm(ks, false, true, false, M, N, K, X, ldx, dY, ldy, C, ldc, nullptr, n_threads);
+  column_sums(ks, ws.row_sum_ids, dY, ldy, K, N, bias_grad, n_threads);
+}
+
 index_t max_ffn(const SeqModel& m) {
   index_t f = 0;
   for (index_t v : m.ffn) f = std::max(f, v);
@@ -757,15 +773,13 @@ void block_backward(const KernelSet& ks, SeqWorkspace& ws, int b, const BlockCac
     });
     dfo = t1;
   }
-  dense_gemm(ks, ws, true, false, f, d, R, c.u.data(), f, dfo, d, g(kW2), d, nullptr, n_threads);
-  column_sums(ks, ws.row_sum_ids, dfo, d, R, d, g(kB2), n_threads);
+  weight_gradient(ks, ws, f, d, R, c.u.data(), f, dfo, d, g(kW2), d, g(kB2), n_threads);
   Epilogue relu;
   relu.mul = c.u.data();
   relu.ld_mul = f;
   relu.mul_act = Activation::Relu;
   dense_gemm(ks, ws, false, true, R, f, d, dfo, d, m.block(b, kW2), d, big, f, &relu, n_threads);
-  dense_gemm(ks, ws, true, false, d, f, R, c.h2.data(), d, big, f, g(kW1), f, nullptr, n_threads);
-  column_sums(ks, ws.row_sum_ids, big, f, R, f, g(kB1), n_threads);
+  weight_gradient(ks, ws, d, f, R, c.h2.data(), d, big, f, g(kW1), f, g(kB1), n_threads);
   dense_gemm(ks, ws, false, true, R, d, f, big, f, m.block(b, kW1), f, dh, d, nullptr, n_threads);
   ln_backward(ks, ws.row_sum_ids, dh, m.block(b, kLn2Gamma), c.xhat2.data(), c.rstd2.data(), R, d, ws.ones.data(),
               ws.gscratch.data(), dx, g(kLn2Gamma), g(kLn2Beta), n_threads);
@@ -777,13 +791,11 @@ void block_backward(const KernelSet& ks, SeqWorkspace& ws, int b, const BlockCac
     });
     dao = t1;
   }
-  dense_gemm(ks, ws, true, false, d, d, R, c.o.data(), d, dao, d, g(kWo), d, nullptr, n_threads);
-  column_sums(ks, ws.row_sum_ids, dao, d, R, d, g(kBo), n_threads);
+  weight_gradient(ks, ws, d, d, R, c.o.data(), d, dao, d, g(kWo), d, g(kBo), n_threads);
   dense_gemm(ks, ws, false, true, R, d, d, dao, d, m.block(b, kWo), d, dh, d, nullptr, n_threads);  // dO
   attention_backward(ks, ws, c, dh, n_threads);
   float* dqkv = ws.dqkv.data();
-  dense_gemm(ks, ws, true, false, d, 3 * d, R, c.h1.data(), d, dqkv, 3 * d, ws.gwcat.data(), 3 * d, nullptr, n_threads);
-  column_sums(ks, ws.row_sum_ids, dqkv, 3 * d, R, 3 * d, ws.gbcat.data(), n_threads);
+  weight_gradient(ks, ws, d, 3 * d, R, c.h1.data(), d, dqkv, 3 * d, ws.gwcat.data(), 3 * d, ws.gbcat.data(), n_threads);
   dense_gemm(ks, ws, false, true, R, d, 3 * d, dqkv, 3 * d, c.wcat.data(), 3 * d, dh, d, nullptr, n_threads);
   ln_backward(ks, ws.row_sum_ids, dh, m.block(b, kLn1Gamma), c.xhat1.data(), c.rstd1.data(), R, d, ws.ones.data(),
               ws.gscratch.data(), dx, g(kLn1Gamma), g(kLn1Beta), n_threads);
@@ -822,7 +834,10 @@ void backward_pass(const KernelSet& ks, SeqWorkspace& ws, bool dropout, int n_th
   // embedding: x = (E[s] sqrt(d) + P[t]) * mask0
   float* dx0 = ws.src.data();
   for_rows(R, n_threads, [&](index_t r0, index_t r1) {
-    for (index_t i = r0 * d; i < r1 * d; ++i) dx0[i] = dropout ? ws.dx[i] * ws.mask0[i] : ws.dx[i];
+    if (dropout)  // two loops: with the test inside, this one compiled scalar
+      for (index_t i = r0 * d; i < r1 * d; ++i) dx0[i] = ws.dx[i] * ws.mask0[i];
+    else
+      std::memcpy(dx0 + r0 * d, ws.dx.data() + r0 * d, sizeof(float) * static_cast<std::size_t>((r1 - r0) * d));
   });
   float* gp = grad_of(ws, 1);
   parallel_for(0, L, R * d < (1 << 16) ? 1 : n_threads, [&](std::int64_t t) {
@@ -1204,6 +1219,50 @@ EpochResult seq_train_epoch(const KernelSet& ks, SeqModel& m, const SeqTraining&
     batch_threads.done(positions);
   }
   return result;
+}
+
+void seq_bf16_weight_gradient(const KernelSet& ks, bool native, index_t M, index_t N, index_t K, const float* X,
+                              index_t ldx, const float* dY, index_t ldy, float* C, index_t ldc, float* col_sums,
+                              int n_threads) {
+#ifdef FASTREC_HAVE_BF16_KERNELS
+  if (native && M > 0 && N > 0 && K > 0) {
+    require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
+    // bf16_gemm's K blocks (gemm.cpp bf16_kc_step: equal even blocks of at most kc), so bf16_gemm's sums
+    const auto ceil_div = [](index_t a, index_t b) { return (a + b - 1) / b; };
+    const index_t kc = bf16_kernels_avx512().kc, blocks = ceil_div(K, kc);
+    const index_t kc_step = std::min(kc, (ceil_div(K, blocks) + 1) / 2 * 2);
+    const index_t pairs = (std::min(kc_step, K) + 1) / 2;
+    // Threads take slices of C's wider side (each element's sum is the same whatever the slice), each converting
+    // its own columns of X and dY; at least ~1 M multiply-adds per thread.
+    const double fmas = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
+    const bool by_cols = N >= M;
+    const index_t unit = by_cols ? 16 : 6, units = ceil_div(by_cols ? N : M, unit);
+    const int threads = static_cast<int>(std::min<double>(
+        {static_cast<double>(resolve_threads(n_threads)), std::max(1.0, fmas / (1 << 20)), static_cast<double>(units)}));
+    const index_t step = ceil_div(units, threads) * unit;
+    parallel_for(0, threads, threads, [&](std::int64_t t) {
+      const index_t lo = t * step, hi = std::min(by_cols ? N : M, lo + step);
+      if (lo >= hi) return;
+      const index_t m = by_cols ? M : hi - lo, n = by_cols ? hi - lo : N;
+      thread_local AlignedBuffer xs, ys;
+      auto* xbuf = reinterpret_cast<std::uint32_t*>(xs.get(static_cast<std::size_t>(pairs * ceil_div(m, 16) * 16)));
+      auto* ybuf =
+          reinterpret_cast<std::uint32_t*>(ys.get(static_cast<std::size_t>((pairs + 1) * ceil_div(n, 16) * 16)));
+      if (by_cols)  // each slice its columns' sums; by rows, the first slice all of them
+        seq_bf16_weight_gradient_avx512(K, kc_step, X, ldx, dY + lo, ldy, C + lo, ldc, m, n, xbuf, ybuf,
+                                        col_sums ? col_sums + lo : nullptr);
+      else
+        seq_bf16_weight_gradient_avx512(K, kc_step, X + lo, ldx, dY, ldy, C + lo * ldc, ldc, m, n, xbuf, ybuf,
+                                        t == 0 ? col_sums : nullptr);
+    });
+    return;
+  }
+#endif
+  bf16_gemm(ks, native, true, false, M, N, K, X, ldx, dY, ldy, C, ldc, nullptr, n_threads);
+  if (!col_sums) return;
+  std::fill(col_sums, col_sums + N, 0.0f);  // one chain per column over the rows in order
+  for (index_t r = 0; r < K; ++r)
+    for (index_t j = 0; j < N; ++j) col_sums[j] += dY[r * ldy + j];
 }
 
 }  // namespace fastrec

@@ -99,6 +99,14 @@ struct SeqModel {
 // float32. The oracle is reference.sequential_loss_and_gradients(..., precision="bf16").
 enum class SeqPrecision { Float32, Bf16Emulated, Bf16Native };
 
+// A weight gradient C (M x N, ldc) = Xᵀ dY over K rows in bf16 (X: K x M, ldx; dY: K x N, ldy): bf16_gemm(ks,
+// native, trans_a = true, trans_b = false)'s bits; the native kernel through seq_bf16_weight_gradient_avx512
+// (kernels.h: each K block converted once, no packed panels), the emulated one through bf16_gemm itself. With
+// col_sums (N floats): also dY's column sums (the bias gradient), each a float32 chain over the rows in order.
+void seq_bf16_weight_gradient(const KernelSet& ks, bool native, index_t M, index_t N, index_t K, const float* X,
+                              index_t ldx, const float* dY, index_t ldy, float* C, index_t ldc, float* col_sums,
+                              int n_threads);
+
 // Canonical layout of a model with these sizes: arrays all null, to be filled by the caller.
 SeqModel seq_layout(index_t n_items, index_t dim, index_t max_len, int heads, const std::vector<index_t>& ffn);
 

@@ -294,3 +294,125 @@ def test_dropout_residual_bits(M, N, K):
     with pytest.raises(ValueError, match="one block"):
         _core.bf16_gemm_rows(np.ones((3, 1100), np.float32), np.ones((1100, 4), np.float32), kernel="avx512_bf16",
                              residual=np.ones((3, 4), np.float32), drop=np.ones((3, 4), np.float32))
+
+
+# ---- the weight-gradient kernel (sequential.h seq_bf16_weight_gradient): C = xᵀ dy over a batch's rows ----
+# Shapes: the model's (5,800 rows, 64 x 64 and 64 x 192), K over one 1024-row block (1100: two blocks of 550;
+# 2049: three), odd K (a last pair with a zero half), M not a multiple of the 6-row tile, N not a multiple of 16
+# and over one 64-column tile, and single rows / columns.
+WG_SHAPES = [(5800, 64, 192), (5391, 64, 64), (1100, 64, 192), (2049, 7, 130), (7, 13, 40), (1, 1, 1), (3, 100, 3),
+             (2100, 5, 17)]
+
+
+def _wg_operands(K, M, N):
+    rng = np.random.default_rng(K + 7 * M + 13 * N)
+    return rng.standard_normal((K, M), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
+
+
+@pytest.mark.parametrize("K, M, N", WG_SHAPES)
+def test_weight_gradient_against_a_rounded_numpy_product(K, M, N):
+    """Against NumPy on the same bf16-rounded operands (ref.bf16_round, tested bitwise in test_bf16.py), summed
+    in float64: each bf16 product is exact in float32, so only the float32 sums round, each addition by at most
+    2^-24 relative; over K terms (pairs, then K blocks added: fewer additions than K) the error is at most
+    K 2^-24 sum_k |x_ki dy_kj|, the bound asserted per element. The column sums (the bias gradient) against
+    NumPy's float32 sum in row order, exactly: the same float32 chain."""
+    x, dy = _wg_operands(K, M, N)
+    want = ref.bf16_round(x).astype(np.float64).T @ ref.bf16_round(dy).astype(np.float64)
+    bound = K * 2.0 ** -24 * (np.abs(ref.bf16_round(x)).astype(np.float64).T @ np.abs(ref.bf16_round(dy)))
+    sums = np.zeros(N, np.float32)
+    for row in dy:
+        sums += row
+    for kernel in KERNELS:
+        got, got_sums = _core._seq_bf16_weight_gradient(x, dy, kernel=kernel)
+        assert got.shape == (M, N) and got.dtype == np.float32
+        assert np.all(np.abs(got - want) <= bound), kernel
+        np.testing.assert_array_equal(got_sums, sums, err_msg=kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("K, M, N", WG_SHAPES)
+def test_weight_gradient_gives_bf16_gemm_bits(kernel, K, M, N):
+    """The model's weight gradients went through bf16_gemm(trans_a) before this kernel; it keeps its bits
+    exactly (the same K blocks and pair sums), on 1-3 threads."""
+    x, dy = _wg_operands(K, M, N)
+    want = _core.bf16_gemm(x, dy, True, False, kernel=kernel, n_threads=1)
+    for n in (1, 2, 3):
+        np.testing.assert_array_equal(_core._seq_bf16_weight_gradient(x, dy, kernel=kernel, n_threads=n)[0], want,
+                                      err_msg=f"{n} threads")
+
+
+@pytest.mark.skipif("avx512_bf16" not in KERNELS, reason="no AVX512-BF16 here")
+def test_weight_gradient_special_values_round_as_bf16_round():
+    """The kernel converts with VCVTNE2PS2BF16, which reads denormal floats as zero where ref.bf16_round rounds
+    them (0x007FFFC0 rounds up to the smallest normal bf16); a vector holding one takes the exact rounding.
+    NaN, inf, denormals, values that round to inf, and signed zeros all give bf16_gemm's bits (NaN where it
+    has NaN)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((41, 19), dtype=np.float32)
+    dy = rng.standard_normal((41, 37), dtype=np.float32)
+    x.view(np.uint32)[3, :] = 0x007FFFC0
+    x[5, 4], x[6, 7], x[7, 1], x[8, 2] = 5e-39, -1e-40, np.float32(3.4e38), -0.0
+    dy[3, :] = 2.0 ** 100  # the smallest normal times this: a normal product, so a lost rounding would show
+    dy[10, 3], dy[11, 4], dy[12, 5] = np.nan, np.inf, -3e-39
+    want = _core.bf16_gemm(x, dy, True, False, kernel="avx512_bf16", n_threads=1)
+    got, _ = _core._seq_bf16_weight_gradient(x, dy, kernel="avx512_bf16")
+    assert np.any(want[:, :] != 0) and np.any(np.isnan(want))
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.skipif("avx512_bf16" not in KERNELS, reason="no AVX512-BF16 here")
+def test_model_step_with_the_native_kernels():
+    """The model's bf16 gradients of the projection and feed-forward weights are this kernel's: the native
+    and emulated training steps round the same operands, so the native bias gradients (column sums, float32
+    either way) agree with the emulated ones to float32 rounding of the upstream sums, and the two kernels'
+    weight gradients stay within the bf16 oracle's tolerance of each other; every array bitwise equal across
+    thread counts with the native kernel."""
+    rng = np.random.default_rng(31)
+    p = make_params(rng, d=64, L=50, heads=1, f=64)
+    seqs, targets, negatives = batch(rng, 64, 50, 1)
+    m = _core.SequentialModel(p, precision="bf16", bf16_kernel="avx512_bf16")
+    l1, g1 = m.loss_and_gradients(seqs, targets, negatives, 0.2, 3, 1, "auto")
+    for n in (2, 3):
+        ln, gn = m.loss_and_gradients(seqs, targets, negatives, 0.2, 3, n, "auto")
+        assert ln == l1
+        for (name, a), (_, b) in zip(arrays(gn), arrays(g1)):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    le, ge = _core.SequentialModel(p, precision="bf16", bf16_kernel="emulated").loss_and_gradients(
+        seqs, targets, negatives, 0.2, 3, 1, "auto")
+    assert abs(le - l1) <= BF16_LOSS_TOL * abs(le)
+    assert max(grad_errors(g1, ge).values()) < BF16_TOL
+
+
+_AVX2_STEP = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from fastrec import _core
+import test_sequential_core as t
+rng = np.random.default_rng(32)
+p = t.make_params(rng, d=32, L=20, heads=2, f=48)
+seqs, targets, negatives = t.batch(rng, 48, 20, 2)
+loss, g = _core.SequentialModel(p, precision="bf16").loss_and_gradients(seqs, targets, negatives, 0.2, 4, 2, "auto")
+np.savez({out!r}, loss=np.float64(loss), **{{name: a for name, a in t.arrays(g)}})
+"""
+
+
+def test_fastrec_isa_avx2_trains_with_the_emulated_kernel(tmp_path):
+    """Under FASTREC_ISA=avx2 (no AVX-512, so no bf16 kernel) "bf16" trains with the emulated kernel: the
+    weight gradients take bf16_gemm's emulated path, and the step equals, bit for bit, the emulated kernel
+    asked for explicitly on the avx2 kernels in this process."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "avx2.npz"
+    code = _AVX2_STEP.format(tests=str(pathlib.Path(__file__).parent), out=str(out))
+    subprocess.run([sys.executable, "-c", code], env=dict(os.environ, FASTREC_ISA="avx2"), check=True)
+    got = np.load(out)
+    rng = np.random.default_rng(32)
+    p = make_params(rng, d=32, L=20, heads=2, f=48)
+    seqs, targets, negatives = batch(rng, 48, 20, 2)
+    loss, g = _core.SequentialModel(p, precision="bf16", bf16_kernel="emulated").loss_and_gradients(
+        seqs, targets, negatives, 0.2, 4, 2, "avx2")
+    assert float(got["loss"]) == loss
+    for name, a in arrays(g):
+        np.testing.assert_array_equal(got[name], a, err_msg=name)

@@ -550,7 +550,9 @@ inline void rows_cols_tile(const float* x, index_t ldx, const float* yt, index_t
       for (int g = 0; g < G; ++g) acc[r][g] += a * b[g];
     }
   }
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int g = 0; g < G; ++g) store_scaled(out + r * ldo + 16 * g, acc[r][g], scale);
 }
 
@@ -592,13 +594,25 @@ inline void weights_rows_tile(const float* p, index_t ldp, index_t t0, const flo
       for (int g = 0; g < G; ++g) acc[r][g] += a * b[g];
     }
   }
+  // Unrolled whole (R and the counts are constants): a loop here indexed acc at run time, which kept all the
+  // accumulators on the stack, the main loop's included.
+#pragma GCC unroll 4
   for (int r = 1; r < R; ++r)
-    for (index_t j = t0 + 1; j <= t0 + r; ++j) {
+#pragma GCC unroll 4
+    for (int q = 1; q <= r; ++q) {
+      const index_t j = t0 + q;
       const float a = p[r * ldp + j];
+#pragma GCC unroll 4
       for (int g = 0; g < G; ++g) acc[r][g] += a * load16(y + j * ldy + 16 * g);
     }
+  // through a copy: the address of acc itself would keep the accumulators on the stack
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
-    for (int g = 0; g < G; ++g) std::memcpy(out + r * ldo + 16 * g, &acc[r][g], sizeof(f32x16));
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const f32x16 v = acc[r][g];
+      std::memcpy(out + r * ldo + 16 * g, &v, sizeof v);
+    }
 }
 
 template <int R>
@@ -628,9 +642,14 @@ template <int R, int G>
 inline void weights_t_rows_tile(const float* p, index_t ldp, index_t j0, index_t n, const float* y, index_t ldy,
                                 float* out, index_t ldo) {
   f32x16 acc[R][G] = {};
+  // Unrolled whole, as weights_rows_tile's remaining j.
+#pragma GCC unroll 4
   for (int r = 0; r + 1 < R; ++r)
-    for (index_t t = j0 + r; t < j0 + R - 1; ++t) {
+#pragma GCC unroll 4
+    for (int q = r; q < R - 1; ++q) {
+      const index_t t = j0 + q;
       const float a = p[t * ldp + j0 + r];
+#pragma GCC unroll 4
       for (int g = 0; g < G; ++g) acc[r][g] += a * load16(y + t * ldy + 16 * g);
     }
   for (index_t t = j0 + R - 1; t < n; ++t) {
@@ -644,8 +663,14 @@ inline void weights_t_rows_tile(const float* p, index_t ldp, index_t j0, index_t
       for (int g = 0; g < G; ++g) acc[r][g] += a * b[g];
     }
   }
+  // through a copy: the address of acc itself would keep the accumulators on the stack
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
-    for (int g = 0; g < G; ++g) std::memcpy(out + r * ldo + 16 * g, &acc[r][g], sizeof(f32x16));
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const f32x16 v = acc[r][g];
+      std::memcpy(out + r * ldo + 16 * g, &v, sizeof v);
+    }
 }
 
 template <int R>

@@ -229,6 +229,19 @@ struct Bf16RowsKernels {
 const Bf16RowsKernels& bf16_rows_kernels_avx512();  // kernels_avx512_bf16.cpp, as bf16_kernels_avx512
 #endif
 
+// ---- the sequential model's bf16 weight gradients (kernels_avx512_bf16_seq.cpp) ----
+#ifdef FASTREC_HAVE_BF16_KERNELS
+// C (m x n, ldc) = Xᵀ dY over K rows (X: K x m, row stride ldx; dY: K x n, ldy) with bf16_gemm(native, trans_a,
+// no trans_b)'s bits: K in blocks of kc_step rows (even, as bf16_gemm's), each block's sums over its row pairs
+// in order from zero (VDPBF16PS), C = the first block's, then C = C + each next one's. col_sums (optional, n
+// floats) = dY's column sums, each one float32 chain over the rows in order from +0 (row_sum's bits: the bias
+// gradient, from the rows already loaded). xbuf: room for ceil(min(kc_step, K) / 2) x (m rounded up to 16)
+// words, ybuf for as many pairs x (n rounded up to 16) words plus that row again. Needs avx512_bf16.
+void seq_bf16_weight_gradient_avx512(index_t K, index_t kc_step, const float* X, index_t ldx, const float* dY,
+                                     index_t ldy, float* C, index_t ldc, index_t m, index_t n, std::uint32_t* xbuf,
+                                     std::uint32_t* ybuf, float* col_sums);
+#endif
+
 const KernelSet& kernels_scalar();
 #ifdef FASTREC_HAVE_X86_KERNELS
 const KernelSet& kernels_avx2();
