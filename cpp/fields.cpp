@@ -1,9 +1,6 @@
 #include "fields.h"
 
 #include <algorithm>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1117,9 +1114,7 @@ void approx_stage(const KernelSet& ks, const FieldModel& m, const TopkCache& cac
                   const UserSide& user, const std::int32_t* list, index_t n, index_t keep, int threads,
                   TailWorkspace* ws, ApproxBuffers& buf) {
   Surrogate sur;
-  auto T0 = std::chrono::steady_clock::now();
   fit_surrogate(ks, m, cache, tail, user, list, n, threads, ws, sur, nullptr);
-  auto T1 = std::chrono::steady_clock::now();
   buf.scores.resize(static_cast<std::size_t>(n));
   buf.iota.resize(static_cast<std::size_t>(std::max(threads, 1)));
   const ActDotsFn act_dots = act_dots_for(ks.isa);
@@ -1128,12 +1123,7 @@ void approx_stage(const KernelSet& ks, const FieldModel& m, const TopkCache& cac
     auto& iota = buf.iota[threads <= 1 ? 0 : static_cast<std::size_t>(thread_id())];
     proxy_range(act_dots, m, cache, sur, user, list, p0, std::min(kProxyChunk, n - p0), iota, buf.scores.data() + p0);
   });
-  auto T2 = std::chrono::steady_clock::now();
   select_best(buf.scores.data(), list, n, keep, buf);
-  auto T3 = std::chrono::steady_clock::now();
-  if (std::getenv("TOPK_PROF")) std::fprintf(stderr, "fit %.2f proxy %.2f select %.2f ms\n",
-    std::chrono::duration<double, std::milli>(T1 - T0).count(), std::chrono::duration<double, std::milli>(T2 - T1).count(),
-    std::chrono::duration<double, std::milli>(T3 - T2).count());
 }
 
 // Candidates the exact stage scores of a list of n: the fraction (at least k), plus one per seen item of the
@@ -1211,16 +1201,23 @@ void topk_lists(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     const std::int32_t* items = list.first;  // not a structured binding: the lambda below captures it (C++17)
     index_t n_items = list.second;
     const index_t keep = approx ? approx_keep(approx_fraction, n_items, k, user) : n_items;
+    index_t unit = chunk;
     if (keep < n_items) {
       approx_stage(ks, m, cache, tail, user, items, n_items, keep, threads, tail_ws.data(), approx_buf[0]);
       items = approx_buf[0].kept.data();
       n_items = keep;
+      // The kept items are a few chunks at most: smaller units (4 per thread, whole blocks, 8 blocks at least)
+      // keep both threads busy to the end.
+      const index_t block = kBlockPanels * ks.mr;
+      const index_t per_unit = (n_items + 4 * threads - 1) / (4 * threads);
+      unit = std::min(chunk, std::max(8 * block, (per_unit + block - 1) / block * block));
     }
-    const index_t n_chunks = (n_items + chunk - 1) / chunk;
+    const index_t n_chunks = (n_items + unit - 1) / unit;
+    if (static_cast<index_t>(chunk_best.size()) < n_chunks) chunk_best.resize(static_cast<std::size_t>(n_chunks));
     parallel_for<true>(0, n_chunks, threads, [&](std::int64_t c) {
       std::vector<Scored>& heap = chunk_best[static_cast<std::size_t>(c)];
       heap.clear();
-      score_range(ks, m, cache, tail, user, items, c * chunk, std::min(chunk, n_items - c * chunk), k,
+      score_range(ks, m, cache, tail, user, items, c * unit, std::min(unit, n_items - c * unit), k,
                   tail_ws[static_cast<std::size_t>(thread_id())], heap);
     });
     std::vector<Scored> heap;
