@@ -891,7 +891,7 @@ constexpr index_t kProxyChunk = 1 << 14;  // candidates per parallel unit of the
 
 // The bf16 copy of item_part (TopkCache::item_part_bf16).
 void build_bf16_cache(const FieldModel& m, TopkCache& cache, int n_threads) {
-  const index_t h = m.mlp.layers[0].fan_out, ld = (h + 15) / 16 * 16, n = cache.n_items;
+  const index_t h = m.mlp.layers[0].fan_out, ld = (h + 31) / 32 * 32, n = cache.n_items;
   cache.item_part_bf16.assign_zeros(static_cast<std::size_t>(n * ld / 2));
   auto* out = reinterpret_cast<std::uint16_t*>(cache.item_part_bf16.data());
   const float* in = cache.item_part.data();
@@ -914,7 +914,8 @@ float side_terms(const TopkCache& cache, const UserSide& user, std::int32_t item
 
 // The proxy of one user: score = bias + sum_j a[j] act(bf16 item part[j] + u[j]) + GMF + item wide.
 struct Surrogate {
-  std::vector<float> u, a;  // the user's first-layer part and the weights, bf16_ld entries (zero past fan_out)
+  // The user's first-layer part and the weights: bf16_ld entries (zero past fan_out) in ActDotsFn's pair-split order.
+  std::vector<float> u, a;
   float bias = 0.0f;        // the intercept plus the user's wide term
 };
 
@@ -1047,6 +1048,8 @@ void fit_surrogate(const KernelSet& ks, const FieldModel& m, const TopkCache& ca
     sur.a[j] = static_cast<float>(rhs[j]);
     intercept -= mean[j] * rhs[j];
   }
+  act_dots_split(sur.u.data(), ld);
+  act_dots_split(sur.a.data(), ld);
   sur.bias = static_cast<float>(intercept) + user.wide;
   if (sample_out) {
     sample_out->assign(items.begin(), items.end());
@@ -1258,7 +1261,13 @@ void field_topk_proxy(const KernelSet& ks, const FieldModel& m, const NegativeSa
   Surrogate sur;
   fit_surrogate(ks, m, cache, tail, user, candidates, n, 1, &ws, sur, &sample);
   const index_t h = m.mlp.layers[0].fan_out;
-  coef.assign(sur.a.begin(), sur.a.begin() + h);
+  std::vector<float> a(static_cast<std::size_t>(cache.bf16_ld));  // back from the pair-split order
+  for (index_t j = 0; j < cache.bf16_ld; j += 32)
+    for (index_t i = 0; i < 16; ++i) {
+      a[j + 2 * i] = sur.a[j + i];
+      a[j + 2 * i + 1] = sur.a[j + 16 + i];
+    }
+  coef.assign(a.begin(), a.begin() + h);
   coef.push_back(sur.bias);
   std::vector<std::int32_t> iota;
   for (index_t p0 = 0; p0 < n; p0 += kProxyChunk)

@@ -224,7 +224,7 @@ struct TopkCache {
   std::vector<float> item_gmf, item_wide;
   index_t n_items = -1;
   // The approximate top-k's copy of item_part in bf16 (field_topk's approx_fraction): n_items rows of bf16_ld
-  // values (fan_out(0) rounded up to 16, zero past it), each rounded to nearest even: half the bytes to
+  // values (fan_out(0) rounded up to 32, zero past it), each rounded to nearest even: half the bytes to
   // stream. Built by the first approximate call after item_part, stored as floats holding two bf16 each.
   LargeArray item_part_bf16;
   index_t bf16_ld = 0, bf16_items = -1;

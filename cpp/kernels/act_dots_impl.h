@@ -6,17 +6,17 @@
 namespace fastrec {
 namespace {
 
-typedef std::uint16_t u16x16 __attribute__((vector_size(32)));
 typedef std::uint32_t u32x16 __attribute__((vector_size(64)));
 
-// 16 bf16 values widened to float (a bf16 is the high half of its float).
-inline f32x16 load_bf16x16(const std::uint16_t* p) {
-  u16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  f32x16 v;
-  std::memcpy(&v, &w, sizeof v);
-  return v;
+// 32 bf16 values as two float vectors: the 16 even elements and the 16 odd ones (a 32-bit word holds
+// elements 2i (low half) and 2i + 1 (high half); a bf16 is the high half of its float). Two integer ops for
+// 32 values instead of widening 16 at a time.
+inline void load_bf16x32(const std::uint16_t* p, f32x16& even, f32x16& odd) {
+  u32x16 w;
+  std::memcpy(&w, p, sizeof w);
+  const u32x16 lo = w << 16, hi = w & 0xFFFF0000u;
+  std::memcpy(&even, &lo, sizeof even);
+  std::memcpy(&odd, &hi, sizeof odd);
 }
 
 template <Activation A>
@@ -27,8 +27,9 @@ inline f32x16 act16(f32x16 v) {
   return v;
 }
 
-// Four rows at a time (four independent FMA chains); each row's sum: 16 lanes over j in steps of 16, then
-// lane_sum, whatever rows it is computed with.
+// Four rows at a time (four independent FMA chains); each row's sum: 16 lanes over j in steps of 32 (the even
+// elements, then the odd ones), then over the linear part in steps of 16, then lane_sum, whatever rows it is
+// computed with.
 // The linear part's last d % 16 values in lanes 0.. (zero past them), added in the same lanes.
 inline f32x16 load_tail16(const float* p, index_t count) {
   f32x16 v = {};
@@ -36,13 +37,19 @@ inline f32x16 load_tail16(const float* p, index_t count) {
   return v;
 }
 
+// u and a in the even / odd order of load_bf16x32: per 32 elements, the 16 even ones then the 16 odd ones.
 template <Activation A, int R>
 inline void act_dots_rows(const std::uint16_t* const* x, index_t h, const float* u, const float* a,
                           const float* const* y, index_t d, const float* g, float bias, float* out) {
   f32x16 acc[R] = {};
-  for (index_t j = 0; j < h; j += 16) {
-    const f32x16 uj = load16(u + j), aj = load16(a + j);
-    for (int r = 0; r < R; ++r) acc[r] += aj * act16<A>(load_bf16x16(x[r] + j) + uj);
+  for (index_t j = 0; j < h; j += 32) {
+    const f32x16 u0 = load16(u + j), u1 = load16(u + j + 16), a0 = load16(a + j), a1 = load16(a + j + 16);
+    for (int r = 0; r < R; ++r) {
+      f32x16 even, odd;
+      load_bf16x32(x[r] + j, even, odd);
+      acc[r] += a0 * act16<A>(even + u0);
+      acc[r] += a1 * act16<A>(odd + u1);
+    }
   }
   index_t j = 0;
   for (; j + 16 <= d; j += 16) {
