@@ -6,7 +6,8 @@ top-10 and the bf16 peak and floor measured in the same run.
         python benchmarks/bench_topk_approx.py --model recommender      # about 5 minutes on 2 cores
 
 The model (--model recommender): bench_serving.py's 10^6-item Recommender (item features, hidden (256, 128,
-64)), fitted for --epochs epochs on 200,000 random ratings. Timings: `recommend(u, 10)` of one user at a time
+64)), fitted for --epochs epochs on 200,000 random ratings (--data ratings) or on 200,000 implicit interactions
+with zipf(1.3) item popularity (--data implicit). Timings: `recommend(u, 10)` of one user at a time
 through the public API, a different user each call, the modes interleaved in each round; median [min - max]
 over --rounds users, warm (the first calls, which build the item caches, are timed apart). Recall@10: the share
 of the exact top-10 found by the approximate top-10, over --recall-users users (batch `recommend` calls), with
@@ -52,8 +53,12 @@ def build(args):
     rng = np.random.default_rng(0)
     n = 200_000
     users = rng.integers(0, 50_000, n)
-    items = rng.integers(0, args.items, n)
-    ratings = rng.integers(1, 6, n).astype(np.float64)
+    if args.data == "ratings":  # bench_serving.py's model
+        items = rng.integers(0, args.items, n)
+        ratings = rng.integers(1, 6, n).astype(np.float64)
+    else:  # implicit feedback, zipf item popularity: a model whose scores carry structure (popularity)
+        items = (rng.zipf(1.3, n) - 1) % args.items
+        ratings = None
     features = pd.DataFrame({"genre": rng.integers(0, 30, args.items).astype(str),
                              "year": rng.normal(2000, 10, args.items)},
                             index=pd.Index(np.arange(args.items), name="item"))
@@ -68,6 +73,9 @@ def main(argv=None):
     ap.add_argument("--model", default="recommender", choices=["recommender"])
     ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--data", default="ratings", choices=["ratings", "implicit"],
+                    help="ratings: uniform random ratings (bench_serving.py's model); implicit: zipf-popular items, "
+                         "4 negatives per positive")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=9, help="users timed one call each, per mode")
     ap.add_argument("--candidates", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05])
@@ -78,8 +86,8 @@ def main(argv=None):
     print(f"FASTREC_ISA={os.environ.get('FASTREC_ISA')}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
     start = TIMER()
     model, users = build(args)
-    print(f"model: {args.items:,} items, hidden {model.hidden_layer_sizes}, fitted in {TIMER() - start:.1f} s",
-          flush=True)
+    print(f"model: {args.items:,} items, {args.data}, hidden {model.hidden_layer_sizes}, {args.epochs} epoch(s), "
+          f"fitted in {TIMER() - start:.1f} s", flush=True)
     k = args.k
 
     def call(u, mode, c=DEFAULT_C):

@@ -174,9 +174,9 @@ class Recommender(RecommenderBase):
         a linear surrogate of the MLP above its first layer, fitted by least squares on a fixed sample of
         4,096 items scored exactly, scores every item over a bfloat16 copy of the cached first layer (plus the
         exact GMF and wide terms); the best ``topk_candidates`` of the items are then scored exactly and the
-        best k of those returned, with their exact scores. About 9x faster on 10^6 items
-        (benchmarks/TOPK.md, which also gives its measured recall@10); ``recommend(items=...)`` over a subset
-        of the items always ranks exactly. Results are the same for any ``n_threads``.
+        best k of those returned, with their exact scores. 5-6x faster on 10^6 items; the recall@10 against
+        the exact top-10 measured 0.995-1.0 (benchmarks/TOPK.md). ``recommend(items=...)`` over a subset of
+        the items always ranks exactly. Results are the same for any ``n_threads``.
     topk_candidates : float, default=0.02
         With ``topk="approximate"``: the fraction of the items (at least k) scored exactly in the second
         stage. More costs more time and misses fewer of the exact top k.
