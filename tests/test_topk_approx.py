@@ -222,3 +222,13 @@ def test_bad_arguments_are_rejected_with_their_names(trained, rng):
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="approx_fraction"):
             handle.topk(sampler_of(100), np.array([0], np.int32), None, 5, False, 0, "auto", bad)
+
+
+def test_cli_options_set_the_mode():
+    from fastrec import cli
+
+    args = cli._parser().parse_args(["train", "d.csv", "-o", "m", "--topk", "approximate", "--topk-candidates",
+                                     "0.05"])
+    model = cli._recommender(args)
+    assert (model.topk, model.topk_candidates) == ("approximate", 0.05)
+    assert cli._recommender(cli._parser().parse_args(["train", "d.csv", "-o", "m"])).topk == "exact"

@@ -301,7 +301,7 @@ _HYPER_PARAMETERS = [
      "per-user linear proxy over bfloat16 first-layer values picks --topk-candidates of the items, scored "
      "exactly; see benchmarks/TOPK.md for its recall)"),
     ("--topk-candidates", "topk_candidates", float, "recommender with --topk approximate: the fraction of the "
-     "items scored exactly (default 0.02)"),
+     "items scored exactly"),
     ("--privacy", "privacy", "dpconfig", "recommender: differentially private training, fastrec.DPConfig's parameters "
      "as JSON, e.g. '{\"target_epsilon\": 8, \"delta\": 1e-5}' (needs fastrec[privacy])"),
 ]
