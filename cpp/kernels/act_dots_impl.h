@@ -8,9 +8,9 @@ namespace {
 
 typedef std::uint32_t u32x16 __attribute__((vector_size(64)));
 
-// 32 bf16 values as two float vectors: the 16 even elements and the 16 odd ones (a 32-bit word holds
-// elements 2i (low half) and 2i + 1 (high half); a bf16 is the high half of its float). Two integer ops for
-// 32 values instead of widening 16 at a time.
+// 32 bf16 values as two float vectors: the 16 even elements and the 16 odd ones (a little-endian 32-bit word
+// holds elements 2i (low half) and 2i + 1 (high half); a bf16 is the high half of its float). Two integer ops
+// for 32 values instead of widening 16 at a time.
 inline void load_bf16x32(const std::uint16_t* p, f32x16& even, f32x16& odd) {
   u32x16 w;
   std::memcpy(&w, p, sizeof w);
@@ -21,15 +21,12 @@ inline void load_bf16x32(const std::uint16_t* p, f32x16& even, f32x16& odd) {
 
 template <Activation A>
 inline f32x16 act16(f32x16 v) {
-  if (A == Activation::Relu) return v > 0.0f ? v : f32x16{} ;
+  if (A == Activation::Relu) return v > 0.0f ? v : f32x16{};
   if (A == Activation::Identity) return v;
   for (int i = 0; i < 16; ++i) v[i] = apply_act(v[i], A);
   return v;
 }
 
-// Four rows at a time (four independent FMA chains); each row's sum: 16 lanes over j in steps of 32 (the even
-// elements, then the odd ones), then over the linear part in steps of 16, then lane_sum, whatever rows it is
-// computed with.
 // The linear part's last d % 16 values in lanes 0.. (zero past them), added in the same lanes.
 inline f32x16 load_tail16(const float* p, index_t count) {
   f32x16 v = {};
@@ -37,6 +34,9 @@ inline f32x16 load_tail16(const float* p, index_t count) {
   return v;
 }
 
+// Four rows at a time (four independent FMA chains); each row's sum: 16 lanes over j in steps of 32 (the even
+// elements, then the odd ones), then over the linear part in steps of 16, then lane_sum, whatever rows it is
+// computed with.
 // u and a in the even / odd order of load_bf16x32: per 32 elements, the 16 even ones then the 16 odd ones.
 template <Activation A, int R>
 inline void act_dots_rows(const std::uint16_t* const* x, index_t h, const float* u, const float* a,
