@@ -671,10 +671,12 @@ class FieldHandle {
   }
 
   py::tuple topk(py::handle sampler_obj, py::handle users_obj, py::handle candidates_obj, index_t k, bool exclude_seen,
-                 int n_threads, const std::string& isa) const {
+                 int n_threads, const std::string& isa, double approx_fraction = 0.0) const {
     if (sampler_obj.is_none()) throw py::value_error("top-k needs the sampler dict (keys, n_items, seen)");
     const NegativeSampler sampler = make_sampler(sampler_obj);
     if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
+    if (!(approx_fraction >= 0.0 && approx_fraction <= 1.0))
+      throw py::value_error("approx_fraction must lie in [0, 1], got " + std::to_string(approx_fraction));
     py::array users = checked<std::int32_t>(users_obj, "users", 1, false);
     const auto* pu = static_cast<const std::int32_t*>(users.data());
     const std::int32_t* pc = nullptr;
@@ -710,9 +712,43 @@ class FieldHandle {
     const KernelSet& ks = kernels_for(resolve_isa(isa));
     {
       const CoreCall call;
-      field_topk(ks, model_, sampler, pu, n_users, pc, n_candidates, k, exclude_seen, pi, ps, topk_cache_, n_threads);
+      field_topk(ks, model_, sampler, pu, n_users, pc, n_candidates, k, exclude_seen, pi, ps, topk_cache_, n_threads,
+                 approx_fraction);
     }
     return py::make_tuple(items, scores);
+  }
+
+  // The approximate top-k's first stage for one user (field_topk_proxy, a test hook): (sample items int32,
+  // surrogate coefficients float32 [fan_out(0) + 1], proxy scores float32 over the candidates).
+  py::tuple topk_proxy(py::handle sampler_obj, std::int32_t user, py::handle candidates_obj,
+                       const std::string& isa) const {
+    if (sampler_obj.is_none()) throw py::value_error("top-k needs the sampler dict (keys, n_items, seen)");
+    const NegativeSampler sampler = make_sampler(sampler_obj);
+    const std::int32_t* pc = nullptr;
+    index_t n_candidates = sampler.n_items;
+    py::array c;
+    if (!candidates_obj.is_none()) {
+      c = checked<std::int32_t>(candidates_obj, "candidates", 1, false);
+      pc = static_cast<const std::int32_t*>(c.data());
+      n_candidates = c.shape(0);
+      for (index_t i = 0; i < n_candidates; ++i)
+        if (pc[i] < 0 || pc[i] >= sampler.n_items)
+          throw py::value_error("candidates must lie in [0, " + std::to_string(sampler.n_items) + ")");
+    }
+    validate(model_, sampler);
+    if (model_.n_keys != 2) throw py::value_error("top-k needs a model of exactly two key columns (user, item)");
+    if (user < 0) throw py::value_error("user must be non-negative");
+    require_key_rows(model_, sampler.user_key, static_cast<index_t>(user) + 1, "the user + 1");
+    py::array_t<float> proxy(n_candidates);
+    std::vector<std::int32_t> sample;
+    std::vector<float> coef;
+    const KernelSet& ks = kernels_for(resolve_isa(isa));
+    {
+      const CoreCall call;
+      field_topk_proxy(ks, model_, sampler, user, pc, n_candidates, topk_cache_, sample, coef, proxy.mutable_data());
+    }
+    return py::make_tuple(py::array_t<std::int32_t>(static_cast<py::ssize_t>(sample.size()), sample.data()),
+                          py::array_t<float>(static_cast<py::ssize_t>(coef.size()), coef.data()), proxy);
   }
 
   // topk over a candidate list per user (field_topk_candidates): cand_indptr int64 [n_users + 1] and
@@ -2463,7 +2499,14 @@ PYBIND11_MODULE(_core, m) {
            "Gradient norm of each row of the batch examples[rows] plus its negatives (drawn as private step "
            "`step` draws them), before clipping (test hook).")
       .def("topk", &FieldHandle::topk, py::arg("sampler"), py::arg("users"), py::arg("candidates"), py::arg("k"),
-           py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto")
+           py::arg("exclude_seen"), py::arg("n_threads") = 0, py::arg("isa") = "auto", py::arg("approx_fraction") = 0.0,
+           "Top-k of each user over the candidates (None: every item): (items int32 [n_users, k], scores float32), "
+           "best first, ties by lower item; -1 / -inf padding. approx_fraction > 0: approximate, the best "
+           "approx_fraction of the candidates by a per-user proxy rescored exactly (cpp/fields.h field_topk).")
+      .def("topk_proxy", &FieldHandle::topk_proxy, py::arg("sampler"), py::arg("user"), py::arg("candidates"),
+           py::arg("isa") = "auto",
+           "The approximate top-k's first stage for one user (test hook): (sample items int32, surrogate "
+           "coefficients float32 [fan_out(0) weights, intercept], proxy score of each candidate float32).")
       .def("topk_candidates", &FieldHandle::topk_candidates, py::arg("sampler"), py::arg("users"),
            py::arg("cand_indptr"), py::arg("cand_items"), py::arg("k"), py::arg("exclude_seen"),
            py::arg("n_threads") = 0, py::arg("isa") = "auto",

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
 
@@ -621,6 +622,7 @@ void build_topk_cache(const KernelSet& ks, const FieldModel& m, const NegativeSa
   const Layer& first = m.mlp.layers[0];
   const index_t h = first.fan_out, n_items = s.n_items;
   const index_t d = m.gmf.field_u >= 0 ? m.fields[static_cast<std::size_t>(m.gmf.field_u)].dim : 0;
+  cache.bf16_items = -1;  // the approximate top-k's bf16 copy follows item_part
   cache.item_part.assign_zeros(static_cast<std::size_t>(n_items * h));
   cache.item_gmf.resize(static_cast<std::size_t>(n_items * d));
   cache.item_wide.resize(static_cast<std::size_t>(n_items));
@@ -876,6 +878,266 @@ void write_top(const FieldModel& m, std::vector<Scored>& heap, index_t k, std::i
   }
 }
 
+// ---- Approximate top-k (field_topk's approx_fraction; docs/DESIGN.md, "Approximate top-k") ----
+
+constexpr index_t kProxySample = 4096;  // candidates per user scored exactly to fit the surrogate on
+// The sample's splitmix64 stream: the same positions for every user and call (reference.splitmix64_outputs).
+constexpr std::uint64_t kProxySeed = 0x7f4a7c15b5ad4eceULL;
+// Ridge weight relative to the mean variance of the features: dead units (constant 0 under ReLU) and units
+// that move together make the plain normal equations singular; this keeps them solvable and barely moves
+// the fit of the others.
+constexpr double kProxyRidge = 1e-4;
+constexpr index_t kProxyChunk = 1 << 14;  // candidates per parallel unit of the proxy pass
+
+// The bf16 copy of item_part (TopkCache::item_part_bf16).
+void build_bf16_cache(const FieldModel& m, TopkCache& cache, int n_threads) {
+  const index_t h = m.mlp.layers[0].fan_out, ld = (h + 31) / 32 * 32, n = cache.n_items;
+  cache.item_part_bf16.assign_zeros(static_cast<std::size_t>(n * ld / 2));
+  auto* out = reinterpret_cast<std::uint16_t*>(cache.item_part_bf16.data());
+  const float* in = cache.item_part.data();
+  parallel_for(0, (n + kProxyChunk - 1) / kProxyChunk, n_threads, [&](std::int64_t c) {
+    for (index_t i = c * kProxyChunk; i < std::min(n, (c + 1) * kProxyChunk); ++i)
+      for (index_t j = 0; j < h; ++j) out[i * ld + j] = static_cast<std::uint16_t>(bf16_round_bits(in[i * h + j]) >> 16);
+  });
+  cache.bf16_ld = ld;
+  cache.bf16_items = n;
+}
+
+// What an item's exact score adds to the MLP's output: the wide terms and the GMF term.
+float side_terms(const TopkCache& cache, const UserSide& user, std::int32_t item) {
+  const index_t d = static_cast<index_t>(user.gmf.size());
+  float score = user.wide + cache.item_wide[static_cast<std::size_t>(item)];
+  const float* g = cache.item_gmf.data() + static_cast<index_t>(item) * d;
+  for (index_t j = 0; j < d; ++j) score += user.gmf[static_cast<std::size_t>(j)] * g[j];
+  return score;
+}
+
+// The proxy of one user: score = bias + sum_j a[j] act(bf16 item part[j] + u[j]) + GMF + item wide.
+struct Surrogate {
+  // The user's first-layer part and the weights: bf16_ld entries (zero past fan_out) in ActDotsFn's pair-split order.
+  std::vector<float> u, a;
+  float bias = 0.0f;        // the intercept plus the user's wide term
+};
+
+// The sample: positions of a list of n candidates drawn from the splitmix64 stream, ascending, each once (all
+// positions when n <= kProxySample).
+std::vector<index_t> sample_positions(index_t n) {
+  std::vector<index_t> pos;
+  if (n <= kProxySample) {
+    for (index_t p = 0; p < n; ++p) pos.push_back(p);
+    return pos;
+  }
+  std::uint64_t state = kProxySeed;
+  for (index_t j = 0; j < kProxySample; ++j)
+    pos.push_back(static_cast<index_t>(splitmix64(state) % static_cast<std::uint64_t>(n)));
+  std::sort(pos.begin(), pos.end());
+  pos.erase(std::unique(pos.begin(), pos.end()), pos.end());
+  return pos;
+}
+
+// Solves (A) x = b in place for a symmetric positive definite A (n x n, row-major; overwritten by its Cholesky
+// factor), b becoming x. Each inner sum in four partial sums added in a fixed order.
+void cholesky_solve(std::vector<double>& A, std::vector<double>& b, index_t n) {
+  auto dot = [](const double* x, const double* y, index_t len) {
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    index_t i = 0;
+    for (; i + 4 <= len; i += 4)
+      for (int l = 0; l < 4; ++l) s[l] += x[i + l] * y[i + l];
+    for (; i < len; ++i) s[0] += x[i] * y[i];
+    return (s[0] + s[1]) + (s[2] + s[3]);
+  };
+  for (index_t j = 0; j < n; ++j) {
+    double* lj = A.data() + j * n;
+    const double diag = std::sqrt(std::max(lj[j] - dot(lj, lj, j), std::numeric_limits<double>::min()));
+    lj[j] = diag;
+    for (index_t i = j + 1; i < n; ++i) {
+      double* li = A.data() + i * n;
+      li[j] = (li[j] - dot(li, lj, j)) / diag;
+    }
+  }
+  for (index_t i = 0; i < n; ++i) b[i] = (b[i] - dot(A.data() + i * n, b.data(), i)) / A[i * n + i];
+  for (index_t i = n - 1; i >= 0; --i) {
+    double s = b[i];
+    for (index_t r = i + 1; r < n; ++r) s -= A[r * n + i] * b[r];
+    b[i] = s / A[i * n + i];
+  }
+}
+
+// Runs fn(c) for c < n_chunks: on the calling thread when threads <= 1 (inside a region over users), else
+// over `threads` threads.
+template <class Fn>
+void for_chunks(index_t n_chunks, int threads, const Fn& fn) {
+  if (threads <= 1) {
+    for (index_t c = 0; c < n_chunks; ++c) fn(c);
+  } else {
+    parallel_for<true>(0, n_chunks, threads, [&](std::int64_t c) { fn(c); });
+  }
+}
+
+// Fits the user's surrogate: the sample of list[0:n] (list == nullptr: positions are items) scored exactly,
+// then least squares of the MLP's output on the features act(bf16 item part + user part) over the sample's
+// best quarter by exact score (the items near the top, where the ranking is decided), centred, with the
+// ridge above.
+void fit_surrogate(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const PackedTail& tail,
+                   const UserSide& user, const std::int32_t* list, index_t n, int threads, TailWorkspace* ws,
+                   Surrogate& sur, std::vector<std::int32_t>* sample_out) {
+  const index_t h = m.mlp.layers[0].fan_out, ld = cache.bf16_ld;
+  const std::vector<index_t> pos = sample_positions(n);
+  const auto s = static_cast<index_t>(pos.size());
+  std::vector<std::int32_t> items(static_cast<std::size_t>(s));
+  for (index_t r = 0; r < s; ++r) items[r] = list ? list[pos[r]] : static_cast<std::int32_t>(pos[r]);
+  std::vector<float> mlp(static_cast<std::size_t>(s));
+  const index_t block = kBlockPanels * ks.mr;
+  for_chunks((s + block - 1) / block, threads, [&](index_t c) {
+    const index_t b = c * block;
+    TailWorkspace& w = ws[threads <= 1 ? 0 : thread_id()];
+    score_block(ks, m, cache, tail, user, items.data() + b, std::min(block, s - b), nullptr, 0, w, mlp.data() + b);
+  });
+  std::vector<Scored> ranked(static_cast<std::size_t>(s));
+  for (index_t r = 0; r < s; ++r)
+    ranked[r] = Scored{mlp[r] + side_terms(cache, user, items[r]), static_cast<std::int32_t>(r)};
+  const index_t q = std::max<index_t>(1, s / 4);
+  std::partial_sort(ranked.begin(), ranked.begin() + q, ranked.end(), better);
+  // The features as the proxy pass computes them (the bf16 item part), and the targets.
+  const auto* x = reinterpret_cast<const std::uint16_t*>(cache.item_part_bf16.data());
+  std::vector<float> F(static_cast<std::size_t>(q * h)), row(static_cast<std::size_t>(h));
+  std::vector<double> y(static_cast<std::size_t>(q));
+  Epilogue e;
+  e.scale = 0.0f;
+  e.addend = row.data();
+  e.addend_scale = 1.0f;
+  e.bias = user.part.data();
+  e.act = m.mlp.hidden;
+  for (index_t i = 0; i < q; ++i) {
+    const index_t r = ranked[static_cast<std::size_t>(i)].second;
+    const std::uint16_t* bits = x + static_cast<index_t>(items[r]) * ld;
+    for (index_t j = 0; j < h; ++j) {
+      const std::uint32_t w = static_cast<std::uint32_t>(bits[j]) << 16;
+      std::memcpy(&row[static_cast<std::size_t>(j)], &w, sizeof w);
+    }
+    ks.epilogue(F.data() + i * h, h, 1, static_cast<int>(h), 0, 0, e);
+    y[i] = mlp[r];
+  }
+  std::vector<double> mean(static_cast<std::size_t>(h), 0.0);
+  double y_mean = 0.0;
+  for (index_t i = 0; i < q; ++i) {
+    for (index_t j = 0; j < h; ++j) mean[j] += F[i * h + j];
+    y_mean += y[i];
+  }
+  for (double& v : mean) v /= static_cast<double>(q);
+  y_mean /= static_cast<double>(q);
+  std::vector<double> rhs(static_cast<std::size_t>(h), 0.0);
+  for (index_t i = 0; i < q; ++i)
+    for (index_t j = 0; j < h; ++j) {
+      F[i * h + j] = static_cast<float>(F[i * h + j] - mean[j]);
+      rhs[j] += static_cast<double>(F[i * h + j]) * (y[i] - y_mean);
+    }
+  std::vector<float> gram(static_cast<std::size_t>(h * h));
+  sgemm(ks, true, false, h, h, q, F.data(), h, F.data(), h, gram.data(), h, nullptr, 1);
+  std::vector<double> A(gram.begin(), gram.end());
+  double trace = 0.0;
+  for (index_t j = 0; j < h; ++j) trace += A[j * h + j];
+  const double ridge = kProxyRidge * trace / static_cast<double>(h) + std::numeric_limits<double>::min();
+  for (index_t j = 0; j < h; ++j) A[j * h + j] += ridge;
+  cholesky_solve(A, rhs, h);
+  sur.u.assign(static_cast<std::size_t>(ld), 0.0f);
+  sur.a.assign(static_cast<std::size_t>(ld), 0.0f);
+  double intercept = y_mean;
+  for (index_t j = 0; j < h; ++j) {
+    sur.u[j] = user.part[j];
+    sur.a[j] = static_cast<float>(rhs[j]);
+    intercept -= mean[j] * rhs[j];
+  }
+  act_dots_split(sur.u.data(), ld);
+  act_dots_split(sur.a.data(), ld);
+  sur.bias = static_cast<float>(intercept) + user.wide;
+  if (sample_out) {
+    sample_out->assign(items.begin(), items.end());
+    std::sort(sample_out->begin(), sample_out->end());
+  }
+}
+
+// Proxy scores of list positions [p0, p0 + n) into out (NaN as -inf, so that the order stays total); iota: a
+// buffer for the items when list == nullptr.
+void proxy_range(ActDotsFn act_dots, const FieldModel& m, const TopkCache& cache, const Surrogate& sur,
+                 const UserSide& user, const std::int32_t* list, index_t p0, index_t n, std::vector<std::int32_t>& iota,
+                 float* out) {
+  const std::int32_t* items = list ? list + p0 : nullptr;
+  if (!list) {
+    iota.resize(static_cast<std::size_t>(n));
+    for (index_t r = 0; r < n; ++r) iota[r] = static_cast<std::int32_t>(p0 + r);
+    items = iota.data();
+  }
+  const auto d = static_cast<index_t>(user.gmf.size());
+  act_dots(reinterpret_cast<const std::uint16_t*>(cache.item_part_bf16.data()), cache.bf16_ld, items, n,
+           cache.bf16_ld, sur.u.data(), sur.a.data(), d ? cache.item_gmf.data() : nullptr, d, d,
+           d ? user.gmf.data() : nullptr, sur.bias, m.mlp.hidden, out);
+  for (index_t r = 0; r < n; ++r) {
+    const float v = out[r] + cache.item_wide[static_cast<std::size_t>(items[r])];
+    out[r] = std::isnan(v) ? -std::numeric_limits<float>::infinity() : v;
+  }
+}
+
+// One thread's buffers of the first stage.
+struct ApproxBuffers {
+  std::vector<float> scores;
+  std::vector<Scored> pool;
+  std::vector<std::int32_t> kept;
+  std::vector<std::vector<std::int32_t>> iota;  // one per thread of a region over chunks
+};
+
+// The `keep` best of scores[0:n] by `better` (item list[p], or p when list == nullptr), ascending by item, into
+// buf.kept. Only the scores at or above a threshold are sorted out: one from every kSelectStride-th score, at
+// 1.5 times the share wanted. When at least `keep` scores reach it, the keep best all do (the keep-th best is
+// >= it); otherwise every score is pooled. Either way the same items: `better` is a total order.
+constexpr index_t kSelectStride = 16;
+void select_best(const float* scores, const std::int32_t* list, index_t n, index_t keep, ApproxBuffers& buf) {
+  std::vector<float> sub;
+  for (index_t p = 0; p < n; p += kSelectStride) sub.push_back(scores[p]);
+  const auto rank = std::min<index_t>(static_cast<index_t>(sub.size()) - 1, keep * 3 / 2 / kSelectStride);
+  std::nth_element(sub.begin(), sub.begin() + rank, sub.end(), std::greater<float>());
+  const float threshold = sub[static_cast<std::size_t>(rank)];
+  auto item = [&](index_t p) { return list ? list[p] : static_cast<std::int32_t>(p); };
+  buf.pool.clear();
+  for (index_t p = 0; p < n; ++p)
+    if (scores[p] >= threshold) buf.pool.push_back(Scored{scores[p], item(p)});
+  if (static_cast<index_t>(buf.pool.size()) < keep) {
+    buf.pool.clear();
+    for (index_t p = 0; p < n; ++p) buf.pool.push_back(Scored{scores[p], item(p)});
+  }
+  std::nth_element(buf.pool.begin(), buf.pool.begin() + keep, buf.pool.end(), better);
+  buf.kept.resize(static_cast<std::size_t>(keep));
+  for (index_t r = 0; r < keep; ++r) buf.kept[r] = buf.pool[static_cast<std::size_t>(r)].second;
+  std::sort(buf.kept.begin(), buf.kept.end());  // ascending: the exact stage reads the cache in address order
+}
+
+// The first stage for one user: the `keep` best candidates of list[0:n] by proxy score, ascending, into
+// buf.kept. threads: see for_chunks; ws: the calling thread's workspace (threads <= 1), else one per thread.
+void approx_stage(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const PackedTail& tail,
+                  const UserSide& user, const std::int32_t* list, index_t n, index_t keep, int threads,
+                  TailWorkspace* ws, ApproxBuffers& buf) {
+  Surrogate sur;
+  fit_surrogate(ks, m, cache, tail, user, list, n, threads, ws, sur, nullptr);
+  buf.scores.resize(static_cast<std::size_t>(n));
+  buf.iota.resize(static_cast<std::size_t>(std::max(threads, 1)));
+  const ActDotsFn act_dots = act_dots_for(ks.isa);
+  for_chunks((n + kProxyChunk - 1) / kProxyChunk, threads, [&](index_t c) {
+    const index_t p0 = c * kProxyChunk;
+    auto& iota = buf.iota[threads <= 1 ? 0 : static_cast<std::size_t>(thread_id())];
+    proxy_range(act_dots, m, cache, sur, user, list, p0, std::min(kProxyChunk, n - p0), iota, buf.scores.data() + p0);
+  });
+  select_best(buf.scores.data(), list, n, keep, buf);
+}
+
+// Candidates the exact stage scores of a list of n: the fraction (at least k), plus one per seen item of the
+// user (which the exact stage skips); n when that leaves nothing out (then the whole list is scored exactly).
+index_t approx_keep(double fraction, index_t n, index_t k, const UserSide& user) {
+  const double want = std::ceil(fraction * static_cast<double>(n));
+  const index_t seen = user.seen_begin ? static_cast<index_t>(user.seen_end - user.seen_begin) : 0;
+  if (!(want < static_cast<double>(n))) return n;
+  return std::min(n, std::max(k, static_cast<index_t>(want)) + seen);
+}
+
 constexpr index_t kMinChosenScores = 1 << 14;  // smaller top-k calls take no part in the thread choice
 
 // Top-k of every user over the item list list_of(u, scratch) gives it: (items, count), items == nullptr
@@ -884,7 +1146,8 @@ constexpr index_t kMinChosenScores = 1 << 14;  // smaller top-k calls take no pa
 template <class ListOf>
 void topk_lists(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s, const std::int32_t* users,
                 index_t n_users, index_t max_list, const ListOf& list_of, index_t k, bool exclude_seen,
-                std::int32_t* out_items, float* out_scores, TopkCache& cache, int n_threads) {
+                std::int32_t* out_items, float* out_scores, TopkCache& cache, int n_threads,
+                double approx_fraction) {
   // The first layer is linear in x = [user part, item part]: its item part is computed once for all items
   // (cached), its user part once per user, and only the rest of the MLP runs per (user, item). Each thread
   // scores whole chunks of items with its own workspace: one parallel region per call (many users: split
@@ -893,9 +1156,12 @@ void topk_lists(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
   // result does not depend on which thread scored what.
   // The call is one batch of the model's top-k calls, whose thread count is chosen by measurement.
   const SharedThreadChoice::Batch batch(cache.threads, n_threads, n_users * max_list, kMinChosenScores);
+  // Approximate: each user's list narrowed by approx_stage first (an MLP of one layer is linear: exact anyway).
+  const bool approx = approx_fraction > 0.0 && m.mlp.layers.size() > 1;
   {
     const std::lock_guard<std::mutex> lock(cache.mutex);  // concurrent first calls from Python threads
     if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, batch.threads());
+    if (approx && cache.bf16_items != cache.n_items) build_bf16_cache(m, cache, batch.threads());
   }
   const index_t chunk = kBlocksPerChunk * kBlockPanels * ks.mr;
   const index_t max_chunks = (max_list + chunk - 1) / chunk;
@@ -907,6 +1173,7 @@ void topk_lists(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
   std::vector<TailWorkspace> tail_ws;
   std::vector<FieldWorkspace> field_ws;
   std::vector<std::vector<std::int32_t>> scratch(static_cast<std::size_t>(threads));
+  std::vector<ApproxBuffers> approx_buf(approx ? static_cast<std::size_t>(threads) : 0);
   for (int t = 0; t < threads; ++t) {
     tail_ws.emplace_back(ks, m.mlp);
     field_ws.emplace_back(m, 1, false);
@@ -916,7 +1183,13 @@ void topk_lists(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
       const auto t = static_cast<std::size_t>(thread_id());
       UserSide user;
       user_side(ks, m, s, users[u], exclude_seen, field_ws[t], user);
-      const auto [items, n_items] = list_of(u, scratch[t]);
+      auto [items, n_items] = list_of(u, scratch[t]);
+      const index_t keep = approx ? approx_keep(approx_fraction, n_items, k, user) : n_items;
+      if (keep < n_items) {
+        approx_stage(ks, m, cache, tail, user, items, n_items, keep, 1, &tail_ws[t], approx_buf[t]);
+        items = approx_buf[t].kept.data();
+        n_items = keep;
+      }
       std::vector<Scored> heap;
       score_range(ks, m, cache, tail, user, items, 0, n_items, k, tail_ws[t], heap);
       write_top(m, heap, k, out_items + u * k, out_scores + u * k);
@@ -929,12 +1202,25 @@ void topk_lists(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
     user_side(ks, m, s, users[u], exclude_seen, field_ws[0], user);
     const std::pair<const std::int32_t*, index_t> list = list_of(u, scratch[0]);
     const std::int32_t* items = list.first;  // not a structured binding: the lambda below captures it (C++17)
-    const index_t n_items = list.second;
-    const index_t n_chunks = (n_items + chunk - 1) / chunk;
+    index_t n_items = list.second;
+    const index_t keep = approx ? approx_keep(approx_fraction, n_items, k, user) : n_items;
+    index_t unit = chunk;
+    if (keep < n_items) {
+      approx_stage(ks, m, cache, tail, user, items, n_items, keep, threads, tail_ws.data(), approx_buf[0]);
+      items = approx_buf[0].kept.data();
+      n_items = keep;
+      // The kept items are a few chunks at most: smaller units (4 per thread, whole blocks, 8 blocks at least)
+      // keep both threads busy to the end.
+      const index_t block = kBlockPanels * ks.mr;
+      const index_t per_unit = (n_items + 4 * threads - 1) / (4 * threads);
+      unit = std::min(chunk, std::max(8 * block, (per_unit + block - 1) / block * block));
+    }
+    const index_t n_chunks = (n_items + unit - 1) / unit;
+    if (static_cast<index_t>(chunk_best.size()) < n_chunks) chunk_best.resize(static_cast<std::size_t>(n_chunks));
     parallel_for<true>(0, n_chunks, threads, [&](std::int64_t c) {
       std::vector<Scored>& heap = chunk_best[static_cast<std::size_t>(c)];
       heap.clear();
-      score_range(ks, m, cache, tail, user, items, c * chunk, std::min(chunk, n_items - c * chunk), k,
+      score_range(ks, m, cache, tail, user, items, c * unit, std::min(unit, n_items - c * unit), k,
                   tail_ws[static_cast<std::size_t>(thread_id())], heap);
     });
     std::vector<Scored> heap;
@@ -948,12 +1234,45 @@ void topk_lists(const KernelSet& ks, const FieldModel& m, const NegativeSampler&
 
 void field_topk(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s, const std::int32_t* users,
                 index_t n_users, const std::int32_t* candidates, index_t n_candidates, index_t k, bool exclude_seen,
-                std::int32_t* out_items, float* out_scores, TopkCache& cache, int n_threads) {
+                std::int32_t* out_items, float* out_scores, TopkCache& cache, int n_threads,
+                double approx_fraction) {
   const index_t n_items = candidates ? n_candidates : s.n_items;
   topk_lists(
       ks, m, s, users, n_users, n_items,
       [&](std::int64_t, std::vector<std::int32_t>&) { return std::pair<const std::int32_t*, index_t>(candidates, n_items); },
-      k, exclude_seen, out_items, out_scores, cache, n_threads);
+      k, exclude_seen, out_items, out_scores, cache, n_threads, approx_fraction);
+}
+
+void field_topk_proxy(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s, std::int32_t user_key,
+                      const std::int32_t* candidates, index_t n_candidates, TopkCache& cache,
+                      std::vector<std::int32_t>& sample, std::vector<float>& coef, float* proxy) {
+  if (m.mlp.layers.size() < 2) throw std::invalid_argument("the approximate top-k needs an MLP of two layers or more");
+  {
+    const std::lock_guard<std::mutex> lock(cache.mutex);
+    if (cache.n_items != s.n_items) build_topk_cache(ks, m, s, cache, 1);
+    if (cache.bf16_items != cache.n_items) build_bf16_cache(m, cache, 1);
+  }
+  const index_t n = candidates ? n_candidates : s.n_items;
+  FieldWorkspace fws(m, 1, false);
+  UserSide user;
+  user_side(ks, m, s, user_key, false, fws, user);
+  const PackedTail tail(ks, m.mlp);
+  TailWorkspace ws(ks, m.mlp);
+  Surrogate sur;
+  fit_surrogate(ks, m, cache, tail, user, candidates, n, 1, &ws, sur, &sample);
+  const index_t h = m.mlp.layers[0].fan_out;
+  std::vector<float> a(static_cast<std::size_t>(cache.bf16_ld));  // back from the pair-split order
+  for (index_t j = 0; j < cache.bf16_ld; j += 32)
+    for (index_t i = 0; i < 16; ++i) {
+      a[j + 2 * i] = sur.a[j + i];
+      a[j + 2 * i + 1] = sur.a[j + 16 + i];
+    }
+  coef.assign(a.begin(), a.begin() + h);
+  coef.push_back(sur.bias);
+  std::vector<std::int32_t> iota;
+  for (index_t p0 = 0; p0 < n; p0 += kProxyChunk)
+    proxy_range(act_dots_for(ks.isa), m, cache, sur, user, candidates, p0, std::min(kProxyChunk, n - p0), iota,
+                proxy + p0);
 }
 
 void field_topk_candidates(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s,
@@ -970,7 +1289,8 @@ void field_topk_candidates(const KernelSet& ks, const FieldModel& m, const Negat
     scratch.erase(std::unique(scratch.begin(), scratch.end()), scratch.end());
     return std::pair<const std::int32_t*, index_t>(scratch.data(), static_cast<index_t>(scratch.size()));
   };
-  topk_lists(ks, m, s, users, n_users, longest, list_of, k, exclude_seen, out_items, out_scores, cache, n_threads);
+  topk_lists(ks, m, s, users, n_users, longest, list_of, k, exclude_seen, out_items, out_scores, cache, n_threads,
+             0.0);
 }
 
 RowPredictor::RowPredictor(const FieldModel& model, bool copy_weights)

@@ -230,6 +230,11 @@ struct TopkCache {
   LargeArray item_part;  // n_items x fan_out(0): a gigabyte for a million items and 256 units
   std::vector<float> item_gmf, item_wide;
   index_t n_items = -1;
+  // The approximate top-k's copy of item_part in bf16 (field_topk's approx_fraction): n_items rows of bf16_ld
+  // values (fan_out(0) rounded up to 32, zero past it), each rounded to nearest even: half the bytes to
+  // stream. Built by the first approximate call after item_part, stored as floats holding two bf16 each.
+  LargeArray item_part_bf16;
+  index_t bf16_ld = 0, bf16_items = -1;
   std::mutex mutex;
   SharedThreadChoice threads;  // the thread choice of this model's top-k calls (parallel.h)
 };
@@ -238,10 +243,23 @@ struct TopkCache {
 // the item key to rank (all n_items when candidates == nullptr). Seen items (sampler.seen_*) are skipped
 // when exclude_seen. Writes k item indices (-1 when fewer candidates) and scores per user, best first; ties
 // keep the lower item index first.
+// approx_fraction > 0: approximate top-k (docs/DESIGN.md, "Approximate top-k"). Per user, a linear surrogate
+// of the MLP above its first layer is fitted by least squares on the best quarter of a fixed sample of
+// kProxySample candidates scored exactly; every candidate gets the surrogate's score over the bf16 copy of
+// the cached first layer plus the exact GMF and wide terms; the best max(k, ceil(approx_fraction * n)) of
+// those (plus as many as the user has seen items, which the exact stage then skips) are scored exactly and
+// the exact top k among them returned. The same results for any n_threads. 0: exact.
 void field_topk(const KernelSet& ks, const FieldModel& model, const NegativeSampler& sampler,
                 const std::int32_t* users, index_t n_users, const std::int32_t* candidates, index_t n_candidates,
                 index_t k, bool exclude_seen, std::int32_t* out_items, float* out_scores, TopkCache& cache,
-                int n_threads);
+                int n_threads, double approx_fraction = 0.0);
+
+// The approximate top-k's first stage for one user, as field_topk runs it (a test hook): the sampled items
+// (ascending), the surrogate (coef: fan_out(0) weights then the intercept, the user's wide term included) and
+// the proxy score of every candidate (n_candidates of them; all n_items when candidates == nullptr).
+void field_topk_proxy(const KernelSet& ks, const FieldModel& model, const NegativeSampler& sampler,
+                      std::int32_t user, const std::int32_t* candidates, index_t n_candidates, TopkCache& cache,
+                      std::vector<std::int32_t>& sample, std::vector<float>& coef, float* proxy);
 
 // field_topk over a list of candidates per user (two-stage recommend: a retrieval model's candidates,
 // re-ranked): user u ranks the items cand_items[cand_indptr[u] : cand_indptr[u + 1]] (values of the item key,

@@ -256,4 +256,38 @@ void row_kernel_nonzero_avx512(index_t nk, const std::int32_t* idx, const float*
 #endif
 const KernelSet& kernels_for(Isa isa);
 
+// ---- The approximate top-k's proxy (fields.h field_topk, approx_fraction; act_dots_impl.h) ----
+// out[r] = bias + sum_j a[j] * act(x_r[j] + u[j]) + sum_i g[i] * y_r[i] for r < n, j < h (h a multiple of 32),
+// i < d, x_r the bf16 row x + items[r] * ld (bf16 bits, widened exactly to float), y_r the float row
+// y + items[r] * ld_y (y == nullptr: no second sum). u and a are given in "pair-split" order (act_dots_split):
+// per 32 elements, the 16 even ones then the 16 odd ones, the order in which two integer ops widen 32 bf16.
+// Each sum: 16 float lanes over j then i, then the lanes added in a fixed tree (lane_sum): a row's value does
+// not depend on the rows it is computed with.
+using ActDotsFn = void (*)(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
+                           const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
+                           float bias, Activation act, float* out);
+void act_dots_scalar(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
+                     const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
+                     float bias, Activation act, float* out);
+#ifdef FASTREC_HAVE_X86_KERNELS
+void act_dots_avx2(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
+                   const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
+                   float bias, Activation act, float* out);
+void act_dots_avx512(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
+                     const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
+                     float bias, Activation act, float* out);
+#endif
+ActDotsFn act_dots_for(Isa isa);  // kernels_scalar.cpp
+// v (h entries, h a multiple of 32) reordered in place into ActDotsFn's pair-split order.
+inline void act_dots_split(float* v, index_t h) {
+  float tmp[32];
+  for (index_t j = 0; j < h; j += 32) {
+    for (int i = 0; i < 16; ++i) {
+      tmp[i] = v[j + 2 * i];
+      tmp[16 + i] = v[j + 2 * i + 1];
+    }
+    std::memcpy(v + j, tmp, sizeof tmp);
+  }
+}
+
 }  // namespace fastrec

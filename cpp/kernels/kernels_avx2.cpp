@@ -9,6 +9,7 @@
 
 #include "kernels/kernels.h"
 #include "kernels/elementwise_impl.h"
+#include "kernels/act_dots_impl.h"
 
 namespace fastrec {
 namespace {
@@ -167,6 +168,13 @@ const KernelSet& kernels_avx2() {
                              att_weights_t_rows_impl, layer_norm_impl,
                              layer_norm_backward_impl};
   return set;
+}
+
+// ---- The approximate top-k's proxy (kernels.h, ActDotsFn) ----
+void act_dots_avx2(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
+                   const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
+                   float bias, Activation act, float* out) {
+  act_dots_impl(x, ld, items, n, h, u, a, y, ld_y, d, g, bias, act, out);
 }
 
 }  // namespace fastrec

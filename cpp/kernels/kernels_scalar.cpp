@@ -6,6 +6,7 @@
 
 #include "kernels/kernels.h"
 #include "kernels/elementwise_impl.h"
+#include "kernels/act_dots_impl.h"
 
 namespace fastrec {
 namespace {
@@ -73,6 +74,23 @@ const KernelSet& kernels_for(Isa isa) {
     case Isa::Avx2: return kernels_avx2();
 #endif
     default: return kernels_scalar();
+  }
+}
+
+// ---- The approximate top-k's proxy (kernels.h, ActDotsFn) ----
+void act_dots_scalar(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
+                     const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
+                     float bias, Activation act, float* out) {
+  act_dots_impl(x, ld, items, n, h, u, a, y, ld_y, d, g, bias, act, out);
+}
+
+ActDotsFn act_dots_for(Isa isa) {
+  switch (isa) {
+#ifdef FASTREC_HAVE_X86_KERNELS
+    case Isa::Avx512: return act_dots_avx512;
+    case Isa::Avx2: return act_dots_avx2;
+#endif
+    default: return act_dots_scalar;
   }
 }
 

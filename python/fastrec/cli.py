@@ -297,6 +297,11 @@ _HYPER_PARAMETERS = [
      "precision of the training products (recommender: the MLP's; multvae / multdae: the output layer's; "
      "sequential: the projections' and feed-forward's) (bf16: bfloat16 inputs, float32 sums and weights; auto: "
      "bf16 where the CPU has AVX512-BF16)"),
+    ("--topk", "topk", ("exact", "approximate"), "recommender: how recommend ranks every item (approximate: a "
+     "per-user linear proxy over bfloat16 first-layer values picks --topk-candidates of the items, scored "
+     "exactly; see benchmarks/TOPK.md for its recall)"),
+    ("--topk-candidates", "topk_candidates", float, "recommender with --topk approximate: the fraction of the "
+     "items scored exactly"),
     ("--privacy", "privacy", "dpconfig", "recommender: differentially private training, fastrec.DPConfig's parameters "
      "as JSON, e.g. '{\"target_epsilon\": 8, \"delta\": 1e-5}' (needs fastrec[privacy])"),
 ]

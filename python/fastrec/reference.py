@@ -803,6 +803,64 @@ def field_topk(spec, sampler, users, candidates, k, exclude_seen, n_threads=0, i
     return items_out, scores_out
 
 
+TOPK_PROXY_SAMPLE = 4096
+TOPK_PROXY_SEED = 0x7F4A7C15B5AD4ECE
+TOPK_PROXY_RIDGE = 1e-4
+
+
+def field_topk_proxy(spec, sampler, user, candidates=None):
+    """The approximate top-k's first stage for one user (cpp/fields.h field_topk, approx_fraction), in float64
+    apart from the bf16 rounding of the cached first layer's item side.
+
+    The sample: the first TOPK_PROXY_SAMPLE outputs of splitmix64 from TOPK_PROXY_SEED modulo the number of
+    candidates n, as positions (sorted, each once; every position when n <= TOPK_PROXY_SAMPLE). Its best
+    quarter by exact score (ties to the lower position) is the fit set; the features are
+    ``act(bf16(item part of layer 0) + user part of layer 0)``, the target the MLP's output; least squares on
+    the centred features and targets with a ridge of TOPK_PROXY_RIDGE times the mean feature variance (the
+    trace of the centred Gram matrix over its size). Proxy = features @ a + intercept + the GMF and wide terms.
+    Returns ``(sample items, a (fan_out(0),), proxy (n,))``.
+    """
+    spec = float64_copy(spec)
+    n_items = int(sampler["n_items"])
+    cand = np.arange(n_items) if candidates is None else np.asarray(candidates, dtype=np.int64)
+    n = len(cand)
+    keys = [np.zeros(n, dtype=np.int32) for _ in range(int(spec["n_keys"]))]
+    keys[sampler["user_key"]][:] = user
+    keys[sampler["item_key"]][:] = cand
+    x, _, z, _, _ = _field_forward(spec, keys)
+    item_cols = np.zeros(x.shape[1], dtype=bool)
+    for f in spec["fields"]:
+        if f["key"] == sampler["item_key"] and f["offset"] >= 0:
+            item_cols[f["offset"]:f["offset"] + f["table"].shape[1]] = True
+    for blk in spec["dense"]:
+        if blk["key"] == sampler["item_key"]:
+            item_cols[blk["offset"]:blk["offset"] + blk["table"].shape[1]] = True
+    W0, b0 = spec["coefs"][0], spec["intercepts"][0]
+    item_part = x[:, item_cols] @ W0[item_cols]
+    user_part = x[0, ~item_cols] @ W0[~item_cols] + b0
+    act = spec["activation"]
+    features = _activation(bf16_round(item_part.astype(np.float32)).astype(np.float64) + user_part, act)
+    _, out = _forward_pass(spec["coefs"][1:], spec["intercepts"][1:], "dense", _activation(item_part + user_part, act),
+                           act)
+    mlp = out[:, 0]
+    side = z - mlp  # the GMF and wide terms
+    if n <= TOPK_PROXY_SAMPLE:
+        pos = np.arange(n)
+    else:
+        pos = np.unique(splitmix64_outputs(np.uint64(TOPK_PROXY_SEED), TOPK_PROXY_SAMPLE) % np.uint64(n))
+        pos = pos.astype(np.int64)
+    q = max(1, len(pos) // 4)
+    best = pos[np.lexsort((pos, -z[pos]))[:q]]
+    F, y = features[best], mlp[best]
+    mean, y_mean = F.mean(axis=0), y.mean()
+    Fc = F - mean
+    G = Fc.T @ Fc
+    G[np.diag_indices_from(G)] += TOPK_PROXY_RIDGE * np.trace(G) / G.shape[0] + np.finfo(np.float64).tiny
+    a = np.linalg.solve(G, Fc.T @ (y - y_mean))
+    proxy = features @ a + (y_mean - mean @ a) + side
+    return np.sort(cand[pos]).astype(np.int32), a, proxy
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The two-tower model (docs/DESIGN.md, "The two-tower model")
 # ----------------------------------------------------------------------------------------------------------
