@@ -249,8 +249,6 @@ struct Bf16Problem {
   index_t ld_pairs_out = 0;
   const std::uint32_t* a_pairs = nullptr;  // bf16_gemm_at_pairs: op(A) read from these words, not packed
   index_t ld_a_pairs = 0;
-  const std::uint32_t* b_pairs = nullptr;  // and op(B), when given
-  index_t ld_b_pairs = 0;
 };
 
 // K in equal even blocks of at most bk.kc (1100 = 2 x 550, not 1024 + 76: a short last block pays the C tile's
@@ -316,7 +314,7 @@ void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_
     for (index_t pc = 0; pc < p.K; pc += kc_step) {
       const index_t kc = std::min(kc_step, p.K - pc), pairs = (kc + 1) / 2;
       const bool first = pc == 0, last = pc + kc == p.K;
-      if (!p.b_pairs) bf16_pack_b_panels(p, jc, nc, pc, kc, pairs, bbuf);
+      bf16_pack_b_panels(p, jc, nc, pc, kc, pairs, bbuf);
       for (index_t ic = m0; ic < m1; ic += bk.mc) {
         const index_t mc = std::min(bk.mc, m1 - ic);
         for (index_t ir = 0; ir < mc && !p.a_pairs; ir += bk.mr) {
@@ -332,9 +330,8 @@ void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_
             const bool fused = last && p.epilogue && bf16_fusable(*p.epilogue);
             const Bf16Extra extra = fused ? bf16_extra(p, ic + ir, jc + jr) : Bf16Extra{};
             const std::uint32_t* a = p.a_pairs ? p.a_pairs + pc / 2 * p.ld_a_pairs + ic + ir : abuf + ir * pairs;
-            const std::uint32_t* b = p.b_pairs ? p.b_pairs + pc / 2 * p.ld_b_pairs + jc + jr : bbuf + jr * pairs;
-            bk.ukernel(pairs, a, p.a_pairs ? p.ld_a_pairs : bk.mr, b, p.b_pairs ? p.ld_b_pairs : bk.nr, c, p.ldc,
-                       !first, m, n, fused ? &extra : nullptr);
+            bk.ukernel(pairs, a, p.a_pairs ? p.ld_a_pairs : bk.mr, bbuf + jr * pairs, c, p.ldc, !first, m, n,
+                       fused ? &extra : nullptr);
             if (last && p.epilogue && !fused) p.ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
           }
         }
@@ -428,15 +425,15 @@ bool bf16_gemm_rows_residual(const KernelSet& ks, bool native, index_t M, index_
 #endif
 }
 
-bool bf16_gemm_rows_pairs(const KernelSet& ks, bool native, bool trans_b, index_t M, index_t N, index_t K,
-                          const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
-                          const Epilogue* epilogue, std::uint32_t* pairs, index_t ld_pairs, int n_threads) {
+bool bf16_gemm_rows_pairs(const KernelSet& ks, bool native, index_t M, index_t N, index_t K, const float* A,
+                          index_t lda, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue,
+                          std::uint32_t* pairs, index_t ld_pairs, int n_threads) {
 #ifdef FASTREC_HAVE_BF16_KERNELS
   if (native && M > 0 && N > 0 && K > 0 && epilogue && bf16_fusable(*epilogue)) {
     require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
     const Bf16KernelSet& bk = bf16_kernels_avx512();
     const Bf16RowsKernels& rk = bf16_rows_kernels_avx512();
-    Bf16Problem problem{ks, bk, false, trans_b, K, A, lda, B, ldb, C, ldc, epilogue};
+    Bf16Problem problem{ks, bk, false, false, K, A, lda, B, ldb, C, ldc, epilogue};
     problem.pairs_out = pairs;
     problem.ld_pairs_out = ld_pairs;
     split_c(M, N, K, bk.mr, bk.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
@@ -447,13 +444,13 @@ bool bf16_gemm_rows_pairs(const KernelSet& ks, bool native, bool trans_b, index_
 #else
   (void)pairs, (void)ld_pairs;
 #endif
-  bf16_gemm_rows(ks, native, false, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
+  bf16_gemm_rows(ks, native, false, false, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
   return false;
 }
 
 void bf16_gemm_at_pairs(const KernelSet& ks, index_t M, index_t N, index_t K, const std::uint32_t* pairs,
                         index_t ld_pairs, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue,
-                        int n_threads, const std::uint32_t* b_pairs, index_t ld_b_pairs) {
+                        int n_threads) {
 #ifdef FASTREC_HAVE_BF16_KERNELS
   require(!epilogue || !epilogue->exp_sums, "bf16_gemm: the exp_sums epilogue is not supported");
   require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
@@ -463,14 +460,12 @@ void bf16_gemm_at_pairs(const KernelSet& ks, index_t M, index_t N, index_t K, co
   Bf16Problem problem{ks, bk, true, false, K, nullptr, M, B, ldb, C, ldc, epilogue};
   problem.a_pairs = pairs;
   problem.ld_a_pairs = ld_pairs;
-  problem.b_pairs = b_pairs;
-  problem.ld_b_pairs = ld_b_pairs;
   split_c(M, N, K, bk.mr, bk.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
     bf16_block(problem, m0, m1, n0, n1);
   });
 #else
   (void)ks, (void)M, (void)N, (void)K, (void)pairs, (void)ld_pairs, (void)B, (void)ldb, (void)C, (void)ldc,
-      (void)epilogue, (void)n_threads, (void)b_pairs, (void)ld_b_pairs;
+      (void)epilogue, (void)n_threads;
   require(false, "bf16_gemm: this build has no AVX512-BF16 kernel");
 #endif
 }

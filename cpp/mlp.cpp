@@ -20,9 +20,8 @@ constexpr index_t kElementsPerThread = 1 << 15;
 constexpr index_t kMaxGradientParts = 1 << 22;  // floats of chunk partials (16 MB); above, one product per layer
 // Below this many multiply-adds per row block a second thread costs more than it saves (as in sgemm).
 constexpr double kMinFmasPerBlock = 1 << 20;
-// Words past the last pair row of MlpWorkspace::pairs and dpairs: bf16_gemm_at_pairs reads up to MR - 1 (11)
-// and NR - 1 (31) past it.
-constexpr std::size_t kPairsPad = 32;
+// Words past the last pair row of MlpWorkspace::pairs: bf16_gemm_at_pairs reads up to MR - 1 (12) past it.
+constexpr std::size_t kPairsPad = 16;
 // Floats per task of a dense optimizer step. A weight matrix that both threads just read (D·Wᵀ) sits in both
 // caches and each write first invalidates the other copy: splitting the step overlaps those waits.
 constexpr index_t kUpdateChunk = 1 << 13;
@@ -233,10 +232,6 @@ MlpWorkspace::MlpWorkspace(const Network& net, index_t rows, bool sparse_input, 
     if (net.layers[l - 1].fan_out > 1 && net.layers[l].fan_out > 1)  // both products in bf16
       pairs[l].resize(static_cast<std::size_t>((rows + 1) / 2 * net.layers[l].fan_in + kPairsPad));
   }
-  dpairs.resize(L);
-  for (std::size_t l = 1; l + 1 < L && net.hidden == Activation::Relu; ++l)
-    if (!pairs[l].empty() && net.layers[l + 1].fan_out > 1)
-      dpairs[l].resize(static_cast<std::size_t>((rows + 1) / 2 * net.layers[l].fan_out + kPairsPad));
   ones.assign(static_cast<std::size_t>(rows), 1.0f);
   row_ids.resize(static_cast<std::size_t>(rows));
   for (index_t i = 0; i < rows; ++i) row_ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
@@ -283,7 +278,7 @@ void forward_rows(const KernelSet& ks, const Network& net, const Input& X, MlpWo
       require(r0 % 2 == 0, "forward_rows: bf16 row pairs need an even first row");
       const float* in = l == 0 ? X.dense : ws.acts[l].data();
       const index_t ld_in = l == 0 ? X.ld : layer.fan_in;
-      const bool written = bf16_gemm_rows_pairs(ks, true, false, r1 - r0, layer.fan_out, layer.fan_in, in + r0 * ld_in, ld_in,
+      const bool written = bf16_gemm_rows_pairs(ks, true, r1 - r0, layer.fan_out, layer.fan_in, in + r0 * ld_in, ld_in,
                                                 layer.W, layer.fan_out, out, layer.fan_out, &e,
                                                 ws.pairs[l + 1].data() + r0 / 2 * layer.fan_out, layer.fan_out, n_threads);
       require(written, "forward_rows: the bf16 row pairs were not written");
@@ -359,11 +354,8 @@ void Backward::layer_rows(std::size_t l, index_t r0, index_t r1, int n_threads) 
   for (index_t c0 = r0; chunked_ && weight_gradients && c0 < r1; c0 += kGradientChunkRows) {
     const index_t rows = std::min(kGradientChunkRows, r1 - c0);
     float* part = ws_.grad_parts.data() + part_at_[l] + c0 / kGradientChunkRows * part_size_[l];
-    if (l > 0 && !ws_.pairs[l].empty()) {  // c0 is even: A's rows from c0 on are pair rows from c0 / 2 on
-      const std::uint32_t* dp = ws_.dpairs[l].empty() ? nullptr : ws_.dpairs[l].data() + c0 / 2 * fo;
-      bf16_gemm_at_pairs(ks_, fi, fo, rows, ws_.pairs[l].data() + c0 / 2 * fi, fi, D + c0 * fo, fo, part, fo, nullptr, 1,
-                         dp, fo);
-    }
+    if (l > 0 && !ws_.pairs[l].empty())  // c0 is even: A's rows from c0 on are pair rows from c0 / 2 on
+      bf16_gemm_at_pairs(ks_, fi, fo, rows, ws_.pairs[l].data() + c0 / 2 * fi, fi, D + c0 * fo, fo, part, fo, nullptr, 1);
     else if (!(l == 0 && X_.sparse))
       layer_gemm(ks_, net_, layer, true, false, fi, fo, rows, A + c0 * lda, lda, D + c0 * fo, fo, part, fo, nullptr, 1);
     ks_.row_sum(ws_.ones.data(), ws_.row_ids.data(), rows, D + c0 * fo, fo, fo, part + part_size_[l] - fo);
@@ -378,11 +370,6 @@ void Backward::layer_rows(std::size_t l, index_t r0, index_t r1, int n_threads) 
       for (index_t r = r0; r < r1; ++r)
         for (index_t j = 0; j < fi; ++j) D_prev[(r - r0) * fi + j] = D[r] * layer.W[j];
       ks_.epilogue(D_prev, fi, static_cast<int>(r1 - r0), static_cast<int>(fi), 0, 0, ed);
-    } else if (!ws_.dpairs[l - 1].empty() && r1 > r0) {  // D_prev also as row pairs; r0 is even
-      require(r0 % 2 == 0, "Backward: bf16 row pairs need an even first row");
-      const bool written = bf16_gemm_rows_pairs(ks_, true, true, r1 - r0, fi, fo, D + r0 * fo, fo, layer.W, fo, D_prev,
-                                                fi, &ed, ws_.dpairs[l - 1].data() + r0 / 2 * fi, fi, n_threads);
-      require(written, "Backward: the bf16 row pairs were not written");
     } else {
       layer_gemm(ks_, net_, layer, false, true, r1 - r0, fi, fo, D + r0 * fo, fo, layer.W, fo, D_prev, fi, &ed,
                  n_threads);
@@ -417,8 +404,7 @@ void Backward::products(int n_threads, const BlockPrologue& prologue, float* dx,
     if (weight_gradients && l > 0 && !ws_.pairs[l].empty()) {
       const Epilogue eg = weight_epilogue(l);
       bf16_gemm_at_pairs(ks_, layer.fan_in, layer.fan_out, n, ws_.pairs[l].data(), layer.fan_in, D, layer.fan_out,
-                         ws_.grad_w.data() + w_at_[l], layer.fan_out, &eg, n_threads,
-                         ws_.dpairs[l].empty() ? nullptr : ws_.dpairs[l].data(), layer.fan_out);
+                         ws_.grad_w.data() + w_at_[l], layer.fan_out, &eg, n_threads);
     } else if (weight_gradients && !(l == 0 && X_.sparse)) {
       const Epilogue eg = weight_epilogue(l);
       layer_gemm(ks_, net_, layer, true, false, layer.fan_in, layer.fan_out, n, input(l), input_ld(l), D, layer.fan_out,

@@ -104,10 +104,6 @@ struct MlpWorkspace {
   // by layer l - 1's forward and read as the packed A of layer l's weight gradient (gemm.h
   // bf16_gemm_at_pairs); empty otherwise.
   std::vector<std::vector<std::uint32_t>> pairs;
-  // Likewise, with a ReLU hidden activation, dpairs[l] holds deltas[l] as row pairs, written by layer l + 1's
-  // delta product and read as the packed B of layer l's weight gradient, when pairs[l] is there and layer
-  // l + 1 has more than one output.
-  std::vector<std::vector<std::uint32_t>> dpairs;
   TouchedRows touched;
   // Gradient buffers only when training; a CSR first layer never gets a dense one (its size would grow with
   // the column count).

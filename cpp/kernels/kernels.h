@@ -208,13 +208,11 @@ struct Bf16Extra {
   index_t ld_pairs = 0;
 };
 using Bf16RowsExtra = Bf16Extra;  // its earlier name
-// acc(i, j) = sum over kp of the pair products of a(i, kp) and b(kp, j), kp = 0 .. kp_count - 1 in order, with
-// a(i, kp) = a[kp * cs_a + i] and b(kp, j) = b[kp * rs_b + j], all MR (NR) words of each kp readable (packed
-// panels: cs_a = MR, rs_b = NR); then C[i][j] = acc or C[i][j] += acc for i < m, j < n, then `extra` (null:
-// nothing more).
+// acc(i, j) = sum over kp of the pair products of a(i, kp) and b(kp, j), kp = 0 .. kp_count - 1 in order (a
+// packed MR panel when cs_a = MR, a(i, kp) = a[kp * cs_a + i], all MR words of each kp readable; a packed NR
+// panel); then C[i][j] = acc or C[i][j] += acc for i < m, j < n, then `extra` (null: nothing more).
 using Bf16UkernelFn = void (*)(index_t kp_count, const std::uint32_t* a, index_t cs_a, const std::uint32_t* b,
-                               index_t rs_b, float* c, index_t ldc, bool accumulate, int m, int n,
-                               const Bf16Extra* extra);
+                               float* c, index_t ldc, bool accumulate, int m, int n, const Bf16Extra* extra);
 struct Bf16KernelSet {
   int mr, nr;
   index_t kc, mc, nc;  // kc in k (even: a pair never straddles two K blocks)

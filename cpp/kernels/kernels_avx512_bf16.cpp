@@ -262,17 +262,17 @@ inline void finish(__m512 (&acc0)[kMr], __m512 (&acc1)[kMr], float* c, index_t l
 // taking them by reference and a branch between two loops, GCC kept them in stack arrays, zeroed by two
 // `rep stos` per call: ~1.5% of a bf16 training epoch). kRows: A's rows read in place, a(i, kp) =
 // a[i * stride_a + kp] (rows past m re-read row 0, never stored); else a(i, kp) = a[kp * stride_a + i] (a
-// packed MR panel: stride_a = MR); b(kp, j) = b[kp * rs_b + j] (a packed NR panel: rs_b = NR).
+// packed MR panel: stride_a = MR).
 template <bool kHalf, bool kRows>
-void tile(index_t kp_count, const std::uint32_t* a, index_t stride_a, const std::uint32_t* b, index_t rs_b, float* c,
-          index_t ldc, bool accumulate, int m, int n, const Bf16Extra* extra) {
+void tile(index_t kp_count, const std::uint32_t* a, index_t stride_a, const std::uint32_t* b, float* c, index_t ldc,
+          bool accumulate, int m, int n, const Bf16Extra* extra) {
   __m512 acc0[kMr], acc1[kMr];
 #pragma GCC unroll 12
   for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
   const std::uint32_t* row[kMr];
   if (kRows)
     for (int i = 0; i < kMr; ++i) row[i] = a + (i < m ? i : 0) * stride_a;
-  for (index_t kp = 0; kp < kp_count; ++kp, b += rs_b) {
+  for (index_t kp = 0; kp < kp_count; ++kp, b += kNr) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
     const __m512bh b1 = kHalf ? b0 : (__m512bh)_mm512_loadu_si512(b + 16);
 #pragma GCC unroll 12
@@ -289,12 +289,12 @@ void tile(index_t kp_count, const std::uint32_t* a, index_t stride_a, const std:
     finish<kHalf, false>(acc0, acc1, c, ldc, accumulate, m, n, extra);
 }
 
-void ukernel_avx512_bf16(index_t kp_count, const std::uint32_t* a, index_t cs_a, const std::uint32_t* b, index_t rs_b,
-                         float* c, index_t ldc, bool accumulate, int m, int n, const Bf16Extra* extra) {
+void ukernel_avx512_bf16(index_t kp_count, const std::uint32_t* a, index_t cs_a, const std::uint32_t* b, float* c,
+                         index_t ldc, bool accumulate, int m, int n, const Bf16Extra* extra) {
   if (n <= 16)
-    tile<true, false>(kp_count, a, cs_a, b, rs_b, c, ldc, accumulate, m, n, extra);
+    tile<true, false>(kp_count, a, cs_a, b, c, ldc, accumulate, m, n, extra);
   else
-    tile<false, false>(kp_count, a, cs_a, b, rs_b, c, ldc, accumulate, m, n, extra);
+    tile<false, false>(kp_count, a, cs_a, b, c, ldc, accumulate, m, n, extra);
 }
 
 // ---- row-major A in place (kernels.h Bf16RowsKernels) ----
@@ -320,9 +320,9 @@ void convert_rows(const float* src, index_t ld, index_t rows, index_t kc, std::u
 void ukernel_rows_avx512_bf16(index_t kp_count, const std::uint32_t* a, index_t rs_a, const std::uint32_t* b,
                               float* c, index_t ldc, bool accumulate, int m, int n, const Bf16Extra* extra) {
   if (n <= 16)
-    tile<true, true>(kp_count, a, rs_a, b, kNr, c, ldc, accumulate, m, n, extra);
+    tile<true, true>(kp_count, a, rs_a, b, c, ldc, accumulate, m, n, extra);
   else
-    tile<false, true>(kp_count, a, rs_a, b, kNr, c, ldc, accumulate, m, n, extra);
+    tile<false, true>(kp_count, a, rs_a, b, c, ldc, accumulate, m, n, extra);
 }
 
 }  // namespace
