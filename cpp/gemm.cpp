@@ -245,10 +245,6 @@ struct Bf16Problem {
   const Epilogue* epilogue;
   float* residual = nullptr;  // bf16_gemm_rows_residual: x and the mask, leading dimension ldc
   const float* drop = nullptr;
-  std::uint32_t* pairs_out = nullptr;  // bf16_gemm_rows_pairs: C's rows also as row-pair words
-  index_t ld_pairs_out = 0;
-  const std::uint32_t* a_pairs = nullptr;  // bf16_gemm_at_pairs: op(A) read from these words, not packed
-  index_t ld_a_pairs = 0;
 };
 
 // K in equal even blocks of at most bk.kc (1100 = 2 x 550, not 1024 + 76: a short last block pays the C tile's
@@ -292,10 +288,6 @@ Bf16Extra bf16_extra(const Bf16Problem& p, index_t row, index_t col) {
     extra.drop = p.drop + row * p.ldc + col;
     extra.ld_residual = p.ldc;
   }
-  if (p.pairs_out) {  // row is even: tiles start at multiples of MR
-    extra.pairs = p.pairs_out + row / 2 * p.ld_pairs_out + col;
-    extra.ld_pairs = p.ld_pairs_out;
-  }
   return extra;
 }
 
@@ -317,7 +309,7 @@ void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_
       bf16_pack_b_panels(p, jc, nc, pc, kc, pairs, bbuf);
       for (index_t ic = m0; ic < m1; ic += bk.mc) {
         const index_t mc = std::min(bk.mc, m1 - ic);
-        for (index_t ir = 0; ir < mc && !p.a_pairs; ir += bk.mr) {
+        for (index_t ir = 0; ir < mc; ir += bk.mr) {
           const int m = static_cast<int>(std::min<index_t>(bk.mr, mc - ir));
           const float* src = p.trans_a ? p.A + pc * p.lda + ic + ir : p.A + (ic + ir) * p.lda + pc;
           bk.pack_a(p.trans_a, src, p.lda, m, kc, abuf + ir * pairs);
@@ -329,9 +321,7 @@ void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_
             float* c = p.C + (ic + ir) * p.ldc + jc + jr;
             const bool fused = last && p.epilogue && bf16_fusable(*p.epilogue);
             const Bf16Extra extra = fused ? bf16_extra(p, ic + ir, jc + jr) : Bf16Extra{};
-            const std::uint32_t* a = p.a_pairs ? p.a_pairs + pc / 2 * p.ld_a_pairs + ic + ir : abuf + ir * pairs;
-            bk.ukernel(pairs, a, p.a_pairs ? p.ld_a_pairs : bk.mr, bbuf + jr * pairs, c, p.ldc, !first, m, n,
-                       fused ? &extra : nullptr);
+            bk.ukernel(pairs, abuf + ir * pairs, bbuf + jr * pairs, c, p.ldc, !first, m, n, fused ? &extra : nullptr);
             if (last && p.epilogue && !fused) p.ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
           }
         }
@@ -422,51 +412,6 @@ bool bf16_gemm_rows_residual(const KernelSet& ks, bool native, index_t M, index_
   (void)ks, (void)native, (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B, (void)ldb, (void)bias, (void)mask,
       (void)x, (void)ld_x, (void)n_threads;
   return false;
-#endif
-}
-
-bool bf16_gemm_rows_pairs(const KernelSet& ks, bool native, index_t M, index_t N, index_t K, const float* A,
-                          index_t lda, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue,
-                          std::uint32_t* pairs, index_t ld_pairs, int n_threads) {
-#ifdef FASTREC_HAVE_BF16_KERNELS
-  if (native && M > 0 && N > 0 && K > 0 && epilogue && bf16_fusable(*epilogue)) {
-    require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
-    const Bf16KernelSet& bk = bf16_kernels_avx512();
-    const Bf16RowsKernels& rk = bf16_rows_kernels_avx512();
-    Bf16Problem problem{ks, bk, false, false, K, A, lda, B, ldb, C, ldc, epilogue};
-    problem.pairs_out = pairs;
-    problem.ld_pairs_out = ld_pairs;
-    split_c(M, N, K, bk.mr, bk.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
-      bf16_rows_block(problem, rk, m0, m1, n0, n1);
-    });
-    return true;
-  }
-#else
-  (void)pairs, (void)ld_pairs;
-#endif
-  bf16_gemm_rows(ks, native, false, false, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
-  return false;
-}
-
-void bf16_gemm_at_pairs(const KernelSet& ks, index_t M, index_t N, index_t K, const std::uint32_t* pairs,
-                        index_t ld_pairs, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue,
-                        int n_threads) {
-#ifdef FASTREC_HAVE_BF16_KERNELS
-  require(!epilogue || !epilogue->exp_sums, "bf16_gemm: the exp_sums epilogue is not supported");
-  require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
-  if (M <= 0 || N <= 0 || K <= 0) return bf16_gemm(ks, true, true, false, M, N, K, nullptr, M, B, ldb, C, ldc,
-                                                    epilogue, n_threads);
-  const Bf16KernelSet& bk = bf16_kernels_avx512();
-  Bf16Problem problem{ks, bk, true, false, K, nullptr, M, B, ldb, C, ldc, epilogue};
-  problem.a_pairs = pairs;
-  problem.ld_a_pairs = ld_pairs;
-  split_c(M, N, K, bk.mr, bk.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
-    bf16_block(problem, m0, m1, n0, n1);
-  });
-#else
-  (void)ks, (void)M, (void)N, (void)K, (void)pairs, (void)ld_pairs, (void)B, (void)ldb, (void)C, (void)ldc,
-      (void)epilogue, (void)n_threads;
-  require(false, "bf16_gemm: this build has no AVX512-BF16 kernel");
 #endif
 }
 

@@ -50,22 +50,4 @@ bool bf16_gemm_rows_residual(const KernelSet& ks, bool native, index_t M, index_
                              index_t lda, const float* B, index_t ldb, const float* bias, const float* mask, float* x,
                              index_t ld_x, int n_threads);
 
-// bf16_gemm_rows (trans_a = trans_b = false) whose epilogue the native kernel applies in registers (bias,
-// ReLU, the ReLU mask, an addend at scale 1: the MLP's forward) also writing C's rows rounded to bf16 as
-// ROW-pair words: pairs[q * ld_pairs + j] = bf16(C[2q][j]) | bf16(C[2q + 1][j]) << 16, the high half 0 for
-// an odd M's last row (ld_pairs >= N). Those are the words bf16_gemm would pack from C as the transposed A
-// of a product over C's rows (bf16_gemm_at_pairs). Returns false, after computing C alone, where it does not
-// apply (not native, no such epilogue).
-bool bf16_gemm_rows_pairs(const KernelSet& ks, bool native, index_t M, index_t N, index_t K, const float* A,
-                          index_t lda, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue,
-                          std::uint32_t* pairs, index_t ld_pairs, int n_threads);
-
-// The native bf16_gemm with trans_a (op(A) = Aᵀ, A stored K x M) and B row-major K x N, A given as its
-// row-pair words (bf16_gemm_rows_pairs' pairs, ld_pairs >= M words per pair row, the pair row of A's rows 0
-// and 1 first; the MR - 1 words past the last pair row's M must be readable): bf16_gemm's bits without
-// packing A.
-void bf16_gemm_at_pairs(const KernelSet& ks, index_t M, index_t N, index_t K, const std::uint32_t* pairs,
-                        index_t ld_pairs, const float* B, index_t ldb, float* C, index_t ldc, const Epilogue* epilogue,
-                        int n_threads);
-
 }  // namespace fastrec

@@ -20,8 +20,6 @@ constexpr index_t kElementsPerThread = 1 << 15;
 constexpr index_t kMaxGradientParts = 1 << 22;  // floats of chunk partials (16 MB); above, one product per layer
 // Below this many multiply-adds per row block a second thread costs more than it saves (as in sgemm).
 constexpr double kMinFmasPerBlock = 1 << 20;
-// Words past the last pair row of MlpWorkspace::pairs: bf16_gemm_at_pairs reads up to MR - 1 (12) past it.
-constexpr std::size_t kPairsPad = 16;
 // Floats per task of a dense optimizer step. A weight matrix that both threads just read (D·Wᵀ) sits in both
 // caches and each write first invalidates the other copy: splitting the step overlaps those waits.
 constexpr index_t kUpdateChunk = 1 << 13;
@@ -225,13 +223,6 @@ MlpWorkspace::MlpWorkspace(const Network& net, index_t rows, bool sparse_input, 
     biases += net.layers[l].fan_out;
   }
   if (!training) return;
-  pairs.resize(L);
-  const bool fused = net.hidden == Activation::Relu || net.hidden == Activation::Identity;
-  for (std::size_t l = 1; l < L && net.bf16 && net.bf16_native && fused; ++l) {
-    if (l == 1 && sparse_input) continue;  // acts[1] comes from csr_matmul
-    if (net.layers[l - 1].fan_out > 1 && net.layers[l].fan_out > 1)  // both products in bf16
-      pairs[l].resize(static_cast<std::size_t>((rows + 1) / 2 * net.layers[l].fan_in + kPairsPad));
-  }
   ones.assign(static_cast<std::size_t>(rows), 1.0f);
   row_ids.resize(static_cast<std::size_t>(rows));
   for (index_t i = 0; i < rows; ++i) row_ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
@@ -274,14 +265,6 @@ void forward_rows(const KernelSet& ks, const Network& net, const Input& X, MlpWo
       rows.indptr += r0;
       rows.rows = r1 - r0;
       csr_matmul(ks, rows, layer.W, layer.fan_out, layer.fan_out, out, layer.fan_out, &e, n_threads);
-    } else if (l + 1 < L && !ws.pairs.empty() && !ws.pairs[l + 1].empty() && r1 > r0) {
-      require(r0 % 2 == 0, "forward_rows: bf16 row pairs need an even first row");
-      const float* in = l == 0 ? X.dense : ws.acts[l].data();
-      const index_t ld_in = l == 0 ? X.ld : layer.fan_in;
-      const bool written = bf16_gemm_rows_pairs(ks, true, r1 - r0, layer.fan_out, layer.fan_in, in + r0 * ld_in, ld_in,
-                                                layer.W, layer.fan_out, out, layer.fan_out, &e,
-                                                ws.pairs[l + 1].data() + r0 / 2 * layer.fan_out, layer.fan_out, n_threads);
-      require(written, "forward_rows: the bf16 row pairs were not written");
     } else {
       const float* in = l == 0 ? X.dense : ws.acts[l].data();
       const index_t ld_in = l == 0 ? X.ld : layer.fan_in;
@@ -354,9 +337,7 @@ void Backward::layer_rows(std::size_t l, index_t r0, index_t r1, int n_threads) 
   for (index_t c0 = r0; chunked_ && weight_gradients && c0 < r1; c0 += kGradientChunkRows) {
     const index_t rows = std::min(kGradientChunkRows, r1 - c0);
     float* part = ws_.grad_parts.data() + part_at_[l] + c0 / kGradientChunkRows * part_size_[l];
-    if (l > 0 && !ws_.pairs[l].empty())  // c0 is even: A's rows from c0 on are pair rows from c0 / 2 on
-      bf16_gemm_at_pairs(ks_, fi, fo, rows, ws_.pairs[l].data() + c0 / 2 * fi, fi, D + c0 * fo, fo, part, fo, nullptr, 1);
-    else if (!(l == 0 && X_.sparse))
+    if (!(l == 0 && X_.sparse))
       layer_gemm(ks_, net_, layer, true, false, fi, fo, rows, A + c0 * lda, lda, D + c0 * fo, fo, part, fo, nullptr, 1);
     ks_.row_sum(ws_.ones.data(), ws_.row_ids.data(), rows, D + c0 * fo, fo, fo, part + part_size_[l] - fo);
   }
@@ -401,11 +382,7 @@ void Backward::products(int n_threads, const BlockPrologue& prologue, float* dx,
     float* gb = ws_.grad_b.data() + b_at_[l];
     if (weight_gradients) ks_.row_sum(ws_.ones.data(), ws_.row_ids.data(), n, D, layer.fan_out, layer.fan_out, gb);
     for (index_t j = 0; weight_gradients && j < layer.fan_out; ++j) gb[j] *= inv_n_;
-    if (weight_gradients && l > 0 && !ws_.pairs[l].empty()) {
-      const Epilogue eg = weight_epilogue(l);
-      bf16_gemm_at_pairs(ks_, layer.fan_in, layer.fan_out, n, ws_.pairs[l].data(), layer.fan_in, D, layer.fan_out,
-                         ws_.grad_w.data() + w_at_[l], layer.fan_out, &eg, n_threads);
-    } else if (weight_gradients && !(l == 0 && X_.sparse)) {
+    if (weight_gradients && !(l == 0 && X_.sparse)) {
       const Epilogue eg = weight_epilogue(l);
       layer_gemm(ks_, net_, layer, true, false, layer.fan_in, layer.fan_out, n, input(l), input_ld(l), D, layer.fan_out,
             ws_.grad_w.data() + w_at_[l], layer.fan_out, &eg, n_threads);

@@ -99,11 +99,6 @@ struct MlpWorkspace {
   std::vector<float> ones;             // rows x 1.0f, and the row ids 0..rows-1: sums over rows (bias
   std::vector<std::int32_t> row_ids;   // gradients, weight-gradient chunks) run as the row_sum kernel
   std::vector<float> grad_parts;       // a weight gradient's partial products, one per chunk of batch rows
-  // Native bf16 training with a ReLU / identity hidden activation: pairs[l] (l >= 1, when layers l - 1 and l
-  // both have more than one output) holds acts[l] as the bf16 row-pair words of bf16_gemm_rows_pairs, written
-  // by layer l - 1's forward and read as the packed A of layer l's weight gradient (gemm.h
-  // bf16_gemm_at_pairs); empty otherwise.
-  std::vector<std::vector<std::uint32_t>> pairs;
   TouchedRows touched;
   // Gradient buffers only when training; a CSR first layer never gets a dense one (its size would grow with
   // the column count).

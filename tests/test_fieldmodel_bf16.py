@@ -132,15 +132,6 @@ def test_loss_and_gradients_match_the_bf16_and_float32_oracles(kernel, loss, n):
     assert worst32 < 1e-4 < 1e-3 < worst16
 
 
-@pytest.mark.parametrize("n", [61, 301])
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_odd_batches_match_the_bf16_oracle(kernel, n):
-    """An odd row count (one product; 256-row chunks whose last is odd): the native kernel's forward writes the
-    hidden activations as bf16 row pairs for the weight gradients (gemm.h bf16_gemm_rows_pairs), the odd last
-    row paired with zero; the previous test's checks and tolerances."""
-    test_loss_and_gradients_match_the_bf16_and_float32_oracles(kernel, "bce", n)
-
-
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_training_steps_match_the_bf16_oracle(kernel):
     # Five plain-SGD steps of 60 rows: the core's epoch against the oracle's steps (loss_and_gradients, then

@@ -200,19 +200,13 @@ struct Bf16Extra {
   float* residual = nullptr;      // the tile's rows, residual[i * ld_residual + j]; drop likewise
   const float* drop = nullptr;
   index_t ld_residual = 0;
-  // When set (not with residual; the tile's first row even in C): v stored to C as usual, and the tile's rows
-  // also as bf16 pair words of ROW pairs, pairs[q * ld_pairs + j] = bf16(v[2q][j]) | bf16(v[2q + 1][j]) << 16
-  // (0 for a row 2q + 1 >= m): the packed layout of C's transpose as the A operand of a product over C's rows
-  // (gemm.h bf16_gemm_at_pairs).
-  std::uint32_t* pairs = nullptr;
-  index_t ld_pairs = 0;
 };
 using Bf16RowsExtra = Bf16Extra;  // its earlier name
 // acc(i, j) = sum over kp of the pair products of a(i, kp) and b(kp, j), kp = 0 .. kp_count - 1 in order (a
-// packed MR panel when cs_a = MR, a(i, kp) = a[kp * cs_a + i], all MR words of each kp readable; a packed NR
-// panel); then C[i][j] = acc or C[i][j] += acc for i < m, j < n, then `extra` (null: nothing more).
-using Bf16UkernelFn = void (*)(index_t kp_count, const std::uint32_t* a, index_t cs_a, const std::uint32_t* b,
-                               float* c, index_t ldc, bool accumulate, int m, int n, const Bf16Extra* extra);
+// packed MR panel, a packed NR panel); then C[i][j] = acc or C[i][j] += acc for i < m, j < n, then `extra`
+// (null: nothing more).
+using Bf16UkernelFn = void (*)(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, float* c,
+                               index_t ldc, bool accumulate, int m, int n, const Bf16Extra* extra);
 struct Bf16KernelSet {
   int mr, nr;
   index_t kc, mc, nc;  // kc in k (even: a pair never straddles two K blocks)

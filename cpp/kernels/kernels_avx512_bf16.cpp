@@ -177,11 +177,6 @@ template <bool kHalf, bool kFull>
 inline void finish(__m512 (&acc0)[kMr], __m512 (&acc1)[kMr], float* c, index_t ldc, bool accumulate, int m, int n,
                    const Bf16Extra* extra) {
   const __mmask16 mask0 = lanes(n), mask1 = lanes(n - 16);
-  std::uint32_t* pairs = extra ? extra->pairs : nullptr;
-  alignas(64) static const std::uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
-                                                            21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
-                                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  __m512 even0 = _mm512_setzero_ps(), even1 = _mm512_setzero_ps();  // row 2q's values, until row 2q + 1's
   const float* bias = extra ? extra->bias : nullptr;
   const bool relu = extra && extra->relu;
   const __m512 bias0 = bias ? load_c<kFull>(bias, mask0) : _mm512_setzero_ps();
@@ -233,51 +228,28 @@ inline void finish(__m512 (&acc0)[kMr], __m512 (&acc1)[kMr], float* c, index_t l
     }
     store_c<kFull>(ci, mask0, r0);
     if (!kHalf) store_c<kFull>(ci + 16, mask1, r1);
-    if (pairs) {  // row pair (i - 1, i), or (i, zeros) for a last row i = m - 1 that is even
-      const bool odd = i % 2;
-      if (!odd && (kFull || i + 1 < m)) {
-        even0 = r0, even1 = r1;
-        continue;
-      }
-      const __m512 lo0 = odd ? even0 : r0, lo1 = odd ? even1 : r1;
-      const __m512 hi0 = odd ? r0 : _mm512_setzero_ps(), hi1 = odd ? r1 : _mm512_setzero_ps();
-      const __m512i interleave = _mm512_load_si512(kInterleave);
-      std::uint32_t* o = pairs + (i / 2) * extra->ld_pairs;
-      const __m512i w0 = _mm512_permutexvar_epi16(interleave, bf16x32(lo0, hi0));
-      if (kFull)
-        _mm512_storeu_si512(o, w0);
-      else
-        _mm512_mask_storeu_epi32(o, mask0, w0);
-      if (kHalf) continue;
-      const __m512i w1 = _mm512_permutexvar_epi16(interleave, bf16x32(lo1, hi1));
-      if (kFull)
-        _mm512_storeu_si512(o + 16, w1);
-      else
-        _mm512_mask_storeu_epi32(o + 16, mask1, w1);
-    }
   }
 }
 
 // One tile, start to finish, in one function: the 24 accumulators stay in registers (with the loop in a helper
 // taking them by reference and a branch between two loops, GCC kept them in stack arrays, zeroed by two
-// `rep stos` per call: ~1.5% of a bf16 training epoch). kRows: A's rows read in place, a(i, kp) =
-// a[i * stride_a + kp] (rows past m re-read row 0, never stored); else a(i, kp) = a[kp * stride_a + i] (a
-// packed MR panel: stride_a = MR).
+// `rep stos` per call: ~1.5% of a bf16 training epoch). kRows: A's rows read in place, a(i, kp) = a[i * rs_a +
+// kp] (rows past m re-read row 0, never stored); else a packed MR panel, a(i, kp) = a[kp * MR + i].
 template <bool kHalf, bool kRows>
-void tile(index_t kp_count, const std::uint32_t* a, index_t stride_a, const std::uint32_t* b, float* c, index_t ldc,
+void tile(index_t kp_count, const std::uint32_t* a, index_t rs_a, const std::uint32_t* b, float* c, index_t ldc,
           bool accumulate, int m, int n, const Bf16Extra* extra) {
   __m512 acc0[kMr], acc1[kMr];
 #pragma GCC unroll 12
   for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
   const std::uint32_t* row[kMr];
   if (kRows)
-    for (int i = 0; i < kMr; ++i) row[i] = a + (i < m ? i : 0) * stride_a;
+    for (int i = 0; i < kMr; ++i) row[i] = a + (i < m ? i : 0) * rs_a;
   for (index_t kp = 0; kp < kp_count; ++kp, b += kNr) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
     const __m512bh b1 = kHalf ? b0 : (__m512bh)_mm512_loadu_si512(b + 16);
 #pragma GCC unroll 12
     for (int i = 0; i < kMr; ++i) {
-      const std::uint32_t word = kRows ? row[i][kp] : a[kp * stride_a + i];
+      const std::uint32_t word = kRows ? row[i][kp] : a[kp * kMr + i];
       const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
       acc0[i] = _mm512_dpbf16_ps(acc0[i], ai, b0);
       if (!kHalf) acc1[i] = _mm512_dpbf16_ps(acc1[i], ai, b1);
@@ -289,12 +261,12 @@ void tile(index_t kp_count, const std::uint32_t* a, index_t stride_a, const std:
     finish<kHalf, false>(acc0, acc1, c, ldc, accumulate, m, n, extra);
 }
 
-void ukernel_avx512_bf16(index_t kp_count, const std::uint32_t* a, index_t cs_a, const std::uint32_t* b, float* c,
-                         index_t ldc, bool accumulate, int m, int n, const Bf16Extra* extra) {
+void ukernel_avx512_bf16(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, float* c, index_t ldc,
+                         bool accumulate, int m, int n, const Bf16Extra* extra) {
   if (n <= 16)
-    tile<true, false>(kp_count, a, cs_a, b, c, ldc, accumulate, m, n, extra);
+    tile<true, false>(kp_count, a, 0, b, c, ldc, accumulate, m, n, extra);
   else
-    tile<false, false>(kp_count, a, cs_a, b, c, ldc, accumulate, m, n, extra);
+    tile<false, false>(kp_count, a, 0, b, c, ldc, accumulate, m, n, extra);
 }
 
 // ---- row-major A in place (kernels.h Bf16RowsKernels) ----
