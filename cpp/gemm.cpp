@@ -264,6 +264,33 @@ void bf16_pack_b_panels(const Bf16Problem& p, index_t jc, index_t nc, index_t pc
   }
 }
 
+// Whether the bf16 micro-kernels apply this epilogue themselves (kernels.h Bf16Extra): scale 1, an addend at
+// scale 1, bias, ReLU, the ReLU derivative mask; not the exponentials. epilogue_impl's special case (scale 0)
+// stays with the epilogue.
+bool bf16_fusable(const Epilogue& e) {
+  return e.scale == 1.0f && (!e.addend || e.addend_scale == 1.0f) && !e.exp_sums &&
+         (e.act == Activation::Identity || e.act == Activation::Relu) &&
+         (!e.mul || e.mul_act == Activation::Relu);
+}
+
+// The Bf16Extra of the tile at C's (row, col) on the call completing its sum (a fusable epilogue).
+Bf16Extra bf16_extra(const Bf16Problem& p, index_t row, index_t col) {
+  const Epilogue& e = *p.epilogue;
+  Bf16Extra extra;
+  extra.addend = e.addend ? e.addend + row * e.ld_addend + col : nullptr;
+  extra.ld_addend = e.ld_addend;
+  extra.bias = e.bias ? e.bias + col : nullptr;
+  extra.relu = e.act == Activation::Relu;
+  extra.mul = e.mul ? e.mul + row * e.ld_mul + col : nullptr;
+  extra.ld_mul = e.ld_mul;
+  if (p.residual) {
+    extra.residual = p.residual + row * p.ldc + col;
+    extra.drop = p.drop + row * p.ldc + col;
+    extra.ld_residual = p.ldc;
+  }
+  return extra;
+}
+
 void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
   thread_local AlignedBuffer a_scratch, b_scratch;
   const Bf16KernelSet& bk = p.bk;
@@ -292,22 +319,15 @@ void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_
           for (index_t ir = 0; ir < mc; ir += bk.mr) {
             const int m = static_cast<int>(std::min<index_t>(bk.mr, mc - ir));
             float* c = p.C + (ic + ir) * p.ldc + jc + jr;
-            bk.ukernel(pairs, abuf + ir * pairs, bbuf + jr * pairs, c, p.ldc, !first, m, n);
-            if (last && p.epilogue) p.ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
+            const bool fused = last && p.epilogue && bf16_fusable(*p.epilogue);
+            const Bf16Extra extra = fused ? bf16_extra(p, ic + ir, jc + jr) : Bf16Extra{};
+            bk.ukernel(pairs, abuf + ir * pairs, bbuf + jr * pairs, c, p.ldc, !first, m, n, fused ? &extra : nullptr);
+            if (last && p.epilogue && !fused) p.ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);
           }
         }
       }
     }
   }
-}
-
-// Whether the rows kernel applies this epilogue itself (kernels.h Bf16RowsExtra): scale 1, an addend at scale
-// 1, bias, ReLU, the ReLU derivative mask; not the exponentials. epilogue_impl's special case (scale 0) stays
-// with the epilogue.
-bool bf16_rows_fusable(const Epilogue& e) {
-  return e.scale == 1.0f && (!e.addend || e.addend_scale == 1.0f) && !e.exp_sums &&
-         (e.act == Activation::Identity || e.act == Activation::Relu) &&
-         (!e.mul || e.mul_act == Activation::Relu);
 }
 
 // bf16_gemm_rows' loops: bf16_block's, with each mc block of A's rows converted to bf16 rows (Bf16RowsKernels)
@@ -336,22 +356,8 @@ void bf16_rows_block(const Bf16Problem& p, const Bf16RowsKernels& rk, index_t m0
           for (index_t ir = 0; ir < mc; ir += bk.mr) {
             const int m = static_cast<int>(std::min<index_t>(bk.mr, mc - ir));
             float* c = p.C + (ic + ir) * p.ldc + jc + jr;
-            Bf16RowsExtra extra;
-            const bool fused = last && p.epilogue && bf16_rows_fusable(*p.epilogue);
-            if (fused) {
-              const Epilogue& e = *p.epilogue;
-              extra.addend = e.addend ? e.addend + (ic + ir) * e.ld_addend + jc + jr : nullptr;
-              extra.ld_addend = e.ld_addend;
-              extra.bias = e.bias ? e.bias + jc + jr : nullptr;
-              extra.relu = e.act == Activation::Relu;
-              extra.mul = e.mul ? e.mul + (ic + ir) * e.ld_mul + jc + jr : nullptr;
-              extra.ld_mul = e.ld_mul;
-              if (p.residual) {
-                extra.residual = p.residual + (ic + ir) * p.ldc + jc + jr;
-                extra.drop = p.drop + (ic + ir) * p.ldc + jc + jr;
-                extra.ld_residual = p.ldc;
-              }
-            }
+            const bool fused = last && p.epilogue && bf16_fusable(*p.epilogue);
+            const Bf16Extra extra = fused ? bf16_extra(p, ic + ir, jc + jr) : Bf16Extra{};
             rk.ukernel(pairs, abuf + ir * pairs, pairs, bbuf + jr * pairs, c, p.ldc, !first, m, n,
                        fused ? &extra : nullptr);
             if (last && p.epilogue && !fused) p.ks.epilogue(c, p.ldc, m, n, ic + ir, jc + jr, *p.epilogue);

@@ -34,9 +34,10 @@ void bf16_gemm(const KernelSet& ks, bool native, bool trans_a, bool trans_b, ind
                int n_threads);
 
 // bf16_gemm with the same bits, faster where op(A) is row-major with many rows and N is narrow (the sequential
-// model's projections and input gradients: M = a batch's event rows, N and K 64-192): the native kernel reads
-// A's rows in place after converting each block of rows to bf16 once (no MR panels, whose packing cost as much
-// as the products at these widths). trans_a, or the emulated kernel: bf16_gemm itself.
+// model's projections and input gradients: M = a batch's event rows, N and K 64-192; the MLP's forward and
+// delta products, mlp.cpp layer_gemm): the native kernel reads A's rows in place after converting each block
+// of rows to bf16 once (no MR panels, whose packing cost as much as the products at these widths). trans_a,
+// or the emulated kernel: bf16_gemm itself.
 void bf16_gemm_rows(const KernelSet& ks, bool native, bool trans_a, bool trans_b, index_t M, index_t N, index_t K,
                     const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
                     const Epilogue* epilogue, int n_threads);

@@ -150,8 +150,9 @@ double backward(const KernelSet& ks, const Network& net, const Input& X, const f
 void layer_gemm(const KernelSet& ks, const Network& net, const Layer& layer, bool trans_a, bool trans_b, index_t M,
                 index_t N, index_t K, const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
                 const Epilogue* epilogue, int n_threads) {
+  // Row-major A (forward, deltas): bf16_gemm_rows, the same bits without A's MR panels.
   if (net.bf16 && layer.fan_out > 1)
-    bf16_gemm(ks, net.bf16_native, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
+    bf16_gemm_rows(ks, net.bf16_native, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
   else
     sgemm(ks, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, epilogue, n_threads);
 }

@@ -177,3 +177,70 @@ def test_an_explicit_isa_below_avx512_gets_the_emulated_kernel():
         np.testing.assert_array_equal(_core.bf16_gemm(a, b, kernel="auto", isa=isa), emulated)
         with pytest.raises(ValueError, match="avx512_bf16"):
             _core.bf16_gemm(a, b, kernel="avx512_bf16", isa=isa)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("M, N, K, parts", [(300, 64, 256, ("bias", "relu")), (37, 70, 1025, ("mul",)),
+                                            (25, 33, 40, ("addend", "bias", "relu", "mul")), (12, 32, 2, ("bias",)),
+                                            (13, 17, 7, ("addend",))])
+def test_packed_path_epilogue_bits(kernel, M, N, K, parts):
+    """The packed-panel path (bf16_gemm; reached here through bf16_gemm_rows with a transposed A) applies the
+    epilogue (addend, bias, ReLU, ReLU derivative mask) in the micro-kernel's registers: the bits of the same
+    float32 operations in the same order after the product, done here by NumPy in float32 on the product
+    without epilogue; full and edge tiles, K over one block; exact equality on any thread count."""
+    rng = np.random.default_rng(M + N + K + len(parts))
+    a = rng.standard_normal((K, M), dtype=np.float32)  # stored K x M: op(a) = aᵀ
+    b = rng.standard_normal((K, N), dtype=np.float32)
+    kw = {}
+    if "addend" in parts:
+        kw["addend"] = rng.standard_normal((M, N), dtype=np.float32)
+    if "bias" in parts:
+        kw["bias"] = rng.standard_normal(N, dtype=np.float32)
+    if "relu" in parts:
+        kw["relu"] = True
+    if "mul" in parts:
+        kw["mul"] = np.maximum(rng.standard_normal((M, N), dtype=np.float32), 0)
+    want = _core.bf16_gemm(a, b, True, False, kernel=kernel, n_threads=1)
+    if "addend" in kw:
+        want = want + kw["addend"]
+    if "bias" in kw:
+        want = want + kw["bias"]
+    if "relu" in kw:
+        want = np.where(want > 0, want, np.float32(0))
+    if "mul" in kw:
+        want = want * (kw["mul"] > 0).astype(np.float32)
+    assert want.dtype == np.float32
+    for n in (1, 2, 3):
+        np.testing.assert_array_equal(_core.bf16_gemm_rows(a, b, True, False, kernel=kernel, n_threads=n, **kw),
+                                      want)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_denormals_round_as_normal_floats(kernel):
+    """Denormal operands round by the same rule (ties to even) on every packing and conversion path, 32 values
+    at a time included (the native kernel's VCVTNE2PS2BF16 flushes denormals to zero: such vectors must take
+    the integer rounding): a denormal just under the smallest normal float rounds up to it. C = x I and
+    C = I xᵀ are exact; where the rounded value is itself denormal, the native VDPBF16PS may flush its product
+    to zero, so those elements are checked to be the rounded value or zero."""
+    rng = np.random.default_rng(5)
+    bits = np.array([0x007FC000, 0x807FFFFF, 0x007F8001, 0x007F8000, 0x00000001, 0x00400000, 0x80012345],
+                    np.uint32)
+    x = rng.standard_normal((5, 70)).astype(np.float32)
+    x[:, 3:3 + len(bits)] = bits.view(np.float32)
+    x[2, 40:40 + len(bits)] = bits.view(np.float32)  # in the second 32 of a row too
+    want = ref.bf16_round(x)
+    assert want[0, 3] == np.finfo(np.float32).tiny and want[0, 4] == -np.finfo(np.float32).tiny
+    denormal = (want != 0) & (np.abs(want) < np.finfo(np.float32).tiny)
+
+    def check(got):
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got[~denormal], want[~denormal])
+        assert np.all((got[denormal] == want[denormal]) | (got[denormal] == 0))
+
+    eye = np.eye(70, dtype=np.float32)
+    eye5 = np.eye(5, dtype=np.float32)
+    check(_core.bf16_gemm(x, eye, kernel=kernel))                        # A row-major
+    check(_core.bf16_gemm(x.T.copy(), eye, True, False, kernel=kernel))  # A k-major
+    check(_core.bf16_gemm_rows(x, eye, kernel=kernel))                   # A converted by rows
+    check(_core.bf16_gemm(eye5, x, kernel=kernel))                       # B k-major
+    check(_core.bf16_gemm(eye5, x.T.copy(), False, True, kernel=kernel))  # B by rows

@@ -185,10 +185,28 @@ static inline std::uint32_t bf16_round_bits(float x) {
   return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
 }
 using Bf16PackFn = void (*)(bool k_major, const float* src, index_t ld, int count, index_t kc, std::uint32_t* out);
+// What a bf16 micro-kernel call does with the tile before it leaves the registers, when the call completes C's
+// sum over K: the Epilogue's operations that it names, in the Epilogue's order (so epilogue_impl's bits,
+// without a second pass over the tile): v += addend[i][j] (addend_scale 1), v += bias[j], v = max(v, 0) (ReLU),
+// v *= (mul[i][j] > 0 ? 1 : 0).
+struct Bf16Extra {
+  const float* addend = nullptr;  // the tile's rows of the addend, addend[i * ld_addend + j]
+  index_t ld_addend = 0;
+  const float* bias = nullptr;    // bias[j] for j < n
+  bool relu = false;
+  const float* mul = nullptr;     // the tile's rows of the ReLU outputs, mul[i * ld_mul + j]
+  index_t ld_mul = 0;
+  // Last, when set (gemm.h bf16_gemm_rows_residual): residual[i][j] += v * drop[i][j] instead of storing v to C.
+  float* residual = nullptr;      // the tile's rows, residual[i * ld_residual + j]; drop likewise
+  const float* drop = nullptr;
+  index_t ld_residual = 0;
+};
+using Bf16RowsExtra = Bf16Extra;  // its earlier name
 // acc(i, j) = sum over kp of the pair products of a(i, kp) and b(kp, j), kp = 0 .. kp_count - 1 in order (a
-// packed MR panel, a packed NR panel); then C[i][j] = acc or C[i][j] += acc for i < m, j < n.
+// packed MR panel, a packed NR panel); then C[i][j] = acc or C[i][j] += acc for i < m, j < n, then `extra`
+// (null: nothing more).
 using Bf16UkernelFn = void (*)(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, float* c,
-                               index_t ldc, bool accumulate, int m, int n);
+                               index_t ldc, bool accumulate, int m, int n, const Bf16Extra* extra);
 struct Bf16KernelSet {
   int mr, nr;
   index_t kc, mc, nc;  // kc in k (even: a pair never straddles two K blocks)
@@ -201,26 +219,11 @@ const Bf16KernelSet& bf16_kernels_avx512();  // kernels_avx512_bf16.cpp: needs a
 // bf16 products with row-major A read in place after a contiguous conversion (gemm.h bf16_gemm_rows): no MR
 // panels. convert(src, ld, rows, kc, out, ld_out): row r's kc floats rounded to bf16, stored as (kc + 1) / 2
 // pair words at out + r * ld_out (an odd kc's last pair has a zero high half). ukernel: the Bf16UkernelFn sums
-// (same order, same bits) with a(i, kp) at a[i * rs_a + kp]; rows i >= m are not read; then, when `extra` is
-// set (the call completing C's sum over K), before the tile leaves the registers, the Epilogue's operations
-// that it names, in the Epilogue's order (so epilogue_impl's bits, without a second pass over the tile):
-// v += addend[i][j] (addend_scale 1), v += bias[j], v = max(v, 0) (ReLU), v *= (mul[i][j] > 0 ? 1 : 0).
-struct Bf16RowsExtra {
-  const float* addend = nullptr;  // the tile's rows of the addend, addend[i * ld_addend + j]
-  index_t ld_addend = 0;
-  const float* bias = nullptr;    // bias[j] for j < n
-  bool relu = false;
-  const float* mul = nullptr;     // the tile's rows of the ReLU outputs, mul[i * ld_mul + j]
-  index_t ld_mul = 0;
-  // Last, when set (gemm.h bf16_gemm_rows_residual): residual[i][j] += v * drop[i][j] instead of storing v to C.
-  float* residual = nullptr;      // the tile's rows, residual[i * ld_residual + j]; drop likewise
-  const float* drop = nullptr;
-  index_t ld_residual = 0;
-};
+// (same order, same bits) with a(i, kp) at a[i * rs_a + kp]; rows i >= m are not read; then `extra`.
 using Bf16ConvertFn = void (*)(const float* src, index_t ld, index_t rows, index_t kc, std::uint32_t* out,
                                index_t ld_out);
 using Bf16RowsUkernelFn = void (*)(index_t kp_count, const std::uint32_t* a, index_t rs_a, const std::uint32_t* b,
-                                   float* c, index_t ldc, bool accumulate, int m, int n, const Bf16RowsExtra* extra);
+                                   float* c, index_t ldc, bool accumulate, int m, int n, const Bf16Extra* extra);
 struct Bf16RowsKernels {
   Bf16ConvertFn convert;
   Bf16RowsUkernelFn ukernel;

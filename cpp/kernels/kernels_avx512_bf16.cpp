@@ -36,8 +36,29 @@ __mmask16 lanes(int count) {
   return count >= 16 ? static_cast<__mmask16>(0xFFFF) : count <= 0 ? 0 : static_cast<__mmask16>((1u << count) - 1u);
 }
 
-// Element (r, k) = src[k * ld + r]: rows k and k + 1 are contiguous runs, their rounded lanes OR-ed into the
-// pair words (no shuffles).
+// Lanes of x holding a denormal: |x|'s bits in [1, 2^23 - 1], tested on the integers (VFPCLASSPS follows
+// MXCSR.DAZ, which the core sets: parallel.h FlushDenormals).
+inline __mmask16 denormals(__m512 x) {
+  const __m512i abs_bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
+  return _mm512_cmp_epu32_mask(_mm512_sub_epi32(abs_bits, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x007FFFFF),
+                               _MM_CMPINT_LT);
+}
+
+// 32 floats (lo: the first 16, hi: the next 16) rounded as bf16_round_bits rounds one, the 32 bf16 in order.
+// VCVTNE2PS2BF16 rounds the same way (to nearest even, NaN quieted with its high bits kept) except that it
+// flushes denormal inputs to zero: a vector holding one takes round16 instead.
+inline __m512i bf16x32(__m512 lo, __m512 hi) {
+  if (__builtin_expect((denormals(lo) | denormals(hi)) != 0, 0)) {
+    alignas(64) static const std::uint16_t kHigh[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21,
+                                                       23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43,
+                                                       45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+    return _mm512_permutex2var_epi16(round16(lo), _mm512_load_si512(kHigh), round16(hi));
+  }
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// Element (r, k) = src[k * ld + r]: rows k and k + 1 are contiguous runs, rounded together and interleaved
+// into the pair words by one word permutation.
 template <int R>
 void pack_k_major(const float* src, index_t ld, int count, index_t kc, std::uint32_t* out) {
   constexpr int V = (R + 15) / 16;
@@ -46,15 +67,20 @@ void pack_k_major(const float* src, index_t ld, int count, index_t kc, std::uint
     load[v] = lanes(std::min(count, R) - 16 * v);
     store[v] = lanes(R - 16 * v);
   }
+  alignas(64) static const std::uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                            21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
+                                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
   const index_t pairs = (kc + 1) / 2;
   for (index_t kp = 0; kp < pairs; ++kp) {
     const float* s0 = src + 2 * kp * ld;
     const bool odd = 2 * kp + 1 < kc;
 #pragma GCC unroll 2
     for (int v = 0; v < V; ++v) {
-      const __m512i lo = round16(_mm512_maskz_loadu_ps(load[v], s0 + 16 * v));
-      const __m512i hi = odd ? round16(_mm512_maskz_loadu_ps(load[v], s0 + ld + 16 * v)) : _mm512_setzero_si512();
-      _mm512_mask_storeu_epi32(out + kp * R + 16 * v, store[v], _mm512_or_si512(srl16(lo), hi));
+      const __m512 lo = _mm512_maskz_loadu_ps(load[v], s0 + 16 * v);
+      const __m512 hi = odd ? _mm512_maskz_loadu_ps(load[v], s0 + ld + 16 * v) : _mm512_setzero_ps();
+      // the 32 bf16 (row k's 16, row k + 1's 16) interleaved into 16 pair words
+      _mm512_mask_storeu_epi32(out + kp * R + 16 * v, store[v], _mm512_permutexvar_epi16(interleave, bf16x32(lo, hi)));
     }
   }
 }
@@ -90,10 +116,6 @@ inline void transpose16(__m512i (&w)[16]) {
 // columns cost about twice as much); the last k % 32 row by row.
 template <int R>
 void pack_rows(const float* src, index_t ld, int count, index_t kc, std::uint32_t* out) {
-  alignas(64) static const std::uint16_t kHigh[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21,
-                                                     23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43,
-                                                     45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
-  const __m512i high_halves = _mm512_load_si512(kHigh);
   index_t k0 = 0;
   for (; k0 + 32 <= kc; k0 += 32) {
     for (int g = 0; g < R; g += 16) {
@@ -104,9 +126,8 @@ void pack_rows(const float* src, index_t ld, int count, index_t kc, std::uint32_
         const int r = g + i;
         if (i < rows && r < count) {
           const float* s = src + r * ld + k0;
-          // the high halves (the bf16s) of k0..k0+15, then of k0+16..k0+31: word p = (k0 + 2p, k0 + 2p + 1)
-          w[i] = _mm512_permutex2var_epi16(round16(_mm512_loadu_ps(s)), high_halves,
-                                           round16(_mm512_loadu_ps(s + 16)));
+          // the bf16s of k0..k0+31 in order: word p = (k0 + 2p, k0 + 2p + 1)
+          w[i] = bf16x32(_mm512_loadu_ps(s), _mm512_loadu_ps(s + 16));
         } else {
           w[i] = _mm512_setzero_si512();
         }
@@ -137,46 +158,115 @@ void pack_bf16(bool k_major, const float* src, index_t ld, int count, index_t kc
     pack_rows<R>(src, ld, count, kc, out);
 }
 
+// C's tile rows: unmasked loads and stores on full tiles (kFull: m = MR, n = NR), masked ones on edge tiles.
+template <bool kFull>
+inline __m512 load_c(const float* p, __mmask16 mask) {
+  return kFull ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask, p);
+}
+template <bool kFull>
+inline void store_c(float* p, __mmask16 mask, __m512 v) {
+  if (kFull)
+    _mm512_storeu_ps(p, v);
+  else
+    _mm512_mask_storeu_ps(p, mask, v);
+}
+
+// The tile's accumulators to C: the sum with C (accumulate), then Bf16Extra's operations (kernels.h), in
+// registers. kHalf: n <= 16, the second half neither computed nor stored.
+template <bool kHalf, bool kFull>
+inline void finish(__m512 (&acc0)[kMr], __m512 (&acc1)[kMr], float* c, index_t ldc, bool accumulate, int m, int n,
+                   const Bf16Extra* extra) {
+  const __mmask16 mask0 = lanes(n), mask1 = lanes(n - 16);
+  const float* bias = extra ? extra->bias : nullptr;
+  const bool relu = extra && extra->relu;
+  const __m512 bias0 = bias ? load_c<kFull>(bias, mask0) : _mm512_setzero_ps();
+  const __m512 bias1 = bias && !kHalf ? load_c<kFull>(bias + 16, mask1) : _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+#pragma GCC unroll 12
+  for (int i = 0; i < kMr; ++i) {
+    if (!kFull && i >= m) break;
+    float* ci = c + i * ldc;
+    __m512 r0 = acc0[i], r1 = acc1[i];
+    if (accumulate) {
+      r0 = _mm512_add_ps(load_c<kFull>(ci, mask0), r0);
+      if (!kHalf) r1 = _mm512_add_ps(load_c<kFull>(ci + 16, mask1), r1);
+    }
+    if (extra) {
+      if (extra->addend) {  // epilogue_impl's v += 1 * addend: the product by 1 is exact
+        const float* ad = extra->addend + i * extra->ld_addend;
+        r0 = _mm512_add_ps(r0, load_c<kFull>(ad, mask0));
+        if (!kHalf) r1 = _mm512_add_ps(r1, load_c<kFull>(ad + 16, mask1));
+      }
+      if (bias) {
+        r0 = _mm512_add_ps(r0, bias0);
+        if (!kHalf) r1 = _mm512_add_ps(r1, bias1);
+      }
+      if (relu) {  // max(v, +0): +0 for NaN and -0, as apply_act's v > 0 ? v : 0
+        r0 = _mm512_maskz_max_ps(kAll, r0, zero);
+        if (!kHalf) r1 = _mm512_maskz_max_ps(kAll, r1, zero);
+      }
+      if (extra->mul) {  // a multiplication by 0 or 1, as in the epilogue (inf * 0 stays NaN)
+        const float* u = extra->mul + i * extra->ld_mul;
+        r0 = _mm512_mul_ps(r0, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load_c<kFull>(u, mask0), zero, _CMP_GT_OQ), one));
+        if (!kHalf)
+          r1 = _mm512_mul_ps(r1, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load_c<kFull>(u + 16, mask1), zero, _CMP_GT_OQ), one));
+      }
+      if (extra->residual) {  // x += v * drop, as the model's loop x[i] += t[i] * mask[i]; C is not written
+        float* x = extra->residual + i * extra->ld_residual;
+        const float* dm = extra->drop + i * extra->ld_residual;
+        // the _round_ product: GCC does not contract it with the sum into an FMA (one rounding, other bits)
+        constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        r0 = _mm512_add_ps(load_c<kFull>(x, mask0), _mm512_maskz_mul_round_ps(kAll, r0, load_c<kFull>(dm, mask0), kNear));
+        store_c<kFull>(x, mask0, r0);
+        if (!kHalf) {
+          r1 = _mm512_add_ps(load_c<kFull>(x + 16, mask1),
+                             _mm512_maskz_mul_round_ps(kAll, r1, load_c<kFull>(dm + 16, mask1), kNear));
+          store_c<kFull>(x + 16, mask1, r1);
+        }
+        continue;
+      }
+    }
+    store_c<kFull>(ci, mask0, r0);
+    if (!kHalf) store_c<kFull>(ci + 16, mask1, r1);
+  }
+}
+
 // One tile, start to finish, in one function: the 24 accumulators stay in registers (with the loop in a helper
 // taking them by reference and a branch between two loops, GCC kept them in stack arrays, zeroed by two
-// `rep stos` per call: ~1.5% of a bf16 training epoch).
-template <bool kHalf>
-void tile(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, float* c, index_t ldc, bool accumulate,
-          int m, int n) {
+// `rep stos` per call: ~1.5% of a bf16 training epoch). kRows: A's rows read in place, a(i, kp) = a[i * rs_a +
+// kp] (rows past m re-read row 0, never stored); else a packed MR panel, a(i, kp) = a[kp * MR + i].
+template <bool kHalf, bool kRows>
+void tile(index_t kp_count, const std::uint32_t* a, index_t rs_a, const std::uint32_t* b, float* c, index_t ldc,
+          bool accumulate, int m, int n, const Bf16Extra* extra) {
   __m512 acc0[kMr], acc1[kMr];
 #pragma GCC unroll 12
   for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
-  for (index_t kp = 0; kp < kp_count; ++kp, a += kMr, b += kNr) {
+  const std::uint32_t* row[kMr];
+  if (kRows)
+    for (int i = 0; i < kMr; ++i) row[i] = a + (i < m ? i : 0) * rs_a;
+  for (index_t kp = 0; kp < kp_count; ++kp, b += kNr) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
     const __m512bh b1 = kHalf ? b0 : (__m512bh)_mm512_loadu_si512(b + 16);
 #pragma GCC unroll 12
     for (int i = 0; i < kMr; ++i) {
-      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i]));
+      const std::uint32_t word = kRows ? row[i][kp] : a[kp * kMr + i];
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
       acc0[i] = _mm512_dpbf16_ps(acc0[i], ai, b0);
       if (!kHalf) acc1[i] = _mm512_dpbf16_ps(acc1[i], ai, b1);
     }
   }
-  const __mmask16 mask0 = lanes(n), mask1 = lanes(n - 16);
-#pragma GCC unroll 12
-  for (int i = 0; i < kMr; ++i) {
-    if (i >= m) break;
-    float* ci = c + i * ldc;
-    __m512 r0 = acc0[i];
-    if (accumulate) r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, ci), r0);
-    _mm512_mask_storeu_ps(ci, mask0, r0);
-    if (kHalf) continue;  // n <= 16: no second half
-    __m512 r1 = acc1[i];
-    if (accumulate) r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, ci + 16), r1);
-    _mm512_mask_storeu_ps(ci + 16, mask1, r1);
-  }
+  if (!kHalf && m == kMr && n == kNr)
+    finish<false, true>(acc0, acc1, c, ldc, accumulate, m, n, extra);
+  else
+    finish<kHalf, false>(acc0, acc1, c, ldc, accumulate, m, n, extra);
 }
 
 void ukernel_avx512_bf16(index_t kp_count, const std::uint32_t* a, const std::uint32_t* b, float* c, index_t ldc,
-                         bool accumulate, int m, int n) {
+                         bool accumulate, int m, int n, const Bf16Extra* extra) {
   if (n <= 16)
-    tile<true>(kp_count, a, b, c, ldc, accumulate, m, n);
+    tile<true, false>(kp_count, a, 0, b, c, ldc, accumulate, m, n, extra);
   else
-    tile<false>(kp_count, a, b, c, ldc, accumulate, m, n);
+    tile<false, false>(kp_count, a, 0, b, c, ldc, accumulate, m, n, extra);
 }
 
 // ---- row-major A in place (kernels.h Bf16RowsKernels) ----
@@ -186,6 +276,7 @@ void convert_rows(const float* src, index_t ld, index_t rows, index_t kc, std::u
     const float* s = src + r * ld;
     auto* o = reinterpret_cast<std::uint16_t*>(out + r * ld_out);  // pair word kp = halves 2kp (low), 2kp + 1
     index_t k = 0;
+    for (; k + 32 <= kc; k += 32) _mm512_storeu_si512(o + k, bf16x32(_mm512_loadu_ps(s + k), _mm512_loadu_ps(s + k + 16)));
     for (; k + 16 <= kc; k += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k),
                           _mm512_maskz_cvtepi32_epi16(kAll, srl16(round16(_mm512_loadu_ps(s + k)))));
@@ -198,80 +289,12 @@ void convert_rows(const float* src, index_t ld, index_t rows, index_t kc, std::u
   }
 }
 
-template <bool kHalf>
-inline void dot_loop_rows(index_t kp_count, const std::uint32_t* a, index_t rs_a, int m, const std::uint32_t* b,
-                          __m512 (&acc0)[kMr], __m512 (&acc1)[kMr]) {
-  const std::uint32_t* row[kMr];
-  for (int i = 0; i < kMr; ++i) row[i] = a + (i < m ? i : 0) * rs_a;  // rows past m re-read row 0, never stored
-  for (index_t kp = 0; kp < kp_count; ++kp, b += kNr) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
-    const __m512bh b1 = kHalf ? b0 : (__m512bh)_mm512_loadu_si512(b + 16);
-#pragma GCC unroll 12
-    for (int i = 0; i < kMr; ++i) {
-      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(row[i][kp]));
-      acc0[i] = _mm512_dpbf16_ps(acc0[i], ai, b0);
-      if (!kHalf) acc1[i] = _mm512_dpbf16_ps(acc1[i], ai, b1);
-    }
-  }
-}
-
 void ukernel_rows_avx512_bf16(index_t kp_count, const std::uint32_t* a, index_t rs_a, const std::uint32_t* b,
-                              float* c, index_t ldc, bool accumulate, int m, int n, const Bf16RowsExtra* extra) {
-  __m512 acc0[kMr], acc1[kMr];
-  for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+                              float* c, index_t ldc, bool accumulate, int m, int n, const Bf16Extra* extra) {
   if (n <= 16)
-    dot_loop_rows<true>(kp_count, a, rs_a, m, b, acc0, acc1);
+    tile<true, true>(kp_count, a, rs_a, b, c, ldc, accumulate, m, n, extra);
   else
-    dot_loop_rows<false>(kp_count, a, rs_a, m, b, acc0, acc1);
-  const __mmask16 mask0 = lanes(n), mask1 = lanes(n - 16);
-  const float* bias = extra ? extra->bias : nullptr;
-  const bool relu = extra && extra->relu;
-  const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(mask0, bias) : _mm512_setzero_ps();
-  const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(mask1, bias + 16) : _mm512_setzero_ps();
-  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
-#pragma GCC unroll 12
-  for (int i = 0; i < kMr; ++i) {
-    if (i >= m) break;
-    float* ci = c + i * ldc;
-    __m512 r0 = acc0[i], r1 = acc1[i];
-    if (accumulate) {
-      r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, ci), r0);
-      r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, ci + 16), r1);
-    }
-    if (extra) {
-      if (extra->addend) {  // epilogue_impl's v += 1 * addend: the product by 1 is exact
-        const float* ad = extra->addend + i * extra->ld_addend;
-        r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(mask0, ad));
-        r1 = _mm512_add_ps(r1, _mm512_maskz_loadu_ps(mask1, ad + 16));
-      }
-      if (bias) {
-        r0 = _mm512_add_ps(r0, bias0);
-        r1 = _mm512_add_ps(r1, bias1);
-      }
-      if (relu) {  // max(v, +0): +0 for NaN and -0, as apply_act's v > 0 ? v : 0
-        r0 = _mm512_maskz_max_ps(kAll, r0, zero);
-        r1 = _mm512_maskz_max_ps(kAll, r1, zero);
-      }
-      if (extra->mul) {  // a multiplication by 0 or 1, as in the epilogue (inf * 0 stays NaN)
-        const float* u = extra->mul + i * extra->ld_mul;
-        r0 = _mm512_mul_ps(r0, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(mask0, u), zero, _CMP_GT_OQ), one));
-        r1 = _mm512_mul_ps(r1, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(mask1, u + 16), zero, _CMP_GT_OQ), one));
-      }
-      if (extra->residual) {  // x += v * drop, as the model's loop x[i] += t[i] * mask[i]; C is not written
-        float* x = extra->residual + i * extra->ld_residual;
-        const float* dm = extra->drop + i * extra->ld_residual;
-        // the _round_ product: GCC does not contract it with the sum into an FMA (one rounding, other bits)
-        constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        r0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, x), _mm512_maskz_mul_round_ps(kAll, r0, _mm512_maskz_loadu_ps(mask0, dm), kNear));
-        r1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, x + 16), _mm512_maskz_mul_round_ps(kAll, r1, _mm512_maskz_loadu_ps(mask1, dm + 16), kNear));
-        _mm512_mask_storeu_ps(x, mask0, r0);
-        _mm512_mask_storeu_ps(x + 16, mask1, r1);
-        continue;
-      }
-    }
-    _mm512_mask_storeu_ps(ci, mask0, r0);
-    _mm512_mask_storeu_ps(ci + 16, mask1, r1);
-  }
+    tile<false, true>(kp_count, a, rs_a, b, c, ldc, accumulate, m, n, extra);
 }
 
 }  // namespace
