@@ -180,16 +180,20 @@ def test_an_explicit_isa_below_avx512_gets_the_emulated_kernel():
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("M, N, K, parts", [(300, 64, 256, ("bias", "relu")), (37, 70, 1025, ("mul",)),
-                                            (25, 33, 40, ("addend", "bias", "relu", "mul")), (12, 32, 2, ("bias",)),
-                                            (13, 17, 7, ("addend",))])
-def test_packed_path_epilogue_bits(kernel, M, N, K, parts):
-    """The packed-panel path (bf16_gemm; reached here through bf16_gemm_rows with a transposed A) applies the
-    epilogue (addend, bias, ReLU, ReLU derivative mask) in the micro-kernel's registers: the bits of the same
-    float32 operations in the same order after the product, done here by NumPy in float32 on the product
-    without epilogue; full and edge tiles, K over one block; exact equality on any thread count."""
+@pytest.mark.parametrize("trans_a, M, N, K, parts", [
+    # the packed-panel path (bf16_gemm; reached through bf16_gemm_rows with a transposed A)
+    (True, 300, 64, 256, ("bias", "relu")), (True, 37, 70, 1025, ("mul",)),
+    (True, 25, 33, 40, ("addend", "bias", "relu", "mul")), (True, 12, 32, 2, ("bias",)), (True, 13, 17, 7, ("addend",)),
+    # the rows path (row-major A read in place: the sequential model's and layer_gemm's products)
+    (False, 5391, 192, 64, ("bias",)), (False, 1000, 64, 64, ("addend", "bias")), (False, 300, 48, 32, ("bias", "relu")),
+    (False, 29, 40, 7, ("mul",)), (False, 200, 17, 1100, ("addend", "bias", "relu", "mul"))])
+def test_epilogue_bits(kernel, trans_a, M, N, K, parts):
+    """The epilogues (residual addend, bias, ReLU, ReLU derivative mask), applied in the micro-kernel's registers
+    on the packed and on the rows path, give the bits of the same float32 operations in the same order after
+    the product: (C + addend) + bias, max(., 0), times (mul > 0). NumPy does them here, in float32, on the
+    product without epilogue; full and edge tiles, K over one block; exact equality on any thread count."""
     rng = np.random.default_rng(M + N + K + len(parts))
-    a = rng.standard_normal((K, M), dtype=np.float32)  # stored K x M: op(a) = aᵀ
+    a = rng.standard_normal((K, M) if trans_a else (M, K), dtype=np.float32)
     b = rng.standard_normal((K, N), dtype=np.float32)
     kw = {}
     if "addend" in parts:
@@ -200,7 +204,7 @@ def test_packed_path_epilogue_bits(kernel, M, N, K, parts):
         kw["relu"] = True
     if "mul" in parts:
         kw["mul"] = np.maximum(rng.standard_normal((M, N), dtype=np.float32), 0)
-    want = _core.bf16_gemm(a, b, True, False, kernel=kernel, n_threads=1)
+    want = _core.bf16_gemm(a, b, trans_a, False, kernel=kernel, n_threads=1)
     if "addend" in kw:
         want = want + kw["addend"]
     if "bias" in kw:
@@ -211,7 +215,7 @@ def test_packed_path_epilogue_bits(kernel, M, N, K, parts):
         want = want * (kw["mul"] > 0).astype(np.float32)
     assert want.dtype == np.float32
     for n in (1, 2, 3):
-        np.testing.assert_array_equal(_core.bf16_gemm_rows(a, b, True, False, kernel=kernel, n_threads=n, **kw),
+        np.testing.assert_array_equal(_core.bf16_gemm_rows(a, b, trans_a, False, kernel=kernel, n_threads=n, **kw),
                                       want)
 
 

@@ -239,41 +239,6 @@ def test_rows_path_gives_bf16_gemm_bits(M, N, K, trans_b):
                                       want)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("M, N, K, parts", [(5391, 192, 64, ("bias",)), (1000, 64, 64, ("addend", "bias")),
-                                            (300, 48, 32, ("bias", "relu")), (29, 40, 7, ("mul",)),
-                                            (200, 17, 1100, ("addend", "bias", "relu", "mul"))])
-def test_rows_path_epilogue_bits(kernel, M, N, K, parts):
-    """The model's epilogues (residual addend, bias, ReLU, ReLU derivative mask), applied inside the rows
-    kernel while the tile is in registers, give the bits of the same float32 operations in the same order
-    after the product: (C + addend) + bias, max(., 0), times (mul > 0). NumPy does them here, in float32, on
-    the product without epilogue; exact equality, on any thread count."""
-    rng = np.random.default_rng(M + N + K + len(parts))
-    a = rng.standard_normal((M, K), dtype=np.float32)
-    b = rng.standard_normal((K, N), dtype=np.float32)
-    kw = {}
-    if "addend" in parts:
-        kw["addend"] = rng.standard_normal((M, N), dtype=np.float32)
-    if "bias" in parts:
-        kw["bias"] = rng.standard_normal(N, dtype=np.float32)
-    if "relu" in parts:
-        kw["relu"] = True
-    if "mul" in parts:
-        kw["mul"] = np.maximum(rng.standard_normal((M, N), dtype=np.float32), 0)
-    want = _core.bf16_gemm_rows(a, b, kernel=kernel, n_threads=1)
-    if "addend" in kw:
-        want = want + kw["addend"]
-    if "bias" in kw:
-        want = want + kw["bias"]
-    if "relu" in kw:
-        want = np.where(want > 0, want, np.float32(0))
-    if "mul" in kw:
-        want = want * (kw["mul"] > 0).astype(np.float32)
-    assert want.dtype == np.float32
-    for n in (1, 2, 3):
-        np.testing.assert_array_equal(_core.bf16_gemm_rows(a, b, kernel=kernel, n_threads=n, **kw), want)
-
-
 @pytest.mark.skipif("avx512_bf16" not in KERNELS, reason="no AVX512-BF16 here")
 @pytest.mark.parametrize("M, N, K", [(5391, 64, 64), (29, 40, 7), (300, 17, 48)])
 def test_dropout_residual_bits(M, N, K):
