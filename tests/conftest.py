@@ -17,6 +17,16 @@ def rng():
     return np.random.default_rng(12345)
 
 
+@pytest.fixture(scope="module")
+def threads_client():
+    """A Dask client of 3 single-threaded workers in this process, shared by a test module."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
 @pytest.fixture
 def kill_a_replica_mid_fit():
     """Checks that a Dask fit whose replica's worker dies ends with WorkerLostError within its timeout and leaves

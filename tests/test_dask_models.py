@@ -11,7 +11,6 @@ pytest.importorskip("distributed")
 pd = pytest.importorskip("pandas")
 da = pytest.importorskip("dask.array")
 dd = pytest.importorskip("dask.dataframe")
-from distributed import Client, LocalCluster  # noqa: E402
 
 import fastrec  # noqa: E402
 from fastrec.dask import DaskFieldModel, DaskRecommender, DaskTwoTower  # noqa: E402
@@ -47,13 +46,6 @@ def chunked(x, parts):
     return da.from_array(x, chunks=-(-len(x) // parts))
 
 
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=3, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
-            Client(cluster) as c:
-        yield c
-
-
 def same_arrays(a, b):
     return all(np.array_equal(x, y) for x, y in zip(a.net_._arrays(), b.net_._arrays())) and \
         len(a.net_._arrays()) == len(b.net_._arrays())
@@ -65,7 +57,7 @@ def tower_arrays(m):
 
 # ----------------------------------------------------------------------------------------------- FieldModel
 @pytest.mark.parametrize("loss", ["bce", "mse"])
-def test_field_model_on_one_worker_equals_a_local_fit_bitwise(client, loss):
+def test_field_model_on_one_worker_equals_a_local_fit_bitwise(threads_client, loss):
     # bce with the ad column hashed; mse with sample weights (its offset is their weighted mean).
     df, y = table()
     params, weight = {**FIELD, "loss": loss}, None
@@ -74,7 +66,7 @@ def test_field_model_on_one_worker_equals_a_local_fit_bitwise(client, loss):
         weight = np.random.default_rng(5).uniform(0.5, 2.0, len(y))
     else:
         params["fields"] = {"ad": {"hash_buckets": 64}}
-    got = DaskFieldModel(client=client, **params).fit(
+    got = DaskFieldModel(client=threads_client, **params).fit(
         frame(df, 1), chunked(y, 1), None if weight is None else chunked(weight, 1)).to_local()
     local = fastrec.FieldModel(**params).fit(dict(df), y, weight)
     assert got.columns_ == local.columns_
@@ -84,10 +76,10 @@ def test_field_model_on_one_worker_equals_a_local_fit_bitwise(client, loss):
     np.testing.assert_array_equal(got.predict(dict(df[:50])), local.predict(dict(df[:50])))
 
 
-def test_field_model_partial_fit_with_new_values_on_one_worker_equals_local(client):
+def test_field_model_partial_fit_with_new_values_on_one_worker_equals_local(threads_client):
     df, y = table()
     df2, y2 = table(n=1500, seed=1, users=400, ads=180)  # users 300-399 and ads a150-a179 are new
-    dm = DaskFieldModel(client=client, **FIELD).fit(frame(df, 1), chunked(y, 1))
+    dm = DaskFieldModel(client=threads_client, **FIELD).fit(frame(df, 1), chunked(y, 1))
     dm.partial_fit(frame(df2, 1), chunked(y2, 1))
     local = fastrec.FieldModel(**FIELD).fit(dict(df), y).partial_fit(dict(df2), y2)
     assert same_arrays(dm.to_local(), local)
@@ -95,9 +87,9 @@ def test_field_model_partial_fit_with_new_values_on_one_worker_equals_local(clie
     np.testing.assert_array_equal(dm.to_local()._vocab_["ad"].ids, local._vocab_["ad"].ids)
 
 
-def test_field_model_on_three_workers_learns_pools_the_scaling_and_serves(client, tmp_path):
+def test_field_model_on_three_workers_learns_pools_the_scaling_and_serves(threads_client, tmp_path):
     df, y = table(n=9000)
-    dm = DaskFieldModel(client=client, sync_every=10, **{**FIELD, "epochs": 8}).fit(frame(df, 3), chunked(y, 3))
+    dm = DaskFieldModel(client=threads_client, sync_every=10, **{**FIELD, "epochs": 8}).fit(frame(df, 3), chunked(y, 3))
     assert len(set(dm.replica_workers_)) == 3
     model = dm.to_local()
     # Scaling over all partitions: the whole column's mean and population std (float64 pooled: 1e-12).
@@ -113,15 +105,15 @@ def test_field_model_on_three_workers_learns_pools_the_scaling_and_serves(client
     # Scoring on the cluster: the local model's numbers.
     np.testing.assert_array_equal(dm.predict_proba(frame(df[:300], 3)).compute(), model.predict_proba(dict(df[:300])))
     np.testing.assert_array_equal(dm.predict(frame(df[:300], 3)).compute(), model.predict(dict(df[:300])))
-    wrapped = DaskFieldModel.from_local(loaded, client=client)
+    wrapped = DaskFieldModel.from_local(loaded, client=threads_client)
     np.testing.assert_array_equal(wrapped.predict(frame(df[:300], 2)).compute(), model.predict(dict(df[:300])))
 
 
-def test_field_model_pools_the_targets_mean_and_the_scaling_over_partitions(client):
+def test_field_model_pools_the_targets_mean_and_the_scaling_over_partitions(threads_client):
     df, y = table(n=3000)
     y = y * 3.0 + df["x"].to_numpy()
     weight = np.random.default_rng(5).uniform(0.5, 2.0, len(y))
-    model = DaskFieldModel(client=client, loss="mse", **{**FIELD, "epochs": 1}).fit(
+    model = DaskFieldModel(client=threads_client, loss="mse", **{**FIELD, "epochs": 1}).fit(
         frame(df, 3), chunked(y, 3), chunked(weight, 3)).to_local()
     # Pooled in float64 from each partition's figures: equal to the whole data's within 1e-12 (relative).
     np.testing.assert_allclose(model._y_offset, np.average(y, weights=weight.astype(np.float32)), rtol=1e-12)
@@ -129,19 +121,19 @@ def test_field_model_pools_the_targets_mean_and_the_scaling_over_partitions(clie
     np.testing.assert_allclose(model._scale_["x"][1], [df["x"].std(ddof=0)], rtol=1e-12)
 
 
-def test_field_model_trains_around_an_empty_partition(client):
+def test_field_model_trains_around_an_empty_partition(threads_client):
     df, y = table(n=2000)
     X = dd.concat([frame(df[:1000], 1), frame(df[:0], 1), frame(df[1000:], 1)])
-    dm = DaskFieldModel(client=client, **{**FIELD, "epochs": 2}).fit(X, da.from_array(y, chunks=((1000, 0, 1000),)))
+    dm = DaskFieldModel(client=threads_client, **{**FIELD, "epochs": 2}).fit(X, da.from_array(y, chunks=((1000, 0, 1000),)))
     assert len(dm.to_local().history_["loss"]) == 2
     assert np.isfinite(dm.to_local().predict_proba(dict(df))).all()
 
 
-def test_field_model_values_on_one_partition_only_are_learned(client):
+def test_field_model_values_on_one_partition_only_are_learned(threads_client):
     df, y = table(n=6000)
     df = df.copy()
     df.loc[5000:, "ad"] = [f"late{v % 7}" for v in range(1000)]  # only in the last partition
-    dm = DaskFieldModel(client=client, **FIELD).fit(frame(df, 3), chunked(y, 3))
+    dm = DaskFieldModel(client=threads_client, **FIELD).fit(frame(df, 3), chunked(y, 3))
     model = dm.to_local()
     assert {f"late{v}" for v in range(7)} <= set(model._vocab_["ad"].ids.tolist())
     from fastrec.dask._engine import _build, _Spec
@@ -157,10 +149,10 @@ def test_field_model_values_on_one_partition_only_are_learned(client):
 
 # ----------------------------------------------------------------------------------------------- TwoTower
 @pytest.mark.parametrize("implicit", [False, True])
-def test_two_tower_on_one_worker_equals_a_local_fit_bitwise(client, implicit):
+def test_two_tower_on_one_worker_equals_a_local_fit_bitwise(threads_client, implicit):
     u, i, r = interactions()
     ratings = None if implicit else r
-    got = DaskTwoTower(client=client, **TOWER).fit(chunked(u, 1), chunked(i, 1),
+    got = DaskTwoTower(client=threads_client, **TOWER).fit(chunked(u, 1), chunked(i, 1),
                                                    None if implicit else chunked(r, 1)).to_local()
     local = fastrec.TwoTower(**TOWER).fit(u, i, ratings)
     assert all(np.array_equal(a, b) for a, b in zip(tower_arrays(got), tower_arrays(local)))
@@ -168,19 +160,19 @@ def test_two_tower_on_one_worker_equals_a_local_fit_bitwise(client, implicit):
     np.testing.assert_array_equal(got.recommend(u[:20], 5)[0], local.recommend(u[:20], 5)[0])
 
 
-def test_two_tower_partial_fit_on_one_worker_equals_local(client):
+def test_two_tower_partial_fit_on_one_worker_equals_local(threads_client):
     u, i, r = interactions()
     u2, i2, _ = interactions(n=2000, users=400, items=260, seed=1)
-    dm = DaskTwoTower(client=client, **TOWER).fit(chunked(u, 1), chunked(i, 1))
+    dm = DaskTwoTower(client=threads_client, **TOWER).fit(chunked(u, 1), chunked(i, 1))
     dm.partial_fit(chunked(u2, 1), chunked(i2, 1))
     local = fastrec.TwoTower(**TOWER).fit(u, i).partial_fit(u2, i2)
     assert all(np.array_equal(a, b) for a, b in zip(tower_arrays(dm.to_local()), tower_arrays(local)))
     assert dm.to_local().history_["loss"] == local.history_["loss"]
 
 
-def test_two_tower_on_three_workers_learns_saves_and_recommends_like_local(client, tmp_path):
+def test_two_tower_on_three_workers_learns_saves_and_recommends_like_local(threads_client, tmp_path):
     u, i, r = interactions(n=9000)
-    dm = DaskTwoTower(client=client, sync_every=5, **{**TOWER, "epochs": 8}).fit(chunked(u, 3), chunked(i, 3),
+    dm = DaskTwoTower(client=threads_client, sync_every=5, **{**TOWER, "epochs": 8}).fit(chunked(u, 3), chunked(i, 3),
                                                                                  chunked(r, 3))
     model = dm.to_local()
     rmse = np.sqrt(np.mean((model.predict(u, i) - r) ** 2))
@@ -197,11 +189,11 @@ def test_two_tower_on_three_workers_learns_saves_and_recommends_like_local(clien
                                   loaded.predict(u[:200], i[:200]))
 
 
-def test_two_tower_items_on_one_partition_only_are_learned(client):
+def test_two_tower_items_on_one_partition_only_are_learned(threads_client):
     u, i, _ = interactions()
     i = i.copy()
     i[-500:] = 10_000 + np.arange(500) % 7  # items only in the last partition
-    model = DaskTwoTower(client=client, sync_every=5, **TOWER).fit(chunked(u, 3), chunked(i, 3)).to_local()
+    model = DaskTwoTower(client=threads_client, sync_every=5, **TOWER).fit(chunked(u, 3), chunked(i, 3)).to_local()
     assert set(range(10_000, 10_007)) <= set(model._items.ids.tolist())
     from fastrec.dask._engine import _build, _Spec
 
@@ -276,32 +268,32 @@ def test_a_worker_killed_mid_field_fit_raises_within_the_timeout_and_the_client_
         lambda dm: dm.fit(frame(df, 2), chunked(y, 2)))
 
 
-def test_bad_arguments_name_what_is_wrong(client):
+def test_bad_arguments_name_what_is_wrong(threads_client):
     df, y = table(n=200)
     with pytest.raises(TypeError, match="dask DataFrame"):
-        DaskFieldModel(client=client, **FIELD).fit(dict(df), chunked(y, 2))
+        DaskFieldModel(client=threads_client, **FIELD).fit(dict(df), chunked(y, 2))
     with pytest.raises(ValueError, match="partitions"):
-        DaskFieldModel(client=client, **FIELD).fit(frame(df, 2), chunked(y, 3))
+        DaskFieldModel(client=threads_client, **FIELD).fit(frame(df, 2), chunked(y, 3))
     with pytest.raises(ValueError, match="0/1"):
-        DaskFieldModel(client=client, **FIELD).fit(frame(df, 2), chunked(y + 2, 2))
+        DaskFieldModel(client=threads_client, **FIELD).fit(frame(df, 2), chunked(y + 2, 2))
     with pytest.raises(ValueError, match="sync_every"):
-        DaskFieldModel(client=client, sync_every=0, **FIELD).fit(frame(df, 2), chunked(y, 2))
+        DaskFieldModel(client=threads_client, sync_every=0, **FIELD).fit(frame(df, 2), chunked(y, 2))
     with pytest.raises(TypeError):
-        DaskTwoTower(client=client, no_such_parameter=1)
+        DaskTwoTower(client=threads_client, no_such_parameter=1)
     with pytest.raises(ValueError, match="not fitted"):
-        DaskFieldModel(client=client).to_local()
+        DaskFieldModel(client=threads_client).to_local()
     with pytest.raises(ValueError, match="from_local needs a fitted fastrec.TwoTower"):
-        DaskTwoTower.from_local(fastrec.Recommender(), client=client)
+        DaskTwoTower.from_local(fastrec.Recommender(), client=threads_client)
     from fastrec import DPConfig
 
     with pytest.raises(ValueError, match="privacy"):
-        DaskRecommender(client=client, privacy=DPConfig(target_epsilon=4.0, delta=1e-5))
+        DaskRecommender(client=threads_client, privacy=DPConfig(target_epsilon=4.0, delta=1e-5))
     with pytest.raises(ValueError, match="privacy"):
-        DaskRecommender(client=client).set_params(privacy=DPConfig(target_epsilon=4.0, delta=1e-5))
+        DaskRecommender(client=threads_client).set_params(privacy=DPConfig(target_epsilon=4.0, delta=1e-5))
 
 
-def test_verbose_prints_a_line_per_round(client, capsys):
+def test_verbose_prints_a_line_per_round(threads_client, capsys):
     df, y = table(n=1000)
-    DaskFieldModel(client=client, sync_every=4, verbose=True, **{**FIELD, "epochs": 1}).fit(frame(df, 2), chunked(y, 2))
+    DaskFieldModel(client=threads_client, sync_every=4, verbose=True, **{**FIELD, "epochs": 1}).fit(frame(df, 2), chunked(y, 2))
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("DaskFieldModel: epoch 1, round")]
     assert len(lines) >= 2 and all("rows/s" in l and "loss" in l for l in lines)
