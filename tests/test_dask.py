@@ -11,6 +11,7 @@ da = pytest.importorskip("dask.array")
 from distributed import Client, LocalCluster  # noqa: E402
 
 import fastrec  # noqa: E402
+from fastrec import reference as ref  # noqa: E402
 from fastrec.dask import DaskRecommender, _worker_addresses  # noqa: E402
 
 PARAMS = dict(epochs=10, early_stopping=False, random_state=0, n_threads=1, embedding_dim=8, hidden_layer_sizes=(16,))
@@ -233,17 +234,7 @@ def test_the_combine_gives_old_plus_every_change_and_the_mean_state():
             for rep in range(2):
                 for shard in range(2):
                     touched[rep][results[rep]["pieces"][shard][j][0]] = True
-            value = table.astype(np.float64)
-            state1 = np.zeros(after[0][j][1].shape)
-            state2 = np.zeros(after[0][j][2].shape)
-            for rep in range(2):
-                t = touched[rep]
-                value[t] += after[rep][j][0][t] - table[t]
-                state1[t] += after[rep][j][1][t]
-                state2[t] += after[rep][j][2][t]
-            n = touched[0].astype(int) + touched[1]
-            state1[n > 0] /= n[n > 0].reshape(-1, *[1] * (state1.ndim - 1))
-            state2[n > 0] /= n[n > 0].reshape(-1, *[1] * (state2.ndim - 1))
+            value, state1, state2, n = ref.combine_replicas(table, [a[j] for a in after], touched)
             bounds = _REPLICAS[("t", 0)].bounds[j]
             for shard in range(2):
                 rows = np.arange(bounds[shard], bounds[shard + 1])

@@ -13,6 +13,7 @@ da = pytest.importorskip("dask.array")
 dd = pytest.importorskip("dask.dataframe")
 
 import fastrec  # noqa: E402
+from fastrec import reference as ref  # noqa: E402
 from fastrec.dask import DaskFieldModel, DaskRecommender, DaskTwoTower  # noqa: E402
 
 FIELD = dict(epochs=4, random_state=0, n_threads=1, embedding_dim=8, hidden_layer_sizes=(16,), batch_size=64)
@@ -234,16 +235,7 @@ def test_the_combine_of_three_two_tower_replicas_equals_numpy():
             for rep in range(3):
                 for shard in range(3):
                     touched[rep][results[rep]["pieces"][shard][j][0]] = True
-            value = table.astype(np.float64)
-            state = [np.zeros(after[0][j][k].shape) for k in (1, 2)]
-            for rep in range(3):
-                t = touched[rep]
-                value[t] += after[rep][j][0][t] - table[t]
-                for k in (1, 2):
-                    state[k - 1][t] += after[rep][j][k][t]
-            n = sum(t.astype(int) for t in touched)
-            for s in state:
-                s[n > 0] /= n[n > 0].reshape(-1, *[1] * (s.ndim - 1))
+            value, *state, n = ref.combine_replicas(table, [a[j] for a in after], touched)
             bounds = _REPLICAS[("t3", 0)].bounds[j]
             for shard in range(3):
                 rows = np.arange(bounds[shard], bounds[shard + 1])

@@ -1695,3 +1695,26 @@ def field_private_step(spec, keys, y, weight, *, max_grad_norm, noise_multiplier
         new[rows] -= learning_rate * (S[rows] + sigma * C * z + alpha_f * E[rows]) / denominator
         out["tables"].append(new)
     return out, norms, selected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Combining data-parallel replicas (fastrec.dask; docs/DESIGN.md "Scale-out on Dask")
+# ----------------------------------------------------------------------------------------------------------
+
+def combine_replicas(start, replicas, touched):
+    """One table after a round of the Dask engine's combine: every row is its value at the round's start plus
+    each touching replica's change, and its optimizer states are their mean over the replicas that touched it
+    (float64 here). start: the table at the round's start; replicas: per replica (table, state1, state2)
+    after the round; touched: per replica a boolean mask of the rows it touched. Returns (table, state1,
+    state2, count) with count the number of replicas that touched each row."""
+    value = start.astype(np.float64)
+    states = [np.zeros(replicas[0][k].shape) for k in (1, 2)]
+    count = np.zeros(len(start), np.int64)
+    for (table, *state), t in zip(replicas, touched):
+        value[t] += table[t] - start[t]
+        for total, s in zip(states, state):
+            total[t] += s[t]
+        count += t
+    for total in states:
+        total[count > 0] /= count[count > 0].reshape(-1, *[1] * (total.ndim - 1))
+    return value, states[0], states[1], count
