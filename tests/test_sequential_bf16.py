@@ -54,6 +54,17 @@ F32_TOL, F32_LOSS_TOL = 0.3, 4e-3
 KERNELS = _core.bf16_kernels()
 
 
+def same_on_any_thread_count(m, seqs, targets, negatives, seed):
+    """The loss and gradients of one step (dropout 0.2) on 1 thread, after checking 2 and 3 give the same bits."""
+    l1, g1 = m.loss_and_gradients(seqs, targets, negatives, 0.2, seed, 1, "auto")
+    for n in (2, 3):
+        ln, gn = m.loss_and_gradients(seqs, targets, negatives, 0.2, seed, n, "auto")
+        assert ln == l1
+        for (name, a), (_, b) in zip(arrays(gn), arrays(g1)):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    return l1, g1
+
+
 def rel_err(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / max(np.max(np.abs(b)), 1e-30))
 
@@ -122,12 +133,7 @@ def test_bf16_bitwise_across_thread_counts(kernel):
     p = threads_params(rng)
     m = _core.SequentialModel(p, precision="bf16", bf16_kernel=kernel)
     seqs, targets, negatives = batch(rng, 192, 20, 2, n_items=200)
-    l1, g1 = m.loss_and_gradients(seqs, targets, negatives, 0.2, 9, 1, "auto")
-    for n in (2, 3):
-        ln, gn = m.loss_and_gradients(seqs, targets, negatives, 0.2, 9, n, "auto")
-        assert ln == l1
-        for (name, a), (_, b) in zip(arrays(gn), arrays(g1)):
-            np.testing.assert_array_equal(a, b, err_msg=name)
+    same_on_any_thread_count(m, seqs, targets, negatives, 9)
     # a training epoch too (BatchThreads never changes the bits)
     indptr, items, seen = histories(rng, 40, 200, lengths=(3, 9, 20, 25))
     order = np.arange(40, dtype=np.int64)
@@ -336,12 +342,7 @@ def test_model_step_with_the_native_kernels():
     p = make_params(rng, d=64, L=50, heads=1, f=64)
     seqs, targets, negatives = batch(rng, 64, 50, 1)
     m = _core.SequentialModel(p, precision="bf16", bf16_kernel="avx512_bf16")
-    l1, g1 = m.loss_and_gradients(seqs, targets, negatives, 0.2, 3, 1, "auto")
-    for n in (2, 3):
-        ln, gn = m.loss_and_gradients(seqs, targets, negatives, 0.2, 3, n, "auto")
-        assert ln == l1
-        for (name, a), (_, b) in zip(arrays(gn), arrays(g1)):
-            np.testing.assert_array_equal(a, b, err_msg=name)
+    l1, g1 = same_on_any_thread_count(m, seqs, targets, negatives, 3)
     le, ge = _core.SequentialModel(p, precision="bf16", bf16_kernel="emulated").loss_and_gradients(
         seqs, targets, negatives, 0.2, 3, 1, "auto")
     assert abs(le - l1) <= BF16_LOSS_TOL * abs(le)
