@@ -113,6 +113,20 @@ class _Adapter:
 
     def finish(self, model, counts, seen):
         """The driver's model after the parameters were collected: item counts, seen pairs, caches."""
+        for name in self.caches:
+            model.__dict__.pop(name, None)
+
+
+def _delayed_parts(x, name, local):
+    """The partitions of a dask array / Series as delayed objects (None stays None); `local`: where local data
+    goes instead."""
+    if x is None:
+        return None
+    if not hasattr(x, "to_delayed"):
+        raise TypeError(f"{name} must be a dask array or dask Series (got {type(x).__name__}); local arrays go "
+                        f"to {local}")
+    d = x.to_delayed()
+    return list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d)
 
 
 class _Spec:

@@ -10,8 +10,7 @@ import dask
 
 from fastrec._fieldnet import IdIndex, check_structure, core_precision
 from fastrec.fields import FieldModel
-from fastrec.features import as_id_array
-from fastrec.dask._engine import _Adapter, _DaskEstimator, _Spec, _build, _direct, _distinct, _draws
+from fastrec.dask._engine import _Adapter, _DaskEstimator, _Spec, _build, _delayed_parts, _distinct, _draws
 
 __all__ = ["DaskFieldModel"]
 
@@ -97,8 +96,6 @@ class _FieldAdapter(_Adapter):
     def ids(self, est):
         return [v.ids for _, v in sorted(est._vocab_.items(), key=lambda kv: str(kv[0])) if isinstance(v, IdIndex)]
 
-    def finish(self, model, counts, seen):
-        model.__dict__.pop("_serve", None)
 
 
 _Adapter.register(_FieldAdapter())
@@ -119,21 +116,12 @@ def _columns(X, what="X"):
                     f"(got {type(X).__name__}); local data goes to fastrec.FieldModel.fit")
 
 
-def _delayed(x):
-    d = x.to_delayed()
-    return list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d)
-
-
 def _field_partitions(client, X, y, weight):
     """Futures of the partitions, each ({name: array}, y, weight)."""
     cols = _columns(X)
     names = list(cols)
-    parts = [_delayed(c) for c in cols.values()]
-    extra = []
-    for x, name in ((y, "y"), (weight, "sample_weight")):
-        if x is not None and not hasattr(x, "to_delayed"):
-            raise TypeError(f"{name} must be a dask array or dask Series, got {type(x).__name__}")
-        extra.append(None if x is None else _delayed(x))
+    parts = [_delayed_parts(c, f"X[{name!r}]", "fastrec.FieldModel.fit") for name, c in cols.items()]
+    extra = [_delayed_parts(x, name, "fastrec.FieldModel.fit") for x, name in ((y, "y"), (weight, "sample_weight"))]
     n = len(parts[0])
     for c, name in [*zip(parts[1:], [f"X[{n!r}]" for n in names[1:]]), *zip(extra, ("y", "sample_weight"))]:
         if c is not None and len(c) != n:

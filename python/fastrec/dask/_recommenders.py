@@ -13,8 +13,8 @@ from fastrec._fieldnet import core_precision
 from fastrec._recbase import _merge_seen
 from fastrec.recommender import Recommender
 from fastrec.two_tower import TwoTower
-from fastrec.dask._engine import (_Adapter, _DaskEstimator, _Spec, _direct, _distinct, _draws, _worker_addresses,
-                                  _build)
+from fastrec.dask._engine import (_Adapter, _DaskEstimator, _Spec, _build, _delayed_parts, _distinct, _draws,
+                                  _worker_addresses)
 
 __all__ = ["DaskRecommender", "DaskTwoTower"]
 
@@ -98,10 +98,8 @@ class _InteractionsAdapter(_Adapter):
 
     def finish(self, model, counts, seen):
         model._seen = seen
-        model._seen_counts = counts
-        model._update_counts()
-        for name in self.caches:
-            model.__dict__.pop(name, None)
+        self.set_counts(model, counts)
+        super().finish(model, counts, seen)
 
 
 class _RecommenderAdapter(_InteractionsAdapter):
@@ -139,7 +137,6 @@ class _TwoTowerAdapter(_InteractionsAdapter):
 
     def finish(self, model, counts, seen):
         super().finish(model, counts, seen)
-        model._drop_caches()
         if model.index == "hnsw":  # as after a local fit
             model._build_index()
 
@@ -162,17 +159,7 @@ def _predict_part(model, users, items):
 
 
 # --------------------------------------------------------------------------------------------- the driver
-def _delayed_parts(x, name, local="fastrec.Recommender.fit"):
-    if x is None:
-        return None
-    if hasattr(x, "to_delayed"):
-        d = x.to_delayed()
-        return list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d)
-    raise TypeError(f"{name} must be a dask array or dask Series (got {type(x).__name__}); local arrays go "
-                    f"to {local}")
-
-
-def _partitions(client, users, items, ratings, weight, local="fastrec.Recommender.fit"):
+def _partitions(client, users, items, ratings, weight, local):
     """Futures of the partitions, each (users, items, ratings, weight) as NumPy arrays."""
     cols = [_delayed_parts(x, n, local) for x, n in ((users, "users"), (items, "items"), (ratings, "ratings"),
                                                       (weight, "sample_weight"))]
@@ -252,10 +239,7 @@ class _DaskInteractions(_DaskEstimator):
         model = self.to_local()
         client = self._client()
         m = self._model_future(client)
-        if not hasattr(users, "to_delayed"):
-            raise TypeError(f"users must be a dask array or Series, got {type(users).__name__}")
-        d = users.to_delayed()
-        parts = client.compute(list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d))
+        parts = client.compute(_delayed_parts(users, "users", f"fastrec.{self._local.__name__}.recommend"))
         # Spread the blocks so that every worker gets about the same number of users and all finish together
         # (left to itself the scheduler runs them where the user blocks happen to lie): largest block first
         # to the least loaded worker. A preference only: if a worker dies, Dask reruns its blocks elsewhere.
@@ -279,12 +263,8 @@ class _DaskInteractions(_DaskEstimator):
 
         client = self._client()
         m = self._model_future(client)
-        cols = []
-        for x, name in ((users, "users"), (items, "items")):
-            if not hasattr(x, "to_delayed"):
-                raise TypeError(f"{name} must be a dask array or Series, got {type(x).__name__}")
-            d = x.to_delayed()
-            cols.append(client.compute(list(np.ravel(d)) if isinstance(d, np.ndarray) else list(d)))
+        cols = [client.compute(_delayed_parts(x, name, f"fastrec.{self._local.__name__}.predict"))
+                for x, name in ((users, "users"), (items, "items"))]
         if len(cols[0]) != len(cols[1]):
             raise ValueError(f"users has {len(cols[0])} partitions but items has {len(cols[1])}")
         blocks = [da.from_delayed(dask.delayed(client.submit(_predict_part, m, u, i, pure=False)), shape=(np.nan,),
