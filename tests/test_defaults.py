@@ -101,6 +101,7 @@ def test_ctrl_c_keeps_the_best_epoch(data):
 
     def score(model, epoch):
         if epoch == 4:
+            model.predict(probe_u[:1], probe_i[:1])  # one pair: builds the pair scorer (weight copies) of epoch 4
             raise KeyboardInterrupt  # as Ctrl-C would, during the fourth epoch's validation
         seen[epoch] = model.predict(probe_u, probe_i)
         return [0.2, 0.9, 0.5][epoch - 1]
@@ -110,6 +111,7 @@ def test_ctrl_c_keeps_the_best_epoch(data):
         rec.fit(data.users, data.items, data.ratings, validation_data=score)
     assert rec.best_epoch_ == 2
     np.testing.assert_array_equal(rec.predict(probe_u, probe_i), seen[2])
+    np.testing.assert_array_equal(rec.predict(probe_u[:1], probe_i[:1]), seen[2][:1])  # the one-pair path too
     assert not np.array_equal(seen[3], seen[2])  # the interrupted model had moved on: the restore is visible
 
 

@@ -503,9 +503,10 @@ class Recommender(RecommenderBase):
                        higher_is_better=higher,
                        advice=", a moderate alpha or embedding_alpha (too strong a penalty diverges too), or scaled "
                               "ratings and numeric features")
-        finally:
+        finally:  # also after an interrupted fit, whose best epoch is restored in place: the pair scorer holds
+            # copies of the weights, so it must be rebuilt
             self.__dict__.pop("_private_train_epoch", None)
-        self._predictor = None
+            self._predictor = None
 
     def _score_pairs(self, user_rows, item_rows):
         return self._handle().predict([user_rows, item_rows], self._threads())
