@@ -247,12 +247,6 @@ struct Bf16Problem {
   const float* drop = nullptr;
 };
 
-// K in equal even blocks of at most bk.kc (1100 = 2 x 550, not 1024 + 76: a short last block pays the C tile's
-// load and store for few k). They depend on K only: the same sums for any split of C.
-index_t bf16_kc_step(const Bf16Problem& p) {
-  const index_t blocks = ceil_div(p.K, p.bk.kc);
-  return std::min(p.bk.kc, (ceil_div(p.K, blocks) + 1) / 2 * 2);
-}
 
 // B's panels of columns [jc, jc + nc) and rows [pc, pc + kc) into bbuf as bf16 pairs (pairs = ceil(kc / 2)).
 void bf16_pack_b_panels(const Bf16Problem& p, index_t jc, index_t nc, index_t pc, index_t kc, index_t pairs,
@@ -294,7 +288,7 @@ Bf16Extra bf16_extra(const Bf16Problem& p, index_t row, index_t col) {
 void bf16_block(const Bf16Problem& p, index_t m0, index_t m1, index_t n0, index_t n1) {
   thread_local AlignedBuffer a_scratch, b_scratch;
   const Bf16KernelSet& bk = p.bk;
-  const index_t kc_step = bf16_kc_step(p);
+  const index_t kc_step = bf16_kc_step(p.K, p.bk.kc);
   const index_t pairs_max = (std::min(kc_step, p.K) + 1) / 2;
   // A pair word has a float's size: the float buffers hold them.
   auto* bbuf = reinterpret_cast<std::uint32_t*>(
@@ -336,7 +330,7 @@ void bf16_rows_block(const Bf16Problem& p, const Bf16RowsKernels& rk, index_t m0
                      index_t n1) {
   thread_local AlignedBuffer a_scratch, b_scratch;
   const Bf16KernelSet& bk = p.bk;
-  const index_t kc_step = bf16_kc_step(p);
+  const index_t kc_step = bf16_kc_step(p.K, p.bk.kc);
   const index_t pairs_max = (std::min(kc_step, p.K) + 1) / 2;
   auto* bbuf = reinterpret_cast<std::uint32_t*>(
       b_scratch.get(static_cast<std::size_t>(pairs_max * ceil_div(std::min(bk.nc, n1 - n0), bk.nr) * bk.nr)));
@@ -466,6 +460,11 @@ void sgemm(const KernelSet& ks, bool trans_a, bool trans_b, index_t M, index_t N
   split_c(M, N, K, ks.mr, ks.nr, n_threads, [&](index_t m0, index_t m1, index_t n0, index_t n1) {
     gemm_block(problem, m0, m1, n0, n1);
   });
+}
+
+index_t bf16_kc_step(index_t K, index_t kc) {
+  const index_t blocks = ceil_div(K, kc);
+  return std::min(kc, (ceil_div(K, blocks) + 1) / 2 * 2);
 }
 
 }  // namespace fastrec

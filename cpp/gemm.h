@@ -51,4 +51,9 @@ bool bf16_gemm_rows_residual(const KernelSet& ks, bool native, index_t M, index_
                              index_t lda, const float* B, index_t ldb, const float* bias, const float* mask, float* x,
                              index_t ld_x, int n_threads);
 
+// The K blocks of every bf16 product: equal even blocks of at most kc (1100 = 2 x 550, not 1024 + 76: a short
+// last block pays the C tile's load and store for few k). They depend on K only: the same sums for any split
+// of C, and for any kernel that takes the same blocks in the same pair order (sequential.cpp's weight gradient).
+index_t bf16_kc_step(index_t K, index_t kc);
+
 }  // namespace fastrec

@@ -1227,10 +1227,9 @@ void seq_bf16_weight_gradient(const KernelSet& ks, bool native, index_t M, index
 #ifdef FASTREC_HAVE_BF16_KERNELS
   if (native && M > 0 && N > 0 && K > 0) {
     require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
-    // bf16_gemm's K blocks (gemm.cpp bf16_kc_step: equal even blocks of at most kc), so bf16_gemm's sums
+    // bf16_gemm's K blocks, so bf16_gemm's sums
     const auto ceil_div = [](index_t a, index_t b) { return (a + b - 1) / b; };
-    const index_t kc = bf16_kernels_avx512().kc, blocks = ceil_div(K, kc);
-    const index_t kc_step = std::min(kc, (ceil_div(K, blocks) + 1) / 2 * 2);
+    const index_t kc_step = bf16_kc_step(K, bf16_kernels_avx512().kc);
     const index_t pairs = (std::min(kc_step, K) + 1) / 2;
     // Threads take slices of C's wider side (each element's sum is the same whatever the slice), each converting
     // its own columns of X and dY; at least ~1 M multiply-adds per thread.

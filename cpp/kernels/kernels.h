@@ -201,7 +201,6 @@ struct Bf16Extra {
   const float* drop = nullptr;
   index_t ld_residual = 0;
 };
-using Bf16RowsExtra = Bf16Extra;  // its earlier name
 // acc(i, j) = sum over kp of the pair products of a(i, kp) and b(kp, j), kp = 0 .. kp_count - 1 in order (a
 // packed MR panel, a packed NR panel); then C[i][j] = acc or C[i][j] += acc for i < m, j < n, then `extra`
 // (null: nothing more).
@@ -282,7 +281,7 @@ void act_dots_avx512(const std::uint16_t* x, index_t ld, const std::int32_t* ite
 #endif
 ActDotsFn act_dots_for(Isa isa);  // kernels_scalar.cpp
 // v (h entries, h a multiple of 32) reordered in place into ActDotsFn's pair-split order.
-inline void act_dots_split(float* v, index_t h) {
+static inline void act_dots_split(float* v, index_t h) {
   float tmp[32];
   for (index_t j = 0; j < h; j += 32) {
     for (int i = 0; i < 16; ++i) {
