@@ -101,6 +101,27 @@ def test_scores_are_exact_and_the_kept_items_rank_as_exact(isa, rng):
     np.testing.assert_array_equal(full[1], e_scores)
 
 
+def test_the_kept_items_are_the_proxys_best(isa, rng):
+    """Stage 1 decides: with a fraction that keeps k items, the approximate top-k is exactly the k items with
+    the best proxy scores (ties by lower item), in exact order and scores; on this random MLP the proxy's best k
+    differ from the exact top k for some users, so a skipped stage 1 would fail here."""
+    n_items, k = 6000, 10
+    spec = proxy_model(rng, n_items)
+    handle = _core.FieldHandle(spec)
+    sampler = sampler_of(n_items)
+    users = np.arange(6, dtype=np.int32)
+    (e_items, _), (a_items, a_scores) = exact_and_approx(handle, sampler, users, k / n_items, isa=isa, k=k)
+    differ = 0
+    for u in users:
+        proxy = handle.topk_proxy(sampler, int(u), None, isa)[2]
+        best = np.lexsort((np.arange(n_items), -proxy))[:k].astype(np.int32)
+        want_items, want_scores = handle.topk(sampler, users[u:u + 1], np.sort(best), k, False, 0, isa)
+        np.testing.assert_array_equal(a_items[u], want_items[0])
+        np.testing.assert_array_equal(a_scores[u], want_scores[0])
+        differ += set(best.tolist()) != set(e_items[u].tolist())
+    assert differ > 0
+
+
 def test_recall_on_a_random_spec(rng):
     """A random (untrained) MLP: its surrogate is worst where the units switch; at C = 5% the approximate
     top-10 still holds at least 95% of the exact one (measured 1.0 on this seed)."""
