@@ -47,9 +47,12 @@ def chunked(x, parts):
     return da.from_array(x, chunks=-(-len(x) // parts))
 
 
+def same_list(xs, ys):
+    return len(xs) == len(ys) and all(np.array_equal(x, y) for x, y in zip(xs, ys))
+
+
 def same_arrays(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(a.net_._arrays(), b.net_._arrays())) and \
-        len(a.net_._arrays()) == len(b.net_._arrays())
+    return same_list(a.net_._arrays(), b.net_._arrays())
 
 
 def tower_arrays(m):
@@ -156,7 +159,7 @@ def test_two_tower_on_one_worker_equals_a_local_fit_bitwise(threads_client, impl
     got = DaskTwoTower(client=threads_client, **TOWER).fit(chunked(u, 1), chunked(i, 1),
                                                    None if implicit else chunked(r, 1)).to_local()
     local = fastrec.TwoTower(**TOWER).fit(u, i, ratings)
-    assert all(np.array_equal(a, b) for a, b in zip(tower_arrays(got), tower_arrays(local)))
+    assert same_list(tower_arrays(got), tower_arrays(local))
     assert got.history_["loss"] == local.history_["loss"]
     np.testing.assert_array_equal(got.recommend(u[:20], 5)[0], local.recommend(u[:20], 5)[0])
 
@@ -167,7 +170,7 @@ def test_two_tower_partial_fit_on_one_worker_equals_local(threads_client):
     dm = DaskTwoTower(client=threads_client, **TOWER).fit(chunked(u, 1), chunked(i, 1))
     dm.partial_fit(chunked(u2, 1), chunked(i2, 1))
     local = fastrec.TwoTower(**TOWER).fit(u, i).partial_fit(u2, i2)
-    assert all(np.array_equal(a, b) for a, b in zip(tower_arrays(dm.to_local()), tower_arrays(local)))
+    assert same_list(tower_arrays(dm.to_local()), tower_arrays(local))
     assert dm.to_local().history_["loss"] == local.history_["loss"]
 
 
@@ -274,6 +277,8 @@ def test_bad_arguments_name_what_is_wrong(threads_client):
         DaskTwoTower(client=threads_client, no_such_parameter=1)
     with pytest.raises(ValueError, match="not fitted"):
         DaskFieldModel(client=threads_client).to_local()
+    with pytest.raises(ValueError, match="not fitted"):  # scoring an unfitted model says so too
+        DaskTwoTower(client=threads_client).predict(chunked(np.arange(4), 2), chunked(np.arange(4), 2))
     with pytest.raises(ValueError, match="from_local needs a fitted fastrec.TwoTower"):
         DaskTwoTower.from_local(fastrec.Recommender(), client=threads_client)
     from fastrec import DPConfig

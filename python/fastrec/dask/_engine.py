@@ -825,6 +825,7 @@ class _DaskEstimator:
         return out
 
     def _model_future(self, client):
+        self.to_local()  # an unfitted estimator says so, whatever scores
         cached = self.__dict__.get("_scattered")
         if cached is None or cached[0] is not self.model_ or cached[1] is not client:
             copy = _scoring_copy(self.model_)
