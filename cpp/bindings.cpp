@@ -2180,23 +2180,26 @@ PYBIND11_MODULE(_core, m) {
       "(sorted distinct int64 values, int32 code of each value: its position among them + 1).");
   m.def(
       "fill_normal",
-      [](py::array& out, std::uint64_t seed, std::int64_t first, float loc, float scale, int n_threads) {
+      [](py::array& out, std::uint64_t seed, std::int64_t first, float loc, float scale, int n_threads,
+         const std::string& isa) {
         require(first >= 0, "first must be non-negative");
         require(out.dtype().is(py::dtype::of<float>()), "out must be float32");
         require(out.flags() & py::array::c_style, "out must be C-contiguous");
         require(out.writeable(), "out must be writeable");
         float* dst = static_cast<float*>(out.mutable_data());
         const index_t n = out.size();
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
         CoreCall call;
-        fill_normal(seed, first, n, loc, scale, dst, n_threads);
+        fill_normal(ks, seed, first, n, loc, scale, dst, n_threads);
       },
       py::arg("out"), py::arg("seed"), py::arg("first") = 0, py::arg("loc") = 0.0f, py::arg("scale") = 1.0f,
-      py::arg("n_threads") = 0,
+      py::arg("n_threads") = 0, py::arg("isa") = "auto",
       "Fill float32 `out` (flat index i) with loc + scale * z(seed, first + i), z approximately standard normal "
       "(four 16-bit uniforms summed, unit variance, support +-3.46): the same numbers for any thread count.");
   m.def(
       "standardize",
-      [](const py::array& values, const py::object& mean_in, const py::object& std_in, int n_threads) {
+      [](const py::array& values, const py::object& mean_in, const py::object& std_in, int n_threads,
+         const std::string& isa) {
         const char kind = values.dtype().kind();
         require(kind == 'f' && (values.itemsize() == 4 || values.itemsize() == 8), "values must be float32 or float64");
         require(values.ndim() == 2, "values must be 2-D");
@@ -2219,18 +2222,49 @@ PYBIND11_MODULE(_core, m) {
         double* mean_p = mean.mutable_data();
         double* std_p = std.mutable_data();
         float* out_p = out.mutable_data();
+        const KernelSet& ks = kernels_for(resolve_isa(isa));
         int status;
         {
           CoreCall call;
-          status = single ? standardize(static_cast<const float*>(src), n, c, fit, mean_p, std_p, out_p, n_threads)
-                          : standardize(static_cast<const double*>(src), n, c, fit, mean_p, std_p, out_p, n_threads);
+          status = single
+                       ? standardize(ks, static_cast<const float*>(src), n, c, fit, mean_p, std_p, out_p, n_threads)
+                       : standardize(ks, static_cast<const double*>(src), n, c, fit, mean_p, std_p, out_p, n_threads);
         }
         return py::make_tuple(out, mean, std, status);
       },
       py::arg("values"), py::arg("mean") = py::none(), py::arg("std") = py::none(), py::arg("n_threads") = 0,
+      py::arg("isa") = "auto",
       "(float32 (v - mean) / std, mean, std, status) of an n x c float array; mean / std (population, 1 where "
       "0) computed when not given; status 0 ok, 1 a value not finite or beyond float32, 2 a standardised value "
       "beyond float32.");
+  m.def(
+      "bag_weights",
+      [](const py::array_t<std::int64_t, py::array::c_style>& indptr, const py::array& data, bool mean,
+         int n_threads) {
+        const char kind = data.dtype().kind();
+        require(kind == 'f' && (data.itemsize() == 4 || data.itemsize() == 8), "data must be float32 or float64");
+        require(data.ndim() == 1 && (data.flags() & py::array::c_style), "data must be 1-D and C-contiguous");
+        require(data.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_, "data must be aligned");
+        require(indptr.ndim() == 1 && indptr.size() >= 1, "indptr must be 1-D with at least one entry");
+        const index_t rows = indptr.size() - 1;
+        const std::int64_t* ptr = indptr.data();
+        require(ptr[0] == 0 && ptr[rows] == data.size(), "indptr must run from 0 to len(data)");
+        for (index_t r = 0; r < rows; ++r) require(ptr[r] <= ptr[r + 1], "indptr must be non-decreasing");
+        py::array_t<float> out(data.size());
+        const bool single = data.itemsize() == 4;
+        const void* src = data.data();
+        float* out_p = out.mutable_data();
+        int status;
+        {
+          CoreCall call;
+          status = single ? bag_weights(ptr, rows, static_cast<const float*>(src), mean, out_p, n_threads)
+                          : bag_weights(ptr, rows, static_cast<const double*>(src), mean, out_p, n_threads);
+        }
+        return py::make_tuple(out, status);
+      },
+      py::arg("indptr"), py::arg("data"), py::arg("mean"), py::arg("n_threads") = 0,
+      "(float32 weights, status) of a CSR matrix's values: each row's weights divided by their float64 sum "
+      "when mean (0 for a zero-sum row); status 0 ok, 1 a value not finite or beyond float32.");
   m.def("show_config", &show_config, "Build and run-time configuration as a dict.");
   // The busy-machine thread choice (parallel.h, ThreadChoice) replayed on given batch times, for tests.
   m.def(

@@ -4,7 +4,9 @@
 #include <charconv>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
+#include "kernels/kernels.h"
 #include "parallel.h"
 
 namespace fastrec {
@@ -132,24 +134,18 @@ void unique_int64(const std::int64_t* values, index_t n, std::vector<std::int64_
   }
 }
 
-void fill_normal(std::uint64_t seed, index_t first, index_t n, float loc, float scale, float* out, int n_threads) {
-  // Four U(0,1) (16-bit grid, midpoints) sum to mean 2, variance 1/3: (sum - 2) * sqrt(3) has unit variance.
-  constexpr double kUnit = 1.7320508075688772 / 65536.0;
+void fill_normal(const KernelSet& ks, std::uint64_t seed, index_t first, index_t n, float loc, float scale,
+                 float* out, int n_threads) {
   const index_t chunks = (n + 65535) / 65536;
   parallel_for<true>(0, chunks, chunks > 1 ? n_threads : 1, [&](index_t ch) {
-    for (index_t i = ch * 65536, end = std::min(n, i + 65536); i < end; ++i) {
-      std::uint64_t state = seed ^ (static_cast<std::uint64_t>(first + i) * 0xd1b54a32d192ed03ULL);
-      const std::uint64_t h = splitmix64(state);
-      const double s = static_cast<double>((h & 0xFFFFU) + ((h >> 16) & 0xFFFFU) + ((h >> 32) & 0xFFFFU) + (h >> 48)) +
-                       2.0 - 131072.0;  // sum of (b + 0.5) - 4 * 32768
-      out[i] = loc + scale * static_cast<float>(s * kUnit);
-    }
+    const index_t i = ch * 65536;
+    ks.fill_normal(seed, static_cast<std::uint64_t>(first + i), std::min<index_t>(65536, n - i), loc, scale, out + i);
   });
 }
 
 template <class T>
-int standardize(const T* values, index_t n, index_t c, bool fit, double* mean, double* std, float* out,
-                int n_threads) {
+int standardize(const KernelSet& ks, const T* values, index_t n, index_t c, bool fit, double* mean, double* std,
+                float* out, int n_threads) {
   constexpr index_t kBlock = 65536;
   const index_t blocks = (n + kBlock - 1) / kBlock;
   const int threads = blocks > 1 ? n_threads : 1;
@@ -193,19 +189,51 @@ int standardize(const T* values, index_t n, index_t c, bool fit, double* mean, d
   }
   // Pass 2 (3 when fitting): the standardised float32 values.
   parallel_for<true>(0, blocks, threads, [&](index_t b) {
-    for (index_t i = b * kBlock, end = std::min(n, i + kBlock); i < end; ++i)
-      for (index_t j = 0; j < c; ++j) {
-        const double v = (static_cast<double>(values[i * c + j]) - mean[j]) / std[j];
-        if (!(std::fabs(v) <= limit)) bad[static_cast<std::size_t>(b)] = 2;
-        out[i * c + j] = static_cast<float>(v);
-      }
+    const index_t i = b * kBlock, rows = std::min(kBlock, n - i);
+    bool over;
+    if constexpr (std::is_same_v<T, float>)
+      over = ks.standardize_f32(values + i * c, rows, c, mean, std, out + i * c);
+    else
+      over = ks.standardize_f64(values + i * c, rows, c, mean, std, out + i * c);
+    if (over) bad[static_cast<std::size_t>(b)] = 2;
   });
   for (int x : bad)
     if (x) return 2;
   return 0;
 }
 
-template int standardize<float>(const float*, index_t, index_t, bool, double*, double*, float*, int);
-template int standardize<double>(const double*, index_t, index_t, bool, double*, double*, float*, int);
+template <class T>
+int bag_weights(const std::int64_t* indptr, index_t rows, const T* data, bool mean, float* out, int n_threads) {
+  constexpr index_t kBlock = 16384;  // rows per parallel chunk (a few entries each)
+  const index_t blocks = (rows + kBlock - 1) / kBlock;
+  const double limit = std::numeric_limits<float>::max();
+  std::vector<int> bad(static_cast<std::size_t>(blocks), 0);
+  parallel_for<true>(0, blocks, blocks > 1 ? n_threads : 1, [&](index_t b) {
+    for (index_t r = b * kBlock, end = std::min(rows, r + kBlock); r < end; ++r) {
+      double sum = 0.0;
+      for (std::int64_t k = indptr[r]; k < indptr[r + 1]; ++k) {
+        const double v = static_cast<double>(data[k]);
+        if (!(std::fabs(v) <= limit)) bad[static_cast<std::size_t>(b)] = 1;  // NaN fails the test too
+        out[k] = static_cast<float>(v);
+        sum += static_cast<double>(out[k]);
+      }
+      if (mean) {
+        const float scale = sum != 0.0 ? static_cast<float>(1.0 / sum) : 0.0f;
+        for (std::int64_t k = indptr[r]; k < indptr[r + 1]; ++k) out[k] *= scale;
+      }
+    }
+  });
+  for (int x : bad)
+    if (x) return 1;
+  return 0;
+}
+
+template int bag_weights<float>(const std::int64_t*, index_t, const float*, bool, float*, int);
+template int bag_weights<double>(const std::int64_t*, index_t, const double*, bool, float*, int);
+
+template int standardize<float>(const KernelSet&, const float*, index_t, index_t, bool, double*, double*, float*,
+                                int);
+template int standardize<double>(const KernelSet&, const double*, index_t, index_t, bool, double*, double*,
+                                 float*, int);
 
 }  // namespace fastrec

@@ -4,6 +4,7 @@ import zlib
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from fastrec import _core
 
@@ -172,18 +173,22 @@ def _python_fill_normal(seed, first, n, loc, scale):
     return np.array(out, np.float32)
 
 
-def test_fill_normal_is_the_documented_draw_for_any_thread_count():
+@pytest.mark.parametrize("isa", _core.available_isas())
+def test_fill_normal_is_the_documented_draw_for_any_thread_count(isa):
     seed = 0x1234_5678_9ABC_DEF0
-    a = np.empty((3000, 7), np.float32)
-    _core.fill_normal(a, seed, 0, 0.5, 0.05, 1)
-    # Only (seed, index) decide a value: exactly the Python definition (float32 arithmetic may differ by the
-    # final rounding of loc + scale * z: 1 ulp), whatever the thread count, and a later slice of the stream
-    # is the same numbers as drawing it whole.
-    assert np.allclose(a.ravel(), _python_fill_normal(seed, 0, a.size, 0.5, 0.05), rtol=0, atol=1e-7)
+    a = np.empty((3000, 7), np.float32)  # 21,000 values: whole vectors of 8 (`odd` below ends in a tail of 5)
+    _core.fill_normal(a, seed, 0, 0.5, 0.05, 1, isa)
+    # Only (seed, index) decide a value: exactly the Python definition (the same two float32 roundings of
+    # scale * z and loc + that, never fused), on every ISA, whatever the thread count, and a later slice of the
+    # stream is the same numbers as drawing it whole.
+    assert np.array_equal(a.ravel(), _python_fill_normal(seed, 0, a.size, 0.5, 0.05))
     for threads in (2, 3):
         b = np.empty_like(a)
-        _core.fill_normal(b, seed, 0, 0.5, 0.05, threads)
+        _core.fill_normal(b, seed, 0, 0.5, 0.05, threads, isa)
         assert np.array_equal(a, b)
+    odd = np.empty(1005, np.float32)
+    _core.fill_normal(odd, seed, 3, -3.0, 0.3, 2, isa)
+    assert np.array_equal(odd, _python_fill_normal(seed, 3, odd.size, -3.0, 0.3))
     tail = np.empty(1000, np.float32)
     _core.fill_normal(tail, seed, 20000, 0.5, 0.05)
     assert np.array_equal(tail, a.ravel()[20000:])
@@ -223,6 +228,9 @@ def test_standardize_equals_numpy(dtype):
     assert np.array_equal(again, out) and np.array_equal(m2, mean)
     for threads in (1, 2, 3):
         assert np.array_equal(_core.standardize(x, n_threads=threads)[0], out)
+    for isa in _core.available_isas():  # one float64 division per value on every ISA: the same bits
+        assert np.array_equal(_core.standardize(x, isa=isa)[0], out)
+        assert np.array_equal(_core.standardize(x[:13], isa=isa)[0], _core.standardize(x[:13], isa="scalar")[0])
 
 
 @pytest.mark.parametrize("value, status", [(np.nan, 1), (np.inf, 1), (-1e39, 1), (1e30, 2)])
@@ -245,3 +253,44 @@ def test_field_model_numeric_errors_name_the_column():
                                                              np.array([0, 1, 0]))
     with pytest.raises(ValueError, match="too large for float32 once standardised"):
         model.predict_proba({"a": X["a"], "num": np.array([1e35, 0.0, 0.0])})
+
+
+def _numpy_bag_weights(X, mean):
+    """The pooled weights by NumPy: float32 weights, each row's divided by its float64 sum (in order) when mean."""
+    w = X.data.astype(np.float32)
+    if not mean:
+        return w
+    sums = np.array([sum(float(v) for v in w[a:b]) for a, b in zip(X.indptr[:-1], X.indptr[1:])])
+    scale = np.where(sums != 0, 1.0 / np.where(sums != 0, sums, 1.0), 0.0).astype(np.float32)
+    return w * np.repeat(scale, np.diff(X.indptr))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mean", [True, False])
+def test_bag_weights_equal_numpy_for_any_thread_count(dtype, mean):
+    rng = np.random.default_rng(1)
+    lens = rng.integers(0, 12, 40_000)  # empty rows and rows longer than 8 (NumPy's pairwise blocks)
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    data = rng.uniform(0.1, 3, indptr[-1]).astype(dtype)
+    data[indptr[5]:indptr[6]] = 0  # a zero-sum row pools to zero
+    data[indptr[7]] = -data[indptr[7]]
+    X = sp.csr_matrix((data, rng.integers(0, 50, indptr[-1]), indptr), shape=(len(lens), 50))
+    weights, status = _core.bag_weights(X.indptr.astype(np.int64), X.data, mean, 1)
+    assert status == 0
+    # The same float32 arithmetic in the same order: exact.
+    assert np.array_equal(weights, _numpy_bag_weights(X, mean))
+    for threads in (2, 3):
+        assert np.array_equal(_core.bag_weights(X.indptr.astype(np.int64), X.data, mean, threads)[0], weights)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -1e39])
+def test_bag_weights_status_for_values_float32_cannot_hold(value):
+    data = np.array([1.0, value, 2.0])
+    assert _core.bag_weights(np.array([0, 2, 3]), data, True)[1] == 1
+    assert _core.bag_weights(np.array([0, 2, 3]), data, False)[1] == 1
+
+
+@pytest.mark.parametrize("indptr", [[0, 2], [1, 3], [0, 4, 3]])
+def test_bag_weights_refuse_an_indptr_that_does_not_cover_the_data(indptr):
+    with pytest.raises(ValueError, match="indptr"):
+        _core.bag_weights(np.array(indptr, np.int64), np.ones(3), True)

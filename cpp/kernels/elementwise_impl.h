@@ -3,6 +3,9 @@
 // Include ONLY from kernels_*.cpp, after <cmath>/<cstdint>/<cstring>. Everything here has internal linkage:
 // the same inline function compiled with different -m flags in two files must never be merged by the linker.
 #pragma once
+#include <algorithm>
+#include <limits>
+#include <vector>
 
 namespace fastrec {
 namespace {
@@ -423,6 +426,78 @@ void dropout_row_impl(std::uint64_t key, std::uint64_t e0, index_t n, std::uint6
     const std::int32_t value = (z >> 40) >= threshold ? scale_bits : 0;
     std::memcpy(out + c, &value, sizeof value);
   }
+}
+
+// Initial parameters (kernels.h, FillNormalFn), eight 64-bit lanes at a time with AVX-512, the same integer
+// and float arithmetic as the scalar loop. The barrier keeps scale * x and loc + that two roundings where the
+// file is compiled with -mfma (no FMA without it): every ISA gives the same bits.
+void fill_normal_impl(std::uint64_t seed, std::uint64_t first, index_t n, float loc, float scale, float* out) {
+  constexpr std::uint64_t kIndex = 0xd1b54a32d192ed03ULL, kGolden = 0x9e3779b97f4a7c15ULL,
+                          kM1 = 0xbf58476d1ce4e5b9ULL, kM2 = 0x94d049bb133111ebULL, kMask = 0xFFFF;
+  constexpr double kUnit = 1.7320508075688772 / 65536.0;  // four U(0,1) have variance 1/3
+  index_t i = 0;
+#ifdef __AVX512DQ__  // 64-bit lane multiplies (emulated by three 32-bit ones elsewhere: no faster than scalar)
+  typedef double f64x8 __attribute__((vector_size(64)));
+  const u64x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (; i + 8 <= n; i += 8) {
+    u64x8 z = (seed ^ ((first + static_cast<std::uint64_t>(i) + lane) * kIndex)) + kGolden;
+    z = (z ^ (z >> 30)) * kM1;
+    z = (z ^ (z >> 27)) * kM2;
+    z ^= z >> 31;
+    // the four 16-bit fields summed with their midpoints, minus 4 x 32768: |s| <= 131070, exact in int32
+    const u64x8 sum = (z & kMask) + ((z >> 16) & kMask) + ((z >> 32) & kMask) + (z >> 48);
+    const i32x8 s = __builtin_convertvector(sum, i32x8) - 131070;
+    const f64x8 unit = __builtin_convertvector(s, f64x8) * kUnit;
+    f32x8 value = __builtin_convertvector(unit, f32x8) * scale;
+#ifdef __FMA__
+    __asm__("" : "+x"(value));
+#endif
+    value = loc + value;
+    std::memcpy(out + i, &value, sizeof value);
+  }
+#endif
+  for (; i < n; ++i) {
+    std::uint64_t z = (seed ^ ((first + static_cast<std::uint64_t>(i)) * kIndex)) + kGolden;
+    z = (z ^ (z >> 30)) * kM1;
+    z = (z ^ (z >> 27)) * kM2;
+    z ^= z >> 31;
+    const std::uint64_t sum = (z & kMask) + ((z >> 16) & kMask) + ((z >> 32) & kMask) + (z >> 48);
+    const std::int32_t s = static_cast<std::int32_t>(sum) - 131070;
+    float value = static_cast<float>(static_cast<double>(s) * kUnit) * scale;
+#ifdef __FMA__
+    __asm__("" : "+x"(value));
+#endif
+    out[i] = loc + value;
+  }
+}
+
+// Standardised rows (kernels.h, StandardizeRowsFn). Eight rows at a time are one flat run of 8c values read
+// against mean / std repeated eight times: a plain loop the compiler vectorises whatever c is (the divisions
+// dominate: a vector divides 8 values where the scalar loop divided one).
+template <class T>
+bool standardize_rows_impl(const T* values, index_t rows, index_t c, const double* mean, const double* std,
+                           float* out) {
+  constexpr index_t kRows = 8;
+  std::vector<double> m(static_cast<std::size_t>(kRows * c)), s(static_cast<std::size_t>(kRows * c));
+  for (index_t k = 0; k < kRows * c; ++k) {
+    m[static_cast<std::size_t>(k)] = mean[k % c];
+    s[static_cast<std::size_t>(k)] = std[k % c];
+  }
+  const double limit = std::numeric_limits<float>::max();
+  const double* mp = m.data();
+  const double* sp = s.data();
+  int bad = 0;
+  for (index_t r = 0; r < rows; r += kRows) {
+    const index_t len = std::min(kRows, rows - r) * c;
+    const T* v = values + r * c;
+    float* o = out + r * c;
+    for (index_t k = 0; k < len; ++k) {
+      const double x = (static_cast<double>(v[k]) - mp[k]) / sp[k];
+      bad |= !(std::fabs(x) <= limit);
+      o[k] = static_cast<float>(x);
+    }
+  }
+  return bad != 0;
 }
 
 // Lane l += lane l + half for half = 8, 4, 2, 1: lane 0 ends with the sum (dot_rows_impl's order).

@@ -115,6 +115,18 @@ using ChainDotsFn = void (*)(index_t kc, const float* x, index_t ld, index_t row
 using DropoutRowFn = void (*)(std::uint64_t key, std::uint64_t e0, index_t n, std::uint64_t threshold, float scale,
                               float* out);
 
+// Initial parameters (prepare.h, fill_normal): out[i] = loc + scale * z for i < n, z from splitmix64's output for
+// (seed, first + i). Integer arithmetic and two float roundings: every ISA gives the same bits.
+using FillNormalFn = void (*)(std::uint64_t seed, std::uint64_t first, index_t n, float loc, float scale, float* out);
+
+// Numeric columns standardised (prepare.h, standardize): out[r * c + j] = float32((values[r * c + j] - mean[j]) /
+// std[j]) in float64 for r < rows, j < c (one division each: the same bits on every ISA); returns whether a
+// result is beyond float32's range.
+using StandardizeF32Fn = bool (*)(const float* values, index_t rows, index_t c, const double* mean,
+                                  const double* std, float* out);
+using StandardizeF64Fn = bool (*)(const double* values, index_t rows, index_t c, const double* mean,
+                                  const double* std, float* out);
+
 // The small products of causal attention over one sequence's rows (n <= a few hundred, width w a multiple of
 // 16, every row read or written over w floats), each output element ONE chain in a fixed order that does not
 // depend on which rows the call covers (so a row computed alone has the bits it has in the whole pass):
@@ -166,6 +178,9 @@ struct KernelSet {
   WeightsTRowsFn att_weights_t_rows;
   LayerNormFn layer_norm;
   LayerNormBackwardFn layer_norm_backward;
+  FillNormalFn fill_normal;
+  StandardizeF32Fn standardize_f32;
+  StandardizeF64Fn standardize_f64;
 };
 
 // ---- bfloat16 products (gemm.h, bf16_gemm) ----

@@ -63,7 +63,8 @@ const KernelSet& kernels_scalar() {
                              sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_scalar,
                              dropout_row_impl, att_transpose_impl, att_rows_cols_impl, att_weights_rows_impl,
                              att_weights_t_rows_impl, layer_norm_impl,
-                             layer_norm_backward_impl};
+                             layer_norm_backward_impl, fill_normal_impl,
+                             standardize_rows_impl<float>, standardize_rows_impl<double>};
   return set;
 }
 

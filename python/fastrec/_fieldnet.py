@@ -76,17 +76,18 @@ def bags_of_ids(ids: np.ndarray) -> tuple:
     return (np.arange(len(ids) + 1, dtype=np.int64), ids, np.ones(len(ids), np.float32))
 
 
-def bags_of_csr(X, mean: bool) -> tuple:
+def bags_of_csr(X, mean: bool, label: str = "X", n_threads: int = 0) -> tuple:
     """Bag table from a CSR matrix (rows = bags, columns = ids, values = weights); mean pooling divides each
-    bag's weights by their sum (an empty or zero-sum bag pools to zero)."""
+    bag's weights by their sum (an empty or zero-sum bag pools to zero). Values that are not finite or beyond
+    float32's range raise a ValueError naming `label`."""
     X = X.tocsr()
-    weights = np.asarray(X.data, dtype=np.float32).copy()
     indptr = np.asarray(X.indptr, dtype=np.int64)
-    if mean and len(weights):
-        sums = np.add.reduceat(weights.astype(np.float64), indptr[:-1][np.diff(indptr) > 0])
-        counts = np.diff(indptr)[np.diff(indptr) > 0]
-        scale = np.where(sums != 0, 1.0 / np.where(sums != 0, sums, 1.0), 0.0)
-        weights *= np.repeat(scale, counts).astype(np.float32)
+    data = np.asarray(X.data)
+    if data.dtype not in (np.float32, np.float64):
+        data = data.astype(np.float64)
+    weights, status = _core.bag_weights(indptr, np.require(data, requirements=["C", "A"]), bool(mean), n_threads)
+    if status:
+        raise ValueError(f"{label} contains NaN or infinity (or a value too large for float32)")
     return (indptr, np.asarray(X.indices, dtype=np.int32), weights)
 
 

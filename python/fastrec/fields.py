@@ -160,10 +160,8 @@ class FieldModel(BaseEstimator):
                 if value.shape[1] != self._vocab_[name]:
                     raise ValueError(f"X[{name!r}] has {value.shape[1]} columns, the model was fitted on "
                                      f"{self._vocab_[name]}")
-                data = as_numeric(np.asarray(value.data), label)
-                if not np.isfinite(data).all() or (np.abs(data) > _FLOAT32_MAX).any():
-                    raise ValueError(f"X[{name!r}] contains NaN or infinity (or a value too large for float32)")
-                bags.append(bags_of_csr(value, mean=pooling == "mean"))
+                as_numeric(np.asarray(value.data), label)
+                bags.append(bags_of_csr(value, pooling == "mean", label, self._threads()))
             else:
                 if value.ndim > 2:
                     raise ValueError(f"X[{name!r}] must have shape ({n},) or ({n}, c); got {value.shape}")
