@@ -13,21 +13,26 @@ namespace fastrec {
 
 namespace {
 
-const std::array<std::uint32_t, 256>& crc_table() {
-  static const std::array<std::uint32_t, 256> table = [] {
-    std::array<std::uint32_t, 256> t{};
+// zlib's CRC-32 tables for slicing by 8: t[0] is the byte-at-a-time table, t[k][i] the CRC of byte i followed by
+// k zero bytes, so eight bytes are folded in by eight independent lookups instead of a chain of eight.
+using CrcTables = std::array<std::array<std::uint32_t, 256>, 8>;
+const CrcTables& crc_tables() {
+  static const CrcTables tables = [] {
+    CrcTables t{};
     for (std::uint32_t i = 0; i < 256; ++i) {
       std::uint32_t c = i;
       for (int k = 0; k < 8; ++k) c = (c & 1U) ? 0xEDB88320U ^ (c >> 1) : c >> 1;
-      t[i] = c;
+      t[0][i] = c;
     }
+    for (std::size_t k = 1; k < 8; ++k)
+      for (std::size_t i = 0; i < 256; ++i) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFFU];
     return t;
   }();
-  return table;
+  return tables;
 }
 
-std::int32_t bucket(std::uint32_t crc, std::int64_t buckets) {
-  return static_cast<std::int32_t>(static_cast<std::int64_t>(crc) % buckets + 1);
+std::int32_t bucket(std::uint32_t crc, std::int64_t buckets) {  // buckets < 2**31: a 32-bit division
+  return static_cast<std::int32_t>(crc % static_cast<std::uint32_t>(buckets) + 1);
 }
 
 // UTF-8 of one code point into out (at most 4 bytes); returns the bytes written.
@@ -59,9 +64,18 @@ constexpr index_t kGrain = 4096;  // values per parallel chunk: hashing one take
 }  // namespace
 
 std::uint32_t crc32(const unsigned char* data, std::size_t size) {
-  const auto& t = crc_table();
+  const CrcTables& t = crc_tables();
   std::uint32_t c = 0xFFFFFFFFU;
-  for (std::size_t i = 0; i < size; ++i) c = t[(c ^ data[i]) & 0xFFU] ^ (c >> 8);
+  std::size_t i = 0;
+  for (; i + 8 <= size; i += 8) {  // the bytes as two little-endian words, whatever the host's byte order
+    const std::uint32_t lo = c ^ (std::uint32_t{data[i]} | std::uint32_t{data[i + 1]} << 8 |
+                                  std::uint32_t{data[i + 2]} << 16 | std::uint32_t{data[i + 3]} << 24);
+    const std::uint32_t hi = std::uint32_t{data[i + 4]} | std::uint32_t{data[i + 5]} << 8 |
+                             std::uint32_t{data[i + 6]} << 16 | std::uint32_t{data[i + 7]} << 24;
+    c = t[7][lo & 0xFFU] ^ t[6][(lo >> 8) & 0xFFU] ^ t[5][(lo >> 16) & 0xFFU] ^ t[4][lo >> 24] ^
+        t[3][hi & 0xFFU] ^ t[2][(hi >> 8) & 0xFFU] ^ t[1][(hi >> 16) & 0xFFU] ^ t[0][hi >> 24];
+  }
+  for (; i < size; ++i) c = t[0][(c ^ data[i]) & 0xFFU] ^ (c >> 8);
   return c ^ 0xFFFFFFFFU;
 }
 
@@ -84,7 +98,7 @@ void hash_ucs4(const std::uint32_t* values, index_t n, index_t width, std::int64
   require(width >= 0, "string width must be non-negative");
   const index_t chunks = (n + kGrain - 1) / kGrain;
   parallel_for(0, chunks, chunks > 1 ? n_threads : 1, [&](index_t c) {
-    const auto& t = crc_table();
+    const auto& t = crc_tables()[0];
     for (index_t i = c * kGrain, end = std::min(n, i + kGrain); i < end; ++i) {
       const std::uint32_t* s = values + i * width;
       index_t len = width;

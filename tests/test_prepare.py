@@ -15,7 +15,9 @@ def _python_buckets(values, buckets):
 
 
 INTS = np.concatenate([np.random.default_rng(0).integers(-2**63, 2**63 - 1, 5000, dtype=np.int64),
-                       np.array([0, -1, 1, 9, 10, 2**63 - 1, -2**63], np.int64)])
+                       np.array([0, -1, 1, 9, 10, 2**63 - 1, -2**63], np.int64),
+                       # texts of every length 1..20: whole 8-byte slices of the CRC and every tail
+                       np.array([s * 10**k - d for k in range(19) for d in (0, 1) for s in (1, -1)], np.int64)])
 STRINGS = np.array(["", "a", "A", "héllo", "日本語", "emoji😀x", "a\x00b", "x" * 80, "12", "-7", "\ud800"[:0] + "ß"])
 
 
