@@ -30,6 +30,10 @@ inline double uniform01(std::uint64_t& state) { return static_cast<double>(split
 inline void require(bool cond, const std::string& message) {
   if (!cond) throw std::invalid_argument(message);
 }
+// A literal message is turned into a string only on failure (checks that run per row or per entry).
+inline void require(bool cond, const char* message) {
+  if (!cond) throw std::invalid_argument(message);
+}
 
 // A CSR matrix view: rows of (indices, data) between indptr[i] and indptr[i+1].
 struct CsrView {

@@ -290,10 +290,13 @@ void check_csr(const AutoencoderNet& net, const CsrView& X) {
   require(X.cols == net.n_items(), "X has " + std::to_string(X.cols) + " columns but the model has " +
                                        std::to_string(net.n_items()) + " items");
   require(X.indptr[0] == 0, "X.indptr must start at 0");
-  for (index_t r = 0; r < X.rows; ++r) require(X.indptr[r + 1] >= X.indptr[r], "X.indptr must be non-decreasing");
+  // The messages are built only on failure: these loops run per row and per entry.
+  for (index_t r = 0; r < X.rows; ++r)
+    if (X.indptr[r + 1] < X.indptr[r]) require(false, "X.indptr must be non-decreasing");
   for (std::int64_t p = 0; p < X.indptr[X.rows]; ++p)
-    require(X.indices[p] >= 0 && X.indices[p] < X.cols,
-            "X.indices holds column " + std::to_string(X.indices[p]) + ", outside [0, " + std::to_string(X.cols) + ")");
+    if (X.indices[p] < 0 || X.indices[p] >= X.cols)
+      require(false, "X.indices holds column " + std::to_string(X.indices[p]) + ", outside [0, " +
+                         std::to_string(X.cols) + ")");
 }
 
 }  // namespace
@@ -379,8 +382,8 @@ EpochResult autoencoder_train_epoch(const KernelSet& ks, const AutoencoderNet& n
   require(batch_size >= 1, "batch_size must be at least 1");
   require(training.dropout >= 0.0f && training.dropout < 1.0f, "dropout must be in [0, 1)");
   for (index_t i = 0; i < n_order; ++i)
-    require(order[i] >= 0 && order[i] < X.rows, "order holds row " + std::to_string(order[i]) + ", outside [0, " +
-                                                    std::to_string(X.rows) + ")");
+    if (order[i] < 0 || order[i] >= X.rows)
+      require(false, "order holds row " + std::to_string(order[i]) + ", outside [0, " + std::to_string(X.rows) + ")");
   const std::size_t L = net.layers.size();
   require(opt.state1.size() == 2 * L && opt.state2.size() == 2 * L, "Adam needs both moments of every array");
   const int threads = resolve_threads(n_threads);

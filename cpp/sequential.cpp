@@ -53,12 +53,13 @@ void validate(const SeqModel& m) {
   require(f.n_features >= 1, "the feature table needs at least one row");
   require(f.indptr && f.ids && f.weights, "item features need indptr, ids and weights");
   require(f.indptr[0] == 0, "item features: indptr[0] must be 0");
+  // The messages are built only on failure: these loops run per item and per entry.
   for (index_t i = 0; i < m.n_items; ++i)
-    require(f.indptr[i + 1] >= f.indptr[i], "item features: indptr must be non-decreasing");
+    if (f.indptr[i + 1] < f.indptr[i]) require(false, "item features: indptr must be non-decreasing");
   for (std::int64_t k = 0; k < f.indptr[m.n_items]; ++k) {
-    require(f.ids[k] >= 0 && f.ids[k] < f.n_features,
-            "item features: ids must be feature rows in [0, " + std::to_string(f.n_features) + ")");
-    require(std::isfinite(f.weights[k]), "item features: weights must be finite");
+    if (f.ids[k] < 0 || f.ids[k] >= f.n_features)
+      require(false, "item features: ids must be feature rows in [0, " + std::to_string(f.n_features) + ")");
+    if (!std::isfinite(f.weights[k])) require(false, "item features: weights must be finite");
   }
 }
 
