@@ -218,12 +218,9 @@ class DaskFieldModel(_DaskEstimator):
                 check_structure(model)
                 if kinds != model.columns_:
                     raise ValueError(f"X has columns {kinds}, the model was fitted on {model.columns_}")
-                net = model.net_
                 for name, values in vocabs.items():  # as FieldModel.partial_fit grows
                     model._vocab_[name].add(values)
-                for i, f in enumerate(net.fields):
-                    if isinstance(model._vocab_.get(f.name), IdIndex):
-                        net.grow(i, len(model._vocab_[f.name]) + 1, model._rng)
+                model._grow_tables()
                 source, seed = model, int(model._rng.get_state()[1][0])
             self._train(client, job, futures, model, parts, source,
                         source.fields[1] if first else seed, epochs)
