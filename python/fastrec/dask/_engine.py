@@ -96,8 +96,8 @@ class _Adapter:
         """This replica's training rows from its partitions: (keys, y, weight, item counts or None)."""
         raise NotImplementedError
 
-    def set_counts(self, est, counts):
-        pass
+    def add_counts(self, est, counts):
+        """Add the item counts of every replica's partitions to the replica's (the driver's) model."""
 
     def train(self, est, keys, y, weight, order, epoch, seed):
         """One slice `order` of an epoch in the core: (loss_sum, rows, diverged, error)."""
@@ -251,7 +251,7 @@ def _replica(job, replica):
 def _counts(job, replica, counts):
     """The item counts of every partition: the negative sampler draws from the whole data's popularity."""
     rep = _replica(job, replica)
-    rep.adapter.set_counts(rep.est, counts)
+    rep.adapter.add_counts(rep.est, counts)
 
 
 def _tables(net):
@@ -476,7 +476,7 @@ def _union_seen(csrs, n_items):
     their sorted keys merged (a stable sort of sorted runs is a merge: 0.1 s for 10^7 pairs where merging the
     replicas' pairs one by one took seconds), duplicates dropped."""
     n_rows = len(csrs[0][0]) - 1
-    kept = [c for c in csrs if len(c[1])]  # the driver's on a first fit is empty
+    kept = [c for c in csrs if len(c[1])]
     if len(kept) == 1 and kept[0][0].dtype == csrs[0][0].dtype:
         return kept[0]
     keys = np.concatenate([np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr)) * n_items + indices
@@ -638,7 +638,7 @@ class _DaskEstimator:
                                "versions differ between the workers and the client?)")
         counts = None
         if built[0][0] is not None:  # item counts: the negative sampler draws from the whole data's popularity
-            counts = model._seen_counts + sum(c for c, _ in built)
+            counts = sum(c for c, _ in built)
             self._gather(client, [pinned(r, _counts, job, r, counts) for r in range(n_rep)],
                          "building the replicas", workers)
         seen = [pinned(r, _seen_pairs, job, r) for r in range(n_rep)]  # ready now: collected after the training
@@ -703,9 +703,9 @@ class _DaskEstimator:
 
         pool = concurrent.futures.ThreadPoolExecutor(1)
         try:
+            # Each replica's seen pairs hold the model's (a copy of it, or none on a first fit) and its own.
             csrs = self._gather(client, seen, "collecting the seen items", workers)
-            union = None if csrs[0] is None else pool.submit(_union_seen, [model._seen] + csrs,
-                                                              len(model._items) + 1)
+            union = None if csrs[0] is None else pool.submit(_union_seen, csrs, len(counts))
             got = self._gather(client, finals + [rng] + (last_dense or []), "collecting the model", workers)
             finals, state, last = got[:n_rep], got[n_rep], got[n_rep + 1:]
             net = model.net_

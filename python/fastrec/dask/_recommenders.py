@@ -86,9 +86,8 @@ class _InteractionsAdapter(_Adapter):
         y = np.ones(len(u), np.float32) if est.implicit_ else (ratings - est.rating_mean_).astype(np.float32)
         return [u, i], y, weight, np.bincount(i, minlength=n_i).astype(np.float64)
 
-    def set_counts(self, est, counts):
-        est._seen_counts = counts
-        est._update_counts()
+    def add_counts(self, est, counts):
+        est._add_item_counts(counts)
 
     def ids(self, est):
         return [est._users.ids, est._items.ids]
@@ -98,7 +97,7 @@ class _InteractionsAdapter(_Adapter):
 
     def finish(self, model, counts, seen):
         model._seen = seen
-        self.set_counts(model, counts)
+        self.add_counts(model, counts)
         super().finish(model, counts, seen)
 
 
