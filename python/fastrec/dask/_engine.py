@@ -75,8 +75,7 @@ _ADAPTERS: dict = {}  # local estimator class -> its _Adapter
 
 class _Adapter:
     """What one kind of estimator does differently on the cluster (subclasses: fastrec.dask._recommenders,
-    fastrec.dask._fields). `spec`: what a first fit's replicas are built from (an `_Spec`, or for the
-    Recommender the plain tuple of earlier versions)."""
+    fastrec.dask._fields). `spec`: what a first fit's replicas are built from (an `_Spec`)."""
 
     estimator = None
     sampled = True  # the local epoch draws a sampler seed after its permutation (run_epochs): so do the replicas
@@ -130,7 +129,7 @@ def _delayed_parts(x, name, local):
 
 
 class _Spec:
-    """A first fit's spec for `estimator`'s adapter: `fields` are what its `build` reads."""
+    """A first fit's spec for `estimator`'s adapter: `fields` are what its `build` reads (params, seed, ...)."""
 
     def __init__(self, estimator, *fields):
         self.estimator, self.fields = estimator, fields
@@ -138,10 +137,6 @@ class _Spec:
 
 def _adapter(source):
     """The adapter of a spec or a fitted model."""
-    if isinstance(source, tuple):  # a Recommender's spec
-        from fastrec.recommender import Recommender
-
-        return _ADAPTERS[Recommender]
     return _ADAPTERS[source.estimator if isinstance(source, _Spec) else type(source)]
 
 

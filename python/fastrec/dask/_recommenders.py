@@ -57,13 +57,12 @@ def _codes(index, raw):
 
 
 class _InteractionsAdapter(_Adapter):
-    """A RecommenderBase model: users and items, seen pairs, item counts. A first fit's spec: (params, seed,
-    distinct users, distinct items, rating (mean, min, max) or None, user_features, item_features,
-    feature_types), a plain tuple for the Recommender, an `_Spec` for the others."""
+    """A RecommenderBase model: users and items, seen pairs, item counts. A first fit's spec: an `_Spec` of
+    (params, seed, distinct users, distinct items, rating (mean, min, max) or None, user_features, item_features,
+    feature_types)."""
 
     def build(self, spec, tables):
-        fields = spec if isinstance(spec, tuple) else spec.fields
-        params, seed, users, items, rating_stats, user_features, item_features, feature_types = fields
+        params, seed, users, items, rating_stats, user_features, item_features, feature_types = spec.fields
         est = self.estimator(**params).set_params(random_state=seed)
         config = est._validate_params(rating_stats is None)
         est._check_base_params()
@@ -211,7 +210,7 @@ class _DaskInteractions(_DaskEstimator):
                 seed = self._seed()  # every replica must draw the same initial arrays
                 fields = (self.params, seed, new_users, new_items, rating_stats, user_features, item_features,
                           feature_types)
-                source = fields if self._local is Recommender else _Spec(self._local, *fields)
+                source = _Spec(self._local, *fields)
                 # The driver's copy, built while the workers build theirs, without drawing its tables.
                 model = lambda: _build(source, tables=False)  # noqa: E731
             else:
