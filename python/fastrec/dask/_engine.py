@@ -98,8 +98,10 @@ class _Adapter:
     def add_counts(self, est, counts):
         """Add the item counts of every replica's partitions to the replica's (the driver's) model."""
 
-    def train(self, est, keys, y, weight, order, epoch, seed):
-        """One slice `order` of an epoch in the core: (loss_sum, rows, diverged, error)."""
+    def training(self, est):
+        """What the core trains the replica with: (training handle, sampler dict (None when not `sampled`), alpha,
+        learning_rate). Built once per fit, at the replica's first training: the item counts are in, and nothing
+        it reads changes between rounds (the rounds write the tables and dense arrays in place)."""
         raise NotImplementedError
 
     def ids(self, est):
@@ -153,6 +155,7 @@ class _Replica:
         self.est, self.adapter, self.keys, self.y, self.weight = est, adapter, keys, y, weight
         self.n = len(y)
         self.order, self.pos, self.epoch_seed = None, 0, 0
+        self.training = None  # the adapter's training(), at this replica's first round that trains
         # Replica 0 continues the model's own stream (so one worker reproduces a local fit); others their own.
         self.rng = est._rng if seed is None else np.random.RandomState(seed)
         self.replica, self.n_replicas = replica, n_replicas
@@ -312,10 +315,17 @@ def _round(job, replica, combined, dense, epoch, n_rows):
     if rep.pos >= rep.n:  # this replica's epoch is done: it sits the round out
         return {"pieces": [None] * rep.n_replicas, "dense": None, "stats": {"received_bytes": received}}
     part = rep.order[rep.pos:rep.pos + n_rows]
+    if rep.training is None:
+        rep.training = rep.adapter.training(est)
+    handle, sampler, alpha, learning_rate = rep.training
     # Slice 0 of an epoch draws exactly what a local epoch draws; later slices from their own streams.
-    seed = (rep.epoch_seed + 1_000_003 * rep.slice) % (2**31 - 1)
+    if sampler is not None:
+        sampler["seed"] = (rep.epoch_seed + 1_000_003 * rep.slice) % (2**31 - 1)
     started = time.perf_counter()
-    loss_sum, rows, diverged, error = rep.adapter.train(est, rep.keys, rep.y, rep.weight, part, epoch, seed)
+    loss_sum, rows, diverged, error = net.train_epoch(
+        handle, rep.keys, rep.y, rep.weight, part, batch_size=int(est.batch_size), alpha=alpha,
+        learning_rate=learning_rate, momentum=float(est.momentum), nesterov=bool(est.nesterovs_momentum),
+        beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler, epoch=epoch, n_threads=est._threads())
     if error is not None:
         raise error
     if diverged:

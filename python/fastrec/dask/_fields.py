@@ -84,14 +84,9 @@ class _FieldAdapter(_Adapter):
         est._dask_inputs = (bags, dense)
         return [np.arange(n, dtype=np.int32)], (y - est._y_offset).astype(np.float32), weight, None
 
-    def train(self, est, keys, y, weight, order, epoch, seed):
-        net = est.net_
-        handle = net.handle(*est._dask_inputs, training=True, precision=core_precision(est.precision))
-        return net.train_epoch(
-            handle, keys, y, weight, order, batch_size=int(est.batch_size), alpha=float(est.alpha),
-            learning_rate=float(est.learning_rate), momentum=float(est.momentum),
-            nesterov=bool(est.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=None,
-            epoch=epoch, n_threads=est._threads())
+    def training(self, est):  # as FieldModel._train
+        handle = est.net_.handle(*est._dask_inputs, training=True, precision=core_precision(est.precision))
+        return handle, None, float(est.alpha), float(est.learning_rate)
 
     def ids(self, est):
         return [v.ids for _, v in sorted(est._vocab_.items(), key=lambda kv: str(kv[0])) if isinstance(v, IdIndex)]

@@ -104,15 +104,10 @@ class _RecommenderAdapter(_InteractionsAdapter):
     estimator = Recommender
     caches = Recommender._caches
 
-    def train(self, est, keys, y, weight, order, epoch, seed):
-        net = est.net_
-        sampler = est._sampler(negatives=est.negatives if est.implicit_ else 0, seed=seed)
-        handle = net.handle(est._bags, est._dense_tables, training=True, precision=core_precision(est.precision))
-        return net.train_epoch(
-            handle, keys, y, weight, order, batch_size=int(est.batch_size), alpha=est._setting("alpha", est.loss_),
-            learning_rate=est._setting("learning_rate", est.loss_), momentum=float(est.momentum),
-            nesterov=bool(est.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler,
-            epoch=epoch, n_threads=est._threads())
+    def training(self, est):  # as Recommender._train
+        handle = est.net_.handle(est._bags, est._dense_tables, training=True, precision=core_precision(est.precision))
+        sampler = est._sampler(negatives=est.negatives if est.implicit_ else 0, seed=0)
+        return handle, sampler, est._setting("alpha", est.loss_), est._setting("learning_rate", est.loss_)
 
 
 _Adapter.register(_RecommenderAdapter())
@@ -122,16 +117,9 @@ class _TwoTowerAdapter(_InteractionsAdapter):
     estimator = TwoTower
     caches = TwoTower._caches
 
-    def train(self, est, keys, y, weight, order, epoch, seed):
-        net = est.net_
-        sampler = est._training()
-        sampler["seed"] = seed
-        handle = net.handle(est._side_data("user"), est._side_data("item"), training=True)
-        return net.train_epoch(
-            handle, keys, y, weight, order, batch_size=int(est.batch_size), alpha=float(est.alpha),
-            learning_rate=float(est._setting("learning_rate")), momentum=float(est.momentum),
-            nesterov=bool(est.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler,
-            epoch=epoch, n_threads=est._threads())
+    def training(self, est):  # as TwoTower._train
+        handle = est.net_.handle(est._side_data("user"), est._side_data("item"), training=True)
+        return handle, est._training(), float(est.alpha), float(est._setting("learning_rate"))
 
     def finish(self, model, counts, seen):
         super().finish(model, counts, seen)
