@@ -576,6 +576,34 @@ class _DaskEstimator:
         return int(seed)
 
     # ------------------------------------------------------------------------------------------------ fit
+    def _fit(self, data, first, epochs=None):
+        """fit (`first`) or partial_fit on `data` (the fit's arguments): the partitions and what the driver reads
+        of each (`_read(client, data)`: futures of both), then a first fit's spec from those figures
+        (`_spec_fields(stats, data)`: its fields after params and seed) or a copy of the fitted model grown with
+        them (`_grow_copy(model, stats, data)`; the fitted model is kept if it fails), trained `epochs` epochs (None:
+        the model's)."""
+
+        def body(client, job, futures):
+            parts, stats = self._read(client, data)
+            futures += parts
+            stats = self._gather(client, stats, "reading the partitions", [])
+            self._marks.append(time.perf_counter())
+            if first:
+                fields = self._spec_fields(stats, data)
+                source = _Spec(self._local, self.params, self._seed(), *fields)  # the same initial arrays everywhere
+                seed = source.fields[1]
+                # The driver's copy, built while the workers build theirs, without drawing its tables.
+                model = lambda: _build(source, tables=False)  # noqa: E731
+            else:
+                import copy
+
+                model = copy.deepcopy(self.model_)
+                self._grow_copy(model, stats, data)
+                source, seed = model, int(model._rng.get_state()[1][0])  # not a draw: replica 0 continues the stream
+            self._train(client, job, futures, model, parts, source, seed, epochs)
+
+        return self._fit_job(body)
+
     def _fit_job(self, body):
         """body(client, job, futures): read the partitions (then mark the time), build the model's source and
         `_train`. Cancels the job's tasks and frees its replicas whatever happens; a failure while a replica's
