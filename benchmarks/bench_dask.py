@@ -57,14 +57,17 @@ def _train_half(data, half, n_users, n_items, params, queue, barrier):
     functions in this process; puts (half, training seconds, rows)."""
     import pandas as pd
 
+    import fastrec
     from fastrec.dask import _counts, _part, _round, _start
+    from fastrec.dask._engine import _Spec
 
     files = sorted(f for f in os.listdir(data) if f.endswith(".parquet"))
     files = files[len(files) * half // 2:len(files) * (half + 1) // 2]
     parts = [pd.read_parquet(os.path.join(data, f)) for f in files]
     parts = [_part(p["user"], p["item"], None, None) for p in parts]
-    spec = (params, 0, np.arange(n_users), np.arange(n_items), None, pd.read_parquet(f"{data}/../users.parquet"),
-            pd.read_parquet(f"{data}/../items.parquet"), FEATURE_TYPES)
+    spec = _Spec(fastrec.Recommender, params, 0, np.arange(n_users), np.arange(n_items), None,
+                 pd.read_parquet(f"{data}/../users.parquet"), pd.read_parquet(f"{data}/../items.parquet"),
+                 FEATURE_TYPES)
     counts, _ = _start("limit", half, 2, spec, None if half == 0 else 7919, *parts)
     _counts("limit", half, counts)
     barrier.wait()

@@ -105,9 +105,10 @@ def test_ids_on_one_partition_only_are_learned_and_every_replica_maps_ids_alike(
     model = dm.to_local()
     assert set(range(10_000, 10_007)) <= set(model._items.ids.tolist())
     # Their id rows moved from where the seed put them (the replicas' shared start).
-    from fastrec.dask import _build
+    from fastrec.dask._engine import _build, _Spec
 
-    start = _build((PARAMS, 0, np.unique(u), np.unique(i), (r.mean(), r.min(), r.max()), None, None, None))
+    start = _build(_Spec(fastrec.Recommender, PARAMS, 0, np.unique(u), np.unique(i), (r.mean(), r.min(), r.max()),
+                         None, None, None))
     rows = model._bags[1][1][model._items.index(np.arange(10_000, 10_007))]
     assert (rows > 0).all()
     assert not np.allclose(model.net_.tables[1][rows], start.net_.tables[1][rows])
@@ -211,10 +212,12 @@ def test_the_combine_gives_old_plus_every_change_and_the_mean_state():
     # from NumPy on their tables before the combine: the start value plus each touching replica's change, the
     # optimizer state the mean over the replicas that touched the row.
     from fastrec.dask import _REPLICAS, _combine, _counts, _drop, _part, _round, _start
+    from fastrec.dask._engine import _Spec
 
     u, i, r = data(n=4000)
     params = {**PARAMS, "epochs": 1, "optimizer": "adam"}
-    spec = (params, 0, np.unique(u), np.unique(i), (r.mean(), r.min(), r.max()), None, None, None)
+    spec = _Spec(fastrec.Recommender, params, 0, np.unique(u), np.unique(i), (r.mean(), r.min(), r.max()), None,
+                 None, None)
     half = len(u) // 2
     try:
         for rep, sl in enumerate((slice(0, half), slice(half, None))):

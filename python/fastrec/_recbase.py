@@ -727,6 +727,12 @@ class RecommenderBase(BaseEstimator):
         self.n_users_, self.n_items_ = len(self._users), len(self._items)
         self._seen_changed()
 
+    def _add_item_counts(self, counts):
+        """Add `counts` (one per item entity: the items of pairs just added to the seen pairs) to the item counts,
+        and update what follows. fastrec.dask adds every replica's to each replica and to the driver's model."""
+        self._seen_counts = self._seen_counts + counts
+        self._update_counts()
+
     def _fit_interactions(self, users, items, ratings, weight, epochs, validate, also_seen=None, rows=None):
         """Add the interactions (and `also_seen`, held-out (users, items) pairs never trained on) to the seen
         items and counts, then train `epochs` epochs on the interactions (`_train`)."""
@@ -744,8 +750,7 @@ class RecommenderBase(BaseEstimator):
             kept = ~np.isin(hu.astype(np.int64) * n_i + hi, u.astype(np.int64) * n_i + i)
             self._held_out = (hu[kept], hi[kept])
         self._seen = _merge_seen(*self._seen, seen_u, seen_i, n_i)
-        self._seen_counts = self._seen_counts + np.bincount(seen_i, minlength=n_i)
-        self._update_counts()
+        self._add_item_counts(np.bincount(seen_i, minlength=n_i))
         y = np.ones(len(u), np.float32) if self.implicit_ else (ratings - self.rating_mean_).astype(np.float32)
         self._train(u, i, y, weight, epochs, validate)
 

@@ -285,9 +285,7 @@ class FieldModel(BaseEstimator):
         try:  # bad input leaves the model as it was
             n, _, bags, dense_tables = self._inputs(X, fit=False, grow=True)
             y, weight = self._targets(y, n, sample_weight)
-            for i, f in enumerate(net.fields):
-                if isinstance(self._vocab_.get(f.name), IdIndex):
-                    net.grow(i, len(self._vocab_[f.name]) + 1, self._rng)
+            self._grow_tables()
         except BaseException:
             self._vocab_, vocabs, net.tables, net.table_state1, net.table_state2 = saved
             for f, vocab in zip(net.fields, vocabs):
@@ -295,6 +293,13 @@ class FieldModel(BaseEstimator):
             raise
         self._train(n, bags, dense_tables, y, weight, 1, None)
         return self
+
+    def _grow_tables(self):
+        """Rows (and optimizer state) for the values added to the vocabularies since the tables were sized (drawn
+        from self._rng; fastrec.dask's partial_fit grows its copy of the model this way too)."""
+        for i, f in enumerate(self.net_.fields):
+            if isinstance(self._vocab_.get(f.name), IdIndex):
+                self.net_.grow(i, len(self._vocab_[f.name]) + 1, self._rng)
 
     def _train(self, n, bags, dense_tables, y, weight, epochs, validate):
         self.__dict__.pop("_serve", None)  # the serving handle reads the net of its time

@@ -75,8 +75,7 @@ _ADAPTERS: dict = {}  # local estimator class -> its _Adapter
 
 class _Adapter:
     """What one kind of estimator does differently on the cluster (subclasses: fastrec.dask._recommenders,
-    fastrec.dask._fields). `spec`: what a first fit's replicas are built from (an `_Spec`, or for the
-    Recommender the plain tuple of earlier versions)."""
+    fastrec.dask._fields). `spec`: what a first fit's replicas are built from (an `_Spec`)."""
 
     estimator = None
     sampled = True  # the local epoch draws a sampler seed after its permutation (run_epochs): so do the replicas
@@ -96,11 +95,13 @@ class _Adapter:
         """This replica's training rows from its partitions: (keys, y, weight, item counts or None)."""
         raise NotImplementedError
 
-    def set_counts(self, est, counts):
-        pass
+    def add_counts(self, est, counts):
+        """Add the item counts of every replica's partitions to the replica's (the driver's) model."""
 
-    def train(self, est, keys, y, weight, order, epoch, seed):
-        """One slice `order` of an epoch in the core: (loss_sum, rows, diverged, error)."""
+    def training(self, est):
+        """What the core trains the replica with: (training handle, sampler dict (None when not `sampled`), alpha,
+        learning_rate). Built once per fit, at the replica's first training: the item counts are in, and nothing
+        it reads changes between rounds (the rounds write the tables and dense arrays in place)."""
         raise NotImplementedError
 
     def ids(self, est):
@@ -130,7 +131,7 @@ def _delayed_parts(x, name, local):
 
 
 class _Spec:
-    """A first fit's spec for `estimator`'s adapter: `fields` are what its `build` reads."""
+    """A first fit's spec for `estimator`'s adapter: `fields` are what its `build` reads (params, seed, ...)."""
 
     def __init__(self, estimator, *fields):
         self.estimator, self.fields = estimator, fields
@@ -138,10 +139,6 @@ class _Spec:
 
 def _adapter(source):
     """The adapter of a spec or a fitted model."""
-    if isinstance(source, tuple):  # a Recommender's spec
-        from fastrec.recommender import Recommender
-
-        return _ADAPTERS[Recommender]
     return _ADAPTERS[source.estimator if isinstance(source, _Spec) else type(source)]
 
 
@@ -158,6 +155,7 @@ class _Replica:
         self.est, self.adapter, self.keys, self.y, self.weight = est, adapter, keys, y, weight
         self.n = len(y)
         self.order, self.pos, self.epoch_seed = None, 0, 0
+        self.training = None  # the adapter's training(), at this replica's first round that trains
         # Replica 0 continues the model's own stream (so one worker reproduces a local fit); others their own.
         self.rng = est._rng if seed is None else np.random.RandomState(seed)
         self.replica, self.n_replicas = replica, n_replicas
@@ -251,7 +249,7 @@ def _replica(job, replica):
 def _counts(job, replica, counts):
     """The item counts of every partition: the negative sampler draws from the whole data's popularity."""
     rep = _replica(job, replica)
-    rep.adapter.set_counts(rep.est, counts)
+    rep.adapter.add_counts(rep.est, counts)
 
 
 def _tables(net):
@@ -317,10 +315,17 @@ def _round(job, replica, combined, dense, epoch, n_rows):
     if rep.pos >= rep.n:  # this replica's epoch is done: it sits the round out
         return {"pieces": [None] * rep.n_replicas, "dense": None, "stats": {"received_bytes": received}}
     part = rep.order[rep.pos:rep.pos + n_rows]
+    if rep.training is None:
+        rep.training = rep.adapter.training(est)
+    handle, sampler, alpha, learning_rate = rep.training
     # Slice 0 of an epoch draws exactly what a local epoch draws; later slices from their own streams.
-    seed = (rep.epoch_seed + 1_000_003 * rep.slice) % (2**31 - 1)
+    if sampler is not None:
+        sampler["seed"] = (rep.epoch_seed + 1_000_003 * rep.slice) % (2**31 - 1)
     started = time.perf_counter()
-    loss_sum, rows, diverged, error = rep.adapter.train(est, rep.keys, rep.y, rep.weight, part, epoch, seed)
+    loss_sum, rows, diverged, error = net.train_epoch(
+        handle, rep.keys, rep.y, rep.weight, part, batch_size=int(est.batch_size), alpha=alpha,
+        learning_rate=learning_rate, momentum=float(est.momentum), nesterov=bool(est.nesterovs_momentum),
+        beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler, epoch=epoch, n_threads=est._threads())
     if error is not None:
         raise error
     if diverged:
@@ -476,7 +481,7 @@ def _union_seen(csrs, n_items):
     their sorted keys merged (a stable sort of sorted runs is a merge: 0.1 s for 10^7 pairs where merging the
     replicas' pairs one by one took seconds), duplicates dropped."""
     n_rows = len(csrs[0][0]) - 1
-    kept = [c for c in csrs if len(c[1])]  # the driver's on a first fit is empty
+    kept = [c for c in csrs if len(c[1])]
     if len(kept) == 1 and kept[0][0].dtype == csrs[0][0].dtype:
         return kept[0]
     keys = np.concatenate([np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr)) * n_items + indices
@@ -571,6 +576,34 @@ class _DaskEstimator:
         return int(seed)
 
     # ------------------------------------------------------------------------------------------------ fit
+    def _fit(self, data, first, epochs=None):
+        """fit (`first`) or partial_fit on `data` (the fit's arguments): the partitions and what the driver reads
+        of each (`_read(client, data)`: futures of both), then a first fit's spec from those figures
+        (`_spec_fields(stats, data)`: its fields after params and seed) or a copy of the fitted model grown with
+        them (`_grow_copy(model, stats, data)`; the fitted model is kept if it fails), trained `epochs` epochs (None:
+        the model's)."""
+
+        def body(client, job, futures):
+            parts, stats = self._read(client, data)
+            futures += parts
+            stats = self._gather(client, stats, "reading the partitions", [])
+            self._marks.append(time.perf_counter())
+            if first:
+                fields = self._spec_fields(stats, data)
+                source = _Spec(self._local, self.params, self._seed(), *fields)  # the same initial arrays everywhere
+                seed = source.fields[1]
+                # The driver's copy, built while the workers build theirs, without drawing its tables.
+                model = lambda: _build(source, tables=False)  # noqa: E731
+            else:
+                import copy
+
+                model = copy.deepcopy(self.model_)
+                self._grow_copy(model, stats, data)
+                source, seed = model, int(model._rng.get_state()[1][0])  # not a draw: replica 0 continues the stream
+            self._train(client, job, futures, model, parts, source, seed, epochs)
+
+        return self._fit_job(body)
+
     def _fit_job(self, body):
         """body(client, job, futures): read the partitions (then mark the time), build the model's source and
         `_train`. Cancels the job's tasks and frees its replicas whatever happens; a failure while a replica's
@@ -638,7 +671,7 @@ class _DaskEstimator:
                                "versions differ between the workers and the client?)")
         counts = None
         if built[0][0] is not None:  # item counts: the negative sampler draws from the whole data's popularity
-            counts = model._seen_counts + sum(c for c, _ in built)
+            counts = sum(c for c, _ in built)
             self._gather(client, [pinned(r, _counts, job, r, counts) for r in range(n_rep)],
                          "building the replicas", workers)
         seen = [pinned(r, _seen_pairs, job, r) for r in range(n_rep)]  # ready now: collected after the training
@@ -703,9 +736,9 @@ class _DaskEstimator:
 
         pool = concurrent.futures.ThreadPoolExecutor(1)
         try:
+            # Each replica's seen pairs hold the model's (a copy of it, or none on a first fit) and its own.
             csrs = self._gather(client, seen, "collecting the seen items", workers)
-            union = None if csrs[0] is None else pool.submit(_union_seen, [model._seen] + csrs,
-                                                              len(model._items) + 1)
+            union = None if csrs[0] is None else pool.submit(_union_seen, csrs, len(counts))
             got = self._gather(client, finals + [rng] + (last_dense or []), "collecting the model", workers)
             finals, state, last = got[:n_rep], got[n_rep], got[n_rep + 1:]
             net = model.net_

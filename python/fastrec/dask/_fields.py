@@ -3,14 +3,12 @@ dask Series / arrays partitioned alike) of categorical and numeric columns (the 
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import dask
 
 from fastrec._fieldnet import IdIndex, check_structure, core_precision
 from fastrec.fields import FieldModel
-from fastrec.dask._engine import _Adapter, _DaskEstimator, _Spec, _build, _delayed_parts, _distinct, _draws
+from fastrec.dask._engine import _Adapter, _DaskEstimator, _delayed_parts, _distinct, _draws
 
 __all__ = ["DaskFieldModel"]
 
@@ -84,14 +82,9 @@ class _FieldAdapter(_Adapter):
         est._dask_inputs = (bags, dense)
         return [np.arange(n, dtype=np.int32)], (y - est._y_offset).astype(np.float32), weight, None
 
-    def train(self, est, keys, y, weight, order, epoch, seed):
-        net = est.net_
-        handle = net.handle(*est._dask_inputs, training=True, precision=core_precision(est.precision))
-        return net.train_epoch(
-            handle, keys, y, weight, order, batch_size=int(est.batch_size), alpha=float(est.alpha),
-            learning_rate=float(est.learning_rate), momentum=float(est.momentum),
-            nesterov=bool(est.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=None,
-            epoch=epoch, n_threads=est._threads())
+    def training(self, est):  # as FieldModel._train
+        handle = est.net_.handle(*est._dask_inputs, training=True, precision=core_precision(est.precision))
+        return handle, None, float(est.alpha), float(est.learning_rate)
 
     def ids(self, est):
         return [v.ids for _, v in sorted(est._vocab_.items(), key=lambda kv: str(kv[0])) if isinstance(v, IdIndex)]
@@ -145,6 +138,32 @@ def _combined_scale(moments):
     return mean, np.where(std > 0, std, 1.0)
 
 
+def _required(y):
+    if y is None:
+        raise TypeError("y is required")
+    return y
+
+
+def _checked(stats):
+    """The non-empty partitions' `_field_stats`, their column kinds (the same in every partition) and each
+    vocabulary column's distinct values over all of them."""
+    stats = [s for s in stats if s is not None]
+    if not stats:
+        raise ValueError("X is empty: nothing to train on")
+    kinds = stats[0][0]
+    for s in stats[1:]:
+        if s[0] != kinds:
+            raise TypeError(f"the partitions' columns differ: {kinds} and {s[0]} (a column numeric in one "
+                            "partition and categorical in another?)")
+    vocabs = {}
+    for name in stats[0][1]:
+        values = [s[1][name] for s in stats]
+        if len({v.dtype.kind == "U" for v in values if len(v)}) > 1:
+            raise TypeError(f"X[{name!r}] mixes strings and integers across partitions")
+        vocabs[name] = _distinct(np.concatenate(values))
+    return stats, kinds, vocabs
+
+
 class DaskFieldModel(_DaskEstimator):
     """A `fastrec.FieldModel` trained data-parallel on a Dask cluster (fastrec.dask; docs/DESIGN.md).
 
@@ -170,64 +189,36 @@ class DaskFieldModel(_DaskEstimator):
 
     def fit(self, X, y, sample_weight=None):
         """Train on X (dask DataFrame / dict of dask columns) and y (dask array / Series), partitioned alike."""
-        return self._run(X, y, sample_weight, True)
+        return self._fit((X, _required(y), sample_weight), True)
 
     def partial_fit(self, X, y, sample_weight=None):
         """One more epoch over (X, y), continuing from the current model (new categorical values get new rows,
         as `FieldModel.partial_fit`); on an unfitted model it is ``fit`` with one epoch."""
-        return self._run(X, y, sample_weight, not hasattr(self, "model_"), epochs=1)
+        return self._fit((X, _required(y), sample_weight), not hasattr(self, "model_"), epochs=1)
 
-    def _run(self, X, y, weight, first, epochs=None):
-        if y is None:
-            raise TypeError("y is required")
+    def _read(self, client, data):
+        parts = _field_partitions(client, *data)
+        return parts, client.map(_field_stats, parts, params=self.params, pure=False)
 
-        def body(client, job, futures):
-            parts = _field_partitions(client, X, y, weight)
-            futures += parts
-            stats = self._gather(client, client.map(_field_stats, parts, params=self.params, pure=False),
-                                 "reading the partitions", [])
-            self._marks.append(time.perf_counter())
-            stats = [s for s in stats if s is not None]
-            if not stats:
-                raise ValueError("X is empty: nothing to train on")
-            kinds = stats[0][0]
-            for s in stats[1:]:
-                if s[0] != kinds:
-                    raise TypeError(f"the partitions' columns differ: {kinds} and {s[0]} (a column numeric in one "
-                                    "partition and categorical in another?)")
-            vocabs = {}
-            for name in stats[0][1]:
-                values = [s[1][name] for s in stats]
-                if len({v.dtype.kind == "U" for v in values if len(v)}) > 1:
-                    raise TypeError(f"X[{name!r}] mixes strings and integers across partitions")
-                vocabs[name] = _distinct(np.concatenate(values))
-            if first:
-                scales = {name: _combined_scale([s[2][name] for s in stats]) for name, kind in kinds
-                          if kind == "numeric"}
-                offset = 0.0
-                if self.params.get("loss", "bce") == "mse":
-                    means = [s[3] for s in stats if s[3][1] > 0]
-                    offset = means[0][0] if len(means) == 1 else sum(m * w for m, w in means) / sum(w for _, w in means)
-                source = _Spec(FieldModel, self.params, self._seed(), kinds, vocabs, scales, float(offset))
-                model = lambda: _build(source, tables=False)  # noqa: E731
-            else:
-                import copy
+    def _spec_fields(self, stats, data):
+        stats, kinds, vocabs = _checked(stats)
+        scales = {name: _combined_scale([s[2][name] for s in stats]) for name, kind in kinds if kind == "numeric"}
+        offset = 0.0
+        if self.params.get("loss", "bce") == "mse":
+            means = [s[3] for s in stats if s[3][1] > 0]
+            offset = means[0][0] if len(means) == 1 else sum(m * w for m, w in means) / sum(w for _, w in means)
+        return kinds, vocabs, scales, float(offset)
 
-                model = copy.deepcopy(self.model_)
-                model._validate_params()
-                check_structure(model)
-                if kinds != model.columns_:
-                    raise ValueError(f"X has columns {kinds}, the model was fitted on {model.columns_}")
-                net = model.net_
-                for name, values in vocabs.items():  # as FieldModel.partial_fit grows
-                    model._vocab_[name].add(values)
-                for i, f in enumerate(net.fields):
-                    if isinstance(model._vocab_.get(f.name), IdIndex):
-                        net.grow(i, len(model._vocab_[f.name]) + 1, model._rng)
-                source, seed = model, int(model._rng.get_state()[1][0])
-            self._train(client, job, futures, model, parts, source,
-                        source.fields[1] if first else seed, epochs)
-        return self._fit_job(body)
+    def _grow_copy(self, model, stats, data):
+        """As FieldModel.partial_fit grows."""
+        _, kinds, vocabs = _checked(stats)
+        model._validate_params()
+        check_structure(model)
+        if kinds != model.columns_:
+            raise ValueError(f"X has columns {kinds}, the model was fitted on {model.columns_}")
+        for name, values in vocabs.items():
+            model._vocab_[name].add(values)
+        model._grow_tables()
 
     # ---------------------------------------------------------------------------------------- scoring
     def _score(self, X, method, shape):

@@ -3,7 +3,6 @@ cluster from dask arrays / Series of (user, item[, rating]) interactions (the en
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import numpy as np
@@ -13,8 +12,7 @@ from fastrec._fieldnet import core_precision
 from fastrec._recbase import _merge_seen
 from fastrec.recommender import Recommender
 from fastrec.two_tower import TwoTower
-from fastrec.dask._engine import (_Adapter, _DaskEstimator, _Spec, _build, _delayed_parts, _distinct, _draws,
-                                  _worker_addresses)
+from fastrec.dask._engine import _Adapter, _DaskEstimator, _delayed_parts, _distinct, _draws, _worker_addresses
 
 __all__ = ["DaskRecommender", "DaskTwoTower"]
 
@@ -57,13 +55,12 @@ def _codes(index, raw):
 
 
 class _InteractionsAdapter(_Adapter):
-    """A RecommenderBase model: users and items, seen pairs, item counts. A first fit's spec: (params, seed,
-    distinct users, distinct items, rating (mean, min, max) or None, user_features, item_features,
-    feature_types), a plain tuple for the Recommender, an `_Spec` for the others."""
+    """A RecommenderBase model: users and items, seen pairs, item counts. A first fit's spec: an `_Spec` of
+    (params, seed, distinct users, distinct items, rating (mean, min, max) or None, user_features, item_features,
+    feature_types)."""
 
     def build(self, spec, tables):
-        fields = spec if isinstance(spec, tuple) else spec.fields
-        params, seed, users, items, rating_stats, user_features, item_features, feature_types = fields
+        params, seed, users, items, rating_stats, user_features, item_features, feature_types = spec.fields
         est = self.estimator(**params).set_params(random_state=seed)
         config = est._validate_params(rating_stats is None)
         est._check_base_params()
@@ -86,9 +83,8 @@ class _InteractionsAdapter(_Adapter):
         y = np.ones(len(u), np.float32) if est.implicit_ else (ratings - est.rating_mean_).astype(np.float32)
         return [u, i], y, weight, np.bincount(i, minlength=n_i).astype(np.float64)
 
-    def set_counts(self, est, counts):
-        est._seen_counts = counts
-        est._update_counts()
+    def add_counts(self, est, counts):
+        est._add_item_counts(counts)
 
     def ids(self, est):
         return [est._users.ids, est._items.ids]
@@ -98,7 +94,7 @@ class _InteractionsAdapter(_Adapter):
 
     def finish(self, model, counts, seen):
         model._seen = seen
-        self.set_counts(model, counts)
+        self.add_counts(model, counts)
         super().finish(model, counts, seen)
 
 
@@ -106,15 +102,10 @@ class _RecommenderAdapter(_InteractionsAdapter):
     estimator = Recommender
     caches = Recommender._caches
 
-    def train(self, est, keys, y, weight, order, epoch, seed):
-        net = est.net_
-        sampler = est._sampler(negatives=est.negatives if est.implicit_ else 0, seed=seed)
-        handle = net.handle(est._bags, est._dense_tables, training=True, precision=core_precision(est.precision))
-        return net.train_epoch(
-            handle, keys, y, weight, order, batch_size=int(est.batch_size), alpha=est._setting("alpha", est.loss_),
-            learning_rate=est._setting("learning_rate", est.loss_), momentum=float(est.momentum),
-            nesterov=bool(est.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler,
-            epoch=epoch, n_threads=est._threads())
+    def training(self, est):  # as Recommender._train
+        handle = est.net_.handle(est._bags, est._dense_tables, training=True, precision=core_precision(est.precision))
+        sampler = est._sampler(negatives=est.negatives if est.implicit_ else 0, seed=0)
+        return handle, sampler, est._setting("alpha", est.loss_), est._setting("learning_rate", est.loss_)
 
 
 _Adapter.register(_RecommenderAdapter())
@@ -124,16 +115,9 @@ class _TwoTowerAdapter(_InteractionsAdapter):
     estimator = TwoTower
     caches = TwoTower._caches
 
-    def train(self, est, keys, y, weight, order, epoch, seed):
-        net = est.net_
-        sampler = est._training()
-        sampler["seed"] = seed
-        handle = net.handle(est._side_data("user"), est._side_data("item"), training=True)
-        return net.train_epoch(
-            handle, keys, y, weight, order, batch_size=int(est.batch_size), alpha=float(est.alpha),
-            learning_rate=float(est._setting("learning_rate")), momentum=float(est.momentum),
-            nesterov=bool(est.nesterovs_momentum), beta_1=0.9, beta_2=0.999, epsilon=1e-8, sampler=sampler,
-            epoch=epoch, n_threads=est._threads())
+    def training(self, est):  # as TwoTower._train; _training() reads the seen pairs and item counts: fixed by now
+        handle = est.net_.handle(est._side_data("user"), est._side_data("item"), training=True)
+        return handle, est._training(), float(est.alpha), float(est._setting("learning_rate"))
 
     def finish(self, model, counts, seen):
         super().finish(model, counts, seen)
@@ -171,6 +155,15 @@ def _partitions(client, users, items, ratings, weight, local):
     return client.compute([part(*(None if c is None else c[p] for c in cols)) for p in range(n)])
 
 
+def _distinct_ids(stats):
+    """The distinct users and items of every partition, from their `_part_stats`."""
+    if sum(s[3] for s in stats) == 0:
+        raise ValueError("users is empty: nothing to train on")
+    if len({s[0].dtype.kind == "U" for s in stats if len(s[0])}) > 1:
+        raise TypeError("users mix strings and integers across partitions")
+    return _distinct(np.concatenate([s[0] for s in stats])), _distinct(np.concatenate([s[1] for s in stats]))
+
+
 class _DaskInteractions(_DaskEstimator):
     """fit / partial_fit on (users, items[, ratings]) dask collections, recommend and predict on the cluster."""
 
@@ -181,53 +174,37 @@ class _DaskInteractions(_DaskEstimator):
         Feature tables are local (a FeatureTable or pandas DataFrame indexed by id): each worker gets a copy.
         Returns self; ``to_local()`` is the trained local model.
         """
-        return self._run(users, items, ratings, sample_weight, user_features, item_features, feature_types, True)
+        return self._fit((users, items, ratings, sample_weight, user_features, item_features, feature_types), True)
 
     def partial_fit(self, users, items, ratings=None, *, sample_weight=None, user_features=None, item_features=None,
                     feature_types=None):
         """One more epoch over these dask collections, continuing from the current model (as the local
         ``partial_fit``: new ids are added, the interactions join the seen items). Each worker starts from a
         copy of the model (sent once); on an unfitted model it is ``fit`` with one epoch."""
-        first = not hasattr(self, "model_")
-        return self._run(users, items, ratings, sample_weight, user_features, item_features, feature_types, first,
-                         epochs=1)
+        return self._fit((users, items, ratings, sample_weight, user_features, item_features, feature_types),
+                         not hasattr(self, "model_"), epochs=1)
 
-    def _run(self, users, items, ratings, weight, user_features, item_features, feature_types, first, epochs=None):
-        def body(client, job, futures):
-            parts = _partitions(client, users, items, ratings, weight, f"fastrec.{self._local.__name__}.fit")
-            futures += parts
-            stats = self._gather(client, client.map(_part_stats, parts, pure=False), "reading the partitions", [])
-            self._marks.append(time.perf_counter())
-            if sum(s[3] for s in stats) == 0:
-                raise ValueError("users is empty: nothing to train on")
-            if len({s[0].dtype.kind == "U" for s in stats if len(s[0])}) > 1:
-                raise TypeError("users mix strings and integers across partitions")
-            new_users = _distinct(np.concatenate([s[0] for s in stats]))
-            new_items = _distinct(np.concatenate([s[1] for s in stats]))
-            if first:
-                rating_stats = None
-                if ratings is not None:
-                    wr, w = sum(s[2][0] for s in stats), sum(s[2][1] for s in stats)
-                    rating_stats = (wr / w, min(s[2][2] for s in stats), max(s[2][3] for s in stats))
-                seed = self._seed()  # every replica must draw the same initial arrays
-                fields = (self.params, seed, new_users, new_items, rating_stats, user_features, item_features,
-                          feature_types)
-                source = fields if self._local is Recommender else _Spec(self._local, *fields)
-                # The driver's copy, built while the workers build theirs, without drawing its tables.
-                model = lambda: _build(source, tables=False)  # noqa: E731
-            else:
-                # A copy, grown like the local partial_fit grows: the fitted model is kept if this fails.
-                import copy
+    def _read(self, client, data):
+        parts = _partitions(client, *data[:4], f"fastrec.{self._local.__name__}.fit")
+        return parts, client.map(_part_stats, parts, pure=False)
 
-                model = copy.deepcopy(self.model_)
-                if (ratings is None) != model.implicit_:
-                    raise ValueError("partial_fit needs the kind of feedback (ratings or implicit) of the first fit")
-                model._validate_params(ratings is None)
-                model._grow(new_users, new_items, model._check_table(user_features, "user_features", feature_types),
-                            model._check_table(item_features, "item_features", feature_types))
-                source, seed = model, int(model._rng.get_state()[1][0])  # not a draw: replica 0 continues the stream
-            self._train(client, job, futures, model, parts, source, seed, epochs)
-        return self._fit_job(body)
+    def _spec_fields(self, stats, data):
+        users, items = _distinct_ids(stats)
+        rating_stats = None
+        if data[2] is not None:
+            wr, w = sum(s[2][0] for s in stats), sum(s[2][1] for s in stats)
+            rating_stats = (wr / w, min(s[2][2] for s in stats), max(s[2][3] for s in stats))
+        return (users, items, rating_stats, *data[4:])
+
+    def _grow_copy(self, model, stats, data):
+        """As the local partial_fit grows."""
+        users, items = _distinct_ids(stats)
+        ratings, user_features, item_features, feature_types = data[2], *data[4:]
+        if (ratings is None) != model.implicit_:
+            raise ValueError("partial_fit needs the kind of feedback (ratings or implicit) of the first fit")
+        model._validate_params(ratings is None)
+        model._grow(users, items, model._check_table(user_features, "user_features", feature_types),
+                    model._check_table(item_features, "item_features", feature_types))
 
     # ---------------------------------------------------------------------------------------- scoring
     def recommend(self, users, k=10, *, exclude_seen=True, items=None):
