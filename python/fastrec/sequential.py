@@ -663,8 +663,7 @@ class SequentialRecommender(RecommenderBase):
         self._buffer = ([], [], [])
         self._append(u, i, np.asarray(buffer[2], np.float64))
         self._seen = _merge_seen(*self._seen, u.astype(np.int32), i + 1, len(self._items) + 1)
-        self._seen_counts = self._seen_counts + np.bincount(i + 1, minlength=len(self._items) + 1)
-        self._update_counts()
+        self._add_item_counts(np.bincount(i + 1, minlength=len(self._items) + 1))
 
     def _buffered(self, user_rows):
         """CSR (one row per user_rows entry) of observed item entities not merged yet, or None."""
