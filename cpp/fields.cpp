@@ -1059,7 +1059,7 @@ void fit_surrogate(const KernelSet& ks, const FieldModel& m, const TopkCache& ca
 
 // Proxy scores of list positions [p0, p0 + n) into out (NaN as -inf, so that the order stays total); iota: a
 // buffer for the items when list == nullptr.
-void proxy_range(ActDotsFn act_dots, const FieldModel& m, const TopkCache& cache, const Surrogate& sur,
+void proxy_range(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const Surrogate& sur,
                  const UserSide& user, const std::int32_t* list, index_t p0, index_t n, std::vector<std::int32_t>& iota,
                  float* out) {
   const std::int32_t* items = list ? list + p0 : nullptr;
@@ -1069,7 +1069,7 @@ void proxy_range(ActDotsFn act_dots, const FieldModel& m, const TopkCache& cache
     items = iota.data();
   }
   const auto d = static_cast<index_t>(user.gmf.size());
-  act_dots(reinterpret_cast<const std::uint16_t*>(cache.item_part_bf16.data()), cache.bf16_ld, items, n,
+  ks.act_dots(reinterpret_cast<const std::uint16_t*>(cache.item_part_bf16.data()), cache.bf16_ld, items, n,
            cache.bf16_ld, sur.u.data(), sur.a.data(), d ? cache.item_gmf.data() : nullptr, d, d,
            d ? user.gmf.data() : nullptr, sur.bias, m.mlp.hidden, out);
   for (index_t r = 0; r < n; ++r) {
@@ -1120,11 +1120,10 @@ void approx_stage(const KernelSet& ks, const FieldModel& m, const TopkCache& cac
   fit_surrogate(ks, m, cache, tail, user, list, n, threads, ws, sur, nullptr);
   buf.scores.resize(static_cast<std::size_t>(n));
   buf.iota.resize(static_cast<std::size_t>(std::max(threads, 1)));
-  const ActDotsFn act_dots = act_dots_for(ks.isa);
   for_chunks((n + kProxyChunk - 1) / kProxyChunk, threads, [&](index_t c) {
     const index_t p0 = c * kProxyChunk;
     auto& iota = buf.iota[threads <= 1 ? 0 : static_cast<std::size_t>(thread_id())];
-    proxy_range(act_dots, m, cache, sur, user, list, p0, std::min(kProxyChunk, n - p0), iota, buf.scores.data() + p0);
+    proxy_range(ks, m, cache, sur, user, list, p0, std::min(kProxyChunk, n - p0), iota, buf.scores.data() + p0);
   });
   select_best(buf.scores.data(), list, n, keep, buf);
 }
@@ -1271,8 +1270,7 @@ void field_topk_proxy(const KernelSet& ks, const FieldModel& m, const NegativeSa
   coef.push_back(sur.bias);
   std::vector<std::int32_t> iota;
   for (index_t p0 = 0; p0 < n; p0 += kProxyChunk)
-    proxy_range(act_dots_for(ks.isa), m, cache, sur, user, candidates, p0, std::min(kProxyChunk, n - p0), iota,
-                proxy + p0);
+    proxy_range(ks, m, cache, sur, user, candidates, p0, std::min(kProxyChunk, n - p0), iota, proxy + p0);
 }
 
 void field_topk_candidates(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s,
