@@ -963,17 +963,6 @@ void cholesky_solve(std::vector<double>& A, std::vector<double>& b, index_t n) {
   }
 }
 
-// Runs fn(c) for c < n_chunks: on the calling thread when threads <= 1 (inside a region over users), else
-// over `threads` threads.
-template <class Fn>
-void for_chunks(index_t n_chunks, int threads, const Fn& fn) {
-  if (threads <= 1) {
-    for (index_t c = 0; c < n_chunks; ++c) fn(c);
-  } else {
-    parallel_for<true>(0, n_chunks, threads, [&](std::int64_t c) { fn(c); });
-  }
-}
-
 // Fits the user's surrogate: the sample of list[0:n] (list == nullptr: positions are items) scored exactly,
 // then least squares of the MLP's output on the features act(bf16 item part + user part) over the sample's
 // best quarter by exact score (the items near the top, where the ranking is decided), centred, with the
@@ -988,7 +977,7 @@ void fit_surrogate(const KernelSet& ks, const FieldModel& m, const TopkCache& ca
   for (index_t r = 0; r < s; ++r) items[r] = list ? list[pos[r]] : static_cast<std::int32_t>(pos[r]);
   std::vector<float> mlp(static_cast<std::size_t>(s));
   const index_t block = kBlockPanels * ks.mr;
-  for_chunks((s + block - 1) / block, threads, [&](index_t c) {
+  parallel_for<true>(0, (s + block - 1) / block, threads, [&](std::int64_t c) {
     const index_t b = c * block;
     TailWorkspace& w = ws[threads <= 1 ? 0 : thread_id()];
     score_block(ks, m, cache, tail, user, items.data() + b, std::min(block, s - b), nullptr, 0, w, mlp.data() + b);
@@ -1112,7 +1101,8 @@ void select_best(const float* scores, const std::int32_t* list, index_t n, index
 }
 
 // The first stage for one user: the `keep` best candidates of list[0:n] by proxy score, ascending, into
-// buf.kept. threads: see for_chunks; ws: the calling thread's workspace (threads <= 1), else one per thread.
+// buf.kept. threads >= 1: 1 on the calling thread (inside a region over users), more over that many threads;
+// ws: the calling thread's workspace (threads == 1), else one per thread.
 void approx_stage(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const PackedTail& tail,
                   const UserSide& user, const std::int32_t* list, index_t n, index_t keep, int threads,
                   TailWorkspace* ws, ApproxBuffers& buf) {
@@ -1120,7 +1110,7 @@ void approx_stage(const KernelSet& ks, const FieldModel& m, const TopkCache& cac
   fit_surrogate(ks, m, cache, tail, user, list, n, threads, ws, sur, nullptr);
   buf.scores.resize(static_cast<std::size_t>(n));
   buf.iota.resize(static_cast<std::size_t>(std::max(threads, 1)));
-  for_chunks((n + kProxyChunk - 1) / kProxyChunk, threads, [&](index_t c) {
+  parallel_for<true>(0, (n + kProxyChunk - 1) / kProxyChunk, threads, [&](std::int64_t c) {
     const index_t p0 = c * kProxyChunk;
     auto& iota = buf.iota[threads <= 1 ? 0 : static_cast<std::size_t>(thread_id())];
     proxy_range(ks, m, cache, sur, user, list, p0, std::min(kProxyChunk, n - p0), iota, buf.scores.data() + p0);
