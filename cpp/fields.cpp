@@ -903,7 +903,9 @@ void build_bf16_cache(const FieldModel& m, TopkCache& cache, int n_threads) {
   cache.bf16_items = n;
 }
 
-// What an item's exact score adds to the MLP's output: the wide terms and the GMF term.
+// What an item's exact score adds to the MLP's output: the wide terms and the GMF term. Summed before being added
+// to the MLP's output, so mlp + side_terms can differ from score_range's score by rounding: it only ranks the
+// surrogate's sample (fit_surrogate), never a returned score.
 float side_terms(const TopkCache& cache, const UserSide& user, std::int32_t item) {
   const index_t d = static_cast<index_t>(user.gmf.size());
   float score = user.wide + cache.item_wide[static_cast<std::size_t>(item)];
