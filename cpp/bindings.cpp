@@ -670,6 +670,40 @@ class FieldHandle {
     return ps;
   }
 
+  // What every top-k call checks of the model, the sampler and users[0:n_users]: two key columns, the GMF
+  // fields on different sides (one per key column), users non-negative and within the user key's rows and,
+  // with `seen`, within the sampler's seen lists (when it has them).
+  void check_topk(const NegativeSampler& sampler, const std::int32_t* users, index_t n_users, bool seen) const {
+    validate(model_, sampler);
+    if (model_.n_keys != 2) throw py::value_error("top-k needs a model of exactly two key columns (user, item)");
+    if (model_.gmf.field_u >= 0 &&
+        model_.fields[static_cast<std::size_t>(model_.gmf.field_u)].key ==
+            model_.fields[static_cast<std::size_t>(model_.gmf.field_v)].key)
+      throw py::value_error("top-k needs the two GMF fields on different sides (one per key column)");
+    std::int32_t max_user = -1;
+    for (index_t u = 0; u < n_users; ++u) {
+      if (users[u] < 0) throw py::value_error("users must be non-negative");
+      max_user = std::max(max_user, users[u]);
+    }
+    require_key_rows(model_, sampler.user_key, static_cast<index_t>(max_user) + 1, "the largest user + 1");
+    if (seen && sampler.seen_indptr && max_user >= sampler.seen_users)
+      throw py::value_error("users out of range of seen");
+  }
+
+  // A top-k call's candidates: None -> nullptr; else the int32 array (kept alive in `keep`, its length in n),
+  // each within [0, n_items).
+  static const std::int32_t* candidate_list(py::handle obj, const NegativeSampler& sampler, py::array& keep,
+                                            index_t& n) {
+    if (obj.is_none()) return nullptr;
+    keep = checked<std::int32_t>(obj, "candidates", 1, false);
+    const auto* pc = static_cast<const std::int32_t*>(keep.data());
+    n = keep.shape(0);
+    for (index_t i = 0; i < n; ++i)
+      if (pc[i] < 0 || pc[i] >= sampler.n_items)
+        throw py::value_error("candidates must lie in [0, " + std::to_string(sampler.n_items) + ")");
+    return pc;
+  }
+
   py::tuple topk(py::handle sampler_obj, py::handle users_obj, py::handle candidates_obj, index_t k, bool exclude_seen,
                  int n_threads, const std::string& isa, double approx_fraction = 0.0) const {
     if (sampler_obj.is_none()) throw py::value_error("top-k needs the sampler dict (keys, n_items, seen)");
@@ -679,32 +713,11 @@ class FieldHandle {
       throw py::value_error("approx_fraction must lie in [0, 1], got " + std::to_string(approx_fraction));
     py::array users = checked<std::int32_t>(users_obj, "users", 1, false);
     const auto* pu = static_cast<const std::int32_t*>(users.data());
-    const std::int32_t* pc = nullptr;
+    py::array c;
     index_t n_candidates = 0;
-    if (!candidates_obj.is_none()) {
-      py::array c = checked<std::int32_t>(candidates_obj, "candidates", 1, false);
-      pc = static_cast<const std::int32_t*>(c.data());
-      n_candidates = c.shape(0);
-      for (index_t i = 0; i < n_candidates; ++i)
-        if (pc[i] < 0 || pc[i] >= sampler.n_items)
-          throw py::value_error("candidates must lie in [0, " + std::to_string(sampler.n_items) + ")");
-    }
+    const std::int32_t* pc = candidate_list(candidates_obj, sampler, c, n_candidates);
     const index_t n_users = users.shape(0);
-    validate(model_, sampler);
-    if (model_.n_keys != 2) throw py::value_error("top-k needs a model of exactly two key columns (user, item)");
-    if (model_.gmf.field_u >= 0 &&
-        model_.fields[static_cast<std::size_t>(model_.gmf.field_u)].key ==
-            model_.fields[static_cast<std::size_t>(model_.gmf.field_v)].key)
-      throw py::value_error("top-k needs the two GMF fields on different sides (one per key column)");
-    std::int32_t max_user = -1;
-    for (index_t u = 0; u < n_users; ++u) {
-      if (pu[u] < 0) throw py::value_error("users must be non-negative");
-      max_user = std::max(max_user, pu[u]);
-    }
-    require_key_rows(model_, sampler.user_key, static_cast<index_t>(max_user) + 1, "the largest user + 1");
-    if (sampler.seen_indptr)
-      for (index_t u = 0; u < n_users; ++u)
-        if (pu[u] < 0 || pu[u] >= sampler.seen_users) throw py::value_error("users out of range of seen");
+    check_topk(sampler, pu, n_users, true);
     py::array_t<std::int32_t> items({n_users, k});
     py::array_t<float> scores({n_users, k});
     std::int32_t* pi = items.mutable_data();
@@ -724,21 +737,11 @@ class FieldHandle {
                        const std::string& isa) const {
     if (sampler_obj.is_none()) throw py::value_error("top-k needs the sampler dict (keys, n_items, seen)");
     const NegativeSampler sampler = make_sampler(sampler_obj);
-    const std::int32_t* pc = nullptr;
-    index_t n_candidates = sampler.n_items;
     py::array c;
-    if (!candidates_obj.is_none()) {
-      c = checked<std::int32_t>(candidates_obj, "candidates", 1, false);
-      pc = static_cast<const std::int32_t*>(c.data());
-      n_candidates = c.shape(0);
-      for (index_t i = 0; i < n_candidates; ++i)
-        if (pc[i] < 0 || pc[i] >= sampler.n_items)
-          throw py::value_error("candidates must lie in [0, " + std::to_string(sampler.n_items) + ")");
-    }
-    validate(model_, sampler);
-    if (model_.n_keys != 2) throw py::value_error("top-k needs a model of exactly two key columns (user, item)");
-    if (user < 0) throw py::value_error("user must be non-negative");
-    require_key_rows(model_, sampler.user_key, static_cast<index_t>(user) + 1, "the user + 1");
+    index_t n_candidates = 0;
+    const std::int32_t* pc = candidate_list(candidates_obj, sampler, c, n_candidates);
+    if (!pc) n_candidates = sampler.n_items;
+    check_topk(sampler, &user, 1, false);
     py::array_t<float> proxy(n_candidates);
     std::vector<std::int32_t> sample;
     std::vector<float> coef;
@@ -775,19 +778,7 @@ class FieldHandle {
     for (index_t i = 0; i < n_cand; ++i)
       if (pc[i] < 0 || pc[i] >= sampler.n_items)
         throw py::value_error("cand_items must lie in [0, " + std::to_string(sampler.n_items) + ")");
-    validate(model_, sampler);
-    if (model_.n_keys != 2) throw py::value_error("top-k needs a model of exactly two key columns (user, item)");
-    if (model_.gmf.field_u >= 0 &&
-        model_.fields[static_cast<std::size_t>(model_.gmf.field_u)].key ==
-            model_.fields[static_cast<std::size_t>(model_.gmf.field_v)].key)
-      throw py::value_error("top-k needs the two GMF fields on different sides (one per key column)");
-    std::int32_t max_user = -1;
-    for (index_t u = 0; u < n_users; ++u) {
-      if (pu[u] < 0) throw py::value_error("users must be non-negative");
-      max_user = std::max(max_user, pu[u]);
-    }
-    require_key_rows(model_, sampler.user_key, static_cast<index_t>(max_user) + 1, "the largest user + 1");
-    if (sampler.seen_indptr && max_user >= sampler.seen_users) throw py::value_error("users out of range of seen");
+    check_topk(sampler, pu, n_users, true);
     py::array_t<std::int32_t> items({n_users, k});
     py::array_t<float> scores({n_users, k});
     std::int32_t* pi = items.mutable_data();

@@ -903,7 +903,9 @@ void build_bf16_cache(const FieldModel& m, TopkCache& cache, int n_threads) {
   cache.bf16_items = n;
 }
 
-// What an item's exact score adds to the MLP's output: the wide terms and the GMF term.
+// What an item's exact score adds to the MLP's output: the wide terms and the GMF term. Summed before being added
+// to the MLP's output, so mlp + side_terms can differ from score_range's score by rounding: it only ranks the
+// surrogate's sample (fit_surrogate), never a returned score.
 float side_terms(const TopkCache& cache, const UserSide& user, std::int32_t item) {
   const index_t d = static_cast<index_t>(user.gmf.size());
   float score = user.wide + cache.item_wide[static_cast<std::size_t>(item)];
@@ -963,17 +965,6 @@ void cholesky_solve(std::vector<double>& A, std::vector<double>& b, index_t n) {
   }
 }
 
-// Runs fn(c) for c < n_chunks: on the calling thread when threads <= 1 (inside a region over users), else
-// over `threads` threads.
-template <class Fn>
-void for_chunks(index_t n_chunks, int threads, const Fn& fn) {
-  if (threads <= 1) {
-    for (index_t c = 0; c < n_chunks; ++c) fn(c);
-  } else {
-    parallel_for<true>(0, n_chunks, threads, [&](std::int64_t c) { fn(c); });
-  }
-}
-
 // Fits the user's surrogate: the sample of list[0:n] (list == nullptr: positions are items) scored exactly,
 // then least squares of the MLP's output on the features act(bf16 item part + user part) over the sample's
 // best quarter by exact score (the items near the top, where the ranking is decided), centred, with the
@@ -988,7 +979,7 @@ void fit_surrogate(const KernelSet& ks, const FieldModel& m, const TopkCache& ca
   for (index_t r = 0; r < s; ++r) items[r] = list ? list[pos[r]] : static_cast<std::int32_t>(pos[r]);
   std::vector<float> mlp(static_cast<std::size_t>(s));
   const index_t block = kBlockPanels * ks.mr;
-  for_chunks((s + block - 1) / block, threads, [&](index_t c) {
+  parallel_for<true>(0, (s + block - 1) / block, threads, [&](std::int64_t c) {
     const index_t b = c * block;
     TailWorkspace& w = ws[threads <= 1 ? 0 : thread_id()];
     score_block(ks, m, cache, tail, user, items.data() + b, std::min(block, s - b), nullptr, 0, w, mlp.data() + b);
@@ -1059,7 +1050,7 @@ void fit_surrogate(const KernelSet& ks, const FieldModel& m, const TopkCache& ca
 
 // Proxy scores of list positions [p0, p0 + n) into out (NaN as -inf, so that the order stays total); iota: a
 // buffer for the items when list == nullptr.
-void proxy_range(ActDotsFn act_dots, const FieldModel& m, const TopkCache& cache, const Surrogate& sur,
+void proxy_range(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const Surrogate& sur,
                  const UserSide& user, const std::int32_t* list, index_t p0, index_t n, std::vector<std::int32_t>& iota,
                  float* out) {
   const std::int32_t* items = list ? list + p0 : nullptr;
@@ -1069,7 +1060,7 @@ void proxy_range(ActDotsFn act_dots, const FieldModel& m, const TopkCache& cache
     items = iota.data();
   }
   const auto d = static_cast<index_t>(user.gmf.size());
-  act_dots(reinterpret_cast<const std::uint16_t*>(cache.item_part_bf16.data()), cache.bf16_ld, items, n,
+  ks.act_dots(reinterpret_cast<const std::uint16_t*>(cache.item_part_bf16.data()), cache.bf16_ld, items, n,
            cache.bf16_ld, sur.u.data(), sur.a.data(), d ? cache.item_gmf.data() : nullptr, d, d,
            d ? user.gmf.data() : nullptr, sur.bias, m.mlp.hidden, out);
   for (index_t r = 0; r < n; ++r) {
@@ -1112,7 +1103,8 @@ void select_best(const float* scores, const std::int32_t* list, index_t n, index
 }
 
 // The first stage for one user: the `keep` best candidates of list[0:n] by proxy score, ascending, into
-// buf.kept. threads: see for_chunks; ws: the calling thread's workspace (threads <= 1), else one per thread.
+// buf.kept. threads >= 1: 1 on the calling thread (inside a region over users), more over that many threads;
+// ws: the calling thread's workspace (threads == 1), else one per thread.
 void approx_stage(const KernelSet& ks, const FieldModel& m, const TopkCache& cache, const PackedTail& tail,
                   const UserSide& user, const std::int32_t* list, index_t n, index_t keep, int threads,
                   TailWorkspace* ws, ApproxBuffers& buf) {
@@ -1120,11 +1112,10 @@ void approx_stage(const KernelSet& ks, const FieldModel& m, const TopkCache& cac
   fit_surrogate(ks, m, cache, tail, user, list, n, threads, ws, sur, nullptr);
   buf.scores.resize(static_cast<std::size_t>(n));
   buf.iota.resize(static_cast<std::size_t>(std::max(threads, 1)));
-  const ActDotsFn act_dots = act_dots_for(ks.isa);
-  for_chunks((n + kProxyChunk - 1) / kProxyChunk, threads, [&](index_t c) {
+  parallel_for<true>(0, (n + kProxyChunk - 1) / kProxyChunk, threads, [&](std::int64_t c) {
     const index_t p0 = c * kProxyChunk;
     auto& iota = buf.iota[threads <= 1 ? 0 : static_cast<std::size_t>(thread_id())];
-    proxy_range(act_dots, m, cache, sur, user, list, p0, std::min(kProxyChunk, n - p0), iota, buf.scores.data() + p0);
+    proxy_range(ks, m, cache, sur, user, list, p0, std::min(kProxyChunk, n - p0), iota, buf.scores.data() + p0);
   });
   select_best(buf.scores.data(), list, n, keep, buf);
 }
@@ -1271,8 +1262,7 @@ void field_topk_proxy(const KernelSet& ks, const FieldModel& m, const NegativeSa
   coef.push_back(sur.bias);
   std::vector<std::int32_t> iota;
   for (index_t p0 = 0; p0 < n; p0 += kProxyChunk)
-    proxy_range(act_dots_for(ks.isa), m, cache, sur, user, candidates, p0, std::min(kProxyChunk, n - p0), iota,
-                proxy + p0);
+    proxy_range(ks, m, cache, sur, user, candidates, p0, std::min(kProxyChunk, n - p0), iota, proxy + p0);
 }
 
 void field_topk_candidates(const KernelSet& ks, const FieldModel& m, const NegativeSampler& s,

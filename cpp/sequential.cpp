@@ -1260,9 +1260,9 @@ void seq_bf16_weight_gradient(const KernelSet& ks, bool native, index_t M, index
 #endif
   bf16_gemm(ks, native, true, false, M, N, K, X, ldx, dY, ldy, C, ldc, nullptr, n_threads);
   if (!col_sums) return;
-  std::fill(col_sums, col_sums + N, 0.0f);  // one chain per column over the rows in order
-  for (index_t r = 0; r < K; ++r)
-    for (index_t j = 0; j < N; ++j) col_sums[j] += dY[r * ldy + j];
+  RowSumIds rs;
+  rs.fit(K);
+  column_sums(ks, rs, dY, ldy, K, N, col_sums, n_threads);
 }
 
 }  // namespace fastrec

@@ -144,6 +144,26 @@ def test_predictions_are_clipped_to_the_training_range(data):
     np.testing.assert_array_equal(top_scores[~padding], np.clip(raw_scores[~padding], 1, 5))
 
 
+def test_set_params_clip_predictions_reaches_the_one_pair_paths(data):
+    """The one-pair scorer clips in the core with the bounds it was built with: after set_params changes
+    clip_predictions, predict of one pair, of a few pairs and the serving handle all follow, as the batch path
+    does. Fails if a scorer built before the change is kept."""
+    rec = fastrec.Recommender(epochs=3, learning_rate=0.05, **SMALL).fit(data.users, data.items, data.ratings)
+    users, items = np.repeat(np.arange(150), 80), np.tile(np.arange(80), 150)
+    handle = rec.serving_handle()
+    rec.set_params(clip_predictions=False)
+    raw = rec.predict(users, items)  # the batch path
+    rec.set_params(clip_predictions=True)
+    outside = np.flatnonzero((raw < 1) | (raw > 5))[:4]
+    assert len(outside) == 4, "too few predictions outside [1, 5]: the test cannot tell"
+    u, i = users[outside], items[outside]
+    for clip, want in ((True, np.clip(raw[outside], 1, 5)), (False, raw[outside]), (True, np.clip(raw[outside], 1, 5))):
+        rec.set_params(clip_predictions=clip)
+        np.testing.assert_array_equal([rec.predict([int(a)], [int(b)])[0] for a, b in zip(u, i)], want)
+        np.testing.assert_array_equal([handle(int(a), int(b)) for a, b in zip(u, i)], want)
+        np.testing.assert_array_equal(rec.predict(u, i), want)  # 4 pairs: row by row in the core
+
+
 def test_partial_fit_widens_the_clipping_range(data):
     rec = fastrec.Recommender(epochs=1, **SMALL).fit(data.users, data.items, np.clip(data.ratings, 2, 4))
     assert rec.rating_range_ == (2.0, 4.0)

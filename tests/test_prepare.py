@@ -103,7 +103,6 @@ def test_single_pair_predict_equals_the_batch_path(ratings):
         assert rec.predict(np.array([u]), np.array([i]))[0] == batch[j]
     if ratings:
         rec.set_params(clip_predictions=False)
-        rec._pair = None
         unclipped = rec.predict(np.array(users), np.array(items))
         assert all(rec.predict([int(u)], [int(i)])[0] == unclipped[j] for j, (u, i) in enumerate(zip(users, items)))
     with pytest.raises(ValueError, match="int64"):

@@ -224,7 +224,7 @@ def test_recommender_predict_fast_calls_equal_the_checked_path(rng):
     batch = model.predict(probe_u, probe_i)  # 34 pairs: the batch tables
     model.predict([int(users[0])], [int(items[0])])  # builds the scorer
     assert model._fast[0] is model._predictor
-    predict_lists, score_ints = model._fast[1:]
+    predict_lists, score_ints = model._fast[1:3]
     for u, i, want in zip(probe_u.tolist(), probe_i.tolist(), batch):
         fast = predict_lists([u], [i])
         assert fast is not None and fast.dtype == np.float64 and fast.shape == (1,) and fast[0] == want, (u, i)
@@ -262,10 +262,10 @@ def test_recommender_pair_scorer_copies_follow_partial_fit_not_in_place_edits(rn
     model, users, items = _recommender(rng)
     u, i = [int(users[1])], [int(items[1])]
     before = model.predict(u, i)
-    scorer = model._pair[1]
+    scorer = model._fast[3]
     model.partial_fit(users[:50], items[:50], np.full(50, 5.0))
     after = model.predict(u, i)
-    assert model._pair[1] is not scorer and after[0] != before[0]
+    assert model._fast[3] is not scorer and after[0] != before[0]
     assert after.tobytes() == model.predict(np.repeat(u, 20), np.repeat(i, 20))[:1].tobytes()
     model.net_.coefs[0] *= 2.0  # in place: the handle's arrays change under it, the scorer's copies do not
     assert model.predict(u, i).tobytes() == after.tobytes()

@@ -245,6 +245,22 @@ def test_bad_arguments_are_rejected_with_their_names(trained, rng):
             handle.topk(sampler_of(100), np.array([0], np.int32), None, 5, False, 0, "auto", bad)
 
 
+def test_every_top_k_entry_refuses_gmf_fields_on_one_side(rng):
+    """The GMF term splits into a user vector and a cached item vector only with one GMF field per key column:
+    topk, topk_candidates and the proxy hook all refuse a model with both on the user side."""
+    spec = proxy_model(rng, 100)
+    spec["fields"][3]["key"] = 0  # the item GMF table (100 rows) read through the user key instead
+    handle = _core.FieldHandle(spec)
+    sampler, users = sampler_of(100), np.array([0], np.int32)
+    calls = {"topk": lambda: handle.topk(sampler, users, None, 5, False, 0, "auto"),
+             "topk_candidates": lambda: handle.topk_candidates(sampler, users, np.array([0, 2], np.int64),
+                                                               np.array([1, 2], np.int32), 5, False, 0, "auto"),
+             "topk_proxy": lambda: handle.topk_proxy(sampler, 0, None, "auto")}
+    for call in calls.values():
+        with pytest.raises(ValueError, match="GMF fields on different sides"):
+            call()
+
+
 def test_cli_options_set_the_mode():
     from fastrec import cli
 

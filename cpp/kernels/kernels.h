@@ -109,6 +109,17 @@ using ExpShiftFn = void (*)(float* x, index_t n, float* max, float* sum);
 using ChainDotsFn = void (*)(index_t kc, const float* x, index_t ld, index_t rows, const float* q, float* out,
                              bool accumulate);
 
+// The approximate top-k's proxy (fields.h field_topk, approx_fraction; act_dots_impl.h):
+// out[r] = bias + sum_j a[j] * act(x_r[j] + u[j]) + sum_i g[i] * y_r[i] for r < n, j < h (h a multiple of 32),
+// i < d, x_r the bf16 row x + items[r] * ld (bf16 bits, widened exactly to float), y_r the float row
+// y + items[r] * ld_y (y == nullptr: no second sum). u and a are given in "pair-split" order (act_dots_split):
+// per 32 elements, the 16 even ones then the 16 odd ones, the order in which two integer ops widen 32 bf16.
+// Each sum: 16 float lanes over j then i, then the lanes added in a fixed tree (lane_sum): a row's value does
+// not depend on the rows it is computed with.
+using ActDotsFn = void (*)(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
+                           const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
+                           float bias, Activation act, float* out);
+
 // One row of dropout multipliers (reference.dropout_scale): out[c] = scale where the top 24 bits of
 // mix(key + (e0 + c) * 0x9e3779b97f4a7c15) (splitmix64's finaliser) are >= threshold, else 0, for c < n.
 // Integer arithmetic: every ISA gives the same bits.
@@ -171,6 +182,7 @@ struct KernelSet {
   DotRowsFn dot_rows;
   ExpShiftFn exp_shift;
   ChainDotsFn chain_dots;
+  ActDotsFn act_dots;
   DropoutRowFn dropout_row;
   TransposeFn att_transpose;
   RowsColsFn att_rows_cols;
@@ -273,29 +285,8 @@ void row_kernel_nonzero_avx512(index_t nk, const std::int32_t* idx, const float*
 #endif
 const KernelSet& kernels_for(Isa isa);
 
-// ---- The approximate top-k's proxy (fields.h field_topk, approx_fraction; act_dots_impl.h) ----
-// out[r] = bias + sum_j a[j] * act(x_r[j] + u[j]) + sum_i g[i] * y_r[i] for r < n, j < h (h a multiple of 32),
-// i < d, x_r the bf16 row x + items[r] * ld (bf16 bits, widened exactly to float), y_r the float row
-// y + items[r] * ld_y (y == nullptr: no second sum). u and a are given in "pair-split" order (act_dots_split):
-// per 32 elements, the 16 even ones then the 16 odd ones, the order in which two integer ops widen 32 bf16.
-// Each sum: 16 float lanes over j then i, then the lanes added in a fixed tree (lane_sum): a row's value does
-// not depend on the rows it is computed with.
-using ActDotsFn = void (*)(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
-                           const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
-                           float bias, Activation act, float* out);
-void act_dots_scalar(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
-                     const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
-                     float bias, Activation act, float* out);
-#ifdef FASTREC_HAVE_X86_KERNELS
-void act_dots_avx2(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
-                   const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
-                   float bias, Activation act, float* out);
-void act_dots_avx512(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
-                     const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
-                     float bias, Activation act, float* out);
-#endif
-ActDotsFn act_dots_for(Isa isa);  // kernels_scalar.cpp
-// v (h entries, h a multiple of 32) reordered in place into ActDotsFn's pair-split order.
+// The approximate top-k's proxy: v (h entries, h a multiple of 32) reordered in place into ActDotsFn's
+// pair-split order.
 static inline void act_dots_split(float* v, index_t h) {
   float tmp[32];
   for (index_t j = 0; j < h; j += 32) {

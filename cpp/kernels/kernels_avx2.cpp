@@ -163,19 +163,12 @@ const KernelSet& kernels_avx2() {
   static const KernelSet set{Isa::Avx2, kMr, kNr, 256, 144, 2048, ukernel_avx2_6x16, row_kernel_avx2, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
-                             sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_avx2,
+                             sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_avx2, act_dots_impl,
                              dropout_row_impl, att_transpose_impl, att_rows_cols_impl, att_weights_rows_impl,
                              att_weights_t_rows_impl, layer_norm_impl,
                              layer_norm_backward_impl, fill_normal_impl,
                              standardize_rows_impl<float>, standardize_rows_impl<double>};
   return set;
-}
-
-// ---- The approximate top-k's proxy (kernels.h, ActDotsFn) ----
-void act_dots_avx2(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
-                   const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
-                   float bias, Activation act, float* out) {
-  act_dots_impl(x, ld, items, n, h, u, a, y, ld_y, d, g, bias, act, out);
 }
 
 }  // namespace fastrec

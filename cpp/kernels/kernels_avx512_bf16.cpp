@@ -11,42 +11,16 @@
 #include <cstdint>
 
 #include "kernels/kernels.h"
+#include "kernels/bf16_avx512_impl.h"
 
 namespace fastrec {
 namespace {
 
 constexpr int kMr = 12, kNr = 32;
-// The maskz forms with every lane set: the plain _mm512_srli_epi32 / _mm512_cvtepi32_epi16 trip a false
-// -Wmaybe-uninitialized in GCC 12 (their _mm512_undefined_* pass-through operand), as in kernels_avx512.cpp.
-constexpr __mmask16 kAll = 0xFFFF;
-constexpr __mmask8 kAll8 = 0xFF;
-inline __m512i srl16(__m512i x) { return _mm512_maskz_srli_epi32(kAll, x, 16); }
+constexpr __mmask8 kAll8 = 0xFF;  // kAll's 8-lane twin (bf16_avx512_impl.h)
 
-// 16 floats rounded as bf16_round_bits rounds one: the bf16 in each lane's high half, the low half zero.
-inline __m512i round16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(srl16(u), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
-  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-}
-
-__mmask16 lanes(int count) {
-  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : count <= 0 ? 0 : static_cast<__mmask16>((1u << count) - 1u);
-}
-
-// Lanes of x holding a denormal: |x|'s bits in [1, 2^23 - 1], tested on the integers (VFPCLASSPS follows
-// MXCSR.DAZ, which the core sets: parallel.h FlushDenormals).
-inline __mmask16 denormals(__m512 x) {
-  const __m512i abs_bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
-  return _mm512_cmp_epu32_mask(_mm512_sub_epi32(abs_bits, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x007FFFFF),
-                               _MM_CMPINT_LT);
-}
-
-// 32 floats (lo: the first 16, hi: the next 16) rounded as bf16_round_bits rounds one, the 32 bf16 in order.
-// VCVTNE2PS2BF16 rounds the same way (to nearest even, NaN quieted with its high bits kept) except that it
-// flushes denormal inputs to zero: a vector holding one takes round16 instead.
+// 32 floats (lo: the first 16, hi: the next 16) rounded as bf16_round_bits rounds one, the 32 bf16 in order:
+// pair_words' rounding (a vector holding a denormal takes round16) without its interleave.
 inline __m512i bf16x32(__m512 lo, __m512 hi) {
   if (__builtin_expect((denormals(lo) | denormals(hi)) != 0, 0)) {
     alignas(64) static const std::uint16_t kHigh[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21,
@@ -57,8 +31,8 @@ inline __m512i bf16x32(__m512 lo, __m512 hi) {
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-// Element (r, k) = src[k * ld + r]: rows k and k + 1 are contiguous runs, rounded together and interleaved
-// into the pair words by one word permutation.
+// Element (r, k) = src[k * ld + r]: rows k and k + 1 are contiguous runs, rounded together into the pair
+// words (pair_words).
 template <int R>
 void pack_k_major(const float* src, index_t ld, int count, index_t kc, std::uint32_t* out) {
   constexpr int V = (R + 15) / 16;
@@ -67,10 +41,7 @@ void pack_k_major(const float* src, index_t ld, int count, index_t kc, std::uint
     load[v] = lanes(std::min(count, R) - 16 * v);
     store[v] = lanes(R - 16 * v);
   }
-  alignas(64) static const std::uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
-                                                            21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
-                                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512i interleave = pair_interleave();
   const index_t pairs = (kc + 1) / 2;
   for (index_t kp = 0; kp < pairs; ++kp) {
     const float* s0 = src + 2 * kp * ld;
@@ -79,8 +50,7 @@ void pack_k_major(const float* src, index_t ld, int count, index_t kc, std::uint
     for (int v = 0; v < V; ++v) {
       const __m512 lo = _mm512_maskz_loadu_ps(load[v], s0 + 16 * v);
       const __m512 hi = odd ? _mm512_maskz_loadu_ps(load[v], s0 + ld + 16 * v) : _mm512_setzero_ps();
-      // the 32 bf16 (row k's 16, row k + 1's 16) interleaved into 16 pair words
-      _mm512_mask_storeu_epi32(out + kp * R + 16 * v, store[v], _mm512_permutexvar_epi16(interleave, bf16x32(lo, hi)));
+      _mm512_mask_storeu_epi32(out + kp * R + 16 * v, store[v], pair_words(lo, hi, interleave));
     }
   }
 }
@@ -281,7 +251,7 @@ void convert_rows(const float* src, index_t ld, index_t rows, index_t kc, std::u
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k),
                           _mm512_maskz_cvtepi32_epi16(kAll, srl16(round16(_mm512_loadu_ps(s + k)))));
     if (k < kc) {
-      const __mmask16 tail = lanes(static_cast<int>(kc - k));
+      const __mmask16 tail = lanes(kc - k);
       const __m256i w = _mm512_maskz_cvtepi32_epi16(kAll, srl16(round16(_mm512_maskz_loadu_ps(tail, s + k))));
       _mm256_mask_storeu_epi16(o + k, static_cast<__mmask16>(tail), w);
     }

@@ -12,54 +12,20 @@
 #include <cstdint>
 
 #include "kernels/kernels.h"
+#include "kernels/bf16_avx512_impl.h"
 
 namespace fastrec {
 namespace {
 
 constexpr int kTileRows = 6, kTileVecs = 4;  // 6 x 64 outputs per tile
-constexpr __mmask16 kAll = 0xFFFF;
 constexpr index_t kPrefetchRows = 16;
-
-__mmask16 lanes(index_t count) {
-  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : count <= 0 ? 0 : static_cast<__mmask16>((1u << count) - 1u);
-}
-
-// bf16_round_bits of 16 lanes (kernels_avx512_bf16.cpp's round16): the bf16 in each lane's high half.
-inline __m512i round16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll, u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
-  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-}
-
-// Lanes holding a denormal float, by their bits (VFPCLASSPS reads them as zero under the core's DAZ).
-inline __mmask16 denormal(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  return _mm512_mask_test_epi32_mask(_mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7F800000)), u,
-                                     _mm512_set1_epi32(0x007FFFFF));
-}
-
-// 16 pair words: low half bf16(lo[c]), high half bf16(hi[c]). VCVTNE2PS2BF16 rounds as bf16_round_bits (to
-// nearest even, NaN quieted the same way, overflow to inf) except that it reads a denormal input as zero; a
-// vector with one takes round16 instead, so the words are bf16_round_bits' for every input.
-inline __m512i pair_words(__m512 lo, __m512 hi, __m512i interleave) {
-  if (denormal(lo) | denormal(hi))
-    return _mm512_or_si512(_mm512_maskz_srli_epi32(kAll, round16(lo), 16), round16(hi));
-  // elements 0-15: bf16(lo), 16-31: bf16(hi); then element 2c = lo[c], 2c + 1 = hi[c]
-  return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-}
 
 // rows k0 .. k0 + kc - 1 of src (columns 0 .. cols - 1, row stride ld) as pair rows: out[kp * ld_out + c] =
 // (bf16 src[k0 + 2kp][c], bf16 src[k0 + 2kp + 1][c]) (zero high half past kc), columns up to ld_out (a multiple
 // of 16) zero. sums (optional, ld_out floats): sums[c] += src[k][c] for each row k in order, in float32.
 void convert_pairs(const float* src, index_t ld, index_t kc, index_t cols, std::uint32_t* out, index_t ld_out,
                    float* sums) {
-  alignas(64) static const std::uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
-                                                           21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
-                                                           11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512i interleave = pair_interleave();
   for (index_t k = 0; k < kc; k += 2, out += ld_out) {
     const float* lo = src + k * ld;
     const float* hi = lo + ld;

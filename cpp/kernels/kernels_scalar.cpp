@@ -60,7 +60,7 @@ const KernelSet& kernels_scalar() {
   static const KernelSet set{Isa::Scalar, kMr, kNr, 256, 128, 2048, ukernel_scalar_4x8, row_kernel_scalar, pack_panel<kMr>,
                              pack_panel<kNr>, epilogue_impl,
                              activate_impl, row_sum_impl, update_impl,
-                             sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_scalar,
+                             sum_squares_impl, dot_rows_impl, exp_shift_impl, chain_dots_scalar, act_dots_impl,
                              dropout_row_impl, att_transpose_impl, att_rows_cols_impl, att_weights_rows_impl,
                              att_weights_t_rows_impl, layer_norm_impl,
                              layer_norm_backward_impl, fill_normal_impl,
@@ -75,23 +75,6 @@ const KernelSet& kernels_for(Isa isa) {
     case Isa::Avx2: return kernels_avx2();
 #endif
     default: return kernels_scalar();
-  }
-}
-
-// ---- The approximate top-k's proxy (kernels.h, ActDotsFn) ----
-void act_dots_scalar(const std::uint16_t* x, index_t ld, const std::int32_t* items, index_t n, index_t h,
-                     const float* u, const float* a, const float* y, index_t ld_y, index_t d, const float* g,
-                     float bias, Activation act, float* out) {
-  act_dots_impl(x, ld, items, n, h, u, a, y, ld_y, d, g, bias, act, out);
-}
-
-ActDotsFn act_dots_for(Isa isa) {
-  switch (isa) {
-#ifdef FASTREC_HAVE_X86_KERNELS
-    case Isa::Avx512: return act_dots_avx512;
-    case Isa::Avx2: return act_dots_avx2;
-#endif
-    default: return act_dots_scalar;
   }
 }
 

@@ -241,15 +241,15 @@ def _as_known_kind(model, users, items):
 class PairServingHandle:
     """``serving_handle()`` of a recommender: see there."""
 
-    __slots__ = ("_model", "_fast")
+    __slots__ = ("_model",)
 
     def __init__(self, model):
         self._model = model
-        self._fast = None
 
     def __call__(self, user, item):
-        fast = self._fast  # (handle, predict_lists, score_ints) of the model's current pair scorer
-        if fast is not None and fast[0] is self._model.__dict__.get("_predictor"):
+        model = self._model
+        fast = model.__dict__.get("_fast")  # (handle, predict_lists, score_ints, ...) of its current pair scorer
+        if fast is not None and fast[0] is model.__dict__.get("_predictor"):
             out = fast[2](user, item)  # two ints within int64, checked in C; else None
             if out is not None:
                 return out
@@ -258,8 +258,7 @@ class PairServingHandle:
     def _general(self, user, item):
         model = self._model
         if type(user) is int and type(item) is int and model._pair_scorer() is not None:  # (re)built
-            self._fast = model.__dict__.get("_fast")
-            out = self._fast[2](user, item)
+            out = model.__dict__["_fast"][2](user, item)
             if out is not None:
                 return out
         for value, name in ((user, "user"), (item, "item")):
@@ -399,6 +398,11 @@ class RecommenderBase(BaseEstimator):
         for name in self._caches:  # views over this object's arrays; rebuilt on demand
             state.pop(name, None)
         return state
+
+    def set_params(self, **params):
+        super().set_params(**params)
+        self.__dict__.pop("_fast", None)  # a one-pair scorer clips in the core as clip_predictions was at its build
+        return self
 
     def _entities(self, side: str) -> IdIndex:
         return self._users if side == "user" else self._items
@@ -826,7 +830,7 @@ class RecommenderBase(BaseEstimator):
         Unknown users or items never raise: they use the learned unknown rows (and their features when they
         were in the feature tables given to fit).
         """
-        fast = self.__dict__.get("_fast")  # (handle, predict_lists, score_ints) of the current pair scorer
+        fast = self.__dict__.get("_fast")  # (handle, predict_lists, score_ints, ...) of the current pair scorer
         if fast is not None and fast[0] is self.__dict__.get("_predictor"):
             out = fast[1](users, items)  # two lists of one int each, checked in C; else None
             if out is not None:

@@ -201,7 +201,7 @@ class Recommender(RecommenderBase):
 
     _fitted_attr = "net_"
     _structure_params = _STRUCTURE
-    _caches = ("_predictor", "_pair", "_fast")  # prediction handles: views over this object's arrays
+    _caches = ("_predictor", "_fast")  # prediction handles: views over this object's arrays
 
     def __init__(self, embedding_dim=64, hidden_layer_sizes=(128, 64), activation="relu", loss="auto", gmf=True,
                  gmf_item_features=False, wide=True, user_history="auto", item_history="auto",
@@ -555,7 +555,7 @@ class Recommender(RecommenderBase):
         if self._users.ids.dtype.kind != "i" or self._items.ids.dtype.kind != "i":
             return None
         handle = self._handle()
-        cached = getattr(self, "_pair", None)
+        cached = self.__dict__.get("_fast")  # (handle, predict_lists, score_ints, scorer)
         if cached is None or cached[0] is not handle:
             bounds = getattr(self, "rating_range_", None)
             low, high = bounds if bounds is not None and self.clip_predictions else (-np.inf, np.inf)
@@ -565,9 +565,9 @@ class Recommender(RecommenderBase):
             scorer = _core.PairScorer(handle, aligned(self._users._sorted), aligned(self._users._order),
                                       aligned(self._items._sorted), aligned(self._items._order),
                                       float(self.rating_mean_), float(low), float(high))
-            self._pair = cached = (handle, scorer)
-            self._fast = (handle, *scorer.fast_calls())  # predict's and serving_handle's first try
-        return cached[1]
+            # predict's and serving_handle's first try: the scorer's C calls, valid while handle is _predictor
+            self._fast = cached = (handle, *scorer.fast_calls(), scorer)
+        return cached[3]
 
     def _handle(self):
         """The prediction handle, built on first use after fit (and after unpickling)."""
