@@ -21,7 +21,10 @@ decay) on every parameter, `--epochs` epochs in a shuffled order.
 
 Rounds are interleaved (every configuration and implementation once, then again): median [min-max] of the
 wall time per configuration, the ratio torch / fastrec per round (median [min-max]), and fastrec's fit wall /
-its epochs' sum (history_["seconds"]). Bars (issue 17): ratio >= 1.8 at batch 256 and 1024 on 2 threads with
+its epochs' sum (history_["seconds"]). Beside it, the part of the fit spent mapping the embedding tables' fresh
+memory (their initial draws in the fit minus the same draws repeated on the same arrays after it: page faults;
+on a VM with free page reporting, where the host discards freed 2 MiB blocks, also the host's faults) and the
+ratio without it. Bars (issue 17): ratio >= 1.8 at batch 256 and 1024 on 2 threads with
 ids and with hashed columns; fit wall <= 1.15 x the sum of its epochs at 10^6 examples. Exits 1 on a miss
 where the run measured what the bar defines.
 
@@ -78,7 +81,52 @@ def make_data(n, seed=0):
     return {"user": users, "item": items, "tags": tags, "numeric": numeric}, y
 
 
+class TableClock:
+    """Times the initial values of the embedding tables inside a fit (fastrec._fieldnet.Float32Normals.normal)
+    and, after it, the same draws again on the same, now mapped, arrays: the difference is what the fit paid
+    for mapping fresh memory (page faults, and on a VM whose balloon reports free pages, the host's faults)."""
+
+    def __init__(self):
+        from fastrec import _fieldnet
+
+        self._cls, self._orig, self.calls = _fieldnet.Float32Normals, _fieldnet.Float32Normals.normal, []
+        clock = self
+
+        def normal(rng, loc, scale, size):
+            t = TIMER()
+            out = clock._orig(rng, loc, scale, size)
+            clock.calls.append((out, loc, scale, rng.n_threads, TIMER() - t))
+            return out
+
+        self._cls.normal = normal
+
+    def excess(self):
+        """Seconds the fit's draws took beyond the same draws on mapped memory; stops timing."""
+        self._cls.normal = self._orig
+        fresh = sum(c[-1] for c in self.calls)
+        t = TIMER()
+        for out, loc, scale, threads, _ in self.calls:  # overwrites the tables: the model is not used after this
+            fastrec._core.fill_normal(out, 1, 0, float(loc), float(scale), threads)
+        return max(fresh - (TIMER() - t), 0.0)
+
+
+def fresh_memory_probe(mib=128, pauses=(0, 3, 0, 3)):
+    """ms to first touch `mib` MiB of new memory after the last such block was freed `pause` s earlier: on a VM
+    whose balloon reports free pages (the host discards freed 2 MiB blocks after about a second) the pause
+    makes it several times slower; elsewhere the two agree."""
+    out = []
+    for pause in pauses:
+        time.sleep(pause)
+        block = np.empty(mib << 18, np.float32)
+        t = TIMER()
+        block.fill(1.0)
+        out.append((pause, 1e3 * (TIMER() - t)))
+        del block
+    return out
+
+
 def fit_fastrec(X, y, columns, batch, threads, epochs, precision="float32"):
+    """(fit wall s, sum of its epochs s, last loss, s of the wall spent mapping the tables' fresh memory)."""
     fields = {name: {"dim": d} for name, d in DIMS.items()}
     if columns == "hashed":
         for name, b in BUCKETS.items():
@@ -86,10 +134,14 @@ def fit_fastrec(X, y, columns, batch, threads, epochs, precision="float32"):
     model = fastrec.FieldModel(fields=fields, hidden_layer_sizes=HIDDEN, optimizer="sgd", learning_rate=LR,
                                alpha=0.0, epochs=epochs, batch_size=batch, random_state=0, n_threads=threads,
                                precision=precision)
+    clock = TableClock()
     t = TIMER()
-    model.fit(X, y)
-    wall = TIMER() - t
-    return wall, float(sum(model.history_["seconds"])), float(model.history_["loss"][-1])
+    try:
+        model.fit(X, y)
+    finally:
+        wall = TIMER() - t
+        mapping = clock.excess()
+    return wall, float(sum(model.history_["seconds"])), float(model.history_["loss"][-1]), mapping
 
 
 if torch is not None:
@@ -286,19 +338,26 @@ def main():
             print(f"round {rnd + 1}: {cfg} " + "  ".join(f"{impl} {runs[(cfg, impl)][-1][0]:.3f} s" for impl in impls),
                   flush=True)
     missed = []
-    results = {"machine": machine_info(), "args": vars(args), "rows": []}
-    print(f"\n{args.examples} examples, {args.epochs} epoch(s), rounds {args.rounds}\n")
-    print("| columns | batch | threads | fastrec fit | fastrec fit / epochs | torch fit | torch / fastrec |")
-    print("|---|---|---|---|---|---|---|")
+    probe = fresh_memory_probe()
+    results = {"machine": machine_info(), "args": vars(args), "rows": [], "fresh_memory_probe_ms": probe}
+    print(f"\n{args.examples} examples, {args.epochs} epoch(s), rounds {args.rounds}; first touch of 128 MiB of new "
+          "memory, 1 thread: " + ", ".join(f"{ms:.0f} ms after {p} s free" for p, ms in probe) + "\n")
+    print("| columns | batch | threads | fastrec fit | fastrec fit / epochs | of the fit: mapping fresh table memory "
+          "| (fit - mapping) / epochs | torch fit | torch / fastrec |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for cfg in configs:
         columns, batch, threads = cfg
         f = runs[(cfg, "fastrec")]
         fit_s = stats([r[0] for r in f])
         over = [r[0] / r[1] for r in f]
+        mapping = [r[3] for r in f]
+        mapped = [(r[0] - r[3]) / r[1] for r in f]
         row = {"columns": columns, "batch": batch, "threads": threads, "fastrec_fit_s": fit_s,
-               "fit_over_epochs": stats(over)}
+               "fit_over_epochs": stats(over), "mapping_s": stats(mapping), "fit_over_epochs_mapped": stats(mapped)}
         line = f"| {columns} | {batch} | {threads} | {fit_s['median']:.3f} [{fit_s['min']:.3f}-{fit_s['max']:.3f}] s " \
-               f"| {statistics.median(over):.3f} [{min(over):.3f}-{max(over):.3f}] "
+               f"| {statistics.median(over):.3f} [{min(over):.3f}-{max(over):.3f}] " \
+               f"| {1e3 * statistics.median(mapping):.0f} [{1e3 * min(mapping):.0f}-{1e3 * max(mapping):.0f}] ms " \
+               f"| {statistics.median(mapped):.3f} [{min(mapped):.3f}-{max(mapped):.3f}] "
         if "torch" in impls:
             tt = runs[(cfg, "torch")]
             ratio = [a[0] / b[0] for a, b in zip(tt, f)]
