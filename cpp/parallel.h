@@ -91,7 +91,15 @@ class ThreadChoice {
     ++batch_;
     if (!probing_) {
       if (threads != chosen_) return;  // (a concurrent caller of a shared choice)
-      if (per_row <= rejected_ && batch_ - decided_ < period_) return;
+      // A slowdown is a second batch slower than the rejected setting was within kSlowGap batches: a lone
+      // outlier (an interrupt, a VM exit) as the probe's first sample, against one normal batch of the other
+      // setting, would decide a whole period on the slower setting, while a busy core slows every few batches.
+      if (batch_ - decided_ < period_) {
+        if (per_row <= rejected_) return;
+        const bool again = batch_ - last_slow_ <= kSlowGap;
+        last_slow_ = batch_;
+        if (!again) return;
+      }
       probing_ = true;  // a slowdown or the period's end: this batch is the probe's first
     }
     const int k = threads == 1 ? 0 : 1;
@@ -116,6 +124,7 @@ class ThreadChoice {
   static constexpr std::int64_t kPeriod = 64, kMaxPeriod = 1024;
   static constexpr int kProbe = 2;
   static constexpr double kClear = 1.5;
+  static constexpr std::int64_t kSlowGap = 8;
 
   int all_;
   bool measure_;
@@ -125,6 +134,7 @@ class ThreadChoice {
   double probe_[2] = {0.0, 0.0};  // seconds per row summed over this probe's batches on 1 / on all threads
   int probes_[2] = {0, 0};
   double rejected_ = 0.0;  // seconds per row of the setting the last probe rejected (0: none yet)
+  std::int64_t last_slow_ = -kSlowGap - 1;  // batch_ of the last batch slower per row than rejected_
   std::int64_t decisions_ = 0;
 };
 
