@@ -174,6 +174,19 @@ def test_bad_arguments_name_what_is_wrong(threads_client):
         DaskRecommender(client=threads_client).to_local()
 
 
+def test_empty_data_and_a_change_of_feedback_are_refused_and_leave_the_model(threads_client):
+    u, i, r = data(n=400)
+    empty = np.zeros(0, np.int64)
+    with pytest.raises(ValueError, match="users is empty"):
+        DaskRecommender(client=threads_client, **PARAMS).fit(chunked(empty, 1), chunked(empty, 1))
+    dm = DaskRecommender(client=threads_client, **{**PARAMS, "epochs": 1}).fit(chunked(u, 2), chunked(i, 2),
+                                                                               chunked(r, 2))
+    before = dm.to_local().predict(u[:50], i[:50])
+    with pytest.raises(ValueError, match="kind of feedback"):  # ratings at fit, implicit now
+        dm.partial_fit(chunked(u, 2), chunked(i, 2))
+    np.testing.assert_array_equal(dm.to_local().predict(u[:50], i[:50]), before)
+
+
 def test_a_round_ships_the_rows_it_touched_not_the_tables(threads_client):
     # Thousands of users and items, but a round (one batch of 64 per replica) touches few of their rows (the history
     # fields, off here, read every item a user saw: their rows follow the batch's histories).

@@ -289,6 +289,22 @@ def test_bad_arguments_name_what_is_wrong(threads_client):
         DaskRecommender(client=threads_client).set_params(privacy=DPConfig(target_epsilon=4.0, delta=1e-5))
 
 
+def test_missing_labels_empty_data_and_other_columns_are_refused_and_leave_the_model(threads_client):
+    df, y = table(n=400)
+    with pytest.raises(TypeError, match="y is required"):
+        DaskFieldModel(client=threads_client, **FIELD).fit(frame(df, 2), None)
+    with pytest.raises(ValueError, match="X is empty"):
+        DaskFieldModel(client=threads_client, **FIELD).fit(frame(df.iloc[:0], 1), chunked(y[:0], 1))
+    dm = DaskFieldModel(client=threads_client, **{**FIELD, "epochs": 1, "loss": "mse"}).fit(frame(df, 2),
+                                                                                           chunked(y, 2))
+    with pytest.raises(ValueError, match="predict_proba needs loss='bce'"):
+        dm.predict_proba(frame(df, 2))
+    before = dm.to_local().predict(dict(df))
+    with pytest.raises(ValueError, match="the model was fitted on"):
+        dm.partial_fit(frame(df.drop(columns=["x"]), 2), chunked(y, 2))
+    np.testing.assert_array_equal(dm.to_local().predict(dict(df)), before)
+
+
 def test_verbose_prints_a_line_per_round(threads_client, capsys):
     df, y = table(n=1000)
     DaskFieldModel(client=threads_client, sync_every=4, verbose=True, **{**FIELD, "epochs": 1}).fit(frame(df, 2), chunked(y, 2))
