@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+import fastrec
 from fastrec import _core
 
 
@@ -295,3 +296,15 @@ def test_bag_weights_status_for_values_float32_cannot_hold(value):
 def test_bag_weights_refuse_an_indptr_that_does_not_cover_the_data(indptr):
     with pytest.raises(ValueError, match="indptr"):
         _core.bag_weights(np.array(indptr, np.int64), np.ones(3), True)
+
+
+def test_a_csr_column_with_spare_room_trains_like_the_pruned_one():
+    # scipy lets data / indices run past indptr[-1] (set after construction); those are not entries.
+    rng = np.random.default_rng(0)
+    n = 50
+    A = sp.random(n, 6, density=0.4, format="csr", random_state=1)
+    B = A.copy()
+    B.data, B.indices = np.concatenate([A.data, [7.0, np.nan]]), np.concatenate([A.indices, [0, 1]])
+    users, y = rng.integers(0, 5, n), rng.random(n)
+    fits = [fastrec.FieldModel(loss="mse", epochs=2, random_state=0).fit({"u": users, "t": t}, y) for t in (A, B)]
+    assert np.array_equal(fits[0].predict({"u": users, "t": A}), fits[1].predict({"u": users, "t": B}))

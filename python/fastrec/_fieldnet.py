@@ -82,13 +82,14 @@ def bags_of_csr(X, mean: bool, label: str = "X", n_threads: int = 0) -> tuple:
     float32's range raise a ValueError naming `label`."""
     X = X.tocsr()
     indptr = np.asarray(X.indptr, dtype=np.int64)
-    data = np.asarray(X.data)
+    nnz = int(indptr[-1])  # scipy lets data and indices run past the last row (spare room): not entries
+    data = np.asarray(X.data)[:nnz]
     if data.dtype not in (np.float32, np.float64):
         data = data.astype(np.float64)
     weights, status = _core.bag_weights(indptr, np.require(data, requirements=["C", "A"]), bool(mean), n_threads)
     if status:
         raise ValueError(f"{label} contains NaN or infinity (or a value too large for float32)")
-    return (indptr, np.asarray(X.indices, dtype=np.int32), weights)
+    return (indptr, np.asarray(X.indices[:nnz], dtype=np.int32), weights)
 
 
 def _unique(a):
