@@ -2,6 +2,7 @@
 
     python benchmarks/sequential_quality.py /path/to/ml-100k [--seed 0] [--threads 2] [--configs 6] [--json out.json]
                                             [--genres]
+    python benchmarks/sequential_quality.py /path/to/ml-100k --max-len 50 100 [--seed 0] [--json out.json]
 
 Protocol (the SASRec paper's, Kang & McAuley, ICDM 2018, section IV-B, on MovieLens-100k): every rating is an
 event; each user's latest event (by timestamp; among ties one drawn at random, `fastrec.evaluation.
@@ -21,6 +22,9 @@ Models, all computed here:
   and the defaults as a user gets them (`fit` on the training part, early stopping on its own held-out latest
   events). With ``--genres``, the same search (same configurations), refit and defaults again with
   ``item_features`` = each movie's genres (multi-hot, from ml-100k.item), reported beside.
+With ``--max-len``, no search: the baselines, then for each length the defaults with that ``max_len`` fit on the
+search part (early stopping on the validation events; validation HR@10 / NDCG@10 of its best epoch) and fit
+as a user gets them on the training part (test HR@10 / NDCG@10, whole-fit seconds).
 MovieLens may not be redistributed: `pip download --no-deps recbole==1.2.1`, unzip
 `recbole/dataset_example/ml-100k/` from the wheel.
 """
@@ -102,6 +106,8 @@ def main(argv=None):
                     help="SequentialRecommender's training precision in every fit of the run")
     ap.add_argument("--defaults-only", action="store_true",
                     help="fit SequentialRecommender with its defaults only (no search, no chosen refit, no baselines)")
+    ap.add_argument("--max-len", type=int, nargs="+",
+                    help="compare the defaults at these max_len values (validation and test; no search)")
     args = ap.parse_args(argv)
     data = load_movielens(args.path)
     U, I, T = data.users, data.items, data.timestamps
@@ -138,6 +144,8 @@ def main(argv=None):
     results["Recommender (defaults)"] = rank(rec, tr, te, args.seed + 3)
     print(f"Recommender: {time.perf_counter() - t0:.1f} s", flush=True)
 
+    if args.max_len:
+        return compare_max_len(args, U, I, T, universe, fit_idx, val_idx, tr, te, rank, results)
     rng = check_generator(args.seed + 100)
     defaults = fastrec.SequentialRecommender(precision=args.precision).get_params()
     print(f"SequentialRecommender precision {args.precision}", flush=True)
@@ -189,6 +197,36 @@ def main(argv=None):
             json.dump({"results": results, **searches[""], "genres": searches.get(" + genres")}, f, indent=1,
                       default=str)
     return 0 if ok else 1
+
+
+def compare_max_len(args, U, I, T, universe, fit_idx, val_idx, tr, te, rank, results):
+    """The defaults at each max_len: validation (search part, early stopping on the validation events) and the
+    fit a user gets (training part, its own early stopping) scored on test."""
+    rows = {}
+    for n in args.max_len:
+        params = dict(max_len=n, random_state=args.seed, n_threads=args.threads, precision=args.precision)
+        t0 = time.perf_counter()
+        m = fastrec.SequentialRecommender(**params).fit(U[fit_idx], I[fit_idx], T[fit_idx],
+                                                        validation_data=(U[val_idx], I[val_idx]))
+        val_s = time.perf_counter() - t0
+        val = rank(m, fit_idx, val_idx, args.seed + 2)
+        t0 = time.perf_counter()
+        plain = fastrec.SequentialRecommender(**params).fit(U[tr], I[tr], T[tr])
+        fit_s = time.perf_counter() - t0
+        test = rank(plain, tr, te, args.seed + 3)
+        rows[n] = dict(validation=val, val_best_epoch=m.best_epoch_, val_fit_s=val_s,
+                       val_ndcg_early_stopping=max(m.history_["val_ndcg@10"]), test=test, fit_s=fit_s,
+                       epochs=len(plain.history_["loss"]), best_epoch=plain.best_epoch_)
+        print(f"max_len {n}: validation HR@10 {val[0]:.4f} NDCG@10 {val[1]:.4f} (best epoch {m.best_epoch_}, "
+              f"{val_s:.1f} s); defaults fit: test HR@10 {test[0]:.4f} NDCG@10 {test[1]:.4f}, fit {fit_s:.1f} s "
+              f"({rows[n]['epochs']} epochs, best {plain.best_epoch_})", flush=True)
+    print("\n| model | HR@10 | NDCG@10 |\n|---|---|---|")
+    for name, (hr, ndcg) in results.items():
+        print(f"| {name} | {hr:.4f} | {ndcg:.4f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"seed": args.seed, "baselines": results, "max_len": rows}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
