@@ -2,13 +2,12 @@
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_sequential_serve.py [--items 100000]
 
-A `SequentialRecommender` of the issue's shape (width 64, 2 blocks, 1 head; max_len the estimator's default, 200
-since 2026-12-06, which reads the ~60 events a user has; the issue's 50 with --max-len 50) is fit for one epoch on
+A `SequentialRecommender` of the issue's shape (width 64, 2 blocks, 1 head, max_len 50) is fit for one epoch on
 synthetic histories (--users users x 60 events over --items items, every item used), which only gives a model
 of that size: latency does not depend on what it learned. Then, in interleaved rounds (a short pause before
 each call so OpenMP workers sleep as they would between requests), for a different random user each call:
-- `recommend([user], k=10)`: the user's latest min(max_len, 60) events through the blocks (last slot only), then
-  the exact inner-product top-10 over every item with the user's ~60 seen items excluded;
+- `recommend([user], k=10)`: the user's latest 50 events through the blocks (last slot only), then the exact
+  inner-product top-10 over every item with the user's ~60 seen items excluded;
 - `observe([user], [item])` followed by `recommend([user], k=10)`: the new event read at once;
 - `recommend(histories=[h], k=10)` for a 50-event history not in training.
 Bars: recommend < 2 ms, observe + recommend < 3 ms. Prints median [p10-p90] in ms per --threads value.
