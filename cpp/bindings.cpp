@@ -2260,9 +2260,10 @@ PYBIND11_MODULE(_core, m) {
   // The busy-machine thread choice (parallel.h, ThreadChoice) replayed on given batch times, for tests.
   m.def(
       "_thread_choice_trace",
-      [](const std::vector<double>& one, const std::vector<double>& all, int threads) {
+      [](const std::vector<double>& one, const std::vector<double>& all, int threads, int resume) {
         require(one.size() == all.size() && threads >= 2, "one and all: equal lengths; threads >= 2");
         ThreadChoice choice(threads, true);
+        if (resume > 0) choice.resume(resume);
         std::vector<int> used;
         for (std::size_t i = 0; i < one.size(); ++i) {
           const int t = choice.next();
@@ -2271,9 +2272,19 @@ PYBIND11_MODULE(_core, m) {
         }
         return used;
       },
-      py::arg("one"), py::arg("all"), py::arg("threads") = 2,
+      py::arg("one"), py::arg("all"), py::arg("threads") = 2, py::arg("resume") = 0,
       "Thread counts the automatic choice gives batches i = 0, 1, ... that take one[i] seconds on one thread "
-      "and all[i] on `threads`.");
+      "and all[i] on `threads` (resume > 0: started as a training loop after another chose `resume` threads).");
+  m.def(
+      "_last_training_choice",
+      [] {
+        const TrainingChoice& last = last_training_choice();
+        const std::int64_t at = last.at.load(), now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                                       std::chrono::steady_clock::now().time_since_epoch())
+                                                       .count();
+        return py::make_tuple(last.threads.load(), at == 0 ? -1.0 : static_cast<double>(now - at) * 1e-9);
+      },
+      "(threads the last automatic training loop of this process chose (0: none), seconds since (-1: never)).");
   m.def("available_isas", [] {
     std::vector<std::string> out;
     for (Isa i : available_isas()) out.push_back(isa_name(i));

@@ -90,6 +90,27 @@ def test_a_core_busy_every_few_batches_is_a_slowdown():
     assert cost <= 1.1 * min(sum(one), sum(all_))
 
 
+def test_a_loop_after_one_that_chose_one_thread_starts_there():
+    # Each epoch call is a new loop. After a loop chose 1 thread, the next skips the warm-up batch and the probe
+    # on all threads (15x a 1-thread batch with a core busy) and probes only at the period's end.
+    busy = np.array(_core._thread_choice_trace([1.0] * 300, [5.0] * 300, resume=1))
+    fresh = trace([(300, BUSY)])
+    assert (busy[:64] == 1).all() and (busy == 2).sum() < (fresh == 2).sum()
+    # The machine became quiet meanwhile: the period's end finds it and goes back to all threads.
+    quiet = np.array(_core._thread_choice_trace([2.0] * 300, [1.0] * 300, resume=1))
+    assert (quiet[:64] == 1).all() and (quiet[70:128] == 2).all()  # (then the next periodic probe)
+
+
+def test_an_automatic_training_loop_records_its_choice():
+    rng = np.random.default_rng(2)
+    n = 4096
+    X = {"user": rng.integers(0, 500, n), "item": rng.integers(0, 300, n)}
+    y = (rng.random(n) < 0.4).astype(np.float32)
+    fastrec.FieldModel(hidden_layer_sizes=(32,), epochs=1, batch_size=64, random_state=0, n_threads=None).fit(X, y)
+    threads, age = _core._last_training_choice()
+    assert threads in (1, _core.show_config()["max_threads"]) and 0 <= age < 60
+
+
 def test_fixed_thread_counts_are_not_chosen():
     with pytest.raises(ValueError, match="threads >= 2"):
         _core._thread_choice_trace([1.0], [1.0], 1)
