@@ -2279,10 +2279,7 @@ PYBIND11_MODULE(_core, m) {
       "_last_training_choice",
       [] {
         const TrainingChoice& last = last_training_choice();
-        const std::int64_t at = last.at.load(), now = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                                       std::chrono::steady_clock::now().time_since_epoch())
-                                                       .count();
-        return py::make_tuple(last.threads.load(), at == 0 ? -1.0 : static_cast<double>(now - at) * 1e-9);
+        return py::make_tuple(last.threads.load(), last.threads.load() == 0 ? -1.0 : last.age_seconds());
       },
       "(threads the last automatic training loop of this process chose (0: none), seconds since (-1: never)).");
   m.def("available_isas", [] {

@@ -9,6 +9,8 @@ namespace fastrec {
 
 using index_t = std::int64_t;
 
+inline index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
+
 // Element-wise activations. Derivatives are written in terms of the activation's output
 // (scikit-learn's convention), so backward never needs the pre-activation.
 enum class Activation : int { Identity = 0, Logistic = 1, Tanh = 2, Relu = 3, Softmax = 4 };

@@ -14,7 +14,6 @@ namespace fastrec {
 
 namespace {
 
-index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
 struct Problem {
   const KernelSet& ks;

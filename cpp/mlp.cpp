@@ -232,10 +232,6 @@ MlpWorkspace::MlpWorkspace(const Network& net, index_t rows, bool sparse_input, 
   grad_b.resize(static_cast<std::size_t>(biases));
 }
 
-namespace {
-index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
-}  // namespace
-
 int row_blocks(const Network& net, index_t n, int n_threads) {
   double fmas = 0.0;
   for (const Layer& layer : net.layers) fmas += static_cast<double>(layer.fan_in) * static_cast<double>(layer.fan_out);

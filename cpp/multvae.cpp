@@ -290,11 +290,9 @@ void check_csr(const AutoencoderNet& net, const CsrView& X) {
   require(X.cols == net.n_items(), "X has " + std::to_string(X.cols) + " columns but the model has " +
                                        std::to_string(net.n_items()) + " items");
   require(X.indptr[0] == 0, "X.indptr must start at 0");
-  // The messages are built only on failure: these loops run per row and per entry.
-  for (index_t r = 0; r < X.rows; ++r)
-    if (X.indptr[r + 1] < X.indptr[r]) require(false, "X.indptr must be non-decreasing");
+  for (index_t r = 0; r < X.rows; ++r) require(X.indptr[r + 1] >= X.indptr[r], "X.indptr must be non-decreasing");
   for (std::int64_t p = 0; p < X.indptr[X.rows]; ++p)
-    if (X.indices[p] < 0 || X.indices[p] >= X.cols)
+    if (X.indices[p] < 0 || X.indices[p] >= X.cols)  // the message is built only on failure: this runs per entry
       require(false, "X.indices holds column " + std::to_string(X.indices[p]) + ", outside [0, " +
                          std::to_string(X.cols) + ")");
 }

@@ -155,6 +155,16 @@ class ThreadChoice {
 struct TrainingChoice {
   std::atomic<int> threads{0};  // 0: none yet
   std::atomic<std::int64_t> at{0};
+
+  static std::int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  void record(int chosen) {
+    threads.store(chosen, std::memory_order_relaxed);
+    at.store(now_ns(), std::memory_order_relaxed);
+  }
+  double age_seconds() const { return static_cast<double>(now_ns() - at.load(std::memory_order_relaxed)) * 1e-9; }
 };
 inline TrainingChoice& last_training_choice() {
   static TrainingChoice choice;
@@ -168,9 +178,7 @@ class BatchThreads {
  public:
   explicit BatchThreads(int n_threads) : choice_(n_threads) {
     const TrainingChoice& last = last_training_choice();
-    if (last.threads.load(std::memory_order_relaxed) == 1 &&
-        now_ns() - last.at.load(std::memory_order_relaxed) <= static_cast<std::int64_t>(kPriorSeconds * 1e9))
-      choice_.resume(1);
+    if (last.threads.load(std::memory_order_relaxed) == 1 && last.age_seconds() <= kPriorSeconds) choice_.resume(1);
     decisions_ = choice_.decisions();
   }
 
@@ -184,18 +192,12 @@ class BatchThreads {
     choice_.done(threads_, std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(), rows);
     if (choice_.decisions() != decisions_) {
       decisions_ = choice_.decisions();
-      TrainingChoice& last = last_training_choice();
-      last.threads.store(choice_.chosen(), std::memory_order_relaxed);
-      last.at.store(now_ns(), std::memory_order_relaxed);
+      last_training_choice().record(choice_.chosen());
     }
   }
 
  private:
   static constexpr double kPriorSeconds = 10.0;
-  static std::int64_t now_ns() {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-  }
   ThreadChoice choice_;
   std::int64_t decisions_ = 0;
   int threads_ = 1;

@@ -81,7 +81,7 @@ std::uint32_t crc32(const unsigned char* data, std::size_t size) {
 
 void hash_int64(const std::int64_t* values, index_t n, std::int64_t buckets, std::int32_t* out, int n_threads) {
   require(buckets >= 1 && buckets < (std::int64_t{1} << 31) - 1, "hash buckets must be in [1, 2**31 - 2]");
-  const index_t chunks = (n + kGrain - 1) / kGrain;
+  const index_t chunks = ceil_div(n, kGrain);
   parallel_for(0, chunks, chunks > 1 ? n_threads : 1, [&](index_t c) {
     char text[24];
     for (index_t i = c * kGrain, end = std::min(n, i + kGrain); i < end; ++i) {
@@ -96,7 +96,7 @@ void hash_ucs4(const std::uint32_t* values, index_t n, index_t width, std::int64
                int n_threads) {
   require(buckets >= 1 && buckets < (std::int64_t{1} << 31) - 1, "hash buckets must be in [1, 2**31 - 2]");
   require(width >= 0, "string width must be non-negative");
-  const index_t chunks = (n + kGrain - 1) / kGrain;
+  const index_t chunks = ceil_div(n, kGrain);
   parallel_for(0, chunks, chunks > 1 ? n_threads : 1, [&](index_t c) {
     const auto& t = crc_tables()[0];
     for (index_t i = c * kGrain, end = std::min(n, i + kGrain); i < end; ++i) {
@@ -150,7 +150,7 @@ void unique_int64(const std::int64_t* values, index_t n, std::vector<std::int64_
 
 void fill_normal(const KernelSet& ks, std::uint64_t seed, index_t first, index_t n, float loc, float scale,
                  float* out, int n_threads) {
-  const index_t chunks = (n + 65535) / 65536;
+  const index_t chunks = ceil_div(n, 65536);
   parallel_for<true>(0, chunks, chunks > 1 ? n_threads : 1, [&](index_t ch) {
     const index_t i = ch * 65536;
     ks.fill_normal(seed, static_cast<std::uint64_t>(first + i), std::min<index_t>(65536, n - i), loc, scale, out + i);
@@ -161,7 +161,7 @@ template <class T>
 int standardize(const KernelSet& ks, const T* values, index_t n, index_t c, bool fit, double* mean, double* std,
                 float* out, int n_threads) {
   constexpr index_t kBlock = 65536;
-  const index_t blocks = (n + kBlock - 1) / kBlock;
+  const index_t blocks = ceil_div(n, kBlock);
   const int threads = blocks > 1 ? n_threads : 1;
   const double limit = std::numeric_limits<float>::max();
   std::vector<double> part(static_cast<std::size_t>(blocks * c));
@@ -219,7 +219,7 @@ int standardize(const KernelSet& ks, const T* values, index_t n, index_t c, bool
 template <class T>
 int bag_weights(const std::int64_t* indptr, index_t rows, const T* data, bool mean, float* out, int n_threads) {
   constexpr index_t kBlock = 16384;  // rows per parallel chunk (a few entries each)
-  const index_t blocks = (rows + kBlock - 1) / kBlock;
+  const index_t blocks = ceil_div(rows, kBlock);
   const double limit = std::numeric_limits<float>::max();
   std::vector<int> bad(static_cast<std::size_t>(blocks), 0);
   parallel_for<true>(0, blocks, blocks > 1 ? n_threads : 1, [&](index_t b) {

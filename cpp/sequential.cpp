@@ -53,13 +53,12 @@ void validate(const SeqModel& m) {
   require(f.n_features >= 1, "the feature table needs at least one row");
   require(f.indptr && f.ids && f.weights, "item features need indptr, ids and weights");
   require(f.indptr[0] == 0, "item features: indptr[0] must be 0");
-  // The messages are built only on failure: these loops run per item and per entry.
   for (index_t i = 0; i < m.n_items; ++i)
-    if (f.indptr[i + 1] < f.indptr[i]) require(false, "item features: indptr must be non-decreasing");
+    require(f.indptr[i + 1] >= f.indptr[i], "item features: indptr must be non-decreasing");
   for (std::int64_t k = 0; k < f.indptr[m.n_items]; ++k) {
-    if (f.ids[k] < 0 || f.ids[k] >= f.n_features)
+    if (f.ids[k] < 0 || f.ids[k] >= f.n_features)  // the message is built only on failure: this runs per entry
       require(false, "item features: ids must be feature rows in [0, " + std::to_string(f.n_features) + ")");
-    if (!std::isfinite(f.weights[k])) require(false, "item features: weights must be finite");
+    require(std::isfinite(f.weights[k]), "item features: weights must be finite");
   }
 }
 
@@ -1229,7 +1228,6 @@ void seq_bf16_weight_gradient(const KernelSet& ks, bool native, index_t M, index
   if (native && M > 0 && N > 0 && K > 0) {
     require(bf16_native_available(), "bf16_gemm: the AVX512-BF16 kernel is not available on this CPU");
     // bf16_gemm's K blocks, so bf16_gemm's sums
-    const auto ceil_div = [](index_t a, index_t b) { return (a + b - 1) / b; };
     const index_t kc_step = bf16_kc_step(K, bf16_kernels_avx512().kc);
     const index_t pairs = (std::min(kc_step, K) + 1) / 2;
     // Threads take slices of C's wider side (each element's sum is the same whatever the slice), each converting

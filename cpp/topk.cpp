@@ -33,7 +33,6 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
 // Up to this many queries score by chains (ks.chain_dots, one query at a time over a block of item rows);
 // more go through tiles. Measured on 10^6 x 64 items, AVX-512, one thread: chains take ~10 ms for 1 query,

@@ -399,30 +399,32 @@ float exp_in_place_sum(float* x, index_t n) {
 typedef std::uint64_t u64x8 __attribute__((vector_size(64)));
 typedef std::int64_t i64x8 __attribute__((vector_size(64)));
 
+// splitmix64's finaliser (common.h splitmix64 after its increment), of one value or of eight lanes.
+template <class T>
+inline T mix64(T z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
 // Dropout multipliers of one row (kernels.h, DropoutRowFn), eight 64-bit lanes at a time (AVX-512DQ has the
 // 64-bit multiply; elsewhere the compiler emulates it), the same integer arithmetic as the scalar tail.
 void dropout_row_impl(std::uint64_t key, std::uint64_t e0, index_t n, std::uint64_t threshold, float scale,
                       float* out) {
-  constexpr std::uint64_t kGolden = 0x9e3779b97f4a7c15ULL, kM1 = 0xbf58476d1ce4e5b9ULL, kM2 = 0x94d049bb133111ebULL;
+  constexpr std::uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
   std::int32_t scale_bits;
   std::memcpy(&scale_bits, &scale, sizeof scale);
   const u64x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
   const u64x8 limit = u64x8{} + threshold;
   index_t c = 0;
   for (; c + 8 <= n; c += 8) {
-    u64x8 z = key + (e0 + static_cast<std::uint64_t>(c) + lane) * kGolden;
-    z = (z ^ (z >> 30)) * kM1;
-    z = (z ^ (z >> 27)) * kM2;
-    z ^= z >> 31;
+    const u64x8 z = mix64(key + (e0 + static_cast<std::uint64_t>(c) + lane) * kGolden);
     const i64x8 keep = (z >> 40) >= limit;  // all ones where kept
     const i32x8 value = __builtin_convertvector(keep, i32x8) & scale_bits;
     std::memcpy(out + c, &value, sizeof value);
   }
   for (; c < n; ++c) {
-    std::uint64_t z = key + (e0 + static_cast<std::uint64_t>(c)) * kGolden;
-    z = (z ^ (z >> 30)) * kM1;
-    z = (z ^ (z >> 27)) * kM2;
-    z ^= z >> 31;
+    const std::uint64_t z = mix64(key + (e0 + static_cast<std::uint64_t>(c)) * kGolden);
     const std::int32_t value = (z >> 40) >= threshold ? scale_bits : 0;
     std::memcpy(out + c, &value, sizeof value);
   }
@@ -432,18 +434,14 @@ void dropout_row_impl(std::uint64_t key, std::uint64_t e0, index_t n, std::uint6
 // and float arithmetic as the scalar loop. The barrier keeps scale * x and loc + that two roundings where the
 // file is compiled with -mfma (no FMA without it): every ISA gives the same bits.
 void fill_normal_impl(std::uint64_t seed, std::uint64_t first, index_t n, float loc, float scale, float* out) {
-  constexpr std::uint64_t kIndex = 0xd1b54a32d192ed03ULL, kGolden = 0x9e3779b97f4a7c15ULL,
-                          kM1 = 0xbf58476d1ce4e5b9ULL, kM2 = 0x94d049bb133111ebULL, kMask = 0xFFFF;
+  constexpr std::uint64_t kIndex = 0xd1b54a32d192ed03ULL, kGolden = 0x9e3779b97f4a7c15ULL, kMask = 0xFFFF;
   constexpr double kUnit = 1.7320508075688772 / 65536.0;  // four U(0,1) have variance 1/3
   index_t i = 0;
 #ifdef __AVX512DQ__  // 64-bit lane multiplies (emulated by three 32-bit ones elsewhere: no faster than scalar)
   typedef double f64x8 __attribute__((vector_size(64)));
   const u64x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
   for (; i + 8 <= n; i += 8) {
-    u64x8 z = (seed ^ ((first + static_cast<std::uint64_t>(i) + lane) * kIndex)) + kGolden;
-    z = (z ^ (z >> 30)) * kM1;
-    z = (z ^ (z >> 27)) * kM2;
-    z ^= z >> 31;
+    const u64x8 z = mix64((seed ^ ((first + static_cast<std::uint64_t>(i) + lane) * kIndex)) + kGolden);
     // the four 16-bit fields summed with their midpoints, minus 4 x 32768: |s| <= 131070, exact in int32
     const u64x8 sum = (z & kMask) + ((z >> 16) & kMask) + ((z >> 32) & kMask) + (z >> 48);
     const i32x8 s = __builtin_convertvector(sum, i32x8) - 131070;
@@ -457,10 +455,7 @@ void fill_normal_impl(std::uint64_t seed, std::uint64_t first, index_t n, float 
   }
 #endif
   for (; i < n; ++i) {
-    std::uint64_t z = (seed ^ ((first + static_cast<std::uint64_t>(i)) * kIndex)) + kGolden;
-    z = (z ^ (z >> 30)) * kM1;
-    z = (z ^ (z >> 27)) * kM2;
-    z ^= z >> 31;
+    const std::uint64_t z = mix64((seed ^ ((first + static_cast<std::uint64_t>(i)) * kIndex)) + kGolden);
     const std::uint64_t sum = (z & kMask) + ((z >> 16) & kMask) + ((z >> 32) & kMask) + (z >> 48);
     const std::int32_t s = static_cast<std::int32_t>(sum) - 131070;
     float value = static_cast<float>(static_cast<double>(s) * kUnit) * scale;
@@ -471,7 +466,7 @@ void fill_normal_impl(std::uint64_t seed, std::uint64_t first, index_t n, float 
   }
 }
 
-// Standardised rows (kernels.h, StandardizeRowsFn). Eight rows at a time are one flat run of 8c values read
+// Standardised rows (kernels.h, StandardizeF32Fn / StandardizeF64Fn). Eight rows at a time are one flat run of 8c values read
 // against mean / std repeated eight times: a plain loop the compiler vectorises whatever c is (the divisions
 // dominate: a vector divides 8 values where the scalar loop divided one).
 template <class T>

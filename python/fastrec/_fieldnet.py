@@ -234,6 +234,11 @@ class Float32Normals:
         self._gen = np.random.default_rng(rng.randint(0, 2**31 - 1, size=2))
         self.n_threads = n_threads  # the estimator's (0: all cores); the numbers do not depend on it
 
+    @classmethod
+    def of(cls, rng, n_threads=0):
+        """`rng` itself when it already is one (fastrec.dask passes its own), else one drawing from it."""
+        return rng if isinstance(rng, cls) else cls(rng, n_threads)
+
     def normal(self, loc, scale, size):
         out = np.empty(size, np.float32)
         _core.fill_normal(out, int(self._gen.integers(0, 2**63)), 0, float(loc), float(scale), self.n_threads)
@@ -274,7 +279,7 @@ class FieldNet:
             if f.role == "wide" and f.dim != 1:
                 raise ValueError(f"wide field {f.name!r} must have dim 1")
         # Wide weights start at 0 (no bias before training); embeddings small and random.
-        draws = rng if isinstance(rng, Float32Normals) else Float32Normals(rng)
+        draws = Float32Normals.of(rng)
         self.tables = [np.zeros((f.vocab, 1), np.float32) if f.role == "wide" else
                        draws.normal(0.0, init_scale, (f.vocab, f.dim)) for f in self.fields]
         # The MLP: scikit-learn's Glorot-uniform initialisation.
@@ -385,7 +390,7 @@ class FieldNet:
         extra = vocab - table.shape[0]
         if extra <= 0:
             return
-        draws = rng if isinstance(rng, Float32Normals) else Float32Normals(rng)
+        draws = Float32Normals.of(rng)
         new = np.zeros((extra, 1), np.float32) if f.role == "wide" else draws.normal(
             0.0, init_scale, (extra, f.dim)).astype(np.float32)
         self.tables[i] = np.concatenate([table, new])

@@ -20,7 +20,7 @@ class TowerNet:
 
     def __init__(self, user_inputs, item_inputs, hidden_layer_sizes, output_dim, activation, normalize,
                  temperature, rng, init_scale=0.05):
-        draws = rng if isinstance(rng, Float32Normals) else Float32Normals(rng)  # fastrec.dask passes its own
+        draws = Float32Normals.of(rng)
         self.towers = [FieldNet(fields, dense, hidden_layer_sizes, activation, "tower", 1, draws,
                                 init_scale=init_scale, output_dim=output_dim)
                        for fields, dense in (user_inputs, item_inputs)]

@@ -260,8 +260,7 @@ class FieldModel(BaseEstimator):
             vocab = (buckets + 1) if buckets else (len(self._vocab_[name]) + 1 if kind == "categorical"
                                                    else self._vocab_[name])
             fields.append(Field(name, vocab, dim, 0))
-        rng = self._rng
-        draws = rng if isinstance(rng, Float32Normals) else Float32Normals(rng, self._threads())
+        draws = Float32Normals.of(self._rng, self._threads())
         self.net_ = FieldNet(fields, blocks, hidden, self.activation, self.loss, 1, draws)
         self.net_.reset_optimizer(self.optimizer)
         record_structure(self, ("embedding_dim", "hidden_layer_sizes", "activation", "loss", "optimizer"))

@@ -374,7 +374,7 @@ class Recommender(RecommenderBase):
             for f in fields:
                 f.alpha = float(embedding_alpha)
         self._bags, self._dense_tables = bags, dense_tables
-        draws = rng if isinstance(rng, Float32Normals) else Float32Normals(rng, self._threads())  # fastrec.dask's own
+        draws = Float32Normals.of(rng, self._threads())
         self.net_ = FieldNet(fields, dense, hidden, self.activation, loss, 2, draws)
         for i, f in enumerate(fields):
             if f.role == "gmf_v" and f.source is None:
